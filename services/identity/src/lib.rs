@@ -1,0 +1,56 @@
+//! Kiln identity: accounts, users, API keys and authentication.
+//!
+//! A library plus a thin `main.rs`; `kiln serve identity` and `kiln dev` run the same code.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod grpc;
+pub mod service;
+
+use std::sync::Arc;
+
+use kiln_core::config::ServerConfig;
+use kiln_events::host::Host;
+use tokio::sync::watch;
+
+pub use error::{Error, Result};
+pub use service::Identity;
+
+/// Opens identity's database (migrating it), starts its outbox relay on the host's bus, adds
+/// its gRPC services to the host, and makes sure
+/// the system account and its admin exist. Returns the service and, on the very first start,
+/// the bootstrap admin API key.
+pub async fn open(
+    server: &ServerConfig,
+    identity: &config::IdentityConfig,
+    host: &mut Host,
+) -> Result<(Identity, Option<String>)> {
+    if server.database_url.is_none() {
+        std::fs::create_dir_all(&server.data_dir).map_err(|e| {
+            Error::Bootstrap(format!("cannot create data dir {}: {e}", server.data_dir.display()))
+        })?;
+    }
+    let db = kiln_store::connect(&server.database_url_for(service::SERVICE)).await?;
+    kiln_store::migrate(&db, service::SERVICE, db::MIGRATIONS).await?;
+    let svc = Identity::new(db.clone(), host.pages.clone(), host.cache.clone());
+    host.track(svc.outbox().spawn_relay(db, host.bus.clone(), host.shutdown.clone()));
+    grpc::add_services(&svc, &mut host.services);
+    let admin_key = svc.bootstrap(&identity.admin_email).await?;
+    Ok((svc, admin_key))
+}
+
+/// Runs identity alone: the standalone binary and `kiln serve identity`. It authenticates its
+/// callers from its own tables; other services reach it at `identity_url`.
+/// Returns the bootstrap admin key on the very first start.
+pub async fn run(
+    config: &config::Config,
+    listener: tokio::net::TcpListener,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(kiln_events::host::Served, Option<String>)> {
+    let bus = kiln_events::connect_bus(&config.server).await?;
+    let mut host = kiln_events::host::Host::new(&config.server, bus, shutdown);
+    let (identity, admin_key) = open(&config.server, &config.identity, &mut host).await?;
+    let served = host.serve(listener, Arc::new(identity)).await?;
+    Ok((served, admin_key))
+}

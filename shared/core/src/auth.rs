@@ -1,0 +1,373 @@
+//! Authentication: a tower layer that turns `authorization: Bearer <api key>` into a
+//! [`Principal`] in the request's extensions, through an [`Authenticator`] and a short cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::body::Body;
+
+use crate::Error;
+use crate::names::{AccountName, SYSTEM_ACCOUNT};
+
+/// A role a principal holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Full access inside the account, and manages its users and their keys.
+    AccountAdmin,
+    /// Full access to the account's resources; manages its own keys.
+    User,
+    /// Manages every account, quotas and the public library.
+    PlatformAdmin,
+    /// Another Kiln service, calling with the service credential.
+    Service,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::AccountAdmin => "admin",
+            Role::User => "user",
+            Role::PlatformAdmin => "platform-admin",
+            Role::Service => "service",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "admin" => Role::AccountAdmin,
+            "user" => Role::User,
+            "platform-admin" => Role::PlatformAdmin,
+            "service" => Role::Service,
+            _ => return None,
+        })
+    }
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The account ID (not the full name).
+    pub account: String,
+    /// The user ID inside the account; empty for services.
+    pub user: String,
+    /// The API key's full name; empty for services.
+    pub api_key: String,
+    pub roles: Vec<Role>,
+    /// The account's `Account.SuspendState` value.
+    pub suspend_state: i32,
+}
+
+impl Principal {
+    pub fn service() -> Self {
+        Self {
+            account: SYSTEM_ACCOUNT.to_owned(),
+            user: String::new(),
+            api_key: String::new(),
+            roles: vec![Role::Service],
+            suspend_state: 0,
+        }
+    }
+
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// Platform admins and services act across accounts.
+    pub fn is_privileged(&self) -> bool {
+        self.has(Role::PlatformAdmin) || self.has(Role::Service)
+    }
+
+    pub fn user_name(&self) -> String {
+        format!("accounts/{}/users/{}", self.account, self.user)
+    }
+
+    /// Whether this principal may see resources of `account`. Callers answer NOT_FOUND when
+    /// not, so the existence of another account's resources never leaks.
+    pub fn can_access(&self, account: &str) -> bool {
+        self.is_privileged() || self.account == account
+    }
+
+    /// NOT_FOUND for `resource` unless this principal may access `account`.
+    pub fn check_access(
+        &self,
+        account: &AccountName,
+        resource: impl std::fmt::Display,
+    ) -> Result<(), Error> {
+        if self.can_access(&account.account) {
+            Ok(())
+        } else {
+            Err(Error::not_found(resource))
+        }
+    }
+
+    /// Whether this principal administers `account` (manages its users and their keys).
+    pub fn administers(&self, account: &str) -> bool {
+        self.is_privileged() || (self.account == account && self.has(Role::AccountAdmin))
+    }
+}
+
+/// A successful authentication and how long it holds.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub principal: Principal,
+    pub expire_time: Option<SystemTime>,
+}
+
+/// Resolves an API key into a principal: identity itself does it from its tables, every
+/// other service over identity's internal `AuthService`.
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate<'a>(&'a self, api_key: &'a str) -> BoxFuture<'a, Result<Authenticated, Error>>;
+}
+
+/// Returns the principal the auth layer attached to `request`.
+pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, Error> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .ok_or_else(|| Error::Unauthenticated("no principal on this request".into()))
+}
+
+/// Recently resolved API keys, keyed by the SHA-256 of the secret (never the secret itself).
+#[derive(Debug)]
+pub struct AuthCache {
+    ttl: Duration,
+    entries: RwLock<HashMap<[u8; 32], (Authenticated, Instant)>>,
+}
+
+const MAX_CACHED_KEYS: usize = 100_000;
+
+impl AuthCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, digest: &[u8; 32]) -> Option<Authenticated> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let (auth, at) = entries.get(digest)?;
+        if at.elapsed() > self.ttl {
+            return None;
+        }
+        if auth.expire_time.is_some_and(|t| t <= SystemTime::now()) {
+            return None;
+        }
+        Some(auth.clone())
+    }
+
+    fn insert(&self, digest: [u8; 32], auth: Authenticated) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= MAX_CACHED_KEYS {
+            let ttl = self.ttl;
+            entries.retain(|_, (_, at)| at.elapsed() <= ttl);
+            if entries.len() >= MAX_CACHED_KEYS {
+                entries.clear();
+            }
+        }
+        entries.insert(digest, (auth, Instant::now()));
+    }
+
+    /// Drops every cached key that `resource` covers: the key itself, its user or its account.
+    pub fn invalidate(&self, resource: &str) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|_, (auth, _)| {
+            let p = &auth.principal;
+            !(p.api_key == resource
+                || (!p.user.is_empty() && p.user_name() == resource)
+                || format!("accounts/{}", p.account) == resource)
+        });
+    }
+
+    pub fn clear(&self) {
+        self.entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+/// SHA-256 of an API key secret: what identity stores and what the cache is keyed by.
+pub fn hash_secret(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The tower layer that authenticates every call except health checks and reflection.
+#[derive(Clone)]
+pub struct AuthLayer {
+    inner: Arc<AuthState>,
+}
+
+struct AuthState {
+    authenticator: Arc<dyn Authenticator>,
+    cache: Arc<AuthCache>,
+    service_token_digest: Option<[u8; 32]>,
+}
+
+impl AuthLayer {
+    pub fn new(
+        authenticator: Arc<dyn Authenticator>,
+        cache: Arc<AuthCache>,
+        service_token: Option<&str>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(AuthState {
+                authenticator,
+                cache,
+                service_token_digest: service_token.map(hash_secret),
+            }),
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<AuthCache> {
+        &self.inner.cache
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            state: self.inner.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    state: Arc<AuthState>,
+}
+
+/// Paths anyone may call: discovery and health.
+fn is_public(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.")
+}
+
+impl AuthState {
+    async fn resolve(&self, headers: &http::HeaderMap) -> Result<Principal, Error> {
+        let value = headers
+            .get(http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                Error::Unauthenticated("missing authorization: Bearer <api key>".into())
+            })?
+            .to_str()
+            .map_err(|_| Error::Unauthenticated("malformed authorization header".into()))?;
+        let secret = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                Error::Unauthenticated("authorization must be 'Bearer <api key>'".into())
+            })?;
+        let digest = hash_secret(secret);
+        if let Some(service) = &self.service_token_digest
+            && bool::from(service.ct_eq(&digest))
+        {
+            return Ok(Principal::service());
+        }
+        if let Some(hit) = self.cache.get(&digest) {
+            return Ok(hit.principal);
+        }
+        let auth = self.authenticator.authenticate(secret).await?;
+        let principal = auth.principal.clone();
+        self.cache.insert(digest, auth);
+        Ok(principal)
+    }
+}
+
+impl<S> tower::Service<http::Request<Body>> for AuthService<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        // Take the service that was polled ready, leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let state = self.state.clone();
+        Box::pin(async move {
+            if !is_public(req.uri().path()) {
+                match state.resolve(req.headers()).await {
+                    Ok(principal) => {
+                        req.extensions_mut().insert(principal);
+                    }
+                    Err(err) => {
+                        let status: tonic::Status = err.into();
+                        return Ok(status.into_http());
+                    }
+                }
+            }
+            inner.call(req).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(key: &str, user: &str, account: &str) -> Authenticated {
+        Authenticated {
+            principal: Principal {
+                account: account.into(),
+                user: user.into(),
+                api_key: format!("accounts/{account}/users/{user}/apiKeys/{key}"),
+                roles: vec![Role::User],
+                suspend_state: 0,
+            },
+            expire_time: None,
+        }
+    }
+
+    #[test]
+    fn cache_invalidates_by_key_user_and_account() {
+        let cache = AuthCache::new(Duration::from_secs(60));
+        cache.insert([1; 32], auth("k1", "u1", "a"));
+        cache.insert([2; 32], auth("k2", "u2", "a"));
+        cache.insert([3; 32], auth("k3", "u3", "b"));
+        cache.invalidate("accounts/a/users/u1/apiKeys/k1");
+        assert!(cache.get(&[1; 32]).is_none());
+        assert!(cache.get(&[2; 32]).is_some());
+        cache.invalidate("accounts/a/users/u2");
+        assert!(cache.get(&[2; 32]).is_none());
+        cache.invalidate("accounts/b");
+        assert!(cache.get(&[3; 32]).is_none());
+    }
+
+    #[test]
+    fn expired_keys_are_not_served_from_cache() {
+        let cache = AuthCache::new(Duration::from_secs(60));
+        let mut a = auth("k", "u", "a");
+        a.expire_time = Some(SystemTime::now() - Duration::from_secs(1));
+        cache.insert([9; 32], a);
+        assert!(cache.get(&[9; 32]).is_none());
+    }
+
+    #[test]
+    fn access_is_account_scoped() {
+        let p = auth("k", "u", "a").principal;
+        assert!(p.can_access("a"));
+        assert!(!p.can_access("b"));
+        assert!(Principal::service().can_access("b"));
+    }
+}

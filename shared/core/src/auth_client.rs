@@ -1,0 +1,76 @@
+//! The authenticator of services other than identity: asks identity's internal AuthService.
+
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use kiln_proto::identity::v1::AuthenticateRequest;
+use kiln_proto::identity::v1::auth_service_client::AuthServiceClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::Error;
+use crate::auth::{Authenticated, Authenticator, Principal, Role};
+use crate::telemetry::ServiceCallInterceptor;
+
+/// Resolves API keys through identity's `kiln.identity.v1.AuthService/Authenticate`.
+#[derive(Clone)]
+pub struct RemoteAuthenticator {
+    client: AuthServiceClient<InterceptedService<Channel, ServiceCallInterceptor>>,
+}
+
+impl RemoteAuthenticator {
+    /// Connects lazily to identity at `url` with the service credential.
+    pub fn new(url: &str, service_token: &str) -> Result<Self, Error> {
+        let channel = Channel::from_shared(url.to_owned())
+            .map_err(|e| Error::invalid("identity_url", e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let interceptor = ServiceCallInterceptor::new(Some(service_token))?;
+        Ok(Self {
+            client: AuthServiceClient::with_interceptor(channel, interceptor),
+        })
+    }
+}
+
+/// Converts identity's principal message into the core type.
+pub fn principal_from_proto(p: kiln_proto::identity::v1::Principal) -> Principal {
+    Principal {
+        account: p
+            .account
+            .strip_prefix("accounts/")
+            .unwrap_or(&p.account)
+            .to_owned(),
+        user: p.user.rsplit('/').next().unwrap_or_default().to_owned(),
+        api_key: p.api_key,
+        roles: p.roles.iter().filter_map(|r| Role::parse(r)).collect(),
+        suspend_state: p.suspend_state,
+    }
+}
+
+impl Authenticator for RemoteAuthenticator {
+    fn authenticate<'a>(&'a self, api_key: &'a str) -> BoxFuture<'a, Result<Authenticated, Error>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let response = client
+                .authenticate(AuthenticateRequest {
+                    api_key: api_key.to_owned(),
+                })
+                .await
+                .map_err(|status| match status.code() {
+                    tonic::Code::Unauthenticated => Error::Unauthenticated(status.message().to_owned()),
+                    _ => Error::Unavailable(format!("identity: {}", status.message())),
+                })?
+                .into_inner();
+            let principal = response
+                .principal
+                .ok_or_else(|| Error::Internal("identity returned no principal".into()))?;
+            let expire_time = response.expire_time.and_then(|t| {
+                SystemTime::UNIX_EPOCH.checked_add(Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
+            });
+            Ok(Authenticated {
+                principal: principal_from_proto(principal),
+                expire_time,
+            })
+        })
+    }
+}

@@ -1,0 +1,280 @@
+//! Typed configuration: defaults, then a TOML file, then `KILN_*` environment variables
+//! (`__` separates sections: `KILN_IDENTITY__BOOTSTRAP_EMAIL`). Validated at start; a bad
+//! value stops start-up with a message naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(String),
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Something that checks its own values after loading.
+pub trait Validate {
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// Loads `T` from its defaults, the optional TOML `file`, then `KILN_*` env, and validates it.
+pub fn load<T>(file: Option<&Path>) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Serialize + Default + Validate,
+{
+    load_from(file, Env::prefixed("KILN_").split("__"))
+}
+
+fn load_from<T>(file: Option<&Path>, env: Env) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Serialize + Default + Validate,
+{
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(ConfigError::invalid(
+                "config file",
+                format!("{} does not exist", file.display()),
+            ));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    let config: T = figment
+        .merge(env)
+        .extract()
+        .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+    config.validate()?;
+    Ok(config)
+}
+
+fn describe_figment_error(err: figment::Error) -> String {
+    err.into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| {
+                    // Env values are named by their variable, file values by their file.
+                    match &m.source {
+                        Some(src) => format!(" (from {src})"),
+                        None => format!(" (from {})", m.name),
+                    }
+                })
+                .unwrap_or_default();
+            if key.is_empty() {
+                format!("{}{source}", e.kind)
+            } else {
+                format!("{key}: {}{source}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Settings every Kiln server shares.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    /// Address the gRPC server listens on (`KILN_LISTEN`).
+    pub listen: SocketAddr,
+    /// Where state lives when no external database is configured (`KILN_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; default: a SQLite file per service under `data_dir`.
+    pub database_url: Option<String>,
+    /// `nats://host:port`; default: the in-process bus (single-process only).
+    pub nats_url: Option<String>,
+    /// The JetStream stream that holds every Kiln event.
+    pub nats_stream: String,
+    /// OTLP/gRPC collector endpoint; tracing spans are exported there when set.
+    pub otlp_endpoint: Option<String>,
+    /// Credential services present to each other (`authorization: Bearer <token>`).
+    pub service_token: Option<String>,
+    /// Where services that are not identity authenticate API keys, e.g. `http://identity:7400`.
+    pub identity_url: Option<String>,
+    /// How long a resolved API key is trusted before asking identity again. Deletions reach
+    /// caches sooner, through events.
+    pub auth_cache_ttl_secs: u64,
+    /// Secret that signs page tokens; default: derived from the service token.
+    pub page_token_secret: Option<String>,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            data_dir: PathBuf::from(".kiln"),
+            database_url: None,
+            nats_url: None,
+            nats_stream: "KILN".to_owned(),
+            otlp_endpoint: None,
+            service_token: None,
+            identity_url: None,
+            auth_cache_ttl_secs: 60,
+            page_token_secret: None,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn auth_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.auth_cache_ttl_secs)
+    }
+
+    /// The database URL of `service`: the configured one, or a SQLite file under the data dir.
+    pub fn database_url_for(&self, service: &str) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join(format!("{service}.db")).display()
+            ),
+        }
+    }
+}
+
+impl Validate for ServerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::invalid(
+                "database_url",
+                format!("must start with sqlite:, postgres:// or postgresql://, got {url:?}"),
+            ));
+        }
+        if let Some(url) = &self.nats_url
+            && !(url.starts_with("nats://") || url.starts_with("tls://") || !url.contains("://"))
+        {
+            return Err(ConfigError::invalid(
+                "nats_url",
+                format!("must be nats://host:port, got {url:?}"),
+            ));
+        }
+        if self.nats_stream.is_empty()
+            || !self
+                .nats_stream
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ConfigError::invalid(
+                "nats_stream",
+                "must be letters, digits, '_' or '-'",
+            ));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(
+                "otlp_endpoint",
+                format!("must be an http:// or https:// URL, got {endpoint:?}"),
+            ));
+        }
+        if let Some(url) = &self.identity_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::invalid(
+                "identity_url",
+                format!("must be an http:// or https:// URL, got {url:?}"),
+            ));
+        }
+        if let Some(token) = &self.service_token
+            && token.len() < 16
+        {
+            return Err(ConfigError::invalid(
+                "service_token",
+                "must be at least 16 characters",
+            ));
+        }
+        if self.auth_cache_ttl_secs == 0 || self.auth_cache_ttl_secs > 3600 {
+            return Err(ConfigError::invalid(
+                "auth_cache_ttl_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An env provider that sees nothing, so tests do not depend on the shell's `KILN_*`.
+    fn no_env() -> Env {
+        Env::prefixed("KILN_CONFIG_TEST_UNSET_PREFIX_")
+    }
+
+    #[test]
+    fn toml_then_validation_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nauth_cache_ttl_secs = 0\n").unwrap();
+        let err = load_from::<ServerConfig>(Some(&file), no_env()).unwrap_err();
+        assert!(err.to_string().contains("auth_cache_ttl_secs"), "{err}");
+
+        std::fs::write(&file, "listen = \"not an address\"\n").unwrap();
+        let err = load_from::<ServerConfig>(Some(&file), no_env()).unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\n").unwrap();
+        let ok = load_from::<ServerConfig>(Some(&file), no_env()).unwrap();
+        assert_eq!(ok.listen.port(), 9000);
+    }
+
+    #[test]
+    fn bad_database_url_is_refused() {
+        let cfg = ServerConfig {
+            database_url: Some("mysql://x".into()),
+            ..ServerConfig::default()
+        };
+        let err = cfg.validate().unwrap_err();
+        assert!(err.to_string().contains("database_url"), "{err}");
+    }
+}
+
+/// Writes the bootstrap admin key to `<data_dir>/admin.key`, readable by its owner only.
+pub fn write_admin_key(data_dir: &Path, key: &str) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("admin.key");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(&path)?;
+    file.write_all(key.as_bytes())?;
+    file.write_all(b"\n")?;
+    Ok(path)
+}

@@ -1,0 +1,14 @@
+//! Kiln's shared core: resource names, API errors, configuration, telemetry, authentication,
+//! list pagination and the common server plumbing every service uses.
+
+pub mod auth;
+pub mod auth_client;
+pub mod config;
+pub mod error;
+pub mod names;
+pub mod page;
+pub mod server;
+pub mod telemetry;
+pub mod time;
+
+pub use error::{Error, Result};

@@ -1,0 +1,88 @@
+//! Serving: every Kiln server exposes its services behind the trace and auth layers, plus
+//! `grpc.health.v1` and server reflection (v1 and v1alpha) without authentication.
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::service::RoutesBuilder;
+use tonic_health::ServingStatus;
+
+use crate::auth::AuthLayer;
+use crate::telemetry::TraceContextLayer;
+
+
+/// The gRPC services one server hosts, with the names health checks report.
+#[derive(Default)]
+pub struct ServiceSet {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+}
+
+impl ServiceSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a generated tonic server (e.g. `AccountServiceServer::new(handler)`).
+    pub fn add<S>(&mut self, service: S) -> &mut Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+}
+
+/// Serves `services` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    services: ServiceSet,
+    auth: AuthLayer,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let ServiceSet { mut routes, names } = services;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in &names {
+        health.set_service_status(*name, ServingStatus::Serving).await;
+    }
+    health.set_service_status("", ServingStatus::Serving).await;
+    routes.add_service(health_service);
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the generated descriptor set is valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the generated descriptor set is valid");
+    routes.add_service(reflection_v1);
+    routes.add_service(reflection_v1alpha);
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    tracing::info!(services = ?names, "serving gRPC");
+    tonic::transport::Server::builder()
+        .layer(TraceContextLayer)
+        .layer(auth)
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

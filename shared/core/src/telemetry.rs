@@ -1,0 +1,213 @@
+//! Tracing and trace-context propagation.
+//!
+//! Every span gets an OpenTelemetry context, so W3C `traceparent` crosses each hop: a client
+//! interceptor injects it into outgoing gRPC metadata, a server layer extracts it and parents
+//! the request's span on it, and events carry it in NATS headers. Spans are exported over
+//! OTLP/gRPC when an endpoint is configured.
+
+use std::collections::HashMap;
+use std::task::{Context as TaskContext, Poll};
+
+use futures::future::BoxFuture;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tonic::body::Body;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::LogFormat;
+
+/// Keeps the tracer provider alive; flushes spans on drop.
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Installs the global subscriber: log lines (text or JSON, `RUST_LOG` filter, default info),
+/// the OpenTelemetry layer, and the OTLP exporter when `otlp_endpoint` is set.
+/// Calling it a second time in one process keeps the first subscriber.
+pub fn init(
+    service_name: &str,
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+) -> Result<TelemetryGuard, String> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name.to_owned())
+        .build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if let Some(endpoint) = otlp_endpoint {
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| format!("otlp_endpoint: {e}"))?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer(service_name.to_owned());
+    opentelemetry::global::set_tracer_provider(provider.clone());
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let result = match format {
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_target(false))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .try_init(),
+    };
+    if result.is_err() {
+        tracing::debug!("a global subscriber was already installed; keeping it");
+    }
+    Ok(TelemetryGuard { provider })
+}
+
+/// Injects the current span's trace context into any carrier (gRPC metadata, NATS headers).
+pub fn inject_current(injector: &mut dyn Injector) {
+    let cx = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&cx, injector);
+}
+
+/// Sets `span`'s parent from a carrier's trace context, when it has one.
+pub fn set_parent_from(span: &tracing::Span, extractor: &dyn Extractor) {
+    let cx = TraceContextPropagator::new().extract(extractor);
+    let _ = span.set_parent(cx);
+}
+
+/// The current W3C `traceparent`, or empty when there is no sampled span.
+pub fn current_traceparent() -> String {
+    let mut carrier = HashMap::new();
+    inject_current(&mut carrier);
+    carrier.remove("traceparent").unwrap_or_default()
+}
+
+/// Parents `span` on a `traceparent` string (as events carry it).
+pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
+    if traceparent.is_empty() {
+        return;
+    }
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    set_parent_from(span, &carrier);
+}
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Client interceptor: puts the current trace context on every outgoing call.
+#[derive(Debug, Clone, Default)]
+pub struct TraceContextInterceptor;
+
+impl tonic::service::Interceptor for TraceContextInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        inject_current(&mut MetadataInjector(request.metadata_mut()));
+        Ok(request)
+    }
+}
+
+/// Client interceptor for calls between services: trace context plus the service credential.
+#[derive(Clone)]
+pub struct ServiceCallInterceptor {
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl ServiceCallInterceptor {
+    pub fn new(bearer: Option<&str>) -> Result<Self, crate::Error> {
+        let authorization = bearer
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| crate::Error::invalid("service_token", "not a valid header value"))
+            })
+            .transpose()?;
+        Ok(Self { authorization })
+    }
+}
+
+impl tonic::service::Interceptor for ServiceCallInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        inject_current(&mut MetadataInjector(request.metadata_mut()));
+        if let Some(value) = &self.authorization {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Server layer: one span per call, parented on the caller's `traceparent`.
+#[derive(Debug, Clone, Default)]
+pub struct TraceContextLayer;
+
+impl<S> tower::Layer<S> for TraceContextLayer {
+    type Service = TraceContextService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TraceContextService { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TraceContextService<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<http::Request<Body>> for TraceContextService<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let path = req.uri().path();
+        let span = tracing::info_span!("grpc.request", otel.name = %path.trim_start_matches('/'), otel.kind = "server");
+        set_parent_from(&span, &HeaderExtractor(req.headers()));
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(inner.call(req).instrument(span))
+    }
+}

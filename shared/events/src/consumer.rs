@@ -1,0 +1,121 @@
+//! Durable, idempotent consumption: each event is handled in a transaction that also records
+//! its id for this consumer, so a redelivered or replayed event changes nothing.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use kiln_store::{is_unique_violation, placeholder};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, Statement, TransactionTrait};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::bus::EventBus;
+use crate::{Error, Event};
+
+/// What a consumer does with one event, inside the transaction that marks it processed.
+#[async_trait]
+pub trait EventHandler: Send + Sync + 'static {
+    async fn handle(&self, txn: &DatabaseTransaction, event: &Event) -> Result<(), Error>;
+}
+
+/// Outcome of handling one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    Applied,
+    /// Seen before by this consumer: nothing changed.
+    Duplicate,
+}
+
+/// Handles `event` once for `consumer`: records the id and applies the handler atomically.
+pub async fn handle_once(
+    db: &DatabaseConnection,
+    consumer: &str,
+    event: &Event,
+    handler: &dyn EventHandler,
+) -> Result<Handled, Error> {
+    let txn = db.begin().await?;
+    let backend = txn.get_database_backend();
+    let inserted = txn
+        .execute(Statement::from_sql_and_values(
+            backend,
+            format!(
+                "INSERT INTO kiln_processed_events (consumer, event_id, processed_at) VALUES ({}, {}, {})",
+                placeholder(backend, 1),
+                placeholder(backend, 2),
+                placeholder(backend, 3)
+            ),
+            [
+                consumer.into(),
+                event.id.clone().into(),
+                kiln_core::time::now_micros().into(),
+            ],
+        ))
+        .await;
+    match inserted {
+        Ok(_) => {}
+        Err(err) if is_unique_violation(&err) => {
+            txn.rollback().await?;
+            return Ok(Handled::Duplicate);
+        }
+        Err(err) => return Err(err.into()),
+    }
+    handler.handle(&txn, event).await?;
+    txn.commit().await?;
+    Ok(Handled::Applied)
+}
+
+/// Runs the durable consumer `name` on `filter` until `shutdown` turns true, reconnecting
+/// after bus errors. Failed events are nacked and come back.
+pub fn spawn_consumer(
+    bus: Arc<dyn EventBus>,
+    db: DatabaseConnection,
+    name: String,
+    filter: String,
+    handler: Arc<dyn EventHandler>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let mut stream = match bus.consume(&name, &filter).await {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::warn!(consumer = %name, %err, "cannot open consumer; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            loop {
+                let delivery = tokio::select! {
+                    next = stream.next() => next,
+                    _ = shutdown.changed() => return,
+                };
+                let Some(delivery) = delivery else { break };
+                let delivery = match delivery {
+                    Ok(d) => d,
+                    Err(err) => {
+                        tracing::warn!(consumer = %name, %err, "consumer stream error");
+                        continue;
+                    }
+                };
+                let span = tracing::info_span!("event.consume", consumer = %name, subject = %delivery.subject, event_id = %delivery.event.id);
+                kiln_core::telemetry::set_parent_from_traceparent(&span, &delivery.event.trace_context);
+                let result = handle_once(&db, &name, &delivery.event, handler.as_ref())
+                    .instrument(span)
+                    .await;
+                let acked = match result {
+                    Ok(_) => delivery.ack().await,
+                    Err(err) => {
+                        tracing::warn!(consumer = %name, %err, "event handling failed; will be redelivered");
+                        delivery.nack().await
+                    }
+                };
+                if let Err(err) = acked {
+                    tracing::warn!(consumer = %name, %err, "ack failed");
+                }
+            }
+        }
+    })
+}

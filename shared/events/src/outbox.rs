@@ -1,0 +1,216 @@
+//! The transactional outbox: a service writes its state change and its event in one
+//! transaction; the relay publishes what was committed and deletes it once the bus has it.
+//! An event is never lost when the bus is down, and never published for a rolled-back change.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_store::{Migration, placeholder};
+use prost::Message;
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, Statement,
+    TransactionTrait,
+};
+use tokio::sync::{Notify, watch};
+
+use crate::bus::EventBus;
+use crate::{Error, Event, subject_of};
+
+/// The tables every service with events needs; include it in the service's migrations.
+pub const MIGRATION: Migration = Migration {
+    version: 1_000,
+    name: "event outbox and processed event ids",
+    sql: "CREATE TABLE IF NOT EXISTS kiln_outbox (
+            seq {serial},
+            service TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            payload {blob} NOT NULL,
+            created_at BIGINT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS kiln_outbox_service_seq ON kiln_outbox (service, seq);
+        CREATE TABLE IF NOT EXISTS kiln_processed_events (
+            consumer TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            processed_at BIGINT NOT NULL,
+            PRIMARY KEY (consumer, event_id)
+        )",
+};
+
+/// How many rows the relay reads at a time.
+const BATCH: i64 = 256;
+/// The relay looks again at least this often even without a wake-up (another instance of the
+/// service may have written).
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A service's outbox.
+#[derive(Clone)]
+pub struct Outbox {
+    service: &'static str,
+    wake: Arc<Notify>,
+}
+
+impl Outbox {
+    pub fn new(service: &'static str) -> Self {
+        Self {
+            service,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Writes `event` into the outbox inside the caller's transaction.
+    pub async fn enqueue<C: ConnectionTrait>(&self, conn: &C, event: &Event) -> Result<(), Error> {
+        let backend = conn.get_database_backend();
+        let p = |n| placeholder(backend, n);
+        conn.execute(Statement::from_sql_and_values(
+            backend,
+            format!(
+                "INSERT INTO kiln_outbox (service, event_id, subject, payload, created_at) VALUES ({}, {}, {}, {}, {})",
+                p(1), p(2), p(3), p(4), p(5)
+            ),
+            [
+                self.service.into(),
+                event.id.clone().into(),
+                subject_of(event).into(),
+                event.encode_to_vec().into(),
+                kiln_core::time::now_micros().into(),
+            ],
+        ))
+        .await?;
+        Ok(())
+    }
+
+    /// Commits `txn` and wakes the relay, so committed events go out at once.
+    pub async fn commit(&self, txn: DatabaseTransaction) -> Result<(), Error> {
+        txn.commit().await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Runs the relay until `shutdown` turns true.
+    pub fn spawn_relay(
+        &self,
+        db: DatabaseConnection,
+        bus: Arc<dyn EventBus>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let outbox = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match outbox.relay_once(&db, bus.as_ref()).await {
+                    Ok(sent) if sent > 0 => {
+                        backoff = Duration::from_millis(50);
+                        continue;
+                    }
+                    Ok(_) => {
+                        backoff = Duration::from_millis(50);
+                        tokio::select! {
+                            _ = outbox.wake.notified() => {}
+                            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(service = outbox.service, %err, retry_in = ?backoff, "outbox relay could not publish; will retry");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+                if *shutdown.borrow() {
+                    // One last pass so what was committed before shutdown goes out if it can.
+                    let _ = outbox.relay_once(&db, bus.as_ref()).await;
+                    return;
+                }
+            }
+        })
+    }
+
+    /// Publishes one batch in order and deletes what was published. Returns how many went out.
+    pub async fn relay_once(
+        &self,
+        db: &DatabaseConnection,
+        bus: &dyn EventBus,
+    ) -> Result<usize, Error> {
+        let backend = db.get_database_backend();
+        let rows = db
+            .query_all(Statement::from_sql_and_values(
+                backend,
+                format!(
+                    "SELECT seq, subject, payload FROM kiln_outbox WHERE service = {} ORDER BY seq LIMIT {BATCH}",
+                    placeholder(backend, 1)
+                ),
+                [self.service.into()],
+            ))
+            .await?;
+        let mut sent = 0usize;
+        let mut last_seq = None;
+        let mut failure = None;
+        for row in &rows {
+            let seq: i64 = row.try_get("", "seq")?;
+            let subject: String = row.try_get("", "subject")?;
+            let payload: Vec<u8> = row.try_get("", "payload")?;
+            let event = Event::decode(payload.as_slice()).map_err(|source| Error::Decode {
+                subject: subject.clone(),
+                source,
+            })?;
+            if let Err(err) = bus.publish(&subject, &event).await {
+                failure = Some(err);
+                break;
+            }
+            sent += 1;
+            last_seq = Some(seq);
+        }
+        if let Some(last) = last_seq {
+            delete_through(db, backend, self.service, last).await?;
+        }
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(sent),
+        }
+    }
+
+    /// How many events wait to be published.
+    pub async fn pending(&self, db: &DatabaseConnection) -> Result<u64, Error> {
+        let backend = db.get_database_backend();
+        let row = db
+            .query_one(Statement::from_sql_and_values(
+                backend,
+                format!(
+                    "SELECT COUNT(*) AS n FROM kiln_outbox WHERE service = {}",
+                    placeholder(backend, 1)
+                ),
+                [self.service.into()],
+            ))
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<i64>("", "n"))
+            .transpose()?
+            .unwrap_or(0) as u64)
+    }
+}
+
+async fn delete_through(
+    db: &DatabaseConnection,
+    backend: DbBackend,
+    service: &str,
+    last_seq: i64,
+) -> Result<(), Error> {
+    let txn = db.begin().await?;
+    txn.execute(Statement::from_sql_and_values(
+        backend,
+        format!(
+            "DELETE FROM kiln_outbox WHERE service = {} AND seq <= {}",
+            placeholder(backend, 1),
+            placeholder(backend, 2)
+        ),
+        [service.into(), last_seq.into()],
+    ))
+    .await?;
+    txn.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! Kiln's storage: sea-orm connections to SQLite (the default, a file per service under the
+//! data dir) or PostgreSQL, and a per-service migrations runner applied at start.
+
+use std::time::Duration;
+
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, DbErr,
+    Statement, TransactionTrait,
+};
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Database(#[from] DbErr),
+    #[error("migration {version} ({name}) of {service} failed: {source}")]
+    Migration {
+        service: String,
+        version: i64,
+        name: &'static str,
+        source: DbErr,
+    },
+}
+
+/// Opens a pool on `url`. SQLite files get WAL mode and a busy timeout so one file serves
+/// concurrent readers and a writer.
+pub async fn connect(url: &str) -> Result<DatabaseConnection, Error> {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(if url.starts_with("sqlite:") { 8 } else { 16 })
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(30))
+        .sqlx_logging(false);
+    let db = Database::connect(options).await?;
+    if db.get_database_backend() == DatabaseBackend::Sqlite {
+        for pragma in [
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA busy_timeout = 10000",
+            "PRAGMA synchronous = NORMAL",
+            "PRAGMA foreign_keys = ON",
+        ] {
+            db.execute_unprepared(pragma).await?;
+        }
+    }
+    Ok(db)
+}
+
+/// One schema step. The SQL may use `{blob}` (BLOB / BYTEA) and `{serial}` (an
+/// auto-incrementing integer primary key) so one text serves both backends; statements are
+/// separated by `;`.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Renders a migration's SQL for a backend.
+pub fn render_sql(sql: &str, backend: DatabaseBackend) -> String {
+    let (blob, serial) = match backend {
+        DatabaseBackend::Postgres => ("BYTEA", "BIGSERIAL PRIMARY KEY"),
+        _ => ("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+    };
+    sql.replace("{blob}", blob).replace("{serial}", serial)
+}
+
+/// Applies the migrations of `service` not yet applied, each in its own transaction, and
+/// records them in `<service>_schema_migrations`. Safe to call at every start.
+pub async fn migrate(
+    db: &DatabaseConnection,
+    service: &str,
+    migrations: &[Migration],
+) -> Result<(), Error> {
+    let backend = db.get_database_backend();
+    let table = format!("{service}_schema_migrations");
+    db.execute_unprepared(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
+    ))
+    .await?;
+    let applied: Vec<i64> = db
+        .query_all(Statement::from_string(
+            backend,
+            format!("SELECT version FROM {table}"),
+        ))
+        .await?
+        .iter()
+        .map(|row| row.try_get::<i64>("", "version"))
+        .collect::<Result<_, _>>()?;
+
+    let mut sorted = migrations.to_vec();
+    sorted.sort_by_key(|m| m.version);
+    for migration in sorted {
+        if applied.contains(&migration.version) {
+            continue;
+        }
+        let wrap = |source: DbErr| Error::Migration {
+            service: service.to_owned(),
+            version: migration.version,
+            name: migration.name,
+            source,
+        };
+        let txn = db.begin().await.map_err(wrap)?;
+        for statement in render_sql(migration.sql, backend)
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            txn.execute_unprepared(statement).await.map_err(wrap)?;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or_default();
+        txn.execute(Statement::from_sql_and_values(
+            backend,
+            format!(
+                "INSERT INTO {table} (version, name, applied_at) VALUES ({}, {}, {})",
+                placeholder(backend, 1),
+                placeholder(backend, 2),
+                placeholder(backend, 3)
+            ),
+            [migration.version.into(), migration.name.into(), now.into()],
+        ))
+        .await
+        .map_err(wrap)?;
+        txn.commit().await.map_err(wrap)?;
+        tracing::info!(service, version = migration.version, name = migration.name, "applied migration");
+    }
+    Ok(())
+}
+
+/// The `n`th (1-based) bind placeholder of a backend: `$n` or `?`.
+pub fn placeholder(backend: DatabaseBackend, n: usize) -> String {
+    match backend {
+        DatabaseBackend::Postgres => format!("${n}"),
+        _ => "?".to_owned(),
+    }
+}
+
+/// Whether a database error is a unique-constraint violation (a duplicate key).
+pub fn is_unique_violation(err: &DbErr) -> bool {
+    matches!(
+        err.sql_err(),
+        Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIGRATIONS: &[Migration] = &[
+        Migration {
+            version: 1,
+            name: "things",
+            sql: "CREATE TABLE things (id {serial}, body {blob} NOT NULL)",
+        },
+        Migration {
+            version: 2,
+            name: "things_name",
+            sql: "ALTER TABLE things ADD COLUMN name TEXT; CREATE INDEX things_name_idx ON things (name)",
+        },
+    ];
+
+    #[tokio::test]
+    async fn migrations_apply_once_and_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let db = connect(&url).await.unwrap();
+        migrate(&db, "test", &MIGRATIONS[..1]).await.unwrap();
+        // A later start with more migrations applies only the new one; a third is a no-op.
+        migrate(&db, "test", MIGRATIONS).await.unwrap();
+        migrate(&db, "test", MIGRATIONS).await.unwrap();
+        db.execute_unprepared("INSERT INTO things (body, name) VALUES (x'00', 'a')")
+            .await
+            .unwrap();
+        let rows = db
+            .query_all(Statement::from_string(
+                DatabaseBackend::Sqlite,
+                "SELECT version FROM test_schema_migrations".to_owned(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failing_migration_names_itself_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let db = connect(&url).await.unwrap();
+        let bad = [Migration {
+            version: 1,
+            name: "broken",
+            sql: "CREATE TABLE a (id INTEGER); CREATE TABLE a (id INTEGER)",
+        }];
+        let err = migrate(&db, "svc", &bad).await.unwrap_err();
+        assert!(err.to_string().contains("broken"), "{err}");
+        // The transaction rolled back: table `a` does not exist, so the fixed one applies.
+        let good = [Migration {
+            version: 1,
+            name: "fixed",
+            sql: "CREATE TABLE a (id INTEGER)",
+        }];
+        migrate(&db, "svc", &good).await.unwrap();
+    }
+}
