@@ -1,6 +1,6 @@
 //! Identity's configuration: the shared server settings plus its own `[identity]` section.
 
-use kiln_core::config::{ConfigError, ServerConfig, Validate};
+use kiln_core::config::{ConfigError, Load, ServerConfig, Validate, section};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -25,18 +25,18 @@ impl Validate for IdentityConfig {
     }
 }
 
-/// The identity binary's whole configuration.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
+/// The identity binary's whole configuration: the top level and `[identity]`.
+#[derive(Debug, Clone, Default)]
 pub struct Config {
-    #[serde(flatten)]
     pub server: ServerConfig,
     pub identity: IdentityConfig,
 }
 
-impl Validate for Config {
-    fn validate(&self) -> Result<(), ConfigError> {
-        self.server.validate()?;
-        self.identity.validate()
+impl Load for Config {
+    fn from_sources(figment: &kiln_core::config::Figment) -> Result<Self, ConfigError> {
+        Ok(Self {
+            server: section(figment, None)?,
+            identity: section(figment, Some("identity"))?,
+        })
     }
 }

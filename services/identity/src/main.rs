@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let file = std::env::args_os().nth(1).map(PathBuf::from);
-    let config: kiln_identity::config::Config = kiln_core::config::load(file.as_deref())?;
+    let config = <kiln_identity::config::Config as kiln_core::config::Load>::load(file.as_deref())?;
     let _telemetry = kiln_core::telemetry::init(
         "kiln-identity",
         config.server.log_format,

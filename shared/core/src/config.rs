@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+pub use figment::Figment;
+use figment::providers::{Env, Format, Toml};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -34,19 +34,13 @@ pub trait Validate {
     fn validate(&self) -> Result<(), ConfigError>;
 }
 
-/// Loads `T` from its defaults, the optional TOML `file`, then `KILN_*` env, and validates it.
-pub fn load<T>(file: Option<&Path>) -> Result<T, ConfigError>
-where
-    T: DeserializeOwned + Serialize + Default + Validate,
-{
-    load_from(file, Env::prefixed("KILN_").split("__"))
+/// The layered sources of configuration: the TOML `file` if given, then `KILN_*` variables.
+pub fn sources(file: Option<&Path>) -> Result<Figment, ConfigError> {
+    sources_with_env(file, Env::prefixed("KILN_").split("__"))
 }
 
-fn load_from<T>(file: Option<&Path>, env: Env) -> Result<T, ConfigError>
-where
-    T: DeserializeOwned + Serialize + Default + Validate,
-{
-    let mut figment = Figment::from(Serialized::defaults(T::default()));
+fn sources_with_env(file: Option<&Path>, env: Env) -> Result<Figment, ConfigError> {
+    let mut figment = Figment::new();
     if let Some(file) = file {
         if !file.exists() {
             return Err(ConfigError::invalid(
@@ -56,18 +50,50 @@ where
         }
         figment = figment.merge(Toml::file(file));
     }
-    let config: T = figment
-        .merge(env)
-        .extract()
-        .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
-    config.validate()?;
-    Ok(config)
+    Ok(figment.merge(env))
 }
 
-fn describe_figment_error(err: figment::Error) -> String {
+/// Reads one section (`None`: the top level) into `T` (fields left out take `T`'s serde
+/// defaults) and validates it. Errors name the key, with the section in front.
+pub fn section<T>(figment: &Figment, key: Option<&str>) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Validate,
+{
+    let focused = match key {
+        Some(key) => figment.focus(key),
+        None => figment.clone(),
+    };
+    let value: T = focused
+        .extract()
+        .map_err(|e| ConfigError::Load(describe_figment_error(e, key)))?;
+    value.validate()?;
+    Ok(value)
+}
+
+/// Loads a whole configuration from the file and the environment.
+pub trait Load: Sized {
+    fn from_sources(figment: &Figment) -> Result<Self, ConfigError>;
+
+    fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_sources(&sources(file)?)
+    }
+}
+
+impl Load for ServerConfig {
+    fn from_sources(figment: &Figment) -> Result<Self, ConfigError> {
+        section(figment, None)
+    }
+}
+
+fn describe_figment_error(err: figment::Error, section: Option<&str>) -> String {
     err.into_iter()
         .map(|e| {
-            let key = e.path.join(".");
+            let key = section
+                .into_iter()
+                .map(str::to_owned)
+                .chain(e.path.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(".");
             let source = e
                 .metadata
                 .as_ref()
@@ -239,15 +265,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("kiln.toml");
         std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nauth_cache_ttl_secs = 0\n").unwrap();
-        let err = load_from::<ServerConfig>(Some(&file), no_env()).unwrap_err();
+        let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None).unwrap_err();
         assert!(err.to_string().contains("auth_cache_ttl_secs"), "{err}");
 
         std::fs::write(&file, "listen = \"not an address\"\n").unwrap();
-        let err = load_from::<ServerConfig>(Some(&file), no_env()).unwrap_err();
+        let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None).unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
 
         std::fs::write(&file, "listen = \"127.0.0.1:9000\"\n").unwrap();
-        let ok = load_from::<ServerConfig>(Some(&file), no_env()).unwrap();
+        let ok = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None).unwrap();
         assert_eq!(ok.listen.port(), 9000);
     }
 

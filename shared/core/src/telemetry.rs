@@ -16,8 +16,9 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tonic::body::Body;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::{EnvFilter, Layer};
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
@@ -33,13 +34,24 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber: log lines (text or JSON, `RUST_LOG` filter, default info),
+/// Installs the global subscriber: log lines on stderr (text or JSON, `RUST_LOG` filter,
+/// default info),
 /// the OpenTelemetry layer, and the OTLP exporter when `otlp_endpoint` is set.
 /// Calling it a second time in one process keeps the first subscriber.
 pub fn init(
     service_name: &str,
     format: LogFormat,
     otlp_endpoint: Option<&str>,
+) -> Result<TelemetryGuard, String> {
+    init_with_default_filter(service_name, format, otlp_endpoint, "info")
+}
+
+/// [`init`] with another filter for when `RUST_LOG` is unset (tests use `warn`).
+pub fn init_with_default_filter(
+    service_name: &str,
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    default_filter: &str,
 ) -> Result<TelemetryGuard, String> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let resource = opentelemetry_sdk::Resource::builder()
@@ -59,15 +71,29 @@ pub fn init(
     let tracer = provider.tracer(service_name.to_owned());
     opentelemetry::global::set_tracer_provider(provider.clone());
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // Log lines follow RUST_LOG; spans reach OpenTelemetry at info whatever the log level,
+    // so trace context propagates even when logging is quiet.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(LevelFilter::INFO);
+    let registry = tracing_subscriber::registry().with(otel);
     let result = match format {
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_target(false))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
             .try_init(),
         LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
             .try_init(),
     };
     if result.is_err() {

@@ -1,0 +1,30 @@
+//! `kiln`'s configuration: the shared server settings and each service's section.
+
+use kiln_core::config::{ConfigError, Load, ServerConfig, section};
+use kiln_identity::config::IdentityConfig;
+
+/// The top level (shared server settings) and one section per service.
+#[derive(Debug, Clone, Default)]
+pub struct KilnConfig {
+    pub server: ServerConfig,
+    pub identity: IdentityConfig,
+}
+
+impl Load for KilnConfig {
+    fn from_sources(figment: &kiln_core::config::Figment) -> Result<Self, ConfigError> {
+        Ok(Self {
+            server: section(figment, None)?,
+            identity: section(figment, Some("identity"))?,
+        })
+    }
+}
+
+impl KilnConfig {
+    /// Identity's own view of this configuration.
+    pub fn identity_config(&self) -> kiln_identity::config::Config {
+        kiln_identity::config::Config {
+            server: self.server.clone(),
+            identity: self.identity.clone(),
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! The `kiln` binary's library: the whole mesh in one process (`kiln dev`, and the testkit),
+//! single services (`kiln serve <service>`), and the firectl-style client commands.
+
+pub mod cli;
+pub mod config;
+pub mod mesh;
+pub mod output;

@@ -1,0 +1,149 @@
+//! The `kiln` binary as a user runs it: `kiln dev` and the client commands; logs never hold a
+//! secret; a bad configuration value stops start-up naming the key.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use kiln_testkit::wait_for;
+use tokio::io::AsyncReadExt;
+
+fn kiln_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn cli(server: &str, data_dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(kiln_binary())
+        .args(["--server", server])
+        .args(args)
+        .env("KILN_DATA_DIR", data_dir)
+        .env_remove("KILN_API_KEY")
+        .env_remove("KILN_ACCOUNT")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn kiln_dev_serves_the_cli_and_logs_no_secret() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = format!("http://{listen}");
+    let mut child = tokio::process::Command::new(kiln_binary())
+        .args(["dev", "--listen", &listen, "--data-dir"])
+        .arg(data.path())
+        .env("RUST_LOG", "debug")
+        .env_remove("KILN_NATS_URL")
+        .env_remove("KILN_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let key_file = data.path().join("admin.key");
+    wait_for(Duration::from_secs(30), "kiln dev to write admin.key", || {
+        let key_file = key_file.clone();
+        async move { std::fs::read_to_string(&key_file).ok().filter(|k| k.ends_with('\n')) }
+    })
+    .await;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "admin.key is private");
+    }
+    let admin_key = std::fs::read_to_string(&key_file).unwrap().trim().to_owned();
+    wait_for(Duration::from_secs(30), "kiln dev to accept connections", || {
+        let listen = listen.clone();
+        async move { tokio::net::TcpStream::connect(listen).await.ok().map(|_| ()) }
+    })
+    .await;
+
+    let (ok, out, err) = cli(&server, data.path(), &["create", "account", "acme", "--email", "owner@acme.example"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("accounts/acme"), "{out}");
+    let (ok, _, err) = cli(&server, data.path(), &["create", "user", "alice", "--account", "acme", "--email", "alice@acme.example", "--role", "admin"]).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&server, data.path(), &["create", "api-key", "--account", "acme", "--user", "alice", "-o", "json"]).await;
+    assert!(ok, "{err}");
+    let key: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let alice_key = key["key"].as_str().unwrap().to_owned();
+    assert!(alice_key.starts_with("kiln_"), "{out}");
+
+    // Alice's key, through the environment, sees her account only.
+    let out = tokio::process::Command::new(kiln_binary())
+        .args(["--server", &server, "list", "accounts", "-o", "json"])
+        .env("KILN_API_KEY", &alice_key)
+        .output()
+        .await
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(listed.contains("accounts/acme") && !listed.contains("accounts/kiln"), "{listed}");
+
+    let (ok, _, err) = cli(&server, data.path(), &["create", "account", "Bad-ID"]).await;
+    assert!(!ok);
+    assert!(err.contains("InvalidArgument") && err.contains("account_id"), "{err}");
+    let (ok, out, _) = cli(&server, data.path(), &["list", "users", "--account", "acme"]).await;
+    assert!(ok && out.contains("accounts/acme/users/alice"), "{out}");
+
+    // Stop it and read everything it logged.
+    child.start_kill().unwrap();
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
+    let _ = child.wait().await;
+    assert!(stderr.contains("serving gRPC"), "debug logs were captured: {stderr}");
+    assert!(stdout.contains(&admin_key), "the admin key is printed once, on stdout");
+    for secret in [&admin_key, &alice_key] {
+        assert!(!stderr.contains(secret.as_str()), "a secret appears in the logs");
+    }
+    assert!(!stdout.contains(alice_key.as_str()), "a user's key is never printed by the server");
+}
+
+#[tokio::test]
+async fn a_bad_config_value_stops_startup_naming_the_key() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(kiln_binary())
+        .args(["serve", "identity"])
+        .env("KILN_LISTEN", "not-an-address")
+        .env("KILN_DATA_DIR", data.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen"), "{err}");
+
+    let config = data.path().join("kiln.toml");
+    std::fs::write(&config, "auth_cache_ttl_secs = 0\n").unwrap();
+    let out = tokio::process::Command::new(kiln_binary())
+        .args(["serve", "identity", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("auth_cache_ttl_secs"), "{err}");
+
+    let out = tokio::process::Command::new(kiln_binary())
+        .args(["serve", "identity"])
+        .env("KILN_DATABASE_URL", "mysql://nope")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database_url"));
+}

@@ -1,0 +1,9 @@
+//! End-to-end suites: the mesh in-process on the environment's backends (SQLite and the
+//! in-process bus by default; PostgreSQL and NATS with KILN_TEST_DATABASE_URL and
+//! KILN_TEST_NATS_URL).
+
+mod authn;
+mod discovery;
+mod events;
+mod identity_api;
+mod secrets;
