@@ -40,7 +40,12 @@ pub async fn create_account(admin: &AuthedChannel, id: &str) -> idv1::Account {
 }
 
 /// Creates user `user` in `account` with `role`.
-pub async fn create_user(admin: &AuthedChannel, account: &str, user: &str, role: &str) -> idv1::User {
+pub async fn create_user(
+    admin: &AuthedChannel,
+    account: &str,
+    user: &str,
+    role: &str,
+) -> idv1::User {
     users(admin)
         .create_user(idv1::CreateUserRequest {
             parent: format!("accounts/{account}"),

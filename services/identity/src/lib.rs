@@ -2,6 +2,7 @@
 //!
 //! A library plus a thin `main.rs`; `kiln serve identity` and `kiln dev` run the same code.
 
+pub mod account_cache;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -28,16 +29,47 @@ pub async fn open(
 ) -> Result<(Identity, Option<String>)> {
     if server.database_url.is_none() {
         std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-            Error::Bootstrap(format!("cannot create data dir {}: {e}", server.data_dir.display()))
+            Error::Bootstrap(format!(
+                "cannot create data dir {}: {e}",
+                server.data_dir.display()
+            ))
         })?;
     }
     let db = kiln_store::connect(&server.database_url_for(service::SERVICE)).await?;
     kiln_store::migrate(&db, service::SERVICE, db::MIGRATIONS).await?;
-    let svc = Identity::new(db.clone(), host.pages.clone(), host.cache.clone());
-    host.track(svc.outbox().spawn_relay(db, host.bus.clone(), host.shutdown.clone()));
+    let svc = Identity::new(
+        db.clone(),
+        host.pages.clone(),
+        host.cache.clone(),
+        server.auth_cache_ttl(),
+    );
+    host.track(
+        svc.outbox()
+            .spawn_relay(db, host.bus.clone(), host.shutdown.clone()),
+    );
+    host.track(watch_changes(&svc, host).await?);
     grpc::add_services(&svc, &mut host.services);
     let admin_key = svc.bootstrap(&identity.admin_email).await?;
     Ok((svc, admin_key))
+}
+
+/// Keeps this replica's caches in step with changes that other replicas make.
+async fn watch_changes(identity: &Identity, host: &Host) -> Result<tokio::task::JoinHandle<()>> {
+    use futures::StreamExt;
+    let mut events = host.bus.subscribe("kiln.identity.account.>").await?;
+    let identity = identity.clone();
+    let mut shutdown = host.shutdown.clone();
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(event) => identity.invalidate(&event.resource),
+                    None => return,
+                },
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }))
 }
 
 /// Runs identity alone: the standalone binary and `kiln serve identity`. It authenticates its
@@ -53,4 +85,29 @@ pub async fn run(
     let (identity, admin_key) = open(&config.server, &config.identity, &mut host).await?;
     let served = host.serve(listener, Arc::new(identity)).await?;
     Ok((served, admin_key))
+}
+
+/// Runs identity alone until `stop` resolves: binds `listen`, prints the bootstrap admin key
+/// on the first start (and saves it to `<data_dir>/admin.key`), then shuts down cleanly.
+/// The `kiln-identity` binary and `kiln serve identity` are this.
+pub async fn serve_until(
+    config: &config::Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+    let (stop_tx, shutdown) = watch::channel(false);
+    let (served, admin_key) = run(config, listener, shutdown).await?;
+    println!("kiln identity listening on {}", served.local_addr);
+    if let Some(key) = admin_key {
+        let path = kiln_core::config::write_admin_key(&config.server.data_dir, &key)?;
+        println!(
+            "bootstrap admin API key (shown once, also in {}): {key}",
+            path.display()
+        );
+    }
+    stop.await;
+    let _ = stop_tx.send(true);
+    served.done.await?.map_err(anyhow::Error::msg)
 }

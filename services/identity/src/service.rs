@@ -10,16 +10,17 @@ use kiln_core::auth::{AuthCache, Authenticated, Authenticator, Principal, Role, 
 use kiln_core::names::{self, SYSTEM_ACCOUNT};
 use kiln_core::page::{FilterTerm, OrderKey, Page, PageTokens};
 use kiln_core::time::{micros_to_timestamp, now_micros};
+use kiln_events::Body;
 use kiln_events::outbox::Outbox;
-use kiln_events::{Body, Event};
 use kiln_proto::identity::v1::{Account, ApiKey, User, account};
 use rand::Rng;
 use sea_orm::sea_query::SimpleExpr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, EntityTrait, FromQueryResult, Order,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Select,
+    ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, EntityTrait, FromQueryResult,
+    Order, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Select,
 };
 
+use crate::account_cache::AccountCache;
 use crate::db::{account as accounts, api_key as api_keys, user as users};
 use crate::error::Result;
 
@@ -41,6 +42,7 @@ struct Inner {
     outbox: Outbox,
     pages: PageTokens,
     cache: Arc<AuthCache>,
+    accounts: AccountCache,
 }
 
 /// Checks an email address enough to catch mistakes: one '@', text on both sides, a dot in
@@ -89,7 +91,11 @@ fn validate_role(field: &str, role: &str) -> Result<(), ApiError> {
 }
 
 /// Reads an enum filter value given by name (`READY`) or number.
-fn enum_filter_value(field: &str, value: &str, from_name: fn(&str) -> Option<i32>) -> Result<i32, ApiError> {
+fn enum_filter_value(
+    field: &str,
+    value: &str,
+    from_name: fn(&str) -> Option<i32>,
+) -> Result<i32, ApiError> {
     value
         .parse::<i32>()
         .ok()
@@ -106,7 +112,11 @@ fn term_expr(term: &FilterTerm, column: impl ColumnTrait, value: sea_orm::Value)
 }
 
 fn to_order(key: &OrderKey) -> Order {
-    if key.descending { Order::Desc } else { Order::Asc }
+    if key.descending {
+        Order::Desc
+    } else {
+        Order::Asc
+    }
 }
 
 /// One page of results.
@@ -197,15 +207,32 @@ fn roles_of(account_id: &str, role: &str) -> Vec<Role> {
 }
 
 impl Identity {
-    pub fn new(db: DatabaseConnection, pages: PageTokens, cache: Arc<AuthCache>) -> Self {
+    pub fn new(
+        db: DatabaseConnection,
+        pages: PageTokens,
+        cache: Arc<AuthCache>,
+        cache_ttl: Duration,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 db,
                 outbox: Outbox::new(SERVICE),
                 pages,
                 cache,
+                accounts: AccountCache::new(cache_ttl),
             }),
         }
+    }
+
+    /// Drops what this process caches about `resource` after a change elsewhere.
+    pub fn invalidate(&self, resource: &str) {
+        if let Some(id) = resource
+            .strip_prefix("accounts/")
+            .filter(|id| !id.contains('/'))
+        {
+            self.inner.accounts.invalidate(id);
+        }
+        self.inner.cache.invalidate(resource);
     }
 
     pub fn db(&self) -> &DatabaseConnection {
@@ -220,18 +247,56 @@ impl Identity {
         &self.inner.cache
     }
 
-    fn event(&self, event_type: &str, account: &str, resource: &str, body: Body) -> Event {
-        kiln_events::new_event(SOURCE, event_type, &format!("accounts/{account}"), resource, body)
+    /// Writes the change's event into the outbox inside `txn` and commits both together.
+    async fn commit_with_event(
+        &self,
+        txn: sea_orm::DatabaseTransaction,
+        event_type: &str,
+        account: &str,
+        resource: &str,
+        body: Body,
+    ) -> Result<()> {
+        let event = kiln_events::new_event(
+            SOURCE,
+            event_type,
+            &format!("accounts/{account}"),
+            resource,
+            body,
+        );
+        self.inner.outbox.enqueue(&txn, &event).await?;
+        self.inner.outbox.commit(txn).await?;
+        if resource.starts_with("accounts/") && !resource[9..].contains('/') {
+            self.inner.accounts.invalidate(&resource[9..]);
+        }
+        Ok(())
     }
 
+    /// An account straight from the database (for writes).
     async fn account(&self, id: &str) -> Result<Option<accounts::Model>> {
-        Ok(accounts::Entity::find_by_id(id.to_owned()).one(&self.inner.db).await?)
+        Ok(accounts::Entity::find_by_id(id.to_owned())
+            .one(&self.inner.db)
+            .await?)
+    }
+
+    /// An account for reading: from the cache when fresh.
+    async fn cached_account(&self, id: &str) -> Result<Option<accounts::Model>> {
+        if let Some(hit) = self.inner.accounts.get(id) {
+            return Ok(Some(hit));
+        }
+        let generation = self.inner.accounts.generation();
+        let found = self.account(id).await?;
+        if let Some(model) = &found {
+            self.inner.accounts.insert(generation, model.clone());
+        }
+        Ok(found)
     }
 
     async fn user(&self, account: &str, user: &str) -> Result<Option<users::Model>> {
-        Ok(users::Entity::find_by_id((account.to_owned(), user.to_owned()))
-            .one(&self.inner.db)
-            .await?)
+        Ok(
+            users::Entity::find_by_id((account.to_owned(), user.to_owned()))
+                .one(&self.inner.db)
+                .await?,
+        )
     }
 
     /// Runs a list query: counts, orders (with the primary key as the final tie-break),
@@ -279,13 +344,22 @@ impl Identity {
         account: Account,
     ) -> Result<Account> {
         if !caller.is_privileged() {
-            return Err(ApiError::PermissionDenied("only a platform admin creates accounts".into()).into());
+            return Err(ApiError::PermissionDenied(
+                "only a platform admin creates accounts".into(),
+            )
+            .into());
         }
         let account_type = match account::AccountType::try_from(account.account_type) {
-            Ok(account::AccountType::Unspecified) if account_id.is_empty() => account::AccountType::Developer,
+            Ok(account::AccountType::Unspecified) if account_id.is_empty() => {
+                account::AccountType::Developer
+            }
             Ok(account::AccountType::Unspecified) => account::AccountType::Enterprise,
             Ok(t) => t,
-            Err(_) => return Err(ApiError::invalid("account.account_type", "unknown account type").into()),
+            Err(_) => {
+                return Err(
+                    ApiError::invalid("account.account_type", "unknown account type").into(),
+                );
+            }
         };
         if !account.email.is_empty() || account_type == account::AccountType::Developer {
             validate_email("account.email", &account.email)?;
@@ -294,7 +368,11 @@ impl Identity {
         let suspend_state = match account::SuspendState::try_from(account.suspend_state) {
             Ok(account::SuspendState::Unspecified) => account::SuspendState::Unsuspended,
             Ok(s) => s,
-            Err(_) => return Err(ApiError::invalid("account.suspend_state", "unknown suspend state").into()),
+            Err(_) => {
+                return Err(
+                    ApiError::invalid("account.suspend_state", "unknown suspend state").into(),
+                );
+            }
         };
 
         let candidates: Vec<String> = match account_type {
@@ -325,7 +403,11 @@ impl Identity {
         for (attempt, id) in candidates.iter().enumerate() {
             let model = accounts::Model {
                 id: id.clone(),
-                display_name: if account.display_name.is_empty() { id.clone() } else { account.display_name.clone() },
+                display_name: if account.display_name.is_empty() {
+                    id.clone()
+                } else {
+                    account.display_name.clone()
+                },
                 account_type: account_type as i32,
                 email: account.email.clone(),
                 state: account::State::Ready as i32,
@@ -337,7 +419,10 @@ impl Identity {
             };
             let proto = account_proto(&model);
             let txn = sea_orm::TransactionTrait::begin(&self.inner.db).await?;
-            match accounts::Entity::insert(accounts::ActiveModel::from(model)).exec_without_returning(&txn).await {
+            match accounts::Entity::insert(accounts::ActiveModel::from(model))
+                .exec_without_returning(&txn)
+                .await
+            {
                 Ok(_) => {}
                 Err(err) if kiln_store::is_unique_violation(&err) => {
                     txn.rollback().await?;
@@ -349,14 +434,16 @@ impl Identity {
                 }
                 Err(err) => return Err(err.into()),
             }
-            let event = self.event(
+            self.commit_with_event(
+                txn,
                 "identity.account.created",
                 id,
                 &proto.name,
-                Body::AccountCreated(kiln_proto::events::v1::AccountCreated { account: Some(proto.clone()) }),
-            );
-            self.inner.outbox.enqueue(&txn, &event).await?;
-            self.inner.outbox.commit(txn).await?;
+                Body::AccountCreated(kiln_proto::events::v1::AccountCreated {
+                    account: Some(proto.clone()),
+                }),
+            )
+            .await?;
             return Ok(proto);
         }
         Err(ApiError::Internal("no free account ID".into()).into())
@@ -365,7 +452,10 @@ impl Identity {
     pub async fn get_account(&self, caller: &Principal, name: &str) -> Result<Account> {
         let name = names::AccountName::parse("name", name)?;
         caller.check_access(&name, &name)?;
-        let model = self.account(&name.account).await?.ok_or_else(|| ApiError::not_found(&name))?;
+        let model = self
+            .cached_account(&name.account)
+            .await?
+            .ok_or_else(|| ApiError::not_found(&name))?;
         Ok(account_proto(&model))
     }
 
@@ -381,30 +471,64 @@ impl Identity {
         if !caller.is_privileged() {
             cond = cond.add(accounts::Column::Id.eq(caller.account.clone()));
         }
-        for term in kiln_core::page::parse_filter(filter, &["state", "account_type", "suspend_state", "email"])? {
+        for term in kiln_core::page::parse_filter(
+            filter,
+            &["state", "account_type", "suspend_state", "email"],
+        )? {
             let expr = match term.field.as_str() {
-                "state" => term_expr(&term, accounts::Column::State, enum_filter_value("state", &term.value, |s| account::State::from_str_name(s).map(|v| v as i32))?.into()),
-                "account_type" => term_expr(&term, accounts::Column::AccountType, enum_filter_value("account_type", &term.value, |s| account::AccountType::from_str_name(s).map(|v| v as i32))?.into()),
-                "suspend_state" => term_expr(&term, accounts::Column::SuspendState, enum_filter_value("suspend_state", &term.value, |s| account::SuspendState::from_str_name(s).map(|v| v as i32))?.into()),
+                "state" => term_expr(
+                    &term,
+                    accounts::Column::State,
+                    enum_filter_value("state", &term.value, |s| {
+                        account::State::from_str_name(s).map(|v| v as i32)
+                    })?
+                    .into(),
+                ),
+                "account_type" => term_expr(
+                    &term,
+                    accounts::Column::AccountType,
+                    enum_filter_value("account_type", &term.value, |s| {
+                        account::AccountType::from_str_name(s).map(|v| v as i32)
+                    })?
+                    .into(),
+                ),
+                "suspend_state" => term_expr(
+                    &term,
+                    accounts::Column::SuspendState,
+                    enum_filter_value("suspend_state", &term.value, |s| {
+                        account::SuspendState::from_str_name(s).map(|v| v as i32)
+                    })?
+                    .into(),
+                ),
                 _ => term_expr(&term, accounts::Column::Email, term.value.clone().into()),
             };
             cond = cond.add(expr);
         }
-        let order = kiln_core::page::parse_order_by(order_by, &["name", "create_time", "update_time", "display_name"])?
-            .iter()
-            .map(|k| {
-                let col = match k.field.as_str() {
-                    "create_time" => accounts::Column::CreateTime,
-                    "update_time" => accounts::Column::UpdateTime,
-                    "display_name" => accounts::Column::DisplayName,
-                    _ => accounts::Column::Id,
-                };
-                (col, to_order(k))
-            })
-            .collect();
+        let order = kiln_core::page::parse_order_by(
+            order_by,
+            &["name", "create_time", "update_time", "display_name"],
+        )?
+        .iter()
+        .map(|k| {
+            let col = match k.field.as_str() {
+                "create_time" => accounts::Column::CreateTime,
+                "update_time" => accounts::Column::UpdateTime,
+                "display_name" => accounts::Column::DisplayName,
+                _ => accounts::Column::Id,
+            };
+            (col, to_order(k))
+        })
+        .collect();
         let scope = format!("accounts||{filter}|{order_by}|{}", caller.account);
         let listing = self
-            .list(accounts::Entity::find().filter(cond), &scope, page_size, page_token, order, vec![accounts::Column::Id])
+            .list(
+                accounts::Entity::find().filter(cond),
+                &scope,
+                page_size,
+                page_token,
+                order,
+                vec![accounts::Column::Id],
+            )
             .await?;
         Ok(Listing {
             items: listing.items.iter().map(account_proto).collect(),
@@ -421,15 +545,27 @@ impl Identity {
     ) -> Result<Account> {
         let name = names::AccountName::parse("account.name", &account.name)?;
         caller.check_access(&name, &name)?;
-        let existing = self.account(&name.account).await?.ok_or_else(|| ApiError::not_found(&name))?;
+        let existing = self
+            .account(&name.account)
+            .await?
+            .ok_or_else(|| ApiError::not_found(&name))?;
         if !caller.administers(&name.account) {
-            return Err(ApiError::PermissionDenied("only an admin of the account updates it".into()).into());
+            return Err(ApiError::PermissionDenied(
+                "only an admin of the account updates it".into(),
+            )
+            .into());
         }
         let mut paths = mask_paths(mask);
         if paths.is_empty() {
-            if !account.display_name.is_empty() { paths.push("display_name".into()); }
-            if !account.email.is_empty() { paths.push("email".into()); }
-            if account.suspend_state != 0 { paths.push("suspend_state".into()); }
+            if !account.display_name.is_empty() {
+                paths.push("display_name".into());
+            }
+            if !account.email.is_empty() {
+                paths.push("email".into());
+            }
+            if account.suspend_state != 0 {
+                paths.push("suspend_state".into());
+            }
         }
         let mut model = existing.clone();
         for path in &paths {
@@ -444,11 +580,18 @@ impl Identity {
                 }
                 "suspend_state" => {
                     if !caller.is_privileged() {
-                        return Err(ApiError::PermissionDenied("only a platform admin changes suspend_state".into()).into());
+                        return Err(ApiError::PermissionDenied(
+                            "only a platform admin changes suspend_state".into(),
+                        )
+                        .into());
                     }
                     match account::SuspendState::try_from(account.suspend_state) {
                         Ok(account::SuspendState::Unspecified) | Err(_) => {
-                            return Err(ApiError::invalid("account.suspend_state", "must be a suspend state").into());
+                            return Err(ApiError::invalid(
+                                "account.suspend_state",
+                                "must be a suspend state",
+                            )
+                            .into());
                         }
                         Ok(s) => model.suspend_state = s as i32,
                     }
@@ -468,8 +611,11 @@ impl Identity {
         model.update_time = now_micros();
         let proto = account_proto(&model);
         let txn = sea_orm::TransactionTrait::begin(&self.inner.db).await?;
-        accounts::Entity::update(accounts::ActiveModel::from(model).reset_all()).exec(&txn).await?;
-        let event = self.event(
+        accounts::Entity::update(accounts::ActiveModel::from(model).reset_all())
+            .exec(&txn)
+            .await?;
+        self.commit_with_event(
+            txn,
             "identity.account.updated",
             &name.account,
             &proto.name,
@@ -477,9 +623,8 @@ impl Identity {
                 account: Some(proto.clone()),
                 update_mask: Some(prost_types::FieldMask { paths }),
             }),
-        );
-        self.inner.outbox.enqueue(&txn, &event).await?;
-        self.inner.outbox.commit(txn).await?;
+        )
+        .await?;
         self.inner.cache.invalidate(&proto.name);
         Ok(proto)
     }
@@ -488,24 +633,42 @@ impl Identity {
         let name = names::AccountName::parse("name", name)?;
         caller.check_access(&name, &name)?;
         if !caller.is_privileged() {
-            return Err(ApiError::PermissionDenied("only a platform admin deletes accounts".into()).into());
+            return Err(ApiError::PermissionDenied(
+                "only a platform admin deletes accounts".into(),
+            )
+            .into());
         }
         if name.is_system() {
-            return Err(ApiError::FailedPrecondition(format!("{name} is the system account and cannot be deleted")).into());
+            return Err(ApiError::FailedPrecondition(format!(
+                "{name} is the system account and cannot be deleted"
+            ))
+            .into());
         }
-        self.account(&name.account).await?.ok_or_else(|| ApiError::not_found(&name))?;
+        self.account(&name.account)
+            .await?
+            .ok_or_else(|| ApiError::not_found(&name))?;
         let txn = sea_orm::TransactionTrait::begin(&self.inner.db).await?;
-        api_keys::Entity::delete_many().filter(api_keys::Column::AccountId.eq(name.account.clone())).exec(&txn).await?;
-        users::Entity::delete_many().filter(users::Column::AccountId.eq(name.account.clone())).exec(&txn).await?;
-        accounts::Entity::delete_by_id(name.account.clone()).exec(&txn).await?;
-        let event = self.event(
+        api_keys::Entity::delete_many()
+            .filter(api_keys::Column::AccountId.eq(name.account.clone()))
+            .exec(&txn)
+            .await?;
+        users::Entity::delete_many()
+            .filter(users::Column::AccountId.eq(name.account.clone()))
+            .exec(&txn)
+            .await?;
+        accounts::Entity::delete_by_id(name.account.clone())
+            .exec(&txn)
+            .await?;
+        self.commit_with_event(
+            txn,
             "identity.account.deleted",
             &name.account,
             &name.to_string(),
-            Body::AccountDeleted(kiln_proto::events::v1::AccountDeleted { name: name.to_string() }),
-        );
-        self.inner.outbox.enqueue(&txn, &event).await?;
-        self.inner.outbox.commit(txn).await?;
+            Body::AccountDeleted(kiln_proto::events::v1::AccountDeleted {
+                name: name.to_string(),
+            }),
+        )
+        .await?;
         self.inner.cache.invalidate(&name.to_string());
         Ok(())
     }
@@ -513,27 +676,63 @@ impl Identity {
     // ---- users ----------------------------------------------------------------------------
 
     /// Resolves `parent` to an existing account the caller can see.
-    async fn parent_account(&self, caller: &Principal, field: &str, parent: &str) -> Result<names::AccountName> {
+    async fn parent_account(
+        &self,
+        caller: &Principal,
+        field: &str,
+        parent: &str,
+    ) -> Result<names::AccountName> {
         let parent = names::AccountName::parse(field, parent)?;
         caller.check_access(&parent, &parent)?;
-        self.account(&parent.account).await?.ok_or_else(|| ApiError::not_found(&parent))?;
+        self.cached_account(&parent.account)
+            .await?
+            .ok_or_else(|| ApiError::not_found(&parent))?;
         Ok(parent)
     }
 
-    pub async fn create_user(&self, caller: &Principal, parent: &str, user_id: String, user: User) -> Result<User> {
+    pub async fn create_user(
+        &self,
+        caller: &Principal,
+        parent: &str,
+        user_id: String,
+        user: User,
+    ) -> Result<User> {
         let parent = self.parent_account(caller, "parent", parent).await?;
         if !caller.administers(&parent.account) {
-            return Err(ApiError::PermissionDenied(format!("only an admin of {parent} adds users")).into());
+            return Err(ApiError::PermissionDenied(format!(
+                "only an admin of {parent} adds users"
+            ))
+            .into());
         }
         names::validate_id("user_id", &user_id)?;
         validate_email("user.email", &user.email)?;
         validate_display_name("user.display_name", &user.display_name)?;
-        let role = if user.role.is_empty() { "user".to_owned() } else { user.role.clone() };
+        let role = if user.role.is_empty() {
+            "user".to_owned()
+        } else {
+            user.role.clone()
+        };
         validate_role("user.role", &role)?;
-        self.insert_user(&parent.account, &user_id, &user.email, &user.display_name, &role, user.service_account).await
+        self.insert_user(
+            &parent.account,
+            &user_id,
+            &user.email,
+            &user.display_name,
+            &role,
+            user.service_account,
+        )
+        .await
     }
 
-    async fn insert_user(&self, account: &str, user_id: &str, email: &str, display_name: &str, role: &str, service_account: bool) -> Result<User> {
+    async fn insert_user(
+        &self,
+        account: &str,
+        user_id: &str,
+        email: &str,
+        display_name: &str,
+        role: &str,
+        service_account: bool,
+    ) -> Result<User> {
         let name = format!("accounts/{account}/users/{user_id}");
         if self.user(account, user_id).await?.is_some() {
             return Err(ApiError::already_exists(&name).into());
@@ -544,7 +743,11 @@ impl Identity {
             account_id: account.to_owned(),
             user_id: user_id.to_owned(),
             email: email.to_owned(),
-            display_name: if display_name.is_empty() { email.to_owned() } else { display_name.to_owned() },
+            display_name: if display_name.is_empty() {
+                email.to_owned()
+            } else {
+                display_name.to_owned()
+            },
             role: role.to_owned(),
             service_account,
             state: kiln_proto::identity::v1::user::State::Ready as i32,
@@ -553,7 +756,10 @@ impl Identity {
         };
         let proto = user_proto(&model);
         let txn = sea_orm::TransactionTrait::begin(&self.inner.db).await?;
-        match users::Entity::insert(users::ActiveModel::from(model)).exec_without_returning(&txn).await {
+        match users::Entity::insert(users::ActiveModel::from(model))
+            .exec_without_returning(&txn)
+            .await
+        {
             Ok(_) => {}
             Err(err) if kiln_store::is_unique_violation(&err) => {
                 txn.rollback().await?;
@@ -561,14 +767,16 @@ impl Identity {
             }
             Err(err) => return Err(err.into()),
         }
-        let event = self.event(
+        self.commit_with_event(
+            txn,
             "identity.user.created",
             account,
             &name,
-            Body::UserCreated(kiln_proto::events::v1::UserCreated { user: Some(proto.clone()) }),
-        );
-        self.inner.outbox.enqueue(&txn, &event).await?;
-        self.inner.outbox.commit(txn).await?;
+            Body::UserCreated(kiln_proto::events::v1::UserCreated {
+                user: Some(proto.clone()),
+            }),
+        )
+        .await?;
         Ok(proto)
     }
 
@@ -589,10 +797,17 @@ impl Identity {
     }
 
     /// Resolves a user name to an existing user the caller can see.
-    async fn existing_user(&self, caller: &Principal, field: &str, name: &str) -> Result<users::Model> {
+    async fn existing_user(
+        &self,
+        caller: &Principal,
+        field: &str,
+        name: &str,
+    ) -> Result<users::Model> {
         let name = names::parse_user_name(field, name)?;
         caller.check_access(&name.account_name(), &name)?;
-        self.user(&name.account, &name.id).await?.ok_or_else(|| ApiError::not_found(&name).into())
+        self.user(&name.account, &name.id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(&name).into())
     }
 
     pub async fn get_user(&self, caller: &Principal, name: &str) -> Result<User> {
@@ -610,38 +825,69 @@ impl Identity {
     ) -> Result<Listing<User>> {
         let parent = self.parent_account(caller, "parent", parent).await?;
         let mut cond = Condition::all().add(users::Column::AccountId.eq(parent.account.clone()));
-        for term in kiln_core::page::parse_filter(filter, &["role", "state", "email", "service_account"])? {
+        for term in
+            kiln_core::page::parse_filter(filter, &["role", "state", "email", "service_account"])?
+        {
             let expr = match term.field.as_str() {
                 "role" => term_expr(&term, users::Column::Role, term.value.clone().into()),
                 "email" => term_expr(&term, users::Column::Email, term.value.clone().into()),
-                "state" => term_expr(&term, users::Column::State, enum_filter_value("state", &term.value, |s| kiln_proto::identity::v1::user::State::from_str_name(s).map(|v| v as i32))?.into()),
+                "state" => term_expr(
+                    &term,
+                    users::Column::State,
+                    enum_filter_value("state", &term.value, |s| {
+                        kiln_proto::identity::v1::user::State::from_str_name(s).map(|v| v as i32)
+                    })?
+                    .into(),
+                ),
                 _ => {
                     let flag = match term.value.as_str() {
                         "true" => true,
                         "false" => false,
-                        other => return Err(ApiError::invalid("filter", format!("service_account is true or false, got {other:?}")).into()),
+                        other => {
+                            return Err(ApiError::invalid(
+                                "filter",
+                                format!("service_account is true or false, got {other:?}"),
+                            )
+                            .into());
+                        }
                     };
                     term_expr(&term, users::Column::ServiceAccount, flag.into())
                 }
             };
             cond = cond.add(expr);
         }
-        let order = kiln_core::page::parse_order_by(order_by, &["name", "create_time", "update_time", "email", "display_name"])?
-            .iter()
-            .map(|k| {
-                let col = match k.field.as_str() {
-                    "create_time" => users::Column::CreateTime,
-                    "update_time" => users::Column::UpdateTime,
-                    "email" => users::Column::Email,
-                    "display_name" => users::Column::DisplayName,
-                    _ => users::Column::UserId,
-                };
-                (col, to_order(k))
-            })
-            .collect();
+        let order = kiln_core::page::parse_order_by(
+            order_by,
+            &[
+                "name",
+                "create_time",
+                "update_time",
+                "email",
+                "display_name",
+            ],
+        )?
+        .iter()
+        .map(|k| {
+            let col = match k.field.as_str() {
+                "create_time" => users::Column::CreateTime,
+                "update_time" => users::Column::UpdateTime,
+                "email" => users::Column::Email,
+                "display_name" => users::Column::DisplayName,
+                _ => users::Column::UserId,
+            };
+            (col, to_order(k))
+        })
+        .collect();
         let scope = format!("users|{parent}|{filter}|{order_by}|{}", caller.account);
         let listing = self
-            .list(users::Entity::find().filter(cond), &scope, page_size, page_token, order, vec![users::Column::UserId])
+            .list(
+                users::Entity::find().filter(cond),
+                &scope,
+                page_size,
+                page_token,
+                order,
+                vec![users::Column::UserId],
+            )
             .await?;
         Ok(Listing {
             items: listing.items.iter().map(user_proto).collect(),
@@ -650,18 +896,32 @@ impl Identity {
         })
     }
 
-    pub async fn update_user(&self, caller: &Principal, user: User, mask: Option<prost_types::FieldMask>) -> Result<User> {
+    pub async fn update_user(
+        &self,
+        caller: &Principal,
+        user: User,
+        mask: Option<prost_types::FieldMask>,
+    ) -> Result<User> {
         let existing = self.existing_user(caller, "user.name", &user.name).await?;
         let is_self = caller.account == existing.account_id && caller.user == existing.user_id;
         let is_admin = caller.administers(&existing.account_id);
         if !is_self && !is_admin {
-            return Err(ApiError::PermissionDenied("only the user or an admin of the account updates a user".into()).into());
+            return Err(ApiError::PermissionDenied(
+                "only the user or an admin of the account updates a user".into(),
+            )
+            .into());
         }
         let mut paths = mask_paths(mask);
         if paths.is_empty() {
-            if !user.display_name.is_empty() { paths.push("display_name".into()); }
-            if !user.email.is_empty() { paths.push("email".into()); }
-            if !user.role.is_empty() { paths.push("role".into()); }
+            if !user.display_name.is_empty() {
+                paths.push("display_name".into());
+            }
+            if !user.email.is_empty() {
+                paths.push("email".into());
+            }
+            if !user.role.is_empty() {
+                paths.push("role".into());
+            }
         }
         let mut model = existing.clone();
         for path in &paths {
@@ -673,21 +933,27 @@ impl Identity {
                 "email" => {
                     validate_email("user.email", &user.email)?;
                     if user.email != existing.email {
-                        self.ensure_email_free(&existing.account_id, &user.email).await?;
+                        self.ensure_email_free(&existing.account_id, &user.email)
+                            .await?;
                     }
                     model.email = user.email.clone();
                 }
                 "role" => {
                     validate_role("user.role", &user.role)?;
                     if !is_admin {
-                        return Err(ApiError::PermissionDenied("only an admin of the account changes roles".into()).into());
+                        return Err(ApiError::PermissionDenied(
+                            "only an admin of the account changes roles".into(),
+                        )
+                        .into());
                     }
                     model.role = user.role.clone();
                 }
                 other => {
                     return Err(ApiError::invalid(
                         "update_mask",
-                        format!("{other:?} is not an updatable field; fields: display_name, email, role"),
+                        format!(
+                            "{other:?} is not an updatable field; fields: display_name, email, role"
+                        ),
                     )
                     .into());
                 }
@@ -699,14 +965,21 @@ impl Identity {
         model.update_time = now_micros();
         let proto = user_proto(&model);
         let txn = sea_orm::TransactionTrait::begin(&self.inner.db).await?;
-        users::Entity::update(users::ActiveModel::from(model).reset_all()).exec(&txn).await.map_err(|err| {
-            if kiln_store::is_unique_violation(&err) {
-                crate::error::Error::from(ApiError::already_exists(format!("a user with email {}", user.email)))
-            } else {
-                err.into()
-            }
-        })?;
-        let event = self.event(
+        users::Entity::update(users::ActiveModel::from(model).reset_all())
+            .exec(&txn)
+            .await
+            .map_err(|err| {
+                if kiln_store::is_unique_violation(&err) {
+                    crate::error::Error::from(ApiError::already_exists(format!(
+                        "a user with email {}",
+                        user.email
+                    )))
+                } else {
+                    err.into()
+                }
+            })?;
+        self.commit_with_event(
+            txn,
             "identity.user.updated",
             &existing.account_id,
             &proto.name,
@@ -714,9 +987,8 @@ impl Identity {
                 user: Some(proto.clone()),
                 update_mask: Some(prost_types::FieldMask { paths }),
             }),
-        );
-        self.inner.outbox.enqueue(&txn, &event).await?;
-        self.inner.outbox.commit(txn).await?;
+        )
+        .await?;
         self.inner.cache.invalidate(&proto.name);
         Ok(proto)
     }
@@ -724,24 +996,32 @@ impl Identity {
     pub async fn delete_user(&self, caller: &Principal, name: &str) -> Result<()> {
         let existing = self.existing_user(caller, "name", name).await?;
         if !caller.administers(&existing.account_id) {
-            return Err(ApiError::PermissionDenied("only an admin of the account deletes users".into()).into());
+            return Err(ApiError::PermissionDenied(
+                "only an admin of the account deletes users".into(),
+            )
+            .into());
         }
-        let name = format!("accounts/{}/users/{}", existing.account_id, existing.user_id);
+        let name = format!(
+            "accounts/{}/users/{}",
+            existing.account_id, existing.user_id
+        );
         let txn = sea_orm::TransactionTrait::begin(&self.inner.db).await?;
         api_keys::Entity::delete_many()
             .filter(api_keys::Column::AccountId.eq(existing.account_id.clone()))
             .filter(api_keys::Column::UserId.eq(existing.user_id.clone()))
             .exec(&txn)
             .await?;
-        users::Entity::delete_by_id((existing.account_id.clone(), existing.user_id.clone())).exec(&txn).await?;
-        let event = self.event(
+        users::Entity::delete_by_id((existing.account_id.clone(), existing.user_id.clone()))
+            .exec(&txn)
+            .await?;
+        self.commit_with_event(
+            txn,
             "identity.user.deleted",
             &existing.account_id,
             &name,
             Body::UserDeleted(kiln_proto::events::v1::UserDeleted { name: name.clone() }),
-        );
-        self.inner.outbox.enqueue(&txn, &event).await?;
-        self.inner.outbox.commit(txn).await?;
+        )
+        .await?;
         self.inner.cache.invalidate(&name);
         Ok(())
     }
@@ -749,13 +1029,22 @@ impl Identity {
     // ---- API keys -------------------------------------------------------------------------
 
     fn may_manage_keys_of(caller: &Principal, user: &users::Model) -> bool {
-        (caller.account == user.account_id && caller.user == user.user_id) || caller.administers(&user.account_id)
+        (caller.account == user.account_id && caller.user == user.user_id)
+            || caller.administers(&user.account_id)
     }
 
-    pub async fn create_api_key(&self, caller: &Principal, parent: &str, api_key: ApiKey) -> Result<ApiKey> {
+    pub async fn create_api_key(
+        &self,
+        caller: &Principal,
+        parent: &str,
+        api_key: ApiKey,
+    ) -> Result<ApiKey> {
         let user = self.existing_user(caller, "parent", parent).await?;
         if !Self::may_manage_keys_of(caller, &user) {
-            return Err(ApiError::PermissionDenied("only the user or an admin of the account creates its keys".into()).into());
+            return Err(ApiError::PermissionDenied(
+                "only the user or an admin of the account creates its keys".into(),
+            )
+            .into());
         }
         validate_display_name("api_key.display_name", &api_key.display_name)?;
         let now = now_micros();
@@ -763,7 +1052,9 @@ impl Identity {
             Some(ts) => {
                 let micros = kiln_core::time::timestamp_to_micros(ts);
                 if micros <= now {
-                    return Err(ApiError::invalid("api_key.expire_time", "must be in the future").into());
+                    return Err(
+                        ApiError::invalid("api_key.expire_time", "must be in the future").into(),
+                    );
                 }
                 Some(micros)
             }
@@ -772,20 +1063,29 @@ impl Identity {
         let (model, secret) = Self::new_key_model(&user, &api_key.display_name, expire_time, now);
         let mut proto = api_key_proto(&model);
         let txn = sea_orm::TransactionTrait::begin(&self.inner.db).await?;
-        api_keys::Entity::insert(api_keys::ActiveModel::from(model)).exec_without_returning(&txn).await?;
-        let event = self.event(
+        api_keys::Entity::insert(api_keys::ActiveModel::from(model))
+            .exec_without_returning(&txn)
+            .await?;
+        self.commit_with_event(
+            txn,
             "identity.api_key.created",
             &user.account_id,
             &proto.name,
-            Body::ApiKeyCreated(kiln_proto::events::v1::ApiKeyCreated { api_key: Some(proto.clone()) }),
-        );
-        self.inner.outbox.enqueue(&txn, &event).await?;
-        self.inner.outbox.commit(txn).await?;
+            Body::ApiKeyCreated(kiln_proto::events::v1::ApiKeyCreated {
+                api_key: Some(proto.clone()),
+            }),
+        )
+        .await?;
         proto.key = secret;
         Ok(proto)
     }
 
-    fn new_key_model(user: &users::Model, display_name: &str, expire_time: Option<i64>, now: i64) -> (api_keys::Model, String) {
+    fn new_key_model(
+        user: &users::Model,
+        display_name: &str,
+        expire_time: Option<i64>,
+        now: i64,
+    ) -> (api_keys::Model, String) {
         let secret = new_secret();
         let model = api_keys::Model {
             account_id: user.account_id.clone(),
@@ -814,24 +1114,38 @@ impl Identity {
             .add(api_keys::Column::AccountId.eq(user.account_id.clone()))
             .add(api_keys::Column::UserId.eq(user.user_id.clone()));
         for term in kiln_core::page::parse_filter(filter, &["display_name", "prefix"])? {
-            let col = if term.field == "prefix" { api_keys::Column::Prefix } else { api_keys::Column::DisplayName };
+            let col = if term.field == "prefix" {
+                api_keys::Column::Prefix
+            } else {
+                api_keys::Column::DisplayName
+            };
             cond = cond.add(term_expr(&term, col, term.value.clone().into()));
         }
-        let order = kiln_core::page::parse_order_by(order_by, &["name", "create_time", "expire_time", "display_name"])?
-            .iter()
-            .map(|k| {
-                let col = match k.field.as_str() {
-                    "create_time" => api_keys::Column::CreateTime,
-                    "expire_time" => api_keys::Column::ExpireTime,
-                    "display_name" => api_keys::Column::DisplayName,
-                    _ => api_keys::Column::KeyId,
-                };
-                (col, to_order(k))
-            })
-            .collect();
+        let order = kiln_core::page::parse_order_by(
+            order_by,
+            &["name", "create_time", "expire_time", "display_name"],
+        )?
+        .iter()
+        .map(|k| {
+            let col = match k.field.as_str() {
+                "create_time" => api_keys::Column::CreateTime,
+                "expire_time" => api_keys::Column::ExpireTime,
+                "display_name" => api_keys::Column::DisplayName,
+                _ => api_keys::Column::KeyId,
+            };
+            (col, to_order(k))
+        })
+        .collect();
         let scope = format!("apiKeys|{}|{filter}|{order_by}|{}", parent, caller.account);
         let listing = self
-            .list(api_keys::Entity::find().filter(cond), &scope, page_size, page_token, order, vec![api_keys::Column::KeyId])
+            .list(
+                api_keys::Entity::find().filter(cond),
+                &scope,
+                page_size,
+                page_token,
+                order,
+                vec![api_keys::Column::KeyId],
+            )
             .await?;
         Ok(Listing {
             items: listing.items.iter().map(api_key_proto).collect(),
@@ -843,25 +1157,41 @@ impl Identity {
     pub async fn delete_api_key(&self, caller: &Principal, name: &str) -> Result<()> {
         let key_name = names::ApiKeyName::parse("name", name)?;
         caller.check_access(&key_name.user_name().account_name(), &key_name)?;
-        let model = api_keys::Entity::find_by_id((key_name.account.clone(), key_name.user.clone(), key_name.key.clone()))
-            .one(&self.inner.db)
+        let model = api_keys::Entity::find_by_id((
+            key_name.account.clone(),
+            key_name.user.clone(),
+            key_name.key.clone(),
+        ))
+        .one(&self.inner.db)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&key_name))?;
+        let owner = self
+            .user(&model.account_id, &model.user_id)
             .await?
             .ok_or_else(|| ApiError::not_found(&key_name))?;
-        let owner = self.user(&model.account_id, &model.user_id).await?.ok_or_else(|| ApiError::not_found(&key_name))?;
         if !Self::may_manage_keys_of(caller, &owner) {
-            return Err(ApiError::PermissionDenied("only the user or an admin of the account deletes its keys".into()).into());
+            return Err(ApiError::PermissionDenied(
+                "only the user or an admin of the account deletes its keys".into(),
+            )
+            .into());
         }
         let name = key_name.to_string();
         let txn = sea_orm::TransactionTrait::begin(&self.inner.db).await?;
-        api_keys::Entity::delete_by_id((model.account_id.clone(), model.user_id.clone(), model.key_id.clone())).exec(&txn).await?;
-        let event = self.event(
+        api_keys::Entity::delete_by_id((
+            model.account_id.clone(),
+            model.user_id.clone(),
+            model.key_id.clone(),
+        ))
+        .exec(&txn)
+        .await?;
+        self.commit_with_event(
+            txn,
             "identity.api_key.deleted",
             &model.account_id,
             &name,
             Body::ApiKeyDeleted(kiln_proto::events::v1::ApiKeyDeleted { name: name.clone() }),
-        );
-        self.inner.outbox.enqueue(&txn, &event).await?;
-        self.inner.outbox.commit(txn).await?;
+        )
+        .await?;
         self.inner.cache.invalidate(&name);
         Ok(())
     }
@@ -896,7 +1226,10 @@ impl Identity {
             principal: Principal {
                 account: account.id.clone(),
                 user: user.user_id.clone(),
-                api_key: format!("accounts/{}/users/{}/apiKeys/{}", key.account_id, key.user_id, key.key_id),
+                api_key: format!(
+                    "accounts/{}/users/{}/apiKeys/{}",
+                    key.account_id, key.user_id, key.key_id
+                ),
                 roles: roles_of(&account.id, &user.role),
                 suspend_state: account.suspend_state,
             },
@@ -935,7 +1268,17 @@ impl Identity {
         let admin = match self.user(SYSTEM_ACCOUNT, BOOTSTRAP_USER).await? {
             Some(u) => u,
             None => {
-                match self.insert_user(SYSTEM_ACCOUNT, BOOTSTRAP_USER, admin_email, "Platform admin", "admin", false).await {
+                match self
+                    .insert_user(
+                        SYSTEM_ACCOUNT,
+                        BOOTSTRAP_USER,
+                        admin_email,
+                        "Platform admin",
+                        "admin",
+                        false,
+                    )
+                    .await
+                {
                     Ok(_) | Err(crate::error::Error::Api(ApiError::AlreadyExists { .. })) => {}
                     Err(e) => return Err(e),
                 }
@@ -969,7 +1312,10 @@ impl Identity {
 
 /// Identity authenticates its own callers straight from its tables.
 impl Authenticator for Identity {
-    fn authenticate<'a>(&'a self, api_key: &'a str) -> BoxFuture<'a, Result<Authenticated, ApiError>> {
+    fn authenticate<'a>(
+        &'a self,
+        api_key: &'a str,
+    ) -> BoxFuture<'a, Result<Authenticated, ApiError>> {
         Box::pin(self.authenticate_key(api_key))
     }
 }

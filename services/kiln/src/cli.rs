@@ -16,7 +16,11 @@ use crate::config::KilnConfig;
 use crate::output::{self, Format};
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Kiln: a self-hostable platform for serving and fine-tuning models")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: a self-hostable platform for serving and fine-tuning models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -27,7 +31,12 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct ClientArgs {
     /// The Kiln server to talk to.
-    #[arg(long, global = true, env = "KILN_SERVER", default_value = "http://127.0.0.1:7400")]
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_SERVER",
+        default_value = "http://127.0.0.1:7400"
+    )]
     pub server: String,
     /// API key (default: the dev admin key in $KILN_DATA_DIR/admin.key or .kiln/admin.key).
     #[arg(long, global = true, env = "KILN_API_KEY", hide_env_values = true)]
@@ -189,8 +198,12 @@ pub enum UpdateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum DeleteCommand {
-    Account { account_id: String },
-    User { user_id: String },
+    Account {
+        account_id: String,
+    },
+    User {
+        user_id: String,
+    },
     ApiKey {
         key_id: String,
         #[arg(long)]
@@ -233,8 +246,13 @@ impl Client {
             .connect()
             .await
             .with_context(|| format!("cannot reach Kiln at {}", args.server))?;
-        let interceptor = ServiceCallInterceptor::new(Some(&key)).map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(Self { channel, interceptor, args })
+        let interceptor =
+            ServiceCallInterceptor::new(Some(&key)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Self {
+            channel,
+            interceptor,
+            args,
+        })
     }
 
     fn authed(&self) -> Authed {
@@ -256,11 +274,18 @@ impl Client {
     /// The account to work in: --account, or the only one the key can see.
     async fn account(&self) -> anyhow::Result<String> {
         if let Some(a) = &self.args.account {
-            return Ok(if a.starts_with("accounts/") { a.clone() } else { format!("accounts/{a}") });
+            return Ok(if a.starts_with("accounts/") {
+                a.clone()
+            } else {
+                format!("accounts/{a}")
+            });
         }
         let listed = self
             .accounts()
-            .list_accounts(idv1::ListAccountsRequest { page_size: 2, ..Default::default() })
+            .list_accounts(idv1::ListAccountsRequest {
+                page_size: 2,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         match listed.accounts.as_slice() {
@@ -272,8 +297,13 @@ impl Client {
 
 /// Parses `30d`, `12h`, `45m`, `90s`.
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let n: u64 = number.parse().with_context(|| format!("{text:?} is not a duration like 30d or 12h"))?;
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a duration like 30d or 12h"))?;
     let secs = match unit {
         "d" => n * 86_400,
         "h" => n * 3_600,
@@ -285,28 +315,49 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 }
 
 fn enum_value(field: &str, value: &str, from_name: fn(&str) -> Option<i32>) -> anyhow::Result<i32> {
-    from_name(&value.to_ascii_uppercase()).with_context(|| format!("--{field}: unknown value {value:?}"))
+    from_name(&value.to_ascii_uppercase())
+        .with_context(|| format!("--{field}: unknown value {value:?}"))
 }
 
 fn account_row(a: &idv1::Account) -> Vec<String> {
     vec![
         a.name.clone(),
         a.display_name.clone(),
-        idv1::account::AccountType::try_from(a.account_type).map(|t| t.as_str_name()).unwrap_or("?").to_owned(),
+        idv1::account::AccountType::try_from(a.account_type)
+            .map(|t| t.as_str_name())
+            .unwrap_or("?")
+            .to_owned(),
         a.email.clone(),
-        idv1::account::State::try_from(a.state).map(|t| t.as_str_name()).unwrap_or("?").to_owned(),
-        idv1::account::SuspendState::try_from(a.suspend_state).map(|t| t.as_str_name()).unwrap_or("?").to_owned(),
+        idv1::account::State::try_from(a.state)
+            .map(|t| t.as_str_name())
+            .unwrap_or("?")
+            .to_owned(),
+        idv1::account::SuspendState::try_from(a.suspend_state)
+            .map(|t| t.as_str_name())
+            .unwrap_or("?")
+            .to_owned(),
         output::time(&a.create_time),
     ]
 }
-const ACCOUNT_HEADERS: &[&str] = &["NAME", "DISPLAY NAME", "TYPE", "EMAIL", "STATE", "SUSPEND STATE", "CREATED"];
+const ACCOUNT_HEADERS: &[&str] = &[
+    "NAME",
+    "DISPLAY NAME",
+    "TYPE",
+    "EMAIL",
+    "STATE",
+    "SUSPEND STATE",
+    "CREATED",
+];
 
 fn user_row(u: &idv1::User) -> Vec<String> {
     vec![
         u.name.clone(),
         u.email.clone(),
         u.role.clone(),
-        idv1::user::State::try_from(u.state).map(|t| t.as_str_name()).unwrap_or("?").to_owned(),
+        idv1::user::State::try_from(u.state)
+            .map(|t| t.as_str_name())
+            .unwrap_or("?")
+            .to_owned(),
         output::time(&u.create_time),
     ]
 }
@@ -323,12 +374,29 @@ fn key_row(k: &idv1::ApiKey) -> Vec<String> {
 }
 const KEY_HEADERS: &[&str] = &["NAME", "DISPLAY NAME", "PREFIX", "CREATED", "EXPIRES"];
 
-fn print<M: prost::Message>(format: Format, full_name: &str, items: &[M], headers: &[&str], row: fn(&M) -> Vec<String>, single: bool) {
+fn print<M: prost::Message>(
+    format: Format,
+    full_name: &str,
+    items: &[M],
+    headers: &[&str],
+    row: fn(&M) -> Vec<String>,
+    single: bool,
+) {
     match format {
         Format::Json => {
-            let values: Vec<_> = items.iter().map(|m| output::to_json(full_name, m)).collect();
-            let value = if single && values.len() == 1 { values[0].clone() } else { serde_json::Value::Array(values) };
-            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+            let values: Vec<_> = items
+                .iter()
+                .map(|m| output::to_json(full_name, m))
+                .collect();
+            let value = if single && values.len() == 1 {
+                values[0].clone()
+            } else {
+                serde_json::Value::Array(values)
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
         }
         Format::Table => {
             let rows: Vec<_> = items.iter().map(row).collect();
@@ -337,15 +405,43 @@ fn print<M: prost::Message>(format: Format, full_name: &str, items: &[M], header
     }
 }
 
+/// Follows `next_page_token` until the listing ends or `limit` items are in.
+async fn collect_pages<T, F, Fut>(limit: Option<usize>, mut fetch: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(Vec<T>, String)>>,
+{
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut items = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let (page, next) = fetch(page_token).await?;
+        items.extend(page);
+        if next.is_empty() || items.len() >= limit {
+            break;
+        }
+        page_token = next;
+    }
+    items.truncate(limit);
+    Ok(items)
+}
+
 /// Runs a client command.
 pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()> {
     let format = args.output;
     let client = Client::connect(args).await?;
     match command {
-        Command::Create(CreateCommand::Account { account_id, email, display_name, account_type }) => {
+        Command::Create(CreateCommand::Account {
+            account_id,
+            email,
+            display_name,
+            account_type,
+        }) => {
             let account_type = match account_type.as_deref() {
                 None => 0,
-                Some(t) => enum_value("type", t, |s| idv1::account::AccountType::from_str_name(s).map(|v| v as i32))?,
+                Some(t) => enum_value("type", t, |s| {
+                    idv1::account::AccountType::from_str_name(s).map(|v| v as i32)
+                })?,
             };
             let account = client
                 .accounts()
@@ -360,9 +456,22 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
                 })
                 .await?
                 .into_inner();
-            print(format, "kiln.identity.v1.Account", &[account], ACCOUNT_HEADERS, account_row, true);
+            print(
+                format,
+                "kiln.identity.v1.Account",
+                &[account],
+                ACCOUNT_HEADERS,
+                account_row,
+                true,
+            );
         }
-        Command::Create(CreateCommand::User { user_id, email, display_name, role, service_account }) => {
+        Command::Create(CreateCommand::User {
+            user_id,
+            email,
+            display_name,
+            role,
+            service_account,
+        }) => {
             let parent = client.account().await?;
             let user = client
                 .users()
@@ -379,12 +488,27 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
                 })
                 .await?
                 .into_inner();
-            print(format, "kiln.identity.v1.User", &[user], USER_HEADERS, user_row, true);
+            print(
+                format,
+                "kiln.identity.v1.User",
+                &[user],
+                USER_HEADERS,
+                user_row,
+                true,
+            );
         }
-        Command::Create(CreateCommand::ApiKey { user, display_name, expire_time, expires_in }) => {
+        Command::Create(CreateCommand::ApiKey {
+            user,
+            display_name,
+            expire_time,
+            expires_in,
+        }) => {
             let parent = format!("{}/users/{user}", client.account().await?);
             let expire_time = match (expire_time, expires_in) {
-                (Some(t), _) => Some(t.parse::<prost_types::Timestamp>().map_err(|e| anyhow::anyhow!("--expire-time {t:?}: {e}"))?),
+                (Some(t), _) => Some(
+                    t.parse::<prost_types::Timestamp>()
+                        .map_err(|e| anyhow::anyhow!("--expire-time {t:?}: {e}"))?,
+                ),
                 (None, Some(d)) => {
                     let at = std::time::SystemTime::now() + parse_duration(&d)?;
                     Some(prost_types::Timestamp::from(at))
@@ -395,14 +519,32 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
                 .keys()
                 .create_api_key(idv1::CreateApiKeyRequest {
                     parent,
-                    api_key: Some(idv1::ApiKey { display_name: display_name.unwrap_or_default(), expire_time, ..Default::default() }),
+                    api_key: Some(idv1::ApiKey {
+                        display_name: display_name.unwrap_or_default(),
+                        expire_time,
+                        ..Default::default()
+                    }),
                 })
                 .await?
                 .into_inner();
             match format {
-                Format::Json => print(format, "kiln.identity.v1.ApiKey", &[key], KEY_HEADERS, key_row, true),
+                Format::Json => print(
+                    format,
+                    "kiln.identity.v1.ApiKey",
+                    &[key],
+                    KEY_HEADERS,
+                    key_row,
+                    true,
+                ),
                 Format::Table => {
-                    print(format, "kiln.identity.v1.ApiKey", std::slice::from_ref(&key), KEY_HEADERS, key_row, true);
+                    print(
+                        format,
+                        "kiln.identity.v1.ApiKey",
+                        std::slice::from_ref(&key),
+                        KEY_HEADERS,
+                        key_row,
+                        true,
+                    );
                     println!("\nAPI key (shown only now; store it safely):\n{}", key.key);
                 }
             }
@@ -412,95 +554,128 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
                 Some(a) => a,
                 None => client.account().await?,
             };
-            let account = client.accounts().get_account(idv1::GetAccountRequest { name }).await?.into_inner();
-            print(format, "kiln.identity.v1.Account", &[account], ACCOUNT_HEADERS, account_row, true);
+            let account = client
+                .accounts()
+                .get_account(idv1::GetAccountRequest { name })
+                .await?
+                .into_inner();
+            print(
+                format,
+                "kiln.identity.v1.Account",
+                &[account],
+                ACCOUNT_HEADERS,
+                account_row,
+                true,
+            );
         }
         Command::Get(GetCommand::User { user_id }) => {
             let name = format!("{}/users/{user_id}", client.account().await?);
-            let user = client.users().get_user(idv1::GetUserRequest { name }).await?.into_inner();
-            print(format, "kiln.identity.v1.User", &[user], USER_HEADERS, user_row, true);
+            let user = client
+                .users()
+                .get_user(idv1::GetUserRequest { name })
+                .await?
+                .into_inner();
+            print(
+                format,
+                "kiln.identity.v1.User",
+                &[user],
+                USER_HEADERS,
+                user_row,
+                true,
+            );
         }
         Command::List(ListCommand::Accounts(list)) => {
-            let mut items = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .accounts()
-                    .list_accounts(idv1::ListAccountsRequest {
-                        page_size: 200,
-                        page_token,
-                        filter: list.filter.clone(),
-                        order_by: list.order_by.clone(),
-                    })
-                    .await?
-                    .into_inner();
-                items.extend(page.accounts);
-                page_token = page.next_page_token;
-                if page_token.is_empty() || list.limit.is_some_and(|l| items.len() >= l) {
-                    break;
+            let items = collect_pages(list.limit, |page_token| {
+                let mut accounts = client.accounts();
+                let request = idv1::ListAccountsRequest {
+                    page_size: 200,
+                    page_token,
+                    filter: list.filter.clone(),
+                    order_by: list.order_by.clone(),
+                };
+                async move {
+                    let page = accounts.list_accounts(request).await?.into_inner();
+                    Ok((page.accounts, page.next_page_token))
                 }
-            }
-            items.truncate(list.limit.unwrap_or(usize::MAX));
-            print(format, "kiln.identity.v1.Account", &items, ACCOUNT_HEADERS, account_row, false);
+            })
+            .await?;
+            print(
+                format,
+                "kiln.identity.v1.Account",
+                &items,
+                ACCOUNT_HEADERS,
+                account_row,
+                false,
+            );
         }
         Command::List(ListCommand::Users(list)) => {
             let parent = client.account().await?;
-            let mut items = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .users()
-                    .list_users(idv1::ListUsersRequest {
-                        parent: parent.clone(),
-                        page_size: 200,
-                        page_token,
-                        filter: list.filter.clone(),
-                        order_by: list.order_by.clone(),
-                    })
-                    .await?
-                    .into_inner();
-                items.extend(page.users);
-                page_token = page.next_page_token;
-                if page_token.is_empty() || list.limit.is_some_and(|l| items.len() >= l) {
-                    break;
+            let items = collect_pages(list.limit, |page_token| {
+                let mut users = client.users();
+                let request = idv1::ListUsersRequest {
+                    parent: parent.clone(),
+                    page_size: 200,
+                    page_token,
+                    filter: list.filter.clone(),
+                    order_by: list.order_by.clone(),
+                };
+                async move {
+                    let page = users.list_users(request).await?.into_inner();
+                    Ok((page.users, page.next_page_token))
                 }
-            }
-            items.truncate(list.limit.unwrap_or(usize::MAX));
-            print(format, "kiln.identity.v1.User", &items, USER_HEADERS, user_row, false);
+            })
+            .await?;
+            print(
+                format,
+                "kiln.identity.v1.User",
+                &items,
+                USER_HEADERS,
+                user_row,
+                false,
+            );
         }
         Command::List(ListCommand::ApiKeys { user, list }) => {
             let parent = format!("{}/users/{user}", client.account().await?);
-            let mut items = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .keys()
-                    .list_api_keys(idv1::ListApiKeysRequest {
-                        parent: parent.clone(),
-                        page_size: 200,
-                        page_token,
-                        filter: list.filter.clone(),
-                        order_by: list.order_by.clone(),
-                    })
-                    .await?
-                    .into_inner();
-                items.extend(page.api_keys);
-                page_token = page.next_page_token;
-                if page_token.is_empty() || list.limit.is_some_and(|l| items.len() >= l) {
-                    break;
+            let items = collect_pages(list.limit, |page_token| {
+                let mut keys = client.keys();
+                let request = idv1::ListApiKeysRequest {
+                    parent: parent.clone(),
+                    page_size: 200,
+                    page_token,
+                    filter: list.filter.clone(),
+                    order_by: list.order_by.clone(),
+                };
+                async move {
+                    let page = keys.list_api_keys(request).await?.into_inner();
+                    Ok((page.api_keys, page.next_page_token))
                 }
-            }
-            items.truncate(list.limit.unwrap_or(usize::MAX));
-            print(format, "kiln.identity.v1.ApiKey", &items, KEY_HEADERS, key_row, false);
+            })
+            .await?;
+            print(
+                format,
+                "kiln.identity.v1.ApiKey",
+                &items,
+                KEY_HEADERS,
+                key_row,
+                false,
+            );
         }
-        Command::Update(UpdateCommand::Account { account_id, display_name, email, suspend_state }) => {
+        Command::Update(UpdateCommand::Account {
+            account_id,
+            display_name,
+            email,
+            suspend_state,
+        }) => {
             let name = match account_id {
                 Some(a) if a.starts_with("accounts/") => a,
                 Some(a) => format!("accounts/{a}"),
                 None => client.account().await?,
             };
             let mut paths = Vec::new();
-            let mut account = idv1::Account { name, ..Default::default() };
+            let mut account = idv1::Account {
+                name,
+                ..Default::default()
+            };
             if let Some(v) = display_name {
                 account.display_name = v;
                 paths.push("display_name".to_owned());
@@ -510,7 +685,9 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
                 paths.push("email".to_owned());
             }
             if let Some(v) = suspend_state {
-                account.suspend_state = enum_value("suspend-state", &v, |s| idv1::account::SuspendState::from_str_name(s).map(|v| v as i32))?;
+                account.suspend_state = enum_value("suspend-state", &v, |s| {
+                    idv1::account::SuspendState::from_str_name(s).map(|v| v as i32)
+                })?;
                 paths.push("suspend_state".to_owned());
             }
             if paths.is_empty() {
@@ -518,15 +695,33 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
             }
             let account = client
                 .accounts()
-                .update_account(idv1::UpdateAccountRequest { account: Some(account), update_mask: Some(prost_types::FieldMask { paths }) })
+                .update_account(idv1::UpdateAccountRequest {
+                    account: Some(account),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                })
                 .await?
                 .into_inner();
-            print(format, "kiln.identity.v1.Account", &[account], ACCOUNT_HEADERS, account_row, true);
+            print(
+                format,
+                "kiln.identity.v1.Account",
+                &[account],
+                ACCOUNT_HEADERS,
+                account_row,
+                true,
+            );
         }
-        Command::Update(UpdateCommand::User { user_id, display_name, email, role }) => {
+        Command::Update(UpdateCommand::User {
+            user_id,
+            display_name,
+            email,
+            role,
+        }) => {
             let name = format!("{}/users/{user_id}", client.account().await?);
             let mut paths = Vec::new();
-            let mut user = idv1::User { name, ..Default::default() };
+            let mut user = idv1::User {
+                name,
+                ..Default::default()
+            };
             if let Some(v) = display_name {
                 user.display_name = v;
                 paths.push("display_name".to_owned());
@@ -544,27 +739,52 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
             }
             let user = client
                 .users()
-                .update_user(idv1::UpdateUserRequest { user: Some(user), update_mask: Some(prost_types::FieldMask { paths }) })
+                .update_user(idv1::UpdateUserRequest {
+                    user: Some(user),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                })
                 .await?
                 .into_inner();
-            print(format, "kiln.identity.v1.User", &[user], USER_HEADERS, user_row, true);
+            print(
+                format,
+                "kiln.identity.v1.User",
+                &[user],
+                USER_HEADERS,
+                user_row,
+                true,
+            );
         }
         Command::Delete(DeleteCommand::Account { account_id }) => {
-            let name = if account_id.starts_with("accounts/") { account_id } else { format!("accounts/{account_id}") };
-            client.accounts().delete_account(idv1::DeleteAccountRequest { name: name.clone() }).await?;
+            let name = if account_id.starts_with("accounts/") {
+                account_id
+            } else {
+                format!("accounts/{account_id}")
+            };
+            client
+                .accounts()
+                .delete_account(idv1::DeleteAccountRequest { name: name.clone() })
+                .await?;
             println!("deleted {name}");
         }
         Command::Delete(DeleteCommand::User { user_id }) => {
             let name = format!("{}/users/{user_id}", client.account().await?);
-            client.users().delete_user(idv1::DeleteUserRequest { name: name.clone() }).await?;
+            client
+                .users()
+                .delete_user(idv1::DeleteUserRequest { name: name.clone() })
+                .await?;
             println!("deleted {name}");
         }
         Command::Delete(DeleteCommand::ApiKey { key_id, user }) => {
             let name = format!("{}/users/{user}/apiKeys/{key_id}", client.account().await?);
-            client.keys().delete_api_key(idv1::DeleteApiKeyRequest { name: name.clone() }).await?;
+            client
+                .keys()
+                .delete_api_key(idv1::DeleteApiKeyRequest { name: name.clone() })
+                .await?;
             println!("deleted {name}");
         }
-        Command::Dev(_) | Command::Serve(_) => unreachable!("server commands are not client commands"),
+        Command::Dev(_) | Command::Serve(_) => {
+            unreachable!("server commands are not client commands")
+        }
     }
     Ok(())
 }
@@ -582,7 +802,11 @@ pub fn dev_page_secret(data_dir: &Path) -> anyhow::Result<String> {
         return Ok(secret.trim().to_owned());
     }
     std::fs::create_dir_all(data_dir)?;
-    let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
     std::fs::write(&path, &secret)?;
     Ok(secret)
 }

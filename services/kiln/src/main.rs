@@ -5,7 +5,10 @@ use kiln::cli::{Cli, Command, DevArgs, ServeArgs};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -38,24 +41,42 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     if config.server.page_token_secret.is_none() {
         config.server.page_token_secret = Some(kiln::cli::dev_page_secret(&args.data_dir)?);
     }
-    let _telemetry = kiln_core::telemetry::init("kiln", config.server.log_format, config.server.otlp_endpoint.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    let _telemetry = kiln_core::telemetry::init(
+        "kiln",
+        config.server.log_format,
+        config.server.otlp_endpoint.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
     let mesh = kiln::mesh::Mesh::start(&config, listener, None).await?;
     let data_dir = args.data_dir.display();
-    let bus = if config.server.nats_url.is_some() { "NATS JetStream" } else { "in-process" };
-    println!("Kiln dev is running on {} (state in {data_dir}, events: {bus})", mesh.addr);
+    let bus = if config.server.nats_url.is_some() {
+        "NATS JetStream"
+    } else {
+        "in-process"
+    };
+    println!(
+        "Kiln dev is running on {} (state in {data_dir}, events: {bus})",
+        mesh.addr
+    );
     let key_file = args.data_dir.join("admin.key");
     match &mesh.new_admin_key {
         Some(key) => {
             kiln_core::config::write_admin_key(&args.data_dir, key)?;
-            println!("Admin API key (shown once; saved to {}):\n  {key}", key_file.display());
+            println!(
+                "Admin API key (shown once; saved to {}):\n  {key}",
+                key_file.display()
+            );
         }
         None => println!("Admin API key: in {}", key_file.display()),
     }
-    let server = if args.listen.to_string() == "127.0.0.1:7400" { String::new() } else { format!(" --server http://{}", mesh.addr) };
+    let server = if args.listen.to_string() == "127.0.0.1:7400" {
+        String::new()
+    } else {
+        format!(" --server http://{}", mesh.addr)
+    };
     println!(
         "Try (the CLI reads the admin key from {data_dir}/admin.key):\n  \
          kiln{server} create account acme --email owner@acme.example\n  \
@@ -64,13 +85,17 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
          kiln{server} list users --account acme\n\
          Press Ctrl-C to stop."
     );
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => { result?; }
-        // SIGTERM from a service manager or container runtime stops it cleanly too.
-        _ = terminate() => {}
-    }
+    stop_signal().await;
     println!("stopping");
     mesh.shutdown().await
+}
+
+/// Ctrl-C, or SIGTERM from a service manager or container runtime.
+async fn stop_signal() {
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate() => {}
+    }
 }
 
 #[cfg(unix)]
@@ -90,25 +115,14 @@ async fn terminate() {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = kiln::cli::load_config(args.config.as_deref())?;
-    let _telemetry = kiln_core::telemetry::init(&format!("kiln-{}", args.service), config.server.log_format, config.server.otlp_endpoint.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    let _telemetry = kiln_core::telemetry::init(
+        &format!("kiln-{}", args.service),
+        config.server.log_format,
+        config.server.otlp_endpoint.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     match args.service.as_str() {
-        "identity" => {
-            let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
-            let (stop, shutdown) = tokio::sync::watch::channel(false);
-            let (served, admin_key) = kiln_identity::run(&config.identity_config(), listener, shutdown).await?;
-            println!("kiln identity listening on {}", served.local_addr);
-            if let Some(key) = admin_key {
-                let path = kiln_core::config::write_admin_key(&config.server.data_dir, &key)?;
-                println!("bootstrap admin API key (shown once, also in {}): {key}", path.display());
-            }
-            tokio::select! {
-                result = tokio::signal::ctrl_c() => { result?; }
-                _ = terminate() => {}
-            }
-            let _ = stop.send(true);
-            served.done.await?.map_err(anyhow::Error::msg)
-        }
+        "identity" => kiln_identity::serve_until(&config.identity_config(), stop_signal()).await,
         other => anyhow::bail!("unknown service {other:?}; services: identity"),
     }
 }

@@ -37,15 +37,18 @@ impl Mesh {
             kiln_identity::open(&config.server, &config.identity, &mut host).await?;
         // A mesh that is told where identity lives delegates key checks to it (a replica of
         // a larger deployment); otherwise its own identity answers from its tables.
-        let authenticator: Arc<dyn kiln_core::auth::Authenticator> = match &config.server.identity_url {
-            Some(url) => {
-                let token = config.server.service_token.as_deref().ok_or_else(|| {
-                    anyhow::anyhow!("service_token is required when identity_url is set")
-                })?;
-                Arc::new(kiln_core::auth_client::RemoteAuthenticator::new(url, token)?)
-            }
-            None => Arc::new(identity),
-        };
+        let authenticator: Arc<dyn kiln_core::auth::Authenticator> =
+            match &config.server.identity_url {
+                Some(url) => {
+                    let token = config.server.service_token.as_deref().ok_or_else(|| {
+                        anyhow::anyhow!("service_token is required when identity_url is set")
+                    })?;
+                    Arc::new(kiln_core::auth_client::RemoteAuthenticator::new(
+                        url, token,
+                    )?)
+                }
+                None => Arc::new(identity),
+            };
         let served = host.serve(listener, authenticator).await?;
         Ok(Self {
             addr: served.local_addr,

@@ -13,7 +13,36 @@ fn kiln_binary() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `kiln dev` has written its admin key and accepts connections.
+async fn wait_until_ready(key_file: &std::path::Path, listen: &str) {
+    wait_for(
+        Duration::from_secs(30),
+        "kiln dev to write admin.key",
+        || async move {
+            std::fs::read_to_string(key_file)
+                .ok()
+                .filter(|k| k.ends_with('\n'))
+        },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "kiln dev to accept connections",
+        || async move {
+            tokio::net::TcpStream::connect(listen)
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
 }
 
 async fn cli(server: &str, data_dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
@@ -51,30 +80,58 @@ async fn kiln_dev_serves_the_cli_and_logs_no_secret() {
         .spawn()
         .unwrap();
     let key_file = data.path().join("admin.key");
-    wait_for(Duration::from_secs(30), "kiln dev to write admin.key", || {
-        let key_file = key_file.clone();
-        async move { std::fs::read_to_string(&key_file).ok().filter(|k| k.ends_with('\n')) }
-    })
-    .await;
+    wait_until_ready(&key_file, &listen).await;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "admin.key is private");
     }
-    let admin_key = std::fs::read_to_string(&key_file).unwrap().trim().to_owned();
-    wait_for(Duration::from_secs(30), "kiln dev to accept connections", || {
-        let listen = listen.clone();
-        async move { tokio::net::TcpStream::connect(listen).await.ok().map(|_| ()) }
-    })
-    .await;
+    let admin_key = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_owned();
 
-    let (ok, out, err) = cli(&server, data.path(), &["create", "account", "acme", "--email", "owner@acme.example"]).await;
+    let (ok, out, err) = cli(
+        &server,
+        data.path(),
+        &["create", "account", "acme", "--email", "owner@acme.example"],
+    )
+    .await;
     assert!(ok, "{err}");
     assert!(out.contains("accounts/acme"), "{out}");
-    let (ok, _, err) = cli(&server, data.path(), &["create", "user", "alice", "--account", "acme", "--email", "alice@acme.example", "--role", "admin"]).await;
+    let (ok, _, err) = cli(
+        &server,
+        data.path(),
+        &[
+            "create",
+            "user",
+            "alice",
+            "--account",
+            "acme",
+            "--email",
+            "alice@acme.example",
+            "--role",
+            "admin",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
-    let (ok, out, err) = cli(&server, data.path(), &["create", "api-key", "--account", "acme", "--user", "alice", "-o", "json"]).await;
+    let (ok, out, err) = cli(
+        &server,
+        data.path(),
+        &[
+            "create",
+            "api-key",
+            "--account",
+            "acme",
+            "--user",
+            "alice",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     let key: serde_json::Value = serde_json::from_str(&out).unwrap();
     let alice_key = key["key"].as_str().unwrap().to_owned();
@@ -89,27 +146,62 @@ async fn kiln_dev_serves_the_cli_and_logs_no_secret() {
         .unwrap();
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    assert!(listed.contains("accounts/acme") && !listed.contains("accounts/kiln"), "{listed}");
+    assert!(
+        listed.contains("accounts/acme") && !listed.contains("accounts/kiln"),
+        "{listed}"
+    );
 
     let (ok, _, err) = cli(&server, data.path(), &["create", "account", "Bad-ID"]).await;
     assert!(!ok);
-    assert!(err.contains("InvalidArgument") && err.contains("account_id"), "{err}");
-    let (ok, out, _) = cli(&server, data.path(), &["list", "users", "--account", "acme"]).await;
+    assert!(
+        err.contains("InvalidArgument") && err.contains("account_id"),
+        "{err}"
+    );
+    let (ok, out, _) = cli(
+        &server,
+        data.path(),
+        &["list", "users", "--account", "acme"],
+    )
+    .await;
     assert!(ok && out.contains("accounts/acme/users/alice"), "{out}");
 
     // Stop it and read everything it logged.
     child.start_kill().unwrap();
     let mut stdout = String::new();
     let mut stderr = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .await
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
     let _ = child.wait().await;
-    assert!(stderr.contains("serving gRPC"), "debug logs were captured: {stderr}");
-    assert!(stdout.contains(&admin_key), "the admin key is printed once, on stdout");
+    assert!(
+        stderr.contains("serving gRPC"),
+        "debug logs were captured: {stderr}"
+    );
+    assert!(
+        stdout.contains(&admin_key),
+        "the admin key is printed once, on stdout"
+    );
     for secret in [&admin_key, &alice_key] {
-        assert!(!stderr.contains(secret.as_str()), "a secret appears in the logs");
+        assert!(
+            !stderr.contains(secret.as_str()),
+            "a secret appears in the logs"
+        );
     }
-    assert!(!stdout.contains(alice_key.as_str()), "a user's key is never printed by the server");
+    assert!(
+        !stdout.contains(alice_key.as_str()),
+        "a user's key is never printed by the server"
+    );
 }
 
 #[tokio::test]
@@ -146,4 +238,104 @@ async fn a_bad_config_value_stops_startup_naming_the_key() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("database_url"));
+}
+
+mod otlp {
+    //! A collector of the test's own, to see what `kiln dev` exports.
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use tokio::sync::mpsc;
+
+    pub struct Collector(pub mpsc::UnboundedSender<ExportTraceServiceRequest>);
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let _ = self.0.send(request.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// Starts the collector; returns its endpoint and what it receives.
+    pub async fn start() -> (String, mpsc::UnboundedReceiver<ExportTraceServiceRequest>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Collector(tx)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (endpoint, rx)
+    }
+}
+
+#[tokio::test]
+async fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
+    let (endpoint, mut received) = otlp::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let server = format!("http://{listen}");
+    let mut child = tokio::process::Command::new(kiln_binary())
+        .args(["dev", "--listen", &listen, "--data-dir"])
+        .arg(data.path())
+        .env("KILN_OTLP_ENDPOINT", &endpoint)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until_ready(&data.path().join("admin.key"), &listen).await;
+    let (ok, _, err) = cli(&server, data.path(), &["list", "accounts"]).await;
+    assert!(ok, "{err}");
+    // SIGTERM: kiln dev stops cleanly and flushes its spans.
+    let pid = child.id().unwrap().to_string();
+    let status = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        exit.success(),
+        "kiln dev exits cleanly on SIGTERM: {exit:?}"
+    );
+
+    let mut span_names = Vec::new();
+    let mut service_names = Vec::new();
+    while let Ok(request) = received.try_recv() {
+        for resource_spans in request.resource_spans {
+            if let Some(resource) = resource_spans.resource {
+                for attr in resource.attributes {
+                    if attr.key == "service.name" {
+                        service_names.push(format!("{:?}", attr.value));
+                    }
+                }
+            }
+            for scope in resource_spans.scope_spans {
+                span_names.extend(scope.spans.into_iter().map(|s| s.name));
+            }
+        }
+    }
+    assert!(
+        span_names
+            .iter()
+            .any(|n| n == "kiln.identity.v1.AccountService/ListAccounts"),
+        "the call's span was exported: {span_names:?}"
+    );
+    assert!(
+        service_names.iter().any(|n| n.contains("\"kiln\"")),
+        "{service_names:?}"
+    );
 }

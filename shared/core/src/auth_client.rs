@@ -57,7 +57,9 @@ impl Authenticator for RemoteAuthenticator {
                 })
                 .await
                 .map_err(|status| match status.code() {
-                    tonic::Code::Unauthenticated => Error::Unauthenticated(status.message().to_owned()),
+                    tonic::Code::Unauthenticated => {
+                        Error::Unauthenticated(status.message().to_owned())
+                    }
                     _ => Error::Unavailable(format!("identity: {}", status.message())),
                 })?
                 .into_inner();
@@ -65,7 +67,10 @@ impl Authenticator for RemoteAuthenticator {
                 .principal
                 .ok_or_else(|| Error::Internal("identity returned no principal".into()))?;
             let expire_time = response.expire_time.and_then(|t| {
-                SystemTime::UNIX_EPOCH.checked_add(Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
+                SystemTime::UNIX_EPOCH.checked_add(Duration::new(
+                    t.seconds.max(0) as u64,
+                    t.nanos.max(0) as u32,
+                ))
             });
             Ok(Authenticated {
                 principal: principal_from_proto(principal),

@@ -251,43 +251,6 @@ impl Validate for ServerConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An env provider that sees nothing, so tests do not depend on the shell's `KILN_*`.
-    fn no_env() -> Env {
-        Env::prefixed("KILN_CONFIG_TEST_UNSET_PREFIX_")
-    }
-
-    #[test]
-    fn toml_then_validation_names_the_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("kiln.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nauth_cache_ttl_secs = 0\n").unwrap();
-        let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None).unwrap_err();
-        assert!(err.to_string().contains("auth_cache_ttl_secs"), "{err}");
-
-        std::fs::write(&file, "listen = \"not an address\"\n").unwrap();
-        let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None).unwrap_err();
-        assert!(err.to_string().contains("listen"), "{err}");
-
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\n").unwrap();
-        let ok = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None).unwrap();
-        assert_eq!(ok.listen.port(), 9000);
-    }
-
-    #[test]
-    fn bad_database_url_is_refused() {
-        let cfg = ServerConfig {
-            database_url: Some("mysql://x".into()),
-            ..ServerConfig::default()
-        };
-        let err = cfg.validate().unwrap_err();
-        assert!(err.to_string().contains("database_url"), "{err}");
-    }
-}
-
 /// Writes the bootstrap admin key to `<data_dir>/admin.key`, readable by its owner only.
 pub fn write_admin_key(data_dir: &Path, key: &str) -> std::io::Result<PathBuf> {
     use std::io::Write;
@@ -303,4 +266,48 @@ pub fn write_admin_key(data_dir: &Path, key: &str) -> std::io::Result<PathBuf> {
     file.write_all(key.as_bytes())?;
     file.write_all(b"\n")?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An env provider that sees nothing, so tests do not depend on the shell's `KILN_*`.
+    fn no_env() -> Env {
+        Env::prefixed("KILN_CONFIG_TEST_UNSET_PREFIX_")
+    }
+
+    #[test]
+    fn toml_then_validation_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nauth_cache_ttl_secs = 0\n",
+        )
+        .unwrap();
+        let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
+            .unwrap_err();
+        assert!(err.to_string().contains("auth_cache_ttl_secs"), "{err}");
+
+        std::fs::write(&file, "listen = \"not an address\"\n").unwrap();
+        let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
+            .unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\n").unwrap();
+        let ok = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
+            .unwrap();
+        assert_eq!(ok.listen.port(), 9000);
+    }
+
+    #[test]
+    fn bad_database_url_is_refused() {
+        let cfg = ServerConfig {
+            database_url: Some("mysql://x".into()),
+            ..ServerConfig::default()
+        };
+        let err = cfg.validate().unwrap_err();
+        assert!(err.to_string().contains("database_url"), "{err}");
+    }
 }

@@ -82,7 +82,11 @@ impl From<Error> for Status {
             Error::ResourceExhausted {
                 retry_after: Some(delay),
                 ..
-            } => Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(delay))),
+            } => Status::with_error_details(
+                code,
+                message,
+                ErrorDetails::with_retry_info(Some(delay)),
+            ),
             Error::Internal(_) => {
                 tracing::error!(error = %message, "internal error");
                 Status::new(code, message)

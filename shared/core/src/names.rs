@@ -139,7 +139,11 @@ impl ChildName {
 
 impl std::fmt::Display for ChildName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "accounts/{}/{}/{}", self.account, self.collection, self.id)
+        write!(
+            f,
+            "accounts/{}/{}/{}",
+            self.account, self.collection, self.id
+        )
     }
 }
 
@@ -217,7 +221,17 @@ mod tests {
         for ok in ["a", "acme", "my-model-2", &"a".repeat(63), "0x"] {
             assert!(id_problem(ok).is_none(), "{ok} should be valid");
         }
-        for bad in ["", "Acme", "-a", "a-", &"a".repeat(64), "é", "a_b", "a.b", "a/b"] {
+        for bad in [
+            "",
+            "Acme",
+            "-a",
+            "a-",
+            &"a".repeat(64),
+            "é",
+            "a_b",
+            "a.b",
+            "a/b",
+        ] {
             assert!(id_problem(bad).is_some(), "{bad:?} should be invalid");
         }
     }
@@ -228,8 +242,8 @@ mod tests {
         assert_eq!(n.to_string(), "accounts/acme/users/bob");
         let bare = ChildName::parse("name", "models", "m1", Some("acme")).unwrap();
         assert_eq!(bare.to_string(), "accounts/acme/models/m1");
-        let err = ChildName::parse("user.name", "users", "accounts/Acme/users/bob", None)
-            .unwrap_err();
+        let err =
+            ChildName::parse("user.name", "users", "accounts/Acme/users/bob", None).unwrap_err();
         assert!(err.to_string().contains("user.name"), "{err}");
         assert!(AccountName::parse("name", "accounts/a/b").is_err());
         let k = ApiKeyName::parse("name", "accounts/a/users/u/apiKeys/k1").unwrap();
@@ -238,7 +252,10 @@ mod tests {
 
     #[test]
     fn slugify_makes_ids() {
-        assert_eq!(slugify("John.Doe+test@Example.com", 40), "john-doe-test-example-com");
+        assert_eq!(
+            slugify("John.Doe+test@Example.com", 40),
+            "john-doe-test-example-com"
+        );
         assert_eq!(slugify("--x--", 40), "x");
         assert_eq!(slugify("abc-def", 4), "abc");
     }

@@ -34,7 +34,8 @@ impl PageTokens {
     }
 
     fn mac(&self, scope: &str, offset: u64) -> [u8; 16] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac accepts any key length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac accepts any key length");
         mac.update(scope.as_bytes());
         mac.update(&offset.to_be_bytes());
         let full = mac.finalize().into_bytes();
@@ -218,7 +219,10 @@ pub fn parse_order_by(order_by: &str, allowed: &[&str]) -> Result<Vec<OrderKey>,
             }
         };
         if words.next().is_some() {
-            return Err(Error::invalid("order_by", format!("malformed term {part:?}")));
+            return Err(Error::invalid(
+                "order_by",
+                format!("malformed term {part:?}"),
+            ));
         }
         keys.push(OrderKey {
             field: field.to_owned(),
@@ -252,7 +256,10 @@ mod tests {
     fn page_sizes_follow_aip() {
         let tokens = PageTokens::new(b"k");
         assert_eq!(Page::from_request(&tokens, "s", 0, "").unwrap().limit, 50);
-        assert_eq!(Page::from_request(&tokens, "s", 1000, "").unwrap().limit, 200);
+        assert_eq!(
+            Page::from_request(&tokens, "s", 1000, "").unwrap().limit,
+            200
+        );
         assert!(Page::from_request(&tokens, "s", -1, "").is_err());
     }
 

@@ -4,13 +4,12 @@
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::service::RoutesBuilder;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::auth::AuthLayer;
 use crate::telemetry::TraceContextLayer;
-
 
 /// The gRPC services one server hosts, with the names health checks report.
 #[derive(Default)]
@@ -59,7 +58,9 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in &names {
-        health.set_service_status(*name, ServingStatus::Serving).await;
+        health
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
     }
     health.set_service_status("", ServingStatus::Serving).await;
     routes.add_service(health_service);

@@ -94,10 +94,19 @@ mod tests {
 
     #[test]
     fn wildcards_follow_nats() {
-        assert!(subject_matches("kiln.identity.>", "kiln.identity.account.created"));
+        assert!(subject_matches(
+            "kiln.identity.>",
+            "kiln.identity.account.created"
+        ));
         assert!(!subject_matches("kiln.identity.>", "kiln.identity"));
-        assert!(subject_matches("kiln.*.account.created", "kiln.identity.account.created"));
-        assert!(!subject_matches("kiln.*.created", "kiln.identity.account.created"));
+        assert!(subject_matches(
+            "kiln.*.account.created",
+            "kiln.identity.account.created"
+        ));
+        assert!(!subject_matches(
+            "kiln.*.created",
+            "kiln.identity.account.created"
+        ));
         assert!(subject_matches("kiln.a", "kiln.a"));
         assert!(!subject_matches("kiln.a", "kiln.b"));
     }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::StreamExt;
 use kiln_store::{is_unique_violation, placeholder};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, Statement, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, Statement, TransactionTrait,
+};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -101,7 +103,10 @@ pub fn spawn_consumer(
                     }
                 };
                 let span = tracing::info_span!("event.consume", consumer = %name, subject = %delivery.subject, event_id = %delivery.event.id);
-                kiln_core::telemetry::set_parent_from_traceparent(&span, &delivery.event.trace_context);
+                kiln_core::telemetry::set_parent_from_traceparent(
+                    &span,
+                    &delivery.event.trace_context,
+                );
                 let result = handle_once(&db, &name, &delivery.event, handler.as_ref())
                     .instrument(span)
                     .await;

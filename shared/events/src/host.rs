@@ -34,7 +34,11 @@ pub struct Served {
 }
 
 impl Host {
-    pub fn new(server: &ServerConfig, bus: Arc<dyn EventBus>, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        server: &ServerConfig,
+        bus: Arc<dyn EventBus>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             bus,
             cache: Arc::new(AuthCache::new(server.auth_cache_ttl())),

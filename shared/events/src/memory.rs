@@ -152,7 +152,11 @@ impl InProcessBus {
                     _ = tx.closed() => return,
                 }
             };
-            attempt = if last_seq == Some(seq) { attempt + 1 } else { 1 };
+            attempt = if last_seq == Some(seq) {
+                attempt + 1
+            } else {
+                1
+            };
             last_seq = Some(seq);
             let (ack_tx, ack_rx) = oneshot::channel::<bool>();
             let acker = Box::new(move |ok: bool| {
@@ -201,7 +205,9 @@ mod tests {
         let subject = "kiln.identity.account.deleted";
         bus.publish(subject, &event("a")).await.unwrap();
         bus.publish(subject, &event("a")).await.unwrap();
-        bus.publish("kiln.other.thing.x", &event("x")).await.unwrap();
+        bus.publish("kiln.other.thing.x", &event("x"))
+            .await
+            .unwrap();
         bus.publish(subject, &event("b")).await.unwrap();
 
         let mut stream = bus.consume("c1", "kiln.identity.>").await.unwrap();

@@ -2,7 +2,8 @@
 #![allow(clippy::all, clippy::pedantic, missing_docs, rust_2018_idioms)]
 
 /// The encoded `FileDescriptorSet` of every Kiln proto, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiln_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/kiln_descriptor.bin"));
 
 pub mod kiln {
     pub mod common {
@@ -47,4 +48,6 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
-pub use kiln::{billing, common, events, identity, inference as kiln_inference, registry, scheduler};
+pub use kiln::{
+    billing, common, events, identity, inference as kiln_inference, registry, scheduler,
+};

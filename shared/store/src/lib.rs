@@ -125,7 +125,12 @@ pub async fn migrate(
         .await
         .map_err(wrap)?;
         txn.commit().await.map_err(wrap)?;
-        tracing::info!(service, version = migration.version, name = migration.name, "applied migration");
+        tracing::info!(
+            service,
+            version = migration.version,
+            name = migration.name,
+            "applied migration"
+        );
     }
     Ok(())
 }

@@ -70,7 +70,10 @@ pub struct TestDatabase {
 impl TestDatabase {
     pub async fn create(backends: &Backends) -> anyhow::Result<Self> {
         let Some(base) = &backends.database_url else {
-            return Ok(Self { url: None, schema: None });
+            return Ok(Self {
+                url: None,
+                schema: None,
+            });
         };
         let schema = format!("kt_{}", uuid::Uuid::new_v4().simple());
         let admin = kiln_store::connect(base).await?;
@@ -95,6 +98,8 @@ pub struct TestMesh {
     pub bus: Arc<dyn EventBus>,
     /// Set when the bus is NATS.
     pub nats: Option<NatsInfo>,
+    /// The stream this mesh created, deleted at shutdown.
+    own_stream: Option<NatsBus>,
     pub data_dir: tempfile::TempDir,
 }
 
@@ -133,7 +138,9 @@ impl TestMesh {
         let (database_url, state_dir) = match options.database.clone() {
             Some((url, dir)) => (url, dir),
             None => {
-                let db = TestDatabase::create(&backends).await.expect("test database");
+                let db = TestDatabase::create(&backends)
+                    .await
+                    .expect("test database");
                 (db.url, data_dir.path().to_path_buf())
             }
         };
@@ -145,6 +152,7 @@ impl TestMesh {
         config.server.identity_url = options.identity_url.clone();
 
         let nats_url = options.nats_url.clone().or(backends.nats_url.clone());
+        let mut own_stream = None;
         let (bus, nats): (Arc<dyn EventBus>, _) = match (options.bus.clone(), nats_url) {
             (Some(bus), _) => (bus, None),
             (None, Some(url)) => {
@@ -159,13 +167,16 @@ impl TestMesh {
                     stream: cfg.stream.clone(),
                 };
                 let bus = NatsBus::connect(cfg).await.expect("connect NATS");
+                own_stream = Some(bus.clone());
                 config.server.nats_url = Some(url.clone());
                 (Arc::new(bus), Some(info))
             }
             (None, None) => (Arc::new(InProcessBus::new()), None),
         };
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let mesh = Mesh::start(&config, listener, Some(bus.clone()))
             .await
             .expect("mesh starts");
@@ -180,6 +191,7 @@ impl TestMesh {
             config,
             bus,
             nats,
+            own_stream,
             data_dir,
         }
     }
@@ -218,6 +230,10 @@ impl TestMesh {
         if let Some(mesh) = self.mesh.take() {
             mesh.shutdown().await.expect("clean shutdown");
         }
+        if let Some(bus) = self.own_stream.take() {
+            // Best effort: the server may be one the test already stopped.
+            let _ = tokio::time::timeout(Duration::from_secs(2), bus.delete_stream()).await;
+        }
     }
 }
 
@@ -228,7 +244,10 @@ pub async fn channel_to(url: &str, key: Option<&str>) -> AuthedChannel {
         .connect()
         .await
         .expect("connect to mesh");
-    InterceptedService::new(channel, ServiceCallInterceptor::new(key).expect("key is a header value"))
+    InterceptedService::new(
+        channel,
+        ServiceCallInterceptor::new(key).expect("key is a header value"),
+    )
 }
 
 /// Polls `check` every 10 ms until it returns `Some`, or panics after `timeout` with `what`.
@@ -263,7 +282,9 @@ pub fn nats_server_binary() -> PathBuf {
         return PathBuf::from(p);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")]) {
+    for dir in std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")])
+    {
         let candidate = dir.join("nats-server");
         if candidate.is_file() {
             return candidate;
@@ -294,7 +315,14 @@ impl NatsServer {
     /// (Re)starts the server on the same port and store.
     pub async fn resume(&mut self) {
         let child = tokio::process::Command::new(nats_server_binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.store.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -303,10 +331,14 @@ impl NatsServer {
             .expect("spawn nats-server");
         self.child = Some(child);
         let addr = format!("127.0.0.1:{}", self.port);
-        wait_for(Duration::from_secs(10), "nats-server to accept connections", || {
-            let addr = addr.clone();
-            async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
-        })
+        wait_for(
+            Duration::from_secs(10),
+            "nats-server to accept connections",
+            || {
+                let addr = addr.clone();
+                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
+            },
+        )
         .await;
     }
 

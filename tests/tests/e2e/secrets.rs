@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use kiln_tests::{create_key, create_user, tenant};
 use kiln_testkit::TestMesh;
+use kiln_tests::{create_key, create_user, tenant};
 use sea_orm::{ConnectionTrait, Statement};
 
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
@@ -37,10 +37,16 @@ async fn no_secret_is_stored_in_the_database() {
     for (table, columns) in [
         ("accounts", "id, display_name, email, status_message"),
         ("users", "account_id, user_id, email, display_name, role"),
-        ("api_keys", "account_id, user_id, key_id, display_name, prefix, secret_sha256"),
+        (
+            "api_keys",
+            "account_id, user_id, key_id, display_name, prefix, secret_sha256",
+        ),
     ] {
         for row in db
-            .query_all(Statement::from_string(db.get_database_backend(), format!("SELECT {columns} FROM {table}")))
+            .query_all(Statement::from_string(
+                db.get_database_backend(),
+                format!("SELECT {columns} FROM {table}"),
+            ))
             .await
             .unwrap()
         {
@@ -52,15 +58,26 @@ async fn no_secret_is_stored_in_the_database() {
     }
     // Events in flight carry no secret either.
     for row in db
-        .query_all(Statement::from_string(db.get_database_backend(), "SELECT payload FROM kiln_outbox".to_owned()))
+        .query_all(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT payload FROM kiln_outbox".to_owned(),
+        ))
         .await
         .unwrap()
     {
-        dump.push_str(&String::from_utf8_lossy(&row.try_get::<Vec<u8>>("", "payload").unwrap()));
+        dump.push_str(&String::from_utf8_lossy(
+            &row.try_get::<Vec<u8>>("", "payload").unwrap(),
+        ));
     }
-    assert!(dump.contains("kiln_"), "the dump holds the visible key prefixes, so it is real");
+    assert!(
+        dump.contains("kiln_"),
+        "the dump holds the visible key prefixes, so it is real"
+    );
     for secret in &secrets {
-        assert!(!dump.contains(secret.as_str()), "a secret is stored in the database");
+        assert!(
+            !dump.contains(secret.as_str()),
+            "a secret is stored in the database"
+        );
     }
     if mesh.config.server.database_url.is_none() {
         // SQLite: the raw files (database, WAL) too.
