@@ -235,16 +235,8 @@ impl Identity {
         self.inner.cache.invalidate(resource);
     }
 
-    pub fn db(&self) -> &DatabaseConnection {
-        &self.inner.db
-    }
-
     pub fn outbox(&self) -> &Outbox {
         &self.inner.outbox
-    }
-
-    pub fn cache(&self) -> &Arc<AuthCache> {
-        &self.inner.cache
     }
 
     /// Writes the change's event into the outbox inside `txn` and commits both together.

@@ -7,12 +7,26 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use kiln_core::telemetry::ServiceCallInterceptor;
+use kiln_core::telemetry::OutgoingInterceptor;
 use kiln_proto::identity::v1 as idv1;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::config::KilnConfig;
+
+/// Prints a line of command output. A closed pipe (`kiln list users | head`) ends the
+/// command quietly instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(err) = writeln!(out, $($arg)*) {
+            if err.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
 use crate::output::{self, Format};
 
 #[derive(Debug, Parser)]
@@ -211,12 +225,12 @@ pub enum DeleteCommand {
     },
 }
 
-type Authed = InterceptedService<Channel, ServiceCallInterceptor>;
+type Authed = InterceptedService<Channel, OutgoingInterceptor>;
 
 /// A connected client with the caller's key.
 pub struct Client {
     channel: Channel,
-    interceptor: ServiceCallInterceptor,
+    interceptor: OutgoingInterceptor,
     args: ClientArgs,
 }
 
@@ -247,7 +261,7 @@ impl Client {
             .await
             .with_context(|| format!("cannot reach Kiln at {}", args.server))?;
         let interceptor =
-            ServiceCallInterceptor::new(Some(&key)).map_err(|e| anyhow::anyhow!("{e}"))?;
+            OutgoingInterceptor::new(Some(&key)).map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Self {
             channel,
             interceptor,
@@ -393,14 +407,14 @@ fn print<M: prost::Message>(
             } else {
                 serde_json::Value::Array(values)
             };
-            println!(
+            say!(
                 "{}",
                 serde_json::to_string_pretty(&value).unwrap_or_default()
             );
         }
         Format::Table => {
             let rows: Vec<_> = items.iter().map(row).collect();
-            print!("{}", output::table(headers, &rows));
+            say!("{}", output::table(headers, &rows).trim_end());
         }
     }
 }
@@ -545,7 +559,7 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
                         key_row,
                         true,
                     );
-                    println!("\nAPI key (shown only now; store it safely):\n{}", key.key);
+                    say!("\nAPI key (shown only now; store it safely):\n{}", key.key);
                 }
             }
         }
@@ -764,7 +778,7 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
                 .accounts()
                 .delete_account(idv1::DeleteAccountRequest { name: name.clone() })
                 .await?;
-            println!("deleted {name}");
+            say!("deleted {name}");
         }
         Command::Delete(DeleteCommand::User { user_id }) => {
             let name = format!("{}/users/{user_id}", client.account().await?);
@@ -772,7 +786,7 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
                 .users()
                 .delete_user(idv1::DeleteUserRequest { name: name.clone() })
                 .await?;
-            println!("deleted {name}");
+            say!("deleted {name}");
         }
         Command::Delete(DeleteCommand::ApiKey { key_id, user }) => {
             let name = format!("{}/users/{user}/apiKeys/{key_id}", client.account().await?);
@@ -780,7 +794,7 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
                 .keys()
                 .delete_api_key(idv1::DeleteApiKeyRequest { name: name.clone() })
                 .await?;
-            println!("deleted {name}");
+            say!("deleted {name}");
         }
         Command::Dev(_) | Command::Serve(_) => {
             unreachable!("server commands are not client commands")

@@ -59,19 +59,9 @@ impl Mesh {
         })
     }
 
-    /// `http://<addr>`, for clients.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
     /// Stops serving and waits for background work (outbox relays) to finish.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        self.done.await?.map_err(anyhow::Error::msg)
-    }
-
-    /// Waits until the server stops on its own (it does not, short of an error).
-    pub async fn wait(self) -> anyhow::Result<()> {
         self.done.await?.map_err(anyhow::Error::msg)
     }
 }

@@ -223,10 +223,6 @@ impl AuthLayer {
             }),
         }
     }
-
-    pub fn cache(&self) -> &Arc<AuthCache> {
-        &self.inner.cache
-    }
 }
 
 impl<S> tower::Layer<S> for AuthLayer {

@@ -10,12 +10,12 @@ use tonic::transport::Channel;
 
 use crate::Error;
 use crate::auth::{Authenticated, Authenticator, Principal, Role};
-use crate::telemetry::ServiceCallInterceptor;
+use crate::telemetry::OutgoingInterceptor;
 
 /// Resolves API keys through identity's `kiln.identity.v1.AuthService/Authenticate`.
 #[derive(Clone)]
 pub struct RemoteAuthenticator {
-    client: AuthServiceClient<InterceptedService<Channel, ServiceCallInterceptor>>,
+    client: AuthServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
 }
 
 impl RemoteAuthenticator {
@@ -25,7 +25,7 @@ impl RemoteAuthenticator {
             .map_err(|e| Error::invalid("identity_url", e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .connect_lazy();
-        let interceptor = ServiceCallInterceptor::new(Some(service_token))?;
+        let interceptor = OutgoingInterceptor::new(Some(service_token))?;
         Ok(Self {
             client: AuthServiceClient::with_interceptor(channel, interceptor),
         })

@@ -41,10 +41,6 @@ impl ServiceSet {
         self.routes.add_service(service);
         self
     }
-
-    pub fn names(&self) -> &[&'static str] {
-        &self.names
-    }
 }
 
 /// Serves `services` on `listener` until `shutdown` resolves.

@@ -156,27 +156,14 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// Client interceptor: puts the current trace context on every outgoing call.
-#[derive(Debug, Clone, Default)]
-pub struct TraceContextInterceptor;
-
-impl tonic::service::Interceptor for TraceContextInterceptor {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        inject_current(&mut MetadataInjector(request.metadata_mut()));
-        Ok(request)
-    }
-}
-
-/// Client interceptor for calls between services: trace context plus the service credential.
+/// Client interceptor for outgoing calls: the trace context, plus a bearer credential (the
+/// service token between services, an API key from the CLI) when given.
 #[derive(Clone)]
-pub struct ServiceCallInterceptor {
+pub struct OutgoingInterceptor {
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
-impl ServiceCallInterceptor {
+impl OutgoingInterceptor {
     pub fn new(bearer: Option<&str>) -> Result<Self, crate::Error> {
         let authorization = bearer
             .map(|t| {
@@ -189,7 +176,7 @@ impl ServiceCallInterceptor {
     }
 }
 
-impl tonic::service::Interceptor for ServiceCallInterceptor {
+impl tonic::service::Interceptor for OutgoingInterceptor {
     fn call(
         &mut self,
         mut request: tonic::Request<()>,

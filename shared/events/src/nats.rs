@@ -69,10 +69,6 @@ impl NatsBus {
         Ok(bus)
     }
 
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
-    }
-
     /// The subject on the wire for a logical subject.
     pub fn wire_subject(&self, subject: &str) -> String {
         format!("{}{subject}", self.config.subject_prefix)

@@ -173,25 +173,6 @@ impl Outbox {
             None => Ok(sent),
         }
     }
-
-    /// How many events wait to be published.
-    pub async fn pending(&self, db: &DatabaseConnection) -> Result<u64, Error> {
-        let backend = db.get_database_backend();
-        let row = db
-            .query_one(Statement::from_sql_and_values(
-                backend,
-                format!(
-                    "SELECT COUNT(*) AS n FROM kiln_outbox WHERE service = {}",
-                    placeholder(backend, 1)
-                ),
-                [self.service.into()],
-            ))
-            .await?;
-        Ok(row
-            .map(|r| r.try_get::<i64>("", "n"))
-            .transpose()?
-            .unwrap_or(0) as u64)
-    }
 }
 
 async fn delete_through(

@@ -7,13 +7,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use kiln::config::KilnConfig;
 use kiln::mesh::Mesh;
-use kiln_core::telemetry::ServiceCallInterceptor;
+use kiln_core::telemetry::OutgoingInterceptor;
 use kiln_events::EventBus;
 use kiln_events::memory::InProcessBus;
 use kiln_events::nats::{NatsBus, NatsConfig};
@@ -22,7 +22,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// A channel that sends a bearer key (or none) and the trace context.
-pub type AuthedChannel = InterceptedService<Channel, ServiceCallInterceptor>;
+pub type AuthedChannel = InterceptedService<Channel, OutgoingInterceptor>;
 
 /// The service credential every test mesh uses.
 pub const SERVICE_TOKEN: &str = "test-service-token-0123456789";
@@ -246,7 +246,7 @@ pub async fn channel_to(url: &str, key: Option<&str>) -> AuthedChannel {
         .expect("connect to mesh");
     InterceptedService::new(
         channel,
-        ServiceCallInterceptor::new(key).expect("key is a header value"),
+        OutgoingInterceptor::new(key).expect("key is a header value"),
     )
 }
 
@@ -348,9 +348,5 @@ impl NatsServer {
             let _ = child.kill().await;
             let _ = child.wait().await;
         }
-    }
-
-    pub fn store_dir(&self) -> &Path {
-        self.store.path()
     }
 }
