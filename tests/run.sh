@@ -2,7 +2,8 @@
 # The whole test suite, twice over the storage and bus layers:
 #   1. embedded defaults: SQLite files and the in-process bus;
 #   2. PostgreSQL and NATS JetStream (KILN_TEST_DATABASE_URL, KILN_TEST_NATS_URL).
-# Starts PostgreSQL and NATS when they are down. Usage: bash tests/run.sh [nextest args]
+# Starts PostgreSQL and NATS when they are down and fetches the real models into the asset
+# cache (deploy/fetch-assets.sh). Usage: bash tests/run.sh [nextest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,6 +46,9 @@ runner=(cargo nextest run --workspace --no-fail-fast)
 if ! cargo nextest --version >/dev/null 2>&1; then
   runner=(cargo test --workspace --no-fail-fast)
 fi
+
+# The real models the suites use (cached under ~/.cache/kiln/assets after the first run).
+bash deploy/fetch-assets.sh >/dev/null
 
 # Tests that spawn their own nats-server (the outage test) need the binary either way.
 ensure_nats

@@ -42,6 +42,8 @@ fn main() {
         // NodeService has an RPC named Connect, which would clash with the generated
         // `connect` constructor; clients are built with `new(channel)` instead.
         .build_transport(false)
+        // File chunks and tensors move without copies.
+        .bytes(".")
         .compile_fds(fds)
         .expect("generate code");
 }

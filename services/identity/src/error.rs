@@ -11,6 +11,8 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] kiln_store::Error),
     #[error(transparent)]
+    List(#[from] kiln_store::listing::ListError),
+    #[error(transparent)]
     Events(#[from] kiln_events::Error),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
@@ -21,6 +23,7 @@ impl From<Error> for Status {
         match err {
             Error::Api(api) => api.into(),
             Error::Events(events) => kiln_core::Error::from(events).into(),
+            Error::List(kiln_store::listing::ListError::Request(api)) => api.into(),
             other => kiln_core::Error::Internal(other.to_string()).into(),
         }
     }

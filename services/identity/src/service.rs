@@ -8,16 +8,17 @@ use futures::future::BoxFuture;
 use kiln_core::Error as ApiError;
 use kiln_core::auth::{AuthCache, Authenticated, Authenticator, Principal, Role, hash_secret};
 use kiln_core::names::{self, SYSTEM_ACCOUNT};
-use kiln_core::page::{FilterTerm, OrderKey, Page, PageTokens};
+use kiln_core::page::{FilterTerm, OrderKey, PageTokens};
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
 use kiln_events::outbox::Outbox;
 use kiln_proto::identity::v1::{Account, ApiKey, User, account};
+pub use kiln_store::listing::Listing;
 use rand::Rng;
 use sea_orm::sea_query::SimpleExpr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, EntityTrait, FromQueryResult,
-    Order, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Select,
+    Order, QueryFilter, Select,
 };
 
 use crate::account_cache::AccountCache;
@@ -117,13 +118,6 @@ fn to_order(key: &OrderKey) -> Order {
     } else {
         Order::Asc
     }
-}
-
-/// One page of results.
-pub struct Listing<M> {
-    pub items: Vec<M>,
-    pub next_page_token: String,
-    pub total_size: i32,
 }
 
 /// Paths of an update mask; empty means "every field the request sets".
@@ -255,8 +249,7 @@ impl Identity {
             resource,
             body,
         );
-        self.inner.outbox.enqueue(&txn, &event).await?;
-        self.inner.outbox.commit(txn).await?;
+        self.inner.outbox.commit_with(txn, &event).await?;
         if resource.starts_with("accounts/") && !resource[9..].contains('/') {
             self.inner.accounts.invalidate(&resource[9..]);
         }
@@ -291,8 +284,7 @@ impl Identity {
         )
     }
 
-    /// Runs a list query: counts, orders (with the primary key as the final tie-break),
-    /// pages, and signs the next token for this same scope.
+    /// Runs a list query for one page (see [`kiln_store::listing::list_page`]).
     async fn list<E>(
         &self,
         select: Select<E>,
@@ -306,25 +298,17 @@ impl Identity {
         E: EntityTrait,
         E::Model: FromQueryResult + Send + Sync,
     {
-        let page = Page::from_request(&self.inner.pages, scope, page_size, page_token)?;
-        let total = select.clone().count(&self.inner.db).await?;
-        let mut query = select;
-        for (column, dir) in order {
-            query = query.order_by(column, dir);
-        }
-        for column in tie_break {
-            query = query.order_by(column, Order::Asc);
-        }
-        let items = query
-            .offset(page.offset)
-            .limit(page.limit)
-            .all(&self.inner.db)
-            .await?;
-        Ok(Listing {
-            items,
-            next_page_token: page.next_token(&self.inner.pages, scope, total),
-            total_size: i32::try_from(total).unwrap_or(i32::MAX),
-        })
+        Ok(kiln_store::listing::list_page(
+            &self.inner.db,
+            &self.inner.pages,
+            select,
+            scope,
+            page_size,
+            page_token,
+            order,
+            tie_break,
+        )
+        .await?)
     }
 
     // ---- accounts -------------------------------------------------------------------------

@@ -2,12 +2,16 @@
 
 use kiln_core::config::{ConfigError, Load, ServerConfig, section};
 use kiln_identity::config::IdentityConfig;
+use kiln_registry::config::RegistryConfig;
 
 /// The top level (shared server settings) and one section per service.
 #[derive(Debug, Clone, Default)]
 pub struct KilnConfig {
     pub server: ServerConfig,
     pub identity: IdentityConfig,
+    pub registry: RegistryConfig,
+    /// Import the public library from the asset cache at start (`kiln dev` does).
+    pub import_library: bool,
 }
 
 impl Load for KilnConfig {
@@ -15,6 +19,8 @@ impl Load for KilnConfig {
         Ok(Self {
             server: section(figment, None)?,
             identity: section(figment, Some("identity"))?,
+            registry: section(figment, Some("registry"))?,
+            import_library: false,
         })
     }
 }

@@ -38,6 +38,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut config = kiln::cli::load_config(args.config.as_deref())?;
     config.server.listen = args.listen;
     config.server.data_dir = args.data_dir.clone();
+    config.import_library = true;
     if config.server.page_token_secret.is_none() {
         config.server.page_token_secret = Some(kiln::cli::dev_page_secret(&args.data_dir)?);
     }

@@ -35,6 +35,15 @@ impl Mesh {
         let mut host = Host::new(&config.server, bus.clone(), shutdown);
         let (identity, new_admin_key) =
             kiln_identity::open(&config.server, &config.identity, &mut host).await?;
+        let registry = kiln_registry::open(&config.server, &config.registry, &mut host).await?;
+        if config.import_library {
+            // In the background: the server answers while the library's files copy in.
+            tokio::spawn(async move {
+                if let Err(err) = registry.import_library().await {
+                    tracing::warn!(%err, "importing the public library failed");
+                }
+            });
+        }
         // A mesh that is told where identity lives delegates key checks to it (a replica of
         // a larger deployment); otherwise its own identity answers from its tables.
         let authenticator: Arc<dyn kiln_core::auth::Authenticator> =

@@ -88,6 +88,12 @@ impl Outbox {
         Ok(())
     }
 
+    /// Writes `event` into `txn` and commits: the change and its event land together.
+    pub async fn commit_with(&self, txn: DatabaseTransaction, event: &Event) -> Result<(), Error> {
+        self.enqueue(&txn, event).await?;
+        self.commit(txn).await
+    }
+
     /// Runs the relay until `shutdown` turns true.
     pub fn spawn_relay(
         &self,

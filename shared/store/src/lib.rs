@@ -1,5 +1,7 @@
 //! Kiln's storage: sea-orm connections to SQLite (the default, a file per service under the
-//! data dir) or PostgreSQL, and a per-service migrations runner applied at start.
+//! data dir) or PostgreSQL, a per-service migrations runner applied at start, and AIP list pages.
+
+pub mod listing;
 
 use std::time::Duration;
 

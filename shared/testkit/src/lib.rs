@@ -123,6 +123,8 @@ pub struct MeshOptions {
     pub database: Option<(Option<String>, PathBuf)>,
     /// Authenticate API keys through this identity (a replica that delegates).
     pub identity_url: Option<String>,
+    /// Import the public library from the asset cache, as `kiln dev` does.
+    pub import_library: bool,
 }
 
 impl TestMesh {
@@ -150,6 +152,7 @@ impl TestMesh {
         config.server.service_token = Some(SERVICE_TOKEN.to_owned());
         config.server.page_token_secret = Some("test-page-token-secret".to_owned());
         config.server.identity_url = options.identity_url.clone();
+        config.import_library = options.import_library;
 
         let nats_url = options.nats_url.clone().or(backends.nats_url.clone());
         let mut own_stream = None;
@@ -248,6 +251,19 @@ pub async fn channel_to(url: &str, key: Option<&str>) -> AuthedChannel {
         channel,
         OutgoingInterceptor::new(key).expect("key is a header value"),
     )
+}
+
+/// A file of the asset cache (`deploy/fetch-assets.sh` fills it; `.ci/run` runs it). Panics
+/// with what to do when it is missing: tests on real models never skip silently.
+pub fn asset(relative: &str) -> PathBuf {
+    let dir = kiln_registry::library::asset_dir(&Default::default());
+    let path = dir.join(relative);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `bash deploy/fetch-assets.sh` (or set KILN_ASSET_DIR)",
+        path.display()
+    );
+    path
 }
 
 /// Polls `check` every 10 ms until it returns `Some`, or panics after `timeout` with `what`.

@@ -6,4 +6,5 @@ mod authn;
 mod discovery;
 mod events;
 mod identity_api;
+mod registry;
 mod secrets;

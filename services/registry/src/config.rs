@@ -1,0 +1,58 @@
+//! The registry's `[registry]` configuration section.
+
+use kiln_core::config::{ConfigError, Validate};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RegistryConfig {
+    /// Where artifacts live: empty for the local file system under `<data_dir>/objects`, or
+    /// `s3://bucket[/prefix]` for any S3-compatible store (credentials and endpoint from the
+    /// usual AWS_* variables, e.g. AWS_ENDPOINT for MinIO).
+    pub object_store_url: String,
+    /// The largest single file an upload may declare.
+    pub max_file_bytes: u64,
+    /// The largest dataset file.
+    pub max_dataset_bytes: u64,
+    /// Where the public library is imported from on first start (`kiln dev`): the asset cache
+    /// `deploy/fetch-assets.sh` fills. Empty: `$KILN_ASSET_DIR`, else `~/.cache/kiln/assets`.
+    pub asset_dir: String,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            object_store_url: String::new(),
+            max_file_bytes: 64 << 30,
+            max_dataset_bytes: 4 << 30,
+            asset_dir: String::new(),
+        }
+    }
+}
+
+impl Validate for RegistryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.object_store_url.is_empty() || self.object_store_url.starts_with("s3://")) {
+            return Err(ConfigError::invalid(
+                "registry.object_store_url",
+                format!(
+                    "must be empty (local files) or s3://bucket[/prefix], got {:?}",
+                    self.object_store_url
+                ),
+            ));
+        }
+        if self.max_file_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "registry.max_file_bytes",
+                "must be positive",
+            ));
+        }
+        if self.max_dataset_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "registry.max_dataset_bytes",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+}

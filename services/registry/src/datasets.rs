@@ -1,0 +1,499 @@
+//! Datasets: an immutable JSONL file of training examples, validated line by line.
+
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use kiln_core::Error as ApiError;
+use kiln_core::auth::Principal;
+use kiln_core::names::{self, ChildName};
+use kiln_core::time::{micros_to_timestamp, now_micros, timestamp_to_micros};
+use kiln_events::Body;
+use kiln_proto::events::v1 as ev;
+use kiln_proto::registry::v1::{
+    Dataset, DownloadDatasetRequest, DownloadDatasetResponse, UploadDatasetRequest, dataset,
+    upload_dataset_request,
+};
+use kiln_store::listing::Listing;
+use prost::Message;
+use sea_orm::{ActiveModelTrait, ColumnTrait, Condition, EntityTrait, Order, QueryFilter};
+
+use crate::db::dataset as datasets;
+use crate::download::{byte_range, stream_object};
+use crate::error::{Error, Result};
+use crate::formats::dataset::{DatasetFormat, validate_jsonl};
+use crate::service::{
+    Registry, enum_filter_value, mask_paths, validate_display_name, validate_sha256,
+};
+use crate::uploads::FileUpload;
+
+fn dataset_key(account: &str, id: &str) -> String {
+    format!("datasets/{account}/{id}/data.jsonl")
+}
+
+impl Registry {
+    async fn stored_dataset(
+        &self,
+        caller: &Principal,
+        field: &str,
+        name: &str,
+    ) -> Result<(ChildName, Dataset)> {
+        let name = ChildName::parse(field, "datasets", name, Some(&caller.account))?;
+        caller.check_access(&name.account_name(), &name)?;
+        let row = datasets::Entity::find_by_id((name.account.clone(), name.id.clone()))
+            .one(self.db())
+            .await?
+            .ok_or_else(|| ApiError::not_found(&name))?;
+        let dataset = Dataset::decode(row.resource.as_slice())
+            .map_err(|e| ApiError::Internal(format!("stored dataset does not decode: {e}")))?;
+        Ok((name, dataset))
+    }
+
+    async fn save_dataset(
+        &self,
+        dataset: &Dataset,
+        insert: bool,
+        event_type: &str,
+        body: Body,
+    ) -> Result<()> {
+        let name = ChildName::parse("dataset.name", "datasets", &dataset.name, None)?;
+        let row = datasets::Model {
+            account_id: name.account.clone(),
+            dataset_id: name.id.clone(),
+            state: dataset.state,
+            format: dataset.format,
+            display_name: dataset.display_name.clone(),
+            example_count: dataset.example_count,
+            create_time: dataset
+                .create_time
+                .as_ref()
+                .map(timestamp_to_micros)
+                .unwrap_or_default(),
+            update_time: dataset
+                .update_time
+                .as_ref()
+                .map(timestamp_to_micros)
+                .unwrap_or_default(),
+            resource: dataset.encode_to_vec(),
+        };
+        let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
+        let active = datasets::ActiveModel::from(row);
+        if insert {
+            match datasets::Entity::insert(active)
+                .exec_without_returning(&txn)
+                .await
+            {
+                Ok(_) => {}
+                Err(err) if kiln_store::is_unique_violation(&err) => {
+                    txn.rollback().await?;
+                    return Err(ApiError::already_exists(&name).into());
+                }
+                Err(err) => return Err(err.into()),
+            }
+        } else {
+            datasets::Entity::update(active.reset_all())
+                .exec(&txn)
+                .await?;
+        }
+        self.commit_with_event(txn, event_type, &name.account, &dataset.name, body)
+            .await
+    }
+
+    pub async fn create_dataset(
+        &self,
+        caller: &Principal,
+        parent: &str,
+        dataset_id: String,
+        dataset: Dataset,
+    ) -> Result<Dataset> {
+        let parent = names::AccountName::parse("parent", parent)?;
+        caller.check_access(&parent, &parent)?;
+        names::validate_id("dataset_id", &dataset_id)?;
+        validate_display_name("dataset.display_name", &dataset.display_name)?;
+        if dataset::Format::try_from(dataset.format).unwrap_or(dataset::Format::Unspecified)
+            == dataset::Format::Unspecified
+        {
+            return Err(
+                ApiError::invalid("dataset.format", "is required: CHAT or COMPLETION").into(),
+            );
+        }
+        let now = micros_to_timestamp(now_micros());
+        let created = Dataset {
+            name: format!("{parent}/datasets/{dataset_id}"),
+            display_name: if dataset.display_name.is_empty() {
+                dataset_id.clone()
+            } else {
+                dataset.display_name
+            },
+            create_time: Some(now),
+            update_time: Some(now),
+            state: dataset::State::Uploading as i32,
+            status: Some(Default::default()),
+            format: dataset.format,
+            source: Some(dataset::Source::UserUploaded(dataset::UserUploaded {})),
+            created_by: if caller.user.is_empty() {
+                String::new()
+            } else {
+                caller.user_name()
+            },
+            ..Default::default()
+        };
+        self.save_dataset(
+            &created,
+            true,
+            "registry.dataset.created",
+            Body::DatasetCreated(ev::DatasetCreated {
+                dataset: Some(created.clone()),
+            }),
+        )
+        .await?;
+        Ok(created)
+    }
+
+    pub async fn get_dataset(&self, caller: &Principal, name: &str) -> Result<Dataset> {
+        Ok(self.stored_dataset(caller, "name", name).await?.1)
+    }
+
+    pub async fn list_datasets(
+        &self,
+        caller: &Principal,
+        parent: &str,
+        page_size: i32,
+        page_token: &str,
+        filter: &str,
+        order_by: &str,
+    ) -> Result<Listing<Dataset>> {
+        let parent = names::AccountName::parse("parent", parent)?;
+        caller.check_access(&parent, &parent)?;
+        let mut cond = Condition::all().add(datasets::Column::AccountId.eq(parent.account.clone()));
+        for term in kiln_core::page::parse_filter(filter, &["state", "format", "display_name"])? {
+            let (column, value): (datasets::Column, sea_orm::Value) = match term.field.as_str() {
+                "state" => (
+                    datasets::Column::State,
+                    enum_filter_value("state", &term.value, |s| {
+                        dataset::State::from_str_name(s).map(|v| v as i32)
+                    })?
+                    .into(),
+                ),
+                "format" => (
+                    datasets::Column::Format,
+                    enum_filter_value("format", &term.value, |s| {
+                        dataset::Format::from_str_name(s).map(|v| v as i32)
+                    })?
+                    .into(),
+                ),
+                _ => (datasets::Column::DisplayName, term.value.clone().into()),
+            };
+            cond = cond.add(if term.negated {
+                column.ne(value)
+            } else {
+                column.eq(value)
+            });
+        }
+        let order = kiln_core::page::parse_order_by(
+            order_by,
+            &[
+                "name",
+                "create_time",
+                "update_time",
+                "display_name",
+                "example_count",
+            ],
+        )?
+        .iter()
+        .map(|k| {
+            let col = match k.field.as_str() {
+                "create_time" => datasets::Column::CreateTime,
+                "update_time" => datasets::Column::UpdateTime,
+                "display_name" => datasets::Column::DisplayName,
+                "example_count" => datasets::Column::ExampleCount,
+                _ => datasets::Column::DatasetId,
+            };
+            (
+                col,
+                if k.descending {
+                    Order::Desc
+                } else {
+                    Order::Asc
+                },
+            )
+        })
+        .collect();
+        let scope = format!("datasets|{parent}|{filter}|{order_by}|{}", caller.account);
+        let page = kiln_store::listing::list_page(
+            self.db(),
+            self.pages(),
+            datasets::Entity::find().filter(cond),
+            &scope,
+            page_size,
+            page_token,
+            order,
+            vec![datasets::Column::DatasetId],
+        )
+        .await?;
+        let mut out = Vec::with_capacity(page.items.len());
+        for row in page.items {
+            out.push(
+                Dataset::decode(row.resource.as_slice()).map_err(|e| {
+                    ApiError::Internal(format!("stored dataset does not decode: {e}"))
+                })?,
+            );
+        }
+        Ok(Listing {
+            items: out,
+            next_page_token: page.next_page_token,
+            total_size: page.total_size,
+        })
+    }
+
+    pub async fn update_dataset(
+        &self,
+        caller: &Principal,
+        update: Dataset,
+        mask: Option<prost_types::FieldMask>,
+    ) -> Result<Dataset> {
+        let (_, mut dataset) = self
+            .stored_dataset(caller, "dataset.name", &update.name)
+            .await?;
+        let before = dataset.clone();
+        let mut paths = mask_paths(mask);
+        if paths.is_empty() && !update.display_name.is_empty() {
+            paths.push("display_name".into());
+        }
+        for path in &paths {
+            match path.as_str() {
+                "display_name" => {
+                    validate_display_name("dataset.display_name", &update.display_name)?;
+                    dataset.display_name = update.display_name.clone();
+                }
+                other => {
+                    return Err(ApiError::invalid(
+                        "update_mask",
+                        format!("{other:?} is not updatable: a dataset's content is immutable; only display_name changes"),
+                    )
+                    .into());
+                }
+            }
+        }
+        if dataset == before {
+            return Ok(dataset);
+        }
+        dataset.update_time = Some(micros_to_timestamp(now_micros()));
+        self.save_dataset(
+            &dataset,
+            false,
+            "registry.dataset.updated",
+            Body::DatasetUpdated(ev::DatasetUpdated {
+                dataset: Some(dataset.clone()),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            }),
+        )
+        .await?;
+        Ok(dataset)
+    }
+
+    pub async fn delete_dataset(&self, caller: &Principal, name: &str) -> Result<()> {
+        let (name, dataset) = self.stored_dataset(caller, "name", name).await?;
+        let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
+        datasets::Entity::delete_by_id((name.account.clone(), name.id.clone()))
+            .exec(&txn)
+            .await?;
+        self.commit_with_event(
+            txn,
+            "registry.dataset.deleted",
+            &name.account,
+            &dataset.name,
+            Body::DatasetDeleted(ev::DatasetDeleted {
+                name: dataset.name.clone(),
+            }),
+        )
+        .await?;
+        self.artifacts()
+            .delete_prefix(&format!("datasets/{}/{}", name.account, name.id))
+            .await?;
+        Ok(())
+    }
+
+    /// Receives the dataset's file. When the last byte arrives the file is checked (SHA-256,
+    /// every line) and the dataset becomes READY, or FAILED with the first bad line named.
+    pub async fn upload_dataset<S>(&self, caller: &Principal, mut stream: S) -> Result<Dataset>
+    where
+        S: Stream<Item = Result<UploadDatasetRequest, tonic::Status>> + Unpin,
+    {
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| ApiError::invalid("header", "the stream is empty"))?
+            .map_err(|s| ApiError::Unavailable(format!("upload stream broke: {}", s.message())))?;
+        let Some(upload_dataset_request::Payload::Header(header)) = first.payload else {
+            return Err(ApiError::invalid("header", "the first message must be a header").into());
+        };
+        let (name, mut dataset) = self
+            .stored_dataset(caller, "header.dataset", &header.dataset)
+            .await?;
+        if dataset.state == dataset::State::Ready as i32 {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} is READY and immutable; create a new dataset",
+                dataset.name
+            ))
+            .into());
+        }
+        validate_sha256("header.sha256", &header.sha256)?;
+        let max = self.config().max_dataset_bytes;
+        if header.size_bytes <= 0 || header.size_bytes as u64 > max {
+            return Err(ApiError::invalid(
+                "header.size_bytes",
+                format!(
+                    "{} is outside 1..={max} (registry.max_dataset_bytes)",
+                    header.size_bytes
+                ),
+            )
+            .into());
+        }
+        let size = header.size_bytes as u64;
+        let same = dataset.size_bytes as u64 == size
+            && dataset.sha256 == header.sha256
+            && dataset.state == dataset::State::Uploading as i32;
+        let key = dataset_key(&name.account, &name.id);
+        let mut upload = FileUpload::open(
+            self.artifacts(),
+            key.clone(),
+            size,
+            header.sha256.clone(),
+            same,
+        )
+        .await?;
+        let previous = dataset.state;
+        dataset.size_bytes = size as i64;
+        dataset.sha256 = header.sha256.clone();
+        dataset.state = dataset::State::Uploading as i32;
+        dataset.uploaded_bytes = upload.offset as i64;
+        let mut failure: Option<Error> = None;
+        while !upload.complete() {
+            match stream.next().await {
+                Some(Ok(UploadDatasetRequest {
+                    payload: Some(upload_dataset_request::Payload::Chunk(chunk)),
+                })) => {
+                    if let Err(e) = upload.write("data.jsonl", chunk).await {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {
+                    failure = Some(
+                        ApiError::invalid("chunk", "after the header only chunks may follow")
+                            .into(),
+                    );
+                    break;
+                }
+                Some(Err(status)) => {
+                    failure = Some(
+                        ApiError::Unavailable(format!("upload stream broke: {}", status.message()))
+                            .into(),
+                    );
+                    break;
+                }
+                None => break,
+            }
+        }
+        dataset.uploaded_bytes = upload.offset as i64;
+        if !upload.complete() || failure.is_some() {
+            dataset.update_time = Some(micros_to_timestamp(now_micros()));
+            self.save_dataset(
+                &dataset,
+                false,
+                "registry.dataset.updated",
+                Body::DatasetUpdated(ev::DatasetUpdated {
+                    dataset: Some(dataset.clone()),
+                    update_mask: None,
+                }),
+            )
+            .await?;
+            return match failure {
+                Some(e) => Err(e),
+                None => Ok(dataset),
+            };
+        }
+        let expected = match dataset::Format::try_from(dataset.format) {
+            Ok(dataset::Format::Completion) => DatasetFormat::Completion,
+            _ => DatasetFormat::Chat,
+        };
+        let mut summary = None;
+        let finished = upload
+            .finish(self.artifacts(), "data.jsonl", |staged| {
+                let file = std::fs::File::open(staged)?;
+                match validate_jsonl("data.jsonl", std::io::BufReader::new(file), Some(expected)) {
+                    Ok(s) => {
+                        summary = Some(s);
+                        Ok(())
+                    }
+                    Err(e) => Err(ApiError::invalid("data.jsonl", e.to_string()).into()),
+                }
+            })
+            .await;
+        dataset.update_time = Some(micros_to_timestamp(now_micros()));
+        let result = match finished {
+            Ok(()) => {
+                let summary = summary.expect("validated");
+                dataset.state = dataset::State::Ready as i32;
+                dataset.status = Some(Default::default());
+                dataset.example_count = summary.example_count as i64;
+                dataset.estimated_token_count = (summary.size_bytes / 4) as i64;
+                Ok(())
+            }
+            Err(Error::Api(ApiError::InvalidArgument { field, reason }))
+                if field == "data.jsonl" =>
+            {
+                // The content is wrong: the dataset is FAILED, and the caller told why.
+                dataset.state = dataset::State::Failed as i32;
+                dataset.status = Some(kiln_proto::common::v1::Status {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: reason.clone(),
+                });
+                dataset.uploaded_bytes = 0;
+                self.artifacts().discard_staging(&key).await;
+                Err(ApiError::invalid("data.jsonl", reason).into())
+            }
+            Err(other) => {
+                dataset.uploaded_bytes = 0;
+                Err(other)
+            }
+        };
+        self.save_dataset(
+            &dataset,
+            false,
+            "registry.dataset.state_changed",
+            Body::DatasetStateChanged(ev::DatasetStateChanged {
+                dataset: Some(dataset.clone()),
+                previous_state: previous,
+            }),
+        )
+        .await?;
+        result.map(|()| dataset)
+    }
+
+    pub async fn download_dataset(
+        &self,
+        caller: &Principal,
+        request: DownloadDatasetRequest,
+    ) -> Result<BoxStream<'static, Result<DownloadDatasetResponse, Error>>> {
+        let (name, dataset) = self.stored_dataset(caller, "name", &request.name).await?;
+        if dataset.state != dataset::State::Ready as i32 {
+            return Err(
+                ApiError::FailedPrecondition(format!("{} is not READY", dataset.name)).into(),
+            );
+        }
+        let range = byte_range(dataset.size_bytes as u64, request.offset, request.length)?;
+        let (size, sha) = (dataset.size_bytes, dataset.sha256.clone());
+        stream_object(
+            self,
+            dataset_key(&name.account, &name.id),
+            range,
+            move |offset, data, first| DownloadDatasetResponse {
+                offset: offset as i64,
+                data,
+                size_bytes: if first { size } else { 0 },
+                sha256: if first { sha.clone() } else { String::new() },
+            },
+        )
+        .await
+    }
+}

@@ -1,0 +1,55 @@
+//! Kiln registry: models (base models and LoRA addons), their files, datasets, and the public
+//! library. A library plus a thin `main.rs`; `kiln dev` hosts it beside the other services.
+
+pub mod artifacts;
+pub mod config;
+pub mod datasets;
+pub mod db;
+pub mod download;
+pub mod error;
+pub mod formats;
+pub mod grpc;
+pub mod library;
+pub mod models;
+pub mod prepare;
+pub mod service;
+pub mod uploads;
+pub mod validate;
+
+use kiln_core::config::ServerConfig;
+use kiln_events::host::Host;
+
+pub use error::{Error, Result};
+pub use service::Registry;
+
+/// Opens the registry's database (migrating it) and artifact store, starts its outbox relay
+/// on the host's bus and adds its gRPC services to the host.
+pub async fn open(
+    server: &ServerConfig,
+    config: &config::RegistryConfig,
+    host: &mut Host,
+) -> Result<Registry> {
+    std::fs::create_dir_all(&server.data_dir).map_err(|e| {
+        Error::Startup(format!(
+            "cannot create data dir {}: {e}",
+            server.data_dir.display()
+        ))
+    })?;
+    let db = kiln_store::connect(&server.database_url_for(service::SERVICE)).await?;
+    kiln_store::migrate(&db, service::SERVICE, db::MIGRATIONS).await?;
+    let artifacts = artifacts::Artifacts::open(&server.data_dir, config)?;
+    let registry = Registry::new(
+        db.clone(),
+        host.pages.clone(),
+        artifacts,
+        config.clone(),
+        prepare::Preparers::standard(),
+    );
+    host.track(
+        registry
+            .outbox()
+            .spawn_relay(db, host.bus.clone(), host.shutdown.clone()),
+    );
+    grpc::add_services(&registry, &mut host.services);
+    Ok(registry)
+}

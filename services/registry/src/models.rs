@@ -1,0 +1,559 @@
+//! Models: create, read, list, update, delete; the read rule of the public library.
+
+use kiln_core::Error as ApiError;
+use kiln_core::auth::Principal;
+use kiln_core::names::{self, ChildName};
+use kiln_core::page::FilterTerm;
+use kiln_core::time::{micros_to_timestamp, now_micros};
+use kiln_events::Body;
+use kiln_proto::events::v1 as ev;
+use kiln_proto::registry::v1::{Model, ModelFile, model};
+use kiln_store::listing::Listing;
+use prost::Message;
+use sea_orm::{ColumnTrait, Condition, EntityTrait, Order, QueryFilter};
+
+use crate::db::{model as models, model_file as files};
+use crate::error::Result;
+use crate::service::{Registry, enum_filter_value, mask_paths, validate_display_name};
+
+/// A model row with its decoded resource.
+pub struct StoredModel {
+    pub row: models::Model,
+    pub model: Model,
+}
+
+impl StoredModel {
+    pub fn account(&self) -> &str {
+        &self.row.account_id
+    }
+
+    pub fn id(&self) -> &str {
+        &self.row.model_id
+    }
+}
+
+/// The object key of an uploaded file (`bundle` empty) or of a prepared bundle's file.
+pub fn file_key(account: &str, model: &str, bundle: &str, path: &str) -> String {
+    if bundle.is_empty() {
+        format!("models/{account}/{model}/files/{path}")
+    } else {
+        format!("models/{account}/{model}/bundles/{bundle}/{path}")
+    }
+}
+
+pub fn file_proto(f: &files::Model) -> ModelFile {
+    ModelFile {
+        path: f.path.clone(),
+        size_bytes: f.size_bytes,
+        sha256: f.sha256.clone(),
+        uploaded_bytes: f.uploaded_bytes,
+        complete: f.complete,
+    }
+}
+
+impl Registry {
+    /// Reads a model row and its files. No access check.
+    pub(crate) async fn stored_model(
+        &self,
+        account: &str,
+        id: &str,
+    ) -> Result<Option<StoredModel>> {
+        let Some(row) = models::Entity::find_by_id((account.to_owned(), id.to_owned()))
+            .one(self.db())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut model = Model::decode(row.resource.as_slice())
+            .map_err(|e| ApiError::Internal(format!("stored model does not decode: {e}")))?;
+        let rows = files::Entity::find()
+            .filter(files::Column::AccountId.eq(account))
+            .filter(files::Column::ModelId.eq(id))
+            .all(self.db())
+            .await?;
+        model.files = rows
+            .iter()
+            .filter(|f| f.bundle.is_empty())
+            .map(file_proto)
+            .collect();
+        for bundle in &mut model.prepared_bundles {
+            let name = precision_name(bundle.precision);
+            bundle.files = rows
+                .iter()
+                .filter(|f| f.bundle == name)
+                .map(file_proto)
+                .collect();
+        }
+        Ok(Some(StoredModel { row, model }))
+    }
+
+    /// A model the caller may read (its own account's, or a public one), else NOT_FOUND.
+    pub(crate) async fn readable_model(
+        &self,
+        caller: &Principal,
+        field: &str,
+        name: &str,
+    ) -> Result<StoredModel> {
+        let name = ChildName::parse(field, "models", name, Some(&caller.account))?;
+        let stored = self.stored_model(&name.account, &name.id).await?;
+        match stored {
+            Some(s) if caller.can_access(&name.account) || s.row.public => Ok(s),
+            _ => Err(ApiError::not_found(&name).into()),
+        }
+    }
+
+    /// A model the caller may change: its own account's (public ones of others are read-only;
+    /// the system account's library is the platform admin's).
+    pub(crate) async fn writable_model(
+        &self,
+        caller: &Principal,
+        field: &str,
+        name: &str,
+    ) -> Result<StoredModel> {
+        let stored = self.readable_model(caller, field, name).await?;
+        if !caller.can_access(stored.account()) {
+            return Err(ApiError::PermissionDenied(format!(
+                "{} is public and read-only",
+                stored.model.name
+            ))
+            .into());
+        }
+        Ok(stored)
+    }
+
+    /// Writes a model row (insert or full update) and its event in one transaction.
+    pub(crate) async fn save_model(
+        &self,
+        model: &Model,
+        insert: bool,
+        event_type: &str,
+        body: Body,
+    ) -> Result<()> {
+        let name = ChildName::parse("model.name", "models", &model.name, None)?;
+        let mut stored = model.clone();
+        // Files and refs live in their own rows; the resource keeps the rest.
+        stored.files.clear();
+        for bundle in &mut stored.prepared_bundles {
+            bundle.files.clear();
+        }
+        let row = models::Model {
+            account_id: name.account.clone(),
+            model_id: name.id.clone(),
+            kind: model.kind,
+            state: model.state,
+            public: model.public,
+            display_name: model.display_name.clone(),
+            base_model: model
+                .peft_details
+                .as_ref()
+                .map(|p| p.base_model.clone())
+                .unwrap_or_default(),
+            create_time: model
+                .create_time
+                .as_ref()
+                .map(kiln_core::time::timestamp_to_micros)
+                .unwrap_or_default(),
+            update_time: model
+                .update_time
+                .as_ref()
+                .map(kiln_core::time::timestamp_to_micros)
+                .unwrap_or_default(),
+            resource: stored.encode_to_vec(),
+        };
+        let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
+        let active = models::ActiveModel::from(row);
+        if insert {
+            match models::Entity::insert(active)
+                .exec_without_returning(&txn)
+                .await
+            {
+                Ok(_) => {}
+                Err(err) if kiln_store::is_unique_violation(&err) => {
+                    txn.rollback().await?;
+                    return Err(ApiError::already_exists(&name).into());
+                }
+                Err(err) => return Err(err.into()),
+            }
+        } else {
+            use sea_orm::ActiveModelTrait;
+            models::Entity::update(active.reset_all())
+                .exec(&txn)
+                .await?;
+        }
+        self.commit_with_event(txn, event_type, &name.account, &model.name, body)
+            .await
+    }
+
+    pub async fn create_model(
+        &self,
+        caller: &Principal,
+        parent: &str,
+        model_id: String,
+        model: Model,
+    ) -> Result<Model> {
+        let parent = names::AccountName::parse("parent", parent)?;
+        caller.check_access(&parent, &parent)?;
+        names::validate_id("model_id", &model_id)?;
+        validate_display_name("model.display_name", &model.display_name)?;
+        let kind = model::Kind::try_from(model.kind).unwrap_or(model::Kind::Unspecified);
+        if kind == model::Kind::Unspecified {
+            return Err(ApiError::invalid(
+                "model.kind",
+                "is required: BASE_MODEL, LORA_ADDON, EMBEDDING_MODEL or TENSOR_MODEL",
+            )
+            .into());
+        }
+        if model.public && !caller.is_privileged() {
+            return Err(ApiError::PermissionDenied(
+                "only a platform admin publishes models".into(),
+            )
+            .into());
+        }
+        if model.context_length < 0 {
+            return Err(ApiError::invalid("model.context_length", "must not be negative").into());
+        }
+        let mut peft = model.peft_details.clone();
+        if kind == model::Kind::LoraAddon {
+            let details = peft
+                .as_mut()
+                .filter(|p| !p.base_model.is_empty())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "model.peft_details.base_model",
+                        "is required for a LoRA addon",
+                    )
+                })?;
+            let base = self
+                .readable_model(caller, "model.peft_details.base_model", &details.base_model)
+                .await?;
+            if base.model.kind != model::Kind::BaseModel as i32 {
+                return Err(ApiError::invalid(
+                    "model.peft_details.base_model",
+                    format!("{} is not a base model", base.model.name),
+                )
+                .into());
+            }
+            details.base_model = base.model.name.clone();
+        } else if peft.is_some() {
+            return Err(ApiError::invalid(
+                "model.peft_details",
+                "only LORA_ADDON models have peft_details",
+            )
+            .into());
+        }
+        let now = micros_to_timestamp(now_micros());
+        let created = Model {
+            name: format!("{parent}/models/{model_id}"),
+            display_name: if model.display_name.is_empty() {
+                model_id.clone()
+            } else {
+                model.display_name.clone()
+            },
+            description: model.description.clone(),
+            create_time: Some(now),
+            update_time: Some(now),
+            state: model::State::Uploading as i32,
+            status: Some(kiln_proto::common::v1::Status::default()),
+            kind: kind as i32,
+            public: model.public,
+            context_length: model.context_length,
+            base_model_details: if kind == model::Kind::LoraAddon {
+                None
+            } else {
+                Some(model.base_model_details.clone().unwrap_or_default())
+            },
+            peft_details: peft,
+            conversation_config: model.conversation_config.clone(),
+            supports_image_input: model.supports_image_input,
+            supports_tools: model.supports_tools,
+            supports_lora: model.supports_lora,
+            supports_serverless: model.supports_serverless,
+            imported_from: model.imported_from.clone(),
+            hugging_face_url: model.hugging_face_url.clone(),
+            created_by: if caller.user.is_empty() {
+                String::new()
+            } else {
+                caller.user_name()
+            },
+            ..Default::default()
+        };
+        self.save_model(
+            &created,
+            true,
+            "registry.model.created",
+            Body::ModelCreated(ev::ModelCreated {
+                model: Some(created.clone()),
+            }),
+        )
+        .await?;
+        Ok(created)
+    }
+
+    pub async fn get_model(&self, caller: &Principal, name: &str) -> Result<Model> {
+        Ok(self.readable_model(caller, "name", name).await?.model)
+    }
+
+    pub async fn list_models(
+        &self,
+        caller: &Principal,
+        parent: &str,
+        page_size: i32,
+        page_token: &str,
+        filter: &str,
+        order_by: &str,
+    ) -> Result<Listing<Model>> {
+        let parent = names::AccountName::parse("parent", parent)?;
+        let mut cond = Condition::all().add(models::Column::AccountId.eq(parent.account.clone()));
+        if !caller.can_access(&parent.account) {
+            // Another account: only what it publishes.
+            cond = cond.add(models::Column::Public.eq(true));
+        }
+        for term in kiln_core::page::parse_filter(
+            filter,
+            &[
+                "state",
+                "kind",
+                "public",
+                "display_name",
+                "peft_details.base_model",
+            ],
+        )? {
+            cond = cond.add(model_filter(&term)?);
+        }
+        let order = kiln_core::page::parse_order_by(
+            order_by,
+            &["name", "create_time", "update_time", "display_name"],
+        )?
+        .iter()
+        .map(|k| {
+            let col = match k.field.as_str() {
+                "create_time" => models::Column::CreateTime,
+                "update_time" => models::Column::UpdateTime,
+                "display_name" => models::Column::DisplayName,
+                _ => models::Column::ModelId,
+            };
+            (
+                col,
+                if k.descending {
+                    Order::Desc
+                } else {
+                    Order::Asc
+                },
+            )
+        })
+        .collect();
+        let scope = format!("models|{parent}|{filter}|{order_by}|{}", caller.account);
+        let page = kiln_store::listing::list_page(
+            self.db(),
+            self.pages(),
+            models::Entity::find().filter(cond),
+            &scope,
+            page_size,
+            page_token,
+            order,
+            vec![models::Column::ModelId],
+        )
+        .await?;
+        let mut items = Vec::with_capacity(page.items.len());
+        for row in &page.items {
+            if let Some(stored) = self.stored_model(&row.account_id, &row.model_id).await? {
+                items.push(stored.model);
+            }
+        }
+        Ok(Listing {
+            items,
+            next_page_token: page.next_page_token,
+            total_size: page.total_size,
+        })
+    }
+
+    pub async fn update_model(
+        &self,
+        caller: &Principal,
+        update: Model,
+        mask: Option<prost_types::FieldMask>,
+    ) -> Result<Model> {
+        let stored = self
+            .writable_model(caller, "model.name", &update.name)
+            .await?;
+        let mut model = stored.model.clone();
+        let mut paths = mask_paths(mask);
+        if paths.is_empty() {
+            if !update.display_name.is_empty() {
+                paths.push("display_name".into());
+            }
+            if !update.description.is_empty() {
+                paths.push("description".into());
+            }
+        }
+        for path in &paths {
+            match path.as_str() {
+                "display_name" => {
+                    validate_display_name("model.display_name", &update.display_name)?;
+                    model.display_name = update.display_name.clone();
+                }
+                "description" => model.description = update.description.clone(),
+                "public" => {
+                    if !caller.is_privileged() {
+                        return Err(ApiError::PermissionDenied(
+                            "only a platform admin publishes models".into(),
+                        )
+                        .into());
+                    }
+                    model.public = update.public;
+                }
+                "context_length" => {
+                    if update.context_length < 0 {
+                        return Err(ApiError::invalid(
+                            "model.context_length",
+                            "must not be negative",
+                        )
+                        .into());
+                    }
+                    model.context_length = update.context_length;
+                }
+                "conversation_config" => {
+                    model.conversation_config = update.conversation_config.clone()
+                }
+                "supports_image_input" => model.supports_image_input = update.supports_image_input,
+                "supports_tools" => model.supports_tools = update.supports_tools,
+                "supports_lora" => model.supports_lora = update.supports_lora,
+                "supports_serverless" => model.supports_serverless = update.supports_serverless,
+                "hugging_face_url" => model.hugging_face_url = update.hugging_face_url.clone(),
+                "base_model_details.default_precision" | "base_model_details.tunable" => {
+                    let Some(details) = model.base_model_details.as_mut() else {
+                        return Err(ApiError::invalid(
+                            "update_mask",
+                            format!("{path}: this model has no base_model_details"),
+                        )
+                        .into());
+                    };
+                    let new = update.base_model_details.clone().unwrap_or_default();
+                    if path.ends_with("tunable") {
+                        details.tunable = new.tunable;
+                    } else {
+                        details.default_precision = new.default_precision;
+                    }
+                }
+                other => {
+                    return Err(ApiError::invalid(
+                        "update_mask",
+                        format!("{other:?} is not an updatable field of a model"),
+                    )
+                    .into());
+                }
+            }
+        }
+        if model == stored.model {
+            return Ok(model);
+        }
+        model.update_time = Some(micros_to_timestamp(now_micros()));
+        self.save_model(
+            &model,
+            false,
+            "registry.model.updated",
+            Body::ModelUpdated(ev::ModelUpdated {
+                model: Some(model.clone()),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            }),
+        )
+        .await?;
+        Ok(model)
+    }
+
+    pub async fn delete_model(&self, caller: &Principal, name: &str) -> Result<()> {
+        let stored = self.writable_model(caller, "name", name).await?;
+        if !stored.model.deployed_model_refs.is_empty() {
+            let refs: Vec<&str> = stored
+                .model
+                .deployed_model_refs
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect();
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} is deployed ({}); undeploy it first",
+                stored.model.name,
+                refs.join(", ")
+            ))
+            .into());
+        }
+        let addons = models::Entity::find()
+            .filter(models::Column::BaseModel.eq(stored.model.name.clone()))
+            .one(self.db())
+            .await?;
+        if let Some(addon) = addons {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} is the base of accounts/{}/models/{}; delete the addon first",
+                stored.model.name, addon.account_id, addon.model_id
+            ))
+            .into());
+        }
+        let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
+        files::Entity::delete_many()
+            .filter(files::Column::AccountId.eq(stored.account()))
+            .filter(files::Column::ModelId.eq(stored.id()))
+            .exec(&txn)
+            .await?;
+        models::Entity::delete_by_id((stored.account().to_owned(), stored.id().to_owned()))
+            .exec(&txn)
+            .await?;
+        self.commit_with_event(
+            txn,
+            "registry.model.deleted",
+            stored.account(),
+            &stored.model.name,
+            Body::ModelDeleted(ev::ModelDeleted {
+                name: stored.model.name.clone(),
+            }),
+        )
+        .await?;
+        // The bytes go after the rows: a crash in between leaves only unreferenced objects.
+        self.artifacts()
+            .delete_prefix(&format!("models/{}/{}", stored.account(), stored.id()))
+            .await?;
+        Ok(())
+    }
+}
+
+pub fn precision_name(precision: i32) -> String {
+    kiln_proto::common::v1::Precision::try_from(precision)
+        .map(|p| p.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| format!("precision-{precision}"))
+}
+
+fn model_filter(term: &FilterTerm) -> Result<sea_orm::sea_query::SimpleExpr> {
+    let value: sea_orm::Value = match term.field.as_str() {
+        "state" => enum_filter_value("state", &term.value, |s| {
+            model::State::from_str_name(s).map(|v| v as i32)
+        })?
+        .into(),
+        "kind" => enum_filter_value("kind", &term.value, |s| {
+            model::Kind::from_str_name(s).map(|v| v as i32)
+        })?
+        .into(),
+        "public" => match term.value.as_str() {
+            "true" => true.into(),
+            "false" => false.into(),
+            other => {
+                return Err(ApiError::invalid(
+                    "filter",
+                    format!("public is true or false, got {other:?}"),
+                )
+                .into());
+            }
+        },
+        _ => term.value.clone().into(),
+    };
+    let column = match term.field.as_str() {
+        "state" => models::Column::State,
+        "kind" => models::Column::Kind,
+        "public" => models::Column::Public,
+        "display_name" => models::Column::DisplayName,
+        _ => models::Column::BaseModel,
+    };
+    Ok(if term.negated {
+        column.ne(value)
+    } else {
+        column.eq(value)
+    })
+}

@@ -1,0 +1,165 @@
+//! The registry's shared state and small helpers its operations use.
+
+use std::sync::Arc;
+
+use kiln_core::Error as ApiError;
+use kiln_core::page::PageTokens;
+use kiln_events::Body;
+use kiln_events::outbox::Outbox;
+use sea_orm::DatabaseConnection;
+
+use crate::artifacts::Artifacts;
+use crate::config::RegistryConfig;
+use crate::error::Result;
+use crate::prepare::Preparers;
+
+/// The name events carry in `source`.
+pub const SOURCE: &str = "kiln-registry";
+/// The service's name in the outbox and migrations.
+pub const SERVICE: &str = "registry";
+
+/// The registry, shared by its handlers.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: DatabaseConnection,
+    outbox: Outbox,
+    pages: PageTokens,
+    artifacts: Artifacts,
+    config: RegistryConfig,
+    preparers: Preparers,
+}
+
+impl Registry {
+    pub fn new(
+        db: DatabaseConnection,
+        pages: PageTokens,
+        artifacts: Artifacts,
+        config: RegistryConfig,
+        preparers: Preparers,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                db,
+                outbox: Outbox::new(SERVICE),
+                pages,
+                artifacts,
+                config,
+                preparers,
+            }),
+        }
+    }
+
+    pub(crate) fn preparers(&self) -> &Preparers {
+        &self.inner.preparers
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+
+    pub fn outbox(&self) -> &Outbox {
+        &self.inner.outbox
+    }
+
+    pub(crate) fn pages(&self) -> &PageTokens {
+        &self.inner.pages
+    }
+
+    pub fn artifacts(&self) -> &Artifacts {
+        &self.inner.artifacts
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.inner.config
+    }
+
+    /// Writes the change's event into the outbox inside `txn` and commits both together.
+    pub(crate) async fn commit_with_event(
+        &self,
+        txn: sea_orm::DatabaseTransaction,
+        event_type: &str,
+        account: &str,
+        resource: &str,
+        body: Body,
+    ) -> Result<()> {
+        let event = kiln_events::new_event(
+            SOURCE,
+            event_type,
+            &format!("accounts/{account}"),
+            resource,
+            body,
+        );
+        self.inner.outbox.commit_with(txn, &event).await?;
+        Ok(())
+    }
+}
+
+pub(crate) fn validate_display_name(field: &str, name: &str) -> Result<(), ApiError> {
+    if name.chars().count() > 256 {
+        return Err(ApiError::invalid(field, "must be at most 256 characters"));
+    }
+    Ok(())
+}
+
+/// Reads an enum filter value given by name (`READY`) or number.
+pub(crate) fn enum_filter_value(
+    field: &str,
+    value: &str,
+    from_name: fn(&str) -> Option<i32>,
+) -> Result<i32, ApiError> {
+    value
+        .parse::<i32>()
+        .ok()
+        .or_else(|| from_name(value))
+        .ok_or_else(|| ApiError::invalid("filter", format!("{value:?} is not a value of {field}")))
+}
+
+/// Paths of an update mask; empty means "every field the request sets".
+pub(crate) fn mask_paths(mask: Option<prost_types::FieldMask>) -> Vec<String> {
+    mask.map(|m| m.paths).unwrap_or_default()
+}
+
+/// Checks a file path inside a model: relative, '/'-separated, no `..`, at most 256 bytes.
+pub(crate) fn validate_file_path(field: &str, path: &str) -> Result<(), ApiError> {
+    let ok = !path.is_empty()
+        && path.len() <= 256
+        && !path.starts_with('/')
+        && path.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!(
+                "{path:?} is not a relative file path of letters, digits, '.', '_', '-', '+' and '/'"
+            ),
+        ))
+    }
+}
+
+/// Checks a declared SHA-256: 64 lowercase hex digits.
+pub(crate) fn validate_sha256(field: &str, sha: &str) -> Result<(), ApiError> {
+    if sha.len() == 64
+        && sha
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            "must be 64 lowercase hex digits (SHA-256)",
+        ))
+    }
+}

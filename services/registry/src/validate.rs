@@ -1,0 +1,352 @@
+//! ValidateModelUpload: the files are complete and form a valid model of its kind. A bad
+//! upload turns only that model FAILED, with a status naming the file and the problem.
+
+use std::io::Cursor;
+
+use kiln_core::Error as ApiError;
+use kiln_core::auth::Principal;
+use kiln_core::time::{micros_to_timestamp, now_micros};
+use kiln_events::Body;
+use kiln_proto::events::v1 as ev;
+use kiln_proto::registry::v1::{
+    BaseModelDetails, ConversationConfig, Model, PeftDetails, ValidateModelUploadResponse,
+    base_model_details::CheckpointFormat, model,
+};
+
+use crate::error::Result;
+use crate::formats::{FormatError, gguf, onnx, peft, safetensors};
+use crate::models::{StoredModel, file_key};
+use crate::service::Registry;
+
+/// What a model's kind needs uploaded.
+fn required_files(model: &Model) -> Vec<&'static str> {
+    match model::Kind::try_from(model.kind) {
+        Ok(model::Kind::LoraAddon) => vec!["adapter_config.json", "adapter_model.safetensors"],
+        Ok(model::Kind::EmbeddingModel) => vec!["model.onnx", "tokenizer.json"],
+        Ok(model::Kind::TensorModel) => vec!["model.onnx"],
+        // A base model is one GGUF file, or an ONNX bundle.
+        _ if model.files.iter().any(|f| f.path.ends_with(".gguf")) => vec![],
+        _ => vec!["model.onnx", "tokenizer.json"],
+    }
+}
+
+impl Registry {
+    /// Reads the header of a GGUF object, fetching more of the file until the header fits.
+    pub(crate) async fn gguf_info(
+        &self,
+        key: &str,
+        path: &str,
+        size: u64,
+    ) -> Result<gguf::GgufInfo, FormatError> {
+        let mut want = (32u64 << 20).min(size);
+        loop {
+            let bytes = self
+                .artifacts()
+                .read_range(key, 0..want)
+                .await
+                .map_err(|e| FormatError::new(path, format!("cannot read: {e}")))?;
+            match gguf::read_gguf(path, Cursor::new(bytes)) {
+                Err(e) if e.problem.contains("unexpected end") && want < size => {
+                    want = (want * 4).min(size)
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Checks the files' content; returns the model with what the files tell filled in.
+    async fn check_content(&self, stored: &StoredModel) -> Result<Result<Model, FormatError>> {
+        let mut model = stored.model.clone();
+        let key = |path: &str| file_key(stored.account(), stored.id(), "", path);
+        let kind = model::Kind::try_from(model.kind).unwrap_or(model::Kind::Unspecified);
+
+        if kind == model::Kind::LoraAddon {
+            let config_bytes = self
+                .artifacts()
+                .read_all(&key("adapter_config.json"))
+                .await?;
+            let config = match peft::read_adapter_config("adapter_config.json", &config_bytes) {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
+            let weights = self
+                .artifacts()
+                .read_all(&key("adapter_model.safetensors"))
+                .await?;
+            let tensors = match safetensors::read_header("adapter_model.safetensors", &weights) {
+                Ok(t) => t,
+                Err(e) => return Ok(Err(e)),
+            };
+            let base_name = model
+                .peft_details
+                .as_ref()
+                .map(|p| p.base_model.clone())
+                .unwrap_or_default();
+            let base = match base_name
+                .strip_prefix("accounts/")
+                .and_then(|r| r.split_once("/models/"))
+            {
+                Some((account, id)) => self.stored_model(account, id).await?,
+                None => None,
+            };
+            let Some(base) = base.filter(|b| b.model.state == model::State::Ready as i32) else {
+                return Ok(Err(FormatError::new(
+                    "adapter_config.json",
+                    format!("base model {base_name} does not exist or is not READY"),
+                )));
+            };
+            let Some(gguf_file) = base.model.files.iter().find(|f| f.path.ends_with(".gguf"))
+            else {
+                return Ok(Err(FormatError::new(
+                    "adapter_model.safetensors",
+                    format!(
+                        "base model {base_name} is not a GGUF checkpoint; adapter shapes are checked against GGUF bases"
+                    ),
+                )));
+            };
+            let base_key = file_key(base.account(), base.id(), "", &gguf_file.path);
+            let info = match self
+                .gguf_info(&base_key, &gguf_file.path, gguf_file.size_bytes as u64)
+                .await
+            {
+                Ok(i) => i,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Err(e) = peft::check_fits(&config, &tensors, &info, "adapter_model.safetensors")
+            {
+                return Ok(Err(e));
+            }
+            model.peft_details = Some(PeftDetails {
+                base_model: base_name,
+                r: config.r as i32,
+                target_modules: config.target_modules.clone(),
+                lora_alpha: config.lora_alpha as f32,
+            });
+            return Ok(Ok(model));
+        }
+
+        if let Some(gguf_file) = model
+            .files
+            .iter()
+            .find(|f| f.path.ends_with(".gguf"))
+            .cloned()
+        {
+            if kind != model::Kind::BaseModel {
+                return Ok(Err(FormatError::new(
+                    &gguf_file.path,
+                    "a GGUF checkpoint can only be a BASE_MODEL",
+                )));
+            }
+            let info = match self
+                .gguf_info(
+                    &key(&gguf_file.path),
+                    &gguf_file.path,
+                    gguf_file.size_bytes as u64,
+                )
+                .await
+            {
+                Ok(i) => i,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Err(e) = info.check_preparable(&gguf_file.path) {
+                return Ok(Err(e));
+            }
+            let to_i32 =
+                |v: Option<u64>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX)).unwrap_or(0);
+            let details = model
+                .base_model_details
+                .get_or_insert_with(BaseModelDetails::default);
+            details.checkpoint_format = CheckpointFormat::Gguf as i32;
+            details.parameter_count = info.parameter_count as i64;
+            details.model_type = info.architecture.clone();
+            details.num_layers = to_i32(info.block_count);
+            details.num_attention_heads = to_i32(info.head_count);
+            details.num_key_value_heads = to_i32(info.head_count_kv.or(info.head_count));
+            details.hidden_size = to_i32(info.embedding_length);
+            details.vocab_size = to_i32(info.vocab_size);
+            details.task = onnx::Task::TextGeneration.as_str().to_owned();
+            details.tunable = true;
+            if model.context_length == 0 {
+                model.context_length = to_i32(info.context_length);
+            }
+            if let Some(template) = info.chat_template.clone()
+                && model
+                    .conversation_config
+                    .as_ref()
+                    .is_none_or(|c| c.template.is_empty())
+            {
+                model.conversation_config = Some(ConversationConfig {
+                    template,
+                    ..Default::default()
+                });
+            }
+            model.supports_lora = true;
+            return Ok(Ok(model));
+        }
+
+        // An ONNX bundle.
+        let graph = self.artifacts().read_all(&key("model.onnx")).await?;
+        let info = match tokio::task::spawn_blocking(move || onnx::read_onnx("model.onnx", &graph))
+            .await
+            .map_err(|e| ApiError::Internal(format!("onnx check: {e}")))?
+        {
+            Ok(i) => i,
+            Err(e) => return Ok(Err(e)),
+        };
+        let manifest_task = match model.files.iter().find(|f| f.path == "manifest.json") {
+            Some(_) => {
+                let bytes = self.artifacts().read_all(&key("manifest.json")).await?;
+                let parsed: serde_json::Value = match serde_json::from_slice(&bytes) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        return Ok(Err(FormatError::new(
+                            "manifest.json",
+                            format!("not JSON: {e}"),
+                        )));
+                    }
+                };
+                match parsed.get("task").and_then(|t| t.as_str()) {
+                    Some(t) => match onnx::Task::parse(t) {
+                        Some(task) => Some(task),
+                        None => {
+                            return Ok(Err(FormatError::new(
+                                "manifest.json",
+                                format!("unknown task {t:?}"),
+                            )));
+                        }
+                    },
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let task = manifest_task.unwrap_or(match kind {
+            model::Kind::EmbeddingModel => onnx::Task::Embedding,
+            model::Kind::TensorModel => onnx::Task::Tensor,
+            _ => onnx::Task::TextGeneration,
+        });
+        if let Err(e) = onnx::check_task("model.onnx", &info, task) {
+            return Ok(Err(e));
+        }
+        if task != onnx::Task::Tensor {
+            let tokenizer = self.artifacts().read_all(&key("tokenizer.json")).await?;
+            let loaded = tokio::task::spawn_blocking(move || {
+                tokenizers::Tokenizer::from_bytes(&tokenizer)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("tokenizer check: {e}")))?;
+            if let Err(e) = loaded {
+                return Ok(Err(FormatError::new(
+                    "tokenizer.json",
+                    format!("does not load as a tokenizer: {e}"),
+                )));
+            }
+        }
+        let details = model
+            .base_model_details
+            .get_or_insert_with(BaseModelDetails::default);
+        details.checkpoint_format = CheckpointFormat::Onnx as i32;
+        details.task = task.as_str().to_owned();
+        if details.model_type.is_empty() {
+            details.model_type = info.producer.clone();
+        }
+        Ok(Ok(model))
+    }
+
+    pub async fn validate_model_upload(
+        &self,
+        caller: &Principal,
+        name: &str,
+        validate_only: bool,
+    ) -> Result<ValidateModelUploadResponse> {
+        let stored = if validate_only {
+            self.readable_model(caller, "name", name).await?
+        } else {
+            self.writable_model(caller, "name", name).await?
+        };
+        let files = stored.model.files.clone();
+        let mut errors = Vec::new();
+        for f in files.iter().filter(|f| !f.complete) {
+            errors.push(format!(
+                "{}: {} of {} bytes stored",
+                f.path, f.uploaded_bytes, f.size_bytes
+            ));
+        }
+        let missing: Vec<String> = required_files(&stored.model)
+            .into_iter()
+            .filter(|r| !files.iter().any(|f| f.path == *r))
+            .map(str::to_owned)
+            .collect();
+        if files.is_empty() {
+            errors.push("no files uploaded".to_owned());
+        }
+        if !errors.is_empty() || !missing.is_empty() {
+            // Incomplete is not invalid: the model stays UPLOADING.
+            return Ok(ValidateModelUploadResponse {
+                valid: false,
+                model: Some(stored.model),
+                files,
+                missing_files: missing,
+                errors,
+                warnings: vec![],
+            });
+        }
+        if stored.model.state == model::State::Ready as i32 {
+            return Ok(ValidateModelUploadResponse {
+                valid: true,
+                model: Some(stored.model),
+                files,
+                ..Default::default()
+            });
+        }
+        let checked = self.check_content(&stored).await?;
+        let previous = stored.model.state;
+        let (valid, mut model, errors) = match checked {
+            Ok(model) => (true, model, vec![]),
+            Err(problem) => {
+                let mut failed = stored.model.clone();
+                failed.state = model::State::Failed as i32;
+                failed.status = Some(kiln_proto::common::v1::Status {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: problem.to_string(),
+                });
+                (false, failed, vec![problem.to_string()])
+            }
+        };
+        if validate_only {
+            model.state = previous;
+            model.status = stored.model.status.clone();
+            return Ok(ValidateModelUploadResponse {
+                valid,
+                model: Some(stored.model),
+                files,
+                errors,
+                ..Default::default()
+            });
+        }
+        if valid {
+            model.state = model::State::Ready as i32;
+            model.status = Some(Default::default());
+        }
+        model.update_time = Some(micros_to_timestamp(now_micros()));
+        self.save_model(
+            &model,
+            false,
+            "registry.model.state_changed",
+            Body::ModelStateChanged(ev::ModelStateChanged {
+                model: Some(model.clone()),
+                previous_state: previous,
+            }),
+        )
+        .await?;
+        Ok(ValidateModelUploadResponse {
+            valid,
+            model: Some(model),
+            files,
+            errors,
+            ..Default::default()
+        })
+    }
+}

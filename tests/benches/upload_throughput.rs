@@ -1,0 +1,63 @@
+//! Uploading a 100 MB artifact over loopback gRPC into the store, against a plain file copy of
+//! the same bytes on the same disk, in one run.
+//! `cargo bench -p kiln-tests --bench upload_throughput [-- MEGABYTES]`.
+
+use std::time::Instant;
+
+use kiln_proto::registry::v1::model::Kind;
+use kiln_testkit::TestMesh;
+
+fn main() {
+    let megabytes: usize = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with("--"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let mesh = TestMesh::start().await;
+        let admin = mesh.admin().await;
+        let key = kiln_tests::tenant(&admin, "bench").await;
+        let ch = mesh.channel(Some(&key)).await;
+
+        // Pseudo-random bytes (incompressible, so neither side gets a shortcut).
+        let dir = mesh.data_dir.path().join("bench-src");
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = dir.join("artifact.bin");
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let bytes: Vec<u8> = (0..megabytes << 20)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        std::fs::write(&source, &bytes).unwrap();
+        drop(bytes);
+
+        let copy_target = dir.join("copy.bin");
+        let started = Instant::now();
+        std::fs::copy(&source, &copy_target).unwrap();
+        std::fs::File::open(&copy_target).unwrap().sync_all().unwrap();
+        let copy_secs = started.elapsed().as_secs_f64();
+
+        let model = kiln_tests::registry::create_model(&ch, "bench", "artifact", Kind::TensorModel, None).await.unwrap();
+        let (sha, size) = kiln_registry::library::hash_file(&source).await.unwrap();
+        let started = Instant::now();
+        let stream = kiln_registry::library::file_upload_stream(model.name.clone(), "model.onnx".into(), source.clone(), size, sha, 0, |_| {});
+        let response = kiln_tests::registry::models(&ch).upload_model_files(stream).await.expect("upload").into_inner();
+        let upload_secs = started.elapsed().as_secs_f64();
+        assert!(response.files[0].complete, "stored whole and verified");
+
+        let mb = megabytes as f64;
+        println!("{megabytes} MB artifact, loopback, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+        println!("plain file copy (+fsync):       {:>8.1} MB/s  ({copy_secs:.2}s)", mb / copy_secs);
+        println!("gRPC upload into the store:     {:>8.1} MB/s  ({upload_secs:.2}s, SHA-256 verified, fsync)", mb / upload_secs);
+        println!("ratio (upload / copy):          {:>8.2}", copy_secs / upload_secs);
+        mesh.shutdown().await;
+    });
+}
