@@ -16,6 +16,7 @@ use crate::config::KilnConfig;
 
 /// Prints a line of command output. A closed pipe (`kiln list users | head`) ends the
 /// command quietly instead of panicking.
+#[macro_export]
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
@@ -84,6 +85,9 @@ pub enum Command {
     /// Delete a resource.
     #[command(subcommand)]
     Delete(DeleteCommand),
+    /// Download a model's files or a dataset.
+    #[command(subcommand)]
+    Download(crate::registry_cli::DownloadCommand),
 }
 
 #[derive(Debug, Args)]
@@ -110,6 +114,12 @@ pub struct ServeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CreateCommand {
+    /// Create a model and upload a file or folder: a GGUF file, an ONNX folder (model.onnx,
+    /// tokenizer.json), or a PEFT folder (a LoRA addon, with --base-model). Resumes an
+    /// interrupted upload of the same files.
+    Model(crate::registry_cli::CreateModelArgs),
+    /// Create a dataset and upload its JSONL file.
+    Dataset(crate::registry_cli::CreateDatasetArgs),
     /// Create an account (platform admin). Without an ID, a developer account whose ID is
     /// derived from --email.
     Account {
@@ -153,6 +163,10 @@ pub enum CreateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum GetCommand {
+    /// Show a model (an ID in the account, or a full name like accounts/kiln/models/x).
+    Model { model: String },
+    /// Show a dataset.
+    Dataset { dataset: String },
     /// Show an account (default: the current one).
     Account { account_id: Option<String> },
     /// Show a user.
@@ -161,6 +175,10 @@ pub enum GetCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ListCommand {
+    /// List the account's models (with --account kiln: the public library).
+    Models(ListArgs),
+    /// List the account's datasets.
+    Datasets(ListArgs),
     /// List the accounts the key can see.
     Accounts(ListArgs),
     /// List the account's users.
@@ -189,6 +207,21 @@ pub struct ListArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum UpdateCommand {
+    Model {
+        model: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Publish to every account (platform admin).
+        #[arg(long)]
+        public: Option<bool>,
+    },
+    Dataset {
+        dataset: String,
+        #[arg(long)]
+        display_name: Option<String>,
+    },
     Account {
         account_id: Option<String>,
         #[arg(long)]
@@ -212,6 +245,12 @@ pub enum UpdateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum DeleteCommand {
+    Model {
+        model: String,
+    },
+    Dataset {
+        dataset: String,
+    },
     Account {
         account_id: String,
     },
@@ -269,7 +308,7 @@ impl Client {
         })
     }
 
-    fn authed(&self) -> Authed {
+    pub(crate) fn authed(&self) -> Authed {
         InterceptedService::new(self.channel.clone(), self.interceptor.clone())
     }
 
@@ -286,7 +325,7 @@ impl Client {
     }
 
     /// The account to work in: --account, or the only one the key can see.
-    async fn account(&self) -> anyhow::Result<String> {
+    pub(crate) async fn account(&self) -> anyhow::Result<String> {
         if let Some(a) = &self.args.account {
             return Ok(if a.starts_with("accounts/") {
                 a.clone()
@@ -388,7 +427,7 @@ fn key_row(k: &idv1::ApiKey) -> Vec<String> {
 }
 const KEY_HEADERS: &[&str] = &["NAME", "DISPLAY NAME", "PREFIX", "CREATED", "EXPIRES"];
 
-fn print<M: prost::Message>(
+pub(crate) fn print<M: prost::Message>(
     format: Format,
     full_name: &str,
     items: &[M],
@@ -420,7 +459,10 @@ fn print<M: prost::Message>(
 }
 
 /// Follows `next_page_token` until the listing ends or `limit` items are in.
-async fn collect_pages<T, F, Fut>(limit: Option<usize>, mut fetch: F) -> anyhow::Result<Vec<T>>
+pub(crate) async fn collect_pages<T, F, Fut>(
+    limit: Option<usize>,
+    mut fetch: F,
+) -> anyhow::Result<Vec<T>>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<(Vec<T>, String)>>,
@@ -796,6 +838,51 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
                 .await?;
             say!("deleted {name}");
         }
+        Command::Create(CreateCommand::Model(args)) => {
+            crate::registry_cli::create_model(&client, format, args).await?
+        }
+        Command::Create(CreateCommand::Dataset(args)) => {
+            crate::registry_cli::create_dataset(&client, format, args).await?
+        }
+        Command::Get(GetCommand::Model { model }) => {
+            crate::registry_cli::get_model(&client, format, &model).await?
+        }
+        Command::Get(GetCommand::Dataset { dataset }) => {
+            crate::registry_cli::get_dataset(&client, format, &dataset).await?
+        }
+        Command::List(ListCommand::Models(list)) => {
+            crate::registry_cli::list_models(&client, format, list).await?
+        }
+        Command::List(ListCommand::Datasets(list)) => {
+            crate::registry_cli::list_datasets(&client, format, list).await?
+        }
+        Command::Update(UpdateCommand::Model {
+            model,
+            display_name,
+            description,
+            public,
+        }) => {
+            crate::registry_cli::update_model(
+                &client,
+                format,
+                &model,
+                display_name,
+                description,
+                public,
+            )
+            .await?
+        }
+        Command::Update(UpdateCommand::Dataset {
+            dataset,
+            display_name,
+        }) => crate::registry_cli::update_dataset(&client, format, &dataset, display_name).await?,
+        Command::Delete(DeleteCommand::Model { model }) => {
+            crate::registry_cli::delete_model(&client, &model).await?
+        }
+        Command::Delete(DeleteCommand::Dataset { dataset }) => {
+            crate::registry_cli::delete_dataset(&client, &dataset).await?
+        }
+        Command::Download(command) => crate::registry_cli::download(&client, command).await?,
         Command::Dev(_) | Command::Serve(_) => {
             unreachable!("server commands are not client commands")
         }

@@ -5,3 +5,4 @@ pub mod cli;
 pub mod config;
 pub mod mesh;
 pub mod output;
+pub mod registry_cli;

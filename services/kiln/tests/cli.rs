@@ -339,3 +339,111 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
         "{service_names:?}"
     );
 }
+
+#[tokio::test]
+async fn models_and_datasets_through_the_cli() {
+    let data = tempfile::tempdir().unwrap();
+    let empty_assets = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let server = format!("http://{listen}");
+    let _child = tokio::process::Command::new(kiln_binary())
+        .args(["dev", "--listen", &listen, "--data-dir"])
+        .arg(data.path())
+        // No library import in this test: its asset cache is empty.
+        .env("KILN_REGISTRY__ASSET_DIR", empty_assets.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until_ready(&data.path().join("admin.key"), &listen).await;
+    let assets = kiln_testkit::asset("all-minilm-l6-v2/model.onnx")
+        .parent()
+        .unwrap()
+        .to_owned();
+    let run = |args: Vec<String>| {
+        let server = server.clone();
+        let data = data.path().to_owned();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli(&server, &data, &args).await
+        }
+    };
+    let (ok, _, err) = run(vec!["create".into(), "account".into(), "acme".into()]).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(vec![
+        "--account".into(),
+        "acme".into(),
+        "create".into(),
+        "model".into(),
+        "minilm".into(),
+        assets.display().to_string(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("EMBEDDING_MODEL") && out.contains("READY"),
+        "{out}"
+    );
+    assert!(
+        err.contains("model.onnx") && err.contains("100.0%"),
+        "a progress line: {err}"
+    );
+
+    let dest = data.path().join("downloaded");
+    let (ok, _, err) = run(vec![
+        "--account".into(),
+        "acme".into(),
+        "download".into(),
+        "model".into(),
+        "minilm".into(),
+        "--dest".into(),
+        dest.display().to_string(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    for file in ["model.onnx", "tokenizer.json"] {
+        assert!(
+            std::fs::read(dest.join(file)).unwrap() == std::fs::read(assets.join(file)).unwrap(),
+            "{file} comes back identical"
+        );
+    }
+
+    let jsonl = data.path().join("train.jsonl");
+    let lines: Vec<String> = (0..5)
+        .map(|i| format!(r#"{{"prompt": "q{i}", "completion": "a{i}"}}"#))
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let (ok, out, err) = run(vec![
+        "--account".into(),
+        "acme".into(),
+        "create".into(),
+        "dataset".into(),
+        "train".into(),
+        jsonl.display().to_string(),
+        "-o".into(),
+        "json".into(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let dataset: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(dataset["state"], "READY");
+    assert_eq!(dataset["example_count"], "5");
+    let (ok, out, _) = run(vec![
+        "--account".into(),
+        "acme".into(),
+        "list".into(),
+        "models".into(),
+    ])
+    .await;
+    assert!(ok && out.contains("accounts/acme/models/minilm"), "{out}");
+    let (ok, out, _) = run(vec![
+        "--account".into(),
+        "acme".into(),
+        "delete".into(),
+        "model".into(),
+        "minilm".into(),
+    ])
+    .await;
+    assert!(ok && out.contains("deleted"), "{out}");
+}
