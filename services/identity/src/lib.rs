@@ -72,42 +72,33 @@ async fn watch_changes(identity: &Identity, host: &Host) -> Result<tokio::task::
     }))
 }
 
-/// Runs identity alone: the standalone binary and `kiln serve identity`. It authenticates its
-/// callers from its own tables; other services reach it at `identity_url`.
-/// Returns the bootstrap admin key on the very first start.
-pub async fn run(
-    config: &config::Config,
-    listener: tokio::net::TcpListener,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(kiln_events::host::Served, Option<String>)> {
-    let bus = kiln_events::connect_bus(&config.server).await?;
-    let mut host = kiln_events::host::Host::new(&config.server, bus, shutdown);
-    let (identity, admin_key) = open(&config.server, &config.identity, &mut host).await?;
-    let served = host.serve(listener, Arc::new(identity)).await?;
-    Ok((served, admin_key))
-}
-
-/// Runs identity alone until `stop` resolves: binds `listen`, prints the bootstrap admin key
-/// on the first start (and saves it to `<data_dir>/admin.key`), then shuts down cleanly.
-/// The `kiln-identity` binary and `kiln serve identity` are this.
+/// Runs identity alone until `stop` resolves (the `kiln-identity` binary and `kiln serve
+/// identity`): prints the bootstrap admin key on the first start and saves it to
+/// `<data_dir>/admin.key`. It authenticates its callers from its own tables.
 pub async fn serve_until(
     config: &config::Config,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+    let bus = kiln_events::connect_bus(&config.server).await?;
     let (stop_tx, shutdown) = watch::channel(false);
-    let (served, admin_key) = run(config, listener, shutdown).await?;
-    println!("kiln identity listening on {}", served.local_addr);
-    if let Some(key) = admin_key {
-        let path = kiln_core::config::write_admin_key(&config.server.data_dir, &key)?;
+    let mut host = Host::new(&config.server, bus, shutdown);
+    let (identity, admin_key) = open(&config.server, &config.identity, &mut host).await?;
+    if let Some(key) = &admin_key {
+        let path = kiln_core::config::write_admin_key(&config.server.data_dir, key)?;
         println!(
             "bootstrap admin API key (shown once, also in {}): {key}",
             path.display()
         );
     }
-    stop.await;
-    let _ = stop_tx.send(true);
-    served.done.await?.map_err(anyhow::Error::msg)
+    host.run_until(
+        config.server.listen,
+        Arc::new(identity),
+        stop,
+        stop_tx,
+        |addr| {
+            println!("kiln identity listening on {addr}");
+        },
+    )
+    .await
+    .map_err(anyhow::Error::msg)
 }

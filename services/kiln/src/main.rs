@@ -124,6 +124,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
     match args.service.as_str() {
         "identity" => kiln_identity::serve_until(&config.identity_config(), stop_signal()).await,
-        other => anyhow::bail!("unknown service {other:?}; services: identity"),
+        "registry" => {
+            let registry = <kiln_registry::config::Config as kiln_core::config::Load>::load(
+                args.config.as_deref(),
+            )?;
+            kiln_registry::serve_until(&registry, stop_signal()).await
+        }
+        other => anyhow::bail!("unknown service {other:?}; services: identity, registry"),
     }
 }

@@ -93,6 +93,31 @@ impl Host {
     }
 }
 
+impl Host {
+    /// Serves on `listen` until `stop` resolves, then shuts down cleanly: what a service's own
+    /// binary does. `on_ready` hears the bound address.
+    pub async fn run_until(
+        self,
+        listen: SocketAddr,
+        authenticator: Arc<dyn Authenticator>,
+        stop: impl std::future::Future<Output = ()>,
+        stop_tx: watch::Sender<bool>,
+        on_ready: impl FnOnce(SocketAddr),
+    ) -> Result<(), String> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let served = self
+            .serve(listener, authenticator)
+            .await
+            .map_err(|e| e.to_string())?;
+        on_ready(served.local_addr);
+        stop.await;
+        let _ = stop_tx.send(true);
+        served.done.await.map_err(|e| e.to_string())?
+    }
+}
+
 /// The page-token signing secret: configured, else derived from the service token, else a
 /// per-process random one (tokens then do not survive a restart).
 pub fn page_secret(server: &ServerConfig) -> String {
