@@ -5,6 +5,7 @@ pub mod artifacts;
 pub mod config;
 pub mod datasets;
 pub mod db;
+pub mod deployments;
 pub mod download;
 pub mod error;
 pub mod formats;
@@ -50,6 +51,7 @@ pub async fn open(
             .outbox()
             .spawn_relay(db, host.bus.clone(), host.shutdown.clone()),
     );
+    host.track(deployments::spawn(&registry, host));
     grpc::add_services(&registry, &mut host.services);
     Ok(registry)
 }

@@ -161,6 +161,29 @@ impl Registry {
             resource: stored.encode_to_vec(),
         };
         let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
+        let mut row = row;
+        if !insert {
+            // Lock the row first (on SQLite: take the write lock before reading, so the
+            // transaction never has to upgrade a stale read snapshot).
+            models::Entity::update_many()
+                .col_expr(models::Column::UpdateTime, sea_orm::sea_query::Expr::col(models::Column::UpdateTime).into())
+                .filter(models::Column::AccountId.eq(name.account.clone()))
+                .filter(models::Column::ModelId.eq(name.id.clone()))
+                .exec(&txn)
+                .await?;
+            // deployed_model_refs belong to the scheduler-events consumer: keep what it wrote.
+            if let Some(current) =
+                models::Entity::find_by_id((name.account.clone(), name.id.clone()))
+                    .one(&txn)
+                    .await?
+            {
+                let current = Model::decode(current.resource.as_slice()).map_err(|e| {
+                    ApiError::Internal(format!("stored model does not decode: {e}"))
+                })?;
+                stored.deployed_model_refs = current.deployed_model_refs;
+                row.resource = stored.encode_to_vec();
+            }
+        }
         let active = models::ActiveModel::from(row);
         if insert {
             match models::Entity::insert(active)

@@ -656,3 +656,125 @@ async fn private_is_private_and_the_public_library_is_read_only() {
     );
     mesh.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_deployed_model_cannot_be_deleted_and_refs_follow_scheduler_events() {
+    use kiln_proto::events::v1 as ev;
+    use kiln_proto::scheduler::v1::{DeployedModel, deployed_model};
+    let mesh = TestMesh::start().await;
+    let admin = mesh.admin().await;
+    let ch = mesh.channel(Some(&tenant(&admin, "acme").await)).await;
+    let model = create_model(&ch, "acme", "served", Kind::TensorModel, None)
+        .await
+        .unwrap();
+    let deployed = DeployedModel {
+        name: "accounts/acme/deployedModels/served-1".into(),
+        model: model.name.clone(),
+        deployment: "accounts/acme/deployments/d1".into(),
+        default: true,
+        state: deployed_model::State::Deployed as i32,
+        ..Default::default()
+    };
+    // What the scheduler publishes when it deploys the model.
+    let event = kiln_events::new_event(
+        "kiln-scheduler",
+        "scheduler.deployed_model.created",
+        "accounts/acme",
+        &deployed.name,
+        kiln_events::Body::DeployedModelCreated(ev::DeployedModelCreated {
+            deployed_model: Some(deployed.clone()),
+        }),
+    );
+    mesh.bus
+        .publish("kiln.scheduler.deployed_model.created", &event)
+        .await
+        .unwrap();
+    mesh.bus
+        .publish("kiln.scheduler.deployed_model.created", &event)
+        .await
+        .unwrap();
+    let refs = wait_for(
+        Duration::from_secs(10),
+        "the deployed model to show on the model",
+        || {
+            let ch = ch.clone();
+            let name = model.name.clone();
+            async move {
+                let m = models(&ch)
+                    .get_model(regv1::GetModelRequest { name })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (!m.deployed_model_refs.is_empty()).then_some(m.deployed_model_refs)
+            }
+        },
+    )
+    .await;
+    assert_eq!(refs.len(), 1, "a redelivered event adds nothing");
+    assert_eq!(
+        (refs[0].state.as_str(), refs[0].default),
+        ("DEPLOYED", true)
+    );
+    // A metadata change keeps the refs.
+    models(&ch)
+        .update_model(regv1::UpdateModelRequest {
+            model: Some(regv1::Model {
+                name: model.name.clone(),
+                description: "in service".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["description".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    let status = models(&ch)
+        .delete_model(regv1::DeleteModelRequest {
+            name: model.name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("served-1"),
+        "{}",
+        status.message()
+    );
+
+    let gone = kiln_events::new_event(
+        "kiln-scheduler",
+        "scheduler.deployed_model.deleted",
+        "accounts/acme",
+        &deployed.name,
+        kiln_events::Body::DeployedModelDeleted(ev::DeployedModelDeleted {
+            name: deployed.name.clone(),
+            model: model.name.clone(),
+            deployment: deployed.deployment.clone(),
+        }),
+    );
+    mesh.bus
+        .publish("kiln.scheduler.deployed_model.deleted", &gone)
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(10), "the ref to go", || {
+        let ch = ch.clone();
+        let name = model.name.clone();
+        async move {
+            let m = models(&ch)
+                .get_model(regv1::GetModelRequest { name })
+                .await
+                .ok()?
+                .into_inner();
+            m.deployed_model_refs.is_empty().then_some(())
+        }
+    })
+    .await;
+    models(&ch)
+        .delete_model(regv1::DeleteModelRequest {
+            name: model.name.clone(),
+        })
+        .await
+        .unwrap();
+    mesh.shutdown().await;
+}
