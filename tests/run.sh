@@ -50,6 +50,9 @@ fi
 # The real models the suites use (cached under ~/.cache/kiln/assets after the first run).
 bash deploy/fetch-assets.sh >/dev/null
 
+# An S3-compatible server for the registry's object-store tests (moto's, from PyPI).
+python3 -c "import moto.server" 2>/dev/null || python3 -m pip install --quiet "moto[server]"
+
 # Tests that spawn their own nats-server (the outage test) need the binary either way.
 ensure_nats
 ensure_postgres

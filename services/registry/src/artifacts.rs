@@ -46,9 +46,21 @@ impl Artifacts {
                 staging,
             })
         } else {
-            let store = object_store::aws::AmazonS3Builder::from_env()
+            let mut builder = object_store::aws::AmazonS3Builder::from_env()
                 .with_url(config.object_store_url.clone())
-                .build()?;
+                .with_allow_http(config.s3_allow_http);
+            if !config.s3_endpoint.is_empty() {
+                builder = builder.with_endpoint(config.s3_endpoint.clone());
+            }
+            if !config.s3_region.is_empty() {
+                builder = builder.with_region(config.s3_region.clone());
+            }
+            if !config.s3_access_key_id.is_empty() {
+                builder = builder
+                    .with_access_key_id(config.s3_access_key_id.clone())
+                    .with_secret_access_key(config.s3_secret_access_key.clone());
+            }
+            let store = builder.build()?;
             Ok(Self {
                 store: Arc::new(store),
                 local_root: None,

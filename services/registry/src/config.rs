@@ -14,6 +14,13 @@ pub struct RegistryConfig {
     pub max_file_bytes: u64,
     /// The largest dataset file.
     pub max_dataset_bytes: u64,
+    /// S3 settings; each falls back to the usual AWS_* variable when empty.
+    pub s3_endpoint: String,
+    pub s3_region: String,
+    pub s3_access_key_id: String,
+    pub s3_secret_access_key: String,
+    /// Allow a plain-http endpoint (MinIO or a local test server).
+    pub s3_allow_http: bool,
     /// Where the public library is imported from on first start (`kiln dev`): the asset cache
     /// `deploy/fetch-assets.sh` fills. Empty: `$KILN_ASSET_DIR`, else `~/.cache/kiln/assets`.
     pub asset_dir: String,
@@ -26,6 +33,11 @@ impl Default for RegistryConfig {
             max_file_bytes: 64 << 30,
             max_dataset_bytes: 4 << 30,
             asset_dir: String::new(),
+            s3_endpoint: String::new(),
+            s3_region: String::new(),
+            s3_access_key_id: String::new(),
+            s3_secret_access_key: String::new(),
+            s3_allow_http: false,
         }
     }
 }

@@ -166,7 +166,10 @@ impl Registry {
             // Lock the row first (on SQLite: take the write lock before reading, so the
             // transaction never has to upgrade a stale read snapshot).
             models::Entity::update_many()
-                .col_expr(models::Column::UpdateTime, sea_orm::sea_query::Expr::col(models::Column::UpdateTime).into())
+                .col_expr(
+                    models::Column::UpdateTime,
+                    sea_orm::sea_query::Expr::col(models::Column::UpdateTime).into(),
+                )
                 .filter(models::Column::AccountId.eq(name.account.clone()))
                 .filter(models::Column::ModelId.eq(name.id.clone()))
                 .exec(&txn)

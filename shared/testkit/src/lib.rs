@@ -125,6 +125,8 @@ pub struct MeshOptions {
     pub identity_url: Option<String>,
     /// Import the public library from the asset cache, as `kiln dev` does.
     pub import_library: bool,
+    /// The registry's settings (e.g. an S3-compatible store).
+    pub registry: Option<kiln_registry::config::RegistryConfig>,
 }
 
 impl TestMesh {
@@ -153,6 +155,9 @@ impl TestMesh {
         config.server.page_token_secret = Some("test-page-token-secret".to_owned());
         config.server.identity_url = options.identity_url.clone();
         config.import_library = options.import_library;
+        if let Some(registry) = options.registry.clone() {
+            config.registry = registry;
+        }
 
         let nats_url = options.nats_url.clone().or(backends.nats_url.clone());
         let mut own_stream = None;
@@ -364,5 +369,79 @@ impl NatsServer {
             let _ = child.kill().await;
             let _ = child.wait().await;
         }
+    }
+}
+
+/// An S3-compatible server of the test's own (moto's server, from PyPI: `.ci/run` installs it)
+/// with one bucket, `kiln`.
+pub struct S3Server {
+    pub port: u16,
+    child: tokio::process::Child,
+}
+
+impl S3Server {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let child = tokio::process::Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 runs");
+        let addr = format!("127.0.0.1:{port}");
+        wait_for(
+            Duration::from_secs(30),
+            "the S3 server (python3 -m moto.server; `pip install 'moto[server]'`) to listen",
+            || {
+                let addr = addr.clone();
+                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
+            },
+        )
+        .await;
+        // Create the bucket with a plain path-style PUT (the server takes any credentials).
+        let mut stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let request = format!(
+            "PUT /kiln HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "bucket creation: {response}"
+        );
+        Self { port, child }
+    }
+
+    /// Registry settings that store artifacts in this server's bucket.
+    pub fn registry_config(&self) -> kiln_registry::config::RegistryConfig {
+        kiln_registry::config::RegistryConfig {
+            object_store_url: "s3://kiln/artifacts".to_owned(),
+            s3_endpoint: format!("http://127.0.0.1:{}", self.port),
+            s3_region: "us-east-1".to_owned(),
+            s3_access_key_id: "test".to_owned(),
+            s3_secret_access_key: "test".to_owned(),
+            s3_allow_http: true,
+            ..Default::default()
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
     }
 }

@@ -778,3 +778,52 @@ async fn a_deployed_model_cannot_be_deleted_and_refs_follow_scheduler_events() {
         .unwrap();
     mesh.shutdown().await;
 }
+
+#[tokio::test]
+async fn artifacts_live_in_an_s3_compatible_store_when_configured() {
+    let s3 = kiln_testkit::S3Server::start().await;
+    let mesh = TestMesh::start_with(MeshOptions {
+        registry: Some(s3.registry_config()),
+        ..Default::default()
+    })
+    .await;
+    let admin = mesh.admin().await;
+    let ch = mesh.channel(Some(&tenant(&admin, "acme").await)).await;
+    let minilm = create_model(&ch, "acme", "minilm", Kind::EmbeddingModel, None)
+        .await
+        .unwrap();
+    let onnx = std::fs::read(asset("all-minilm-l6-v2/model.onnx")).unwrap();
+    let tokenizer = std::fs::read(asset("all-minilm-l6-v2/tokenizer.json")).unwrap();
+    // Half, then the rest: resuming works the same over S3.
+    let half = file_messages(&minilm.name, &[("model.onnx", &onnx)], 0, Some(10 << 20));
+    models(&ch)
+        .upload_model_files(futures::stream::iter(half))
+        .await
+        .unwrap();
+    let rest = file_messages(&minilm.name, &[("model.onnx", &onnx)], 10 << 20, None);
+    models(&ch)
+        .upload_model_files(futures::stream::iter(rest))
+        .await
+        .unwrap();
+    upload(&ch, &minilm.name, &[("tokenizer.json", &tokenizer)])
+        .await
+        .unwrap();
+    let v = validate(&ch, &minilm.name).await;
+    assert!(v.valid, "{:?}", v.errors);
+    assert!(
+        download(&ch, &minilm.name, "model.onnx", 0, 0)
+            .await
+            .unwrap()
+            == onnx
+    );
+    assert_eq!(
+        download(&ch, &minilm.name, "tokenizer.json", 100, 50)
+            .await
+            .unwrap(),
+        tokenizer[100..150]
+    );
+    // The bytes are in the bucket, not on the local disk.
+    assert!(!mesh.data_dir.path().join("objects").exists());
+    mesh.shutdown().await;
+    s3.stop().await;
+}
