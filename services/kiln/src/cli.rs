@@ -293,9 +293,8 @@ impl Client {
                     })?
             }
         };
-        let channel = Channel::from_shared(args.server.clone())
-            .with_context(|| format!("--server {:?} is not a URL", args.server))?
-            .connect_timeout(Duration::from_secs(5))
+        let channel = kiln_core::server::endpoint(&args.server)
+            .map_err(|e| anyhow::anyhow!("--server: {e}"))?
             .connect()
             .await
             .with_context(|| format!("cannot reach Kiln at {}", args.server))?;

@@ -83,7 +83,8 @@ impl Artifacts {
     }
 
     /// Opens the staging file for appending, creating it (and truncating it when `reset`).
-    pub async fn open_staging(&self, key: &str, reset: bool) -> Result<tokio::fs::File> {
+    /// A std file: uploads write it from `block_in_place`, without tokio::fs's extra copy.
+    pub async fn open_staging(&self, key: &str, reset: bool) -> Result<std::fs::File> {
         let path = self.staging_path(key);
         if let Some(parent) = path.parent() {
             tokio::fs::create_dir_all(parent).await?;
@@ -91,11 +92,10 @@ impl Artifacts {
         if reset {
             let _ = tokio::fs::remove_file(&path).await;
         }
-        Ok(tokio::fs::OpenOptions::new()
+        Ok(std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&path)
-            .await?)
+            .open(&path)?)
     }
 
     pub async fn discard_staging(&self, key: &str) {

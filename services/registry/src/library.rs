@@ -105,34 +105,36 @@ pub fn file_upload_stream(
             sha256,
         })),
     };
-    let chunks = futures::stream::unfold((None::<tokio::fs::File>, offset), move |(file, at)| {
-        let local = local.clone();
-        async move {
-            if at >= size {
-                return None;
-            }
-            let mut file = match file {
-                Some(f) => f,
-                None => {
-                    let mut f = tokio::fs::File::open(&local).await.ok()?;
-                    tokio::io::AsyncSeekExt::seek(&mut f, std::io::SeekFrom::Start(at))
-                        .await
-                        .ok()?;
-                    f
-                }
-            };
+    // A reader thread stays a few chunks ahead, so the disk and the network overlap.
+    let (tx, rx) = tokio::sync::mpsc::channel::<UploadModelFilesRequest>(4);
+    std::thread::spawn(move || {
+        use std::io::{Read, Seek};
+        let Ok(mut file) = std::fs::File::open(&local) else {
+            return;
+        };
+        if file.seek(std::io::SeekFrom::Start(offset)).is_err() {
+            return;
+        }
+        let mut at = offset;
+        while at < size {
             let want = UPLOAD_CHUNK.min((size - at) as usize);
-            let mut buf = vec![0u8; want];
-            file.read_exact(&mut buf).await.ok()?;
+            let mut buf = bytes::BytesMut::zeroed(want);
+            if file.read_exact(&mut buf).is_err() {
+                return;
+            }
             let message = UploadModelFilesRequest {
                 payload: Some(Payload::Chunk(FileChunk {
                     offset: at as i64,
-                    data: buf.into(),
+                    data: buf.freeze(),
                 })),
             };
-            Some((message, (Some(file), at + want as u64)))
+            if tx.blocking_send(message).is_err() {
+                return;
+            }
+            at += want as u64;
         }
     });
+    let chunks = tokio_stream::wrappers::ReceiverStream::new(rx);
     let chunks = futures::StreamExt::inspect(chunks, move |m| {
         if let Some(Payload::Chunk(c)) = &m.payload {
             on_sent(c.data.len() as u64);

@@ -13,7 +13,7 @@ use kiln_proto::registry::v1::{
 };
 use sea_orm::{ActiveModelTrait, EntityTrait};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use std::io::Write;
 
 use crate::artifacts::{Artifacts, hex_digest};
 use crate::db::model_file as files;
@@ -30,10 +30,50 @@ pub(crate) struct FileUpload {
     pub size: u64,
     pub sha256: String,
     pub offset: u64,
-    file: tokio::fs::File,
-    /// A running hash, when this session saw every byte from 0.
-    hasher: Option<Sha256>,
+    file: std::fs::File,
+    /// A running hash on its own thread (it overlaps the disk writes), when this session
+    /// sees every byte from 0.
+    hasher: Option<RunningHash>,
     last_recorded: u64,
+}
+
+/// Runs short blocking file work in place: through `block_in_place` on the multi-threaded
+/// runtime (so other tasks move to another worker), inline on a current-thread one.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
+/// SHA-256 computed on a thread of its own, fed chunk by chunk.
+struct RunningHash {
+    chunks: std::sync::mpsc::Sender<bytes::Bytes>,
+    digest: std::thread::JoinHandle<String>,
+}
+
+impl RunningHash {
+    fn start() -> Self {
+        let (chunks, rx) = std::sync::mpsc::channel::<bytes::Bytes>();
+        let digest = std::thread::spawn(move || {
+            let mut hasher = Sha256::new();
+            for chunk in rx {
+                hasher.update(&chunk);
+            }
+            hex_digest(hasher.finalize())
+        });
+        Self { chunks, digest }
+    }
+
+    fn update(&self, chunk: bytes::Bytes) {
+        // The thread only stops when the sender is dropped, so a send cannot fail.
+        let _ = self.chunks.send(chunk);
+    }
+
+    fn finish(self) -> String {
+        drop(self.chunks);
+        self.digest.join().unwrap_or_default()
+    }
 }
 
 impl FileUpload {
@@ -57,7 +97,7 @@ impl FileUpload {
             sha256,
             offset,
             file,
-            hasher: (offset == 0).then(Sha256::new),
+            hasher: (offset == 0).then(RunningHash::start),
             last_recorded: offset,
         })
     }
@@ -81,10 +121,12 @@ impl FileUpload {
             )
             .into());
         }
-        self.file.write_all(&chunk.data).await?;
-        if let Some(h) = self.hasher.as_mut() {
-            h.update(&chunk.data);
+        if let Some(h) = &self.hasher {
+            h.update(chunk.data.clone());
         }
+        // The write runs on this worker thread, off the async scheduler.
+        let file = &mut self.file;
+        blocking(|| file.write_all(&chunk.data))?;
         self.offset = end;
         Ok(())
     }
@@ -111,11 +153,11 @@ impl FileUpload {
         path: &str,
         validate: impl FnOnce(&std::path::Path) -> Result<()>,
     ) -> Result<()> {
-        self.file.flush().await?;
-        self.file.sync_data().await?;
+        let file = &mut self.file;
+        blocking(|| file.sync_data())?;
         drop(self.file);
         let actual = match self.hasher.take() {
-            Some(h) => hex_digest(h.finalize()),
+            Some(h) => blocking(|| h.finish()),
             None => artifacts.hash_staged(&self.key).await?,
         };
         if actual != self.sha256 {

@@ -21,9 +21,8 @@ pub struct RemoteAuthenticator {
 impl RemoteAuthenticator {
     /// Connects lazily to identity at `url` with the service credential.
     pub fn new(url: &str, service_token: &str) -> Result<Self, Error> {
-        let channel = Channel::from_shared(url.to_owned())
+        let channel = crate::server::endpoint(url)
             .map_err(|e| Error::invalid("identity_url", e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
             .connect_lazy();
         let interceptor = OutgoingInterceptor::new(Some(service_token))?;
         Ok(Self {

@@ -11,6 +11,20 @@ use tonic_health::ServingStatus;
 use crate::auth::AuthLayer;
 use crate::telemetry::TraceContextLayer;
 
+/// HTTP/2 flow-control windows of servers and clients.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// A client endpoint for `url` with Kiln's transport settings (windows, nodelay, timeouts).
+pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, crate::Error> {
+    Ok(tonic::transport::Channel::from_shared(url.to_owned())
+        .map_err(|e| crate::Error::invalid("url", format!("{url:?}: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW)))
+}
+
 /// The gRPC services one server hosts, with the names health checks report.
 #[derive(Default)]
 pub struct ServiceSet {
@@ -77,6 +91,12 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(services = ?names, "serving gRPC");
     tonic::transport::Server::builder()
+        // Large flow-control windows: artifact uploads stream hundreds of MB per call, and the
+        // 64 KiB HTTP/2 default makes every window update a round trip.
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        // Frames of up to 1 MiB instead of 16 KiB: a 4 MiB chunk is 4 frames, not 256.
+        .max_frame_size(Some(1 << 20))
         .layer(TraceContextLayer)
         .layer(auth)
         .add_routes(routes.routes())

@@ -247,7 +247,7 @@ impl TestMesh {
 
 /// A channel to `url` that sends `key` as a bearer token (None: no authorization header).
 pub async fn channel_to(url: &str, key: Option<&str>) -> AuthedChannel {
-    let channel = Channel::from_shared(url.to_owned())
+    let channel = kiln_core::server::endpoint(url)
         .expect("url")
         .connect()
         .await
