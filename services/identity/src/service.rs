@@ -7,8 +7,9 @@ use base64::Engine;
 use futures::future::BoxFuture;
 use kiln_core::Error as ApiError;
 use kiln_core::auth::{AuthCache, Authenticated, Authenticator, Principal, Role, hash_secret};
+use kiln_core::names::validate_display_name;
 use kiln_core::names::{self, SYSTEM_ACCOUNT};
-use kiln_core::page::{FilterTerm, OrderKey, PageTokens};
+use kiln_core::page::{FilterTerm, OrderKey, PageTokens, enum_filter_value, mask_paths};
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
 use kiln_events::outbox::Outbox;
@@ -74,13 +75,6 @@ pub fn validate_email(field: &str, email: &str) -> Result<(), ApiError> {
     }
 }
 
-fn validate_display_name(field: &str, name: &str) -> Result<(), ApiError> {
-    if name.chars().count() > 256 {
-        return Err(ApiError::invalid(field, "must be at most 256 characters"));
-    }
-    Ok(())
-}
-
 fn validate_role(field: &str, role: &str) -> Result<(), ApiError> {
     match role {
         "admin" | "user" => Ok(()),
@@ -89,19 +83,6 @@ fn validate_role(field: &str, role: &str) -> Result<(), ApiError> {
             format!("must be \"admin\" or \"user\", got {other:?}"),
         )),
     }
-}
-
-/// Reads an enum filter value given by name (`READY`) or number.
-fn enum_filter_value(
-    field: &str,
-    value: &str,
-    from_name: fn(&str) -> Option<i32>,
-) -> Result<i32, ApiError> {
-    value
-        .parse::<i32>()
-        .ok()
-        .or_else(|| from_name(value))
-        .ok_or_else(|| ApiError::invalid("filter", format!("{value:?} is not a value of {field}")))
 }
 
 fn term_expr(term: &FilterTerm, column: impl ColumnTrait, value: sea_orm::Value) -> SimpleExpr {
@@ -118,11 +99,6 @@ fn to_order(key: &OrderKey) -> Order {
     } else {
         Order::Asc
     }
-}
-
-/// Paths of an update mask; empty means "every field the request sets".
-fn mask_paths(mask: Option<prost_types::FieldMask>) -> Vec<String> {
-    mask.map(|m| m.paths).unwrap_or_default()
 }
 
 fn random_id(len: usize) -> String {
@@ -242,14 +218,10 @@ impl Identity {
         resource: &str,
         body: Body,
     ) -> Result<()> {
-        let event = kiln_events::new_event(
-            SOURCE,
-            event_type,
-            &format!("accounts/{account}"),
-            resource,
-            body,
-        );
-        self.inner.outbox.commit_with(txn, &event).await?;
+        self.inner
+            .outbox
+            .commit_event(txn, SOURCE, event_type, account, resource, body)
+            .await?;
         if resource.starts_with("accounts/") && !resource[9..].contains('/') {
             self.inner.accounts.invalidate(&resource[9..]);
         }

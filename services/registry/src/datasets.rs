@@ -20,10 +20,10 @@ use crate::db::dataset as datasets;
 use crate::download::{byte_range, stream_object};
 use crate::error::{Error, Result};
 use crate::formats::dataset::{DatasetFormat, validate_jsonl};
-use crate::service::{
-    Registry, enum_filter_value, mask_paths, validate_display_name, validate_sha256,
-};
+use crate::service::{Registry, validate_sha256};
 use crate::uploads::FileUpload;
+use kiln_core::names::validate_display_name;
+use kiln_core::page::{enum_filter_value, mask_paths};
 
 fn dataset_key(account: &str, id: &str) -> String {
     format!("datasets/{account}/{id}/data.jsonl")

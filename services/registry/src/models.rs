@@ -14,7 +14,9 @@ use sea_orm::{ColumnTrait, Condition, EntityTrait, Order, QueryFilter};
 
 use crate::db::{model as models, model_file as files};
 use crate::error::Result;
-use crate::service::{Registry, enum_filter_value, mask_paths, validate_display_name};
+use crate::service::Registry;
+use kiln_core::names::validate_display_name;
+use kiln_core::page::{enum_filter_value, mask_paths};
 
 /// A model row with its decoded resource.
 pub struct StoredModel {

@@ -86,41 +86,12 @@ impl Registry {
         resource: &str,
         body: Body,
     ) -> Result<()> {
-        let event = kiln_events::new_event(
-            SOURCE,
-            event_type,
-            &format!("accounts/{account}"),
-            resource,
-            body,
-        );
-        self.inner.outbox.commit_with(txn, &event).await?;
+        self.inner
+            .outbox
+            .commit_event(txn, SOURCE, event_type, account, resource, body)
+            .await?;
         Ok(())
     }
-}
-
-pub(crate) fn validate_display_name(field: &str, name: &str) -> Result<(), ApiError> {
-    if name.chars().count() > 256 {
-        return Err(ApiError::invalid(field, "must be at most 256 characters"));
-    }
-    Ok(())
-}
-
-/// Reads an enum filter value given by name (`READY`) or number.
-pub(crate) fn enum_filter_value(
-    field: &str,
-    value: &str,
-    from_name: fn(&str) -> Option<i32>,
-) -> Result<i32, ApiError> {
-    value
-        .parse::<i32>()
-        .ok()
-        .or_else(|| from_name(value))
-        .ok_or_else(|| ApiError::invalid("filter", format!("{value:?} is not a value of {field}")))
-}
-
-/// Paths of an update mask; empty means "every field the request sets".
-pub(crate) fn mask_paths(mask: Option<prost_types::FieldMask>) -> Vec<String> {
-    mask.map(|m| m.paths).unwrap_or_default()
 }
 
 /// Checks a file path inside a model: relative, '/'-separated, no `..`, at most 256 bytes.

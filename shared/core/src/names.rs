@@ -40,6 +40,14 @@ pub fn validate_id(field: &str, id: &str) -> Result<(), Error> {
     }
 }
 
+/// Checks a display name: at most 256 characters.
+pub fn validate_display_name(field: &str, name: &str) -> Result<(), Error> {
+    if name.chars().count() > 256 {
+        return Err(Error::invalid(field, "must be at most 256 characters"));
+    }
+    Ok(())
+}
+
 /// Turns free text (an email's local part, a display name) into a valid ID stem:
 /// lowercase, runs of other characters collapsed to one '-', trimmed, at most `max` long.
 pub fn slugify(text: &str, max: usize) -> String {

@@ -189,6 +189,24 @@ fn parse_term(term: &str, allowed: &[&str]) -> Result<FilterTerm, Error> {
     })
 }
 
+/// Reads an enum filter value given by name (`READY`) or number.
+pub fn enum_filter_value(
+    field: &str,
+    value: &str,
+    from_name: fn(&str) -> Option<i32>,
+) -> Result<i32, Error> {
+    value
+        .parse::<i32>()
+        .ok()
+        .or_else(|| from_name(value))
+        .ok_or_else(|| Error::invalid("filter", format!("{value:?} is not a value of {field}")))
+}
+
+/// Paths of an update mask; empty means "every field the request sets".
+pub fn mask_paths(mask: Option<prost_types::FieldMask>) -> Vec<String> {
+    mask.map(|m| m.paths).unwrap_or_default()
+}
+
 /// One key of an `order_by`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrderKey {

@@ -94,6 +94,27 @@ impl Outbox {
         self.commit(txn).await
     }
 
+    /// Builds the event of a change (see [`crate::new_event`]) for `accounts/{account}`,
+    /// writes it into `txn` and commits both together.
+    pub async fn commit_event(
+        &self,
+        txn: DatabaseTransaction,
+        source: &str,
+        event_type: &str,
+        account: &str,
+        resource: &str,
+        body: crate::Body,
+    ) -> Result<(), Error> {
+        let event = crate::new_event(
+            source,
+            event_type,
+            &format!("accounts/{account}"),
+            resource,
+            body,
+        );
+        self.commit_with(txn, &event).await
+    }
+
     /// Runs the relay until `shutdown` turns true.
     pub fn spawn_relay(
         &self,
