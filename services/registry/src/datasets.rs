@@ -394,6 +394,9 @@ impl Registry {
                 None => break,
             }
         }
+        if !upload.complete() || failure.is_some() {
+            upload.settle()?;
+        }
         dataset.uploaded_bytes = upload.offset as i64;
         if !upload.complete() || failure.is_some() {
             dataset.update_time = Some(micros_to_timestamp(now_micros()));

@@ -30,7 +30,9 @@ pub(crate) struct FileUpload {
     pub size: u64,
     pub sha256: String,
     pub offset: u64,
-    file: std::fs::File,
+    /// Appends to the staging file on a thread of its own, so receiving the next chunk
+    /// overlaps writing this one.
+    writer: Option<StagingWriter>,
     /// A running hash on its own thread (it overlaps the disk writes), when this session
     /// sees every byte from 0.
     hasher: Option<RunningHash>,
@@ -43,6 +45,38 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
         _ => work(),
+    }
+}
+
+/// Appends chunks to the staging file on its own thread, in order.
+struct StagingWriter {
+    chunks: std::sync::mpsc::SyncSender<bytes::Bytes>,
+    done: std::thread::JoinHandle<std::io::Result<std::fs::File>>,
+}
+
+impl StagingWriter {
+    fn start(mut file: std::fs::File) -> Self {
+        // A few chunks of slack: enough to overlap, little memory held.
+        let (chunks, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
+        let done = std::thread::spawn(move || {
+            for chunk in rx {
+                file.write_all(&chunk)?;
+            }
+            Ok(file)
+        });
+        Self { chunks, done }
+    }
+
+    /// Queues a chunk; an error means the thread hit a write error (see `finish`).
+    fn write(&self, chunk: bytes::Bytes) -> bool {
+        blocking(|| self.chunks.send(chunk)).is_ok()
+    }
+
+    /// Waits for every queued chunk to be written; returns the file.
+    fn finish(self) -> std::io::Result<std::fs::File> {
+        drop(self.chunks);
+        blocking(|| self.done.join())
+            .unwrap_or_else(|_| Err(std::io::Error::other("staging writer panicked")))
     }
 }
 
@@ -96,7 +130,7 @@ impl FileUpload {
             size,
             sha256,
             offset,
-            file,
+            writer: Some(StagingWriter::start(file)),
             hasher: (offset == 0).then(RunningHash::start),
             last_recorded: offset,
         })
@@ -124,10 +158,28 @@ impl FileUpload {
         if let Some(h) = &self.hasher {
             h.update(chunk.data.clone());
         }
-        // The write runs on this worker thread, off the async scheduler.
-        let file = &mut self.file;
-        blocking(|| file.write_all(&chunk.data))?;
+        let writer = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("staging writer stopped"))?;
+        if !writer.write(chunk.data) {
+            // The writer stopped on an error: collect it.
+            let stopped = self.writer.take().map(StagingWriter::finish);
+            return Err(match stopped {
+                Some(Err(e)) => e.into(),
+                _ => std::io::Error::other("staging writer stopped").into(),
+            });
+        }
         self.offset = end;
+        Ok(())
+    }
+
+    /// Waits until every accepted byte is in the staging file (before recording where an
+    /// unfinished upload stopped, so a resume finds them all).
+    pub fn settle(&mut self) -> Result<()> {
+        if let Some(writer) = self.writer.take() {
+            self.writer = Some(StagingWriter::start(writer.finish()?));
+        }
         Ok(())
     }
 
@@ -153,9 +205,13 @@ impl FileUpload {
         path: &str,
         validate: impl FnOnce(&std::path::Path) -> Result<()>,
     ) -> Result<()> {
-        let file = &mut self.file;
+        let writer = self
+            .writer
+            .take()
+            .ok_or_else(|| std::io::Error::other("staging writer stopped"))?;
+        let file = writer.finish()?;
         blocking(|| file.sync_data())?;
-        drop(self.file);
+        drop(file);
         let actual = match self.hasher.take() {
             Some(h) => blocking(|| h.finish()),
             None => artifacts.hash_staged(&self.key).await?,
@@ -372,8 +428,9 @@ impl Registry {
                 match message.payload {
                     Some(upload_model_files_request::Payload::Header(header)) => {
                         if let (Some(stored), Some(cur)) = (model.as_ref(), current.as_mut())
-                            && let Some(up) = cur.upload.as_ref()
+                            && let Some(up) = cur.upload.as_mut()
                         {
+                            up.settle()?;
                             self.record_file(
                                 stored, &cur.path, up.size, &up.sha256, up.offset, false,
                             )
@@ -418,9 +475,10 @@ impl Registry {
         }
         .await;
         // Record where an unfinished file stopped, whatever ended the stream.
-        if let (Some(stored), Some(cur)) = (model.as_ref(), current.as_ref())
-            && let Some(up) = cur.upload.as_ref()
+        if let (Some(stored), Some(cur)) = (model.as_ref(), current.as_mut())
+            && let Some(up) = cur.upload.as_mut()
         {
+            up.settle()?;
             self.record_file(stored, &cur.path, up.size, &up.sha256, up.offset, false)
                 .await?;
         }
