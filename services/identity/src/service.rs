@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use futures::future::BoxFuture;
 use kiln_core::Error as ApiError;
-use kiln_core::auth::{AuthCache, Authenticated, Authenticator, Principal, Role, hash_secret};
+use kiln_core::auth::{AuthCache, Authenticated, Authenticator, Principal, Role, hash_secret, hex};
 use kiln_core::names::validate_display_name;
 use kiln_core::names::{self, SYSTEM_ACCOUNT};
 use kiln_core::page::{FilterTerm, OrderKey, PageTokens, enum_filter_value, mask_paths};
@@ -116,10 +116,6 @@ fn new_secret() -> String {
         "kiln_{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     )
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn account_proto(m: &accounts::Model) -> Account {
@@ -1041,7 +1037,7 @@ impl Identity {
             key_id: random_id(16),
             display_name: display_name.to_owned(),
             prefix: secret.chars().take(12).collect(),
-            secret_sha256: hex(&hash_secret(&secret)),
+            secret_sha256: hex(hash_secret(&secret)),
             create_time: now,
             expire_time,
         };
@@ -1149,7 +1145,7 @@ impl Identity {
     /// Resolves an API key secret into its principal.
     pub async fn authenticate_key(&self, secret: &str) -> Result<Authenticated, ApiError> {
         let invalid = || ApiError::Unauthenticated("invalid API key".into());
-        let digest = hex(&hash_secret(secret));
+        let digest = hex(hash_secret(secret));
         let internal = |e: sea_orm::DbErr| ApiError::Unavailable(format!("identity database: {e}"));
         let key = api_keys::Entity::find()
             .filter(api_keys::Column::SecretSha256.eq(digest))

@@ -12,7 +12,6 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, WriteMultipart};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::config::RegistryConfig;
@@ -25,11 +24,6 @@ pub struct Artifacts {
     /// Set when the store is the local file system rooted here (finishing is a rename).
     local_root: Option<PathBuf>,
     staging: PathBuf,
-}
-
-/// Lowercase hex SHA-256.
-pub fn hex_digest(digest: impl AsRef<[u8]>) -> String {
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Artifacts {
@@ -105,17 +99,7 @@ impl Artifacts {
     /// SHA-256 of the staged bytes (when the upload was resumed, so no running hash covers
     /// them all).
     pub async fn hash_staged(&self, key: &str) -> Result<String> {
-        let mut file = tokio::fs::File::open(self.staging_path(key)).await?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        Ok(hex_digest(hasher.finalize()))
+        Ok(crate::library::hash_file(&self.staging_path(key)).await?.0)
     }
 
     /// Moves a complete staged file into the store under `key`.

@@ -14,10 +14,10 @@ use kiln_proto::registry::v1::{
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
-use crate::artifacts::hex_digest;
 use crate::config::RegistryConfig;
 use crate::error::Result;
 use crate::service::Registry;
+use kiln_core::auth::hex;
 
 /// Bytes per upload message (the server accepts up to 8 MiB). 1 MiB measured fastest here:
 /// pieces that stay in cache beat fewer, larger ones (4 MiB ran at less than half the rate).
@@ -84,7 +84,7 @@ pub async fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
         size += n as u64;
         hasher.update(&buf[..n]);
     }
-    Ok((hex_digest(hasher.finalize()), size))
+    Ok((hex(hasher.finalize()), size))
 }
 
 /// The upload messages of one local file, from `offset` on: a header, then chunks read

@@ -66,27 +66,12 @@ impl Registry {
         else {
             return Ok(None);
         };
-        let mut model = Model::decode(row.resource.as_slice())
-            .map_err(|e| ApiError::Internal(format!("stored model does not decode: {e}")))?;
-        let rows = files::Entity::find()
+        let files = files::Entity::find()
             .filter(files::Column::AccountId.eq(account))
             .filter(files::Column::ModelId.eq(id))
             .all(self.db())
             .await?;
-        model.files = rows
-            .iter()
-            .filter(|f| f.bundle.is_empty())
-            .map(file_proto)
-            .collect();
-        for bundle in &mut model.prepared_bundles {
-            let name = precision_name(bundle.precision);
-            bundle.files = rows
-                .iter()
-                .filter(|f| f.bundle == name)
-                .map(file_proto)
-                .collect();
-        }
-        Ok(Some(StoredModel { row, model }))
+        Ok(Some(assemble(row, &files)?))
     }
 
     /// A model the caller may read (its own account's, or a public one), else NOT_FOUND.
@@ -382,11 +367,21 @@ impl Registry {
             vec![models::Column::ModelId],
         )
         .await?;
+        // The page's files in one query, not one per model.
+        let ids: Vec<String> = page.items.iter().map(|r| r.model_id.clone()).collect();
+        let files = files::Entity::find()
+            .filter(files::Column::AccountId.eq(parent.account.clone()))
+            .filter(files::Column::ModelId.is_in(ids))
+            .all(self.db())
+            .await?;
         let mut items = Vec::with_capacity(page.items.len());
-        for row in &page.items {
-            if let Some(stored) = self.stored_model(&row.account_id, &row.model_id).await? {
-                items.push(stored.model);
-            }
+        for row in page.items {
+            let own: Vec<files::Model> = files
+                .iter()
+                .filter(|f| f.model_id == row.model_id)
+                .cloned()
+                .collect();
+            items.push(assemble(row, &own)?.model);
         }
         Ok(Listing {
             items,
@@ -541,6 +536,26 @@ impl Registry {
             .await?;
         Ok(())
     }
+}
+
+/// A model from its row and the rows of its files (uploaded and of its bundles).
+fn assemble(row: models::Model, files: &[files::Model]) -> Result<StoredModel> {
+    let mut model = Model::decode(row.resource.as_slice())
+        .map_err(|e| ApiError::Internal(format!("stored model does not decode: {e}")))?;
+    model.files = files
+        .iter()
+        .filter(|f| f.bundle.is_empty())
+        .map(file_proto)
+        .collect();
+    for bundle in &mut model.prepared_bundles {
+        let name = precision_name(bundle.precision);
+        bundle.files = files
+            .iter()
+            .filter(|f| f.bundle == name)
+            .map(file_proto)
+            .collect();
+    }
+    Ok(StoredModel { row, model })
 }
 
 pub fn precision_name(precision: i32) -> String {

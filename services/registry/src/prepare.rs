@@ -17,11 +17,11 @@ use kiln_proto::registry::v1::{
 use sea_orm::EntityTrait;
 use sha2::{Digest, Sha256};
 
-use crate::artifacts::hex_digest;
 use crate::db::model_file as files;
 use crate::error::Result;
 use crate::models::{StoredModel, file_key, precision_name};
 use crate::service::Registry;
+use kiln_core::auth::hex;
 
 /// A file a preparer produced: its path in the bundle and where its bytes already are.
 pub struct BundleFile {
@@ -109,7 +109,7 @@ impl Preparer for OnnxBundle {
         }
         let manifest = serde_json::to_vec_pretty(&manifest(&stored.model))
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let sha = hex_digest(Sha256::digest(&manifest));
+        let sha = hex(Sha256::digest(&manifest));
         let size = manifest.len() as u64;
         registry
             .artifacts()

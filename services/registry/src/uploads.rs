@@ -15,11 +15,12 @@ use sea_orm::{ActiveModelTrait, EntityTrait};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 
-use crate::artifacts::{Artifacts, hex_digest};
+use crate::artifacts::Artifacts;
 use crate::db::model_file as files;
 use crate::error::Result;
 use crate::models::{StoredModel, file_key};
 use crate::service::{Registry, validate_file_path, validate_sha256};
+use kiln_core::auth::hex;
 
 /// How often (in bytes) an upload records its progress in the database.
 const PROGRESS_EVERY: u64 = 64 << 20;
@@ -94,7 +95,7 @@ impl RunningHash {
             for chunk in rx {
                 hasher.update(&chunk);
             }
-            hex_digest(hasher.finalize())
+            hex(hasher.finalize())
         });
         Self { chunks, digest }
     }

@@ -197,6 +197,11 @@ pub fn hash_secret(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// Lowercase hex of bytes (digests as stored and shown).
+pub fn hex(bytes: impl AsRef<[u8]>) -> String {
+    bytes.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The tower layer that authenticates every call except health checks and reflection.
 #[derive(Clone)]
 pub struct AuthLayer {
