@@ -50,8 +50,11 @@ fi
 # The real models the suites use (cached under ~/.cache/kiln/assets after the first run).
 bash deploy/fetch-assets.sh >/dev/null
 
-# An S3-compatible server for the registry's object-store tests (moto's, from PyPI).
-python3 -c "import moto.server" 2>/dev/null || python3 -m pip install --quiet "moto[server]"
+# Python tools the suites run: an S3-compatible server for the registry's object-store tests
+# (moto), and the independent Open Inference Protocol client (tritonclient); see
+# tests/python/requirements.txt.
+python3 -c "import moto.server, tritonclient.grpc, numpy" 2>/dev/null \
+  || python3 -m pip install --quiet -r tests/python/requirements.txt
 
 # Tests that spawn their own nats-server (the outage test) need the binary either way.
 ensure_nats

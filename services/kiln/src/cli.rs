@@ -105,7 +105,7 @@ pub struct DevArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The service: identity or registry.
+    /// The service: identity, registry or inference.
     pub service: String,
     /// A TOML config file; `KILN_*` variables override it.
     #[arg(long)]

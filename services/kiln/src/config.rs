@@ -2,6 +2,7 @@
 
 use kiln_core::config::{ConfigError, Load, ServerConfig, section};
 use kiln_identity::config::IdentityConfig;
+use kiln_inference::config::InferenceConfig;
 use kiln_registry::config::RegistryConfig;
 
 /// The top level (shared server settings) and one section per service.
@@ -10,6 +11,7 @@ pub struct KilnConfig {
     pub server: ServerConfig,
     pub identity: IdentityConfig,
     pub registry: RegistryConfig,
+    pub inference: InferenceConfig,
     /// Import the public library from the asset cache at start (`kiln dev` does).
     pub import_library: bool,
 }
@@ -20,6 +22,7 @@ impl Load for KilnConfig {
             server: section(figment, None)?,
             identity: section(figment, Some("identity"))?,
             registry: section(figment, Some("registry"))?,
+            inference: section(figment, Some("inference"))?,
             import_library: false,
         })
     }

@@ -130,6 +130,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )?;
             kiln_registry::serve_until(&registry, stop_signal()).await
         }
-        other => anyhow::bail!("unknown service {other:?}; services: identity, registry"),
+        "inference" => {
+            let inference = <kiln_inference::config::Config as kiln_core::config::Load>::load(
+                args.config.as_deref(),
+            )?;
+            kiln_inference::serve_until(&inference, stop_signal()).await
+        }
+        other => {
+            anyhow::bail!("unknown service {other:?}; services: identity, registry, inference")
+        }
     }
 }

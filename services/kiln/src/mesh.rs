@@ -3,12 +3,48 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use kiln_core::auth::Principal;
 use kiln_events::EventBus;
 use kiln_events::host::Host;
+use kiln_proto::registry::v1::{DownloadModelFilesRequest, Model};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::KilnConfig;
+
+/// The registry in the same process, as the inference node's model source.
+struct LocalRegistry(kiln_registry::Registry);
+
+#[async_trait::async_trait]
+impl kiln_inference::source::ModelSource for LocalRegistry {
+    async fn get_model(&self, name: &str) -> kiln_inference::Result<Model> {
+        self.0
+            .get_model(&Principal::service(), name)
+            .await
+            .map_err(|e| kiln_inference::Error::Remote(e.into()))
+    }
+
+    async fn download(
+        &self,
+        name: &str,
+        bundle_precision: Option<i32>,
+    ) -> kiln_inference::Result<kiln_inference::source::FileStream> {
+        use futures::StreamExt;
+        let request = DownloadModelFilesRequest {
+            name: name.to_owned(),
+            bundle_precision,
+            ..Default::default()
+        };
+        let stream = self
+            .0
+            .download_model_files(&Principal::service(), request)
+            .await
+            .map_err(|e| kiln_inference::Error::Remote(e.into()))?;
+        Ok(stream
+            .map(|piece| piece.map_err(|e| kiln_inference::Error::Remote(e.into())))
+            .boxed())
+    }
+}
 
 /// A running mesh.
 pub struct Mesh {
@@ -36,13 +72,39 @@ impl Mesh {
         let (identity, new_admin_key) =
             kiln_identity::open(&config.server, &config.identity, &mut host).await?;
         let registry = kiln_registry::open(&config.server, &config.registry, &mut host).await?;
+        let mut inference_config = config.inference.clone();
+        if inference_config.ort_dylib_path.is_empty()
+            && std::env::var_os("ORT_DYLIB_PATH").is_none()
+        {
+            // The library deploy/fetch-assets.sh puts beside the models.
+            let fetched = kiln_registry::library::asset_dir(&config.registry)
+                .join("onnxruntime/libonnxruntime.so");
+            if fetched.is_file() {
+                inference_config.ort_dylib_path = fetched.display().to_string();
+            }
+        }
+        let inference = kiln_inference::open(
+            &config.server,
+            &inference_config,
+            &mut host,
+            Arc::new(LocalRegistry(registry.clone())),
+        )
+        .await?;
         if config.import_library {
-            // In the background: the server answers while the library's files copy in.
+            // In the background: the server answers while the library's files copy in; then
+            // the local worker loads the public embedding model so it answers at once.
             tokio::spawn(async move {
-                if let Err(err) = registry.import_library().await {
-                    tracing::warn!(%err, "importing the public library failed");
+                match registry.import_library().await {
+                    Ok(_) => {
+                        let mut preload = vec![kiln_registry::library::EMBEDDING_MODEL.to_owned()];
+                        preload.extend(inference_config.preload);
+                        kiln_inference::preload(&inference, preload);
+                    }
+                    Err(err) => tracing::warn!(%err, "importing the public library failed"),
                 }
             });
+        } else {
+            kiln_inference::preload(&inference, inference_config.preload);
         }
         // A mesh that is told where identity lives delegates key checks to it (a replica of
         // a larger deployment); otherwise its own identity answers from its tables.

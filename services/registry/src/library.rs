@@ -35,6 +35,9 @@ pub struct LibraryModel {
     pub imported_from: &'static str,
 }
 
+/// The public embedding model `kiln dev` serves out of the box.
+pub const EMBEDDING_MODEL: &str = "accounts/kiln/models/all-minilm-l6-v2";
+
 pub const LIBRARY: &[LibraryModel] = &[
     LibraryModel {
         id: "all-minilm-l6-v2",

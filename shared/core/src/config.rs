@@ -135,6 +135,8 @@ pub struct ServerConfig {
     pub service_token: Option<String>,
     /// Where services that are not identity authenticate API keys, e.g. `http://identity:7400`.
     pub identity_url: Option<String>,
+    /// Where services that are not the registry read models, e.g. `http://registry:7401`.
+    pub registry_url: Option<String>,
     /// How long a resolved API key is trusted before asking identity again. Deletions reach
     /// caches sooner, through events.
     pub auth_cache_ttl_secs: u64,
@@ -162,6 +164,7 @@ impl Default for ServerConfig {
             otlp_endpoint: None,
             service_token: None,
             identity_url: None,
+            registry_url: None,
             auth_cache_ttl_secs: 60,
             page_token_secret: None,
             log_format: LogFormat::Text,

@@ -6,5 +6,6 @@ mod authn;
 mod discovery;
 mod events;
 mod identity_api;
+mod inference;
 mod registry;
 mod secrets;

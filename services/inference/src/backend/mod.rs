@@ -1,0 +1,138 @@
+//! Backends run ONNX graphs. Each is a plugin behind [`Backend`], registered by name in
+//! [`Backends`]; a deployment picks one from its accelerator and precision (see
+//! [`Backends::choose`]), and config can override the choice.
+
+pub mod onnxruntime;
+pub mod tract;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::tensor::{DataType, Tensor};
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+    /// An NVIDIA GPU by ordinal (CUDA).
+    Cuda(i32),
+}
+
+/// How a backend should load a graph.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Threads one forward pass may use (0: the backend's default).
+    pub intra_op_threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            intra_op_threads: 0,
+        }
+    }
+}
+
+/// A graph input or output as the backend sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DataType,
+    /// -1 for a dynamic dimension.
+    pub shape: Vec<i64>,
+}
+
+/// What a backend reports when it fails: shown to the caller as INTERNAL with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{backend}: {message}")]
+pub struct BackendError {
+    pub backend: &'static str,
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(backend: &'static str, message: impl std::fmt::Display) -> Self {
+        Self {
+            backend,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// A runtime that can load ONNX graphs.
+pub trait Backend: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Why this backend cannot run on `device` (its library is missing, no CUDA…), or `None`.
+    fn unavailable(&self, device: Device) -> Option<String>;
+    fn load(&self, graph: &Path, options: &LoadOptions) -> Result<Box<dyn Session>, BackendError>;
+}
+
+/// A loaded graph. Runs are serialised by the caller (one batch at a time).
+pub trait Session: Send + 'static {
+    fn inputs(&self) -> &[TensorInfo];
+    fn outputs(&self) -> &[TensorInfo];
+    /// Runs the graph on named inputs; returns every output, in [`Session::outputs`] order.
+    fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError>;
+}
+
+/// The backends of this process, by name.
+#[derive(Clone, Default)]
+pub struct Backends(BTreeMap<&'static str, Arc<dyn Backend>>);
+
+impl Backends {
+    /// tract always; ONNX Runtime from `ort_dylib_path` (or `ORT_DYLIB_PATH`) when given.
+    pub fn standard(ort_dylib_path: Option<&Path>) -> Self {
+        let mut backends = Self::default();
+        backends.register(Arc::new(tract::Tract));
+        backends.register(Arc::new(onnxruntime::OnnxRuntime::new(ort_dylib_path)));
+        backends
+    }
+
+    pub fn register(&mut self, backend: Arc<dyn Backend>) {
+        self.0.insert(backend.name(), backend);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Backend>> {
+        self.0.get(name)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.keys().copied().collect()
+    }
+
+    /// The backend for a device: the named one when `preferred` is set; otherwise ONNX
+    /// Runtime when it can run there (faster; the only one with CUDA) and tract on CPU when
+    /// it cannot. The error says why nothing fits.
+    pub fn choose(
+        &self,
+        preferred: Option<&str>,
+        device: Device,
+    ) -> Result<Arc<dyn Backend>, String> {
+        if let Some(name) = preferred.filter(|n| !n.is_empty() && *n != "auto") {
+            let backend = self.get(name).ok_or_else(|| {
+                format!(
+                    "no backend named {name:?} (this node has {})",
+                    self.names().join(", ")
+                )
+            })?;
+            if let Some(why) = backend.unavailable(device) {
+                return Err(why);
+            }
+            return Ok(backend.clone());
+        }
+        let mut reasons = Vec::new();
+        for name in [onnxruntime::NAME, tract::NAME] {
+            let Some(backend) = self.get(name) else {
+                continue;
+            };
+            match backend.unavailable(device) {
+                None => return Ok(backend.clone()),
+                Some(why) => reasons.push(why),
+            }
+        }
+        Err(reasons.join("; "))
+    }
+}

@@ -1,0 +1,211 @@
+//! The inference service's `[inference]` configuration section.
+
+use std::path::PathBuf;
+
+use kiln_core::config::{ConfigError, Validate};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InferenceConfig {
+    /// `auto` (ONNX Runtime where it can run, tract otherwise), `tract` or `onnxruntime`.
+    pub backend: String,
+    /// ONNX Runtime's shared library; empty: `ORT_DYLIB_PATH`.
+    pub ort_dylib_path: String,
+    /// The device models run on: `cpu`, or `cuda` / `cuda:N` for an NVIDIA GPU.
+    pub device: String,
+    /// Threads one forward pass may use; 0: the backend's default (all cores).
+    pub intra_op_threads: usize,
+    /// Where downloaded model bundles are kept; empty: `<data_dir>/model-cache`.
+    pub cache_dir: String,
+    /// Least recently used bundles are removed beyond this size.
+    pub cache_max_bytes: u64,
+    /// Default dynamic batching of every model (each can override it in `models`).
+    #[serde(flatten)]
+    pub batching: Batching,
+    /// Requests waiting for one model beyond which new ones are refused (UNAVAILABLE).
+    pub queue_capacity: usize,
+    /// Per-model settings; a `path` serves a local bundle under `name`.
+    pub models: Vec<ModelConfig>,
+    /// Models loaded at start (names), so the first request does not wait for a load.
+    pub preload: Vec<String>,
+}
+
+/// Dynamic batching: requests arriving within `max_queue_delay_ms` of the first waiting one
+/// run in one forward pass of up to `max_batch_size` rows. A size of 1 turns batching off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Batching {
+    pub max_batch_size: usize,
+    pub max_queue_delay_ms: u64,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 32,
+            max_queue_delay_ms: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// accounts/{account}/models/{model}
+    pub name: String,
+    /// A local bundle folder (model.onnx, tokenizer.json, manifest.json) to serve under
+    /// `name` instead of fetching it from the registry.
+    pub path: String,
+    /// Overrides `inference.backend` for this model.
+    pub backend: String,
+    pub max_batch_size: Option<usize>,
+    pub max_queue_delay_ms: Option<u64>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            backend: "auto".into(),
+            ort_dylib_path: String::new(),
+            device: "cpu".into(),
+            intra_op_threads: 0,
+            cache_dir: String::new(),
+            cache_max_bytes: 20 << 30,
+            batching: Batching::default(),
+            queue_capacity: 1024,
+            models: Vec::new(),
+            preload: Vec::new(),
+        }
+    }
+}
+
+impl InferenceConfig {
+    pub fn cache_dir(&self, data_dir: &std::path::Path) -> PathBuf {
+        if self.cache_dir.is_empty() {
+            data_dir.join("model-cache")
+        } else {
+            PathBuf::from(&self.cache_dir)
+        }
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The batching of `name`: its own settings over the defaults.
+    pub fn batching_of(&self, name: &str) -> Batching {
+        let model = self.model(name);
+        Batching {
+            max_batch_size: model
+                .and_then(|m| m.max_batch_size)
+                .unwrap_or(self.batching.max_batch_size),
+            max_queue_delay_ms: model
+                .and_then(|m| m.max_queue_delay_ms)
+                .unwrap_or(self.batching.max_queue_delay_ms),
+        }
+    }
+
+    /// The configured device.
+    pub fn parsed_device(&self) -> Result<crate::backend::Device, ConfigError> {
+        use crate::backend::Device;
+        match self.device.as_str() {
+            "" | "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<i32>().ok())
+                .filter(|n| *n >= 0)
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        "inference.device",
+                        format!("must be cpu, cuda or cuda:N, got {other:?}"),
+                    )
+                }),
+        }
+    }
+}
+
+impl Validate for InferenceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !matches!(self.backend.as_str(), "auto" | "tract" | "onnxruntime") {
+            return Err(ConfigError::invalid(
+                "inference.backend",
+                format!("must be auto, tract or onnxruntime, got {:?}", self.backend),
+            ));
+        }
+        self.parsed_device()?;
+        if self.batching.max_batch_size == 0 {
+            return Err(ConfigError::invalid(
+                "inference.max_batch_size",
+                "must be at least 1 (1 turns batching off)",
+            ));
+        }
+        if self.queue_capacity == 0 {
+            return Err(ConfigError::invalid(
+                "inference.queue_capacity",
+                "must be positive",
+            ));
+        }
+        for (i, model) in self.models.iter().enumerate() {
+            if kiln_core::names::ChildName::parse("name", "models", &model.name, None).is_err() {
+                return Err(ConfigError::invalid(
+                    format!("inference.models[{i}].name"),
+                    format!(
+                        "must be accounts/{{account}}/models/{{model}}, got {:?}",
+                        model.name
+                    ),
+                ));
+            }
+            if model.max_batch_size == Some(0) {
+                return Err(ConfigError::invalid(
+                    format!("inference.models[{i}].max_batch_size"),
+                    "must be at least 1",
+                ));
+            }
+            if !matches!(
+                model.backend.as_str(),
+                "" | "auto" | "tract" | "onnxruntime"
+            ) {
+                return Err(ConfigError::invalid(
+                    format!("inference.models[{i}].backend"),
+                    format!(
+                        "must be auto, tract or onnxruntime, got {:?}",
+                        model.backend
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The inference binary's whole configuration: the top level and `[inference]`.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub server: kiln_core::config::ServerConfig,
+    pub inference: InferenceConfig,
+}
+
+impl kiln_core::config::Load for Config {
+    fn from_sources(figment: &kiln_core::config::Figment) -> Result<Self, ConfigError> {
+        let server: kiln_core::config::ServerConfig = kiln_core::config::section(figment, None)?;
+        if server.identity_url.is_none() || server.service_token.is_none() {
+            return Err(ConfigError::invalid(
+                "identity_url",
+                "inference alone authenticates callers through identity: set identity_url and service_token",
+            ));
+        }
+        if server.registry_url.is_none() {
+            return Err(ConfigError::invalid(
+                "registry_url",
+                "inference alone fetches models from the registry: set registry_url",
+            ));
+        }
+        Ok(Self {
+            server,
+            inference: kiln_core::config::section(figment, Some("inference"))?,
+        })
+    }
+}

@@ -1,0 +1,341 @@
+//! The engine: resolves a request's model string to a loaded model, loading it on first use
+//! (bundle from the cache, session from the chosen backend, a runner thread for batching).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_core::Error as ApiError;
+use kiln_core::auth::Principal;
+use kiln_core::names::ChildName;
+use kiln_proto::registry::v1::{Model, model};
+use tokenizers::Tokenizer;
+use tokio::sync::Mutex;
+
+use crate::backend::{Backends, Device, LoadOptions, TensorInfo};
+use crate::bundle::{Bundle, BundleCache, Manifest};
+use crate::config::InferenceConfig;
+use crate::error::{Error, Result};
+use crate::runner::{Runner, SubmitError};
+use crate::source::ModelSource;
+use crate::tensor::Tensor;
+
+/// What a loaded model serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    Embedding,
+    TextGeneration,
+    Tensor,
+}
+
+impl Task {
+    /// The manifest's task, else what the graph's interface says.
+    fn of(manifest: &Manifest, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Self {
+        match manifest.task.as_str() {
+            "embedding" => return Task::Embedding,
+            "text-generation" => return Task::TextGeneration,
+            "tensor" => return Task::Tensor,
+            _ => {}
+        }
+        let has_in = |n: &str| inputs.iter().any(|t| t.name == n);
+        let has_out = |n: &str| outputs.iter().any(|t| t.name == n);
+        if has_in("input_ids") && has_out("logits") {
+            Task::TextGeneration
+        } else if has_in("input_ids")
+            && has_in("attention_mask")
+            && [
+                "last_hidden_state",
+                "token_embeddings",
+                "sentence_embedding",
+            ]
+            .iter()
+            .any(|n| has_out(n))
+        {
+            Task::Embedding
+        } else {
+            Task::Tensor
+        }
+    }
+}
+
+/// A model ready to serve.
+pub struct LoadedModel {
+    /// accounts/{account}/models/{model}
+    pub name: String,
+    pub account: String,
+    pub public: bool,
+    pub task: Task,
+    pub backend: &'static str,
+    pub runner: Runner,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub manifest: Manifest,
+    bundle_dir: PathBuf,
+}
+
+impl LoadedModel {
+    /// Runs one job through the batcher (`pad`: see [`Runner::submit`]).
+    pub async fn run(&self, inputs: Vec<(String, Tensor)>, pad: bool) -> Result<Vec<Tensor>> {
+        match self.runner.submit(inputs, pad).await {
+            Ok(outputs) => Ok(outputs?),
+            Err(SubmitError::Full) => Err(ApiError::Unavailable(format!(
+                "{} has too many requests waiting; retry shortly",
+                self.name
+            ))
+            .into()),
+            Err(SubmitError::Stopped) => {
+                Err(ApiError::Internal(format!("{} stopped serving", self.name)).into())
+            }
+        }
+    }
+
+    /// Whether `caller` may use it: its own account's models, and public ones.
+    pub fn visible_to(&self, caller: &Principal) -> bool {
+        self.public || caller.can_access(&self.account)
+    }
+}
+
+/// A model's place in the engine: empty until it loads; its lock held while it loads.
+type Slot = Arc<Mutex<Option<Arc<LoadedModel>>>>;
+
+/// Loaded models by name, each behind its own lock so loads of different models overlap and
+/// concurrent first requests for one model load it once.
+pub struct Engine {
+    config: InferenceConfig,
+    device: Device,
+    backends: Backends,
+    cache: BundleCache,
+    source: Arc<dyn ModelSource>,
+    models: std::sync::Mutex<HashMap<String, Slot>>,
+}
+
+impl Engine {
+    pub fn new(
+        config: InferenceConfig,
+        data_dir: &std::path::Path,
+        backends: Backends,
+        source: Arc<dyn ModelSource>,
+    ) -> Result<Self> {
+        let device = config
+            .parsed_device()
+            .map_err(|e| Error::Startup(e.to_string()))?;
+        let cache = BundleCache::new(config.cache_dir(data_dir), config.cache_max_bytes);
+        Ok(Self {
+            config,
+            device,
+            backends,
+            cache,
+            source,
+            models: Default::default(),
+        })
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// The model a request names, loaded, if `caller` may use it. `field` names the request
+    /// field in errors.
+    pub async fn model(
+        &self,
+        caller: &Principal,
+        field: &str,
+        name: &str,
+    ) -> Result<Arc<LoadedModel>> {
+        let model_name = resolve(field, name)?;
+        let slot = self
+            .models
+            .lock()
+            .expect("models")
+            .entry(model_name.clone())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(loaded) = slot.as_ref() {
+            return if loaded.visible_to(caller) {
+                Ok(loaded.clone())
+            } else {
+                Err(ApiError::not_found(name).into())
+            };
+        }
+        let loaded = Arc::new(self.load(caller, name, &model_name).await?);
+        *slot = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    /// The models loaded now.
+    pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
+        let slots: Vec<_> = self
+            .models
+            .lock()
+            .expect("models")
+            .values()
+            .cloned()
+            .collect();
+        slots
+            .into_iter()
+            .filter_map(|slot| slot.try_lock().ok().and_then(|s| s.clone()))
+            .collect()
+    }
+
+    async fn load(&self, caller: &Principal, requested: &str, name: &str) -> Result<LoadedModel> {
+        let local = self.config.model(name).filter(|m| !m.path.is_empty());
+        let (bundle, account, public) = match local {
+            Some(local) => {
+                let bundle = Bundle::open(
+                    std::path::Path::new(&local.path),
+                    Manifest {
+                        model: name.to_owned(),
+                        ..Default::default()
+                    },
+                )?;
+                let account = ChildName::parse("model", "models", name, None)?.account;
+                (bundle, account, false)
+            }
+            None => {
+                let model = match self.source.get_model(name).await {
+                    Ok(model) => model,
+                    Err(Error::Remote(status)) if status.code() == tonic::Code::NotFound => {
+                        return Err(ApiError::not_found(requested).into());
+                    }
+                    Err(Error::Api(ApiError::NotFound { .. })) => {
+                        return Err(ApiError::not_found(requested).into());
+                    }
+                    Err(e) => return Err(e),
+                };
+                let account = ChildName::parse("model", "models", &model.name, None)?.account;
+                if !(model.public || caller.can_access(&account)) {
+                    return Err(ApiError::not_found(requested).into());
+                }
+                check_servable(&model)?;
+                let bundle = self.cache.fetch(self.source.as_ref(), &model).await?;
+                (bundle, account, model.public)
+            }
+        };
+        let loaded = self
+            .open_bundle(name, bundle.clone(), account, public)
+            .await;
+        if loaded.is_err() {
+            self.cache.unpin(&bundle.dir);
+        }
+        loaded
+    }
+
+    async fn open_bundle(
+        &self,
+        name: &str,
+        bundle: Bundle,
+        account: String,
+        public: bool,
+    ) -> Result<LoadedModel> {
+        let preferred = self
+            .config
+            .model(name)
+            .map(|m| m.backend.as_str())
+            .filter(|b| !b.is_empty())
+            .unwrap_or(&self.config.backend);
+        let backend = self
+            .backends
+            .choose(Some(preferred), self.device)
+            .map_err(|why| ApiError::FailedPrecondition(format!("cannot serve {name}: {why}")))?;
+        let graph = bundle.graph()?;
+        let options = LoadOptions {
+            device: self.device,
+            intra_op_threads: self.config.intra_op_threads,
+        };
+        let tokenizer_path = bundle.tokenizer();
+        let started = std::time::Instant::now();
+        let (session, tokenizer) = tokio::task::spawn_blocking({
+            let backend = backend.clone();
+            move || -> Result<_> {
+                let session = backend.load(&graph, &options)?;
+                let tokenizer = tokenizer_path.map(|p| load_tokenizer(&p)).transpose()?;
+                Ok((session, tokenizer))
+            }
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("loading {name}: {e}")))??;
+        let task = Task::of(&bundle.manifest, session.inputs(), session.outputs());
+        if matches!(task, Task::Embedding | Task::TextGeneration) && tokenizer.is_none() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{name} has no tokenizer.json, which its {task:?} task needs"
+            ))
+            .into());
+        }
+        let runner = Runner::start(
+            name,
+            session,
+            self.config.batching_of(name),
+            self.config.queue_capacity,
+        )?;
+        tracing::info!(
+            model = name,
+            backend = backend.name(),
+            ?task,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        Ok(LoadedModel {
+            name: name.to_owned(),
+            account,
+            public,
+            task,
+            backend: backend.name(),
+            runner,
+            tokenizer: tokenizer.map(Arc::new),
+            manifest: bundle.manifest,
+            bundle_dir: bundle.dir,
+        })
+    }
+
+    /// Stops serving `name` (its thread ends once its queue drains).
+    pub async fn unload(&self, name: &str) {
+        let slot = self.models.lock().expect("models").remove(name);
+        if let Some(slot) = slot
+            && let Some(loaded) = slot.lock().await.take()
+        {
+            self.cache.unpin(&loaded.bundle_dir);
+        }
+    }
+}
+
+/// The model a request's model string names. Until the scheduler serves deployments, a model
+/// name is served directly; deployed models and `model#deployment` forms are unknown.
+fn resolve(field: &str, name: &str) -> Result<String> {
+    if name.is_empty() {
+        return Err(ApiError::invalid(field, "is required").into());
+    }
+    if name.contains('#') || name.contains("/deployedModels/") {
+        return Err(ApiError::not_found(name).into());
+    }
+    let parsed = ChildName::parse(field, "models", name, None)?;
+    Ok(format!("accounts/{}/models/{}", parsed.account, parsed.id))
+}
+
+fn check_servable(model: &Model) -> Result<()> {
+    if model.state != model::State::Ready as i32 {
+        return Err(
+            ApiError::FailedPrecondition(format!("model {} is not READY", model.name)).into(),
+        );
+    }
+    if model.kind == model::Kind::LoraAddon as i32 {
+        return Err(ApiError::FailedPrecondition(format!(
+            "model {} is a LoRA addon: it is served on a deployment of its base model",
+            model.name
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Loads `tokenizer.json` with its fixed padding and truncation off: the engine pads batches
+/// itself and decides about over-long inputs.
+pub fn load_tokenizer(path: &std::path::Path) -> Result<Tokenizer> {
+    let mut tokenizer = Tokenizer::from_file(path).map_err(|e| {
+        ApiError::FailedPrecondition(format!("{}: not a valid tokenizer: {e}", path.display()))
+    })?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+    Ok(tokenizer)
+}

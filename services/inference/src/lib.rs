@@ -1,0 +1,139 @@
+//! Kiln inference: the engine (pluggable ONNX backends, model bundles and their cache,
+//! dynamic batching), embeddings and the Open Inference Protocol. A library plus a thin
+//! `main.rs`; `kiln dev` hosts it beside the other services.
+
+pub mod backend;
+pub mod bundle;
+pub mod config;
+pub mod embeddings;
+pub mod engine;
+pub mod error;
+pub mod oip;
+pub mod runner;
+pub mod service;
+pub mod source;
+pub mod tensor;
+pub mod usage;
+
+use std::sync::Arc;
+
+use kiln_core::config::ServerConfig;
+use kiln_events::host::Host;
+use kiln_proto::common::v1::AcceleratorType;
+
+pub use error::{Error, Result};
+pub use service::Inference;
+
+/// The service name: its database and its outbox rows.
+pub const SERVICE: &str = "inference";
+
+/// The node's database: only the outbox of its usage events.
+const MIGRATIONS: &[kiln_store::Migration] = &[kiln_events::outbox::MIGRATION];
+
+/// Opens the node's database, engine and usage recorder, starts its outbox relay on the
+/// host's bus and adds its gRPC services to the host. Models come from `source`.
+pub async fn open(
+    server: &ServerConfig,
+    config: &config::InferenceConfig,
+    host: &mut Host,
+    source: Arc<dyn source::ModelSource>,
+) -> Result<Inference> {
+    std::fs::create_dir_all(&server.data_dir).map_err(|e| {
+        Error::Startup(format!(
+            "cannot create data dir {}: {e}",
+            server.data_dir.display()
+        ))
+    })?;
+    let db = kiln_store::connect(&server.database_url_for(SERVICE)).await?;
+    kiln_store::migrate(&db, SERVICE, MIGRATIONS).await?;
+    let outbox = kiln_events::outbox::Outbox::new(SERVICE);
+    host.track(outbox.spawn_relay(db.clone(), host.bus.clone(), host.shutdown.clone()));
+    let ort_path =
+        (!config.ort_dylib_path.is_empty()).then(|| std::path::Path::new(&config.ort_dylib_path));
+    let backends = backend::Backends::standard(ort_path);
+    let device = config
+        .parsed_device()
+        .map_err(|e| Error::Startup(e.to_string()))?;
+    for name in backends.names() {
+        match backends.get(name).and_then(|b| b.unavailable(device)) {
+            None => tracing::info!(backend = name, ?device, "backend available"),
+            Some(why) => tracing::warn!(backend = name, ?device, "backend unavailable: {why}"),
+        }
+    }
+    let accelerator = match device {
+        backend::Device::Cpu => AcceleratorType::Cpu,
+        // The node reports its exact GPU model to the scheduler; usage names the family.
+        backend::Device::Cuda(_) => AcceleratorType::Unspecified,
+    };
+    let engine = Arc::new(engine::Engine::new(
+        config.clone(),
+        &server.data_dir,
+        backends,
+        source,
+    )?);
+    let usage = usage::UsageRecorder::start(db, outbox, "local", accelerator);
+    let inference = Inference { engine, usage };
+    add_services(&inference, &mut host.services);
+    Ok(inference)
+}
+
+/// Loads the configured `preload` models in the background, as the service principal.
+pub fn preload(inference: &Inference, names: Vec<String>) {
+    let engine = inference.engine.clone();
+    tokio::spawn(async move {
+        let service = kiln_core::auth::Principal::service();
+        for name in names {
+            match engine.model(&service, "preload", &name).await {
+                Ok(model) => {
+                    tracing::info!(model = %model.name, backend = model.backend, "preloaded")
+                }
+                Err(err) => tracing::warn!(model = %name, %err, "preloading failed"),
+            }
+        }
+    });
+}
+
+/// Adds the node's gRPC services (inference and the Open Inference Protocol) to a server.
+pub fn add_services(inference: &Inference, services: &mut kiln_core::server::ServiceSet) {
+    services
+        .add(
+            kiln_proto::kiln_inference::v1::inference_service_server::InferenceServiceServer::new(
+                inference.clone(),
+            )
+            .max_decoding_message_size(16 << 20),
+        )
+        .add(
+            kiln_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+                inference.clone(),
+            )
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
+        );
+}
+
+/// Runs an inference node alone until `stop` resolves (the `kiln-inference` binary and
+/// `kiln serve inference`): callers' keys are checked by identity, models come from the
+/// registry at `registry_url`.
+pub async fn serve_until(
+    config: &config::Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bus = kiln_events::connect_bus(&config.server).await?;
+    let (stop_tx, shutdown) = tokio::sync::watch::channel(false);
+    let mut host = Host::new(&config.server, bus, shutdown);
+    let token = config.server.service_token.as_deref().unwrap_or_default();
+    let registry_url = config.server.registry_url.as_deref().unwrap_or_default();
+    let source = Arc::new(source::RemoteRegistry::new(registry_url, token)?);
+    let inference = open(&config.server, &config.inference, &mut host, source).await?;
+    preload(&inference, config.inference.preload.clone());
+    let identity_url = config.server.identity_url.as_deref().unwrap_or_default();
+    let authenticator = Arc::new(kiln_core::auth_client::RemoteAuthenticator::new(
+        identity_url,
+        token,
+    )?);
+    host.run_until(config.server.listen, authenticator, stop, stop_tx, |addr| {
+        println!("kiln inference listening on {addr}");
+    })
+    .await
+    .map_err(anyhow::Error::msg)
+}

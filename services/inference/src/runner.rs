@@ -1,0 +1,333 @@
+//! Dynamic batching: one thread per loaded model owns its backend session and runs the
+//! requests queued for it, gathering those that arrive close together into one forward pass.
+//!
+//! A batch starts with the oldest waiting job and takes the jobs behind it, in order, while
+//! they fit (same inputs, at most `max_batch_size` rows) and the first has waited less than
+//! `max_queue_delay`. Jobs are stacked along the first axis. Jobs that allow padding (token
+//! sequences with an attention mask) share a batch with jobs of other sequence lengths:
+//! shorter ones are padded with zeros, which the mask ignores. A job that does not allow it
+//! (an Open Inference Protocol tensor) only joins jobs of exactly its shapes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::backend::{BackendError, Session, TensorInfo};
+use crate::config::Batching;
+use crate::tensor::Tensor;
+
+/// The answer to one job: every output of the graph, in the session's output order, holding
+/// only this job's rows. Padded jobs get their rows at the batch's padded length.
+pub type JobResult = Result<Vec<Tensor>, BackendError>;
+
+struct Job {
+    inputs: Vec<(String, Tensor)>,
+    pad: bool,
+    reply: oneshot::Sender<JobResult>,
+}
+
+/// Counters of a runner: forward passes and the jobs they answered.
+#[derive(Debug, Default)]
+pub struct Stats {
+    passes: AtomicU64,
+    jobs: AtomicU64,
+}
+
+impl Stats {
+    /// (forward passes, jobs answered) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.passes.load(Ordering::Relaxed),
+            self.jobs.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Why a job was not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full: the caller should retry later.
+    Full,
+    /// The model's thread has stopped.
+    Stopped,
+}
+
+/// A loaded model's queue and thread. Dropping it lets the thread finish what is queued and
+/// stop.
+pub struct Runner {
+    queue: SyncSender<Job>,
+    stats: Arc<Stats>,
+    inputs: Vec<TensorInfo>,
+    outputs: Vec<TensorInfo>,
+}
+
+impl Runner {
+    /// Starts the thread that runs `session`.
+    pub fn start(
+        name: &str,
+        session: Box<dyn Session>,
+        batching: Batching,
+        queue_capacity: usize,
+    ) -> std::io::Result<Self> {
+        let inputs = session.inputs().to_vec();
+        let outputs = session.outputs().to_vec();
+        // Batching needs a free first axis on every input and output.
+        let batchable = inputs
+            .iter()
+            .chain(&outputs)
+            .all(|t| t.shape.first() == Some(&-1));
+        let max_rows = if batchable {
+            batching.max_batch_size.max(1)
+        } else {
+            1
+        };
+        let (queue, jobs) = sync_channel(queue_capacity);
+        let delay = Duration::from_millis(batching.max_queue_delay_ms);
+        let stats = Arc::new(Stats::default());
+        let counters = stats.clone();
+        std::thread::Builder::new()
+            .name(format!(
+                "kiln-model-{}",
+                name.rsplit('/').next().unwrap_or(name)
+            ))
+            .spawn(move || run(session, jobs, max_rows, delay, &counters))?;
+        Ok(Self {
+            queue,
+            stats,
+            inputs,
+            outputs,
+        })
+    }
+
+    pub fn inputs(&self) -> &[TensorInfo] {
+        &self.inputs
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn outputs(&self) -> &[TensorInfo] {
+        &self.outputs
+    }
+
+    /// Queues a job (inputs with their batch rows first) and waits for its outputs. `pad`:
+    /// it may be padded to share a batch with longer sequences (its output rows then have
+    /// the batch's length).
+    pub async fn submit(
+        &self,
+        inputs: Vec<(String, Tensor)>,
+        pad: bool,
+    ) -> Result<JobResult, SubmitError> {
+        let (reply, answer) = oneshot::channel();
+        match self.queue.try_send(Job { inputs, pad, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(SubmitError::Full),
+            Err(TrySendError::Disconnected(_)) => return Err(SubmitError::Stopped),
+        }
+        answer.await.map_err(|_| SubmitError::Stopped)
+    }
+}
+
+fn run(
+    mut session: Box<dyn Session>,
+    jobs: Receiver<Job>,
+    max_rows: usize,
+    delay: Duration,
+    stats: &Stats,
+) {
+    let mut next: Option<Job> = None;
+    loop {
+        let first = match next.take() {
+            Some(job) => job,
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
+        let started = Instant::now();
+        let mut rows = rows_of(&first);
+        // Whether every job so far may be padded, and whether all have the first's shapes.
+        let mut padding_ok = first.pad;
+        let mut uniform = true;
+        let mut batch = vec![first];
+        while rows < max_rows {
+            let job = match jobs.try_recv() {
+                Ok(job) => job,
+                Err(_) => {
+                    let left = delay.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match jobs.recv_timeout(left) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
+            let same = same_shapes(&batch[0], &job);
+            let fits = compatible(&batch[0], &job)
+                && if padding_ok && job.pad {
+                    true
+                } else {
+                    uniform && same
+                };
+            if rows + rows_of(&job) <= max_rows && fits {
+                rows += rows_of(&job);
+                padding_ok &= job.pad;
+                uniform &= same;
+                batch.push(job);
+            } else {
+                next = Some(job);
+                break;
+            }
+        }
+        stats.passes.fetch_add(1, Ordering::Relaxed);
+        stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        run_batch(session.as_mut(), batch);
+    }
+}
+
+fn rows_of(job: &Job) -> usize {
+    job.inputs.first().map(|(_, t)| t.rows()).unwrap_or(1)
+}
+
+/// Whether `job` has the inputs of `first`: names, types and ranks.
+fn compatible(first: &Job, job: &Job) -> bool {
+    first.inputs.len() == job.inputs.len()
+        && first
+            .inputs
+            .iter()
+            .zip(&job.inputs)
+            .all(|((na, a), (nb, b))| {
+                na == nb
+                    && a.dtype() == b.dtype()
+                    && a.shape.len() == b.shape.len()
+                    && !a.shape.is_empty()
+            })
+}
+
+/// Whether `job`'s inputs have `first`'s shapes beyond the batch axis.
+fn same_shapes(first: &Job, job: &Job) -> bool {
+    first
+        .inputs
+        .iter()
+        .zip(&job.inputs)
+        .all(|((_, a), (_, b))| a.shape.get(1..) == b.shape.get(1..))
+}
+
+fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>) {
+    if batch.len() == 1 {
+        let job = batch.pop().expect("one job");
+        let _ = job.reply.send(session.run(job.inputs));
+        return;
+    }
+    let names: Vec<String> = batch[0].inputs.iter().map(|(n, _)| n.clone()).collect();
+    let merged: Vec<(String, Tensor)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let parts: Vec<&Tensor> = batch.iter().map(|job| &job.inputs[i].1).collect();
+            (name.clone(), Tensor::concat_padded(&parts))
+        })
+        .collect();
+    match session.run(merged) {
+        Ok(outputs) => {
+            let mut at = 0;
+            for job in batch {
+                let rows = rows_of(&job);
+                let mine = outputs
+                    .iter()
+                    .map(|out| out.slice_rows(at..at + rows, &out.shape[1..]))
+                    .collect();
+                at += rows;
+                let _ = job.reply.send(Ok(mine));
+            }
+        }
+        Err(err) => {
+            for job in batch {
+                let _ = job.reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::{DataType, TensorData};
+
+    /// A graph that returns, per row, the sum of its input row and the batch size it ran in.
+    struct RowSum {
+        info: Vec<TensorInfo>,
+        batches: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl Session for RowSum {
+        fn inputs(&self) -> &[TensorInfo] {
+            &self.info
+        }
+        fn outputs(&self) -> &[TensorInfo] {
+            &self.info
+        }
+        fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
+            let x = &inputs[0].1;
+            let TensorData::I64(v) = &x.data else {
+                unreachable!()
+            };
+            let width = x.shape[1];
+            self.batches.lock().unwrap().push(x.rows());
+            let sums = v.chunks(width).map(|r| r.iter().sum()).collect();
+            Ok(vec![
+                Tensor::new(vec![x.rows(), 1], TensorData::I64(sums)).unwrap(),
+            ])
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_jobs_share_a_pass_and_get_their_own_rows() {
+        let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let session = RowSum {
+            info: vec![TensorInfo {
+                name: "x".into(),
+                dtype: DataType::I64,
+                shape: vec![-1, -1],
+            }],
+            batches: batches.clone(),
+        };
+        let batching = Batching {
+            max_batch_size: 8,
+            max_queue_delay_ms: 50,
+        };
+        let runner =
+            std::sync::Arc::new(Runner::start("m", Box::new(session), batching, 64).unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..8i64 {
+            let runner = runner.clone();
+            tasks.push(tokio::spawn(async move {
+                let len = (i as usize % 3) + 1;
+                let row: Vec<i64> = (0..len as i64).map(|k| i * 10 + k).collect();
+                let want: i64 = row.iter().sum();
+                let x = Tensor::new(vec![1, len], TensorData::I64(row)).unwrap();
+                let out = runner
+                    .submit(vec![("x".into(), x)], true)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(out[0].data, TensorData::I64(vec![want]));
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let batches = batches.lock().unwrap();
+        assert_eq!(batches.iter().sum::<usize>(), 8);
+        assert!(
+            batches.len() < 8,
+            "some jobs must have shared a pass: {batches:?}"
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! The inference node's API: `kiln.inference.v1.InferenceService` (embeddings now; text
+//! generation with the LLM work) over the [`Engine`], with usage recorded per answer.
+
+use std::sync::Arc;
+
+use kiln_core::Error as ApiError;
+use kiln_core::auth::{Principal, principal};
+use kiln_proto::kiln_inference::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::embeddings;
+use crate::engine::{Engine, LoadedModel, Task};
+use crate::error::Result;
+use crate::usage::{Usage, UsageRecorder};
+
+/// The service state every handler shares.
+#[derive(Clone)]
+pub struct Inference {
+    pub engine: Arc<Engine>,
+    pub usage: UsageRecorder,
+}
+
+pub(crate) type Reply<T> = Result<Response<T>, Status>;
+
+pub(crate) fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
+    Ok(principal(request)?.clone())
+}
+
+impl Inference {
+    pub async fn create_embeddings(
+        &self,
+        caller: &Principal,
+        request: CreateEmbeddingsRequest,
+    ) -> Result<CreateEmbeddingsResponse> {
+        let start_micros = kiln_core::time::now_micros();
+        if request.input.is_empty() {
+            return Err(ApiError::invalid("input", "must hold at least one text").into());
+        }
+        let model = self.engine.model(caller, "model", &request.model).await?;
+        expect_task(&model, Task::Embedding, "CreateEmbeddings")?;
+        let dimensions = match request.dimensions {
+            None => None,
+            Some(d) => {
+                let full = model
+                    .runner
+                    .outputs()
+                    .iter()
+                    .find_map(|t| t.shape.last().copied())
+                    .unwrap_or(-1);
+                if d < 1 || (full > 0 && i64::from(d) > full) {
+                    return Err(ApiError::invalid(
+                        "dimensions",
+                        format!("must be between 1 and the model's {full} dimensions, got {d}"),
+                    )
+                    .into());
+                }
+                Some(d as usize)
+            }
+        };
+        let sequences = embeddings::tokenize(&model, &request.input, request.truncate)?;
+        let embedded = embeddings::embed(&model, sequences).await?;
+        let tokens: usize = embedded.iter().map(|e| e.tokens).sum();
+        let data = embedded
+            .into_iter()
+            .enumerate()
+            .map(|(index, mut e)| {
+                if let Some(d) = dimensions {
+                    embeddings::shorten(&mut e.vector, d);
+                }
+                Embedding {
+                    index: index as i32,
+                    embedding: e.vector,
+                    object: "embedding".into(),
+                }
+            })
+            .collect();
+        let request_id = format!("embd-{}", uuid::Uuid::now_v7().simple());
+        self.usage
+            .record(
+                caller,
+                Usage {
+                    request_id,
+                    model: model.name.clone(),
+                    api: "embeddings",
+                    prompt_tokens: tokens as i64,
+                    embedding_input_tokens: tokens as i64,
+                    start_micros,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(CreateEmbeddingsResponse {
+            object: "list".into(),
+            data,
+            model: request.model,
+            usage: Some(kiln_proto::kiln_inference::v1::Usage {
+                prompt_tokens: tokens as i32,
+                completion_tokens: 0,
+                total_tokens: tokens as i32,
+                prompt_tokens_details: None,
+            }),
+        })
+    }
+
+    /// Why a text-generation request is refused: an unknown model or one of another task is
+    /// named as such; generation itself comes with the LLM serving work.
+    async fn refuse_generation(&self, caller: &Principal, model: &str, rpc: &str) -> Status {
+        let model = match self.engine.model(caller, "model", model).await {
+            Ok(model) => model,
+            Err(e) => return e.into(),
+        };
+        if let Err(e) = expect_task(&model, Task::TextGeneration, rpc) {
+            return e.into();
+        }
+        ApiError::FailedPrecondition(format!(
+            "{}: this node does not serve text generation yet",
+            model.name
+        ))
+        .into()
+    }
+}
+
+fn expect_task(model: &LoadedModel, task: Task, rpc: &str) -> Result<()> {
+    if model.task == task {
+        return Ok(());
+    }
+    let serves = match model.task {
+        Task::Embedding => "an embedding model (CreateEmbeddings)",
+        Task::TextGeneration => "a text-generation model (completions and chat completions)",
+        Task::Tensor => "a tensor model (the Open Inference Protocol's ModelInfer)",
+    };
+    Err(ApiError::invalid(
+        "model",
+        format!("{} is {serves}; {rpc} does not apply", model.name),
+    )
+    .into())
+}
+
+#[tonic::async_trait]
+impl inference_service_server::InferenceService for Inference {
+    async fn create_completion(
+        &self,
+        request: Request<CreateCompletionRequest>,
+    ) -> Reply<Completion> {
+        let p = caller(&request)?;
+        Err(self
+            .refuse_generation(&p, &request.get_ref().model, "CreateCompletion")
+            .await)
+    }
+
+    type StreamCompletionStream = futures::stream::BoxStream<'static, Result<Completion, Status>>;
+
+    async fn stream_completion(
+        &self,
+        request: Request<CreateCompletionRequest>,
+    ) -> Reply<Self::StreamCompletionStream> {
+        let p = caller(&request)?;
+        Err(self
+            .refuse_generation(&p, &request.get_ref().model, "StreamCompletion")
+            .await)
+    }
+
+    async fn create_chat_completion(
+        &self,
+        request: Request<CreateChatCompletionRequest>,
+    ) -> Reply<ChatCompletion> {
+        let p = caller(&request)?;
+        Err(self
+            .refuse_generation(&p, &request.get_ref().model, "CreateChatCompletion")
+            .await)
+    }
+
+    type StreamChatCompletionStream =
+        futures::stream::BoxStream<'static, Result<ChatCompletionChunk, Status>>;
+
+    async fn stream_chat_completion(
+        &self,
+        request: Request<CreateChatCompletionRequest>,
+    ) -> Reply<Self::StreamChatCompletionStream> {
+        let p = caller(&request)?;
+        Err(self
+            .refuse_generation(&p, &request.get_ref().model, "StreamChatCompletion")
+            .await)
+    }
+
+    async fn create_embeddings(
+        &self,
+        request: Request<CreateEmbeddingsRequest>,
+    ) -> Reply<CreateEmbeddingsResponse> {
+        let p = caller(&request)?;
+        Ok(Response::new(
+            self.create_embeddings(&p, request.into_inner()).await?,
+        ))
+    }
+}

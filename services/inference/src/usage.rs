@@ -1,0 +1,122 @@
+//! Usage: every answered request's `kiln.inference.usage.recorded` event, written to this
+//! node's outbox before the answer goes out, so a crash or a bus outage loses none. Writes
+//! from concurrent requests share one transaction (group commit), so recording costs one
+//! commit per burst rather than per request.
+
+use std::sync::Arc;
+
+use kiln_core::Error as ApiError;
+use kiln_core::auth::Principal;
+use kiln_events::outbox::Outbox;
+use kiln_events::{Body, new_event};
+use kiln_proto::common::v1::AcceleratorType;
+use kiln_proto::events::v1::UsageRecorded;
+use kiln_proto::scheduler::v1::deployment::DeploymentType;
+use sea_orm::{DatabaseConnection, TransactionTrait};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Result;
+
+pub const SOURCE: &str = "inference";
+
+/// What one request used.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub request_id: String,
+    pub model: String,
+    /// "completions", "chat.completions", "embeddings", "model_infer".
+    pub api: &'static str,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub embedding_input_tokens: i64,
+    /// When the request arrived (Unix microseconds).
+    pub start_micros: i64,
+}
+
+type Pending = (
+    kiln_proto::events::v1::Event,
+    oneshot::Sender<Result<(), String>>,
+);
+
+/// Records usage events through the outbox.
+#[derive(Clone)]
+pub struct UsageRecorder {
+    queue: mpsc::Sender<Pending>,
+    node: Arc<str>,
+    accelerator: AcceleratorType,
+}
+
+impl UsageRecorder {
+    /// Starts the writer task on `db` (whose outbox relay publishes the events).
+    pub fn start(
+        db: DatabaseConnection,
+        outbox: Outbox,
+        node: &str,
+        accelerator: AcceleratorType,
+    ) -> Self {
+        let (queue, mut pending) = mpsc::channel::<Pending>(4096);
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while pending.recv_many(&mut batch, 512).await > 0 {
+                let written = write(&db, &outbox, &batch).await;
+                for (_, done) in batch.drain(..) {
+                    let _ = done.send(written.clone());
+                }
+            }
+        });
+        Self {
+            queue,
+            node: node.into(),
+            accelerator,
+        }
+    }
+
+    /// Records `usage` for `caller`; returns once it is durably in the outbox.
+    pub async fn record(&self, caller: &Principal, usage: Usage) -> Result<()> {
+        let body = UsageRecorded {
+            request_id: usage.request_id.clone(),
+            account: format!("accounts/{}", caller.account),
+            api_key: caller.api_key.clone(),
+            model: usage.model.clone(),
+            deployment_type: DeploymentType::Serverless as i32,
+            api: usage.api.to_owned(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            embedding_input_tokens: usage.embedding_input_tokens,
+            accelerator_type: self.accelerator as i32,
+            node: format!("nodes/{}", self.node),
+            start_time: Some(kiln_core::time::micros_to_timestamp(usage.start_micros)),
+            end_time: Some(kiln_core::time::micros_to_timestamp(
+                kiln_core::time::now_micros(),
+            )),
+            ..Default::default()
+        };
+        let event = new_event(
+            SOURCE,
+            "inference.usage.recorded",
+            &format!("accounts/{}", caller.account),
+            &usage.model,
+            Body::UsageRecorded(body),
+        );
+        let (done, written) = oneshot::channel();
+        self.queue
+            .send((event, done))
+            .await
+            .map_err(|_| ApiError::Unavailable("usage recording stopped".into()))?;
+        written
+            .await
+            .map_err(|_| ApiError::Unavailable("usage recording stopped".into()))?
+            .map_err(|e| ApiError::Unavailable(format!("recording usage: {e}")).into())
+    }
+}
+
+async fn write(db: &DatabaseConnection, outbox: &Outbox, batch: &[Pending]) -> Result<(), String> {
+    let txn = db.begin().await.map_err(|e| e.to_string())?;
+    for (event, _) in batch {
+        outbox
+            .enqueue(&txn, event)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    outbox.commit(txn).await.map_err(|e| e.to_string())
+}

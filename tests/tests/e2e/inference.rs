@@ -1,0 +1,562 @@
+//! The inference engine on the real embedding model: both backends against reference
+//! vectors made independently, batching, the gRPC API with usage events, errors, and the Open
+//! Inference Protocol through an independent client (tritonclient).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kiln_core::auth::Principal;
+use kiln_inference::config::Batching;
+use kiln_inference::embeddings;
+use kiln_inference::engine::Engine;
+use kiln_proto::kiln_inference::v1 as infv1;
+use kiln_registry::config::RegistryConfig;
+use kiln_testkit::{MeshOptions, TestMesh, wait_for};
+use kiln_tests::inference::*;
+use kiln_tests::registry as reg;
+use tonic::Code;
+
+async fn embed_local(engine: &Engine, texts: &[String]) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    let model = engine
+        .model(&Principal::service(), "model", LOCAL_MINILM)
+        .await
+        .expect("model loads");
+    let ids = embeddings::tokenize(&model, texts, false).expect("tokenize");
+    let out = embeddings::embed(&model, ids.clone()).await.expect("embed");
+    (ids, out.into_iter().map(|e| e.vector).collect())
+}
+
+const NO_BATCHING: Batching = Batching {
+    max_batch_size: 1,
+    max_queue_delay_ms: 0,
+};
+
+#[tokio::test]
+async fn embeddings_match_the_reference_on_both_backends() {
+    let reference = reference();
+    let cache = tempfile::tempdir().unwrap();
+    let mut per_backend = Vec::new();
+    for backend in ["tract", "onnxruntime"] {
+        let engine = local_engine(backend, Batching::default(), 2, cache.path());
+        let (ids, vectors) = embed_local(&engine, &reference.sentences).await;
+        assert_eq!(
+            ids, reference.token_ids,
+            "{backend}: token ids differ from the reference"
+        );
+        for (i, (got, want)) in vectors.iter().zip(&reference.embeddings).enumerate() {
+            let cos = cosine(got, want);
+            assert!(cos >= 0.999, "{backend}: sentence {i} cosine {cos} < 0.999");
+            let norm: f32 = got.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!(
+                (norm - 1.0).abs() < 1e-4,
+                "{backend}: not normalised ({norm})"
+            );
+        }
+        let least_close = reference
+            .close_pairs
+            .iter()
+            .map(|&(a, b)| cosine(&vectors[a], &vectors[b]))
+            .fold(f32::MAX, f32::min);
+        let most_unrelated = reference
+            .unrelated_pairs
+            .iter()
+            .map(|&(a, b)| cosine(&vectors[a], &vectors[b]))
+            .fold(f32::MIN, f32::max);
+        assert!(
+            least_close > most_unrelated,
+            "{backend}: close pairs ({least_close}) must score above unrelated ones ({most_unrelated})"
+        );
+        let loaded = engine
+            .model(&Principal::service(), "model", LOCAL_MINILM)
+            .await
+            .unwrap();
+        assert_eq!(loaded.backend, backend);
+        per_backend.push(vectors);
+    }
+    for (i, (t, o)) in per_backend[0].iter().zip(&per_backend[1]).enumerate() {
+        let cos = cosine(t, o);
+        assert!(
+            cos >= 0.9999,
+            "sentence {i}: tract and onnxruntime differ (cosine {cos})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_answers_equal_unbatched_ones_and_a_burst_of_64_succeeds() {
+    let reference = reference();
+    let cache = tempfile::tempdir().unwrap();
+    let alone = local_engine("onnxruntime", NO_BATCHING, 1, cache.path());
+    let batched = local_engine(
+        "onnxruntime",
+        Batching {
+            max_batch_size: 16,
+            max_queue_delay_ms: 20,
+        },
+        1,
+        cache.path(),
+    );
+    let (_, want) = embed_local(&alone, &reference.sentences).await;
+    // 64 concurrent requests of one sentence each, of varied lengths, through the batcher.
+    let model = batched
+        .model(&Principal::service(), "model", LOCAL_MINILM)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let model = model.clone();
+            let text = reference.sentences[i % reference.sentences.len()].clone();
+            tokio::spawn(async move {
+                let ids = embeddings::tokenize(&model, &[text], false).unwrap();
+                let out = embeddings::embed(&model, ids).await.unwrap();
+                (i, out.into_iter().next().unwrap().vector)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (i, got) = task.await.expect("request succeeds");
+        let want = &want[i % reference.sentences.len()];
+        let diff = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "request {i}: batched answer differs by {diff}");
+    }
+    let (passes, jobs) = model.runner.stats().get();
+    assert_eq!(jobs, 64);
+    assert!(
+        passes < 64,
+        "the burst must have shared forward passes ({passes} for 64)"
+    );
+}
+
+/// A mesh whose library holds the embedding model only.
+async fn mesh_with_minilm() -> (TestMesh, tempfile::TempDir) {
+    let assets = minilm_asset_dir();
+    let mesh = TestMesh::start_with(MeshOptions {
+        import_library: true,
+        registry: Some(RegistryConfig {
+            asset_dir: assets.path().display().to_string(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    (mesh, assets)
+}
+
+async fn embed(
+    ch: &kiln_testkit::AuthedChannel,
+    model: &str,
+    input: &[String],
+) -> Result<infv1::CreateEmbeddingsResponse, tonic::Status> {
+    client(ch)
+        .create_embeddings(infv1::CreateEmbeddingsRequest {
+            model: model.to_owned(),
+            input: input.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_over_grpc_match_the_reference_and_record_usage() {
+    let (mesh, _assets) = mesh_with_minilm().await;
+    let admin = mesh.admin().await;
+    let key = kiln_tests::tenant(&admin, "acme").await;
+    let acme = mesh.channel(Some(&key)).await;
+    let mut usage_events = mesh
+        .bus
+        .subscribe("kiln.inference.usage.recorded")
+        .await
+        .expect("subscribe");
+    let reference = reference();
+    // The library import runs in the background; the model answers once it is READY.
+    let answer = wait_for(
+        Duration::from_secs(60),
+        "the public MiniLM to answer",
+        || async { embed(&acme, MINILM, &reference.sentences).await.ok() },
+    )
+    .await;
+    assert_eq!(answer.object, "list");
+    assert_eq!(answer.model, MINILM);
+    assert_eq!(answer.data.len(), reference.sentences.len());
+    for (i, (got, want)) in answer.data.iter().zip(&reference.embeddings).enumerate() {
+        assert_eq!(got.index, i as i32);
+        assert_eq!(got.object, "embedding");
+        let cos = cosine(&got.embedding, want);
+        assert!(cos >= 0.999, "sentence {i}: cosine {cos}");
+    }
+    let tokens: usize = reference.token_ids.iter().map(Vec::len).sum();
+    let usage = answer.usage.expect("usage");
+    assert_eq!(usage.prompt_tokens as usize, tokens);
+    assert_eq!(usage.total_tokens as usize, tokens);
+    assert_eq!(usage.completion_tokens, 0);
+
+    // The usage event of that answer says the same, for acme's key.
+    let event = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let event = usage_events.next().await.expect("event");
+            if let Some(kiln_events::Body::UsageRecorded(u)) = &event.body
+                && u.account == "accounts/acme"
+            {
+                return u.clone();
+            }
+        }
+    })
+    .await
+    .expect("a usage event for acme");
+    assert_eq!(event.model, MINILM);
+    assert_eq!(event.api, "embeddings");
+    assert_eq!(event.prompt_tokens as usize, tokens);
+    assert_eq!(event.embedding_input_tokens as usize, tokens);
+    assert!(
+        event
+            .api_key
+            .starts_with("accounts/acme/users/owner/apiKeys/")
+    );
+    assert!(event.request_id.starts_with("embd-"));
+
+    // dimensions keeps a prefix, re-normalised.
+    let short = client(&acme)
+        .create_embeddings(infv1::CreateEmbeddingsRequest {
+            model: MINILM.into(),
+            input: vec![reference.sentences[0].clone()],
+            dimensions: Some(64),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let v = &short.data[0].embedding;
+    assert_eq!(v.len(), 64);
+    assert!((v.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() < 1e-4);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedding_errors_name_the_field_and_private_models_stay_private() {
+    let (mesh, _assets) = mesh_with_minilm().await;
+    let admin = mesh.admin().await;
+    let acme = mesh
+        .channel(Some(&kiln_tests::tenant(&admin, "acme").await))
+        .await;
+    let globex = mesh
+        .channel(Some(&kiln_tests::tenant(&admin, "globex").await))
+        .await;
+
+    // acme uploads its own copy of the model: private to acme, served from the registry's
+    // files through the node's download cache.
+    let private = reg::create_model(
+        &acme,
+        "acme",
+        "my-embedder",
+        kiln_proto::registry::v1::model::Kind::EmbeddingModel,
+        None,
+    )
+    .await
+    .unwrap();
+    for file in ["model.onnx", "tokenizer.json"] {
+        reg::upload_path(&acme, &private.name, file, &minilm_dir().join(file)).await;
+    }
+    assert!(reg::validate(&acme, &private.name).await.valid);
+    let text = vec!["A man is playing a guitar.".to_string()];
+    let mine = embed(&acme, &private.name, &text)
+        .await
+        .expect("the owner embeds");
+    assert_eq!(mine.data[0].embedding.len(), 384);
+    let err = embed(&globex, &private.name, &text).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains(&private.name), "{}", err.message());
+
+    let err = embed(&acme, "accounts/kiln/models/no-such-model", &text)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = embed(&acme, &private.name, &[]).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("input:"), "{}", err.message());
+    let err = embed(&acme, "not a model name", &text).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("model:"), "{}", err.message());
+
+    // Over-long input: refused naming it, or cut when asked.
+    let long = vec!["short".to_string(), "word ".repeat(600)];
+    let err = embed(&acme, &private.name, &long).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("input[1]:"), "{}", err.message());
+    let cut = client(&acme)
+        .create_embeddings(infv1::CreateEmbeddingsRequest {
+            model: private.name.clone(),
+            input: long,
+            truncate: true,
+            ..Default::default()
+        })
+        .await
+        .expect("truncated")
+        .into_inner();
+    assert_eq!(cut.usage.unwrap().prompt_tokens, 3 + 512);
+    let err = client(&acme)
+        .create_embeddings(infv1::CreateEmbeddingsRequest {
+            model: private.name.clone(),
+            input: text.clone(),
+            dimensions: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().starts_with("dimensions:"),
+        "{}",
+        err.message()
+    );
+
+    // An embedding model is not a chat model.
+    let err = client(&acme)
+        .create_chat_completion(infv1::CreateChatCompletionRequest {
+            model: private.name.clone(),
+            messages: vec![infv1::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+                name: String::new(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("embedding model"),
+        "{}",
+        err.message()
+    );
+    mesh.shutdown().await;
+}
+
+/// The 16-token sentence of the reference set.
+fn sixteen_tokens(reference: &Reference) -> (usize, Vec<u32>) {
+    reference
+        .token_ids
+        .iter()
+        .enumerate()
+        .find(|(_, ids)| ids.len() == 16)
+        .map(|(i, ids)| (i, ids.clone()))
+        .expect("a 16-token sentence")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oip_model_infer_through_tritonclient_equals_a_direct_backend_call() {
+    let (mesh, _assets) = mesh_with_minilm().await;
+    let admin = mesh.admin().await;
+    let key = kiln_tests::tenant(&admin, "acme").await;
+    let acme = mesh.channel(Some(&key)).await;
+    let reference = reference();
+    wait_for(
+        Duration::from_secs(60),
+        "the public MiniLM to be served",
+        || async { embed(&acme, MINILM, &reference.sentences[..1]).await.ok() },
+    )
+    .await;
+    let (_, ids) = sixteen_tokens(&reference);
+    let answer = tokio::task::spawn_blocking({
+        let (addr, key, ids) = (mesh.addr, key.clone(), ids.clone());
+        move || run_oip_client(addr, &key, &ids, false)
+    })
+    .await
+    .unwrap();
+    assert_eq!(answer["live"], true);
+    assert_eq!(answer["ready"], true);
+    assert_eq!(answer["server_name"], "kiln");
+    assert_eq!(answer["model_ready"], true);
+    let inputs: Vec<&str> = answer["model_metadata"]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, ["input_ids", "attention_mask", "token_type_ids"]);
+    let output = &answer["output"];
+    assert_eq!(output["name"], "last_hidden_state");
+    assert_eq!(output["datatype"], "FP32");
+    assert_eq!(output["shape"], serde_json::json!([1, 16, 384]));
+    let got: Vec<f32> = output["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+
+    // The same tensor from the backend called directly, in this process.
+    let backends = kiln_inference::backend::Backends::standard(Some(&ort_library()));
+    let mut session = backends
+        .get("onnxruntime")
+        .unwrap()
+        .load(&minilm_dir().join("model.onnx"), &Default::default())
+        .unwrap();
+    use kiln_inference::tensor::{Tensor, TensorData};
+    let n = ids.len();
+    let t = |v: Vec<i64>| Tensor::new(vec![1, n], TensorData::I64(v)).unwrap();
+    let direct = session
+        .run(vec![
+            (
+                "input_ids".into(),
+                t(ids.iter().map(|&x| i64::from(x)).collect()),
+            ),
+            ("attention_mask".into(), t(vec![1; n])),
+            ("token_type_ids".into(), t(vec![0; n])),
+        ])
+        .unwrap();
+    let TensorData::F32(want) = &direct[0].data else {
+        panic!("FP32 output")
+    };
+    assert_eq!(got.len(), want.len());
+    let diff = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff < 1e-5,
+        "ModelInfer differs from the direct call by {diff}"
+    );
+
+    // A malformed tensor is INVALID_ARGUMENT naming the input.
+    let bad = tokio::task::spawn_blocking({
+        let addr = mesh.addr;
+        move || run_oip_client(addr, &key, &ids, true)
+    })
+    .await
+    .unwrap();
+    assert_eq!(bad["error_status"], "INVALID_ARGUMENT", "{bad}");
+    assert!(
+        bad["error_message"].as_str().unwrap().contains("input_ids"),
+        "{bad}"
+    );
+    mesh.shutdown().await;
+}
+
+/// Runs `tests/python/oip_client.py` (tritonclient) against the mesh; its JSON answer.
+fn run_oip_client(
+    addr: std::net::SocketAddr,
+    key: &str,
+    ids: &[u32],
+    bad_input: bool,
+) -> serde_json::Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/oip_client.py");
+    let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(script)
+        .args([
+            "--url",
+            &addr.to_string(),
+            "--model",
+            MINILM,
+            "--api-key",
+            key,
+        ])
+        .args(["--token-ids", &ids.join(",")]);
+    if bad_input {
+        cmd.arg("--bad-input");
+    }
+    let out = cmd
+        .output()
+        .expect("python3 runs (tests/python/requirements.txt installed)");
+    assert!(
+        out.status.success(),
+        "oip_client.py failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oip_errors_over_grpc() {
+    let (mesh, _assets) = mesh_with_minilm().await;
+    let admin = mesh.admin().await;
+    let acme = mesh
+        .channel(Some(&kiln_tests::tenant(&admin, "acme").await))
+        .await;
+    wait_for(
+        Duration::from_secs(60),
+        "the public MiniLM to be served",
+        || async { embed(&acme, MINILM, &["x".to_string()]).await.ok() },
+    )
+    .await;
+    use kiln_proto::inference as oipv2;
+    let tensor = |name: &str, datatype: &str, shape: Vec<i64>, ints: Vec<i64>| {
+        oipv2::model_infer_request::InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape,
+            contents: Some(oipv2::InferTensorContents {
+                int64_contents: ints,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    };
+    let request = |inputs| oipv2::ModelInferRequest {
+        model_name: MINILM.into(),
+        inputs,
+        ..Default::default()
+    };
+    let good = vec![
+        tensor("input_ids", "INT64", vec![1, 3], vec![101, 7592, 102]),
+        tensor("attention_mask", "INT64", vec![1, 3], vec![1, 1, 1]),
+        tensor("token_type_ids", "INT64", vec![1, 3], vec![0, 0, 0]),
+    ];
+    // Typed contents in, raw little-endian out.
+    let ok = oip(&acme)
+        .model_infer(request(good.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.outputs[0].shape, vec![1, 3, 384]);
+    assert_eq!(ok.raw_output_contents[0].len(), 3 * 384 * 4);
+
+    let mut wrong_shape = good.clone();
+    wrong_shape[1] = tensor("attention_mask", "INT64", vec![1, 3], vec![1, 1]);
+    let err = oip(&acme)
+        .model_infer(request(wrong_shape))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("attention_mask"),
+        "{}",
+        err.message()
+    );
+
+    let mut missing = good.clone();
+    missing.pop();
+    let err = oip(&acme).model_infer(request(missing)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("token_type_ids"),
+        "{}",
+        err.message()
+    );
+
+    let err = oip(&acme)
+        .model_infer(oipv2::ModelInferRequest {
+            model_name: "accounts/kiln/models/nope".into(),
+            inputs: good,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let ready = oip(&acme)
+        .model_ready(oipv2::ModelReadyRequest {
+            name: "accounts/kiln/models/nope".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ready.ready);
+    mesh.shutdown().await;
+}
