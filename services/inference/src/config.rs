@@ -31,8 +31,11 @@ pub struct InferenceConfig {
     pub preload: Vec<String>,
 }
 
-/// Dynamic batching: requests arriving within `max_queue_delay_ms` of the first waiting one
-/// run in one forward pass of up to `max_batch_size` rows. A size of 1 turns batching off.
+/// Dynamic batching: the requests waiting for a model run in one forward pass of up to
+/// `max_batch_size` rows; a size of 1 turns batching off. With `max_queue_delay_ms` 0 (the
+/// default) a pass takes what is queued when it starts: an idle model answers at once, and
+/// under load requests gather while the previous pass runs. A delay holds the first request
+/// up to that long for others to join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Batching {
@@ -44,7 +47,7 @@ impl Default for Batching {
     fn default() -> Self {
         Self {
             max_batch_size: 32,
-            max_queue_delay_ms: 2,
+            max_queue_delay_ms: 0,
         }
     }
 }

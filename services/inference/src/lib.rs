@@ -46,7 +46,10 @@ pub async fn open(
     })?;
     let db = kiln_store::connect(&server.database_url_for(SERVICE)).await?;
     kiln_store::migrate(&db, SERVICE, MIGRATIONS).await?;
-    let outbox = kiln_events::outbox::Outbox::new(SERVICE);
+    // Usage events come one per request: the relay gathers them for a few milliseconds
+    // rather than running a pass per request beside the model.
+    let outbox =
+        kiln_events::outbox::Outbox::new(SERVICE).with_linger(std::time::Duration::from_millis(20));
     host.track(outbox.spawn_relay(db.clone(), host.bus.clone(), host.shutdown.clone()));
     let ort_path =
         (!config.ort_dylib_path.is_empty()).then(|| std::path::Path::new(&config.ort_dylib_path));

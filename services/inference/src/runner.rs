@@ -219,10 +219,28 @@ fn same_shapes(first: &Job, job: &Job) -> bool {
         .all(|((_, a), (_, b))| a.shape.get(1..) == b.shape.get(1..))
 }
 
+/// Runs the session, turning a panic inside the backend into its error: a bad request must
+/// not stop the model for everyone.
+fn guarded_run(session: &mut dyn Session, inputs: Vec<(String, Tensor)>) -> JobResult {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.run(inputs))).unwrap_or_else(
+        |panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(BackendError::new(
+                "engine",
+                format!("the backend panicked: {message}"),
+            ))
+        },
+    )
+}
+
 fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>) {
     if batch.len() == 1 {
         let job = batch.pop().expect("one job");
-        let _ = job.reply.send(session.run(job.inputs));
+        let _ = job.reply.send(guarded_run(session, job.inputs));
         return;
     }
     let names: Vec<String> = batch[0].inputs.iter().map(|(n, _)| n.clone()).collect();
@@ -234,7 +252,7 @@ fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>) {
             (name.clone(), Tensor::concat_padded(&parts))
         })
         .collect();
-    match session.run(merged) {
+    match guarded_run(session, merged) {
         Ok(outputs) => {
             let mut at = 0;
             for job in batch {
@@ -247,9 +265,11 @@ fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>) {
                 let _ = job.reply.send(Ok(mine));
             }
         }
-        Err(err) => {
+        // One bad job (an out-of-range token id, say) must not fail the others: each runs
+        // again alone and gets its own answer.
+        Err(_) => {
             for job in batch {
-                let _ = job.reply.send(Err(err.clone()));
+                let _ = job.reply.send(guarded_run(session, job.inputs));
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Usage: every answered request's `kiln.inference.usage.recorded` event, written to this
 //! node's outbox before the answer goes out, so a crash or a bus outage loses none. Writes
-//! from concurrent requests share one transaction (group commit), so recording costs one
+//! from concurrent requests share one statement (group commit), so recording costs one
 //! commit per burst rather than per request.
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use kiln_events::{Body, new_event};
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::events::v1::UsageRecorded;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::DatabaseConnection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Result;
@@ -111,12 +111,9 @@ impl UsageRecorder {
 }
 
 async fn write(db: &DatabaseConnection, outbox: &Outbox, batch: &[Pending]) -> Result<(), String> {
-    let txn = db.begin().await.map_err(|e| e.to_string())?;
-    for (event, _) in batch {
-        outbox
-            .enqueue(&txn, event)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    outbox.commit(txn).await.map_err(|e| e.to_string())
+    let events: Vec<_> = batch.iter().map(|(event, _)| event.clone()).collect();
+    outbox
+        .publish_all(db, &events)
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -24,28 +24,27 @@ pub enum Error {
     },
 }
 
-/// Opens a pool on `url`. SQLite files get WAL mode and a busy timeout so one file serves
-/// concurrent readers and a writer.
+/// Opens a pool on `url`. Every SQLite connection of the pool gets WAL mode (concurrent
+/// readers beside one writer), `synchronous = NORMAL` (a commit survives a process crash
+/// without an fsync of its own; the WAL is synced at checkpoints), a busy timeout and foreign
+/// keys.
 pub async fn connect(url: &str) -> Result<DatabaseConnection, Error> {
+    use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .max_connections(if url.starts_with("sqlite:") { 8 } else { 16 })
         .min_connections(1)
         .connect_timeout(Duration::from_secs(10))
         .acquire_timeout(Duration::from_secs(30))
-        .sqlx_logging(false);
-    let db = Database::connect(options).await?;
-    if db.get_database_backend() == DatabaseBackend::Sqlite {
-        for pragma in [
-            "PRAGMA journal_mode = WAL",
-            "PRAGMA busy_timeout = 10000",
-            "PRAGMA synchronous = NORMAL",
-            "PRAGMA foreign_keys = ON",
-        ] {
-            db.execute_unprepared(pragma).await?;
-        }
-    }
-    Ok(db)
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|sqlite| {
+            sqlite
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+        });
+    Ok(Database::connect(options).await?)
 }
 
 /// One schema step. The SQL may use `{blob}` (BLOB / BYTEA) and `{serial}` (an

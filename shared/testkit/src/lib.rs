@@ -127,6 +127,8 @@ pub struct MeshOptions {
     pub import_library: bool,
     /// The registry's settings (e.g. an S3-compatible store).
     pub registry: Option<kiln_registry::config::RegistryConfig>,
+    /// The inference node's settings (batching, backend…).
+    pub inference: Option<kiln_inference::config::InferenceConfig>,
 }
 
 impl TestMesh {
@@ -157,6 +159,9 @@ impl TestMesh {
         config.import_library = options.import_library;
         if let Some(registry) = options.registry.clone() {
             config.registry = registry;
+        }
+        if let Some(inference) = options.inference.clone() {
+            config.inference = inference;
         }
 
         let nats_url = options.nats_url.clone().or(backends.nats_url.clone());

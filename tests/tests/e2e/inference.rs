@@ -131,6 +131,38 @@ async fn batched_answers_equal_unbatched_ones_and_a_burst_of_64_succeeds() {
     );
 }
 
+#[test]
+fn unavailable_backends_say_why() {
+    use kiln_inference::backend::{Backends, Device};
+    let backends = Backends::standard(Some(&ort_library()));
+    let cuda = backends
+        .choose(Some("onnxruntime"), Device::Cuda(0))
+        .err()
+        .expect("the CPU library has no CUDA provider");
+    assert!(cuda.contains("CUDA"), "{cuda}");
+    // Nothing runs on CUDA here: the reason names both backends.
+    let none = backends
+        .choose(None, Device::Cuda(0))
+        .err()
+        .expect("no CUDA backend");
+    assert!(
+        none.contains("CUDA") && none.contains("tract runs on CPU only"),
+        "{none}"
+    );
+    assert_eq!(
+        backends.choose(None, Device::Cpu).unwrap().name(),
+        "onnxruntime"
+    );
+    let unknown = backends
+        .choose(Some("tensorrt"), Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        unknown.contains("no backend named \"tensorrt\""),
+        "{unknown}"
+    );
+}
+
 /// A mesh whose library holds the embedding model only.
 async fn mesh_with_minilm() -> (TestMesh, tempfile::TempDir) {
     let assets = minilm_asset_dir();
@@ -539,6 +571,25 @@ async fn oip_errors_over_grpc() {
         "{}",
         err.message()
     );
+
+    // A token id beyond the vocabulary fails inside the backend: INTERNAL with its message,
+    // and the model keeps serving.
+    let mut out_of_vocabulary = good.clone();
+    out_of_vocabulary[0] = tensor("input_ids", "INT64", vec![1, 3], vec![101, 999_999, 102]);
+    let err = oip(&acme)
+        .model_infer(request(out_of_vocabulary))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().starts_with("onnxruntime: "),
+        "{}",
+        err.message()
+    );
+    oip(&acme)
+        .model_infer(request(good.clone()))
+        .await
+        .expect("still serving");
 
     let err = oip(&acme)
         .model_infer(oipv2::ModelInferRequest {

@@ -241,3 +241,28 @@ fn from_ort(value: &DynValue) -> Result<Tensor, ort::Error> {
     };
     Ok(Tensor { shape, data })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The only test in this binary that touches the process-wide environment.
+    #[test]
+    fn a_missing_library_makes_the_backend_unavailable_with_the_reason() {
+        let backend = OnnxRuntime::new(Some(Path::new("/nonexistent/libonnxruntime.so")));
+        let why = backend.unavailable(Device::Cpu).expect("unavailable");
+        assert!(
+            why.contains("/nonexistent/libonnxruntime.so does not exist"),
+            "{why}"
+        );
+        let err = backend
+            .load(Path::new("model.onnx"), &LoadOptions::default())
+            .err()
+            .expect("load refused");
+        assert!(
+            err.to_string()
+                .starts_with("onnxruntime: ONNX Runtime is unavailable"),
+            "{err}"
+        );
+    }
+}
