@@ -419,3 +419,84 @@ pub mod bench {
         done.load(Ordering::Relaxed) as f64 / seconds as f64
     }
 }
+
+pub mod llm {
+    //! The chat model's reference data and a prepared bundle of it.
+
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+
+    use kiln_testkit::asset;
+
+    pub const SMOLLM2: &str = "accounts/kiln/models/smollm2-135m-instruct";
+    pub const GGUF: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+    /// `tests/data/llm/reference.json`: llama.cpp (llama-cpp-python) on the same GGUF, made by
+    /// `make_reference.py` beside it.
+    #[derive(Debug, serde::Deserialize)]
+    pub struct Reference {
+        pub prompts: Vec<Prompt>,
+        pub tokenization: Vec<Tokenized>,
+        pub chat: Vec<Chat>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    pub struct Prompt {
+        pub text: String,
+        pub tokens: Vec<u32>,
+        pub argmax_next: Vec<u32>,
+        pub argmax_margin: Vec<f32>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    pub struct Tokenized {
+        pub text: String,
+        pub tokens: Vec<u32>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    pub struct Chat {
+        pub question: String,
+        pub prompt_tokens: Vec<u32>,
+        pub answer_tokens: Vec<u32>,
+        pub answer: String,
+    }
+
+    pub fn reference() -> Reference {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/llm/reference.json");
+        serde_json::from_slice(&std::fs::read(path).expect("reference.json")).expect("reference")
+    }
+
+    /// The GGUF prepared into an ONNX bundle once per test process (in a temp folder).
+    pub fn bundle() -> &'static Path {
+        static DIR: OnceLock<PathBuf> = OnceLock::new();
+        DIR.get_or_init(|| {
+            let bytes = std::fs::read(asset(GGUF)).expect("the GGUF");
+            let converted = kiln_registry::gguf_onnx::convert(&bytes, SMOLLM2).expect("converts");
+            let dir =
+                std::env::temp_dir().join(format!("kiln-test-smollm2-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            for (path, data) in converted.files {
+                std::fs::write(dir.join(path), data).unwrap();
+            }
+            dir
+        })
+    }
+
+    /// A folder that holds only the chat model and ONNX Runtime of the asset cache.
+    pub fn smollm2_asset_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let gguf = asset(GGUF);
+        std::os::unix::fs::symlink(
+            gguf.parent().unwrap(),
+            dir.path().join("smollm2-135m-instruct"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            super::inference::ort_library().parent().unwrap(),
+            dir.path().join("onnxruntime"),
+        )
+        .unwrap();
+        dir
+    }
+}

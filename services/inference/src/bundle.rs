@@ -31,6 +31,11 @@ pub struct Manifest {
     pub chat_template: String,
     /// The model it was made from.
     pub model: String,
+    pub bos_token_id: Option<u32>,
+    /// The token that ends a generated sequence.
+    pub eos_token_id: Option<u32>,
+    /// Whether prompts start with the BOS token.
+    pub add_bos_token: bool,
 }
 
 /// A bundle on local disk.
@@ -108,6 +113,7 @@ pub fn manifest_of(model: &Model) -> Manifest {
             .map(|c| c.template.clone())
             .unwrap_or_default(),
         model: model.name.clone(),
+        ..Default::default()
     }
 }
 

@@ -25,6 +25,11 @@ pub struct InferenceConfig {
     pub batching: Batching,
     /// Requests waiting for one model beyond which new ones are refused (UNAVAILABLE).
     pub queue_capacity: usize,
+    /// Text generation: sequences decoded together per model, prompt tokens fed per step for a
+    /// newcomer, and the cached tokens (prompt + max_tokens) over all running sequences.
+    pub max_sequences: usize,
+    pub prefill_chunk: usize,
+    pub max_kv_tokens: usize,
     /// Per-model settings; a `path` serves a local bundle under `name`.
     pub models: Vec<ModelConfig>,
     /// Models loaded at start (names), so the first request does not wait for a load.
@@ -77,6 +82,9 @@ impl Default for InferenceConfig {
             cache_max_bytes: 20 << 30,
             batching: Batching::default(),
             queue_capacity: 1024,
+            max_sequences: 16,
+            prefill_chunk: 256,
+            max_kv_tokens: 65536,
             models: Vec::new(),
             preload: Vec::new(),
         }
@@ -106,6 +114,15 @@ impl InferenceConfig {
             max_queue_delay_ms: model
                 .and_then(|m| m.max_queue_delay_ms)
                 .unwrap_or(self.batching.max_queue_delay_ms),
+        }
+    }
+
+    pub fn llm_limits(&self) -> crate::generation::llm::LlmLimits {
+        crate::generation::llm::LlmLimits {
+            max_batch: self.max_sequences,
+            prefill_chunk: self.prefill_chunk,
+            max_kv_tokens: self.max_kv_tokens,
+            queue_capacity: self.queue_capacity,
         }
     }
 
@@ -144,6 +161,15 @@ impl Validate for InferenceConfig {
                 "inference.max_batch_size",
                 "must be at least 1 (1 turns batching off)",
             ));
+        }
+        for (field, value) in [
+            ("inference.max_sequences", self.max_sequences),
+            ("inference.prefill_chunk", self.prefill_chunk),
+            ("inference.max_kv_tokens", self.max_kv_tokens),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(field, "must be positive"));
+            }
         }
         if self.queue_capacity == 0 {
             return Err(ConfigError::invalid(

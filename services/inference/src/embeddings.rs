@@ -18,10 +18,9 @@ pub struct Embedded {
 pub fn max_tokens(model: &LoadedModel) -> usize {
     let from_manifest = usize::try_from(model.manifest.context_length).unwrap_or(0);
     let from_graph = model
-        .runner
-        .inputs()
-        .iter()
-        .find(|t| t.name == "input_ids")
+        .runner()
+        .ok()
+        .and_then(|r| r.inputs().iter().find(|t| t.name == "input_ids"))
         .and_then(|t| t.shape.get(1))
         .and_then(|&d| usize::try_from(d).ok());
     match (from_manifest, from_graph) {
@@ -82,19 +81,14 @@ pub async fn embed(model: &LoadedModel, sequences: Vec<Vec<u32>>) -> Result<Vec<
         ))
         .into());
     }
-    let wants_types = model
-        .runner
-        .inputs()
-        .iter()
-        .any(|t| t.name == "token_type_ids");
-    let output = model
-        .runner
+    let runner = model.runner()?;
+    let wants_types = runner.inputs().iter().any(|t| t.name == "token_type_ids");
+    let output = runner
         .outputs()
         .iter()
         .position(|t| t.name == "sentence_embedding")
         .or_else(|| {
-            model
-                .runner
+            runner
                 .outputs()
                 .iter()
                 .position(|t| t.name == "last_hidden_state" || t.name == "token_embeddings")

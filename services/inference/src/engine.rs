@@ -16,6 +16,7 @@ use crate::backend::{Backends, Device, LoadOptions, TensorInfo};
 use crate::bundle::{Bundle, BundleCache, Manifest};
 use crate::config::InferenceConfig;
 use crate::error::{Error, Result};
+use crate::generation::llm::{Llm, LlmShape};
 use crate::runner::{Runner, SubmitError};
 use crate::source::ModelSource;
 use crate::tensor::Tensor;
@@ -58,6 +59,13 @@ impl Task {
     }
 }
 
+/// How a loaded model runs: a batching runner for embedding and tensor models, a generation
+/// loop for text-generation models.
+pub enum Serving {
+    Tensor(Runner),
+    Llm(Llm),
+}
+
 /// A model ready to serve.
 pub struct LoadedModel {
     /// accounts/{account}/models/{model}
@@ -66,16 +74,39 @@ pub struct LoadedModel {
     pub public: bool,
     pub task: Task,
     pub backend: &'static str,
-    pub runner: Runner,
+    pub serving: Serving,
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub manifest: Manifest,
     bundle_dir: PathBuf,
 }
 
 impl LoadedModel {
+    /// The batching runner of an embedding or tensor model.
+    pub fn runner(&self) -> Result<&Runner> {
+        match &self.serving {
+            Serving::Tensor(runner) => Ok(runner),
+            Serving::Llm(_) => Err(ApiError::invalid(
+                "model",
+                format!(
+                    "{} is a text-generation model (completions and chat completions)",
+                    self.name
+                ),
+            )
+            .into()),
+        }
+    }
+
+    /// The generation loop of a text-generation model.
+    pub fn llm(&self) -> Option<&Llm> {
+        match &self.serving {
+            Serving::Llm(llm) => Some(llm),
+            Serving::Tensor(_) => None,
+        }
+    }
+
     /// Runs one job through the batcher (`pad`: see [`Runner::submit`]).
     pub async fn run(&self, inputs: Vec<(String, Tensor)>, pad: bool) -> Result<Vec<Tensor>> {
-        match self.runner.submit(inputs, pad).await {
+        match self.runner()?.submit(inputs, pad).await {
             Ok(outputs) => Ok(outputs?),
             Err(SubmitError::Full) => Err(ApiError::Unavailable(format!(
                 "{} has too many requests waiting; retry shortly",
@@ -261,12 +292,24 @@ impl Engine {
             ))
             .into());
         }
-        let runner = Runner::start(
-            name,
-            session,
-            self.config.batching_of(name),
-            self.config.queue_capacity,
-        )?;
+        let serving = if task == Task::TextGeneration {
+            let tokenizer = Arc::new(tokenizer.clone().expect("checked above"));
+            let shape = llm_shape(&bundle.manifest, session.inputs(), &tokenizer)?;
+            Serving::Llm(Llm::start(
+                name,
+                session,
+                shape,
+                tokenizer,
+                self.config.llm_limits(),
+            )?)
+        } else {
+            Serving::Tensor(Runner::start(
+                name,
+                session,
+                self.config.batching_of(name),
+                self.config.queue_capacity,
+            )?)
+        };
         tracing::info!(
             model = name,
             backend = backend.name(),
@@ -280,7 +323,7 @@ impl Engine {
             public,
             task,
             backend: backend.name(),
-            runner,
+            serving,
             tokenizer: tokenizer.map(Arc::new),
             manifest: bundle.manifest,
             bundle_dir: bundle.dir,
@@ -296,6 +339,59 @@ impl Engine {
             self.cache.unpin(&loaded.bundle_dir);
         }
     }
+}
+
+/// The cache shape of a decoder-with-past graph (from its `past_key_values.N.key` inputs),
+/// its context length and end-of-sequence tokens (from the manifest, else the tokenizer's
+/// usual names).
+fn llm_shape(
+    manifest: &Manifest,
+    inputs: &[TensorInfo],
+    tokenizer: &Tokenizer,
+) -> Result<LlmShape> {
+    let pasts: Vec<&TensorInfo> = inputs
+        .iter()
+        .filter(|t| t.name.starts_with("past_key_values.") && t.name.ends_with(".key"))
+        .collect();
+    let Some(first) = pasts.first() else {
+        return Err(ApiError::FailedPrecondition(
+            "the graph has no past_key_values.N.key inputs (it must be a decoder with past)".into(),
+        )
+        .into());
+    };
+    let dim = |i: usize| {
+        first
+            .shape
+            .get(i)
+            .copied()
+            .filter(|d| *d > 0)
+            .map(|d| d as usize)
+    };
+    let (Some(kv_heads), Some(head_dim)) = (dim(1), dim(3)) else {
+        return Err(ApiError::FailedPrecondition(format!(
+            "input {} must have fixed heads and head size, has {:?}",
+            first.name, first.shape
+        ))
+        .into());
+    };
+    let mut eos: Vec<u32> = manifest.eos_token_id.into_iter().collect();
+    for name in ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"] {
+        if eos.is_empty()
+            && let Some(id) = tokenizer.token_to_id(name)
+        {
+            eos.push(id);
+        }
+    }
+    Ok(LlmShape {
+        layers: pasts.len(),
+        kv_heads,
+        head_dim,
+        context_length: usize::try_from(manifest.context_length)
+            .ok()
+            .filter(|c| *c > 0)
+            .unwrap_or(2048),
+        eos,
+    })
 }
 
 /// The model a request's model string names. Until the scheduler serves deployments, a model

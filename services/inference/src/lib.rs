@@ -4,10 +4,13 @@
 
 pub mod backend;
 pub mod bundle;
+pub mod chat;
+pub mod completions;
 pub mod config;
 pub mod embeddings;
 pub mod engine;
 pub mod error;
+pub mod generation;
 pub mod oip;
 pub mod runner;
 pub mod service;

@@ -41,7 +41,7 @@ impl Inference {
             id: request.id.clone(),
             ..Default::default()
         };
-        for (info, tensor) in model.runner.outputs().iter().zip(outputs) {
+        for (info, tensor) in model.runner()?.outputs().iter().zip(outputs) {
             if !wanted.is_empty() && !wanted.contains(&info.name.as_str()) {
                 continue;
             }
@@ -99,7 +99,7 @@ fn requested_outputs<'a>(
     model: &LoadedModel,
     request: &'a ModelInferRequest,
 ) -> Result<Vec<&'a str>> {
-    let outputs = model.runner.outputs();
+    let outputs = model.runner()?.outputs();
     for (i, wanted) in request.outputs.iter().enumerate() {
         if !outputs.iter().any(|t| t.name == wanted.name) {
             return Err(ApiError::invalid(
@@ -123,7 +123,7 @@ fn decode_inputs(
     model: &LoadedModel,
     request: &ModelInferRequest,
 ) -> Result<Vec<(String, Tensor)>> {
-    let declared = model.runner.inputs();
+    let declared = model.runner()?.inputs();
     let raw = &request.raw_input_contents;
     if !raw.is_empty() && raw.len() != request.inputs.len() {
         return Err(ApiError::invalid(
@@ -340,8 +340,8 @@ impl grpc_inference_service_server::GrpcInferenceService for Inference {
             name: r.name,
             versions: vec![VERSION.into()],
             platform: format!("{}_onnx", model.backend),
-            inputs: metadata(model.runner.inputs()),
-            outputs: metadata(model.runner.outputs()),
+            inputs: metadata(model.runner()?.inputs()),
+            outputs: metadata(model.runner()?.outputs()),
         }))
     }
 

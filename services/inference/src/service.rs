@@ -42,7 +42,7 @@ impl Inference {
             None => None,
             Some(d) => {
                 let full = model
-                    .runner
+                    .runner()?
                     .outputs()
                     .iter()
                     .find_map(|t| t.shape.last().copied())
@@ -101,23 +101,6 @@ impl Inference {
             }),
         })
     }
-
-    /// Why a text-generation request is refused: an unknown model or one of another task is
-    /// named as such; generation itself comes with the LLM serving work.
-    async fn refuse_generation(&self, caller: &Principal, model: &str, rpc: &str) -> Status {
-        let model = match self.engine.model(caller, "model", model).await {
-            Ok(model) => model,
-            Err(e) => return e.into(),
-        };
-        if let Err(e) = expect_task(&model, Task::TextGeneration, rpc) {
-            return e.into();
-        }
-        ApiError::FailedPrecondition(format!(
-            "{}: this node does not serve text generation yet",
-            model.name
-        ))
-        .into()
-    }
 }
 
 fn expect_task(model: &LoadedModel, task: Task, rpc: &str) -> Result<()> {
@@ -143,9 +126,9 @@ impl inference_service_server::InferenceService for Inference {
         request: Request<CreateCompletionRequest>,
     ) -> Reply<Completion> {
         let p = caller(&request)?;
-        Err(self
-            .refuse_generation(&p, &request.get_ref().model, "CreateCompletion")
-            .await)
+        Ok(Response::new(
+            self.create_completion(&p, request.into_inner()).await?,
+        ))
     }
 
     type StreamCompletionStream = futures::stream::BoxStream<'static, Result<Completion, Status>>;
@@ -155,9 +138,9 @@ impl inference_service_server::InferenceService for Inference {
         request: Request<CreateCompletionRequest>,
     ) -> Reply<Self::StreamCompletionStream> {
         let p = caller(&request)?;
-        Err(self
-            .refuse_generation(&p, &request.get_ref().model, "StreamCompletion")
-            .await)
+        Ok(Response::new(
+            self.stream_completion(&p, request.into_inner()).await?,
+        ))
     }
 
     async fn create_chat_completion(
@@ -165,9 +148,10 @@ impl inference_service_server::InferenceService for Inference {
         request: Request<CreateChatCompletionRequest>,
     ) -> Reply<ChatCompletion> {
         let p = caller(&request)?;
-        Err(self
-            .refuse_generation(&p, &request.get_ref().model, "CreateChatCompletion")
-            .await)
+        Ok(Response::new(
+            self.create_chat_completion(&p, request.into_inner())
+                .await?,
+        ))
     }
 
     type StreamChatCompletionStream =
@@ -178,9 +162,10 @@ impl inference_service_server::InferenceService for Inference {
         request: Request<CreateChatCompletionRequest>,
     ) -> Reply<Self::StreamChatCompletionStream> {
         let p = caller(&request)?;
-        Err(self
-            .refuse_generation(&p, &request.get_ref().model, "StreamChatCompletion")
-            .await)
+        Ok(Response::new(
+            self.stream_chat_completion(&p, request.into_inner())
+                .await?,
+        ))
     }
 
     async fn create_embeddings(

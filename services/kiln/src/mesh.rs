@@ -96,7 +96,10 @@ impl Mesh {
             tokio::spawn(async move {
                 match registry.import_library().await {
                     Ok(_) => {
-                        let mut preload = vec![kiln_registry::library::EMBEDDING_MODEL.to_owned()];
+                        let mut preload = vec![
+                            kiln_registry::library::EMBEDDING_MODEL.to_owned(),
+                            kiln_registry::library::CHAT_MODEL.to_owned(),
+                        ];
                         preload.extend(inference_config.preload);
                         kiln_inference::preload(&inference, preload);
                     }

@@ -9,6 +9,7 @@ pub mod deployments;
 pub mod download;
 pub mod error;
 pub mod formats;
+pub mod gguf_onnx;
 pub mod grpc;
 pub mod library;
 pub mod models;

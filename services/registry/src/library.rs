@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use futures::Stream;
 use kiln_core::auth::Principal;
 use kiln_core::names::SYSTEM_ACCOUNT;
+use kiln_proto::common::v1::Precision;
 use kiln_proto::registry::v1::{
     ConversationConfig, FileChunk, Model, ModelFileHeader, UploadModelFilesRequest, model,
     upload_model_files_request::Payload,
@@ -37,6 +38,8 @@ pub struct LibraryModel {
 
 /// The public embedding model `kiln dev` serves out of the box.
 pub const EMBEDDING_MODEL: &str = "accounts/kiln/models/all-minilm-l6-v2";
+/// The public chat model `kiln dev` serves out of the box.
+pub const CHAT_MODEL: &str = "accounts/kiln/models/smollm2-135m-instruct";
 
 pub const LIBRARY: &[LibraryModel] = &[
     LibraryModel {
@@ -200,6 +203,14 @@ impl Registry {
                 .await?;
             if validated.valid {
                 tracing::info!(model = %created.name, "imported into the public library");
+                // A GGUF checkpoint is served from its ONNX bundle: prepare it now, so the
+                // first chat does not wait for the conversion.
+                if entry.files.iter().any(|f| f.ends_with(".gguf")) {
+                    let prepared = self
+                        .prepare_model(&admin, &created.name, Precision::Fp32 as i32, false)
+                        .await?;
+                    tracing::info!(model = %created.name, bundles = prepared.prepared_bundles.len(), "prepared for serving");
+                }
                 imported.push(created.name);
             } else {
                 tracing::warn!(model = %created.name, errors = ?validated.errors, "library model failed validation");

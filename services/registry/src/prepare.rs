@@ -48,10 +48,15 @@ pub trait Preparer: Send + Sync + 'static {
 pub struct Preparers(HashMap<i32, Arc<dyn Preparer>>);
 
 impl Preparers {
-    /// The preparers this service has: an ONNX bundle is served as uploaded, with a manifest.
+    /// The preparers this service has: an ONNX bundle is served as uploaded, with a manifest;
+    /// a GGUF checkpoint becomes an ONNX decoder-with-past bundle.
     pub fn standard() -> Self {
         let mut p = Self::default();
         p.register(CheckpointFormat::Onnx, Arc::new(OnnxBundle));
+        p.register(
+            CheckpointFormat::Gguf,
+            Arc::new(crate::gguf_onnx::GgufPreparer),
+        );
         p
     }
 

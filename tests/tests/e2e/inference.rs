@@ -123,7 +123,7 @@ async fn batched_answers_equal_unbatched_ones_and_a_burst_of_64_succeeds() {
             .fold(0f32, f32::max);
         assert!(diff < 1e-4, "request {i}: batched answer differs by {diff}");
     }
-    let (passes, jobs) = model.runner.stats().get();
+    let (passes, jobs) = model.runner().unwrap().stats().get();
     assert_eq!(jobs, 64);
     assert!(
         passes < 64,

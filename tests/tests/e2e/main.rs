@@ -7,5 +7,6 @@ mod discovery;
 mod events;
 mod identity_api;
 mod inference;
+mod llm;
 mod registry;
 mod secrets;

@@ -1,0 +1,483 @@
+//! Serving a decoder-with-past graph (HF-optimum convention) with continuous batching: one
+//! thread owns the session; sequences join between steps, a newcomer's prompt is fed in
+//! chunks (so running sequences are not stalled by a long prefill), every running sequence
+//! advances one token per batched decode step, and each leaves when it finishes or its client
+//! goes away. Every sequence keeps its own key/value cache; a decode step pads the caches of
+//! the batch to the longest and masks the padding, so each sequence computes exactly what it
+//! would alone.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::detok::Detokenizer;
+use super::sampling::{Sampled, Sampler, SamplingParams};
+use super::stop::StopMatcher;
+use crate::backend::{BackendError, Session};
+use crate::tensor::{Tensor, TensorData};
+
+/// Limits of one model's generation loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LlmLimits {
+    /// Sequences decoded together.
+    pub max_batch: usize,
+    /// Prompt tokens fed per step for a newcomer.
+    pub prefill_chunk: usize,
+    /// Cached tokens over all running sequences (the KV memory bound).
+    pub max_kv_tokens: usize,
+    /// Requests waiting to start beyond which new ones are refused.
+    pub queue_capacity: usize,
+}
+
+/// The graph's cache shape and the tokens that end a sequence.
+#[derive(Debug, Clone)]
+pub struct LlmShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub context_length: usize,
+    pub eos: Vec<u32>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// End of sequence or a stop string.
+    Stop,
+    /// max_tokens, or the context is full.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// What a sequence reports to its request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it released (possibly empty: part of a character, or
+    /// held back because it may begin a stop string).
+    Token {
+        sampled: Sampled,
+        text: String,
+    },
+    /// The last event of a sequence.
+    Finished {
+        finish: Finish,
+        completion_tokens: usize,
+        text: String,
+    },
+    Failed(String),
+}
+
+/// One sequence to generate.
+pub struct SequenceRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stops: Vec<String>,
+    /// Which choice of its request this is (seeds differ per choice).
+    pub choice: u64,
+    pub events: UnboundedSender<Event>,
+}
+
+/// Why a sequence was not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    Full,
+    Stopped,
+}
+
+/// A text-generation model's queue and thread.
+pub struct Llm {
+    queue: SyncSender<SequenceRequest>,
+    pub shape: LlmShape,
+    pub tokenizer: Arc<Tokenizer>,
+}
+
+impl Llm {
+    pub fn start(
+        name: &str,
+        session: Box<dyn Session>,
+        shape: LlmShape,
+        tokenizer: Arc<Tokenizer>,
+        limits: LlmLimits,
+    ) -> std::io::Result<Self> {
+        let output = |name: &str| {
+            session
+                .outputs()
+                .iter()
+                .position(|t| t.name == name)
+                .ok_or_else(|| std::io::Error::other(format!("the graph has no output {name}")))
+        };
+        let logits = output("logits")?;
+        let mut presents = Vec::with_capacity(2 * shape.layers);
+        for l in 0..shape.layers {
+            presents.push(output(&format!("present.{l}.key"))?);
+            presents.push(output(&format!("present.{l}.value"))?);
+        }
+        let (queue, requests) = sync_channel(limits.queue_capacity.max(1));
+        let worker = Worker {
+            logits,
+            presents,
+            session,
+            shape: shape.clone(),
+            tokenizer: tokenizer.clone(),
+            limits,
+        };
+        std::thread::Builder::new()
+            .name(format!(
+                "kiln-llm-{}",
+                name.rsplit('/').next().unwrap_or(name)
+            ))
+            .spawn(move || worker.run(requests))?;
+        Ok(Self {
+            queue,
+            shape,
+            tokenizer,
+        })
+    }
+
+    pub fn submit(&self, request: SequenceRequest) -> Result<(), SubmitError> {
+        self.queue.try_send(request).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::Full,
+            TrySendError::Disconnected(_) => SubmitError::Stopped,
+        })
+    }
+}
+
+/// A sequence in the loop.
+struct Sequence {
+    request: SequenceRequest,
+    sampler: Sampler,
+    /// Per layer and kind (key, value: index 2·layer + kind), per key/value head: positions ×
+    /// head_dim values.
+    cache: Vec<Vec<Vec<f32>>>,
+    /// Tokens in the cache.
+    cached: usize,
+    /// Prompt tokens fed so far.
+    fed: usize,
+    /// The token to feed next (sampled, not yet in the cache).
+    next: Option<u32>,
+    generated: Vec<u32>,
+    detok: Detokenizer,
+    stop: StopMatcher,
+}
+
+impl Sequence {
+    fn closed(&self) -> bool {
+        self.request.events.is_closed()
+    }
+}
+
+struct Worker {
+    /// Index of `logits` among the session's outputs, and of `present.L.key|value` for cache
+    /// slot 2·L + kind.
+    logits: usize,
+    presents: Vec<usize>,
+    session: Box<dyn Session>,
+    shape: LlmShape,
+    tokenizer: Arc<Tokenizer>,
+    limits: LlmLimits,
+}
+
+impl Worker {
+    fn run(mut self, requests: Receiver<SequenceRequest>) {
+        let mut waiting: VecDeque<SequenceRequest> = VecDeque::new();
+        let mut prefilling: VecDeque<Sequence> = VecDeque::new();
+        let mut running: Vec<Sequence> = Vec::new();
+        loop {
+            // Block only when there is nothing to do.
+            if waiting.is_empty() && prefilling.is_empty() && running.is_empty() {
+                match requests.recv() {
+                    Ok(r) => waiting.push_back(r),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match requests.try_recv() {
+                    Ok(r) => waiting.push_back(r),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if waiting.is_empty() && prefilling.is_empty() && running.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            waiting.retain(|r| !r.events.is_closed());
+            // Admit while the batch and the cache budget allow.
+            let mut budget: usize = prefilling
+                .iter()
+                .chain(&running)
+                .map(|s| s.request.prompt.len() + s.request.max_tokens)
+                .sum();
+            while prefilling.len() + running.len() < self.limits.max_batch {
+                let Some(front) = waiting.front() else { break };
+                let need = front.prompt.len() + front.max_tokens;
+                let alone = prefilling.is_empty() && running.is_empty();
+                if !alone && budget + need > self.limits.max_kv_tokens {
+                    break;
+                }
+                budget += need;
+                let request = waiting.pop_front().expect("front");
+                prefilling.push_back(self.sequence(request));
+            }
+            prefilling.retain(|s| !s.closed());
+            running.retain(|s| !s.closed());
+            // One prefill chunk per step.
+            if let Some(mut seq) = prefilling.pop_front() {
+                match self.prefill_chunk(&mut seq) {
+                    Ok(true) => {
+                        if !self.finished(&mut seq) {
+                            running.push(seq);
+                        }
+                    }
+                    Ok(false) => prefilling.push_front(seq),
+                    Err(e) => {
+                        let _ = seq.request.events.send(Event::Failed(e.to_string()));
+                    }
+                }
+            }
+            if !running.is_empty() {
+                if let Err(e) = self.decode(&mut running) {
+                    for seq in running.drain(..) {
+                        let _ = seq.request.events.send(Event::Failed(e.to_string()));
+                    }
+                    continue;
+                }
+                let mut still = Vec::with_capacity(running.len());
+                for mut seq in running.drain(..) {
+                    if !self.finished(&mut seq) {
+                        still.push(seq);
+                    }
+                }
+                running = still;
+            }
+        }
+    }
+
+    fn sequence(&self, request: SequenceRequest) -> Sequence {
+        let sampler = Sampler::new(request.params.clone(), &request.prompt, request.choice);
+        let stop = StopMatcher::new(request.stops.clone());
+        Sequence {
+            sampler,
+            cache: vec![vec![Vec::new(); self.shape.kv_heads]; 2 * self.shape.layers],
+            cached: 0,
+            fed: 0,
+            next: None,
+            generated: Vec::new(),
+            detok: Detokenizer::new(self.tokenizer.clone()),
+            stop,
+            request,
+        }
+    }
+
+    fn empty_past(&self, inputs: &mut Vec<(String, Tensor)>, batch: usize) {
+        for l in 0..self.shape.layers {
+            for kind in ["key", "value"] {
+                inputs.push((
+                    format!("past_key_values.{l}.{kind}"),
+                    Tensor {
+                        shape: vec![batch, self.shape.kv_heads, 0, self.shape.head_dim],
+                        data: TensorData::F32(Vec::new()),
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Feeds the next chunk of the prompt; true once the whole prompt is in (and the first
+    /// token sampled).
+    fn prefill_chunk(&mut self, seq: &mut Sequence) -> Result<bool, BackendError> {
+        let chunk: Vec<u32> = seq.request.prompt[seq.fed..]
+            .iter()
+            .take(self.limits.prefill_chunk.max(1))
+            .copied()
+            .collect();
+        let n = chunk.len();
+        let total = seq.cached + n;
+        let mut inputs = vec![
+            (
+                "input_ids".to_owned(),
+                ids_tensor(vec![1, n], chunk.iter().map(|&t| t as i64).collect()),
+            ),
+            (
+                "attention_mask".to_owned(),
+                ids_tensor(vec![1, total], vec![1; total]),
+            ),
+            (
+                "position_ids".to_owned(),
+                ids_tensor(vec![1, n], (seq.cached as i64..total as i64).collect()),
+            ),
+        ];
+        if seq.cached == 0 {
+            self.empty_past(&mut inputs, 1);
+        } else {
+            self.past_of(&mut inputs, std::slice::from_ref(seq), seq.cached);
+        }
+        let outputs = self.session.run(inputs)?;
+        self.append(seq, &outputs, 0, seq.cached, n, total);
+        seq.fed += n;
+        if seq.fed < seq.request.prompt.len() {
+            return Ok(false);
+        }
+        let mut logits = last_logits(&outputs[self.logits], 0, n);
+        let sampled = seq.sampler.sample(&mut logits);
+        self.emit(seq, sampled);
+        Ok(true)
+    }
+
+    /// Adds the past of `seqs`, right-padded to `width` positions.
+    fn past_of(&self, inputs: &mut Vec<(String, Tensor)>, seqs: &[Sequence], width: usize) {
+        let (kv, hd) = (self.shape.kv_heads, self.shape.head_dim);
+        for l in 0..self.shape.layers {
+            for (k, kind) in ["key", "value"].into_iter().enumerate() {
+                let mut data = Vec::with_capacity(seqs.len() * kv * width * hd);
+                for seq in seqs {
+                    for head in &seq.cache[2 * l + k] {
+                        data.extend_from_slice(head);
+                        data.resize(data.len() + (width - seq.cached) * hd, 0.0);
+                    }
+                }
+                inputs.push((
+                    format!("past_key_values.{l}.{kind}"),
+                    Tensor {
+                        shape: vec![seqs.len(), kv, width, hd],
+                        data: TensorData::F32(data),
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Appends positions `from..from + count` of batch row `row` of the presents to `seq`.
+    fn append(
+        &self,
+        seq: &mut Sequence,
+        outputs: &[Tensor],
+        row: usize,
+        from: usize,
+        count: usize,
+        total: usize,
+    ) {
+        let (kv, hd) = (self.shape.kv_heads, self.shape.head_dim);
+        for (i, cache) in seq.cache.iter_mut().enumerate() {
+            let TensorData::F32(present) = &outputs[self.presents[i]].data else {
+                continue;
+            };
+            for (h, head) in cache.iter_mut().enumerate() {
+                let start = ((row * kv + h) * total + from) * hd;
+                head.extend_from_slice(&present[start..start + count * hd]);
+            }
+        }
+        seq.cached += count;
+    }
+
+    /// One token for every running sequence, in one pass.
+    fn decode(&mut self, running: &mut [Sequence]) -> Result<(), BackendError> {
+        let batch = running.len();
+        let width = running.iter().map(|s| s.cached).max().unwrap_or(0);
+        let total = width + 1;
+        let mut ids = Vec::with_capacity(batch);
+        let mut mask = Vec::with_capacity(batch * total);
+        let mut positions = Vec::with_capacity(batch);
+        for seq in running.iter() {
+            ids.push(seq.next.expect("a running sequence has a next token") as i64);
+            mask.extend((0..width).map(|p| i64::from(p < seq.cached)));
+            mask.push(1);
+            positions.push(seq.cached as i64);
+        }
+        let mut inputs = vec![
+            ("input_ids".to_owned(), ids_tensor(vec![batch, 1], ids)),
+            (
+                "attention_mask".to_owned(),
+                ids_tensor(vec![batch, total], mask),
+            ),
+            (
+                "position_ids".to_owned(),
+                ids_tensor(vec![batch, 1], positions),
+            ),
+        ];
+        self.past_of(&mut inputs, running, width);
+        let outputs = self.session.run(inputs)?;
+        for (row, seq) in running.iter_mut().enumerate() {
+            self.append(seq, &outputs, row, width, 1, total);
+            let mut logits = last_logits(&outputs[self.logits], row, 1);
+            let sampled = seq.sampler.sample(&mut logits);
+            self.emit(seq, sampled);
+        }
+        Ok(())
+    }
+
+    /// Records a sampled token as the sequence's next one and sends its text.
+    fn emit(&self, seq: &mut Sequence, sampled: Sampled) {
+        seq.next = Some(sampled.token);
+        if self.shape.eos.contains(&sampled.token) {
+            return;
+        }
+        seq.generated.push(sampled.token);
+        let delta = seq.detok.push(sampled.token).unwrap_or_default();
+        let released = seq.stop.push(&delta);
+        let _ = seq.request.events.send(Event::Token {
+            sampled,
+            text: released.text,
+        });
+        if released.stopped {
+            seq.next = None;
+        }
+    }
+
+    /// Sends the end when the sequence is done; true if it is.
+    fn finished(&self, seq: &mut Sequence) -> bool {
+        let finish = match seq.next {
+            None => Some(Finish::Stop),
+            Some(t) if self.shape.eos.contains(&t) => Some(Finish::Stop),
+            Some(_) if seq.generated.len() >= seq.request.max_tokens => Some(Finish::Length),
+            Some(_) if seq.cached + 1 >= self.shape.context_length => Some(Finish::Length),
+            Some(_) => None,
+        };
+        match finish {
+            Some(finish) => {
+                let text = if finish == Finish::Stop && seq.next.is_none() {
+                    String::new()
+                } else {
+                    seq.stop.finish()
+                };
+                let _ = seq.request.events.send(Event::Finished {
+                    finish,
+                    completion_tokens: seq.generated.len(),
+                    text,
+                });
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn ids_tensor(shape: Vec<usize>, values: Vec<i64>) -> Tensor {
+    Tensor {
+        shape,
+        data: TensorData::I64(values),
+    }
+}
+
+/// The logits of the last position of batch row `row` (`seq` positions per row).
+fn last_logits(logits: &Tensor, row: usize, seq: usize) -> Vec<f32> {
+    let vocab = *logits.shape.last().expect("logits rank");
+    let TensorData::F32(values) = &logits.data else {
+        return vec![0.0; vocab];
+    };
+    let start = (row * seq + seq - 1) * vocab;
+    values[start..start + vocab].to_vec()
+}

@@ -1,0 +1,114 @@
+//! ggml's storage types to f32: F32, F16, Q4_0, Q4_1 and Q8_0 (blocks of 32 values with an
+//! f16 scale, and for Q4_1 an f16 minimum).
+
+const BLOCK: usize = 32;
+
+/// Bytes that `elements` values of `ggml_type` take, or `None` for a type Kiln cannot read.
+pub fn byte_size(ggml_type: u32, elements: usize) -> Option<usize> {
+    let blocks = elements.div_ceil(BLOCK);
+    Some(match ggml_type {
+        0 => elements * 4,
+        1 => elements * 2,
+        2 => blocks * 18,
+        3 => blocks * 20,
+        8 => blocks * 34,
+        _ => return None,
+    })
+}
+
+/// IEEE half to single precision.
+pub fn f16_to_f32(bits: u16) -> f32 {
+    let sign = ((bits >> 15) as u32) << 31;
+    let exp = ((bits >> 10) & 0x1f) as u32;
+    let frac = (bits & 0x3ff) as u32;
+    let value = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // Subnormal: normalise it.
+            let shift = f.leading_zeros() - 21;
+            let f = (f << shift) & 0x3ff;
+            sign | ((127 - 15 + 1 - shift) << 23) | (f << 13)
+        }
+        (31, 0) => sign | 0x7f80_0000,
+        (31, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
+    };
+    f32::from_bits(value)
+}
+
+fn half(b: &[u8]) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+}
+
+/// The values of `raw` (holding `elements` values of `ggml_type`).
+pub fn dequantize(ggml_type: u32, raw: &[u8], elements: usize) -> Option<Vec<f32>> {
+    if raw.len() != byte_size(ggml_type, elements)? {
+        return None;
+    }
+    let mut out = Vec::with_capacity(elements);
+    match ggml_type {
+        0 => out.extend(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4"))),
+        ),
+        1 => out.extend(raw.chunks_exact(2).map(half)),
+        2 => {
+            for block in raw.chunks_exact(18) {
+                let d = half(&block[..2]);
+                let q = &block[2..];
+                out.extend(q.iter().map(|b| ((b & 0x0f) as i32 - 8) as f32 * d));
+                out.extend(q.iter().map(|b| ((b >> 4) as i32 - 8) as f32 * d));
+            }
+        }
+        3 => {
+            for block in raw.chunks_exact(20) {
+                let d = half(&block[..2]);
+                let m = half(&block[2..4]);
+                let q = &block[4..];
+                out.extend(q.iter().map(|b| (b & 0x0f) as f32 * d + m));
+                out.extend(q.iter().map(|b| (b >> 4) as f32 * d + m));
+            }
+        }
+        8 => {
+            for block in raw.chunks_exact(34) {
+                let d = half(&block[..2]);
+                out.extend(block[2..].iter().map(|&b| b as i8 as f32 * d));
+            }
+        }
+        _ => return None,
+    }
+    out.truncate(elements);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn halves_convert() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+
+    #[test]
+    fn q4_1_and_q8_0_blocks_decode() {
+        // Q4_1: d = 0.5, m = -1; nibbles 0..15 low, 15..0 high.
+        let mut block = vec![0x00, 0x38, 0x00, 0xbc];
+        block.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+        let v = dequantize(3, &block, 32).unwrap();
+        assert_eq!(v[0], -1.0);
+        assert_eq!(v[15], 6.5);
+        assert_eq!(v[16], 6.5);
+        assert_eq!(v[31], -1.0);
+        // Q8_0: d = 2, values -3 and 4.
+        let mut block = vec![0x00, 0x40];
+        block.extend([253u8, 4].repeat(16));
+        let v = dequantize(8, &block, 32).unwrap();
+        assert_eq!(&v[..2], &[-6.0, 8.0]);
+        assert_eq!(dequantize(8, &block[..10], 32), None);
+    }
+}

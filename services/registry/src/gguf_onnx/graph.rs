@@ -1,0 +1,353 @@
+//! A llama-family decoder-with-past graph in the HF-optimum convention:
+//! inputs `input_ids [batch, seq]`, `attention_mask [batch, past + seq]`,
+//! `position_ids [batch, seq]`, `past_key_values.N.key|value [batch, kv_heads, past, head_dim]`;
+//! outputs `logits [batch, seq, vocab]` and `present.N.key|value [batch, kv_heads, past + seq,
+//! head_dim]`. RMSNorm, rotary embeddings (HF's half rotation, with the file's theta),
+//! grouped-query attention (query heads grouped per key/value head, no copies of the cache),
+//! SwiGLU, and the output projection tied to the token embedding. Standard ONNX operators
+//! only (opset 17), float32.
+
+use super::onnx::{
+    Builder, Dim, FLOAT, GraphProto, INT64, ModelProto, OperatorSetIdProto, attr_int, attr_ints,
+    value_info,
+};
+
+/// The network's shape, from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    pub rope_theta: f32,
+    /// Rows of the rotary tables: the context length.
+    pub max_positions: usize,
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+/// A weight: `[rows, cols]` row-major f32 (a linear layer as `[in, out]`, ready for MatMul).
+pub struct Weight {
+    pub dims: Vec<i64>,
+    pub values: Vec<f32>,
+}
+
+/// Names the weights of layer `layer` (or the model's with `None`): `attn_q`, `attn_k`,
+/// `attn_v`, `attn_output`, `ffn_gate`, `ffn_up`, `ffn_down`, `attn_norm`, `ffn_norm`;
+/// `token_embd` `[vocab, hidden]`, `output_norm`.
+pub trait Weights {
+    fn weight(&mut self, layer: Option<usize>, name: &str) -> Result<Weight, String>;
+}
+
+/// Builds the graph.
+pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelProto, String> {
+    let c = config;
+    let hd = c.head_dim();
+    let group = c.heads / c.kv_heads;
+    let mut b = Builder::default();
+
+    // Constants.
+    let eps = b.f32_tensor("eps", &[], &[c.eps]);
+    let one = b.f32_tensor("one", &[], &[1.0]);
+    let neg_big = b.f32_tensor("neg_big", &[], &[-1e9]);
+    let zero_f = b.f32_tensor("zero_f", &[], &[0.0]);
+    let scale = b.f32_tensor("scale", &[], &[1.0 / (hd as f32).sqrt()]);
+    let i0 = b.i64_tensor("i0", &[], &[0]);
+    let i1 = b.i64_tensor("i1", &[], &[1]);
+    let ax0 = b.i64_tensor("ax0", &[1], &[0]);
+    let ax1 = b.i64_tensor("ax1", &[1], &[1]);
+    let ax2 = b.i64_tensor("ax2", &[1], &[2]);
+    let ax123 = b.i64_tensor("ax123", &[3], &[1, 2, 3]);
+    let shape_heads = b.i64_tensor("shape_heads", &[4], &[0, 0, c.heads as i64, hd as i64]);
+    let shape_kv = b.i64_tensor("shape_kv", &[4], &[0, 0, c.kv_heads as i64, hd as i64]);
+    let shape_grouped = b.i64_tensor(
+        "shape_grouped",
+        &[5],
+        &[0, c.kv_heads as i64, group as i64, -1, hd as i64],
+    );
+    let shape_ungrouped =
+        b.i64_tensor("shape_ungrouped", &[4], &[0, c.heads as i64, -1, hd as i64]);
+    let shape_hidden = b.i64_tensor("shape_hidden", &[3], &[0, 0, c.hidden as i64]);
+    let half_start = b.i64_tensor("half_start", &[1], &[0]);
+    let half_mid = b.i64_tensor("half_mid", &[1], &[(hd / 2) as i64]);
+    let half_end = b.i64_tensor("half_end", &[1], &[hd as i64]);
+    let last_axis = b.i64_tensor("last_axis", &[1], &[-1]);
+
+    // Rotary tables [max_positions, head_dim]: HF's cat(freqs, freqs).
+    let mut cos = Vec::with_capacity(c.max_positions * hd);
+    let mut sin = Vec::with_capacity(c.max_positions * hd);
+    for pos in 0..c.max_positions {
+        for d in 0..hd {
+            let j = d % (hd / 2);
+            let inv_freq = (c.rope_theta as f64).powf(-(2.0 * j as f64) / hd as f64);
+            let angle = pos as f64 * inv_freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let cos_table = b.f32_tensor("rope_cos", &[c.max_positions as i64, hd as i64], &cos);
+    let sin_table = b.f32_tensor("rope_sin", &[c.max_positions as i64, hd as i64], &sin);
+    drop((cos, sin));
+
+    // Per position: [batch, 1, seq, head_dim] to broadcast over heads.
+    let cos_pos = b.op("Gather", &[&cos_table, "position_ids"], vec![], "cos");
+    let cos_pos = b.op("Unsqueeze", &[&cos_pos, &ax1], vec![], "cos");
+    let sin_pos = b.op("Gather", &[&sin_table, "position_ids"], vec![], "sin");
+    let sin_pos = b.op("Unsqueeze", &[&sin_pos, &ax1], vec![], "sin");
+
+    // Attention bias [batch, 1, 1, seq, past + seq]: causal within the window, and masked
+    // (padding) positions of attention_mask.
+    let ids_shape = b.op("Shape", &["input_ids"], vec![], "ids_shape");
+    let seq = b.op(
+        "Gather",
+        &[&ids_shape, &i1],
+        vec![attr_int("axis", 0)],
+        "seq",
+    );
+    let mask_shape = b.op("Shape", &["attention_mask"], vec![], "mask_shape");
+    let total = b.op(
+        "Gather",
+        &[&mask_shape, &i1],
+        vec![attr_int("axis", 0)],
+        "total",
+    );
+    let past = b.op("Sub", &[&total, &seq], vec![], "past");
+    let rows = b.op("Range", &[&i0, &seq, &i1], vec![], "rows");
+    let rows = b.op("Add", &[&rows, &past], vec![], "rows_abs");
+    let rows = b.op("Unsqueeze", &[&rows, &ax1], vec![], "rows");
+    let cols = b.op("Range", &[&i0, &total, &i1], vec![], "cols");
+    let cols = b.op("Unsqueeze", &[&cols, &ax0], vec![], "cols");
+    let future = b.op("Greater", &[&cols, &rows], vec![], "future");
+    let causal = b.op("Where", &[&future, &neg_big, &zero_f], vec![], "causal");
+    let mask_f = b.op(
+        "Cast",
+        &["attention_mask"],
+        vec![attr_int("to", FLOAT as i64)],
+        "mask_f",
+    );
+    let masked = b.op("Sub", &[&one, &mask_f], vec![], "masked");
+    let padding = b.op("Mul", &[&masked, &neg_big], vec![], "padding");
+    let padding = b.op("Unsqueeze", &[&padding, &ax123], vec![], "padding");
+    let bias = b.op("Add", &[&padding, &causal], vec![], "bias");
+
+    let rms_norm = |b: &mut Builder, x: &str, weight: &str, hint: &str| -> String {
+        let sq = b.op("Mul", &[x, x], vec![], hint);
+        let mean = b.op(
+            "ReduceMean",
+            &[&sq],
+            vec![attr_ints("axes", &[-1]), attr_int("keepdims", 1)],
+            hint,
+        );
+        let var = b.op("Add", &[&mean, &eps], vec![], hint);
+        let root = b.op("Sqrt", &[&var], vec![], hint);
+        let normed = b.op("Div", &[x, &root], vec![], hint);
+        b.op("Mul", &[&normed, weight], vec![], hint)
+    };
+    let rotate = |b: &mut Builder, x: &str, hint: &str| -> String {
+        let first = b.op(
+            "Slice",
+            &[x, &half_start, &half_mid, &last_axis],
+            vec![],
+            hint,
+        );
+        let second = b.op(
+            "Slice",
+            &[x, &half_mid, &half_end, &last_axis],
+            vec![],
+            hint,
+        );
+        let neg = b.op("Neg", &[&second], vec![], hint);
+        let rotated = b.op("Concat", &[&neg, &first], vec![attr_int("axis", -1)], hint);
+        let a = b.op("Mul", &[x, &cos_pos], vec![], hint);
+        let r = b.op("Mul", &[&rotated, &sin_pos], vec![], hint);
+        b.op("Add", &[&a, &r], vec![], hint)
+    };
+
+    let mut load = |b: &mut Builder, layer: Option<usize>, name: &str| -> Result<String, String> {
+        let w = weights.weight(layer, name)?;
+        let init = match layer {
+            Some(l) => format!("blk.{l}.{name}"),
+            None => name.to_owned(),
+        };
+        Ok(b.f32_tensor(&init, &w.dims, &w.values))
+    };
+
+    let embedding = load(&mut b, None, "token_embd")?;
+    let mut x = b.op("Gather", &[&embedding, "input_ids"], vec![], "embed");
+    for l in 0..c.layers {
+        let h = format!("l{l}");
+        let attn_norm = load(&mut b, Some(l), "attn_norm")?;
+        let xn = rms_norm(&mut b, &x, &attn_norm, &h);
+        let wq = load(&mut b, Some(l), "attn_q")?;
+        let wk = load(&mut b, Some(l), "attn_k")?;
+        let wv = load(&mut b, Some(l), "attn_v")?;
+        let q = b.op("MatMul", &[&xn, &wq], vec![], &h);
+        let k = b.op("MatMul", &[&xn, &wk], vec![], &h);
+        let v = b.op("MatMul", &[&xn, &wv], vec![], &h);
+        // [batch, heads, seq, head_dim]
+        let q = b.op("Reshape", &[&q, &shape_heads], vec![], &h);
+        let q = b.op(
+            "Transpose",
+            &[&q],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
+            &h,
+        );
+        let k = b.op("Reshape", &[&k, &shape_kv], vec![], &h);
+        let k = b.op(
+            "Transpose",
+            &[&k],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
+            &h,
+        );
+        let v = b.op("Reshape", &[&v, &shape_kv], vec![], &h);
+        let v = b.op(
+            "Transpose",
+            &[&v],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
+            &h,
+        );
+        let q = rotate(&mut b, &q, &h);
+        let k = rotate(&mut b, &k, &h);
+        let past_k = format!("past_key_values.{l}.key");
+        let past_v = format!("past_key_values.{l}.value");
+        let present_k = format!("present.{l}.key");
+        let present_v = format!("present.{l}.value");
+        b.op_to(
+            "Concat",
+            &[&past_k, &k],
+            &[&present_k],
+            vec![attr_int("axis", 2)],
+        );
+        b.op_to(
+            "Concat",
+            &[&past_v, &v],
+            &[&present_v],
+            vec![attr_int("axis", 2)],
+        );
+        // Query heads grouped per key/value head: [batch, kv_heads, group, seq, head_dim]
+        // against keys [batch, kv_heads, 1, head_dim, total] (MatMul broadcasts the group).
+        let q = b.op("Mul", &[&q, &scale], vec![], &h);
+        let q = b.op("Reshape", &[&q, &shape_grouped], vec![], &h);
+        let kt = b.op(
+            "Transpose",
+            &[&present_k],
+            vec![attr_ints("perm", &[0, 1, 3, 2])],
+            &h,
+        );
+        let kt = b.op("Unsqueeze", &[&kt, &ax2], vec![], &h);
+        let scores = b.op("MatMul", &[&q, &kt], vec![], &h);
+        let scores = b.op("Add", &[&scores, &bias], vec![], &h);
+        let probs = b.op("Softmax", &[&scores], vec![attr_int("axis", -1)], &h);
+        let vg = b.op("Unsqueeze", &[&present_v, &ax2], vec![], &h);
+        let ctx = b.op("MatMul", &[&probs, &vg], vec![], &h);
+        let ctx = b.op("Reshape", &[&ctx, &shape_ungrouped], vec![], &h);
+        let ctx = b.op(
+            "Transpose",
+            &[&ctx],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
+            &h,
+        );
+        let ctx = b.op("Reshape", &[&ctx, &shape_hidden], vec![], &h);
+        let wo = load(&mut b, Some(l), "attn_output")?;
+        let attn = b.op("MatMul", &[&ctx, &wo], vec![], &h);
+        x = b.op("Add", &[&x, &attn], vec![], &h);
+
+        let ffn_norm = load(&mut b, Some(l), "ffn_norm")?;
+        let xn = rms_norm(&mut b, &x, &ffn_norm, &h);
+        let wg = load(&mut b, Some(l), "ffn_gate")?;
+        let wu = load(&mut b, Some(l), "ffn_up")?;
+        let wd = load(&mut b, Some(l), "ffn_down")?;
+        let gate = b.op("MatMul", &[&xn, &wg], vec![], &h);
+        let up = b.op("MatMul", &[&xn, &wu], vec![], &h);
+        let act = b.op("Sigmoid", &[&gate], vec![], &h);
+        let act = b.op("Mul", &[&gate, &act], vec![], &h);
+        let act = b.op("Mul", &[&act, &up], vec![], &h);
+        let down = b.op("MatMul", &[&act, &wd], vec![], &h);
+        x = b.op("Add", &[&x, &down], vec![], &h);
+    }
+    let output_norm = load(&mut b, None, "output_norm")?;
+    let xn = rms_norm(&mut b, &x, &output_norm, "final");
+    // Tied output projection: the embedding, transposed.
+    let embedding_t = b.op(
+        "Transpose",
+        &[&embedding],
+        vec![attr_ints("perm", &[1, 0])],
+        "lm_head",
+    );
+    b.op_to("MatMul", &[&xn, &embedding_t], &["logits"], vec![]);
+
+    let kv_dims = |past: &'static str| {
+        [
+            Dim::Named("batch_size"),
+            Dim::Fixed(c.kv_heads as i64),
+            Dim::Named(past),
+            Dim::Fixed(hd as i64),
+        ]
+    };
+    let mut inputs = vec![
+        value_info(
+            "input_ids",
+            INT64,
+            &[Dim::Named("batch_size"), Dim::Named("sequence_length")],
+        ),
+        value_info(
+            "attention_mask",
+            INT64,
+            &[
+                Dim::Named("batch_size"),
+                Dim::Named("total_sequence_length"),
+            ],
+        ),
+        value_info(
+            "position_ids",
+            INT64,
+            &[Dim::Named("batch_size"), Dim::Named("sequence_length")],
+        ),
+    ];
+    let mut outputs = vec![value_info(
+        "logits",
+        FLOAT,
+        &[
+            Dim::Named("batch_size"),
+            Dim::Named("sequence_length"),
+            Dim::Fixed(c.vocab as i64),
+        ],
+    )];
+    for l in 0..c.layers {
+        for kind in ["key", "value"] {
+            inputs.push(value_info(
+                &format!("past_key_values.{l}.{kind}"),
+                FLOAT,
+                &kv_dims("past_sequence_length"),
+            ));
+            outputs.push(value_info(
+                &format!("present.{l}.{kind}"),
+                FLOAT,
+                &kv_dims("total_sequence_length"),
+            ));
+        }
+    }
+    Ok(ModelProto {
+        ir_version: 8,
+        producer_name: "kiln".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(GraphProto {
+            node: b.nodes,
+            name: "llama".into(),
+            initializer: b.initializers,
+            input: inputs,
+            output: outputs,
+        }),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+    })
+}
