@@ -88,6 +88,10 @@ pub enum Command {
     /// Download a model's files or a dataset.
     #[command(subcommand)]
     Download(crate::registry_cli::DownloadCommand),
+    /// Chat with a model: its answer streams in the terminal.
+    Chat(crate::inference_cli::ChatArgs),
+    /// Embed texts with an embedding model.
+    Embed(crate::inference_cli::EmbedArgs),
 }
 
 #[derive(Debug, Args)]
@@ -264,7 +268,7 @@ pub enum DeleteCommand {
     },
 }
 
-type Authed = InterceptedService<Channel, OutgoingInterceptor>;
+pub(crate) type Authed = InterceptedService<Channel, OutgoingInterceptor>;
 
 /// A connected client with the caller's key.
 pub struct Client {
@@ -882,6 +886,8 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
             crate::registry_cli::delete_dataset(&client, &dataset).await?
         }
         Command::Download(command) => crate::registry_cli::download(&client, command).await?,
+        Command::Chat(args) => crate::inference_cli::chat(&client, args).await?,
+        Command::Embed(args) => crate::inference_cli::embed(&client, format, args).await?,
         Command::Dev(_) | Command::Serve(_) => {
             unreachable!("server commands are not client commands")
         }

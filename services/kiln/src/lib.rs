@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod inference_cli;
 pub mod mesh;
 pub mod output;
 pub mod registry_cli;

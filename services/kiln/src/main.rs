@@ -83,7 +83,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
          kiln{server} create account acme --email owner@acme.example\n  \
          kiln{server} create user alice --account acme --email alice@acme.example --role admin\n  \
          kiln{server} create api-key --account acme --user alice\n  \
-         kiln{server} list users --account acme\n\
+         kiln{server} list users --account acme\n  \
+         kiln{server} chat accounts/kiln/models/smollm2-135m-instruct \"What is the capital of Japan?\"\n  \
+         kiln{server} embed accounts/kiln/models/all-minilm-l6-v2 \"hello world\"\n\
+         (the public models answer once their import and preparation finish, a minute or so on first start)\n\
          Press Ctrl-C to stop."
     );
     stop_signal().await;

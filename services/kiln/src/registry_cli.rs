@@ -86,7 +86,11 @@ fn datasets(client: &Client) -> regv1::dataset_service_client::DatasetServiceCli
 }
 
 /// A full resource name from an ID in the current account, or a full name as given.
-async fn full_name(client: &Client, collection: &str, id: &str) -> anyhow::Result<String> {
+pub(crate) async fn full_name(
+    client: &Client,
+    collection: &str,
+    id: &str,
+) -> anyhow::Result<String> {
     if id.starts_with("accounts/") {
         return Ok(id.to_owned());
     }

@@ -1,0 +1,151 @@
+//! `kiln chat` (streams the model's answer in the terminal; a conversation when no message is
+//! given) and `kiln embed`.
+
+use std::io::{BufRead, Write};
+
+use clap::Args;
+use futures::StreamExt;
+use kiln_proto::kiln_inference::v1 as infv1;
+
+use crate::cli::{Authed, Client};
+use crate::output::Format;
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// The model: accounts/{a}/models/{m}, or a model ID in the current account (use
+    /// accounts/kiln/models/smollm2-135m-instruct for the public chat model).
+    pub model: String,
+    /// The message; without one, a conversation reads lines from the terminal.
+    pub message: Option<String>,
+    /// A system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long)]
+    pub max_tokens: Option<i32>,
+    /// 0 is greedy.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// The embedding model (e.g. accounts/kiln/models/all-minilm-l6-v2).
+    pub model: String,
+    /// The texts to embed.
+    #[arg(required = true)]
+    pub input: Vec<String>,
+    /// Cut inputs longer than the model's limit instead of failing.
+    #[arg(long)]
+    pub truncate: bool,
+}
+
+fn client(client: &Client) -> infv1::inference_service_client::InferenceServiceClient<Authed> {
+    infv1::inference_service_client::InferenceServiceClient::new(client.authed())
+        .max_decoding_message_size(64 << 20)
+}
+
+/// Streams one answer to stdout; returns its text.
+async fn answer(
+    c: &Client,
+    args: &ChatArgs,
+    model: &str,
+    messages: &[infv1::ChatMessage],
+) -> anyhow::Result<String> {
+    let request = infv1::CreateChatCompletionRequest {
+        model: model.to_owned(),
+        messages: messages.to_vec(),
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let mut stream = client(c)
+        .stream_chat_completion(request)
+        .await?
+        .into_inner();
+    let mut text = String::new();
+    let mut out = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        for choice in chunk?.choices {
+            if let Some(delta) = choice.delta {
+                text.push_str(&delta.content);
+                if out
+                    .write_all(delta.content.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_err()
+                {
+                    return Ok(text);
+                }
+            }
+        }
+    }
+    let _ = writeln!(out);
+    Ok(text)
+}
+
+pub async fn chat(c: &Client, args: ChatArgs) -> anyhow::Result<()> {
+    let model = crate::registry_cli::full_name(c, "models", &args.model).await?;
+    let message = |role: &str, content: String| infv1::ChatMessage {
+        role: role.into(),
+        content,
+        name: String::new(),
+    };
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(message("system", system.clone()));
+    }
+    if let Some(text) = &args.message {
+        messages.push(message("user", text.clone()));
+        answer(c, &args, &model, &messages).await?;
+        return Ok(());
+    }
+    eprintln!("Chatting with {model}; an empty line or Ctrl-D ends.");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        messages.push(message("user", line.trim_end().to_owned()));
+        let reply = answer(c, &args, &model, &messages).await?;
+        messages.push(message("assistant", reply));
+    }
+}
+
+pub async fn embed(c: &Client, format: Format, args: EmbedArgs) -> anyhow::Result<()> {
+    let model = crate::registry_cli::full_name(c, "models", &args.model).await?;
+    let response = client(c)
+        .create_embeddings(infv1::CreateEmbeddingsRequest {
+            model,
+            input: args.input.clone(),
+            truncate: args.truncate,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    // One row per input: its size and first values (-o json prints every value).
+    crate::cli::print(
+        format,
+        "kiln.inference.v1.Embedding",
+        &response.data,
+        &["INDEX", "DIMENSIONS", "FIRST VALUES"],
+        |e: &infv1::Embedding| {
+            let head: Vec<String> = e
+                .embedding
+                .iter()
+                .take(4)
+                .map(|v| format!("{v:.4}"))
+                .collect();
+            vec![
+                e.index.to_string(),
+                e.embedding.len().to_string(),
+                format!("{} ...", head.join(" ")),
+            ]
+        },
+        false,
+    );
+    Ok(())
+}
