@@ -467,14 +467,16 @@ pub mod llm {
         serde_json::from_slice(&std::fs::read(path).expect("reference.json")).expect("reference")
     }
 
-    /// The GGUF prepared into an ONNX bundle once per test process (in a temp folder).
-    pub fn bundle() -> &'static Path {
-        static DIR: OnceLock<PathBuf> = OnceLock::new();
-        DIR.get_or_init(|| {
+    /// The GGUF prepared into an ONNX bundle once per test process (in a temp folder): float32
+    /// weights, or (`blocks`) the checkpoint's 4- and 8-bit blocks for MatMulNBits.
+    pub fn bundle(blocks: bool) -> &'static Path {
+        static DIRS: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
+        DIRS[usize::from(blocks)].get_or_init(|| {
             let bytes = std::fs::read(asset(GGUF)).expect("the GGUF");
-            let converted = kiln_registry::gguf_onnx::convert(&bytes, SMOLLM2).expect("converts");
-            let dir =
-                std::env::temp_dir().join(format!("kiln-test-smollm2-{}", std::process::id()));
+            let converted =
+                kiln_registry::gguf_onnx::convert(&bytes, SMOLLM2, blocks).expect("converts");
+            let dir = std::env::temp_dir()
+                .join(format!("kiln-test-smollm2-{}-{blocks}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             for (path, data) in converted.files {
                 std::fs::write(dir.join(path), data).unwrap();

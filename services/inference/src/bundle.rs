@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use futures::StreamExt;
 use kiln_core::Error as ApiError;
 use kiln_core::auth::hex;
+use kiln_proto::common::v1::Precision;
 use kiln_proto::registry::v1::{
     Model, ModelFile, base_model_details::CheckpointFormat, prepared_bundle,
 };
@@ -117,14 +118,20 @@ pub fn manifest_of(model: &Model) -> Manifest {
     }
 }
 
-/// Which files of a model the engine loads: a READY prepared bundle (the default precision's
-/// first), else the uploaded files of an ONNX checkpoint, which serve as they are.
-pub fn servable_files(model: &Model) -> Result<(Option<i32>, Vec<ModelFile>)> {
+/// Which files of a model the engine loads: a READY prepared bundle (INT4 when `blocks_ok`,
+/// the backend running ONNX Runtime's MatMulNBits; then the default precision's; then any
+/// other), else the uploaded files of an ONNX checkpoint, which serve as they are.
+pub fn servable_files(model: &Model, blocks_ok: bool) -> Result<(Option<i32>, Vec<ModelFile>)> {
+    let int4 = Precision::Int4 as i32;
     let ready: Vec<_> = model
         .prepared_bundles
         .iter()
         .filter(|b| b.state == prepared_bundle::State::Ready as i32)
+        .filter(|b| blocks_ok || b.precision != int4)
         .collect();
+    if blocks_ok && let Some(bundle) = ready.iter().find(|b| b.precision == int4) {
+        return Ok((Some(bundle.precision), bundle.files.clone()));
+    }
     let default = model
         .base_model_details
         .as_ref()
@@ -183,8 +190,13 @@ impl BundleCache {
 
     /// The bundle of `model` on local disk, downloading it when not cached. The bundle stays
     /// pinned (not evicted) until [`BundleCache::unpin`].
-    pub async fn fetch(&self, source: &dyn ModelSource, model: &Model) -> Result<Bundle> {
-        let (precision, files) = servable_files(model)?;
+    pub async fn fetch(
+        &self,
+        source: &dyn ModelSource,
+        model: &Model,
+        blocks_ok: bool,
+    ) -> Result<Bundle> {
+        let (precision, files) = servable_files(model, blocks_ok)?;
         let digest = Self::digest(&files);
         let dir = self.dir.join(&digest);
         self.pinned.lock().expect("pins").insert(digest.clone());
@@ -412,7 +424,7 @@ mod tests {
         let b = model("accounts/x/models/b", &[("model.onnx", &[2u8; 100])]);
         let c = model("accounts/x/models/c", &[("model.onnx", &[3u8; 100])]);
         let bundle_a = cache
-            .fetch(&Files(vec![("model.onnx", vec![1u8; 100])]), &a)
+            .fetch(&Files(vec![("model.onnx", vec![1u8; 100])]), &a, false)
             .await
             .unwrap();
         assert_eq!(
@@ -421,21 +433,53 @@ mod tests {
         );
         cache.unpin(&bundle_a.dir);
         let bundle_b = cache
-            .fetch(&Files(vec![("model.onnx", vec![2u8; 100])]), &b)
+            .fetch(&Files(vec![("model.onnx", vec![2u8; 100])]), &b, false)
             .await
             .unwrap();
         cache.unpin(&bundle_b.dir);
         // a is used again, so b is now the least recently used.
-        let again = cache.fetch(&Files(vec![]), &a).await.unwrap();
+        let again = cache.fetch(&Files(vec![]), &a, false).await.unwrap();
         assert_eq!(again.dir, bundle_a.dir);
         cache.unpin(&again.dir);
         let bundle_c = cache
-            .fetch(&Files(vec![("model.onnx", vec![3u8; 100])]), &c)
+            .fetch(&Files(vec![("model.onnx", vec![3u8; 100])]), &c, false)
             .await
             .unwrap();
         assert!(bundle_a.dir.exists(), "recently used a must stay");
         assert!(!bundle_b.dir.exists(), "least recently used b must go");
         assert!(bundle_c.dir.exists());
+    }
+
+    #[test]
+    fn int4_bundles_are_chosen_only_for_onnx_runtime() {
+        use kiln_proto::registry::v1::PreparedBundle;
+        let mut m = model("accounts/x/models/llm", &[]);
+        m.base_model_details.as_mut().unwrap().checkpoint_format = CheckpointFormat::Gguf as i32;
+        for (precision, path) in [
+            (Precision::Fp32, "fp32.onnx"),
+            (Precision::Int4, "int4.onnx"),
+        ] {
+            m.prepared_bundles.push(PreparedBundle {
+                state: prepared_bundle::State::Ready as i32,
+                precision: precision as i32,
+                files: vec![ModelFile {
+                    path: path.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
+        assert_eq!(
+            servable_files(&m, true).unwrap().0,
+            Some(Precision::Int4 as i32)
+        );
+        assert_eq!(
+            servable_files(&m, false).unwrap().0,
+            Some(Precision::Fp32 as i32)
+        );
+        m.prepared_bundles.clear();
+        let err = servable_files(&m, true).unwrap_err();
+        assert!(err.to_string().contains("no prepared bundle"), "{err}");
     }
 
     #[tokio::test]
@@ -444,7 +488,7 @@ mod tests {
         let cache = BundleCache::new(tmp.path().to_path_buf(), 1 << 20);
         let m = model("accounts/x/models/a", &[("model.onnx", &[1u8; 10])]);
         let err = cache
-            .fetch(&Files(vec![("model.onnx", vec![9u8; 10])]), &m)
+            .fetch(&Files(vec![("model.onnx", vec![9u8; 10])]), &m, false)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("SHA-256"), "{err}");

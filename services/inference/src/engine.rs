@@ -208,7 +208,22 @@ impl Engine {
             .collect()
     }
 
+    /// The backend for `name`: its own setting, else the node's, on the node's device.
+    fn backend_for(&self, name: &str) -> Result<Arc<dyn crate::backend::Backend>> {
+        let preferred = self
+            .config
+            .model(name)
+            .map(|m| m.backend.as_str())
+            .filter(|b| !b.is_empty())
+            .unwrap_or(&self.config.backend);
+        Ok(self
+            .backends
+            .choose(Some(preferred), self.device)
+            .map_err(|why| ApiError::FailedPrecondition(format!("cannot serve {name}: {why}")))?)
+    }
+
     async fn load(&self, caller: &Principal, requested: &str, name: &str) -> Result<LoadedModel> {
+        let backend = self.backend_for(name)?;
         let local = self.config.model(name).filter(|m| !m.path.is_empty());
         let (bundle, account, public) = match local {
             Some(local) => {
@@ -238,12 +253,17 @@ impl Engine {
                     return Err(ApiError::not_found(requested).into());
                 }
                 check_servable(&model)?;
-                let bundle = self.cache.fetch(self.source.as_ref(), &model).await?;
+                // Bundles in blocks (INT4, MatMulNBits) run on ONNX Runtime only.
+                let blocks_ok = backend.name() == crate::backend::onnxruntime::NAME;
+                let bundle = self
+                    .cache
+                    .fetch(self.source.as_ref(), &model, blocks_ok)
+                    .await?;
                 (bundle, account, model.public)
             }
         };
         let loaded = self
-            .open_bundle(name, bundle.clone(), account, public)
+            .open_bundle(name, backend, bundle.clone(), account, public)
             .await;
         if loaded.is_err() {
             self.cache.unpin(&bundle.dir);
@@ -254,20 +274,11 @@ impl Engine {
     async fn open_bundle(
         &self,
         name: &str,
+        backend: Arc<dyn crate::backend::Backend>,
         bundle: Bundle,
         account: String,
         public: bool,
     ) -> Result<LoadedModel> {
-        let preferred = self
-            .config
-            .model(name)
-            .map(|m| m.backend.as_str())
-            .filter(|b| !b.is_empty())
-            .unwrap_or(&self.config.backend);
-        let backend = self
-            .backends
-            .choose(Some(preferred), self.device)
-            .map_err(|why| ApiError::FailedPrecondition(format!("cannot serve {name}: {why}")))?;
         let graph = bundle.graph()?;
         let options = LoadOptions {
             device: self.device,

@@ -92,14 +92,24 @@ impl Mesh {
         .await?;
         if config.import_library {
             // In the background: the server answers while the library's files copy in; then
-            // the local worker loads the public embedding model so it answers at once.
+            // the local worker loads the public models the library holds, so they answer at
+            // once.
             tokio::spawn(async move {
                 match registry.import_library().await {
                     Ok(_) => {
-                        let mut preload = vec![
-                            kiln_registry::library::EMBEDDING_MODEL.to_owned(),
-                            kiln_registry::library::CHAT_MODEL.to_owned(),
-                        ];
+                        let mut preload = Vec::new();
+                        for name in [
+                            kiln_registry::library::EMBEDDING_MODEL,
+                            kiln_registry::library::CHAT_MODEL,
+                        ] {
+                            if registry
+                                .get_model(&Principal::service(), name)
+                                .await
+                                .is_ok()
+                            {
+                                preload.push(name.to_owned());
+                            }
+                        }
                         preload.extend(inference_config.preload);
                         kiln_inference::preload(&inference, preload);
                     }

@@ -205,11 +205,14 @@ impl Registry {
                 tracing::info!(model = %created.name, "imported into the public library");
                 // A GGUF checkpoint is served from its ONNX bundle: prepare it now, so the
                 // first chat does not wait for the conversion.
+                // Both variants: float32 (any backend) and the checkpoint's 4-bit blocks (ONNX
+                // Runtime, several times faster to decode).
                 if entry.files.iter().any(|f| f.ends_with(".gguf")) {
-                    let prepared = self
-                        .prepare_model(&admin, &created.name, Precision::Fp32 as i32, false)
-                        .await?;
-                    tracing::info!(model = %created.name, bundles = prepared.prepared_bundles.len(), "prepared for serving");
+                    for precision in [Precision::Fp32, Precision::Int4] {
+                        self.prepare_model(&admin, &created.name, precision as i32, false)
+                            .await?;
+                    }
+                    tracing::info!(model = %created.name, "prepared for serving (FP32, INT4)");
                 }
                 imported.push(created.name);
             } else {

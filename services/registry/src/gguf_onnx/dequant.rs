@@ -81,6 +81,70 @@ pub fn dequantize(ggml_type: u32, raw: &[u8], elements: usize) -> Option<Vec<f32
     Some(out)
 }
 
+/// Blocks repacked for ONNX Runtime's `MatMulNBits`: per block, the quantized values packed
+/// in element order (4-bit: two per byte, the first in the low nibble; 8-bit: one per byte,
+/// unsigned), its scale, and a float zero point so that `(q - zero_point) · scale` is exactly
+/// the ggml value (Q4_1 `d·q + m`: zero point `-m/d`; Q8_0 `d·q` with q signed: zero point 128).
+pub struct NBits {
+    pub bits: u32,
+    pub packed: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub zero_points: Vec<f32>,
+}
+
+/// Repacks Q4_1 (4-bit) or Q8_0 (8-bit) blocks; `None` for other types.
+pub fn to_nbits(ggml_type: u32, raw: &[u8]) -> Option<NBits> {
+    match ggml_type {
+        3 => {
+            let blocks = raw.len() / 20;
+            let mut out = NBits {
+                bits: 4,
+                packed: Vec::with_capacity(blocks * 16),
+                scales: Vec::with_capacity(blocks),
+                zero_points: Vec::with_capacity(blocks),
+            };
+            for block in raw.chunks_exact(20) {
+                let d = half(&block[..2]);
+                let m = half(&block[2..4]);
+                let mut q = [0u8; 32];
+                for (j, b) in block[4..].iter().enumerate() {
+                    q[j] = b & 0x0f;
+                    q[j + 16] = b >> 4;
+                }
+                if d == 0.0 {
+                    // Every value is m: q = 0 against zero point -1 at scale m.
+                    out.packed.extend(std::iter::repeat_n(0u8, 16));
+                    out.scales.push(m);
+                    out.zero_points.push(-1.0);
+                    continue;
+                }
+                out.packed
+                    .extend(q.chunks_exact(2).map(|p| p[0] | (p[1] << 4)));
+                out.scales.push(d);
+                out.zero_points.push(-m / d);
+            }
+            Some(out)
+        }
+        8 => {
+            let blocks = raw.len() / 34;
+            let mut out = NBits {
+                bits: 8,
+                packed: Vec::with_capacity(blocks * 32),
+                scales: Vec::with_capacity(blocks),
+                zero_points: Vec::with_capacity(blocks),
+            };
+            for block in raw.chunks_exact(34) {
+                out.scales.push(half(&block[..2]));
+                out.zero_points.push(128.0);
+                out.packed
+                    .extend(block[2..].iter().map(|&b| (b as i8 as i16 + 128) as u8));
+            }
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +174,29 @@ mod tests {
         let v = dequantize(8, &block, 32).unwrap();
         assert_eq!(&v[..2], &[-6.0, 8.0]);
         assert_eq!(dequantize(8, &block[..10], 32), None);
+    }
+
+    #[test]
+    fn nbits_repacking_reproduces_the_ggml_values() {
+        let mut q41 = vec![0x00, 0x38, 0x00, 0xbc];
+        q41.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+        let mut q80 = vec![0x00, 0x40];
+        q80.extend([253u8, 4].repeat(16));
+        for (ty, raw) in [(3u32, q41), (8, q80)] {
+            let want = dequantize(ty, &raw, 32).unwrap();
+            let n = to_nbits(ty, &raw).unwrap();
+            let values: Vec<u8> = if n.bits == 4 {
+                n.packed.iter().flat_map(|b| [b & 0x0f, b >> 4]).collect()
+            } else {
+                n.packed.clone()
+            };
+            let got: Vec<f32> = values
+                .iter()
+                .map(|&q| (q as f32 - n.zero_points[0]) * n.scales[0])
+                .collect();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "type {ty}: {got:?} vs {want:?}");
+            }
+        }
     }
 }

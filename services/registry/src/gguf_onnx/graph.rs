@@ -4,8 +4,9 @@
 //! outputs `logits [batch, seq, vocab]` and `present.N.key|value [batch, kv_heads, past + seq,
 //! head_dim]`. RMSNorm, rotary embeddings (HF's half rotation, with the file's theta),
 //! grouped-query attention (query heads grouped per key/value head, no copies of the cache),
-//! SwiGLU, and the output projection tied to the token embedding. Standard ONNX operators
-//! only (opset 17), float32.
+//! SwiGLU, and the output projection tied to the token embedding. Float32 weights use
+//! standard ONNX operators only (opset 17); weights kept in blocks use ONNX Runtime's
+//! `MatMulNBits` (com.microsoft).
 
 use super::onnx::{
     Builder, Dim, FLOAT, GraphProto, INT64, ModelProto, OperatorSetIdProto, attr_int, attr_ints,
@@ -39,11 +40,92 @@ pub struct Weight {
     pub values: Vec<f32>,
 }
 
+/// A linear layer's weight: float `[in, out]`, or blocks for ONNX Runtime's `MatMulNBits`
+/// (`[out, in / 32, bytes per block]`, with a scale and a float zero point per block).
+pub enum Linear {
+    Float(Weight),
+    Blocks {
+        inputs: usize,
+        outputs: usize,
+        bits: u32,
+        packed: Vec<u8>,
+        scales: Vec<f32>,
+        zero_points: Vec<f32>,
+    },
+}
+
 /// Names the weights of layer `layer` (or the model's with `None`): `attn_q`, `attn_k`,
 /// `attn_v`, `attn_output`, `ffn_gate`, `ffn_up`, `ffn_down`, `attn_norm`, `ffn_norm`;
 /// `token_embd` `[vocab, hidden]`, `output_norm`.
 pub trait Weights {
     fn weight(&mut self, layer: Option<usize>, name: &str) -> Result<Weight, String>;
+    /// A linear layer (`attn_q`, …, `ffn_down`); float unless the checkpoint is served in blocks.
+    fn linear(&mut self, layer: usize, name: &str) -> Result<Linear, String> {
+        self.weight(Some(layer), name).map(Linear::Float)
+    }
+    /// The output projection in blocks, when served so; `None`: the transposed embedding.
+    fn output_blocks(&mut self) -> Result<Option<Linear>, String> {
+        Ok(None)
+    }
+}
+
+/// `x · W` for a linear layer, as MatMul or MatMulNBits.
+fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str) -> String {
+    match w {
+        Linear::Float(w) => {
+            let w = b.f32_tensor(init, &w.dims, &w.values);
+            b.op("MatMul", &[x, &w], vec![], hint)
+        }
+        Linear::Blocks {
+            inputs,
+            outputs,
+            bits,
+            packed,
+            scales,
+            zero_points,
+        } => {
+            let blocks = inputs.div_ceil(32);
+            let per_block = 32 * bits as usize / 8;
+            let packed = b.u8_tensor(
+                &format!("{init}.q"),
+                &[outputs as i64, blocks as i64, per_block as i64],
+                packed,
+            );
+            let scales = b.f32_tensor(
+                &format!("{init}.scales"),
+                &[(outputs * blocks) as i64],
+                &scales,
+            );
+            // ONNX Runtime takes float zero points for 4-bit blocks only; 8-bit ones (Q8_0's 128)
+            // are whole numbers and go as uint8.
+            let zeros = if bits == 8 {
+                let zeros: Vec<u8> = zero_points.iter().map(|&z| z as u8).collect();
+                b.u8_tensor(
+                    &format!("{init}.zero_points"),
+                    &[(outputs * blocks) as i64],
+                    zeros,
+                )
+            } else {
+                b.f32_tensor(
+                    &format!("{init}.zero_points"),
+                    &[(outputs * blocks) as i64],
+                    &zero_points,
+                )
+            };
+            b.op_in(
+                "com.microsoft",
+                "MatMulNBits",
+                &[x, &packed, &scales, &zeros],
+                vec![
+                    attr_int("K", inputs as i64),
+                    attr_int("N", outputs as i64),
+                    attr_int("bits", i64::from(bits)),
+                    attr_int("block_size", 32),
+                ],
+                hint,
+            )
+        }
+    }
 }
 
 /// Builds the graph.
@@ -170,7 +252,11 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
         b.op("Add", &[&a, &r], vec![], hint)
     };
 
-    let mut load = |b: &mut Builder, layer: Option<usize>, name: &str| -> Result<String, String> {
+    let load = |b: &mut Builder,
+                weights: &mut dyn Weights,
+                layer: Option<usize>,
+                name: &str|
+     -> Result<String, String> {
         let w = weights.weight(layer, name)?;
         let init = match layer {
             Some(l) => format!("blk.{l}.{name}"),
@@ -179,18 +265,33 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
         Ok(b.f32_tensor(&init, &w.dims, &w.values))
     };
 
-    let embedding = load(&mut b, None, "token_embd")?;
+    let embedding = load(&mut b, weights, None, "token_embd")?;
     let mut x = b.op("Gather", &[&embedding, "input_ids"], vec![], "embed");
     for l in 0..c.layers {
         let h = format!("l{l}");
-        let attn_norm = load(&mut b, Some(l), "attn_norm")?;
+        let attn_norm = load(&mut b, weights, Some(l), "attn_norm")?;
         let xn = rms_norm(&mut b, &x, &attn_norm, &h);
-        let wq = load(&mut b, Some(l), "attn_q")?;
-        let wk = load(&mut b, Some(l), "attn_k")?;
-        let wv = load(&mut b, Some(l), "attn_v")?;
-        let q = b.op("MatMul", &[&xn, &wq], vec![], &h);
-        let k = b.op("MatMul", &[&xn, &wk], vec![], &h);
-        let v = b.op("MatMul", &[&xn, &wv], vec![], &h);
+        let q = matmul(
+            &mut b,
+            &xn,
+            weights.linear(l, "attn_q")?,
+            &format!("blk.{l}.attn_q"),
+            &h,
+        );
+        let k = matmul(
+            &mut b,
+            &xn,
+            weights.linear(l, "attn_k")?,
+            &format!("blk.{l}.attn_k"),
+            &h,
+        );
+        let v = matmul(
+            &mut b,
+            &xn,
+            weights.linear(l, "attn_v")?,
+            &format!("blk.{l}.attn_v"),
+            &h,
+        );
         // [batch, heads, seq, head_dim]
         let q = b.op("Reshape", &[&q, &shape_heads], vec![], &h);
         let q = b.op(
@@ -255,33 +356,60 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
             &h,
         );
         let ctx = b.op("Reshape", &[&ctx, &shape_hidden], vec![], &h);
-        let wo = load(&mut b, Some(l), "attn_output")?;
-        let attn = b.op("MatMul", &[&ctx, &wo], vec![], &h);
+        let attn = matmul(
+            &mut b,
+            &ctx,
+            weights.linear(l, "attn_output")?,
+            &format!("blk.{l}.attn_output"),
+            &h,
+        );
         x = b.op("Add", &[&x, &attn], vec![], &h);
 
-        let ffn_norm = load(&mut b, Some(l), "ffn_norm")?;
+        let ffn_norm = load(&mut b, weights, Some(l), "ffn_norm")?;
         let xn = rms_norm(&mut b, &x, &ffn_norm, &h);
-        let wg = load(&mut b, Some(l), "ffn_gate")?;
-        let wu = load(&mut b, Some(l), "ffn_up")?;
-        let wd = load(&mut b, Some(l), "ffn_down")?;
-        let gate = b.op("MatMul", &[&xn, &wg], vec![], &h);
-        let up = b.op("MatMul", &[&xn, &wu], vec![], &h);
+        let gate = matmul(
+            &mut b,
+            &xn,
+            weights.linear(l, "ffn_gate")?,
+            &format!("blk.{l}.ffn_gate"),
+            &h,
+        );
+        let up = matmul(
+            &mut b,
+            &xn,
+            weights.linear(l, "ffn_up")?,
+            &format!("blk.{l}.ffn_up"),
+            &h,
+        );
         let act = b.op("Sigmoid", &[&gate], vec![], &h);
         let act = b.op("Mul", &[&gate, &act], vec![], &h);
         let act = b.op("Mul", &[&act, &up], vec![], &h);
-        let down = b.op("MatMul", &[&act, &wd], vec![], &h);
+        let down = matmul(
+            &mut b,
+            &act,
+            weights.linear(l, "ffn_down")?,
+            &format!("blk.{l}.ffn_down"),
+            &h,
+        );
         x = b.op("Add", &[&x, &down], vec![], &h);
     }
-    let output_norm = load(&mut b, None, "output_norm")?;
+    let output_norm = load(&mut b, weights, None, "output_norm")?;
     let xn = rms_norm(&mut b, &x, &output_norm, "final");
-    // Tied output projection: the embedding, transposed.
-    let embedding_t = b.op(
-        "Transpose",
-        &[&embedding],
-        vec![attr_ints("perm", &[1, 0])],
-        "lm_head",
-    );
-    b.op_to("MatMul", &[&xn, &embedding_t], &["logits"], vec![]);
+    // Tied output projection: the embedding, transposed (or its blocks).
+    let logits = match weights.output_blocks()? {
+        Some(blocks) => matmul(&mut b, &xn, blocks, "lm_head", "lm_head"),
+        None => {
+            let embedding_t = b.op(
+                "Transpose",
+                &[&embedding],
+                vec![attr_ints("perm", &[1, 0])],
+                "lm_head",
+            );
+            b.op("MatMul", &[&xn, &embedding_t], vec![], "lm_head")
+        }
+    };
+    b.op_to("Identity", &[&logits], &["logits"], vec![]);
+    let uses_contrib = b.nodes.iter().any(|n| n.domain == "com.microsoft");
 
     let kv_dims = |past: &'static str| {
         [
@@ -345,9 +473,14 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
             input: inputs,
             output: outputs,
         }),
-        opset_import: vec![OperatorSetIdProto {
+        opset_import: std::iter::once(OperatorSetIdProto {
             domain: String::new(),
             version: 17,
-        }],
+        })
+        .chain(uses_contrib.then(|| OperatorSetIdProto {
+            domain: "com.microsoft".into(),
+            version: 1,
+        }))
+        .collect(),
     })
 }

@@ -22,7 +22,7 @@ use crate::error::Result;
 use crate::models::{StoredModel, file_key};
 use crate::prepare::{BundleFile, Preparer};
 use crate::service::Registry;
-use graph::{LlamaConfig, Weight, Weights};
+use graph::{Linear, LlamaConfig, Weight, Weights};
 use reader::{GgufFile, Value};
 
 /// What a GGUF turns into: the bundle's files, in memory.
@@ -74,6 +74,8 @@ pub fn llama_config<R: std::io::Read + std::io::Seek>(
 struct GgufWeights<'a, R> {
     gguf: &'a mut GgufFile<R>,
     config: LlamaConfig,
+    /// Keep Q4_1 / Q8_0 linear layers in blocks (MatMulNBits) instead of float32.
+    blocks: bool,
 }
 
 impl<R: std::io::Read + std::io::Seek> Weights for GgufWeights<'_, R> {
@@ -116,14 +118,78 @@ impl<R: std::io::Read + std::io::Seek> Weights for GgufWeights<'_, R> {
             }
         }
     }
+
+    fn linear(&mut self, layer: usize, name: &str) -> Result<Linear, String> {
+        let key = format!("blk.{layer}.{name}.weight");
+        let ggml_type = self
+            .gguf
+            .tensors
+            .get(&key)
+            .map(|t| t.ggml_type)
+            .ok_or_else(|| format!("the checkpoint has no tensor {key}"))?;
+        if !self.blocks || !matches!(ggml_type, 3 | 8) {
+            return self.weight(Some(layer), name).map(Linear::Float);
+        }
+        let (dims, ggml_type, raw) = self.gguf.tensor_raw(&key).map_err(|e| e.to_string())?;
+        let (inputs, outputs) = (dims[0] as usize, dims[1] as usize);
+        if inputs % 32 != 0 {
+            return self.weight(Some(layer), name).map(Linear::Float);
+        }
+        let mut n =
+            dequant::to_nbits(ggml_type, &raw).ok_or_else(|| format!("{key}: bad blocks"))?;
+        let heads = match name {
+            "attn_q" => Some(self.config.heads),
+            "attn_k" => Some(self.config.kv_heads),
+            _ => None,
+        };
+        if let Some(heads) = heads {
+            // The same row order fix as for float weights, on whole rows of blocks.
+            let blocks = inputs / 32;
+            n.packed = unpermute(&n.packed, heads, n.packed.len() / outputs);
+            n.scales = unpermute(&n.scales, heads, blocks);
+            n.zero_points = unpermute(&n.zero_points, heads, blocks);
+        }
+        Ok(Linear::Blocks {
+            inputs,
+            outputs,
+            bits: n.bits,
+            packed: n.packed,
+            scales: n.scales,
+            zero_points: n.zero_points,
+        })
+    }
+
+    fn output_blocks(&mut self) -> Result<Option<Linear>, String> {
+        let ggml_type = self
+            .gguf
+            .tensors
+            .get("token_embd.weight")
+            .map(|t| t.ggml_type);
+        if !self.blocks || !matches!(ggml_type, Some(3 | 8)) {
+            return Ok(None);
+        }
+        let (dims, ggml_type, raw) = self
+            .gguf
+            .tensor_raw("token_embd.weight")
+            .map_err(|e| e.to_string())?;
+        let n = dequant::to_nbits(ggml_type, &raw).ok_or("token_embd: bad blocks")?;
+        Ok(Some(Linear::Blocks {
+            inputs: dims[0] as usize,
+            outputs: dims[1] as usize,
+            bits: n.bits,
+            packed: n.packed,
+            scales: n.scales,
+            zero_points: n.zero_points,
+        }))
+    }
 }
 
 /// Rows `h·d + 2j + t` of llama.cpp's layout back to HF's `h·d + t·d/2 + j`.
-fn unpermute(rows: &[f32], heads: usize, width: usize) -> Vec<f32> {
+fn unpermute<T: Copy + Default>(rows: &[T], heads: usize, width: usize) -> Vec<T> {
     let out_rows = rows.len() / width;
     let head_dim = out_rows / heads;
     let half = head_dim / 2;
-    let mut hf = vec![0f32; rows.len()];
+    let mut hf = vec![T::default(); rows.len()];
     for h in 0..heads {
         for j in 0..half {
             for t in 0..2 {
@@ -137,8 +203,9 @@ fn unpermute(rows: &[f32], heads: usize, width: usize) -> Vec<f32> {
     hf
 }
 
-/// Converts a GGUF checkpoint (its bytes) into the float32 bundle.
-pub fn convert(bytes: &[u8], model_name: &str) -> Result<Converted, String> {
+/// Converts a GGUF checkpoint (its bytes) into a bundle: float32 weights, or (`blocks`) its
+/// 4- and 8-bit blocks kept for ONNX Runtime's MatMulNBits.
+pub fn convert(bytes: &[u8], model_name: &str, blocks: bool) -> Result<Converted, String> {
     let mut gguf =
         GgufFile::open(Cursor::new(bytes)).map_err(|e| format!("reading the GGUF: {e}"))?;
     let config = llama_config(&gguf)?;
@@ -181,12 +248,14 @@ pub fn convert(bytes: &[u8], model_name: &str) -> Result<Converted, String> {
         "num_key_value_heads": config.kv_heads,
         "head_dim": config.head_dim(),
         "vocab_size": config.vocab,
+        "precision": if blocks { "INT4" } else { "FP32" },
     });
     let graph = graph::build(
         &config,
         &mut GgufWeights {
             gguf: &mut gguf,
             config: config.clone(),
+            blocks,
         },
     )?;
     Ok(Converted {
@@ -216,13 +285,19 @@ impl Preparer for GgufPreparer {
         bundle: &str,
         precision: Precision,
     ) -> Result<Vec<BundleFile>> {
-        if precision != Precision::Fp32 {
-            return Err(ApiError::FailedPrecondition(format!(
-                "GGUF checkpoints are prepared in FP32 so far, not {}",
-                precision.as_str_name()
-            ))
-            .into());
-        }
+        // FP32: standard operators (tract and ONNX Runtime); INT4: the checkpoint's own blocks
+        // (ONNX Runtime only).
+        let blocks = match precision {
+            Precision::Fp32 => false,
+            Precision::Int4 => true,
+            other => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "GGUF checkpoints are prepared in FP32 or INT4, not {}",
+                    other.as_str_name()
+                ))
+                .into());
+            }
+        };
         let file = stored
             .model
             .files
@@ -237,7 +312,7 @@ impl Preparer for GgufPreparer {
             .await?;
         let name = stored.model.name.clone();
         let path = file.path.clone();
-        let converted = tokio::task::spawn_blocking(move || convert(&bytes, &name))
+        let converted = tokio::task::spawn_blocking(move || convert(&bytes, &name, blocks))
             .await
             .map_err(|e| ApiError::Internal(format!("converting {path}: {e}")))?
             .map_err(|e| ApiError::FailedPrecondition(format!("{path}: {e}")))?;

@@ -128,6 +128,7 @@ pub enum DimValue {
 }
 
 pub const FLOAT: i32 = 1;
+pub const UINT8: i32 = 2;
 pub const INT64: i32 = 7;
 
 /// A dimension of a graph input or output.
@@ -216,14 +217,50 @@ impl Builder {
         outputs: &[&str],
         attributes: Vec<AttributeProto>,
     ) {
+        self.node(String::new(), op, inputs, outputs, attributes);
+    }
+
+    /// Adds a node of another operator domain (e.g. `com.microsoft`) with one output.
+    pub fn op_in(
+        &mut self,
+        domain: &str,
+        op: &str,
+        inputs: &[&str],
+        attributes: Vec<AttributeProto>,
+        hint: &str,
+    ) -> String {
+        self.next += 1;
+        let out = format!("{hint}_{}", self.next);
+        self.node(domain.to_owned(), op, inputs, &[&out], attributes);
+        out
+    }
+
+    fn node(
+        &mut self,
+        domain: String,
+        op: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attributes: Vec<AttributeProto>,
+    ) {
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| (*s).to_owned()).collect(),
             output: outputs.iter().map(|s| (*s).to_owned()).collect(),
             name: format!("{op}_{}", self.nodes.len()),
             op_type: op.to_owned(),
             attribute: attributes,
-            domain: String::new(),
+            domain,
         });
+    }
+
+    pub fn u8_tensor(&mut self, name: &str, dims: &[i64], values: Vec<u8>) -> String {
+        self.initializers.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: UINT8,
+            name: name.to_owned(),
+            raw_data: values,
+        });
+        name.to_owned()
     }
 
     pub fn f32_tensor(&mut self, name: &str, dims: &[i64], values: &[f32]) -> String {

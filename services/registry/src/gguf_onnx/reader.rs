@@ -191,6 +191,27 @@ impl<R: Read + Seek> GgufFile<R> {
         self.metadata.get(key)
     }
 
+    /// A tensor's stored bytes: (dims, ggml type, data).
+    pub fn tensor_raw(&mut self, name: &str) -> std::io::Result<(Vec<u64>, u32, Vec<u8>)> {
+        let info = self
+            .tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| err(format!("the checkpoint has no tensor {name}")))?;
+        let bytes = super::dequant::byte_size(info.ggml_type, info.elements() as usize)
+            .ok_or_else(|| {
+                err(format!(
+                    "tensor {name} has ggml type {}, which Kiln cannot read",
+                    info.ggml_type
+                ))
+            })?;
+        self.reader
+            .seek(SeekFrom::Start(self.data_start + info.offset))?;
+        let mut raw = vec![0u8; bytes];
+        self.reader.read_exact(&mut raw)?;
+        Ok((info.dims, info.ggml_type, raw))
+    }
+
     /// A tensor's values as f32, in ggml order (dims[0] fastest).
     pub fn tensor_f32(&mut self, name: &str) -> std::io::Result<(Vec<u64>, Vec<f32>)> {
         let info = self
