@@ -467,19 +467,43 @@ pub mod llm {
         serde_json::from_slice(&std::fs::read(path).expect("reference.json")).expect("reference")
     }
 
-    /// The GGUF prepared into an ONNX bundle once per test process (in a temp folder): float32
-    /// weights, or (`blocks`) the checkpoint's 4- and 8-bit blocks for MatMulNBits.
+    /// The GGUF prepared into an ONNX bundle: float32 weights, or (`blocks`) the checkpoint's
+    /// 4- and 8-bit blocks for MatMulNBits. Kept beside the asset cache, keyed by the
+    /// preparer's version, so test processes and runs share one conversion (written to a
+    /// private folder, then renamed into place).
     pub fn bundle(blocks: bool) -> &'static Path {
         static DIRS: [OnceLock<PathBuf>; 2] = [OnceLock::new(), OnceLock::new()];
         DIRS[usize::from(blocks)].get_or_init(|| {
-            let bytes = std::fs::read(asset(GGUF)).expect("the GGUF");
+            let gguf = asset(GGUF);
+            let variant = if blocks { "int4" } else { "fp32" };
+            let dir = gguf.parent().unwrap().join(format!(
+                "prepared-{variant}-{}",
+                kiln_registry::gguf_onnx::VERSION
+            ));
+            if dir.join("manifest.json").is_file() {
+                return dir;
+            }
+            // Bundles of earlier preparer versions go.
+            for entry in std::fs::read_dir(gguf.parent().unwrap()).unwrap().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&format!("prepared-{variant}-")) && entry.path() != dir {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+            let bytes = std::fs::read(&gguf).expect("the GGUF");
             let converted =
                 kiln_registry::gguf_onnx::convert(&bytes, SMOLLM2, blocks).expect("converts");
-            let dir = std::env::temp_dir()
-                .join(format!("kiln-test-smollm2-{}-{blocks}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            for (path, data) in converted.files {
-                std::fs::write(dir.join(path), data).unwrap();
+            let staging = dir.with_extension(format!("partial-{}", std::process::id()));
+            std::fs::create_dir_all(&staging).unwrap();
+            // manifest.json last: its presence marks a complete bundle.
+            let mut files = converted.files;
+            files.sort_by_key(|(path, _)| *path == "manifest.json");
+            for (path, data) in files {
+                std::fs::write(staging.join(path), data).unwrap();
+            }
+            if std::fs::rename(&staging, &dir).is_err() {
+                // Another process finished first.
+                let _ = std::fs::remove_dir_all(&staging);
             }
             dir
         })

@@ -16,6 +16,9 @@ pub struct InferenceConfig {
     pub device: String,
     /// Threads one forward pass may use; 0: the backend's default (all cores).
     pub intra_op_threads: usize,
+    /// Whether ONNX Runtime's idle threads spin between passes; unset: yes for embedding and
+    /// tensor models (lower latency), no for text generation (token streaming needs the cores).
+    pub intra_op_spinning: Option<bool>,
     /// Where downloaded model bundles are kept; empty: `<data_dir>/model-cache`.
     pub cache_dir: String,
     /// Least recently used bundles are removed beyond this size.
@@ -78,6 +81,7 @@ impl Default for InferenceConfig {
             ort_dylib_path: String::new(),
             device: "cpu".into(),
             intra_op_threads: 0,
+            intra_op_spinning: None,
             cache_dir: String::new(),
             cache_max_bytes: 20 << 30,
             batching: Batching::default(),

@@ -205,10 +205,11 @@ impl Registry {
                 tracing::info!(model = %created.name, "imported into the public library");
                 // A GGUF checkpoint is served from its ONNX bundle: prepare it now, so the
                 // first chat does not wait for the conversion.
-                // Both variants: float32 (any backend) and the checkpoint's 4-bit blocks (ONNX
-                // Runtime, several times faster to decode).
+                // Both variants: the checkpoint's 4-bit blocks first (what ONNX Runtime
+                // serves, so a node that loads the model early loads this one), then float32
+                // (any backend).
                 if entry.files.iter().any(|f| f.ends_with(".gguf")) {
-                    for precision in [Precision::Fp32, Precision::Int4] {
+                    for precision in [Precision::Int4, Precision::Fp32] {
                         self.prepare_model(&admin, &created.name, precision as i32, false)
                             .await?;
                     }

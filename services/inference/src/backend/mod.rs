@@ -25,6 +25,10 @@ pub struct LoadOptions {
     pub device: Device,
     /// Threads one forward pass may use (0: the backend's default).
     pub intra_op_threads: usize,
+    /// Let idle worker threads spin between passes: lower latency for back-to-back passes,
+    /// but a spinning thread takes a core from other work (token streaming between decode
+    /// steps, on a small machine).
+    pub spinning: bool,
 }
 
 impl Default for LoadOptions {
@@ -32,6 +36,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             intra_op_threads: 0,
+            spinning: true,
         }
     }
 }

@@ -100,6 +100,8 @@ impl Backend for OnnxRuntime {
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(recover)?
             .with_inter_threads(1)
+            .map_err(recover)?
+            .with_intra_op_spinning(options.spinning)
             .map_err(recover)?;
         if options.intra_op_threads > 0 {
             builder = builder

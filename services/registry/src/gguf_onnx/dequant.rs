@@ -81,15 +81,17 @@ pub fn dequantize(ggml_type: u32, raw: &[u8], elements: usize) -> Option<Vec<f32
     Some(out)
 }
 
-/// Blocks repacked for ONNX Runtime's `MatMulNBits`: per block, the quantized values packed
-/// in element order (4-bit: two per byte, the first in the low nibble; 8-bit: one per byte,
-/// unsigned), its scale, and a float zero point so that `(q - zero_point) · scale` is exactly
-/// the ggml value (Q4_1 `d·q + m`: zero point `-m/d`; Q8_0 `d·q` with q signed: zero point 128).
+/// Blocks repacked for ONNX Runtime's `MatMulNBits` without zero points (its fast kernels):
+/// per block, the quantized values in element order (4-bit: two per byte, the first in the
+/// low nibble; 8-bit: one per byte), its scale, and what the implicit zero point
+/// (2^(bits-1)) leaves over: MatMulNBits computes `(q - 8)·d`, so a Q4_1 block `d·q + m`
+/// needs `m + 8·d` added per block (`offsets`, applied as a small extra MatMul on the block
+/// sums of the input). Q8_0 `d·q` (q signed) maps exactly with `q + 128`.
 pub struct NBits {
     pub bits: u32,
     pub packed: Vec<u8>,
     pub scales: Vec<f32>,
-    pub zero_points: Vec<f32>,
+    pub offsets: Option<Vec<f32>>,
 }
 
 /// Repacks Q4_1 (4-bit) or Q8_0 (8-bit) blocks; `None` for other types.
@@ -97,12 +99,9 @@ pub fn to_nbits(ggml_type: u32, raw: &[u8]) -> Option<NBits> {
     match ggml_type {
         3 => {
             let blocks = raw.len() / 20;
-            let mut out = NBits {
-                bits: 4,
-                packed: Vec::with_capacity(blocks * 16),
-                scales: Vec::with_capacity(blocks),
-                zero_points: Vec::with_capacity(blocks),
-            };
+            let mut packed = Vec::with_capacity(blocks * 16);
+            let mut scales = Vec::with_capacity(blocks);
+            let mut offsets = Vec::with_capacity(blocks);
             for block in raw.chunks_exact(20) {
                 let d = half(&block[..2]);
                 let m = half(&block[2..4]);
@@ -111,35 +110,31 @@ pub fn to_nbits(ggml_type: u32, raw: &[u8]) -> Option<NBits> {
                     q[j] = b & 0x0f;
                     q[j + 16] = b >> 4;
                 }
-                if d == 0.0 {
-                    // Every value is m: q = 0 against zero point -1 at scale m.
-                    out.packed.extend(std::iter::repeat_n(0u8, 16));
-                    out.scales.push(m);
-                    out.zero_points.push(-1.0);
-                    continue;
-                }
-                out.packed
-                    .extend(q.chunks_exact(2).map(|p| p[0] | (p[1] << 4)));
-                out.scales.push(d);
-                out.zero_points.push(-m / d);
+                packed.extend(q.chunks_exact(2).map(|p| p[0] | (p[1] << 4)));
+                scales.push(d);
+                offsets.push(m + 8.0 * d);
             }
-            Some(out)
+            Some(NBits {
+                bits: 4,
+                packed,
+                scales,
+                offsets: Some(offsets),
+            })
         }
         8 => {
             let blocks = raw.len() / 34;
-            let mut out = NBits {
-                bits: 8,
-                packed: Vec::with_capacity(blocks * 32),
-                scales: Vec::with_capacity(blocks),
-                zero_points: Vec::with_capacity(blocks),
-            };
+            let mut packed = Vec::with_capacity(blocks * 32);
+            let mut scales = Vec::with_capacity(blocks);
             for block in raw.chunks_exact(34) {
-                out.scales.push(half(&block[..2]));
-                out.zero_points.push(128.0);
-                out.packed
-                    .extend(block[2..].iter().map(|&b| (b as i8 as i16 + 128) as u8));
+                scales.push(half(&block[..2]));
+                packed.extend(block[2..].iter().map(|&b| (b as i8 as i16 + 128) as u8));
             }
-            Some(out)
+            Some(NBits {
+                bits: 8,
+                packed,
+                scales,
+                offsets: None,
+            })
         }
         _ => None,
     }
@@ -190,9 +185,11 @@ mod tests {
             } else {
                 n.packed.clone()
             };
+            let zero = f32::from(1u8 << (n.bits - 1));
+            let offset = n.offsets.as_ref().map_or(0.0, |o| o[0]);
             let got: Vec<f32> = values
                 .iter()
-                .map(|&q| (q as f32 - n.zero_points[0]) * n.scales[0])
+                .map(|&q| (q as f32 - zero) * n.scales[0] + offset)
                 .collect();
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "type {ty}: {got:?} vs {want:?}");

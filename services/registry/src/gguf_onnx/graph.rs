@@ -50,7 +50,8 @@ pub enum Linear {
         bits: u32,
         packed: Vec<u8>,
         scales: Vec<f32>,
-        zero_points: Vec<f32>,
+        /// Per output and block (`[out][block]`): added times the block's input sum.
+        offsets: Option<Vec<f32>>,
     },
 }
 
@@ -82,9 +83,9 @@ fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str) -> String
             bits,
             packed,
             scales,
-            zero_points,
+            offsets,
         } => {
-            let blocks = inputs.div_ceil(32);
+            let blocks = inputs / 32;
             let per_block = 32 * bits as usize / 8;
             let packed = b.u8_tensor(
                 &format!("{init}.q"),
@@ -96,34 +97,51 @@ fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str) -> String
                 &[(outputs * blocks) as i64],
                 &scales,
             );
-            // ONNX Runtime takes float zero points for 4-bit blocks only; 8-bit ones (Q8_0's 128)
-            // are whole numbers and go as uint8.
-            let zeros = if bits == 8 {
-                let zeros: Vec<u8> = zero_points.iter().map(|&z| z as u8).collect();
-                b.u8_tensor(
-                    &format!("{init}.zero_points"),
-                    &[(outputs * blocks) as i64],
-                    zeros,
-                )
-            } else {
-                b.f32_tensor(
-                    &format!("{init}.zero_points"),
-                    &[(outputs * blocks) as i64],
-                    &zero_points,
-                )
-            };
-            b.op_in(
+            // No zero point input: ONNX Runtime's fast kernels assume 2^(bits-1).
+            let product = b.op_in(
                 "com.microsoft",
                 "MatMulNBits",
-                &[x, &packed, &scales, &zeros],
+                &[x, &packed, &scales],
                 vec![
                     attr_int("K", inputs as i64),
                     attr_int("N", outputs as i64),
                     attr_int("bits", i64::from(bits)),
                     attr_int("block_size", 32),
+                    // int8 activations with int8 dot products, as llama.cpp does.
+                    attr_int("accuracy_level", 4),
                 ],
                 hint,
-            )
+            );
+            let Some(offsets) = offsets else {
+                return product;
+            };
+            // + Σ_blocks (Σ x over the block) · offset[out][block].
+            let mut by_block = vec![0f32; offsets.len()];
+            for o in 0..outputs {
+                for k in 0..blocks {
+                    by_block[k * outputs + o] = offsets[o * blocks + k];
+                }
+            }
+            let offsets = b.f32_tensor(
+                &format!("{init}.offsets"),
+                &[blocks as i64, outputs as i64],
+                &by_block,
+            );
+            let shape = b.i64_tensor(
+                &format!("{init}.block_shape"),
+                &[4],
+                &[0, 0, blocks as i64, 32],
+            );
+            let last = b.i64_tensor(&format!("{init}.block_axis"), &[1], &[-1]);
+            let grouped = b.op("Reshape", &[x, &shape], vec![], hint);
+            let sums = b.op(
+                "ReduceSum",
+                &[&grouped, &last],
+                vec![attr_int("keepdims", 0)],
+                hint,
+            );
+            let shift = b.op("MatMul", &[&sums, &offsets], vec![], hint);
+            b.op("Add", &[&product, &shift], vec![], hint)
         }
     }
 }

@@ -25,6 +25,10 @@ use crate::service::Registry;
 use graph::{Linear, LlamaConfig, Weight, Weights};
 use reader::{GgufFile, Value};
 
+/// Changes whenever the graph or tokenizer this module writes changes (caches of prepared
+/// bundles key on it).
+pub const VERSION: u32 = 2;
+
 /// What a GGUF turns into: the bundle's files, in memory.
 pub struct Converted {
     pub files: Vec<(&'static str, Vec<u8>)>,
@@ -147,7 +151,7 @@ impl<R: std::io::Read + std::io::Seek> Weights for GgufWeights<'_, R> {
             let blocks = inputs / 32;
             n.packed = unpermute(&n.packed, heads, n.packed.len() / outputs);
             n.scales = unpermute(&n.scales, heads, blocks);
-            n.zero_points = unpermute(&n.zero_points, heads, blocks);
+            n.offsets = n.offsets.map(|o| unpermute(&o, heads, blocks));
         }
         Ok(Linear::Blocks {
             inputs,
@@ -155,7 +159,7 @@ impl<R: std::io::Read + std::io::Seek> Weights for GgufWeights<'_, R> {
             bits: n.bits,
             packed: n.packed,
             scales: n.scales,
-            zero_points: n.zero_points,
+            offsets: n.offsets,
         })
     }
 
@@ -179,7 +183,7 @@ impl<R: std::io::Read + std::io::Seek> Weights for GgufWeights<'_, R> {
             bits: n.bits,
             packed: n.packed,
             scales: n.scales,
-            zero_points: n.zero_points,
+            offsets: n.offsets,
         }))
     }
 }
