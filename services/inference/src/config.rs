@@ -16,6 +16,10 @@ pub struct InferenceConfig {
     pub device: String,
     /// Threads one forward pass may use; 0: the backend's default (all cores).
     pub intra_op_threads: usize,
+    /// Serve a model's INT4 bundle (MatMulNBits, int8 activations) when ONNX Runtime runs it;
+    /// false keeps to float32. INT4 decodes about twice as fast, but its quantized
+    /// activations make a sequence's greedy output depend slightly on what it was batched with.
+    pub prefer_int4: bool,
     /// Whether ONNX Runtime's idle threads spin between passes; unset: yes for embedding and
     /// tensor models (lower latency), no for text generation (token streaming needs the cores).
     pub intra_op_spinning: Option<bool>,
@@ -82,6 +86,7 @@ impl Default for InferenceConfig {
             device: "cpu".into(),
             intra_op_threads: 0,
             intra_op_spinning: None,
+            prefer_int4: true,
             cache_dir: String::new(),
             cache_max_bytes: 20 << 30,
             batching: Batching::default(),

@@ -254,7 +254,8 @@ impl Engine {
                 }
                 check_servable(&model)?;
                 // Bundles in blocks (INT4, MatMulNBits) run on ONNX Runtime only.
-                let blocks_ok = backend.name() == crate::backend::onnxruntime::NAME;
+                let blocks_ok =
+                    self.config.prefer_int4 && backend.name() == crate::backend::onnxruntime::NAME;
                 let bundle = self
                     .cache
                     .fetch(self.source.as_ref(), &model, blocks_ok)

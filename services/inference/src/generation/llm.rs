@@ -125,9 +125,11 @@ impl Llm {
             presents.push(output(&format!("present.{l}.value"))?);
         }
         let (queue, requests) = sync_channel(limits.queue_capacity.max(1));
+        let takes_positions = session.inputs().iter().any(|t| t.name == "position_ids");
         let worker = Worker {
             logits,
             presents,
+            takes_positions,
             session,
             shape: shape.clone(),
             tokenizer: tokenizer.clone(),
@@ -183,6 +185,8 @@ struct Worker {
     /// slot 2·L + kind.
     logits: usize,
     presents: Vec<usize>,
+    /// Exports without a `position_ids` input derive positions from the mask themselves.
+    takes_positions: bool,
     session: Box<dyn Session>,
     shape: LlmShape,
     tokenizer: Arc<Tokenizer>,
@@ -202,7 +206,9 @@ impl Worker {
                     Err(_) => return,
                 }
             }
-            loop {
+            // Requests beyond the queue's capacity stay in the channel, so submitters see it
+            // full.
+            while waiting.len() < self.limits.queue_capacity {
                 match requests.try_recv() {
                     Ok(r) => waiting.push_back(r),
                     Err(TryRecvError::Empty) => break,
@@ -266,6 +272,16 @@ impl Worker {
         }
     }
 
+    fn run_graph(
+        &mut self,
+        mut inputs: Vec<(String, Tensor)>,
+    ) -> Result<Vec<Tensor>, BackendError> {
+        if !self.takes_positions {
+            inputs.retain(|(name, _)| name != "position_ids");
+        }
+        self.session.run(inputs)
+    }
+
     fn sequence(&self, request: SequenceRequest) -> Sequence {
         let sampler = Sampler::new(request.params.clone(), &request.prompt, request.choice);
         let stop = StopMatcher::new(request.stops.clone());
@@ -325,7 +341,7 @@ impl Worker {
         } else {
             self.past_of(&mut inputs, std::slice::from_ref(seq), seq.cached);
         }
-        let outputs = self.session.run(inputs)?;
+        let outputs = self.run_graph(inputs)?;
         self.append(seq, &outputs, 0, seq.cached, n, total);
         seq.fed += n;
         if seq.fed < seq.request.prompt.len() {
@@ -409,7 +425,7 @@ impl Worker {
             ),
         ];
         self.past_of(&mut inputs, running, width);
-        let outputs = self.session.run(inputs)?;
+        let outputs = self.run_graph(inputs)?;
         for (row, seq) in running.iter_mut().enumerate() {
             self.append(seq, &outputs, row, width, 1, total);
             let mut logits = last_logits(&outputs[self.logits], row, 1);
