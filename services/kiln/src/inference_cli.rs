@@ -20,9 +20,10 @@ pub struct ChatArgs {
     /// A system message.
     #[arg(long)]
     pub system: Option<String>,
-    #[arg(long)]
-    pub max_tokens: Option<i32>,
-    /// 0 is greedy.
+    /// Tokens per answer at most.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: i32,
+    /// 0 is greedy (default 1: sampled).
     #[arg(long)]
     pub temperature: Option<f32>,
     #[arg(long)]
@@ -56,7 +57,7 @@ async fn answer(
     let request = infv1::CreateChatCompletionRequest {
         model: model.to_owned(),
         messages: messages.to_vec(),
-        max_tokens: args.max_tokens,
+        max_tokens: Some(args.max_tokens),
         temperature: args.temperature,
         seed: args.seed,
         ..Default::default()
