@@ -437,6 +437,22 @@ async fn models_and_datasets_through_the_cli() {
     ])
     .await;
     assert!(ok && out.contains("accounts/acme/models/minilm"), "{out}");
+    // The uploaded model embeds (on tract: this kiln dev has no ONNX Runtime library).
+    let (ok, out, err) = run(vec![
+        "--account".into(),
+        "acme".into(),
+        "embed".into(),
+        "minilm".into(),
+        "hello world".into(),
+        "good morning".into(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.matches(" 384 ").count(),
+        2,
+        "two 384-dimension rows: {out}"
+    );
     let (ok, out, _) = run(vec![
         "--account".into(),
         "acme".into(),
