@@ -611,3 +611,83 @@ async fn oip_errors_over_grpc() {
     assert!(!ready.ready);
     mesh.shutdown().await;
 }
+
+/// An inference node on its own: callers' keys checked by identity and models read from the
+/// registry over gRPC (the mesh's), with the service token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_inference_node_reads_models_from_the_registry_over_grpc() {
+    let (mesh, _assets) = mesh_with_minilm().await;
+    let admin = mesh.admin().await;
+    let key = kiln_tests::tenant(&admin, "acme").await;
+    // The library is imported before the node is asked.
+    let acme_on_mesh = mesh.channel(Some(&key)).await;
+    wait_for(
+        Duration::from_secs(60),
+        "the public MiniLM to be imported",
+        || async { embed(&acme_on_mesh, MINILM, &["x".to_string()]).await.ok() },
+    )
+    .await;
+
+    let data = tempfile::tempdir().unwrap();
+    let mut server = kiln_core::config::ServerConfig::default();
+    server.data_dir = data.path().to_path_buf();
+    server.service_token = Some(kiln_testkit::SERVICE_TOKEN.to_owned());
+    server.identity_url = Some(mesh.url());
+    server.registry_url = Some(mesh.url());
+    server.page_token_secret = Some("test-page-token-secret".to_owned());
+    let config = kiln_inference::config::InferenceConfig {
+        ort_dylib_path: ort_library().display().to_string(),
+        ..Default::default()
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut host = kiln_events::host::Host::new(&server, mesh.bus.clone(), shutdown);
+    let source = std::sync::Arc::new(
+        kiln_inference::source::RemoteRegistry::new(&mesh.url(), kiln_testkit::SERVICE_TOKEN)
+            .unwrap(),
+    );
+    kiln_inference::open(&server, &config, &mut host, source)
+        .await
+        .unwrap();
+    let authenticator = std::sync::Arc::new(
+        kiln_core::auth_client::RemoteAuthenticator::new(&mesh.url(), kiln_testkit::SERVICE_TOKEN)
+            .unwrap(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let served = host.serve(listener, authenticator).await.unwrap();
+    let node = kiln_testkit::channel_to(&format!("http://{}", served.local_addr), Some(&key)).await;
+
+    let reference = reference();
+    let answer = embed(&node, MINILM, &reference.sentences[..2])
+        .await
+        .expect("the node answers");
+    for (got, want) in answer.data.iter().zip(&reference.embeddings) {
+        assert!(cosine(&got.embedding, want) >= 0.999);
+    }
+    // The bundle came through the registry into the node's own cache.
+    let cached: Vec<_> = std::fs::read_dir(data.path().join("model-cache"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(cached.len(), 1, "one cached bundle");
+    // Another account's private model stays invisible, and a bad key is refused.
+    let err = embed(
+        &node,
+        "accounts/globex/models/secret",
+        &reference.sentences[..1],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let stranger = kiln_testkit::channel_to(
+        &format!("http://{}", served.local_addr),
+        Some("kiln_not-a-key"),
+    )
+    .await;
+    let err = embed(&stranger, MINILM, &reference.sentences[..1])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let _ = stop.send(true);
+    served.done.await.unwrap().unwrap();
+    mesh.shutdown().await;
+}
