@@ -629,12 +629,14 @@ async fn a_lone_inference_node_reads_models_from_the_registry_over_grpc() {
     .await;
 
     let data = tempfile::tempdir().unwrap();
-    let mut server = kiln_core::config::ServerConfig::default();
-    server.data_dir = data.path().to_path_buf();
-    server.service_token = Some(kiln_testkit::SERVICE_TOKEN.to_owned());
-    server.identity_url = Some(mesh.url());
-    server.registry_url = Some(mesh.url());
-    server.page_token_secret = Some("test-page-token-secret".to_owned());
+    let server = kiln_core::config::ServerConfig {
+        data_dir: data.path().to_path_buf(),
+        service_token: Some(kiln_testkit::SERVICE_TOKEN.to_owned()),
+        identity_url: Some(mesh.url()),
+        registry_url: Some(mesh.url()),
+        page_token_secret: Some("test-page-token-secret".to_owned()),
+        ..Default::default()
+    };
     let config = kiln_inference::config::InferenceConfig {
         ort_dylib_path: ort_library().display().to_string(),
         ..Default::default()
