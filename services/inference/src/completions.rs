@@ -449,6 +449,64 @@ impl Inference {
         })
     }
 
+    /// Sends a streamed job's messages: `message` turns each event into one (or none), the
+    /// last carries the usage (`last`). Usage is recorded before the last message, and also
+    /// when the client goes away (dropping the events then cancels the sequences).
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_stream<M: Send + 'static>(
+        &self,
+        caller: &Principal,
+        job: Job,
+        api: &'static str,
+        id: String,
+        start: i64,
+        prelude: Vec<M>,
+        mut message: impl FnMut(&Job, usize, Event) -> Option<M> + Send + 'static,
+        last: impl FnOnce(kiln_proto::kiln_inference::v1::Usage) -> M + Send + 'static,
+    ) -> Result<BoxStream<'static, Result<M, Status>>> {
+        let mut events = self.run_stream(&job)?;
+        let (tx, rx) = mpsc::channel::<Result<M, Status>>(64);
+        let this = self.clone();
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            let mut completion = 0usize;
+            let mut failed = None;
+            let mut gone = false;
+            for m in prelude {
+                gone |= tx.send(Ok(m)).await.is_err();
+            }
+            while !gone && let Some((index, event)) = events.next().await {
+                match &event {
+                    Event::Failed(reason) => {
+                        failed = Some(reason.clone());
+                        break;
+                    }
+                    Event::Finished {
+                        completion_tokens, ..
+                    } => completion += completion_tokens,
+                    Event::Token { .. } => {}
+                }
+                if let Some(m) = message(&job, index, event) {
+                    gone = tx.send(Ok(m)).await.is_err();
+                }
+            }
+            drop(events);
+            let recorded = this
+                .record(&caller, &job, &id, api, completion, start)
+                .await;
+            if gone {
+                return;
+            }
+            let end = match (failed, recorded) {
+                (Some(reason), _) => Err(Status::internal(reason)),
+                (None, Err(e)) => Err(e.into()),
+                (None, Ok(())) => Ok(last(usage(&job, completion))),
+            };
+            let _ = tx.send(end).await;
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+    }
+
     /// Streams a completion: a message per piece, then one with finish reasons and usage.
     pub async fn stream_completion(
         &self,
@@ -458,97 +516,64 @@ impl Inference {
         let start = kiln_core::time::now_micros();
         let model = self.engine.model(caller, "model", &r.model).await?;
         let job = self.completion_job(model, &r)?;
-        let events = self.run_stream(&job)?;
         let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
         let created = start / 1_000_000;
-        let name = r.model.clone();
-        let echo = r.echo;
-        let piece = move |index: usize,
-                          text: String,
-                          finish: &str,
-                          logprobs: Option<CompletionLogprobs>| Completion {
-            id: String::new(),
-            object: "text_completion".into(),
-            created,
-            model: name.clone(),
-            choices: vec![CompletionChoice {
-                index: index as i32,
-                text,
-                finish_reason: finish.into(),
-                logprobs,
-            }],
-            usage: None,
-        };
-        let (tx, rx) = mpsc::channel::<Result<Completion, Status>>(64);
-        let this = self.clone();
-        let caller = caller.clone();
-        tokio::spawn(async move {
-            let llm = job.model.llm().expect("a text-generation model");
-            let mut events = events;
-            let mut completion = 0usize;
-            let mut failed = None;
-            if echo {
-                for index in 0..job.prompts.len() * job.n {
-                    let mut m = piece(index, job.prompt_texts[index / job.n].clone(), "", None);
-                    m.id = id.clone();
-                    if tx.send(Ok(m)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            while let Some((index, event)) = events.next().await {
-                let message = match event {
-                    Event::Token { sampled, text } => {
-                        let logprobs = job
-                            .logprobs
-                            .then(|| completion_logprobs(llm, std::slice::from_ref(&sampled)));
-                        if text.is_empty() && logprobs.is_none() {
-                            continue;
-                        }
-                        piece(index, text, "", logprobs)
-                    }
-                    Event::Finished {
-                        finish,
-                        completion_tokens,
-                        text,
-                    } => {
-                        completion += completion_tokens;
-                        piece(index, text, finish.as_str(), None)
-                    }
-                    Event::Failed(message) => {
-                        failed = Some(message);
-                        break;
-                    }
-                };
-                let mut message = message;
-                message.id = id.clone();
-                if tx.send(Ok(message)).await.is_err() {
-                    // The client went away: dropping `events` cancels the sequences.
-                    drop(events);
-                    let _ = this
-                        .record(&caller, &job, &id, "completions", completion, start)
-                        .await;
-                    return;
-                }
-            }
-            let recorded = this
-                .record(&caller, &job, &id, "completions", completion, start)
-                .await;
-            let last = match (failed, recorded) {
-                (Some(message), _) => Err(Status::internal(message)),
-                (None, Err(e)) => Err(e.into()),
-                (None, Ok(())) => Ok(Completion {
+        let piece = {
+            let (id, model) = (id.clone(), r.model.clone());
+            move |index: usize, text: String, finish: &str, logprobs: Option<CompletionLogprobs>| {
+                Completion {
                     id: id.clone(),
                     object: "text_completion".into(),
                     created,
-                    model: r.model.clone(),
-                    choices: Vec::new(),
-                    usage: Some(usage(&job, completion)),
-                }),
-            };
-            let _ = tx.send(last).await;
-        });
-        Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+                    model: model.clone(),
+                    choices: vec![CompletionChoice {
+                        index: index as i32,
+                        text,
+                        finish_reason: finish.into(),
+                        logprobs,
+                    }],
+                    usage: None,
+                }
+            }
+        };
+        // With echo, each choice starts with its prompt.
+        let prelude = if r.echo {
+            (0..job.prompts.len() * job.n)
+                .map(|i| piece(i, job.prompt_texts[i / job.n].clone(), "", None))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let message = move |job: &Job, index: usize, event: Event| match event {
+            Event::Token { sampled, text } => {
+                let llm = job.model.llm()?;
+                let logprobs = job
+                    .logprobs
+                    .then(|| completion_logprobs(llm, std::slice::from_ref(&sampled)));
+                (!text.is_empty() || logprobs.is_some()).then(|| piece(index, text, "", logprobs))
+            }
+            Event::Finished { finish, text, .. } => Some(piece(index, text, finish.as_str(), None)),
+            Event::Failed(_) => None,
+        };
+        let last_id = id.clone();
+        let last = move |usage| Completion {
+            id: last_id.clone(),
+            object: "text_completion".into(),
+            created,
+            model: r.model.clone(),
+            choices: Vec::new(),
+            usage: Some(usage),
+        };
+        self.spawn_stream(
+            caller,
+            job,
+            "completions",
+            id,
+            start,
+            prelude,
+            message,
+            last,
+        )
     }
 
     /// Streams a chat completion: the role first, then content pieces, then the finish
@@ -561,100 +586,66 @@ impl Inference {
         let start = kiln_core::time::now_micros();
         let model = self.engine.model(caller, "model", &r.model).await?;
         let job = self.chat_job(model, &r)?;
-        let events = self.run_stream(&job)?;
         let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
         let created = start / 1_000_000;
-        let name = r.model.clone();
-        let chunk = move |index: usize,
-                          delta: ChatMessageDelta,
-                          finish: &str,
-                          logprobs: Option<ChatLogprobs>| ChatCompletionChunk {
-            id: String::new(),
-            object: "chat.completion.chunk".into(),
-            created,
-            model: name.clone(),
-            choices: vec![ChatCompletionChunkChoice {
-                index: index as i32,
-                delta: Some(delta),
-                finish_reason: finish.into(),
-                logprobs,
-            }],
-            usage: None,
+        let chunk = {
+            let (id, model) = (id.clone(), r.model.clone());
+            move |choices: Vec<ChatCompletionChunkChoice>, usage| ChatCompletionChunk {
+                id: id.clone(),
+                object: "chat.completion.chunk".into(),
+                created,
+                model: model.clone(),
+                choices,
+                usage,
+            }
         };
-        let (tx, rx) = mpsc::channel::<Result<ChatCompletionChunk, Status>>(64);
-        let this = self.clone();
-        let caller = caller.clone();
-        tokio::spawn(async move {
-            let llm = job.model.llm().expect("a text-generation model");
-            let mut events = events;
-            let mut completion = 0usize;
-            let mut failed = None;
-            let mut started: HashMap<usize, bool> = HashMap::new();
-            while let Some((index, event)) = events.next().await {
-                let (content, finish, logprobs) = match event {
-                    Event::Token { sampled, text } => {
-                        let logprobs = job
-                            .logprobs
-                            .then(|| chat_logprobs(llm, std::slice::from_ref(&sampled)));
-                        if text.is_empty() && logprobs.is_none() && started.contains_key(&index) {
-                            continue;
-                        }
-                        (text, "", logprobs)
+        // The first chunk of each choice carries the role.
+        let mut started: HashMap<usize, bool> = HashMap::new();
+        let delta = chunk.clone();
+        let message = move |job: &Job, index: usize, event: Event| {
+            let (content, finish, logprobs) = match event {
+                Event::Token { sampled, text } => {
+                    let llm = job.model.llm()?;
+                    let logprobs = job
+                        .logprobs
+                        .then(|| chat_logprobs(llm, std::slice::from_ref(&sampled)));
+                    if text.is_empty() && logprobs.is_none() && started.contains_key(&index) {
+                        return None;
                     }
-                    Event::Finished {
-                        finish,
-                        completion_tokens,
-                        text,
-                    } => {
-                        completion += completion_tokens;
-                        (text, finish.as_str(), None)
-                    }
-                    Event::Failed(message) => {
-                        failed = Some(message);
-                        break;
-                    }
-                };
-                let role = if started.insert(index, true).is_none() {
-                    "assistant"
-                } else {
-                    ""
-                };
-                let mut message = chunk(
-                    index,
-                    ChatMessageDelta {
+                    (text, "", logprobs)
+                }
+                Event::Finished { finish, text, .. } => (text, finish.as_str(), None),
+                Event::Failed(_) => return None,
+            };
+            let role = if started.insert(index, true).is_none() {
+                "assistant"
+            } else {
+                ""
+            };
+            Some(delta(
+                vec![ChatCompletionChunkChoice {
+                    index: index as i32,
+                    delta: Some(ChatMessageDelta {
                         role: role.into(),
                         content,
-                    },
-                    finish,
+                    }),
+                    finish_reason: finish.into(),
                     logprobs,
-                );
-                message.id = id.clone();
-                if tx.send(Ok(message)).await.is_err() {
-                    drop(events);
-                    let _ = this
-                        .record(&caller, &job, &id, "chat.completions", completion, start)
-                        .await;
-                    return;
-                }
-            }
-            let recorded = this
-                .record(&caller, &job, &id, "chat.completions", completion, start)
-                .await;
-            let last = match (failed, recorded) {
-                (Some(message), _) => Err(Status::internal(message)),
-                (None, Err(e)) => Err(e.into()),
-                (None, Ok(())) => Ok(ChatCompletionChunk {
-                    id: id.clone(),
-                    object: "chat.completion.chunk".into(),
-                    created,
-                    model: r.model.clone(),
-                    choices: Vec::new(),
-                    usage: Some(usage(&job, completion)),
-                }),
-            };
-            let _ = tx.send(last).await;
-        });
-        Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+                }],
+                None,
+            ))
+        };
+        let last = move |usage| chunk(Vec::new(), Some(usage));
+        self.spawn_stream(
+            caller,
+            job,
+            "chat.completions",
+            id,
+            start,
+            Vec::new(),
+            message,
+            last,
+        )
     }
 }
 

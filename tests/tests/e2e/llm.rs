@@ -349,6 +349,33 @@ async fn chat_answers_stream_and_count_like_the_model() {
     assert!(logprobs.top_logprobs.iter().all(|t| t.logprobs.len() == 2));
     assert_eq!(completion.usage.unwrap().completion_tokens, 4);
 
+    // The streamed completion says the same as the unary one (which echoed the prompt).
+    let mut stream = client(&acme)
+        .stream_completion(infv1::CreateCompletionRequest {
+            model: SMOLLM2.into(),
+            prompt: "The capital of France is".into(),
+            max_tokens: Some(4),
+            temperature: Some(0.0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut streamed, mut finish, mut last_usage) = (String::new(), String::new(), None);
+    while let Some(piece) = stream.next().await {
+        let piece = piece.unwrap();
+        for c in &piece.choices {
+            streamed.push_str(&c.text);
+            if !c.finish_reason.is_empty() {
+                finish = c.finish_reason.clone();
+            }
+        }
+        last_usage = piece.usage.or(last_usage);
+    }
+    assert_eq!(format!("The capital of France is{streamed}"), choice.text);
+    assert_eq!(finish, "length");
+    assert_eq!(last_usage.expect("usage at the end").completion_tokens, 4);
+
     // Errors name the field.
     let err = chat(&acme, "hi", 100_000).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -410,7 +437,7 @@ async fn concurrent_streams_each_produce_what_they_produce_alone() {
 
     // A client that goes away frees its sequence: with room for one sequence, a cancelled
     // long stream does not block the next request.
-    drop(mesh);
+    mesh.shutdown().await;
     let (mesh, _assets, acme) = mesh_with_smollm2(Some(kiln_inference::config::InferenceConfig {
         max_sequences: 1,
         queue_capacity: 1,
