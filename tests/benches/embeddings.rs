@@ -17,8 +17,7 @@ use kiln_inference::embeddings;
 use kiln_inference::engine::load_tokenizer;
 use kiln_inference::tensor::{Tensor, TensorData};
 use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_registry::config::RegistryConfig;
-use kiln_testkit::{MeshOptions, TestMesh, wait_for};
+use kiln_testkit::{TestMesh, wait_for};
 use kiln_tests::bench::measure;
 use kiln_tests::inference::*;
 
@@ -34,20 +33,15 @@ async fn mesh(
     batching: Batching,
     assets: &std::path::Path,
 ) -> (TestMesh, kiln_testkit::AuthedChannel) {
-    let mesh = TestMesh::start_with(MeshOptions {
-        import_library: true,
-        registry: Some(RegistryConfig {
-            asset_dir: assets.display().to_string(),
-            ..Default::default()
-        }),
-        inference: Some(InferenceConfig {
+    let mesh = kiln_tests::library_mesh(
+        assets,
+        Some(InferenceConfig {
             backend: "onnxruntime".into(),
             intra_op_threads: threads,
             batching,
             ..Default::default()
         }),
-        ..Default::default()
-    })
+    )
     .await;
     let admin = mesh.admin().await;
     let key = kiln_tests::tenant(&admin, "bench").await;

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kiln_inference::config::InferenceConfig;
 use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_registry::config::RegistryConfig;
-use kiln_testkit::{MeshOptions, TestMesh, asset, wait_for};
+use kiln_testkit::{asset, wait_for};
 use kiln_tests::inference::client;
 use kiln_tests::llm::{GGUF, SMOLLM2, smollm2_asset_dir};
 
@@ -78,20 +77,15 @@ fn main() {
         .unwrap();
     runtime.block_on(async move {
         let assets = smollm2_asset_dir();
-        let mesh = TestMesh::start_with(MeshOptions {
-            import_library: true,
-            registry: Some(RegistryConfig {
-                asset_dir: assets.path().display().to_string(),
-                ..Default::default()
-            }),
-            inference: Some(InferenceConfig {
+        let mesh = kiln_tests::library_mesh(
+            assets.path(),
+            Some(InferenceConfig {
                 backend: "onnxruntime".into(),
                 intra_op_threads: threads,
                 max_sequences: 16,
                 ..Default::default()
             }),
-            ..Default::default()
-        })
+        )
         .await;
         let admin = mesh.admin().await;
         let key = kiln_tests::tenant(&admin, "bench").await;

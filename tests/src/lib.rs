@@ -89,6 +89,41 @@ pub async fn tenant(admin: &AuthedChannel, account: &str) -> String {
     create_key(admin, account, "owner", None).await.key
 }
 
+/// A folder that links the given folders of the asset cache and ONNX Runtime's, so a mesh
+/// imports just those models into its library (and finds ONNX Runtime beside them).
+pub fn asset_dir_with(folders: &[&str]) -> tempfile::TempDir {
+    let cache = kiln_registry::library::asset_dir(&Default::default());
+    let dir = tempfile::tempdir().expect("temp dir");
+    for folder in folders.iter().chain(&["onnxruntime"]) {
+        let source = cache.join(folder);
+        assert!(
+            source.is_dir(),
+            "{} is missing: run `bash deploy/fetch-assets.sh` (or set KILN_ASSET_DIR)",
+            source.display()
+        );
+        std::os::unix::fs::symlink(source, dir.path().join(folder)).expect("link");
+    }
+    dir
+}
+
+/// A mesh whose public library is imported from `assets` (see [`asset_dir_with`]), with
+/// these inference settings.
+pub async fn library_mesh(
+    assets: &std::path::Path,
+    inference: Option<kiln_inference::config::InferenceConfig>,
+) -> kiln_testkit::TestMesh {
+    kiln_testkit::TestMesh::start_with(kiln_testkit::MeshOptions {
+        import_library: true,
+        registry: Some(kiln_registry::config::RegistryConfig {
+            asset_dir: assets.display().to_string(),
+            ..Default::default()
+        }),
+        inference,
+        ..Default::default()
+    })
+    .await
+}
+
 pub mod registry {
     //! Registry clients and upload helpers for the suites.
 
@@ -366,15 +401,7 @@ pub mod inference {
     /// A folder that holds only the embedding model and ONNX Runtime of the asset cache, so
     /// a mesh imports just that model into its library.
     pub fn minilm_asset_dir() -> tempfile::TempDir {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::os::unix::fs::symlink(minilm_dir(), dir.path().join("all-minilm-l6-v2"))
-            .expect("link");
-        std::os::unix::fs::symlink(
-            ort_library().parent().expect("folder"),
-            dir.path().join("onnxruntime"),
-        )
-        .expect("link");
-        dir
+        super::asset_dir_with(&["all-minilm-l6-v2"])
     }
 }
 
@@ -511,18 +538,6 @@ pub mod llm {
 
     /// A folder that holds only the chat model and ONNX Runtime of the asset cache.
     pub fn smollm2_asset_dir() -> tempfile::TempDir {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let gguf = asset(GGUF);
-        std::os::unix::fs::symlink(
-            gguf.parent().unwrap(),
-            dir.path().join("smollm2-135m-instruct"),
-        )
-        .unwrap();
-        std::os::unix::fs::symlink(
-            super::inference::ort_library().parent().unwrap(),
-            dir.path().join("onnxruntime"),
-        )
-        .unwrap();
-        dir
+        super::asset_dir_with(&["smollm2-135m-instruct"])
     }
 }

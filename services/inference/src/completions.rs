@@ -71,6 +71,17 @@ fn check_stops(stops: &[String]) -> Result<Vec<String>> {
     Ok(stops.iter().filter(|s| !s.is_empty()).cloned().collect())
 }
 
+/// The request's max_tokens (at least 1), or `default` when unset.
+fn max_tokens_field(value: Option<i32>, default: usize) -> Result<usize> {
+    match value {
+        None => Ok(default),
+        Some(m) if m >= 1 => Ok(m as usize),
+        Some(m) => {
+            Err(ApiError::invalid("max_tokens", format!("must be at least 1, got {m}")).into())
+        }
+    }
+}
+
 fn choices(n: Option<i32>) -> Result<usize> {
     match n {
         None => Ok(1),
@@ -264,17 +275,7 @@ impl Inference {
             },
             vocab,
         )?;
-        let requested = match r.max_tokens {
-            None => 16,
-            Some(m) if m >= 1 => m as usize,
-            Some(m) => {
-                return Err(ApiError::invalid(
-                    "max_tokens",
-                    format!("must be at least 1, got {m}"),
-                )
-                .into());
-            }
-        };
+        let requested = max_tokens_field(r.max_tokens, 16)?;
         let mut prompts = Vec::with_capacity(texts.len());
         let mut max_tokens = requested;
         for (i, text) in texts.iter().enumerate() {
@@ -340,17 +341,8 @@ impl Inference {
         )?;
         let mut ids = self.prompt_tokens(&model, "messages", &prompt_text)?;
         let context = llm.shape.context_length;
-        let mut max_tokens = match r.max_tokens {
-            None => context.saturating_sub(ids.len()).max(1),
-            Some(m) if m >= 1 => m as usize,
-            Some(m) => {
-                return Err(ApiError::invalid(
-                    "max_tokens",
-                    format!("must be at least 1, got {m}"),
-                )
-                .into());
-            }
-        };
+        let mut max_tokens =
+            max_tokens_field(r.max_tokens, context.saturating_sub(ids.len()).max(1))?;
         self.fit_context(
             &model,
             &mut ids,

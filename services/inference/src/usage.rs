@@ -58,8 +58,12 @@ impl UsageRecorder {
         tokio::spawn(async move {
             let mut batch = Vec::new();
             while pending.recv_many(&mut batch, 512).await > 0 {
-                let written = write(&db, &outbox, &batch).await;
-                for (_, done) in batch.drain(..) {
+                let (events, acks): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+                let written = outbox
+                    .publish_all(&db, &events)
+                    .await
+                    .map_err(|e| e.to_string());
+                for done in acks {
                     let _ = done.send(written.clone());
                 }
             }
@@ -108,12 +112,4 @@ impl UsageRecorder {
             .map_err(|_| ApiError::Unavailable("usage recording stopped".into()))?
             .map_err(|e| ApiError::Unavailable(format!("recording usage: {e}")).into())
     }
-}
-
-async fn write(db: &DatabaseConnection, outbox: &Outbox, batch: &[Pending]) -> Result<(), String> {
-    let events: Vec<_> = batch.iter().map(|(event, _)| event.clone()).collect();
-    outbox
-        .publish_all(db, &events)
-        .await
-        .map_err(|e| e.to_string())
 }

@@ -10,8 +10,7 @@ use kiln_inference::config::Batching;
 use kiln_inference::embeddings;
 use kiln_inference::engine::Engine;
 use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_registry::config::RegistryConfig;
-use kiln_testkit::{MeshOptions, TestMesh, wait_for};
+use kiln_testkit::{TestMesh, wait_for};
 use kiln_tests::inference::*;
 use kiln_tests::registry as reg;
 use tonic::Code;
@@ -166,15 +165,7 @@ fn unavailable_backends_say_why() {
 /// A mesh whose library holds the embedding model only.
 async fn mesh_with_minilm() -> (TestMesh, tempfile::TempDir) {
     let assets = minilm_asset_dir();
-    let mesh = TestMesh::start_with(MeshOptions {
-        import_library: true,
-        registry: Some(RegistryConfig {
-            asset_dir: assets.path().display().to_string(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await;
+    let mesh = kiln_tests::library_mesh(assets.path(), None).await;
     (mesh, assets)
 }
 

@@ -9,8 +9,7 @@ use futures::StreamExt;
 use kiln_inference::backend::{Backends, LoadOptions};
 use kiln_inference::tensor::{Tensor, TensorData};
 use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_registry::config::RegistryConfig;
-use kiln_testkit::{MeshOptions, TestMesh, wait_for};
+use kiln_testkit::{TestMesh, wait_for};
 use kiln_tests::inference::{client, ort_library};
 use kiln_tests::llm::*;
 use tonic::Code;
@@ -139,16 +138,7 @@ async fn mesh_with_smollm2(
     inference: Option<kiln_inference::config::InferenceConfig>,
 ) -> (TestMesh, tempfile::TempDir, kiln_testkit::AuthedChannel) {
     let assets = smollm2_asset_dir();
-    let mesh = TestMesh::start_with(MeshOptions {
-        import_library: true,
-        registry: Some(RegistryConfig {
-            asset_dir: assets.path().display().to_string(),
-            ..Default::default()
-        }),
-        inference,
-        ..Default::default()
-    })
-    .await;
+    let mesh = kiln_tests::library_mesh(assets.path(), inference).await;
     let admin = mesh.admin().await;
     let key = kiln_tests::tenant(&admin, "acme").await;
     let acme = mesh.channel(Some(&key)).await;

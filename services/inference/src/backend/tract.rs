@@ -49,29 +49,11 @@ impl Backend for Tract {
             .with_ignore_value_info(true)
             .model_for_path(graph)
             .map_err(err)?;
-        // The symbolic model gives the interface; runs use plans for concrete shapes.
-        let model = parsed.clone().into_optimized().map_err(err)?;
-        let mut inputs = Vec::new();
-        for (ix, outlet) in model.input_outlets().map_err(err)?.iter().enumerate() {
-            let fact = model.input_fact(ix).map_err(err)?;
-            inputs.push(TensorInfo {
-                name: model.node(outlet.node).name.clone(),
-                dtype: data_type(fact.datum_type).map_err(|m| BackendError::new(NAME, m))?,
-                shape: fact
-                    .shape
-                    .iter()
-                    .map(|d| d.to_i64().unwrap_or(-1))
-                    .collect(),
-            });
-        }
-        let mut outputs = Vec::new();
-        for outlet in model.output_outlets().map_err(err)? {
-            let fact = model.outlet_fact(*outlet).map_err(err)?;
-            let name = model
-                .outlet_label(*outlet)
-                .map(str::to_owned)
-                .unwrap_or_else(|| model.node(outlet.node).name.clone());
-            outputs.push(TensorInfo {
+        // The symbolic model, typed (not optimised: runs use plans for concrete shapes), gives
+        // the interface.
+        let model = parsed.clone().into_typed().map_err(err)?;
+        let describe = |name: String, fact: &tract_onnx::prelude::TypedFact| {
+            Ok(TensorInfo {
                 name,
                 dtype: data_type(fact.datum_type).map_err(|m| BackendError::new(NAME, m))?,
                 shape: fact
@@ -79,7 +61,20 @@ impl Backend for Tract {
                     .iter()
                     .map(|d| d.to_i64().unwrap_or(-1))
                     .collect(),
-            });
+            })
+        };
+        let mut inputs = Vec::new();
+        for (ix, outlet) in model.input_outlets().map_err(err)?.iter().enumerate() {
+            let name = model.node(outlet.node).name.clone();
+            inputs.push(describe(name, model.input_fact(ix).map_err(err)?)?);
+        }
+        let mut outputs = Vec::new();
+        for outlet in model.output_outlets().map_err(err)? {
+            let name = model
+                .outlet_label(*outlet)
+                .map(str::to_owned)
+                .unwrap_or_else(|| model.node(outlet.node).name.clone());
+            outputs.push(describe(name, model.outlet_fact(*outlet).map_err(err)?)?);
         }
         Ok(Box::new(TractSession {
             model: parsed,

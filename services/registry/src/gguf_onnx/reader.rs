@@ -214,24 +214,10 @@ impl<R: Read + Seek> GgufFile<R> {
 
     /// A tensor's values as f32, in ggml order (dims[0] fastest).
     pub fn tensor_f32(&mut self, name: &str) -> std::io::Result<(Vec<u64>, Vec<f32>)> {
-        let info = self
-            .tensors
-            .get(name)
-            .cloned()
-            .ok_or_else(|| err(format!("the checkpoint has no tensor {name}")))?;
-        let elements = info.elements() as usize;
-        let bytes = super::dequant::byte_size(info.ggml_type, elements).ok_or_else(|| {
-            err(format!(
-                "tensor {name} has ggml type {}, which Kiln cannot dequantize",
-                info.ggml_type
-            ))
-        })?;
-        self.reader
-            .seek(SeekFrom::Start(self.data_start + info.offset))?;
-        let mut raw = vec![0u8; bytes];
-        self.reader.read_exact(&mut raw)?;
-        let values = super::dequant::dequantize(info.ggml_type, &raw, elements)
+        let (dims, ggml_type, raw) = self.tensor_raw(name)?;
+        let elements = dims.iter().product::<u64>() as usize;
+        let values = super::dequant::dequantize(ggml_type, &raw, elements)
             .ok_or_else(|| err(format!("tensor {name}: bad data")))?;
-        Ok((info.dims, values))
+        Ok((dims, values))
     }
 }
