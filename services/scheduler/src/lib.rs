@@ -1,0 +1,75 @@
+//! Kiln scheduler: deployments and deployed models, worker nodes and the replicas placed on
+//! them, autoscaling, and the routing table every node follows. A library plus a thin
+//! `main.rs`; `kiln dev` hosts it beside the other services.
+
+pub mod catalog;
+pub mod config;
+pub mod db;
+pub mod deployed_models;
+pub mod deployments;
+pub mod error;
+pub mod grpc;
+pub mod nodes;
+pub mod placement;
+pub mod reconcile;
+pub mod service;
+
+use std::sync::Arc;
+
+use kiln_core::config::ServerConfig;
+use kiln_events::host::Host;
+
+pub use error::{Error, Result};
+pub use service::Scheduler;
+
+/// Opens the scheduler's database (migrating it), starts its outbox relay and reconcile loop
+/// on the host and adds its gRPC services. Models are read from `catalog`.
+pub async fn open(
+    server: &ServerConfig,
+    config: &config::SchedulerConfig,
+    host: &mut Host,
+    catalog: Arc<dyn catalog::ModelCatalog>,
+) -> Result<Scheduler> {
+    std::fs::create_dir_all(&server.data_dir).map_err(|e| {
+        Error::Startup(format!(
+            "cannot create data dir {}: {e}",
+            server.data_dir.display()
+        ))
+    })?;
+    let db = kiln_store::connect(&server.database_url_for(service::SERVICE)).await?;
+    kiln_store::migrate(&db, service::SERVICE, db::MIGRATIONS).await?;
+    let scheduler = Scheduler::new(db.clone(), host.pages.clone(), config.clone(), catalog).await?;
+    host.track(
+        scheduler
+            .outbox()
+            .spawn_relay(db, host.bus.clone(), host.shutdown.clone()),
+    );
+    host.track(reconcile::spawn(scheduler.clone(), host.shutdown.clone()));
+    grpc::add_services(&scheduler, &mut host.services);
+    Ok(scheduler)
+}
+
+/// Runs the scheduler alone until `stop` resolves (the `kiln-scheduler` binary and `kiln
+/// serve scheduler`): callers' keys are checked by identity, models read from the registry.
+pub async fn serve_until(
+    config: &config::Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bus = kiln_events::connect_bus(&config.server).await?;
+    let (stop_tx, shutdown) = tokio::sync::watch::channel(false);
+    let mut host = Host::new(&config.server, bus, shutdown);
+    let token = config.server.service_token.as_deref().unwrap_or_default();
+    let registry_url = config.server.registry_url.as_deref().unwrap_or_default();
+    let catalog = Arc::new(catalog::RemoteCatalog::new(registry_url, token)?);
+    open(&config.server, &config.scheduler, &mut host, catalog).await?;
+    let identity_url = config.server.identity_url.as_deref().unwrap_or_default();
+    let authenticator = Arc::new(kiln_core::auth_client::RemoteAuthenticator::new(
+        identity_url,
+        token,
+    )?);
+    host.run_until(config.server.listen, authenticator, stop, stop_tx, |addr| {
+        println!("kiln scheduler listening on {addr}");
+    })
+    .await
+    .map_err(anyhow::Error::msg)
+}

@@ -1,0 +1,22 @@
+//! `kiln-scheduler`: the scheduler service alone (the same code as `kiln serve scheduler`).
+//! Usage: `kiln-scheduler [config.toml]`; `KILN_*` variables override the file.
+
+use std::path::PathBuf;
+
+use kiln_core::config::Load;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let file = std::env::args_os().nth(1).map(PathBuf::from);
+    let config = kiln_scheduler::config::Config::load(file.as_deref())?;
+    let _telemetry = kiln_core::telemetry::init(
+        "kiln-scheduler",
+        config.server.log_format,
+        config.server.otlp_endpoint.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    kiln_scheduler::serve_until(&config, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}

@@ -1,0 +1,388 @@
+//! Worker nodes: the `Connect` stream (registration, heartbeats, replica reports, demand;
+//! assignments and routing tables back) and `ListNodes`.
+
+use std::time::Instant;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use kiln_core::Error as ApiError;
+use kiln_core::auth::Principal;
+use kiln_events::Body;
+use kiln_proto::events::v1 as ev;
+use kiln_proto::scheduler::v1::{
+    Assignment, Node, NodeMessage, NodeRegistered, RegisterNode, SchedulerMessage, UnloadReplica,
+    assignment, node, node_message, replica, scheduler_message,
+};
+use kiln_store::listing::Listing;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use crate::error::Result;
+use crate::service::{NodeEntry, ReplicaEntry, Scheduler, now};
+
+/// Messages a node's outgoing stream buffers before the scheduler retries later.
+const OUTGOING: usize = 256;
+
+pub type SchedulerStream = BoxStream<'static, Result<SchedulerMessage, Status>>;
+
+impl Scheduler {
+    /// Serves one node's stream: the first message registers it; the answer streams
+    /// `NodeRegistered`, the routing table (again whenever it changes) and assignments.
+    pub async fn connect(
+        &self,
+        caller: &Principal,
+        mut inbound: BoxStream<'static, Result<NodeMessage, Status>>,
+    ) -> Result<SchedulerStream> {
+        if !caller.has(kiln_core::auth::Role::Service) {
+            return Err(ApiError::PermissionDenied(
+                "only inference nodes (the service credential) connect".into(),
+            )
+            .into());
+        }
+        let first = match inbound.next().await {
+            Some(Ok(message)) => message,
+            Some(Err(status)) => return Err(crate::Error::Remote(status)),
+            None => {
+                return Err(
+                    ApiError::invalid("register", "the stream closed before RegisterNode").into(),
+                );
+            }
+        };
+        let Some(node_message::Payload::Register(register)) = first.payload else {
+            return Err(
+                ApiError::invalid("register", "the first message must be RegisterNode").into(),
+            );
+        };
+        let (session, name, sender, receiver) = self.register(register).await?;
+        let scheduler = self.clone();
+        let mut routes = self.routes();
+        tokio::spawn(async move {
+            // The current table first, then every change.
+            let mut routes_open = true;
+            let table = routes.borrow_and_update().clone();
+            let _ = sender
+                .send(Ok(SchedulerMessage {
+                    payload: Some(scheduler_message::Payload::RoutingTable((*table).clone())),
+                }))
+                .await;
+            let reason = loop {
+                tokio::select! {
+                    message = inbound.next() => match message {
+                        Some(Ok(message)) => scheduler.node_message(&name, session, message).await,
+                        Some(Err(status)) => break format!("stream error: {}", status.message()),
+                        None => break "stream closed".to_owned(),
+                    },
+                    changed = routes.changed(), if routes_open => {
+                        if changed.is_err() {
+                            routes_open = false;
+                            continue;
+                        }
+                        let table = routes.borrow_and_update().clone();
+                        let message = SchedulerMessage {
+                            payload: Some(scheduler_message::Payload::RoutingTable((*table).clone())),
+                        };
+                        if sender.send(Ok(message)).await.is_err() {
+                            break "stream closed".to_owned();
+                        }
+                    }
+                }
+            };
+            scheduler.disconnected(&name, session, &reason).await;
+        });
+        Ok(ReceiverStream::new(receiver).boxed())
+    }
+
+    /// Records a node (replacing an older stream of the same name) and adopts the replicas
+    /// it still holds.
+    async fn register(
+        &self,
+        register: RegisterNode,
+    ) -> Result<(
+        u64,
+        String,
+        mpsc::Sender<Result<SchedulerMessage, Status>>,
+        mpsc::Receiver<Result<SchedulerMessage, Status>>,
+    )> {
+        if kiln_core::names::id_problem(&register.node_id).is_some() {
+            return Err(ApiError::invalid(
+                "register.node_id",
+                format!(
+                    "{:?} is not an ID (1-63 of a-z, 0-9 and '-', not starting or ending with '-')",
+                    register.node_id
+                ),
+            )
+            .into());
+        }
+        if !(register.address.starts_with("http://") || register.address.starts_with("https://")) {
+            return Err(ApiError::invalid(
+                "register.address",
+                format!(
+                    "must be an http:// or https:// URL, got {:?}",
+                    register.address
+                ),
+            )
+            .into());
+        }
+        for (i, a) in register.accelerators.iter().enumerate() {
+            if a.count < 0 || a.memory_bytes < 0 {
+                return Err(ApiError::invalid(
+                    format!("register.accelerators[{i}]"),
+                    "count and memory_bytes must not be negative",
+                )
+                .into());
+            }
+        }
+        let name = format!("nodes/{}", register.node_id);
+        let (sender, receiver) = mpsc::channel(OUTGOING);
+        let mut state = self.lock().await;
+        state.next_session += 1;
+        let session = state.next_session;
+        let registered = now();
+        let node = Node {
+            name: name.clone(),
+            address: register.address.clone(),
+            accelerators: register.accelerators.clone(),
+            backends: register.backends.clone(),
+            state: node::State::Ready as i32,
+            status: None,
+            create_time: state
+                .nodes
+                .get(&name)
+                .and_then(|n| n.node.create_time)
+                .or(Some(registered)),
+            update_time: Some(registered),
+            last_heartbeat_time: Some(registered),
+            replicas: Vec::new(),
+            labels: register.labels.clone(),
+            version: register.version.clone(),
+            training_enabled: register.training_enabled,
+        };
+        state.nodes.insert(
+            name.clone(),
+            NodeEntry {
+                node: node.clone(),
+                session,
+                sender: Some(sender.clone()),
+                last_heartbeat: Instant::now(),
+            },
+        );
+        let _ = sender
+            .send(Ok(SchedulerMessage {
+                payload: Some(scheduler_message::Payload::Registered(NodeRegistered {
+                    name: name.clone(),
+                    heartbeat_interval: Some(prost_types::Duration {
+                        seconds: (self.config().heartbeat_interval_ms / 1000) as i64,
+                        nanos: ((self.config().heartbeat_interval_ms % 1000) * 1_000_000) as i32,
+                    }),
+                })),
+            }))
+            .await;
+        // Replicas it still holds: adopted if the scheduler still wants them (after a
+        // scheduler restart, or a reconnect), unloaded otherwise.
+        for held in register.replicas {
+            let wanted = state
+                .deployments
+                .get(&held.deployment)
+                .filter(|e| !crate::deployments::is_gone(&e.deployment))
+                .map(|e| (e.deployment.deployment_type, e.model_bytes));
+            let known_elsewhere = state
+                .replicas
+                .get(&held.name)
+                .is_some_and(|r| !r.replica.node.is_empty() && r.replica.node != name);
+            match wanted {
+                Some((deployment_type, model_bytes)) if !known_elsewhere => {
+                    let mut replica = held.clone();
+                    replica.node = name.clone();
+                    state.replicas.insert(
+                        held.name.clone(),
+                        ReplicaEntry {
+                            replica,
+                            deployment_type,
+                            model_bytes,
+                            load: held.load.unwrap_or_default(),
+                        },
+                    );
+                }
+                _ => {
+                    let _ = sender.try_send(Ok(SchedulerMessage {
+                        payload: Some(scheduler_message::Payload::Assignment(Assignment {
+                            assignment_id: format!("unload-{}", held.name),
+                            action: Some(assignment::Action::UnloadReplica(UnloadReplica {
+                                replica: held.name.clone(),
+                                drain_timeout: None,
+                            })),
+                        })),
+                    }));
+                }
+            }
+        }
+        drop(state);
+        tracing::info!(node = %name, address = %node.address, "node connected");
+        let _ = self
+            .emit(
+                "scheduler.node.connected",
+                kiln_core::names::SYSTEM_ACCOUNT,
+                &name,
+                Body::NodeConnected(ev::NodeConnected { node: Some(node) }),
+            )
+            .await;
+        self.wake();
+        Ok((session, name, sender, receiver))
+    }
+
+    async fn node_message(&self, name: &str, session: u64, message: NodeMessage) {
+        let mut state = self.lock().await;
+        let Some(entry) = state.nodes.get_mut(name) else {
+            return;
+        };
+        if entry.session != session {
+            return;
+        }
+        entry.last_heartbeat = Instant::now();
+        entry.node.last_heartbeat_time = Some(now());
+        let mut wake = false;
+        match message.payload {
+            Some(node_message::Payload::Heartbeat(beat)) => {
+                for r in beat.replicas {
+                    let to =
+                        replica::State::try_from(r.state).unwrap_or(replica::State::Unspecified);
+                    if let Some(entry) = state.replicas.get_mut(&r.replica)
+                        && entry.replica.node == name
+                    {
+                        entry.load = r.load.unwrap_or_default();
+                        entry.replica.loaded_addons = r.loaded_addons;
+                    }
+                    if to != replica::State::Unspecified {
+                        let before = state.replicas.get(&r.replica).map(|e| e.replica.state);
+                        self.replica_reported(&mut state, name, &r.replica, to, None)
+                            .await;
+                        wake |= before != state.replicas.get(&r.replica).map(|e| e.replica.state);
+                    }
+                }
+            }
+            Some(node_message::Payload::ReplicaState(report)) => {
+                let to =
+                    replica::State::try_from(report.state).unwrap_or(replica::State::Unspecified);
+                self.replica_reported(&mut state, name, &report.replica, to, report.status)
+                    .await;
+                wake = true;
+            }
+            Some(node_message::Payload::Ack(ack)) if !ack.accepted => {
+                if let Some(replica) = ack.assignment_id.strip_prefix("load-") {
+                    let replica = replica.to_owned();
+                    self.replica_reported(
+                        &mut state,
+                        name,
+                        &replica,
+                        replica::State::Failed,
+                        ack.status,
+                    )
+                    .await;
+                    wake = true;
+                }
+            }
+            Some(node_message::Payload::Demand(demand)) => {
+                if let Some(entry) = state.deployments.get_mut(&demand.deployment) {
+                    entry.demand = true;
+                    wake = true;
+                }
+            }
+            _ => {}
+        }
+        drop(state);
+        if wake {
+            self.wake();
+        }
+    }
+
+    async fn disconnected(&self, name: &str, session: u64, reason: &str) {
+        let mut state = self.lock().await;
+        if state.nodes.get(name).is_some_and(|n| n.session == session) {
+            self.lose_node(&mut state, name, reason).await;
+        }
+        drop(state);
+        self.wake();
+    }
+
+    pub async fn list_nodes(
+        &self,
+        caller: &Principal,
+        page_size: i32,
+        page_token: &str,
+        filter: &str,
+        order_by: &str,
+    ) -> Result<Listing<Node>> {
+        if !caller.is_privileged() {
+            return Err(
+                ApiError::PermissionDenied("only platform admins list nodes".into()).into(),
+            );
+        }
+        let terms = kiln_core::page::parse_filter(filter, &["state"])?;
+        let order = kiln_core::page::parse_order_by(
+            order_by,
+            &["name", "create_time", "last_heartbeat_time"],
+        )?;
+        let state = self.lock().await;
+        let mut nodes: Vec<Node> = state
+            .nodes
+            .values()
+            .map(|n| {
+                let mut node = n.node.clone();
+                node.replicas = state
+                    .replicas
+                    .values()
+                    .filter(|r| r.replica.node == node.name)
+                    .map(|r| {
+                        let mut replica = r.replica.clone();
+                        replica.load = Some(r.load);
+                        replica
+                    })
+                    .collect();
+                node
+            })
+            .collect();
+        drop(state);
+        for term in &terms {
+            let value = kiln_core::page::enum_filter_value("state", &term.value, |s| {
+                node::State::from_str_name(s).map(|v| v as i32)
+            })?;
+            nodes.retain(|n| (n.state == value) != term.negated);
+        }
+        for key in order.iter().rev() {
+            let micros = |t: &Option<prost_types::Timestamp>| {
+                t.as_ref()
+                    .map(kiln_core::time::timestamp_to_micros)
+                    .unwrap_or(0)
+            };
+            nodes.sort_by(|a, b| {
+                let ordering = match key.field.as_str() {
+                    "create_time" => micros(&a.create_time).cmp(&micros(&b.create_time)),
+                    "last_heartbeat_time" => {
+                        micros(&a.last_heartbeat_time).cmp(&micros(&b.last_heartbeat_time))
+                    }
+                    _ => a.name.cmp(&b.name),
+                };
+                if key.descending {
+                    ordering.reverse()
+                } else {
+                    ordering
+                }
+            });
+        }
+        let scope = format!("nodes|{filter}|{order_by}");
+        let page =
+            kiln_core::page::Page::from_request(self.pages(), &scope, page_size, page_token)?;
+        let total = nodes.len() as u64;
+        let items: Vec<Node> = nodes
+            .into_iter()
+            .skip(page.offset as usize)
+            .take(page.limit as usize)
+            .collect();
+        Ok(Listing {
+            items,
+            next_page_token: page.next_token(self.pages(), &scope, total),
+            total_size: total as i32,
+        })
+    }
+}
