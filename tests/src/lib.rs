@@ -541,3 +541,271 @@ pub mod llm {
         super::asset_dir_with(&["smollm2-135m-instruct"])
     }
 }
+
+pub mod workers {
+    //! Extra inference nodes for scheduler suites: each registers with the mesh's scheduler,
+    //! authenticates through its identity and reads models from its registry, like a worker
+    //! of a real deployment. Both its gRPC server and its scheduler stream go through TCP
+    //! proxies, so a test can kill the node: every connection drops at once, as when a
+    //! machine dies.
+
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use kiln_inference::config::{AcceleratorConfig, InferenceConfig};
+    use kiln_testkit::{SERVICE_TOKEN, TestMesh};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+
+    /// A TCP proxy to `target` whose `kill` drops every connection and refuses new ones.
+    pub struct Proxy {
+        pub addr: SocketAddr,
+        kill: watch::Sender<bool>,
+    }
+
+    impl Proxy {
+        pub async fn start(target: SocketAddr) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+            let addr = listener.local_addr().expect("proxy addr");
+            let (kill, killed) = watch::channel(false);
+            tokio::spawn(async move {
+                let mut stop = killed.clone();
+                loop {
+                    let (mut inbound, _) = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok(conn) => conn,
+                            Err(_) => break,
+                        },
+                        _ = stop.changed() => break,
+                    };
+                    let mut stop = killed.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = stop.changed() => {}
+                        }
+                    });
+                }
+            });
+            Self { addr, kill }
+        }
+
+        pub fn kill(&self) {
+            let _ = self.kill.send(true);
+        }
+    }
+
+    /// A running worker node.
+    pub struct Worker {
+        pub node_id: String,
+        /// Where callers (and other nodes) reach it.
+        pub url: String,
+        server: Proxy,
+        scheduler: Proxy,
+        stop: watch::Sender<bool>,
+        _data: tempfile::TempDir,
+    }
+
+    impl Worker {
+        /// Starts a node named `node_id` offering `accelerators` (simulated: the CPU backend
+        /// runs the models) against `mesh`.
+        pub async fn start(mesh: &TestMesh, node_id: &str, accelerators: &[(&str, i32)]) -> Self {
+            let data = tempfile::tempdir().expect("temp dir");
+            let real = TcpListener::bind("127.0.0.1:0").await.expect("bind node");
+            let server_proxy = Proxy::start(real.local_addr().expect("addr")).await;
+            let scheduler_proxy = Proxy::start(mesh.addr).await;
+            let url = format!("http://{}", server_proxy.addr);
+            let server = kiln_core::config::ServerConfig {
+                data_dir: data.path().to_path_buf(),
+                service_token: Some(SERVICE_TOKEN.to_owned()),
+                identity_url: Some(mesh.url()),
+                registry_url: Some(mesh.url()),
+                page_token_secret: Some("test-page-token-secret".to_owned()),
+                ..Default::default()
+            };
+            let config = InferenceConfig {
+                ort_dylib_path: crate::inference::ort_library().display().to_string(),
+                node_id: node_id.to_owned(),
+                accelerators: accelerators
+                    .iter()
+                    .map(|(kind, count)| AcceleratorConfig {
+                        kind: (*kind).to_owned(),
+                        count: *count,
+                        memory_bytes: 0,
+                    })
+                    .collect(),
+                intra_op_threads: 1,
+                ..Default::default()
+            };
+            let (stop, shutdown) = watch::channel(false);
+            let mut host = kiln_events::host::Host::new(&server, mesh.bus.clone(), shutdown);
+            let link = Arc::new(
+                kiln_inference::node::RemoteScheduler::new(
+                    &format!("http://{}", scheduler_proxy.addr),
+                    SERVICE_TOKEN,
+                )
+                .expect("scheduler link"),
+            );
+            let source = Arc::new(
+                kiln_inference::source::RemoteRegistry::new(&mesh.url(), SERVICE_TOKEN)
+                    .expect("registry"),
+            );
+            kiln_inference::open(
+                &server,
+                &config,
+                &mut host,
+                source,
+                Some(kiln_inference::Scheduling {
+                    address: url.clone(),
+                    link,
+                }),
+            )
+            .await
+            .expect("open the node");
+            let authenticator = Arc::new(
+                kiln_core::auth_client::RemoteAuthenticator::new(&mesh.url(), SERVICE_TOKEN)
+                    .expect("authenticator"),
+            );
+            host.serve(real, authenticator)
+                .await
+                .expect("serve the node");
+            Self {
+                node_id: node_id.to_owned(),
+                url,
+                server: server_proxy,
+                scheduler: scheduler_proxy,
+                stop,
+                _data: data,
+            }
+        }
+
+        /// The node dies: its connections drop, it stops answering and reporting.
+        pub fn kill(&self) {
+            self.server.kill();
+            self.scheduler.kill();
+            let _ = self.stop.send(true);
+        }
+    }
+
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+}
+
+pub mod deployments {
+    //! Scheduler clients and waits for the suites.
+
+    use std::time::Duration;
+
+    use kiln_proto::scheduler::v1 as schv1;
+    use kiln_testkit::AuthedChannel;
+
+    pub type Deployments = schv1::deployment_service_client::DeploymentServiceClient<AuthedChannel>;
+    pub type Nodes = schv1::node_service_client::NodeServiceClient<AuthedChannel>;
+
+    pub fn deployments(ch: &AuthedChannel) -> Deployments {
+        schv1::deployment_service_client::DeploymentServiceClient::new(ch.clone())
+    }
+
+    pub fn nodes(ch: &AuthedChannel) -> Nodes {
+        schv1::node_service_client::NodeServiceClient::new(ch.clone())
+    }
+
+    pub async fn create(
+        ch: &AuthedChannel,
+        parent: &str,
+        id: &str,
+        deployment: schv1::Deployment,
+    ) -> Result<schv1::Deployment, tonic::Status> {
+        deployments(ch)
+            .create_deployment(schv1::CreateDeploymentRequest {
+                parent: parent.to_owned(),
+                deployment_id: id.to_owned(),
+                deployment: Some(deployment),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn get(ch: &AuthedChannel, name: &str) -> schv1::Deployment {
+        deployments(ch)
+            .get_deployment(schv1::GetDeploymentRequest {
+                name: name.to_owned(),
+            })
+            .await
+            .expect("get deployment")
+            .into_inner()
+    }
+
+    /// Waits until `check` holds for the deployment, and returns it.
+    pub async fn wait_until(
+        ch: &AuthedChannel,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&schv1::Deployment) -> bool,
+    ) -> schv1::Deployment {
+        let check = &check;
+        kiln_testkit::wait_for(timeout, what, || async move {
+            let d = get(ch, name).await;
+            check(&d).then_some(d)
+        })
+        .await
+    }
+
+    /// Waits until the deployment is READY with `ready` ready replicas.
+    pub async fn wait_ready(ch: &AuthedChannel, name: &str, ready: i32) -> schv1::Deployment {
+        wait_until(
+            ch,
+            name,
+            Duration::from_secs(120),
+            "the deployment to be ready",
+            |d| {
+                d.state == schv1::deployment::State::Ready as i32
+                    && d.replica_stats.as_ref().map(|s| s.ready_replica_count) == Some(ready)
+            },
+        )
+        .await
+    }
+
+    /// Deploys `model` (accounts/{a}/models/{m}) in its account with every default and waits
+    /// until it serves.
+    pub async fn deploy(ch: &AuthedChannel, model: &str) -> schv1::Deployment {
+        let account = model.split('/').nth(1).expect("a model name");
+        let created = create(
+            ch,
+            &format!("accounts/{account}"),
+            "",
+            schv1::Deployment {
+                base_model: model.to_owned(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create the deployment");
+        wait_ready(ch, &created.name, 1).await
+    }
+
+    /// The nodes holding the deployment's replicas (admin only).
+    pub async fn replica_nodes(admin: &AuthedChannel, deployment: &str) -> Vec<String> {
+        let listed = nodes(admin)
+            .list_nodes(schv1::ListNodesRequest::default())
+            .await
+            .expect("list nodes")
+            .into_inner();
+        let mut held: Vec<String> = listed
+            .nodes
+            .iter()
+            .filter(|n| n.replicas.iter().any(|r| r.deployment == deployment))
+            .map(|n| n.name.clone())
+            .collect();
+        held.sort();
+        held
+    }
+}

@@ -26,6 +26,8 @@ const MAX_CHOICES: usize = 16;
 /// A generation request, whichever API it came through.
 struct Job {
     model: Arc<LoadedModel>,
+    /// The deployed model and replica serving it (for usage).
+    route: Option<crate::node::RouteRef>,
     /// Token ids of each prompt.
     prompts: Vec<Vec<u32>>,
     /// Texts of each prompt (for `echo`).
@@ -200,6 +202,7 @@ impl Inference {
                     prompt_tokens: prompt as i64,
                     completion_tokens: completion as i64,
                     start_micros: start,
+                    route: job.route.clone(),
                     ..Default::default()
                 },
             )
@@ -304,6 +307,7 @@ impl Inference {
             prompts,
             prompt_texts: texts,
             model,
+            route: None,
         })
     }
 
@@ -358,17 +362,19 @@ impl Inference {
             prompts: vec![ids],
             prompt_texts: vec![prompt_text],
             model,
+            route: None,
         })
     }
 
     pub async fn create_completion(
         &self,
         caller: &Principal,
+        served: crate::node::Served,
         r: CreateCompletionRequest,
     ) -> Result<Completion> {
         let start = kiln_core::time::now_micros();
-        let model = self.engine.model(caller, "model", &r.model).await?;
-        let job = self.completion_job(model, &r)?;
+        let mut job = self.completion_job(served.model, &r)?;
+        job.route = served.route;
         let results = self.run_unary(&job).await?;
         let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
         let completion: usize = results.iter().map(|c| c.completion_tokens).sum();
@@ -406,11 +412,12 @@ impl Inference {
     pub async fn create_chat_completion(
         &self,
         caller: &Principal,
+        served: crate::node::Served,
         r: CreateChatCompletionRequest,
     ) -> Result<ChatCompletion> {
         let start = kiln_core::time::now_micros();
-        let model = self.engine.model(caller, "model", &r.model).await?;
-        let job = self.chat_job(model, &r)?;
+        let mut job = self.chat_job(served.model, &r)?;
+        job.route = served.route;
         let results = self.run_unary(&job).await?;
         let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
         let completion: usize = results.iter().map(|c| c.completion_tokens).sum();
@@ -503,11 +510,12 @@ impl Inference {
     pub async fn stream_completion(
         &self,
         caller: &Principal,
+        served: crate::node::Served,
         r: CreateCompletionRequest,
     ) -> Result<BoxStream<'static, Result<Completion, Status>>> {
         let start = kiln_core::time::now_micros();
-        let model = self.engine.model(caller, "model", &r.model).await?;
-        let job = self.completion_job(model, &r)?;
+        let mut job = self.completion_job(served.model, &r)?;
+        job.route = served.route;
         let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
         let created = start / 1_000_000;
         let piece = {
@@ -573,11 +581,12 @@ impl Inference {
     pub async fn stream_chat_completion(
         &self,
         caller: &Principal,
+        served: crate::node::Served,
         r: CreateChatCompletionRequest,
     ) -> Result<BoxStream<'static, Result<ChatCompletionChunk, Status>>> {
         let start = kiln_core::time::now_micros();
-        let model = self.engine.model(caller, "model", &r.model).await?;
-        let job = self.chat_job(model, &r)?;
+        let mut job = self.chat_job(served.model, &r)?;
+        job.route = served.route;
         let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
         let created = start / 1_000_000;
         let chunk = {

@@ -41,6 +41,47 @@ pub struct InferenceConfig {
     pub models: Vec<ModelConfig>,
     /// Models loaded at start (names), so the first request does not wait for a load.
     pub preload: Vec<String>,
+    /// The scheduler this node registers with (a node on its own, e.g.
+    /// `http://scheduler:7403`; `kiln dev` registers its node in process). Empty: no
+    /// scheduler, and requests name models directly.
+    pub scheduler_url: String,
+    /// The node's ID at the scheduler; empty: the host name.
+    pub node_id: String,
+    /// Where other nodes reach this node's gRPC server; empty: `http://` + the listen address.
+    pub advertise_url: String,
+    /// What the node offers the scheduler. Empty: its CPU, as `cpu_slots_per_core` replica
+    /// slots per core and its RAM. GPUs are declared here (type, count, memory per device).
+    pub accelerators: Vec<AcceleratorConfig>,
+    /// CPU replicas share cores: the slots a CPU node offers per core.
+    pub cpu_slots_per_core: u32,
+    /// Labels the node reports (shown by `kiln list nodes`).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// How long a request waits for a deployment with no ready replica (scaled to zero, or
+    /// starting) before UNAVAILABLE.
+    pub cold_start_timeout_ms: u64,
+    /// Requests that may wait so per deployment; more are refused (RESOURCE_EXHAUSTED).
+    pub max_waiting_requests: usize,
+}
+
+/// A group of identical accelerators a node declares.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AcceleratorConfig {
+    /// An accelerator type name: NVIDIA_A100_80GB, NVIDIA_H100_80GB, NVIDIA_H200_141GB,
+    /// AMD_MI300X_192GB or CPU.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub count: i32,
+    /// Memory per device; 0: the type's own (80 GiB for an H100…; for CPU, the host's RAM).
+    pub memory_bytes: i64,
+}
+
+impl AcceleratorConfig {
+    /// The proto value of `kind`.
+    pub fn parsed_kind(&self) -> Option<kiln_proto::common::v1::AcceleratorType> {
+        kiln_proto::common::v1::AcceleratorType::from_str_name(&self.kind.to_ascii_uppercase())
+            .filter(|k| *k != kiln_proto::common::v1::AcceleratorType::Unspecified)
+    }
 }
 
 /// Dynamic batching: the requests waiting for a model run in one forward pass of up to
@@ -96,6 +137,14 @@ impl Default for InferenceConfig {
             max_kv_tokens: 65536,
             models: Vec::new(),
             preload: Vec::new(),
+            scheduler_url: String::new(),
+            node_id: String::new(),
+            advertise_url: String::new(),
+            accelerators: Vec::new(),
+            cpu_slots_per_core: 4,
+            labels: Default::default(),
+            cold_start_timeout_ms: 300_000,
+            max_waiting_requests: 256,
         }
     }
 }
@@ -184,6 +233,46 @@ impl Validate for InferenceConfig {
             return Err(ConfigError::invalid(
                 "inference.queue_capacity",
                 "must be positive",
+            ));
+        }
+        for (i, a) in self.accelerators.iter().enumerate() {
+            if a.parsed_kind().is_none() {
+                return Err(ConfigError::invalid(
+                    format!("inference.accelerators[{i}].type"),
+                    format!(
+                        "must be NVIDIA_A100_80GB, NVIDIA_H100_80GB, NVIDIA_H200_141GB, AMD_MI300X_192GB or CPU, got {:?}",
+                        a.kind
+                    ),
+                ));
+            }
+            if a.count < 1 || a.memory_bytes < 0 {
+                return Err(ConfigError::invalid(
+                    format!("inference.accelerators[{i}]"),
+                    "count must be at least 1 and memory_bytes not negative",
+                ));
+            }
+        }
+        if !self.node_id.is_empty() && kiln_core::names::id_problem(&self.node_id).is_some() {
+            return Err(ConfigError::invalid(
+                "inference.node_id",
+                "must be 1-63 of a-z, 0-9 and '-', not starting or ending with '-'",
+            ));
+        }
+        for (field, url) in [
+            ("inference.scheduler_url", &self.scheduler_url),
+            ("inference.advertise_url", &self.advertise_url),
+        ] {
+            if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("must be an http:// or https:// URL, got {url:?}"),
+                ));
+            }
+        }
+        if self.cpu_slots_per_core == 0 {
+            return Err(ConfigError::invalid(
+                "inference.cpu_slots_per_core",
+                "must be at least 1",
             ));
         }
         for (i, model) in self.models.iter().enumerate() {

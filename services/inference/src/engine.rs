@@ -164,6 +164,10 @@ impl Engine {
         &self.backends
     }
 
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     /// The model a request names, loaded, if `caller` may use it. `field` names the request
     /// field in errors.
     pub async fn model(

@@ -11,6 +11,7 @@ pub mod embeddings;
 pub mod engine;
 pub mod error;
 pub mod generation;
+pub mod node;
 pub mod oip;
 pub mod runner;
 pub mod service;
@@ -33,13 +34,22 @@ pub const SERVICE: &str = "inference";
 /// The node's database: only the outbox of its usage events.
 const MIGRATIONS: &[kiln_store::Migration] = &[kiln_events::outbox::MIGRATION];
 
+/// How a node works with the scheduler: the address other nodes reach it at, and its link.
+pub struct Scheduling {
+    pub address: String,
+    pub link: Arc<dyn node::SchedulerLink>,
+}
+
 /// Opens the node's database, engine and usage recorder, starts its outbox relay on the
-/// host's bus and adds its gRPC services to the host. Models come from `source`.
+/// host's bus and adds its gRPC services to the host. Models come from `source`. With
+/// `scheduling`, the node registers with the scheduler and serves what it assigns; without,
+/// requests name models and are served directly.
 pub async fn open(
     server: &ServerConfig,
     config: &config::InferenceConfig,
     host: &mut Host,
     source: Arc<dyn source::ModelSource>,
+    scheduling: Option<Scheduling>,
 ) -> Result<Inference> {
     std::fs::create_dir_all(&server.data_dir).map_err(|e| {
         Error::Startup(format!(
@@ -77,8 +87,21 @@ pub async fn open(
         backends,
         source,
     )?);
-    let usage = usage::UsageRecorder::start(db, outbox, "local", accelerator);
-    let inference = Inference { engine, usage };
+    let node = scheduling.map(|s| {
+        let node = node::Node::new(engine.clone(), config, s.address);
+        host.track(node.spawn_agent(s.link, host.shutdown.clone()));
+        node
+    });
+    let node_name = node
+        .as_ref()
+        .map(|n| n.name.trim_start_matches("nodes/").to_owned())
+        .unwrap_or_else(|| "local".to_owned());
+    let usage = usage::UsageRecorder::start(db, outbox, &node_name, accelerator);
+    let inference = Inference {
+        engine,
+        usage,
+        node,
+    };
     add_services(&inference, &mut host.services);
     Ok(inference)
 }
@@ -130,7 +153,25 @@ pub async fn serve_until(
     let token = config.server.service_token.as_deref().unwrap_or_default();
     let registry_url = config.server.registry_url.as_deref().unwrap_or_default();
     let source = Arc::new(source::RemoteRegistry::new(registry_url, token)?);
-    let inference = open(&config.server, &config.inference, &mut host, source).await?;
+    let scheduling = if config.inference.scheduler_url.is_empty() {
+        None
+    } else {
+        Some(Scheduling {
+            address: advertise_address(&config.server, &config.inference),
+            link: Arc::new(node::RemoteScheduler::new(
+                &config.inference.scheduler_url,
+                token,
+            )?),
+        })
+    };
+    let inference = open(
+        &config.server,
+        &config.inference,
+        &mut host,
+        source,
+        scheduling,
+    )
+    .await?;
     preload(&inference, config.inference.preload.clone());
     let identity_url = config.server.identity_url.as_deref().unwrap_or_default();
     let authenticator = Arc::new(kiln_core::auth_client::RemoteAuthenticator::new(
@@ -142,4 +183,17 @@ pub async fn serve_until(
     })
     .await
     .map_err(anyhow::Error::msg)
+}
+
+/// Where other nodes reach this one: `advertise_url`, else `http://` + the listen address
+/// (an unspecified listen IP is replaced by the loopback one).
+pub fn advertise_address(server: &ServerConfig, config: &config::InferenceConfig) -> String {
+    if !config.advertise_url.is_empty() {
+        return config.advertise_url.clone();
+    }
+    let mut addr = server.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
 }

@@ -13,9 +13,11 @@ use tonic::{Request, Response};
 use crate::backend::TensorInfo;
 use crate::engine::LoadedModel;
 use crate::error::Result;
+use crate::node::{Target, forward, peer_status};
 use crate::service::{Inference, Reply, caller};
 use crate::tensor::{DataType, Tensor, TensorData};
 use crate::usage::Usage;
+use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 /// The one version every model has.
 const VERSION: &str = "1";
@@ -24,14 +26,12 @@ impl Inference {
     pub async fn model_infer(
         &self,
         caller: &Principal,
+        served: crate::node::Served,
         request: ModelInferRequest,
     ) -> Result<ModelInferResponse> {
         let start_micros = kiln_core::time::now_micros();
         check_version("model_version", &request.model_version)?;
-        let model = self
-            .engine
-            .model(caller, "model_name", &request.model_name)
-            .await?;
+        let model = served.model;
         let inputs = decode_inputs(&model, &request)?;
         let wanted = requested_outputs(&model, &request)?;
         let outputs = model.run(inputs, false).await?;
@@ -67,6 +67,7 @@ impl Inference {
                     model: model.name.clone(),
                     api: "model_infer",
                     start_micros,
+                    route: served.route,
                     ..Default::default()
                 },
             )
@@ -313,7 +314,11 @@ impl grpc_inference_service_server::GrpcInferenceService for Inference {
         let p = caller(&request)?;
         let r = request.into_inner();
         check_version("version", &r.version)?;
-        let ready = self.engine.model(&p, "name", &r.name).await.is_ok();
+        let ready = match &self.node {
+            // Ready when some replica serves it now (asking does not start one).
+            Some(node) => node.is_ready(&p, &r.name),
+            None => self.engine.model(&p, "name", &r.name).await.is_ok(),
+        };
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -333,9 +338,18 @@ impl grpc_inference_service_server::GrpcInferenceService for Inference {
         request: Request<ModelMetadataRequest>,
     ) -> Reply<ModelMetadataResponse> {
         let p = caller(&request)?;
+        check_version("version", &request.get_ref().version)?;
+        let name = request.get_ref().name.clone();
+        let model = match self.target(&request, &p, "name", &name).await? {
+            Target::Remote(channel, _guard) => {
+                return GrpcInferenceServiceClient::new(channel)
+                    .model_metadata(forward(request))
+                    .await
+                    .map_err(peer_status);
+            }
+            Target::Local(served) => served.model,
+        };
         let r = request.into_inner();
-        check_version("version", &r.version)?;
-        let model = self.engine.model(&p, "name", &r.name).await?;
         Ok(Response::new(ModelMetadataResponse {
             name: r.name,
             versions: vec![VERSION.into()],
@@ -347,8 +361,15 @@ impl grpc_inference_service_server::GrpcInferenceService for Inference {
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Reply<ModelInferResponse> {
         let p = caller(&request)?;
-        Ok(Response::new(
-            self.model_infer(&p, request.into_inner()).await?,
-        ))
+        let name = request.get_ref().model_name.clone();
+        match self.target(&request, &p, "model_name", &name).await? {
+            Target::Remote(channel, _guard) => GrpcInferenceServiceClient::new(channel)
+                .model_infer(forward(request))
+                .await
+                .map_err(peer_status),
+            Target::Local(served) => Ok(Response::new(
+                self.model_infer(&p, served, request.into_inner()).await?,
+            )),
+        }
     }
 }

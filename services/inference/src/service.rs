@@ -11,13 +11,19 @@ use tonic::{Request, Response, Status};
 use crate::embeddings;
 use crate::engine::{Engine, LoadedModel, Task};
 use crate::error::Result;
+use crate::node::{Node, Served, Target, forward, is_forwarded, peer_status};
 use crate::usage::{Usage, UsageRecorder};
+use futures::StreamExt;
+use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
 
 /// The service state every handler shares.
 #[derive(Clone)]
 pub struct Inference {
     pub engine: Arc<Engine>,
     pub usage: UsageRecorder,
+    /// The node's agent and router when it works with a scheduler; None: requests name
+    /// models, served directly.
+    pub node: Option<Arc<Node>>,
 }
 
 pub(crate) type Reply<T> = Result<Response<T>, Status>;
@@ -27,16 +33,38 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
 }
 
 impl Inference {
+    /// Where the model a request names is served: here, or on another node.
+    pub(crate) async fn target<T>(
+        &self,
+        request: &Request<T>,
+        caller: &Principal,
+        field: &str,
+        name: &str,
+    ) -> Result<Target> {
+        match &self.node {
+            Some(node) => {
+                node.target(caller, field, name, is_forwarded(request))
+                    .await
+            }
+            None => Ok(Target::Local(Served {
+                model: self.engine.model(caller, field, name).await?,
+                route: None,
+                in_flight: None,
+            })),
+        }
+    }
+
     pub async fn create_embeddings(
         &self,
         caller: &Principal,
+        served: Served,
         request: CreateEmbeddingsRequest,
     ) -> Result<CreateEmbeddingsResponse> {
         let start_micros = kiln_core::time::now_micros();
         if request.input.is_empty() {
             return Err(ApiError::invalid("input", "must hold at least one text").into());
         }
-        let model = self.engine.model(caller, "model", &request.model).await?;
+        let model = served.model;
         expect_task(&model, Task::Embedding, "CreateEmbeddings")?;
         let dimensions = match request.dimensions {
             None => None,
@@ -85,6 +113,7 @@ impl Inference {
                     prompt_tokens: tokens as i64,
                     embedding_input_tokens: tokens as i64,
                     start_micros,
+                    route: served.route,
                     ..Default::default()
                 },
             )
@@ -119,6 +148,19 @@ fn expect_task(model: &LoadedModel, task: Task, rpc: &str) -> Result<()> {
     .into())
 }
 
+/// Keeps `guard` alive until the stream ends or its client leaves.
+fn holding<T: Send + 'static>(
+    stream: futures::stream::BoxStream<'static, Result<T, Status>>,
+    guard: Option<crate::node::InFlight>,
+) -> futures::stream::BoxStream<'static, Result<T, Status>> {
+    stream
+        .map(move |item| {
+            let _ = &guard;
+            item
+        })
+        .boxed()
+}
+
 #[tonic::async_trait]
 impl inference_service_server::InferenceService for Inference {
     async fn create_completion(
@@ -126,9 +168,17 @@ impl inference_service_server::InferenceService for Inference {
         request: Request<CreateCompletionRequest>,
     ) -> Reply<Completion> {
         let p = caller(&request)?;
-        Ok(Response::new(
-            self.create_completion(&p, request.into_inner()).await?,
-        ))
+        let model = request.get_ref().model.clone();
+        match self.target(&request, &p, "model", &model).await? {
+            Target::Remote(channel, _guard) => InferenceServiceClient::new(channel)
+                .create_completion(forward(request))
+                .await
+                .map_err(peer_status),
+            Target::Local(served) => Ok(Response::new(
+                self.create_completion(&p, served, request.into_inner())
+                    .await?,
+            )),
+        }
     }
 
     type StreamCompletionStream = futures::stream::BoxStream<'static, Result<Completion, Status>>;
@@ -138,9 +188,25 @@ impl inference_service_server::InferenceService for Inference {
         request: Request<CreateCompletionRequest>,
     ) -> Reply<Self::StreamCompletionStream> {
         let p = caller(&request)?;
-        Ok(Response::new(
-            self.stream_completion(&p, request.into_inner()).await?,
-        ))
+        let model = request.get_ref().model.clone();
+        match self.target(&request, &p, "model", &model).await? {
+            Target::Remote(channel, guard) => {
+                let stream = InferenceServiceClient::new(channel)
+                    .stream_completion(forward(request))
+                    .await
+                    .map_err(peer_status)?
+                    .into_inner()
+                    .map(|item| item.map_err(peer_status));
+                Ok(Response::new(holding(stream.boxed(), Some(guard))))
+            }
+            Target::Local(mut served) => {
+                let guard = served.in_flight.take();
+                let stream = self
+                    .stream_completion(&p, served, request.into_inner())
+                    .await?;
+                Ok(Response::new(holding(stream, guard)))
+            }
+        }
     }
 
     async fn create_chat_completion(
@@ -148,10 +214,17 @@ impl inference_service_server::InferenceService for Inference {
         request: Request<CreateChatCompletionRequest>,
     ) -> Reply<ChatCompletion> {
         let p = caller(&request)?;
-        Ok(Response::new(
-            self.create_chat_completion(&p, request.into_inner())
-                .await?,
-        ))
+        let model = request.get_ref().model.clone();
+        match self.target(&request, &p, "model", &model).await? {
+            Target::Remote(channel, _guard) => InferenceServiceClient::new(channel)
+                .create_chat_completion(forward(request))
+                .await
+                .map_err(peer_status),
+            Target::Local(served) => Ok(Response::new(
+                self.create_chat_completion(&p, served, request.into_inner())
+                    .await?,
+            )),
+        }
     }
 
     type StreamChatCompletionStream =
@@ -162,10 +235,25 @@ impl inference_service_server::InferenceService for Inference {
         request: Request<CreateChatCompletionRequest>,
     ) -> Reply<Self::StreamChatCompletionStream> {
         let p = caller(&request)?;
-        Ok(Response::new(
-            self.stream_chat_completion(&p, request.into_inner())
-                .await?,
-        ))
+        let model = request.get_ref().model.clone();
+        match self.target(&request, &p, "model", &model).await? {
+            Target::Remote(channel, guard) => {
+                let stream = InferenceServiceClient::new(channel)
+                    .stream_chat_completion(forward(request))
+                    .await
+                    .map_err(peer_status)?
+                    .into_inner()
+                    .map(|item| item.map_err(peer_status));
+                Ok(Response::new(holding(stream.boxed(), Some(guard))))
+            }
+            Target::Local(mut served) => {
+                let guard = served.in_flight.take();
+                let stream = self
+                    .stream_chat_completion(&p, served, request.into_inner())
+                    .await?;
+                Ok(Response::new(holding(stream, guard)))
+            }
+        }
     }
 
     async fn create_embeddings(
@@ -173,8 +261,16 @@ impl inference_service_server::InferenceService for Inference {
         request: Request<CreateEmbeddingsRequest>,
     ) -> Reply<CreateEmbeddingsResponse> {
         let p = caller(&request)?;
-        Ok(Response::new(
-            self.create_embeddings(&p, request.into_inner()).await?,
-        ))
+        let model = request.get_ref().model.clone();
+        match self.target(&request, &p, "model", &model).await? {
+            Target::Remote(channel, _guard) => InferenceServiceClient::new(channel)
+                .create_embeddings(forward(request))
+                .await
+                .map_err(peer_status),
+            Target::Local(served) => Ok(Response::new(
+                self.create_embeddings(&p, served, request.into_inner())
+                    .await?,
+            )),
+        }
     }
 }

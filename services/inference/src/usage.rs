@@ -31,6 +31,8 @@ pub struct Usage {
     pub embedding_input_tokens: i64,
     /// When the request arrived (Unix microseconds).
     pub start_micros: i64,
+    /// The deployed model and replica that served it (none on a node without a scheduler).
+    pub route: Option<crate::node::RouteRef>,
 }
 
 type Pending = (
@@ -77,12 +79,20 @@ impl UsageRecorder {
 
     /// Records `usage` for `caller`; returns once it is durably in the outbox.
     pub async fn record(&self, caller: &Principal, usage: Usage) -> Result<()> {
+        let route = usage.route.unwrap_or_default();
         let body = UsageRecorded {
             request_id: usage.request_id.clone(),
+            deployed_model: route.deployed_model,
+            deployment: route.deployment,
+            replica: route.replica,
             account: format!("accounts/{}", caller.account),
             api_key: caller.api_key.clone(),
             model: usage.model.clone(),
-            deployment_type: DeploymentType::Serverless as i32,
+            deployment_type: if route.deployment_type == 0 {
+                DeploymentType::Serverless as i32
+            } else {
+                route.deployment_type
+            },
             api: usage.api.to_owned(),
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,

@@ -85,6 +85,12 @@ pub enum Command {
     /// Delete a resource.
     #[command(subcommand)]
     Delete(DeleteCommand),
+    /// Restore a soft-deleted resource.
+    #[command(subcommand)]
+    Undelete(crate::scheduler_cli::UndeleteCommand),
+    /// Set a resource's replica count.
+    #[command(subcommand)]
+    Scale(crate::scheduler_cli::ScaleCommand),
     /// Download a model's files or a dataset.
     #[command(subcommand)]
     Download(crate::registry_cli::DownloadCommand),
@@ -124,6 +130,10 @@ pub enum CreateCommand {
     Model(crate::registry_cli::CreateModelArgs),
     /// Create a dataset and upload its JSONL file.
     Dataset(crate::registry_cli::CreateDatasetArgs),
+    /// Create a deployment: replicas serving a base model (--wait: until it is READY).
+    Deployment(Box<crate::scheduler_cli::CreateDeploymentArgs>),
+    /// Deploy a model (the base model or a LoRA addon of it) onto a deployment.
+    DeployedModel(crate::scheduler_cli::CreateDeployedModelArgs),
     /// Create an account (platform admin). Without an ID, a developer account whose ID is
     /// derived from --email.
     Account {
@@ -171,6 +181,10 @@ pub enum GetCommand {
     Model { model: String },
     /// Show a dataset.
     Dataset { dataset: String },
+    /// Show a deployment (an ID in the account, or a full name).
+    Deployment { deployment: String },
+    /// Show a deployed model (an ID in the account, or a full name).
+    DeployedModel { deployed_model: String },
     /// Show an account (default: the current one).
     Account { account_id: Option<String> },
     /// Show a user.
@@ -183,6 +197,12 @@ pub enum ListCommand {
     Models(ListArgs),
     /// List the account's datasets.
     Datasets(ListArgs),
+    /// List the account's deployments.
+    Deployments(crate::scheduler_cli::ListDeploymentsArgs),
+    /// List the account's deployed models.
+    DeployedModels(ListArgs),
+    /// List the inference nodes (platform admin).
+    Nodes(ListArgs),
     /// List the accounts the key can see.
     Accounts(ListArgs),
     /// List the account's users.
@@ -226,6 +246,8 @@ pub enum UpdateCommand {
         #[arg(long)]
         display_name: Option<String>,
     },
+    /// Change a deployment (the update mask holds exactly the flags given).
+    Deployment(crate::scheduler_cli::UpdateDeploymentArgs),
     Account {
         account_id: Option<String>,
         #[arg(long)]
@@ -254,6 +276,11 @@ pub enum DeleteCommand {
     },
     Dataset {
         dataset: String,
+    },
+    /// Delete a deployment (soft: `kiln undelete deployment` restores it; --hard: for good).
+    Deployment(crate::scheduler_cli::DeleteDeploymentArgs),
+    DeployedModel {
+        deployed_model: String,
     },
     Account {
         account_id: String,
@@ -886,6 +913,40 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
             crate::registry_cli::delete_dataset(&client, &dataset).await?
         }
         Command::Download(command) => crate::registry_cli::download(&client, command).await?,
+        Command::Create(CreateCommand::Deployment(args)) => {
+            crate::scheduler_cli::create_deployment(&client, format, *args).await?
+        }
+        Command::Create(CreateCommand::DeployedModel(args)) => {
+            crate::scheduler_cli::create_deployed_model(&client, format, args).await?
+        }
+        Command::Get(GetCommand::Deployment { deployment }) => {
+            crate::scheduler_cli::get_deployment(&client, format, &deployment).await?
+        }
+        Command::Get(GetCommand::DeployedModel { deployed_model }) => {
+            crate::scheduler_cli::get_deployed_model(&client, format, &deployed_model).await?
+        }
+        Command::List(ListCommand::Deployments(args)) => {
+            crate::scheduler_cli::list_deployments(&client, format, args).await?
+        }
+        Command::List(ListCommand::DeployedModels(list)) => {
+            crate::scheduler_cli::list_deployed_models(&client, format, list).await?
+        }
+        Command::List(ListCommand::Nodes(list)) => {
+            crate::scheduler_cli::list_nodes(&client, format, list).await?
+        }
+        Command::Update(UpdateCommand::Deployment(args)) => {
+            crate::scheduler_cli::update_deployment(&client, format, args).await?
+        }
+        Command::Delete(DeleteCommand::Deployment(args)) => {
+            crate::scheduler_cli::delete_deployment(&client, args).await?
+        }
+        Command::Delete(DeleteCommand::DeployedModel { deployed_model }) => {
+            crate::scheduler_cli::delete_deployed_model(&client, &deployed_model).await?
+        }
+        Command::Undelete(command) => {
+            crate::scheduler_cli::undelete(&client, format, command).await?
+        }
+        Command::Scale(command) => crate::scheduler_cli::scale(&client, format, command).await?,
         Command::Chat(args) => crate::inference_cli::chat(&client, args).await?,
         Command::Embed(args) => crate::inference_cli::embed(&client, format, args).await?,
         Command::Dev(_) | Command::Serve(_) => {

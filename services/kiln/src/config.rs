@@ -4,6 +4,7 @@ use kiln_core::config::{ConfigError, Load, ServerConfig, section};
 use kiln_identity::config::IdentityConfig;
 use kiln_inference::config::InferenceConfig;
 use kiln_registry::config::RegistryConfig;
+use kiln_scheduler::config::SchedulerConfig;
 
 /// The top level (shared server settings) and one section per service.
 #[derive(Debug, Clone, Default)]
@@ -12,6 +13,7 @@ pub struct KilnConfig {
     pub identity: IdentityConfig,
     pub registry: RegistryConfig,
     pub inference: InferenceConfig,
+    pub scheduler: SchedulerConfig,
     /// Import the public library from the asset cache at start (`kiln dev` does).
     pub import_library: bool,
 }
@@ -23,6 +25,7 @@ impl Load for KilnConfig {
             identity: section(figment, Some("identity"))?,
             registry: section(figment, Some("registry"))?,
             inference: section(figment, Some("inference"))?,
+            scheduler: section(figment, Some("scheduler"))?,
             import_library: false,
         })
     }

@@ -7,3 +7,4 @@ pub mod inference_cli;
 pub mod mesh;
 pub mod output;
 pub mod registry_cli;
+pub mod scheduler_cli;

@@ -139,8 +139,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )?;
             kiln_inference::serve_until(&inference, stop_signal()).await
         }
+        "scheduler" => {
+            let scheduler = <kiln_scheduler::config::Config as kiln_core::config::Load>::load(
+                args.config.as_deref(),
+            )?;
+            kiln_scheduler::serve_until(&scheduler, stop_signal()).await
+        }
         other => {
-            anyhow::bail!("unknown service {other:?}; services: identity, registry, inference")
+            anyhow::bail!(
+                "unknown service {other:?}; services: identity, registry, scheduler, inference"
+            )
         }
     }
 }

@@ -46,6 +46,65 @@ impl kiln_inference::source::ModelSource for LocalRegistry {
     }
 }
 
+/// The registry in the same process, as the scheduler's model catalog.
+struct LocalCatalog(kiln_registry::Registry);
+
+#[async_trait::async_trait]
+impl kiln_scheduler::catalog::ModelCatalog for LocalCatalog {
+    async fn get_model(&self, name: &str) -> kiln_scheduler::Result<Model> {
+        self.0
+            .get_model(&Principal::service(), name)
+            .await
+            .map_err(|e| kiln_scheduler::Error::Remote(e.into()))
+    }
+}
+
+/// The scheduler in the same process, as the local node's link.
+struct LocalScheduler(kiln_scheduler::Scheduler);
+
+#[async_trait::async_trait]
+impl kiln_inference::node::SchedulerLink for LocalScheduler {
+    async fn open(
+        &self,
+        outbound: tokio::sync::mpsc::Receiver<kiln_proto::scheduler::v1::NodeMessage>,
+    ) -> kiln_inference::Result<kiln_inference::node::SchedulerStream> {
+        use futures::StreamExt;
+        let outbound = tokio_stream::wrappers::ReceiverStream::new(outbound).map(Ok);
+        self.0
+            .connect(&Principal::service(), outbound.boxed())
+            .await
+            .map_err(|e| kiln_inference::Error::Remote(e.into()))
+    }
+}
+
+/// Puts each public model of the library on a shared serverless deployment (once: later
+/// starts find them there).
+async fn serve_library(scheduler: &kiln_scheduler::Scheduler, models: &[&str]) {
+    for model in models {
+        let id = model.rsplit('/').next().unwrap_or_default().to_owned();
+        let deployment = kiln_proto::scheduler::v1::Deployment {
+            base_model: (*model).to_owned(),
+            min_replica_count: 1,
+            ..Default::default()
+        };
+        match scheduler
+            .create_deployment(
+                &Principal::service(),
+                &format!("accounts/{}", kiln_core::names::SYSTEM_ACCOUNT),
+                id,
+                deployment,
+                false,
+                false,
+            )
+            .await
+        {
+            Ok(d) => tracing::info!(deployment = %d.name, "serverless deployment created"),
+            Err(kiln_scheduler::Error::Api(kiln_core::Error::AlreadyExists { .. })) => {}
+            Err(err) => tracing::warn!(model, %err, "cannot deploy the library model"),
+        }
+    }
+}
+
 /// A running mesh.
 pub struct Mesh {
     pub addr: SocketAddr,
@@ -72,6 +131,13 @@ impl Mesh {
         let (identity, new_admin_key) =
             kiln_identity::open(&config.server, &config.identity, &mut host).await?;
         let registry = kiln_registry::open(&config.server, &config.registry, &mut host).await?;
+        let scheduler = kiln_scheduler::open(
+            &config.server,
+            &config.scheduler,
+            &mut host,
+            Arc::new(LocalCatalog(registry.clone())),
+        )
+        .await?;
         let mut inference_config = config.inference.clone();
         if inference_config.ort_dylib_path.is_empty()
             && std::env::var_os("ORT_DYLIB_PATH").is_none()
@@ -88,16 +154,23 @@ impl Mesh {
             &inference_config,
             &mut host,
             Arc::new(LocalRegistry(registry.clone())),
+            Some(kiln_inference::Scheduling {
+                address: match inference_config.advertise_url.as_str() {
+                    "" => format!("http://{}", listener.local_addr()?),
+                    url => url.to_owned(),
+                },
+                link: Arc::new(LocalScheduler(scheduler.clone())),
+            }),
         )
         .await?;
         if config.import_library {
             // In the background: the server answers while the library's files copy in; then
-            // the local worker loads the public models the library holds, so they answer at
-            // once.
+            // the public models the library holds go on serverless deployments, which the
+            // local node serves.
             tokio::spawn(async move {
                 match registry.import_library().await {
                     Ok(_) => {
-                        let mut preload = Vec::new();
+                        let mut present = Vec::new();
                         for name in [
                             kiln_registry::library::EMBEDDING_MODEL,
                             kiln_registry::library::CHAT_MODEL,
@@ -107,18 +180,16 @@ impl Mesh {
                                 .await
                                 .is_ok()
                             {
-                                preload.push(name.to_owned());
+                                present.push(name);
                             }
                         }
-                        preload.extend(inference_config.preload);
-                        kiln_inference::preload(&inference, preload);
+                        serve_library(&scheduler, &present).await;
                     }
                     Err(err) => tracing::warn!(%err, "importing the public library failed"),
                 }
             });
-        } else {
-            kiln_inference::preload(&inference, inference_config.preload);
         }
+        kiln_inference::preload(&inference, inference_config.preload);
         // A mesh that is told where identity lives delegates key checks to it (a replica of
         // a larger deployment); otherwise its own identity answers from its tables.
         let authenticator: Arc<dyn kiln_core::auth::Authenticator> =

@@ -437,7 +437,41 @@ async fn models_and_datasets_through_the_cli() {
     ])
     .await;
     assert!(ok && out.contains("accounts/acme/models/minilm"), "{out}");
-    // The uploaded model embeds (on tract: this kiln dev has no ONNX Runtime library).
+    // Deployed first (one CPU replica on the dev node), then it embeds (on tract: this kiln
+    // dev has no ONNX Runtime library).
+    let (ok, out, err) = run(vec![
+        "--account".into(),
+        "acme".into(),
+        "create".into(),
+        "deployment".into(),
+        "minilm".into(),
+        "--deployment-id".into(),
+        "embedder".into(),
+        "--wait".into(),
+        "-o".into(),
+        "json".into(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let deployment: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(deployment["state"], "READY", "{out}");
+    assert_eq!(deployment["accelerator_type"], "CPU", "{out}");
+    let (ok, out, err) = run(vec!["list".into(), "nodes".into()]).await;
+    assert!(
+        ok && out.contains("READY") && out.contains("CPU"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = run(vec![
+        "--account".into(),
+        "acme".into(),
+        "list".into(),
+        "deployments".into(),
+    ])
+    .await;
+    assert!(
+        ok && out.contains("accounts/acme/deployments/embedder"),
+        "{out}{err}"
+    );
     let (ok, out, err) = run(vec![
         "--account".into(),
         "acme".into(),
@@ -453,7 +487,8 @@ async fn models_and_datasets_through_the_cli() {
         2,
         "two 384-dimension rows: {out}"
     );
-    let (ok, out, _) = run(vec![
+    // A deployed model cannot be deleted; once its deployment is gone, it can.
+    let (ok, _, err) = run(vec![
         "--account".into(),
         "acme".into(),
         "delete".into(),
@@ -461,5 +496,35 @@ async fn models_and_datasets_through_the_cli() {
         "minilm".into(),
     ])
     .await;
-    assert!(ok && out.contains("deleted"), "{out}");
+    assert!(!ok && err.contains("is deployed"), "{err}");
+    let (ok, _, err) = run(vec![
+        "--account".into(),
+        "acme".into(),
+        "delete".into(),
+        "deployment".into(),
+        "embedder".into(),
+        "--hard".into(),
+        // The replica's last heartbeat may still count the embed above as in flight.
+        "--ignore-checks".into(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    // The registry learns of the undeploy from the scheduler's event.
+    let out = kiln_testkit::wait_for(
+        std::time::Duration::from_secs(20),
+        "the model to be deletable",
+        || async {
+            let (ok, out, _) = run(vec![
+                "--account".into(),
+                "acme".into(),
+                "delete".into(),
+                "model".into(),
+                "minilm".into(),
+            ])
+            .await;
+            ok.then_some(out)
+        },
+    )
+    .await;
+    assert!(out.contains("deleted"), "{out}");
 }

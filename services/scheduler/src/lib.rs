@@ -38,7 +38,14 @@ pub async fn open(
     })?;
     let db = kiln_store::connect(&server.database_url_for(service::SERVICE)).await?;
     kiln_store::migrate(&db, service::SERVICE, db::MIGRATIONS).await?;
-    let scheduler = Scheduler::new(db.clone(), host.pages.clone(), config.clone(), catalog).await?;
+    let scheduler = Scheduler::new(
+        db.clone(),
+        host.pages.clone(),
+        config.clone(),
+        catalog,
+        host.shutdown.clone(),
+    )
+    .await?;
     host.track(
         scheduler
             .outbox()

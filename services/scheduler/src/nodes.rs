@@ -57,6 +57,7 @@ impl Scheduler {
         let (session, name, sender, receiver) = self.register(register).await?;
         let scheduler = self.clone();
         let mut routes = self.routes();
+        let mut shutdown = self.shutdown();
         tokio::spawn(async move {
             // The current table first, then every change.
             let mut routes_open = true;
@@ -68,6 +69,7 @@ impl Scheduler {
                 .await;
             let reason = loop {
                 tokio::select! {
+                    _ = shutdown.changed() => break "the scheduler is stopping".to_owned(),
                     message = inbound.next() => match message {
                         Some(Ok(message)) => scheduler.node_message(&name, session, message).await,
                         Some(Err(status)) => break format!("stream error: {}", status.message()),

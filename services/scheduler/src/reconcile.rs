@@ -662,6 +662,11 @@ impl Scheduler {
         entry.replica.state = to as i32;
         entry.replica.update_time = Some(now());
         if to == replica::State::Ready && entry.replica.ready_time.is_none() {
+            // Idle time (for scale-to-zero) counts from when the replica could serve.
+            if let Some(d) = state.deployments.get_mut(&entry.replica.deployment) {
+                d.last_activity = Instant::now();
+            }
+            let entry = state.replicas.get_mut(name).expect("present");
             let r = &mut entry.replica;
             r.ready_time = r.update_time;
             let account = account_of(&r.deployment);

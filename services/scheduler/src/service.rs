@@ -44,6 +44,8 @@ struct Inner {
     state: Mutex<State>,
     wake: Notify,
     routes: watch::Sender<Arc<RoutingTable>>,
+    /// Node streams end when it changes, so a server stops without waiting on them.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// Everything the reconcile pass decides from. One lock: passes and API changes take turns.
@@ -128,6 +130,7 @@ impl Scheduler {
         pages: PageTokens,
         config: SchedulerConfig,
         catalog: Arc<dyn ModelCatalog>,
+        shutdown: watch::Receiver<bool>,
     ) -> Result<Self> {
         let mut state = State::default();
         for row in deployment_rows::Entity::find().all(&db).await? {
@@ -152,6 +155,7 @@ impl Scheduler {
                 state: Mutex::new(state),
                 wake: Notify::new(),
                 routes,
+                shutdown,
             }),
         })
     }
@@ -187,6 +191,10 @@ impl Scheduler {
 
     pub(crate) async fn woken(&self) {
         self.inner.wake.notified().await
+    }
+
+    pub(crate) fn shutdown(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.clone()
     }
 
     /// The routing table every node follows.

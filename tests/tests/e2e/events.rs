@@ -221,7 +221,9 @@ async fn the_outbox_delivers_every_event_exactly_once_across_a_nats_outage() {
     let client = async_nats::connect(nats.url.as_str()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream(&nats.stream).await.unwrap();
-    let expected = 3 + 1 + 5 + 10; // bootstrap (account, user, key), acme, users
+    // bootstrap (account, user, key), the mesh's node registering with the scheduler, acme,
+    // users
+    let expected = 3 + 1 + 1 + 5 + 10;
     let info = stream.info().await.unwrap();
     assert_eq!(
         info.state.messages, expected,

@@ -285,6 +285,7 @@ async fn embedding_errors_name_the_field_and_private_models_stay_private() {
         reg::upload_path(&acme, &private.name, file, &minilm_dir().join(file)).await;
     }
     assert!(reg::validate(&acme, &private.name).await.valid);
+    kiln_tests::deployments::deploy(&acme, &private.name).await;
     let text = vec!["A man is playing a guitar.".to_string()];
     let mine = embed(&acme, &private.name, &text)
         .await
@@ -638,7 +639,7 @@ async fn a_lone_inference_node_reads_models_from_the_registry_over_grpc() {
         kiln_inference::source::RemoteRegistry::new(&mesh.url(), kiln_testkit::SERVICE_TOKEN)
             .unwrap(),
     );
-    kiln_inference::open(&server, &config, &mut host, source)
+    kiln_inference::open(&server, &config, &mut host, source, None)
         .await
         .unwrap();
     let authenticator = std::sync::Arc::new(

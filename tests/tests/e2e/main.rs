@@ -9,4 +9,5 @@ mod identity_api;
 mod inference;
 mod llm;
 mod registry;
+mod scheduler;
 mod secrets;
