@@ -85,7 +85,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
          kiln{server} create api-key --account acme --user alice\n  \
          kiln{server} list users --account acme\n  \
          kiln{server} chat accounts/kiln/models/smollm2-135m-instruct \"What is the capital of Japan?\"\n  \
-         kiln{server} embed accounts/kiln/models/all-minilm-l6-v2 \"hello world\"\n\
+         kiln{server} embed accounts/kiln/models/all-minilm-l6-v2 \"hello world\"\n  \
+         kiln{server} --account kiln list deployments\n\
          (the public models answer once their import and preparation finish, a minute or so on first start)\n\
          Press Ctrl-C to stop."
     );
