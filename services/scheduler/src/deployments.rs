@@ -102,6 +102,27 @@ fn complete_policy(policy: Option<AutoscalingPolicy>) -> Result<AutoscalingPolic
     Ok(policy)
 }
 
+/// A backend override: empty (the node chooses), tract or onnxruntime.
+fn check_backend(backend: &str) -> Result<()> {
+    if backend.is_empty() || ["tract", "onnxruntime"].contains(&backend) {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        "deployment.backend",
+        format!("{backend:?} is not a backend; use tract or onnxruntime"),
+    )
+    .into())
+}
+
+fn check_max_context_length(length: i32) -> Result<()> {
+    if length < 0 {
+        return Err(
+            ApiError::invalid("deployment.max_context_length", "must not be negative").into(),
+        );
+    }
+    Ok(())
+}
+
 /// Checks min/max replica counts and fills max's default.
 fn check_replica_bounds(d: &mut Deployment) -> Result<()> {
     if d.min_replica_count < 0 {
@@ -271,18 +292,8 @@ impl Scheduler {
             )
             .into());
         }
-        if !d.backend.is_empty() && !["tract", "onnxruntime"].contains(&d.backend.as_str()) {
-            return Err(ApiError::invalid(
-                "deployment.backend",
-                format!("{:?} is not a backend; use tract or onnxruntime", d.backend),
-            )
-            .into());
-        }
-        if d.max_context_length < 0 {
-            return Err(
-                ApiError::invalid("deployment.max_context_length", "must not be negative").into(),
-            );
-        }
+        check_backend(&d.backend)?;
+        check_max_context_length(d.max_context_length)?;
         check_replica_bounds(&mut d)?;
         let policy = complete_policy(d.autoscaling_policy.take())?;
         let mut state = self.lock().await;
@@ -564,13 +575,7 @@ impl Scheduler {
                     d.num_peft_device_cached = update.num_peft_device_cached
                 }
                 "max_context_length" => {
-                    if update.max_context_length < 0 {
-                        return Err(ApiError::invalid(
-                            "deployment.max_context_length",
-                            "must not be negative",
-                        )
-                        .into());
-                    }
+                    check_max_context_length(update.max_context_length)?;
                     d.max_context_length = update.max_context_length;
                     reroll = true;
                 }
@@ -603,18 +608,7 @@ impl Scheduler {
                     reroll = true;
                 }
                 "backend" => {
-                    if !update.backend.is_empty()
-                        && !["tract", "onnxruntime"].contains(&update.backend.as_str())
-                    {
-                        return Err(ApiError::invalid(
-                            "deployment.backend",
-                            format!(
-                                "{:?} is not a backend; use tract or onnxruntime",
-                                update.backend
-                            ),
-                        )
-                        .into());
-                    }
+                    check_backend(&update.backend)?;
                     d.backend = update.backend.clone();
                     reroll = true;
                 }

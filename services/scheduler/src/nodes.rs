@@ -10,8 +10,8 @@ use kiln_core::auth::Principal;
 use kiln_events::Body;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::{
-    Assignment, Node, NodeMessage, NodeRegistered, RegisterNode, SchedulerMessage, UnloadReplica,
-    assignment, node, node_message, replica, scheduler_message,
+    Node, NodeMessage, NodeRegistered, RegisterNode, SchedulerMessage, node, node_message, replica,
+    scheduler_message,
 };
 use kiln_store::listing::Listing;
 use tokio::sync::mpsc;
@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::error::Result;
+use crate::reconcile::unload_assignment;
 use crate::service::{NodeEntry, ReplicaEntry, Scheduler, now};
 
 /// Messages a node's outgoing stream buffers before the scheduler retries later.
@@ -207,15 +208,7 @@ impl Scheduler {
                     );
                 }
                 _ => {
-                    let _ = sender.try_send(Ok(SchedulerMessage {
-                        payload: Some(scheduler_message::Payload::Assignment(Assignment {
-                            assignment_id: format!("unload-{}", held.name),
-                            action: Some(assignment::Action::UnloadReplica(UnloadReplica {
-                                replica: held.name.clone(),
-                                drain_timeout: None,
-                            })),
-                        })),
-                    }));
+                    let _ = sender.try_send(Ok(unload_assignment(&held.name, None)));
                 }
             }
         }

@@ -171,19 +171,11 @@ impl Scheduler {
         };
         let node = entry.replica.node.clone();
         if let Some(sender) = state.nodes.get(&node).and_then(|n| n.sender.clone()) {
-            let message = SchedulerMessage {
-                payload: Some(scheduler_message::Payload::Assignment(Assignment {
-                    assignment_id: format!("unload-{name}"),
-                    action: Some(assignment::Action::UnloadReplica(UnloadReplica {
-                        replica: name.to_owned(),
-                        drain_timeout: Some(prost_types::Duration {
-                            seconds: self.config().drain_timeout_secs as i64,
-                            nanos: 0,
-                        }),
-                    })),
-                })),
+            let drain = prost_types::Duration {
+                seconds: self.config().drain_timeout_secs as i64,
+                nanos: 0,
             };
-            let _ = sender.try_send(Ok(message));
+            let _ = sender.try_send(Ok(unload_assignment(name, Some(drain))));
         }
         self.remove_replica(state, name, reason, None).await;
     }
@@ -412,7 +404,6 @@ impl Scheduler {
                 }
             })
             .collect();
-        let before = nodes.clone();
         let placed = placement::place(&mut nodes, &needs);
         for ((name, need), placed) in pending.iter().zip(&needs).zip(placed) {
             let Some(placed) = placed else {
@@ -420,7 +411,8 @@ impl Scheduler {
                 if let Some(entry) = state.deployments.get_mut(&deployment)
                     && entry.unplaced.is_empty()
                 {
-                    entry.unplaced = placement::why_unplaced(&before, need);
+                    // What is free after this pass's placements: what the replica waits for.
+                    entry.unplaced = placement::why_unplaced(&nodes, need);
                 }
                 continue;
             };
@@ -699,6 +691,22 @@ impl Scheduler {
                 }),
             )
             .await;
+    }
+}
+
+/// The assignment that unloads `replica`, letting in-flight requests finish for `drain`.
+pub(crate) fn unload_assignment(
+    replica: &str,
+    drain: Option<prost_types::Duration>,
+) -> SchedulerMessage {
+    SchedulerMessage {
+        payload: Some(scheduler_message::Payload::Assignment(Assignment {
+            assignment_id: format!("unload-{replica}"),
+            action: Some(assignment::Action::UnloadReplica(UnloadReplica {
+                replica: replica.to_owned(),
+                drain_timeout: drain,
+            })),
+        })),
     }
 }
 
