@@ -112,14 +112,28 @@ pub async fn library_mesh(
     assets: &std::path::Path,
     inference: Option<kiln_inference::config::InferenceConfig>,
 ) -> kiln_testkit::TestMesh {
+    library_mesh_with(
+        assets,
+        kiln_testkit::MeshOptions {
+            inference,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// [`library_mesh`] with the rest of `options` (billing settings, a NATS server...).
+pub async fn library_mesh_with(
+    assets: &std::path::Path,
+    options: kiln_testkit::MeshOptions,
+) -> kiln_testkit::TestMesh {
     kiln_testkit::TestMesh::start_with(kiln_testkit::MeshOptions {
         import_library: true,
         registry: Some(kiln_registry::config::RegistryConfig {
             asset_dir: assets.display().to_string(),
             ..Default::default()
         }),
-        inference,
-        ..Default::default()
+        ..options
     })
     .await
 }
@@ -662,6 +676,10 @@ pub mod workers {
                     address: url.clone(),
                     link,
                 }),
+                Some(Arc::new(
+                    kiln_inference::limits::RemoteLimits::new(&mesh.url(), SERVICE_TOKEN)
+                        .expect("billing"),
+                )),
             )
             .await
             .expect("open the node");
@@ -807,5 +825,76 @@ pub mod deployments {
             .collect();
         held.sort();
         held
+    }
+}
+
+pub mod billing {
+    //! Billing clients for the suites.
+
+    use kiln_proto::billing::v1 as bilv1;
+    use kiln_testkit::AuthedChannel;
+
+    pub type Usage = bilv1::usage_service_client::UsageServiceClient<AuthedChannel>;
+    pub type Quotas = bilv1::quota_service_client::QuotaServiceClient<AuthedChannel>;
+
+    pub fn usage(ch: &AuthedChannel) -> Usage {
+        Usage::new(ch.clone())
+    }
+
+    pub fn quotas(ch: &AuthedChannel) -> Quotas {
+        Quotas::new(ch.clone())
+    }
+
+    /// The month-to-date report of `parent`, grouped by `group_by`.
+    pub async fn report(
+        ch: &AuthedChannel,
+        parent: &str,
+        group_by: &[bilv1::get_usage_request::GroupBy],
+    ) -> Result<bilv1::GetUsageResponse, tonic::Status> {
+        usage(ch)
+            .get_usage(bilv1::GetUsageRequest {
+                parent: parent.to_owned(),
+                group_by: group_by.iter().map(|g| *g as i32).collect(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// The report's totals.
+    pub async fn totals(ch: &AuthedChannel, parent: &str) -> bilv1::UsageRow {
+        report(ch, parent, &[])
+            .await
+            .expect("usage report")
+            .totals
+            .expect("totals")
+    }
+
+    /// Sets `accounts/{account}/quotas/{quota}` to `value`.
+    pub async fn set_quota(
+        ch: &AuthedChannel,
+        account: &str,
+        quota: &str,
+        value: i64,
+    ) -> Result<bilv1::Quota, tonic::Status> {
+        quotas(ch)
+            .update_quota(bilv1::UpdateQuotaRequest {
+                quota: Some(bilv1::Quota {
+                    name: format!("accounts/{account}/quotas/{quota}"),
+                    value,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["value".into()],
+                }),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Money as nano-units.
+    pub fn nanos(money: &Option<kiln_proto::common::v1::Money>) -> i64 {
+        let m = money.as_ref().expect("an amount");
+        m.units * 1_000_000_000 + i64::from(m.nanos)
     }
 }

@@ -8,6 +8,7 @@ pub mod db;
 pub mod error;
 pub mod grpc;
 pub mod service;
+pub mod suspensions;
 
 use std::sync::Arc;
 
@@ -48,6 +49,7 @@ pub async fn open(
             .spawn_relay(db, host.bus.clone(), host.shutdown.clone()),
     );
     host.track(watch_changes(&svc, host).await?);
+    host.track(suspensions::spawn(&svc, host));
     grpc::add_services(&svc, &mut host.services);
     let admin_key = svc.bootstrap(&identity.admin_email).await?;
     Ok((svc, admin_key))

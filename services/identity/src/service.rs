@@ -205,6 +205,10 @@ impl Identity {
         &self.inner.outbox
     }
 
+    pub fn db(&self) -> &sea_orm::DatabaseConnection {
+        &self.inner.db
+    }
+
     /// Writes the change's event into the outbox inside `txn` and commits both together.
     async fn commit_with_event(
         &self,

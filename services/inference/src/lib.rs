@@ -11,6 +11,7 @@ pub mod embeddings;
 pub mod engine;
 pub mod error;
 pub mod generation;
+pub mod limits;
 pub mod node;
 pub mod oip;
 pub mod runner;
@@ -43,13 +44,15 @@ pub struct Scheduling {
 /// Opens the node's database, engine and usage recorder, starts its outbox relay on the
 /// host's bus and adds its gRPC services to the host. Models come from `source`. With
 /// `scheduling`, the node registers with the scheduler and serves what it assigns; without,
-/// requests name models and are served directly.
+/// requests name models and are served directly. With `limits` (billing), serverless
+/// requests are rate limited per account.
 pub async fn open(
     server: &ServerConfig,
     config: &config::InferenceConfig,
     host: &mut Host,
     source: Arc<dyn source::ModelSource>,
     scheduling: Option<Scheduling>,
+    limits: Option<Arc<dyn limits::LimitSource>>,
 ) -> Result<Inference> {
     std::fs::create_dir_all(&server.data_dir).map_err(|e| {
         Error::Startup(format!(
@@ -96,11 +99,20 @@ pub async fn open(
         .as_ref()
         .map(|n| n.name.trim_start_matches("nodes/").to_owned())
         .unwrap_or_else(|| "local".to_owned());
-    let usage = usage::UsageRecorder::start(db, outbox, &node_name, accelerator);
+    let limiter = match limits {
+        Some(source) => {
+            let limiter = limits::RateLimiter::new(source);
+            host.track(limiter.follow(&host.bus, host.shutdown.clone()).await?);
+            Some(limiter)
+        }
+        None => None,
+    };
+    let usage = usage::UsageRecorder::start(db, outbox, &node_name, accelerator, limiter.clone());
     let inference = Inference {
         engine,
         usage,
         node,
+        limiter,
     };
     add_services(&inference, &mut host.services);
     Ok(inference)
@@ -164,12 +176,19 @@ pub async fn serve_until(
             )?),
         })
     };
+    let limits = match config.server.billing_url.as_deref() {
+        Some(url) => {
+            Some(Arc::new(limits::RemoteLimits::new(url, token)?) as Arc<dyn limits::LimitSource>)
+        }
+        None => None,
+    };
     let inference = open(
         &config.server,
         &config.inference,
         &mut host,
         source,
         scheduling,
+        limits,
     )
     .await?;
     preload(&inference, config.inference.preload.clone());

@@ -340,7 +340,7 @@ impl grpc_inference_service_server::GrpcInferenceService for Inference {
         let p = caller(&request)?;
         check_version("version", &request.get_ref().version)?;
         let name = request.get_ref().name.clone();
-        let model = match self.target(&request, &p, "name", &name).await? {
+        let model = match self.route(&request, &p, "name", &name).await? {
             Target::Remote(channel, _guard) => {
                 return GrpcInferenceServiceClient::new(channel)
                     .model_metadata(forward(request))

@@ -24,6 +24,8 @@ pub struct Inference {
     /// The node's agent and router when it works with a scheduler; None: requests name
     /// models, served directly.
     pub node: Option<Arc<Node>>,
+    /// Per-account admission (suspensions are checked without it); None: no rate limits.
+    pub limiter: Option<Arc<crate::limits::RateLimiter>>,
 }
 
 pub(crate) type Reply<T> = Result<Response<T>, Status>;
@@ -41,17 +43,41 @@ impl Inference {
         field: &str,
         name: &str,
     ) -> Result<Target> {
-        match &self.node {
+        let target = self.route(request, caller, field, name).await?;
+        // Limits count where the request is served (once, whichever node it entered).
+        if let (Target::Local(served), Some(limiter)) = (&target, &self.limiter) {
+            let dedicated = served.route.as_ref().is_some_and(|r| {
+                r.deployment_type
+                    == kiln_proto::scheduler::v1::deployment::DeploymentType::Dedicated as i32
+            });
+            if !dedicated {
+                limiter.admit(caller).await?;
+            }
+        }
+        Ok(target)
+    }
+
+    /// Where the model is served, without counting a request against rate limits (for
+    /// metadata calls).
+    pub(crate) async fn route<T>(
+        &self,
+        request: &Request<T>,
+        caller: &Principal,
+        field: &str,
+        name: &str,
+    ) -> Result<Target> {
+        crate::limits::check_not_suspended(caller)?;
+        Ok(match &self.node {
             Some(node) => {
                 node.target(caller, field, name, is_forwarded(request))
-                    .await
+                    .await?
             }
-            None => Ok(Target::Local(Served {
+            None => Target::Local(Served {
                 model: self.engine.model(caller, field, name).await?,
                 route: None,
                 in_flight: None,
-            })),
-        }
+            }),
+        })
     }
 
     pub async fn create_embeddings(

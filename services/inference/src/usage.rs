@@ -46,6 +46,8 @@ pub struct UsageRecorder {
     queue: mpsc::Sender<Pending>,
     node: Arc<str>,
     accelerator: AcceleratorType,
+    /// Counts each serverless answer's tokens against its account's per-minute limit.
+    limiter: Option<Arc<crate::limits::RateLimiter>>,
 }
 
 impl UsageRecorder {
@@ -55,6 +57,7 @@ impl UsageRecorder {
         outbox: Outbox,
         node: &str,
         accelerator: AcceleratorType,
+        limiter: Option<Arc<crate::limits::RateLimiter>>,
     ) -> Self {
         let (queue, mut pending) = mpsc::channel::<Pending>(4096);
         tokio::spawn(async move {
@@ -74,12 +77,21 @@ impl UsageRecorder {
             queue,
             node: node.into(),
             accelerator,
+            limiter,
         }
     }
 
     /// Records `usage` for `caller`; returns once it is durably in the outbox.
     pub async fn record(&self, caller: &Principal, usage: Usage) -> Result<()> {
         let route = usage.route.unwrap_or_default();
+        if let Some(limiter) = &self.limiter
+            && route.deployment_type != DeploymentType::Dedicated as i32
+        {
+            limiter.charge_tokens(
+                &caller.account,
+                usage.prompt_tokens.max(usage.embedding_input_tokens) + usage.completion_tokens,
+            );
+        }
         let body = UsageRecorded {
             request_id: usage.request_id.clone(),
             deployed_model: route.deployed_model,

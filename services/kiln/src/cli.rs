@@ -189,6 +189,8 @@ pub enum GetCommand {
     Account { account_id: Option<String> },
     /// Show a user.
     User { user_id: String },
+    /// The account's usage and its cost over a time range.
+    Usage(crate::billing_cli::UsageArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +209,8 @@ pub enum ListCommand {
     Accounts(ListArgs),
     /// List the account's users.
     Users(ListArgs),
+    /// List the account's quotas, their limits and current use.
+    Quotas(ListArgs),
     /// List a user's API keys.
     ApiKeys {
         #[arg(long)]
@@ -266,6 +270,16 @@ pub enum UpdateCommand {
         email: Option<String>,
         #[arg(long)]
         role: Option<String>,
+    },
+    /// Change a quota (an ID such as monthly-spend-usd, or a full name).
+    Quota {
+        quota: String,
+        /// The limit (up to max_value; platform admins go beyond it).
+        #[arg(long)]
+        value: Option<i64>,
+        /// The most the account may set itself (platform admin).
+        #[arg(long)]
+        max_value: Option<i64>,
     },
 }
 
@@ -947,6 +961,17 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
             crate::scheduler_cli::undelete(&client, format, command).await?
         }
         Command::Scale(command) => crate::scheduler_cli::scale(&client, format, command).await?,
+        Command::Get(GetCommand::Usage(args)) => {
+            crate::billing_cli::get_usage(&client, format, args).await?
+        }
+        Command::List(ListCommand::Quotas(list)) => {
+            crate::billing_cli::list_quotas(&client, format, list).await?
+        }
+        Command::Update(UpdateCommand::Quota {
+            quota,
+            value,
+            max_value,
+        }) => crate::billing_cli::update_quota(&client, format, quota, value, max_value).await?,
         Command::Chat(args) => crate::inference_cli::chat(&client, args).await?,
         Command::Embed(args) => crate::inference_cli::embed(&client, format, args).await?,
         Command::Dev(_) | Command::Serve(_) => {

@@ -1,5 +1,6 @@
 //! `kiln`'s configuration: the shared server settings and each service's section.
 
+use kiln_billing::config::BillingConfig;
 use kiln_core::config::{ConfigError, Load, ServerConfig, section};
 use kiln_identity::config::IdentityConfig;
 use kiln_inference::config::InferenceConfig;
@@ -14,6 +15,7 @@ pub struct KilnConfig {
     pub registry: RegistryConfig,
     pub inference: InferenceConfig,
     pub scheduler: SchedulerConfig,
+    pub billing: BillingConfig,
     /// Import the public library from the asset cache at start (`kiln dev` does).
     pub import_library: bool,
 }
@@ -26,6 +28,7 @@ impl Load for KilnConfig {
             registry: section(figment, Some("registry"))?,
             inference: section(figment, Some("inference"))?,
             scheduler: section(figment, Some("scheduler"))?,
+            billing: section(figment, Some("billing"))?,
             import_library: false,
         })
     }

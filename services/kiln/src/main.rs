@@ -146,9 +146,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )?;
             kiln_scheduler::serve_until(&scheduler, stop_signal()).await
         }
+        "billing" => {
+            let billing = <kiln_billing::config::Config as kiln_core::config::Load>::load(
+                args.config.as_deref(),
+            )?;
+            kiln_billing::serve_until(&billing, stop_signal()).await
+        }
         other => {
             anyhow::bail!(
-                "unknown service {other:?}; services: identity, registry, scheduler, inference"
+                "unknown service {other:?}; services: identity, registry, scheduler, billing, inference"
             )
         }
     }

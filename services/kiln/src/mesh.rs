@@ -59,6 +59,50 @@ impl kiln_scheduler::catalog::ModelCatalog for LocalCatalog {
     }
 }
 
+/// Billing in the same process, as the scheduler's quota gate.
+struct LocalQuotas(kiln_billing::Billing);
+
+#[async_trait::async_trait]
+impl kiln_scheduler::quota::QuotaGate for LocalQuotas {
+    async fn limits(
+        &self,
+        account: &str,
+    ) -> kiln_scheduler::Result<kiln_scheduler::quota::QuotaLimits> {
+        let values = self
+            .0
+            .quota_values(account)
+            .await
+            .map_err(|e| kiln_scheduler::Error::Remote(e.into()))?;
+        Ok(kiln_scheduler::quota::QuotaLimits(
+            values.into_iter().collect(),
+        ))
+    }
+}
+
+/// Billing in the same process, as the node's source of rate limits.
+struct LocalLimits(kiln_billing::Billing);
+
+#[async_trait::async_trait]
+impl kiln_inference::limits::LimitSource for LocalLimits {
+    async fn limits(
+        &self,
+        account: &str,
+    ) -> kiln_inference::Result<kiln_inference::limits::Limits> {
+        let values: std::collections::HashMap<String, i64> = self
+            .0
+            .quota_values(account)
+            .await
+            .map_err(|e| kiln_inference::Error::Remote(e.into()))?
+            .into_iter()
+            .collect();
+        let value = |quota: &str| values.get(quota).copied().unwrap_or(0);
+        Ok(kiln_inference::limits::Limits {
+            requests_per_minute: value(kiln_inference::limits::RPM_QUOTA),
+            tokens_per_minute: value(kiln_inference::limits::TPM_QUOTA),
+        })
+    }
+}
+
 /// The scheduler in the same process, as the local node's link.
 struct LocalScheduler(kiln_scheduler::Scheduler);
 
@@ -111,6 +155,8 @@ pub struct Mesh {
     /// The bootstrap admin key when this start created it (first start on this state).
     pub new_admin_key: Option<String>,
     pub bus: Arc<dyn EventBus>,
+    /// The mesh's billing (tests replay events into its ledger).
+    pub billing: kiln_billing::Billing,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<Result<(), String>>,
 }
@@ -131,11 +177,13 @@ impl Mesh {
         let (identity, new_admin_key) =
             kiln_identity::open(&config.server, &config.identity, &mut host).await?;
         let registry = kiln_registry::open(&config.server, &config.registry, &mut host).await?;
+        let billing = kiln_billing::open(&config.server, &config.billing, &mut host).await?;
         let scheduler = kiln_scheduler::open(
             &config.server,
             &config.scheduler,
             &mut host,
             Arc::new(LocalCatalog(registry.clone())),
+            Some(Arc::new(LocalQuotas(billing.clone()))),
         )
         .await?;
         let mut inference_config = config.inference.clone();
@@ -161,6 +209,7 @@ impl Mesh {
                 },
                 link: Arc::new(LocalScheduler(scheduler.clone())),
             }),
+            Some(Arc::new(LocalLimits(billing.clone()))),
         )
         .await?;
         if config.import_library {
@@ -209,6 +258,7 @@ impl Mesh {
             addr: served.local_addr,
             new_admin_key,
             bus,
+            billing,
             stop,
             done: served.done,
         })

@@ -165,6 +165,62 @@ async fn kiln_dev_serves_the_cli_and_logs_no_secret() {
     .await;
     assert!(ok && out.contains("accounts/acme/users/alice"), "{out}");
 
+    // Billing: quotas, a spend limit changed, a usage report.
+    let (ok, out, err) = cli(
+        &server,
+        data.path(),
+        &["list", "quotas", "--account", "acme"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("accounts/acme/quotas/accelerator-nvidia-h100-80gb")
+            && out.contains("accounts/acme/quotas/monthly-spend-usd")
+            && out.contains("requests/min"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(
+        &server,
+        data.path(),
+        &[
+            "update",
+            "quota",
+            "monthly-spend-usd",
+            "--value",
+            "50",
+            "--account",
+            "acme",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let quota: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(quota["value"], "50", "{out}");
+    let (ok, out, err) = cli(
+        &server,
+        data.path(),
+        &[
+            "get",
+            "usage",
+            "--account",
+            "acme",
+            "--group-by",
+            "model,day",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("usage from") && out.contains("COST"), "{out}");
+    let (ok, _, err) = cli(
+        &server,
+        data.path(),
+        &["get", "usage", "--group-by", "colour"],
+    )
+    .await;
+    assert!(!ok && err.contains("--group-by"), "{err}");
+
     // Stop it and read everything it logged.
     child.start_kill().unwrap();
     let mut stdout = String::new();

@@ -22,6 +22,7 @@ use sea_orm::{ColumnTrait, Condition, EntityTrait, Order, QueryFilter};
 use crate::db::deployment as rows;
 use crate::error::Result;
 use crate::placement;
+use crate::quota;
 use crate::service::{DeploymentEntry, Scheduler, State, decode, now};
 
 /// Load target keys the autoscaler understands.
@@ -296,14 +297,22 @@ impl Scheduler {
         check_max_context_length(d.max_context_length)?;
         check_replica_bounds(&mut d)?;
         let policy = complete_policy(d.autoscaling_policy.take())?;
-        let mut state = self.lock().await;
+        quota::check_not_suspended(caller, &parent.account)?;
         if d.accelerator_type == AcceleratorType::Unspecified as i32 {
-            d.accelerator_type = default_accelerator(&state);
+            d.accelerator_type = default_accelerator(&*self.lock().await);
         }
+        let limits = quota::read_limits(self.quotas(), &parent.account).await?;
+        let mut state = self.lock().await;
         let name = format!("{parent}/deployments/{deployment_id}");
         if state.deployments.contains_key(&name) {
             return Err(ApiError::already_exists(&name).into());
         }
+        let asked = Deployment {
+            name: name.clone(),
+            deployment_type: kind as i32,
+            ..d.clone()
+        };
+        quota::check_deployment(limits.as_ref(), &state, &parent.account, None, &asked)?;
         let bytes = model_bytes(&model);
         if validate_only {
             let nodes = self.capacities(&state);
@@ -540,9 +549,25 @@ impl Scheduler {
         update: Deployment,
         mask: Option<prost_types::FieldMask>,
     ) -> Result<Deployment> {
+        let account = ChildName::parse(
+            "deployment.name",
+            "deployments",
+            &update.name,
+            Some(&caller.account),
+        )?
+        .account_name()
+        .account;
+        // Read before the lock: an answer from billing never holds up the scheduler.
+        let limits = if caller.can_access(&account) {
+            quota::read_limits(self.quotas(), &account).await?
+        } else {
+            None
+        };
         let mut state = self.lock().await;
-        let entry = self.writable(&mut state, caller, "deployment.name", &update.name)?;
-        let before = entry.deployment.clone();
+        let before = self
+            .writable(&mut state, caller, "deployment.name", &update.name)?
+            .deployment
+            .clone();
         if is_gone(&before) {
             return Err(ApiError::FailedPrecondition(format!(
                 "{} is {}; undelete it first",
@@ -628,6 +653,11 @@ impl Scheduler {
         if d == before {
             return Ok(d);
         }
+        quota::check_not_suspended(caller, &account)?;
+        quota::check_deployment(limits.as_ref(), &state, &account, Some(&before), &d)?;
+        let Some(entry) = state.deployments.get_mut(&d.name) else {
+            return Err(ApiError::not_found(&d.name).into());
+        };
         d.update_time = Some(now());
         if reroll {
             // New hardware or settings: every replica is replaced (the pass starts new ones
@@ -765,21 +795,39 @@ impl Scheduler {
     }
 
     pub async fn undelete_deployment(&self, caller: &Principal, name: &str) -> Result<Deployment> {
+        let account = ChildName::parse("name", "deployments", name, Some(&caller.account))?
+            .account_name()
+            .account;
+        let limits = if caller.can_access(&account) {
+            quota::read_limits(self.quotas(), &account).await?
+        } else {
+            None
+        };
         let mut state = self.lock().await;
-        let entry = self.writable(&mut state, caller, "name", name)?;
-        let d = &mut entry.deployment;
-        if d.state != deployment::State::Deleted as i32
-            && d.state != deployment::State::Deleting as i32
+        let before = self
+            .writable(&mut state, caller, "name", name)?
+            .deployment
+            .clone();
+        if before.state != deployment::State::Deleted as i32
+            && before.state != deployment::State::Deleting as i32
         {
-            return Err(ApiError::FailedPrecondition(format!("{} is not deleted", d.name)).into());
+            return Err(
+                ApiError::FailedPrecondition(format!("{} is not deleted", before.name)).into(),
+            );
         }
-        if d.purge_time.is_none() {
+        if before.purge_time.is_none() {
             return Err(ApiError::FailedPrecondition(format!(
                 "{} was deleted for good (hard) and cannot be restored",
-                d.name
+                before.name
             ))
             .into());
         }
+        quota::check_not_suspended(caller, &account)?;
+        quota::check_deployment(limits.as_ref(), &state, &account, None, &before)?;
+        let Some(entry) = state.deployments.get_mut(&before.name) else {
+            return Err(ApiError::not_found(&before.name).into());
+        };
+        let d = &mut entry.deployment;
         d.state = deployment::State::Creating as i32;
         d.delete_time = None;
         d.purge_time = None;

@@ -11,6 +11,7 @@ pub mod error;
 pub mod grpc;
 pub mod nodes;
 pub mod placement;
+pub mod quota;
 pub mod reconcile;
 pub mod service;
 
@@ -23,12 +24,14 @@ pub use error::{Error, Result};
 pub use service::Scheduler;
 
 /// Opens the scheduler's database (migrating it), starts its outbox relay and reconcile loop
-/// on the host and adds its gRPC services. Models are read from `catalog`.
+/// on the host and adds its gRPC services. Models are read from `catalog`; deployments are
+/// checked against billing's quotas through `quotas` when given.
 pub async fn open(
     server: &ServerConfig,
     config: &config::SchedulerConfig,
     host: &mut Host,
     catalog: Arc<dyn catalog::ModelCatalog>,
+    quotas: Option<Arc<dyn quota::QuotaGate>>,
 ) -> Result<Scheduler> {
     std::fs::create_dir_all(&server.data_dir).map_err(|e| {
         Error::Startup(format!(
@@ -43,6 +46,7 @@ pub async fn open(
         host.pages.clone(),
         config.clone(),
         catalog,
+        quotas,
         host.shutdown.clone(),
     )
     .await?;
@@ -68,7 +72,20 @@ pub async fn serve_until(
     let token = config.server.service_token.as_deref().unwrap_or_default();
     let registry_url = config.server.registry_url.as_deref().unwrap_or_default();
     let catalog = Arc::new(catalog::RemoteCatalog::new(registry_url, token)?);
-    open(&config.server, &config.scheduler, &mut host, catalog).await?;
+    let quotas = match config.server.billing_url.as_deref() {
+        Some(url) => {
+            Some(Arc::new(quota::RemoteQuotas::new(url, token)?) as Arc<dyn quota::QuotaGate>)
+        }
+        None => None,
+    };
+    open(
+        &config.server,
+        &config.scheduler,
+        &mut host,
+        catalog,
+        quotas,
+    )
+    .await?;
     let identity_url = config.server.identity_url.as_deref().unwrap_or_default();
     let authenticator = Arc::new(kiln_core::auth_client::RemoteAuthenticator::new(
         identity_url,

@@ -23,6 +23,7 @@ use crate::catalog::ModelCatalog;
 use crate::config::SchedulerConfig;
 use crate::db::{deployed_model as dm_rows, deployment as deployment_rows};
 use crate::error::Result;
+use crate::quota::QuotaGate;
 
 /// The name events carry in `source`.
 pub const SOURCE: &str = "kiln-scheduler";
@@ -41,6 +42,8 @@ struct Inner {
     pages: PageTokens,
     config: SchedulerConfig,
     catalog: Arc<dyn ModelCatalog>,
+    /// Billing's quota checks; None: no quotas (a scheduler without billing).
+    quotas: Option<Arc<dyn QuotaGate>>,
     state: Mutex<State>,
     wake: Notify,
     routes: watch::Sender<Arc<RoutingTable>>,
@@ -130,6 +133,7 @@ impl Scheduler {
         pages: PageTokens,
         config: SchedulerConfig,
         catalog: Arc<dyn ModelCatalog>,
+        quotas: Option<Arc<dyn QuotaGate>>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self> {
         let mut state = State::default();
@@ -152,6 +156,7 @@ impl Scheduler {
                 pages,
                 config,
                 catalog,
+                quotas,
                 state: Mutex::new(state),
                 wake: Notify::new(),
                 routes,
@@ -178,6 +183,10 @@ impl Scheduler {
 
     pub(crate) fn catalog(&self) -> &dyn ModelCatalog {
         self.inner.catalog.as_ref()
+    }
+
+    pub(crate) fn quotas(&self) -> Option<&Arc<dyn QuotaGate>> {
+        self.inner.quotas.as_ref()
     }
 
     pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, State> {

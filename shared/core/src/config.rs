@@ -137,6 +137,9 @@ pub struct ServerConfig {
     pub identity_url: Option<String>,
     /// Where services that are not the registry read models, e.g. `http://registry:7401`.
     pub registry_url: Option<String>,
+    /// Where the scheduler checks quotas and inference nodes read rate limits, e.g.
+    /// `http://billing:7404`; unset: no quotas are enforced (a process without billing).
+    pub billing_url: Option<String>,
     /// How long a resolved API key is trusted before asking identity again. Deletions reach
     /// caches sooner, through events.
     pub auth_cache_ttl_secs: u64,
@@ -165,6 +168,7 @@ impl Default for ServerConfig {
             service_token: None,
             identity_url: None,
             registry_url: None,
+            billing_url: None,
             auth_cache_ttl_secs: 60,
             page_token_secret: None,
             log_format: LogFormat::Text,

@@ -21,6 +21,13 @@ pub trait EventHandler: Send + Sync + 'static {
     async fn handle(&self, txn: &DatabaseTransaction, event: &Event) -> Result<(), Error>;
 }
 
+/// What a batching consumer does with the events delivered together; it makes them
+/// idempotent itself (e.g. by claiming their ids in its transaction, as the ledger does).
+#[async_trait]
+pub trait BatchHandler: Send + Sync + 'static {
+    async fn handle(&self, events: &[Event]) -> Result<(), Error>;
+}
+
 /// Outcome of handling one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {
@@ -119,6 +126,66 @@ pub fn spawn_consumer(
                 };
                 if let Err(err) = acked {
                     tracing::warn!(consumer = %name, %err, "ack failed");
+                }
+            }
+        }
+    })
+}
+
+/// Runs the durable consumer `name` on `filter` like [`spawn_consumer`], handing the handler
+/// every event already waiting (up to `batch`) at once: one transaction per batch instead of
+/// per event. A failed batch is nacked whole and comes back.
+pub fn spawn_batch_consumer(
+    bus: Arc<dyn EventBus>,
+    name: String,
+    filter: String,
+    batch: usize,
+    handler: Arc<dyn BatchHandler>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let stream = match bus.consume(&name, &filter).await {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::warn!(consumer = %name, %err, "cannot open consumer; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            let mut chunks = stream.ready_chunks(batch.max(1));
+            loop {
+                let chunk = tokio::select! {
+                    next = chunks.next() => next,
+                    _ = shutdown.changed() => return,
+                };
+                let Some(chunk) = chunk else { break };
+                let mut deliveries = Vec::with_capacity(chunk.len());
+                for delivery in chunk {
+                    match delivery {
+                        Ok(d) => deliveries.push(d),
+                        Err(err) => tracing::warn!(consumer = %name, %err, "consumer stream error"),
+                    }
+                }
+                if deliveries.is_empty() {
+                    continue;
+                }
+                let events: Vec<Event> = deliveries.iter().map(|d| d.event.clone()).collect();
+                let span = tracing::info_span!("event.consume_batch", consumer = %name, events = events.len());
+                let result = handler.handle(&events).instrument(span).await;
+                if let Err(err) = &result {
+                    tracing::warn!(consumer = %name, %err, "batch handling failed; will be redelivered");
+                }
+                let acks = deliveries.into_iter().map(|d| {
+                    let ok = result.is_ok();
+                    async move { if ok { d.ack().await } else { d.nack().await } }
+                });
+                for acked in futures::future::join_all(acks).await {
+                    if let Err(err) = acked {
+                        tracing::warn!(consumer = %name, %err, "ack failed");
+                    }
                 }
             }
         }

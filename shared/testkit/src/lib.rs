@@ -129,6 +129,8 @@ pub struct MeshOptions {
     pub registry: Option<kiln_registry::config::RegistryConfig>,
     /// The inference node's settings (batching, backend…).
     pub inference: Option<kiln_inference::config::InferenceConfig>,
+    /// Billing's settings (prices, quota defaults, accrual interval).
+    pub billing: Option<kiln_billing::config::BillingConfig>,
 }
 
 impl TestMesh {
@@ -162,6 +164,9 @@ impl TestMesh {
         }
         if let Some(inference) = options.inference.clone() {
             config.inference = inference;
+        }
+        if let Some(billing) = options.billing.clone() {
+            config.billing = billing;
         }
 
         let nats_url = options.nats_url.clone().or(backends.nats_url.clone());

@@ -639,7 +639,7 @@ async fn a_lone_inference_node_reads_models_from_the_registry_over_grpc() {
         kiln_inference::source::RemoteRegistry::new(&mesh.url(), kiln_testkit::SERVICE_TOKEN)
             .unwrap(),
     );
-    kiln_inference::open(&server, &config, &mut host, source, None)
+    kiln_inference::open(&server, &config, &mut host, source, None, None)
         .await
         .unwrap();
     let authenticator = std::sync::Arc::new(

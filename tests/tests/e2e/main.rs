@@ -3,6 +3,7 @@
 //! KILN_TEST_NATS_URL).
 
 mod authn;
+mod billing;
 mod discovery;
 mod events;
 mod identity_api;

@@ -21,8 +21,15 @@ const H200: &str = "NVIDIA_H200_141GB";
 
 /// A mesh (with MiniLM in its library) and a tenant that owns a private copy of MiniLM.
 async fn mesh_with_private_minilm() -> (TestMesh, tempfile::TempDir, AuthedChannel, String) {
+    mesh_with_private_minilm_using(kiln_testkit::MeshOptions::default()).await
+}
+
+/// [`mesh_with_private_minilm`] started with `options`.
+pub(crate) async fn mesh_with_private_minilm_using(
+    options: kiln_testkit::MeshOptions,
+) -> (TestMesh, tempfile::TempDir, AuthedChannel, String) {
     let assets = minilm_asset_dir();
-    let mesh = kiln_tests::library_mesh(assets.path(), None).await;
+    let mesh = kiln_tests::library_mesh_with(assets.path(), options).await;
     let admin = mesh.admin().await;
     let key = kiln_tests::tenant(&admin, "acme").await;
     let acme = mesh.channel(Some(&key)).await;
@@ -42,7 +49,7 @@ async fn mesh_with_private_minilm() -> (TestMesh, tempfile::TempDir, AuthedChann
     (mesh, assets, acme, model.name)
 }
 
-fn on(kind: &str, count: i32) -> schv1::Deployment {
+pub(crate) fn on(kind: &str, count: i32) -> schv1::Deployment {
     schv1::Deployment {
         accelerator_type: kiln_proto::common::v1::AcceleratorType::from_str_name(kind)
             .expect("kind") as i32,
@@ -51,7 +58,7 @@ fn on(kind: &str, count: i32) -> schv1::Deployment {
     }
 }
 
-async fn embed(
+pub(crate) async fn embed(
     ch: &AuthedChannel,
     model: &str,
 ) -> Result<infv1::CreateEmbeddingsResponse, tonic::Status> {
@@ -66,7 +73,7 @@ async fn embed(
 }
 
 /// The answer is MiniLM's (against the independent reference vectors).
-fn assert_minilm(answer: &infv1::CreateEmbeddingsResponse) {
+pub(crate) fn assert_minilm(answer: &infv1::CreateEmbeddingsResponse) {
     let similarity = cosine(&answer.data[0].embedding, &reference().embeddings[0]);
     assert!(similarity >= 0.999, "cosine {similarity}");
 }

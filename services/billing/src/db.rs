@@ -1,0 +1,134 @@
+//! Billing's tables, and the small SQL helpers its handlers share. Everything is plain SQL:
+//! the ledger is written in multi-row statements and read in aggregates.
+
+use kiln_store::Migration;
+use sea_orm::{ConnectionTrait, DatabaseBackend, QueryResult, Statement, Value};
+
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "ledger, monthly spend, open replicas, models, deployments, quotas, suspensions",
+        sql: "CREATE TABLE billing_ledger (
+                id TEXT PRIMARY KEY,
+                account TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                time_micros BIGINT NOT NULL,
+                day TEXT NOT NULL,
+                model TEXT NOT NULL,
+                deployment TEXT NOT NULL,
+                deployed_model TEXT NOT NULL,
+                accelerator_type INTEGER NOT NULL,
+                deployment_type INTEGER NOT NULL,
+                request_count BIGINT NOT NULL,
+                prompt_tokens BIGINT NOT NULL,
+                cached_prompt_tokens BIGINT NOT NULL,
+                completion_tokens BIGINT NOT NULL,
+                embedding_tokens BIGINT NOT NULL,
+                accelerator_micros BIGINT NOT NULL,
+                training_tokens BIGINT NOT NULL,
+                cost_nanos BIGINT NOT NULL
+            );
+            CREATE INDEX billing_ledger_account_time ON billing_ledger (account, time_micros);
+            CREATE TABLE billing_monthly_spend (
+                account TEXT NOT NULL,
+                month TEXT NOT NULL,
+                cost_nanos BIGINT NOT NULL,
+                PRIMARY KEY (account, month)
+            );
+            CREATE TABLE billing_replicas (
+                replica TEXT PRIMARY KEY,
+                account TEXT NOT NULL,
+                deployment TEXT NOT NULL,
+                model TEXT NOT NULL,
+                accelerator_type INTEGER NOT NULL,
+                accelerator_count BIGINT NOT NULL,
+                start_micros BIGINT NOT NULL,
+                billed_until BIGINT NOT NULL
+            );
+            CREATE TABLE billing_models (
+                name TEXT PRIMARY KEY,
+                parameter_count BIGINT NOT NULL,
+                base_model TEXT NOT NULL
+            );
+            CREATE TABLE billing_deployments (
+                name TEXT PRIMARY KEY,
+                account TEXT NOT NULL,
+                deployment_type INTEGER NOT NULL,
+                accelerator_type INTEGER NOT NULL,
+                accelerator_count BIGINT NOT NULL,
+                max_replica_count BIGINT NOT NULL,
+                active BOOLEAN NOT NULL
+            );
+            CREATE TABLE billing_quotas (
+                account TEXT NOT NULL,
+                quota TEXT NOT NULL,
+                value BIGINT NOT NULL,
+                max_value BIGINT NOT NULL,
+                create_time BIGINT NOT NULL,
+                update_time BIGINT NOT NULL,
+                PRIMARY KEY (account, quota)
+            );
+            CREATE TABLE billing_suspensions (
+                account TEXT PRIMARY KEY,
+                suspend_state INTEGER NOT NULL,
+                month TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                since_micros BIGINT NOT NULL
+            )",
+    },
+    kiln_events::outbox::MIGRATION,
+];
+
+/// `sql` written with `?` placeholders, rendered for the connection's backend.
+pub fn statement(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Statement {
+    let sql = match backend {
+        DatabaseBackend::Postgres => {
+            let mut out = String::with_capacity(sql.len() + 16);
+            let mut n = 0;
+            for c in sql.chars() {
+                if c == '?' {
+                    n += 1;
+                    out.push('$');
+                    out.push_str(&n.to_string());
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+        _ => sql.to_owned(),
+    };
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+pub async fn execute<C: ConnectionTrait>(
+    conn: &C,
+    sql: &str,
+    values: Vec<Value>,
+) -> Result<u64, sea_orm::DbErr> {
+    let backend = conn.get_database_backend();
+    Ok(conn
+        .execute(statement(backend, sql, values))
+        .await?
+        .rows_affected())
+}
+
+pub async fn query<C: ConnectionTrait>(
+    conn: &C,
+    sql: &str,
+    values: Vec<Value>,
+) -> Result<Vec<QueryResult>, sea_orm::DbErr> {
+    let backend = conn.get_database_backend();
+    conn.query_all(statement(backend, sql, values)).await
+}
+
+/// `(?, ?, ...), (?, ?, ...)`: `rows` groups of `columns` placeholders.
+pub fn value_rows(rows: usize, columns: usize) -> String {
+    let one = format!("({})", vec!["?"; columns].join(", "));
+    vec![one; rows].join(", ")
+}
+
+/// One i64 column of a row (SUM over no rows reads as 0).
+pub fn int(row: &QueryResult, column: &str) -> Result<i64, sea_orm::DbErr> {
+    Ok(row.try_get::<Option<i64>>("", column)?.unwrap_or(0))
+}

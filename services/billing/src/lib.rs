@@ -1,0 +1,72 @@
+//! Kiln billing: the usage ledger (from usage and replica events, exactly once), prices,
+//! usage reports, quotas and spend limits. A library plus a thin `main.rs`; `kiln dev`
+//! hosts it beside the other services.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod grpc;
+pub mod ledger;
+pub mod prices;
+pub mod quotas;
+pub mod service;
+pub mod usage;
+
+use kiln_core::config::ServerConfig;
+use kiln_events::host::Host;
+
+pub use error::{Error, Result};
+pub use service::Billing;
+
+/// Opens billing's database (migrating it), starts its outbox relay, its ledger consumer
+/// and its accrual loop on the host, and adds its gRPC services.
+pub async fn open(
+    server: &ServerConfig,
+    config: &config::BillingConfig,
+    host: &mut Host,
+) -> Result<Billing> {
+    if server.database_url.is_none() {
+        std::fs::create_dir_all(&server.data_dir).map_err(|e| {
+            Error::Startup(format!(
+                "cannot create data dir {}: {e}",
+                server.data_dir.display()
+            ))
+        })?;
+    }
+    let db = kiln_store::connect(&server.database_url_for(service::SERVICE)).await?;
+    kiln_store::migrate(&db, service::SERVICE, db::MIGRATIONS).await?;
+    let billing = Billing::new(db.clone(), host.pages.clone(), config.clone())?;
+    host.track(
+        billing
+            .outbox()
+            .spawn_relay(db, host.bus.clone(), host.shutdown.clone()),
+    );
+    for task in ledger::spawn(&billing, host) {
+        host.track(task);
+    }
+    grpc::add_services(&billing, &mut host.services);
+    Ok(billing)
+}
+
+/// Runs billing alone until `stop` resolves (the `kiln-billing` binary and `kiln serve
+/// billing`): callers' keys are checked by identity.
+pub async fn serve_until(
+    config: &config::Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bus = kiln_events::connect_bus(&config.server).await?;
+    let (stop_tx, shutdown) = tokio::sync::watch::channel(false);
+    let mut host = Host::new(&config.server, bus, shutdown);
+    open(&config.server, &config.billing, &mut host).await?;
+    let token = config.server.service_token.as_deref().unwrap_or_default();
+    let identity_url = config.server.identity_url.as_deref().unwrap_or_default();
+    let authenticator = std::sync::Arc::new(kiln_core::auth_client::RemoteAuthenticator::new(
+        identity_url,
+        token,
+    )?);
+    host.run_until(config.server.listen, authenticator, stop, stop_tx, |addr| {
+        println!("kiln billing listening on {addr}");
+    })
+    .await
+    .map_err(anyhow::Error::msg)
+}

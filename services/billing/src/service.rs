@@ -1,0 +1,70 @@
+//! The billing service's shared state.
+
+use std::sync::Arc;
+
+use kiln_core::page::PageTokens;
+use kiln_events::outbox::Outbox;
+use sea_orm::DatabaseConnection;
+
+use crate::config::BillingConfig;
+use crate::prices::Prices;
+
+/// The name events carry in `source`.
+pub const SOURCE: &str = "kiln-billing";
+/// The service's name in the outbox and migrations.
+pub const SERVICE: &str = "billing";
+
+/// Billing, shared by its handlers, its ledger consumer and its accrual loop.
+#[derive(Clone)]
+pub struct Billing {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: DatabaseConnection,
+    outbox: Outbox,
+    pages: PageTokens,
+    config: BillingConfig,
+    prices: Prices,
+}
+
+impl Billing {
+    pub fn new(
+        db: DatabaseConnection,
+        pages: PageTokens,
+        config: BillingConfig,
+    ) -> crate::Result<Self> {
+        let prices = config
+            .prices()
+            .map_err(|e| crate::Error::Startup(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                outbox: Outbox::new(SERVICE),
+                pages,
+                config,
+                prices,
+            }),
+        })
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+
+    pub fn outbox(&self) -> &Outbox {
+        &self.inner.outbox
+    }
+
+    pub(crate) fn pages(&self) -> &PageTokens {
+        &self.inner.pages
+    }
+
+    pub fn config(&self) -> &BillingConfig {
+        &self.inner.config
+    }
+
+    pub fn prices(&self) -> &Prices {
+        &self.inner.prices
+    }
+}

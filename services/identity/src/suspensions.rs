@@ -1,0 +1,80 @@
+//! Applies billing's suspensions to accounts: `kiln.billing.account.suspended` sets the
+//! account's suspend_state, `...unsuspended` clears it (only the suspension billing set, so
+//! an admin's own suspension stays). Each change is an `identity.account.updated` event,
+//! which drops every service's cached principals of the account, so its keys stop (or
+//! start) working everywhere within the relay's delay.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kiln_events::consumer::EventHandler;
+use kiln_events::{Body, Event, new_event};
+use kiln_proto::events::v1::AccountUpdated;
+use kiln_proto::identity::v1::account::SuspendState;
+use sea_orm::{ActiveModelTrait, DatabaseTransaction, EntityTrait, IntoActiveModel};
+
+use crate::db::account as accounts;
+use crate::service::{Identity, SOURCE, account_proto};
+
+pub const CONSUMER: &str = "identity-suspensions";
+pub const SUBJECTS: &str = "kiln.billing.account.>";
+
+struct Suspensions(Identity);
+
+#[async_trait]
+impl EventHandler for Suspensions {
+    async fn handle(
+        &self,
+        txn: &DatabaseTransaction,
+        event: &Event,
+    ) -> Result<(), kiln_events::Error> {
+        let (name, to) = match &event.body {
+            Some(Body::AccountSuspended(s)) => (&s.account, s.suspend_state),
+            Some(Body::AccountUnsuspended(u)) => (&u.account, SuspendState::Unsuspended as i32),
+            _ => return Ok(()),
+        };
+        let id = name.strip_prefix("accounts/").unwrap_or(name);
+        let Some(row) = accounts::Entity::find_by_id(id.to_owned()).one(txn).await? else {
+            return Ok(());
+        };
+        if let Some(Body::AccountUnsuspended(u)) = &event.body
+            && row.suspend_state != u.previous_suspend_state
+        {
+            // Suspended since for another reason: not billing's to lift.
+            return Ok(());
+        }
+        if row.suspend_state == to {
+            return Ok(());
+        }
+        let mut model = row.into_active_model();
+        model.suspend_state = sea_orm::ActiveValue::Set(to);
+        model.update_time = sea_orm::ActiveValue::Set(kiln_core::time::now_micros());
+        let updated = model.update(txn).await?;
+        let proto = account_proto(&updated);
+        let changed = new_event(
+            SOURCE,
+            "identity.account.updated",
+            &proto.name,
+            &proto.name,
+            Body::AccountUpdated(AccountUpdated {
+                account: Some(proto.clone()),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["suspend_state".into()],
+                }),
+            }),
+        );
+        self.0.outbox().enqueue(txn, &changed).await
+    }
+}
+
+/// Starts the consumer.
+pub fn spawn(identity: &Identity, host: &kiln_events::host::Host) -> tokio::task::JoinHandle<()> {
+    kiln_events::consumer::spawn_consumer(
+        host.bus.clone(),
+        identity.db().clone(),
+        CONSUMER.to_owned(),
+        SUBJECTS.to_owned(),
+        Arc::new(Suspensions(identity.clone())),
+        host.shutdown.clone(),
+    )
+}
