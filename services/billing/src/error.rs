@@ -14,6 +14,9 @@ pub enum Error {
     Events(#[from] kiln_events::Error),
     #[error("{0}")]
     Startup(String),
+    /// A concurrent change won; retrying the operation will see it.
+    #[error("{0}")]
+    Contended(String),
 }
 
 impl From<Error> for Status {
@@ -21,6 +24,7 @@ impl From<Error> for Status {
         match err {
             Error::Api(api) => api.into(),
             Error::Events(events) => kiln_core::Error::from(events).into(),
+            Error::Contended(message) => Status::aborted(message),
             other => kiln_core::Error::Internal(other.to_string()).into(),
         }
     }

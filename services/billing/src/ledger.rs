@@ -1,7 +1,8 @@
 //! The usage ledger. One durable consumer reads every event in stream order (so a model or
-//! deployment is known before its usage) and books usage as ledger entries, in batches: each
-//! batch is one transaction that first claims its event ids, so a redelivered, duplicated or
-//! replayed event books nothing. Running dedicated replicas are billed from the moment they
+//! deployment is known before its usage) and books usage as ledger entries, in batches of
+//! one transaction each: a usage entry is keyed by its event's id and the other events are
+//! claimed by id in the same transaction, so a redelivered, duplicated or replayed event
+//! books nothing. Running dedicated replicas are billed from the moment they
 //! are ready, in pieces: by the accrual loop while they run and by `replica.stopped` for the
 //! rest, each piece within one UTC day and keyed by the replica and its start, so no
 //! accelerator-second is billed twice.
@@ -88,6 +89,14 @@ fn event_micros(event: &Event) -> i64 {
     micros(&event.time, now_micros())
 }
 
+/// Usage events: each books one ledger entry under the event's own id.
+fn is_usage(event: &Event) -> bool {
+    matches!(
+        event.body,
+        Some(Body::UsageRecorded(_) | Body::TrainingUsageRecorded(_))
+    )
+}
+
 fn is_booked(event: &Event) -> bool {
     matches!(
         event.body,
@@ -162,26 +171,36 @@ impl OpenReplica {
 
 impl Billing {
     /// Books a batch of events in one transaction: what this ledger has not seen yet, once.
-    /// Returns how many events it applied.
+    /// A usage event's entry carries the event's id, so the ledger's own key keeps it once;
+    /// the other events (replicas, models, deployments) change state and are claimed by id
+    /// first. Returns how many events it applied.
     pub async fn ingest(&self, events: &[Event]) -> Result<usize> {
         let booked: Vec<&Event> = events.iter().filter(|e| is_booked(e)).collect();
         if booked.is_empty() {
             return Ok(0);
         }
         let txn = self.db().begin().await?;
-        let mut fresh = claim(&txn, &booked).await?;
+        let stateful: Vec<&Event> = booked.iter().copied().filter(|e| !is_usage(e)).collect();
+        let mut fresh = claim(&txn, &stateful).await?;
         let mut entries = Vec::new();
         let mut parameters = HashMap::new();
+        let mut seen = HashSet::new();
         let mut applied = 0;
-        for event in booked {
-            if !fresh.remove(&event.id) {
+        for event in booked.iter().copied() {
+            if is_usage(event) {
+                if !seen.insert(event.id.as_str()) {
+                    continue;
+                }
+            } else if fresh.remove(&event.id) {
+                applied += 1;
+            } else {
                 continue;
             }
-            applied += 1;
             self.apply(&txn, event, &mut entries, &mut parameters)
                 .await?;
         }
-        self.book(&txn, &entries).await?;
+        let inserted = self.book(&txn, &entries).await?;
+        applied += seen.iter().filter(|id| inserted.contains(**id)).count();
         self.outbox().commit(txn).await?;
         Ok(applied)
     }
@@ -240,34 +259,7 @@ impl Billing {
                 if r.deployment_type == DeploymentType::Dedicated as i32 =>
             {
                 let stop = micros(&r.stop_time, event_micros(event));
-                let open = open_replicas(txn, Some(&r.replica)).await?.pop();
-                let (replica, from) = match open {
-                    Some(open) => {
-                        let from = open.billed_until;
-                        (open, from)
-                    }
-                    // Its start was never seen (it began before this ledger): the event
-                    // carries the whole span.
-                    None => (
-                        OpenReplica {
-                            replica: r.replica.clone(),
-                            account: account_id(&r.deployment),
-                            deployment: r.deployment.clone(),
-                            model: r.model.clone(),
-                            accelerator_type: r.accelerator_type,
-                            accelerator_count: i64::from(r.accelerator_count.max(1)),
-                            billed_until: 0,
-                        },
-                        micros(&r.start_time, stop),
-                    ),
-                };
-                entries.extend(replica.pieces(self, from, stop));
-                execute(
-                    txn,
-                    "DELETE FROM billing_replicas WHERE replica = ?",
-                    vec![r.replica.clone().into()],
-                )
-                .await?;
+                entries.extend(self.close_replica(txn, r, stop).await?);
             }
             Some(
                 Body::ModelCreated(ev::ModelCreated { model: Some(m) })
@@ -322,6 +314,46 @@ impl Billing {
         Ok(())
     }
 
+    /// The rest of a stopped replica's time, from what was billed of it up to `stop`; its
+    /// row goes. The row is taken only as it was read (an accrual that moved it meanwhile
+    /// makes this read again), so a piece is never billed by both.
+    async fn close_replica(
+        &self,
+        txn: &DatabaseTransaction,
+        r: &ev::ReplicaStopped,
+        stop: i64,
+    ) -> Result<Vec<Entry>> {
+        for _ in 0..8 {
+            let Some(open) = open_replicas(txn, Some(&r.replica)).await?.pop() else {
+                // Its start was never seen (it began before this ledger): the event carries
+                // the whole span.
+                let whole = OpenReplica {
+                    replica: r.replica.clone(),
+                    account: account_id(&r.deployment),
+                    deployment: r.deployment.clone(),
+                    model: r.model.clone(),
+                    accelerator_type: r.accelerator_type,
+                    accelerator_count: i64::from(r.accelerator_count.max(1)),
+                    billed_until: 0,
+                };
+                return Ok(whole.pieces(self, micros(&r.start_time, stop), stop));
+            };
+            let taken = execute(
+                txn,
+                "DELETE FROM billing_replicas WHERE replica = ? AND billed_until = ?",
+                vec![r.replica.clone().into(), open.billed_until.into()],
+            )
+            .await?;
+            if taken == 1 {
+                return Ok(open.pieces(self, open.billed_until, stop));
+            }
+        }
+        Err(crate::Error::Contended(format!(
+            "replica {} kept moving while it was being closed; the batch will be retried",
+            r.replica
+        )))
+    }
+
     async fn usage_entry(
         &self,
         txn: &DatabaseTransaction,
@@ -370,11 +402,18 @@ impl Billing {
         Ok(entry)
     }
 
-    /// Writes `entries`, adds their cost to each account's month, and suspends accounts
-    /// whose month reached its spend limit.
-    pub(crate) async fn book(&self, txn: &DatabaseTransaction, entries: &[Entry]) -> Result<()> {
+    /// Writes the `entries` the ledger does not hold yet, adds their cost to each account's
+    /// month, and suspends accounts whose month reached its spend limit. Returns the ids
+    /// written.
+    pub(crate) async fn book(
+        &self,
+        txn: &DatabaseTransaction,
+        entries: &[Entry],
+    ) -> Result<HashSet<String>> {
         const COLUMNS: usize = 18;
-        for chunk in entries.chunks(200) {
+        let mut inserted = HashSet::with_capacity(entries.len());
+        // 1,000 rows of 18 values stay under either backend's bind-variable limit.
+        for chunk in entries.chunks(1_000) {
             let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * COLUMNS);
             for e in chunk {
                 values.extend([
@@ -398,57 +437,99 @@ impl Billing {
                     e.cost_nanos.into(),
                 ]);
             }
-            execute(
+            let rows = query(
                 txn,
                 &format!(
                     "INSERT INTO billing_ledger (id, account, kind, time_micros, day, model, deployment, deployed_model, \
                      accelerator_type, deployment_type, request_count, prompt_tokens, cached_prompt_tokens, completion_tokens, \
-                     embedding_tokens, accelerator_micros, training_tokens, cost_nanos) VALUES {}",
+                     embedding_tokens, accelerator_micros, training_tokens, cost_nanos) VALUES {} \
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
                     value_rows(chunk.len(), COLUMNS)
                 ),
                 values,
             )
             .await?;
+            for row in rows {
+                inserted.insert(row.try_get::<String>("", "id")?);
+            }
         }
         let mut spend: HashMap<(String, String), i64> = HashMap::new();
-        for e in entries.iter().filter(|e| e.cost_nanos != 0) {
+        for e in entries
+            .iter()
+            .filter(|e| e.cost_nanos != 0 && inserted.contains(&e.id))
+        {
             *spend
                 .entry((e.account.clone(), utc_month(e.time_micros)))
                 .or_default() += e.cost_nanos;
         }
-        for ((account, month), cost) in spend {
-            let rows = query(
-                txn,
-                "INSERT INTO billing_monthly_spend (account, month, cost_nanos) VALUES (?, ?, ?) \
+        if spend.is_empty() {
+            return Ok(inserted);
+        }
+        // Every account's month in one statement; then the limits of those whose current
+        // month moved, in one more.
+        let mut values: Vec<Value> = Vec::with_capacity(spend.len() * 3);
+        for ((account, month), cost) in &spend {
+            values.extend([account.clone().into(), month.clone().into(), (*cost).into()]);
+        }
+        let totals = query(
+            txn,
+            &format!(
+                "INSERT INTO billing_monthly_spend (account, month, cost_nanos) VALUES {} \
                  ON CONFLICT (account, month) DO UPDATE SET cost_nanos = billing_monthly_spend.cost_nanos + excluded.cost_nanos \
-                 RETURNING cost_nanos",
-                vec![account.clone().into(), month.clone().into(), cost.into()],
-            )
-            .await?;
-            let total = rows.first().map(|r| int(r, "cost_nanos")).transpose()?;
-            if month == utc_month(now_micros()) {
-                self.enforce_spend_limit(txn, &account, total.unwrap_or(0))
-                    .await?;
+                 RETURNING account, month, cost_nanos",
+                value_rows(spend.len(), 3)
+            ),
+            values,
+        )
+        .await?;
+        let this_month = utc_month(now_micros());
+        let mut current: Vec<(String, i64)> = Vec::new();
+        for row in &totals {
+            let month: String = row.try_get("", "month")?;
+            let account: String = row.try_get("", "account")?;
+            if month == this_month && account != SYSTEM_ACCOUNT {
+                current.push((account, int(row, "cost_nanos")?));
             }
         }
-        Ok(())
+        if current.is_empty() {
+            return Ok(inserted);
+        }
+        let mut values: Vec<Value> = vec![QuotaKind::MonthlySpend.id().into()];
+        values.extend(current.iter().map(|(a, _)| Value::from(a.clone())));
+        let stored: HashMap<String, i64> = query(
+            txn,
+            &format!(
+                "SELECT account, value FROM billing_quotas WHERE quota = ? AND account IN ({})",
+                vec!["?"; current.len()].join(", ")
+            ),
+            values,
+        )
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get::<String>("", "account")?, int(row, "value")?)))
+        .collect::<Result<_>>()?;
+        let default = self.config().quotas.monthly_spend;
+        for (account, month_spend) in current {
+            let limit = stored.get(&account).copied().unwrap_or(default);
+            self.enforce_spend_limit(txn, &account, month_spend, limit)
+                .await?;
+        }
+        Ok(inserted)
     }
 
     /// Suspends `account` (MONTHLY_SPEND_LIMIT_EXCEEDED) when `month_spend` reached its
-    /// limit and it is not suspended yet: a row here and its event, in `txn`.
+    /// `limit` (whole currency units) and it is not suspended yet: a row here and its event,
+    /// in `txn`.
     pub(crate) async fn enforce_spend_limit(
         &self,
         txn: &DatabaseTransaction,
         account: &str,
         month_spend: i64,
+        limit: i64,
     ) -> Result<()> {
         if account == SYSTEM_ACCOUNT {
             return Ok(());
         }
-        let limit = self
-            .quota(txn, account, &QuotaKind::MonthlySpend)
-            .await?
-            .value;
         if month_spend < limit.saturating_mul(NANOS_PER_UNIT) {
             return Ok(());
         }
@@ -819,6 +900,50 @@ mod tests {
         assert_eq!(
             crate::prices::money_nanos(row.cost.as_ref().unwrap()),
             25 * 100
+        );
+    }
+
+    #[tokio::test]
+    async fn training_tokens_are_priced_by_the_base_models_tier() {
+        let dir = tempfile::tempdir().unwrap();
+        let billing = billing(&dir).await;
+        let now = now_micros();
+        // A 70B base model (the unbounded tier: $3.00 per million training tokens).
+        let base = kiln_proto::registry::v1::Model {
+            name: "accounts/kiln/models/big".into(),
+            base_model_details: Some(kiln_proto::registry::v1::BaseModelDetails {
+                parameter_count: 70_000_000_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = new_event(
+            "test",
+            "registry.model.created",
+            "accounts/kiln",
+            "accounts/kiln/models/big",
+            Body::ModelCreated(ev::ModelCreated { model: Some(base) }),
+        );
+        let trained = new_event(
+            "test",
+            "inference.training_usage.recorded",
+            "accounts/acme",
+            "accounts/acme/supervisedFineTuningJobs/j",
+            Body::TrainingUsageRecorded(ev::TrainingUsageRecorded {
+                job: "accounts/acme/supervisedFineTuningJobs/j".into(),
+                account: "accounts/acme".into(),
+                base_model: "accounts/kiln/models/big".into(),
+                training_tokens: 1_000,
+                end_time: Some(micros_to_timestamp(now)),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(billing.ingest(&[created, trained]).await.unwrap(), 2);
+        let row = report(&billing, now - 1_000_000, now + 1_000_000).await;
+        assert_eq!(row.training_tokens, 1_000);
+        assert_eq!(
+            crate::prices::money_nanos(row.cost.as_ref().unwrap()),
+            1_000 * 3_000
         );
     }
 

@@ -493,7 +493,8 @@ impl Billing {
                 self.lift_suspension(&txn, &account, "the monthly spend limit was raised")
                     .await?;
             } else {
-                self.enforce_spend_limit(&txn, &account, spend).await?;
+                self.enforce_spend_limit(&txn, &account, spend, after.value)
+                    .await?;
             }
         }
         let resource = self.quota_resource(&txn, &account, &kind).await?;

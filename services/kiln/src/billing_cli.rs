@@ -109,6 +109,19 @@ const USAGE_HEADERS: &[&str] = &[
 ];
 
 pub async fn get_usage(client: &Client, format: Format, args: UsageArgs) -> anyhow::Result<()> {
+    // The flags are checked before anything is asked of the server.
+    let start_time = args
+        .from
+        .as_deref()
+        .map(|t| time_arg("from", t))
+        .transpose()?;
+    let end_time = args.to.as_deref().map(|t| time_arg("to", t)).transpose()?;
+    let group_by = args
+        .group_by
+        .iter()
+        .filter(|g| !g.trim().is_empty())
+        .map(|g| group_arg(g))
+        .collect::<anyhow::Result<_>>()?;
     let parent = if args.all_accounts {
         "accounts/-".to_owned()
     } else {
@@ -116,18 +129,9 @@ pub async fn get_usage(client: &Client, format: Format, args: UsageArgs) -> anyh
     };
     let request = billv1::GetUsageRequest {
         parent,
-        start_time: args
-            .from
-            .as_deref()
-            .map(|t| time_arg("from", t))
-            .transpose()?,
-        end_time: args.to.as_deref().map(|t| time_arg("to", t)).transpose()?,
-        group_by: args
-            .group_by
-            .iter()
-            .filter(|g| !g.trim().is_empty())
-            .map(|g| group_arg(g))
-            .collect::<anyhow::Result<_>>()?,
+        start_time,
+        end_time,
+        group_by,
         filter: args.filter,
     };
     let report = usage_client(client).get_usage(request).await?.into_inner();

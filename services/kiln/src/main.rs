@@ -86,7 +86,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
          kiln{server} list users --account acme\n  \
          kiln{server} chat accounts/kiln/models/smollm2-135m-instruct \"What is the capital of Japan?\"\n  \
          kiln{server} embed accounts/kiln/models/all-minilm-l6-v2 \"hello world\"\n  \
-         kiln{server} --account kiln list deployments\n\
+         kiln{server} --account kiln list deployments\n  \
+         kiln{server} get usage --all-accounts --group-by model,day\n  \
+         kiln{server} list quotas --account acme\n\
          (the public models answer once their import and preparation finish, a minute or so on first start)\n\
          Press Ctrl-C to stop."
     );

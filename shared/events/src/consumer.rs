@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use kiln_store::{is_unique_violation, placeholder};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, Statement, TransactionTrait,
@@ -12,7 +13,7 @@ use sea_orm::{
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::bus::EventBus;
+use crate::bus::{Delivery, EventBus};
 use crate::{Error, Event};
 
 /// What a consumer does with one event, inside the transaction that marks it processed.
@@ -74,6 +75,28 @@ pub async fn handle_once(
     Ok(Handled::Applied)
 }
 
+/// Opens the durable consumer `name` on `filter`, retrying every second while the bus
+/// refuses; None once `shutdown` changes.
+async fn open_consumer(
+    bus: &dyn EventBus,
+    name: &str,
+    filter: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<BoxStream<'static, Result<Delivery, Error>>> {
+    loop {
+        match bus.consume(name, filter).await {
+            Ok(stream) => return Some(stream),
+            Err(err) => {
+                tracing::warn!(consumer = %name, %err, "cannot open consumer; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => return None,
+                }
+            }
+        }
+    }
+}
+
 /// Runs the durable consumer `name` on `filter` until `shutdown` turns true, reconnecting
 /// after bus errors. Failed events are nacked and come back.
 pub fn spawn_consumer(
@@ -86,15 +109,9 @@ pub fn spawn_consumer(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            let mut stream = match bus.consume(&name, &filter).await {
-                Ok(s) => s,
-                Err(err) => {
-                    tracing::warn!(consumer = %name, %err, "cannot open consumer; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
-                        _ = shutdown.changed() => return,
-                    }
-                }
+            let Some(mut stream) = open_consumer(bus.as_ref(), &name, &filter, &mut shutdown).await
+            else {
+                return;
             };
             loop {
                 let delivery = tokio::select! {
@@ -145,25 +162,37 @@ pub fn spawn_batch_consumer(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            let stream = match bus.consume(&name, &filter).await {
-                Ok(s) => s,
-                Err(err) => {
-                    tracing::warn!(consumer = %name, %err, "cannot open consumer; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
-                        _ = shutdown.changed() => return,
+            let Some(stream) = open_consumer(bus.as_ref(), &name, &filter, &mut shutdown).await
+            else {
+                return;
+            };
+            // A reader keeps the bus's stream polled while a batch is being handled, so the
+            // next batch holds everything that arrived meanwhile (a pull consumer fetches
+            // only while polled).
+            let batch = batch.max(1);
+            let (ahead, mut waiting) = tokio::sync::mpsc::channel(batch * 2);
+            let reader = tokio::spawn(async move {
+                let mut stream = stream;
+                while let Some(delivery) = stream.next().await {
+                    if ahead.send(delivery).await.is_err() {
+                        return;
                     }
                 }
-            };
-            let mut chunks = stream.ready_chunks(batch.max(1));
+            });
+            let _reader = AbortOnDrop(reader);
+            let mut chunk = Vec::with_capacity(batch);
+            let mut acking: Option<tokio::task::JoinHandle<()>> = None;
             loop {
-                let chunk = tokio::select! {
-                    next = chunks.next() => next,
+                // Everything waiting, up to `batch` (at least one; none: the stream ended).
+                let received = tokio::select! {
+                    n = waiting.recv_many(&mut chunk, batch) => n,
                     _ = shutdown.changed() => return,
                 };
-                let Some(chunk) = chunk else { break };
+                if received == 0 {
+                    break;
+                }
                 let mut deliveries = Vec::with_capacity(chunk.len());
-                for delivery in chunk {
+                for delivery in chunk.drain(..) {
                     match delivery {
                         Ok(d) => deliveries.push(d),
                         Err(err) => tracing::warn!(consumer = %name, %err, "consumer stream error"),
@@ -178,16 +207,37 @@ pub fn spawn_batch_consumer(
                 if let Err(err) = &result {
                     tracing::warn!(consumer = %name, %err, "batch handling failed; will be redelivered");
                 }
-                let acks = deliveries.into_iter().map(|d| {
-                    let ok = result.is_ok();
-                    async move { if ok { d.ack().await } else { d.nack().await } }
-                });
-                for acked in futures::future::join_all(acks).await {
-                    if let Err(err) = acked {
-                        tracing::warn!(consumer = %name, %err, "ack failed");
-                    }
+                // This batch's acks go out while the next batch is handled (one batch of
+                // acks in flight at most); an ack lost to a crash only brings back events
+                // the handler already made idempotent.
+                if let Some(previous) = acking.take() {
+                    let _ = previous.await;
                 }
+                let ok = result.is_ok();
+                let consumer = name.clone();
+                acking = Some(tokio::spawn(async move {
+                    let acks = deliveries
+                        .into_iter()
+                        .map(|d| async move { if ok { d.ack().await } else { d.nack().await } });
+                    for acked in futures::future::join_all(acks).await {
+                        if let Err(err) = acked {
+                            tracing::warn!(consumer = %consumer, %err, "ack failed");
+                        }
+                    }
+                }));
+            }
+            if let Some(previous) = acking.take() {
+                let _ = previous.await;
             }
         }
     })
+}
+
+/// Aborts its task when dropped (a batch consumer's reader when the consumer ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -168,7 +168,15 @@ impl EventBus for NatsBus {
             )
             .await
             .map_err(nats_err)?;
-        let messages = consumer.messages().await.map_err(nats_err)?;
+        // Up to 1,024 events buffered ahead: batching consumers (the billing ledger) take
+        // what is waiting in one transaction; 15 s heartbeats as the client's default.
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(1_024)
+            .heartbeat(Duration::from_secs(15))
+            .messages()
+            .await
+            .map_err(nats_err)?;
         let prefix_len = self.config.subject_prefix.len();
         Ok(messages
             .map(move |item| {
