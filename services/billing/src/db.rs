@@ -2,7 +2,10 @@
 //! the ledger is written in multi-row statements and read in aggregates.
 
 use kiln_store::Migration;
-use sea_orm::{ConnectionTrait, DatabaseBackend, QueryResult, Statement, Value};
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseTransaction, QueryResult,
+    Statement, TransactionTrait, Value,
+};
 
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -78,6 +81,18 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     kiln_events::outbox::MIGRATION,
 ];
+
+/// Begins a transaction that will write. On SQLite it takes the write lock at once (a write
+/// that changes nothing), so a transaction that reads first never has to upgrade a stale
+/// snapshot: SQLite refuses that at once ("database is locked") instead of waiting.
+pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, sea_orm::DbErr> {
+    let txn = db.begin().await?;
+    if txn.get_database_backend() == DatabaseBackend::Sqlite {
+        txn.execute_unprepared("UPDATE billing_quotas SET value = value WHERE 0 = 1")
+            .await?;
+    }
+    Ok(txn)
+}
 
 /// `sql` written with `?` placeholders, rendered for the connection's backend.
 pub fn statement(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Statement {

@@ -19,7 +19,7 @@ use kiln_proto::events::v1 as ev;
 use kiln_proto::identity::v1::account::SuspendState;
 use kiln_proto::scheduler::v1::Deployment;
 use kiln_proto::scheduler::v1::deployment::{DeploymentType, State as DeploymentState};
-use sea_orm::{DatabaseTransaction, TransactionTrait, Value};
+use sea_orm::{DatabaseTransaction, Value};
 
 use crate::db::{execute, int, query, value_rows};
 use crate::error::Result;
@@ -179,7 +179,7 @@ impl Billing {
         if booked.is_empty() {
             return Ok(0);
         }
-        let txn = self.db().begin().await?;
+        let txn = crate::db::begin_write(self.db()).await?;
         let stateful: Vec<&Event> = booked.iter().copied().filter(|e| !is_usage(e)).collect();
         let mut fresh = claim(&txn, &stateful).await?;
         let mut entries = Vec::new();
@@ -610,7 +610,7 @@ impl Billing {
     /// Bills every running dedicated replica up to `now`, and lifts spend-limit suspensions
     /// of a month that has ended.
     pub async fn accrue(&self, now: i64) -> Result<()> {
-        let txn = self.db().begin().await?;
+        let txn = crate::db::begin_write(self.db()).await?;
         let mut entries = Vec::new();
         for open in open_replicas(&txn, None).await? {
             if open.billed_until >= now {

@@ -15,7 +15,7 @@ use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
 use kiln_store::listing::Listing;
-use sea_orm::{ConnectionTrait, TransactionTrait};
+use sea_orm::ConnectionTrait;
 
 use crate::db::{execute, int, query};
 use crate::error::Result;
@@ -423,7 +423,7 @@ impl Billing {
         if paths.is_empty() {
             paths.push("value".into());
         }
-        let txn = self.db().begin().await?;
+        let txn = crate::db::begin_write(self.db()).await?;
         let before = self.quota(&txn, &account, &kind).await?;
         let mut after = before;
         for path in &paths {
