@@ -769,12 +769,17 @@ pub mod deployments {
         what: &str,
         check: impl Fn(&schv1::Deployment) -> bool,
     ) -> schv1::Deployment {
-        let check = &check;
-        kiln_testkit::wait_for(timeout, what, || async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
             let d = get(ch, name).await;
-            check(&d).then_some(d)
-        })
-        .await
+            if check(&d) {
+                return d;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("timed out after {timeout:?} waiting for {what}; the deployment is {d:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Waits until the deployment is READY with `ready` ready replicas.
