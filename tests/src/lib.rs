@@ -734,6 +734,12 @@ pub mod deployments {
         schv1::node_service_client::NodeServiceClient::new(ch.clone())
     }
 
+    pub fn deployed_models(
+        ch: &AuthedChannel,
+    ) -> schv1::deployed_model_service_client::DeployedModelServiceClient<AuthedChannel> {
+        schv1::deployed_model_service_client::DeployedModelServiceClient::new(ch.clone())
+    }
+
     pub async fn create(
         ch: &AuthedChannel,
         parent: &str,

@@ -197,13 +197,30 @@ impl BundleCache {
         blocks_ok: bool,
     ) -> Result<Bundle> {
         let (precision, files) = servable_files(model, blocks_ok)?;
-        let digest = Self::digest(&files);
+        let dir = self.fetch_files(source, model, precision, &files).await?;
+        let opened = Bundle::open(&dir, manifest_of(model));
+        if opened.is_err() {
+            self.unpin(&dir);
+        }
+        opened
+    }
+
+    /// `files` of `model` (its prepared bundle of `precision`, or its own files with None)
+    /// in a folder of the cache, downloaded and verified when not cached; pinned like
+    /// [`BundleCache::fetch`]'s bundles.
+    pub async fn fetch_files(
+        &self,
+        source: &dyn ModelSource,
+        model: &Model,
+        precision: Option<i32>,
+        files: &[ModelFile],
+    ) -> Result<PathBuf> {
+        let digest = Self::digest(files);
         let dir = self.dir.join(&digest);
         self.pinned.lock().expect("pins").insert(digest.clone());
         let fetched = async {
             if !dir.join(COMPLETE).is_file() {
-                self.download(source, model, precision, &files, &dir)
-                    .await?;
+                self.download(source, model, precision, files, &dir).await?;
             }
             // The marker's mtime is the entry's last use (LRU order survives restarts).
             std::fs::File::options()
@@ -211,7 +228,7 @@ impl BundleCache {
                 .open(dir.join(COMPLETE))?
                 .set_modified(SystemTime::now())?;
             self.evict()?;
-            Bundle::open(&dir, manifest_of(model))
+            Ok(dir.clone())
         }
         .await;
         if fetched.is_err() {

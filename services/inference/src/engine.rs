@@ -351,6 +351,40 @@ impl Engine {
     }
 
     /// Stops serving `name` (its thread ends once its queue drains).
+    /// The files of LoRA addon `addon` for a replica of `base`, fetched into the cache
+    /// (verified) and pinned until [`Engine::release_addon`]: what a node holds when it
+    /// has an addon loaded. The addon must be a READY LoRA addon of `base`.
+    pub async fn fetch_addon(&self, addon: &str, base: &str) -> Result<PathBuf> {
+        let model = self.source.get_model(addon).await?;
+        if model.kind != model::Kind::LoraAddon as i32 {
+            return Err(
+                ApiError::FailedPrecondition(format!("{addon} is not a LoRA addon")).into(),
+            );
+        }
+        if model.state != model::State::Ready as i32 {
+            return Err(ApiError::FailedPrecondition(format!("addon {addon} is not READY")).into());
+        }
+        let of = model
+            .peft_details
+            .as_ref()
+            .map(|p| p.base_model.as_str())
+            .unwrap_or_default();
+        if of != base {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{addon} is an addon of {of}, not of {base}"
+            ))
+            .into());
+        }
+        self.cache
+            .fetch_files(self.source.as_ref(), &model, None, &model.files)
+            .await
+    }
+
+    /// Unpins an addon's files fetched by [`Engine::fetch_addon`].
+    pub fn release_addon(&self, dir: &std::path::Path) {
+        self.cache.unpin(dir);
+    }
+
     pub async fn unload(&self, name: &str) {
         let slot = self.models.lock().expect("models").remove(name);
         if let Some(slot) = slot

@@ -20,7 +20,7 @@ use kiln_core::names::ChildName;
 use kiln_core::telemetry::OutgoingInterceptor;
 use kiln_proto::common::v1::{AcceleratorType, Status as ResourceStatus};
 use kiln_proto::scheduler::v1::{
-    Accelerator, AssignmentAck, Backend as BackendInfo, DeploymentDemand, LoadReplica,
+    Accelerator, AssignmentAck, Backend as BackendInfo, DeploymentDemand, LoadAddon, LoadReplica,
     NodeHeartbeat, NodeMessage, RegisterNode, Replica, ReplicaHeartbeat, ReplicaLoad,
     ReplicaStateReport, Route, RoutingTable, SchedulerMessage, assignment, node_message,
     node_service_client::NodeServiceClient, replica, scheduler_message,
@@ -81,6 +81,8 @@ impl SchedulerLink for RemoteScheduler {
 /// A replica this node holds.
 struct Held {
     replica: Replica,
+    /// The folders of its loaded addons (`replica.loaded_addons` names them).
+    addon_dirs: HashMap<String, std::path::PathBuf>,
     in_flight: Arc<AtomicI32>,
     served: Arc<AtomicU64>,
     /// `served` at the previous heartbeat, and when that was.
@@ -187,6 +189,13 @@ impl Node {
     }
 
     fn report(&self, replica: &str, state: replica::State, status: Option<ResourceStatus>) {
+        let loaded_addons = self
+            .replicas
+            .lock()
+            .expect("replicas")
+            .get(replica)
+            .map(|held| held.replica.loaded_addons.clone())
+            .unwrap_or_default();
         self.send(node_message::Payload::ReplicaState(ReplicaStateReport {
             replica: replica.to_owned(),
             state: state as i32,
@@ -194,7 +203,7 @@ impl Node {
             time: Some(kiln_core::time::micros_to_timestamp(
                 kiln_core::time::now_micros(),
             )),
-            loaded_addons: Vec::new(),
+            loaded_addons,
         }));
     }
 
@@ -270,7 +279,7 @@ impl Node {
                         requests_per_second: (served - before) as f32 / seconds,
                         ..Default::default()
                     }),
-                    loaded_addons: Vec::new(),
+                    loaded_addons: held.replica.loaded_addons.clone(),
                 }
             })
             .collect();
@@ -305,6 +314,7 @@ impl Node {
                         state: replica::State::DownloadingModel as i32,
                         ..Default::default()
                     },
+                    addon_dirs: HashMap::new(),
                     in_flight: Default::default(),
                     served: Default::default(),
                     last_served: (0, Instant::now()),
@@ -366,9 +376,126 @@ impl Node {
             if !still_used {
                 node.engine.unload(&held.replica.model).await;
             }
+            for dir in held.addon_dirs.values() {
+                node.release_addon_files(dir);
+            }
             tracing::info!(replica = %name, "replica unloaded");
             node.report(&name, replica::State::Stopped, None);
         });
+    }
+
+    /// Fetches an addon's files for a replica (verified, into the model cache) and lists it
+    /// among the replica's loaded addons; the ack says whether it could. Serving requests
+    /// through the addon's weights is the LoRA serving work's; until then a request naming
+    /// the addon is refused by the engine, never answered by the bare base.
+    fn load_addon(self: &Arc<Self>, id: String, load: LoadAddon) {
+        let base = {
+            let replicas = self.replicas.lock().expect("replicas");
+            match replicas.get(&load.replica) {
+                Some(held) if held.replica.loaded_addons.contains(&load.addon) => {
+                    drop(replicas);
+                    self.ack(id, Ok(()));
+                    return;
+                }
+                Some(held) => held.replica.model.clone(),
+                None => {
+                    drop(replicas);
+                    self.ack(
+                        id,
+                        Err(format!("{} is not held by this node", load.replica)),
+                    );
+                    return;
+                }
+            }
+        };
+        let node = self.clone();
+        tokio::spawn(async move {
+            let fetched = node.engine.fetch_addon(&load.addon, &base).await;
+            let outcome = match fetched {
+                Ok(dir) => {
+                    let mut replicas = node.replicas.lock().expect("replicas");
+                    match replicas.get_mut(&load.replica) {
+                        Some(held) => {
+                            if !held.replica.loaded_addons.contains(&load.addon) {
+                                held.replica.loaded_addons.push(load.addon.clone());
+                            }
+                            held.addon_dirs.insert(load.addon.clone(), dir);
+                            Ok(())
+                        }
+                        None => {
+                            // Unloaded meanwhile.
+                            drop(replicas);
+                            node.release_addon_files(&dir);
+                            Err(format!("{} was unloaded", load.replica))
+                        }
+                    }
+                }
+                Err(err) => Err(Status::from(err).message().to_owned()),
+            };
+            match &outcome {
+                Ok(()) => {
+                    tracing::info!(replica = %load.replica, addon = %load.addon, "addon loaded");
+                    let state = node
+                        .replicas
+                        .lock()
+                        .expect("replicas")
+                        .get(&load.replica)
+                        .and_then(|h| replica::State::try_from(h.replica.state).ok());
+                    if let Some(state) = state {
+                        node.report(&load.replica, state, None);
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(replica = %load.replica, addon = %load.addon, %why, "addon not loaded")
+                }
+            }
+            node.ack(id, outcome);
+        });
+    }
+
+    fn unload_addon(&self, replica: &str, addon: &str) {
+        let (dir, state) = {
+            let mut replicas = self.replicas.lock().expect("replicas");
+            let Some(held) = replicas.get_mut(replica) else {
+                return;
+            };
+            held.replica.loaded_addons.retain(|a| a != addon);
+            (
+                held.addon_dirs.remove(addon),
+                replica::State::try_from(held.replica.state).ok(),
+            )
+        };
+        if let Some(dir) = dir {
+            self.release_addon_files(&dir);
+        }
+        tracing::info!(replica, addon, "addon unloaded");
+        if let Some(state) = state {
+            self.report(replica, state, None);
+        }
+    }
+
+    /// Unpins an addon's files unless another replica here still holds them.
+    fn release_addon_files(&self, dir: &std::path::Path) {
+        let still_used = self
+            .replicas
+            .lock()
+            .expect("replicas")
+            .values()
+            .any(|h| h.addon_dirs.values().any(|d| d == dir));
+        if !still_used {
+            self.engine.release_addon(dir);
+        }
+    }
+
+    fn ack(&self, id: String, outcome: std::result::Result<(), String>) {
+        self.send(node_message::Payload::Ack(AssignmentAck {
+            assignment_id: id,
+            accepted: outcome.is_ok(),
+            status: outcome.err().map(|why| ResourceStatus {
+                code: tonic::Code::FailedPrecondition as i32,
+                message: why,
+            }),
+        }));
     }
 
     fn assignment(self: &Arc<Self>, id: String, action: assignment::Action) {
@@ -385,22 +512,21 @@ impl Node {
                 self.unload_replica(unload.replica, drain);
                 Ok(())
             }
-            assignment::Action::LoadAddon(_) | assignment::Action::UnloadAddon(_) => {
-                Err("LoRA addons are not served by this node yet")
+            assignment::Action::LoadAddon(load) => {
+                // Acknowledged once its files are here (or not).
+                self.load_addon(id, load);
+                return;
+            }
+            assignment::Action::UnloadAddon(unload) => {
+                self.unload_addon(&unload.replica, &unload.addon);
+                Ok(())
             }
             assignment::Action::StartFineTuningJob(_)
             | assignment::Action::CancelFineTuningJob(_) => {
-                Err("this node does not run fine-tuning jobs")
+                Err("this node does not run fine-tuning jobs".to_owned())
             }
         };
-        self.send(node_message::Payload::Ack(AssignmentAck {
-            assignment_id: id,
-            accepted: accepted.is_ok(),
-            status: accepted.err().map(|why| ResourceStatus {
-                code: tonic::Code::FailedPrecondition as i32,
-                message: why.to_owned(),
-            }),
-        }));
+        self.ack(id, accepted);
     }
 
     /// Keeps the node registered until shutdown: reconnects (with backoff) whenever the
@@ -544,6 +670,16 @@ impl Node {
 
     /// The route's replica on this node, if it is ready here.
     async fn local(&self, route: &Route) -> Result<Option<Served>> {
+        if route.model != route.base_model {
+            // The replica holds the addon's files, but applying LoRA weights is not built
+            // yet: answering with the bare base would pass its output off as the addon's.
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} is LoRA addon {} on {}: its files are loaded, but this node cannot apply \
+                 LoRA weights yet; send the request to the base model {}",
+                route.deployed_model, route.model, route.deployment, route.base_model
+            ))
+            .into());
+        }
         let held = {
             let replicas = self.replicas.lock().expect("replicas");
             route

@@ -128,7 +128,8 @@ impl Scheduler {
         });
         let created = now();
         let serverless = d.deployment_type == deployment::DeploymentType::Serverless as i32;
-        let ready = d.state == deployment::State::Ready as i32;
+        // An addon is DEPLOYED only once the replicas hold it (the reconcile pass sees to it).
+        let ready = d.state == deployment::State::Ready as i32 && model.name == d.base_model;
         let new = DeployedModel {
             name: name.clone(),
             display_name: if dm.display_name.is_empty() {

@@ -2,6 +2,7 @@
 //! them, autoscaling, and the routing table every node follows. A library plus a thin
 //! `main.rs`; `kiln dev` hosts it beside the other services.
 
+pub mod addons;
 pub mod catalog;
 pub mod config;
 pub mod db;

@@ -204,6 +204,7 @@ impl Scheduler {
                             deployment_type,
                             model_bytes,
                             load: held.load.unwrap_or_default(),
+                            addons_requested: Default::default(),
                         },
                     );
                 }
@@ -257,6 +258,11 @@ impl Scheduler {
                 }
             }
             Some(node_message::Payload::ReplicaState(report)) => {
+                if let Some(entry) = state.replicas.get_mut(&report.replica)
+                    && entry.replica.node == name
+                {
+                    entry.replica.loaded_addons = report.loaded_addons;
+                }
                 let to =
                     replica::State::try_from(report.state).unwrap_or(replica::State::Unspecified);
                 self.replica_reported(&mut state, name, &report.replica, to, report.status)
@@ -264,6 +270,14 @@ impl Scheduler {
                 wake = true;
             }
             Some(node_message::Payload::Ack(ack)) if !ack.accepted => {
+                match self
+                    .addon_refused(&mut state, &ack.assignment_id, ack.status.clone())
+                    .await
+                {
+                    Ok(true) => wake = true,
+                    Ok(false) => {}
+                    Err(err) => tracing::warn!(%err, "cannot record a refused addon"),
+                }
                 if let Some(replica) = ack.assignment_id.strip_prefix("load-") {
                     let replica = replica.to_owned();
                     self.replica_reported(

@@ -14,6 +14,7 @@ use kiln_proto::scheduler::v1::{
     deployment, node, replica, scheduler_message,
 };
 
+use crate::addons;
 use crate::deployments::{duration_of, is_gone, seconds_between};
 use crate::error::Result;
 use crate::placement::{self, DeviceGroup, Need, NodeCapacity};
@@ -57,6 +58,7 @@ impl Scheduler {
         for name in &names {
             self.refresh_deployment(&mut state, name).await?;
         }
+        self.sync_addons(&mut state);
         self.refresh_deployed_models(&mut state).await?;
         let table = routing_table(&state, self.current_routes().version);
         if table.routes != self.current_routes().routes {
@@ -237,6 +239,7 @@ impl Scheduler {
                         deployment_type: d.deployment_type,
                         model_bytes: bytes,
                         load: ReplicaLoad::default(),
+                        addons_requested: Default::default(),
                     },
                 );
             }
@@ -548,7 +551,8 @@ impl Scheduler {
         self.save_deployment(entry, false, event, None).await
     }
 
-    /// Deployed models become DEPLOYED once their deployment is first ready.
+    /// Deployed models become DEPLOYED once their deployment is first ready (an addon's:
+    /// once every ready replica holds it too).
     async fn refresh_deployed_models(&self, state: &mut State) -> Result<()> {
         let ready: Vec<String> = state
             .deployed_models
@@ -559,6 +563,10 @@ impl Scheduler {
                     e.deployment.state == deployment::State::Ready as i32
                         || e.deployment.state == deployment::State::Updating as i32
                 })
+            })
+            .filter(|dm| {
+                !addons::is_addon_on(state, dm)
+                    || addons::held_everywhere(state, &dm.deployment, &dm.model)
             })
             .map(|dm| dm.name.clone())
             .collect();
@@ -759,6 +767,19 @@ pub(crate) fn routing_table(state: &State, version: i64) -> RoutingTable {
         })
         .filter_map(|dm| {
             let d = &state.deployments.get(&dm.deployment)?.deployment;
+            let mut replicas = by_deployment
+                .get(dm.deployment.as_str())
+                .cloned()
+                .unwrap_or_default();
+            if dm.model != d.base_model {
+                // An addon is served only where it is loaded.
+                for route in &mut replicas {
+                    route.ready &= state
+                        .replicas
+                        .get(&route.replica)
+                        .is_some_and(|r| r.replica.loaded_addons.contains(&dm.model));
+                }
+            }
             Some(Route {
                 deployed_model: dm.name.clone(),
                 model: dm.model.clone(),
@@ -768,10 +789,7 @@ pub(crate) fn routing_table(state: &State, version: i64) -> RoutingTable {
                 public: dm.public,
                 deployment_type: d.deployment_type,
                 account: format!("accounts/{}", account_of(&dm.name)),
-                replicas: by_deployment
-                    .get(dm.deployment.as_str())
-                    .cloned()
-                    .unwrap_or_default(),
+                replicas,
                 state: dm.state,
             })
         })

@@ -117,6 +117,8 @@ pub(crate) struct ReplicaEntry {
     pub deployment_type: i32,
     pub model_bytes: i64,
     pub load: ReplicaLoad,
+    /// Addons its node was told to load and has not reported loaded yet.
+    pub addons_requested: std::collections::BTreeSet<String>,
 }
 
 impl ReplicaEntry {

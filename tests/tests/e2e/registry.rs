@@ -44,7 +44,7 @@ fn safetensors(tensors: &[(&str, [u64; 2])]) -> Vec<u8> {
     out
 }
 
-fn lora(r: u64, v_out: u64) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn lora(r: u64, v_out: u64) -> (Vec<u8>, Vec<u8>) {
     let config = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"});
     let weights = safetensors(&[
         (
