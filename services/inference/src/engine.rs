@@ -128,15 +128,16 @@ impl LoadedModel {
 /// A model's place in the engine: empty until it loads; its lock held while it loads.
 type Slot = Arc<Mutex<Option<Arc<LoadedModel>>>>;
 
-/// Loaded models by name, each behind its own lock so loads of different models overlap and
-/// concurrent first requests for one model load it once.
+/// Loaded models by name and backend ("": the node's choice), each behind its own lock so
+/// loads of different models overlap and concurrent first requests for one model load it
+/// once.
 pub struct Engine {
     config: InferenceConfig,
     device: Device,
     backends: Backends,
     cache: BundleCache,
     source: Arc<dyn ModelSource>,
-    models: std::sync::Mutex<HashMap<String, Slot>>,
+    models: std::sync::Mutex<HashMap<(String, String), Slot>>,
 }
 
 impl Engine {
@@ -176,12 +177,25 @@ impl Engine {
         field: &str,
         name: &str,
     ) -> Result<Arc<LoadedModel>> {
+        self.model_on(caller, field, name, "").await
+    }
+
+    /// [`Engine::model`] on the backend a deployment asks for (`""` or `"auto"`: the node's
+    /// choice); a model loads once per backend it runs on.
+    pub async fn model_on(
+        &self,
+        caller: &Principal,
+        field: &str,
+        name: &str,
+        backend: &str,
+    ) -> Result<Arc<LoadedModel>> {
         let model_name = resolve(field, name)?;
+        let backend = if backend == "auto" { "" } else { backend };
         let slot = self
             .models
             .lock()
             .expect("models")
-            .entry(model_name.clone())
+            .entry((model_name.clone(), backend.to_owned()))
             .or_default()
             .clone();
         let mut slot = slot.lock().await;
@@ -192,7 +206,7 @@ impl Engine {
                 Err(ApiError::not_found(name).into())
             };
         }
-        let loaded = Arc::new(self.load(caller, name, &model_name).await?);
+        let loaded = Arc::new(self.load(caller, name, &model_name, backend).await?);
         *slot = Some(loaded.clone());
         Ok(loaded)
     }
@@ -212,13 +226,17 @@ impl Engine {
             .collect()
     }
 
-    /// The backend for `name`: its own setting, else the node's, on the node's device.
-    fn backend_for(&self, name: &str) -> Result<Arc<dyn crate::backend::Backend>> {
-        let preferred = self
-            .config
-            .model(name)
-            .map(|m| m.backend.as_str())
+    /// The backend for `name`: the one asked for, else the model's own setting, else the
+    /// node's, on the node's device.
+    fn backend_for(&self, name: &str, asked: &str) -> Result<Arc<dyn crate::backend::Backend>> {
+        let preferred = Some(asked)
             .filter(|b| !b.is_empty())
+            .or_else(|| {
+                self.config
+                    .model(name)
+                    .map(|m| m.backend.as_str())
+                    .filter(|b| !b.is_empty())
+            })
             .unwrap_or(&self.config.backend);
         Ok(self
             .backends
@@ -226,8 +244,14 @@ impl Engine {
             .map_err(|why| ApiError::FailedPrecondition(format!("cannot serve {name}: {why}")))?)
     }
 
-    async fn load(&self, caller: &Principal, requested: &str, name: &str) -> Result<LoadedModel> {
-        let backend = self.backend_for(name)?;
+    async fn load(
+        &self,
+        caller: &Principal,
+        requested: &str,
+        name: &str,
+        asked_backend: &str,
+    ) -> Result<LoadedModel> {
+        let backend = self.backend_for(name, asked_backend)?;
         let local = self.config.model(name).filter(|m| !m.path.is_empty());
         let (bundle, account, public) = match local {
             Some(local) => {
@@ -385,8 +409,14 @@ impl Engine {
         self.cache.unpin(dir);
     }
 
-    pub async fn unload(&self, name: &str) {
-        let slot = self.models.lock().expect("models").remove(name);
+    /// Drops model `name` loaded on `backend` (as given to [`Engine::model_on`]).
+    pub async fn unload(&self, name: &str, backend: &str) {
+        let backend = if backend == "auto" { "" } else { backend };
+        let slot = self
+            .models
+            .lock()
+            .expect("models")
+            .remove(&(name.to_owned(), backend.to_owned()));
         if let Some(slot) = slot
             && let Some(loaded) = slot.lock().await.take()
         {

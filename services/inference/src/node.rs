@@ -326,7 +326,7 @@ impl Node {
         tokio::spawn(async move {
             let loaded = node
                 .engine
-                .model(&Principal::service(), "model", &load.model)
+                .model_on(&Principal::service(), "model", &load.model, &load.backend)
                 .await;
             match loaded {
                 Ok(_) => {
@@ -367,14 +367,13 @@ impl Node {
             while held.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let still_used = node
-                .replicas
-                .lock()
-                .expect("replicas")
-                .values()
-                .any(|h| h.replica.model == held.replica.model);
+            let still_used = node.replicas.lock().expect("replicas").values().any(|h| {
+                h.replica.model == held.replica.model && h.replica.backend == held.replica.backend
+            });
             if !still_used {
-                node.engine.unload(&held.replica.model).await;
+                node.engine
+                    .unload(&held.replica.model, &held.replica.backend)
+                    .await;
             }
             for dir in held.addon_dirs.values() {
                 node.release_addon_files(dir);
@@ -692,16 +691,18 @@ impl Node {
                 .map(|h| {
                     (
                         h.replica.name.clone(),
+                        h.replica.backend.clone(),
                         InFlight::new(h.in_flight.clone(), &h.served),
                     )
                 })
         };
-        let Some((replica, guard)) = held else {
+        let Some((replica, backend, guard)) = held else {
             return Ok(None);
         };
+        // The replica's model on the backend its deployment asked for.
         let model = self
             .engine
-            .model(&Principal::service(), "model", &route.base_model)
+            .model_on(&Principal::service(), "model", &route.base_model, &backend)
             .await?;
         Ok(Some(Served {
             model,

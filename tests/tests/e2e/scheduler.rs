@@ -538,3 +538,45 @@ async fn addons_are_loaded_onto_ready_replicas_and_unloaded_when_undeployed() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_deployment_runs_on_the_backend_it_names() {
+    let (mesh, _assets, acme, model) = mesh_with_private_minilm().await;
+    let admin = mesh.admin().await;
+    let mut deployed = Vec::new();
+    for backend in ["tract", "onnxruntime"] {
+        let d = deployments::create(
+            &acme,
+            "accounts/acme",
+            &format!("on-{backend}"),
+            schv1::Deployment {
+                base_model: model.clone(),
+                backend: backend.into(),
+                ..on("CPU", 1)
+            },
+        )
+        .await
+        .unwrap();
+        wait_ready(&acme, &d.name, 1).await;
+        deployed.push((backend, d.name));
+    }
+    for (backend, deployment) in &deployed {
+        let replicas = replicas_of(&admin, deployment).await;
+        assert_eq!(replicas.len(), 1);
+        assert_eq!(replicas[0].backend, *backend);
+        // The same model on one node, loaded once per backend: each deployment's requests
+        // run on its own, and both give MiniLM's answer.
+        let target = format!("{model}#{deployment}");
+        let metadata = oip(&acme)
+            .model_metadata(kiln_proto::inference::ModelMetadataRequest {
+                name: target.clone(),
+                version: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(metadata.platform, format!("{backend}_onnx"), "{deployment}");
+        assert_minilm(&embed(&acme, &target).await.unwrap());
+    }
+    mesh.shutdown().await;
+}
