@@ -5,7 +5,7 @@
 //!   called directly in this process (tokenize, forward, pool), the engine (plus its batcher thread), and `CreateEmbeddings`
 //!   through gRPC (plus loopback HTTP/2, auth and the usage event's outbox commit);
 //! - embeddings/s from 32 concurrent gRPC clients, one input per request, with dynamic
-//!   batching on (32 rows) and off;
+//!   batching on (32 rows) and off, and from 32 tasks calling the engine in process;
 //! - the `onnxruntime` Python package on the same files and thread count, batches of 32
 //!   (tests/python/ort_baseline.py).
 
@@ -172,6 +172,21 @@ fn main() {
             }
         }
         let [direct, in_engine, grpc, empty] = samples.map(p50);
+
+        // The engine's batching alone: 32 tasks in this process, no transport or platform.
+        let engine_batched = {
+            let model = model.clone();
+            let texts = texts.clone();
+            measure(seconds, 32, move || {
+                let model = model.clone();
+                let texts = texts.clone();
+                async move {
+                    let ids = embeddings::tokenize(&model, &texts, false).unwrap();
+                    std::hint::black_box(embeddings::embed(&model, ids).await.unwrap());
+                }
+            })
+            .await
+        };
         drop(model);
         drop(engine);
 
@@ -234,6 +249,7 @@ fn main() {
             (ms(grpc) / ms(direct) - 1.0) * 100.0
         );
         println!("embeddings/s, 32 concurrent clients, one 16-token input per request:");
+        println!("  engine in process, batching  {engine_batched:>8.0}");
         println!("  gRPC, batching on (32)       {batched:>8.0}");
         println!("  gRPC, batching off           {unbatched:>8.0}");
         println!("  python onnxruntime, batch 32 {python_rate:>8.0}");

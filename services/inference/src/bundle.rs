@@ -35,6 +35,8 @@ pub struct Manifest {
     pub bos_token_id: Option<u32>,
     /// The token that ends a generated sequence.
     pub eos_token_id: Option<u32>,
+    /// Further tokens that end one (Hugging Face generation configs may list several).
+    pub eos_token_ids: Vec<u32>,
     /// Whether prompts start with the BOS token.
     pub add_bos_token: bool,
 }
@@ -47,7 +49,8 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// Opens a bundle folder; `fallback` stands in for a missing `manifest.json`.
+    /// Opens a bundle folder; `fallback` stands in for a missing `manifest.json`, completed
+    /// by the folder's Hugging Face files when it has them (an optimum export).
     pub fn open(dir: &Path, fallback: Manifest) -> Result<Self> {
         let manifest = match std::fs::read(dir.join("manifest.json")) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
@@ -56,7 +59,7 @@ impl Bundle {
                     dir.display()
                 ))
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fallback,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => with_hf_files(dir, fallback)?,
             Err(e) => return Err(e.into()),
         };
         Ok(Self {
@@ -97,6 +100,40 @@ impl Bundle {
         let path = self.dir.join("tokenizer.json");
         path.is_file().then_some(path)
     }
+}
+
+/// `manifest` completed by what the Hugging Face files in `dir` say; the model's own fields
+/// (a chat template set on the model, say) win over the files'.
+fn with_hf_files(dir: &Path, mut manifest: Manifest) -> Result<Manifest> {
+    let mut pairs = Vec::new();
+    for name in kiln_core::hf::FILES {
+        match std::fs::read(dir.join(name)) {
+            Ok(bytes) => pairs.push((name.to_owned(), bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let files = kiln_core::hf::HfFiles::from_pairs(&pairs);
+    if files.is_empty() {
+        return Ok(manifest);
+    }
+    let info = kiln_core::hf::read(files)
+        .map_err(|e| ApiError::FailedPrecondition(format!("{}: {e}", dir.display())))?;
+    if manifest.task.is_empty() && info.is_causal_lm() {
+        manifest.task = "text-generation".into();
+    }
+    if manifest.context_length <= 0 {
+        manifest.context_length = i32::try_from(info.context_length).unwrap_or(i32::MAX);
+    }
+    if manifest.chat_template.is_empty() {
+        manifest.chat_template = info.chat_template;
+    }
+    manifest.bos_token_id = manifest.bos_token_id.or(info.bos_token_id);
+    let mut eos = info.eos_token_ids.into_iter();
+    manifest.eos_token_id = manifest.eos_token_id.or_else(|| eos.next());
+    manifest.eos_token_ids.extend(eos);
+    manifest.add_bos_token |= info.add_bos_token;
+    Ok(manifest)
 }
 
 /// The manifest a model's own fields imply (for bundles that carry none).

@@ -459,6 +459,11 @@ fn llm_shape(
         .into());
     };
     let mut eos: Vec<u32> = manifest.eos_token_id.into_iter().collect();
+    for &id in &manifest.eos_token_ids {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    }
     for name in ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"] {
         if eos.is_empty()
             && let Some(id) = tokenizer.token_to_id(name)

@@ -63,6 +63,15 @@ impl UsageRecorder {
         tokio::spawn(async move {
             let mut batch = Vec::new();
             while pending.recv_many(&mut batch, 512).await > 0 {
+                // Answers of one forward pass finish together, but the first one's record
+                // wakes this task at once (ahead of the others' handlers): let them queue
+                // theirs first so the pass costs one commit, not one each.
+                tokio::task::yield_now().await;
+                while batch.len() < 512
+                    && let Ok(more) = pending.try_recv()
+                {
+                    batch.push(more);
+                }
                 let (events, acks): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
                 let written = outbox
                     .publish_all(&db, &events)

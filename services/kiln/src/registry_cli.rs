@@ -195,13 +195,37 @@ fn infer_kind(files: &[(String, PathBuf)], base: bool) -> Kind {
     let has = |n: &str| files.iter().any(|(f, _)| f == n);
     if base || has("adapter_config.json") {
         Kind::LoraAddon
-    } else if files.iter().any(|(f, _)| f.ends_with(".gguf")) {
+    } else if files.iter().any(|(f, _)| f.ends_with(".gguf")) || is_text_generation(files) {
         Kind::BaseModel
     } else if has("tokenizer.json") {
         Kind::EmbeddingModel
     } else {
         Kind::TensorModel
     }
+}
+
+/// Whether an ONNX folder holds a language model: its manifest's task says so, or its
+/// Hugging Face config.json names a causal LM (an optimum export).
+fn is_text_generation(files: &[(String, PathBuf)]) -> bool {
+    let read = |name: &str| {
+        files
+            .iter()
+            .find(|(f, _)| f == name)
+            .and_then(|(_, path)| std::fs::read(path).ok())
+    };
+    let manifest_task = read("manifest.json")
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|m| m.get("task").and_then(|t| t.as_str()).map(str::to_owned));
+    if let Some(task) = manifest_task {
+        return task == "text-generation";
+    }
+    read("config.json").is_some_and(|config| {
+        kiln_core::hf::read(kiln_core::hf::HfFiles {
+            config: Some(&config),
+            ..Default::default()
+        })
+        .is_ok_and(|info| info.is_causal_lm())
+    })
 }
 
 pub async fn create_model(
@@ -651,4 +675,35 @@ pub async fn download(client: &Client, command: DownloadCommand) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The files of `folder` under tests/data as `local_files` lists them.
+    fn fixture(folder: &str) -> Vec<(String, PathBuf)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data")
+            .join(folder);
+        local_files(&dir).unwrap()
+    }
+
+    #[test]
+    fn an_optimum_export_is_a_base_model_and_a_bert_folder_an_embedder() {
+        let export = fixture("llm/hf-optimum/tiny-llama");
+        assert_eq!(infer_kind(&export, false), Kind::BaseModel);
+        let tmp = tempfile::tempdir().unwrap();
+        for name in ["model.onnx", "tokenizer.json"] {
+            std::fs::write(tmp.path().join(name), b"x").unwrap();
+        }
+        std::fs::write(
+            tmp.path().join("config.json"),
+            br#"{"architectures": ["BertModel"]}"#,
+        )
+        .unwrap();
+        let embedder = local_files(tmp.path()).unwrap();
+        assert_eq!(infer_kind(&embedder, false), Kind::EmbeddingModel);
+        assert_eq!(infer_kind(&embedder, true), Kind::LoraAddon);
+    }
 }

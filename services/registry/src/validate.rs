@@ -220,6 +220,20 @@ impl Registry {
             }
             None => None,
         };
+        // A Hugging Face folder (an optimum export) says what the model is in its own files.
+        let mut hf_files = Vec::new();
+        for name in kiln_core::hf::FILES {
+            if model.files.iter().any(|f| f.path == name) {
+                hf_files.push((
+                    name.to_owned(),
+                    self.artifacts().read_all(&key(name)).await?,
+                ));
+            }
+        }
+        let hf = match kiln_core::hf::read(kiln_core::hf::HfFiles::from_pairs(&hf_files)) {
+            Ok(info) => info,
+            Err(e) => return Ok(Err(FormatError::new(e.file, e.problem))),
+        };
         let task = manifest_task.unwrap_or(match kind {
             model::Kind::EmbeddingModel => onnx::Task::Embedding,
             model::Kind::TensorModel => onnx::Task::Tensor,
@@ -250,7 +264,22 @@ impl Registry {
         details.checkpoint_format = CheckpointFormat::Onnx as i32;
         details.task = task.as_str().to_owned();
         if details.model_type.is_empty() {
-            details.model_type = info.producer.clone();
+            details.model_type = if hf.model_type.is_empty() {
+                info.producer.clone()
+            } else {
+                hf.model_type.clone()
+            };
+        }
+        if model.context_length <= 0 && hf.context_length > 0 {
+            model.context_length = i32::try_from(hf.context_length).unwrap_or(i32::MAX);
+        }
+        if task == onnx::Task::TextGeneration && !hf.chat_template.is_empty() {
+            let conversation = model
+                .conversation_config
+                .get_or_insert_with(ConversationConfig::default);
+            if conversation.template.is_empty() {
+                conversation.template = hf.chat_template;
+            }
         }
         Ok(Ok(model))
     }

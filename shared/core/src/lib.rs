@@ -5,6 +5,7 @@ pub mod auth;
 pub mod auth_client;
 pub mod config;
 pub mod error;
+pub mod hf;
 pub mod names;
 pub mod page;
 pub mod server;

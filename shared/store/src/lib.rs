@@ -27,12 +27,16 @@ pub enum Error {
 /// Opens a pool on `url`. Every SQLite connection of the pool gets WAL mode (concurrent
 /// readers beside one writer), `synchronous = NORMAL` (a commit survives a process crash
 /// without an fsync of its own; the WAL is synced at checkpoints), a busy timeout and foreign
-/// keys.
+/// keys. SQLite connections are not pinged before use.
 pub async fn connect(url: &str) -> Result<DatabaseConnection, Error> {
     use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+    let sqlite = url.starts_with("sqlite:");
     let mut options = ConnectOptions::new(url.to_owned());
     options
-        .max_connections(if url.starts_with("sqlite:") { 8 } else { 16 })
+        .max_connections(if sqlite { 8 } else { 16 })
+        // A ping before every statement guards against a server that dropped the
+        // connection; an embedded database has none, and the ping is a thread round trip.
+        .test_before_acquire(!sqlite)
         .min_connections(1)
         .connect_timeout(Duration::from_secs(10))
         .acquire_timeout(Duration::from_secs(30))

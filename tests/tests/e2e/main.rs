@@ -6,6 +6,7 @@ mod authn;
 mod billing;
 mod discovery;
 mod events;
+mod hf_onnx;
 mod identity_api;
 mod inference;
 mod llm;

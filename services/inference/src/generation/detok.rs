@@ -45,6 +45,21 @@ impl Detokenizer {
         }
     }
 
+    /// The text of the tokens not released yet, at the end of the sequence: a character
+    /// its last token left incomplete comes out as U+FFFD, as a decode of the whole sequence
+    /// gives it.
+    pub fn finish(&mut self) -> String {
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids, true).unwrap_or_default();
+        let before = decode(&self.ids[self.prefix..self.read]);
+        let now = decode(&self.ids[self.prefix..]);
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        match now.get(before.len()..) {
+            Some(rest) if now.len() > before.len() => rest.to_owned(),
+            _ => String::new(),
+        }
+    }
+
     /// The generated tokens so far.
     pub fn ids(&self) -> &[u32] {
         &self.ids

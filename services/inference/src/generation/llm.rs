@@ -467,7 +467,15 @@ impl Worker {
                 let text = if finish == Finish::Stop && seq.next.is_none() {
                     String::new()
                 } else {
-                    seq.stop.finish()
+                    // What the detokenizer still holds (an incomplete last character) goes
+                    // through the stop strings like any other text.
+                    let rest = seq.detok.finish();
+                    let released = seq.stop.push(&rest);
+                    if released.stopped {
+                        released.text
+                    } else {
+                        released.text + &seq.stop.finish()
+                    }
                 };
                 let _ = seq.request.events.send(Event::Finished {
                     finish,
