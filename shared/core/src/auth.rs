@@ -137,6 +137,9 @@ pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, Error> {
 pub struct AuthCache {
     ttl: Duration,
     entries: RwLock<HashMap<[u8; 32], (Authenticated, Instant)>>,
+    /// Bumped by every invalidation: an answer looked up before one is not cached after it
+    /// (it may be the state the invalidation is about).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 const MAX_CACHED_KEYS: usize = 100_000;
@@ -146,7 +149,13 @@ impl AuthCache {
         Self {
             ttl,
             entries: RwLock::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The invalidation count, read before looking a key up with the authenticator.
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn get(&self, digest: &[u8; 32]) -> Option<Authenticated> {
@@ -161,8 +170,13 @@ impl AuthCache {
         Some(auth.clone())
     }
 
-    fn insert(&self, digest: [u8; 32], auth: Authenticated) {
+    /// Caches `auth`, looked up when the invalidation count was `generation`, unless an
+    /// invalidation came since.
+    fn insert(&self, digest: [u8; 32], auth: Authenticated, generation: u64) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if self.generation() != generation {
+            return;
+        }
         if entries.len() >= MAX_CACHED_KEYS {
             let ttl = self.ttl;
             entries.retain(|_, (_, at)| at.elapsed() <= ttl);
@@ -176,6 +190,8 @@ impl AuthCache {
     /// Drops every cached key that `resource` covers: the key itself, its user or its account.
     pub fn invalidate(&self, resource: &str) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         entries.retain(|_, (auth, _)| {
             let p = &auth.principal;
             !(p.api_key == resource
@@ -185,10 +201,10 @@ impl AuthCache {
     }
 
     pub fn clear(&self) {
-        self.entries
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        entries.clear();
     }
 }
 
@@ -278,9 +294,10 @@ impl AuthState {
         if let Some(hit) = self.cache.get(&digest) {
             return Ok(hit.principal);
         }
+        let generation = self.cache.generation();
         let auth = self.authenticator.authenticate(secret).await?;
         let principal = auth.principal.clone();
-        self.cache.insert(digest, auth);
+        self.cache.insert(digest, auth, generation);
         Ok(principal)
     }
 }
@@ -343,9 +360,9 @@ mod tests {
     #[test]
     fn cache_invalidates_by_key_user_and_account() {
         let cache = AuthCache::new(Duration::from_secs(60));
-        cache.insert([1; 32], auth("k1", "u1", "a"));
-        cache.insert([2; 32], auth("k2", "u2", "a"));
-        cache.insert([3; 32], auth("k3", "u3", "b"));
+        cache.insert([1; 32], auth("k1", "u1", "a"), 0);
+        cache.insert([2; 32], auth("k2", "u2", "a"), 0);
+        cache.insert([3; 32], auth("k3", "u3", "b"), 0);
         cache.invalidate("accounts/a/users/u1/apiKeys/k1");
         assert!(cache.get(&[1; 32]).is_none());
         assert!(cache.get(&[2; 32]).is_some());
@@ -360,8 +377,21 @@ mod tests {
         let cache = AuthCache::new(Duration::from_secs(60));
         let mut a = auth("k", "u", "a");
         a.expire_time = Some(SystemTime::now() - Duration::from_secs(1));
-        cache.insert([9; 32], a);
+        cache.insert([9; 32], a, 0);
         assert!(cache.get(&[9; 32]).is_none());
+    }
+
+    #[test]
+    fn a_lookup_that_raced_an_invalidation_is_not_cached() {
+        let cache = AuthCache::new(Duration::from_secs(60));
+        // Looked up (say, still suspended) before the account's change was invalidated...
+        let before = cache.generation();
+        cache.invalidate("accounts/a");
+        cache.insert([4; 32], auth("k4", "u4", "a"), before);
+        // ...so it is not served from cache: the next call asks again.
+        assert!(cache.get(&[4; 32]).is_none());
+        cache.insert([4; 32], auth("k4", "u4", "a"), cache.generation());
+        assert!(cache.get(&[4; 32]).is_some());
     }
 
     #[test]
