@@ -488,6 +488,7 @@ impl Billing {
         if kind == QuotaKind::MonthlySpend {
             // The new limit applies to the month so far: lowered under its spend, the
             // account is suspended now; raised above it, a spend-limit suspension lifts.
+            lock_month_spend(&txn, &account, now).await?;
             let spend = self.month_spend_nanos(&txn, &account, now).await?;
             if spend < after.value.saturating_mul(1_000_000_000) {
                 self.lift_suspension(&txn, &account, "the monthly spend limit was raised")
@@ -584,4 +585,24 @@ impl Billing {
             reason,
         })
     }
+}
+
+/// Holds the month's spend row of `account` until `txn` ends, so a usage booking that read
+/// the old limit cannot suspend the account after this transaction lifted its suspension
+/// (PostgreSQL, read committed: the booking upserts this row first, so one waits for the
+/// other). SQLite write transactions are serial already.
+async fn lock_month_spend(
+    txn: &sea_orm::DatabaseTransaction,
+    account: &str,
+    now: i64,
+) -> Result<()> {
+    if txn.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+        query(
+            txn,
+            "SELECT cost_nanos FROM billing_monthly_spend WHERE account = ? AND month = ? FOR UPDATE",
+            vec![account.into(), utc_month(now).into()],
+        )
+        .await?;
+    }
+    Ok(())
 }
