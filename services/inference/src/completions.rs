@@ -45,7 +45,30 @@ struct ChoiceResult {
     text: String,
     tokens: Vec<Sampled>,
     finish: Option<Finish>,
-    completion_tokens: usize,
+    counts: Counts,
+}
+
+/// Token counts of a request's choices, summed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    completion: usize,
+    /// Prompt tokens that came from the prefix cache.
+    cached_prompt: usize,
+}
+
+impl Counts {
+    fn add(&mut self, completion: usize, cached_prompt: usize) {
+        self.completion += completion;
+        self.cached_prompt += cached_prompt;
+    }
+
+    fn sum<'a>(results: impl IntoIterator<Item = &'a ChoiceResult>) -> Self {
+        let mut total = Self::default();
+        for r in results {
+            total.add(r.counts.completion, r.counts.cached_prompt);
+        }
+        total
+    }
 }
 
 fn llm(model: &LoadedModel) -> Result<&Llm> {
@@ -188,7 +211,7 @@ impl Inference {
         job: &Job,
         id: &str,
         api: &'static str,
-        completion: usize,
+        counts: Counts,
         start: i64,
     ) -> Result<()> {
         let prompt: usize = job.prompts.iter().map(Vec::len).sum::<usize>() * job.n;
@@ -200,7 +223,8 @@ impl Inference {
                     model: job.model.name.clone(),
                     api,
                     prompt_tokens: prompt as i64,
-                    completion_tokens: completion as i64,
+                    completion_tokens: counts.completion as i64,
+                    cached_prompt_tokens: counts.cached_prompt as i64,
                     start_micros: start,
                     route: job.route.clone(),
                     ..Default::default()
@@ -223,11 +247,12 @@ impl Inference {
                     Event::Finished {
                         finish,
                         completion_tokens,
+                        cached_prompt_tokens,
                         text,
                     } => {
                         result.text.push_str(&text);
                         result.finish = Some(finish);
-                        result.completion_tokens = completion_tokens;
+                        result.counts.add(completion_tokens, cached_prompt_tokens);
                         return Ok(result);
                     }
                     Event::Failed(message) => return Err(ApiError::Internal(message)),
@@ -377,8 +402,8 @@ impl Inference {
         job.route = served.route;
         let results = self.run_unary(&job).await?;
         let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
-        let completion: usize = results.iter().map(|c| c.completion_tokens).sum();
-        self.record(caller, &job, &id, "completions", completion, start)
+        let counts = Counts::sum(&results);
+        self.record(caller, &job, &id, "completions", counts, start)
             .await?;
         let llm = llm(&job.model)?;
         let choices = results
@@ -405,7 +430,7 @@ impl Inference {
             created: kiln_core::time::now_micros() / 1_000_000,
             model: r.model,
             choices,
-            usage: Some(usage(&job, completion)),
+            usage: Some(usage(&job, counts)),
         })
     }
 
@@ -420,8 +445,8 @@ impl Inference {
         job.route = served.route;
         let results = self.run_unary(&job).await?;
         let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
-        let completion: usize = results.iter().map(|c| c.completion_tokens).sum();
-        self.record(caller, &job, &id, "chat.completions", completion, start)
+        let counts = Counts::sum(&results);
+        self.record(caller, &job, &id, "chat.completions", counts, start)
             .await?;
         let llm = llm(&job.model)?;
         let choices = results
@@ -444,7 +469,7 @@ impl Inference {
             created: kiln_core::time::now_micros() / 1_000_000,
             model: r.model,
             choices,
-            usage: Some(usage(&job, completion)),
+            usage: Some(usage(&job, counts)),
         })
     }
 
@@ -468,7 +493,7 @@ impl Inference {
         let this = self.clone();
         let caller = caller.clone();
         tokio::spawn(async move {
-            let mut completion = 0usize;
+            let mut counts = Counts::default();
             let mut failed = None;
             let mut gone = false;
             for m in prelude {
@@ -481,8 +506,10 @@ impl Inference {
                         break;
                     }
                     Event::Finished {
-                        completion_tokens, ..
-                    } => completion += completion_tokens,
+                        completion_tokens,
+                        cached_prompt_tokens,
+                        ..
+                    } => counts.add(*completion_tokens, *cached_prompt_tokens),
                     Event::Token { .. } => {}
                 }
                 if let Some(m) = message(&job, index, event) {
@@ -490,16 +517,14 @@ impl Inference {
                 }
             }
             drop(events);
-            let recorded = this
-                .record(&caller, &job, &id, api, completion, start)
-                .await;
+            let recorded = this.record(&caller, &job, &id, api, counts, start).await;
             if gone {
                 return;
             }
             let end = match (failed, recorded) {
                 (Some(reason), _) => Err(Status::internal(reason)),
                 (None, Err(e)) => Err(e.into()),
-                (None, Ok(())) => Ok(last(usage(&job, completion))),
+                (None, Ok(())) => Ok(last(usage(&job, counts))),
             };
             let _ = tx.send(end).await;
         });
@@ -650,13 +675,15 @@ impl Inference {
     }
 }
 
-fn usage(job: &Job, completion: usize) -> kiln_proto::kiln_inference::v1::Usage {
+fn usage(job: &Job, counts: Counts) -> kiln_proto::kiln_inference::v1::Usage {
     let prompt = job.prompts.iter().map(Vec::len).sum::<usize>() * job.n;
     kiln_proto::kiln_inference::v1::Usage {
         prompt_tokens: prompt as i32,
-        completion_tokens: completion as i32,
-        total_tokens: (prompt + completion) as i32,
-        prompt_tokens_details: None,
+        completion_tokens: counts.completion as i32,
+        total_tokens: (prompt + counts.completion) as i32,
+        prompt_tokens_details: Some(kiln_proto::kiln_inference::v1::PromptTokensDetails {
+            cached_tokens: counts.cached_prompt as i32,
+        }),
     }
 }
 

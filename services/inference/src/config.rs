@@ -37,6 +37,10 @@ pub struct InferenceConfig {
     pub max_sequences: usize,
     pub prefill_chunk: usize,
     pub max_kv_tokens: usize,
+    /// Text generation: memory per model for the keys and values of recent prompts and
+    /// answers, reused by prompts that begin the same way (system prompts, earlier turns of a
+    /// chat); 0 turns the prefix cache off.
+    pub prefix_cache_bytes: u64,
     /// Per-model settings; a `path` serves a local bundle under `name`.
     pub models: Vec<ModelConfig>,
     /// Models loaded at start (names), so the first request does not wait for a load.
@@ -135,6 +139,7 @@ impl Default for InferenceConfig {
             max_sequences: 16,
             prefill_chunk: 256,
             max_kv_tokens: 65536,
+            prefix_cache_bytes: 256 << 20,
             models: Vec::new(),
             preload: Vec::new(),
             scheduler_url: String::new(),
@@ -180,6 +185,7 @@ impl InferenceConfig {
             max_batch: self.max_sequences,
             prefill_chunk: self.prefill_chunk,
             max_kv_tokens: self.max_kv_tokens,
+            prefix_cache_bytes: self.prefix_cache_bytes,
             queue_capacity: self.queue_capacity,
         }
     }

@@ -27,6 +27,8 @@ pub struct Usage {
     /// "completions", "chat.completions", "embeddings", "model_infer".
     pub api: &'static str,
     pub prompt_tokens: i64,
+    /// Of `prompt_tokens`, those whose keys and values came from the prefix cache.
+    pub cached_prompt_tokens: i64,
     pub completion_tokens: i64,
     pub embedding_input_tokens: i64,
     /// When the request arrived (Unix microseconds).
@@ -116,6 +118,7 @@ impl UsageRecorder {
             },
             api: usage.api.to_owned(),
             prompt_tokens: usage.prompt_tokens,
+            cached_prompt_tokens: usage.cached_prompt_tokens,
             completion_tokens: usage.completion_tokens,
             embedding_input_tokens: usage.embedding_input_tokens,
             accelerator_type: self.accelerator as i32,

@@ -474,3 +474,94 @@ async fn concurrent_streams_each_produce_what_they_produce_alone() {
     drop(held);
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefix_cache_serves_repeated_prompts_and_later_turns() {
+    // Float32, as for batching: a prompt resumed from the cache is computed in other pieces,
+    // which the INT4 graph's int8 activations may round differently.
+    let (mesh, _assets, acme) = mesh_with_smollm2(Some(kiln_inference::config::InferenceConfig {
+        prefer_int4: false,
+        ..Default::default()
+    }))
+    .await;
+    let mut usage_events = mesh
+        .bus
+        .subscribe("kiln.inference.usage.recorded")
+        .await
+        .expect("subscribe");
+    let cached = |usage: &infv1::Usage| {
+        usage
+            .prompt_tokens_details
+            .as_ref()
+            .expect("prompt_tokens_details")
+            .cached_tokens
+    };
+    // An answer of many tokens, so the conversation's next turn shares more whole blocks
+    // with the first turn's prompt and answer than with its prompt alone.
+    let question = "Describe the city of Tokyo.";
+    let first = chat(&acme, question, 40).await.unwrap();
+    let first_usage = first.usage.unwrap();
+    let answer = first.choices[0].message.clone().unwrap().content;
+    // The same prompt again: all of it but its last block comes from the cache, and the
+    // answer is the same.
+    let again = chat(&acme, question, 40).await.unwrap();
+    let again_usage = again.usage.unwrap();
+    assert_eq!(again.choices[0].message.clone().unwrap().content, answer);
+    assert_eq!(again_usage.prompt_tokens, first_usage.prompt_tokens);
+    let whole_blocks = (again_usage.prompt_tokens - 1) / 16 * 16;
+    assert_eq!(cached(&again_usage), whole_blocks, "{again_usage:?}");
+    assert!(cached(&again_usage) > cached(&first_usage));
+    // Streamed, the last chunk says the same.
+    let (streamed, _, stream_usage, _) = stream_chat(&acme, chat_request(question, 40)).await;
+    assert_eq!(streamed, answer);
+    assert_eq!(cached(&stream_usage), whole_blocks);
+
+    // The next turn of the conversation begins with the first turn's prompt and answer.
+    let mut next_turn = chat_request(question, 16);
+    next_turn.messages.extend([
+        infv1::ChatMessage {
+            role: "assistant".into(),
+            content: answer.clone(),
+            name: String::new(),
+        },
+        infv1::ChatMessage {
+            role: "user".into(),
+            content: "And of France?".into(),
+            name: String::new(),
+        },
+    ]);
+    let turn = client(&acme)
+        .create_chat_completion(next_turn)
+        .await
+        .unwrap()
+        .into_inner();
+    let turn_usage = turn.usage.unwrap();
+    assert!(first_usage.completion_tokens >= 32, "{first_usage:?}");
+    // At least 31 of the answer's tokens are in the cache (all but the last when it stopped
+    // at max_tokens), so at least one more whole block than the prompt alone.
+    assert!(
+        cached(&turn_usage) > whole_blocks,
+        "the answer's tokens were reused too: {turn_usage:?}, first {first_usage:?}"
+    );
+    assert_eq!(cached(&turn_usage) % 16, 0);
+    assert!(cached(&turn_usage) < turn_usage.prompt_tokens);
+
+    // Usage events carry the cached count (billing prices those tokens apart).
+    let recorded = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let event = usage_events.next().await.expect("event");
+            if let Some(kiln_events::Body::UsageRecorded(u)) = event.body
+                && u.prompt_tokens == i64::from(turn_usage.prompt_tokens)
+            {
+                return u;
+            }
+        }
+    })
+    .await
+    .expect("the usage event of the second turn");
+    assert_eq!(
+        recorded.cached_prompt_tokens,
+        i64::from(cached(&turn_usage))
+    );
+    mesh.shutdown().await;
+}

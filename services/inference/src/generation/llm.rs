@@ -30,6 +30,8 @@ pub struct LlmLimits {
     pub max_kv_tokens: usize,
     /// Requests waiting to start beyond which new ones are refused.
     pub queue_capacity: usize,
+    /// Memory for the key/value entries of recent prompts (the prefix cache); 0 turns it off.
+    pub prefix_cache_bytes: u64,
 }
 
 /// The graph's cache shape and the tokens that end a sequence.
@@ -73,6 +75,8 @@ pub enum Event {
     Finished {
         finish: Finish,
         completion_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_prompt_tokens: usize,
         text: String,
     },
     Failed(String),
@@ -126,7 +130,10 @@ impl Llm {
         }
         let (queue, requests) = sync_channel(limits.queue_capacity.max(1));
         let takes_positions = session.inputs().iter().any(|t| t.name == "position_ids");
+        let token_bytes = (2 * shape.layers * shape.kv_heads * shape.head_dim * 4) as u64;
+        let prefix = PrefixCache::new((limits.prefix_cache_bytes / token_bytes.max(1)) as usize);
         let worker = Worker {
+            prefix,
             logits,
             presents,
             takes_positions,
@@ -165,6 +172,8 @@ struct Sequence {
     cache: Vec<Vec<Vec<f32>>>,
     /// Tokens in the cache.
     cached: usize,
+    /// Prompt tokens taken from the prefix cache.
+    cached_prompt: usize,
     /// Prompt tokens fed so far.
     fed: usize,
     /// The token to feed next (sampled, not yet in the cache).
@@ -181,6 +190,7 @@ impl Sequence {
 }
 
 struct Worker {
+    prefix: PrefixCache,
     /// Index of `logits` among the session's outputs, and of `present.L.key|value` for cache
     /// slot 2·L + kind.
     logits: usize,
@@ -289,6 +299,7 @@ impl Worker {
             sampler,
             cache: vec![vec![Vec::new(); self.shape.kv_heads]; 2 * self.shape.layers],
             cached: 0,
+            cached_prompt: 0,
             fed: 0,
             next: None,
             generated: Vec::new(),
@@ -315,9 +326,22 @@ impl Worker {
     /// Feeds the next chunk of the prompt; true once the whole prompt is in (and the first
     /// token sampled).
     fn prefill_chunk(&mut self, seq: &mut Sequence) -> Result<bool, BackendError> {
+        if seq.fed == 0 {
+            // Looked up when the sequence's prefill starts rather than when it is admitted,
+            // so the choices of one request (admitted together) share the first one's prompt.
+            let hit = self
+                .prefix
+                .take(&seq.request.prompt, &mut seq.cache, self.shape.head_dim);
+            seq.cached = hit;
+            seq.cached_prompt = hit;
+            seq.fed = hit;
+        }
+        // Chunks end at multiples of prefill_chunk, wherever the prefill starts: a prompt
+        // resumed from the prefix cache is then computed in the same pieces as from scratch.
+        let step = self.limits.prefill_chunk.max(1);
         let chunk: Vec<u32> = seq.request.prompt[seq.fed..]
             .iter()
-            .take(self.limits.prefill_chunk.max(1))
+            .take(step - seq.fed % step)
             .copied()
             .collect();
         let n = chunk.len();
@@ -347,6 +371,8 @@ impl Worker {
         if seq.fed < seq.request.prompt.len() {
             return Ok(false);
         }
+        self.prefix
+            .insert(&seq.request.prompt, &seq.cache, self.shape.head_dim);
         let mut logits = last_logits(&outputs[self.logits], 0, n);
         let sampled = seq.sampler.sample(&mut logits);
         self.emit(seq, sampled);
@@ -454,7 +480,7 @@ impl Worker {
     }
 
     /// Sends the end when the sequence is done; true if it is.
-    fn finished(&self, seq: &mut Sequence) -> bool {
+    fn finished(&mut self, seq: &mut Sequence) -> bool {
         let finish = match seq.next {
             None => Some(Finish::Stop),
             Some(t) if self.shape.eos.contains(&t) => Some(Finish::Stop),
@@ -480,12 +506,133 @@ impl Worker {
                 let _ = seq.request.events.send(Event::Finished {
                     finish,
                     completion_tokens: seq.generated.len(),
+                    cached_prompt_tokens: seq.cached_prompt,
                     text,
                 });
+                // The whole conversation so far (prompt and answer) is what its next turn
+                // begins with.
+                let in_cache = seq.cached - seq.request.prompt.len().min(seq.cached);
+                let mut tokens = seq.request.prompt.clone();
+                tokens.extend_from_slice(&seq.generated[..in_cache.min(seq.generated.len())]);
+                self.prefix.insert(&tokens, &seq.cache, self.shape.head_dim);
                 true
             }
             None => false,
         }
+    }
+}
+
+/// Tokens shared through the prefix cache come in whole blocks of this many.
+const PREFIX_BLOCK: usize = 16;
+
+/// Key/value entries of recent token sequences (prompts, and prompts with their answers),
+/// so a prompt that begins like one of them (a shared system prompt, the earlier turns of a
+/// chat, the other choices of a request) starts from its entries rather than computing them
+/// again. Bounded in tokens; the least recently used entries go first.
+struct PrefixCache {
+    entries: Vec<PrefixEntry>,
+    held: usize,
+    capacity: usize,
+    clock: u64,
+}
+
+struct PrefixEntry {
+    tokens: Vec<u32>,
+    /// Per cache slot and head: `tokens.len()` positions × head_dim.
+    cache: Vec<Vec<Vec<f32>>>,
+    used: u64,
+}
+
+impl PrefixCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            held: 0,
+            capacity,
+            clock: 0,
+        }
+    }
+
+    /// Copies the longest cached beginning of `prompt` (whole blocks, leaving at least its
+    /// last token to compute) into the empty `cache`; returns its length in tokens.
+    fn take(&mut self, prompt: &[u32], cache: &mut [Vec<Vec<f32>>], head_dim: usize) -> usize {
+        let usable = |e: &PrefixEntry| {
+            let common = e
+                .tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count();
+            common.min(prompt.len().saturating_sub(1)) / PREFIX_BLOCK * PREFIX_BLOCK
+        };
+        let Some((best, len)) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, usable(e)))
+            .max_by_key(|&(_, len)| len)
+            .filter(|&(_, len)| len > 0)
+        else {
+            return 0;
+        };
+        self.clock += 1;
+        let entry = &mut self.entries[best];
+        entry.used = self.clock;
+        for (slot, from) in cache.iter_mut().zip(&entry.cache) {
+            for (head, cached) in slot.iter_mut().zip(from) {
+                head.extend_from_slice(&cached[..len * head_dim]);
+            }
+        }
+        len
+    }
+
+    /// Keeps the whole blocks of `tokens` with their entries from `cache` (which holds at
+    /// least that many positions), unless an entry already covers them.
+    fn insert(&mut self, tokens: &[u32], cache: &[Vec<Vec<f32>>], head_dim: usize) {
+        let len = tokens.len() / PREFIX_BLOCK * PREFIX_BLOCK;
+        let positions = cache
+            .first()
+            .and_then(|s| s.first())
+            .map_or(0, |h| h.len() / head_dim.max(1));
+        if len == 0 || len > self.capacity || len > positions {
+            return;
+        }
+        let tokens = &tokens[..len];
+        self.clock += 1;
+        if let Some(covering) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.tokens.starts_with(tokens))
+        {
+            covering.used = self.clock;
+            return;
+        }
+        // Entries this one extends are covered by it from now on.
+        let before = self.entries.len();
+        self.entries.retain(|e| !tokens.starts_with(&e.tokens));
+        if self.entries.len() != before {
+            self.held = self.entries.iter().map(|e| e.tokens.len()).sum();
+        }
+        while self.held + len > self.capacity {
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(i, _)| i)
+                .expect("entries hold what is counted");
+            self.held -= self.entries.swap_remove(oldest).tokens.len();
+        }
+        let cache = cache
+            .iter()
+            .map(|slot| slot.iter().map(|h| h[..len * head_dim].to_vec()).collect())
+            .collect();
+        self.entries.push(PrefixEntry {
+            tokens: tokens.to_vec(),
+            cache,
+            used: self.clock,
+        });
+        self.held += len;
     }
 }
 
@@ -504,4 +651,65 @@ fn last_logits(logits: &Tensor, row: usize, seq: usize) -> Vec<f32> {
     };
     let start = (row * seq + seq - 1) * vocab;
     values[start..start + vocab].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache of one slot and one head with head_dim 1, position p holding `tokens[p]`.
+    fn kv(tokens: &[u32]) -> Vec<Vec<Vec<f32>>> {
+        vec![vec![tokens.iter().map(|&t| t as f32).collect()]]
+    }
+
+    fn empty() -> Vec<Vec<Vec<f32>>> {
+        vec![vec![Vec::new()]]
+    }
+
+    #[test]
+    fn a_prompt_takes_the_whole_blocks_it_shares_with_an_entry() {
+        let mut cache = PrefixCache::new(1024);
+        let first: Vec<u32> = (0..40).collect();
+        cache.insert(&first, &kv(&first), 1);
+        assert_eq!(cache.held, 32, "whole blocks only");
+        // Shares 35 tokens: 2 blocks.
+        let mut second: Vec<u32> = (0..35).collect();
+        second.extend([900, 901, 902]);
+        let mut into = empty();
+        assert_eq!(cache.take(&second, &mut into, 1), 32);
+        assert_eq!(into[0][0], (0..32).map(|t| t as f32).collect::<Vec<_>>());
+        // The same 32 tokens alone: the last one is left to compute, so one block.
+        let mut into = empty();
+        assert_eq!(cache.take(&first[..32], &mut into, 1), 16);
+        // Nothing in common within a block.
+        let mut into = empty();
+        assert_eq!(cache.take(&[5, 6, 7], &mut into, 1), 0);
+        assert!(into[0][0].is_empty());
+    }
+
+    #[test]
+    fn longer_entries_replace_what_they_extend_and_the_oldest_go_first() {
+        let mut cache = PrefixCache::new(64);
+        let turn: Vec<u32> = (0..16).collect();
+        cache.insert(&turn, &kv(&turn), 1);
+        let conversation: Vec<u32> = (0..48).collect();
+        cache.insert(&conversation, &kv(&conversation), 1);
+        assert_eq!((cache.entries.len(), cache.held), (1, 48));
+        // Covered already: nothing new is kept.
+        cache.insert(&turn, &kv(&turn), 1);
+        assert_eq!(cache.held, 48);
+        // Over the budget: the least recently used entry goes.
+        let other: Vec<u32> = (100..132).collect();
+        cache.insert(&other, &kv(&other), 1);
+        assert_eq!(cache.held, 32);
+        assert_eq!(cache.entries[0].tokens, other);
+        // Bigger than the whole budget: not kept.
+        let huge: Vec<u32> = (0..80).collect();
+        cache.insert(&huge, &kv(&huge), 1);
+        assert_eq!(cache.held, 32);
+        // A budget of 0 keeps nothing.
+        let mut off = PrefixCache::new(0);
+        off.insert(&conversation, &kv(&conversation), 1);
+        assert!(off.entries.is_empty());
+    }
 }
