@@ -5,7 +5,8 @@
 //!   called directly in this process (tokenize, forward, pool), the engine (plus its batcher thread), and `CreateEmbeddings`
 //!   through gRPC (plus loopback HTTP/2, auth and the usage event's outbox commit);
 //! - embeddings/s from 32 concurrent gRPC clients, one input per request, with dynamic
-//!   batching on (32 rows) and off, and from 32 tasks calling the engine in process;
+//!   batching on (32 rows) and off, and on with the threads as instances of one thread
+//!   each; and from 32 tasks calling the engine in process;
 //! - the `onnxruntime` Python package on the same files and thread count, batches of 32
 //!   (tests/python/ort_baseline.py).
 
@@ -174,6 +175,7 @@ fn main() {
         let [direct, in_engine, grpc, empty] = samples.map(p50);
 
         // The engine's batching alone: 32 tasks in this process, no transport or platform.
+        let before = model.runner().unwrap().stats().get();
         let engine_batched = {
             let model = model.clone();
             let texts = texts.clone();
@@ -187,6 +189,8 @@ fn main() {
             })
             .await
         };
+        let after = model.runner().unwrap().stats().get();
+        let engine_rows_per_pass = (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64;
         drop(model);
         drop(engine);
 
@@ -209,19 +213,36 @@ fn main() {
             Batching {
                 max_batch_size: 1,
                 max_queue_delay_ms: 0,
+                instances: 1,
             },
             assets.path(),
         )
         .await;
-        let call = move || {
-            let ch = ch.clone();
-            let r = request(&sentence);
-            async move {
-                client(&ch).create_embeddings(r).await.unwrap();
+        let calls = |ch: kiln_testkit::AuthedChannel| {
+            let sentence = sentence.clone();
+            move || {
+                let ch = ch.clone();
+                let r = request(&sentence);
+                async move {
+                    client(&ch).create_embeddings(r).await.unwrap();
+                }
             }
         };
-        let unbatched = measure(seconds, 32, call).await;
+        let unbatched = measure(seconds, 32, calls(ch)).await;
         unbatched_mesh.shutdown().await;
+
+        // The same threads as copies of the model, one thread each, passes side by side.
+        let (instances_mesh, ch) = mesh(
+            1,
+            Batching {
+                instances: threads,
+                ..Batching::default()
+            },
+            assets.path(),
+        )
+        .await;
+        let instances = measure(seconds, 32, calls(ch)).await;
+        instances_mesh.shutdown().await;
 
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/ort_baseline.py");
         let out = std::process::Command::new("python3")
@@ -249,13 +270,15 @@ fn main() {
             (ms(grpc) / ms(direct) - 1.0) * 100.0
         );
         println!("embeddings/s, 32 concurrent clients, one 16-token input per request:");
-        println!("  engine in process, batching  {engine_batched:>8.0}");
+        println!("  engine in process, batching  {engine_batched:>8.0}  ({engine_rows_per_pass:.1} rows per pass)");
         println!("  gRPC, batching on (32)       {batched:>8.0}");
         println!("  gRPC, batching off           {unbatched:>8.0}");
+        println!("  gRPC, batching on, {threads} instances of 1 thread {instances:>8.0}");
         println!("  python onnxruntime, batch 32 {python_rate:>8.0}");
         println!(
-            "  batched / python: {:.2} (aim > 1); batched / unbatched: {:.2}",
+            "  batched / python: {:.2}, with instances {:.2} (aim > 1); batched / unbatched: {:.2}",
             batched / python_rate,
+            instances / python_rate,
             batched / unbatched
         );
     });

@@ -88,6 +88,9 @@ impl AcceleratorConfig {
     }
 }
 
+/// The most copies of one model a node loads.
+pub const MAX_INSTANCES: usize = 16;
+
 /// Dynamic batching: the requests waiting for a model run in one forward pass of up to
 /// `max_batch_size` rows; a size of 1 turns batching off. With `max_queue_delay_ms` 0 (the
 /// default) a pass takes what is queued when it starts: an idle model answers at once, and
@@ -98,6 +101,11 @@ impl AcceleratorConfig {
 pub struct Batching {
     pub max_batch_size: usize,
     pub max_queue_delay_ms: u64,
+    /// Copies of an embedding or tensor model loaded side by side, each running its own
+    /// passes with `intra_op_threads` threads: on a small machine two single-threaded
+    /// instances keep both cores busy while the server handles the answers of one pass,
+    /// where one two-threaded instance waits (more throughput, slower lone requests).
+    pub instances: usize,
 }
 
 impl Default for Batching {
@@ -105,6 +113,7 @@ impl Default for Batching {
         Self {
             max_batch_size: 32,
             max_queue_delay_ms: 0,
+            instances: 1,
         }
     }
 }
@@ -121,6 +130,7 @@ pub struct ModelConfig {
     pub backend: String,
     pub max_batch_size: Option<usize>,
     pub max_queue_delay_ms: Option<u64>,
+    pub instances: Option<usize>,
 }
 
 impl Default for InferenceConfig {
@@ -177,6 +187,9 @@ impl InferenceConfig {
             max_queue_delay_ms: model
                 .and_then(|m| m.max_queue_delay_ms)
                 .unwrap_or(self.batching.max_queue_delay_ms),
+            instances: model
+                .and_then(|m| m.instances)
+                .unwrap_or(self.batching.instances),
         }
     }
 
@@ -224,6 +237,15 @@ impl Validate for InferenceConfig {
             return Err(ConfigError::invalid(
                 "inference.max_batch_size",
                 "must be at least 1 (1 turns batching off)",
+            ));
+        }
+        if !(1..=MAX_INSTANCES).contains(&self.batching.instances) {
+            return Err(ConfigError::invalid(
+                "inference.instances",
+                format!(
+                    "must be between 1 and {MAX_INSTANCES}, got {}",
+                    self.batching.instances
+                ),
             ));
         }
         for (field, value) in [
@@ -297,6 +319,14 @@ impl Validate for InferenceConfig {
                     "must be at least 1",
                 ));
             }
+            if let Some(n) = model.instances
+                && !(1..=MAX_INSTANCES).contains(&n)
+            {
+                return Err(ConfigError::invalid(
+                    format!("inference.models[{i}].instances"),
+                    format!("must be between 1 and {MAX_INSTANCES}, got {n}"),
+                ));
+            }
             if !matches!(
                 model.backend.as_str(),
                 "" | "auto" | "tract" | "onnxruntime"
@@ -340,5 +370,49 @@ impl kiln_core::config::Load for Config {
             server,
             inference: kiln_core::config::section(figment, Some("inference"))?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid_key(config: &InferenceConfig) -> Option<String> {
+        match config.validate() {
+            Err(ConfigError::Invalid { key, .. }) => Some(key),
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(()) => None,
+        }
+    }
+
+    #[test]
+    fn instances_are_bounded_and_a_model_overrides_the_default() {
+        let mut config = InferenceConfig::default();
+        assert_eq!(invalid_key(&config), None);
+        assert_eq!(config.batching_of("any").instances, 1);
+
+        config.batching.instances = 0;
+        assert_eq!(invalid_key(&config).as_deref(), Some("inference.instances"));
+        config.batching.instances = MAX_INSTANCES + 1;
+        assert_eq!(invalid_key(&config).as_deref(), Some("inference.instances"));
+        config.batching.instances = 2;
+
+        config.models.push(ModelConfig {
+            name: "accounts/kiln/models/m".into(),
+            instances: Some(3),
+            ..ModelConfig::default()
+        });
+        assert_eq!(invalid_key(&config), None);
+        assert_eq!(config.batching_of("accounts/kiln/models/m").instances, 3);
+        assert_eq!(
+            config.batching_of("accounts/kiln/models/other").instances,
+            2
+        );
+
+        config.models[0].instances = Some(0);
+        assert_eq!(
+            invalid_key(&config).as_deref(),
+            Some("inference.models[0].instances")
+        );
     }
 }

@@ -319,12 +319,18 @@ impl Engine {
         };
         let tokenizer_path = bundle.tokenizer();
         let started = std::time::Instant::now();
-        let (session, tokenizer) = tokio::task::spawn_blocking({
+        let batching = self.config.batching_of(name);
+        // A text-generation model is one instance (its decode loop batches sequences).
+        let instances = if generation { 1 } else { batching.instances };
+        let (session, mut copies, tokenizer) = tokio::task::spawn_blocking({
             let backend = backend.clone();
             move || -> Result<_> {
                 let session = backend.load(&graph, &options)?;
+                let copies = (1..instances)
+                    .map(|_| backend.load(&graph, &options))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let tokenizer = tokenizer_path.map(|p| load_tokenizer(&p)).transpose()?;
-                Ok((session, tokenizer))
+                Ok((session, copies, tokenizer))
             }
         })
         .await
@@ -347,10 +353,12 @@ impl Engine {
                 self.config.llm_limits(),
             )?)
         } else {
+            let mut sessions = vec![session];
+            sessions.append(&mut copies);
             Serving::Tensor(Runner::start(
                 name,
-                session,
-                self.config.batching_of(name),
+                sessions,
+                batching,
                 self.config.queue_capacity,
             )?)
         };

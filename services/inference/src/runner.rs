@@ -1,5 +1,7 @@
-//! Dynamic batching: one thread per loaded model owns its backend session and runs the
-//! requests queued for it, gathering those that arrive close together into one forward pass.
+//! Dynamic batching: one thread per loaded copy of a model (an instance) owns its backend
+//! session and runs the requests queued for the model, gathering those that arrive close
+//! together into one forward pass. Instances share one queue: while one runs a pass, the
+//! next gathers the requests behind it, so the cores stay busy between passes.
 //!
 //! A batch starts with the oldest waiting job and takes the jobs behind it, in order, while
 //! they fit (same inputs, at most `max_batch_size` rows) and the first has waited less than
@@ -8,9 +10,9 @@
 //! shorter ones are padded with zeros, which the mask ignores. A job that does not allow it
 //! (an Open Inference Protocol tensor) only joins jobs of exactly its shapes.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -65,15 +67,19 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Starts the thread that runs `session`.
+    /// Starts one thread per session (copies of one model, see [`Batching::instances`]):
+    /// they share the queue, so while one runs a pass the next gathers the jobs behind it.
     pub fn start(
         name: &str,
-        session: Box<dyn Session>,
+        sessions: Vec<Box<dyn Session>>,
         batching: Batching,
         queue_capacity: usize,
     ) -> std::io::Result<Self> {
-        let inputs = session.inputs().to_vec();
-        let outputs = session.outputs().to_vec();
+        let first = sessions
+            .first()
+            .ok_or_else(|| std::io::Error::other("a runner needs at least one session"))?;
+        let inputs = first.inputs().to_vec();
+        let outputs = first.outputs().to_vec();
         // Batching needs a free first axis on every input and output.
         let batchable = inputs
             .iter()
@@ -85,15 +91,23 @@ impl Runner {
             1
         };
         let (queue, jobs) = sync_channel(queue_capacity);
+        let shared = Arc::new(Mutex::new(Queue { jobs, next: None }));
         let delay = Duration::from_millis(batching.max_queue_delay_ms);
         let stats = Arc::new(Stats::default());
-        let counters = stats.clone();
-        std::thread::Builder::new()
-            .name(format!(
-                "kiln-model-{}",
-                name.rsplit('/').next().unwrap_or(name)
-            ))
-            .spawn(move || run(session, jobs, max_rows, delay, &counters))?;
+        let short = name.rsplit('/').next().unwrap_or(name);
+        let count = sessions.len();
+        for (i, session) in sessions.into_iter().enumerate() {
+            let shared = shared.clone();
+            let counters = stats.clone();
+            let thread = if count == 1 {
+                format!("kiln-model-{short}")
+            } else {
+                format!("kiln-model-{short}-{i}")
+            };
+            std::thread::Builder::new()
+                .name(thread)
+                .spawn(move || run(session, &shared, max_rows, delay, &counters))?;
+        }
         Ok(Self {
             queue,
             stats,
@@ -132,63 +146,82 @@ impl Runner {
     }
 }
 
+/// The jobs waiting for a model, and the one that did not fit the last batch (it starts
+/// the next).
+struct Queue {
+    jobs: Receiver<Job>,
+    next: Option<Job>,
+}
+
 fn run(
     mut session: Box<dyn Session>,
-    jobs: Receiver<Job>,
+    queue: &Mutex<Queue>,
     max_rows: usize,
     delay: Duration,
     stats: &Stats,
 ) {
-    let mut next: Option<Job> = None;
     loop {
-        let first = match next.take() {
-            Some(job) => job,
-            None => match jobs.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            },
-        };
-        let started = Instant::now();
-        let mut rows = rows_of(&first);
-        // Whether every job so far may be padded, and whether all have the first's shapes.
-        let mut padding_ok = first.pad;
-        let mut uniform = true;
-        let mut batch = vec![first];
-        while rows < max_rows {
-            let job = match jobs.try_recv() {
-                Ok(job) => job,
-                Err(_) => {
-                    let left = delay.saturating_sub(started.elapsed());
-                    if left.is_zero() {
-                        break;
-                    }
-                    match jobs.recv_timeout(left) {
-                        Ok(job) => job,
-                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-            };
-            let same = same_shapes(&batch[0], &job);
-            let fits = compatible(&batch[0], &job)
-                && if padding_ok && job.pad {
-                    true
-                } else {
-                    uniform && same
-                };
-            if rows + rows_of(&job) <= max_rows && fits {
-                rows += rows_of(&job);
-                padding_ok &= job.pad;
-                uniform &= same;
-                batch.push(job);
-            } else {
-                next = Some(job);
-                break;
+        // Only the gathering holds the lock: another instance runs its pass meanwhile.
+        let batch = {
+            let mut queue = queue
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match gather(&mut queue, max_rows, delay) {
+                Some(batch) => batch,
+                None => return,
             }
-        }
+        };
         stats.passes.fetch_add(1, Ordering::Relaxed);
         stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
         run_batch(session.as_mut(), batch);
     }
+}
+
+/// The next batch: the oldest job and those behind it that fit. None: the runner is dropped
+/// and nothing is left.
+fn gather(queue: &mut Queue, max_rows: usize, delay: Duration) -> Option<Vec<Job>> {
+    let first = match queue.next.take() {
+        Some(job) => job,
+        None => queue.jobs.recv().ok()?,
+    };
+    let started = Instant::now();
+    let mut rows = rows_of(&first);
+    // Whether every job so far may be padded, and whether all have the first's shapes.
+    let mut padding_ok = first.pad;
+    let mut uniform = true;
+    let mut batch = vec![first];
+    while rows < max_rows {
+        let job = match queue.jobs.try_recv() {
+            Ok(job) => job,
+            Err(_) => {
+                let left = delay.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                match queue.jobs.recv_timeout(left) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        };
+        let same = same_shapes(&batch[0], &job);
+        let fits = compatible(&batch[0], &job)
+            && if padding_ok && job.pad {
+                true
+            } else {
+                uniform && same
+            };
+        if rows + rows_of(&job) <= max_rows && fits {
+            rows += rows_of(&job);
+            padding_ok &= job.pad;
+            uniform &= same;
+            batch.push(job);
+        } else {
+            queue.next = Some(job);
+            break;
+        }
+    }
+    Some(batch)
 }
 
 fn rows_of(job: &Job) -> usize {
@@ -321,9 +354,10 @@ mod tests {
         let batching = Batching {
             max_batch_size: 8,
             max_queue_delay_ms: 50,
+            ..Default::default()
         };
         let runner =
-            std::sync::Arc::new(Runner::start("m", Box::new(session), batching, 64).unwrap());
+            std::sync::Arc::new(Runner::start("m", vec![Box::new(session)], batching, 64).unwrap());
         let mut tasks = Vec::new();
         for i in 0..8i64 {
             let runner = runner.clone();
@@ -349,5 +383,77 @@ mod tests {
             batches.len() < 8,
             "some jobs must have shared a pass: {batches:?}"
         );
+    }
+
+    /// A graph that takes a while and counts how many passes run at once.
+    struct Slow {
+        info: Vec<TensorInfo>,
+        running: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Session for Slow {
+        fn inputs(&self) -> &[TensorInfo] {
+            &self.info
+        }
+        fn outputs(&self) -> &[TensorInfo] {
+            &self.info
+        }
+        fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(50));
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            Ok(inputs.into_iter().map(|(_, t)| t).collect())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn instances_run_passes_side_by_side() {
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let info = vec![TensorInfo {
+            name: "x".into(),
+            dtype: DataType::I64,
+            shape: vec![-1, 1],
+        }];
+        let sessions: Vec<Box<dyn Session>> = (0..2)
+            .map(|_| {
+                Box::new(Slow {
+                    info: info.clone(),
+                    running: running.clone(),
+                    most: most.clone(),
+                }) as Box<dyn Session>
+            })
+            .collect();
+        let batching = Batching {
+            max_batch_size: 1,
+            instances: 2,
+            ..Default::default()
+        };
+        let runner = Arc::new(Runner::start("m", sessions, batching, 64).unwrap());
+        let tasks: Vec<_> = (0..4i64)
+            .map(|i| {
+                let runner = runner.clone();
+                tokio::spawn(async move {
+                    let x = Tensor::new(vec![1, 1], TensorData::I64(vec![i])).unwrap();
+                    let out = runner
+                        .submit(vec![("x".into(), x)], false)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(
+                        out[0].data,
+                        TensorData::I64(vec![i]),
+                        "job {i}'s own answer"
+                    );
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(runner.stats().get(), (4, 4));
+        assert_eq!(most.load(Ordering::SeqCst), 2, "two passes ran at once");
     }
 }

@@ -28,6 +28,7 @@ async fn embed_local(engine: &Engine, texts: &[String]) -> (Vec<Vec<u32>>, Vec<V
 const NO_BATCHING: Batching = Batching {
     max_batch_size: 1,
     max_queue_delay_ms: 0,
+    instances: 1,
 };
 
 #[tokio::test]
@@ -88,9 +89,11 @@ async fn batched_answers_equal_unbatched_ones_and_a_burst_of_64_succeeds() {
     let alone = local_engine("onnxruntime", NO_BATCHING, 1, cache.path());
     let batched = local_engine(
         "onnxruntime",
+        // Two instances: passes run side by side on copies of the model.
         Batching {
             max_batch_size: 16,
             max_queue_delay_ms: 20,
+            instances: 2,
         },
         1,
         cache.path(),
