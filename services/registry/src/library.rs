@@ -125,14 +125,16 @@ pub fn file_upload_stream(
         let mut at = offset;
         while at < size {
             let want = UPLOAD_CHUNK.min((size - at) as usize);
-            let mut buf = bytes::BytesMut::zeroed(want);
-            if file.read_exact(&mut buf).is_err() {
-                return;
+            // Read into spare capacity: a zeroed buffer would cost a pass over every byte.
+            let mut buf = Vec::with_capacity(want);
+            match (&mut file).take(want as u64).read_to_end(&mut buf) {
+                Ok(n) if n == want => {}
+                _ => return,
             }
             let message = UploadModelFilesRequest {
                 payload: Some(Payload::Chunk(FileChunk {
                     offset: at as i64,
-                    data: buf.freeze(),
+                    data: buf.into(),
                 })),
             };
             if tx.blocking_send(message).is_err() {

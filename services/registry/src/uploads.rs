@@ -24,6 +24,8 @@ use kiln_core::auth::hex;
 
 /// How often (in bytes) an upload records its progress in the database.
 const PROGRESS_EVERY: u64 = 64 << 20;
+/// How many bytes the staging writer lets the page cache hold before it flushes them.
+const SYNC_EVERY: usize = 16 << 20;
 
 /// One file being received.
 pub(crate) struct FileUpload {
@@ -60,8 +62,16 @@ impl StagingWriter {
         // A few chunks of slack: enough to overlap, little memory held.
         let (chunks, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
         let done = std::thread::spawn(move || {
+            let mut unsynced = 0;
             for chunk in rx {
                 file.write_all(&chunk)?;
+                // Flush as the bytes arrive, so the disk writes overlap receiving and the
+                // final sync has little left to do.
+                unsynced += chunk.len();
+                if unsynced >= SYNC_EVERY {
+                    file.sync_data()?;
+                    unsynced = 0;
+                }
             }
             Ok(file)
         });
