@@ -2,8 +2,9 @@
 //! count: `cargo bench -p kiln-tests --bench embeddings [-- SECONDS THREADS]`.
 //!
 //! - p50 latency of one 16-token embedding, the paths taking turns in blocks: the backend
-//!   called directly in this process (tokenize, forward, pool), the engine (plus its batcher thread), and `CreateEmbeddings`
-//!   through gRPC (plus loopback HTTP/2, auth and the usage event's outbox commit);
+//!   called directly in this process (tokenize, forward, pool), the engine (plus its batcher
+//!   thread), and `CreateEmbeddings` through gRPC (plus loopback HTTP/2, auth and the usage
+//!   event's outbox commit);
 //! - embeddings/s from 32 concurrent gRPC clients, one input per request, with dynamic
 //!   batching on (32 rows) and off, and on with the threads as instances of one thread
 //!   each; and from 32 tasks calling the engine in process;

@@ -1,10 +1,10 @@
 //! Text generation on SmolLM2-135M-Instruct through Kiln's gRPC API against llama.cpp on the
 //! same GGUF, in one run: `cargo bench -p kiln-tests --bench llm [-- MAX_TOKENS THREADS]`.
 //!
-//! Kiln serves the float32 graph on ONNX Runtime with THREADS intra-op threads; 1, 4 and 16
-//! concurrent greedy chat streams, each asking for MAX_TOKENS tokens: aggregate decode tokens/s
-//! (completion tokens over the wall time of the whole round) and the median time to the first
-//! content chunk. llama.cpp runs through llama-cpp-python (tests/python/llama_baseline.py,
+//! Kiln serves the prepared 4-bit graph (`prefer_int4`, the default) on ONNX Runtime with
+//! THREADS intra-op threads; 1, 4 and 16 concurrent greedy chat streams, each asking for
+//! MAX_TOKENS tokens: aggregate decode tokens/s (completion tokens over the wall time of the
+//! whole round) and the median time to the first content chunk. llama.cpp runs through llama-cpp-python (tests/python/llama_baseline.py,
 //! requirements-reference.txt) with THREADS threads.
 
 use std::time::{Duration, Instant};
