@@ -195,8 +195,8 @@ fn main() {
         drop(model);
         drop(engine);
 
-        let call = {
-            let ch = ch.clone();
+        // 32 closed-loop clients of CreateEmbeddings on `ch`.
+        let calls = |ch: kiln_testkit::AuthedChannel| {
             let sentence = sentence.clone();
             move || {
                 let ch = ch.clone();
@@ -206,7 +206,7 @@ fn main() {
                 }
             }
         };
-        let batched = measure(seconds, 32, call).await;
+        let batched = measure(seconds, 32, calls(ch.clone())).await;
         batched_mesh.shutdown().await;
 
         let (unbatched_mesh, ch) = mesh(
@@ -219,16 +219,6 @@ fn main() {
             assets.path(),
         )
         .await;
-        let calls = |ch: kiln_testkit::AuthedChannel| {
-            let sentence = sentence.clone();
-            move || {
-                let ch = ch.clone();
-                let r = request(&sentence);
-                async move {
-                    client(&ch).create_embeddings(r).await.unwrap();
-                }
-            }
-        };
         let unbatched = measure(seconds, 32, calls(ch)).await;
         unbatched_mesh.shutdown().await;
 
