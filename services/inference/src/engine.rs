@@ -322,6 +322,22 @@ impl Engine {
         let batching = self.config.batching_of(name);
         // A text-generation model is one instance (its decode loop batches sequences).
         let instances = if generation { 1 } else { batching.instances };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = match self.config.intra_op_threads {
+            0 => cores,
+            n => n,
+        };
+        if instances > 1 && instances * threads > cores {
+            // Instances that together want more threads than there are cores slow each other.
+            tracing::warn!(
+                model = name,
+                instances,
+                intra_op_threads = threads,
+                cores,
+                "the model's instances want more threads than the node has cores: \
+                 set inference.intra_op_threads to at most cores / instances"
+            );
+        }
         let (session, mut copies, tokenizer) = tokio::task::spawn_blocking({
             let backend = backend.clone();
             move || -> Result<_> {
