@@ -32,8 +32,9 @@ pub struct InferenceConfig {
     pub batching: Batching,
     /// Requests waiting for one model beyond which new ones are refused (UNAVAILABLE).
     pub queue_capacity: usize,
-    /// Text generation: sequences decoded together per model, prompt tokens fed per step for a
-    /// newcomer, and the cached tokens (prompt + max_tokens) over all running sequences.
+    /// Text generation: sequences decoded together per model, prompt tokens one step feeds
+    /// (a newcomer's chunk, or newcomers prefilled together: rows × the longest chunk), and
+    /// the cached tokens (prompt + max_tokens) over all running sequences.
     pub max_sequences: usize,
     pub prefill_chunk: usize,
     pub max_kv_tokens: usize,

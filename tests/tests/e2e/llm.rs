@@ -398,7 +398,9 @@ async fn concurrent_streams_each_produce_what_they_produce_alone() {
     // Float32: the INT4 graph's int8 activations let padding-order rounding flip close calls.
     let (mesh, _assets, acme) = mesh_with_smollm2(Some(kiln_inference::config::InferenceConfig {
         max_sequences: 8,
-        prefill_chunk: 16,
+        // Small enough that prompts are fed in several chunks, large enough that newcomers
+        // share prefill passes.
+        prefill_chunk: 32,
         prefer_int4: false,
         ..Default::default()
     }))

@@ -1,6 +1,7 @@
 //! Serving a decoder-with-past graph (HF-optimum convention) with continuous batching: one
-//! thread owns the session; sequences join between steps, a newcomer's prompt is fed in
-//! chunks (so running sequences are not stalled by a long prefill), every running sequence
+//! thread owns the session; sequences join between steps, newcomers' prompts are fed in
+//! chunks, several newcomers in one pass when they fit (so running sequences are not stalled
+//! by a long prefill, and a burst of newcomers starts together), every running sequence
 //! advances one token per batched decode step, and each leaves when it finishes or its client
 //! goes away. Every sequence keeps its own key/value cache; a decode step pads the caches of
 //! the batch to the longest and masks the padding, so each sequence computes exactly what it
@@ -24,7 +25,8 @@ use crate::tensor::{Tensor, TensorData};
 pub struct LlmLimits {
     /// Sequences decoded together.
     pub max_batch: usize,
-    /// Prompt tokens fed per step for a newcomer.
+    /// Prompt tokens one step feeds: a newcomer's chunk, or newcomers prefilled together
+    /// (rows × the longest chunk).
     pub prefill_chunk: usize,
     /// Cached tokens over all running sequences (the KV memory bound).
     pub max_kv_tokens: usize,
@@ -250,17 +252,29 @@ impl Worker {
             }
             prefilling.retain(|s| !s.closed());
             running.retain(|s| !s.closed());
-            // One prefill chunk per step.
-            if let Some(mut seq) = prefilling.pop_front() {
-                match self.prefill_chunk(&mut seq) {
-                    Ok(true) => {
-                        if !self.finished(&mut seq) {
-                            running.push(seq);
+            // One prefill pass per step, over the newcomers that fit it.
+            let group = self.prefill_group(&mut prefilling);
+            if !group.is_empty() {
+                let mut group = group;
+                match self.prefill(&mut group) {
+                    Ok(()) => {
+                        let mut unfinished = Vec::new();
+                        for mut seq in group {
+                            if seq.fed < seq.request.prompt.len() {
+                                unfinished.push(seq);
+                            } else if !self.finished(&mut seq) {
+                                running.push(seq);
+                            }
+                        }
+                        // Back to the front, in their order.
+                        for seq in unfinished.into_iter().rev() {
+                            prefilling.push_front(seq);
                         }
                     }
-                    Ok(false) => prefilling.push_front(seq),
                     Err(e) => {
-                        let _ = seq.request.events.send(Event::Failed(e.to_string()));
+                        for seq in group {
+                            let _ = seq.request.events.send(Event::Failed(e.to_string()));
+                        }
                     }
                 }
             }
@@ -323,60 +337,109 @@ impl Worker {
         }
     }
 
-    /// Feeds the next chunk of the prompt; true once the whole prompt is in (and the first
-    /// token sampled).
-    fn prefill_chunk(&mut self, seq: &mut Sequence) -> Result<bool, BackendError> {
-        if seq.fed == 0 {
-            // Looked up when the sequence's prefill starts rather than when it is admitted,
-            // so the choices of one request (admitted together) share the first one's prompt.
-            let hit = self
-                .prefix
-                .take(&seq.request.prompt, &mut seq.cache, self.shape.head_dim);
-            seq.cached = hit;
-            seq.cached_prompt = hit;
-            seq.fed = hit;
-        }
-        // Chunks end at multiples of prefill_chunk, wherever the prefill starts: a prompt
-        // resumed from the prefix cache is then computed in the same pieces as from scratch.
+    /// Starts a newcomer's prefill from the longest cached beginning of its prompt.
+    fn start_prefill(&mut self, seq: &mut Sequence) {
+        // Looked up when the sequence's prefill starts rather than when it is admitted, so
+        // the choices of one request (admitted together) share the first one's prompt.
+        let hit = self
+            .prefix
+            .take(&seq.request.prompt, &mut seq.cache, self.shape.head_dim);
+        seq.cached = hit;
+        seq.cached_prompt = hit;
+        seq.fed = hit;
+    }
+
+    /// How many prompt tokens the sequence's next chunk feeds. Chunks end at multiples of
+    /// prefill_chunk, wherever the prefill starts: a prompt resumed from the prefix cache is
+    /// then computed in the same pieces as from scratch.
+    fn chunk_len(&self, seq: &Sequence) -> usize {
         let step = self.limits.prefill_chunk.max(1);
-        let chunk: Vec<u32> = seq.request.prompt[seq.fed..]
-            .iter()
-            .take(step - seq.fed % step)
-            .copied()
-            .collect();
-        let n = chunk.len();
-        let total = seq.cached + n;
+        (seq.request.prompt.len() - seq.fed).min(step - seq.fed % step)
+    }
+
+    /// The newcomers this step prefills together: from the front of `prefilling`, in order,
+    /// while the pass (rows × the longest chunk) stays within prefill_chunk tokens, so it
+    /// stalls the running sequences no longer than one newcomer's chunk would. One whose
+    /// prompt shares uncached blocks with a newcomer already taken waits for the next step,
+    /// when it finds them in the prefix cache.
+    fn prefill_group(&mut self, prefilling: &mut VecDeque<Sequence>) -> Vec<Sequence> {
+        let mut group: Vec<Sequence> = Vec::new();
+        let mut longest = 0;
+        while let Some(seq) = prefilling.front_mut() {
+            if seq.fed == 0 {
+                let cached = self.prefix.peek(&seq.request.prompt);
+                if self.prefix.capacity > 0
+                    && group
+                        .iter()
+                        .any(|g| shared_blocks(&g.request.prompt, &seq.request.prompt) > cached)
+                {
+                    break;
+                }
+                self.start_prefill(seq);
+            }
+            let width = longest.max(self.chunk_len(seq));
+            if !group.is_empty() && (group.len() + 1) * width > self.limits.prefill_chunk {
+                break;
+            }
+            longest = width;
+            group.extend(prefilling.pop_front());
+        }
+        group
+    }
+
+    /// Feeds the next chunk of every sequence's prompt in one pass (chunks right-padded to
+    /// the longest, pasts to the longest, the padding masked); a sequence whose whole prompt
+    /// is in gets its first token sampled.
+    fn prefill(&mut self, group: &mut [Sequence]) -> Result<(), BackendError> {
+        let batch = group.len();
+        let lens: Vec<usize> = group.iter().map(|s| self.chunk_len(s)).collect();
+        let n = lens.iter().copied().max().unwrap_or(0);
+        let width = group.iter().map(|s| s.cached).max().unwrap_or(0);
+        let total = width + n;
+        let mut ids = Vec::with_capacity(batch * n);
+        let mut mask = Vec::with_capacity(batch * total);
+        let mut positions = Vec::with_capacity(batch * n);
+        for (seq, &len) in group.iter().zip(&lens) {
+            let chunk = &seq.request.prompt[seq.fed..seq.fed + len];
+            ids.extend(chunk.iter().map(|&t| t as i64));
+            // Padding repeats the last token at its position (in range for any position
+            // table); the mask hides it and nothing real comes after it.
+            ids.extend(std::iter::repeat_n(i64::from(chunk[len - 1]), n - len));
+            mask.extend((0..width).map(|p| i64::from(p < seq.cached)));
+            mask.extend((0..n).map(|i| i64::from(i < len)));
+            let first = seq.cached as i64;
+            positions.extend((0..n as i64).map(|i| first + i.min(len as i64 - 1)));
+        }
         let mut inputs = vec![
-            (
-                "input_ids".to_owned(),
-                ids_tensor(vec![1, n], chunk.iter().map(|&t| t as i64).collect()),
-            ),
+            ("input_ids".to_owned(), ids_tensor(vec![batch, n], ids)),
             (
                 "attention_mask".to_owned(),
-                ids_tensor(vec![1, total], vec![1; total]),
+                ids_tensor(vec![batch, total], mask),
             ),
             (
                 "position_ids".to_owned(),
-                ids_tensor(vec![1, n], (seq.cached as i64..total as i64).collect()),
+                ids_tensor(vec![batch, n], positions),
             ),
         ];
-        if seq.cached == 0 {
-            self.empty_past(&mut inputs, 1);
+        if width == 0 {
+            self.empty_past(&mut inputs, batch);
         } else {
-            self.past_of(&mut inputs, std::slice::from_ref(seq), seq.cached);
+            self.past_of(&mut inputs, group, width);
         }
         let outputs = self.run_graph(inputs)?;
-        self.append(seq, &outputs, 0, seq.cached, n, total);
-        seq.fed += n;
-        if seq.fed < seq.request.prompt.len() {
-            return Ok(false);
+        for (row, (seq, &len)) in group.iter_mut().zip(&lens).enumerate() {
+            self.append(seq, &outputs, row, width, len, total);
+            seq.fed += len;
+            if seq.fed < seq.request.prompt.len() {
+                continue;
+            }
+            self.prefix
+                .insert(&seq.request.prompt, &seq.cache, self.shape.head_dim);
+            let mut logits = logits_at(&outputs[self.logits], row, n, len - 1);
+            let sampled = seq.sampler.sample(&mut logits);
+            self.emit(seq, sampled);
         }
-        self.prefix
-            .insert(&seq.request.prompt, &seq.cache, self.shape.head_dim);
-        let mut logits = last_logits(&outputs[self.logits], 0, n);
-        let sampled = seq.sampler.sample(&mut logits);
-        self.emit(seq, sampled);
-        Ok(true)
+        Ok(())
     }
 
     /// Adds the past of `seqs`, right-padded to `width` positions.
@@ -454,7 +517,7 @@ impl Worker {
         let outputs = self.run_graph(inputs)?;
         for (row, seq) in running.iter_mut().enumerate() {
             self.append(seq, &outputs, row, width, 1, total);
-            let mut logits = last_logits(&outputs[self.logits], row, 1);
+            let mut logits = logits_at(&outputs[self.logits], row, 1, 0);
             let sampled = seq.sampler.sample(&mut logits);
             self.emit(seq, sampled);
         }
@@ -556,23 +619,7 @@ impl PrefixCache {
     /// Copies the longest cached beginning of `prompt` (whole blocks, leaving at least its
     /// last token to compute) into the empty `cache`; returns its length in tokens.
     fn take(&mut self, prompt: &[u32], cache: &mut [Vec<Vec<f32>>], head_dim: usize) -> usize {
-        let usable = |e: &PrefixEntry| {
-            let common = e
-                .tokens
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count();
-            common.min(prompt.len().saturating_sub(1)) / PREFIX_BLOCK * PREFIX_BLOCK
-        };
-        let Some((best, len)) = self
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (i, usable(e)))
-            .max_by_key(|&(_, len)| len)
-            .filter(|&(_, len)| len > 0)
-        else {
+        let Some((best, len)) = self.best(prompt) else {
             return 0;
         };
         self.clock += 1;
@@ -584,6 +631,21 @@ impl PrefixCache {
             }
         }
         len
+    }
+
+    /// How many tokens of `prompt` [`take`](Self::take) would give, without taking them.
+    fn peek(&self, prompt: &[u32]) -> usize {
+        self.best(prompt).map_or(0, |(_, len)| len)
+    }
+
+    /// The entry covering the most of `prompt`, and how many tokens of it.
+    fn best(&self, prompt: &[u32]) -> Option<(usize, usize)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, shared_blocks(&e.tokens, prompt)))
+            .max_by_key(|&(_, len)| len)
+            .filter(|&(_, len)| len > 0)
     }
 
     /// Keeps the whole blocks of `tokens` with their entries from `cache` (which holds at
@@ -643,19 +705,27 @@ fn ids_tensor(shape: Vec<usize>, values: Vec<i64>) -> Tensor {
     }
 }
 
-/// The logits of the last position of batch row `row` (`seq` positions per row).
-fn last_logits(logits: &Tensor, row: usize, seq: usize) -> Vec<f32> {
+/// The logits at `position` of batch row `row` (`per_row` positions per row).
+fn logits_at(logits: &Tensor, row: usize, per_row: usize, position: usize) -> Vec<f32> {
     let vocab = *logits.shape.last().expect("logits rank");
     let TensorData::F32(values) = &logits.data else {
         return vec![0.0; vocab];
     };
-    let start = (row * seq + seq - 1) * vocab;
+    let start = (row * per_row + position) * vocab;
     values[start..start + vocab].to_vec()
+}
+
+/// Tokens at the start of `b` that `a` begins with too, in whole prefix-cache blocks (as
+/// the cache would give them to `b`, leaving its last token to compute).
+fn shared_blocks(a: &[u32], b: &[u32]) -> usize {
+    let common = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    common.min(b.len().saturating_sub(1)) / PREFIX_BLOCK * PREFIX_BLOCK
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::TensorInfo;
 
     /// A cache of one slot and one head with head_dim 1, position p holding `tokens[p]`.
     fn kv(tokens: &[u32]) -> Vec<Vec<Vec<f32>>> {
@@ -711,5 +781,259 @@ mod tests {
         let mut off = PrefixCache::new(0);
         off.insert(&conversation, &kv(&conversation), 1);
         assert!(off.entries.is_empty());
+    }
+
+    const VOCAB: u32 = 61;
+
+    /// The next token of the stand-in model after `context`: a sum over the tokens seen, their
+    /// count and the last position, so a wrong mask, position or past changes the answer.
+    fn next_after(context: &[u32]) -> u32 {
+        let sum: u64 = context.iter().map(|&t| u64::from(t)).sum();
+        ((7 * sum + 2 * context.len() as u64 - 1) % u64::from(VOCAB)) as u32
+    }
+
+    /// A decoder-with-past stand-in (one layer, one head, head_dim 1, the key of a position
+    /// being its token) that computes `next_after` over exactly the positions the attention
+    /// mask lets each query see, and records the (rows, tokens) of every pass.
+    struct ContextSum {
+        inputs: Vec<TensorInfo>,
+        outputs: Vec<TensorInfo>,
+        passes: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
+        /// The first pass waits for this, so the test can queue newcomers behind it.
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl ContextSum {
+        fn new(
+            passes: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
+            gate: std::sync::mpsc::Receiver<()>,
+        ) -> Self {
+            let info = |name: &str, dtype| TensorInfo {
+                name: name.into(),
+                dtype,
+                shape: vec![-1, -1],
+            };
+            use crate::tensor::DataType;
+            Self {
+                inputs: ["input_ids", "attention_mask", "position_ids"]
+                    .iter()
+                    .map(|n| info(n, DataType::I64))
+                    .chain(
+                        ["past_key_values.0.key", "past_key_values.0.value"]
+                            .iter()
+                            .map(|n| info(n, DataType::F32)),
+                    )
+                    .collect(),
+                outputs: ["logits", "present.0.key", "present.0.value"]
+                    .iter()
+                    .map(|n| info(n, DataType::F32))
+                    .collect(),
+                passes,
+                gate: Some(gate),
+            }
+        }
+    }
+
+    impl Session for ContextSum {
+        fn inputs(&self) -> &[TensorInfo] {
+            &self.inputs
+        }
+        fn outputs(&self) -> &[TensorInfo] {
+            &self.outputs
+        }
+        fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
+            }
+            let get = |name: &str| {
+                inputs
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| t)
+                    .ok_or_else(|| BackendError::new("test", format!("no input {name}")))
+            };
+            let (ids, mask, positions, past) = (
+                get("input_ids")?,
+                get("attention_mask")?,
+                get("position_ids")?,
+                get("past_key_values.0.key")?,
+            );
+            let (TensorData::I64(ids_v), TensorData::I64(mask_v), TensorData::I64(pos_v)) =
+                (&ids.data, &mask.data, &positions.data)
+            else {
+                return Err(BackendError::new(
+                    "test",
+                    "ids, mask and positions are int64",
+                ));
+            };
+            let TensorData::F32(past_v) = &past.data else {
+                return Err(BackendError::new("test", "the past is float32"));
+            };
+            let (rows, n) = (ids.shape[0], ids.shape[1]);
+            let width = past.shape[2];
+            let total = width + n;
+            if mask.shape != [rows, total] || positions.shape != [rows, n] {
+                return Err(BackendError::new(
+                    "test",
+                    "mask or positions of the wrong shape",
+                ));
+            }
+            self.passes.lock().unwrap().push((rows, n));
+            let mut logits = vec![0.0f32; rows * n * VOCAB as usize];
+            let mut present = Vec::with_capacity(rows * total);
+            for r in 0..rows {
+                let keys: Vec<f32> = past_v[r * width..(r + 1) * width]
+                    .iter()
+                    .copied()
+                    .chain(ids_v[r * n..(r + 1) * n].iter().map(|&t| t as f32))
+                    .collect();
+                let visible = &mask_v[r * total..(r + 1) * total];
+                for i in 0..n {
+                    // Causal: query i sees the past and the new positions up to itself.
+                    let (mut sum, mut count) = (0u64, 0u64);
+                    for p in 0..width + i + 1 {
+                        if visible[p] == 1 {
+                            sum += keys[p] as u64;
+                            count += 1;
+                        }
+                    }
+                    let pos = pos_v[r * n + i] as u64;
+                    let next = (7 * sum + count + pos) % u64::from(VOCAB);
+                    logits[(r * n + i) * VOCAB as usize + next as usize] = 1.0;
+                }
+                present.extend(keys);
+            }
+            let kv = Tensor {
+                shape: vec![rows, 1, total, 1],
+                data: TensorData::F32(present),
+            };
+            Ok(vec![
+                Tensor {
+                    shape: vec![rows, n, VOCAB as usize],
+                    data: TensorData::F32(logits),
+                },
+                kv.clone(),
+                kv,
+            ])
+        }
+    }
+
+    fn word_tokenizer() -> Arc<Tokenizer> {
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            (0..VOCAB).map(|i| (format!("t{i}"), i.into())).collect();
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+        });
+        Arc::new(json.to_string().parse().expect("a word-level tokenizer"))
+    }
+
+    #[tokio::test]
+    async fn newcomers_prefill_together_and_each_generates_what_it_would_alone() {
+        let passes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (open, gate) = std::sync::mpsc::channel();
+        let limits = LlmLimits {
+            max_batch: 16,
+            prefill_chunk: 16,
+            max_kv_tokens: 4096,
+            queue_capacity: 64,
+            // 8 bytes a token (one layer, key and value of one f32): 1024 tokens.
+            prefix_cache_bytes: 8 * 1024,
+        };
+        let shape = LlmShape {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 1,
+            context_length: 512,
+            eos: Vec::new(),
+        };
+        let llm = Llm::start(
+            "m",
+            Box::new(ContextSum::new(passes.clone(), gate)),
+            shape,
+            word_tokenizer(),
+            limits,
+        )
+        .unwrap();
+        // Short prompts that fit a pass together, long ones fed in several chunks, and the
+        // same 20-token prompt twice (the second waits for the first's blocks in the cache).
+        let mut prompts: Vec<Vec<u32>> = [3usize, 5, 4, 7, 2, 9, 20, 33]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                (0..len as u32)
+                    .map(|t| (t * 3 + i as u32 * 11) % VOCAB)
+                    .collect()
+            })
+            .collect();
+        prompts.push(prompts[6].clone());
+        let max_tokens = 6;
+        let mut answers = Vec::new();
+        for prompt in &prompts {
+            let (events, answer) = tokio::sync::mpsc::unbounded_channel();
+            llm.submit(SequenceRequest {
+                prompt: prompt.clone(),
+                params: SamplingParams {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                max_tokens,
+                stops: Vec::new(),
+                choice: 0,
+                events,
+            })
+            .unwrap();
+            answers.push(answer);
+        }
+        // The first pass held until everyone was queued behind it.
+        open.send(()).unwrap();
+        let mut cached_of = Vec::new();
+        for (prompt, mut answer) in prompts.iter().zip(answers) {
+            let mut context = prompt.clone();
+            let mut tokens = Vec::new();
+            let cached = loop {
+                match answer.recv().await.expect("an event") {
+                    Event::Token { sampled, .. } => tokens.push(sampled.token),
+                    Event::Finished {
+                        finish,
+                        completion_tokens,
+                        cached_prompt_tokens,
+                        ..
+                    } => {
+                        assert_eq!((finish, completion_tokens), (Finish::Length, max_tokens));
+                        break cached_prompt_tokens;
+                    }
+                    Event::Failed(e) => panic!("failed: {e}"),
+                }
+            };
+            let mut alone = Vec::new();
+            for _ in 0..max_tokens {
+                let next = next_after(&context);
+                alone.push(next);
+                context.push(next);
+            }
+            assert_eq!(tokens, alone, "prompt {prompt:?}");
+            cached_of.push(cached);
+        }
+        // The repeated prompt waited for the first one's block and took it from the cache.
+        assert_eq!((cached_of[6], cached_of[8]), (0, 16), "{cached_of:?}");
+        let passes = passes.lock().unwrap().clone();
+        assert!(
+            passes.iter().any(|&(rows, n)| rows >= 2 && n >= 2),
+            "some newcomers shared a prefill pass: {passes:?}"
+        );
+        for &(rows, n) in passes.iter().filter(|&&(_, n)| n >= 2) {
+            assert!(
+                rows * n <= 16,
+                "a prefill pass stays within prefill_chunk: {passes:?}"
+            );
+        }
     }
 }
