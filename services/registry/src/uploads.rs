@@ -80,7 +80,14 @@ impl StagingWriter {
 
     /// Queues a chunk; an error means the thread hit a write error (see `finish`).
     fn write(&self, chunk: bytes::Bytes) -> bool {
-        blocking(|| self.chunks.send(chunk)).is_ok()
+        // Blocks (moving this worker's other tasks away) only when the writer is behind.
+        match self.chunks.try_send(chunk) {
+            Ok(()) => true,
+            Err(std::sync::mpsc::TrySendError::Full(chunk)) => {
+                blocking(|| self.chunks.send(chunk)).is_ok()
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+        }
     }
 
     /// Waits for every queued chunk to be written; returns the file.
