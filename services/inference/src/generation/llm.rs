@@ -253,9 +253,8 @@ impl Worker {
             prefilling.retain(|s| !s.closed());
             running.retain(|s| !s.closed());
             // One prefill pass per step, over the newcomers that fit it.
-            let group = self.prefill_group(&mut prefilling);
+            let mut group = self.prefill_group(&mut prefilling);
             if !group.is_empty() {
-                let mut group = group;
                 match self.prefill(&mut group) {
                     Ok(()) => {
                         let mut unfinished = Vec::new();
@@ -367,12 +366,14 @@ impl Worker {
         let mut longest = 0;
         while let Some(seq) = prefilling.front_mut() {
             if seq.fed == 0 {
-                let cached = self.prefix.peek(&seq.request.prompt);
-                if self.prefix.capacity > 0
-                    && group
+                // The cache is only searched when a newcomer is already in the pass.
+                let waits = self.prefix.capacity > 0 && !group.is_empty() && {
+                    let cached = self.prefix.peek(&seq.request.prompt);
+                    group
                         .iter()
                         .any(|g| shared_blocks(&g.request.prompt, &seq.request.prompt) > cached)
-                {
+                };
+                if waits {
                     break;
                 }
                 self.start_prefill(seq);
