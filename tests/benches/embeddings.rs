@@ -28,7 +28,8 @@ fn p50(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
-const SAMPLES: usize = 300;
+/// Calls per path in the latency comparison.
+const SAMPLES: usize = 600;
 
 async fn mesh(
     threads: usize,
@@ -133,42 +134,44 @@ fn main() {
         let assets = minilm_asset_dir();
         let (batched_mesh, ch) = mesh(threads, Batching::default(), assets.path()).await;
 
-        // The paths take turns in blocks of calls, three rounds, so drift on a shared machine
-        // hits all alike (call-by-call interleaving would measure each session's thread pool
-        // still spinning from the previous call); plus an authenticated call that does nothing
-        // (the transport and the server's layers).
-        const BLOCK: usize = SAMPLES / 3;
+        // The paths take turns in short blocks of calls, many rounds, so drift on a shared
+        // machine hits all alike; each block's first calls are not counted (call-by-call
+        // interleaving would measure each session's thread pool still spinning from the
+        // previous call). Plus an authenticated call that does nothing (the transport and
+        // the server's layers).
+        const BLOCK: usize = 20;
+        const WARM: usize = 5;
         let mut samples: [Vec<Duration>; 4] = Default::default();
-        for _round in 0..3 {
-            for i in 0..BLOCK + 10 {
+        for _round in 0..SAMPLES / BLOCK {
+            for i in 0..BLOCK + WARM {
                 let t = Instant::now();
                 direct();
-                if i >= 10 {
+                if i >= WARM {
                     samples[0].push(t.elapsed());
                 }
             }
-            for i in 0..BLOCK + 10 {
+            for i in 0..BLOCK + WARM {
                 let t = Instant::now();
                 let ids = embeddings::tokenize(&model, &texts, false).unwrap();
                 std::hint::black_box(embeddings::embed(&model, ids).await.unwrap());
-                if i >= 10 {
+                if i >= WARM {
                     samples[1].push(t.elapsed());
                 }
             }
-            for i in 0..BLOCK + 10 {
+            for i in 0..BLOCK + WARM {
                 let t = Instant::now();
                 client(&ch).create_embeddings(request(&sentence)).await.unwrap();
-                if i >= 10 {
+                if i >= WARM {
                     samples[2].push(t.elapsed());
                 }
             }
-            for i in 0..BLOCK + 10 {
+            for i in 0..BLOCK + WARM {
                 let t = Instant::now();
                 oip(&ch)
                     .server_live(kiln_proto::inference::ServerLiveRequest {})
                     .await
                     .unwrap();
-                if i >= 10 {
+                if i >= WARM {
                     samples[3].push(t.elapsed());
                 }
             }

@@ -32,8 +32,9 @@ pub use service::Inference;
 /// The service name: its database and its outbox rows.
 pub const SERVICE: &str = "inference";
 
-/// The node's database: only the outbox of its usage events.
-const MIGRATIONS: &[kiln_store::Migration] = &[kiln_events::outbox::MIGRATION];
+/// The node's database: the outbox of its usage events and the usage of requests being
+/// answered.
+const MIGRATIONS: &[kiln_store::Migration] = &[kiln_events::outbox::MIGRATION, usage::MIGRATION];
 
 /// How a node works with the scheduler: the address other nodes reach it at, and its link.
 pub struct Scheduling {
@@ -62,10 +63,11 @@ pub async fn open(
     })?;
     let db = kiln_store::connect(&server.database_url_for(SERVICE)).await?;
     kiln_store::migrate(&db, SERVICE, MIGRATIONS).await?;
-    // Usage events come one per request: the relay gathers them for a few milliseconds
-    // rather than running a pass per request beside the model.
-    let outbox =
-        kiln_events::outbox::Outbox::new(SERVICE).with_linger(std::time::Duration::from_millis(20));
+    // Usage events come one per request: the relay gathers them for a fifth of a second
+    // rather than running a pass (and billing a batch) per few requests beside the model
+    // (measured: gRPC embedding latency over the direct call 20.8% -> 17.4% against 20 ms).
+    let outbox = kiln_events::outbox::Outbox::new(SERVICE)
+        .with_linger(std::time::Duration::from_millis(200));
     host.track(outbox.spawn_relay(db.clone(), host.bus.clone(), host.shutdown.clone()));
     let ort_path =
         (!config.ort_dylib_path.is_empty()).then(|| std::path::Path::new(&config.ort_dylib_path));

@@ -34,6 +34,22 @@ impl Inference {
         let model = served.model;
         let inputs = decode_inputs(&model, &request)?;
         let wanted = requested_outputs(&model, &request)?;
+        // Written down while the model runs; billed once the answer is ready.
+        let usage = self.usage.reserve(
+            caller,
+            Usage {
+                request_id: if request.id.is_empty() {
+                    format!("infer-{}", uuid::Uuid::now_v7().simple())
+                } else {
+                    request.id.clone()
+                },
+                model: model.name.clone(),
+                api: "model_infer",
+                start_micros,
+                route: served.route,
+                ..Default::default()
+            },
+        );
         let outputs = model.run(inputs, false).await?;
         let mut response = ModelInferResponse {
             model_name: request.model_name.clone(),
@@ -55,23 +71,7 @@ impl Inference {
                 .raw_output_contents
                 .push(encode_raw(&tensor.data).into());
         }
-        self.usage
-            .record(
-                caller,
-                Usage {
-                    request_id: if request.id.is_empty() {
-                        format!("infer-{}", uuid::Uuid::now_v7().simple())
-                    } else {
-                        request.id
-                    },
-                    model: model.name.clone(),
-                    api: "model_infer",
-                    start_micros,
-                    route: served.route,
-                    ..Default::default()
-                },
-            )
-            .await?;
+        usage.confirm().await?;
         Ok(response)
     }
 }

@@ -112,8 +112,22 @@ impl Inference {
             }
         };
         let sequences = embeddings::tokenize(&model, &request.input, request.truncate)?;
+        let tokens: usize = sequences.iter().map(Vec::len).sum();
+        // Written down while the model runs; billed once the answer is ready.
+        let usage = self.usage.reserve(
+            caller,
+            Usage {
+                request_id: format!("embd-{}", uuid::Uuid::now_v7().simple()),
+                model: model.name.clone(),
+                api: "embeddings",
+                prompt_tokens: tokens as i64,
+                embedding_input_tokens: tokens as i64,
+                start_micros,
+                route: served.route,
+                ..Default::default()
+            },
+        );
         let embedded = embeddings::embed(&model, sequences).await?;
-        let tokens: usize = embedded.iter().map(|e| e.tokens).sum();
         let data = embedded
             .into_iter()
             .enumerate()
@@ -128,22 +142,7 @@ impl Inference {
                 }
             })
             .collect();
-        let request_id = format!("embd-{}", uuid::Uuid::now_v7().simple());
-        self.usage
-            .record(
-                caller,
-                Usage {
-                    request_id,
-                    model: model.name.clone(),
-                    api: "embeddings",
-                    prompt_tokens: tokens as i64,
-                    embedding_input_tokens: tokens as i64,
-                    start_micros,
-                    route: served.route,
-                    ..Default::default()
-                },
-            )
-            .await?;
+        usage.confirm().await?;
         Ok(CreateEmbeddingsResponse {
             object: "list".into(),
             data,

@@ -74,6 +74,15 @@ impl Outbox {
         self.insert(conn, std::slice::from_ref(event)).await
     }
 
+    /// Writes `events` into the outbox inside the caller's transaction, in one statement.
+    pub async fn enqueue_all<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        events: &[Event],
+    ) -> Result<(), Error> {
+        self.insert(conn, events).await
+    }
+
     /// Writes `events` in one statement, which commits on its own (atomically, all or
     /// none), and wakes the relay: for events that are not part of a state change, such as
     /// usage records.
