@@ -505,11 +505,11 @@ mod tests {
         assert_eq!(answered.account, "accounts/acme");
         assert_eq!(answered.embedding_input_tokens, 7);
         assert_eq!(answered.node, "nodes/n1");
-        let time = |t: &Option<prost_types::Timestamp>| {
-            let t = t.clone().unwrap();
+        let time = |t: Option<prost_types::Timestamp>| {
+            let t = t.unwrap();
             t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000
         };
-        assert!(time(&answered.end_time) >= time(&answered.start_time));
+        assert!(time(answered.end_time) >= time(answered.start_time));
         assert_eq!(pending(&db, "n1").await, 0, "nothing left pending");
     }
 
