@@ -76,8 +76,9 @@ impl Artifacts {
             .unwrap_or(0)
     }
 
-    /// Opens the staging file for appending, creating it (and truncating it when `reset`).
-    /// A std file: uploads write it from `block_in_place`, without tokio::fs's extra copy.
+    /// Opens the staging file for writing, creating it (and emptying it when `reset`). A std
+    /// file: uploads write it at explicit offsets from a thread of their own, without
+    /// tokio::fs's extra copy.
     pub async fn open_staging(&self, key: &str, reset: bool) -> Result<std::fs::File> {
         let path = self.staging_path(key);
         if let Some(parent) = path.parent() {
@@ -88,7 +89,9 @@ impl Artifacts {
         }
         Ok(std::fs::OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
             .open(&path)?)
     }
 

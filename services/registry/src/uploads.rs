@@ -13,7 +13,6 @@ use kiln_proto::registry::v1::{
 };
 use sea_orm::{ActiveModelTrait, EntityTrait};
 use sha2::{Digest, Sha256};
-use std::io::Write;
 
 use crate::artifacts::Artifacts;
 use crate::db::model_file as files;
@@ -51,29 +50,133 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
+/// The block size that direct writes align their memory, offsets and lengths to.
+const DIRECT_ALIGN: usize = 4096;
+/// How much a direct write takes at once.
+const DIRECT_BLOCK: usize = 4 << 20;
+
+/// Writes a staging file from a given offset on. Where the file system allows it, whole
+/// blocks go to the disk with O_DIRECT from an aligned buffer: an ordinary write copies every
+/// byte into the page cache first, and on virtualised disks that copy is slower than the disk
+/// (measured on a 2-core VM: `dd bs=4M` 367-592 MB/s buffered, 1.1 GB/s direct, as fast as an
+/// in-kernel file copy). The bytes past the last whole block stay in the buffer and go out
+/// through the ordinary handle when the writer is flushed; the next direct write rewrites
+/// that block whole.
+struct StagingAppender {
+    file: std::fs::File,
+    direct: Option<std::fs::File>,
+    buf: Vec<u8>,
+    /// Where the aligned region of `buf` starts.
+    start: usize,
+    /// Bytes held in the aligned region.
+    held: usize,
+    /// The file offset of the first held byte (block-aligned when writing directly).
+    pos: u64,
+    unsynced: usize,
+}
+
+impl StagingAppender {
+    /// Continues `path` (open as `file`, `len` bytes long).
+    fn open(path: &std::path::Path, file: std::fs::File, len: u64) -> std::io::Result<Self> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok();
+        let mut appender = Self {
+            file,
+            buf: Vec::new(),
+            start: 0,
+            held: 0,
+            pos: len,
+            unsynced: 0,
+            direct: None,
+        };
+        if let Some(direct) = direct {
+            let mut buf = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
+            let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            // Start at the block holding the end of the file, its head read back.
+            let tail = (len % DIRECT_ALIGN as u64) as usize;
+            let pos = len - tail as u64;
+            appender
+                .file
+                .read_exact_at(&mut buf[start..start + tail], pos)?;
+            appender.buf = buf;
+            appender.start = start;
+            appender.held = tail;
+            appender.pos = pos;
+            appender.direct = Some(direct);
+        }
+        Ok(appender)
+    }
+
+    fn write(&mut self, mut chunk: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let Some(direct) = &self.direct else {
+            self.file.write_all_at(chunk, self.pos)?;
+            self.pos += chunk.len() as u64;
+            // Flush as the bytes arrive, so the disk writes overlap receiving and the final
+            // sync has little left to do.
+            self.unsynced += chunk.len();
+            if self.unsynced >= SYNC_EVERY {
+                self.file.sync_data()?;
+                self.unsynced = 0;
+            }
+            return Ok(());
+        };
+        while !chunk.is_empty() {
+            let take = chunk.len().min(DIRECT_BLOCK - self.held);
+            let at = self.start + self.held;
+            self.buf[at..at + take].copy_from_slice(&chunk[..take]);
+            self.held += take;
+            chunk = &chunk[take..];
+            if self.held == DIRECT_BLOCK {
+                direct.write_all_at(&self.buf[self.start..self.start + DIRECT_BLOCK], self.pos)?;
+                self.pos += DIRECT_BLOCK as u64;
+                self.held = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts every byte written so far into the file (the last partial block through the
+    /// ordinary handle; it stays held, to be rewritten whole by the next direct write).
+    fn flush(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let Some(direct) = &self.direct else {
+            return Ok(());
+        };
+        let whole = self.held / DIRECT_ALIGN * DIRECT_ALIGN;
+        if whole > 0 {
+            direct.write_all_at(&self.buf[self.start..self.start + whole], self.pos)?;
+        }
+        let tail = self.start + whole..self.start + self.held;
+        self.file
+            .write_all_at(&self.buf[tail.clone()], self.pos + whole as u64)?;
+        self.buf.copy_within(tail, self.start);
+        self.pos += whole as u64;
+        self.held -= whole;
+        Ok(())
+    }
+}
+
 /// Appends chunks to the staging file on its own thread, in order.
 struct StagingWriter {
     chunks: std::sync::mpsc::SyncSender<bytes::Bytes>,
-    done: std::thread::JoinHandle<std::io::Result<std::fs::File>>,
+    done: std::thread::JoinHandle<std::io::Result<StagingAppender>>,
 }
 
 impl StagingWriter {
-    fn start(mut file: std::fs::File) -> Self {
+    fn start(mut appender: StagingAppender) -> Self {
         // A few chunks of slack: enough to overlap, little memory held.
         let (chunks, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
         let done = std::thread::spawn(move || {
-            let mut unsynced = 0;
             for chunk in rx {
-                file.write_all(&chunk)?;
-                // Flush as the bytes arrive, so the disk writes overlap receiving and the
-                // final sync has little left to do.
-                unsynced += chunk.len();
-                if unsynced >= SYNC_EVERY {
-                    file.sync_data()?;
-                    unsynced = 0;
-                }
+                appender.write(&chunk)?;
             }
-            Ok(file)
+            appender.flush()?;
+            Ok(appender)
         });
         Self { chunks, done }
     }
@@ -90,8 +193,8 @@ impl StagingWriter {
         }
     }
 
-    /// Waits for every queued chunk to be written; returns the file.
-    fn finish(self) -> std::io::Result<std::fs::File> {
+    /// Waits for every queued chunk to be in the file; returns the appender.
+    fn finish(self) -> std::io::Result<StagingAppender> {
         drop(self.chunks);
         blocking(|| self.done.join())
             .unwrap_or_else(|_| Err(std::io::Error::other("staging writer panicked")))
@@ -143,12 +246,14 @@ impl FileUpload {
             0
         };
         let file = artifacts.open_staging(&key, !resume || offset == 0).await?;
+        let path = artifacts.staging_path(&key);
+        let appender = blocking(|| StagingAppender::open(&path, file, offset))?;
         Ok(Self {
             key,
             size,
             sha256,
             offset,
-            writer: Some(StagingWriter::start(file)),
+            writer: Some(StagingWriter::start(appender)),
             hasher: (offset == 0).then(RunningHash::start),
             last_recorded: offset,
         })
@@ -227,9 +332,9 @@ impl FileUpload {
             .writer
             .take()
             .ok_or_else(|| std::io::Error::other("staging writer stopped"))?;
-        let file = writer.finish()?;
-        blocking(|| file.sync_data())?;
-        drop(file);
+        let appender = writer.finish()?;
+        blocking(|| appender.file.sync_data())?;
+        drop(appender);
         let actual = match self.hasher.take() {
             Some(h) => blocking(|| h.finish()),
             None => artifacts.hash_staged(&self.key).await?,
@@ -520,5 +625,69 @@ impl Registry {
             files,
             received_bytes: received as i64,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `bytes` as an upload would: odd-sized chunks, a flush (an interrupted upload's
+    /// settle) after the first part and the second, then a new appender resuming from the
+    /// stored length, which is not block-aligned.
+    fn append_in_parts(direct: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.part");
+        let open = |len: u64| {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let mut appender = StagingAppender::open(&path, file, len).unwrap();
+            if !direct {
+                // The path of file systems that refuse O_DIRECT.
+                appender.direct = None;
+                appender.held = 0;
+                appender.pos = len;
+            }
+            appender
+        };
+        let bytes: Vec<u8> = (0..2 * DIRECT_BLOCK + 12_345)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let (first, rest) = bytes.split_at(DIRECT_BLOCK + 777);
+        let (second, third) = rest.split_at(5_000);
+
+        let mut appender = open(0);
+        for chunk in first.chunks(100_003) {
+            appender.write(chunk).unwrap();
+        }
+        appender.flush().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), first);
+        appender.write(second).unwrap();
+        appender.flush().unwrap();
+        drop(appender);
+
+        let stored = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(stored as usize, first.len() + second.len());
+        let mut resumed = open(stored);
+        for chunk in third.chunks(65_536) {
+            resumed.write(chunk).unwrap();
+        }
+        resumed.flush().unwrap();
+        assert!(std::fs::read(&path).unwrap() == bytes, "every byte, in place");
+    }
+
+    #[test]
+    fn direct_staging_writes_keep_every_byte_across_flushes_and_a_resume() {
+        append_in_parts(true);
+    }
+
+    #[test]
+    fn buffered_staging_writes_keep_every_byte_across_flushes_and_a_resume() {
+        append_in_parts(false);
     }
 }
