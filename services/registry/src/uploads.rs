@@ -678,7 +678,10 @@ mod tests {
             resumed.write(chunk).unwrap();
         }
         resumed.flush().unwrap();
-        assert!(std::fs::read(&path).unwrap() == bytes, "every byte, in place");
+        assert!(
+            std::fs::read(&path).unwrap() == bytes,
+            "every byte, in place"
+        );
     }
 
     #[test]
