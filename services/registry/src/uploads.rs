@@ -78,12 +78,8 @@ struct StagingAppender {
 impl StagingAppender {
     /// Continues `path` (open as `file`, `len` bytes long).
     fn open(path: &std::path::Path, file: std::fs::File, len: u64) -> std::io::Result<Self> {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
+        use std::os::unix::fs::FileExt;
+        let direct = open_direct(path);
         let mut appender = Self {
             file,
             buf: Vec::new(),
@@ -159,6 +155,22 @@ impl StagingAppender {
         self.held -= whole;
         Ok(())
     }
+}
+
+/// `path` opened for direct writes, where the system and the file system allow them.
+#[cfg(target_os = "linux")]
+fn open_direct(path: &std::path::Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &std::path::Path) -> Option<std::fs::File> {
+    None
 }
 
 /// Appends chunks to the staging file on its own thread, in order.
