@@ -8,10 +8,9 @@ use crate::engine::{LoadedModel, Task};
 use crate::error::Result;
 use crate::tensor::{Tensor, TensorData};
 
-/// One input's vector and its token count.
+/// One input's vector.
 pub struct Embedded {
     pub vector: Vec<f32>,
-    pub tokens: usize,
 }
 
 /// The longest input (in tokens, special tokens included) `model` accepts.
@@ -127,7 +126,6 @@ pub async fn embed(model: &LoadedModel, sequences: Vec<Vec<u32>>) -> Result<Vec<
             let outputs = model.run(inputs, true).await?;
             Ok::<_, crate::error::Error>(Embedded {
                 vector: pool(&outputs[output], n)?,
-                tokens: n,
             })
         }
     });

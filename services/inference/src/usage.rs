@@ -97,10 +97,7 @@ impl Reservation {
     /// without waiting for that write.
     pub async fn confirm(mut self) -> Result<()> {
         if let Some(written) = self.written.take() {
-            written
-                .await
-                .map_err(|_| ApiError::Unavailable("usage recording stopped".into()))?
-                .map_err(|e| ApiError::Unavailable(format!("recording usage: {e}")))?;
+            durable(written).await?;
         }
         let Some(mut event) = self.event.take() else {
             return Ok(());
@@ -112,8 +109,20 @@ impl Reservation {
         }
         self.queue
             .send(Op::Confirm(event))
-            .map_err(|_| ApiError::Unavailable("usage recording stopped".into()).into())
+            .map_err(|_| stopped().into())
     }
+}
+
+fn stopped() -> ApiError {
+    ApiError::Unavailable("usage recording stopped".into())
+}
+
+/// Waits for the writer's word that a write is durable.
+async fn durable(written: oneshot::Receiver<Result<(), String>>) -> Result<()> {
+    written
+        .await
+        .map_err(|_| stopped())?
+        .map_err(|e| ApiError::Unavailable(format!("recording usage: {e}")).into())
 }
 
 impl Drop for Reservation {
@@ -193,11 +202,8 @@ impl UsageRecorder {
         let (done, written) = oneshot::channel();
         self.queue
             .send(Op::Record(event, done))
-            .map_err(|_| ApiError::Unavailable("usage recording stopped".into()))?;
-        written
-            .await
-            .map_err(|_| ApiError::Unavailable("usage recording stopped".into()))?
-            .map_err(|e| ApiError::Unavailable(format!("recording usage: {e}")).into())
+            .map_err(|_| stopped())?;
+        durable(written).await
     }
 
     /// The usage event of `usage`, ending now; counts the tokens against the rate limit.

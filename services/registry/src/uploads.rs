@@ -78,33 +78,38 @@ struct StagingAppender {
 impl StagingAppender {
     /// Continues `path` (open as `file`, `len` bytes long).
     fn open(path: &std::path::Path, file: std::fs::File, len: u64) -> std::io::Result<Self> {
+        Self::new(file, open_direct(path), len)
+    }
+
+    /// Continues `file` (`len` bytes long), directly through `direct` when there is one.
+    fn new(file: std::fs::File, direct: Option<std::fs::File>, len: u64) -> std::io::Result<Self> {
         use std::os::unix::fs::FileExt;
-        let direct = open_direct(path);
-        let mut appender = Self {
-            file,
-            buf: Vec::new(),
-            start: 0,
-            held: 0,
-            pos: len,
-            unsynced: 0,
-            direct: None,
+        let Some(direct) = direct else {
+            return Ok(Self {
+                file,
+                direct: None,
+                buf: Vec::new(),
+                start: 0,
+                held: 0,
+                pos: len,
+                unsynced: 0,
+            });
         };
-        if let Some(direct) = direct {
-            let mut buf = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
-            let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-            // Start at the block holding the end of the file, its head read back.
-            let tail = (len % DIRECT_ALIGN as u64) as usize;
-            let pos = len - tail as u64;
-            appender
-                .file
-                .read_exact_at(&mut buf[start..start + tail], pos)?;
-            appender.buf = buf;
-            appender.start = start;
-            appender.held = tail;
-            appender.pos = pos;
-            appender.direct = Some(direct);
-        }
-        Ok(appender)
+        let mut buf = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        // Start at the block holding the end of the file, its head read back.
+        let tail = (len % DIRECT_ALIGN as u64) as usize;
+        let pos = len - tail as u64;
+        file.read_exact_at(&mut buf[start..start + tail], pos)?;
+        Ok(Self {
+            file,
+            direct: Some(direct),
+            buf,
+            start,
+            held: tail,
+            pos,
+            unsynced: 0,
+        })
     }
 
     fn write(&mut self, mut chunk: &[u8]) -> std::io::Result<()> {
@@ -658,14 +663,9 @@ mod tests {
                 .write(true)
                 .open(&path)
                 .unwrap();
-            let mut appender = StagingAppender::open(&path, file, len).unwrap();
-            if !direct {
-                // The path of file systems that refuse O_DIRECT.
-                appender.direct = None;
-                appender.held = 0;
-                appender.pos = len;
-            }
-            appender
+            // Without a direct handle: the path of file systems that refuse O_DIRECT.
+            let direct = if direct { open_direct(&path) } else { None };
+            StagingAppender::new(file, direct, len).unwrap()
         };
         let bytes: Vec<u8> = (0..2 * DIRECT_BLOCK + 12_345)
             .map(|i| (i * 7 % 251) as u8)
