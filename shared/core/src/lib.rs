@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod auth_client;
 pub mod config;
+pub mod duration;
 pub mod error;
 pub mod hf;
 pub mod names;
