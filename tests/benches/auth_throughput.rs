@@ -7,11 +7,11 @@
 //! through Kiln's server shows the cost of the layers alone.
 
 use kiln_proto::identity::v1 as idv1;
-use kiln_testkit::{AuthedChannel, TestMesh, channel_to};
 use kiln_tests::bench::measure;
 use kiln_tests::echo::echo_client::EchoClient;
 use kiln_tests::echo::echo_server::{Echo, EchoServer};
 use kiln_tests::echo::{EchoReply, EchoRequest};
+use kiln_tests::{AuthedChannel, TestMesh, channel_to};
 
 struct EchoService;
 

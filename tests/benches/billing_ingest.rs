@@ -120,11 +120,11 @@ async fn billing_consume(nats_url: &str, stream: &str, prefix: &str, events: &[E
         .ok()
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    let backends = kiln_testkit::Backends {
+    let backends = kiln_tests::Backends {
         database_url: Some(base),
         nats_url: None,
     };
-    let database = kiln_testkit::TestDatabase::create(&backends)
+    let database = kiln_tests::TestDatabase::create(&backends)
         .await
         .expect("a schema");
     let mut nats = kiln_events::nats::NatsConfig::new(nats_url);

@@ -19,9 +19,9 @@ use kiln_inference::embeddings;
 use kiln_inference::engine::load_tokenizer;
 use kiln_inference::tensor::{Tensor, TensorData};
 use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_testkit::{TestMesh, wait_for};
 use kiln_tests::bench::measure;
 use kiln_tests::inference::*;
+use kiln_tests::{TestMesh, wait_for};
 
 fn p50(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -35,7 +35,7 @@ async fn mesh(
     threads: usize,
     batching: Batching,
     assets: &std::path::Path,
-) -> (TestMesh, kiln_testkit::AuthedChannel) {
+) -> (TestMesh, kiln_tests::AuthedChannel) {
     let mesh = kiln_tests::library_mesh(
         assets,
         Some(InferenceConfig {
@@ -199,7 +199,7 @@ fn main() {
         drop(engine);
 
         // 32 closed-loop clients of CreateEmbeddings on `ch`.
-        let calls = |ch: kiln_testkit::AuthedChannel| {
+        let calls = |ch: kiln_tests::AuthedChannel| {
             let sentence = sentence.clone();
             move || {
                 let ch = ch.clone();

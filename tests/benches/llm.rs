@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kiln_inference::config::InferenceConfig;
 use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_testkit::{asset, wait_for};
 use kiln_tests::inference::client;
 use kiln_tests::llm::{GGUF, SMOLLM2, smollm2_asset_dir};
+use kiln_tests::{asset, wait_for};
 
 const QUESTIONS: [&str; 4] = [
     "Write a long story about a dragon who learns to paint.",
@@ -38,7 +38,7 @@ fn request(i: usize, max_tokens: i32) -> infv1::CreateChatCompletionRequest {
 }
 
 /// One stream: (time to first content, completion tokens).
-async fn stream(ch: kiln_testkit::AuthedChannel, i: usize, max_tokens: i32) -> (Duration, usize) {
+async fn stream(ch: kiln_tests::AuthedChannel, i: usize, max_tokens: i32) -> (Duration, usize) {
     let start = Instant::now();
     let mut s = client(&ch)
         .stream_chat_completion(request(i, max_tokens))

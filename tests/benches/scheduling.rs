@@ -12,8 +12,8 @@ use futures::StreamExt;
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::scheduler::v1 as schv1;
 use kiln_scheduler::placement::{DeviceGroup, Need, NodeCapacity, place};
-use kiln_testkit::wait_for;
 use kiln_tests::inference::*;
+use kiln_tests::wait_for;
 
 const H100: i32 = AcceleratorType::NvidiaH10080gb as i32;
 

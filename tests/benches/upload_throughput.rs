@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use kiln_proto::registry::v1::model::Kind;
-use kiln_testkit::TestMesh;
+use kiln_tests::TestMesh;
 
 fn main() {
     let megabytes: usize = std::env::args()

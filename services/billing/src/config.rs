@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use kiln_core::config::{ConfigError, Load, ServerConfig, Validate, section};
+use kiln_core::config::{ConfigError, Validate};
 use serde::{Deserialize, Serialize};
 
 use crate::prices::{Prices, parse_usd_nanos};
@@ -193,21 +193,5 @@ impl Validate for BillingConfig {
             })?;
         }
         self.prices().map(|_| ())
-    }
-}
-
-/// The billing binary's whole configuration: the top level and `[billing]`.
-#[derive(Debug, Clone, Default)]
-pub struct Config {
-    pub server: ServerConfig,
-    pub billing: BillingConfig,
-}
-
-impl Load for Config {
-    fn from_sources(figment: &kiln_core::config::Figment) -> Result<Self, ConfigError> {
-        Ok(Self {
-            server: section(figment, None)?,
-            billing: section(figment, Some("billing"))?,
-        })
     }
 }

@@ -47,26 +47,3 @@ pub async fn open(
     grpc::add_services(&billing, &mut host.services);
     Ok(billing)
 }
-
-/// Runs billing alone until `stop` resolves (the `kiln-billing` binary and `kiln serve
-/// billing`): callers' keys are checked by identity.
-pub async fn serve_until(
-    config: &config::Config,
-    stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let bus = kiln_events::connect_bus(&config.server).await?;
-    let (stop_tx, shutdown) = tokio::sync::watch::channel(false);
-    let mut host = Host::new(&config.server, bus, shutdown);
-    open(&config.server, &config.billing, &mut host).await?;
-    let token = config.server.service_token.as_deref().unwrap_or_default();
-    let identity_url = config.server.identity_url.as_deref().unwrap_or_default();
-    let authenticator = std::sync::Arc::new(kiln_core::auth_client::RemoteAuthenticator::new(
-        identity_url,
-        token,
-    )?);
-    host.run_until(config.server.listen, authenticator, stop, stop_tx, |addr| {
-        println!("kiln billing listening on {addr}");
-    })
-    .await
-    .map_err(anyhow::Error::msg)
-}

@@ -1,6 +1,6 @@
 //! Identity's configuration: the shared server settings plus its own `[identity]` section.
 
-use kiln_core::config::{ConfigError, Load, ServerConfig, Validate, section};
+use kiln_core::config::{ConfigError, Validate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,21 +22,5 @@ impl Validate for IdentityConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         crate::service::validate_email("identity.admin_email", &self.admin_email)
             .map_err(|e| ConfigError::invalid("identity.admin_email", e.to_string()))
-    }
-}
-
-/// The identity binary's whole configuration: the top level and `[identity]`.
-#[derive(Debug, Clone, Default)]
-pub struct Config {
-    pub server: ServerConfig,
-    pub identity: IdentityConfig,
-}
-
-impl Load for Config {
-    fn from_sources(figment: &kiln_core::config::Figment) -> Result<Self, ConfigError> {
-        Ok(Self {
-            server: section(figment, None)?,
-            identity: section(figment, Some("identity"))?,
-        })
     }
 }

@@ -10,11 +10,8 @@ pub mod grpc;
 pub mod service;
 pub mod suspensions;
 
-use std::sync::Arc;
-
 use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
-use tokio::sync::watch;
 
 pub use error::{Error, Result};
 pub use service::Identity;
@@ -72,35 +69,4 @@ async fn watch_changes(identity: &Identity, host: &Host) -> Result<tokio::task::
             }
         }
     }))
-}
-
-/// Runs identity alone until `stop` resolves (the `kiln-identity` binary and `kiln serve
-/// identity`): prints the bootstrap admin key on the first start and saves it to
-/// `<data_dir>/admin.key`. It authenticates its callers from its own tables.
-pub async fn serve_until(
-    config: &config::Config,
-    stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let bus = kiln_events::connect_bus(&config.server).await?;
-    let (stop_tx, shutdown) = watch::channel(false);
-    let mut host = Host::new(&config.server, bus, shutdown);
-    let (identity, admin_key) = open(&config.server, &config.identity, &mut host).await?;
-    if let Some(key) = &admin_key {
-        let path = kiln_core::config::write_admin_key(&config.server.data_dir, key)?;
-        println!(
-            "bootstrap admin API key (shown once, also in {}): {key}",
-            path.display()
-        );
-    }
-    host.run_until(
-        config.server.listen,
-        Arc::new(identity),
-        stop,
-        stop_tx,
-        |addr| {
-            println!("kiln identity listening on {addr}");
-        },
-    )
-    .await
-    .map_err(anyhow::Error::msg)
 }

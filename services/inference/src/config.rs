@@ -345,35 +345,6 @@ impl Validate for InferenceConfig {
     }
 }
 
-/// The inference binary's whole configuration: the top level and `[inference]`.
-#[derive(Debug, Clone, Default)]
-pub struct Config {
-    pub server: kiln_core::config::ServerConfig,
-    pub inference: InferenceConfig,
-}
-
-impl kiln_core::config::Load for Config {
-    fn from_sources(figment: &kiln_core::config::Figment) -> Result<Self, ConfigError> {
-        let server: kiln_core::config::ServerConfig = kiln_core::config::section(figment, None)?;
-        if server.identity_url.is_none() || server.service_token.is_none() {
-            return Err(ConfigError::invalid(
-                "identity_url",
-                "inference alone authenticates callers through identity: set identity_url and service_token",
-            ));
-        }
-        if server.registry_url.is_none() {
-            return Err(ConfigError::invalid(
-                "registry_url",
-                "inference alone fetches models from the registry: set registry_url",
-            ));
-        }
-        Ok(Self {
-            server,
-            inference: kiln_core::config::section(figment, Some("inference"))?,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! firectl (`kiln create|get|list|update|delete <resource>`).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -11,8 +11,6 @@ use kiln_core::telemetry::OutgoingInterceptor;
 use kiln_proto::identity::v1 as idv1;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-
-use crate::config::KilnConfig;
 
 /// Prints a line of command output. A closed pipe (`kiln list users | head`) ends the
 /// command quietly instead of panicking.
@@ -115,8 +113,10 @@ pub struct DevArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The service: identity, registry or inference.
-    pub service: String,
+    /// The services this process runs: identity, registry, scheduler, billing, inference (the
+    /// others are reached at the URLs in the configuration).
+    #[arg(required = true)]
+    pub services: Vec<String>,
     /// A TOML config file; `KILN_*` variables override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -979,26 +979,4 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
         }
     }
     Ok(())
-}
-
-/// Loads the config for a server command: defaults, the file, `KILN_*` env.
-pub fn load_config(file: Option<&Path>) -> anyhow::Result<KilnConfig> {
-    Ok(<KilnConfig as kiln_core::config::Load>::load(file)?)
-}
-
-/// Reads the page-token secret from the data dir, creating it on first start, so tokens
-/// stay valid across restarts of `kiln dev`.
-pub fn dev_page_secret(data_dir: &Path) -> anyhow::Result<String> {
-    let path = data_dir.join("page-token.secret");
-    if let Ok(secret) = std::fs::read_to_string(&path) {
-        return Ok(secret.trim().to_owned());
-    }
-    std::fs::create_dir_all(data_dir)?;
-    let secret = format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
-    std::fs::write(&path, &secret)?;
-    Ok(secret)
 }

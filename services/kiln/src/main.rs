@@ -1,7 +1,8 @@
-//! `kiln`: run the platform (`kiln dev`, `kiln serve <service>`) or talk to it.
+//! `kiln`: run the platform (`kiln dev`, `kiln serve <service>...`) or talk to it.
 
 use clap::Parser;
 use kiln::cli::{Cli, Command, DevArgs, ServeArgs};
+use kiln_server::{KilnConfig, Role, Roles};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -35,12 +36,12 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
-    let mut config = kiln::cli::load_config(args.config.as_deref())?;
+    let mut config = load_config(args.config.as_deref())?;
     config.server.listen = args.listen;
     config.server.data_dir = args.data_dir.clone();
     config.import_library = true;
     if config.server.page_token_secret.is_none() {
-        config.server.page_token_secret = Some(kiln::cli::dev_page_secret(&args.data_dir)?);
+        config.server.page_token_secret = Some(kiln_server::dev_page_secret(&args.data_dir)?);
     }
     let _telemetry = kiln_core::telemetry::init(
         "kiln",
@@ -48,10 +49,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         config.server.otlp_endpoint.as_deref(),
     )
     .map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
-    let mesh = kiln::mesh::Mesh::start(&config, listener, None).await?;
+    let listener = bind(config.server.listen).await?;
+    let running = kiln_server::serve(Roles::all(), &config, listener, None).await?;
     let data_dir = args.data_dir.display();
     let bus = if config.server.nats_url.is_some() {
         "NATS JetStream"
@@ -60,10 +59,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     println!(
         "Kiln dev is running on {} (state in {data_dir}, events: {bus})",
-        mesh.addr
+        running.addr
     );
     let key_file = args.data_dir.join("admin.key");
-    match &mesh.new_admin_key {
+    match &running.new_admin_key {
         Some(key) => {
             kiln_core::config::write_admin_key(&args.data_dir, key)?;
             println!(
@@ -76,7 +75,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let server = if args.listen.to_string() == "127.0.0.1:7400" {
         String::new()
     } else {
-        format!(" --server http://{}", mesh.addr)
+        format!(" --server http://{}", running.addr)
     };
     println!(
         "Try (the CLI reads the admin key from {data_dir}/admin.key):\n  \
@@ -92,72 +91,45 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
          (the public models answer once their import and preparation finish, a minute or so on first start)\n\
          Press Ctrl-C to stop."
     );
-    stop_signal().await;
+    kiln_server::shutdown_signal().await;
     println!("stopping");
-    mesh.shutdown().await
-}
-
-/// Ctrl-C, or SIGTERM from a service manager or container runtime.
-async fn stop_signal() {
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate() => {}
-    }
-}
-
-#[cfg(unix)]
-async fn terminate() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut sig) => {
-            sig.recv().await;
-        }
-        Err(_) => std::future::pending::<()>().await,
-    }
-}
-
-#[cfg(not(unix))]
-async fn terminate() {
-    std::future::pending::<()>().await
+    running.shutdown().await
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = kiln::cli::load_config(args.config.as_deref())?;
+    let roles = args
+        .services
+        .iter()
+        .map(|name| name.parse::<Role>())
+        .collect::<Result<Roles, String>>()
+        .map_err(anyhow::Error::msg)?;
+    let config = load_config(args.config.as_deref())?;
     let _telemetry = kiln_core::telemetry::init(
-        &format!("kiln-{}", args.service),
+        &format!("kiln-{}", args.services.join("-")),
         config.server.log_format,
         config.server.otlp_endpoint.as_deref(),
     )
     .map_err(anyhow::Error::msg)?;
-    match args.service.as_str() {
-        "identity" => kiln_identity::serve_until(&config.identity_config(), stop_signal()).await,
-        "registry" => {
-            let registry = <kiln_registry::config::Config as kiln_core::config::Load>::load(
-                args.config.as_deref(),
-            )?;
-            kiln_registry::serve_until(&registry, stop_signal()).await
-        }
-        "inference" => {
-            let inference = <kiln_inference::config::Config as kiln_core::config::Load>::load(
-                args.config.as_deref(),
-            )?;
-            kiln_inference::serve_until(&inference, stop_signal()).await
-        }
-        "scheduler" => {
-            let scheduler = <kiln_scheduler::config::Config as kiln_core::config::Load>::load(
-                args.config.as_deref(),
-            )?;
-            kiln_scheduler::serve_until(&scheduler, stop_signal()).await
-        }
-        "billing" => {
-            let billing = <kiln_billing::config::Config as kiln_core::config::Load>::load(
-                args.config.as_deref(),
-            )?;
-            kiln_billing::serve_until(&billing, stop_signal()).await
-        }
-        other => {
-            anyhow::bail!(
-                "unknown service {other:?}; services: identity, registry, scheduler, billing, inference"
-            )
-        }
+    let listener = bind(config.server.listen).await?;
+    let running = kiln_server::serve(roles, &config, listener, None).await?;
+    if let Some(key) = &running.new_admin_key {
+        let path = kiln_core::config::write_admin_key(&config.server.data_dir, key)?;
+        println!(
+            "bootstrap admin API key (shown once, also in {}): {key}",
+            path.display()
+        );
     }
+    println!("kiln {roles} listening on {}", running.addr);
+    kiln_server::shutdown_signal().await;
+    running.shutdown().await
+}
+
+fn load_config(file: Option<&std::path::Path>) -> anyhow::Result<KilnConfig> {
+    Ok(<KilnConfig as kiln_core::config::Load>::load(file)?)
+}
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }

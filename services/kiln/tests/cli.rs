@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use kiln_testkit::wait_for;
+use kiln_tests::wait_for;
 use tokio::io::AsyncReadExt;
 
 fn kiln_binary() -> PathBuf {
@@ -413,7 +413,7 @@ async fn models_and_datasets_through_the_cli() {
         .spawn()
         .unwrap();
     wait_until_ready(&data.path().join("admin.key"), &listen).await;
-    let assets = kiln_testkit::asset("all-minilm-l6-v2/model.onnx")
+    let assets = kiln_tests::asset("all-minilm-l6-v2/model.onnx")
         .parent()
         .unwrap()
         .to_owned();
@@ -566,7 +566,7 @@ async fn models_and_datasets_through_the_cli() {
     .await;
     assert!(ok, "{err}");
     // The registry learns of the undeploy from the scheduler's event.
-    let out = kiln_testkit::wait_for(
+    let out = kiln_tests::wait_for(
         std::time::Duration::from_secs(20),
         "the model to be deletable",
         || async {

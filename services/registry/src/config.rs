@@ -68,26 +68,3 @@ impl Validate for RegistryConfig {
         Ok(())
     }
 }
-
-/// The registry binary's whole configuration: the top level and `[registry]`.
-#[derive(Debug, Clone, Default)]
-pub struct Config {
-    pub server: kiln_core::config::ServerConfig,
-    pub registry: RegistryConfig,
-}
-
-impl kiln_core::config::Load for Config {
-    fn from_sources(figment: &kiln_core::config::Figment) -> Result<Self, ConfigError> {
-        let server: kiln_core::config::ServerConfig = kiln_core::config::section(figment, None)?;
-        if server.identity_url.is_none() || server.service_token.is_none() {
-            return Err(ConfigError::invalid(
-                "identity_url",
-                "the registry alone authenticates callers through identity: set identity_url and service_token",
-            ));
-        }
-        Ok(Self {
-            server,
-            registry: kiln_core::config::section(figment, Some("registry"))?,
-        })
-    }
-}

@@ -56,26 +56,3 @@ pub async fn open(
     grpc::add_services(&registry, &mut host.services);
     Ok(registry)
 }
-
-/// Runs the registry alone until `stop` resolves (the `kiln-registry` binary and `kiln serve
-/// registry`); callers' keys are checked by identity at `identity_url`.
-pub async fn serve_until(
-    config: &config::Config,
-    stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let bus = kiln_events::connect_bus(&config.server).await?;
-    let (stop_tx, shutdown) = tokio::sync::watch::channel(false);
-    let mut host = Host::new(&config.server, bus, shutdown);
-    open(&config.server, &config.registry, &mut host).await?;
-    let identity_url = config.server.identity_url.as_deref().unwrap_or_default();
-    let token = config.server.service_token.as_deref().unwrap_or_default();
-    let authenticator = std::sync::Arc::new(kiln_core::auth_client::RemoteAuthenticator::new(
-        identity_url,
-        token,
-    )?);
-    host.run_until(config.server.listen, authenticator, stop, stop_tx, |addr| {
-        println!("kiln registry listening on {addr}");
-    })
-    .await
-    .map_err(anyhow::Error::msg)
-}

@@ -1,6 +1,6 @@
 //! The scheduler's `[scheduler]` configuration section.
 
-use kiln_core::config::{ConfigError, Load, ServerConfig, Validate, section};
+use kiln_core::config::{ConfigError, Validate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,21 +70,5 @@ impl Validate for SchedulerConfig {
             ));
         }
         Ok(())
-    }
-}
-
-/// The scheduler binary's whole configuration: the top level and `[scheduler]`.
-#[derive(Debug, Clone, Default)]
-pub struct Config {
-    pub server: ServerConfig,
-    pub scheduler: SchedulerConfig,
-}
-
-impl Load for Config {
-    fn from_sources(figment: &kiln_core::config::Figment) -> Result<Self, ConfigError> {
-        Ok(Self {
-            server: section(figment, None)?,
-            scheduler: section(figment, Some("scheduler"))?,
-        })
     }
 }

@@ -138,8 +138,12 @@ pub struct ServerConfig {
     /// Where services that are not the registry read models, e.g. `http://registry:7401`.
     pub registry_url: Option<String>,
     /// Where the scheduler checks quotas and inference nodes read rate limits, e.g.
-    /// `http://billing:7404`; unset: no quotas are enforced (a process without billing).
+    /// `http://billing:7404`. A process that runs the scheduler or inference without billing
+    /// needs it, unless `enforce_quotas` is false.
     pub billing_url: Option<String>,
+    /// Whether quotas and rate limits are enforced; false lets a process without billing run
+    /// without `billing_url` (nothing is then limited).
+    pub enforce_quotas: bool,
     /// How long a resolved API key is trusted before asking identity again. Deletions reach
     /// caches sooner, through events.
     pub auth_cache_ttl_secs: u64,
@@ -169,6 +173,7 @@ impl Default for ServerConfig {
             identity_url: None,
             registry_url: None,
             billing_url: None,
+            enforce_quotas: true,
             auth_cache_ttl_secs: 60,
             page_token_secret: None,
             log_format: LogFormat::Text,
@@ -260,19 +265,28 @@ impl Validate for ServerConfig {
 
 /// Writes the bootstrap admin key to `<data_dir>/admin.key`, readable by its owner only.
 pub fn write_admin_key(data_dir: &Path, key: &str) -> std::io::Result<PathBuf> {
+    let path = data_dir.join("admin.key");
+    write_private_file(&path, &format!("{key}\n"))?;
+    Ok(path)
+}
+
+/// Writes a secret to `path` (creating its folder), readable and writable by its owner only.
+pub fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(data_dir)?;
-    let path = data_dir.join("admin.key");
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     options.mode(0o600);
-    let mut file = options.open(&path)?;
-    file.write_all(key.as_bytes())?;
-    file.write_all(b"\n")?;
-    Ok(path)
+    let mut file = options.open(path)?;
+    // A file that existed before keeps its mode through open(): narrow it.
+    #[cfg(unix)]
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents.as_bytes())
 }
 
 #[cfg(test)]

@@ -1,15 +1,14 @@
-//! Hosting gRPC services: the pieces every Kiln process needs around its services (the bus,
-//! the API-key cache kept honest by identity events, page tokens) and the server itself.
-//! A service's own binary hosts one service; `kiln dev` hosts them all in one.
+//! What a process gives the services it hosts: the bus, the API-key cache kept honest by
+//! identity events, page tokens, the set of gRPC services to serve, the shutdown signal and
+//! the background tasks to wait for. kiln-server builds one, lets each service `open` on it,
+//! then serves it.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use kiln_core::auth::{AuthCache, AuthLayer, Authenticator};
+use kiln_core::auth::AuthCache;
 use kiln_core::config::ServerConfig;
 use kiln_core::page::PageTokens;
 use kiln_core::server::ServiceSet;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -26,11 +25,15 @@ pub struct Host {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// A host that is serving.
-pub struct Served {
-    pub local_addr: SocketAddr,
-    /// Ends when the server has stopped and background tasks have finished.
-    pub done: JoinHandle<Result<(), String>>,
+/// A host taken apart to be served.
+pub struct HostParts {
+    pub bus: Arc<dyn EventBus>,
+    pub cache: Arc<AuthCache>,
+    pub services: ServiceSet,
+    pub shutdown: watch::Receiver<bool>,
+    pub service_token: Option<String>,
+    /// Background tasks that end at shutdown.
+    pub tasks: Vec<JoinHandle<()>>,
 }
 
 impl Host {
@@ -55,72 +58,21 @@ impl Host {
         self.tasks.push(task);
     }
 
-    /// Starts serving every added service on `listener`, authenticating through
-    /// `authenticator`, until shutdown.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        authenticator: Arc<dyn Authenticator>,
-    ) -> Result<Served, crate::Error> {
-        let Host {
-            bus,
-            cache,
-            services,
-            shutdown,
-            service_token,
-            tasks,
-            ..
-        } = self;
-        let invalidation =
-            crate::auth_cache::spawn_invalidation(bus, cache.clone(), shutdown.clone()).await?;
-        let auth = AuthLayer::new(authenticator, cache, service_token.as_deref());
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| crate::Error::Handler(format!("listener: {e}")))?;
-        let mut stop = shutdown;
-        let done = tokio::spawn(async move {
-            let result = kiln_core::server::serve(listener, services, auth, async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-            invalidation.abort();
-            for task in tasks {
-                let _ = task.await;
-            }
-            result.map_err(|e| format!("gRPC server: {e}"))
-        });
-        Ok(Served { local_addr, done })
-    }
-}
-
-impl Host {
-    /// Serves on `listen` until `stop` resolves, then shuts down cleanly: what a service's own
-    /// binary does. `on_ready` hears the bound address.
-    pub async fn run_until(
-        self,
-        listen: SocketAddr,
-        authenticator: Arc<dyn Authenticator>,
-        stop: impl std::future::Future<Output = ()>,
-        stop_tx: watch::Sender<bool>,
-        on_ready: impl FnOnce(SocketAddr),
-    ) -> Result<(), String> {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        let served = self
-            .serve(listener, authenticator)
-            .await
-            .map_err(|e| e.to_string())?;
-        on_ready(served.local_addr);
-        stop.await;
-        let _ = stop_tx.send(true);
-        served.done.await.map_err(|e| e.to_string())?
+    pub fn into_parts(self) -> HostParts {
+        HostParts {
+            bus: self.bus,
+            cache: self.cache,
+            services: self.services,
+            shutdown: self.shutdown,
+            service_token: self.service_token,
+            tasks: self.tasks,
+        }
     }
 }
 
 /// The page-token signing secret: configured, else derived from the service token, else a
 /// per-process random one (tokens then do not survive a restart).
-pub fn page_secret(server: &ServerConfig) -> String {
+fn page_secret(server: &ServerConfig) -> String {
     if let Some(secret) = &server.page_token_secret {
         return secret.clone();
     }

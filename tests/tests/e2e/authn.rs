@@ -4,11 +4,11 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use kiln_proto::identity::v1 as idv1;
-use kiln_testkit::{MeshOptions, SERVICE_TOKEN, TestMesh, wait_for};
+use kiln_tests::{MeshOptions, SERVICE_TOKEN, TestMesh, wait_for};
 use kiln_tests::{accounts, create_key, create_user, tenant};
 use tonic::Code;
 
-async fn get_acme(ch: &kiln_testkit::AuthedChannel) -> Result<idv1::Account, tonic::Status> {
+async fn get_acme(ch: &kiln_tests::AuthedChannel) -> Result<idv1::Account, tonic::Status> {
     accounts(ch)
         .get_account(idv1::GetAccountRequest {
             name: "accounts/acme".into(),
@@ -76,7 +76,7 @@ async fn missing_wrong_and_expired_keys_are_unauthenticated() {
 }
 
 async fn create_key_status(
-    admin: &kiln_testkit::AuthedChannel,
+    admin: &kiln_tests::AuthedChannel,
     expire_time: Option<prost_types::Timestamp>,
 ) -> tonic::Status {
     kiln_tests::keys(admin)

@@ -12,11 +12,11 @@ use kiln_events::{Body, Event};
 use kiln_proto::billing::v1::get_usage_request::GroupBy;
 use kiln_proto::kiln_inference::v1 as infv1;
 use kiln_proto::scheduler::v1 as schv1;
-use kiln_testkit::{AuthedChannel, MeshOptions, NatsServer, SERVICE_TOKEN, TestMesh, wait_for};
 use kiln_tests::billing::{nanos, report, set_quota, totals};
 use kiln_tests::deployments::{self, wait_ready};
 use kiln_tests::inference::{MINILM, client, reference};
 use kiln_tests::workers::Worker;
+use kiln_tests::{AuthedChannel, MeshOptions, NatsServer, SERVICE_TOKEN, TestMesh, wait_for};
 use tonic::Code;
 
 use crate::scheduler::{embed, mesh_with_private_minilm_using, on};
@@ -261,7 +261,11 @@ async fn the_usage_report_adds_up_to_what_clients_were_told() {
 
     // Replaying the whole stream (a new durable consumer from the first event) books nothing:
     // every usage event is already claimed.
-    let billing = &mesh.mesh.as_ref().expect("running").billing;
+    let billing = mesh
+        .mesh
+        .as_ref()
+        .and_then(|m| m.billing.as_ref())
+        .expect("billing runs in the mesh");
     let mut replay = mesh
         .bus
         .consume(
@@ -423,14 +427,13 @@ async fn dedicated_replicas_are_billed_for_their_ready_time() {
 /// checking keys with the mesh's identity, as a separate deployment of billing would.
 struct StandaloneBilling {
     url: String,
-    stop: tokio::sync::watch::Sender<bool>,
-    done: tokio::task::JoinHandle<Result<(), String>>,
+    running: kiln_server::Running,
 }
 
 impl StandaloneBilling {
     async fn start(
         mesh: &TestMesh,
-        database: &kiln_testkit::TestDatabase,
+        database: &kiln_tests::TestDatabase,
         dir: &std::path::Path,
     ) -> Self {
         let mut server = kiln_core::config::ServerConfig {
@@ -445,26 +448,24 @@ impl StandaloneBilling {
             ledger_consumer: "billing-standalone".into(),
             ..Default::default()
         };
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
-        let mut host = kiln_events::host::Host::new(&server, mesh.bus.clone(), shutdown);
-        kiln_billing::open(&server, &config, &mut host)
-            .await
-            .expect("billing opens");
-        let authenticator = std::sync::Arc::new(
-            kiln_core::auth_client::RemoteAuthenticator::new(&mesh.url(), SERVICE_TOKEN).unwrap(),
-        );
+        let config = kiln_server::KilnConfig {
+            server,
+            billing: config,
+            ..Default::default()
+        };
+        let roles = [kiln_server::Role::Billing].into_iter().collect();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let served = host.serve(listener, authenticator).await.expect("serves");
+        let running = kiln_server::serve(roles, &config, listener, Some(mesh.bus.clone()))
+            .await
+            .expect("billing serves");
         Self {
-            url: format!("http://{}", served.local_addr),
-            stop,
-            done: served.done,
+            url: format!("http://{}", running.addr),
+            running,
         }
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(true);
-        self.done.await.unwrap().unwrap();
+        self.running.shutdown().await.unwrap();
     }
 }
 
@@ -483,7 +484,7 @@ async fn no_usage_is_lost_or_doubled_across_a_nats_outage_and_a_billing_restart(
     let admin = mesh.admin().await;
     let key = kiln_tests::tenant(&admin, "acme").await;
     let acme = mesh.channel(Some(&key)).await;
-    let database = kiln_testkit::TestDatabase::create(&kiln_testkit::Backends::from_env())
+    let database = kiln_tests::TestDatabase::create(&kiln_tests::Backends::from_env())
         .await
         .unwrap();
     let billing_dir = tempfile::tempdir().unwrap();
@@ -534,7 +535,7 @@ async fn no_usage_is_lost_or_doubled_across_a_nats_outage_and_a_billing_restart(
     .await;
     // The restarted billing reads on from where it stopped, and counts nothing twice.
     let standalone = StandaloneBilling::start(&mesh, &database, billing_dir.path()).await;
-    let remote = kiln_testkit::channel_to(&standalone.url, Some(&key)).await;
+    let remote = kiln_tests::channel_to(&standalone.url, Some(&key)).await;
     wait_for_totals(&remote, "accounts/acme", told, "the restarted billing").await;
     // A little later, still nothing twice.
     traffic(

@@ -1,7 +1,7 @@
 //! Health checks and server reflection (v1 and v1alpha), without a key, as grpcurl uses them.
 
 use futures::StreamExt;
-use kiln_testkit::TestMesh;
+use kiln_tests::TestMesh;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use kiln_events::consumer::{EventHandler, Handled, handle_once, spawn_consumer};
 use kiln_events::{Body, Event};
 use kiln_proto::identity::v1 as idv1;
-use kiln_testkit::{MeshOptions, NatsServer, TestMesh, wait_for};
+use kiln_tests::{MeshOptions, NatsServer, TestMesh, wait_for};
 use kiln_tests::{accounts, create_account, create_key, create_user, users};
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};

@@ -118,7 +118,7 @@ fn the_optimum_export_gives_transformers_logits_on_onnx_runtime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_optimum_export_uploads_and_generates_like_transformers() {
     let reference = reference();
-    let mesh = kiln_testkit::TestMesh::start().await;
+    let mesh = kiln_tests::TestMesh::start().await;
     let admin = mesh.admin().await;
     let acme = mesh
         .channel(Some(&kiln_tests::tenant(&admin, "acme").await))

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use kiln_proto::identity::v1 as idv1;
-use kiln_testkit::TestMesh;
+use kiln_tests::TestMesh;
 use kiln_tests::{accounts, create_account, create_key, create_user, tenant, users};
 use tonic::Code;
 use tonic_types::StatusExt;

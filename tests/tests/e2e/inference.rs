@@ -10,9 +10,9 @@ use kiln_inference::config::Batching;
 use kiln_inference::embeddings;
 use kiln_inference::engine::Engine;
 use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_testkit::{TestMesh, wait_for};
 use kiln_tests::inference::*;
 use kiln_tests::registry as reg;
+use kiln_tests::{TestMesh, wait_for};
 use tonic::Code;
 
 async fn embed_local(engine: &Engine, texts: &[String]) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
@@ -173,7 +173,7 @@ async fn mesh_with_minilm() -> (TestMesh, tempfile::TempDir) {
 }
 
 async fn embed(
-    ch: &kiln_testkit::AuthedChannel,
+    ch: &kiln_tests::AuthedChannel,
     model: &str,
     input: &[String],
 ) -> Result<infv1::CreateEmbeddingsResponse, tonic::Status> {
@@ -626,32 +626,29 @@ async fn a_lone_inference_node_reads_models_from_the_registry_over_grpc() {
     let data = tempfile::tempdir().unwrap();
     let server = kiln_core::config::ServerConfig {
         data_dir: data.path().to_path_buf(),
-        service_token: Some(kiln_testkit::SERVICE_TOKEN.to_owned()),
+        service_token: Some(kiln_tests::SERVICE_TOKEN.to_owned()),
         identity_url: Some(mesh.url()),
         registry_url: Some(mesh.url()),
         page_token_secret: Some("test-page-token-secret".to_owned()),
+        // A node on its own, without billing: nothing is rate limited.
+        enforce_quotas: false,
         ..Default::default()
     };
-    let config = kiln_inference::config::InferenceConfig {
-        ort_dylib_path: ort_library().display().to_string(),
+    let config = kiln_server::KilnConfig {
+        server,
+        inference: kiln_inference::config::InferenceConfig {
+            ort_dylib_path: ort_library().display().to_string(),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let mut host = kiln_events::host::Host::new(&server, mesh.bus.clone(), shutdown);
-    let source = std::sync::Arc::new(
-        kiln_inference::source::RemoteRegistry::new(&mesh.url(), kiln_testkit::SERVICE_TOKEN)
-            .unwrap(),
-    );
-    kiln_inference::open(&server, &config, &mut host, source, None, None)
+    // The node as `kiln serve inference` runs it, with no scheduler: requests name models.
+    let roles = [kiln_server::Role::Inference].into_iter().collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = kiln_server::serve(roles, &config, listener, Some(mesh.bus.clone()))
         .await
         .unwrap();
-    let authenticator = std::sync::Arc::new(
-        kiln_core::auth_client::RemoteAuthenticator::new(&mesh.url(), kiln_testkit::SERVICE_TOKEN)
-            .unwrap(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let served = host.serve(listener, authenticator).await.unwrap();
-    let node = kiln_testkit::channel_to(&format!("http://{}", served.local_addr), Some(&key)).await;
+    let node = kiln_tests::channel_to(&format!("http://{}", running.addr), Some(&key)).await;
 
     let reference = reference();
     let answer = embed(&node, MINILM, &reference.sentences[..2])
@@ -675,16 +672,12 @@ async fn a_lone_inference_node_reads_models_from_the_registry_over_grpc() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let stranger = kiln_testkit::channel_to(
-        &format!("http://{}", served.local_addr),
-        Some("kiln_not-a-key"),
-    )
-    .await;
+    let stranger =
+        kiln_tests::channel_to(&format!("http://{}", running.addr), Some("kiln_not-a-key")).await;
     let err = embed(&stranger, MINILM, &reference.sentences[..1])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let _ = stop.send(true);
-    served.done.await.unwrap().unwrap();
+    running.shutdown().await.unwrap();
     mesh.shutdown().await;
 }

@@ -9,9 +9,9 @@ use futures::StreamExt;
 use kiln_inference::backend::{Backends, LoadOptions};
 use kiln_inference::tensor::{Tensor, TensorData};
 use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_testkit::{TestMesh, wait_for};
 use kiln_tests::inference::{client, ort_library};
 use kiln_tests::llm::*;
+use kiln_tests::{TestMesh, wait_for};
 use tonic::Code;
 
 /// Teacher-forced next-token predictions of every reference prompt, all prompts in one
@@ -136,7 +136,7 @@ fn the_prepared_graph_predicts_like_llama_cpp_on_both_backends() {
 /// A mesh whose library holds the chat model only, prepared and loaded.
 async fn mesh_with_smollm2(
     inference: Option<kiln_inference::config::InferenceConfig>,
-) -> (TestMesh, tempfile::TempDir, kiln_testkit::AuthedChannel) {
+) -> (TestMesh, tempfile::TempDir, kiln_tests::AuthedChannel) {
     let assets = smollm2_asset_dir();
     let mesh = kiln_tests::library_mesh(assets.path(), inference).await;
     let admin = mesh.admin().await;
@@ -166,7 +166,7 @@ fn chat_request(question: &str, max_tokens: i32) -> infv1::CreateChatCompletionR
 }
 
 async fn chat(
-    ch: &kiln_testkit::AuthedChannel,
+    ch: &kiln_tests::AuthedChannel,
     question: &str,
     max_tokens: i32,
 ) -> Result<infv1::ChatCompletion, tonic::Status> {
@@ -178,7 +178,7 @@ async fn chat(
 
 /// Concatenated deltas, the finish reason and the usage of a chat stream.
 async fn stream_chat(
-    ch: &kiln_testkit::AuthedChannel,
+    ch: &kiln_tests::AuthedChannel,
     request: infv1::CreateChatCompletionRequest,
 ) -> (String, String, infv1::Usage, usize) {
     let mut stream = client(ch)

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use kiln_proto::registry::v1 as regv1;
 use kiln_proto::registry::v1::model::{Kind, State};
-use kiln_testkit::{MeshOptions, TestMesh, asset, wait_for};
 use kiln_tests::registry::{
     create_model, datasets, download, file_messages, models, sha256_hex, upload, upload_path,
     validate,
 };
 use kiln_tests::tenant;
+use kiln_tests::{MeshOptions, TestMesh, asset, wait_for};
 use tonic::Code;
 
 /// A GGUF header with the given architecture and no tensors.
@@ -374,7 +374,7 @@ fn chat_line(i: usize) -> String {
 }
 
 async fn upload_dataset(
-    ch: &kiln_testkit::AuthedChannel,
+    ch: &kiln_tests::AuthedChannel,
     name: &str,
     bytes: &[u8],
 ) -> Result<regv1::Dataset, tonic::Status> {
@@ -403,11 +403,7 @@ async fn upload_dataset(
         .map(|r| r.into_inner())
 }
 
-async fn create_dataset(
-    ch: &kiln_testkit::AuthedChannel,
-    account: &str,
-    id: &str,
-) -> regv1::Dataset {
+async fn create_dataset(ch: &kiln_tests::AuthedChannel, account: &str, id: &str) -> regv1::Dataset {
     datasets(ch)
         .create_dataset(regv1::CreateDatasetRequest {
             parent: format!("accounts/{account}"),
@@ -781,7 +777,7 @@ async fn a_deployed_model_cannot_be_deleted_and_refs_follow_scheduler_events() {
 
 #[tokio::test]
 async fn artifacts_live_in_an_s3_compatible_store_when_configured() {
-    let s3 = kiln_testkit::S3Server::start().await;
+    let s3 = kiln_tests::S3Server::start().await;
     let mesh = TestMesh::start_with(MeshOptions {
         registry: Some(s3.registry_config()),
         ..Default::default()

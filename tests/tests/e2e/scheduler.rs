@@ -8,11 +8,11 @@ use futures::StreamExt;
 
 use kiln_proto::kiln_inference::v1 as infv1;
 use kiln_proto::scheduler::v1 as schv1;
-use kiln_testkit::{AuthedChannel, TestMesh, wait_for};
 use kiln_tests::deployments::{self, wait_ready, wait_until};
 use kiln_tests::inference::*;
 use kiln_tests::registry as reg;
 use kiln_tests::workers::Worker;
+use kiln_tests::{AuthedChannel, TestMesh, wait_for};
 use tonic::Code;
 
 const H100: &str = "NVIDIA_H100_80GB";
@@ -21,12 +21,12 @@ const H200: &str = "NVIDIA_H200_141GB";
 
 /// A mesh (with MiniLM in its library) and a tenant that owns a private copy of MiniLM.
 async fn mesh_with_private_minilm() -> (TestMesh, tempfile::TempDir, AuthedChannel, String) {
-    mesh_with_private_minilm_using(kiln_testkit::MeshOptions::default()).await
+    mesh_with_private_minilm_using(kiln_tests::MeshOptions::default()).await
 }
 
 /// [`mesh_with_private_minilm`] started with `options`.
 pub(crate) async fn mesh_with_private_minilm_using(
-    options: kiln_testkit::MeshOptions,
+    options: kiln_tests::MeshOptions,
 ) -> (TestMesh, tempfile::TempDir, AuthedChannel, String) {
     let assets = minilm_asset_dir();
     let mesh = kiln_tests::library_mesh_with(assets.path(), options).await;

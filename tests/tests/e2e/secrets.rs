@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use kiln_testkit::TestMesh;
+use kiln_tests::TestMesh;
 use kiln_tests::{create_key, create_user, tenant};
 use sea_orm::{ConnectionTrait, Statement};
 

@@ -1,18 +1,18 @@
-//! Starts the Kiln mesh in-process on `127.0.0.1:0` for tests.
+//! The mesh in-process on `127.0.0.1:0`: every service, as `kiln dev` runs them.
 //!
 //! Storage and bus follow the environment: SQLite files and the in-process bus by default;
 //! PostgreSQL when `KILN_TEST_DATABASE_URL` is set (each mesh gets its own schema) and NATS
 //! JetStream when `KILN_TEST_NATS_URL` is set (each mesh gets its own stream and subject
 //! prefix, so tests run in parallel on one server).
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
-use kiln::config::KilnConfig;
-use kiln::mesh::Mesh;
+use kiln_server::{KilnConfig, Roles, Running};
+
+use crate::channel_to;
 use kiln_core::telemetry::OutgoingInterceptor;
 use kiln_events::EventBus;
 use kiln_events::memory::InProcessBus;
@@ -91,7 +91,7 @@ impl TestDatabase {
 
 /// A running mesh plus what a test needs to talk to it.
 pub struct TestMesh {
-    pub mesh: Option<Mesh>,
+    pub mesh: Option<Running>,
     pub addr: SocketAddr,
     pub admin_key: String,
     pub config: KilnConfig,
@@ -195,7 +195,7 @@ impl TestMesh {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let mesh = Mesh::start(&config, listener, Some(bus.clone()))
+        let mesh = kiln_server::serve(Roles::all(), &config, listener, Some(bus.clone()))
             .await
             .expect("mesh starts");
         let admin_key = match &mesh.new_admin_key {
@@ -255,203 +255,51 @@ impl TestMesh {
     }
 }
 
-/// A channel to `url` that sends `key` as a bearer token (None: no authorization header).
-pub async fn channel_to(url: &str, key: Option<&str>) -> AuthedChannel {
-    let channel = kiln_core::server::endpoint(url)
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect to mesh");
-    InterceptedService::new(
-        channel,
-        OutgoingInterceptor::new(key).expect("key is a header value"),
-    )
-}
-
-/// A file of the asset cache (`deploy/fetch-assets.sh` fills it; `.ci/run` runs it). Panics
-/// with what to do when it is missing: tests on real models never skip silently.
-pub fn asset(relative: &str) -> PathBuf {
-    let dir = kiln_registry::library::asset_dir(&Default::default());
-    let path = dir.join(relative);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `bash deploy/fetch-assets.sh` (or set KILN_ASSET_DIR)",
-        path.display()
-    );
-    path
-}
-
-/// Polls `check` every 10 ms until it returns `Some`, or panics after `timeout` with `what`.
-pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A nats-server of the test's own, with JetStream and a store dir that survives restarts,
-/// so a test can stop and start the bus under a running mesh.
-pub struct NatsServer {
-    pub port: u16,
-    store: tempfile::TempDir,
-    child: Option<tokio::process::Child>,
-}
-
-/// The nats-server binary: `KILN_TEST_NATS_SERVER`, then PATH, then /usr/sbin.
-pub fn nats_server_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("KILN_TEST_NATS_SERVER") {
-        return PathBuf::from(p);
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")])
-    {
-        let candidate = dir.join("nats-server");
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!("nats-server not found (set KILN_TEST_NATS_SERVER or install it; .ci/run does)");
-}
-
-impl NatsServer {
-    pub async fn start() -> Self {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            l.local_addr().expect("addr").port()
-        };
-        let mut server = Self {
-            port,
-            store: tempfile::tempdir().expect("store dir"),
-            child: None,
-        };
-        server.resume().await;
-        server
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// (Re)starts the server on the same port and store.
-    pub async fn resume(&mut self) {
-        let child = tokio::process::Command::new(nats_server_binary())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn nats-server");
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        wait_for(
-            Duration::from_secs(10),
-            "nats-server to accept connections",
-            || {
-                let addr = addr.clone();
-                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
-            },
-        )
-        .await;
-    }
-
-    /// Stops the server (kill), as an outage would.
-    pub async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-            let _ = child.wait().await;
-        }
-    }
-}
-
-/// An S3-compatible server of the test's own (moto's server, from PyPI: `.ci/run` installs it)
-/// with one bucket, `kiln`.
-pub struct S3Server {
-    pub port: u16,
-    child: tokio::process::Child,
-}
-
-impl S3Server {
-    pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("free port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let child = tokio::process::Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python3 runs");
-        let addr = format!("127.0.0.1:{port}");
-        wait_for(
-            Duration::from_secs(30),
-            "the S3 server (python3 -m moto.server; `pip install 'moto[server]'`) to listen",
-            || {
-                let addr = addr.clone();
-                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
-            },
-        )
-        .await;
-        // Create the bucket with a plain path-style PUT (the server takes any credentials).
-        let mut stream = tokio::net::TcpStream::connect(&addr)
-            .await
-            .expect("connect");
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let request = format!(
-            "PUT /kiln HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read");
+/// A folder that links the given folders of the asset cache and ONNX Runtime's, so a mesh
+/// imports just those models into its library (and finds ONNX Runtime beside them).
+pub fn asset_dir_with(folders: &[&str]) -> tempfile::TempDir {
+    let cache = kiln_registry::library::asset_dir(&Default::default());
+    let dir = tempfile::tempdir().expect("temp dir");
+    for folder in folders.iter().chain(&["onnxruntime"]) {
+        let source = cache.join(folder);
         assert!(
-            response.starts_with("HTTP/1.1 200"),
-            "bucket creation: {response}"
+            source.is_dir(),
+            "{} is missing: run `bash deploy/fetch-assets.sh` (or set KILN_ASSET_DIR)",
+            source.display()
         );
-        Self { port, child }
+        std::os::unix::fs::symlink(source, dir.path().join(folder)).expect("link");
     }
+    dir
+}
 
-    /// Registry settings that store artifacts in this server's bucket.
-    pub fn registry_config(&self) -> kiln_registry::config::RegistryConfig {
-        kiln_registry::config::RegistryConfig {
-            object_store_url: "s3://kiln/artifacts".to_owned(),
-            s3_endpoint: format!("http://127.0.0.1:{}", self.port),
-            s3_region: "us-east-1".to_owned(),
-            s3_access_key_id: "test".to_owned(),
-            s3_secret_access_key: "test".to_owned(),
-            s3_allow_http: true,
+/// A mesh whose public library is imported from `assets` (see [`asset_dir_with`]), with
+/// these inference settings.
+pub async fn library_mesh(
+    assets: &std::path::Path,
+    inference: Option<kiln_inference::config::InferenceConfig>,
+) -> crate::TestMesh {
+    library_mesh_with(
+        assets,
+        crate::MeshOptions {
+            inference,
             ..Default::default()
-        }
-    }
+        },
+    )
+    .await
+}
 
-    pub async fn stop(mut self) {
-        let _ = self.child.kill().await;
-    }
+/// [`library_mesh`] with the rest of `options` (billing settings, a NATS server...).
+pub async fn library_mesh_with(
+    assets: &std::path::Path,
+    options: crate::MeshOptions,
+) -> crate::TestMesh {
+    crate::TestMesh::start_with(crate::MeshOptions {
+        import_library: true,
+        registry: Some(kiln_registry::config::RegistryConfig {
+            asset_dir: assets.display().to_string(),
+            ..Default::default()
+        }),
+        ..options
+    })
+    .await
 }

@@ -1,0 +1,162 @@
+//! The configuration of a Kiln process: the shared server settings and one section per
+//! service, and what each service needs from the others when they run elsewhere.
+
+use kiln_billing::config::BillingConfig;
+use kiln_core::config::{ConfigError, Figment, Load, ServerConfig, section};
+use kiln_identity::config::IdentityConfig;
+use kiln_inference::config::InferenceConfig;
+use kiln_registry::config::RegistryConfig;
+use kiln_scheduler::config::SchedulerConfig;
+
+use crate::roles::{Role, Roles};
+
+/// The top level (shared server settings) and one section per service.
+#[derive(Debug, Clone, Default)]
+pub struct KilnConfig {
+    pub server: ServerConfig,
+    pub identity: IdentityConfig,
+    pub registry: RegistryConfig,
+    pub inference: InferenceConfig,
+    pub scheduler: SchedulerConfig,
+    pub billing: BillingConfig,
+    /// Import the public library from the asset cache at start and put it on serverless
+    /// deployments (`kiln dev` does; needs the registry and the scheduler in process).
+    pub import_library: bool,
+}
+
+impl Load for KilnConfig {
+    fn from_sources(figment: &Figment) -> Result<Self, ConfigError> {
+        Ok(Self {
+            server: section(figment, None)?,
+            identity: section(figment, Some("identity"))?,
+            registry: section(figment, Some("registry"))?,
+            inference: section(figment, Some("inference"))?,
+            scheduler: section(figment, Some("scheduler"))?,
+            billing: section(figment, Some("billing"))?,
+            import_library: false,
+        })
+    }
+}
+
+impl KilnConfig {
+    /// Checks that every service `roles` runs can reach the services it calls: those not in
+    /// this process need their URL, and any remote call needs the service credential.
+    pub fn check_roles(&self, roles: Roles) -> Result<(), ConfigError> {
+        if roles.is_empty() {
+            return Err(ConfigError::invalid(
+                "services",
+                "name at least one service",
+            ));
+        }
+        let server = &self.server;
+        let needs = |role: Role| roles.iter().any(|r| calls(r).contains(&role));
+        let remote = |role: Role| needs(role) && !roles.has(role);
+        let mut missing = Vec::new();
+        if !roles.has(Role::Identity) && server.identity_url.is_none() {
+            missing.push(("identity_url", "to authenticate API keys with identity"));
+        }
+        if remote(Role::Registry) && server.registry_url.is_none() {
+            missing.push(("registry_url", "to read models from the registry"));
+        }
+        if remote(Role::Billing) && server.billing_url.is_none() && server.enforce_quotas {
+            missing.push((
+                "billing_url",
+                "to check quotas with billing (or set enforce_quotas = false)",
+            ));
+        }
+        if let Some((key, why)) = missing.first() {
+            return Err(ConfigError::invalid(
+                *key,
+                format!("is required {why} when {roles} run without it in this process"),
+            ));
+        }
+        let calls_out = server.identity_url.is_some()
+            || remote(Role::Registry)
+            || (remote(Role::Billing) && server.billing_url.is_some())
+            || (roles.has(Role::Inference) && !self.inference.scheduler_url.is_empty());
+        if calls_out && server.service_token.is_none() {
+            return Err(ConfigError::invalid(
+                "service_token",
+                format!("is required: {roles} call other Kiln services with it"),
+            ));
+        }
+        if self.import_library && !(roles.has(Role::Registry) && roles.has(Role::Scheduler)) {
+            return Err(ConfigError::invalid(
+                "import_library",
+                "needs the registry and the scheduler in this process",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The services a service calls.
+fn calls(role: Role) -> &'static [Role] {
+    match role {
+        Role::Identity | Role::Registry | Role::Billing => &[],
+        Role::Scheduler => &[Role::Registry, Role::Billing],
+        Role::Inference => &[Role::Registry, Role::Billing],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roles(names: &[Role]) -> Roles {
+        names.iter().copied().collect()
+    }
+
+    #[test]
+    fn everything_in_one_process_needs_nothing_else() {
+        KilnConfig::default().check_roles(Roles::all()).unwrap();
+    }
+
+    #[test]
+    fn a_service_alone_names_what_it_lacks() {
+        let mut config = KilnConfig::default();
+        let err = config.check_roles(roles(&[Role::Registry])).unwrap_err();
+        assert!(err.to_string().contains("identity_url"), "{err}");
+
+        config.server.identity_url = Some("http://identity:7400".into());
+        let err = config.check_roles(roles(&[Role::Registry])).unwrap_err();
+        assert!(err.to_string().contains("service_token"), "{err}");
+
+        config.server.service_token = Some("a-long-enough-service-token".into());
+        config.check_roles(roles(&[Role::Registry])).unwrap();
+
+        let err = config.check_roles(roles(&[Role::Scheduler])).unwrap_err();
+        assert!(err.to_string().contains("registry_url"), "{err}");
+        config.server.registry_url = Some("http://registry:7400".into());
+        let err = config.check_roles(roles(&[Role::Scheduler])).unwrap_err();
+        assert!(err.to_string().contains("billing_url"), "{err}");
+        config.server.enforce_quotas = false;
+        config.check_roles(roles(&[Role::Scheduler])).unwrap();
+        config.server.enforce_quotas = true;
+        config.server.billing_url = Some("http://billing:7400".into());
+        config
+            .check_roles(roles(&[Role::Scheduler, Role::Inference]))
+            .unwrap();
+    }
+
+    #[test]
+    fn the_library_import_needs_registry_and_scheduler_here() {
+        let config = KilnConfig {
+            import_library: true,
+            ..KilnConfig::default()
+        };
+        config.check_roles(Roles::all()).unwrap();
+        let err = config
+            .check_roles(roles(&[Role::Identity, Role::Registry]))
+            .unwrap_err();
+        assert!(err.to_string().contains("import_library"), "{err}");
+    }
+
+    #[test]
+    fn no_service_is_an_error() {
+        let err = KilnConfig::default()
+            .check_roles(Roles::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("at least one"), "{err}");
+    }
+}

@@ -1,0 +1,230 @@
+//! `serve(roles)`: runs the named services in one process on one gRPC server and reaches the
+//! others remotely. `kiln dev` serves them all; `kiln serve registry` serves one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kiln_core::auth::{AuthLayer, Authenticator};
+use kiln_core::auth_client::RemoteAuthenticator;
+use kiln_events::EventBus;
+use kiln_events::host::Host;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::KilnConfig;
+use crate::local::{LocalBilling, LocalRegistry, LocalScheduler};
+use crate::roles::{Role, Roles};
+
+/// A process serving its services.
+pub struct Running {
+    pub addr: SocketAddr,
+    /// The bootstrap admin key when identity runs here and this start created it (the first
+    /// start on this state).
+    pub new_admin_key: Option<String>,
+    pub bus: Arc<dyn EventBus>,
+    /// Billing, when it runs here (tests replay events into its ledger).
+    pub billing: Option<kiln_billing::Billing>,
+    stop: watch::Sender<bool>,
+    done: JoinHandle<Result<(), String>>,
+}
+
+impl Running {
+    /// Tells the process to stop, without waiting (a test's node dying).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Stops serving and waits for background work (outbox relays, consumers) to finish.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.done.await?.map_err(anyhow::Error::msg)
+    }
+}
+
+/// Starts `roles` on `listener`. `bus` overrides the configured one (tests share theirs).
+pub async fn serve(
+    roles: Roles,
+    config: &KilnConfig,
+    listener: TcpListener,
+    bus: Option<Arc<dyn EventBus>>,
+) -> anyhow::Result<Running> {
+    config.check_roles(roles)?;
+    let server = &config.server;
+    let addr = listener.local_addr().context("listener address")?;
+    let bus = match bus {
+        Some(bus) => bus,
+        None => kiln_events::connect_bus(server).await?,
+    };
+    let token = server.service_token.as_deref().unwrap_or_default();
+    let (stop, shutdown) = watch::channel(false);
+    let mut host = Host::new(server, bus.clone(), shutdown);
+
+    let mut new_admin_key = None;
+    let mut identity = None;
+    if roles.has(Role::Identity) {
+        let (opened, key) = kiln_identity::open(server, &config.identity, &mut host).await?;
+        identity = Some(opened);
+        new_admin_key = key;
+    }
+    let registry = match roles.has(Role::Registry) {
+        true => Some(kiln_registry::open(server, &config.registry, &mut host).await?),
+        false => None,
+    };
+    let billing = match roles.has(Role::Billing) {
+        true => Some(kiln_billing::open(server, &config.billing, &mut host).await?),
+        false => None,
+    };
+    let scheduler = if roles.has(Role::Scheduler) {
+        let catalog: Arc<dyn kiln_scheduler::catalog::ModelCatalog> = match &registry {
+            Some(registry) => Arc::new(LocalRegistry(registry.clone())),
+            None => Arc::new(kiln_scheduler::catalog::RemoteCatalog::new(
+                server.registry_url.as_deref().unwrap_or_default(),
+                token,
+            )?),
+        };
+        let quotas: Option<Arc<dyn kiln_scheduler::quota::QuotaGate>> =
+            match (&billing, &server.billing_url) {
+                (Some(billing), _) => Some(Arc::new(LocalBilling(billing.clone()))),
+                (None, Some(url)) => Some(Arc::new(kiln_scheduler::quota::RemoteQuotas::new(
+                    url, token,
+                )?)),
+                (None, None) => None,
+            };
+        let opened =
+            kiln_scheduler::open(server, &config.scheduler, &mut host, catalog, quotas).await?;
+        Some(opened)
+    } else {
+        None
+    };
+    if roles.has(Role::Inference) {
+        let mut inference_config = config.inference.clone();
+        if let Some(registry) = &registry {
+            use_fetched_onnxruntime(&mut inference_config, registry);
+        }
+        let source: Arc<dyn kiln_inference::source::ModelSource> = match &registry {
+            Some(registry) => Arc::new(LocalRegistry(registry.clone())),
+            None => Arc::new(kiln_inference::source::RemoteRegistry::new(
+                server.registry_url.as_deref().unwrap_or_default(),
+                token,
+            )?),
+        };
+        let link: Option<Arc<dyn kiln_inference::node::SchedulerLink>> = match &scheduler {
+            Some(scheduler) => Some(Arc::new(LocalScheduler(scheduler.clone()))),
+            None if inference_config.scheduler_url.is_empty() => None,
+            None => Some(Arc::new(kiln_inference::node::RemoteScheduler::new(
+                &inference_config.scheduler_url,
+                token,
+            )?)),
+        };
+        let scheduling = link.map(|link| kiln_inference::Scheduling {
+            address: advertised_url(&inference_config, addr),
+            link,
+        });
+        let limits: Option<Arc<dyn kiln_inference::limits::LimitSource>> =
+            match (&billing, &server.billing_url) {
+                (Some(billing), _) => Some(Arc::new(LocalBilling(billing.clone()))),
+                (None, Some(url)) => Some(Arc::new(kiln_inference::limits::RemoteLimits::new(
+                    url, token,
+                )?)),
+                (None, None) => None,
+            };
+        let inference = kiln_inference::open(
+            server,
+            &inference_config,
+            &mut host,
+            source,
+            scheduling,
+            limits,
+        )
+        .await?;
+        kiln_inference::preload(&inference, inference_config.preload.clone());
+    }
+    if config.import_library
+        && let (Some(registry), Some(scheduler)) = (&registry, &scheduler)
+    {
+        crate::library::import_in_background(registry.clone(), scheduler.clone());
+    }
+    // Identity in this process answers key checks from its tables, unless told to delegate to
+    // another identity (a replica of a larger deployment).
+    let authenticator: Arc<dyn Authenticator> = match (identity, &server.identity_url) {
+        (Some(identity), None) => Arc::new(identity),
+        (_, url) => Arc::new(RemoteAuthenticator::new(
+            url.as_deref().unwrap_or_default(),
+            token,
+        )?),
+    };
+    let done = serve_host(host, listener, authenticator).await?;
+    tracing::info!(%addr, services = %roles, "Kiln serving");
+    Ok(Running {
+        addr,
+        new_admin_key,
+        bus,
+        billing,
+        stop,
+        done,
+    })
+}
+
+/// Serves the host's gRPC services (behind the trace and auth layers, with health and
+/// reflection) until shutdown, then waits for its background tasks.
+async fn serve_host(
+    host: Host,
+    listener: TcpListener,
+    authenticator: Arc<dyn Authenticator>,
+) -> anyhow::Result<JoinHandle<Result<(), String>>> {
+    let parts = host.into_parts();
+    let invalidation = kiln_events::auth_cache::spawn_invalidation(
+        parts.bus,
+        parts.cache.clone(),
+        parts.shutdown.clone(),
+    )
+    .await?;
+    let auth = AuthLayer::new(authenticator, parts.cache, parts.service_token.as_deref());
+    let mut stop = parts.shutdown;
+    let services = parts.services;
+    let tasks = parts.tasks;
+    Ok(tokio::spawn(async move {
+        let result = kiln_core::server::serve(listener, services, auth, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+        invalidation.abort();
+        for task in tasks {
+            let _ = task.await;
+        }
+        result.map_err(|e| format!("gRPC server: {e}"))
+    }))
+}
+
+/// Where other nodes reach this one: `advertise_url`, else `http://` + the bound address (an
+/// unspecified IP replaced by the loopback one).
+fn advertised_url(
+    config: &kiln_inference::config::InferenceConfig,
+    mut addr: SocketAddr,
+) -> String {
+    if !config.advertise_url.is_empty() {
+        return config.advertise_url.clone();
+    }
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
+}
+
+/// With the registry in process, a node without a configured ONNX Runtime library uses the
+/// one `deploy/fetch-assets.sh` put beside the models.
+fn use_fetched_onnxruntime(
+    config: &mut kiln_inference::config::InferenceConfig,
+    registry: &kiln_registry::Registry,
+) {
+    if !config.ort_dylib_path.is_empty() || std::env::var_os("ORT_DYLIB_PATH").is_some() {
+        return;
+    }
+    let fetched =
+        kiln_registry::library::asset_dir(registry.config()).join("onnxruntime/libonnxruntime.so");
+    if fetched.is_file() {
+        config.ort_dylib_path = fetched.display().to_string();
+    }
+}
