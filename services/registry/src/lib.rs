@@ -15,6 +15,7 @@ pub mod library;
 pub mod models;
 pub mod prepare;
 pub mod service;
+mod staging;
 pub mod uploads;
 pub mod validate;
 
