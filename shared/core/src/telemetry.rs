@@ -226,10 +226,155 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let path = req.uri().path();
-        let span = tracing::info_span!("grpc.request", otel.name = %path.trim_start_matches('/'), otel.kind = "server");
+        let span = tracing::info_span!(
+            "grpc.request",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
         set_parent_from(&span, &HeaderExtractor(req.headers()));
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(req).instrument(span))
+        let call_span = span.clone();
+        Box::pin(
+            async move {
+                let response = inner.call(req).await?;
+                Ok(record_status(response, call_span))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Records the call's gRPC status code on its span: from the headers of a trailers-only
+/// answer (an immediate error), else from the trailers when the body ends.
+fn record_status(response: http::Response<Body>, span: tracing::Span) -> http::Response<Body> {
+    if let Some(code) = grpc_status(response.headers()) {
+        span.record("rpc.grpc.status_code", code);
+        return response;
+    }
+    response.map(|body| Body::new(StatusRecordingBody { inner: body, span }))
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i64> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// A response body that records the status its trailers carry on the call's span.
+struct StatusRecordingBody {
+    inner: Body,
+    span: tracing::Span,
+}
+
+impl http_body::Body for StatusRecordingBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(code) = frame.trailers_ref().and_then(grpc_status)
+        {
+            self.span.record("rpc.grpc.status_code", code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tower::{Layer as _, Service as _};
+    use tracing_subscriber::layer::Context;
+
+    use super::*;
+
+    /// Collects every `rpc.grpc.status_code` recorded on a span.
+    #[derive(Clone, Default)]
+    struct Codes(Arc<Mutex<Vec<i64>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Codes {
+        fn on_record(
+            &self,
+            _: &tracing::span::Id,
+            values: &tracing::span::Record<'_>,
+            _: Context<'_, S>,
+        ) {
+            struct Visit<'a>(&'a Mutex<Vec<i64>>);
+            impl tracing::field::Visit for Visit<'_> {
+                fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+                    if field.name() == "rpc.grpc.status_code" {
+                        self.0.lock().unwrap().push(value);
+                    }
+                }
+                fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+            }
+            values.record(&mut Visit(&self.0));
+        }
+    }
+
+    /// A body that ends with `grpc-status` in its trailers, as a streamed answer does.
+    struct Trailers(Option<http::HeaderMap>);
+
+    impl http_body::Body for Trailers {
+        type Data = bytes::Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut TaskContext<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+            Poll::Ready(self.0.take().map(|t| Ok(http_body::Frame::trailers(t))))
+        }
+    }
+
+    async fn drain(body: &mut Body) {
+        use http_body::Body as _;
+        while std::future::poll_fn(|cx| std::pin::Pin::new(&mut *body).poll_frame(cx))
+            .await
+            .is_some()
+        {}
+    }
+
+    #[tokio::test]
+    async fn the_server_span_records_the_grpc_status_code() {
+        let codes = Codes::default();
+        let subscriber = tracing_subscriber::registry().with(codes.clone());
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let request = || http::Request::new(Body::empty());
+
+        // An immediate error: the status is in the headers of a trailers-only answer.
+        let failing = tower::service_fn(|_: http::Request<Body>| async {
+            Ok::<_, std::convert::Infallible>(tonic::Status::not_found("x").into_http::<Body>())
+        });
+        let mut service = TraceContextLayer.layer(failing);
+        service.call(request()).await.unwrap();
+        assert_eq!(*codes.0.lock().unwrap(), vec![tonic::Code::NotFound as i64]);
+
+        // A streamed answer: the status comes in the trailers at the end of the body.
+        let streaming = tower::service_fn(|_: http::Request<Body>| async {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::new(Trailers(Some(
+                trailers,
+            )))))
+        });
+        let mut service = TraceContextLayer.layer(streaming);
+        let mut response = service.call(request()).await.unwrap();
+        assert_eq!(codes.0.lock().unwrap().len(), 1, "not before the body ends");
+        drain(response.body_mut()).await;
+        assert_eq!(codes.0.lock().unwrap()[1], 0);
     }
 }
