@@ -4,6 +4,7 @@ use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
+use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names::{self, ChildName};
 use kiln_core::time::{micros_to_timestamp, now_micros, timestamp_to_micros};
 use kiln_events::Body;
@@ -12,9 +13,8 @@ use kiln_proto::registry::v1::{
     Dataset, DownloadDatasetRequest, DownloadDatasetResponse, UploadDatasetRequest, dataset,
     upload_dataset_request,
 };
-use kiln_store::listing::Listing;
 use prost::Message;
-use sea_orm::{ActiveModelTrait, ColumnTrait, Condition, EntityTrait, Order, QueryFilter};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::dataset as datasets;
 use crate::download::{byte_range, stream_object};
@@ -23,7 +23,7 @@ use crate::formats::dataset::{DatasetFormat, validate_jsonl};
 use crate::service::{Registry, validate_sha256};
 use crate::uploads::FileUpload;
 use kiln_core::names::validate_display_name;
-use kiln_core::page::{enum_filter_value, mask_paths};
+use kiln_core::page::mask_paths;
 
 fn dataset_key(account: &str, id: &str) -> String {
     format!("datasets/{account}/{id}/data.jsonl")
@@ -155,80 +155,14 @@ impl Registry {
     pub async fn list_datasets(
         &self,
         caller: &Principal,
-        parent: &str,
-        page_size: i32,
-        page_token: &str,
-        filter: &str,
-        order_by: &str,
+        request: &ListRequest,
     ) -> Result<Listing<Dataset>> {
-        let parent = names::AccountName::parse("parent", parent)?;
+        let parent = names::AccountName::parse("parent", &request.parent)?;
         caller.check_access(&parent, &parent)?;
-        let mut cond = Condition::all().add(datasets::Column::AccountId.eq(parent.account.clone()));
-        for term in kiln_core::page::parse_filter(filter, &["state", "format", "display_name"])? {
-            let (column, value): (datasets::Column, sea_orm::Value) = match term.field.as_str() {
-                "state" => (
-                    datasets::Column::State,
-                    enum_filter_value("state", &term.value, |s| {
-                        dataset::State::from_str_name(s).map(|v| v as i32)
-                    })?
-                    .into(),
-                ),
-                "format" => (
-                    datasets::Column::Format,
-                    enum_filter_value("format", &term.value, |s| {
-                        dataset::Format::from_str_name(s).map(|v| v as i32)
-                    })?
-                    .into(),
-                ),
-                _ => (datasets::Column::DisplayName, term.value.clone().into()),
-            };
-            cond = cond.add(if term.negated {
-                column.ne(value)
-            } else {
-                column.eq(value)
-            });
-        }
-        let order = kiln_core::page::parse_order_by(
-            order_by,
-            &[
-                "name",
-                "create_time",
-                "update_time",
-                "display_name",
-                "example_count",
-            ],
-        )?
-        .iter()
-        .map(|k| {
-            let col = match k.field.as_str() {
-                "create_time" => datasets::Column::CreateTime,
-                "update_time" => datasets::Column::UpdateTime,
-                "display_name" => datasets::Column::DisplayName,
-                "example_count" => datasets::Column::ExampleCount,
-                _ => datasets::Column::DatasetId,
-            };
-            (
-                col,
-                if k.descending {
-                    Order::Desc
-                } else {
-                    Order::Asc
-                },
-            )
-        })
-        .collect();
-        let scope = format!("datasets|{parent}|{filter}|{order_by}|{}", caller.account);
-        let page = kiln_store::listing::list_page(
-            self.db(),
-            self.pages(),
-            datasets::Entity::find().filter(cond),
-            &scope,
-            page_size,
-            page_token,
-            order,
-            vec![datasets::Column::DatasetId],
-        )
-        .await?;
+        let query = DATASET_FIELDS.query(self.pages(), request, &caller.account)?;
+        let select =
+            datasets::Entity::find().filter(datasets::Column::AccountId.eq(parent.account.clone()));
+        let page = kiln_store::listing::list(self.db(), self.pages(), &query, select).await?;
         let mut out = Vec::with_capacity(page.items.len());
         for row in page.items {
             out.push(
@@ -500,3 +434,26 @@ impl Registry {
         .await
     }
 }
+
+/// The fields a dataset list filters on and orders by.
+static DATASET_FIELDS: Fields<datasets::Column> = Fields {
+    collection: "datasets",
+    fields: &[
+        Field::order("name", datasets::Column::DatasetId),
+        Field::order("create_time", datasets::Column::CreateTime),
+        Field::order("update_time", datasets::Column::UpdateTime),
+        Field::order("example_count", datasets::Column::ExampleCount),
+        Field::both("display_name", datasets::Column::DisplayName, Kind::Text),
+        Field::filter(
+            "state",
+            datasets::Column::State,
+            Kind::Enum(|s| dataset::State::from_str_name(s).map(|v| v as i32)),
+        ),
+        Field::filter(
+            "format",
+            datasets::Column::Format,
+            Kind::Enum(|s| dataset::Format::from_str_name(s).map(|v| v as i32)),
+        ),
+    ],
+    tie_break: datasets::Column::DatasetId,
+};

@@ -2,21 +2,20 @@
 
 use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
+use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names::{self, ChildName};
-use kiln_core::page::FilterTerm;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::{Model, ModelFile, model};
-use kiln_store::listing::Listing;
 use prost::Message;
-use sea_orm::{ColumnTrait, Condition, EntityTrait, Order, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::{model as models, model_file as files};
 use crate::error::Result;
 use crate::service::Registry;
 use kiln_core::names::validate_display_name;
-use kiln_core::page::{enum_filter_value, mask_paths};
+use kiln_core::page::mask_paths;
 
 /// A model row with its decoded resource.
 pub struct StoredModel {
@@ -309,64 +308,17 @@ impl Registry {
     pub async fn list_models(
         &self,
         caller: &Principal,
-        parent: &str,
-        page_size: i32,
-        page_token: &str,
-        filter: &str,
-        order_by: &str,
+        request: &ListRequest,
     ) -> Result<Listing<Model>> {
-        let parent = names::AccountName::parse("parent", parent)?;
-        let mut cond = Condition::all().add(models::Column::AccountId.eq(parent.account.clone()));
+        let parent = names::AccountName::parse("parent", &request.parent)?;
+        let query = MODEL_FIELDS.query(self.pages(), request, &caller.account)?;
+        let mut select =
+            models::Entity::find().filter(models::Column::AccountId.eq(parent.account.clone()));
         if !caller.can_access(&parent.account) {
             // Another account: only what it publishes.
-            cond = cond.add(models::Column::Public.eq(true));
+            select = select.filter(models::Column::Public.eq(true));
         }
-        for term in kiln_core::page::parse_filter(
-            filter,
-            &[
-                "state",
-                "kind",
-                "public",
-                "display_name",
-                "peft_details.base_model",
-            ],
-        )? {
-            cond = cond.add(model_filter(&term)?);
-        }
-        let order = kiln_core::page::parse_order_by(
-            order_by,
-            &["name", "create_time", "update_time", "display_name"],
-        )?
-        .iter()
-        .map(|k| {
-            let col = match k.field.as_str() {
-                "create_time" => models::Column::CreateTime,
-                "update_time" => models::Column::UpdateTime,
-                "display_name" => models::Column::DisplayName,
-                _ => models::Column::ModelId,
-            };
-            (
-                col,
-                if k.descending {
-                    Order::Desc
-                } else {
-                    Order::Asc
-                },
-            )
-        })
-        .collect();
-        let scope = format!("models|{parent}|{filter}|{order_by}|{}", caller.account);
-        let page = kiln_store::listing::list_page(
-            self.db(),
-            self.pages(),
-            models::Entity::find().filter(cond),
-            &scope,
-            page_size,
-            page_token,
-            order,
-            vec![models::Column::ModelId],
-        )
-        .await?;
+        let page = kiln_store::listing::list(self.db(), self.pages(), &query, select).await?;
         // The page's files in one query, not one per model.
         let ids: Vec<String> = page.items.iter().map(|r| r.model_id.clone()).collect();
         let files = files::Entity::find()
@@ -564,39 +516,30 @@ pub fn precision_name(precision: i32) -> String {
         .unwrap_or_else(|_| format!("precision-{precision}"))
 }
 
-fn model_filter(term: &FilterTerm) -> Result<sea_orm::sea_query::SimpleExpr> {
-    let value: sea_orm::Value = match term.field.as_str() {
-        "state" => enum_filter_value("state", &term.value, |s| {
-            model::State::from_str_name(s).map(|v| v as i32)
-        })?
-        .into(),
-        "kind" => enum_filter_value("kind", &term.value, |s| {
-            model::Kind::from_str_name(s).map(|v| v as i32)
-        })?
-        .into(),
-        "public" => match term.value.as_str() {
-            "true" => true.into(),
-            "false" => false.into(),
-            other => {
-                return Err(ApiError::invalid(
-                    "filter",
-                    format!("public is true or false, got {other:?}"),
-                )
-                .into());
-            }
-        },
-        _ => term.value.clone().into(),
-    };
-    let column = match term.field.as_str() {
-        "state" => models::Column::State,
-        "kind" => models::Column::Kind,
-        "public" => models::Column::Public,
-        "display_name" => models::Column::DisplayName,
-        _ => models::Column::BaseModel,
-    };
-    Ok(if term.negated {
-        column.ne(value)
-    } else {
-        column.eq(value)
-    })
-}
+/// The fields a model list filters on and orders by.
+static MODEL_FIELDS: Fields<models::Column> = Fields {
+    collection: "models",
+    fields: &[
+        Field::order("name", models::Column::ModelId),
+        Field::order("create_time", models::Column::CreateTime),
+        Field::order("update_time", models::Column::UpdateTime),
+        Field::both("display_name", models::Column::DisplayName, Kind::Text),
+        Field::filter(
+            "state",
+            models::Column::State,
+            Kind::Enum(|s| model::State::from_str_name(s).map(|v| v as i32)),
+        ),
+        Field::filter(
+            "kind",
+            models::Column::Kind,
+            Kind::Enum(|s| model::Kind::from_str_name(s).map(|v| v as i32)),
+        ),
+        Field::filter("public", models::Column::Public, Kind::Bool),
+        Field::filter(
+            "peft_details.base_model",
+            models::Column::BaseModel,
+            Kind::Text,
+        ),
+    ],
+    tie_break: models::Column::ModelId,
+};
