@@ -4,7 +4,7 @@ use kiln_core::config::{ConfigError, Validate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Email of the platform admin user created on first start (`KILN_IDENTITY__ADMIN_EMAIL`).
     pub admin_email: String,

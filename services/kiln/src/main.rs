@@ -36,7 +36,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
-    let mut config = load_config(args.config.as_deref())?;
+    let mut config = KilnConfig::load(args.config.as_deref(), Roles::all())?;
     config.server.listen = args.listen;
     config.server.data_dir = args.data_dir.clone();
     config.import_library = true;
@@ -103,7 +103,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map(|name| name.parse::<Role>())
         .collect::<Result<Roles, String>>()
         .map_err(anyhow::Error::msg)?;
-    let config = load_config(args.config.as_deref())?;
+    let config = KilnConfig::load(args.config.as_deref(), roles)?;
     let _telemetry = kiln_core::telemetry::init(
         &format!("kiln-{}", args.services.join("-")),
         config.server.log_format,
@@ -122,10 +122,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("kiln {roles} listening on {}", running.addr);
     kiln_server::shutdown_signal().await;
     running.shutdown().await
-}
-
-fn load_config(file: Option<&std::path::Path>) -> anyhow::Result<KilnConfig> {
-    Ok(<KilnConfig as kiln_core::config::Load>::load(file)?)
 }
 
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

@@ -260,6 +260,53 @@ async fn kiln_dev_serves_the_cli_and_logs_no_secret() {
     );
 }
 
+/// Runs `kiln serve <args>` with `env` set and returns its stderr (it must fail).
+async fn failed_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut command = tokio::process::Command::new(kiln_binary());
+    command.arg("serve").args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().await.unwrap();
+    assert!(!out.status.success(), "{args:?} {env:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn an_unknown_setting_or_a_missing_url_stops_startup_naming_it() {
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("kiln.toml");
+    std::fs::write(&config, "listen_adress = \"127.0.0.1:1\"\n").unwrap();
+    let path = config.display().to_string();
+    let err = failed_start(&["identity", "--config", &path], &[]).await;
+    assert!(
+        err.contains("unknown key listen_adress") && err.contains("kiln.toml"),
+        "{err}"
+    );
+
+    let err = failed_start(&["identity"], &[("KILN_LISTEN_ADDR", "127.0.0.1:1")]).await;
+    assert!(
+        err.contains("unknown key listen_addr") && err.contains("KILN_LISTEN_ADDR"),
+        "{err}"
+    );
+
+    let err = failed_start(&["registry"], &[("KILN_REGISTRY__MAX_FILE_BYTE", "1")]).await;
+    assert!(
+        err.contains("registry.max_file_byte") && err.contains("KILN_REGISTRY__MAX_FILE_BYTE"),
+        "{err}"
+    );
+
+    // A service alone needs the URLs of the services it calls.
+    let err = failed_start(
+        &["scheduler"],
+        &[("KILN_IDENTITY_URL", "http://127.0.0.1:1")],
+    )
+    .await;
+    assert!(err.contains("registry_url: is required"), "{err}");
+    let err = failed_start(&["nobody"], &[]).await;
+    assert!(err.contains("unknown service \"nobody\""), "{err}");
+}
+
 #[tokio::test]
 async fn a_bad_config_value_stops_startup_naming_the_key() {
     let data = tempfile::tempdir().unwrap();

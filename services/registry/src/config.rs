@@ -4,7 +4,7 @@ use kiln_core::config::{ConfigError, Validate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Where artifacts live: empty for the local file system under `<data_dir>/objects`, or
     /// `s3://bucket[/prefix]` for any S3-compatible store (credentials and endpoint from the

@@ -4,7 +4,7 @@ use kiln_core::config::{ConfigError, Validate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SchedulerConfig {
     /// How often nodes send a heartbeat (told to each node when it registers).
     pub heartbeat_interval_ms: u64,

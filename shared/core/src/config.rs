@@ -1,5 +1,5 @@
 //! Typed configuration: defaults, then a TOML file, then `KILN_*` environment variables
-//! (`__` separates sections: `KILN_IDENTITY__BOOTSTRAP_EMAIL`). Validated at start; a bad
+//! (`__` separates sections: `KILN_IDENTITY__ADMIN_EMAIL`). Validated at start; a bad
 //! value stops start-up with a message naming the key.
 
 use std::net::SocketAddr;
@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use figment::Figment;
+use figment::Provider;
 use figment::providers::{Env, Format, Toml};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -34,9 +35,20 @@ pub trait Validate {
     fn validate(&self) -> Result<(), ConfigError>;
 }
 
+/// `KILN_*` variables that are not configuration: the CLI's (`KILN_API_KEY`, `KILN_ACCOUNT`,
+/// `KILN_SERVER`), the asset cache the library is imported from, and the test suites'.
+const NOT_CONFIGURATION: &[&str] = &["api_key", "account", "server", "asset_dir", "pg_url_base"];
+
 /// The layered sources of configuration: the TOML `file` if given, then `KILN_*` variables.
 pub fn sources(file: Option<&Path>) -> Result<Figment, ConfigError> {
-    sources_with_env(file, Env::prefixed("KILN_").split("__"))
+    sources_with_env(file, environment())
+}
+
+fn environment() -> Env {
+    Env::prefixed("KILN_").split("__").filter(|key| {
+        let key = key.as_str().to_ascii_lowercase();
+        !(NOT_CONFIGURATION.contains(&key.as_str()) || key.starts_with("test_"))
+    })
 }
 
 fn sources_with_env(file: Option<&Path>, env: Env) -> Result<Figment, ConfigError> {
@@ -70,6 +82,91 @@ where
     Ok(value)
 }
 
+/// Refuses keys at the top level that are neither a field of `T` nor one of `sections`,
+/// naming each and where it came from (the file, or the `KILN_*` variable). Sections check
+/// their own keys (`#[serde(deny_unknown_fields)]`).
+pub fn refuse_unknown_top_level<T: DeserializeOwned>(
+    figment: &Figment,
+    sections: &[&str],
+) -> Result<(), ConfigError> {
+    let fields = field_names::<T>();
+    let Ok(top) = figment.data() else {
+        return Ok(());
+    };
+    let mut unknown: Vec<String> = top
+        .values()
+        .flat_map(|dict| dict.keys())
+        .filter(|key| !fields.contains(&key.as_str()) && !sections.contains(&key.as_str()))
+        .map(|key| {
+            let source = figment
+                .find_metadata(key)
+                .map(|m| source_of(m, &[key]))
+                .unwrap_or_default();
+            format!("{key}{source}")
+        })
+        .collect();
+    unknown.sort();
+    unknown.dedup();
+    match unknown.is_empty() {
+        true => Ok(()),
+        false => Err(ConfigError::Load(format!(
+            "unknown key {}; keys: {}, and the sections {}",
+            unknown.join(", unknown key "),
+            fields.join(", "),
+            sections.join(", ")
+        ))),
+    }
+}
+
+/// Where a value came from: its file, or the `KILN_*` variable that set it.
+fn source_of(metadata: &figment::Metadata, path: &[&str]) -> String {
+    match &metadata.source {
+        Some(figment::Source::File(file)) => format!(" (from {})", file.display()),
+        Some(source) => format!(" (from {source})"),
+        None if metadata.name.contains("environment") && !path.is_empty() => {
+            let names: Vec<String> = path.iter().map(|p| p.to_ascii_uppercase()).collect();
+            format!(" (from KILN_{})", names.join("__"))
+        }
+        None => format!(" (from {})", metadata.name),
+    }
+}
+
+/// The field names of a struct that derives `Deserialize`, as serde knows them.
+fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{self, Deserializer, Visitor};
+
+    struct Names(&'static [&'static str]);
+    struct Capture<'a>(&'a mut Option<&'static [&'static str]>);
+
+    impl<'de> Deserializer<'de> for Capture<'_> {
+        type Error = de::value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = Some(fields);
+            Err(de::Error::custom("captured"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+
+    let mut captured = None;
+    let _ = T::deserialize(Capture(&mut captured));
+    Names(captured.unwrap_or(&[])).0
+}
+
 /// Loads a whole configuration from the file and the environment.
 pub trait Load: Sized {
     fn from_sources(figment: &Figment) -> Result<Self, ConfigError>;
@@ -88,22 +185,15 @@ impl Load for ServerConfig {
 fn describe_figment_error(err: figment::Error, section: Option<&str>) -> String {
     err.into_iter()
         .map(|e| {
-            let key = section
+            let path: Vec<&str> = section
                 .into_iter()
-                .map(str::to_owned)
-                .chain(e.path.iter().cloned())
-                .collect::<Vec<_>>()
-                .join(".");
+                .chain(e.path.iter().map(String::as_str))
+                .collect();
+            let key = path.join(".");
             let source = e
                 .metadata
                 .as_ref()
-                .map(|m| {
-                    // Env values are named by their variable, file values by their file.
-                    match &m.source {
-                        Some(src) => format!(" (from {src})"),
-                        None => format!(" (from {})", m.name),
-                    }
-                })
+                .map(|m| source_of(m, &path))
                 .unwrap_or_default();
             if key.is_empty() {
                 format!("{}{source}", e.kind)
@@ -320,6 +410,47 @@ mod tests {
         let ok = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
             .unwrap();
         assert_eq!(ok.listen.port(), 9000);
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Section {
+        #[allow(dead_code)]
+        size: u32,
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kiln.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nlisten_adress = 1\n[section]\nsize = 1\n",
+        )
+        .unwrap();
+        let figment = sources_with_env(Some(&file), no_env()).unwrap();
+        let err = refuse_unknown_top_level::<ServerConfig>(&figment, &["section"]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("unknown key listen_adress"), "{text}");
+        assert!(text.contains("kiln.toml"), "{text}");
+        assert!(!text.contains("unknown key listen "), "{text}");
+
+        std::fs::write(&file, "[section]\nsize = 1\nsise = 2\n").unwrap();
+        let figment = sources_with_env(Some(&file), no_env()).unwrap();
+        refuse_unknown_top_level::<ServerConfig>(&figment, &["section"]).unwrap();
+        let err = figment
+            .focus("section")
+            .extract::<Section>()
+            .map_err(|e| describe_figment_error(e, Some("section")))
+            .unwrap_err();
+        assert!(err.contains("section.sise"), "{err}");
+    }
+
+    #[test]
+    fn serde_reports_the_fields_of_a_struct() {
+        let names = field_names::<ServerConfig>();
+        assert!(names.contains(&"listen") && names.contains(&"billing_url"));
+        assert!(field_names::<u32>().is_empty());
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! service, and what each service needs from the others when they run elsewhere.
 
 use kiln_billing::config::BillingConfig;
-use kiln_core::config::{ConfigError, Figment, Load, ServerConfig, section};
+use std::path::Path;
+
+use kiln_core::config::{ConfigError, Figment, ServerConfig, refuse_unknown_top_level, section};
 use kiln_identity::config::IdentityConfig;
 use kiln_inference::config::InferenceConfig;
 use kiln_registry::config::RegistryConfig;
@@ -24,21 +26,37 @@ pub struct KilnConfig {
     pub import_library: bool,
 }
 
-impl Load for KilnConfig {
-    fn from_sources(figment: &Figment) -> Result<Self, ConfigError> {
-        Ok(Self {
-            server: section(figment, None)?,
-            identity: section(figment, Some("identity"))?,
-            registry: section(figment, Some("registry"))?,
-            inference: section(figment, Some("inference"))?,
-            scheduler: section(figment, Some("scheduler"))?,
-            billing: section(figment, Some("billing"))?,
-            import_library: false,
-        })
-    }
-}
+/// The sections of a configuration, one per service.
+const SECTIONS: [&str; 5] = ["identity", "registry", "scheduler", "billing", "inference"];
 
 impl KilnConfig {
+    /// Loads the configuration of a process that runs `roles`: the TOML `file`, then `KILN_*`
+    /// variables. Unknown keys are refused; only the sections of `roles` are read and
+    /// validated (a bad `[billing]` value does not stop a registry); what `roles` need from
+    /// the services they call is checked.
+    pub fn load(file: Option<&Path>, roles: Roles) -> Result<Self, ConfigError> {
+        Self::from_sources(&kiln_core::config::sources(file)?, roles)
+    }
+
+    fn from_sources(figment: &Figment, roles: Roles) -> Result<Self, ConfigError> {
+        refuse_unknown_top_level::<ServerConfig>(figment, &SECTIONS)?;
+        let mut config = Self {
+            server: section(figment, None)?,
+            ..Self::default()
+        };
+        for role in roles.iter() {
+            match role {
+                Role::Identity => config.identity = section(figment, Some("identity"))?,
+                Role::Registry => config.registry = section(figment, Some("registry"))?,
+                Role::Scheduler => config.scheduler = section(figment, Some("scheduler"))?,
+                Role::Billing => config.billing = section(figment, Some("billing"))?,
+                Role::Inference => config.inference = section(figment, Some("inference"))?,
+            }
+        }
+        config.check_roles(roles)?;
+        Ok(config)
+    }
+
     /// Checks that every service `roles` runs can reach the services it calls: those not in
     /// this process need their URL, and any remote call needs the service credential.
     pub fn check_roles(&self, roles: Roles) -> Result<(), ConfigError> {
@@ -67,7 +85,7 @@ impl KilnConfig {
         if let Some((key, why)) = missing.first() {
             return Err(ConfigError::invalid(
                 *key,
-                format!("is required {why} when {roles} run without it in this process"),
+                format!("is required {why}, which this process does not run (it runs {roles})"),
             ));
         }
         let calls_out = server.identity_url.is_some()
@@ -150,6 +168,34 @@ mod tests {
             .check_roles(roles(&[Role::Identity, Role::Registry]))
             .unwrap_err();
         assert!(err.to_string().contains("import_library"), "{err}");
+    }
+
+    fn figment(toml: &str) -> Figment {
+        use figment::providers::Format;
+        Figment::new().merge(figment::providers::Toml::string(toml))
+    }
+
+    #[test]
+    fn a_service_reads_only_its_own_section() {
+        let toml = "identity_url = \"http://identity:7400\"\n\
+                    service_token = \"a-long-enough-service-token\"\n\
+                    [billing]\ningest_batch = \"many\"\n\
+                    [registry]\nmax_file_bytes = 1024\n";
+        let registry = KilnConfig::from_sources(&figment(toml), roles(&[Role::Registry])).unwrap();
+        assert_eq!(registry.registry.max_file_bytes, 1024);
+        let err = KilnConfig::from_sources(&figment(toml), roles(&[Role::Billing])).unwrap_err();
+        assert!(err.to_string().contains("billing.ingest_batch"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_section_or_key_stops_the_load() {
+        let err =
+            KilnConfig::from_sources(&figment("[biling]\nx = 1\n"), Roles::all()).unwrap_err();
+        assert!(err.to_string().contains("unknown key biling"), "{err}");
+        let err =
+            KilnConfig::from_sources(&figment("[registry]\nmax_file_byte = 1\n"), Roles::all())
+                .unwrap_err();
+        assert!(err.to_string().contains("registry.max_file_byte"), "{err}");
     }
 
     #[test]
