@@ -45,6 +45,13 @@ impl From<Error> for kiln_core::Error {
     }
 }
 
+/// A handler's failure, as the bus reports it (the event is redelivered).
+impl From<kiln_core::Error> for Error {
+    fn from(err: kiln_core::Error) -> Self {
+        Error::Handler(err.to_string())
+    }
+}
+
 /// Builds an event: a fresh UUIDv7 id, now, and the current trace context.
 /// `event_type` is the subject without its leading `kiln.`, e.g. `identity.account.created`.
 pub fn new_event(

@@ -24,6 +24,12 @@ pub enum Error {
     },
 }
 
+impl From<Error> for kiln_core::Error {
+    fn from(err: Error) -> Self {
+        kiln_core::Error::internal("storage", err)
+    }
+}
+
 /// Opens a pool on `url`. Every SQLite connection of the pool gets WAL mode (concurrent
 /// readers beside one writer), `synchronous = NORMAL` (a commit survives a process crash
 /// without an fsync of its own; the WAL is synced at checkpoints), a busy timeout and foreign
