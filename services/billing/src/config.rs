@@ -7,6 +7,10 @@ use kiln_core::config::{ConfigError, Validate};
 use serde::{Deserialize, Serialize};
 
 use crate::prices::{Prices, parse_usd_nanos};
+pub use crate::prices::{TokenPrices, TokenTier};
+
+/// The ledger's durable consumer unless `ledger_consumer` names another.
+const DEFAULT_LEDGER_CONSUMER: &str = "billing-ledger";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -32,31 +36,6 @@ pub struct BillingConfig {
     /// it; a second billing with its own database (a standby, an audit copy) on the same
     /// stream takes another name and reads the whole stream itself.
     pub ledger_consumer: String,
-}
-
-/// Prices per million tokens, as decimal strings (`"0.10"`): each must be a whole number of
-/// nano-units per token (at most three decimals).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct TokenPrices {
-    /// Prompt tokens not served from the prefix cache.
-    pub input: String,
-    /// Prompt tokens served from the prefix cache.
-    pub cached_input: String,
-    pub output: String,
-    /// Tokens of embedding inputs.
-    pub embedding: String,
-    /// Tokens a fine-tuning job trains on (every epoch).
-    pub training: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenTier {
-    /// Models up to this many parameters; 0: no bound (the last tier).
-    #[serde(default)]
-    pub max_parameters: i64,
-    #[serde(flatten)]
-    pub prices: TokenPrices,
 }
 
 /// Default quota values (and the most an account may set itself).
@@ -86,28 +65,14 @@ impl Default for QuotaDefaults {
     }
 }
 
-fn tier(max_parameters: i64, prices: [&str; 5]) -> TokenTier {
-    let [input, cached_input, output, embedding, training] = prices.map(str::to_owned);
-    TokenTier {
-        max_parameters,
-        prices: TokenPrices {
-            input,
-            cached_input,
-            output,
-            embedding,
-            training,
-        },
-    }
-}
-
 impl Default for BillingConfig {
     fn default() -> Self {
         Self {
             currency_code: "USD".into(),
             token_prices: vec![
-                tier(4_000_000_000, ["0.10", "0.05", "0.10", "0.008", "0.50"]),
-                tier(16_000_000_000, ["0.20", "0.10", "0.20", "0.016", "0.50"]),
-                tier(0, ["0.90", "0.45", "0.90", "0.016", "3.00"]),
+                TokenTier::new(4_000_000_000, ["0.10", "0.05", "0.10", "0.008", "0.50"]),
+                TokenTier::new(16_000_000_000, ["0.20", "0.10", "0.20", "0.016", "0.50"]),
+                TokenTier::new(0, ["0.90", "0.45", "0.90", "0.016", "3.00"]),
             ],
             model_prices: BTreeMap::new(),
             accelerator_prices: [
@@ -123,19 +88,24 @@ impl Default for BillingConfig {
             quotas: QuotaDefaults::default(),
             accrual_interval_ms: 60_000,
             ingest_batch: 512,
-            ledger_consumer: crate::ledger::CONSUMER.to_owned(),
+            ledger_consumer: DEFAULT_LEDGER_CONSUMER.to_owned(),
         }
     }
 }
 
 impl BillingConfig {
-    pub fn accrual_interval(&self) -> std::time::Duration {
+    pub(crate) fn accrual_interval(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.accrual_interval_ms)
     }
 
     /// The parsed price table.
-    pub fn prices(&self) -> Result<Prices, ConfigError> {
-        Prices::from_config(self)
+    pub(crate) fn prices(&self) -> Result<Prices, ConfigError> {
+        Prices::new(
+            &self.currency_code,
+            &self.token_prices,
+            &self.model_prices,
+            &self.accelerator_prices,
+        )
     }
 }
 

@@ -2,12 +2,14 @@
 //! the ledger is written in multi-row statements and read in aggregates.
 
 use kiln_store::Migration;
+use std::collections::HashSet;
+
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseTransaction, QueryResult,
     Statement, TransactionTrait, Value,
 };
 
-pub const MIGRATIONS: &[Migration] = &[
+pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "ledger, monthly spend, open replicas, models, deployments, quotas, suspensions",
@@ -85,7 +87,9 @@ pub const MIGRATIONS: &[Migration] = &[
 /// Begins a transaction that will write. On SQLite it takes the write lock at once (a write
 /// that changes nothing), so a transaction that reads first never has to upgrade a stale
 /// snapshot: SQLite refuses that at once ("database is locked") instead of waiting.
-pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, sea_orm::DbErr> {
+pub(crate) async fn begin_write(
+    db: &DatabaseConnection,
+) -> Result<DatabaseTransaction, sea_orm::DbErr> {
     let txn = db.begin().await?;
     if txn.get_database_backend() == DatabaseBackend::Sqlite {
         txn.execute_unprepared("UPDATE billing_quotas SET value = value WHERE 0 = 1")
@@ -95,7 +99,7 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction,
 }
 
 /// `sql` written with `?` placeholders, rendered for the connection's backend.
-pub fn statement(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Statement {
+fn statement(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Statement {
     let sql = match backend {
         DatabaseBackend::Postgres => {
             let mut out = String::with_capacity(sql.len() + 16);
@@ -116,7 +120,7 @@ pub fn statement(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Sta
     Statement::from_sql_and_values(backend, sql, values)
 }
 
-pub async fn execute<C: ConnectionTrait>(
+pub(crate) async fn execute<C: ConnectionTrait>(
     conn: &C,
     sql: &str,
     values: Vec<Value>,
@@ -128,7 +132,7 @@ pub async fn execute<C: ConnectionTrait>(
         .rows_affected())
 }
 
-pub async fn query<C: ConnectionTrait>(
+pub(crate) async fn query<C: ConnectionTrait>(
     conn: &C,
     sql: &str,
     values: Vec<Value>,
@@ -137,13 +141,45 @@ pub async fn query<C: ConnectionTrait>(
     conn.query_all(statement(backend, sql, values)).await
 }
 
+/// Inserts `rows`, `per_statement` at a time (so that a statement stays under the backends'
+/// bind-variable limits), with `insert`: an `INSERT ... VALUES {rows} ... RETURNING` statement
+/// whose `{rows}` stands for the rows' placeholders, `values` giving a row's values. Returns
+/// the `returned` column of the rows the statements returned.
+pub(crate) async fn insert_returning<T, const COLUMNS: usize>(
+    txn: &DatabaseTransaction,
+    insert: &str,
+    rows: &[T],
+    per_statement: usize,
+    values: impl Fn(&T) -> [Value; COLUMNS],
+    returned: &str,
+) -> Result<HashSet<String>, sea_orm::DbErr> {
+    let mut inserted = HashSet::with_capacity(rows.len());
+    for chunk in rows.chunks(per_statement) {
+        let sql = insert.replace("{rows}", &value_rows(chunk.len(), COLUMNS));
+        let values = chunk.iter().flat_map(&values).collect();
+        for row in query(txn, &sql, values).await? {
+            inserted.insert(row.try_get::<String>("", returned)?);
+        }
+    }
+    Ok(inserted)
+}
+
 /// `(?, ?, ...), (?, ?, ...)`: `rows` groups of `columns` placeholders.
-pub fn value_rows(rows: usize, columns: usize) -> String {
+pub(crate) fn value_rows(rows: usize, columns: usize) -> String {
     let one = format!("({})", vec!["?"; columns].join(", "));
     vec![one; rows].join(", ")
 }
 
 /// One i64 column of a row (SUM over no rows reads as 0).
-pub fn int(row: &QueryResult, column: &str) -> Result<i64, sea_orm::DbErr> {
+pub(crate) fn int(row: &QueryResult, column: &str) -> Result<i64, sea_orm::DbErr> {
     Ok(row.try_get::<Option<i64>>("", column)?.unwrap_or(0))
+}
+
+/// One i64 column of the first row; 0 when there is none.
+pub(crate) fn first_int(rows: &[QueryResult], column: &str) -> Result<i64, sea_orm::DbErr> {
+    Ok(rows
+        .first()
+        .map(|r| int(r, column))
+        .transpose()?
+        .unwrap_or(0))
 }

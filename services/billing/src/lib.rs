@@ -3,14 +3,17 @@
 //! hosts it beside the other services.
 
 pub mod config;
-pub mod db;
-pub mod error;
-pub mod grpc;
-pub mod ledger;
+mod db;
+mod error;
+mod grpc;
+mod ledger;
 pub mod prices;
-pub mod quotas;
-pub mod service;
-pub mod usage;
+mod quota_rules;
+mod quotas;
+mod service;
+#[cfg(test)]
+mod testing;
+mod usage;
 
 use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;

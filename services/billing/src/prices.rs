@@ -2,19 +2,63 @@
 //! floating-point amount: tokens cost a whole number of nanos each, accelerator time is
 //! priced per microsecond and rounded to the nano once per ledger entry.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use kiln_core::config::ConfigError;
 use kiln_proto::common::v1::{AcceleratorType, Money};
+use serde::{Deserialize, Serialize};
 
-use crate::config::{BillingConfig, TokenPrices};
-
-const NANOS_PER_UNIT: i64 = 1_000_000_000;
+/// Nano-units in one unit of the currency.
+pub(crate) const NANOS_PER_UNIT: i64 = 1_000_000_000;
 const MICROS_PER_HOUR: i128 = 3_600_000_000;
+
+/// Prices per million tokens, as decimal strings (`"0.10"`): each must be a whole number of
+/// nano-units per token (at most three decimals).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenPrices {
+    /// Prompt tokens not served from the prefix cache.
+    pub input: String,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_input: String,
+    pub output: String,
+    /// Tokens of embedding inputs.
+    pub embedding: String,
+    /// Tokens a fine-tuning job trains on (every epoch).
+    pub training: String,
+}
+
+/// One tier of `billing.token_prices`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenTier {
+    /// Models up to this many parameters; 0: no bound (the last tier).
+    #[serde(default)]
+    pub max_parameters: i64,
+    #[serde(flatten)]
+    pub prices: TokenPrices,
+}
+
+impl TokenTier {
+    /// A tier of models up to `max_parameters` with its prices: input, cached input,
+    /// output, embedding, training.
+    pub(crate) fn new(max_parameters: i64, prices: [&str; 5]) -> Self {
+        let [input, cached_input, output, embedding, training] = prices.map(str::to_owned);
+        Self {
+            max_parameters,
+            prices: TokenPrices {
+                input,
+                cached_input,
+                output,
+                embedding,
+                training,
+            },
+        }
+    }
+}
 
 /// Nano-units per token of each kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TokenRates {
+pub(crate) struct TokenRates {
     pub input: i64,
     pub cached_input: i64,
     pub output: i64,
@@ -33,7 +77,7 @@ struct RateOverrides {
 }
 
 #[derive(Debug, Clone)]
-pub struct Prices {
+pub(crate) struct Prices {
     pub currency_code: String,
     /// (max parameters, 0 = unbounded; rates), ascending.
     tiers: Vec<(i64, TokenRates)>,
@@ -43,7 +87,7 @@ pub struct Prices {
 }
 
 /// `"2.90"` → 2_900_000_000 nano-units. At most nine decimals, never negative.
-pub fn parse_usd_nanos(text: &str) -> Result<i64, String> {
+pub(crate) fn parse_usd_nanos(text: &str) -> Result<i64, String> {
     let text = text.trim();
     let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
@@ -94,8 +138,15 @@ fn overrides(key: &str, p: &TokenPrices) -> Result<RateOverrides, ConfigError> {
 }
 
 impl Prices {
-    pub fn from_config(config: &BillingConfig) -> Result<Self, ConfigError> {
-        if config.token_prices.is_empty() {
+    /// The price table of `billing`'s settings: `token_prices` by tier, `model_prices` over
+    /// them, `accelerator_prices` by accelerator type name; an error names the bad key.
+    pub(crate) fn new(
+        currency_code: &str,
+        token_prices: &[TokenTier],
+        model_prices: &BTreeMap<String, TokenPrices>,
+        accelerator_prices: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        if token_prices.is_empty() {
             return Err(ConfigError::invalid(
                 "billing.token_prices",
                 "needs at least one tier",
@@ -103,8 +154,8 @@ impl Prices {
         }
         let mut tiers = Vec::new();
         let mut previous = 0;
-        let last = config.token_prices.len() - 1;
-        for (i, tier) in config.token_prices.iter().enumerate() {
+        let last = token_prices.len() - 1;
+        for (i, tier) in token_prices.iter().enumerate() {
             let key = format!("billing.token_prices[{i}]");
             if i < last && tier.max_parameters <= previous {
                 return Err(ConfigError::invalid(
@@ -125,14 +176,14 @@ impl Prices {
             tiers.push((bound, rates));
         }
         let mut models = HashMap::new();
-        for (model, prices) in &config.model_prices {
+        for (model, prices) in model_prices {
             models.insert(
                 model.clone(),
                 overrides(&format!("billing.model_prices.{model:?}"), prices)?,
             );
         }
         let mut accelerators = HashMap::new();
-        for (name, price) in &config.accelerator_prices {
+        for (name, price) in accelerator_prices {
             let key = format!("billing.accelerator_prices.{name}");
             let kind = AcceleratorType::from_str_name(name)
                 .filter(|k| *k != AcceleratorType::Unspecified)
@@ -148,7 +199,7 @@ impl Prices {
             );
         }
         Ok(Self {
-            currency_code: config.currency_code.clone(),
+            currency_code: currency_code.to_owned(),
             tiers,
             models,
             accelerators,
@@ -156,7 +207,7 @@ impl Prices {
     }
 
     /// The rates of `model`, `parameters` large (a LoRA addon: its base model's count).
-    pub fn token_rates(&self, model: &str, parameters: i64) -> TokenRates {
+    pub(crate) fn token_rates(&self, model: &str, parameters: i64) -> TokenRates {
         let tier = self
             .tiers
             .iter()
@@ -176,7 +227,7 @@ impl Prices {
     }
 
     /// Nano-units per accelerator-hour of `accelerator_type` (0 when it has no price).
-    pub fn accelerator_hour(&self, accelerator_type: i32) -> i64 {
+    fn accelerator_hour(&self, accelerator_type: i32) -> i64 {
         self.accelerators
             .get(&accelerator_type)
             .copied()
@@ -185,24 +236,20 @@ impl Prices {
 
     /// The cost of `accelerator_micros` accelerator-microseconds, rounded half away from
     /// zero to the nano (corrections are negative).
-    pub fn accelerator_cost(&self, accelerator_type: i32, accelerator_micros: i64) -> i64 {
+    pub(crate) fn accelerator_cost(&self, accelerator_type: i32, accelerator_micros: i64) -> i64 {
         let exact = i128::from(accelerator_micros.abs())
             * i128::from(self.accelerator_hour(accelerator_type));
         let rounded = ((exact + MICROS_PER_HOUR / 2) / MICROS_PER_HOUR) as i64;
         rounded * accelerator_micros.signum()
     }
 
-    pub fn money(&self, nanos: i64) -> Money {
-        money(&self.currency_code, nanos)
-    }
-}
-
-/// `nanos` nano-units as Money (units and nanos of the same sign).
-pub fn money(currency_code: &str, nanos: i64) -> Money {
-    Money {
-        currency_code: currency_code.to_owned(),
-        units: nanos / NANOS_PER_UNIT,
-        nanos: (nanos % NANOS_PER_UNIT) as i32,
+    /// `nanos` nano-units as Money (units and nanos of the same sign).
+    pub(crate) fn money(&self, nanos: i64) -> Money {
+        Money {
+            currency_code: self.currency_code.clone(),
+            units: nanos / NANOS_PER_UNIT,
+            nanos: (nanos % NANOS_PER_UNIT) as i32,
+        }
     }
 }
 
@@ -219,17 +266,27 @@ pub fn format_nanos(nanos: i64) -> String {
     format!("{sign}{units}.{}", digits.trim_end_matches('0'))
 }
 
-/// Money as nano-units (saturating).
-pub fn money_nanos(money: &Money) -> i64 {
-    money
-        .units
-        .saturating_mul(NANOS_PER_UNIT)
-        .saturating_add(i64::from(money.nanos))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two tiers and the H100's price; `models`: each model's own prices.
+    fn table(models: &[(&str, TokenPrices)]) -> Result<Prices, ConfigError> {
+        let models = models
+            .iter()
+            .map(|(m, p)| ((*m).to_owned(), p.clone()))
+            .collect();
+        let accelerators = [("NVIDIA_H100_80GB".to_owned(), "5.80".to_owned())].into();
+        Prices::new(
+            "USD",
+            &[
+                TokenTier::new(4_000_000_000, ["0.10", "0.05", "0.10", "0.008", "0.50"]),
+                TokenTier::new(0, ["0.90", "", "0.80", "0.016", "3.00"]),
+            ],
+            &models,
+            &accelerators,
+        )
+    }
 
     #[test]
     fn amounts_parse_exactly() {
@@ -244,38 +301,72 @@ mod tests {
 
     #[test]
     fn tiers_and_overrides_pick_rates() {
-        let mut config = BillingConfig::default();
-        config.model_prices.insert(
-            "accounts/a/models/m".into(),
-            TokenPrices {
-                output: "0.30".into(),
-                ..Default::default()
-            },
-        );
-        let prices = config.prices().unwrap();
+        let output = TokenPrices {
+            output: "0.30".into(),
+            ..Default::default()
+        };
+        let cached = TokenPrices {
+            input: "0.40".into(),
+            ..Default::default()
+        };
+        let prices = table(&[
+            ("accounts/a/models/m", output),
+            ("accounts/a/models/c", cached),
+        ])
+        .unwrap();
         let small = prices.token_rates("accounts/kiln/models/x", 135_000_000);
         assert_eq!(
-            (small.input, small.cached_input, small.embedding),
-            (100, 50, 8)
+            small,
+            TokenRates {
+                input: 100,
+                cached_input: 50,
+                output: 100,
+                embedding: 8,
+                training: 500,
+            }
         );
-        assert_eq!(prices.token_rates("x", 8_000_000_000).input, 200);
-        assert_eq!(prices.token_rates("x", 70_000_000_000).input, 900);
+        // The bound is inclusive; the last tier has none, and its cached input costs as much
+        // as its input when it names no price of its own.
+        assert_eq!(prices.token_rates("x", 4_000_000_000).input, 100);
+        let big = prices.token_rates("x", 4_000_000_001);
+        assert_eq!((big.input, big.cached_input, big.output), (900, 900, 800));
+        assert_eq!(prices.token_rates("x", 70_000_000_000).training, 3_000);
         let overridden = prices.token_rates("accounts/a/models/m", 1);
         assert_eq!((overridden.input, overridden.output), (100, 300));
+        // A model's own input price is its cached input price too, unless it names one.
+        let own_input = prices.token_rates("accounts/a/models/c", 1);
+        assert_eq!((own_input.input, own_input.cached_input), (400, 400));
     }
 
     #[test]
     fn prices_that_do_not_divide_are_named() {
-        let mut config = BillingConfig::default();
-        config.token_prices[1].prices.input = "0.1234".into();
-        let err = config.prices().unwrap_err().to_string();
-        assert!(err.contains("billing.token_prices[1].input"), "{err}");
+        let odd = TokenPrices {
+            input: "0.1234".into(),
+            ..Default::default()
+        };
+        let err = table(&[("m", odd)]).unwrap_err().to_string();
+        assert!(err.contains("billing.model_prices.\"m\".input"), "{err}");
+        let unordered = Prices::new(
+            "USD",
+            &[
+                TokenTier::new(8, ["0.10"; 5]),
+                TokenTier::new(4, ["0.10"; 5]),
+                TokenTier::new(0, ["0.10"; 5]),
+            ],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
+        let err = unordered.unwrap_err().to_string();
+        assert!(
+            err.contains("billing.token_prices[1].max_parameters"),
+            "{err}"
+        );
     }
 
     #[test]
     fn accelerator_time_rounds_once_per_entry() {
-        let prices = BillingConfig::default().prices().unwrap();
-        let h100 = AcceleratorType::from_str_name("NVIDIA_H100_80GB").unwrap() as i32;
+        let prices = table(&[]).unwrap();
+        let h100 = AcceleratorType::NvidiaH10080gb as i32;
         // $5.80 an hour: one accelerator-hour, and one accelerator-second rounded to the nano.
         assert_eq!(prices.accelerator_cost(h100, 3_600_000_000), 5_800_000_000);
         assert_eq!(prices.accelerator_cost(h100, 1_000_000), 1_611_111);
@@ -283,7 +374,6 @@ mod tests {
         assert_eq!(prices.accelerator_cost(0, 1_000_000), 0);
         let m = prices.money(-1_500_000_001);
         assert_eq!((m.units, m.nanos), (-1, -500_000_001));
-        assert_eq!(money_nanos(&m), -1_500_000_001);
         assert_eq!(format_nanos(-1_500_000_000), "-1.5");
         assert_eq!(format_nanos(301), "0.000000301");
         assert_eq!(format_nanos(7_000_000_000), "7");

@@ -8,146 +8,22 @@ use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::names::{AccountName, SYSTEM_ACCOUNT};
 use kiln_core::page::{Page, mask_paths, parse_filter, parse_order_by};
-use kiln_core::time::{micros_to_timestamp, now_micros, utc_month};
+use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::{Body, new_event};
 use kiln_proto::billing::v1::{CheckQuotaResponse, Quota};
-use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
 use kiln_store::listing::Listing;
 use sea_orm::ConnectionTrait;
 
-use crate::db::{execute, int, query};
+use crate::db::{begin_write, execute, first_int, int, query};
 use crate::error::Result;
+use crate::ledger::deployments::{accelerators_held, active_deployments};
+use crate::ledger::suspension::suspend_state;
+use crate::quota_rules::{Limits, QuotaKind, check, parse_quota_name, updated_limits};
 use crate::service::{Billing, SOURCE};
 
-/// The accelerator types with a quota, in listing order.
-const ACCELERATORS: [AcceleratorType; 5] = [
-    AcceleratorType::NvidiaA10080gb,
-    AcceleratorType::NvidiaH10080gb,
-    AcceleratorType::NvidiaH200141gb,
-    AcceleratorType::AmdMi300x192gb,
-    AcceleratorType::Cpu,
-];
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QuotaKind {
-    /// Accelerators of one type held by dedicated deployments.
-    Accelerator(AcceleratorType),
-    Deployments,
-    ServerlessRpm,
-    ServerlessTpm,
-    FineTuningJobs,
-    MonthlySpend,
-}
-
-impl QuotaKind {
-    pub fn all() -> Vec<QuotaKind> {
-        let mut all: Vec<QuotaKind> = ACCELERATORS.iter().map(|a| Self::Accelerator(*a)).collect();
-        all.extend([
-            Self::Deployments,
-            Self::ServerlessRpm,
-            Self::ServerlessTpm,
-            Self::FineTuningJobs,
-            Self::MonthlySpend,
-        ]);
-        all
-    }
-
-    /// The quota ID, e.g. `accelerator-nvidia-h100-80gb`.
-    pub fn id(&self) -> String {
-        match self {
-            Self::Accelerator(a) => {
-                format!(
-                    "accelerator-{}",
-                    a.as_str_name().to_lowercase().replace('_', "-")
-                )
-            }
-            Self::Deployments => "deployments".into(),
-            Self::ServerlessRpm => "serverless-inference-rpm".into(),
-            Self::ServerlessTpm => "serverless-inference-tpm".into(),
-            Self::FineTuningJobs => "fine-tuning-jobs".into(),
-            Self::MonthlySpend => "monthly-spend-usd".into(),
-        }
-    }
-
-    pub fn parse(id: &str) -> Option<Self> {
-        Self::all().into_iter().find(|k| k.id() == id)
-    }
-
-    /// The accelerator quota of `accelerator_type` (a value of `AcceleratorType`).
-    pub fn accelerator(accelerator_type: i32) -> Option<Self> {
-        AcceleratorType::try_from(accelerator_type)
-            .ok()
-            .filter(|a| ACCELERATORS.contains(a))
-            .map(Self::Accelerator)
-    }
-
-    pub fn unit(&self) -> &'static str {
-        match self {
-            Self::Accelerator(_) => "accelerators",
-            Self::Deployments => "deployments",
-            Self::ServerlessRpm => "requests/min",
-            Self::ServerlessTpm => "tokens/min",
-            Self::FineTuningJobs => "jobs",
-            Self::MonthlySpend => "USD",
-        }
-    }
-}
-
-/// A quota's stored or default limits.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
-    pub value: i64,
-    pub max_value: i64,
-    pub create_time: i64,
-    pub update_time: i64,
-}
-
-/// `accounts/{a}/quotas/{q}` (or a bare quota ID when the account is known).
-fn parse_quota_name(field: &str, name: &str, account: Option<&str>) -> Result<(String, QuotaKind)> {
-    let parts: Vec<&str> = name.split('/').collect();
-    let (account, id) = match parts.as_slice() {
-        ["accounts", a, "quotas", q] => (a.to_string(), *q),
-        [q] if account.is_some() => (account.unwrap_or_default().to_owned(), *q),
-        _ => {
-            return Err(ApiError::invalid(
-                field,
-                format!("{name:?} is not a quota name (accounts/{{account}}/quotas/{{quota}})"),
-            )
-            .into());
-        }
-    };
-    kiln_core::names::validate_id(field, &account)?;
-    let kind = QuotaKind::parse(id).ok_or_else(|| {
-        ApiError::invalid(
-            field,
-            format!(
-                "{id:?} is not a quota; quotas: {}",
-                QuotaKind::all()
-                    .iter()
-                    .map(QuotaKind::id)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )
-    })?;
-    Ok((account, kind))
-}
-
 impl Billing {
-    fn default_limits(&self, kind: &QuotaKind) -> i64 {
-        let q = &self.config().quotas;
-        match kind {
-            QuotaKind::Accelerator(_) => q.accelerators,
-            QuotaKind::Deployments => q.deployments,
-            QuotaKind::ServerlessRpm => q.serverless_inference_rpm,
-            QuotaKind::ServerlessTpm => q.serverless_inference_tpm,
-            QuotaKind::FineTuningJobs => q.fine_tuning_jobs,
-            QuotaKind::MonthlySpend => q.monthly_spend,
-        }
-    }
-
     /// The limits of `kind` for `account`: stored, else the defaults.
     pub(crate) async fn quota<C: ConnectionTrait>(
         &self,
@@ -168,15 +44,7 @@ impl Billing {
                 create_time: int(row, "create_time")?,
                 update_time: int(row, "update_time")?,
             },
-            None => {
-                let value = self.default_limits(kind);
-                Limits {
-                    value,
-                    max_value: value,
-                    create_time: 0,
-                    update_time: 0,
-                }
-            }
+            None => Limits::default_of(kind.default_value(&self.config().quotas)),
         })
     }
 
@@ -200,7 +68,7 @@ impl Billing {
                 let value = stored
                     .get(&id)
                     .copied()
-                    .unwrap_or_else(|| self.default_limits(kind));
+                    .unwrap_or_else(|| kind.default_value(&self.config().quotas));
                 (id, value)
             })
             .collect())
@@ -215,94 +83,36 @@ impl Billing {
     ) -> Result<f64> {
         let now = now_micros();
         let minute_ago = now - 60_000_000;
-        let one = |rows: Vec<sea_orm::QueryResult>| -> Result<i64> {
-            Ok(rows
-                .first()
-                .map(|r| int(r, "used"))
-                .transpose()?
-                .unwrap_or(0))
-        };
         Ok(match kind {
-            QuotaKind::Accelerator(a) => one(
-                query(
-                    conn,
-                    "SELECT CAST(COALESCE(SUM(accelerator_count * max_replica_count), 0) AS BIGINT) AS used \
-                     FROM billing_deployments WHERE account = ? AND active = ? AND deployment_type = ? AND accelerator_type = ?",
-                    vec![
-                        account.into(),
-                        true.into(),
-                        (DeploymentType::Dedicated as i32).into(),
-                        (*a as i32).into(),
-                    ],
-                )
-                .await?,
-            )? as f64,
-            QuotaKind::Deployments => one(
-                query(
-                    conn,
-                    "SELECT COUNT(*) AS used FROM billing_deployments WHERE account = ? AND active = ?",
-                    vec![account.into(), true.into()],
-                )
-                .await?,
-            )? as f64,
+            QuotaKind::Accelerator(a) => accelerators_held(conn, account, *a as i32).await? as f64,
+            QuotaKind::Deployments => active_deployments(conn, account).await? as f64,
             QuotaKind::ServerlessRpm | QuotaKind::ServerlessTpm => {
                 let column = if *kind == QuotaKind::ServerlessRpm {
                     "request_count"
                 } else {
                     "prompt_tokens + completion_tokens + embedding_tokens"
                 };
-                one(
-                    query(
-                        conn,
-                        &format!(
-                            "SELECT CAST(COALESCE(SUM({column}), 0) AS BIGINT) AS used FROM billing_ledger \
-                             WHERE account = ? AND time_micros >= ? AND deployment_type <> ? AND kind <> ?"
-                        ),
-                        vec![
-                            account.into(),
-                            minute_ago.into(),
-                            (DeploymentType::Dedicated as i32).into(),
-                            "accelerator_time".into(),
-                        ],
-                    )
-                    .await?,
-                )? as f64
+                let rows = query(
+                    conn,
+                    &format!(
+                        "SELECT CAST(COALESCE(SUM({column}), 0) AS BIGINT) AS used FROM billing_ledger \
+                         WHERE account = ? AND time_micros >= ? AND deployment_type <> ? AND kind <> ?"
+                    ),
+                    vec![
+                        account.into(),
+                        minute_ago.into(),
+                        (DeploymentType::Dedicated as i32).into(),
+                        "accelerator_time".into(),
+                    ],
+                )
+                .await?;
+                first_int(&rows, "used")? as f64
             }
             QuotaKind::FineTuningJobs => 0.0,
-            QuotaKind::MonthlySpend => self.month_spend_nanos(conn, account, now).await? as f64 / 1e9,
+            QuotaKind::MonthlySpend => {
+                self.month_spend_nanos(conn, account, now).await? as f64 / 1e9
+            }
         })
-    }
-
-    /// The spend of the month holding `now`, running replicas' unbilled time included.
-    pub(crate) async fn month_spend_nanos<C: ConnectionTrait>(
-        &self,
-        conn: &C,
-        account: &str,
-        now: i64,
-    ) -> Result<i64> {
-        let rows = query(
-            conn,
-            "SELECT cost_nanos FROM billing_monthly_spend WHERE account = ? AND month = ?",
-            vec![account.into(), utc_month(now).into()],
-        )
-        .await?;
-        let booked = rows
-            .first()
-            .map(|r| int(r, "cost_nanos"))
-            .transpose()?
-            .unwrap_or(0);
-        let unbilled: i64 = crate::ledger::open_replicas(conn, None)
-            .await?
-            .into_iter()
-            .filter(|r| r.account == account && r.billed_until < now)
-            .map(|r| {
-                self.prices().accelerator_cost(
-                    r.accelerator_type,
-                    (now - r.billed_until) * r.accelerator_count,
-                )
-            })
-            .sum();
-        Ok(booked + unbilled)
     }
 
     async fn quota_resource<C: ConnectionTrait>(
@@ -325,7 +135,7 @@ impl Billing {
         })
     }
 
-    pub async fn get_quota(&self, caller: &Principal, name: &str) -> Result<Quota> {
+    pub(crate) async fn get_quota(&self, caller: &Principal, name: &str) -> Result<Quota> {
         let (account, kind) = parse_quota_name("name", name, Some(&caller.account))?;
         if !caller.can_access(&account) {
             return Err(ApiError::not_found(name).into());
@@ -408,7 +218,7 @@ impl Billing {
     /// Sets a quota's value (up to its max_value; platform admins also set max_value and go
     /// beyond it). Raising the monthly spend limit above the month's spend lifts a
     /// spend-limit suspension.
-    pub async fn update_quota(
+    pub(crate) async fn update_quota(
         &self,
         caller: &Principal,
         quota: Quota,
@@ -418,53 +228,13 @@ impl Billing {
         if !caller.can_access(&account) {
             return Err(ApiError::not_found(&quota.name).into());
         }
-        let admin = caller.is_privileged();
         let mut paths = mask_paths(update_mask);
         if paths.is_empty() {
             paths.push("value".into());
         }
-        let txn = crate::db::begin_write(self.db()).await?;
+        let txn = begin_write(self.db()).await?;
         let before = self.quota(&txn, &account, &kind).await?;
-        let mut after = before;
-        for path in &paths {
-            match path.as_str() {
-                "value" => after.value = quota.value,
-                "max_value" if admin => after.max_value = quota.max_value,
-                "max_value" => {
-                    return Err(ApiError::PermissionDenied(
-                        "only a platform admin changes a quota's max_value".into(),
-                    )
-                    .into());
-                }
-                other => {
-                    return Err(ApiError::invalid(
-                        "update_mask",
-                        format!("{other:?} is not an updatable field; fields: value, max_value"),
-                    )
-                    .into());
-                }
-            }
-        }
-        if after.value < 0 {
-            return Err(ApiError::invalid("quota.value", "must not be negative").into());
-        }
-        if after.max_value < 0 {
-            return Err(ApiError::invalid("quota.max_value", "must not be negative").into());
-        }
-        if after.value > after.max_value {
-            if admin {
-                after.max_value = after.value;
-            } else {
-                return Err(ApiError::invalid(
-                    "quota.value",
-                    format!(
-                        "{} is above this quota's max_value {}; ask a platform admin to raise it",
-                        after.value, after.max_value
-                    ),
-                )
-                .into());
-            }
-        }
+        let after = updated_limits(before, &quota, &paths, caller.is_privileged())?;
         let now = now_micros();
         let create_time = if before.create_time > 0 {
             before.create_time
@@ -486,17 +256,8 @@ impl Billing {
         )
         .await?;
         if kind == QuotaKind::MonthlySpend {
-            // The new limit applies to the month so far: lowered under its spend, the
-            // account is suspended now; raised above it, a spend-limit suspension lifts.
-            lock_month_spend(&txn, &account, now).await?;
-            let spend = self.month_spend_nanos(&txn, &account, now).await?;
-            if spend < after.value.saturating_mul(1_000_000_000) {
-                self.lift_suspension(&txn, &account, "the monthly spend limit was raised")
-                    .await?;
-            } else {
-                self.enforce_spend_limit(&txn, &account, spend, after.value)
-                    .await?;
-            }
+            self.spend_limit_changed(&txn, &account, after.value, now)
+                .await?;
         }
         let resource = self.quota_resource(&txn, &account, &kind).await?;
         let event = new_event(
@@ -516,7 +277,7 @@ impl Billing {
     }
 
     /// Whether `account` may use `requested` more of `quota` (answers; reserves nothing).
-    pub async fn check_quota(
+    pub(crate) async fn check_quota(
         &self,
         caller: &Principal,
         account: &str,
@@ -536,73 +297,12 @@ impl Billing {
             return Err(ApiError::invalid("requested", "must be a non-negative number").into());
         }
         let resource = self.quota_resource(self.db(), &account, &kind).await?;
-        let available = (resource.value as f64 - resource.usage).max(0.0);
+        // The system account is never suspended.
         let suspension = if account == SYSTEM_ACCOUNT {
             None
         } else {
-            query(
-                self.db(),
-                "SELECT suspend_state FROM billing_suspensions WHERE account = ?",
-                vec![account.clone().into()],
-            )
-            .await?
-            .first()
-            .map(|r| r.try_get::<i32>("", "suspend_state"))
-            .transpose()?
+            suspend_state(self.db(), &account).await?
         };
-        let (allowed, reason) = match suspension {
-            Some(state) => (
-                false,
-                format!(
-                    "account suspended: {}",
-                    kiln_proto::identity::v1::account::SuspendState::try_from(state)
-                        .map(|s| s.as_str_name())
-                        .unwrap_or("SUSPENDED")
-                ),
-            ),
-            None if account == SYSTEM_ACCOUNT || requested <= available => (true, String::new()),
-            None => (
-                false,
-                format!(
-                    "quota {}: {} of {} {} in use, {} requested",
-                    kind.id(),
-                    resource.usage,
-                    resource.value,
-                    kind.unit(),
-                    requested
-                ),
-            ),
-        };
-        Ok(CheckQuotaResponse {
-            allowed,
-            missing: if allowed {
-                0.0
-            } else {
-                (requested - available).max(0.0)
-            },
-            available,
-            quota: Some(resource),
-            reason,
-        })
+        Ok(check(&account, &kind, resource, requested, suspension))
     }
-}
-
-/// Holds the month's spend row of `account` until `txn` ends, so a usage booking that read
-/// the old limit cannot suspend the account after this transaction lifted its suspension
-/// (PostgreSQL, read committed: the booking upserts this row first, so one waits for the
-/// other). SQLite write transactions are serial already.
-async fn lock_month_spend(
-    txn: &sea_orm::DatabaseTransaction,
-    account: &str,
-    now: i64,
-) -> Result<()> {
-    if txn.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
-        query(
-            txn,
-            "SELECT cost_nanos FROM billing_monthly_spend WHERE account = ? AND month = ? FOR UPDATE",
-            vec![account.into(), utc_month(now).into()],
-        )
-        .await?;
-    }
-    Ok(())
 }

@@ -10,9 +10,9 @@ use crate::config::BillingConfig;
 use crate::prices::Prices;
 
 /// The name events carry in `source`.
-pub const SOURCE: &str = "kiln-billing";
+pub(crate) const SOURCE: &str = "kiln-billing";
 /// The service's name in the outbox and migrations.
-pub const SERVICE: &str = "billing";
+pub(crate) const SERVICE: &str = "billing";
 
 /// Billing, shared by its handlers, its ledger consumer and its accrual loop.
 #[derive(Clone)]
@@ -29,7 +29,7 @@ struct Inner {
 }
 
 impl Billing {
-    pub fn new(
+    pub(crate) fn new(
         db: DatabaseConnection,
         pages: PageTokens,
         config: BillingConfig,
@@ -48,11 +48,11 @@ impl Billing {
         })
     }
 
-    pub fn db(&self) -> &DatabaseConnection {
+    pub(crate) fn db(&self) -> &DatabaseConnection {
         &self.inner.db
     }
 
-    pub fn outbox(&self) -> &Outbox {
+    pub(crate) fn outbox(&self) -> &Outbox {
         &self.inner.outbox
     }
 
@@ -60,11 +60,11 @@ impl Billing {
         &self.inner.pages
     }
 
-    pub fn config(&self) -> &BillingConfig {
+    pub(crate) fn config(&self) -> &BillingConfig {
         &self.inner.config
     }
 
-    pub fn prices(&self) -> &Prices {
+    pub(crate) fn prices(&self) -> &Prices {
         &self.inner.prices
     }
 }

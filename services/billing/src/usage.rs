@@ -16,7 +16,8 @@ use kiln_proto::common::v1::AcceleratorType;
 
 use crate::db::{int, query};
 use crate::error::Result;
-use crate::ledger::{Entry, open_replicas};
+use crate::ledger::entry::Entry;
+use crate::ledger::replicas::open_replicas;
 use crate::service::Billing;
 
 /// Sums at the finest grain.
@@ -61,6 +62,24 @@ impl Sums {
 /// (model, deployment, deployed_model, day, accelerator_type)
 type Key = (String, String, String, String, i32);
 
+/// `key` with the parts `group_by` does not name left blank.
+fn group_key(key: Key, group_by: &[GroupBy]) -> Key {
+    let (model, deployment, deployed_model, day, accelerator_type) = key;
+    let keep = |g: GroupBy| group_by.contains(&g);
+    let text = |g: GroupBy, part: String| if keep(g) { part } else { String::new() };
+    (
+        text(GroupBy::Model, model),
+        text(GroupBy::Deployment, deployment),
+        text(GroupBy::DeployedModel, deployed_model),
+        text(GroupBy::Day, day),
+        if keep(GroupBy::AcceleratorType) {
+            accelerator_type
+        } else {
+            0
+        },
+    )
+}
+
 const FILTER_FIELDS: &[&str] = &[
     "model",
     "deployment",
@@ -70,7 +89,7 @@ const FILTER_FIELDS: &[&str] = &[
 ];
 
 impl Billing {
-    pub async fn get_usage(
+    pub(crate) async fn get_usage(
         &self,
         caller: &Principal,
         request: GetUsageRequest,
@@ -170,7 +189,7 @@ impl Billing {
             if from >= until {
                 continue;
             }
-            for piece in open.pieces(self, from, until) {
+            for piece in open.pieces(self.prices(), from, until) {
                 let key: Key = (
                     piece.model.clone(),
                     piece.deployment.clone(),
@@ -200,35 +219,10 @@ impl Billing {
                 }
             }
             totals.add(&sums);
-            let keep = |g: GroupBy| group_by.contains(&g);
-            let grouped_key: Key = (
-                if keep(GroupBy::Model) {
-                    key.0
-                } else {
-                    String::new()
-                },
-                if keep(GroupBy::Deployment) {
-                    key.1
-                } else {
-                    String::new()
-                },
-                if keep(GroupBy::DeployedModel) {
-                    key.2
-                } else {
-                    String::new()
-                },
-                if keep(GroupBy::Day) {
-                    key.3
-                } else {
-                    String::new()
-                },
-                if keep(GroupBy::AcceleratorType) {
-                    key.4
-                } else {
-                    0
-                },
-            );
-            grouped.entry(grouped_key).or_default().add(&sums);
+            grouped
+                .entry(group_key(key, &group_by))
+                .or_default()
+                .add(&sums);
         }
         let rows = if group_by.is_empty() {
             vec![self.usage_row(Key::default(), &totals)]
@@ -263,5 +257,37 @@ impl Billing {
             training_tokens: sums.training_tokens,
             cost: Some(self.prices().money(sums.cost_nanos)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping_keeps_only_the_parts_asked_for() {
+        let key: Key = ("m".into(), "d".into(), "dm".into(), "2026-03-05".into(), 3);
+        assert_eq!(group_key(key.clone(), &[]), Key::default());
+        assert_eq!(
+            group_key(key.clone(), &[GroupBy::Day, GroupBy::AcceleratorType]),
+            (
+                String::new(),
+                String::new(),
+                String::new(),
+                "2026-03-05".into(),
+                3
+            )
+        );
+        assert_eq!(
+            group_key(key.clone(), &[GroupBy::Model]),
+            ("m".into(), String::new(), String::new(), String::new(), 0)
+        );
+        assert_eq!(
+            group_key(
+                key.clone(),
+                &[GroupBy::Model, GroupBy::Deployment, GroupBy::DeployedModel]
+            ),
+            ("m".into(), "d".into(), "dm".into(), String::new(), 0)
+        );
     }
 }
