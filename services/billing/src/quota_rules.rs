@@ -325,12 +325,12 @@ mod tests {
         let before = limits(5, 10);
         let value = paths(&["value"]);
         assert_eq!(
-            updated_limits(before, &asking(10, 99), &value, false),
-            Ok(limits(10, 10))
+            updated_limits(before, &asking(10, 99), &value, false).unwrap(),
+            limits(10, 10)
         );
         assert_eq!(
-            updated_limits(before, &asking(0, 0), &value, false),
-            Ok(limits(0, 10))
+            updated_limits(before, &asking(0, 0), &value, false).unwrap(),
+            limits(0, 10)
         );
         let above = updated_limits(before, &asking(11, 0), &value, false);
         assert!(
@@ -352,8 +352,8 @@ mod tests {
     fn an_admin_sets_the_max_and_a_value_above_it_raises_it() {
         let before = limits(5, 10);
         assert_eq!(
-            updated_limits(before, &asking(50, 0), &paths(&["value"]), true),
-            Ok(limits(50, 50))
+            updated_limits(before, &asking(50, 0), &paths(&["value"]), true).unwrap(),
+            limits(50, 50)
         );
         assert_eq!(
             updated_limits(
@@ -361,13 +361,14 @@ mod tests {
                 &asking(7, 20),
                 &paths(&["value", "max_value"]),
                 true
-            ),
-            Ok(limits(7, 20))
+            )
+            .unwrap(),
+            limits(7, 20)
         );
         // Lowering the max under the value raises it back to the value.
         assert_eq!(
-            updated_limits(before, &asking(0, 2), &paths(&["max_value"]), true),
-            Ok(limits(5, 5))
+            updated_limits(before, &asking(0, 2), &paths(&["max_value"]), true).unwrap(),
+            limits(5, 5)
         );
         let negative = updated_limits(before, &asking(5, -1), &paths(&["max_value"]), true);
         assert!(
