@@ -6,7 +6,6 @@ pub mod auth_client;
 pub mod config;
 pub mod duration;
 pub mod error;
-pub mod hf;
 pub mod names;
 pub mod page;
 pub mod server;
