@@ -55,7 +55,7 @@ pub fn bundle(blocks: bool) -> &'static Path {
         let variant = if blocks { "int4" } else { "fp32" };
         let dir = gguf.parent().unwrap().join(format!(
             "prepared-{variant}-{}",
-            kiln_registry::gguf_onnx::VERSION
+            kiln_formats::GGUF_ONNX_VERSION
         ));
         if dir.join("manifest.json").is_file() {
             return dir;
@@ -68,8 +68,7 @@ pub fn bundle(blocks: bool) -> &'static Path {
             }
         }
         let bytes = std::fs::read(&gguf).expect("the GGUF");
-        let converted =
-            kiln_registry::gguf_onnx::convert(&bytes, SMOLLM2, blocks).expect("converts");
+        let converted = kiln_formats::convert_gguf(&bytes, blocks).expect("converts");
         let staging = dir.with_extension(format!("partial-{}", std::process::id()));
         std::fs::create_dir_all(&staging).unwrap();
         // manifest.json last: its presence marks a complete bundle.

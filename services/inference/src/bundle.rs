@@ -1,6 +1,6 @@
-//! Model bundles on disk: an ONNX graph, `tokenizer.json` and `manifest.json`, from a local
-//! folder or downloaded from the registry into a cache keyed by the files' digests, verified
-//! against their SHA-256, and evicted least-recently-used beyond a size cap.
+//! Model bundles on disk: an ONNX graph, `tokenizer.json` and `manifest.json` (a [`Manifest`]),
+//! from a local folder or downloaded from the registry into a cache keyed by the files' digests,
+//! verified against their SHA-256, and evicted least-recently-used beyond a size cap.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -10,36 +10,16 @@ use std::time::SystemTime;
 use futures::StreamExt;
 use kiln_core::Error as ApiError;
 use kiln_core::auth::hex;
+use kiln_formats::{HF_FILES, HfFiles, Manifest, read_hf};
 use kiln_proto::common::v1::Precision;
 use kiln_proto::registry::v1::{
     Model, ModelFile, base_model_details::CheckpointFormat, prepared_bundle,
 };
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::error::{Error, Result};
 use crate::source::ModelSource;
-
-/// What a bundle serves and how (`manifest.json`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Manifest {
-    /// `embedding`, `text-generation` or `tensor`.
-    pub task: String,
-    /// Tokens a request may hold; 0: unknown.
-    pub context_length: i32,
-    pub chat_template: String,
-    /// The model it was made from.
-    pub model: String,
-    pub bos_token_id: Option<u32>,
-    /// The token that ends a generated sequence.
-    pub eos_token_id: Option<u32>,
-    /// Further tokens that end one (Hugging Face generation configs may list several).
-    pub eos_token_ids: Vec<u32>,
-    /// Whether prompts start with the BOS token.
-    pub add_bos_token: bool,
-}
 
 /// A bundle on local disk.
 #[derive(Debug, Clone)]
@@ -52,13 +32,9 @@ impl Bundle {
     /// Opens a bundle folder; `fallback` stands in for a missing `manifest.json`, completed
     /// by the folder's Hugging Face files when it has them (an optimum export).
     pub fn open(dir: &Path, fallback: Manifest) -> Result<Self> {
-        let manifest = match std::fs::read(dir.join("manifest.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                ApiError::FailedPrecondition(format!(
-                    "{}: manifest.json is not valid: {e}",
-                    dir.display()
-                ))
-            })?,
+        let manifest = match std::fs::read(dir.join(Manifest::FILE)) {
+            Ok(bytes) => Manifest::from_json(&bytes)
+                .map_err(|e| ApiError::FailedPrecondition(format!("{}: {e}", dir.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => with_hf_files(dir, fallback)?,
             Err(e) => return Err(e.into()),
         };
@@ -106,53 +82,21 @@ impl Bundle {
 /// (a chat template set on the model, say) win over the files'.
 fn with_hf_files(dir: &Path, mut manifest: Manifest) -> Result<Manifest> {
     let mut pairs = Vec::new();
-    for name in kiln_core::hf::FILES {
+    for name in HF_FILES {
         match std::fs::read(dir.join(name)) {
             Ok(bytes) => pairs.push((name.to_owned(), bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
     }
-    let files = kiln_core::hf::HfFiles::from_pairs(&pairs);
+    let files = HfFiles::from_pairs(&pairs);
     if files.is_empty() {
         return Ok(manifest);
     }
-    let info = kiln_core::hf::read(files)
+    let info = read_hf(files)
         .map_err(|e| ApiError::FailedPrecondition(format!("{}: {e}", dir.display())))?;
-    if manifest.task.is_empty() && info.is_causal_lm() {
-        manifest.task = "text-generation".into();
-    }
-    if manifest.context_length <= 0 {
-        manifest.context_length = i32::try_from(info.context_length).unwrap_or(i32::MAX);
-    }
-    if manifest.chat_template.is_empty() {
-        manifest.chat_template = info.chat_template;
-    }
-    manifest.bos_token_id = manifest.bos_token_id.or(info.bos_token_id);
-    let mut eos = info.eos_token_ids.into_iter();
-    manifest.eos_token_id = manifest.eos_token_id.or_else(|| eos.next());
-    manifest.eos_token_ids.extend(eos);
-    manifest.add_bos_token |= info.add_bos_token;
+    manifest.complete_from(info);
     Ok(manifest)
-}
-
-/// The manifest a model's own fields imply (for bundles that carry none).
-pub fn manifest_of(model: &Model) -> Manifest {
-    Manifest {
-        task: model
-            .base_model_details
-            .as_ref()
-            .map(|d| d.task.clone())
-            .unwrap_or_default(),
-        context_length: model.context_length,
-        chat_template: model
-            .conversation_config
-            .as_ref()
-            .map(|c| c.template.clone())
-            .unwrap_or_default(),
-        model: model.name.clone(),
-        ..Default::default()
-    }
 }
 
 /// Which files of a model the engine loads: a READY prepared bundle (INT4 when `blocks_ok`,
@@ -235,7 +179,7 @@ impl BundleCache {
     ) -> Result<Bundle> {
         let (precision, files) = servable_files(model, blocks_ok)?;
         let dir = self.fetch_files(source, model, precision, &files).await?;
-        let opened = Bundle::open(&dir, manifest_of(model));
+        let opened = Bundle::open(&dir, Manifest::of_model(model));
         if opened.is_err() {
             self.unpin(&dir);
         }

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::names::ChildName;
+use kiln_formats::Manifest;
 use kiln_proto::registry::v1::{Model, model};
 use tokenizers::Tokenizer;
 use tokio::sync::Mutex;
 
 use crate::backend::{Backends, Device, LoadOptions, TensorInfo};
-use crate::bundle::{Bundle, BundleCache, Manifest};
+use crate::bundle::{Bundle, BundleCache};
 use crate::config::InferenceConfig;
 use crate::error::{Error, Result};
 use crate::generation::llm::{Llm, LlmShape};
@@ -255,13 +256,7 @@ impl Engine {
         let local = self.config.model(name).filter(|m| !m.path.is_empty());
         let (bundle, account, public) = match local {
             Some(local) => {
-                let bundle = Bundle::open(
-                    std::path::Path::new(&local.path),
-                    Manifest {
-                        model: name.to_owned(),
-                        ..Default::default()
-                    },
-                )?;
+                let bundle = Bundle::open(std::path::Path::new(&local.path), Manifest::default())?;
                 let account = ChildName::parse("model", "models", name, None)?.account;
                 (bundle, account, false)
             }

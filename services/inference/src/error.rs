@@ -32,6 +32,7 @@ impl From<Error> for Status {
             Error::Api(api) => api.into(),
             Error::Events(events) => kiln_core::Error::from(events).into(),
             Error::Remote(status) => status,
+            Error::Backend(backend) => kiln_core::Error::ModelFailed(backend.to_string()).into(),
             other => kiln_core::Error::Internal(other.to_string()).into(),
         }
     }

@@ -220,7 +220,7 @@ fn is_text_generation(files: &[(String, PathBuf)]) -> bool {
         return task == "text-generation";
     }
     read("config.json").is_some_and(|config| {
-        kiln_core::hf::read(kiln_core::hf::HfFiles {
+        kiln_formats::read_hf(kiln_formats::HfFiles {
             config: Some(&config),
             ..Default::default()
         })

@@ -8,6 +8,7 @@ use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names::{self, ChildName};
 use kiln_core::time::{micros_to_timestamp, now_micros, timestamp_to_micros};
 use kiln_events::Body;
+use kiln_formats::{DatasetFormat, validate_jsonl};
 use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::{
     Dataset, DownloadDatasetRequest, DownloadDatasetResponse, UploadDatasetRequest, dataset,
@@ -19,7 +20,6 @@ use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter};
 use crate::db::dataset as datasets;
 use crate::download::{byte_range, stream_object};
 use crate::error::{Error, Result};
-use crate::formats::dataset::{DatasetFormat, validate_jsonl};
 use crate::service::{Registry, validate_sha256};
 use crate::uploads::FileUpload;
 use kiln_core::names::validate_display_name;

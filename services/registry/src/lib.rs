@@ -8,8 +8,6 @@ pub mod db;
 pub mod deployments;
 pub mod download;
 pub mod error;
-pub mod formats;
-pub mod gguf_onnx;
 pub mod grpc;
 pub mod library;
 pub mod models;

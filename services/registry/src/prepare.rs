@@ -1,5 +1,6 @@
 //! PrepareModel: turns a READY model's files into a servable bundle (ONNX graph(s),
-//! tokenizer.json and manifest.json) by the preparer registered for its checkpoint format.
+//! tokenizer.json and manifest.json) by the preparer registered for its checkpoint format:
+//! an ONNX checkpoint's files as they are, a GGUF checkpoint converted by kiln-formats.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
+use kiln_formats::{Manifest, convert_gguf};
 use kiln_proto::common::v1::Precision;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::{
@@ -30,7 +32,7 @@ pub struct BundleFile {
     pub sha256: String,
 }
 
-/// Converts a checkpoint format into a bundle. The LLM work registers the GGUF one.
+/// Converts a checkpoint format into a bundle.
 #[async_trait]
 pub trait Preparer: Send + Sync + 'static {
     /// Writes the bundle's files under `bundle` (see [`file_key`]) and lists them.
@@ -53,10 +55,7 @@ impl Preparers {
     pub fn standard() -> Self {
         let mut p = Self::default();
         p.register(CheckpointFormat::Onnx, Arc::new(OnnxBundle));
-        p.register(
-            CheckpointFormat::Gguf,
-            Arc::new(crate::gguf_onnx::GgufPreparer),
-        );
+        p.register(CheckpointFormat::Gguf, Arc::new(GgufPreparer));
         p
     }
 
@@ -72,17 +71,6 @@ impl Preparers {
 /// An uploaded ONNX bundle: the files as they are, plus `manifest.json`.
 struct OnnxBundle;
 
-/// The manifest every bundle carries.
-pub fn manifest(model: &Model) -> serde_json::Value {
-    let details = model.base_model_details.clone().unwrap_or_default();
-    serde_json::json!({
-        "task": details.task,
-        "context_length": model.context_length,
-        "chat_template": model.conversation_config.as_ref().map(|c| c.template.clone()).unwrap_or_default(),
-        "model": model.name,
-    })
-}
-
 #[async_trait]
 impl Preparer for OnnxBundle {
     async fn prepare(
@@ -97,7 +85,7 @@ impl Preparer for OnnxBundle {
             .model
             .files
             .iter()
-            .filter(|f| f.path != "manifest.json")
+            .filter(|f| f.path != Manifest::FILE)
         {
             registry
                 .artifacts()
@@ -112,22 +100,82 @@ impl Preparer for OnnxBundle {
                 sha256: file.sha256.clone(),
             });
         }
-        let manifest = serde_json::to_vec_pretty(&manifest(&stored.model))
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let sha = hex(Sha256::digest(&manifest));
-        let size = manifest.len() as u64;
-        registry
+        let manifest = Manifest::of_model(&stored.model).to_json();
+        out.push(put_file(registry, stored, bundle, Manifest::FILE, manifest).await?);
+        Ok(out)
+    }
+}
+
+/// Stores `data` as `path` of the bundle and describes it.
+async fn put_file(
+    registry: &Registry,
+    stored: &StoredModel,
+    bundle: &str,
+    path: &str,
+    data: Vec<u8>,
+) -> Result<BundleFile> {
+    let sha256 = hex(Sha256::digest(&data));
+    let size_bytes = data.len() as u64;
+    registry
+        .artifacts()
+        .put(
+            &file_key(stored.account(), stored.id(), bundle, path),
+            data.into(),
+        )
+        .await?;
+    Ok(BundleFile {
+        path: path.to_owned(),
+        size_bytes,
+        sha256,
+    })
+}
+
+/// A GGUF checkpoint, converted into an ONNX decoder-with-past bundle.
+struct GgufPreparer;
+
+#[async_trait]
+impl Preparer for GgufPreparer {
+    async fn prepare(
+        &self,
+        registry: &Registry,
+        stored: &StoredModel,
+        bundle: &str,
+        precision: Precision,
+    ) -> Result<Vec<BundleFile>> {
+        // FP32: standard operators (tract and ONNX Runtime); INT4: the checkpoint's own blocks
+        // (ONNX Runtime only).
+        let blocks = match precision {
+            Precision::Fp32 => false,
+            Precision::Int4 => true,
+            other => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "GGUF checkpoints are prepared in FP32 or INT4, not {}",
+                    other.as_str_name()
+                ))
+                .into());
+            }
+        };
+        let file = stored
+            .model
+            .files
+            .iter()
+            .find(|f| f.path.ends_with(".gguf"))
+            .ok_or_else(|| {
+                ApiError::FailedPrecondition(format!("{} has no .gguf file", stored.model.name))
+            })?;
+        let bytes = registry
             .artifacts()
-            .put(
-                &file_key(stored.account(), stored.id(), bundle, "manifest.json"),
-                manifest.into(),
-            )
+            .read_all(&file_key(stored.account(), stored.id(), "", &file.path))
             .await?;
-        out.push(BundleFile {
-            path: "manifest.json".into(),
-            size_bytes: size,
-            sha256: sha,
-        });
+        let path = file.path.clone();
+        let converted = tokio::task::spawn_blocking(move || convert_gguf(&bytes, blocks))
+            .await
+            .map_err(|e| ApiError::Internal(format!("converting {path}: {e}")))?
+            .map_err(|e| ApiError::FailedPrecondition(format!("{path}: {e}")))?;
+        let mut out = Vec::new();
+        for (path, data) in converted.files {
+            out.push(put_file(registry, stored, bundle, path, data).await?);
+        }
         Ok(out)
     }
 }

@@ -7,6 +7,10 @@ use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
+use kiln_formats::{
+    FormatError, GgufInfo, HF_FILES, HfFiles, Manifest, Task, check_adapter_fits, check_task,
+    read_adapter_config, read_gguf, read_hf, read_onnx, read_safetensors_header,
+};
 use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::{
     BaseModelDetails, ConversationConfig, Model, PeftDetails, ValidateModelUploadResponse,
@@ -14,7 +18,6 @@ use kiln_proto::registry::v1::{
 };
 
 use crate::error::Result;
-use crate::formats::{FormatError, gguf, onnx, peft, safetensors};
 use crate::models::{StoredModel, file_key};
 use crate::service::Registry;
 
@@ -37,7 +40,7 @@ impl Registry {
         key: &str,
         path: &str,
         size: u64,
-    ) -> Result<gguf::GgufInfo, FormatError> {
+    ) -> Result<GgufInfo, FormatError> {
         let mut want = (32u64 << 20).min(size);
         loop {
             let bytes = self
@@ -45,7 +48,7 @@ impl Registry {
                 .read_range(key, 0..want)
                 .await
                 .map_err(|e| FormatError::new(path, format!("cannot read: {e}")))?;
-            match gguf::read_gguf(path, Cursor::new(bytes)) {
+            match read_gguf(path, Cursor::new(bytes)) {
                 Err(e) if e.problem.contains("unexpected end") && want < size => {
                     want = (want * 4).min(size)
                 }
@@ -65,7 +68,7 @@ impl Registry {
                 .artifacts()
                 .read_all(&key("adapter_config.json"))
                 .await?;
-            let config = match peft::read_adapter_config("adapter_config.json", &config_bytes) {
+            let config = match read_adapter_config("adapter_config.json", &config_bytes) {
                 Ok(c) => c,
                 Err(e) => return Ok(Err(e)),
             };
@@ -73,7 +76,7 @@ impl Registry {
                 .artifacts()
                 .read_all(&key("adapter_model.safetensors"))
                 .await?;
-            let tensors = match safetensors::read_header("adapter_model.safetensors", &weights) {
+            let tensors = match read_safetensors_header("adapter_model.safetensors", &weights) {
                 Ok(t) => t,
                 Err(e) => return Ok(Err(e)),
             };
@@ -112,7 +115,8 @@ impl Registry {
                 Ok(i) => i,
                 Err(e) => return Ok(Err(e)),
             };
-            if let Err(e) = peft::check_fits(&config, &tensors, &info, "adapter_model.safetensors")
+            if let Err(e) =
+                check_adapter_fits(&config, &tensors, &info, "adapter_model.safetensors")
             {
                 return Ok(Err(e));
             }
@@ -164,7 +168,7 @@ impl Registry {
             details.num_key_value_heads = to_i32(info.head_count_kv.or(info.head_count));
             details.hidden_size = to_i32(info.embedding_length);
             details.vocab_size = to_i32(info.vocab_size);
-            details.task = onnx::Task::TextGeneration.as_str().to_owned();
+            details.task = Task::TextGeneration.as_str().to_owned();
             details.tunable = true;
             if model.context_length == 0 {
                 model.context_length = to_i32(info.context_length);
@@ -186,43 +190,37 @@ impl Registry {
 
         // An ONNX bundle.
         let graph = self.artifacts().read_all(&key("model.onnx")).await?;
-        let info = match tokio::task::spawn_blocking(move || onnx::read_onnx("model.onnx", &graph))
+        let info = match tokio::task::spawn_blocking(move || read_onnx("model.onnx", &graph))
             .await
             .map_err(|e| ApiError::Internal(format!("onnx check: {e}")))?
         {
             Ok(i) => i,
             Err(e) => return Ok(Err(e)),
         };
-        let manifest_task = match model.files.iter().find(|f| f.path == "manifest.json") {
+        // An uploaded manifest is served with the files (see the engine's bundle loading):
+        // it must read as one, with a task Kiln knows.
+        let manifest_task = match model.files.iter().find(|f| f.path == Manifest::FILE) {
             Some(_) => {
-                let bytes = self.artifacts().read_all(&key("manifest.json")).await?;
-                let parsed: serde_json::Value = match serde_json::from_slice(&bytes) {
-                    Ok(v) => v,
-                    Err(e) => {
+                let bytes = self.artifacts().read_all(&key(Manifest::FILE)).await?;
+                let manifest = match Manifest::from_json(&bytes) {
+                    Ok(m) => m,
+                    Err(e) => return Ok(Err(e)),
+                };
+                match Task::parse(&manifest.task) {
+                    Some(task) => Some(task),
+                    None => {
                         return Ok(Err(FormatError::new(
-                            "manifest.json",
-                            format!("not JSON: {e}"),
+                            Manifest::FILE,
+                            format!("unknown task {:?}", manifest.task),
                         )));
                     }
-                };
-                match parsed.get("task").and_then(|t| t.as_str()) {
-                    Some(t) => match onnx::Task::parse(t) {
-                        Some(task) => Some(task),
-                        None => {
-                            return Ok(Err(FormatError::new(
-                                "manifest.json",
-                                format!("unknown task {t:?}"),
-                            )));
-                        }
-                    },
-                    None => None,
                 }
             }
             None => None,
         };
         // A Hugging Face folder (an optimum export) says what the model is in its own files.
         let mut hf_files = Vec::new();
-        for name in kiln_core::hf::FILES {
+        for name in HF_FILES {
             if model.files.iter().any(|f| f.path == name) {
                 hf_files.push((
                     name.to_owned(),
@@ -230,19 +228,19 @@ impl Registry {
                 ));
             }
         }
-        let hf = match kiln_core::hf::read(kiln_core::hf::HfFiles::from_pairs(&hf_files)) {
+        let hf = match read_hf(HfFiles::from_pairs(&hf_files)) {
             Ok(info) => info,
             Err(e) => return Ok(Err(FormatError::new(e.file, e.problem))),
         };
         let task = manifest_task.unwrap_or(match kind {
-            model::Kind::EmbeddingModel => onnx::Task::Embedding,
-            model::Kind::TensorModel => onnx::Task::Tensor,
-            _ => onnx::Task::TextGeneration,
+            model::Kind::EmbeddingModel => Task::Embedding,
+            model::Kind::TensorModel => Task::Tensor,
+            _ => Task::TextGeneration,
         });
-        if let Err(e) = onnx::check_task("model.onnx", &info, task) {
+        if let Err(e) = check_task("model.onnx", &info, task) {
             return Ok(Err(e));
         }
-        if task != onnx::Task::Tensor {
+        if task != Task::Tensor {
             let tokenizer = self.artifacts().read_all(&key("tokenizer.json")).await?;
             let loaded = tokio::task::spawn_blocking(move || {
                 tokenizers::Tokenizer::from_bytes(&tokenizer)
@@ -273,7 +271,7 @@ impl Registry {
         if model.context_length <= 0 && hf.context_length > 0 {
             model.context_length = i32::try_from(hf.context_length).unwrap_or(i32::MAX);
         }
-        if task == onnx::Task::TextGeneration && !hf.chat_template.is_empty() {
+        if task == Task::TextGeneration && !hf.chat_template.is_empty() {
             let conversation = model
                 .conversation_config
                 .get_or_insert_with(ConversationConfig::default);

@@ -44,6 +44,11 @@ pub enum Error {
     /// A failure that is not the caller's: its text is for the log only.
     #[error("{0}")]
     Internal(String),
+    /// The model itself failed on the request's input (a backend's error, e.g. a token id
+    /// beyond an embedding table): INTERNAL, with the backend's message, which is about the
+    /// input and the graph rather than the service.
+    #[error("{0}")]
+    ModelFailed(String),
     /// Another service's (or node's) answer about the caller's own request, passed on as it
     /// came, details included.
     #[error("{}", .0.message())]
@@ -114,7 +119,7 @@ impl Error {
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Unavailable(_) => Code::Unavailable,
-            Self::Internal(_) => Code::Internal,
+            Self::Internal(_) | Self::ModelFailed(_) => Code::Internal,
             Self::Relayed(status) => status.code(),
         }
     }
@@ -185,6 +190,13 @@ mod tests {
             "{}",
             status.message()
         );
+    }
+
+    #[test]
+    fn a_models_own_failure_keeps_its_message() {
+        let status = Status::from(Error::ModelFailed("onnxruntime: idx out of range".into()));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "onnxruntime: idx out of range");
     }
 
     #[test]

@@ -7,7 +7,6 @@ pub mod config;
 pub mod duration;
 pub mod error;
 pub mod grpc;
-pub mod hf;
 pub mod listing;
 pub mod names;
 pub mod page;

@@ -59,15 +59,11 @@ pub struct NodeProto {
 pub struct AttributeProto {
     #[prost(string, tag = "1")]
     pub name: String,
-    #[prost(float, tag = "2")]
-    pub f: f32,
     #[prost(int64, tag = "3")]
     pub i: i64,
-    #[prost(message, optional, tag = "5")]
-    pub t: Option<TensorProto>,
     #[prost(int64, repeated, tag = "8")]
     pub ints: Vec<i64>,
-    /// 1 FLOAT, 2 INT, 4 TENSOR, 7 INTS.
+    /// 2 INT, 7 INTS (the kinds this graph uses).
     #[prost(int32, tag = "20")]
     pub r#type: i32,
 }
@@ -164,15 +160,6 @@ pub fn attr_int(name: &str, i: i64) -> AttributeProto {
         name: name.into(),
         i,
         r#type: 2,
-        ..Default::default()
-    }
-}
-
-pub fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        f,
-        r#type: 1,
         ..Default::default()
     }
 }

@@ -4,7 +4,7 @@
 
 use serde_json::{Value as Json, json};
 
-use super::reader::Value;
+use crate::gguf::Value;
 
 /// ggml token types: 3 is a control token (`<|im_start|>`, `<|endoftext|>`…), 4 user-defined.
 const CONTROL: i64 = 3;
@@ -15,7 +15,7 @@ const GPT2_PATTERN: &str =
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
 /// Builds `tokenizer.json`. `pre` is `tokenizer.ggml.pre` (e.g. `smollm`, `gpt2`).
-pub fn tokenizer_json(
+pub(super) fn tokenizer_json(
     tokens: &[Value],
     token_types: Option<&[Value]>,
     merges: &[Value],
@@ -30,10 +30,7 @@ pub fn tokenizer_json(
         vocab.insert(text.to_owned(), json!(id));
         let kind = token_types
             .and_then(|t| t.get(id))
-            .and_then(|v| match v {
-                Value::Int(i) => Some(*i),
-                _ => None,
-            })
+            .and_then(Value::as_i64)
             .unwrap_or(1);
         if kind == CONTROL || kind == USER_DEFINED {
             added.push(json!({

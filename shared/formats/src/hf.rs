@@ -6,7 +6,7 @@
 use serde_json::{Map, Value};
 
 /// The files Kiln reads, in the order of [`HfFiles`]'s fields.
-pub const FILES: [&str; 4] = [
+pub const HF_FILES: [&str; 4] = [
     "config.json",
     "generation_config.json",
     "tokenizer_config.json",
@@ -32,10 +32,10 @@ impl<'a> HfFiles<'a> {
                 .map(|(_, b)| b.as_ref())
         };
         Self {
-            config: get(FILES[0]),
-            generation_config: get(FILES[1]),
-            tokenizer_config: get(FILES[2]),
-            chat_template: get(FILES[3]),
+            config: get(HF_FILES[0]),
+            generation_config: get(HF_FILES[1]),
+            tokenizer_config: get(HF_FILES[2]),
+            chat_template: get(HF_FILES[3]),
         }
     }
 
@@ -86,10 +86,10 @@ pub struct HfError {
 }
 
 /// Reads what `files` hold; an absent file contributes nothing.
-pub fn read(files: HfFiles<'_>) -> Result<HfModelInfo, HfError> {
-    let config = object(FILES[0], files.config)?;
-    let generation = object(FILES[1], files.generation_config)?;
-    let tokenizer = object(FILES[2], files.tokenizer_config)?;
+pub fn read_hf(files: HfFiles<'_>) -> Result<HfModelInfo, HfError> {
+    let config = object(HF_FILES[0], files.config)?;
+    let generation = object(HF_FILES[1], files.generation_config)?;
+    let tokenizer = object(HF_FILES[2], files.tokenizer_config)?;
     let mut info = HfModelInfo::default();
 
     if let Some(value) = config.get("architectures") {
@@ -100,16 +100,16 @@ pub fn read(files: HfFiles<'_>) -> Result<HfModelInfo, HfError> {
                     .map(|v| v.as_str().map(str::to_owned))
                     .collect::<Option<Vec<_>>>()
             })
-            .ok_or_else(|| problem(FILES[0], "architectures must be a list of names"))?;
+            .ok_or_else(|| problem(HF_FILES[0], "architectures must be a list of names"))?;
     }
     if let Some(value) = config.get("model_type") {
         info.model_type = value
             .as_str()
-            .ok_or_else(|| problem(FILES[0], "model_type must be a string"))?
+            .ok_or_else(|| problem(HF_FILES[0], "model_type must be a string"))?
             .to_owned();
     }
     info.context_length = match config.get("max_position_embeddings") {
-        Some(value) => positive(FILES[0], "max_position_embeddings", value)?,
+        Some(value) => positive(HF_FILES[0], "max_position_embeddings", value)?,
         // transformers writes a huge sentinel when the tokenizer has no limit.
         None => match tokenizer.get("model_max_length").and_then(Value::as_u64) {
             Some(n) if n > 0 && n <= 1 << 24 => n as u32,
@@ -118,25 +118,24 @@ pub fn read(files: HfFiles<'_>) -> Result<HfModelInfo, HfError> {
     };
 
     info.bos_token_id = match (generation.get("bos_token_id"), config.get("bos_token_id")) {
-        (Some(v), _) if !v.is_null() => Some(token_id(FILES[1], "bos_token_id", v)?),
-        (_, Some(v)) if !v.is_null() => Some(token_id(FILES[0], "bos_token_id", v)?),
+        (Some(v), _) if !v.is_null() => Some(token_id(HF_FILES[1], "bos_token_id", v)?),
+        (_, Some(v)) if !v.is_null() => Some(token_id(HF_FILES[0], "bos_token_id", v)?),
         _ => None,
     };
     info.eos_token_ids = match (generation.get("eos_token_id"), config.get("eos_token_id")) {
-        (Some(v), _) if !v.is_null() => token_ids(FILES[1], "eos_token_id", v)?,
-        (_, Some(v)) if !v.is_null() => token_ids(FILES[0], "eos_token_id", v)?,
+        (Some(v), _) if !v.is_null() => token_ids(HF_FILES[1], "eos_token_id", v)?,
+        (_, Some(v)) if !v.is_null() => token_ids(HF_FILES[0], "eos_token_id", v)?,
         _ => Vec::new(),
     };
     if let Some(value) = tokenizer.get("add_bos_token") {
         info.add_bos_token = value
             .as_bool()
-            .ok_or_else(|| problem(FILES[2], "add_bos_token must be true or false"))?;
+            .ok_or_else(|| problem(HF_FILES[2], "add_bos_token must be true or false"))?;
     }
 
     info.chat_template = match files.chat_template {
-        Some(bytes) => {
-            String::from_utf8(bytes.to_vec()).map_err(|_| problem(FILES[3], "is not UTF-8 text"))?
-        }
+        Some(bytes) => String::from_utf8(bytes.to_vec())
+            .map_err(|_| problem(HF_FILES[3], "is not UTF-8 text"))?,
         None => match tokenizer.get("chat_template") {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(t)) => t.clone(),
@@ -155,14 +154,14 @@ pub fn read(files: HfFiles<'_>) -> Result<HfModelInfo, HfError> {
                     .and_then(template)
                     .ok_or_else(|| {
                         problem(
-                            FILES[2],
+                            HF_FILES[2],
                             "chat_template must be a string or a list of {name, template}",
                         )
                     })?
             }
             Some(_) => {
                 return Err(problem(
-                    FILES[2],
+                    HF_FILES[2],
                     "chat_template must be a string or a list of {name, template}",
                 ));
             }
@@ -231,7 +230,7 @@ mod tests {
             tokenizer_config: Some(br#"{"model_max_length": 1000000000000000019884624838656}"#),
             chat_template: Some(b"{{ messages }}"),
         };
-        let info = read(files).unwrap();
+        let info = read_hf(files).unwrap();
         assert!(info.is_causal_lm());
         assert_eq!(info.model_type, "llama");
         assert_eq!(info.context_length, 256);
@@ -250,7 +249,7 @@ mod tests {
             ),
             ..Default::default()
         };
-        let info = read(files).unwrap();
+        let info = read_hf(files).unwrap();
         assert_eq!(info.context_length, 2048);
         assert_eq!(info.chat_template, "D");
         assert!(info.add_bos_token);
@@ -259,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_bad_file_is_named_with_its_problem() {
-        let bad = |files: HfFiles<'_>| read(files).unwrap_err().to_string();
+        let bad = |files: HfFiles<'_>| read_hf(files).unwrap_err().to_string();
         assert!(
             bad(HfFiles {
                 config: Some(b"{"),

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::FormatError;
+use crate::error::FormatError;
 
 /// The longest JSON header accepted (the reference implementation's limit).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -44,11 +44,14 @@ pub fn dtype_size(dtype: &str) -> Option<u64> {
 }
 
 /// Reads and checks the header of a whole safetensors file held in `bytes`.
-pub fn read_header(file: &str, bytes: &[u8]) -> Result<BTreeMap<String, TensorEntry>, FormatError> {
+pub fn read_safetensors_header(
+    file: &str,
+    bytes: &[u8],
+) -> Result<BTreeMap<String, TensorEntry>, FormatError> {
     read_header_prefix(file, bytes, bytes.len() as u64)
 }
 
-/// Like [`read_header`], for a file of `file_len` bytes of which only a prefix is at hand
+/// Like [`read_safetensors_header`], for a file of `file_len` bytes of which only a prefix is at hand
 /// (`prefix` must hold at least the 8 length bytes and the JSON header); see [`header_len`].
 pub fn read_header_prefix(
     file: &str,
@@ -172,7 +175,7 @@ pub(crate) mod tests {
     }
 
     fn problem(bytes: &[u8]) -> String {
-        read_header("a.safetensors", bytes)
+        read_safetensors_header("a.safetensors", bytes)
             .expect_err("should be rejected")
             .problem
     }
@@ -190,7 +193,7 @@ pub(crate) mod tests {
             ("d", "F64", &[]),
             ("i", "I32", &[2]),
         ]);
-        let tensors = read_header("a.safetensors", &bytes).unwrap();
+        let tensors = read_safetensors_header("a.safetensors", &bytes).unwrap();
         assert_eq!(tensors.len(), 9);
         assert!(!tensors.contains_key("__metadata__"));
         assert_eq!(

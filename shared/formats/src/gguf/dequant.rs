@@ -3,21 +3,22 @@
 
 const BLOCK: usize = 32;
 
-/// Bytes that `elements` values of `ggml_type` take, or `None` for a type Kiln cannot read.
-pub fn byte_size(ggml_type: u32, elements: usize) -> Option<usize> {
+/// Bytes that `elements` values of `ggml_type` take, or `None` for a type Kiln cannot read
+/// (or a size past `usize`).
+pub(crate) fn byte_size(ggml_type: u32, elements: usize) -> Option<usize> {
     let blocks = elements.div_ceil(BLOCK);
-    Some(match ggml_type {
-        0 => elements * 4,
-        1 => elements * 2,
-        2 => blocks * 18,
-        3 => blocks * 20,
-        8 => blocks * 34,
-        _ => return None,
-    })
+    match ggml_type {
+        0 => elements.checked_mul(4),
+        1 => elements.checked_mul(2),
+        2 => blocks.checked_mul(18),
+        3 => blocks.checked_mul(20),
+        8 => blocks.checked_mul(34),
+        _ => None,
+    }
 }
 
 /// IEEE half to single precision.
-pub fn f16_to_f32(bits: u16) -> f32 {
+fn f16_to_f32(bits: u16) -> f32 {
     let sign = ((bits >> 15) as u32) << 31;
     let exp = ((bits >> 10) & 0x1f) as u32;
     let frac = (bits & 0x3ff) as u32;
@@ -41,7 +42,7 @@ fn half(b: &[u8]) -> f32 {
 }
 
 /// The values of `raw` (holding `elements` values of `ggml_type`).
-pub fn dequantize(ggml_type: u32, raw: &[u8], elements: usize) -> Option<Vec<f32>> {
+pub(crate) fn dequantize(ggml_type: u32, raw: &[u8], elements: usize) -> Option<Vec<f32>> {
     if raw.len() != byte_size(ggml_type, elements)? {
         return None;
     }
@@ -87,15 +88,15 @@ pub fn dequantize(ggml_type: u32, raw: &[u8], elements: usize) -> Option<Vec<f32
 /// (2^(bits-1)) leaves over: MatMulNBits computes `(q - 8)·d`, so a Q4_1 block `d·q + m`
 /// needs `m + 8·d` added per block (`offsets`, applied as a small extra MatMul on the block
 /// sums of the input). Q8_0 `d·q` (q signed) maps exactly with `q + 128`.
-pub struct NBits {
-    pub bits: u32,
-    pub packed: Vec<u8>,
-    pub scales: Vec<f32>,
-    pub offsets: Option<Vec<f32>>,
+pub(crate) struct NBits {
+    pub(crate) bits: u32,
+    pub(crate) packed: Vec<u8>,
+    pub(crate) scales: Vec<f32>,
+    pub(crate) offsets: Option<Vec<f32>>,
 }
 
 /// Repacks Q4_1 (4-bit) or Q8_0 (8-bit) blocks; `None` for other types.
-pub fn to_nbits(ggml_type: u32, raw: &[u8]) -> Option<NBits> {
+pub(crate) fn to_nbits(ggml_type: u32, raw: &[u8]) -> Option<NBits> {
     match ggml_type {
         3 => {
             let blocks = raw.len() / 20;

@@ -1,0 +1,313 @@
+//! The PEFT reader's tests: adapter configs and adapters checked against a small llama base.
+
+use super::*;
+use crate::gguf::GgufTensor;
+use crate::safetensors;
+
+fn config(json: &str) -> Result<AdapterConfig, FormatError> {
+    read_adapter_config("adapter_config.json", json.as_bytes())
+}
+
+fn problem(json: &str) -> String {
+    config(json).expect_err("should be rejected").problem
+}
+
+/// Two layers, hidden 8, 2 heads / 1 kv head of 4 (k/v project to 4), ffn 16.
+fn base() -> GgufInfo {
+    let mut tensors = vec![GgufTensor {
+        name: "token_embd.weight".into(),
+        dims: vec![8, 10],
+        ggml_type: 3,
+        offset: 0,
+    }];
+    for i in 0..2 {
+        for (infix, dims) in [
+            ("attn_q", [8, 8]),
+            ("attn_k", [8, 4]),
+            ("attn_v", [8, 4]),
+            ("attn_output", [8, 8]),
+            ("ffn_gate", [8, 16]),
+            ("ffn_up", [8, 16]),
+            ("ffn_down", [16, 8]),
+        ] {
+            tensors.push(GgufTensor {
+                name: format!("blk.{i}.{infix}.weight"),
+                dims: dims.to_vec(),
+                ggml_type: 3,
+                offset: 0,
+            });
+        }
+    }
+    GgufInfo {
+        version: 3,
+        architecture: "llama".into(),
+        block_count: Some(2),
+        embedding_length: Some(8),
+        head_count: Some(2),
+        head_count_kv: Some(1),
+        tensors,
+        ..GgufInfo::default()
+    }
+}
+
+fn lora_config(r: u32, modules: &[&str]) -> AdapterConfig {
+    AdapterConfig {
+        peft_type: "LORA".into(),
+        r,
+        lora_alpha: 16.0,
+        target_modules: modules.iter().map(|m| m.to_string()).collect(),
+        base_model_name_or_path: None,
+    }
+}
+
+fn name(layer: u32, parent: &str, module: &str, half: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.{parent}.{module}.lora_{half}.weight")
+}
+
+/// The tensors of a well-formed r=4 adapter on q_proj, v_proj and down_proj of both layers.
+fn adapter() -> Vec<(String, &'static str, Vec<u64>)> {
+    let mut out = Vec::new();
+    for i in 0..2 {
+        out.push((name(i, "self_attn", "q_proj", "A"), "F32", vec![4, 8]));
+        out.push((name(i, "self_attn", "q_proj", "B"), "F32", vec![8, 4]));
+        out.push((name(i, "self_attn", "v_proj", "A"), "F16", vec![4, 8]));
+        out.push((name(i, "self_attn", "v_proj", "B"), "F16", vec![4, 4]));
+        out.push((name(i, "mlp", "down_proj", "A"), "BF16", vec![4, 16]));
+        out.push((name(i, "mlp", "down_proj", "B"), "BF16", vec![8, 4]));
+    }
+    out
+}
+
+fn header(tensors: &[(String, &str, Vec<u64>)]) -> BTreeMap<String, TensorEntry> {
+    let spec: Vec<(&str, &str, &[u64])> = tensors
+        .iter()
+        .map(|(n, d, s)| (n.as_str(), *d, s.as_slice()))
+        .collect();
+    safetensors::read_safetensors_header(
+        "adapter_model.safetensors",
+        &safetensors::tests::build(&spec),
+    )
+    .unwrap()
+}
+
+fn fits(config: &AdapterConfig, tensors: &[(String, &str, Vec<u64>)]) -> Result<(), FormatError> {
+    check_adapter_fits(
+        config,
+        &header(tensors),
+        &base(),
+        "adapter_model.safetensors",
+    )
+}
+
+fn misfit(config: &AdapterConfig, tensors: &[(String, &str, Vec<u64>)]) -> String {
+    fits(config, tensors).expect_err("should not fit").problem
+}
+
+#[test]
+fn reads_a_real_style_config() {
+    let c = config(
+        r#"{"alpha_pattern": {}, "auto_mapping": null,
+            "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "bias": "none", "fan_in_fan_out": false, "inference_mode": true,
+            "lora_alpha": 32, "lora_dropout": 0.05, "peft_type": "LORA", "r": 16,
+            "target_modules": ["v_proj", "q_proj", "q_proj"], "task_type": "CAUSAL_LM"}"#,
+    )
+    .unwrap();
+    assert_eq!(c.peft_type, "LORA");
+    assert_eq!(c.r, 16);
+    assert_eq!(c.lora_alpha, 32.0);
+    assert_eq!(c.target_modules, vec!["v_proj", "q_proj"]);
+    assert_eq!(
+        c.base_model_name_or_path.as_deref(),
+        Some("HuggingFaceTB/SmolLM2-135M-Instruct")
+    );
+}
+
+#[test]
+fn target_modules_may_be_a_string() {
+    let c = config(r#"{"peft_type": "LORA", "r": 8, "target_modules": "q_proj"}"#).unwrap();
+    assert_eq!(c.target_modules, vec!["q_proj"]);
+    assert_eq!(c.lora_alpha, 8.0);
+    assert_eq!(c.base_model_name_or_path, None);
+    let c = config(r#"{"peft_type": "LORA", "r": 8, "target_modules": ".*\\.(v_proj|q_proj)$"}"#)
+        .unwrap();
+    assert_eq!(c.target_modules, vec!["q_proj", "v_proj"]);
+    let c = config(r#"{"peft_type": "LORA", "r": 8, "target_modules": "all-linear"}"#).unwrap();
+    assert_eq!(c.target_modules.len(), 7);
+    assert!(
+        problem(r#"{"peft_type": "LORA", "r": 8, "target_modules": ".*attn.*"}"#)
+            .contains("names none of the modules")
+    );
+}
+
+#[test]
+fn rejects_bad_configs() {
+    assert!(problem("{").starts_with("invalid JSON: "));
+    assert_eq!(problem("[]"), "the adapter config is not a JSON object");
+    assert_eq!(
+        problem(r#"{"peft_type": "IA3", "r": 8, "target_modules": ["q_proj"]}"#),
+        "peft_type \"IA3\" is not supported; Kiln serves LORA adapters"
+    );
+    assert_eq!(
+        problem(r#"{"r": 8, "target_modules": ["q_proj"]}"#),
+        "missing peft_type"
+    );
+    assert_eq!(
+        problem(r#"{"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}"#),
+        "r = 2 is outside the supported range 4..=64"
+    );
+    assert_eq!(
+        problem(r#"{"peft_type": "LORA", "r": 128, "target_modules": ["q_proj"]}"#),
+        "r = 128 is outside the supported range 4..=64"
+    );
+    assert!(
+        problem(r#"{"peft_type": "LORA", "r": 8.5, "target_modules": ["q_proj"]}"#)
+            .starts_with("r must be a positive integer")
+    );
+    assert_eq!(
+        problem(r#"{"peft_type": "LORA", "r": 8, "target_modules": []}"#),
+        "target_modules is empty"
+    );
+    assert_eq!(
+        problem(r#"{"peft_type": "LORA", "r": 8}"#),
+        "missing target_modules"
+    );
+    assert!(
+        problem(r#"{"peft_type": "LORA", "r": 8, "target_modules": [1]}"#)
+            .contains("must list module names")
+    );
+    assert!(
+        problem(r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 0, "target_modules": ["q_proj"]}"#)
+            .contains("lora_alpha must be positive")
+    );
+    let err = config(r#"{"peft_type": "LORA", "r": 1, "target_modules": ["q_proj"]}"#).unwrap_err();
+    assert!(err.to_string().starts_with("adapter_config.json: r = 1"));
+}
+
+#[test]
+fn a_matching_adapter_fits() {
+    let config = lora_config(4, &["q_proj", "v_proj", "down_proj"]);
+    fits(&config, &adapter()).unwrap();
+    // `.default` before `.weight`, and only some layers.
+    let tensors = vec![
+        (
+            "base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight".to_string(),
+            "F32",
+            vec![4, 8],
+        ),
+        (
+            "base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight".to_string(),
+            "F32",
+            vec![8, 4],
+        ),
+    ];
+    fits(&config, &tensors).unwrap();
+}
+
+#[test]
+fn shape_mismatches_name_the_tensor_and_shapes() {
+    let config = lora_config(4, &["q_proj", "v_proj", "down_proj"]);
+    let mut tensors = adapter();
+    // v_proj's lora_B written for a full-width (non-GQA) value projection.
+    tensors[3].2 = vec![8, 4];
+    assert_eq!(
+        misfit(&config, &tensors),
+        "tensor \"base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight\" has shape \
+         [8, 4]; expected [4, 4] (r = 4, blk.0.attn_v.weight is 8 in × 4 out)"
+    );
+    // The config says r = 8 but the tensors are rank 4.
+    let p = misfit(
+        &lora_config(8, &["q_proj", "v_proj", "down_proj"]),
+        &adapter(),
+    );
+    assert!(
+        p.contains("has shape [4, 16]; expected [8, 16]") || p.contains("expected [8, 8]"),
+        "{p}"
+    );
+    // lora_A transposed.
+    let mut tensors = adapter();
+    tensors[4].2 = vec![16, 4];
+    let p = misfit(&config, &tensors);
+    assert!(
+        p.contains("mlp.down_proj.lora_A.weight\" has shape [16, 4]; expected [4, 16]"),
+        "{p}"
+    );
+}
+
+#[test]
+fn rejects_modules_the_base_lacks() {
+    let config = lora_config(4, &["q_proj", "lm_head"]);
+    assert!(
+        misfit(&config, &adapter()).starts_with("target module \"lm_head\" has no counterpart")
+    );
+    let mut no_gate = base();
+    no_gate.tensors.retain(|t| !t.name.contains("ffn_gate"));
+    let err = check_adapter_fits(
+        &lora_config(4, &["gate_proj"]),
+        &header(&adapter()),
+        &no_gate,
+        "a.safetensors",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.problem,
+        "target module \"gate_proj\" is not in the base model (it has no blk.0.ffn_gate.weight)"
+    );
+}
+
+#[test]
+fn rejects_tensors_that_do_not_belong() {
+    let config = lora_config(4, &["q_proj", "v_proj", "down_proj"]);
+    // A layer the base does not have.
+    let mut tensors = adapter();
+    tensors.push((name(2, "self_attn", "q_proj", "A"), "F32", vec![4, 8]));
+    assert!(misfit(&config, &tensors).contains("is for layer 2 but the base model has 2 layers"));
+    // A module outside target_modules.
+    let tensors = adapter();
+    let p = misfit(&lora_config(4, &["q_proj", "v_proj"]), &tensors);
+    assert!(
+        p.contains("adapts down_proj, which is not in target_modules"),
+        "{p}"
+    );
+    // Not a LoRA tensor at all.
+    let mut tensors = adapter();
+    tensors.push(("base_model.model.lm_head.weight".into(), "F32", vec![10, 8]));
+    assert!(misfit(&config, &tensors).contains("is not a LoRA weight Kiln can apply"));
+    // Wrong parent.
+    let tensors = vec![
+        (name(0, "mlp", "q_proj", "A"), "F32", vec![4, 8]),
+        (name(0, "mlp", "q_proj", "B"), "F32", vec![8, 4]),
+    ];
+    assert!(
+        misfit(&config, &tensors).contains("puts q_proj under \"mlp\"; expected \"self_attn\"")
+    );
+    // Integer weights.
+    let mut tensors = adapter();
+    tensors[0].1 = "I8";
+    assert!(misfit(&config, &tensors).contains("has dtype I8"));
+}
+
+#[test]
+fn requires_complete_pairs_and_some_tensors() {
+    let config = lora_config(4, &["q_proj", "v_proj", "down_proj"]);
+    assert_eq!(misfit(&config, &[]), "the adapter has no LoRA tensors");
+    let mut tensors = adapter();
+    tensors.retain(|(n, _, _)| n != &name(1, "mlp", "down_proj", "B"));
+    assert_eq!(
+        misfit(&config, &tensors),
+        "tensor \"base_model.model.model.layers.1.mlp.down_proj.lora_A.weight\" has no \
+         matching lora_B"
+    );
+    let mut tensors = adapter();
+    tensors.retain(|(n, _, _)| n != &name(0, "self_attn", "q_proj", "A"));
+    assert!(misfit(&config, &tensors).contains("has no matching lora_A"));
+}
+
+#[test]
+fn needs_block_count() {
+    let mut b = base();
+    b.block_count = None;
+    let err =
+        check_adapter_fits(&lora_config(4, &["q_proj"]), &header(&adapter()), &b, "a").unwrap_err();
+    assert!(err.problem.contains("no block_count"));
+}
