@@ -78,6 +78,7 @@ pub enum List {
 
 #[derive(Debug, Subcommand)]
 pub enum Update {
+    /// Change an account (default: the current one).
     Account {
         account_id: Option<String>,
         #[arg(long)]
@@ -88,6 +89,7 @@ pub enum Update {
         #[arg(long)]
         suspend_state: Option<String>,
     },
+    /// Change a user.
     User {
         user_id: String,
         #[arg(long)]
@@ -101,12 +103,11 @@ pub enum Update {
 
 #[derive(Debug, Subcommand)]
 pub enum Delete {
-    Account {
-        account_id: String,
-    },
-    User {
-        user_id: String,
-    },
+    /// Delete an account.
+    Account { account_id: String },
+    /// Delete a user.
+    User { user_id: String },
+    /// Delete one of a user's API keys.
     ApiKey {
         key_id: String,
         #[arg(long)]

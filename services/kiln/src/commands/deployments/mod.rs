@@ -55,9 +55,8 @@ pub enum Update {
 pub enum Delete {
     /// Delete a deployment (soft: `kiln undelete deployment` restores it; --hard: for good).
     Deployment(DeleteDeploymentArgs),
-    DeployedModel {
-        deployed_model: String,
-    },
+    /// Undeploy a deployed model.
+    DeployedModel { deployed_model: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -78,6 +78,7 @@ pub enum List {
 
 #[derive(Debug, Subcommand)]
 pub enum Update {
+    /// Change a model (an ID in the account, or a full name).
     Model {
         model: String,
         #[arg(long)]
@@ -88,6 +89,7 @@ pub enum Update {
         #[arg(long)]
         public: Option<bool>,
     },
+    /// Change a dataset.
     Dataset {
         dataset: String,
         #[arg(long)]
@@ -97,7 +99,9 @@ pub enum Update {
 
 #[derive(Debug, Subcommand)]
 pub enum Delete {
+    /// Delete a model (refused while it is deployed).
     Model { model: String },
+    /// Delete a dataset.
     Dataset { dataset: String },
 }
 
