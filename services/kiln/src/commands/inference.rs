@@ -7,8 +7,7 @@ use clap::Args;
 use futures::StreamExt;
 use kiln_proto::kiln_inference::v1 as infv1;
 
-use crate::cli::{Authed, Client};
-use crate::output::Format;
+use crate::client::{Authed, Client, Format, Printable, print_list};
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
@@ -42,14 +41,33 @@ pub struct EmbedArgs {
     pub truncate: bool,
 }
 
-fn client(client: &Client) -> infv1::inference_service_client::InferenceServiceClient<Authed> {
+fn inference(client: &Client) -> infv1::inference_service_client::InferenceServiceClient<Authed> {
     infv1::inference_service_client::InferenceServiceClient::new(client.authed())
         .max_decoding_message_size(64 << 20)
 }
 
+/// One row per input: its size and first values (`-o json` prints every value).
+impl Printable for infv1::Embedding {
+    const PROTO_NAME: &'static str = "kiln.inference.v1.Embedding";
+    const HEADERS: &'static [&'static str] = &["INDEX", "DIMENSIONS", "FIRST VALUES"];
+    fn row(&self) -> Vec<String> {
+        let head: Vec<String> = self
+            .embedding
+            .iter()
+            .take(4)
+            .map(|v| format!("{v:.4}"))
+            .collect();
+        vec![
+            self.index.to_string(),
+            self.embedding.len().to_string(),
+            format!("{} ...", head.join(" ")),
+        ]
+    }
+}
+
 /// Streams one answer to stdout; returns its text.
 async fn answer(
-    c: &Client,
+    client: &Client,
     args: &ChatArgs,
     model: &str,
     messages: &[infv1::ChatMessage],
@@ -62,7 +80,7 @@ async fn answer(
         seed: args.seed,
         ..Default::default()
     };
-    let mut stream = client(c)
+    let mut stream = inference(client)
         .stream_chat_completion(request)
         .await?
         .into_inner();
@@ -86,8 +104,8 @@ async fn answer(
     Ok(text)
 }
 
-pub async fn chat(c: &Client, args: ChatArgs) -> anyhow::Result<()> {
-    let model = crate::registry_cli::full_name(c, "models", &args.model).await?;
+pub(crate) async fn chat(client: &Client, args: ChatArgs) -> anyhow::Result<()> {
+    let model = client.full_name("models", &args.model).await?;
     let message = |role: &str, content: String| infv1::ChatMessage {
         role: role.into(),
         content,
@@ -99,7 +117,7 @@ pub async fn chat(c: &Client, args: ChatArgs) -> anyhow::Result<()> {
     }
     if let Some(text) = &args.message {
         messages.push(message("user", text.clone()));
-        answer(c, &args, &model, &messages).await?;
+        answer(client, &args, &model, &messages).await?;
         return Ok(());
     }
     eprintln!("Chatting with {model}; an empty line or Ctrl-D ends.");
@@ -111,42 +129,38 @@ pub async fn chat(c: &Client, args: ChatArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         messages.push(message("user", line.trim_end().to_owned()));
-        let reply = answer(c, &args, &model, &messages).await?;
+        let reply = answer(client, &args, &model, &messages).await?;
         messages.push(message("assistant", reply));
     }
 }
 
-pub async fn embed(c: &Client, format: Format, args: EmbedArgs) -> anyhow::Result<()> {
-    let model = crate::registry_cli::full_name(c, "models", &args.model).await?;
-    let response = client(c)
+pub(crate) async fn embed(client: &Client, format: Format, args: EmbedArgs) -> anyhow::Result<()> {
+    let response = inference(client)
         .create_embeddings(infv1::CreateEmbeddingsRequest {
-            model,
-            input: args.input.clone(),
+            model: client.full_name("models", &args.model).await?,
+            input: args.input,
             truncate: args.truncate,
             ..Default::default()
         })
         .await?
         .into_inner();
-    // One row per input: its size and first values (-o json prints every value).
-    crate::cli::print(
-        format,
-        "kiln.inference.v1.Embedding",
-        &response.data,
-        &["INDEX", "DIMENSIONS", "FIRST VALUES"],
-        |e: &infv1::Embedding| {
-            let head: Vec<String> = e
-                .embedding
-                .iter()
-                .take(4)
-                .map(|v| format!("{v:.4}"))
-                .collect();
-            vec![
-                e.index.to_string(),
-                e.embedding.len().to_string(),
-                format!("{} ...", head.join(" ")),
-            ]
-        },
-        false,
-    );
+    print_list(format, &response.data);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::to_json;
+
+    #[test]
+    fn embeddings_print_their_head() {
+        let e = infv1::Embedding {
+            index: 1,
+            embedding: vec![0.5, -0.25, 1.0, 2.0, 3.0],
+            ..Default::default()
+        };
+        assert_eq!(e.row(), ["1", "5", "0.5000 -0.2500 1.0000 2.0000 ..."]);
+        assert_eq!(to_json(infv1::Embedding::PROTO_NAME, &e)["index"], 1);
+    }
 }

@@ -1,0 +1,213 @@
+//! How deployments, deployed models and nodes print.
+
+use kiln_proto::common::v1 as commonv1;
+use kiln_proto::scheduler::v1 as schv1;
+
+use crate::client::{Printable, enum_name, time, yes_no};
+
+pub(super) fn status_message(status: &Option<commonv1::Status>) -> &str {
+    status.as_ref().map(|s| s.message.as_str()).unwrap_or("")
+}
+
+pub(super) fn ready_replicas(d: &schv1::Deployment) -> i32 {
+    d.replica_stats
+        .as_ref()
+        .map(|s| s.ready_replica_count)
+        .unwrap_or(0)
+}
+
+/// `2×NVIDIA_H100_80GB` (just the type when the count is unset).
+fn accelerator_text(accelerator_type: i32, count: i32) -> String {
+    let name = enum_name(accelerator_type, commonv1::AcceleratorType::as_str_name);
+    if count > 0 {
+        format!("{count}×{name}")
+    } else {
+        name
+    }
+}
+
+impl Printable for schv1::Deployment {
+    const PROTO_NAME: &'static str = "kiln.scheduler.v1.Deployment";
+    const HEADERS: &'static [&'static str] = &[
+        "NAME",
+        "STATE",
+        "MODEL",
+        "TYPE",
+        "ACCELERATOR",
+        "READY",
+        "STATUS",
+    ];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            enum_name(self.state, schv1::deployment::State::as_str_name),
+            self.base_model.clone(),
+            enum_name(
+                self.deployment_type,
+                schv1::deployment::DeploymentType::as_str_name,
+            ),
+            accelerator_text(self.accelerator_type, self.accelerator_count),
+            format!("{}/{}", ready_replicas(self), self.desired_replica_count),
+            status_message(&self.status).to_owned(),
+        ]
+    }
+}
+
+impl Printable for schv1::DeployedModel {
+    const PROTO_NAME: &'static str = "kiln.scheduler.v1.DeployedModel";
+    const HEADERS: &'static [&'static str] = &[
+        "NAME",
+        "STATE",
+        "MODEL",
+        "DEPLOYMENT",
+        "DEFAULT",
+        "PUBLIC",
+        "STATUS",
+    ];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            enum_name(self.state, schv1::deployed_model::State::as_str_name),
+            self.model.clone(),
+            self.deployment.clone(),
+            yes_no(self.default),
+            yes_no(self.public),
+            status_message(&self.status).to_owned(),
+        ]
+    }
+}
+
+impl Printable for schv1::Node {
+    const PROTO_NAME: &'static str = "kiln.scheduler.v1.Node";
+    const HEADERS: &'static [&'static str] = &[
+        "NAME",
+        "STATE",
+        "ADDRESS",
+        "ACCELERATORS",
+        "REPLICAS",
+        "LAST HEARTBEAT",
+    ];
+    fn row(&self) -> Vec<String> {
+        let accelerators: Vec<String> = self
+            .accelerators
+            .iter()
+            .map(|a| accelerator_text(a.r#type, a.count))
+            .collect();
+        vec![
+            self.name.clone(),
+            enum_name(self.state, schv1::node::State::as_str_name),
+            self.address.clone(),
+            if accelerators.is_empty() {
+                "-".to_owned()
+            } else {
+                accelerators.join(", ")
+            },
+            self.replicas.len().to_string(),
+            time(&self.last_heartbeat_time),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::to_json;
+
+    #[test]
+    fn tables_show_what_matters() {
+        let d = schv1::Deployment {
+            name: "accounts/a/deployments/d".into(),
+            state: schv1::deployment::State::Ready as i32,
+            desired_replica_count: 2,
+            replica_stats: Some(schv1::ReplicaStats {
+                ready_replica_count: 1,
+                ..Default::default()
+            }),
+            base_model: "accounts/kiln/models/m".into(),
+            deployment_type: schv1::deployment::DeploymentType::Dedicated as i32,
+            accelerator_type: commonv1::AcceleratorType::NvidiaH10080gb as i32,
+            accelerator_count: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            d.row(),
+            [
+                "accounts/a/deployments/d",
+                "READY",
+                "accounts/kiln/models/m",
+                "DEDICATED",
+                "2×NVIDIA_H100_80GB",
+                "1/2",
+                ""
+            ]
+        );
+        let node = schv1::Node {
+            name: "nodes/n1".into(),
+            state: schv1::node::State::Ready as i32,
+            address: "http://10.0.0.5:7443".into(),
+            accelerators: vec![
+                schv1::Accelerator {
+                    r#type: commonv1::AcceleratorType::NvidiaH10080gb as i32,
+                    count: 2,
+                    memory_bytes: 80 << 30,
+                },
+                schv1::Accelerator {
+                    r#type: commonv1::AcceleratorType::Cpu as i32,
+                    count: 16,
+                    memory_bytes: 64 << 30,
+                },
+            ],
+            replicas: vec![schv1::Replica::default()],
+            last_heartbeat_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            node.row(),
+            [
+                "nodes/n1",
+                "READY",
+                "http://10.0.0.5:7443",
+                "2×NVIDIA_H100_80GB, 16×CPU",
+                "1",
+                "2023-11-14T22:13:20Z"
+            ]
+        );
+        let empty = schv1::Node::default();
+        assert_eq!(empty.row()[3], "-");
+        let m = schv1::DeployedModel {
+            default: true,
+            ..Default::default()
+        };
+        assert_eq!(m.row()[4..6], ["yes", "no"]);
+    }
+
+    #[test]
+    fn json_covers_scheduler_messages() {
+        let d = schv1::Deployment {
+            name: "accounts/a/deployments/d".into(),
+            state: schv1::deployment::State::Ready as i32,
+            replica_stats: Some(schv1::ReplicaStats {
+                ready_replica_count: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let json = to_json(schv1::Deployment::PROTO_NAME, &d);
+        assert_eq!(json["name"], "accounts/a/deployments/d");
+        assert_eq!(json["state"], "READY");
+        assert_eq!(json["replica_stats"]["ready_replica_count"], 1);
+        let m = schv1::DeployedModel {
+            default: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            to_json(schv1::DeployedModel::PROTO_NAME, &m)["default"],
+            true
+        );
+        let n = to_json(schv1::Node::PROTO_NAME, &schv1::Node::default());
+        assert!(n["accelerators"].as_array().is_some_and(|a| a.is_empty()));
+    }
+}

@@ -1,0 +1,10 @@
+//! The client commands, one module per resource group: each holds its part of the clap tree
+//! (the resources under each verb) beside the handlers. `crate::cli` puts the groups under
+//! the verbs and dispatches to them.
+
+pub(crate) mod accounts;
+pub(crate) mod deployments;
+mod flags;
+pub(crate) mod inference;
+pub(crate) mod models;
+pub(crate) mod usage;
