@@ -4,7 +4,6 @@
 
 pub mod config;
 mod db;
-mod error;
 mod grpc;
 mod ledger;
 pub mod prices;
@@ -18,7 +17,7 @@ mod usage;
 use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 
-pub use error::{Error, Result};
+pub use kiln_core::{Error, Result};
 pub use service::Billing;
 
 /// Opens billing's database (migrating it), starts its outbox relay, its ledger consumer
@@ -30,7 +29,7 @@ pub async fn open(
 ) -> Result<Billing> {
     if server.database_url.is_none() {
         std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-            Error::Startup(format!(
+            Error::Internal(format!(
                 "cannot create data dir {}: {e}",
                 server.data_dir.display()
             ))

@@ -1,7 +1,7 @@
 //! The quota rules, apart from where quotas are stored: which quotas there are and their
 //! names, units and defaults, what an update may set, and what a check answers.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::names::SYSTEM_ACCOUNT;
 use kiln_proto::billing::v1::{CheckQuotaResponse, Quota};
 use kiln_proto::common::v1::AcceleratorType;
@@ -114,13 +114,13 @@ pub(crate) fn parse_quota_name(
     field: &str,
     name: &str,
     account: Option<&str>,
-) -> Result<(String, QuotaKind), ApiError> {
+) -> Result<(String, QuotaKind), Error> {
     let parts: Vec<&str> = name.split('/').collect();
     let (account, id) = match (parts.as_slice(), account) {
         (["accounts", a, "quotas", q], _) => (a.to_string(), *q),
         ([q], Some(account)) => (account.to_owned(), *q),
         _ => {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 field,
                 format!("{name:?} is not a quota name (accounts/{{account}}/quotas/{{quota}})"),
             ));
@@ -128,7 +128,7 @@ pub(crate) fn parse_quota_name(
     };
     kiln_core::names::validate_id(field, &account)?;
     let kind = QuotaKind::parse(id).ok_or_else(|| {
-        ApiError::invalid(
+        Error::invalid(
             field,
             format!(
                 "{id:?} is not a quota; quotas: {}",
@@ -151,19 +151,19 @@ pub(crate) fn updated_limits(
     quota: &Quota,
     paths: &[String],
     admin: bool,
-) -> Result<Limits, ApiError> {
+) -> Result<Limits, Error> {
     let mut after = before;
     for path in paths {
         match path.as_str() {
             "value" => after.value = quota.value,
             "max_value" if admin => after.max_value = quota.max_value,
             "max_value" => {
-                return Err(ApiError::PermissionDenied(
+                return Err(Error::PermissionDenied(
                     "only a platform admin changes a quota's max_value".into(),
                 ));
             }
             other => {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     "update_mask",
                     format!("{other:?} is not an updatable field; fields: value, max_value"),
                 ));
@@ -171,14 +171,14 @@ pub(crate) fn updated_limits(
         }
     }
     if after.value < 0 {
-        return Err(ApiError::invalid("quota.value", "must not be negative"));
+        return Err(Error::invalid("quota.value", "must not be negative"));
     }
     if after.max_value < 0 {
-        return Err(ApiError::invalid("quota.max_value", "must not be negative"));
+        return Err(Error::invalid("quota.max_value", "must not be negative"));
     }
     if after.value > after.max_value {
         if !admin {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "quota.value",
                 format!(
                     "{} is above this quota's max_value {}; ask a platform admin to raise it",
@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(account, "acme");
         let bare = parse_quota_name("name", "fine-tuning-jobs", None);
         assert!(
-            matches!(&bare, Err(ApiError::InvalidArgument { reason, .. }) if reason.contains("not a quota name")),
+            matches!(&bare, Err(Error::InvalidArgument { reason, .. }) if reason.contains("not a quota name")),
             "{bare:?}"
         );
         for bad in [
@@ -292,10 +292,7 @@ mod tests {
             parse_quota_name("name", "accounts/Acme!/quotas/deployments", None),
             parse_quota_name("name", "accounts/acme/deployments/d", None),
         ] {
-            assert!(
-                matches!(bad, Err(ApiError::InvalidArgument { .. })),
-                "{bad:?}"
-            );
+            assert!(matches!(bad, Err(Error::InvalidArgument { .. })), "{bad:?}");
         }
     }
 
@@ -334,16 +331,16 @@ mod tests {
         );
         let above = updated_limits(before, &asking(11, 0), &value, false);
         assert!(
-            matches!(&above, Err(ApiError::InvalidArgument { field, .. }) if field == "quota.value"),
+            matches!(&above, Err(Error::InvalidArgument { field, .. }) if field == "quota.value"),
             "{above:?}"
         );
         let max = updated_limits(before, &asking(5, 20), &paths(&["max_value"]), false);
-        assert!(matches!(max, Err(ApiError::PermissionDenied(_))), "{max:?}");
+        assert!(matches!(max, Err(Error::PermissionDenied(_))), "{max:?}");
         let negative = updated_limits(before, &asking(-1, 0), &value, false);
-        assert!(matches!(negative, Err(ApiError::InvalidArgument { .. })));
+        assert!(matches!(negative, Err(Error::InvalidArgument { .. })));
         let unknown = updated_limits(before, &asking(1, 1), &paths(&["unit"]), false);
         assert!(
-            matches!(&unknown, Err(ApiError::InvalidArgument { field, .. }) if field == "update_mask"),
+            matches!(&unknown, Err(Error::InvalidArgument { field, .. }) if field == "update_mask"),
             "{unknown:?}"
         );
     }
@@ -372,7 +369,7 @@ mod tests {
         );
         let negative = updated_limits(before, &asking(5, -1), &paths(&["max_value"]), true);
         assert!(
-            matches!(&negative, Err(ApiError::InvalidArgument { field, .. }) if field == "quota.max_value"),
+            matches!(&negative, Err(Error::InvalidArgument { field, .. }) if field == "quota.max_value"),
             "{negative:?}"
         );
     }

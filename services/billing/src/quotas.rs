@@ -4,7 +4,7 @@
 //! accelerator type, the most its autoscaler can reach, so scaling within it never exceeds
 //! the quota), the ledger (requests and tokens of the last minute, the month's spend).
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_core::names::{AccountName, SYSTEM_ACCOUNT};
 use kiln_core::page::{Page, mask_paths, parse_filter, parse_order_by};
@@ -17,11 +17,11 @@ use kiln_store::listing::Listing;
 use sea_orm::ConnectionTrait;
 
 use crate::db::{begin_write, execute, first_int, int, query};
-use crate::error::Result;
 use crate::ledger::deployments::{accelerators_held, active_deployments};
 use crate::ledger::suspension::suspend_state;
 use crate::quota_rules::{Limits, QuotaKind, check, parse_quota_name, updated_limits};
 use crate::service::{Billing, SOURCE};
+use kiln_core::Result;
 
 impl Billing {
     /// The limits of `kind` for `account`: stored, else the defaults.
@@ -138,7 +138,7 @@ impl Billing {
     pub(crate) async fn get_quota(&self, caller: &Principal, name: &str) -> Result<Quota> {
         let (account, kind) = parse_quota_name("name", name, Some(&caller.account))?;
         if !caller.can_access(&account) {
-            return Err(ApiError::not_found(name).into());
+            return Err(Error::not_found(name));
         }
         self.quota_resource(self.db(), &account, &kind).await
     }
@@ -226,7 +226,7 @@ impl Billing {
     ) -> Result<Quota> {
         let (account, kind) = parse_quota_name("quota.name", &quota.name, Some(&caller.account))?;
         if !caller.can_access(&account) {
-            return Err(ApiError::not_found(&quota.name).into());
+            return Err(Error::not_found(&quota.name));
         }
         let mut paths = mask_paths(update_mask);
         if paths.is_empty() {
@@ -287,14 +287,14 @@ impl Billing {
         if !caller.has(kiln_core::auth::Role::Service)
             && !caller.has(kiln_core::auth::Role::PlatformAdmin)
         {
-            return Err(
-                ApiError::PermissionDenied("CheckQuota is for Kiln services".into()).into(),
-            );
+            return Err(Error::PermissionDenied(
+                "CheckQuota is for Kiln services".into(),
+            ));
         }
         let account = AccountName::parse("account", account)?.account;
         let (_, kind) = parse_quota_name("quota", quota, Some(&account))?;
         if !requested.is_finite() || requested < 0.0 {
-            return Err(ApiError::invalid("requested", "must be a non-negative number").into());
+            return Err(Error::invalid("requested", "must be a non-negative number"));
         }
         let resource = self.quota_resource(self.db(), &account, &kind).await?;
         // The system account is never suspended.

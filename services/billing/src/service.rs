@@ -36,7 +36,7 @@ impl Billing {
     ) -> crate::Result<Self> {
         let prices = config
             .prices()
-            .map_err(|e| crate::Error::Startup(e.to_string()))?;
+            .map_err(|e| crate::Error::Internal(e.to_string()))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,

@@ -3,9 +3,9 @@
 //! asked for are merged from those. Running dedicated replicas count up to now, not only up
 //! to their last accrual.
 
+use kiln_core::Error;
 use std::collections::BTreeMap;
 
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::names::AccountName;
 use kiln_core::page::parse_filter;
@@ -15,10 +15,10 @@ use kiln_proto::billing::v1::{GetUsageRequest, GetUsageResponse, UsageRow};
 use kiln_proto::common::v1::AcceleratorType;
 
 use crate::db::{int, query};
-use crate::error::Result;
 use crate::ledger::entry::Entry;
 use crate::ledger::replicas::open_replicas;
 use crate::service::Billing;
+use kiln_core::Result;
 
 /// Sums at the finest grain.
 #[derive(Debug, Clone, Default)]
@@ -116,17 +116,16 @@ impl Billing {
             .map(timestamp_to_micros)
             .unwrap_or(now);
         if end <= start {
-            return Err(ApiError::invalid("end_time", "must be after start_time").into());
+            return Err(Error::invalid("end_time", "must be after start_time"));
         }
         let mut group_by = Vec::new();
         for (i, g) in request.group_by.iter().enumerate() {
             match GroupBy::try_from(*g) {
                 Ok(GroupBy::Unspecified) | Err(_) => {
-                    return Err(ApiError::invalid(
+                    return Err(Error::invalid(
                         format!("group_by[{i}]"),
                         "must be MODEL, DEPLOYMENT, DAY, ACCELERATOR_TYPE or DEPLOYED_MODEL",
-                    )
-                    .into());
+                    ));
                 }
                 Ok(g) if !group_by.contains(&g) => group_by.push(g),
                 Ok(_) => {}

@@ -15,7 +15,7 @@ use object_store::{ObjectStore, WriteMultipart};
 use tokio::io::AsyncReadExt;
 
 use crate::config::RegistryConfig;
-use crate::error::{Error, Result};
+use kiln_core::{Error, Result};
 
 /// The bytes behind models and datasets.
 #[derive(Clone)]
@@ -33,7 +33,8 @@ impl Artifacts {
         if config.object_store_url.is_empty() {
             let root = data_dir.join("objects");
             std::fs::create_dir_all(&root)?;
-            let store = object_store::local::LocalFileSystem::new_with_prefix(&root)?;
+            let store =
+                object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(objects)?;
             Ok(Self {
                 store: Arc::new(store),
                 local_root: Some(root),
@@ -54,7 +55,7 @@ impl Artifacts {
                     .with_access_key_id(config.s3_access_key_id.clone())
                     .with_secret_access_key(config.s3_secret_access_key.clone());
             }
-            let store = builder.build()?;
+            let store = builder.build().map_err(objects)?;
             Ok(Self {
                 store: Arc::new(store),
                 local_root: None,
@@ -117,7 +118,11 @@ impl Artifacts {
                 tokio::fs::rename(&staged, &target).await?;
             }
             None => {
-                let upload = self.store.put_multipart(&ObjectPath::from(key)).await?;
+                let upload = self
+                    .store
+                    .put_multipart(&ObjectPath::from(key))
+                    .await
+                    .map_err(objects)?;
                 let mut writer = WriteMultipart::new(upload);
                 let mut file = tokio::fs::File::open(&staged).await?;
                 let mut buf = vec![0u8; 8 << 20];
@@ -126,10 +131,10 @@ impl Artifacts {
                     if n == 0 {
                         break;
                     }
-                    writer.wait_for_capacity(4).await?;
+                    writer.wait_for_capacity(4).await.map_err(objects)?;
                     writer.write(&buf[..n]);
                 }
-                writer.finish().await?;
+                writer.finish().await.map_err(objects)?;
                 tokio::fs::remove_file(&staged).await?;
             }
         }
@@ -138,28 +143,36 @@ impl Artifacts {
 
     /// Stores small bytes directly (manifests, copies).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
-        self.store.put(&ObjectPath::from(key), bytes.into()).await?;
+        self.store
+            .put(&ObjectPath::from(key), bytes.into())
+            .await
+            .map_err(objects)?;
         Ok(())
     }
 
     pub async fn copy(&self, from: &str, to: &str) -> Result<()> {
         self.store
             .copy(&ObjectPath::from(from), &ObjectPath::from(to))
-            .await?;
+            .await
+            .map_err(objects)?;
         Ok(())
     }
 
     pub async fn read_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
-        Ok(self.store.get_range(&ObjectPath::from(key), range).await?)
+        self.store
+            .get_range(&ObjectPath::from(key), range)
+            .await
+            .map_err(objects)
     }
 
     pub async fn read_all(&self, key: &str) -> Result<Bytes> {
-        Ok(self
-            .store
+        self.store
             .get(&ObjectPath::from(key))
-            .await?
+            .await
+            .map_err(objects)?
             .bytes()
-            .await?)
+            .await
+            .map_err(objects)
     }
 
     /// Streams `range` of an object in pieces of at most `chunk` bytes.
@@ -173,7 +186,11 @@ impl Artifacts {
             range: Some(object_store::GetRange::Bounded(range)),
             ..Default::default()
         };
-        let result = self.store.get_opts(&ObjectPath::from(key), options).await?;
+        let result = self
+            .store
+            .get_opts(&ObjectPath::from(key), options)
+            .await
+            .map_err(objects)?;
         Ok(result
             .into_stream()
             .flat_map(move |piece| {
@@ -182,7 +199,7 @@ impl Artifacts {
                         .step_by(chunk)
                         .map(|start| Ok(bytes.slice(start..(start + chunk).min(bytes.len()))))
                         .collect(),
-                    Err(e) => vec![Err(Error::from(e))],
+                    Err(e) => vec![Err(objects(e))],
                 };
                 futures::stream::iter(pieces)
             })
@@ -194,10 +211,15 @@ impl Artifacts {
         let path = ObjectPath::from(prefix);
         let mut listing = self.store.list(Some(&path));
         while let Some(meta) = listing.next().await {
-            let meta = meta?;
-            self.store.delete(&meta.location).await?;
+            let meta = meta.map_err(objects)?;
+            self.store.delete(&meta.location).await.map_err(objects)?;
         }
         let _ = tokio::fs::remove_dir_all(self.staging.join(prefix)).await;
         Ok(())
     }
+}
+
+/// An object store failure: internal (its text names buckets and paths).
+fn objects(err: object_store::Error) -> Error {
+    Error::internal("object store", err)
 }

@@ -2,7 +2,6 @@
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names::{self, ChildName};
@@ -19,11 +18,11 @@ use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::dataset as datasets;
 use crate::download::{byte_range, stream_object};
-use crate::error::{Error, Result};
 use crate::service::{Registry, validate_sha256};
 use crate::uploads::FileUpload;
 use kiln_core::names::validate_display_name;
 use kiln_core::page::mask_paths;
+use kiln_core::{Error, Result};
 
 fn dataset_key(account: &str, id: &str) -> String {
     format!("datasets/{account}/{id}/data.jsonl")
@@ -41,9 +40,9 @@ impl Registry {
         let row = datasets::Entity::find_by_id((name.account.clone(), name.id.clone()))
             .one(self.db())
             .await?
-            .ok_or_else(|| ApiError::not_found(&name))?;
+            .ok_or_else(|| Error::not_found(&name))?;
         let dataset = Dataset::decode(row.resource.as_slice())
-            .map_err(|e| ApiError::Internal(format!("stored dataset does not decode: {e}")))?;
+            .map_err(|e| Error::Internal(format!("stored dataset does not decode: {e}")))?;
         Ok((name, dataset))
     }
 
@@ -84,7 +83,7 @@ impl Registry {
                 Ok(_) => {}
                 Err(err) if kiln_store::is_unique_violation(&err) => {
                     txn.rollback().await?;
-                    return Err(ApiError::already_exists(&name).into());
+                    return Err(Error::already_exists(&name));
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -111,9 +110,10 @@ impl Registry {
         if dataset::Format::try_from(dataset.format).unwrap_or(dataset::Format::Unspecified)
             == dataset::Format::Unspecified
         {
-            return Err(
-                ApiError::invalid("dataset.format", "is required: CHAT or COMPLETION").into(),
-            );
+            return Err(Error::invalid(
+                "dataset.format",
+                "is required: CHAT or COMPLETION",
+            ));
         }
         let now = micros_to_timestamp(now_micros());
         let created = Dataset {
@@ -166,9 +166,8 @@ impl Registry {
         let mut out = Vec::with_capacity(page.items.len());
         for row in page.items {
             out.push(
-                Dataset::decode(row.resource.as_slice()).map_err(|e| {
-                    ApiError::Internal(format!("stored dataset does not decode: {e}"))
-                })?,
+                Dataset::decode(row.resource.as_slice())
+                    .map_err(|e| Error::Internal(format!("stored dataset does not decode: {e}")))?,
             );
         }
         Ok(Listing {
@@ -199,11 +198,12 @@ impl Registry {
                     dataset.display_name = update.display_name.clone();
                 }
                 other => {
-                    return Err(ApiError::invalid(
+                    return Err(Error::invalid(
                         "update_mask",
-                        format!("{other:?} is not updatable: a dataset's content is immutable; only display_name changes"),
-                    )
-                    .into());
+                        format!(
+                            "{other:?} is not updatable: a dataset's content is immutable; only display_name changes"
+                        ),
+                    ));
                 }
             }
         }
@@ -255,32 +255,33 @@ impl Registry {
         let first = stream
             .next()
             .await
-            .ok_or_else(|| ApiError::invalid("header", "the stream is empty"))?
-            .map_err(|s| ApiError::Unavailable(format!("upload stream broke: {}", s.message())))?;
+            .ok_or_else(|| Error::invalid("header", "the stream is empty"))?
+            .map_err(|s| Error::Unavailable(format!("upload stream broke: {}", s.message())))?;
         let Some(upload_dataset_request::Payload::Header(header)) = first.payload else {
-            return Err(ApiError::invalid("header", "the first message must be a header").into());
+            return Err(Error::invalid(
+                "header",
+                "the first message must be a header",
+            ));
         };
         let (name, mut dataset) = self
             .stored_dataset(caller, "header.dataset", &header.dataset)
             .await?;
         if dataset.state == dataset::State::Ready as i32 {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{} is READY and immutable; create a new dataset",
                 dataset.name
-            ))
-            .into());
+            )));
         }
         validate_sha256("header.sha256", &header.sha256)?;
         let max = self.config().max_dataset_bytes;
         if header.size_bytes <= 0 || header.size_bytes as u64 > max {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "header.size_bytes",
                 format!(
                     "{} is outside 1..={max} (registry.max_dataset_bytes)",
                     header.size_bytes
                 ),
-            )
-            .into());
+            ));
         }
         let size = header.size_bytes as u64;
         let same = dataset.size_bytes as u64 == size
@@ -312,17 +313,17 @@ impl Registry {
                     }
                 }
                 Some(Ok(_)) => {
-                    failure = Some(
-                        ApiError::invalid("chunk", "after the header only chunks may follow")
-                            .into(),
-                    );
+                    failure = Some(Error::invalid(
+                        "chunk",
+                        "after the header only chunks may follow",
+                    ));
                     break;
                 }
                 Some(Err(status)) => {
-                    failure = Some(
-                        ApiError::Unavailable(format!("upload stream broke: {}", status.message()))
-                            .into(),
-                    );
+                    failure = Some(Error::Unavailable(format!(
+                        "upload stream broke: {}",
+                        status.message()
+                    )));
                     break;
                 }
                 None => break,
@@ -362,7 +363,7 @@ impl Registry {
                         summary = Some(s);
                         Ok(())
                     }
-                    Err(e) => Err(ApiError::invalid("data.jsonl", e.to_string()).into()),
+                    Err(e) => Err(Error::invalid("data.jsonl", e.to_string())),
                 }
             })
             .await;
@@ -376,9 +377,7 @@ impl Registry {
                 dataset.estimated_token_count = (summary.size_bytes / 4) as i64;
                 Ok(())
             }
-            Err(Error::Api(ApiError::InvalidArgument { field, reason }))
-                if field == "data.jsonl" =>
-            {
+            Err(Error::InvalidArgument { field, reason }) if field == "data.jsonl" => {
                 // The content is wrong: the dataset is FAILED, and the caller told why.
                 dataset.state = dataset::State::Failed as i32;
                 dataset.status = Some(kiln_proto::common::v1::Status {
@@ -387,7 +386,7 @@ impl Registry {
                 });
                 dataset.uploaded_bytes = 0;
                 self.artifacts().discard_staging(&key).await;
-                Err(ApiError::invalid("data.jsonl", reason).into())
+                Err(Error::invalid("data.jsonl", reason))
             }
             Err(other) => {
                 dataset.uploaded_bytes = 0;
@@ -414,9 +413,10 @@ impl Registry {
     ) -> Result<BoxStream<'static, Result<DownloadDatasetResponse, Error>>> {
         let (name, dataset) = self.stored_dataset(caller, "name", &request.name).await?;
         if dataset.state != dataset::State::Ready as i32 {
-            return Err(
-                ApiError::FailedPrecondition(format!("{} is not READY", dataset.name)).into(),
-            );
+            return Err(Error::FailedPrecondition(format!(
+                "{} is not READY",
+                dataset.name
+            )));
         }
         let range = byte_range(dataset.size_bytes as u64, request.offset, request.length)?;
         let (size, sha) = (dataset.size_bytes, dataset.sha256.clone());

@@ -2,15 +2,14 @@
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_proto::registry::v1::{
     DownloadModelFilesRequest, DownloadModelFilesResponse, ModelFile, prepared_bundle,
 };
 
-use crate::error::{Error, Result};
 use crate::models::{file_key, precision_name};
 use crate::service::Registry;
+use kiln_core::{Error, Result};
 
 /// Bytes per streamed message.
 pub const CHUNK: usize = 1 << 20;
@@ -18,14 +17,13 @@ pub const CHUNK: usize = 1 << 20;
 /// The byte range a request asks of a file of `size` bytes.
 pub fn byte_range(size: u64, offset: i64, length: i64) -> Result<std::ops::Range<u64>> {
     if offset < 0 || offset as u64 > size {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "offset",
             format!("{offset} is outside the file's {size} bytes"),
-        )
-        .into());
+        ));
     }
     if length < 0 {
-        return Err(ApiError::invalid("length", "must not be negative").into());
+        return Err(Error::invalid("length", "must not be negative"));
     }
     let start = offset as u64;
     let end = if length == 0 {
@@ -83,7 +81,7 @@ impl Registry {
                         b.precision == precision && b.state == prepared_bundle::State::Ready as i32
                     })
                     .ok_or_else(|| {
-                        ApiError::FailedPrecondition(format!(
+                        Error::FailedPrecondition(format!(
                             "{} has no READY {} bundle; PrepareModel first",
                             stored.model.name,
                             precision_name(precision)
@@ -94,7 +92,7 @@ impl Registry {
         };
         let selected: Vec<ModelFile> = if request.path.is_empty() {
             if request.offset != 0 || request.length != 0 {
-                return Err(ApiError::invalid("offset", "a range needs a path").into());
+                return Err(Error::invalid("offset", "a range needs a path"));
             }
             files.into_iter().filter(|f| f.complete).collect()
         } else {
@@ -102,14 +100,13 @@ impl Registry {
                 .into_iter()
                 .find(|f| f.path == request.path)
                 .ok_or_else(|| {
-                    ApiError::not_found(format!("{}/files/{}", stored.model.name, request.path))
+                    Error::not_found(format!("{}/files/{}", stored.model.name, request.path))
                 })?;
             if !file.complete {
-                return Err(ApiError::FailedPrecondition(format!(
+                return Err(Error::FailedPrecondition(format!(
                     "{} is not completely uploaded",
                     file.path
-                ))
-                .into());
+                )));
             }
             vec![file]
         };

@@ -7,7 +7,6 @@ pub mod datasets;
 pub mod db;
 pub mod deployments;
 pub mod download;
-pub mod error;
 pub mod grpc;
 pub mod library;
 pub mod models;
@@ -20,7 +19,7 @@ pub mod validate;
 use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 
-pub use error::{Error, Result};
+pub use kiln_core::{Error, Result};
 pub use service::Registry;
 
 /// Opens the registry's database (migrating it) and artifact store, starts its outbox relay
@@ -31,7 +30,7 @@ pub async fn open(
     host: &mut Host,
 ) -> Result<Registry> {
     std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-        Error::Startup(format!(
+        Error::Internal(format!(
             "cannot create data dir {}: {e}",
             server.data_dir.display()
         ))

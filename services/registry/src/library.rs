@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::config::RegistryConfig;
-use crate::error::Result;
 use crate::service::Registry;
+use kiln_core::Result;
 use kiln_core::auth::hex;
 
 /// Bytes per upload message (the server accepts up to 8 MiB). 1 MiB measured fastest here:

@@ -1,6 +1,6 @@
 //! Models: create, read, list, update, delete; the read rule of the public library.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names::{self, ChildName};
@@ -12,8 +12,8 @@ use prost::Message;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::{model as models, model_file as files};
-use crate::error::Result;
 use crate::service::Registry;
+use kiln_core::Result;
 use kiln_core::names::validate_display_name;
 use kiln_core::page::mask_paths;
 
@@ -84,7 +84,7 @@ impl Registry {
         let stored = self.stored_model(&name.account, &name.id).await?;
         match stored {
             Some(s) if caller.can_access(&name.account) || s.row.public => Ok(s),
-            _ => Err(ApiError::not_found(&name).into()),
+            _ => Err(Error::not_found(&name)),
         }
     }
 
@@ -98,11 +98,10 @@ impl Registry {
     ) -> Result<StoredModel> {
         let stored = self.readable_model(caller, field, name).await?;
         if !caller.can_access(stored.account()) {
-            return Err(ApiError::PermissionDenied(format!(
+            return Err(Error::PermissionDenied(format!(
                 "{} is public and read-only",
                 stored.model.name
-            ))
-            .into());
+            )));
         }
         Ok(stored)
     }
@@ -166,9 +165,8 @@ impl Registry {
                     .one(&txn)
                     .await?
             {
-                let current = Model::decode(current.resource.as_slice()).map_err(|e| {
-                    ApiError::Internal(format!("stored model does not decode: {e}"))
-                })?;
+                let current = Model::decode(current.resource.as_slice())
+                    .map_err(|e| Error::Internal(format!("stored model does not decode: {e}")))?;
                 stored.deployed_model_refs = current.deployed_model_refs;
                 row.resource = stored.encode_to_vec();
             }
@@ -182,7 +180,7 @@ impl Registry {
                 Ok(_) => {}
                 Err(err) if kiln_store::is_unique_violation(&err) => {
                     txn.rollback().await?;
-                    return Err(ApiError::already_exists(&name).into());
+                    return Err(Error::already_exists(&name));
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -209,20 +207,21 @@ impl Registry {
         validate_display_name("model.display_name", &model.display_name)?;
         let kind = model::Kind::try_from(model.kind).unwrap_or(model::Kind::Unspecified);
         if kind == model::Kind::Unspecified {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "model.kind",
                 "is required: BASE_MODEL, LORA_ADDON, EMBEDDING_MODEL or TENSOR_MODEL",
-            )
-            .into());
+            ));
         }
         if model.public && !caller.is_privileged() {
-            return Err(ApiError::PermissionDenied(
+            return Err(Error::PermissionDenied(
                 "only a platform admin publishes models".into(),
-            )
-            .into());
+            ));
         }
         if model.context_length < 0 {
-            return Err(ApiError::invalid("model.context_length", "must not be negative").into());
+            return Err(Error::invalid(
+                "model.context_length",
+                "must not be negative",
+            ));
         }
         let mut peft = model.peft_details.clone();
         if kind == model::Kind::LoraAddon {
@@ -230,7 +229,7 @@ impl Registry {
                 .as_mut()
                 .filter(|p| !p.base_model.is_empty())
                 .ok_or_else(|| {
-                    ApiError::invalid(
+                    Error::invalid(
                         "model.peft_details.base_model",
                         "is required for a LoRA addon",
                     )
@@ -239,19 +238,17 @@ impl Registry {
                 .readable_model(caller, "model.peft_details.base_model", &details.base_model)
                 .await?;
             if base.model.kind != model::Kind::BaseModel as i32 {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     "model.peft_details.base_model",
                     format!("{} is not a base model", base.model.name),
-                )
-                .into());
+                ));
             }
             details.base_model = base.model.name.clone();
         } else if peft.is_some() {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "model.peft_details",
                 "only LORA_ADDON models have peft_details",
-            )
-            .into());
+            ));
         }
         let now = micros_to_timestamp(now_micros());
         let created = Model {
@@ -370,20 +367,18 @@ impl Registry {
                 "description" => model.description = update.description.clone(),
                 "public" => {
                     if !caller.is_privileged() {
-                        return Err(ApiError::PermissionDenied(
+                        return Err(Error::PermissionDenied(
                             "only a platform admin publishes models".into(),
-                        )
-                        .into());
+                        ));
                     }
                     model.public = update.public;
                 }
                 "context_length" => {
                     if update.context_length < 0 {
-                        return Err(ApiError::invalid(
+                        return Err(Error::invalid(
                             "model.context_length",
                             "must not be negative",
-                        )
-                        .into());
+                        ));
                     }
                     model.context_length = update.context_length;
                 }
@@ -397,11 +392,10 @@ impl Registry {
                 "hugging_face_url" => model.hugging_face_url = update.hugging_face_url.clone(),
                 "base_model_details.default_precision" | "base_model_details.tunable" => {
                     let Some(details) = model.base_model_details.as_mut() else {
-                        return Err(ApiError::invalid(
+                        return Err(Error::invalid(
                             "update_mask",
                             format!("{path}: this model has no base_model_details"),
-                        )
-                        .into());
+                        ));
                     };
                     let new = update.base_model_details.clone().unwrap_or_default();
                     if path.ends_with("tunable") {
@@ -411,11 +405,10 @@ impl Registry {
                     }
                 }
                 other => {
-                    return Err(ApiError::invalid(
+                    return Err(Error::invalid(
                         "update_mask",
                         format!("{other:?} is not an updatable field of a model"),
-                    )
-                    .into());
+                    ));
                 }
             }
         }
@@ -445,23 +438,21 @@ impl Registry {
                 .iter()
                 .map(|r| r.name.as_str())
                 .collect();
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{} is deployed ({}); undeploy it first",
                 stored.model.name,
                 refs.join(", ")
-            ))
-            .into());
+            )));
         }
         let addons = models::Entity::find()
             .filter(models::Column::BaseModel.eq(stored.model.name.clone()))
             .one(self.db())
             .await?;
         if let Some(addon) = addons {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{} is the base of accounts/{}/models/{}; delete the addon first",
                 stored.model.name, addon.account_id, addon.model_id
-            ))
-            .into());
+            )));
         }
         let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
         files::Entity::delete_many()
@@ -493,7 +484,7 @@ impl Registry {
 /// A model from its row and the rows of its files (uploaded and of its bundles).
 fn assemble(row: models::Model, files: &[files::Model]) -> Result<StoredModel> {
     let mut model = Model::decode(row.resource.as_slice())
-        .map_err(|e| ApiError::Internal(format!("stored model does not decode: {e}")))?;
+        .map_err(|e| Error::Internal(format!("stored model does not decode: {e}")))?;
     model.files = files
         .iter()
         .filter(|f| f.bundle.is_empty())

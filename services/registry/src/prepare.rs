@@ -2,11 +2,11 @@
 //! tokenizer.json and manifest.json) by the preparer registered for its checkpoint format:
 //! an ONNX checkpoint's files as they are, a GGUF checkpoint converted by kiln-formats.
 
+use kiln_core::Error;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
@@ -20,9 +20,9 @@ use sea_orm::EntityTrait;
 use sha2::{Digest, Sha256};
 
 use crate::db::model_file as files;
-use crate::error::Result;
 use crate::models::{StoredModel, file_key, precision_name};
 use crate::service::Registry;
+use kiln_core::Result;
 use kiln_core::auth::hex;
 
 /// A file a preparer produced: its path in the bundle and where its bytes already are.
@@ -148,11 +148,10 @@ impl Preparer for GgufPreparer {
             Precision::Fp32 => false,
             Precision::Int4 => true,
             other => {
-                return Err(ApiError::FailedPrecondition(format!(
+                return Err(Error::FailedPrecondition(format!(
                     "GGUF checkpoints are prepared in FP32 or INT4, not {}",
                     other.as_str_name()
-                ))
-                .into());
+                )));
             }
         };
         let file = stored
@@ -161,7 +160,7 @@ impl Preparer for GgufPreparer {
             .iter()
             .find(|f| f.path.ends_with(".gguf"))
             .ok_or_else(|| {
-                ApiError::FailedPrecondition(format!("{} has no .gguf file", stored.model.name))
+                Error::FailedPrecondition(format!("{} has no .gguf file", stored.model.name))
             })?;
         let bytes = registry
             .artifacts()
@@ -170,8 +169,8 @@ impl Preparer for GgufPreparer {
         let path = file.path.clone();
         let converted = tokio::task::spawn_blocking(move || convert_gguf(&bytes, blocks))
             .await
-            .map_err(|e| ApiError::Internal(format!("converting {path}: {e}")))?
-            .map_err(|e| ApiError::FailedPrecondition(format!("{path}: {e}")))?;
+            .map_err(|e| Error::Internal(format!("converting {path}: {e}")))?
+            .map_err(|e| Error::FailedPrecondition(format!("{path}: {e}")))?;
         let mut out = Vec::new();
         for (path, data) in converted.files {
             out.push(put_file(registry, stored, bundle, path, data).await?);
@@ -190,17 +189,15 @@ impl Registry {
     ) -> Result<Model> {
         let stored = self.writable_model(caller, "name", name).await?;
         if stored.model.state != model::State::Ready as i32 {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{} is not READY: upload and validate it first",
                 stored.model.name
-            ))
-            .into());
+            )));
         }
         if stored.model.kind == model::Kind::LoraAddon as i32 {
-            return Err(ApiError::FailedPrecondition(
+            return Err(Error::FailedPrecondition(
                 "a LoRA addon is served on its base model; there is nothing to prepare".into(),
-            )
-            .into());
+            ));
         }
         let details = stored.model.base_model_details.clone().unwrap_or_default();
         let precision = match Precision::try_from(precision) {
@@ -210,11 +207,10 @@ impl Registry {
                 .unwrap_or(Precision::Fp32),
             Ok(p) => p,
             Err(_) => {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     "precision",
                     format!("{precision} is not a precision"),
-                )
-                .into());
+                ));
             }
         };
         if !force
@@ -231,7 +227,7 @@ impl Registry {
             .get(format as i32)
             .cloned()
             .ok_or_else(|| {
-                ApiError::FailedPrecondition(format!(
+                Error::FailedPrecondition(format!(
                     "no preparer is registered for {} checkpoints",
                     format.as_str_name()
                 ))
@@ -302,7 +298,7 @@ impl Registry {
         let fresh = self
             .stored_model(stored.account(), stored.id())
             .await?
-            .ok_or_else(|| ApiError::not_found(&model.name))?;
+            .ok_or_else(|| Error::not_found(&model.name))?;
         Ok(fresh.model)
     }
 }

@@ -1,8 +1,8 @@
 //! The registry's shared state and small helpers its operations use.
 
+use kiln_core::Error;
 use std::sync::Arc;
 
-use kiln_core::Error as ApiError;
 use kiln_core::page::PageTokens;
 use kiln_events::Body;
 use kiln_events::outbox::Outbox;
@@ -10,8 +10,8 @@ use sea_orm::DatabaseConnection;
 
 use crate::artifacts::Artifacts;
 use crate::config::RegistryConfig;
-use crate::error::Result;
 use crate::prepare::Preparers;
+use kiln_core::Result;
 
 /// The name events carry in `source`.
 pub const SOURCE: &str = "kiln-registry";
@@ -95,7 +95,7 @@ impl Registry {
 }
 
 /// Checks a file path inside a model: relative, '/'-separated, no `..`, at most 256 bytes.
-pub(crate) fn validate_file_path(field: &str, path: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_file_path(field: &str, path: &str) -> Result<(), Error> {
     let ok = !path.is_empty()
         && path.len() <= 256
         && !path.starts_with('/')
@@ -110,7 +110,7 @@ pub(crate) fn validate_file_path(field: &str, path: &str) -> Result<(), ApiError
     if ok {
         Ok(())
     } else {
-        Err(ApiError::invalid(
+        Err(Error::invalid(
             field,
             format!(
                 "{path:?} is not a relative file path of letters, digits, '.', '_', '-', '+' and '/'"
@@ -120,7 +120,7 @@ pub(crate) fn validate_file_path(field: &str, path: &str) -> Result<(), ApiError
 }
 
 /// Checks a declared SHA-256: 64 lowercase hex digits.
-pub(crate) fn validate_sha256(field: &str, sha: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_sha256(field: &str, sha: &str) -> Result<(), Error> {
     if sha.len() == 64
         && sha
             .bytes()
@@ -128,7 +128,7 @@ pub(crate) fn validate_sha256(field: &str, sha: &str) -> Result<(), ApiError> {
     {
         Ok(())
     } else {
-        Err(ApiError::invalid(
+        Err(Error::invalid(
             field,
             "must be 64 lowercase hex digits (SHA-256)",
         ))

@@ -2,7 +2,7 @@
 //! its SHA-256 is checked when the last byte arrives; only then does it move into the store.
 
 use futures::{Stream, StreamExt};
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
@@ -15,10 +15,10 @@ use sea_orm::{ActiveModelTrait, EntityTrait};
 
 use crate::artifacts::Artifacts;
 use crate::db::model_file as files;
-use crate::error::Result;
 use crate::models::{StoredModel, file_key};
 use crate::service::{Registry, validate_file_path, validate_sha256};
 use crate::staging::{RunningHash, StagingAppender, StagingWriter, blocking};
+use kiln_core::Result;
 
 /// How often (in bytes) an upload records its progress in the database.
 const PROGRESS_EVERY: u64 = 64 << 20;
@@ -67,22 +67,20 @@ impl FileUpload {
 
     pub async fn write(&mut self, path: &str, chunk: FileChunk) -> Result<()> {
         if chunk.offset < 0 || chunk.offset as u64 != self.offset {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{path}: chunk offset {} does not continue the stored {} bytes; resume from {}",
                 chunk.offset, self.offset, self.offset
-            ))
-            .into());
+            )));
         }
         let end = self.offset + chunk.data.len() as u64;
         if end > self.size {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "chunk.data",
                 format!(
                     "{path}: {end} bytes exceed the declared size_bytes {}",
                     self.size
                 ),
-            )
-            .into());
+            ));
         }
         if let Some(h) = &self.hasher {
             h.update(chunk.data.clone());
@@ -145,11 +143,13 @@ impl FileUpload {
         };
         if actual != self.sha256 {
             artifacts.discard_staging(&self.key).await;
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "header.sha256",
-                format!("{path}: SHA-256 mismatch: declared {}, received {actual}; the bytes were discarded", self.sha256),
-            )
-            .into());
+                format!(
+                    "{path}: SHA-256 mismatch: declared {}, received {actual}; the bytes were discarded",
+                    self.sha256
+                ),
+            ));
         }
         validate(&artifacts.staging_path(&self.key))?;
         artifacts.finish(&self.key).await
@@ -214,14 +214,13 @@ impl Registry {
         let stored = match model {
             Some(s) if s.model.name == header.model || header.model.is_empty() => s,
             Some(s) => {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     "header.model",
                     format!(
                         "one upload stream carries files of one model ({}), got {}",
                         s.model.name, header.model
                     ),
-                )
-                .into());
+                ));
             }
             None => {
                 let s = self
@@ -233,15 +232,14 @@ impl Registry {
         validate_file_path("header.path", &header.path)?;
         validate_sha256("header.sha256", &header.sha256)?;
         if header.size_bytes < 0 || header.size_bytes as u64 > self.config().max_file_bytes {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "header.size_bytes",
                 format!(
                     "{} is outside 0..={} (registry.max_file_bytes)",
                     header.size_bytes,
                     self.config().max_file_bytes
                 ),
-            )
-            .into());
+            ));
         }
         let size = header.size_bytes as u64;
         let existing = stored
@@ -303,11 +301,10 @@ impl Registry {
                 .await?;
                 Ok(stored)
             }
-            _ => Err(ApiError::FailedPrecondition(format!(
+            _ => Err(Error::FailedPrecondition(format!(
                 "{} is READY: its files are immutable; create a new model",
                 stored.model.name
-            ))
-            .into()),
+            ))),
         }
     }
 
@@ -350,7 +347,7 @@ impl Registry {
         let result: Result<()> = async {
             while let Some(message) = stream.next().await {
                 let message = message.map_err(|s| {
-                    ApiError::Unavailable(format!("upload stream broke: {}", s.message()))
+                    Error::Unavailable(format!("upload stream broke: {}", s.message()))
                 })?;
                 match message.payload {
                     Some(upload_model_files_request::Payload::Header(header)) => {
@@ -369,16 +366,13 @@ impl Registry {
                     }
                     Some(upload_model_files_request::Payload::Chunk(chunk)) => {
                         let (Some(stored), Some(cur)) = (model.as_ref(), current.as_mut()) else {
-                            return Err(
-                                ApiError::invalid("chunk", "a chunk must follow a header").into()
-                            );
+                            return Err(Error::invalid("chunk", "a chunk must follow a header"));
                         };
                         let Some(upload) = cur.upload.as_mut() else {
-                            return Err(ApiError::FailedPrecondition(format!(
+                            return Err(Error::FailedPrecondition(format!(
                                 "{} is already complete",
                                 cur.path
-                            ))
-                            .into());
+                            )));
                         };
                         received += chunk.data.len() as u64;
                         upload.write(&cur.path, chunk).await?;
@@ -392,9 +386,7 @@ impl Registry {
                         }
                     }
                     None => {
-                        return Err(
-                            ApiError::invalid("payload", "is required: header or chunk").into()
-                        );
+                        return Err(Error::invalid("payload", "is required: header or chunk"));
                     }
                 }
             }
@@ -411,12 +403,12 @@ impl Registry {
         }
         result?;
         let Some(stored) = model else {
-            return Err(ApiError::invalid("header", "the stream carried no file").into());
+            return Err(Error::invalid("header", "the stream carried no file"));
         };
         let fresh = self
             .stored_model(stored.account(), stored.id())
             .await?
-            .ok_or_else(|| ApiError::not_found(&stored.model.name))?;
+            .ok_or_else(|| Error::not_found(&stored.model.name))?;
         let files: Vec<ModelFile> = fresh
             .model
             .files

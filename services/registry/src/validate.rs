@@ -1,9 +1,9 @@
 //! ValidateModelUpload: the files are complete and form a valid model of its kind. A bad
 //! upload turns only that model FAILED, with a status naming the file and the problem.
 
+use kiln_core::Error;
 use std::io::Cursor;
 
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
@@ -17,9 +17,9 @@ use kiln_proto::registry::v1::{
     base_model_details::CheckpointFormat, model,
 };
 
-use crate::error::Result;
 use crate::models::{StoredModel, file_key};
 use crate::service::Registry;
+use kiln_core::Result;
 
 /// What a model's kind needs uploaded.
 fn required_files(model: &Model) -> Vec<&'static str> {
@@ -192,7 +192,7 @@ impl Registry {
         let graph = self.artifacts().read_all(&key("model.onnx")).await?;
         let info = match tokio::task::spawn_blocking(move || read_onnx("model.onnx", &graph))
             .await
-            .map_err(|e| ApiError::Internal(format!("onnx check: {e}")))?
+            .map_err(|e| Error::Internal(format!("onnx check: {e}")))?
         {
             Ok(i) => i,
             Err(e) => return Ok(Err(e)),
@@ -248,7 +248,7 @@ impl Registry {
                     .map_err(|e| e.to_string())
             })
             .await
-            .map_err(|e| ApiError::Internal(format!("tokenizer check: {e}")))?;
+            .map_err(|e| Error::Internal(format!("tokenizer check: {e}")))?;
             if let Err(e) = loaded {
                 return Ok(Err(FormatError::new(
                     "tokenizer.json",

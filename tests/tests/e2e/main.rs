@@ -5,6 +5,7 @@
 mod authn;
 mod billing;
 mod discovery;
+mod errors;
 mod events;
 mod hf_onnx;
 mod identity_api;

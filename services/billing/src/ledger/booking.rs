@@ -13,9 +13,9 @@ use super::entry::{Entry, account_id, event_micros, micros};
 use super::models::model_parameters;
 use super::replicas::billed_by_time;
 use crate::db::{insert_returning, int, query, value_rows};
-use crate::error::Result;
 use crate::prices::TokenRates;
 use crate::service::Billing;
+use kiln_core::Result;
 
 /// The entry of a usage event, its tokens priced at `rates`.
 fn usage_entry(event: &Event, u: &ev::UsageRecorded, rates: &TokenRates) -> Entry {

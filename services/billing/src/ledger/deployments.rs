@@ -9,7 +9,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use super::entry::account_id;
 use crate::db::{execute, first_int, query};
-use crate::error::Result;
+use kiln_core::Result;
 
 /// Whether a deployment in `state` (a value of `Deployment.State`) counts against quotas.
 fn is_active(state: i32) -> bool {

@@ -15,8 +15,8 @@ use super::entry::{Entry, event_micros, micros};
 use super::models::save_model;
 use super::replicas::{self, billed_by_time};
 use crate::db::{begin_write, insert_returning};
-use crate::error::Result;
 use crate::service::Billing;
+use kiln_core::Result;
 
 /// Processed event ids are recorded under this key whichever durable consumer delivered
 /// them, so replaying the stream through a new consumer books nothing twice.

@@ -23,8 +23,8 @@ use kiln_events::Event;
 use kiln_events::consumer::BatchHandler;
 
 use crate::db::begin_write;
-use crate::error::Result;
 use crate::service::Billing;
+use kiln_core::Result;
 
 /// The ledger reads everything, in order; what it does not book it acknowledges untouched.
 const SUBJECTS: &str = "kiln.>";

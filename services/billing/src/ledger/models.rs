@@ -7,7 +7,7 @@ use kiln_proto::registry::v1::Model;
 use sea_orm::DatabaseTransaction;
 
 use crate::db::{execute, int, query};
-use crate::error::Result;
+use kiln_core::Result;
 
 /// How many parameters `model` declares (0 when it says nothing) and the base model it is an
 /// addon of ("" for a base model).

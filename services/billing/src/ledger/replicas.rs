@@ -10,8 +10,8 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use super::entry::{Entry, account_id, micros};
 use crate::db::{execute, int, query};
-use crate::error::Result;
 use crate::prices::Prices;
+use kiln_core::Result;
 
 /// A running dedicated replica, billed up to `billed_until`.
 #[derive(Debug, Clone)]
@@ -180,7 +180,7 @@ pub(crate) async fn close(
             return Ok(open.pieces(prices, open.billed_until, stop));
         }
     }
-    Err(crate::Error::Contended(format!(
+    Err(crate::Error::Aborted(format!(
         "replica {} kept moving while it was being closed; the batch will be retried",
         r.replica
     )))

@@ -14,10 +14,10 @@ use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseTransaction, Value};
 
 use super::replicas::open_replicas;
 use crate::db::{execute, first_int, int, query};
-use crate::error::Result;
 use crate::prices::{NANOS_PER_UNIT, format_nanos};
 use crate::quota_rules::QuotaKind;
 use crate::service::{Billing, SOURCE};
+use kiln_core::Result;
 
 /// Where a month's spend stands against its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
