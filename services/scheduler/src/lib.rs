@@ -10,6 +10,7 @@ mod db;
 mod deployed_models;
 mod deployments;
 mod error;
+mod fine_tuning;
 mod grpc;
 mod lost_nodes;
 mod nodes;
