@@ -14,7 +14,8 @@ use kiln_proto::scheduler::v1::{
 };
 
 use crate::error::Result;
-use crate::service::{Scheduler, State};
+use crate::service::Scheduler;
+use crate::state::State;
 
 /// Assignment ids of addon loads: `addon|{replica}|{addon}`.
 const LOAD_PREFIX: &str = "addon|";

@@ -11,34 +11,48 @@ use kiln_proto::registry::v1::model;
 use kiln_proto::scheduler::v1::{DeployedModel, deployed_model, deployment};
 use kiln_store::listing::Listing;
 
-use crate::deployments::is_gone;
 use crate::error::Result;
-use crate::service::{Scheduler, State, now};
+use crate::resource::{account_of, is_gone, own_parent};
+use crate::service::Scheduler;
+use crate::state::State;
+use crate::time::now;
+
+/// What a caller means to do with a deployed model.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Read it: its own account's, or a public one.
+    Read,
+    /// Change it: its own account's only.
+    Write,
+}
+
+/// The deployed model `name` (in `field`) if the caller may have it for `access`; NOT_FOUND
+/// otherwise, so others' deployed models do not show.
+fn find<'s>(
+    state: &'s State,
+    caller: &Principal,
+    field: &str,
+    name: &str,
+    access: Access,
+) -> Result<&'s DeployedModel> {
+    let parsed = ChildName::parse(field, "deployedModels", name, Some(&caller.account))?;
+    match state.deployed_models.get(&parsed.to_string()) {
+        Some(dm) if caller.can_access(&parsed.account) || (access == Access::Read && dm.public) => {
+            Ok(dm)
+        }
+        _ => Err(ApiError::not_found(&parsed).into()),
+    }
+}
 
 impl Scheduler {
-    fn readable_dm<'s>(
-        &self,
-        state: &'s State,
-        caller: &Principal,
-        field: &str,
-        name: &str,
-    ) -> Result<&'s DeployedModel> {
-        let parsed = ChildName::parse(field, "deployedModels", name, Some(&caller.account))?;
-        match state.deployed_models.get(&parsed.to_string()) {
-            Some(dm) if caller.can_access(&parsed.account) || dm.public => Ok(dm),
-            _ => Err(ApiError::not_found(&parsed).into()),
-        }
-    }
-
-    pub async fn create_deployed_model(
+    pub(crate) async fn create_deployed_model(
         &self,
         caller: &Principal,
         parent: &str,
         deployed_model_id: String,
         dm: DeployedModel,
     ) -> Result<DeployedModel> {
-        let parent = names::AccountName::parse("parent", parent)?;
-        caller.check_access(&parent, &parent)?;
+        let parent = own_parent(caller, parent)?;
         validate_display_name("deployed_model.display_name", &dm.display_name)?;
         if dm.public && !caller.is_privileged() {
             return Err(ApiError::PermissionDenied(
@@ -74,7 +88,7 @@ impl Scheduler {
         let mut state = self.lock().await;
         let target = self.readable(&state, caller, "deployed_model.deployment", &dm.deployment)?;
         let d = target.deployment.clone();
-        if !caller.can_access(&crate::reconcile::account_of(&d.name)) {
+        if !caller.can_access(&account_of(&d.name)) {
             return Err(ApiError::not_found(&d.name).into());
         }
         if is_gone(&d) {
@@ -183,31 +197,20 @@ impl Scheduler {
         for name in current {
             let mut dm = state.deployed_models[&name].clone();
             dm.default = false;
-            dm.update_time = Some(now());
-            self.save_deployed_model(
-                &dm,
-                false,
-                "scheduler.deployed_model.updated",
-                Body::DeployedModelUpdated(ev::DeployedModelUpdated {
-                    deployed_model: Some(dm.clone()),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["default".into()],
-                    }),
-                }),
-            )
-            .await?;
+            self.save_deployed_model_update(&mut dm, vec!["default".into()])
+                .await?;
             state.deployed_models.insert(name, dm);
         }
         Ok(())
     }
 
-    pub async fn get_deployed_model(
+    pub(crate) async fn get_deployed_model(
         &self,
         caller: &Principal,
         name: &str,
     ) -> Result<DeployedModel> {
         let state = self.lock().await;
-        Ok(self.readable_dm(&state, caller, "name", name)?.clone())
+        Ok(find(&state, caller, "name", name, Access::Read)?.clone())
     }
 
     pub async fn list_deployed_models(
@@ -311,23 +314,21 @@ impl Scheduler {
         })
     }
 
-    pub async fn update_deployed_model(
+    pub(crate) async fn update_deployed_model(
         &self,
         caller: &Principal,
         update: DeployedModel,
         mask: Option<prost_types::FieldMask>,
     ) -> Result<DeployedModel> {
         let mut state = self.lock().await;
-        let parsed = ChildName::parse(
+        let current = find(
+            &state,
+            caller,
             "deployed_model.name",
-            "deployedModels",
             &update.name,
-            Some(&caller.account),
-        )?;
-        let current = match state.deployed_models.get(&parsed.to_string()) {
-            Some(dm) if caller.can_access(&parsed.account) => dm.clone(),
-            _ => return Err(ApiError::not_found(&parsed).into()),
-        };
+            Access::Write,
+        )?
+        .clone();
         let mut dm = current.clone();
         let paths = mask_paths(mask);
         if paths.is_empty() {
@@ -363,33 +364,19 @@ impl Scheduler {
             return Ok(dm);
         }
         if dm.default && !current.default {
-            self.clear_default(&mut state, &parsed.account, &dm.model)
+            self.clear_default(&mut state, &account_of(&dm.name), &dm.model)
                 .await?;
         }
-        dm.update_time = Some(now());
-        self.save_deployed_model(
-            &dm,
-            false,
-            "scheduler.deployed_model.updated",
-            Body::DeployedModelUpdated(ev::DeployedModelUpdated {
-                deployed_model: Some(dm.clone()),
-                update_mask: Some(prost_types::FieldMask { paths }),
-            }),
-        )
-        .await?;
+        self.save_deployed_model_update(&mut dm, paths).await?;
         state.deployed_models.insert(dm.name.clone(), dm.clone());
         drop(state);
         self.wake();
         Ok(dm)
     }
 
-    pub async fn delete_deployed_model(&self, caller: &Principal, name: &str) -> Result<()> {
+    pub(crate) async fn delete_deployed_model(&self, caller: &Principal, name: &str) -> Result<()> {
         let mut state = self.lock().await;
-        let parsed = ChildName::parse("name", "deployedModels", name, Some(&caller.account))?;
-        let dm = match state.deployed_models.get(&parsed.to_string()) {
-            Some(dm) if caller.can_access(&parsed.account) => dm.clone(),
-            _ => return Err(ApiError::not_found(&parsed).into()),
-        };
+        let dm = find(&state, caller, "name", name, Access::Write)?.clone();
         self.delete_deployed_model_row(&dm).await?;
         state.deployed_models.remove(&dm.name);
         drop(state);

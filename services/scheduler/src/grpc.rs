@@ -5,6 +5,7 @@ use kiln_core::auth::{Principal, principal};
 use kiln_proto::scheduler::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::fine_tuning::FineTuning;
 use crate::nodes::SchedulerStream;
 use crate::service::Scheduler;
 
@@ -232,5 +233,8 @@ pub fn add_services(scheduler: &Scheduler, services: &mut kiln_core::server::Ser
         .add(deployed_model_service_server::DeployedModelServiceServer::new(scheduler.clone()))
         .add(node_service_server::NodeServiceServer::new(
             scheduler.clone(),
+        ))
+        .add(fine_tuning_service_server::FineTuningServiceServer::new(
+            FineTuning::new(scheduler.pages().clone()),
         ));
 }

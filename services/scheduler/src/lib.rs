@@ -2,19 +2,27 @@
 //! them, autoscaling, and the routing table every node follows. A library plus a thin
 //! `main.rs`; `kiln dev` hosts it beside the other services.
 
-pub mod addons;
+mod addons;
+mod autoscale;
 pub mod catalog;
 pub mod config;
-pub mod db;
-pub mod deployed_models;
-pub mod deployments;
-pub mod error;
-pub mod grpc;
-pub mod nodes;
+mod db;
+mod deployed_models;
+mod deployments;
+mod error;
+mod fine_tuning;
+mod grpc;
+mod lost_nodes;
+mod nodes;
 pub mod placement;
 pub mod quota;
-pub mod reconcile;
-pub mod service;
+mod reconcile;
+mod replicas;
+mod resource;
+mod routes;
+mod service;
+mod state;
+mod time;
 
 use std::sync::Arc;
 

@@ -19,13 +19,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::error::Result;
-use crate::reconcile::unload_assignment;
-use crate::service::{NodeEntry, ReplicaEntry, Scheduler, now};
+use crate::replicas::unload_assignment;
+use crate::resource::is_gone;
+use crate::service::Scheduler;
+use crate::state::{NodeEntry, ReplicaEntry};
+use crate::time::now;
 
 /// Messages a node's outgoing stream buffers before the scheduler retries later.
 const OUTGOING: usize = 256;
 
-pub type SchedulerStream = BoxStream<'static, Result<SchedulerMessage, Status>>;
+pub(crate) type SchedulerStream = BoxStream<'static, Result<SchedulerMessage, Status>>;
 
 impl Scheduler {
     /// Serves one node's stream: the first message registers it; the answer streams
@@ -187,7 +190,7 @@ impl Scheduler {
             let wanted = state
                 .deployments
                 .get(&held.deployment)
-                .filter(|e| !crate::deployments::is_gone(&e.deployment))
+                .filter(|e| !is_gone(&e.deployment))
                 .map(|e| (e.deployment.deployment_type, e.model_bytes));
             let known_elsewhere = state
                 .replicas

@@ -13,11 +13,11 @@ use kiln_proto::common::v1::AcceleratorType;
 /// One accelerator type on one node: which devices are free, and their memory.
 #[derive(Debug, Clone)]
 pub struct DeviceGroup {
-    pub kind: i32,
+    kind: i32,
     /// Per device index: whether it is free.
-    pub free: Vec<bool>,
+    free: Vec<bool>,
     /// Memory per device (GPUs); for CPU, the RAM pool left for replicas.
-    pub memory_bytes: i64,
+    memory_bytes: i64,
 }
 
 impl DeviceGroup {
@@ -29,7 +29,7 @@ impl DeviceGroup {
         }
     }
 
-    pub fn free_count(&self) -> usize {
+    fn free_count(&self) -> usize {
         self.free.iter().filter(|f| **f).count()
     }
 
@@ -50,7 +50,7 @@ impl DeviceGroup {
     }
 
     /// Takes `count` devices (the lowest free indices) and the memory, if they fit.
-    pub fn take(&mut self, count: usize, model_bytes: i64) -> Option<Vec<i32>> {
+    fn take(&mut self, count: usize, model_bytes: i64) -> Option<Vec<i32>> {
         if !self.fits(count, model_bytes) {
             return None;
         }
@@ -71,7 +71,7 @@ impl DeviceGroup {
     }
 
     /// Marks devices as used by a replica that already runs (adopted, or placed earlier).
-    pub fn occupy(&mut self, indices: &[i32], model_bytes: i64) {
+    pub(crate) fn occupy(&mut self, indices: &[i32], model_bytes: i64) {
         for index in indices {
             if let Some(free) = self.free.get_mut(*index as usize) {
                 *free = false;
@@ -92,7 +92,7 @@ pub struct NodeCapacity {
 }
 
 impl NodeCapacity {
-    pub fn group_mut(&mut self, kind: i32) -> Option<&mut DeviceGroup> {
+    pub(crate) fn group_mut(&mut self, kind: i32) -> Option<&mut DeviceGroup> {
         self.groups.iter_mut().find(|g| g.kind == kind)
     }
 
@@ -162,7 +162,7 @@ pub fn place(nodes: &mut [NodeCapacity], needs: &[Need]) -> Vec<Option<Placed>> 
 }
 
 /// Why `need` fits on none of `nodes`, in words an operator can act on.
-pub fn why_unplaced(nodes: &[NodeCapacity], need: &Need) -> String {
+pub(crate) fn why_unplaced(nodes: &[NodeCapacity], need: &Need) -> String {
     let kind = kind_name(need.kind);
     let wanted = format!(
         "needs {} × {kind}{} on one node",
@@ -204,7 +204,7 @@ pub fn why_unplaced(nodes: &[NodeCapacity], need: &Need) -> String {
     format!("waiting for capacity: {wanted}; {}", seen.join("; "))
 }
 
-pub fn kind_name(kind: i32) -> &'static str {
+fn kind_name(kind: i32) -> &'static str {
     AcceleratorType::try_from(kind)
         .map(|k| k.as_str_name())
         .unwrap_or("ACCELERATOR_TYPE_UNSPECIFIED")
@@ -310,5 +310,119 @@ mod tests {
         let placed = place(&mut nodes, &[cpu, cpu, cpu]);
         assert!(placed[0].is_some() && placed[1].is_some());
         assert_eq!(placed[2], None);
+    }
+
+    #[test]
+    fn without_nodes_nothing_is_placed_and_the_reason_says_so() {
+        let placed = place(&mut [], &[need(H100, 1), need(CPU, 1)]);
+        assert_eq!(placed, vec![None, None]);
+        assert_eq!(
+            why_unplaced(&[], &need(H100, 2)),
+            "waiting for capacity: needs 2 × NVIDIA_H100_80GB and 1.0 GiB for the model on one node; \
+             no node is connected"
+        );
+    }
+
+    #[test]
+    fn memory_that_fits_exactly_is_enough() {
+        // On a GPU the devices' memory together: two 80 GiB devices hold 160 GiB, not a byte more.
+        let exact = Need {
+            kind: H100,
+            count: 2,
+            model_bytes: 2 * GB80,
+        };
+        let over = Need {
+            model_bytes: 2 * GB80 + 1,
+            ..exact
+        };
+        let gpu = || vec![node("gpu", &[(H100, 2, GB80)])];
+        assert!(place(&mut gpu(), &[exact])[0].is_some());
+        assert_eq!(place(&mut gpu(), &[over])[0], None);
+        // On CPU one pool, used up exactly by two replicas.
+        let half = Need {
+            kind: CPU,
+            count: 1,
+            model_bytes: 2 << 30,
+        };
+        let mut cpu = vec![node("cpu", &[(CPU, 4, 4 << 30)])];
+        let placed = place(&mut cpu, &[half, half, half]);
+        assert!(placed[0].is_some() && placed[1].is_some());
+        assert_eq!(placed[2], None);
+        assert!(why_unplaced(&cpu, &half).contains("nodes/cpu has 0.0 GiB of memory free"));
+    }
+
+    #[test]
+    fn a_replica_goes_only_to_devices_of_its_kind() {
+        let mut nodes = vec![
+            node("gpu", &[(H100, 2, GB80)]),
+            node("cpu", &[(CPU, 2, 16 << 30)]),
+            node("both", &[(A100, 1, GB80), (CPU, 1, 8 << 30)]),
+        ];
+        let placed = place(&mut nodes, &[need(CPU, 2), need(A100, 1), need(CPU, 1)]);
+        let at = |i: usize| placed[i].as_ref().map(|p| nodes[p.node].name.as_str());
+        assert_eq!(at(0), Some("nodes/cpu"));
+        assert_eq!(at(1), Some("nodes/both"));
+        assert_eq!(at(2), Some("nodes/both"));
+        // No node has H200s, and no device is of an unspecified kind.
+        let h200 = AcceleratorType::NvidiaH200141gb as i32;
+        assert_eq!(
+            place(&mut nodes, &[need(h200, 1), need(0, 1)]),
+            vec![None, None]
+        );
+        let why = why_unplaced(&nodes, &need(h200, 1));
+        assert!(why.contains("nodes/gpu has no NVIDIA_H200_141GB"), "{why}");
+        assert!(
+            why_unplaced(&nodes, &need(0, 1)).contains("needs 1 × ACCELERATOR_TYPE_UNSPECIFIED"),
+        );
+    }
+
+    #[test]
+    fn larger_replicas_are_placed_first_and_answers_keep_the_asked_order() {
+        // Asked small first, in asking order the two 1-device replicas would fill a, each
+        // 2-device one would split b, and the last would not fit: largest first, all fit.
+        let mut nodes = vec![node("a", &[(H100, 3, GB80)]), node("b", &[(H100, 3, GB80)])];
+        let placed = place(
+            &mut nodes,
+            &[need(H100, 1), need(H100, 1), need(H100, 2), need(H100, 2)],
+        );
+        let at = |i: usize| placed[i].as_ref().map(|p| (p.node, p.indices.clone()));
+        assert_eq!(at(2), Some((0, vec![0, 1])));
+        assert_eq!(at(3), Some((1, vec![0, 1])));
+        assert_eq!(at(0), Some((0, vec![2])));
+        assert_eq!(at(1), Some((1, vec![2])));
+    }
+
+    #[test]
+    fn devices_in_use_are_not_placed_on_again() {
+        let mut nodes = vec![node("a", &[(H100, 4, GB80)])];
+        nodes[0]
+            .group_mut(H100)
+            .expect("H100s")
+            .occupy(&[0, 2, 9], 0);
+        let placed = place(&mut nodes, &[need(H100, 2)]);
+        assert_eq!(
+            placed[0].as_ref().map(|p| p.indices.clone()),
+            Some(vec![1, 3])
+        );
+    }
+
+    #[test]
+    fn the_reason_lists_six_nodes_and_counts_the_rest() {
+        let nodes: Vec<NodeCapacity> = (0..9)
+            .map(|i| node(&format!("n{i}"), &[(H100, 1, GB80)]))
+            .collect();
+        let unplaced = Need {
+            kind: H100,
+            count: 2,
+            model_bytes: 0,
+        };
+        let why = why_unplaced(&nodes, &unplaced);
+        assert!(
+            why.starts_with("waiting for capacity: needs 2 × NVIDIA_H100_80GB on one node; "),
+            "{why}"
+        );
+        assert!(why.contains("nodes/n5 has only 1"), "{why}");
+        assert!(!why.contains("nodes/n6"), "{why}");
+        assert!(why.ends_with("; 3 more nodes"), "{why}");
     }
 }

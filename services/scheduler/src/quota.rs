@@ -22,16 +22,16 @@ use kiln_proto::scheduler::v1::deployment::DeploymentType;
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::deployments::is_gone;
 use crate::error::{Error, Result};
-use crate::service::State;
+use crate::resource::is_gone;
+use crate::state::State;
 
 /// Reading an account's limits takes at most this long; beyond it the change is refused
 /// (UNAVAILABLE) rather than made unchecked.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The quota counting an account's deployments (not DELETED).
-pub const DEPLOYMENTS_QUOTA: &str = "deployments";
+const DEPLOYMENTS_QUOTA: &str = "deployments";
 
 /// An account's limits: quota ID → value.
 #[derive(Debug, Clone, Default)]
@@ -50,13 +50,13 @@ pub trait QuotaGate: Send + Sync + 'static {
 }
 
 /// Billing's QuotaService over gRPC.
-pub struct RemoteQuotas {
+pub(crate) struct RemoteQuotas {
     client: QuotaServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
 }
 
 impl RemoteQuotas {
     /// Connects lazily to `url`, presenting `service_token`.
-    pub fn new(url: &str, service_token: &str) -> Result<Self> {
+    pub(crate) fn new(url: &str, service_token: &str) -> Result<Self> {
         let channel = kiln_core::server::endpoint(url)
             .map_err(|e| Error::Startup(format!("billing_url: {e}")))?
             .connect_lazy();
@@ -97,7 +97,7 @@ impl QuotaGate for RemoteQuotas {
 }
 
 /// The accelerator quota ID of a type, e.g. `accelerator-nvidia-h100-80gb`.
-pub fn accelerator_quota(accelerator_type: i32) -> String {
+fn accelerator_quota(accelerator_type: i32) -> String {
     let name = AcceleratorType::try_from(accelerator_type)
         .map(|a| a.as_str_name())
         .unwrap_or("ACCELERATOR_TYPE_UNSPECIFIED");
@@ -114,7 +114,7 @@ fn held(d: &Deployment) -> i64 {
 }
 
 /// Refuses a suspended account's new deployments and changes (FAILED_PRECONDITION).
-pub fn check_not_suspended(caller: &Principal, account: &str) -> Result<()> {
+pub(crate) fn check_not_suspended(caller: &Principal, account: &str) -> Result<()> {
     if caller.account == account
         && caller.suspend_state != 0
         && caller.suspend_state != SuspendState::Unsuspended as i32
@@ -132,7 +132,7 @@ pub fn check_not_suspended(caller: &Principal, account: &str) -> Result<()> {
 
 /// `account`'s limits, when quotas apply to it (a gate is configured and it is not the
 /// system account).
-pub async fn read_limits(
+pub(crate) async fn read_limits(
     gate: Option<&Arc<dyn QuotaGate>>,
     account: &str,
 ) -> Result<Option<QuotaLimits>> {

@@ -1,34 +1,32 @@
-//! The scheduler's shared state: deployments and deployed models (stored, and mirrored in
-//! memory for the reconcile pass), the connected nodes and the replicas on them (in memory
-//! only: nodes tell them again when they reconnect).
+//! The scheduler's shared handle: its database and outbox, the in-memory [`State`] behind one
+//! lock, the routing table it publishes, and the writes that store a change with its event.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use kiln_core::names::ChildName;
 use kiln_core::page::PageTokens;
-use kiln_core::time::{micros_to_timestamp, now_micros, timestamp_to_micros};
+use kiln_core::time::timestamp_to_micros;
 use kiln_events::Body;
 use kiln_events::outbox::Outbox;
-use kiln_proto::scheduler::v1::{
-    DeployedModel, Deployment, Node, Replica, ReplicaLoad, RoutingTable, SchedulerMessage,
-};
+use kiln_proto::events::v1 as ev;
+use kiln_proto::scheduler::v1::{DeployedModel, Deployment, RoutingTable, deployed_model};
 use prost::Message;
 use sea_orm::{ActiveModelTrait, DatabaseConnection, EntityTrait, TransactionTrait};
-use tokio::sync::{Mutex, Notify, mpsc, watch};
-use tonic::Status;
+use tokio::sync::{Mutex, Notify, watch};
 
 use crate::catalog::ModelCatalog;
 use crate::config::SchedulerConfig;
 use crate::db::{deployed_model as dm_rows, deployment as deployment_rows};
 use crate::error::Result;
 use crate::quota::QuotaGate;
+use crate::resource::decode;
+use crate::state::{DeploymentEntry, State};
+use crate::time::now;
 
 /// The name events carry in `source`.
-pub const SOURCE: &str = "kiln-scheduler";
+pub(crate) const SOURCE: &str = "kiln-scheduler";
 /// The service's name in the outbox and migrations.
-pub const SERVICE: &str = "scheduler";
+pub(crate) const SERVICE: &str = "scheduler";
 
 /// The scheduler, shared by its handlers and its reconcile loop.
 #[derive(Clone)]
@@ -51,86 +49,9 @@ struct Inner {
     shutdown: watch::Receiver<bool>,
 }
 
-/// Everything the reconcile pass decides from. One lock: passes and API changes take turns.
-#[derive(Default)]
-pub(crate) struct State {
-    pub deployments: BTreeMap<String, DeploymentEntry>,
-    pub deployed_models: BTreeMap<String, DeployedModel>,
-    pub nodes: BTreeMap<String, NodeEntry>,
-    pub replicas: BTreeMap<String, ReplicaEntry>,
-    pub next_session: u64,
-}
-
-/// A deployment and what the autoscaler remembers about it.
-pub(crate) struct DeploymentEntry {
-    pub deployment: Deployment,
-    pub model_bytes: i64,
-    /// Since when load has been above target (for the scale-up window).
-    pub above_since: Option<Instant>,
-    /// Since when load has been below target (for the scale-down window).
-    pub below_since: Option<Instant>,
-    /// The last time a request was in flight or waiting for it.
-    pub last_activity: Instant,
-    /// A node holds requests for it while it has no ready replica.
-    pub demand: bool,
-    /// Replica failures since it last had a ready replica.
-    pub failures: u32,
-    /// Why its waiting replicas cannot be placed (empty when they can).
-    pub unplaced: String,
-}
-
-impl DeploymentEntry {
-    pub fn new(deployment: Deployment, model_bytes: i64) -> Self {
-        Self {
-            deployment,
-            model_bytes,
-            above_since: None,
-            below_since: None,
-            last_activity: Instant::now(),
-            demand: false,
-            failures: 0,
-            unplaced: String::new(),
-        }
-    }
-}
-
-/// A connected (or lost) worker node.
-pub(crate) struct NodeEntry {
-    pub node: Node,
-    /// Which stream is the node's current one (a reconnect replaces the older).
-    pub session: u64,
-    /// Where assignments go; None once the stream closed.
-    pub sender: Option<mpsc::Sender<Result<SchedulerMessage, Status>>>,
-    pub last_heartbeat: Instant,
-}
-
-impl NodeEntry {
-    pub fn is_ready(&self) -> bool {
-        self.node.state == kiln_proto::scheduler::v1::node::State::Ready as i32
-            && self.sender.is_some()
-    }
-}
-
-/// A replica and its last reported load.
-pub(crate) struct ReplicaEntry {
-    pub replica: Replica,
-    pub deployment_type: i32,
-    pub model_bytes: i64,
-    pub load: ReplicaLoad,
-    /// Addons its node was told to load and has not reported loaded yet.
-    pub addons_requested: std::collections::BTreeSet<String>,
-}
-
-impl ReplicaEntry {
-    pub fn state(&self) -> kiln_proto::scheduler::v1::replica::State {
-        kiln_proto::scheduler::v1::replica::State::try_from(self.replica.state)
-            .unwrap_or(kiln_proto::scheduler::v1::replica::State::Unspecified)
-    }
-}
-
 impl Scheduler {
     /// Loads stored deployments and deployed models into memory.
-    pub async fn new(
+    pub(crate) async fn new(
         db: DatabaseConnection,
         pages: PageTokens,
         config: SchedulerConfig,
@@ -167,11 +88,11 @@ impl Scheduler {
         })
     }
 
-    pub fn db(&self) -> &DatabaseConnection {
+    pub(crate) fn db(&self) -> &DatabaseConnection {
         &self.inner.db
     }
 
-    pub fn outbox(&self) -> &Outbox {
+    pub(crate) fn outbox(&self) -> &Outbox {
         &self.inner.outbox
     }
 
@@ -179,7 +100,7 @@ impl Scheduler {
         &self.inner.pages
     }
 
-    pub fn config(&self) -> &SchedulerConfig {
+    pub(crate) fn config(&self) -> &SchedulerConfig {
         &self.inner.config
     }
 
@@ -196,7 +117,7 @@ impl Scheduler {
     }
 
     /// Asks for a reconcile pass now.
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.inner.wake.notify_one();
     }
 
@@ -209,7 +130,7 @@ impl Scheduler {
     }
 
     /// The routing table every node follows.
-    pub fn routes(&self) -> watch::Receiver<Arc<RoutingTable>> {
+    pub(crate) fn routes(&self) -> watch::Receiver<Arc<RoutingTable>> {
         self.inner.routes.subscribe()
     }
 
@@ -387,7 +308,7 @@ impl Scheduler {
                 "scheduler.deployed_model.deleted",
                 &name.account,
                 &dm.name,
-                Body::DeployedModelDeleted(kiln_proto::events::v1::DeployedModelDeleted {
+                Body::DeployedModelDeleted(ev::DeployedModelDeleted {
                     name: dm.name.clone(),
                     model: dm.model.clone(),
                     deployment: dm.deployment.clone(),
@@ -395,6 +316,85 @@ impl Scheduler {
             )
             .await?;
         Ok(())
+    }
+
+    /// Sets the desired replica count, stored with its `deployment.scaled` event; memory
+    /// keeps the old count when the write fails.
+    pub(crate) async fn set_desired(
+        &self,
+        entry: &mut DeploymentEntry,
+        desired: i32,
+        reason: &str,
+    ) -> Result<()> {
+        let previous = entry.deployment.desired_replica_count;
+        entry.deployment.desired_replica_count = desired;
+        entry.deployment.update_time = Some(now());
+        let result = self
+            .save_deployment(
+                entry,
+                false,
+                Some((
+                    "scheduler.deployment.scaled",
+                    Body::DeploymentScaled(ev::DeploymentScaled {
+                        name: entry.deployment.name.clone(),
+                        previous_desired_replica_count: previous,
+                        desired_replica_count: desired,
+                        reason: reason.to_owned(),
+                    }),
+                )),
+                None,
+            )
+            .await;
+        if result.is_err() {
+            entry.deployment.desired_replica_count = previous;
+        } else {
+            tracing::info!(deployment = %entry.deployment.name, previous, desired, reason, "scaled");
+        }
+        result
+    }
+
+    /// Stores a change of a deployed model's fields in `paths`, with its
+    /// `deployed_model.updated` event.
+    pub(crate) async fn save_deployed_model_update(
+        &self,
+        dm: &mut DeployedModel,
+        paths: Vec<String>,
+    ) -> Result<()> {
+        dm.update_time = Some(now());
+        self.save_deployed_model(
+            dm,
+            false,
+            "scheduler.deployed_model.updated",
+            Body::DeployedModelUpdated(ev::DeployedModelUpdated {
+                deployed_model: Some(dm.clone()),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            }),
+        )
+        .await
+    }
+
+    /// Moves a deployed model to state `to`, stored with its `state_changed` event.
+    pub(crate) async fn set_deployed_model_state(
+        &self,
+        dm: &mut DeployedModel,
+        to: deployed_model::State,
+    ) -> Result<()> {
+        let previous = dm.state;
+        if previous == to as i32 {
+            return Ok(());
+        }
+        dm.state = to as i32;
+        dm.update_time = Some(now());
+        self.save_deployed_model(
+            dm,
+            false,
+            "scheduler.deployed_model.state_changed",
+            Body::DeployedModelStateChanged(ev::DeployedModelStateChanged {
+                deployed_model: Some(dm.clone()),
+                previous_state: previous,
+            }),
+        )
+        .await
     }
 
     async fn queue_event<C: sea_orm::ConnectionTrait>(
@@ -415,14 +415,4 @@ impl Scheduler {
         self.inner.outbox.enqueue(conn, &event).await?;
         Ok(())
     }
-}
-
-pub(crate) fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
-    M::decode(bytes).map_err(|e| {
-        kiln_core::Error::Internal(format!("stored resource does not decode: {e}")).into()
-    })
-}
-
-pub(crate) fn now() -> prost_types::Timestamp {
-    micros_to_timestamp(now_micros())
 }

@@ -1,0 +1,203 @@
+//! UpdateDeployment and ScaleDeployment.
+
+use std::time::Instant;
+
+use kiln_core::Error as ApiError;
+use kiln_core::auth::Principal;
+use kiln_core::names::validate_display_name;
+use kiln_core::page::mask_paths;
+use kiln_events::Body;
+use kiln_proto::common::v1::AcceleratorType;
+use kiln_proto::events::v1 as ev;
+use kiln_proto::scheduler::v1::{Deployment, deployment};
+
+use super::rules::{
+    MAX_ACCELERATORS, check_backend, check_max_context_length, check_replica_bounds,
+    complete_policy,
+};
+use crate::autoscale::Timers;
+use crate::error::Result;
+use crate::quota;
+use crate::resource::{is_gone, state_name};
+use crate::service::Scheduler;
+use crate::state::DeploymentEntry;
+use crate::time::now;
+
+impl Scheduler {
+    pub(crate) async fn update_deployment(
+        &self,
+        caller: &Principal,
+        update: Deployment,
+        mask: Option<prost_types::FieldMask>,
+    ) -> Result<Deployment> {
+        let (account, limits) = self
+            .account_limits(caller, "deployment.name", &update.name)
+            .await?;
+        let mut state = self.lock().await;
+        let before = self
+            .writable(&mut state, caller, "deployment.name", &update.name)?
+            .deployment
+            .clone();
+        if is_gone(&before) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} is {}; undelete it first",
+                before.name,
+                state_name(before.state)
+            ))
+            .into());
+        }
+        let mut d = before.clone();
+        let paths = mask_paths(mask);
+        if paths.is_empty() {
+            return Err(ApiError::invalid("update_mask", "name the fields to change").into());
+        }
+        let mut reroll = false;
+        for path in &paths {
+            match path.as_str() {
+                "display_name" => {
+                    validate_display_name("deployment.display_name", &update.display_name)?;
+                    d.display_name = update.display_name.clone();
+                }
+                "description" => d.description = update.description.clone(),
+                "expire_time" => d.expire_time = update.expire_time,
+                "min_replica_count" => d.min_replica_count = update.min_replica_count,
+                "max_replica_count" => d.max_replica_count = update.max_replica_count,
+                "autoscaling_policy" => {
+                    d.autoscaling_policy = Some(complete_policy(update.autoscaling_policy.clone())?)
+                }
+                "enable_addons" => d.enable_addons = update.enable_addons,
+                "num_peft_device_cached" => {
+                    d.num_peft_device_cached = update.num_peft_device_cached
+                }
+                "max_context_length" => {
+                    check_max_context_length(update.max_context_length)?;
+                    d.max_context_length = update.max_context_length;
+                    reroll = true;
+                }
+                "accelerator_type" => {
+                    if AcceleratorType::try_from(update.accelerator_type).is_err()
+                        || update.accelerator_type == AcceleratorType::Unspecified as i32
+                    {
+                        return Err(ApiError::invalid(
+                            "deployment.accelerator_type",
+                            "must be an accelerator type",
+                        )
+                        .into());
+                    }
+                    d.accelerator_type = update.accelerator_type;
+                    reroll = true;
+                }
+                "accelerator_count" => {
+                    if !(1..=MAX_ACCELERATORS).contains(&update.accelerator_count) {
+                        return Err(ApiError::invalid(
+                            "deployment.accelerator_count",
+                            format!("must be between 1 and {MAX_ACCELERATORS}"),
+                        )
+                        .into());
+                    }
+                    d.accelerator_count = update.accelerator_count;
+                    reroll = true;
+                }
+                "precision" => {
+                    d.precision = update.precision;
+                    reroll = true;
+                }
+                "backend" => {
+                    check_backend(&update.backend)?;
+                    d.backend = update.backend.clone();
+                    reroll = true;
+                }
+                other => {
+                    return Err(ApiError::invalid(
+                        "update_mask",
+                        format!("{other:?} is not an updatable field of a deployment"),
+                    )
+                    .into());
+                }
+            }
+        }
+        check_replica_bounds(&mut d)?;
+        d.desired_replica_count = d
+            .desired_replica_count
+            .clamp(d.min_replica_count, d.max_replica_count);
+        if d == before {
+            return Ok(d);
+        }
+        quota::check_not_suspended(caller, &account)?;
+        quota::check_deployment(limits.as_ref(), &state, &account, Some(&before), &d)?;
+        let Some(entry) = state.deployments.get_mut(&d.name) else {
+            return Err(ApiError::not_found(&d.name).into());
+        };
+        d.update_time = Some(now());
+        if reroll {
+            // New hardware or settings: every replica is replaced (the pass starts new ones
+            // as the old stop).
+            d.state = deployment::State::Updating as i32;
+        }
+        if d.state == deployment::State::Failed as i32 {
+            d.state = deployment::State::Updating as i32;
+        }
+        entry.deployment = d.clone();
+        entry.failures = 0;
+        let event = (
+            "scheduler.deployment.updated",
+            Body::DeploymentUpdated(ev::DeploymentUpdated {
+                deployment: Some(d.clone()),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: paths.clone(),
+                }),
+            }),
+        );
+        let snapshot = DeploymentEntry::new(d.clone(), entry.model_bytes);
+        if let Err(err) = self
+            .save_deployment(&snapshot, false, Some(event), None)
+            .await
+        {
+            // Keep memory as stored.
+            if let Some(entry) = state.deployments.get_mut(&d.name) {
+                entry.deployment = before;
+            }
+            return Err(err);
+        }
+        if reroll {
+            self.stop_replicas_of(&mut state, &d.name, "deployment updated")
+                .await;
+        }
+        drop(state);
+        self.wake();
+        Ok(d)
+    }
+
+    pub(crate) async fn scale_deployment(
+        &self,
+        caller: &Principal,
+        name: &str,
+        replica_count: i32,
+    ) -> Result<Deployment> {
+        if replica_count < 0 {
+            return Err(ApiError::invalid("replica_count", "must not be negative").into());
+        }
+        let mut state = self.lock().await;
+        let entry = self.writable(&mut state, caller, "name", name)?;
+        if is_gone(&entry.deployment) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} is {}",
+                entry.deployment.name,
+                state_name(entry.deployment.state)
+            ))
+            .into());
+        }
+        let d = &entry.deployment;
+        let target = replica_count.clamp(d.min_replica_count, d.max_replica_count);
+        if target == d.desired_replica_count {
+            return Ok(d.clone());
+        }
+        // A hand-set count holds until load says otherwise for a whole window.
+        entry.timers = Timers::new(Instant::now());
+        self.set_desired(entry, target, "manual").await?;
+        let d = entry.deployment.clone();
+        drop(state);
+        self.wake();
+        Ok(d)
+    }
+}

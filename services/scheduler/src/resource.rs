@@ -1,0 +1,59 @@
+//! Small rules on the scheduler's resources and their names. A leaf: it uses nothing else in
+//! the crate but the error type.
+
+use kiln_core::auth::Principal;
+use kiln_core::names::AccountName;
+use kiln_proto::scheduler::v1::{Deployment, deployment};
+use prost::Message;
+
+use crate::error::Result;
+
+/// The account ID of `accounts/{a}/...` (empty when the name is not under an account).
+pub(crate) fn account_of(name: &str) -> String {
+    name.strip_prefix("accounts/")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The `parent` of a new resource or a listing, where the caller may act: INVALID_ARGUMENT
+/// naming `parent` when malformed, NOT_FOUND when it is another account.
+pub(crate) fn own_parent(
+    caller: &Principal,
+    parent: &str,
+) -> Result<AccountName, kiln_core::Error> {
+    let parent = AccountName::parse("parent", parent)?;
+    caller.check_access(&parent, &parent)?;
+    Ok(parent)
+}
+
+/// A stored resource (encoded protobuf); INTERNAL when it does not decode.
+pub(crate) fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
+    M::decode(bytes).map_err(|e| {
+        kiln_core::Error::Internal(format!("stored resource does not decode: {e}")).into()
+    })
+}
+
+/// Whether a deployment is deleted or being deleted.
+pub(crate) fn is_gone(d: &Deployment) -> bool {
+    d.state == deployment::State::Deleted as i32 || d.state == deployment::State::Deleting as i32
+}
+
+/// A deployment state's name, e.g. `DELETED`.
+pub(crate) fn state_name(state: i32) -> &'static str {
+    deployment::State::try_from(state)
+        .map(|s| s.as_str_name())
+        .unwrap_or("STATE_UNSPECIFIED")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_account_comes_from_the_name() {
+        assert_eq!(account_of("accounts/acme/deployments/d"), "acme");
+        assert_eq!(account_of("accounts/acme"), "acme");
+        assert_eq!(account_of("nodes/n1"), "");
+    }
+}
