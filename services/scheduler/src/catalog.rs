@@ -17,13 +17,13 @@ pub trait ModelCatalog: Send + Sync + 'static {
 }
 
 /// The registry over gRPC.
-pub(crate) struct RemoteCatalog {
+pub struct RemoteCatalog {
     client: ModelServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
 }
 
 impl RemoteCatalog {
     /// Connects lazily to `url`, presenting `service_token`.
-    pub(crate) fn new(url: &str, service_token: &str) -> Result<Self> {
+    pub fn new(url: &str, service_token: &str) -> Result<Self> {
         let channel = kiln_core::server::endpoint(url)
             .map_err(|e| Error::Startup(format!("registry_url: {e}")))?
             .connect_lazy();

@@ -50,13 +50,13 @@ pub trait QuotaGate: Send + Sync + 'static {
 }
 
 /// Billing's QuotaService over gRPC.
-pub(crate) struct RemoteQuotas {
+pub struct RemoteQuotas {
     client: QuotaServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
 }
 
 impl RemoteQuotas {
     /// Connects lazily to `url`, presenting `service_token`.
-    pub(crate) fn new(url: &str, service_token: &str) -> Result<Self> {
+    pub fn new(url: &str, service_token: &str) -> Result<Self> {
         let channel = kiln_core::server::endpoint(url)
             .map_err(|e| Error::Startup(format!("billing_url: {e}")))?
             .connect_lazy();

@@ -7,6 +7,7 @@ mod billing;
 mod discovery;
 mod errors;
 mod events;
+mod fine_tuning;
 mod hf_onnx;
 mod identity_api;
 mod inference;
