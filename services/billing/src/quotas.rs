@@ -6,14 +6,14 @@
 
 use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::listing::{Field, Fields, Getter, Kind, ListRequest, Listing, Value, time_value};
 use kiln_core::names::{AccountName, SYSTEM_ACCOUNT};
-use kiln_core::page::{Page, mask_paths, parse_filter, parse_order_by};
+use kiln_core::page::mask_paths;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::{Body, new_event};
 use kiln_proto::billing::v1::{CheckQuotaResponse, Quota};
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
-use kiln_store::listing::Listing;
 use sea_orm::ConnectionTrait;
 
 use crate::db::{begin_write, execute, first_int, int, query};
@@ -146,20 +146,15 @@ impl Billing {
     pub async fn list_quotas(
         &self,
         caller: &Principal,
-        parent: &str,
-        page_size: i32,
-        page_token: &str,
-        filter: &str,
-        order_by: &str,
+        request: &ListRequest,
     ) -> Result<Listing<Quota>> {
-        let account = if parent.is_empty() {
+        let account = if request.parent.is_empty() {
             AccountName::new(caller.account.clone())
         } else {
-            AccountName::parse("parent", parent)?
+            AccountName::parse("parent", &request.parent)?
         };
         caller.check_access(&account, format!("accounts/{}", account.account))?;
-        let terms = parse_filter(filter, &["name", "unit"])?;
-        let order = parse_order_by(order_by, &["name", "update_time"])?;
+        let query = QUOTA_FIELDS.query(self.pages(), request, &account.account)?;
         let mut quotas = Vec::new();
         for kind in QuotaKind::all() {
             quotas.push(
@@ -167,52 +162,7 @@ impl Billing {
                     .await?,
             );
         }
-        for term in &terms {
-            quotas.retain(|q| {
-                let value = if term.field == "unit" {
-                    q.unit.as_str()
-                } else {
-                    q.name.as_str()
-                };
-                let matches = value == term.value
-                    || (term.field == "name"
-                        && q.name.rsplit('/').next() == Some(term.value.as_str()));
-                matches != term.negated
-            });
-        }
-        for key in order.iter().rev() {
-            let stamp = |q: &Quota| {
-                q.update_time
-                    .as_ref()
-                    .map(kiln_core::time::timestamp_to_micros)
-                    .unwrap_or(0)
-            };
-            quotas.sort_by(|a, b| {
-                let ordering = if key.field == "update_time" {
-                    stamp(a).cmp(&stamp(b))
-                } else {
-                    a.name.cmp(&b.name)
-                };
-                if key.descending {
-                    ordering.reverse()
-                } else {
-                    ordering
-                }
-            });
-        }
-        let scope = format!("quotas|{}|{filter}|{order_by}", account.account);
-        let page = Page::from_request(self.pages(), &scope, page_size, page_token)?;
-        let total = quotas.len() as u64;
-        let items = quotas
-            .into_iter()
-            .skip(page.offset as usize)
-            .take(page.limit as usize)
-            .collect();
-        Ok(Listing {
-            items,
-            next_page_token: page.next_token(self.pages(), &scope, total),
-            total_size: total as i32,
-        })
+        Ok(query.page_of(self.pages(), quotas))
     }
 
     /// Sets a quota's value (up to its max_value; platform admins also set max_value and go
@@ -306,3 +256,14 @@ impl Billing {
         Ok(check(&account, &kind, resource, requested, suspension))
     }
 }
+
+/// The fields a quota list filters on and orders by.
+static QUOTA_FIELDS: Fields<Getter<Quota>> = Fields {
+    collection: "quotas",
+    fields: &[
+        Field::both("name", |q| Value::Text(q.name.clone()), Kind::Name),
+        Field::filter("unit", |q| Value::Text(q.unit.clone()), Kind::Text),
+        Field::order("update_time", |q| time_value(&q.update_time)),
+    ],
+    tie_break: |q| Value::Text(q.name.clone()),
+};

@@ -13,9 +13,9 @@ use kiln_proto::scheduler::v1::{
     deployed_model, replica, scheduler_message,
 };
 
-use crate::error::Result;
 use crate::service::Scheduler;
 use crate::state::State;
+use kiln_core::Result;
 
 /// Assignment ids of addon loads: `addon|{replica}|{addon}`.
 const LOAD_PREFIX: &str = "addon|";

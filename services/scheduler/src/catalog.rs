@@ -8,7 +8,7 @@ use kiln_proto::registry::v1::{GetModelRequest, Model, model_service_client::Mod
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::error::{Error, Result};
+use kiln_core::{Error, Result};
 
 #[async_trait]
 pub trait ModelCatalog: Send + Sync + 'static {
@@ -25,7 +25,7 @@ impl RemoteCatalog {
     /// Connects lazily to `url`, presenting `service_token`.
     pub fn new(url: &str, service_token: &str) -> Result<Self> {
         let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| Error::Startup(format!("registry_url: {e}")))?
+            .map_err(|e| Error::Internal(format!("registry_url: {e}")))?
             .connect_lazy();
         let interceptor = OutgoingInterceptor::new(Some(service_token))?;
         Ok(Self {
@@ -44,7 +44,7 @@ impl ModelCatalog for RemoteCatalog {
                 name: name.to_owned(),
             })
             .await
-            .map_err(Error::Remote)?
+            .map_err(|status| Error::from_peer("registry GetModel", status))?
             .into_inner())
     }
 }

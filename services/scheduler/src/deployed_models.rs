@@ -1,7 +1,8 @@
 //! Deployed models: a base model or LoRA addon on a deployment, the name requests use.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::listing::{Field, Fields, Getter, Kind, ListRequest, Listing, Value, time_value};
 use kiln_core::names::{self, ChildName, validate_display_name};
 use kiln_core::page::mask_paths;
 use kiln_events::Body;
@@ -9,13 +10,12 @@ use kiln_proto::common::v1::Status as ResourceStatus;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::model;
 use kiln_proto::scheduler::v1::{DeployedModel, deployed_model, deployment};
-use kiln_store::listing::Listing;
 
-use crate::error::Result;
 use crate::resource::{account_of, is_gone, own_parent};
 use crate::service::Scheduler;
 use crate::state::State;
 use crate::time::now;
+use kiln_core::Result;
 
 /// What a caller means to do with a deployed model.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ fn find<'s>(
         Some(dm) if caller.can_access(&parsed.account) || (access == Access::Read && dm.public) => {
             Ok(dm)
         }
-        _ => Err(ApiError::not_found(&parsed).into()),
+        _ => Err(Error::not_found(&parsed)),
     }
 }
 
@@ -55,16 +55,15 @@ impl Scheduler {
         let parent = own_parent(caller, parent)?;
         validate_display_name("deployed_model.display_name", &dm.display_name)?;
         if dm.public && !caller.is_privileged() {
-            return Err(ApiError::PermissionDenied(
+            return Err(Error::PermissionDenied(
                 "only a platform admin makes deployed models public".into(),
-            )
-            .into());
+            ));
         }
         if dm.model.is_empty() {
-            return Err(ApiError::invalid("deployed_model.model", "is required").into());
+            return Err(Error::invalid("deployed_model.model", "is required"));
         }
         if dm.deployment.is_empty() {
-            return Err(ApiError::invalid("deployed_model.deployment", "is required").into());
+            return Err(Error::invalid("deployed_model.deployment", "is required"));
         }
         let model_name = ChildName::parse(
             "deployed_model.model",
@@ -74,25 +73,26 @@ impl Scheduler {
         )?;
         let model = match self.catalog().get_model(&model_name.to_string()).await {
             Ok(m) if m.public || caller.can_access(&model_name.account) => m,
-            Ok(_) => return Err(ApiError::not_found(&model_name).into()),
-            Err(crate::Error::Remote(s)) if s.code() == tonic::Code::NotFound => {
-                return Err(ApiError::not_found(&model_name).into());
+            Ok(_) => return Err(Error::not_found(&model_name)),
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                return Err(Error::not_found(&model_name));
             }
             Err(e) => return Err(e),
         };
         if model.state != model::State::Ready as i32 {
-            return Err(
-                ApiError::FailedPrecondition(format!("{} is not READY", model.name)).into(),
-            );
+            return Err(Error::FailedPrecondition(format!(
+                "{} is not READY",
+                model.name
+            )));
         }
         let mut state = self.lock().await;
         let target = self.readable(&state, caller, "deployed_model.deployment", &dm.deployment)?;
         let d = target.deployment.clone();
         if !caller.can_access(&account_of(&d.name)) {
-            return Err(ApiError::not_found(&d.name).into());
+            return Err(Error::not_found(&d.name));
         }
         if is_gone(&d) {
-            return Err(ApiError::FailedPrecondition(format!("{} is deleted", d.name)).into());
+            return Err(Error::FailedPrecondition(format!("{} is deleted", d.name)));
         }
         if model.kind == model::Kind::LoraAddon as i32 {
             let base = model
@@ -101,28 +101,25 @@ impl Scheduler {
                 .map(|p| p.base_model.as_str())
                 .unwrap_or_default();
             if base != d.base_model {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     "deployed_model.model",
                     format!(
                         "{} is an addon of {base}; {} serves {}",
                         model.name, d.name, d.base_model
                     ),
-                )
-                .into());
+                ));
             }
             if !d.enable_addons {
-                return Err(ApiError::FailedPrecondition(format!(
+                return Err(Error::FailedPrecondition(format!(
                     "{} does not take addons (set enable_addons)",
                     d.name
-                ))
-                .into());
+                )));
             }
         } else if model.name != d.base_model {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "deployed_model.model",
                 format!("{} serves {}, not {}", d.name, d.base_model, model.name),
-            )
-            .into());
+            ));
         }
         let model_id = model_name.id.clone();
         let id = if deployed_model_id.is_empty() {
@@ -133,7 +130,7 @@ impl Scheduler {
         };
         let name = format!("{parent}/deployedModels/{id}");
         if state.deployed_models.contains_key(&name) {
-            return Err(ApiError::already_exists(&name).into());
+            return Err(Error::already_exists(&name));
         }
         let has_default = state.deployed_models.values().any(|other| {
             other.model == model.name
@@ -216,31 +213,13 @@ impl Scheduler {
     pub async fn list_deployed_models(
         &self,
         caller: &Principal,
-        parent: &str,
-        page_size: i32,
-        page_token: &str,
-        filter: &str,
-        order_by: &str,
+        request: &ListRequest,
     ) -> Result<Listing<DeployedModel>> {
-        let parent = names::AccountName::parse("parent", parent)?;
-        let terms = kiln_core::page::parse_filter(
-            filter,
-            &[
-                "state",
-                "model",
-                "deployment",
-                "default",
-                "serverless",
-                "public",
-            ],
-        )?;
-        let order = kiln_core::page::parse_order_by(
-            order_by,
-            &["name", "create_time", "update_time", "display_name"],
-        )?;
+        let parent = names::AccountName::parse("parent", &request.parent)?;
+        let query = DEPLOYED_MODEL_FIELDS.query(self.pages(), request, &caller.account)?;
         let prefix = format!("{parent}/");
         let state = self.lock().await;
-        let mut items: Vec<DeployedModel> = state
+        let items: Vec<DeployedModel> = state
             .deployed_models
             .values()
             .filter(|dm| dm.name.starts_with(&prefix))
@@ -248,70 +227,7 @@ impl Scheduler {
             .cloned()
             .collect();
         drop(state);
-        for term in &terms {
-            let keep = |dm: &DeployedModel| -> Result<bool> {
-                let bool_of = |v: &str| match v {
-                    "true" => Ok(true),
-                    "false" => Ok(false),
-                    other => Err(ApiError::invalid(
-                        "filter",
-                        format!("{} is true or false, got {other:?}", term.field),
-                    )),
-                };
-                Ok(match term.field.as_str() {
-                    "state" => {
-                        dm.state
-                            == kiln_core::page::enum_filter_value("state", &term.value, |s| {
-                                deployed_model::State::from_str_name(s).map(|v| v as i32)
-                            })?
-                    }
-                    "model" => dm.model == term.value,
-                    "deployment" => dm.deployment == term.value,
-                    "default" => dm.default == bool_of(&term.value)?,
-                    "serverless" => dm.serverless == bool_of(&term.value)?,
-                    _ => dm.public == bool_of(&term.value)?,
-                })
-            };
-            let mut kept = Vec::with_capacity(items.len());
-            for dm in items {
-                if keep(&dm)? != term.negated {
-                    kept.push(dm);
-                }
-            }
-            items = kept;
-        }
-        for key in order.iter().rev() {
-            let micros = |t: &Option<prost_types::Timestamp>| {
-                t.as_ref()
-                    .map(kiln_core::time::timestamp_to_micros)
-                    .unwrap_or(0)
-            };
-            items.sort_by(|a, b| {
-                let o = match key.field.as_str() {
-                    "create_time" => micros(&a.create_time).cmp(&micros(&b.create_time)),
-                    "update_time" => micros(&a.update_time).cmp(&micros(&b.update_time)),
-                    "display_name" => a.display_name.cmp(&b.display_name),
-                    _ => a.name.cmp(&b.name),
-                };
-                if key.descending { o.reverse() } else { o }
-            });
-        }
-        let scope = format!(
-            "deployedModels|{parent}|{filter}|{order_by}|{}",
-            caller.account
-        );
-        let page =
-            kiln_core::page::Page::from_request(self.pages(), &scope, page_size, page_token)?;
-        let total = items.len() as u64;
-        Ok(Listing {
-            items: items
-                .into_iter()
-                .skip(page.offset as usize)
-                .take(page.limit as usize)
-                .collect(),
-            next_page_token: page.next_token(self.pages(), &scope, total),
-            total_size: total as i32,
-        })
+        Ok(query.page_of(self.pages(), items))
     }
 
     pub(crate) async fn update_deployed_model(
@@ -332,7 +248,7 @@ impl Scheduler {
         let mut dm = current.clone();
         let paths = mask_paths(mask);
         if paths.is_empty() {
-            return Err(ApiError::invalid("update_mask", "name the fields to change").into());
+            return Err(Error::invalid("update_mask", "name the fields to change"));
         }
         for path in &paths {
             match path.as_str() {
@@ -344,19 +260,17 @@ impl Scheduler {
                 "default" => dm.default = update.default,
                 "public" => {
                     if !caller.is_privileged() {
-                        return Err(ApiError::PermissionDenied(
+                        return Err(Error::PermissionDenied(
                             "only a platform admin makes deployed models public".into(),
-                        )
-                        .into());
+                        ));
                     }
                     dm.public = update.public;
                 }
                 other => {
-                    return Err(ApiError::invalid(
+                    return Err(Error::invalid(
                         "update_mask",
                         format!("{other:?} is not an updatable field of a deployed model"),
-                    )
-                    .into());
+                    ));
                 }
             }
         }
@@ -384,3 +298,33 @@ impl Scheduler {
         Ok(())
     }
 }
+
+/// The fields a deployed-model list filters on and orders by.
+static DEPLOYED_MODEL_FIELDS: Fields<Getter<DeployedModel>> = Fields {
+    collection: "deployedModels",
+    fields: &[
+        Field::order("name", |dm| Value::Text(dm.name.clone())),
+        Field::order("create_time", |dm| time_value(&dm.create_time)),
+        Field::order("update_time", |dm| time_value(&dm.update_time)),
+        Field::both(
+            "display_name",
+            |dm| Value::Text(dm.display_name.clone()),
+            Kind::Text,
+        ),
+        Field::filter(
+            "state",
+            |dm| Value::Int(dm.state.into()),
+            Kind::Enum(|s| deployed_model::State::from_str_name(s).map(|v| v as i32)),
+        ),
+        Field::filter("model", |dm| Value::Text(dm.model.clone()), Kind::Text),
+        Field::filter(
+            "deployment",
+            |dm| Value::Text(dm.deployment.clone()),
+            Kind::Text,
+        ),
+        Field::filter("default", |dm| Value::Bool(dm.default), Kind::Bool),
+        Field::filter("serverless", |dm| Value::Bool(dm.serverless), Kind::Bool),
+        Field::filter("public", |dm| Value::Bool(dm.public), Kind::Bool),
+    ],
+    tie_break: |dm| Value::Text(dm.name.clone()),
+};

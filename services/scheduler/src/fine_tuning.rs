@@ -4,10 +4,12 @@
 //! jobs, so List is an empty page and Get, Cancel and Delete are NOT_FOUND; Create checks
 //! what it can without a trainer, then refuses with FAILED_PRECONDITION.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::principal;
+use kiln_core::grpc::{ListRpc, reply_list, split};
+use kiln_core::listing::{Field, Fields, Getter, Kind, Value, time_value};
 use kiln_core::names::{ChildName, validate_display_name, validate_id};
-use kiln_core::page::{Page, PageTokens, parse_filter, parse_order_by};
+use kiln_core::page::PageTokens;
 use kiln_proto::scheduler::v1::fine_tuning_service_server::FineTuningService;
 use kiln_proto::scheduler::v1::*;
 use tonic::{Request, Response, Status};
@@ -38,7 +40,7 @@ impl FineTuning {
 fn no_such_job<T, R>(request: &Request<T>, name: &str) -> Reply<R> {
     let caller = principal(request)?;
     let parsed = ChildName::parse("name", JOBS, name, Some(&caller.account))?;
-    Err(ApiError::not_found(parsed).into())
+    Err(Error::not_found(parsed).into())
 }
 
 /// A model or dataset a new job refers to, when it names one: its shape checked.
@@ -47,7 +49,7 @@ fn check_reference(
     collection: &'static str,
     name: &str,
     account: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     if !name.is_empty() {
         ChildName::parse(field, collection, name, Some(account))?;
     }
@@ -71,14 +73,14 @@ impl FineTuningService for FineTuning {
         }
         let job = r
             .supervised_fine_tuning_job
-            .ok_or_else(|| ApiError::invalid("supervised_fine_tuning_job", "is required"))?;
+            .ok_or_else(|| Error::invalid("supervised_fine_tuning_job", "is required"))?;
         let field = |name: &str| format!("supervised_fine_tuning_job.{name}");
         validate_display_name(&field("display_name"), &job.display_name)?;
         if job.dataset.is_empty() {
-            return Err(ApiError::invalid(field("dataset"), "is required").into());
+            return Err(Error::invalid(field("dataset"), "is required").into());
         }
         if job.base_model.is_empty() && job.warm_start_from.is_empty() {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 field("base_model"),
                 "is required (unless warm_start_from names an addon to continue)",
             )
@@ -94,7 +96,7 @@ impl FineTuningService for FineTuning {
         ] {
             check_reference(&field(name), collection, value, account)?;
         }
-        Err(ApiError::FailedPrecondition(NO_TRAINER.into()).into())
+        Err(Error::FailedPrecondition(NO_TRAINER.into()).into())
     }
 
     async fn get_supervised_fine_tuning_job(
@@ -109,25 +111,10 @@ impl FineTuningService for FineTuning {
         &self,
         request: Request<ListSupervisedFineTuningJobsRequest>,
     ) -> Reply<ListSupervisedFineTuningJobsResponse> {
-        let caller = principal(&request)?.clone();
-        let r = request.into_inner();
-        let parent = own_parent(&caller, &r.parent)?;
-        parse_filter(
-            &r.filter,
-            &["state", "base_model", "dataset", "output_model"],
-        )?;
-        parse_order_by(
-            &r.order_by,
-            &["name", "create_time", "update_time", "completed_time"],
-        )?;
-        let scope = format!(
-            "{JOBS}|{parent}|{}|{}|{}",
-            r.filter, r.order_by, caller.account
-        );
-        Page::from_request(&self.pages, &scope, r.page_size, &r.page_token)?;
-        Ok(Response::new(
-            ListSupervisedFineTuningJobsResponse::default(),
-        ))
+        let (caller, r) = split(request)?;
+        own_parent(&caller, &r.parent)?;
+        let query = JOB_FIELDS.query(&self.pages, &r.list_request(), &caller.account)?;
+        reply_list(Ok::<_, Error>(query.page_of(&self.pages, Vec::new())))
     }
 
     async fn cancel_supervised_fine_tuning_job(
@@ -146,6 +133,36 @@ impl FineTuningService for FineTuning {
         no_such_job(&request, &name)
     }
 }
+
+/// The fields a job list filters on and orders by.
+static JOB_FIELDS: Fields<Getter<SupervisedFineTuningJob>> = Fields {
+    collection: JOBS,
+    fields: &[
+        Field::order("name", |j| Value::Text(j.name.clone())),
+        Field::order("create_time", |j| time_value(&j.create_time)),
+        Field::order("update_time", |j| time_value(&j.update_time)),
+        Field::order("completed_time", |j| time_value(&j.completed_time)),
+        Field::filter(
+            "state",
+            |j| Value::Int(j.state.into()),
+            Kind::Enum(|s| {
+                supervised_fine_tuning_job::JobState::from_str_name(s).map(|v| v as i32)
+            }),
+        ),
+        Field::filter(
+            "base_model",
+            |j| Value::Text(j.base_model.clone()),
+            Kind::Text,
+        ),
+        Field::filter("dataset", |j| Value::Text(j.dataset.clone()), Kind::Text),
+        Field::filter(
+            "output_model",
+            |j| Value::Text(j.output_model.clone()),
+            Kind::Text,
+        ),
+    ],
+    tie_break: |j| Value::Text(j.name.clone()),
+};
 
 #[cfg(test)]
 mod tests;

@@ -1,23 +1,13 @@
 //! The scheduler's gRPC face: thin handlers over [`Scheduler`].
 
 use futures::StreamExt;
-use kiln_core::auth::{Principal, principal};
+use kiln_core::grpc::{ListRpc, Reply, reply, reply_list, required, split};
 use kiln_proto::scheduler::v1::*;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Streaming};
 
 use crate::fine_tuning::FineTuning;
 use crate::nodes::SchedulerStream;
 use crate::service::Scheduler;
-
-type Reply<T> = Result<Response<T>, Status>;
-
-fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
-    Ok(principal(request)?.clone())
-}
-
-fn required<T>(value: Option<T>, field: &str) -> Result<T, Status> {
-    value.ok_or_else(|| kiln_core::Error::invalid(field, "is required").into())
-}
 
 #[tonic::async_trait]
 impl deployment_service_server::DeploymentService for Scheduler {
@@ -25,95 +15,71 @@ impl deployment_service_server::DeploymentService for Scheduler {
         &self,
         request: Request<CreateDeploymentRequest>,
     ) -> Reply<Deployment> {
-        let p = caller(&request)?;
-        let r = request.into_inner();
-        Ok(Response::new(
+        let (p, r) = split(request)?;
+        let deployment = required(r.deployment, "deployment")?;
+        reply(
             self.create_deployment(
                 &p,
                 &r.parent,
                 r.deployment_id,
-                required(r.deployment, "deployment")?,
+                deployment,
                 r.disable_auto_deploy,
                 r.validate_only,
             )
-            .await?,
-        ))
+            .await,
+        )
     }
 
     async fn get_deployment(&self, request: Request<GetDeploymentRequest>) -> Reply<Deployment> {
-        let p = caller(&request)?;
-        Ok(Response::new(
-            self.get_deployment(&p, &request.into_inner().name).await?,
-        ))
+        let (p, r) = split(request)?;
+        reply(self.get_deployment(&p, &r.name).await)
     }
 
     async fn list_deployments(
         &self,
         request: Request<ListDeploymentsRequest>,
     ) -> Reply<ListDeploymentsResponse> {
-        let p = caller(&request)?;
-        let r = request.into_inner();
-        let page = self
-            .list_deployments(
-                &p,
-                &r.parent,
-                r.page_size,
-                &r.page_token,
-                &r.filter,
-                &r.order_by,
-                r.show_deleted,
-            )
-            .await?;
-        Ok(Response::new(ListDeploymentsResponse {
-            deployments: page.items,
-            next_page_token: page.next_page_token,
-            total_size: page.total_size,
-        }))
+        let (p, r) = split(request)?;
+        reply_list(
+            self.list_deployments(&p, &r.list_request(), r.show_deleted)
+                .await,
+        )
     }
 
     async fn update_deployment(
         &self,
         request: Request<UpdateDeploymentRequest>,
     ) -> Reply<Deployment> {
-        let p = caller(&request)?;
-        let r = request.into_inner();
-        Ok(Response::new(
-            self.update_deployment(&p, required(r.deployment, "deployment")?, r.update_mask)
-                .await?,
-        ))
+        let (p, r) = split(request)?;
+        let deployment = required(r.deployment, "deployment")?;
+        reply(self.update_deployment(&p, deployment, r.update_mask).await)
     }
 
     async fn delete_deployment(
         &self,
         request: Request<DeleteDeploymentRequest>,
     ) -> Reply<DeleteDeploymentResponse> {
-        let p = caller(&request)?;
-        let r = request.into_inner();
-        self.delete_deployment(&p, &r.name, r.hard, r.ignore_checks)
-            .await?;
-        Ok(Response::new(DeleteDeploymentResponse {}))
+        let (p, r) = split(request)?;
+        let deleted = self
+            .delete_deployment(&p, &r.name, r.hard, r.ignore_checks)
+            .await;
+        reply(deleted.map(|()| DeleteDeploymentResponse {}))
     }
 
     async fn undelete_deployment(
         &self,
         request: Request<UndeleteDeploymentRequest>,
     ) -> Reply<Deployment> {
-        let p = caller(&request)?;
-        Ok(Response::new(
-            self.undelete_deployment(&p, &request.into_inner().name)
-                .await?,
-        ))
+        let (p, r) = split(request)?;
+        reply(self.undelete_deployment(&p, &r.name).await)
     }
 
     async fn scale_deployment(
         &self,
         request: Request<ScaleDeploymentRequest>,
     ) -> Reply<Deployment> {
-        let p = caller(&request)?;
-        let r = request.into_inner();
-        Ok(Response::new(
-            self.scale_deployment(&p, &r.name, r.replica_count).await?,
-        ))
+        let (p, r) = split(request)?;
+        reply(self.scale_deployment(&p, &r.name, r.replica_count).await)
     }
 }
 
@@ -123,77 +89,49 @@ impl deployed_model_service_server::DeployedModelService for Scheduler {
         &self,
         request: Request<CreateDeployedModelRequest>,
     ) -> Reply<DeployedModel> {
-        let p = caller(&request)?;
-        let r = request.into_inner();
-        Ok(Response::new(
-            self.create_deployed_model(
-                &p,
-                &r.parent,
-                r.deployed_model_id,
-                required(r.deployed_model, "deployed_model")?,
-            )
-            .await?,
-        ))
+        let (p, r) = split(request)?;
+        let deployed_model = required(r.deployed_model, "deployed_model")?;
+        reply(
+            self.create_deployed_model(&p, &r.parent, r.deployed_model_id, deployed_model)
+                .await,
+        )
     }
 
     async fn get_deployed_model(
         &self,
         request: Request<GetDeployedModelRequest>,
     ) -> Reply<DeployedModel> {
-        let p = caller(&request)?;
-        Ok(Response::new(
-            self.get_deployed_model(&p, &request.into_inner().name)
-                .await?,
-        ))
+        let (p, r) = split(request)?;
+        reply(self.get_deployed_model(&p, &r.name).await)
     }
 
     async fn list_deployed_models(
         &self,
         request: Request<ListDeployedModelsRequest>,
     ) -> Reply<ListDeployedModelsResponse> {
-        let p = caller(&request)?;
-        let r = request.into_inner();
-        let page = self
-            .list_deployed_models(
-                &p,
-                &r.parent,
-                r.page_size,
-                &r.page_token,
-                &r.filter,
-                &r.order_by,
-            )
-            .await?;
-        Ok(Response::new(ListDeployedModelsResponse {
-            deployed_models: page.items,
-            next_page_token: page.next_page_token,
-            total_size: page.total_size,
-        }))
+        let (p, r) = split(request)?;
+        reply_list(self.list_deployed_models(&p, &r.list_request()).await)
     }
 
     async fn update_deployed_model(
         &self,
         request: Request<UpdateDeployedModelRequest>,
     ) -> Reply<DeployedModel> {
-        let p = caller(&request)?;
-        let r = request.into_inner();
-        Ok(Response::new(
-            self.update_deployed_model(
-                &p,
-                required(r.deployed_model, "deployed_model")?,
-                r.update_mask,
-            )
-            .await?,
-        ))
+        let (p, r) = split(request)?;
+        let deployed_model = required(r.deployed_model, "deployed_model")?;
+        reply(
+            self.update_deployed_model(&p, deployed_model, r.update_mask)
+                .await,
+        )
     }
 
     async fn delete_deployed_model(
         &self,
         request: Request<DeleteDeployedModelRequest>,
     ) -> Reply<DeleteDeployedModelResponse> {
-        let p = caller(&request)?;
-        self.delete_deployed_model(&p, &request.into_inner().name)
-            .await?;
-        Ok(Response::new(DeleteDeployedModelResponse {}))
+        let (p, r) = split(request)?;
+        let deleted = self.delete_deployed_model(&p, &r.name).await;
+        reply(deleted.map(|()| DeleteDeployedModelResponse {}))
     }
 }
 
@@ -205,22 +143,13 @@ impl node_service_server::NodeService for Scheduler {
         &self,
         request: Request<Streaming<NodeMessage>>,
     ) -> Reply<Self::ConnectStream> {
-        let p = caller(&request)?;
-        let inbound = request.into_inner().boxed();
-        Ok(Response::new(Scheduler::connect(self, &p, inbound).await?))
+        let (p, r) = split(request)?;
+        reply(Scheduler::connect(self, &p, r.boxed()).await)
     }
 
     async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Reply<ListNodesResponse> {
-        let p = caller(&request)?;
-        let r = request.into_inner();
-        let page = self
-            .list_nodes(&p, r.page_size, &r.page_token, &r.filter, &r.order_by)
-            .await?;
-        Ok(Response::new(ListNodesResponse {
-            nodes: page.items,
-            next_page_token: page.next_page_token,
-            total_size: page.total_size,
-        }))
+        let (p, r) = split(request)?;
+        reply_list(self.list_nodes(&p, &r.list_request()).await)
     }
 }
 

@@ -9,7 +9,6 @@ pub mod config;
 mod db;
 mod deployed_models;
 mod deployments;
-mod error;
 mod fine_tuning;
 mod grpc;
 mod lost_nodes;
@@ -29,7 +28,7 @@ use std::sync::Arc;
 use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 
-pub use error::{Error, Result};
+pub use kiln_core::{Error, Result};
 pub use service::Scheduler;
 
 /// Opens the scheduler's database (migrating it), starts its outbox relay and reconcile loop
@@ -43,7 +42,7 @@ pub async fn open(
     quotas: Option<Arc<dyn quota::QuotaGate>>,
 ) -> Result<Scheduler> {
     std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-        Error::Startup(format!(
+        Error::Internal(format!(
             "cannot create data dir {}: {e}",
             server.data_dir.display()
         ))

@@ -1,29 +1,29 @@
 //! Worker nodes: the `Connect` stream (registration, heartbeats, replica reports, demand;
 //! assignments and routing tables back) and `ListNodes`.
 
+use kiln_core::Error;
 use std::time::Instant;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
+use kiln_core::listing::{Field, Fields, Getter, Kind, ListRequest, Listing, Value, time_value};
 use kiln_events::Body;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::{
     Node, NodeMessage, NodeRegistered, RegisterNode, SchedulerMessage, node, node_message, replica,
     scheduler_message,
 };
-use kiln_store::listing::Listing;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::error::Result;
 use crate::replicas::unload_assignment;
 use crate::resource::is_gone;
 use crate::service::Scheduler;
 use crate::state::{NodeEntry, ReplicaEntry};
 use crate::time::now;
+use kiln_core::Result;
 
 /// Messages a node's outgoing stream buffers before the scheduler retries later.
 const OUTGOING: usize = 256;
@@ -39,24 +39,25 @@ impl Scheduler {
         mut inbound: BoxStream<'static, Result<NodeMessage, Status>>,
     ) -> Result<SchedulerStream> {
         if !caller.has(kiln_core::auth::Role::Service) {
-            return Err(ApiError::PermissionDenied(
+            return Err(Error::PermissionDenied(
                 "only inference nodes (the service credential) connect".into(),
-            )
-            .into());
+            ));
         }
         let first = match inbound.next().await {
             Some(Ok(message)) => message,
-            Some(Err(status)) => return Err(crate::Error::Remote(status)),
+            Some(Err(status)) => return Err(Error::from_peer("the node's stream", status)),
             None => {
-                return Err(
-                    ApiError::invalid("register", "the stream closed before RegisterNode").into(),
-                );
+                return Err(Error::invalid(
+                    "register",
+                    "the stream closed before RegisterNode",
+                ));
             }
         };
         let Some(node_message::Payload::Register(register)) = first.payload else {
-            return Err(
-                ApiError::invalid("register", "the first message must be RegisterNode").into(),
-            );
+            return Err(Error::invalid(
+                "register",
+                "the first message must be RegisterNode",
+            ));
         };
         let (session, name, sender, receiver) = self.register(register).await?;
         let scheduler = self.clone();
@@ -111,32 +112,29 @@ impl Scheduler {
         mpsc::Receiver<Result<SchedulerMessage, Status>>,
     )> {
         if kiln_core::names::id_problem(&register.node_id).is_some() {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "register.node_id",
                 format!(
                     "{:?} is not an ID (1-63 of a-z, 0-9 and '-', not starting or ending with '-')",
                     register.node_id
                 ),
-            )
-            .into());
+            ));
         }
         if !(register.address.starts_with("http://") || register.address.starts_with("https://")) {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "register.address",
                 format!(
                     "must be an http:// or https:// URL, got {:?}",
                     register.address
                 ),
-            )
-            .into());
+            ));
         }
         for (i, a) in register.accelerators.iter().enumerate() {
             if a.count < 0 || a.memory_bytes < 0 {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     format!("register.accelerators[{i}]"),
                     "count and memory_bytes must not be negative",
-                )
-                .into());
+                ));
             }
         }
         let name = format!("nodes/{}", register.node_id);
@@ -320,23 +318,16 @@ impl Scheduler {
     pub async fn list_nodes(
         &self,
         caller: &Principal,
-        page_size: i32,
-        page_token: &str,
-        filter: &str,
-        order_by: &str,
+        request: &ListRequest,
     ) -> Result<Listing<Node>> {
         if !caller.is_privileged() {
-            return Err(
-                ApiError::PermissionDenied("only platform admins list nodes".into()).into(),
-            );
+            return Err(Error::PermissionDenied(
+                "only platform admins list nodes".into(),
+            ));
         }
-        let terms = kiln_core::page::parse_filter(filter, &["state"])?;
-        let order = kiln_core::page::parse_order_by(
-            order_by,
-            &["name", "create_time", "last_heartbeat_time"],
-        )?;
+        let query = NODE_FIELDS.query(self.pages(), request, "")?;
         let state = self.lock().await;
-        let mut nodes: Vec<Node> = state
+        let nodes: Vec<Node> = state
             .nodes
             .values()
             .map(|n| {
@@ -355,46 +346,24 @@ impl Scheduler {
             })
             .collect();
         drop(state);
-        for term in &terms {
-            let value = kiln_core::page::enum_filter_value("state", &term.value, |s| {
-                node::State::from_str_name(s).map(|v| v as i32)
-            })?;
-            nodes.retain(|n| (n.state == value) != term.negated);
-        }
-        for key in order.iter().rev() {
-            let micros = |t: &Option<prost_types::Timestamp>| {
-                t.as_ref()
-                    .map(kiln_core::time::timestamp_to_micros)
-                    .unwrap_or(0)
-            };
-            nodes.sort_by(|a, b| {
-                let ordering = match key.field.as_str() {
-                    "create_time" => micros(&a.create_time).cmp(&micros(&b.create_time)),
-                    "last_heartbeat_time" => {
-                        micros(&a.last_heartbeat_time).cmp(&micros(&b.last_heartbeat_time))
-                    }
-                    _ => a.name.cmp(&b.name),
-                };
-                if key.descending {
-                    ordering.reverse()
-                } else {
-                    ordering
-                }
-            });
-        }
-        let scope = format!("nodes|{filter}|{order_by}");
-        let page =
-            kiln_core::page::Page::from_request(self.pages(), &scope, page_size, page_token)?;
-        let total = nodes.len() as u64;
-        let items: Vec<Node> = nodes
-            .into_iter()
-            .skip(page.offset as usize)
-            .take(page.limit as usize)
-            .collect();
-        Ok(Listing {
-            items,
-            next_page_token: page.next_token(self.pages(), &scope, total),
-            total_size: total as i32,
-        })
+        Ok(query.page_of(self.pages(), nodes))
     }
 }
+
+/// The fields a node list filters on and orders by.
+static NODE_FIELDS: Fields<Getter<Node>> = Fields {
+    collection: "nodes",
+    fields: &[
+        Field::order("name", |n| Value::Text(n.name.clone())),
+        Field::order("create_time", |n| time_value(&n.create_time)),
+        Field::order("last_heartbeat_time", |n| {
+            time_value(&n.last_heartbeat_time)
+        }),
+        Field::filter(
+            "state",
+            |n| Value::Int(n.state.into()),
+            Kind::Enum(|s| node::State::from_str_name(s).map(|v| v as i32)),
+        ),
+    ],
+    tie_break: |n| Value::Text(n.name.clone()),
+};

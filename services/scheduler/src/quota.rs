@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::names::SYSTEM_ACCOUNT;
 use kiln_core::telemetry::OutgoingInterceptor;
@@ -22,9 +21,9 @@ use kiln_proto::scheduler::v1::deployment::DeploymentType;
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::error::{Error, Result};
 use crate::resource::is_gone;
 use crate::state::State;
+use kiln_core::{Error, Result};
 
 /// Reading an account's limits takes at most this long; beyond it the change is refused
 /// (UNAVAILABLE) rather than made unchecked.
@@ -58,7 +57,7 @@ impl RemoteQuotas {
     /// Connects lazily to `url`, presenting `service_token`.
     pub fn new(url: &str, service_token: &str) -> Result<Self> {
         let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| Error::Startup(format!("billing_url: {e}")))?
+            .map_err(|e| Error::Internal(format!("billing_url: {e}")))?
             .connect_lazy();
         let interceptor = OutgoingInterceptor::new(Some(service_token))?;
         Ok(Self {
@@ -79,7 +78,7 @@ impl QuotaGate for RemoteQuotas {
                 ..Default::default()
             })
             .await
-            .map_err(Error::Remote)?
+            .map_err(|status| Error::from_peer("billing ListQuotas", status))?
             .into_inner();
         Ok(QuotaLimits(
             listed
@@ -122,10 +121,9 @@ pub(crate) fn check_not_suspended(caller: &Principal, account: &str) -> Result<(
         let state = SuspendState::try_from(caller.suspend_state)
             .map(|s| s.as_str_name())
             .unwrap_or("SUSPENDED");
-        return Err(ApiError::FailedPrecondition(format!(
+        return Err(Error::FailedPrecondition(format!(
             "account accounts/{account} is suspended ({state}); deployments cannot be created or grown"
-        ))
-        .into());
+        )));
     }
     Ok(())
 }
@@ -142,15 +140,12 @@ pub(crate) async fn read_limits(
     }
     let limits = tokio::time::timeout(READ_TIMEOUT, gate.limits(account))
         .await
-        .map_err(|_| {
-            ApiError::Unavailable("billing did not answer with the account's quotas".into())
-        })?
+        .map_err(|_| Error::Unavailable("billing did not answer with the account's quotas".into()))?
         .map_err(|e| match e {
-            Error::Remote(status) => Error::Api(ApiError::Unavailable(format!(
-                "cannot read the account's quotas from billing: {}",
-                status.message()
-            ))),
-            other => other,
+            Error::Internal(_) => e,
+            other => Error::Unavailable(format!(
+                "cannot read the account's quotas from billing: {other}"
+            )),
         })?;
     Ok(Some(limits))
 }
@@ -212,9 +207,8 @@ pub(crate) fn check_deployment(
 }
 
 fn exhausted(message: String) -> Error {
-    ApiError::ResourceExhausted {
+    Error::ResourceExhausted {
         message,
         retry_after: None,
     }
-    .into()
 }

@@ -13,13 +13,13 @@ use kiln_proto::scheduler::v1::{ReplicaLoad, ReplicaStats, deployed_model, deplo
 
 use crate::addons;
 use crate::autoscale::{self, Observed, Policy};
-use crate::error::Result;
 use crate::replicas::{self, Plan, pending_replica};
 use crate::resource::is_gone;
 use crate::routes::routing_table;
 use crate::service::Scheduler;
 use crate::state::{DeploymentEntry, ReplicaEntry, State};
 use crate::time::now;
+use kiln_core::Result;
 
 /// Replica failures in a row (without one becoming ready) that fail the deployment.
 const MAX_FAILURES: u32 = 3;

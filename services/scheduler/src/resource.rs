@@ -6,7 +6,7 @@ use kiln_core::names::AccountName;
 use kiln_proto::scheduler::v1::{Deployment, deployment};
 use prost::Message;
 
-use crate::error::Result;
+use kiln_core::Result;
 
 /// The account ID of `accounts/{a}/...` (empty when the name is not under an account).
 pub(crate) fn account_of(name: &str) -> String {
@@ -29,9 +29,8 @@ pub(crate) fn own_parent(
 
 /// A stored resource (encoded protobuf); INTERNAL when it does not decode.
 pub(crate) fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
-    M::decode(bytes).map_err(|e| {
-        kiln_core::Error::Internal(format!("stored resource does not decode: {e}")).into()
-    })
+    M::decode(bytes)
+        .map_err(|e| kiln_core::Error::Internal(format!("stored resource does not decode: {e}")))
 }
 
 /// Whether a deployment is deleted or being deleted.

@@ -17,11 +17,11 @@ use tokio::sync::{Mutex, Notify, watch};
 use crate::catalog::ModelCatalog;
 use crate::config::SchedulerConfig;
 use crate::db::{deployed_model as dm_rows, deployment as deployment_rows};
-use crate::error::Result;
 use crate::quota::QuotaGate;
 use crate::resource::decode;
 use crate::state::{DeploymentEntry, State};
 use crate::time::now;
+use kiln_core::Result;
 
 /// The name events carry in `source`.
 pub(crate) const SOURCE: &str = "kiln-scheduler";
@@ -192,7 +192,7 @@ impl Scheduler {
                 Ok(_) => {}
                 Err(err) if kiln_store::is_unique_violation(&err) => {
                     txn.rollback().await?;
-                    return Err(kiln_core::Error::already_exists(&name).into());
+                    return Err(kiln_core::Error::already_exists(&name));
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -262,7 +262,7 @@ impl Scheduler {
             {
                 Ok(_) => Ok(()),
                 Err(err) if kiln_store::is_unique_violation(&err) => {
-                    Err(kiln_core::Error::already_exists(&name).into())
+                    Err(kiln_core::Error::already_exists(&name))
                 }
                 Err(err) => Err(err.into()),
             }

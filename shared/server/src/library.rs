@@ -45,7 +45,7 @@ async fn deploy_serverless(scheduler: &kiln_scheduler::Scheduler, model: &str) {
         .await
     {
         Ok(d) => tracing::info!(deployment = %d.name, "serverless deployment created"),
-        Err(kiln_scheduler::Error::Api(kiln_core::Error::AlreadyExists { .. })) => {}
+        Err(kiln_core::Error::AlreadyExists { .. }) => {}
         Err(err) => tracing::warn!(model, %err, "cannot deploy the library model"),
     }
 }

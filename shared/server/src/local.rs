@@ -42,18 +42,15 @@ impl kiln_inference::source::ModelSource for LocalRegistry {
 
 #[async_trait::async_trait]
 impl kiln_scheduler::catalog::ModelCatalog for LocalRegistry {
-    async fn get_model(&self, name: &str) -> kiln_scheduler::Result<Model> {
-        self.0
-            .get_model(&Principal::service(), name)
-            .await
-            .map_err(|e| kiln_scheduler::Error::Remote(e.into()))
+    async fn get_model(&self, name: &str) -> kiln_core::Result<Model> {
+        self.0.get_model(&Principal::service(), name).await
     }
 }
 
 pub(crate) struct LocalBilling(pub kiln_billing::Billing);
 
 impl LocalBilling {
-    async fn values(&self, account: &str) -> Result<HashMap<String, i64>, kiln_billing::Error> {
+    async fn values(&self, account: &str) -> kiln_core::Result<HashMap<String, i64>> {
         Ok(self.0.quota_values(account).await?.into_iter().collect())
     }
 }
@@ -64,11 +61,9 @@ impl kiln_scheduler::quota::QuotaGate for LocalBilling {
         &self,
         account: &str,
     ) -> kiln_scheduler::Result<kiln_scheduler::quota::QuotaLimits> {
-        let values = self
-            .values(account)
-            .await
-            .map_err(|e| kiln_scheduler::Error::Remote(e.into()))?;
-        Ok(kiln_scheduler::quota::QuotaLimits(values))
+        Ok(kiln_scheduler::quota::QuotaLimits(
+            self.values(account).await?,
+        ))
     }
 }
 

@@ -1,6 +1,6 @@
 //! CreateDeployment, and the deployed model it makes unless told not to.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_core::names::{self, ChildName, SYSTEM_ACCOUNT, validate_display_name};
 use kiln_events::Body;
@@ -14,7 +14,6 @@ use super::rules::{
     MAX_ACCELERATORS, check_backend, check_max_context_length, check_replica_bounds,
     complete_policy, default_accelerator, model_bytes,
 };
-use crate::error::Result;
 use crate::placement;
 use crate::quota;
 use crate::replicas::capacities;
@@ -22,6 +21,7 @@ use crate::resource::own_parent;
 use crate::service::Scheduler;
 use crate::state::{DeploymentEntry, State};
 use crate::time::now;
+use kiln_core::Result;
 
 impl Scheduler {
     pub async fn create_deployment(
@@ -53,30 +53,27 @@ impl Scheduler {
                 deployment::DeploymentType::Dedicated
             }
             Ok(deployment::DeploymentType::Serverless) if !system => {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     "deployment.deployment_type",
                     "only the kiln system account has SERVERLESS deployments; yours are DEDICATED",
-                )
-                .into());
+                ));
             }
             Ok(kind) => kind,
         };
         if d.accelerator_count < 0 || d.accelerator_count > MAX_ACCELERATORS {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "deployment.accelerator_count",
                 format!("must be between 1 and {MAX_ACCELERATORS}"),
-            )
-            .into());
+            ));
         }
         if d.accelerator_count == 0 {
             d.accelerator_count = 1;
         }
         if AcceleratorType::try_from(d.accelerator_type).is_err() {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 "deployment.accelerator_type",
                 format!("{} is not an accelerator type", d.accelerator_type),
-            )
-            .into());
+            ));
         }
         check_backend(&d.backend)?;
         check_max_context_length(d.max_context_length)?;
@@ -90,7 +87,7 @@ impl Scheduler {
         let mut state = self.lock().await;
         let name = format!("{parent}/deployments/{deployment_id}");
         if state.deployments.contains_key(&name) {
-            return Err(ApiError::already_exists(&name).into());
+            return Err(Error::already_exists(&name));
         }
         let asked = Deployment {
             name: name.clone(),
@@ -108,9 +105,9 @@ impl Scheduler {
             };
             let mut fresh = nodes.clone();
             if placement::place(&mut fresh, &[need])[0].is_none() {
-                return Err(
-                    ApiError::FailedPrecondition(placement::why_unplaced(&nodes, &need)).into(),
-                );
+                return Err(Error::FailedPrecondition(placement::why_unplaced(
+                    &nodes, &need,
+                )));
             }
         }
         let created = now();

@@ -1,17 +1,17 @@
 //! DeleteDeployment (soft, or hard) and UndeleteDeployment.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_events::Body;
 use kiln_proto::common::v1::Status as ResourceStatus;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::{Deployment, deployed_model, deployment};
 
-use crate::error::Result;
 use crate::quota;
 use crate::service::Scheduler;
 use crate::state::DeploymentEntry;
 use crate::time::now;
+use kiln_core::Result;
 
 impl Scheduler {
     pub(crate) async fn delete_deployment(
@@ -34,14 +34,15 @@ impl Scheduler {
             .map(|r| r.load.in_flight_requests + r.load.queue_depth)
             .sum();
         if in_flight > 0 && !ignore_checks {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{full} is serving {in_flight} requests; retry when idle, or set ignore_checks"
-            ))
-            .into());
+            )));
         }
         let entry = state.deployments.get_mut(&full).expect("found above");
         if entry.deployment.state == deployment::State::Deleted as i32 && !hard {
-            return Err(ApiError::FailedPrecondition(format!("{full} is already deleted")).into());
+            return Err(Error::FailedPrecondition(format!(
+                "{full} is already deleted"
+            )));
         }
         let deleted_at = now();
         let purge = prost_types::Timestamp {
@@ -102,21 +103,21 @@ impl Scheduler {
         if before.state != deployment::State::Deleted as i32
             && before.state != deployment::State::Deleting as i32
         {
-            return Err(
-                ApiError::FailedPrecondition(format!("{} is not deleted", before.name)).into(),
-            );
+            return Err(Error::FailedPrecondition(format!(
+                "{} is not deleted",
+                before.name
+            )));
         }
         if before.purge_time.is_none() {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{} was deleted for good (hard) and cannot be restored",
                 before.name
-            ))
-            .into());
+            )));
         }
         quota::check_not_suspended(caller, &account)?;
         quota::check_deployment(limits.as_ref(), &state, &account, None, &before)?;
         let Some(entry) = state.deployments.get_mut(&before.name) else {
-            return Err(ApiError::not_found(&before.name).into());
+            return Err(Error::not_found(&before.name));
         };
         let d = &mut entry.deployment;
         d.state = deployment::State::Creating as i32;

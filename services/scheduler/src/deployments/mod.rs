@@ -7,22 +7,21 @@ mod delete;
 mod rules;
 mod update;
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names::{self, ChildName};
-use kiln_core::page::{FilterTerm, enum_filter_value};
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::registry::v1::{Model, model};
 use kiln_proto::scheduler::v1::{Deployment, deployment};
-use kiln_store::listing::Listing;
-use sea_orm::{ColumnTrait, Condition, EntityTrait, Order, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::deployment as rows;
-use crate::error::Result;
 use crate::quota::{self, QuotaLimits};
 use crate::resource::decode;
 use crate::service::Scheduler;
 use crate::state::{DeploymentEntry, State};
+use kiln_core::Result;
 
 impl Scheduler {
     /// A deployment the caller may read (its own account's, or a serverless one).
@@ -43,7 +42,7 @@ impl Scheduler {
             {
                 Ok(entry)
             }
-            _ => Err(ApiError::not_found(&parsed).into()),
+            _ => Err(Error::not_found(&parsed)),
         }
     }
 
@@ -59,7 +58,7 @@ impl Scheduler {
         let full = parsed.to_string();
         match state.deployments.get_mut(&full) {
             Some(entry) if caller.can_access(&parsed.account) => Ok(entry),
-            _ => Err(ApiError::not_found(&parsed).into()),
+            _ => Err(Error::not_found(&parsed)),
         }
     }
 
@@ -85,38 +84,36 @@ impl Scheduler {
     async fn servable_base(&self, caller: &Principal, name: &str) -> Result<Model> {
         let field = "deployment.base_model";
         if name.is_empty() {
-            return Err(ApiError::invalid(field, "is required").into());
+            return Err(Error::invalid(field, "is required"));
         }
         let parsed = ChildName::parse(field, "models", name, Some(&caller.account))?;
         let model = match self.catalog().get_model(&parsed.to_string()).await {
             Ok(model) => model,
-            Err(crate::Error::Remote(status)) if status.code() == tonic::Code::NotFound => {
-                return Err(ApiError::not_found(&parsed).into());
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                return Err(Error::not_found(&parsed));
             }
             Err(err) => return Err(err),
         };
         if !(model.public || caller.can_access(&parsed.account)) {
-            return Err(ApiError::not_found(&parsed).into());
+            return Err(Error::not_found(&parsed));
         }
         if model.kind == model::Kind::LoraAddon as i32 {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 field,
                 format!(
                     "{} is a LoRA addon: deploy its base model with enable_addons, then deploy the addon onto it",
                     model.name
                 ),
-            )
-            .into());
+            ));
         }
         if model.state != model::State::Ready as i32 {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{} is not READY (state {})",
                 model.name,
                 model::State::try_from(model.state)
                     .map(|s| s.as_str_name())
                     .unwrap_or("unknown")
-            ))
-            .into());
+            )));
         }
         Ok(model)
     }
@@ -133,76 +130,26 @@ impl Scheduler {
             .clone())
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub async fn list_deployments(
         &self,
         caller: &Principal,
-        parent: &str,
-        page_size: i32,
-        page_token: &str,
-        filter: &str,
-        order_by: &str,
+        request: &ListRequest,
         show_deleted: bool,
     ) -> Result<Listing<Deployment>> {
-        let parent = names::AccountName::parse("parent", parent)?;
-        let mut cond = Condition::all().add(rows::Column::AccountId.eq(parent.account.clone()));
+        let parent = names::AccountName::parse("parent", &request.parent)?;
+        let scope = format!("{show_deleted}|{}", caller.account);
+        let query = DEPLOYMENT_FIELDS.query(self.pages(), request, &scope)?;
+        let mut select =
+            rows::Entity::find().filter(rows::Column::AccountId.eq(parent.account.clone()));
         if !caller.can_access(&parent.account) {
-            cond = cond.add(
+            select = select.filter(
                 rows::Column::DeploymentType.eq(deployment::DeploymentType::Serverless as i32),
             );
         }
         if !show_deleted {
-            cond = cond.add(rows::Column::State.ne(deployment::State::Deleted as i32));
+            select = select.filter(rows::Column::State.ne(deployment::State::Deleted as i32));
         }
-        for term in kiln_core::page::parse_filter(
-            filter,
-            &[
-                "state",
-                "base_model",
-                "accelerator_type",
-                "deployment_type",
-                "display_name",
-            ],
-        )? {
-            cond = cond.add(deployment_filter(&term)?);
-        }
-        let order = kiln_core::page::parse_order_by(
-            order_by,
-            &["name", "create_time", "update_time", "display_name"],
-        )?
-        .iter()
-        .map(|k| {
-            let col = match k.field.as_str() {
-                "create_time" => rows::Column::CreateTime,
-                "update_time" => rows::Column::UpdateTime,
-                "display_name" => rows::Column::DisplayName,
-                _ => rows::Column::DeploymentId,
-            };
-            (
-                col,
-                if k.descending {
-                    Order::Desc
-                } else {
-                    Order::Asc
-                },
-            )
-        })
-        .collect();
-        let scope = format!(
-            "deployments|{parent}|{filter}|{order_by}|{show_deleted}|{}",
-            caller.account
-        );
-        let page = kiln_store::listing::list_page(
-            self.db(),
-            self.pages(),
-            rows::Entity::find().filter(cond),
-            &scope,
-            page_size,
-            page_token,
-            order,
-            vec![rows::Column::DeploymentId],
-        )
-        .await?;
+        let page = kiln_store::listing::list(self.db(), self.pages(), &query, select).await?;
         // The stored row is a little behind the live counts: answer from memory where it has
         // the deployment.
         let state = self.lock().await;
@@ -225,32 +172,30 @@ impl Scheduler {
     }
 }
 
-fn deployment_filter(term: &FilterTerm) -> Result<sea_orm::sea_query::SimpleExpr> {
-    let value: sea_orm::Value = match term.field.as_str() {
-        "state" => enum_filter_value("state", &term.value, |s| {
-            deployment::State::from_str_name(s).map(|v| v as i32)
-        })?
-        .into(),
-        "accelerator_type" => enum_filter_value("accelerator_type", &term.value, |s| {
-            AcceleratorType::from_str_name(s).map(|v| v as i32)
-        })?
-        .into(),
-        "deployment_type" => enum_filter_value("deployment_type", &term.value, |s| {
-            deployment::DeploymentType::from_str_name(s).map(|v| v as i32)
-        })?
-        .into(),
-        _ => term.value.clone().into(),
-    };
-    let column = match term.field.as_str() {
-        "state" => rows::Column::State,
-        "accelerator_type" => rows::Column::AcceleratorType,
-        "deployment_type" => rows::Column::DeploymentType,
-        "display_name" => rows::Column::DisplayName,
-        _ => rows::Column::BaseModel,
-    };
-    Ok(if term.negated {
-        column.ne(value)
-    } else {
-        column.eq(value)
-    })
-}
+/// The fields a deployment list filters on and orders by.
+static DEPLOYMENT_FIELDS: Fields<rows::Column> = Fields {
+    collection: "deployments",
+    fields: &[
+        Field::order("name", rows::Column::DeploymentId),
+        Field::order("create_time", rows::Column::CreateTime),
+        Field::order("update_time", rows::Column::UpdateTime),
+        Field::both("display_name", rows::Column::DisplayName, Kind::Text),
+        Field::filter("base_model", rows::Column::BaseModel, Kind::Text),
+        Field::filter(
+            "state",
+            rows::Column::State,
+            Kind::Enum(|s| deployment::State::from_str_name(s).map(|v| v as i32)),
+        ),
+        Field::filter(
+            "accelerator_type",
+            rows::Column::AcceleratorType,
+            Kind::Enum(|s| AcceleratorType::from_str_name(s).map(|v| v as i32)),
+        ),
+        Field::filter(
+            "deployment_type",
+            rows::Column::DeploymentType,
+            Kind::Enum(|s| deployment::DeploymentType::from_str_name(s).map(|v| v as i32)),
+        ),
+    ],
+    tie_break: rows::Column::DeploymentId,
+};

@@ -1,14 +1,14 @@
 //! The rules a deployment's fields follow (checked on create and update; errors name the
 //! field) and the defaults it gets. Pure.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::registry::v1::Model;
 use kiln_proto::scheduler::v1::{AutoscalingPolicy, Deployment};
 
-use crate::error::Result;
 use crate::state::State;
 use crate::time::seconds;
+use kiln_core::Result;
 
 /// Load target keys the autoscaler understands.
 const LOAD_TARGET_KEYS: &[&str] = &[
@@ -38,11 +38,10 @@ pub(super) fn complete_policy(policy: Option<AutoscalingPolicy>) -> Result<Autos
         match value {
             None => *value = Some(seconds(default)),
             Some(d) if d.seconds < 0 || d.nanos < 0 => {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     format!("deployment.autoscaling_policy.{field}"),
                     "must not be negative",
-                )
-                .into());
+                ));
             }
             Some(_) => {}
         }
@@ -54,21 +53,19 @@ pub(super) fn complete_policy(policy: Option<AutoscalingPolicy>) -> Result<Autos
     }
     for (key, target) in &policy.load_targets {
         if !LOAD_TARGET_KEYS.contains(&key.as_str()) {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 format!("deployment.autoscaling_policy.load_targets[{key}]"),
                 format!(
                     "is not a load target; use one of {}",
                     LOAD_TARGET_KEYS.join(", ")
                 ),
-            )
-            .into());
+            ));
         }
         if !(target.is_finite() && *target > 0.0) {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 format!("deployment.autoscaling_policy.load_targets[{key}]"),
                 "must be a positive number",
-            )
-            .into());
+            ));
         }
     }
     Ok(policy)
@@ -79,18 +76,18 @@ pub(super) fn check_backend(backend: &str) -> Result<()> {
     if backend.is_empty() || ["tract", "onnxruntime"].contains(&backend) {
         return Ok(());
     }
-    Err(ApiError::invalid(
+    Err(Error::invalid(
         "deployment.backend",
         format!("{backend:?} is not a backend; use tract or onnxruntime"),
-    )
-    .into())
+    ))
 }
 
 pub(super) fn check_max_context_length(length: i32) -> Result<()> {
     if length < 0 {
-        return Err(
-            ApiError::invalid("deployment.max_context_length", "must not be negative").into(),
-        );
+        return Err(Error::invalid(
+            "deployment.max_context_length",
+            "must not be negative",
+        ));
     }
     Ok(())
 }
@@ -98,22 +95,22 @@ pub(super) fn check_max_context_length(length: i32) -> Result<()> {
 /// Checks min/max replica counts and fills max's default.
 pub(super) fn check_replica_bounds(d: &mut Deployment) -> Result<()> {
     if d.min_replica_count < 0 {
-        return Err(
-            ApiError::invalid("deployment.min_replica_count", "must not be negative").into(),
-        );
+        return Err(Error::invalid(
+            "deployment.min_replica_count",
+            "must not be negative",
+        ));
     }
     if d.max_replica_count == 0 {
         d.max_replica_count = d.min_replica_count.max(1);
     }
     if d.max_replica_count < d.min_replica_count || d.max_replica_count > MAX_REPLICAS {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "deployment.max_replica_count",
             format!(
                 "must be between min_replica_count ({}) and {MAX_REPLICAS}",
                 d.min_replica_count
             ),
-        )
-        .into());
+        ));
     }
     Ok(())
 }

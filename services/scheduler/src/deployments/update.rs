@@ -1,8 +1,8 @@
 //! UpdateDeployment and ScaleDeployment.
 
+use kiln_core::Error;
 use std::time::Instant;
 
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::names::validate_display_name;
 use kiln_core::page::mask_paths;
@@ -16,12 +16,12 @@ use super::rules::{
     complete_policy,
 };
 use crate::autoscale::Timers;
-use crate::error::Result;
 use crate::quota;
 use crate::resource::{is_gone, state_name};
 use crate::service::Scheduler;
 use crate::state::DeploymentEntry;
 use crate::time::now;
+use kiln_core::Result;
 
 impl Scheduler {
     pub(crate) async fn update_deployment(
@@ -39,17 +39,16 @@ impl Scheduler {
             .deployment
             .clone();
         if is_gone(&before) {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{} is {}; undelete it first",
                 before.name,
                 state_name(before.state)
-            ))
-            .into());
+            )));
         }
         let mut d = before.clone();
         let paths = mask_paths(mask);
         if paths.is_empty() {
-            return Err(ApiError::invalid("update_mask", "name the fields to change").into());
+            return Err(Error::invalid("update_mask", "name the fields to change"));
         }
         let mut reroll = false;
         for path in &paths {
@@ -78,22 +77,20 @@ impl Scheduler {
                     if AcceleratorType::try_from(update.accelerator_type).is_err()
                         || update.accelerator_type == AcceleratorType::Unspecified as i32
                     {
-                        return Err(ApiError::invalid(
+                        return Err(Error::invalid(
                             "deployment.accelerator_type",
                             "must be an accelerator type",
-                        )
-                        .into());
+                        ));
                     }
                     d.accelerator_type = update.accelerator_type;
                     reroll = true;
                 }
                 "accelerator_count" => {
                     if !(1..=MAX_ACCELERATORS).contains(&update.accelerator_count) {
-                        return Err(ApiError::invalid(
+                        return Err(Error::invalid(
                             "deployment.accelerator_count",
                             format!("must be between 1 and {MAX_ACCELERATORS}"),
-                        )
-                        .into());
+                        ));
                     }
                     d.accelerator_count = update.accelerator_count;
                     reroll = true;
@@ -108,11 +105,10 @@ impl Scheduler {
                     reroll = true;
                 }
                 other => {
-                    return Err(ApiError::invalid(
+                    return Err(Error::invalid(
                         "update_mask",
                         format!("{other:?} is not an updatable field of a deployment"),
-                    )
-                    .into());
+                    ));
                 }
             }
         }
@@ -126,7 +122,7 @@ impl Scheduler {
         quota::check_not_suspended(caller, &account)?;
         quota::check_deployment(limits.as_ref(), &state, &account, Some(&before), &d)?;
         let Some(entry) = state.deployments.get_mut(&d.name) else {
-            return Err(ApiError::not_found(&d.name).into());
+            return Err(Error::not_found(&d.name));
         };
         d.update_time = Some(now());
         if reroll {
@@ -175,17 +171,16 @@ impl Scheduler {
         replica_count: i32,
     ) -> Result<Deployment> {
         if replica_count < 0 {
-            return Err(ApiError::invalid("replica_count", "must not be negative").into());
+            return Err(Error::invalid("replica_count", "must not be negative"));
         }
         let mut state = self.lock().await;
         let entry = self.writable(&mut state, caller, "name", name)?;
         if is_gone(&entry.deployment) {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{} is {}",
                 entry.deployment.name,
                 state_name(entry.deployment.state)
-            ))
-            .into());
+            )));
         }
         let d = &entry.deployment;
         let target = replica_count.clamp(d.min_replica_count, d.max_replica_count);

@@ -9,7 +9,7 @@ use crate::state::fixtures;
 /// The field an INVALID_ARGUMENT names.
 fn field_of(err: crate::Error) -> String {
     match err {
-        crate::Error::Api(ApiError::InvalidArgument { field, .. }) => field,
+        crate::Error::InvalidArgument { field, .. } => field,
         other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
     }
 }
