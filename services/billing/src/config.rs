@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use kiln_core::config::{ConfigError, Validate};
+use kiln_core::duration;
 use serde::{Deserialize, Serialize};
 
 use crate::prices::{Prices, parse_usd_nanos};
@@ -13,7 +16,7 @@ pub use crate::prices::{TokenPrices, TokenTier};
 const DEFAULT_LEDGER_CONSUMER: &str = "billing-ledger";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct BillingConfig {
     /// ISO 4217 code of every price and amount.
     pub currency_code: String,
@@ -29,7 +32,8 @@ pub struct BillingConfig {
     pub quotas: QuotaDefaults,
     /// How often running dedicated replicas are billed for their time so far (so reports and
     /// spend limits see them before they stop).
-    pub accrual_interval_ms: u64,
+    #[serde(with = "duration::serde")]
+    pub accrual_interval: Duration,
     /// Events handled per ledger transaction at most.
     pub ingest_batch: usize,
     /// The ledger's durable consumer on the event stream. Instances of one billing share
@@ -40,7 +44,7 @@ pub struct BillingConfig {
 
 /// Default quota values (and the most an account may set itself).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct QuotaDefaults {
     /// Accelerators of each type an account's dedicated deployments may hold at once.
     pub accelerators: i64,
@@ -86,7 +90,7 @@ impl Default for BillingConfig {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
             quotas: QuotaDefaults::default(),
-            accrual_interval_ms: 60_000,
+            accrual_interval: Duration::from_secs(60),
             ingest_batch: 512,
             ledger_consumer: DEFAULT_LEDGER_CONSUMER.to_owned(),
         }
@@ -94,10 +98,6 @@ impl Default for BillingConfig {
 }
 
 impl BillingConfig {
-    pub(crate) fn accrual_interval(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.accrual_interval_ms)
-    }
-
     /// The parsed price table.
     pub(crate) fn prices(&self) -> Result<Prices, ConfigError> {
         Prices::new(
@@ -118,10 +118,10 @@ impl Validate for BillingConfig {
                 format!("must be an ISO 4217 code such as USD, got {code:?}"),
             ));
         }
-        if self.accrual_interval_ms < 100 {
+        if self.accrual_interval < Duration::from_millis(100) {
             return Err(ConfigError::invalid(
-                "billing.accrual_interval_ms",
-                "must be at least 100",
+                "billing.accrual_interval",
+                "must be at least 100ms",
             ));
         }
         if !(1..=4096).contains(&self.ingest_batch) {

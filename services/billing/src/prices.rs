@@ -15,7 +15,7 @@ const MICROS_PER_HOUR: i128 = 3_600_000_000;
 /// Prices per million tokens, as decimal strings (`"0.10"`): each must be a whole number of
 /// nano-units per token (at most three decimals).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TokenPrices {
     /// Prompt tokens not served from the prefix cache.
     pub input: String,
@@ -28,14 +28,42 @@ pub struct TokenPrices {
     pub training: String,
 }
 
-/// One tier of `billing.token_prices`.
+/// One tier of `billing.token_prices`: its bound and its prices side by side.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "TierKeys")]
 pub struct TokenTier {
     /// Models up to this many parameters; 0: no bound (the last tier).
-    #[serde(default)]
     pub max_parameters: i64,
     #[serde(flatten)]
     pub prices: TokenPrices,
+}
+
+/// A tier as it is written, every key known (serde cannot refuse unknown keys next to a
+/// flattened struct).
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct TierKeys {
+    max_parameters: i64,
+    input: String,
+    cached_input: String,
+    output: String,
+    embedding: String,
+    training: String,
+}
+
+impl From<TierKeys> for TokenTier {
+    fn from(keys: TierKeys) -> Self {
+        Self {
+            max_parameters: keys.max_parameters,
+            prices: TokenPrices {
+                input: keys.input,
+                cached_input: keys.cached_input,
+                output: keys.output,
+                embedding: keys.embedding,
+                training: keys.training,
+            },
+        }
+    }
 }
 
 impl TokenTier {

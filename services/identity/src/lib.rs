@@ -39,7 +39,7 @@ pub async fn open(
         db.clone(),
         host.pages.clone(),
         host.cache.clone(),
-        server.auth_cache_ttl(),
+        server.auth_cache_ttl,
     );
     host.track(
         svc.outbox()

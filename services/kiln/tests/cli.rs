@@ -322,7 +322,7 @@ async fn a_bad_config_value_stops_startup_naming_the_key() {
     assert!(err.contains("listen"), "{err}");
 
     let config = data.path().join("kiln.toml");
-    std::fs::write(&config, "auth_cache_ttl_secs = 0\n").unwrap();
+    std::fs::write(&config, "auth_cache_ttl = \"0s\"\n").unwrap();
     let out = tokio::process::Command::new(kiln_binary())
         .args(["serve", "identity", "--config"])
         .arg(&config)
@@ -331,7 +331,7 @@ async fn a_bad_config_value_stops_startup_naming_the_key() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("auth_cache_ttl_secs"), "{err}");
+    assert!(err.contains("auth_cache_ttl"), "{err}");
 
     let out = tokio::process::Command::new(kiln_binary())
         .args(["serve", "identity"])

@@ -71,7 +71,7 @@ pub(crate) fn mark_lost(
 impl Scheduler {
     /// Loses every node whose heartbeats stopped.
     pub(crate) async fn find_lost_nodes(&self, state: &mut State) {
-        let late = late_nodes(state, self.config().node_lost_after(), Instant::now());
+        let late = late_nodes(state, self.config().node_lost_after, Instant::now());
         for name in late {
             self.lose_node(state, &name, "no heartbeat").await;
         }

@@ -175,10 +175,9 @@ impl Scheduler {
             .send(Ok(SchedulerMessage {
                 payload: Some(scheduler_message::Payload::Registered(NodeRegistered {
                     name: name.clone(),
-                    heartbeat_interval: Some(prost_types::Duration {
-                        seconds: (self.config().heartbeat_interval_ms / 1000) as i64,
-                        nanos: ((self.config().heartbeat_interval_ms % 1000) * 1_000_000) as i32,
-                    }),
+                    heartbeat_interval: Some(crate::time::proto_duration(
+                        self.config().heartbeat_interval,
+                    )),
                 })),
             }))
             .await;

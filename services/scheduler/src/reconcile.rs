@@ -30,7 +30,7 @@ pub(crate) fn spawn(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let interval = scheduler.config().reconcile_interval();
+        let interval = scheduler.config().reconcile_interval;
         loop {
             if let Err(err) = scheduler.reconcile().await {
                 tracing::warn!(%err, "reconcile pass failed");

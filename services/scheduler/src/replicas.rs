@@ -16,7 +16,7 @@ use crate::placement::{self, DeviceGroup, Need, NodeCapacity};
 use crate::resource::account_of;
 use crate::service::Scheduler;
 use crate::state::{ReplicaEntry, State};
-use crate::time::{now, seconds, seconds_between};
+use crate::time::{now, proto_duration, seconds_between};
 
 /// What a deployment's replicas need to reach its desired count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,7 +187,7 @@ impl Scheduler {
         };
         let node = entry.replica.node.clone();
         if let Some(sender) = state.nodes.get(&node).and_then(|n| n.sender.clone()) {
-            let drain = seconds(self.config().drain_timeout_secs);
+            let drain = proto_duration(self.config().drain_timeout);
             let _ = sender.try_send(Ok(unload_assignment(name, Some(drain))));
         }
         self.remove_replica(state, name, reason, None).await;

@@ -26,6 +26,14 @@ pub(crate) fn seconds(d: u64) -> prost_types::Duration {
     }
 }
 
+/// A std duration as a protobuf one.
+pub(crate) fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
 /// Seconds between two timestamps (for replica accelerator-seconds); 0 without a start.
 pub(crate) fn seconds_between(
     from: Option<&prost_types::Timestamp>,

@@ -234,9 +234,10 @@ pub struct ServerConfig {
     /// Whether quotas and rate limits are enforced; false lets a process without billing run
     /// without `billing_url` (nothing is then limited).
     pub enforce_quotas: bool,
-    /// How long a resolved API key is trusted before asking identity again. Deletions reach
-    /// caches sooner, through events.
-    pub auth_cache_ttl_secs: u64,
+    /// How long a resolved API key is trusted before asking identity again (`60s`).
+    /// Deletions reach caches sooner, through events.
+    #[serde(with = "crate::duration::serde")]
+    pub auth_cache_ttl: Duration,
     /// Secret that signs page tokens; default: derived from the service token.
     pub page_token_secret: Option<String>,
     /// `text` or `json` log lines.
@@ -264,7 +265,7 @@ impl Default for ServerConfig {
             registry_url: None,
             billing_url: None,
             enforce_quotas: true,
-            auth_cache_ttl_secs: 60,
+            auth_cache_ttl: Duration::from_secs(60),
             page_token_secret: None,
             log_format: LogFormat::Text,
         }
@@ -272,10 +273,6 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn auth_cache_ttl(&self) -> Duration {
-        Duration::from_secs(self.auth_cache_ttl_secs)
-    }
-
     /// The database URL of `service`: the configured one, or a SQLite file under the data dir.
     pub fn database_url_for(&self, service: &str) -> String {
         match &self.database_url {
@@ -343,10 +340,12 @@ impl Validate for ServerConfig {
                 "must be at least 16 characters",
             ));
         }
-        if self.auth_cache_ttl_secs == 0 || self.auth_cache_ttl_secs > 3600 {
+        if self.auth_cache_ttl < Duration::from_secs(1)
+            || self.auth_cache_ttl > Duration::from_secs(3600)
+        {
             return Err(ConfigError::invalid(
-                "auth_cache_ttl_secs",
-                "must be between 1 and 3600",
+                "auth_cache_ttl",
+                "must be between 1s and 1h",
             ));
         }
         Ok(())
@@ -394,12 +393,20 @@ mod tests {
         let file = dir.path().join("kiln.toml");
         std::fs::write(
             &file,
-            "listen = \"127.0.0.1:9000\"\nauth_cache_ttl_secs = 0\n",
+            "listen = \"127.0.0.1:9000\"\nauth_cache_ttl = \"0s\"\n",
         )
         .unwrap();
         let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
             .unwrap_err();
-        assert!(err.to_string().contains("auth_cache_ttl_secs"), "{err}");
+        assert!(err.to_string().contains("auth_cache_ttl"), "{err}");
+
+        std::fs::write(&file, "auth_cache_ttl = \"60\"\n").unwrap();
+        let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("auth_cache_ttl") && err.to_string().contains("missing unit"),
+            "{err}"
+        );
 
         std::fs::write(&file, "listen = \"not an address\"\n").unwrap();
         let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)

@@ -44,7 +44,7 @@ impl Host {
     ) -> Self {
         Self {
             bus,
-            cache: Arc::new(AuthCache::new(server.auth_cache_ttl())),
+            cache: Arc::new(AuthCache::new(server.auth_cache_ttl)),
             pages: PageTokens::new(page_secret(server).as_bytes()),
             services: ServiceSet::new(),
             shutdown,

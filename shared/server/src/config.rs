@@ -199,6 +199,21 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_loads_for_every_service() {
+        use figment::providers::Format;
+        let example = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/kiln.example.toml"
+        );
+        let figment = Figment::new().merge(figment::providers::Toml::file(example));
+        let config = KilnConfig::from_sources(&figment, Roles::all()).unwrap();
+        assert_eq!(
+            config.scheduler.purge_after,
+            std::time::Duration::from_secs(7 * 86_400)
+        );
+    }
+
+    #[test]
     fn no_service_is_an_error() {
         let err = KilnConfig::default()
             .check_roles(Roles::default())

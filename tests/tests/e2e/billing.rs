@@ -326,7 +326,7 @@ async fn replica_events(
 async fn dedicated_replicas_are_billed_for_their_ready_time() {
     // Bill running replicas often, so reports see the accrual path as well as the stop.
     let config = BillingConfig {
-        accrual_interval_ms: 300,
+        accrual_interval: Duration::from_millis(300),
         ..Default::default()
     };
     let (mesh, _assets, acme, model) = mesh_with_private_minilm_using(MeshOptions {
@@ -400,7 +400,7 @@ async fn dedicated_replicas_are_billed_for_their_ready_time() {
         },
     )
     .await;
-    let heartbeat = mesh.config.scheduler.heartbeat_interval_ms as f64 / 1000.0;
+    let heartbeat = mesh.config.scheduler.heartbeat_interval.as_secs_f64();
     assert!(
         (billed.gpu_seconds - 4.0 * ready_for).abs() <= 4.0 * heartbeat,
         "{} GPU-seconds for 2 replicas × 2 H100 ready {ready_for:.2} s",

@@ -69,7 +69,7 @@ pub(crate) fn spawn(
         let billing = billing.clone();
         let mut shutdown = host.shutdown.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(billing.config().accrual_interval());
+            let mut tick = tokio::time::interval(billing.config().accrual_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {

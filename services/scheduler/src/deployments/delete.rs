@@ -46,7 +46,7 @@ impl Scheduler {
         }
         let deleted_at = now();
         let purge = prost_types::Timestamp {
-            seconds: deleted_at.seconds + self.config().purge_after_secs as i64,
+            seconds: deleted_at.seconds + self.config().purge_after.as_secs() as i64,
             nanos: 0,
         };
         let d = &mut entry.deployment;

@@ -136,7 +136,10 @@ fn capacity_is_what_ready_nodes_have_left() {
 
 #[test]
 fn an_unload_names_its_replica_and_drain() {
-    let message = unload_assignment("accounts/acme/deployments/d/replicas/r1", Some(seconds(30)));
+    let message = unload_assignment(
+        "accounts/acme/deployments/d/replicas/r1",
+        Some(crate::time::seconds(30)),
+    );
     let Some(scheduler_message::Payload::Assignment(a)) = message.payload else {
         panic!("an assignment");
     };
@@ -148,5 +151,5 @@ fn an_unload_names_its_replica_and_drain() {
         panic!("an unload");
     };
     assert_eq!(unload.replica, "accounts/acme/deployments/d/replicas/r1");
-    assert_eq!(unload.drain_timeout, Some(seconds(30)));
+    assert_eq!(unload.drain_timeout, Some(crate::time::seconds(30)));
 }
