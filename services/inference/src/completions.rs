@@ -27,7 +27,7 @@ const MAX_CHOICES: usize = 16;
 struct Job {
     model: Arc<LoadedModel>,
     /// The deployed model and replica serving it (for usage).
-    route: Option<crate::node::RouteRef>,
+    route: Option<crate::router::RouteRef>,
     /// Token ids of each prompt.
     prompts: Vec<Vec<u32>>,
     /// Texts of each prompt (for `echo`).
@@ -391,10 +391,10 @@ impl Inference {
         })
     }
 
-    pub async fn create_completion(
+    pub(crate) async fn create_completion(
         &self,
         caller: &Principal,
-        served: crate::node::Served,
+        served: crate::router::Served,
         r: CreateCompletionRequest,
     ) -> Result<Completion> {
         let start = kiln_core::time::now_micros();
@@ -434,10 +434,10 @@ impl Inference {
         })
     }
 
-    pub async fn create_chat_completion(
+    pub(crate) async fn create_chat_completion(
         &self,
         caller: &Principal,
-        served: crate::node::Served,
+        served: crate::router::Served,
         r: CreateChatCompletionRequest,
     ) -> Result<ChatCompletion> {
         let start = kiln_core::time::now_micros();
@@ -532,10 +532,10 @@ impl Inference {
     }
 
     /// Streams a completion: a message per piece, then one with finish reasons and usage.
-    pub async fn stream_completion(
+    pub(crate) async fn stream_completion(
         &self,
         caller: &Principal,
-        served: crate::node::Served,
+        served: crate::router::Served,
         r: CreateCompletionRequest,
     ) -> Result<BoxStream<'static, Result<Completion, Status>>> {
         let start = kiln_core::time::now_micros();
@@ -603,10 +603,10 @@ impl Inference {
 
     /// Streams a chat completion: the role first, then content pieces, then the finish
     /// reasons and usage.
-    pub async fn stream_chat_completion(
+    pub(crate) async fn stream_chat_completion(
         &self,
         caller: &Principal,
-        served: crate::node::Served,
+        served: crate::router::Served,
         r: CreateChatCompletionRequest,
     ) -> Result<BoxStream<'static, Result<ChatCompletionChunk, Status>>> {
         let start = kiln_core::time::now_micros();

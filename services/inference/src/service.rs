@@ -11,7 +11,8 @@ use tonic::{Request, Response, Status};
 use crate::embeddings;
 use crate::engine::{Engine, LoadedModel, Task};
 use crate::error::Result;
-use crate::node::{Node, Served, Target, forward, is_forwarded, peer_status};
+use crate::node::Node;
+use crate::router::{Served, Target, forward, is_forwarded, peer_status};
 use crate::usage::{Usage, UsageRecorder};
 use futures::StreamExt;
 use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
@@ -19,13 +20,13 @@ use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceCl
 /// The service state every handler shares.
 #[derive(Clone)]
 pub struct Inference {
-    pub engine: Arc<Engine>,
-    pub usage: UsageRecorder,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) usage: UsageRecorder,
     /// The node's agent and router when it works with a scheduler; None: requests name
     /// models, served directly.
-    pub node: Option<Arc<Node>>,
+    pub(crate) node: Option<Arc<Node>>,
     /// Per-account admission (suspensions are checked without it); None: no rate limits.
-    pub limiter: Option<Arc<crate::limits::RateLimiter>>,
+    pub(crate) limiter: Option<Arc<crate::limits::RateLimiter>>,
 }
 
 pub(crate) type Reply<T> = Result<Response<T>, Status>;
@@ -69,7 +70,8 @@ impl Inference {
         crate::limits::check_not_suspended(caller)?;
         Ok(match &self.node {
             Some(node) => {
-                node.target(caller, field, name, is_forwarded(request))
+                node.router
+                    .target(caller, field, name, is_forwarded(request))
                     .await?
             }
             None => Target::Local(Served {
@@ -80,7 +82,7 @@ impl Inference {
         })
     }
 
-    pub async fn create_embeddings(
+    pub(crate) async fn create_embeddings(
         &self,
         caller: &Principal,
         served: Served,
@@ -176,7 +178,7 @@ fn expect_task(model: &LoadedModel, task: Task, rpc: &str) -> Result<()> {
 /// Keeps `guard` alive until the stream ends or its client leaves.
 fn holding<T: Send + 'static>(
     stream: futures::stream::BoxStream<'static, Result<T, Status>>,
-    guard: Option<crate::node::InFlight>,
+    guard: Option<crate::replicas::InFlight>,
 ) -> futures::stream::BoxStream<'static, Result<T, Status>> {
     stream
         .map(move |item| {
