@@ -256,59 +256,70 @@ mod tests {
         }
     }
 
-    fn replica(name: &str, node: &str, ready: bool) -> RouteReplica {
-        RouteReplica {
-            replica: name.into(),
-            node: node.into(),
-            address: format!("http://{node}"),
-            ready,
-            ..Default::default()
-        }
-    }
-
-    fn with_replicas(replicas: Vec<RouteReplica>) -> Route {
+    /// A route with replicas on this node (`nodes/a`) and two others, some not ready.
+    fn spread() -> Route {
+        let replicas = [
+            ("a-busy", "nodes/a", true),
+            ("b1", "nodes/b", true),
+            ("a-stale", "nodes/a", false),
+            ("a-idle", "nodes/a", true),
+            ("a-also-idle", "nodes/a", true),
+            ("c-starting", "nodes/c", false),
+            ("b2", "nodes/b", true),
+            ("c1", "nodes/c", true),
+        ];
         Route {
-            replicas,
+            replicas: replicas
+                .iter()
+                .map(|&(name, node, ready)| RouteReplica {
+                    replica: name.into(),
+                    node: node.into(),
+                    address: format!("http://{node}"),
+                    ready,
+                    ..Default::default()
+                })
+                .collect(),
             ..route("acme", "acme/models/tuned", "one")
         }
     }
 
     #[test]
     fn the_local_pick_is_the_least_loaded_replica_held_ready_here() {
-        let route = with_replicas(vec![
-            replica("busy", "nodes/a", true),
-            replica("elsewhere", "nodes/b", true),
-            replica("loading", "nodes/a", false),
-            replica("idle", "nodes/a", true),
-            replica("also-idle", "nodes/a", true),
-        ]);
-        // What this node holds ready, with its requests in flight ("loading" is not ready
-        // here whatever the table says; "elsewhere" is not held here).
-        let held = HashMap::from([("busy", 3), ("idle", 1), ("also-idle", 1), ("elsewhere", 0)]);
-        let load = |r: &str| held.get(r).copied();
-        let picked = pick_local(&route, "nodes/a", load).map(|r| r.replica.as_str());
-        assert_eq!(picked, Some("idle"), "the first of the least loaded");
-        assert!(pick_local(&route, "nodes/c", load).is_none());
-        assert!(pick_local(&route, "nodes/a", |_| None).is_none());
+        let route = spread();
+        // The replicas this node holds ready, with their requests in flight (b1 is not
+        // held here, whatever this map says).
+        let mut held = HashMap::from([("a-busy", 3), ("a-idle", 1), ("a-also-idle", 1), ("b1", 0)]);
+        let pick = |held: &HashMap<&str, i32>, node| {
+            pick_local(&route, node, |r| held.get(r).copied()).map(|r| r.replica.clone())
+        };
+        // The first of the least loaded.
+        assert_eq!(pick(&held, "nodes/a").unwrap(), "a-idle");
+        // This node's own state decides over the table's, which lags behind it.
+        held.insert("a-stale", 0);
+        assert_eq!(pick(&held, "nodes/a").unwrap(), "a-stale");
+        assert_eq!(pick(&held, "nodes/d"), None);
+        assert_eq!(pick(&HashMap::new(), "nodes/a"), None);
     }
 
     #[test]
     fn the_remote_pick_is_the_ready_replica_elsewhere_this_node_forwards_least_to() {
-        let route = with_replicas(vec![
-            replica("here", "nodes/a", true),
-            replica("b1", "nodes/b", true),
-            replica("starting", "nodes/c", false),
-            replica("b2", "nodes/b", true),
-            replica("c1", "nodes/c", true),
-        ]);
-        let forwarded = HashMap::from([("b1", 4), ("b2", 2)]);
-        let load = |r: &str| forwarded.get(r).copied().unwrap_or(0);
-        let picked = pick_remote(&route, "nodes/a", load).map(|r| r.replica.as_str());
-        assert_eq!(picked, Some("c1"), "none forwarded to c1 yet");
-        let busy = |r: &str| if r == "c1" { 9 } else { load(r) };
-        let picked = pick_remote(&route, "nodes/a", busy).map(|r| r.replica.as_str());
-        assert_eq!(picked, Some("b2"));
-        let only_here = with_replicas(vec![replica("here", "nodes/a", true)]);
-        assert!(pick_remote(&only_here, "nodes/a", load).is_none());
+        let route = spread();
+        let mut forwarded = HashMap::from([("b1", 4), ("b2", 2)]);
+        let pick = |forwarded: &HashMap<&str, i32>, node| {
+            pick_remote(&route, node, |r| forwarded.get(r).copied().unwrap_or(0))
+                .map(|r| r.replica.clone())
+        };
+        // None forwarded to c1 yet.
+        assert_eq!(pick(&forwarded, "nodes/a").unwrap(), "c1");
+        forwarded.insert("c1", 9);
+        assert_eq!(pick(&forwarded, "nodes/a").unwrap(), "b2");
+        // Seen from another node, this one's replicas are candidates as well.
+        assert_eq!(pick(&forwarded, "nodes/x").unwrap(), "a-busy");
+        // Only this node's replica is ready: nothing to forward to.
+        let here_only = Route {
+            replicas: vec![route.replicas[0].clone()],
+            ..spread()
+        };
+        assert!(pick_remote(&here_only, "nodes/a", |_| 0).is_none());
     }
 }
