@@ -360,16 +360,18 @@ impl grpc_inference_service_server::GrpcInferenceService for Inference {
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Reply<ModelInferResponse> {
-        let p = caller(&request)?;
         let name = request.get_ref().model_name.clone();
-        match self.target(&request, &p, "model_name", &name).await? {
-            Target::Remote(channel, _guard) => GrpcInferenceServiceClient::new(channel)
-                .model_infer(forward(request))
-                .await
-                .map_err(peer_status),
-            Target::Local(served) => Ok(Response::new(
-                self.model_infer(&p, served, request.into_inner()).await?,
-            )),
-        }
+        self.serve(
+            request,
+            "model_name",
+            name,
+            |channel, r| async move {
+                GrpcInferenceServiceClient::new(channel)
+                    .model_infer(r)
+                    .await
+            },
+            |p, served, r| async move { self.model_infer(&p, served, r).await },
+        )
+        .await
     }
 }

@@ -1,21 +1,26 @@
 //! The inference node's API: `kiln.inference.v1.InferenceService` (embeddings now; text
 //! generation with the LLM work) over the [`Engine`], with usage recorded per answer.
 
+use std::future::Future;
 use std::sync::Arc;
 
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use kiln_core::Error as ApiError;
 use kiln_core::auth::{Principal, principal};
+use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
 use kiln_proto::kiln_inference::v1::*;
+use tonic::codec::Streaming;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::embeddings;
 use crate::engine::{Engine, LoadedModel, Task};
 use crate::error::Result;
 use crate::node::Node;
+use crate::replicas::InFlight;
 use crate::router::{Served, Target, forward, is_forwarded, peer_status};
 use crate::usage::{Usage, UsageRecorder};
-use futures::StreamExt;
-use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
 
 /// The service state every handler shares.
 #[derive(Clone)]
@@ -177,9 +182,9 @@ fn expect_task(model: &LoadedModel, task: Task, rpc: &str) -> Result<()> {
 
 /// Keeps `guard` alive until the stream ends or its client leaves.
 fn holding<T: Send + 'static>(
-    stream: futures::stream::BoxStream<'static, Result<T, Status>>,
-    guard: Option<crate::replicas::InFlight>,
-) -> futures::stream::BoxStream<'static, Result<T, Status>> {
+    stream: BoxStream<'static, Result<T, Status>>,
+    guard: Option<InFlight>,
+) -> BoxStream<'static, Result<T, Status>> {
     stream
         .map(move |item| {
             let _ = &guard;
@@ -188,116 +193,145 @@ fn holding<T: Send + 'static>(
         .boxed()
 }
 
+impl Inference {
+    /// Answers a unary call that names a model (`field`: `name`): here with `local`, or
+    /// through `remote` on the node that holds the model's replica.
+    pub(crate) async fn serve<Req, Resp, Remote, Local>(
+        &self,
+        request: Request<Req>,
+        field: &str,
+        name: String,
+        remote: impl FnOnce(Channel, Request<Req>) -> Remote,
+        local: impl FnOnce(Principal, Served, Req) -> Local,
+    ) -> Reply<Resp>
+    where
+        Remote: Future<Output = Reply<Resp>>,
+        Local: Future<Output = Result<Resp>>,
+    {
+        let p = caller(&request)?;
+        match self.target(&request, &p, field, &name).await? {
+            Target::Remote(channel, _guard) => {
+                remote(channel, forward(request)).await.map_err(peer_status)
+            }
+            Target::Local(served) => {
+                Ok(Response::new(local(p, served, request.into_inner()).await?))
+            }
+        }
+    }
+
+    /// [`serve`](Self::serve) for a streamed answer, which holds its replica to its end.
+    async fn serve_stream<Req, Item, Remote, Local>(
+        &self,
+        request: Request<Req>,
+        name: String,
+        remote: impl FnOnce(Channel, Request<Req>) -> Remote,
+        local: impl FnOnce(Principal, Served, Req) -> Local,
+    ) -> Reply<BoxStream<'static, Result<Item, Status>>>
+    where
+        Item: Send + 'static,
+        Remote: Future<Output = Reply<Streaming<Item>>>,
+        Local: Future<Output = Result<BoxStream<'static, Result<Item, Status>>>>,
+    {
+        let p = caller(&request)?;
+        match self.target(&request, &p, "model", &name).await? {
+            Target::Remote(channel, guard) => {
+                let stream = remote(channel, forward(request))
+                    .await
+                    .map_err(peer_status)?
+                    .into_inner()
+                    .map(|item| item.map_err(peer_status));
+                Ok(Response::new(holding(stream.boxed(), Some(guard))))
+            }
+            Target::Local(mut served) => {
+                let guard = served.in_flight.take();
+                let stream = local(p, served, request.into_inner()).await?;
+                Ok(Response::new(holding(stream, guard)))
+            }
+        }
+    }
+}
+
+/// The client of the node a call is forwarded to.
+fn peer(channel: Channel) -> InferenceServiceClient<Channel> {
+    InferenceServiceClient::new(channel)
+}
+
 #[tonic::async_trait]
 impl inference_service_server::InferenceService for Inference {
     async fn create_completion(
         &self,
         request: Request<CreateCompletionRequest>,
     ) -> Reply<Completion> {
-        let p = caller(&request)?;
         let model = request.get_ref().model.clone();
-        match self.target(&request, &p, "model", &model).await? {
-            Target::Remote(channel, _guard) => InferenceServiceClient::new(channel)
-                .create_completion(forward(request))
-                .await
-                .map_err(peer_status),
-            Target::Local(served) => Ok(Response::new(
-                self.create_completion(&p, served, request.into_inner())
-                    .await?,
-            )),
-        }
+        self.serve(
+            request,
+            "model",
+            model,
+            |channel, r| async move { peer(channel).create_completion(r).await },
+            |p, served, r| async move { self.create_completion(&p, served, r).await },
+        )
+        .await
     }
 
-    type StreamCompletionStream = futures::stream::BoxStream<'static, Result<Completion, Status>>;
+    type StreamCompletionStream = BoxStream<'static, Result<Completion, Status>>;
 
     async fn stream_completion(
         &self,
         request: Request<CreateCompletionRequest>,
     ) -> Reply<Self::StreamCompletionStream> {
-        let p = caller(&request)?;
         let model = request.get_ref().model.clone();
-        match self.target(&request, &p, "model", &model).await? {
-            Target::Remote(channel, guard) => {
-                let stream = InferenceServiceClient::new(channel)
-                    .stream_completion(forward(request))
-                    .await
-                    .map_err(peer_status)?
-                    .into_inner()
-                    .map(|item| item.map_err(peer_status));
-                Ok(Response::new(holding(stream.boxed(), Some(guard))))
-            }
-            Target::Local(mut served) => {
-                let guard = served.in_flight.take();
-                let stream = self
-                    .stream_completion(&p, served, request.into_inner())
-                    .await?;
-                Ok(Response::new(holding(stream, guard)))
-            }
-        }
+        self.serve_stream(
+            request,
+            model,
+            |channel, r| async move { peer(channel).stream_completion(r).await },
+            |p, served, r| async move { self.stream_completion(&p, served, r).await },
+        )
+        .await
     }
 
     async fn create_chat_completion(
         &self,
         request: Request<CreateChatCompletionRequest>,
     ) -> Reply<ChatCompletion> {
-        let p = caller(&request)?;
         let model = request.get_ref().model.clone();
-        match self.target(&request, &p, "model", &model).await? {
-            Target::Remote(channel, _guard) => InferenceServiceClient::new(channel)
-                .create_chat_completion(forward(request))
-                .await
-                .map_err(peer_status),
-            Target::Local(served) => Ok(Response::new(
-                self.create_chat_completion(&p, served, request.into_inner())
-                    .await?,
-            )),
-        }
+        self.serve(
+            request,
+            "model",
+            model,
+            |channel, r| async move { peer(channel).create_chat_completion(r).await },
+            |p, served, r| async move { self.create_chat_completion(&p, served, r).await },
+        )
+        .await
     }
 
-    type StreamChatCompletionStream =
-        futures::stream::BoxStream<'static, Result<ChatCompletionChunk, Status>>;
+    type StreamChatCompletionStream = BoxStream<'static, Result<ChatCompletionChunk, Status>>;
 
     async fn stream_chat_completion(
         &self,
         request: Request<CreateChatCompletionRequest>,
     ) -> Reply<Self::StreamChatCompletionStream> {
-        let p = caller(&request)?;
         let model = request.get_ref().model.clone();
-        match self.target(&request, &p, "model", &model).await? {
-            Target::Remote(channel, guard) => {
-                let stream = InferenceServiceClient::new(channel)
-                    .stream_chat_completion(forward(request))
-                    .await
-                    .map_err(peer_status)?
-                    .into_inner()
-                    .map(|item| item.map_err(peer_status));
-                Ok(Response::new(holding(stream.boxed(), Some(guard))))
-            }
-            Target::Local(mut served) => {
-                let guard = served.in_flight.take();
-                let stream = self
-                    .stream_chat_completion(&p, served, request.into_inner())
-                    .await?;
-                Ok(Response::new(holding(stream, guard)))
-            }
-        }
+        self.serve_stream(
+            request,
+            model,
+            |channel, r| async move { peer(channel).stream_chat_completion(r).await },
+            |p, served, r| async move { self.stream_chat_completion(&p, served, r).await },
+        )
+        .await
     }
 
     async fn create_embeddings(
         &self,
         request: Request<CreateEmbeddingsRequest>,
     ) -> Reply<CreateEmbeddingsResponse> {
-        let p = caller(&request)?;
         let model = request.get_ref().model.clone();
-        match self.target(&request, &p, "model", &model).await? {
-            Target::Remote(channel, _guard) => InferenceServiceClient::new(channel)
-                .create_embeddings(forward(request))
-                .await
-                .map_err(peer_status),
-            Target::Local(served) => Ok(Response::new(
-                self.create_embeddings(&p, served, request.into_inner())
-                    .await?,
-            )),
-        }
+        self.serve(
+            request,
+            "model",
+            model,
+            |channel, r| async move { peer(channel).create_embeddings(r).await },
+            |p, served, r| async move { self.create_embeddings(&p, served, r).await },
+        )
+        .await
     }
 }
