@@ -329,7 +329,7 @@ impl Node {
 
     /// Keeps the node registered until shutdown: reconnects (with backoff) whenever the
     /// stream ends, telling the scheduler the replicas it still holds.
-    pub fn spawn_agent(
+    pub(crate) fn spawn_agent(
         self: &Arc<Self>,
         link: Arc<dyn SchedulerLink>,
         mut shutdown: watch::Receiver<bool>,
