@@ -1,5 +1,6 @@
-//! The inference node's API: `kiln.inference.v1.InferenceService` (embeddings now; text
-//! generation with the LLM work) over the [`Engine`], with usage recorded per answer.
+//! The inference node's API: `kiln.inference.v1.InferenceService` (completions, chat
+//! completions, embeddings) over the [`Engine`]. Each call is answered here or forwarded to
+//! the node that holds its model's replica; usage is recorded per answer.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
-//! Text generation pieces that do not depend on the graph: sampling, stop sequences, and
-//! incremental detokenization that only ever emits whole characters.
+//! Text generation: the continuous-batching loop over a decoder graph (`llm`), and the pieces
+//! that do not depend on the graph: sampling, stop sequences, and incremental detokenization
+//! that only ever emits whole characters.
 
 mod detok;
 pub(crate) mod llm;

@@ -7,6 +7,7 @@
 //! the batch to the longest and masks the padding, so each sequence computes exactly what it
 //! would alone.
 
+mod decode;
 mod graph;
 mod prefill;
 mod prefix;
