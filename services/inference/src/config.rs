@@ -83,14 +83,14 @@ pub struct AcceleratorConfig {
 
 impl AcceleratorConfig {
     /// The proto value of `kind`.
-    pub fn parsed_kind(&self) -> Option<kiln_proto::common::v1::AcceleratorType> {
+    pub(crate) fn parsed_kind(&self) -> Option<kiln_proto::common::v1::AcceleratorType> {
         kiln_proto::common::v1::AcceleratorType::from_str_name(&self.kind.to_ascii_uppercase())
             .filter(|k| *k != kiln_proto::common::v1::AcceleratorType::Unspecified)
     }
 }
 
 /// The most copies of one model a node loads.
-pub const MAX_INSTANCES: usize = 16;
+pub(crate) const MAX_INSTANCES: usize = 16;
 
 /// Dynamic batching: the requests waiting for a model run in one forward pass of up to
 /// `max_batch_size` rows; a size of 1 turns batching off. With `max_queue_delay_ms` 0 (the
@@ -166,7 +166,7 @@ impl Default for InferenceConfig {
 }
 
 impl InferenceConfig {
-    pub fn cache_dir(&self, data_dir: &std::path::Path) -> PathBuf {
+    pub(crate) fn cache_dir(&self, data_dir: &std::path::Path) -> PathBuf {
         if self.cache_dir.is_empty() {
             data_dir.join("model-cache")
         } else {
@@ -179,7 +179,7 @@ impl InferenceConfig {
     }
 
     /// The batching of `name`: its own settings over the defaults.
-    pub fn batching_of(&self, name: &str) -> Batching {
+    pub(crate) fn batching_of(&self, name: &str) -> Batching {
         let model = self.model(name);
         Batching {
             max_batch_size: model
@@ -194,7 +194,7 @@ impl InferenceConfig {
         }
     }
 
-    pub fn llm_limits(&self) -> crate::generation::llm::LlmLimits {
+    pub(crate) fn llm_limits(&self) -> crate::generation::llm::LlmLimits {
         crate::generation::llm::LlmLimits {
             max_batch: self.max_sequences,
             prefill_chunk: self.prefill_chunk,
@@ -205,7 +205,7 @@ impl InferenceConfig {
     }
 
     /// The configured device.
-    pub fn parsed_device(&self) -> Result<crate::backend::Device, ConfigError> {
+    pub(crate) fn parsed_device(&self) -> Result<crate::backend::Device, ConfigError> {
         use crate::backend::Device;
         match self.device.as_str() {
             "" | "cpu" => Ok(Device::Cpu),

@@ -174,7 +174,7 @@ pub fn normalize(vector: &mut [f32]) {
 }
 
 /// Keeps the first `dimensions` values and re-normalises (`dimensions` names the field).
-pub fn shorten(vector: &mut Vec<f32>, dimensions: usize) {
+pub(crate) fn shorten(vector: &mut Vec<f32>, dimensions: usize) {
     vector.truncate(dimensions);
     normalize(vector);
 }

@@ -121,7 +121,7 @@ impl LoadedModel {
     }
 
     /// Whether `caller` may use it: its own account's models, and public ones.
-    pub fn visible_to(&self, caller: &Principal) -> bool {
+    pub(crate) fn visible_to(&self, caller: &Principal) -> bool {
         self.public || caller.can_access(&self.account)
     }
 }
@@ -166,7 +166,7 @@ impl Engine {
         &self.backends
     }
 
-    pub fn device(&self) -> Device {
+    pub(crate) fn device(&self) -> Device {
         self.device
     }
 
@@ -183,7 +183,7 @@ impl Engine {
 
     /// [`Engine::model`] on the backend a deployment asks for (`""` or `"auto"`: the node's
     /// choice); a model loads once per backend it runs on.
-    pub async fn model_on(
+    pub(crate) async fn model_on(
         &self,
         caller: &Principal,
         field: &str,
@@ -210,21 +210,6 @@ impl Engine {
         let loaded = Arc::new(self.load(caller, name, &model_name, backend).await?);
         *slot = Some(loaded.clone());
         Ok(loaded)
-    }
-
-    /// The models loaded now.
-    pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
-        let slots: Vec<_> = self
-            .models
-            .lock()
-            .expect("models")
-            .values()
-            .cloned()
-            .collect();
-        slots
-            .into_iter()
-            .filter_map(|slot| slot.try_lock().ok().and_then(|s| s.clone()))
-            .collect()
     }
 
     /// The backend for `name`: the one asked for, else the model's own setting, else the
@@ -397,7 +382,7 @@ impl Engine {
     /// The files of LoRA addon `addon` for a replica of `base`, fetched into the cache
     /// (verified) and pinned until [`Engine::release_addon`]: what a node holds when it
     /// has an addon loaded. The addon must be a READY LoRA addon of `base`.
-    pub async fn fetch_addon(&self, addon: &str, base: &str) -> Result<PathBuf> {
+    pub(crate) async fn fetch_addon(&self, addon: &str, base: &str) -> Result<PathBuf> {
         let model = self.source.get_model(addon).await?;
         if model.kind != model::Kind::LoraAddon as i32 {
             return Err(
@@ -424,12 +409,12 @@ impl Engine {
     }
 
     /// Unpins an addon's files fetched by [`Engine::fetch_addon`].
-    pub fn release_addon(&self, dir: &std::path::Path) {
+    pub(crate) fn release_addon(&self, dir: &std::path::Path) {
         self.cache.unpin(dir);
     }
 
     /// Drops model `name` loaded on `backend` (as given to [`Engine::model_on`]).
-    pub async fn unload(&self, name: &str, backend: &str) {
+    pub(crate) async fn unload(&self, name: &str, backend: &str) {
         let backend = if backend == "auto" { "" } else { backend };
         let slot = self
             .models

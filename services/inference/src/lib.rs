@@ -3,22 +3,24 @@
 //! `main.rs`; `kiln dev` hosts it beside the other services.
 
 pub mod backend;
-pub mod bundle;
-pub mod chat;
-pub mod completions;
+mod bundle;
+mod chat;
+mod completions;
 pub mod config;
 pub mod embeddings;
 pub mod engine;
-pub mod error;
+mod error;
 pub mod generation;
 pub mod limits;
 pub mod node;
-pub mod oip;
-pub mod runner;
-pub mod service;
+mod oip;
+mod replicas;
+mod router;
+mod runner;
+mod service;
 pub mod source;
 pub mod tensor;
-pub mod usage;
+mod usage;
 
 use std::sync::Arc;
 

@@ -133,13 +133,13 @@ struct AccountBuckets {
 }
 
 /// The node's admission control.
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     source: Arc<dyn LimitSource>,
     accounts: Mutex<HashMap<String, AccountBuckets>>,
 }
 
 /// Refuses a suspended account's requests.
-pub fn check_not_suspended(caller: &Principal) -> Result<()> {
+pub(crate) fn check_not_suspended(caller: &Principal) -> Result<()> {
     if caller.suspend_state == 0 || caller.suspend_state == SuspendState::Unsuspended as i32 {
         return Ok(());
     }
@@ -162,7 +162,7 @@ impl RateLimiter {
     }
 
     /// Follows `kiln.billing.quota.updated`, so a changed limit applies at once.
-    pub async fn follow(
+    pub(crate) async fn follow(
         self: &Arc<Self>,
         bus: &Arc<dyn EventBus>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -205,7 +205,7 @@ impl RateLimiter {
     }
 
     /// Admits one request of `caller`, or says how long to wait.
-    pub async fn admit(&self, caller: &Principal) -> Result<()> {
+    pub(crate) async fn admit(&self, caller: &Principal) -> Result<()> {
         if caller.account == SYSTEM_ACCOUNT {
             return Ok(());
         }
@@ -255,7 +255,7 @@ impl RateLimiter {
     }
 
     /// Counts the tokens an answered request used.
-    pub fn charge_tokens(&self, account: &str, tokens: i64) {
+    pub(crate) fn charge_tokens(&self, account: &str, tokens: i64) {
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(buckets) = accounts.get_mut(account) {
             buckets.tokens.refill(Instant::now());

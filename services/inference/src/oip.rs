@@ -13,7 +13,7 @@ use tonic::{Request, Response};
 use crate::backend::TensorInfo;
 use crate::engine::LoadedModel;
 use crate::error::Result;
-use crate::node::{Target, forward, peer_status};
+use crate::router::{Target, forward, peer_status};
 use crate::service::{Inference, Reply, caller};
 use crate::tensor::{DataType, Tensor, TensorData};
 use crate::usage::Usage;
@@ -23,10 +23,10 @@ use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceCl
 const VERSION: &str = "1";
 
 impl Inference {
-    pub async fn model_infer(
+    pub(crate) async fn model_infer(
         &self,
         caller: &Principal,
-        served: crate::node::Served,
+        served: crate::router::Served,
         request: ModelInferRequest,
     ) -> Result<ModelInferResponse> {
         let start_micros = kiln_core::time::now_micros();
@@ -316,7 +316,7 @@ impl grpc_inference_service_server::GrpcInferenceService for Inference {
         check_version("version", &r.version)?;
         let ready = match &self.node {
             // Ready when some replica serves it now (asking does not start one).
-            Some(node) => node.is_ready(&p, &r.name),
+            Some(node) => node.router.is_ready(&p, &r.name),
             None => self.engine.model(&p, "name", &r.name).await.is_ok(),
         };
         Ok(Response::new(ModelReadyResponse { ready }))
@@ -360,16 +360,18 @@ impl grpc_inference_service_server::GrpcInferenceService for Inference {
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Reply<ModelInferResponse> {
-        let p = caller(&request)?;
         let name = request.get_ref().model_name.clone();
-        match self.target(&request, &p, "model_name", &name).await? {
-            Target::Remote(channel, _guard) => GrpcInferenceServiceClient::new(channel)
-                .model_infer(forward(request))
-                .await
-                .map_err(peer_status),
-            Target::Local(served) => Ok(Response::new(
-                self.model_infer(&p, served, request.into_inner()).await?,
-            )),
-        }
+        self.serve(
+            request,
+            "model_name",
+            name,
+            |channel, r| async move {
+                GrpcInferenceServiceClient::new(channel)
+                    .model_infer(r)
+                    .await
+            },
+            |p, served, r| async move { self.model_infer(&p, served, r).await },
+        )
+        .await
     }
 }

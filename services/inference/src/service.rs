@@ -1,31 +1,38 @@
-//! The inference node's API: `kiln.inference.v1.InferenceService` (embeddings now; text
-//! generation with the LLM work) over the [`Engine`], with usage recorded per answer.
+//! The inference node's API: `kiln.inference.v1.InferenceService` (completions, chat
+//! completions, embeddings) over the [`Engine`]. Each call is answered here or forwarded to
+//! the node that holds its model's replica; usage is recorded per answer.
 
+use std::future::Future;
 use std::sync::Arc;
 
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use kiln_core::Error as ApiError;
 use kiln_core::auth::{Principal, principal};
+use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
 use kiln_proto::kiln_inference::v1::*;
+use tonic::codec::Streaming;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::embeddings;
 use crate::engine::{Engine, LoadedModel, Task};
 use crate::error::Result;
-use crate::node::{Node, Served, Target, forward, is_forwarded, peer_status};
+use crate::node::Node;
+use crate::replicas::InFlight;
+use crate::router::{Served, Target, forward, is_forwarded, peer_status};
 use crate::usage::{Usage, UsageRecorder};
-use futures::StreamExt;
-use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
 
 /// The service state every handler shares.
 #[derive(Clone)]
 pub struct Inference {
-    pub engine: Arc<Engine>,
-    pub usage: UsageRecorder,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) usage: UsageRecorder,
     /// The node's agent and router when it works with a scheduler; None: requests name
     /// models, served directly.
-    pub node: Option<Arc<Node>>,
+    pub(crate) node: Option<Arc<Node>>,
     /// Per-account admission (suspensions are checked without it); None: no rate limits.
-    pub limiter: Option<Arc<crate::limits::RateLimiter>>,
+    pub(crate) limiter: Option<Arc<crate::limits::RateLimiter>>,
 }
 
 pub(crate) type Reply<T> = Result<Response<T>, Status>;
@@ -69,7 +76,8 @@ impl Inference {
         crate::limits::check_not_suspended(caller)?;
         Ok(match &self.node {
             Some(node) => {
-                node.target(caller, field, name, is_forwarded(request))
+                node.router
+                    .target(caller, field, name, is_forwarded(request))
                     .await?
             }
             None => Target::Local(Served {
@@ -80,7 +88,7 @@ impl Inference {
         })
     }
 
-    pub async fn create_embeddings(
+    pub(crate) async fn create_embeddings(
         &self,
         caller: &Principal,
         served: Served,
@@ -175,9 +183,9 @@ fn expect_task(model: &LoadedModel, task: Task, rpc: &str) -> Result<()> {
 
 /// Keeps `guard` alive until the stream ends or its client leaves.
 fn holding<T: Send + 'static>(
-    stream: futures::stream::BoxStream<'static, Result<T, Status>>,
-    guard: Option<crate::node::InFlight>,
-) -> futures::stream::BoxStream<'static, Result<T, Status>> {
+    stream: BoxStream<'static, Result<T, Status>>,
+    guard: Option<InFlight>,
+) -> BoxStream<'static, Result<T, Status>> {
     stream
         .map(move |item| {
             let _ = &guard;
@@ -186,116 +194,145 @@ fn holding<T: Send + 'static>(
         .boxed()
 }
 
+impl Inference {
+    /// Answers a unary call that names a model (`field`: `name`): here with `local`, or
+    /// through `remote` on the node that holds the model's replica.
+    pub(crate) async fn serve<Req, Resp, Remote, Local>(
+        &self,
+        request: Request<Req>,
+        field: &str,
+        name: String,
+        remote: impl FnOnce(Channel, Request<Req>) -> Remote,
+        local: impl FnOnce(Principal, Served, Req) -> Local,
+    ) -> Reply<Resp>
+    where
+        Remote: Future<Output = Reply<Resp>>,
+        Local: Future<Output = Result<Resp>>,
+    {
+        let p = caller(&request)?;
+        match self.target(&request, &p, field, &name).await? {
+            Target::Remote(channel, _guard) => {
+                remote(channel, forward(request)).await.map_err(peer_status)
+            }
+            Target::Local(served) => {
+                Ok(Response::new(local(p, served, request.into_inner()).await?))
+            }
+        }
+    }
+
+    /// [`serve`](Self::serve) for a streamed answer, which holds its replica to its end.
+    async fn serve_stream<Req, Item, Remote, Local>(
+        &self,
+        request: Request<Req>,
+        name: String,
+        remote: impl FnOnce(Channel, Request<Req>) -> Remote,
+        local: impl FnOnce(Principal, Served, Req) -> Local,
+    ) -> Reply<BoxStream<'static, Result<Item, Status>>>
+    where
+        Item: Send + 'static,
+        Remote: Future<Output = Reply<Streaming<Item>>>,
+        Local: Future<Output = Result<BoxStream<'static, Result<Item, Status>>>>,
+    {
+        let p = caller(&request)?;
+        match self.target(&request, &p, "model", &name).await? {
+            Target::Remote(channel, guard) => {
+                let stream = remote(channel, forward(request))
+                    .await
+                    .map_err(peer_status)?
+                    .into_inner()
+                    .map(|item| item.map_err(peer_status));
+                Ok(Response::new(holding(stream.boxed(), Some(guard))))
+            }
+            Target::Local(mut served) => {
+                let guard = served.in_flight.take();
+                let stream = local(p, served, request.into_inner()).await?;
+                Ok(Response::new(holding(stream, guard)))
+            }
+        }
+    }
+}
+
+/// The client of the node a call is forwarded to.
+fn peer(channel: Channel) -> InferenceServiceClient<Channel> {
+    InferenceServiceClient::new(channel)
+}
+
 #[tonic::async_trait]
 impl inference_service_server::InferenceService for Inference {
     async fn create_completion(
         &self,
         request: Request<CreateCompletionRequest>,
     ) -> Reply<Completion> {
-        let p = caller(&request)?;
         let model = request.get_ref().model.clone();
-        match self.target(&request, &p, "model", &model).await? {
-            Target::Remote(channel, _guard) => InferenceServiceClient::new(channel)
-                .create_completion(forward(request))
-                .await
-                .map_err(peer_status),
-            Target::Local(served) => Ok(Response::new(
-                self.create_completion(&p, served, request.into_inner())
-                    .await?,
-            )),
-        }
+        self.serve(
+            request,
+            "model",
+            model,
+            |channel, r| async move { peer(channel).create_completion(r).await },
+            |p, served, r| async move { self.create_completion(&p, served, r).await },
+        )
+        .await
     }
 
-    type StreamCompletionStream = futures::stream::BoxStream<'static, Result<Completion, Status>>;
+    type StreamCompletionStream = BoxStream<'static, Result<Completion, Status>>;
 
     async fn stream_completion(
         &self,
         request: Request<CreateCompletionRequest>,
     ) -> Reply<Self::StreamCompletionStream> {
-        let p = caller(&request)?;
         let model = request.get_ref().model.clone();
-        match self.target(&request, &p, "model", &model).await? {
-            Target::Remote(channel, guard) => {
-                let stream = InferenceServiceClient::new(channel)
-                    .stream_completion(forward(request))
-                    .await
-                    .map_err(peer_status)?
-                    .into_inner()
-                    .map(|item| item.map_err(peer_status));
-                Ok(Response::new(holding(stream.boxed(), Some(guard))))
-            }
-            Target::Local(mut served) => {
-                let guard = served.in_flight.take();
-                let stream = self
-                    .stream_completion(&p, served, request.into_inner())
-                    .await?;
-                Ok(Response::new(holding(stream, guard)))
-            }
-        }
+        self.serve_stream(
+            request,
+            model,
+            |channel, r| async move { peer(channel).stream_completion(r).await },
+            |p, served, r| async move { self.stream_completion(&p, served, r).await },
+        )
+        .await
     }
 
     async fn create_chat_completion(
         &self,
         request: Request<CreateChatCompletionRequest>,
     ) -> Reply<ChatCompletion> {
-        let p = caller(&request)?;
         let model = request.get_ref().model.clone();
-        match self.target(&request, &p, "model", &model).await? {
-            Target::Remote(channel, _guard) => InferenceServiceClient::new(channel)
-                .create_chat_completion(forward(request))
-                .await
-                .map_err(peer_status),
-            Target::Local(served) => Ok(Response::new(
-                self.create_chat_completion(&p, served, request.into_inner())
-                    .await?,
-            )),
-        }
+        self.serve(
+            request,
+            "model",
+            model,
+            |channel, r| async move { peer(channel).create_chat_completion(r).await },
+            |p, served, r| async move { self.create_chat_completion(&p, served, r).await },
+        )
+        .await
     }
 
-    type StreamChatCompletionStream =
-        futures::stream::BoxStream<'static, Result<ChatCompletionChunk, Status>>;
+    type StreamChatCompletionStream = BoxStream<'static, Result<ChatCompletionChunk, Status>>;
 
     async fn stream_chat_completion(
         &self,
         request: Request<CreateChatCompletionRequest>,
     ) -> Reply<Self::StreamChatCompletionStream> {
-        let p = caller(&request)?;
         let model = request.get_ref().model.clone();
-        match self.target(&request, &p, "model", &model).await? {
-            Target::Remote(channel, guard) => {
-                let stream = InferenceServiceClient::new(channel)
-                    .stream_chat_completion(forward(request))
-                    .await
-                    .map_err(peer_status)?
-                    .into_inner()
-                    .map(|item| item.map_err(peer_status));
-                Ok(Response::new(holding(stream.boxed(), Some(guard))))
-            }
-            Target::Local(mut served) => {
-                let guard = served.in_flight.take();
-                let stream = self
-                    .stream_chat_completion(&p, served, request.into_inner())
-                    .await?;
-                Ok(Response::new(holding(stream, guard)))
-            }
-        }
+        self.serve_stream(
+            request,
+            model,
+            |channel, r| async move { peer(channel).stream_chat_completion(r).await },
+            |p, served, r| async move { self.stream_chat_completion(&p, served, r).await },
+        )
+        .await
     }
 
     async fn create_embeddings(
         &self,
         request: Request<CreateEmbeddingsRequest>,
     ) -> Reply<CreateEmbeddingsResponse> {
-        let p = caller(&request)?;
         let model = request.get_ref().model.clone();
-        match self.target(&request, &p, "model", &model).await? {
-            Target::Remote(channel, _guard) => InferenceServiceClient::new(channel)
-                .create_embeddings(forward(request))
-                .await
-                .map_err(peer_status),
-            Target::Local(served) => Ok(Response::new(
-                self.create_embeddings(&p, served, request.into_inner())
-                    .await?,
-            )),
-        }
+        self.serve(
+            request,
+            "model",
+            model,
+            |channel, r| async move { peer(channel).create_embeddings(r).await },
+            |p, served, r| async move { self.create_embeddings(&p, served, r).await },
+        )
+        .await
     }
 }

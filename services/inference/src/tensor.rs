@@ -17,7 +17,7 @@ pub enum DataType {
 
 impl DataType {
     /// The Open Inference Protocol's name.
-    pub fn oip_name(self) -> &'static str {
+    pub(crate) fn oip_name(self) -> &'static str {
         match self {
             DataType::F32 => "FP32",
             DataType::F64 => "FP64",
@@ -29,7 +29,7 @@ impl DataType {
         }
     }
 
-    pub fn from_oip_name(name: &str) -> Option<Self> {
+    pub(crate) fn from_oip_name(name: &str) -> Option<Self> {
         Some(match name {
             "FP32" => DataType::F32,
             "FP64" => DataType::F64,
@@ -182,7 +182,7 @@ impl Tensor {
     /// Stacks tensors of one type along the first axis. Tensors whose other dimensions are
     /// smaller than the largest are padded with zeros at the end of each of those axes
     /// (token sequences of different lengths), so rows keep their own values in front.
-    pub fn concat_padded(parts: &[&Tensor]) -> Tensor {
+    pub(crate) fn concat_padded(parts: &[&Tensor]) -> Tensor {
         let first = parts[0];
         let rank = first.shape.len();
         let mut shape = vec![0usize; rank.max(1)];
@@ -206,7 +206,7 @@ impl Tensor {
 
     /// Rows `range` of the first axis, and along every other axis only the first `keep[axis]`
     /// entries (undoing [`Tensor::concat_padded`]). `keep` shorter than the rank keeps the rest.
-    pub fn slice_rows(&self, range: std::ops::Range<usize>, keep: &[usize]) -> Tensor {
+    pub(crate) fn slice_rows(&self, range: std::ops::Range<usize>, keep: &[usize]) -> Tensor {
         let inner: Vec<usize> = (1..self.shape.len())
             .map(|axis| keep.get(axis - 1).copied().unwrap_or(self.shape[axis]))
             .collect();

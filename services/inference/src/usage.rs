@@ -40,7 +40,7 @@ pub struct Usage {
     /// When the request arrived (Unix microseconds).
     pub start_micros: i64,
     /// The deployed model and replica that served it (none on a node without a scheduler).
-    pub route: Option<crate::node::RouteRef>,
+    pub route: Option<crate::router::RouteRef>,
 }
 
 /// A request for the writer task.

@@ -2,8 +2,8 @@
 //! [`Backends`]; a deployment picks one from its accelerator and precision (see
 //! [`Backends::choose`]), and config can override the choice.
 
-pub mod onnxruntime;
-pub mod tract;
+pub(crate) mod onnxruntime;
+mod tract;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -96,7 +96,7 @@ impl Backends {
         backends
     }
 
-    pub fn register(&mut self, backend: Arc<dyn Backend>) {
+    pub(crate) fn register(&mut self, backend: Arc<dyn Backend>) {
         self.0.insert(backend.name(), backend);
     }
 

@@ -14,7 +14,7 @@ use ort::value::{DynValue, TensorElementType, ValueType};
 use super::{Backend, BackendError, Device, LoadOptions, Session, TensorInfo};
 use crate::tensor::{DataType, Tensor, TensorData};
 
-pub const NAME: &str = "onnxruntime";
+pub(crate) const NAME: &str = "onnxruntime";
 
 /// The process-wide ONNX Runtime environment (the library can be loaded once per process).
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();

@@ -59,9 +59,4 @@ impl Detokenizer {
             _ => String::new(),
         }
     }
-
-    /// The generated tokens so far.
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
-    }
 }

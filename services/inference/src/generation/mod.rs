@@ -1,7 +1,8 @@
-//! Text generation pieces that do not depend on the graph: sampling, stop sequences, and
-//! incremental detokenization that only ever emits whole characters.
+//! Text generation: the continuous-batching loop over a decoder graph (`llm`), and the pieces
+//! that do not depend on the graph: sampling, stop sequences, and incremental detokenization
+//! that only ever emits whole characters.
 
-pub mod detok;
-pub mod llm;
+mod detok;
+pub(crate) mod llm;
 pub mod sampling;
-pub mod stop;
+mod stop;

@@ -179,10 +179,6 @@ impl Sampler {
         }
     }
 
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
-    }
-
     /// Chooses the next token from `logits` (changed in place) and remembers it.
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
         self.adjust(logits);
@@ -294,7 +290,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Log-probabilities of logits (temperature 1).
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+pub(crate) fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
     let log_sum = sum.ln() + max;

@@ -1,0 +1,172 @@
+//! Serving a decoder-with-past graph (HF-optimum convention) with continuous batching: one
+//! thread owns the session; sequences join between steps, newcomers' prompts are fed in
+//! chunks, several newcomers in one pass when they fit (so running sequences are not stalled
+//! by a long prefill, and a burst of newcomers starts together), every running sequence
+//! advances one token per batched decode step, and each leaves when it finishes or its client
+//! goes away. Every sequence keeps its own key/value cache; a decode step pads the caches of
+//! the batch to the longest and masks the padding, so each sequence computes exactly what it
+//! would alone.
+
+mod decode;
+mod graph;
+mod prefill;
+mod prefix;
+#[cfg(test)]
+mod tests;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::sampling::{Sampled, SamplingParams};
+use crate::backend::Session;
+use prefix::PrefixCache;
+use worker::Worker;
+
+/// Limits of one model's generation loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LlmLimits {
+    /// Sequences decoded together.
+    pub max_batch: usize,
+    /// Prompt tokens one step feeds: a newcomer's chunk, or newcomers prefilled together
+    /// (rows × the longest chunk).
+    pub prefill_chunk: usize,
+    /// Cached tokens over all running sequences (the KV memory bound).
+    pub max_kv_tokens: usize,
+    /// Requests waiting to start beyond which new ones are refused.
+    pub queue_capacity: usize,
+    /// Memory for the key/value entries of recent prompts (the prefix cache); 0 turns it off.
+    pub prefix_cache_bytes: u64,
+}
+
+/// The graph's cache shape and the tokens that end a sequence.
+#[derive(Debug, Clone)]
+pub struct LlmShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub context_length: usize,
+    pub eos: Vec<u32>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// End of sequence or a stop string.
+    Stop,
+    /// max_tokens, or the context is full.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// What a sequence reports to its request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it released (possibly empty: part of a character, or
+    /// held back because it may begin a stop string).
+    Token {
+        sampled: Sampled,
+        text: String,
+    },
+    /// The last event of a sequence.
+    Finished {
+        finish: Finish,
+        completion_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_prompt_tokens: usize,
+        text: String,
+    },
+    Failed(String),
+}
+
+/// One sequence to generate.
+pub struct SequenceRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stops: Vec<String>,
+    /// Which choice of its request this is (seeds differ per choice).
+    pub choice: u64,
+    pub events: UnboundedSender<Event>,
+}
+
+/// Why a sequence was not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    Full,
+    Stopped,
+}
+
+/// A text-generation model's queue and thread.
+pub struct Llm {
+    queue: SyncSender<SequenceRequest>,
+    pub shape: LlmShape,
+    pub tokenizer: Arc<Tokenizer>,
+}
+
+impl Llm {
+    pub fn start(
+        name: &str,
+        session: Box<dyn Session>,
+        shape: LlmShape,
+        tokenizer: Arc<Tokenizer>,
+        limits: LlmLimits,
+    ) -> std::io::Result<Self> {
+        let output = |name: &str| {
+            session
+                .outputs()
+                .iter()
+                .position(|t| t.name == name)
+                .ok_or_else(|| std::io::Error::other(format!("the graph has no output {name}")))
+        };
+        let logits = output("logits")?;
+        let mut presents = Vec::with_capacity(2 * shape.layers);
+        for l in 0..shape.layers {
+            presents.push(output(&format!("present.{l}.key"))?);
+            presents.push(output(&format!("present.{l}.value"))?);
+        }
+        let (queue, requests) = sync_channel(limits.queue_capacity.max(1));
+        let takes_positions = session.inputs().iter().any(|t| t.name == "position_ids");
+        let token_bytes = (2 * shape.layers * shape.kv_heads * shape.head_dim * 4) as u64;
+        let prefix = PrefixCache::new((limits.prefix_cache_bytes / token_bytes.max(1)) as usize);
+        let worker = Worker {
+            prefix,
+            logits,
+            presents,
+            takes_positions,
+            session,
+            shape: shape.clone(),
+            tokenizer: tokenizer.clone(),
+            limits,
+        };
+        std::thread::Builder::new()
+            .name(format!(
+                "kiln-llm-{}",
+                name.rsplit('/').next().unwrap_or(name)
+            ))
+            .spawn(move || worker.run(requests))?;
+        Ok(Self {
+            queue,
+            shape,
+            tokenizer,
+        })
+    }
+
+    pub fn submit(&self, request: SequenceRequest) -> Result<(), SubmitError> {
+        self.queue.try_send(request).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::Full,
+            TrySendError::Disconnected(_) => SubmitError::Stopped,
+        })
+    }
+}

@@ -1,0 +1,224 @@
+//! The generation loop: admits waiting requests while the batch and the key/value budget
+//! allow, runs one prefill pass over the newcomers that fit it and one decode step over the
+//! running sequences, and lets each sequence go when it finishes or its client leaves.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use tokenizers::Tokenizer;
+
+use super::prefix::PrefixCache;
+use super::{Event, Finish, LlmLimits, LlmShape, SequenceRequest};
+use crate::backend::Session;
+use crate::generation::detok::Detokenizer;
+use crate::generation::sampling::{Sampled, Sampler};
+use crate::generation::stop::StopMatcher;
+
+/// A sequence in the loop.
+pub(super) struct Sequence {
+    pub(super) request: SequenceRequest,
+    pub(super) sampler: Sampler,
+    /// Per layer and kind (key, value: index 2·layer + kind), per key/value head: positions ×
+    /// head_dim values.
+    pub(super) cache: Vec<Vec<Vec<f32>>>,
+    /// Tokens in the cache.
+    pub(super) cached: usize,
+    /// Prompt tokens taken from the prefix cache.
+    pub(super) cached_prompt: usize,
+    /// Prompt tokens fed so far.
+    pub(super) fed: usize,
+    /// The token to feed next (sampled, not yet in the cache).
+    pub(super) next: Option<u32>,
+    pub(super) generated: Vec<u32>,
+    pub(super) detok: Detokenizer,
+    pub(super) stop: StopMatcher,
+}
+
+impl Sequence {
+    fn closed(&self) -> bool {
+        self.request.events.is_closed()
+    }
+}
+
+pub(super) struct Worker {
+    pub(super) prefix: PrefixCache,
+    /// Index of `logits` among the session's outputs, and of `present.L.key|value` for cache
+    /// slot 2·L + kind.
+    pub(super) logits: usize,
+    pub(super) presents: Vec<usize>,
+    /// Exports without a `position_ids` input derive positions from the mask themselves.
+    pub(super) takes_positions: bool,
+    pub(super) session: Box<dyn Session>,
+    pub(super) shape: LlmShape,
+    pub(super) tokenizer: Arc<Tokenizer>,
+    pub(super) limits: LlmLimits,
+}
+
+impl Worker {
+    pub(super) fn run(mut self, requests: Receiver<SequenceRequest>) {
+        let mut waiting: VecDeque<SequenceRequest> = VecDeque::new();
+        let mut prefilling: VecDeque<Sequence> = VecDeque::new();
+        let mut running: Vec<Sequence> = Vec::new();
+        loop {
+            // Block only when there is nothing to do.
+            if waiting.is_empty() && prefilling.is_empty() && running.is_empty() {
+                match requests.recv() {
+                    Ok(r) => waiting.push_back(r),
+                    Err(_) => return,
+                }
+            }
+            // Requests beyond the queue's capacity stay in the channel, so submitters see it
+            // full.
+            while waiting.len() < self.limits.queue_capacity {
+                match requests.try_recv() {
+                    Ok(r) => waiting.push_back(r),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if waiting.is_empty() && prefilling.is_empty() && running.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            waiting.retain(|r| !r.events.is_closed());
+            // Admit while the batch and the cache budget allow.
+            let mut budget: usize = prefilling
+                .iter()
+                .chain(&running)
+                .map(|s| s.request.prompt.len() + s.request.max_tokens)
+                .sum();
+            while prefilling.len() + running.len() < self.limits.max_batch {
+                let Some(front) = waiting.front() else { break };
+                let need = front.prompt.len() + front.max_tokens;
+                let alone = prefilling.is_empty() && running.is_empty();
+                if !alone && budget + need > self.limits.max_kv_tokens {
+                    break;
+                }
+                budget += need;
+                let request = waiting.pop_front().expect("front");
+                prefilling.push_back(self.sequence(request));
+            }
+            prefilling.retain(|s| !s.closed());
+            running.retain(|s| !s.closed());
+            // One prefill pass per step, over the newcomers that fit it.
+            let mut group = self.prefill_group(&mut prefilling);
+            if !group.is_empty() {
+                match self.prefill(&mut group) {
+                    Ok(()) => {
+                        let mut unfinished = Vec::new();
+                        for mut seq in group {
+                            if seq.fed < seq.request.prompt.len() {
+                                unfinished.push(seq);
+                            } else if !self.finished(&mut seq) {
+                                running.push(seq);
+                            }
+                        }
+                        // Back to the front, in their order.
+                        for seq in unfinished.into_iter().rev() {
+                            prefilling.push_front(seq);
+                        }
+                    }
+                    Err(e) => {
+                        for seq in group {
+                            let _ = seq.request.events.send(Event::Failed(e.to_string()));
+                        }
+                    }
+                }
+            }
+            if !running.is_empty() {
+                if let Err(e) = self.decode(&mut running) {
+                    for seq in running.drain(..) {
+                        let _ = seq.request.events.send(Event::Failed(e.to_string()));
+                    }
+                    continue;
+                }
+                let mut still = Vec::with_capacity(running.len());
+                for mut seq in running.drain(..) {
+                    if !self.finished(&mut seq) {
+                        still.push(seq);
+                    }
+                }
+                running = still;
+            }
+        }
+    }
+
+    fn sequence(&self, request: SequenceRequest) -> Sequence {
+        let sampler = Sampler::new(request.params.clone(), &request.prompt, request.choice);
+        let stop = StopMatcher::new(request.stops.clone());
+        Sequence {
+            sampler,
+            cache: vec![vec![Vec::new(); self.shape.kv_heads]; 2 * self.shape.layers],
+            cached: 0,
+            cached_prompt: 0,
+            fed: 0,
+            next: None,
+            generated: Vec::new(),
+            detok: Detokenizer::new(self.tokenizer.clone()),
+            stop,
+            request,
+        }
+    }
+
+    /// Records a sampled token as the sequence's next one and sends its text.
+    pub(super) fn emit(&self, seq: &mut Sequence, sampled: Sampled) {
+        seq.next = Some(sampled.token);
+        if self.shape.eos.contains(&sampled.token) {
+            return;
+        }
+        seq.generated.push(sampled.token);
+        let delta = seq.detok.push(sampled.token).unwrap_or_default();
+        let released = seq.stop.push(&delta);
+        let _ = seq.request.events.send(Event::Token {
+            sampled,
+            text: released.text,
+        });
+        if released.stopped {
+            seq.next = None;
+        }
+    }
+
+    /// Sends the end when the sequence is done; true if it is.
+    pub(super) fn finished(&mut self, seq: &mut Sequence) -> bool {
+        let finish = match seq.next {
+            None => Some(Finish::Stop),
+            Some(t) if self.shape.eos.contains(&t) => Some(Finish::Stop),
+            Some(_) if seq.generated.len() >= seq.request.max_tokens => Some(Finish::Length),
+            Some(_) if seq.cached + 1 >= self.shape.context_length => Some(Finish::Length),
+            Some(_) => None,
+        };
+        match finish {
+            Some(finish) => {
+                let text = if finish == Finish::Stop && seq.next.is_none() {
+                    String::new()
+                } else {
+                    // What the detokenizer still holds (an incomplete last character) goes
+                    // through the stop strings like any other text.
+                    let rest = seq.detok.finish();
+                    let released = seq.stop.push(&rest);
+                    if released.stopped {
+                        released.text
+                    } else {
+                        released.text + &seq.stop.finish()
+                    }
+                };
+                let _ = seq.request.events.send(Event::Finished {
+                    finish,
+                    completion_tokens: seq.generated.len(),
+                    cached_prompt_tokens: seq.cached_prompt,
+                    text,
+                });
+                // The whole conversation so far (prompt and answer) is what its next turn
+                // begins with.
+                let in_cache = seq.cached - seq.request.prompt.len().min(seq.cached);
+                let mut tokens = seq.request.prompt.clone();
+                tokens.extend_from_slice(&seq.generated[..in_cache.min(seq.generated.len())]);
+                self.prefix.insert(&tokens, &seq.cache, self.shape.head_dim);
+                true
+            }
+            None => false,
+        }
+    }
+}

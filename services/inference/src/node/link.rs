@@ -1,0 +1,55 @@
+//! How a node reaches the scheduler: over gRPC, or in process (`kiln dev`).
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use kiln_core::telemetry::OutgoingInterceptor;
+use kiln_proto::scheduler::v1::{
+    NodeMessage, SchedulerMessage, node_service_client::NodeServiceClient,
+};
+use tokio::sync::mpsc;
+use tonic::Status;
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::error::{Error, Result};
+
+pub type SchedulerStream = BoxStream<'static, Result<SchedulerMessage, Status>>;
+
+/// How a node reaches the scheduler: over gRPC, or in process (`kiln dev`).
+#[async_trait]
+pub trait SchedulerLink: Send + Sync + 'static {
+    /// Opens the node's stream: `outbound` carries what the node says (RegisterNode first).
+    async fn open(&self, outbound: mpsc::Receiver<NodeMessage>) -> Result<SchedulerStream>;
+}
+
+/// The scheduler over gRPC.
+pub struct RemoteScheduler {
+    client: NodeServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
+}
+
+impl RemoteScheduler {
+    pub fn new(url: &str, service_token: &str) -> Result<Self> {
+        let channel = kiln_core::server::endpoint(url)
+            .map_err(|e| Error::Startup(format!("scheduler_url: {e}")))?
+            .connect_lazy();
+        let interceptor = OutgoingInterceptor::new(Some(service_token))?;
+        Ok(Self {
+            client: NodeServiceClient::with_interceptor(channel, interceptor),
+        })
+    }
+}
+
+#[async_trait]
+impl SchedulerLink for RemoteScheduler {
+    async fn open(&self, outbound: mpsc::Receiver<NodeMessage>) -> Result<SchedulerStream> {
+        let stream = self
+            .client
+            .clone()
+            .connect(tokio_stream::wrappers::ReceiverStream::new(outbound))
+            .await
+            .map_err(Error::Remote)?
+            .into_inner();
+        Ok(stream.boxed())
+    }
+}

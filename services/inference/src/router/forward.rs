@@ -1,0 +1,139 @@
+//! Forwarding a request to the node that holds its replica: the caller's own metadata (its
+//! credentials), marked as forwarded, under this node's trace context.
+
+use std::collections::HashMap;
+
+use tonic::Status;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+
+/// The header a forwarded request carries, so the node it reaches serves it or fails, and
+/// never forwards it again.
+const FORWARDED_HEADER: &str = "kiln-forwarded";
+
+/// The W3C trace context headers.
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+/// The request to send to a peer node: the caller's metadata (its own credentials), marked
+/// as forwarded, with the current span's trace context in place of the caller's, so the
+/// serving node's span is a child of this node's.
+pub(crate) fn forward<T>(request: tonic::Request<T>) -> tonic::Request<T> {
+    let (mut metadata, _, message) = request.into_parts();
+    metadata.insert(FORWARDED_HEADER, MetadataValue::from_static("1"));
+    replace_trace_context(&mut metadata);
+    tonic::Request::from_parts(metadata, Default::default(), message)
+}
+
+/// Puts the current span's trace context in place of the one `metadata` came with. Without a
+/// current context (no tracer installed) the incoming one stays: the serving node then still
+/// joins the caller's trace.
+fn replace_trace_context(metadata: &mut MetadataMap) {
+    let mut current = HashMap::new();
+    kiln_core::telemetry::inject_current(&mut current);
+    if !current.contains_key(TRACEPARENT) {
+        return;
+    }
+    // The caller's tracestate belongs with its traceparent: neither may outlive the swap.
+    metadata.remove(TRACEPARENT);
+    metadata.remove(TRACESTATE);
+    for (key, value) in current {
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value),
+        ) {
+            metadata.insert(key, value);
+        }
+    }
+}
+
+/// Whether a request came from another node.
+pub(crate) fn is_forwarded<T>(request: &tonic::Request<T>) -> bool {
+    request.metadata().contains_key(FORWARDED_HEADER)
+}
+
+/// A peer's failure as the caller sees it: a broken connection (tonic reports the h2 error as
+/// UNKNOWN) is UNAVAILABLE, the node that held the replica having gone away.
+pub(crate) fn peer_status(status: Status) -> Status {
+    match status.code() {
+        tonic::Code::Unknown | tonic::Code::Cancelled => Status::unavailable(format!(
+            "the node serving this request went away: {}",
+            status.message()
+        )),
+        _ => status,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(trace id, parent span id)` of a traceparent header.
+    fn ids(traceparent: &str) -> (String, String) {
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!(parts.len(), 4, "a traceparent: {traceparent}");
+        (parts[1].to_owned(), parts[2].to_owned())
+    }
+
+    #[test]
+    fn a_forwarded_request_carries_this_nodes_span_as_the_parent() {
+        let _telemetry = kiln_core::telemetry::init_with_default_filter(
+            "kiln-inference-test",
+            kiln_core::config::LogFormat::Text,
+            None,
+            "warn",
+        )
+        .expect("telemetry");
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let client_state = "client=1";
+        // This node's server span, parented on the client's context as the server layer does.
+        let span = tracing::info_span!("grpc.request");
+        let carrier = HashMap::from([
+            (TRACEPARENT.to_owned(), incoming.to_owned()),
+            (TRACESTATE.to_owned(), client_state.to_owned()),
+        ]);
+        kiln_core::telemetry::set_parent_from(&span, &carrier);
+        let _entered = span.enter();
+        let mut current = HashMap::new();
+        kiln_core::telemetry::inject_current(&mut current);
+
+        let mut request = tonic::Request::new(());
+        let metadata = request.metadata_mut();
+        metadata.insert(TRACEPARENT, incoming.parse().unwrap());
+        metadata.insert(TRACESTATE, client_state.parse().unwrap());
+        metadata.insert("authorization", "Bearer caller-key".parse().unwrap());
+        let forwarded = forward(request);
+
+        let header = |key: &str| {
+            let values: Vec<&str> = forwarded
+                .metadata()
+                .get_all(key)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            assert_eq!(values.len(), 1, "one {key}: {values:?}");
+            values[0].to_owned()
+        };
+        let traceparent = header(TRACEPARENT);
+        let (trace, parent) = ids(&traceparent);
+        let (incoming_trace, incoming_parent) = ids(incoming);
+        assert_eq!(trace, incoming_trace, "the client's trace goes on");
+        assert_ne!(parent, incoming_parent, "this node's span is the parent");
+        assert_eq!(traceparent, current[TRACEPARENT], "the current span");
+        assert_eq!(header(TRACESTATE), current[TRACESTATE]);
+        assert_eq!(header("authorization"), "Bearer caller-key");
+        assert!(is_forwarded(&forwarded));
+    }
+
+    #[test]
+    fn without_a_tracer_the_callers_trace_context_stays() {
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut metadata = MetadataMap::new();
+        metadata.insert(TRACEPARENT, incoming.parse().unwrap());
+        let no_tracer = tracing::subscriber::NoSubscriber::default();
+        tracing::subscriber::with_default(no_tracer, || {
+            let _entered = tracing::info_span!("grpc.request").entered();
+            replace_trace_context(&mut metadata);
+        });
+        assert_eq!(metadata.get(TRACEPARENT).unwrap(), incoming);
+    }
+}
