@@ -59,4 +59,68 @@ impl AccountCache {
         self.generation.fetch_add(1, Ordering::AcqRel);
         entries.remove(id);
     }
+
+    /// Drops the account that `resource` names, if it names an account (and not something
+    /// in one: a change to a user leaves its account's entry alone).
+    pub fn invalidate_resource(&self, resource: &str) {
+        if let Some(id) = account_id(resource) {
+            self.invalidate(id);
+        }
+    }
+}
+
+/// The account ID of an account's name, `accounts/{id}`; `None` for any other name.
+fn account_id(resource: &str) -> Option<&str> {
+    resource
+        .strip_prefix("accounts/")
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_account_name_names_a_cached_account() {
+        assert_eq!(account_id("accounts/acme"), Some("acme"));
+        for other in [
+            "accounts/acme/users/carol",
+            "accounts/acme/users/carol/apiKeys/k",
+            "accounts/",
+            "acme",
+            "models/accounts/acme",
+            "",
+        ] {
+            assert_eq!(account_id(other), None, "{other:?}");
+        }
+    }
+
+    fn row(id: &str) -> account::Model {
+        crate::rules::test_support::account_row(id)
+    }
+
+    #[test]
+    fn a_read_that_raced_an_invalidation_is_not_stored() {
+        let cache = AccountCache::new(Duration::from_secs(60));
+        let before = cache.generation();
+        cache.insert(before, row("acme"));
+        assert_eq!(cache.get("acme"), Some(row("acme")));
+        let racing = cache.generation();
+        cache.invalidate_resource("accounts/acme/users/carol");
+        assert_eq!(
+            cache.get("acme"),
+            Some(row("acme")),
+            "a user is not its account"
+        );
+        cache.invalidate_resource("accounts/acme");
+        assert_eq!(cache.get("acme"), None);
+        cache.insert(racing, row("acme"));
+        assert_eq!(
+            cache.get("acme"),
+            None,
+            "stale: read before the invalidation"
+        );
+        cache.insert(cache.generation(), row("acme"));
+        assert_eq!(cache.get("acme"), Some(row("acme")));
+    }
 }

@@ -20,7 +20,7 @@ impl Default for IdentityConfig {
 
 impl Validate for IdentityConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        crate::service::validate_email("identity.admin_email", &self.admin_email)
+        crate::rules::validate_email("identity.admin_email", &self.admin_email)
             .map_err(|e| ConfigError::invalid("identity.admin_email", e.to_string()))
     }
 }

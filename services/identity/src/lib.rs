@@ -2,13 +2,19 @@
 //!
 //! A library plus a thin `main.rs`; `kiln serve identity` and `kiln dev` run the same code.
 
-pub mod account_cache;
+mod account_cache;
+mod accounts;
+mod api_keys;
+mod authn;
+mod bootstrap;
 pub mod config;
-pub mod db;
-pub mod error;
-pub mod grpc;
-pub mod service;
-pub mod suspensions;
+mod db;
+mod error;
+mod grpc;
+mod rules;
+mod service;
+mod suspensions;
+mod users;
 
 use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;

@@ -13,11 +13,12 @@ use kiln_proto::events::v1::AccountUpdated;
 use kiln_proto::identity::v1::account::SuspendState;
 use sea_orm::{ActiveModelTrait, DatabaseTransaction, EntityTrait, IntoActiveModel};
 
+use crate::accounts::account_proto;
 use crate::db::account as accounts;
-use crate::service::{Identity, SOURCE, account_proto};
+use crate::service::{Identity, SOURCE};
 
-pub const CONSUMER: &str = "identity-suspensions";
-pub const SUBJECTS: &str = "kiln.billing.account.>";
+const CONSUMER: &str = "identity-suspensions";
+const SUBJECTS: &str = "kiln.billing.account.>";
 
 struct Suspensions(Identity);
 
