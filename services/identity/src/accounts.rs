@@ -1,19 +1,18 @@
 //! Accounts: create, read, list, update, delete.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names;
-use kiln_core::page::enum_filter_value;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
 use kiln_proto::identity::v1::{Account, account};
-use kiln_store::listing::Listing;
-use sea_orm::{ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::{account as accounts, api_key as api_keys, user as users};
-use crate::error::Result;
 use crate::rules::accounts::{account_update, check_delete, new_account};
-use crate::service::{Identity, term_expr, to_order};
+use crate::service::Identity;
+use kiln_core::Result;
 
 pub(crate) fn account_proto(m: &accounts::Model) -> Account {
     Account {
@@ -53,7 +52,7 @@ impl Identity {
                 Err(err) if kiln_store::is_unique_violation(&err) => {
                     txn.rollback().await?;
                     if attempt + 1 == new.candidate_ids.len() {
-                        return Err(ApiError::already_exists(format!("accounts/{id}")).into());
+                        return Err(Error::already_exists(format!("accounts/{id}")));
                     }
                     continue;
                 }
@@ -71,7 +70,7 @@ impl Identity {
             .await?;
             return Ok(proto);
         }
-        Err(ApiError::Internal("no free account ID".into()).into())
+        Err(Error::Internal("no free account ID".into()))
     }
 
     pub(crate) async fn get_account(&self, caller: &Principal, name: &str) -> Result<Account> {
@@ -80,86 +79,21 @@ impl Identity {
         let model = self
             .cached_account(&name.account)
             .await?
-            .ok_or_else(|| ApiError::not_found(&name))?;
+            .ok_or_else(|| Error::not_found(&name))?;
         Ok(account_proto(&model))
     }
 
     pub(crate) async fn list_accounts(
         &self,
         caller: &Principal,
-        page_size: i32,
-        page_token: &str,
-        filter: &str,
-        order_by: &str,
+        request: &ListRequest,
     ) -> Result<Listing<Account>> {
-        let mut cond = Condition::all();
+        let query = ACCOUNT_FIELDS.query(self.pages(), request, &caller.account)?;
+        let mut select = accounts::Entity::find();
         if !caller.is_privileged() {
-            cond = cond.add(accounts::Column::Id.eq(caller.account.clone()));
+            select = select.filter(accounts::Column::Id.eq(caller.account.clone()));
         }
-        for term in kiln_core::page::parse_filter(
-            filter,
-            &["state", "account_type", "suspend_state", "email"],
-        )? {
-            let expr = match term.field.as_str() {
-                "state" => term_expr(
-                    &term,
-                    accounts::Column::State,
-                    enum_filter_value("state", &term.value, |s| {
-                        account::State::from_str_name(s).map(|v| v as i32)
-                    })?
-                    .into(),
-                ),
-                "account_type" => term_expr(
-                    &term,
-                    accounts::Column::AccountType,
-                    enum_filter_value("account_type", &term.value, |s| {
-                        account::AccountType::from_str_name(s).map(|v| v as i32)
-                    })?
-                    .into(),
-                ),
-                "suspend_state" => term_expr(
-                    &term,
-                    accounts::Column::SuspendState,
-                    enum_filter_value("suspend_state", &term.value, |s| {
-                        account::SuspendState::from_str_name(s).map(|v| v as i32)
-                    })?
-                    .into(),
-                ),
-                _ => term_expr(&term, accounts::Column::Email, term.value.clone().into()),
-            };
-            cond = cond.add(expr);
-        }
-        let order = kiln_core::page::parse_order_by(
-            order_by,
-            &["name", "create_time", "update_time", "display_name"],
-        )?
-        .iter()
-        .map(|k| {
-            let col = match k.field.as_str() {
-                "create_time" => accounts::Column::CreateTime,
-                "update_time" => accounts::Column::UpdateTime,
-                "display_name" => accounts::Column::DisplayName,
-                _ => accounts::Column::Id,
-            };
-            (col, to_order(k))
-        })
-        .collect();
-        let scope = format!("accounts||{filter}|{order_by}|{}", caller.account);
-        let listing = self
-            .list(
-                accounts::Entity::find().filter(cond),
-                &scope,
-                page_size,
-                page_token,
-                order,
-                vec![accounts::Column::Id],
-            )
-            .await?;
-        Ok(Listing {
-            items: listing.items.iter().map(account_proto).collect(),
-            next_page_token: listing.next_page_token,
-            total_size: listing.total_size,
-        })
+        Ok(self.list(&query, select).await?.map(|m| account_proto(&m)))
     }
 
     pub(crate) async fn update_account(
@@ -173,7 +107,7 @@ impl Identity {
         let existing = self
             .account(&name.account)
             .await?
-            .ok_or_else(|| ApiError::not_found(&name))?;
+            .ok_or_else(|| Error::not_found(&name))?;
         let Some(change) = account_update(caller, &existing, &account, mask, now_micros())? else {
             return Ok(account_proto(&existing));
         };
@@ -205,7 +139,7 @@ impl Identity {
         check_delete(caller, &name)?;
         self.account(&name.account)
             .await?
-            .ok_or_else(|| ApiError::not_found(&name))?;
+            .ok_or_else(|| Error::not_found(&name))?;
         let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
         api_keys::Entity::delete_many()
             .filter(api_keys::Column::AccountId.eq(name.account.clone()))
@@ -232,3 +166,31 @@ impl Identity {
         Ok(())
     }
 }
+
+/// The fields an account list filters on and orders by.
+static ACCOUNT_FIELDS: Fields<accounts::Column> = Fields {
+    collection: "accounts",
+    fields: &[
+        Field::order("name", accounts::Column::Id),
+        Field::order("create_time", accounts::Column::CreateTime),
+        Field::order("update_time", accounts::Column::UpdateTime),
+        Field::order("display_name", accounts::Column::DisplayName),
+        Field::filter("email", accounts::Column::Email, Kind::Text),
+        Field::filter(
+            "state",
+            accounts::Column::State,
+            Kind::Enum(|s| account::State::from_str_name(s).map(|v| v as i32)),
+        ),
+        Field::filter(
+            "account_type",
+            accounts::Column::AccountType,
+            Kind::Enum(|s| account::AccountType::from_str_name(s).map(|v| v as i32)),
+        ),
+        Field::filter(
+            "suspend_state",
+            accounts::Column::SuspendState,
+            Kind::Enum(|s| account::SuspendState::from_str_name(s).map(|v| v as i32)),
+        ),
+    ],
+    tie_break: accounts::Column::Id,
+};

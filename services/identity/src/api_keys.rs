@@ -1,18 +1,18 @@
 //! API keys: create, list, delete. Their secrets are shown once and stored only as digests.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
 use kiln_proto::identity::v1::ApiKey;
-use kiln_store::listing::Listing;
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::api_key as api_keys;
-use crate::error::Result;
 use crate::rules::api_keys::{check_delete, key_name, new_key, new_key_expiry};
-use crate::service::{Identity, term_expr, to_order};
+use crate::service::Identity;
+use kiln_core::Result;
 
 fn api_key_proto(m: &api_keys::Model) -> ApiKey {
     ApiKey {
@@ -59,55 +59,16 @@ impl Identity {
     pub(crate) async fn list_api_keys(
         &self,
         caller: &Principal,
-        parent: &str,
-        page_size: i32,
-        page_token: &str,
-        filter: &str,
-        order_by: &str,
+        request: &ListRequest,
     ) -> Result<Listing<ApiKey>> {
-        let user = self.existing_user(caller, "parent", parent).await?;
-        let mut cond = Condition::all()
-            .add(api_keys::Column::AccountId.eq(user.account_id.clone()))
-            .add(api_keys::Column::UserId.eq(user.user_id.clone()));
-        for term in kiln_core::page::parse_filter(filter, &["display_name", "prefix"])? {
-            let col = if term.field == "prefix" {
-                api_keys::Column::Prefix
-            } else {
-                api_keys::Column::DisplayName
-            };
-            cond = cond.add(term_expr(&term, col, term.value.clone().into()));
-        }
-        let order = kiln_core::page::parse_order_by(
-            order_by,
-            &["name", "create_time", "expire_time", "display_name"],
-        )?
-        .iter()
-        .map(|k| {
-            let col = match k.field.as_str() {
-                "create_time" => api_keys::Column::CreateTime,
-                "expire_time" => api_keys::Column::ExpireTime,
-                "display_name" => api_keys::Column::DisplayName,
-                _ => api_keys::Column::KeyId,
-            };
-            (col, to_order(k))
-        })
-        .collect();
-        let scope = format!("apiKeys|{}|{filter}|{order_by}|{}", parent, caller.account);
-        let listing = self
-            .list(
-                api_keys::Entity::find().filter(cond),
-                &scope,
-                page_size,
-                page_token,
-                order,
-                vec![api_keys::Column::KeyId],
-            )
+        let user = self
+            .existing_user(caller, "parent", &request.parent)
             .await?;
-        Ok(Listing {
-            items: listing.items.iter().map(api_key_proto).collect(),
-            next_page_token: listing.next_page_token,
-            total_size: listing.total_size,
-        })
+        let query = API_KEY_FIELDS.query(self.pages(), request, &caller.account)?;
+        let select = api_keys::Entity::find()
+            .filter(api_keys::Column::AccountId.eq(user.account_id.clone()))
+            .filter(api_keys::Column::UserId.eq(user.user_id.clone()));
+        Ok(self.list(&query, select).await?.map(|m| api_key_proto(&m)))
     }
 
     pub(crate) async fn delete_api_key(&self, caller: &Principal, name: &str) -> Result<()> {
@@ -120,11 +81,11 @@ impl Identity {
         ))
         .one(self.db())
         .await?
-        .ok_or_else(|| ApiError::not_found(&key_name))?;
+        .ok_or_else(|| Error::not_found(&key_name))?;
         let owner = self
             .user(&model.account_id, &model.user_id)
             .await?
-            .ok_or_else(|| ApiError::not_found(&key_name))?;
+            .ok_or_else(|| Error::not_found(&key_name))?;
         check_delete(caller, &owner)?;
         let name = key_name.to_string();
         let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
@@ -147,3 +108,16 @@ impl Identity {
         Ok(())
     }
 }
+
+/// The fields an API-key list filters on and orders by.
+static API_KEY_FIELDS: Fields<api_keys::Column> = Fields {
+    collection: "apiKeys",
+    fields: &[
+        Field::order("name", api_keys::Column::KeyId),
+        Field::order("create_time", api_keys::Column::CreateTime),
+        Field::order("expire_time", api_keys::Column::ExpireTime),
+        Field::both("display_name", api_keys::Column::DisplayName, Kind::Text),
+        Field::filter("prefix", api_keys::Column::Prefix, Kind::Text),
+    ],
+    tie_break: api_keys::Column::KeyId,
+};

@@ -1,7 +1,7 @@
 //! Authentication: identity resolves API keys into principals straight from its tables.
 
 use futures::future::BoxFuture;
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::{Authenticated, Authenticator};
 use kiln_core::time::now_micros;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
@@ -12,9 +12,9 @@ use crate::service::Identity;
 
 impl Identity {
     /// Resolves an API key secret into its principal.
-    pub(crate) async fn authenticate_key(&self, secret: &str) -> Result<Authenticated, ApiError> {
-        let invalid = || ApiError::Unauthenticated("invalid API key".into());
-        let internal = |e: sea_orm::DbErr| ApiError::Unavailable(format!("identity database: {e}"));
+    pub(crate) async fn authenticate_key(&self, secret: &str) -> Result<Authenticated, Error> {
+        let invalid = || Error::Unauthenticated("invalid API key".into());
+        let internal = |e: sea_orm::DbErr| Error::Unavailable(format!("identity database: {e}"));
         let key = api_keys::Entity::find()
             .filter(api_keys::Column::SecretSha256.eq(secret_digest(secret)))
             .one(self.db())
@@ -22,7 +22,7 @@ impl Identity {
             .map_err(internal)?
             .ok_or_else(invalid)?;
         if is_expired(key.expire_time, now_micros()) {
-            return Err(ApiError::Unauthenticated("API key expired".into()));
+            return Err(Error::Unauthenticated("API key expired".into()));
         }
         let user = users::Entity::find_by_id((key.account_id.clone(), key.user_id.clone()))
             .one(self.db())
@@ -40,10 +40,7 @@ impl Identity {
 
 /// Identity authenticates its own callers straight from its tables.
 impl Authenticator for Identity {
-    fn authenticate<'a>(
-        &'a self,
-        api_key: &'a str,
-    ) -> BoxFuture<'a, Result<Authenticated, ApiError>> {
+    fn authenticate<'a>(&'a self, api_key: &'a str) -> BoxFuture<'a, Result<Authenticated, Error>> {
         Box::pin(self.authenticate_key(api_key))
     }
 }

@@ -1,16 +1,15 @@
 //! The bootstrap: the system account, its platform admin and, on the very first start, the
 //! admin's API key.
 
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::names::SYSTEM_ACCOUNT;
 use kiln_proto::identity::v1::{Account, ApiKey, account};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::api_key as api_keys;
-use crate::error::{Error, Result};
 use crate::rules::users::NewUser;
 use crate::service::Identity;
+use kiln_core::{Error, Result};
 
 /// The user that the bootstrap creates in the system account.
 const BOOTSTRAP_USER: &str = "admin";
@@ -36,7 +35,7 @@ impl Identity {
             match created {
                 Ok(_) => {}
                 // Another instance won the race.
-                Err(Error::Api(ApiError::AlreadyExists { .. })) => {}
+                Err(Error::AlreadyExists { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -47,12 +46,12 @@ impl Identity {
                     .insert_user(&NewUser::platform_admin(BOOTSTRAP_USER, admin_email))
                     .await
                 {
-                    Ok(_) | Err(Error::Api(ApiError::AlreadyExists { .. })) => {}
+                    Ok(_) | Err(Error::AlreadyExists { .. }) => {}
                     Err(e) => return Err(e),
                 }
                 self.user(SYSTEM_ACCOUNT, BOOTSTRAP_USER)
                     .await?
-                    .ok_or_else(|| Error::Bootstrap("admin user vanished".into()))?
+                    .ok_or_else(|| Error::Internal("admin user vanished".into()))?
             }
         };
         let has_key = api_keys::Entity::find()

@@ -9,7 +9,6 @@ mod authn;
 mod bootstrap;
 pub mod config;
 mod db;
-mod error;
 mod grpc;
 mod rules;
 mod service;
@@ -19,7 +18,7 @@ mod users;
 use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 
-pub use error::{Error, Result};
+pub use kiln_core::{Error, Result};
 pub use service::Identity;
 
 /// Opens identity's database (migrating it), starts its outbox relay on the host's bus, adds
@@ -33,7 +32,7 @@ pub async fn open(
 ) -> Result<(Identity, Option<String>)> {
     if server.database_url.is_none() {
         std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-            Error::Bootstrap(format!(
+            Error::Internal(format!(
                 "cannot create data dir {}: {e}",
                 server.data_dir.display()
             ))

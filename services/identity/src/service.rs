@@ -5,16 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_core::auth::AuthCache;
-use kiln_core::page::{FilterTerm, OrderKey, PageTokens};
+use kiln_core::listing::{Listing, Query};
+use kiln_core::page::PageTokens;
 use kiln_events::Body;
 use kiln_events::outbox::Outbox;
-use kiln_store::listing::Listing;
-use sea_orm::sea_query::SimpleExpr;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, FromQueryResult, Order, Select};
+use sea_orm::{DatabaseConnection, EntityTrait, FromQueryResult, Select};
 
 use crate::account_cache::AccountCache;
 use crate::db::{account as accounts, user as users};
-use crate::error::Result;
+use kiln_core::Result;
 
 /// The name events carry in `source`.
 pub(crate) const SOURCE: &str = "kiln-identity";
@@ -33,26 +32,6 @@ struct Inner {
     pages: PageTokens,
     cache: Arc<AuthCache>,
     accounts: AccountCache,
-}
-
-pub(crate) fn term_expr(
-    term: &FilterTerm,
-    column: impl ColumnTrait,
-    value: sea_orm::Value,
-) -> SimpleExpr {
-    if term.negated {
-        column.ne(value)
-    } else {
-        column.eq(value)
-    }
-}
-
-pub(crate) fn to_order(key: &OrderKey) -> Order {
-    if key.descending {
-        Order::Desc
-    } else {
-        Order::Asc
-    }
 }
 
 impl Identity {
@@ -138,30 +117,20 @@ impl Identity {
         )
     }
 
-    /// Runs a list query for one page (see [`kiln_store::listing::list_page`]).
+    pub(crate) fn pages(&self) -> &PageTokens {
+        &self.inner.pages
+    }
+
+    /// Runs a list query for one page.
     pub(crate) async fn list<E>(
         &self,
+        query: &Query<E::Column>,
         select: Select<E>,
-        scope: &str,
-        page_size: i32,
-        page_token: &str,
-        order: Vec<(E::Column, Order)>,
-        tie_break: Vec<E::Column>,
     ) -> Result<Listing<E::Model>>
     where
         E: EntityTrait,
         E::Model: FromQueryResult + Send + Sync,
     {
-        Ok(kiln_store::listing::list_page(
-            &self.inner.db,
-            &self.inner.pages,
-            select,
-            scope,
-            page_size,
-            page_token,
-            order,
-            tie_break,
-        )
-        .await?)
+        kiln_store::listing::list(&self.inner.db, &self.inner.pages, query, select).await
     }
 }

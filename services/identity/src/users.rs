@@ -1,19 +1,18 @@
 //! Users: create, read, list, update, delete; the lookups that API keys share.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names;
-use kiln_core::page::enum_filter_value;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
-use kiln_proto::identity::v1::User;
-use kiln_store::listing::Listing;
-use sea_orm::{ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter};
+use kiln_proto::identity::v1::{User, user};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::{api_key as api_keys, user as users};
-use crate::error::Result;
 use crate::rules::users::{NewUser, check_delete, new_user, user_update};
-use crate::service::{Identity, term_expr, to_order};
+use crate::service::Identity;
+use kiln_core::Result;
 
 fn user_proto(m: &users::Model) -> User {
     User {
@@ -41,7 +40,7 @@ impl Identity {
         caller.check_access(&parent, &parent)?;
         self.cached_account(&parent.account)
             .await?
-            .ok_or_else(|| ApiError::not_found(&parent))?;
+            .ok_or_else(|| Error::not_found(&parent))?;
         Ok(parent)
     }
 
@@ -60,7 +59,7 @@ impl Identity {
     pub(crate) async fn insert_user(&self, new: &NewUser) -> Result<User> {
         let name = new.name();
         if self.user(&new.account, &new.user_id).await?.is_some() {
-            return Err(ApiError::already_exists(&name).into());
+            return Err(Error::already_exists(&name));
         }
         self.ensure_email_free(&new.account, &new.email).await?;
         let model = new.row(now_micros());
@@ -73,7 +72,7 @@ impl Identity {
             Ok(_) => {}
             Err(err) if kiln_store::is_unique_violation(&err) => {
                 txn.rollback().await?;
-                return Err(ApiError::already_exists(&name).into());
+                return Err(Error::already_exists(&name));
             }
             Err(err) => return Err(err.into()),
         }
@@ -97,11 +96,10 @@ impl Identity {
             .one(self.db())
             .await?;
         match taken {
-            Some(u) => Err(ApiError::already_exists(format!(
+            Some(u) => Err(Error::already_exists(format!(
                 "a user with email {email} (accounts/{account}/users/{})",
                 u.user_id
-            ))
-            .into()),
+            ))),
             None => Ok(()),
         }
     }
@@ -117,7 +115,7 @@ impl Identity {
         caller.check_access(&name.account_name(), &name)?;
         self.user(&name.account, &name.id)
             .await?
-            .ok_or_else(|| ApiError::not_found(&name).into())
+            .ok_or_else(|| Error::not_found(&name))
     }
 
     pub(crate) async fn get_user(&self, caller: &Principal, name: &str) -> Result<User> {
@@ -127,83 +125,15 @@ impl Identity {
     pub(crate) async fn list_users(
         &self,
         caller: &Principal,
-        parent: &str,
-        page_size: i32,
-        page_token: &str,
-        filter: &str,
-        order_by: &str,
+        request: &ListRequest,
     ) -> Result<Listing<User>> {
-        let parent = self.parent_account(caller, "parent", parent).await?;
-        let mut cond = Condition::all().add(users::Column::AccountId.eq(parent.account.clone()));
-        for term in
-            kiln_core::page::parse_filter(filter, &["role", "state", "email", "service_account"])?
-        {
-            let expr = match term.field.as_str() {
-                "role" => term_expr(&term, users::Column::Role, term.value.clone().into()),
-                "email" => term_expr(&term, users::Column::Email, term.value.clone().into()),
-                "state" => term_expr(
-                    &term,
-                    users::Column::State,
-                    enum_filter_value("state", &term.value, |s| {
-                        kiln_proto::identity::v1::user::State::from_str_name(s).map(|v| v as i32)
-                    })?
-                    .into(),
-                ),
-                _ => {
-                    let flag = match term.value.as_str() {
-                        "true" => true,
-                        "false" => false,
-                        other => {
-                            return Err(ApiError::invalid(
-                                "filter",
-                                format!("service_account is true or false, got {other:?}"),
-                            )
-                            .into());
-                        }
-                    };
-                    term_expr(&term, users::Column::ServiceAccount, flag.into())
-                }
-            };
-            cond = cond.add(expr);
-        }
-        let order = kiln_core::page::parse_order_by(
-            order_by,
-            &[
-                "name",
-                "create_time",
-                "update_time",
-                "email",
-                "display_name",
-            ],
-        )?
-        .iter()
-        .map(|k| {
-            let col = match k.field.as_str() {
-                "create_time" => users::Column::CreateTime,
-                "update_time" => users::Column::UpdateTime,
-                "email" => users::Column::Email,
-                "display_name" => users::Column::DisplayName,
-                _ => users::Column::UserId,
-            };
-            (col, to_order(k))
-        })
-        .collect();
-        let scope = format!("users|{parent}|{filter}|{order_by}|{}", caller.account);
-        let listing = self
-            .list(
-                users::Entity::find().filter(cond),
-                &scope,
-                page_size,
-                page_token,
-                order,
-                vec![users::Column::UserId],
-            )
+        let parent = self
+            .parent_account(caller, "parent", &request.parent)
             .await?;
-        Ok(Listing {
-            items: listing.items.iter().map(user_proto).collect(),
-            next_page_token: listing.next_page_token,
-            total_size: listing.total_size,
-        })
+        let query = USER_FIELDS.query(self.pages(), request, &caller.account)?;
+        let select =
+            users::Entity::find().filter(users::Column::AccountId.eq(parent.account.clone()));
+        Ok(self.list(&query, select).await?.map(|m| user_proto(&m)))
     }
 
     pub(crate) async fn update_user(
@@ -227,10 +157,10 @@ impl Identity {
             .await
             .map_err(|err| {
                 if kiln_store::is_unique_violation(&err) {
-                    crate::error::Error::from(ApiError::already_exists(format!(
+                    Error::already_exists(format!(
                         "a user with email {}",
                         user.email
-                    )))
+                    ))
                 } else {
                     err.into()
                 }
@@ -280,3 +210,23 @@ impl Identity {
         Ok(())
     }
 }
+
+/// The fields a user list filters on and orders by.
+static USER_FIELDS: Fields<users::Column> = Fields {
+    collection: "users",
+    fields: &[
+        Field::order("name", users::Column::UserId),
+        Field::order("create_time", users::Column::CreateTime),
+        Field::order("update_time", users::Column::UpdateTime),
+        Field::order("display_name", users::Column::DisplayName),
+        Field::both("email", users::Column::Email, Kind::Text),
+        Field::filter("role", users::Column::Role, Kind::Text),
+        Field::filter(
+            "state",
+            users::Column::State,
+            Kind::Enum(|s| user::State::from_str_name(s).map(|v| v as i32)),
+        ),
+        Field::filter("service_account", users::Column::ServiceAccount, Kind::Bool),
+    ],
+    tie_break: users::Column::UserId,
+};

@@ -125,6 +125,20 @@ impl Error {
     }
 }
 
+/// Two errors are equal when the caller would see the same: the same code and message (and
+/// the same retry delay).
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        let retry = |e: &Self| match e {
+            Self::ResourceExhausted { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        self.code() == other.code()
+            && self.to_string() == other.to_string()
+            && retry(self) == retry(other)
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = err.code();

@@ -3,57 +3,13 @@
 //! and limit, and the signed token of the next page.
 
 use kiln_core::listing::{Kind, Query, Value};
-use kiln_core::page::{Page, PageTokens};
+use kiln_core::page::PageTokens;
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, Order,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Select,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, FromQueryResult, Order, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Select,
 };
 
 pub use kiln_core::listing::Listing;
-
-/// A list failure: a bad page request or the database.
-#[derive(Debug, thiserror::Error)]
-pub enum ListError {
-    #[error(transparent)]
-    Request(#[from] kiln_core::Error),
-    #[error(transparent)]
-    Database(#[from] DbErr),
-}
-
-/// Runs `select` for the page `page_size`/`page_token` asks, in `order` then `tie_break`.
-/// `scope` binds the page token to this listing (collection, parent, filter, order, caller).
-#[allow(clippy::too_many_arguments)]
-pub async fn list_page<E, C>(
-    db: &C,
-    tokens: &PageTokens,
-    select: Select<E>,
-    scope: &str,
-    page_size: i32,
-    page_token: &str,
-    order: Vec<(E::Column, Order)>,
-    tie_break: Vec<E::Column>,
-) -> Result<Listing<E::Model>, ListError>
-where
-    E: EntityTrait,
-    E::Model: FromQueryResult + Send + Sync,
-    C: ConnectionTrait,
-{
-    let page = Page::from_request(tokens, scope, page_size, page_token)?;
-    let total = select.clone().count(db).await?;
-    let mut query = select;
-    for (column, dir) in order {
-        query = query.order_by(column, dir);
-    }
-    for column in tie_break {
-        query = query.order_by(column, Order::Asc);
-    }
-    let items = query.offset(page.offset).limit(page.limit).all(db).await?;
-    Ok(Listing {
-        items,
-        next_page_token: page.next_token(tokens, scope, total),
-        total_size: i32::try_from(total).unwrap_or(i32::MAX),
-    })
-}
 
 /// Runs `select` narrowed by `query`'s terms, for the page it asks, in its order.
 pub async fn list<E, C>(

@@ -1,7 +1,7 @@
 //! Accounts' rules: who creates, updates and deletes them, the type and suspend state a new
 //! account gets, the IDs a developer account tries, and what an update changes.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_core::names::{self, AccountName, validate_display_name};
 use kiln_proto::identity::v1::Account;
@@ -66,7 +66,7 @@ pub(crate) fn new_account(
     caller: &Principal,
     account_id: &str,
     account: &Account,
-) -> Result<NewAccount, ApiError> {
+) -> Result<NewAccount, Error> {
     permit(
         caller.is_privileged(),
         "only a platform admin creates accounts",
@@ -89,12 +89,12 @@ pub(crate) fn new_account(
 
 /// The type of a new account: as asked, or when unspecified a developer account if no ID was
 /// given (it is derived from the email) and an enterprise account if one was.
-fn account_type_on_create(account_type: i32, account_id: &str) -> Result<AccountType, ApiError> {
+fn account_type_on_create(account_type: i32, account_id: &str) -> Result<AccountType, Error> {
     match AccountType::try_from(account_type) {
         Ok(AccountType::Unspecified) if account_id.is_empty() => Ok(AccountType::Developer),
         Ok(AccountType::Unspecified) => Ok(AccountType::Enterprise),
         Ok(t) => Ok(t),
-        Err(_) => Err(ApiError::invalid(
+        Err(_) => Err(Error::invalid(
             "account.account_type",
             "unknown account type",
         )),
@@ -102,11 +102,11 @@ fn account_type_on_create(account_type: i32, account_id: &str) -> Result<Account
 }
 
 /// The suspend state of a new account: as asked, unsuspended when unspecified.
-fn suspend_state_on_create(suspend_state: i32) -> Result<SuspendState, ApiError> {
+fn suspend_state_on_create(suspend_state: i32) -> Result<SuspendState, Error> {
     match SuspendState::try_from(suspend_state) {
         Ok(SuspendState::Unspecified) => Ok(SuspendState::Unsuspended),
         Ok(s) => Ok(s),
-        Err(_) => Err(ApiError::invalid(
+        Err(_) => Err(Error::invalid(
             "account.suspend_state",
             "unknown suspend state",
         )),
@@ -119,13 +119,13 @@ fn candidate_ids(
     account_type: AccountType,
     account_id: &str,
     email: &str,
-) -> Result<Vec<String>, ApiError> {
+) -> Result<Vec<String>, Error> {
     if account_type != AccountType::Developer {
         names::validate_id("account_id", account_id)?;
         return Ok(vec![account_id.to_owned()]);
     }
     if !account_id.is_empty() {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "account_id",
             "developer account IDs are derived from account.email; leave it empty, or create an ENTERPRISE account",
         ));
@@ -151,7 +151,7 @@ pub(crate) fn account_update(
     account: &Account,
     mask: Option<prost_types::FieldMask>,
     now: i64,
-) -> Result<Option<Change<accounts::Model>>, ApiError> {
+) -> Result<Option<Change<accounts::Model>>, Error> {
     permit(
         caller.administers(&existing.id),
         "only an admin of the account updates it",
@@ -175,7 +175,7 @@ pub(crate) fn account_update(
                 )?;
                 model.suspend_state = match SuspendState::try_from(account.suspend_state) {
                     Ok(SuspendState::Unspecified) | Err(_) => {
-                        return Err(ApiError::invalid(
+                        return Err(Error::invalid(
                             "account.suspend_state",
                             "must be a suspend state",
                         ));
@@ -191,13 +191,13 @@ pub(crate) fn account_update(
 }
 
 /// Only a platform admin deletes an account, and never the system account.
-pub(crate) fn check_delete(caller: &Principal, name: &AccountName) -> Result<(), ApiError> {
+pub(crate) fn check_delete(caller: &Principal, name: &AccountName) -> Result<(), Error> {
     permit(
         caller.is_privileged(),
         "only a platform admin deletes accounts",
     )?;
     if name.is_system() {
-        return Err(ApiError::FailedPrecondition(format!(
+        return Err(Error::FailedPrecondition(format!(
             "{name} is the system account and cannot be deleted"
         )));
     }

@@ -1,10 +1,10 @@
 //! API keys' rules: who creates and deletes them, what a new key's secret looks like and
 //! what is stored of it, and what an authentication with a key yields.
 
+use kiln_core::Error;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use kiln_core::Error as ApiError;
 use kiln_core::auth::{Authenticated, Principal, hash_secret, hex};
 use kiln_core::names::validate_display_name;
 use kiln_proto::identity::v1::ApiKey;
@@ -37,7 +37,7 @@ pub(crate) fn new_key_expiry(
     owner: &users::Model,
     api_key: &ApiKey,
     now: i64,
-) -> Result<Option<i64>, ApiError> {
+) -> Result<Option<i64>, Error> {
     permit(
         may_manage(caller, owner),
         "only the user or an admin of the account creates its keys",
@@ -47,7 +47,7 @@ pub(crate) fn new_key_expiry(
         Some(ts) => {
             let micros = kiln_core::time::timestamp_to_micros(ts);
             if micros <= now {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     "api_key.expire_time",
                     "must be in the future",
                 ));
@@ -59,7 +59,7 @@ pub(crate) fn new_key_expiry(
 }
 
 /// The user and the account's admins delete its keys.
-pub(crate) fn check_delete(caller: &Principal, owner: &users::Model) -> Result<(), ApiError> {
+pub(crate) fn check_delete(caller: &Principal, owner: &users::Model) -> Result<(), Error> {
     permit(
         may_manage(caller, owner),
         "only the user or an admin of the account deletes its keys",

@@ -5,7 +5,7 @@ pub(crate) mod accounts;
 pub(crate) mod api_keys;
 pub(crate) mod users;
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use rand::Rng;
 
 /// Email addresses are at most this long (RFC 5321's path limit less the brackets).
@@ -13,7 +13,7 @@ const MAX_EMAIL_LEN: usize = 254;
 
 /// Checks an email address enough to catch mistakes: one '@', text on both sides, a dot in
 /// the domain, no spaces, at most 254 characters.
-pub(crate) fn validate_email(field: &str, email: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_email(field: &str, email: &str) -> Result<(), Error> {
     let ok = email.len() <= MAX_EMAIL_LEN
         && !email.chars().any(char::is_whitespace)
         && match email.split_once('@') {
@@ -30,9 +30,9 @@ pub(crate) fn validate_email(field: &str, email: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else if email.is_empty() {
-        Err(ApiError::invalid(field, "is required"))
+        Err(Error::invalid(field, "is required"))
     } else {
-        Err(ApiError::invalid(
+        Err(Error::invalid(
             field,
             format!("{email:?} is not an email address"),
         ))
@@ -51,22 +51,22 @@ pub(crate) fn random_id(len: usize) -> String {
 }
 
 /// `Ok` when `allowed`, else PERMISSION_DENIED saying `rule`.
-fn permit(allowed: bool, rule: &str) -> Result<(), ApiError> {
+fn permit(allowed: bool, rule: &str) -> Result<(), Error> {
     if allowed {
         Ok(())
     } else {
-        Err(ApiError::PermissionDenied(rule.to_owned()))
+        Err(Error::PermissionDenied(rule.to_owned()))
     }
 }
 
 /// `email` when it is a valid email address for `field`.
-fn valid_email(field: &str, email: &str) -> Result<String, ApiError> {
+fn valid_email(field: &str, email: &str) -> Result<String, Error> {
     validate_email(field, email)?;
     Ok(email.to_owned())
 }
 
 /// `name` when it is a valid display name for `field`.
-fn valid_display_name(field: &str, name: &str) -> Result<String, ApiError> {
+fn valid_display_name(field: &str, name: &str) -> Result<String, Error> {
     kiln_core::names::validate_display_name(field, name)?;
     Ok(name.to_owned())
 }
@@ -85,9 +85,9 @@ fn apply_update<M: Clone + PartialEq>(
     existing: &M,
     mask: Option<prost_types::FieldMask>,
     given: &[(&str, bool)],
-    mut set: impl FnMut(&mut M, &str) -> Result<(), ApiError>,
+    mut set: impl FnMut(&mut M, &str) -> Result<(), Error>,
     stamp: impl FnOnce(&mut M),
-) -> Result<Option<Change<M>>, ApiError> {
+) -> Result<Option<Change<M>>, Error> {
     let paths = update_paths(mask, given);
     let mut model = existing.clone();
     for path in &paths {
@@ -114,8 +114,8 @@ fn update_paths(mask: Option<prost_types::FieldMask>, given: &[(&str, bool)]) ->
 }
 
 /// The error for a mask path that is not one of `fields`.
-fn not_updatable(path: &str, fields: &str) -> ApiError {
-    ApiError::invalid(
+fn not_updatable(path: &str, fields: &str) -> Error {
+    Error::invalid(
         "update_mask",
         format!("{path:?} is not an updatable field; fields: {fields}"),
     )
@@ -221,7 +221,7 @@ mod tests {
     fn an_empty_email_is_required_and_a_malformed_one_is_named() {
         assert_eq!(
             validate_email("user.email", ""),
-            Err(ApiError::invalid("user.email", "is required"))
+            Err(Error::invalid("user.email", "is required"))
         );
         for email in [
             "plain",
@@ -236,7 +236,7 @@ mod tests {
         ] {
             assert_eq!(
                 validate_email("account.email", email),
-                Err(ApiError::invalid(
+                Err(Error::invalid(
                     "account.email",
                     format!("{email:?} is not an email address")
                 )),

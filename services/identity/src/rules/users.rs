@@ -1,7 +1,7 @@
 //! Users' rules: roles and what they grant, who manages a user, what a new user is and what
 //! an update changes.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::{Principal, Role};
 use kiln_core::names::{self, AccountName, SYSTEM_ACCOUNT, validate_display_name};
 use kiln_proto::identity::v1::User;
@@ -18,10 +18,10 @@ pub(crate) const ADMIN_ROLE: &str = "admin";
 const USER_ROLE: &str = "user";
 
 /// A user's role is "admin" or "user".
-pub(crate) fn validate_role(field: &str, role: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_role(field: &str, role: &str) -> Result<(), Error> {
     match role {
         ADMIN_ROLE | USER_ROLE => Ok(()),
-        other => Err(ApiError::invalid(
+        other => Err(Error::invalid(
             field,
             format!("must be \"admin\" or \"user\", got {other:?}"),
         )),
@@ -46,7 +46,7 @@ pub(crate) fn may_manage(caller: &Principal, user: &users::Model) -> bool {
 }
 
 /// Only an admin of the account deletes a user (not the user themself).
-pub(crate) fn check_delete(caller: &Principal, user: &users::Model) -> Result<(), ApiError> {
+pub(crate) fn check_delete(caller: &Principal, user: &users::Model) -> Result<(), Error> {
     permit(
         caller.administers(&user.account_id),
         "only an admin of the account deletes users",
@@ -108,7 +108,7 @@ pub(crate) fn new_user(
     parent: &AccountName,
     user_id: &str,
     user: &User,
-) -> Result<NewUser, ApiError> {
+) -> Result<NewUser, Error> {
     permit(
         caller.administers(&parent.account),
         &format!("only an admin of {parent} adds users"),
@@ -141,7 +141,7 @@ pub(crate) fn user_update(
     user: &User,
     mask: Option<prost_types::FieldMask>,
     now: i64,
-) -> Result<Option<Change<users::Model>>, ApiError> {
+) -> Result<Option<Change<users::Model>>, Error> {
     permit(
         may_manage(caller, existing),
         "only the user or an admin of the account updates a user",

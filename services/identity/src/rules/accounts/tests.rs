@@ -1,3 +1,4 @@
+use kiln_core::Error;
 use kiln_core::auth::Principal;
 
 use super::*;
@@ -27,7 +28,7 @@ fn only_platform_admins_and_services_create_accounts() {
         assert!(
             matches!(
                 new_account(&caller, "beta", &enterprise()),
-                Err(ApiError::PermissionDenied(_))
+                Err(Error::PermissionDenied(_))
             ),
             "{caller:?}"
         );
@@ -57,7 +58,7 @@ fn a_developer_account_needs_an_email_and_an_enterprise_one_checks_a_given_one()
     let caller = platform_admin();
     assert_eq!(
         new_account(&caller, "", &developer("")).map(|_| ()),
-        Err(ApiError::invalid("account.email", "is required"))
+        Err(Error::invalid("account.email", "is required"))
     );
     assert_eq!(
         create_error("", &developer("not-an-email")),
@@ -190,7 +191,7 @@ fn update(
     caller: &Principal,
     account: Account,
     paths: Option<&[&str]>,
-) -> Result<Option<Change<accounts::Model>>, ApiError> {
+) -> Result<Option<Change<accounts::Model>>, Error> {
     account_update(
         caller,
         &account_row("acme"),
@@ -215,7 +216,7 @@ fn only_an_admin_of_the_account_updates_it() {
         assert!(
             matches!(
                 update(&caller, rename(), None),
-                Err(ApiError::PermissionDenied(_))
+                Err(Error::PermissionDenied(_))
             ),
             "{caller:?}"
         );
@@ -302,7 +303,7 @@ fn only_a_platform_admin_changes_the_suspend_state() {
             suspend(limit),
             Some(&["suspend_state"])
         ),
-        Err(ApiError::PermissionDenied(_))
+        Err(Error::PermissionDenied(_))
     ));
     let change = update(&platform_admin(), suspend(limit), None)
         .unwrap()
@@ -323,12 +324,12 @@ fn only_a_platform_admin_deletes_an_account_and_never_the_system_one() {
     let acme = AccountName::new("acme");
     assert!(matches!(
         check_delete(&admin("acme", "alice"), &acme),
-        Err(ApiError::PermissionDenied(_))
+        Err(Error::PermissionDenied(_))
     ));
     assert_eq!(check_delete(&platform_admin(), &acme), Ok(()));
     assert_eq!(check_delete(&Principal::service(), &acme), Ok(()));
     assert!(matches!(
         check_delete(&platform_admin(), &AccountName::new(names::SYSTEM_ACCOUNT)),
-        Err(ApiError::FailedPrecondition(_))
+        Err(Error::FailedPrecondition(_))
     ));
 }

@@ -1,3 +1,4 @@
+use kiln_core::Error;
 use kiln_core::auth::Role;
 use kiln_core::time::micros_to_timestamp;
 
@@ -40,13 +41,13 @@ fn a_user_and_the_admins_of_its_account_manage_its_keys() {
         assert!(
             matches!(
                 new_key_expiry(&caller, &carol, &named("ci"), 0),
-                Err(ApiError::PermissionDenied(_))
+                Err(Error::PermissionDenied(_))
             ),
             "{caller:?}"
         );
         assert!(matches!(
             check_delete(&caller, &carol),
-            Err(ApiError::PermissionDenied(_))
+            Err(Error::PermissionDenied(_))
         ));
     }
 }

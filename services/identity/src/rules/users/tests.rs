@@ -2,6 +2,7 @@ use super::*;
 use crate::rules::test_support::{
     admin, invalid_field, mask, member, platform_admin, principal, user_row,
 };
+use kiln_core::Error;
 
 #[test]
 fn a_role_is_admin_or_user() {
@@ -60,7 +61,7 @@ fn only_an_admin_of_the_account_deletes_a_user() {
         assert!(
             matches!(
                 check_delete(&caller, &carol),
-                Err(ApiError::PermissionDenied(_))
+                Err(Error::PermissionDenied(_))
             ),
             "{caller:?}"
         );
@@ -83,7 +84,7 @@ fn only_an_admin_of_the_account_adds_users() {
         assert!(
             matches!(
                 new_user(&caller, &acme, "carol", &carol),
-                Err(ApiError::PermissionDenied(_))
+                Err(Error::PermissionDenied(_))
             ),
             "{caller:?}"
         );
@@ -165,7 +166,7 @@ fn update(
     caller: &Principal,
     user: User,
     paths: Option<&[&str]>,
-) -> Result<Option<Change<users::Model>>, ApiError> {
+) -> Result<Option<Change<users::Model>>, Error> {
     let carol = user_row("acme", "carol", "user");
     user_update(caller, &carol, &user, paths.and_then(mask), 99)
 }
@@ -188,7 +189,7 @@ fn a_user_is_updated_by_themself_or_an_admin_of_the_account() {
         assert!(
             matches!(
                 update(&caller, renamed("C"), None),
-                Err(ApiError::PermissionDenied(_))
+                Err(Error::PermissionDenied(_))
             ),
             "{caller:?}"
         );
@@ -212,7 +213,7 @@ fn a_user_may_not_change_their_own_role() {
     };
     assert!(matches!(
         update(&member("acme", "carol"), promote.clone(), Some(&["role"])),
-        Err(ApiError::PermissionDenied(_))
+        Err(Error::PermissionDenied(_))
     ));
     let change = update(&admin("acme", "alice"), promote, Some(&["role"]))
         .unwrap()
