@@ -18,6 +18,8 @@ use futures::StreamExt;
 use kiln_events::{Body, Event, new_event};
 use kiln_proto::events::v1::UsageRecorded;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
+use kiln_tests::bench::{Args, median};
+use kiln_tests::wait_for;
 use prost::Message;
 use sea_orm::ConnectionTrait;
 
@@ -163,13 +165,12 @@ async fn billing_consume(nats_url: &str, stream: &str, prefix: &str, events: &[E
             _ => 0,
         })
         .sum();
-    loop {
-        let (rows, _) = ledger_rows(&db).await;
-        if rows >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        Duration::from_secs(600),
+        "every event to be booked",
+        || async { (ledger_rows(&db).await.0 >= n).then_some(()) },
+    )
+    .await;
     let rate = n as f64 / started.elapsed().as_secs_f64();
     // Exactly once: each event one row, and a replay of everything books nothing.
     assert_eq!(ledger_rows(&db).await, (n, expected_tokens));
@@ -192,12 +193,8 @@ async fn billing_consume(nats_url: &str, stream: &str, prefix: &str, events: &[E
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let rounds: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let args = Args::from_env();
+    let (n, rounds): (usize, usize) = (args.get(0, 20_000), args.get(1, 3));
     let nats_url = std::env::var("KILN_TEST_NATS_URL")
         .ok()
         .filter(|v| !v.is_empty())
@@ -231,10 +228,6 @@ async fn main() {
         raw.push(r);
         booked.push(b);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
     let (r, b) = (median(&mut raw), median(&mut booked));
     println!(
         "median of {rounds}: raw {r:.0} events/s, billing {b:.0} events/s, ratio {:.2}",

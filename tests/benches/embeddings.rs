@@ -11,22 +11,17 @@
 //! - the `onnxruntime` Python package on the same files and thread count, batches of 32
 //!   (tests/python/ort_baseline.py).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_core::auth::Principal;
 use kiln_inference::config::{Batching, InferenceConfig};
 use kiln_inference::embeddings;
 use kiln_inference::engine::load_tokenizer;
-use kiln_inference::tensor::{Tensor, TensorData};
-use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_tests::bench::measure;
+use kiln_inference::tensor::TensorData;
+use kiln_tests::TestMesh;
+use kiln_tests::bench::{Args, block_on, measure, median, ms, timed_block};
 use kiln_tests::inference::*;
-use kiln_tests::{TestMesh, wait_for};
-
-fn p50(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
+use kiln_tests::python::Script;
 
 /// Calls per path in the latency comparison.
 const SAMPLES: usize = 600;
@@ -36,87 +31,38 @@ async fn mesh(
     batching: Batching,
     assets: &std::path::Path,
 ) -> (TestMesh, kiln_tests::AuthedChannel) {
-    let mesh = kiln_tests::library_mesh(
-        assets,
-        Some(InferenceConfig {
-            backend: "onnxruntime".into(),
-            intra_op_threads: threads,
-            batching,
-            ..Default::default()
-        }),
-    )
-    .await;
-    let admin = mesh.admin().await;
-    let key = kiln_tests::tenant(&admin, "bench").await;
-    let ch = mesh.channel(Some(&key)).await;
-    wait_for(
-        Duration::from_secs(120),
-        "the public MiniLM to answer",
-        || {
-            let ch = ch.clone();
-            async move { client(&ch).create_embeddings(request("warm up")).await.ok() }
-        },
-    )
-    .await;
+    let inference = InferenceConfig {
+        backend: "onnxruntime".into(),
+        intra_op_threads: threads,
+        batching,
+        ..Default::default()
+    };
+    let mesh = kiln_tests::library_mesh(assets, Some(inference)).await;
+    let ch = mesh.tenant_channel("bench").await;
+    let warm_up = ["warm up".to_owned()];
+    first_embeddings(&ch, MINILM, &warm_up, Duration::from_secs(120)).await;
     (mesh, ch)
 }
 
-fn request(text: &str) -> infv1::CreateEmbeddingsRequest {
-    infv1::CreateEmbeddingsRequest {
-        model: MINILM.into(),
-        input: vec![text.to_owned()],
-        ..Default::default()
-    }
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let seconds: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let threads: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
+    let args = Args::from_env();
+    let (seconds, threads): (u64, usize) = (args.get(0, 5), args.get(1, 2));
+    block_on(None, async move {
         let reference = reference();
-        let (sentence, ids) = reference
-            .sentences
-            .iter()
-            .zip(&reference.token_ids)
-            .find(|(_, ids)| ids.len() == 16)
-            .expect("a 16-token sentence");
-        let sentence = sentence.clone();
+        let (i, ids) = reference.sixteen_tokens();
+        let sentence = reference.sentences[i].clone();
         assert_eq!(ids.len(), 16);
 
         // The backend alone: tokenize, forward, mean-pool, normalise.
-        let backends = kiln_inference::backend::Backends::standard(Some(&ort_library()));
-        let mut session = backends
-            .get("onnxruntime")
-            .unwrap()
-            .load(
-                &minilm_dir().join("model.onnx"),
-                &kiln_inference::backend::LoadOptions {
-                    intra_op_threads: threads,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let mut session = load_session("onnxruntime", &minilm_dir().join("model.onnx"), threads);
         let tokenizer = load_tokenizer(&minilm_dir().join("tokenizer.json")).unwrap();
         let mut direct = || {
             let encoding = tokenizer.encode(sentence.as_str(), true).unwrap();
             let n = encoding.get_ids().len();
-            let t = |v: Vec<i64>| Tensor::new(vec![1, n], TensorData::I64(v)).unwrap();
-            let out = session
-                .run(vec![
-                    ("input_ids".into(), t(encoding.get_ids().iter().map(|&x| i64::from(x)).collect())),
-                    ("attention_mask".into(), t(vec![1; n])),
-                    ("token_type_ids".into(), t(vec![0; n])),
-                ])
-                .unwrap();
-            let TensorData::F32(h) = &out[0].data else { unreachable!() };
+            let out = session.run(minilm_inputs(encoding.get_ids())).unwrap();
+            let TensorData::F32(h) = &out[0].data else {
+                unreachable!()
+            };
             let mut v = vec![0f32; 384];
             for row in h.chunks_exact(384) {
                 v.iter_mut().zip(row).for_each(|(a, b)| *a += b / n as f32);
@@ -128,7 +74,10 @@ fn main() {
         // The engine in process: the same plus the batcher's thread hop.
         let cache = tempfile::tempdir().unwrap();
         let engine = local_engine("onnxruntime", Batching::default(), threads, cache.path());
-        let model = engine.model(&Principal::service(), "model", LOCAL_MINILM).await.unwrap();
+        let model = engine
+            .model(&Principal::service(), "model", LOCAL_MINILM)
+            .await
+            .unwrap();
         let texts = vec![sentence.clone()];
 
         let assets = minilm_asset_dir();
@@ -142,41 +91,29 @@ fn main() {
         const BLOCK: usize = 20;
         const WARM: usize = 5;
         let mut samples: [Vec<Duration>; 4] = Default::default();
+        let [direct_samples, engine_samples, grpc_samples, empty_samples] = &mut samples;
         for _round in 0..SAMPLES / BLOCK {
-            for i in 0..BLOCK + WARM {
-                let t = Instant::now();
+            timed_block(direct_samples, WARM, BLOCK, || {
                 direct();
-                if i >= WARM {
-                    samples[0].push(t.elapsed());
-                }
-            }
-            for i in 0..BLOCK + WARM {
-                let t = Instant::now();
+                std::future::ready(())
+            })
+            .await;
+            timed_block(engine_samples, WARM, BLOCK, || async {
                 let ids = embeddings::tokenize(&model, &texts, false).unwrap();
                 std::hint::black_box(embeddings::embed(&model, ids).await.unwrap());
-                if i >= WARM {
-                    samples[1].push(t.elapsed());
-                }
-            }
-            for i in 0..BLOCK + WARM {
-                let t = Instant::now();
-                client(&ch).create_embeddings(request(&sentence)).await.unwrap();
-                if i >= WARM {
-                    samples[2].push(t.elapsed());
-                }
-            }
-            for i in 0..BLOCK + WARM {
-                let t = Instant::now();
-                oip(&ch)
-                    .server_live(kiln_proto::inference::ServerLiveRequest {})
-                    .await
-                    .unwrap();
-                if i >= WARM {
-                    samples[3].push(t.elapsed());
-                }
-            }
+            })
+            .await;
+            timed_block(grpc_samples, WARM, BLOCK, || async {
+                embed(&ch, MINILM, &texts).await.unwrap();
+            })
+            .await;
+            timed_block(empty_samples, WARM, BLOCK, || async {
+                let live = kiln_proto::inference::ServerLiveRequest {};
+                oip(&ch).server_live(live).await.unwrap();
+            })
+            .await;
         }
-        let [direct, in_engine, grpc, empty] = samples.map(p50);
+        let [direct, in_engine, grpc, empty] = samples.map(|mut s| median(&mut s));
 
         // The engine's batching alone: 32 tasks in this process, no transport or platform.
         let before = model.runner().unwrap().stats().get();
@@ -200,12 +137,11 @@ fn main() {
 
         // 32 closed-loop clients of CreateEmbeddings on `ch`.
         let calls = |ch: kiln_tests::AuthedChannel| {
-            let sentence = sentence.clone();
+            let texts = texts.clone();
             move || {
-                let ch = ch.clone();
-                let r = request(&sentence);
+                let (ch, texts) = (ch.clone(), texts.clone());
                 async move {
-                    client(&ch).create_embeddings(r).await.unwrap();
+                    embed(&ch, MINILM, &texts).await.unwrap();
                 }
             }
         };
@@ -238,21 +174,20 @@ fn main() {
         let instances = measure(seconds, 32, calls(ch)).await;
         instances_mesh.shutdown().await;
 
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/ort_baseline.py");
-        let out = std::process::Command::new("python3")
-            .arg(script)
-            .args(["--model-dir", &minilm_dir().display().to_string()])
-            .args(["--threads", &threads.to_string(), "--seconds", &seconds.to_string()])
-            .args(["--clients", "32", "--batch", "32"])
-            .output()
-            .expect("python3 runs (tests/python/requirements.txt installed)");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let python: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let python = Script::new("ort_baseline.py")
+            .arg("--model-dir", minilm_dir().display())
+            .arg("--threads", threads)
+            .arg("--seconds", seconds)
+            .arg("--clients", 32)
+            .arg("--batch", 32)
+            .run()
+            .unwrap_or_else(|e| panic!("{e}"));
         let python_rate = python["embeddings_per_s"].as_f64().unwrap();
         let python_p50 = python["p50_ms_single"].as_f64().unwrap();
 
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        println!("MiniLM-L6 (int8) embeddings, ONNX Runtime, {threads} intra-op threads, {seconds} s per throughput run");
+        println!(
+            "MiniLM-L6 (int8) embeddings, ONNX Runtime, {threads} intra-op threads, {seconds} s per throughput run"
+        );
         println!("p50 of one 16-token input:");
         println!("  backend called directly      {:>8.3} ms", ms(direct));
         println!("  engine (batcher) in process  {:>8.3} ms", ms(in_engine));
@@ -264,7 +199,9 @@ fn main() {
             (ms(grpc) / ms(direct) - 1.0) * 100.0
         );
         println!("embeddings/s, 32 concurrent clients, one 16-token input per request:");
-        println!("  engine in process, batching  {engine_batched:>8.0}  ({engine_rows_per_pass:.1} rows per pass)");
+        println!(
+            "  engine in process, batching  {engine_batched:>8.0}  ({engine_rows_per_pass:.1} rows per pass)"
+        );
         println!("  gRPC, batching on (32)       {batched:>8.0}");
         println!("  gRPC, batching off           {unbatched:>8.0}");
         println!("  gRPC, batching on, {threads} instances of 1 thread {instances:>8.0}");

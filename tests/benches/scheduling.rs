@@ -8,19 +8,15 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use kiln_events::Body;
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::scheduler::v1 as schv1;
 use kiln_scheduler::placement::{DeviceGroup, Need, NodeCapacity, place};
+use kiln_tests::bench::{Args, block_on, ms, percentile};
+use kiln_tests::events::next_event;
 use kiln_tests::inference::*;
-use kiln_tests::wait_for;
 
 const H100: i32 = AcceleratorType::NvidiaH10080gb as i32;
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() - 1) as f64 * p).round() as usize]
-}
 
 fn placement(passes: usize) {
     let nodes: Vec<NodeCapacity> = (0..1000)
@@ -51,34 +47,21 @@ fn placement(passes: usize) {
     }
     println!(
         "placement pass, 10,000 replicas over 1,000 nodes: p50 {:.1} ms, min {:.1} ms ({placed} placed, {passes} passes)",
-        percentile(&mut times, 0.5).as_secs_f64() * 1e3,
-        times.iter().min().unwrap().as_secs_f64() * 1e3,
+        ms(percentile(&mut times, 0.5)),
+        ms(*times.iter().min().unwrap()),
     );
 }
 
 async fn create_to_ready(deploys: usize) {
     let assets = minilm_asset_dir();
     let mesh = kiln_tests::library_mesh(assets.path(), None).await;
-    let admin = mesh.admin().await;
-    let key = kiln_tests::tenant(&admin, "bench").await;
-    let ch = mesh.channel(Some(&key)).await;
+    let ch = mesh.tenant_channel("bench").await;
     // The serverless MiniLM loads the model on the node first.
-    wait_for(Duration::from_secs(120), "the public MiniLM", || async {
-        client(&ch)
-            .create_embeddings(kiln_proto::kiln_inference::v1::CreateEmbeddingsRequest {
-                model: MINILM.into(),
-                input: vec!["warm up".into()],
-                ..Default::default()
-            })
-            .await
-            .ok()
-    })
-    .await;
+    let warm_up = ["warm up".to_owned()];
+    first_embeddings(&ch, MINILM, &warm_up, Duration::from_secs(120)).await;
     let mut changes = mesh
-        .bus
         .subscribe("kiln.scheduler.deployment.state_changed")
-        .await
-        .expect("subscribe");
+        .await;
     let deployments = kiln_tests::deployments::deployments(&ch);
     let mut times = Vec::with_capacity(deploys);
     for i in 0..deploys {
@@ -98,16 +81,19 @@ async fn create_to_ready(deploys: usize) {
             .await
             .expect("create")
             .into_inner();
-        loop {
-            let event = changes.next().await.expect("event");
-            if let Some(kiln_events::Body::DeploymentStateChanged(c)) = event.body
-                && let Some(d) = c.deployment
-                && d.name == created.name
-                && d.state == schv1::deployment::State::Ready as i32
-            {
-                break;
-            }
-        }
+        let ready = schv1::deployment::State::Ready as i32;
+        next_event(
+            &mut changes,
+            Duration::from_secs(120),
+            "READY",
+            |body| match body {
+                Body::DeploymentStateChanged(c) => c
+                    .deployment
+                    .filter(|d| d.name == created.name && d.state == ready),
+                _ => None,
+            },
+        )
+        .await;
         times.push(started.elapsed());
         deployments
             .clone()
@@ -121,24 +107,15 @@ async fn create_to_ready(deploys: usize) {
     }
     println!(
         "CreateDeployment -> READY (model already on the node), {deploys} deployments: p50 {:.1} ms, p90 {:.1} ms",
-        percentile(&mut times, 0.5).as_secs_f64() * 1e3,
-        percentile(&mut times, 0.9).as_secs_f64() * 1e3,
+        ms(percentile(&mut times, 0.5)),
+        ms(percentile(&mut times, 0.9)),
     );
     mesh.shutdown().await;
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let passes = args.first().copied().unwrap_or(20);
-    let deploys = args.get(1).copied().unwrap_or(20);
+    let args = Args::from_env();
+    let (passes, deploys): (usize, usize) = (args.get(0, 20), args.get(1, 20));
     placement(passes);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(create_to_ready(deploys));
+    block_on(Some(2), create_to_ready(deploys));
 }

@@ -6,22 +6,13 @@ use std::time::Instant;
 
 use kiln_proto::registry::v1::model::Kind;
 use kiln_tests::TestMesh;
+use kiln_tests::bench::{Args, block_on, cores, median};
 
 fn main() {
-    let megabytes: usize = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with("--"))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
+    let megabytes: usize = Args::from_env().get(0, 100);
+    block_on(None, async move {
         let mesh = TestMesh::start().await;
-        let admin = mesh.admin().await;
-        let key = kiln_tests::tenant(&admin, "bench").await;
-        let ch = mesh.channel(Some(&key)).await;
+        let ch = mesh.tenant_channel("bench").await;
 
         // Pseudo-random bytes (incompressible, so neither side gets a shortcut).
         let dir = mesh.data_dir.path().join("bench-src");
@@ -47,26 +38,56 @@ fn main() {
             let copy_target = dir.join(format!("copy-{round}.bin"));
             let started = Instant::now();
             std::fs::copy(&source, &copy_target).unwrap();
-            std::fs::File::open(&copy_target).unwrap().sync_all().unwrap();
+            std::fs::File::open(&copy_target)
+                .unwrap()
+                .sync_all()
+                .unwrap();
             copies.push(started.elapsed().as_secs_f64());
 
-            let model = kiln_tests::registry::create_model(&ch, "bench", &format!("artifact-{round}"), Kind::TensorModel, None).await.unwrap();
+            let model = kiln_tests::registry::create_model(
+                &ch,
+                "bench",
+                &format!("artifact-{round}"),
+                Kind::TensorModel,
+                None,
+            )
+            .await;
             let started = Instant::now();
-            let stream = kiln_registry::library::file_upload_stream(model.name.clone(), "model.onnx".into(), source.clone(), size, sha.clone(), 0, |_| {});
-            let response = kiln_tests::registry::models(&ch).upload_model_files(stream).await.expect("upload").into_inner();
+            let stream = kiln_registry::library::file_upload_stream(
+                model.name.clone(),
+                "model.onnx".into(),
+                source.clone(),
+                size,
+                sha.clone(),
+                0,
+                |_| {},
+            );
+            let response = kiln_tests::registry::models(&ch)
+                .upload_model_files(stream)
+                .await
+                .expect("upload")
+                .into_inner();
             uploads.push(started.elapsed().as_secs_f64());
             assert!(response.files[0].complete, "stored whole and verified");
         }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let (copy_secs, upload_secs) = (median(&mut copies), median(&mut uploads));
         let mb = megabytes as f64;
-        println!("{megabytes} MB artifact, loopback, {} cores, median of 3 rounds", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-        println!("plain file copy (+fsync):       {:>8.1} MB/s  ({copy_secs:.2}s)", mb / copy_secs);
-        println!("gRPC upload into the store:     {:>8.1} MB/s  ({upload_secs:.2}s, SHA-256 verified, fsync)", mb / upload_secs);
-        println!("ratio (upload / copy):          {:>8.2}", copy_secs / upload_secs);
+        println!(
+            "{megabytes} MB artifact, loopback, {} cores, median of 3 rounds",
+            cores()
+        );
+        println!(
+            "plain file copy (+fsync):       {:>8.1} MB/s  ({copy_secs:.2}s)",
+            mb / copy_secs
+        );
+        println!(
+            "gRPC upload into the store:     {:>8.1} MB/s  ({upload_secs:.2}s, SHA-256 verified, fsync)",
+            mb / upload_secs
+        );
+        println!(
+            "ratio (upload / copy):          {:>8.2}",
+            copy_secs / upload_secs
+        );
         mesh.shutdown().await;
     });
 }

@@ -1,15 +1,60 @@
-//! What the benchmarks share.
+//! What the benchmarks share: their arguments, the runtime, closed-loop throughput, timed
+//! blocks of calls, medians and percentiles.
 
+use std::future::Future;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// The positional arguments of `cargo bench --bench NAME -- ARGS` (cargo's own flags, which
+/// begin with `-`, left out).
+pub struct Args(Vec<String>);
+
+impl Args {
+    pub fn from_env() -> Self {
+        Self(
+            std::env::args()
+                .skip(1)
+                .filter(|a| !a.starts_with('-'))
+                .collect(),
+        )
+    }
+
+    /// The `i`-th argument, or `default` when it is missing or does not parse.
+    pub fn get<T: FromStr>(&self, i: usize, default: T) -> T {
+        self.0
+            .get(i)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(default)
+    }
+}
+
+/// Runs `main` to completion on a multi-threaded runtime (`worker_threads`: the runtime's
+/// default when None).
+pub fn block_on<F: Future>(worker_threads: Option<usize>, main: F) -> F::Output {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads {
+        builder.worker_threads(threads);
+    }
+    builder
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(main)
+}
+
+/// The cores this machine offers (0 when unknown), for the header of a report.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
 
 /// Runs `call` from `concurrency` tasks for `seconds` (after a one-second warm-up) and
 /// returns completed calls per second.
 pub async fn measure<F, Fut>(seconds: u64, concurrency: usize, call: F) -> f64
 where
     F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+    Fut: Future<Output = ()> + Send,
 {
     let call = Arc::new(call);
     let warmup = Instant::now() + Duration::from_secs(1);
@@ -36,4 +81,41 @@ where
         t.await.unwrap();
     }
     done.load(Ordering::Relaxed) as f64 / seconds as f64
+}
+
+/// Times `warm + count` calls of `call` one after another, and adds the last `count`
+/// durations to `samples` (the first calls of a block warm it up).
+pub async fn timed_block<F, Fut>(
+    samples: &mut Vec<Duration>,
+    warm: usize,
+    count: usize,
+    mut call: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    for i in 0..warm + count {
+        let started = Instant::now();
+        call().await;
+        if i >= warm {
+            samples.push(started.elapsed());
+        }
+    }
+}
+
+/// The value at fraction `p` (0 to 1) of the sorted samples, to the nearest rank.
+pub fn percentile<T: PartialOrd + Copy>(samples: &mut [T], p: f64) -> T {
+    samples.sort_by(|a, b| a.partial_cmp(b).expect("comparable samples"));
+    samples[((samples.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The upper median: the middle sample, or the higher of the two middle ones.
+pub fn median<T: PartialOrd + Copy>(samples: &mut [T]) -> T {
+    samples.sort_by(|a, b| a.partial_cmp(b).expect("comparable samples"));
+    samples[samples.len() / 2]
+}
+
+/// A duration in milliseconds.
+pub fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
 }

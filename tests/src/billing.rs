@@ -3,16 +3,12 @@
 use crate::AuthedChannel;
 use kiln_proto::billing::v1 as bilv1;
 
-pub type Usage = bilv1::usage_service_client::UsageServiceClient<AuthedChannel>;
-pub type Quotas = bilv1::quota_service_client::QuotaServiceClient<AuthedChannel>;
-
-pub fn usage(ch: &AuthedChannel) -> Usage {
-    Usage::new(ch.clone())
+clients! {
+    Usage, usage = bilv1::usage_service_client::UsageServiceClient<AuthedChannel>;
+    Quotas, quotas = bilv1::quota_service_client::QuotaServiceClient<AuthedChannel>;
 }
 
-pub fn quotas(ch: &AuthedChannel) -> Quotas {
-    Quotas::new(ch.clone())
-}
+pub use crate::calls::update_quota;
 
 /// The month-to-date report of `parent`, grouped by `group_by`.
 pub async fn report(
@@ -46,19 +42,12 @@ pub async fn set_quota(
     quota: &str,
     value: i64,
 ) -> Result<bilv1::Quota, tonic::Status> {
-    quotas(ch)
-        .update_quota(bilv1::UpdateQuotaRequest {
-            quota: Some(bilv1::Quota {
-                name: format!("accounts/{account}/quotas/{quota}"),
-                value,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["value".into()],
-            }),
-        })
-        .await
-        .map(|r| r.into_inner())
+    let quota = bilv1::Quota {
+        name: format!("accounts/{account}/quotas/{quota}"),
+        value,
+        ..Default::default()
+    };
+    update_quota(ch, quota, &["value"]).await
 }
 
 /// Money as nano-units.

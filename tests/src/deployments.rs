@@ -1,25 +1,29 @@
-//! Scheduler clients and waits for the suites.
+//! Scheduler clients, requests and waits for the suites.
 
 use std::time::Duration;
 
-use crate::AuthedChannel;
+use tonic::Status;
+
+use crate::{AuthedChannel, wait_for_ok};
 use kiln_proto::scheduler::v1 as schv1;
 
-pub type Deployments = schv1::deployment_service_client::DeploymentServiceClient<AuthedChannel>;
-pub type Nodes = schv1::node_service_client::NodeServiceClient<AuthedChannel>;
-
-pub fn deployments(ch: &AuthedChannel) -> Deployments {
-    schv1::deployment_service_client::DeploymentServiceClient::new(ch.clone())
+clients! {
+    Deployments, deployments = schv1::deployment_service_client::DeploymentServiceClient<AuthedChannel>;
+    Nodes, nodes = schv1::node_service_client::NodeServiceClient<AuthedChannel>;
+    DeployedModels, deployed_models = schv1::deployed_model_service_client::DeployedModelServiceClient<AuthedChannel>;
 }
 
-pub fn nodes(ch: &AuthedChannel) -> Nodes {
-    schv1::node_service_client::NodeServiceClient::new(ch.clone())
-}
+pub use crate::calls::{get_deployed_model, get_deployment, update_deployment};
 
-pub fn deployed_models(
-    ch: &AuthedChannel,
-) -> schv1::deployed_model_service_client::DeployedModelServiceClient<AuthedChannel> {
-    schv1::deployed_model_service_client::DeployedModelServiceClient::new(ch.clone())
+/// A deployment on `count` accelerators of `kind` (an `AcceleratorType` name); the rest of
+/// the fields come after it: `Deployment { base_model, ..on("CPU", 1) }`.
+pub fn on(kind: &str, count: i32) -> schv1::Deployment {
+    let kind = kiln_proto::common::v1::AcceleratorType::from_str_name(kind).expect("kind");
+    schv1::Deployment {
+        accelerator_type: kind as i32,
+        accelerator_count: count,
+        ..Default::default()
+    }
 }
 
 pub async fn create(
@@ -27,26 +31,32 @@ pub async fn create(
     parent: &str,
     id: &str,
     deployment: schv1::Deployment,
-) -> Result<schv1::Deployment, tonic::Status> {
-    deployments(ch)
-        .create_deployment(schv1::CreateDeploymentRequest {
-            parent: parent.to_owned(),
-            deployment_id: id.to_owned(),
-            deployment: Some(deployment),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner())
+) -> Result<schv1::Deployment, Status> {
+    let (parent, deployment_id) = (parent.to_owned(), id.to_owned());
+    let deployment = Some(deployment);
+    let request = schv1::CreateDeploymentRequest {
+        parent,
+        deployment_id,
+        deployment,
+        ..Default::default()
+    };
+    Ok(deployments(ch)
+        .create_deployment(request)
+        .await?
+        .into_inner())
 }
 
 pub async fn get(ch: &AuthedChannel, name: &str) -> schv1::Deployment {
-    deployments(ch)
-        .get_deployment(schv1::GetDeploymentRequest {
-            name: name.to_owned(),
-        })
-        .await
-        .expect("get deployment")
-        .into_inner()
+    get_deployment(ch, name).await.expect("get deployment")
+}
+
+/// Deletes a deployment (soft, with the checks).
+pub async fn delete(ch: &AuthedChannel, name: &str) -> Result<(), Status> {
+    let request = schv1::DeleteDeploymentRequest {
+        name: name.to_owned(),
+        ..Default::default()
+    };
+    deployments(ch).delete_deployment(request).await.map(drop)
 }
 
 /// Waits until `check` holds for the deployment, and returns it.
@@ -57,17 +67,15 @@ pub async fn wait_until(
     what: &str,
     check: impl Fn(&schv1::Deployment) -> bool,
 ) -> schv1::Deployment {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
+    wait_for_ok(timeout, what, || async {
         let d = get(ch, name).await;
         if check(&d) {
-            return d;
+            Ok(d)
+        } else {
+            Err(format!("the deployment is {d:?}"))
         }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}; the deployment is {d:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 /// Waits until the deployment is READY with `ready` ready replicas.
@@ -103,19 +111,49 @@ pub async fn deploy(ch: &AuthedChannel, model: &str) -> schv1::Deployment {
     wait_ready(ch, &created.name, 1).await
 }
 
+/// Every node as ListNodes shows it (admin only).
+pub async fn list_nodes(admin: &AuthedChannel) -> Vec<schv1::Node> {
+    let request = schv1::ListNodesRequest::default();
+    let listed = nodes(admin).list_nodes(request).await;
+    listed.expect("list nodes").into_inner().nodes
+}
+
 /// The nodes holding the deployment's replicas (admin only).
 pub async fn replica_nodes(admin: &AuthedChannel, deployment: &str) -> Vec<String> {
-    let listed = nodes(admin)
-        .list_nodes(schv1::ListNodesRequest::default())
+    let mut held: Vec<String> = list_nodes(admin)
         .await
-        .expect("list nodes")
-        .into_inner();
-    let mut held: Vec<String> = listed
-        .nodes
         .iter()
         .filter(|n| n.replicas.iter().any(|r| r.deployment == deployment))
         .map(|n| n.name.clone())
         .collect();
     held.sort();
     held
+}
+
+/// The replicas of `deployment` as ListNodes shows them (admin only).
+pub async fn replicas(admin: &AuthedChannel, deployment: &str) -> Vec<schv1::Replica> {
+    let all = list_nodes(admin).await.into_iter().flat_map(|n| n.replicas);
+    all.filter(|r| r.deployment == deployment).collect()
+}
+
+/// Deploys `model` onto `deployment` as deployed model `id` of `account`.
+pub async fn create_deployed_model(
+    ch: &AuthedChannel,
+    account: &str,
+    id: &str,
+    model: &str,
+    deployment: &str,
+) -> Result<schv1::DeployedModel, Status> {
+    let deployed_model = schv1::DeployedModel {
+        model: model.to_owned(),
+        deployment: deployment.to_owned(),
+        ..Default::default()
+    };
+    let request = schv1::CreateDeployedModelRequest {
+        parent: format!("accounts/{account}"),
+        deployed_model_id: id.to_owned(),
+        deployed_model: Some(deployed_model),
+    };
+    let created = deployed_models(ch).create_deployed_model(request).await?;
+    Ok(created.into_inner())
 }

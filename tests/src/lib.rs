@@ -8,18 +8,33 @@ pub mod echo {
     tonic::include_proto!("kiln.bench.v1");
 }
 
+/// Declares, for each service, a client type on [`AuthedChannel`] and a function that makes
+/// one from a channel (with a larger message limit where the service's answers are large).
+macro_rules! clients {
+    ($($alias:ident, $make:ident = $client:path $(, limit $limit:expr)?;)*) => {$(
+        pub type $alias = $client;
+        pub fn $make(ch: &crate::AuthedChannel) -> $alias {
+            <$alias>::new(ch.clone())$(.max_decoding_message_size($limit))?
+        }
+    )*};
+}
+
 pub mod bench;
 pub mod billing;
+mod calls;
 pub mod deployments;
+pub mod events;
 mod identity;
 pub mod inference;
 pub mod llm;
 mod mesh;
+pub mod python;
 pub mod registry;
 mod servers;
 mod support;
 pub mod workers;
 
+pub use calls::*;
 pub use identity::*;
 pub use mesh::*;
 pub use servers::*;

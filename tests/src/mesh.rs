@@ -228,6 +228,24 @@ impl TestMesh {
         self.channel(Some(&self.admin_key)).await
     }
 
+    /// A new tenant (see [`crate::tenant`]): its owner's key and a channel that sends it.
+    pub async fn tenant(&self, account: &str) -> (String, AuthedChannel) {
+        let key = crate::tenant(&self.admin().await, account).await;
+        let channel = self.channel(Some(&key)).await;
+        (key, channel)
+    }
+
+    /// A channel with the key of a new tenant (see [`crate::tenant`]).
+    pub async fn tenant_channel(&self, account: &str) -> AuthedChannel {
+        self.tenant(account).await.1
+    }
+
+    /// The events of the mesh's bus whose subjects match `filter`, from now on.
+    pub async fn subscribe(&self, filter: &str) -> crate::events::Events {
+        let subscribed = self.bus.subscribe(filter).await;
+        subscribed.unwrap_or_else(|e| panic!("subscribe to {filter}: {e}"))
+    }
+
     /// The subject on the wire for a logical subject (NATS prefix applied).
     pub fn wire_subject(&self, subject: &str) -> String {
         match &self.nats {

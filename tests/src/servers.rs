@@ -3,7 +3,18 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::wait_for;
+use crate::{free_port, wait_for_listener};
+
+/// Starts `program` with `args`, its output discarded; killed when dropped.
+fn spawn_quiet(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(program.as_ref())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} starts: {e}", program.as_ref().display()))
+}
 
 /// A nats-server of the test's own, with JetStream and a store dir that survives restarts,
 /// so a test can stop and start the bus under a running mesh.
@@ -32,12 +43,8 @@ pub fn nats_server_binary() -> PathBuf {
 
 impl NatsServer {
     pub async fn start() -> Self {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            l.local_addr().expect("addr").port()
-        };
         let mut server = Self {
-            port,
+            port: free_port(),
             store: tempfile::tempdir().expect("store dir"),
             child: None,
         };
@@ -51,32 +58,13 @@ impl NatsServer {
 
     /// (Re)starts the server on the same port and store.
     pub async fn resume(&mut self) {
-        let child = tokio::process::Command::new(nats_server_binary())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn nats-server");
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        wait_for(
-            Duration::from_secs(10),
-            "nats-server to accept connections",
-            || {
-                let addr = addr.clone();
-                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
-            },
-        )
-        .await;
+        let port = self.port.to_string();
+        let store = self.store.path().display().to_string();
+        let args = ["-a", "127.0.0.1", "-p", &port, "-js", "-sd", &store];
+        self.child = Some(spawn_quiet(nats_server_binary(), &args));
+        let addr = format!("127.0.0.1:{port}");
+        let what = "nats-server to accept connections";
+        wait_for_listener(&addr, Duration::from_secs(10), what).await;
     }
 
     /// Stops the server (kill), as an outage would.
@@ -97,35 +85,19 @@ pub struct S3Server {
 
 impl S3Server {
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("free port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let child = tokio::process::Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python3 runs");
+        let port = free_port();
+        let args = [
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ];
+        let child = spawn_quiet("python3", &args);
         let addr = format!("127.0.0.1:{port}");
-        wait_for(
-            Duration::from_secs(30),
-            "the S3 server (python3 -m moto.server; `pip install 'moto[server]'`) to listen",
-            || {
-                let addr = addr.clone();
-                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
-            },
-        )
-        .await;
+        let what = "the S3 server (python3 -m moto.server; `pip install 'moto[server]'`) to listen";
+        wait_for_listener(&addr, Duration::from_secs(30), what).await;
         // Create the bucket with a plain path-style PUT (the server takes any credentials).
         let mut stream = tokio::net::TcpStream::connect(&addr)
             .await

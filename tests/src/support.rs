@@ -1,6 +1,7 @@
-//! Small helpers every suite uses: channels with a key, the asset cache, waiting for a
-//! condition.
+//! Small helpers every suite uses: channels with a key, the asset cache and the reference
+//! data, waiting for a condition, free ports, and checking a call's error code.
 
+use std::fmt::{Debug, Display};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,20 +37,82 @@ pub fn asset(relative: &str) -> PathBuf {
     path
 }
 
+/// A file of `tests/data`, read as JSON (the reference data of the suites).
+pub fn data_json<T: serde::de::DeserializeOwned>(relative: &str) -> T {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(relative);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// Polls `check` every 10 ms until it returns `Some`, or panics after `timeout` with `what`.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    wait_for_ok(timeout, what, || {
+        let checked = check();
+        async move { checked.await.ok_or("the condition never held") }
+    })
+    .await
+}
+
+/// Polls `check` every 10 ms until it returns `Ok`, or panics after `timeout` with `what`
+/// and the last `Err` (what was seen instead).
+pub async fn wait_for_ok<T, E, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    E: Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(value) = check().await {
-            return value;
-        }
+        let seen = match check().await {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
         if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            panic!("timed out after {timeout:?} waiting for {what}: {seen}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A TCP port free on 127.0.0.1 (the OS's choice) for a server to bind next.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub async fn wait_for_listener(addr: &str, timeout: Duration, what: &str) {
+    wait_for(timeout, what, || async move {
+        tokio::net::TcpStream::connect(addr).await.ok().map(drop)
+    })
+    .await;
+}
+
+/// The status of a call that must fail with `code`; panics with the answer when it succeeded
+/// and with the status when it failed otherwise.
+#[track_caller]
+pub fn expect_code<T: Debug>(result: Result<T, tonic::Status>, code: tonic::Code) -> tonic::Status {
+    match result {
+        Ok(answer) => panic!("expected {code:?}, the call succeeded: {answer:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{status:?}");
+            status
+        }
+    }
+}
+
+/// An update mask of `paths`.
+pub fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+    })
 }

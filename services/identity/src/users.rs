@@ -157,10 +157,7 @@ impl Identity {
             .await
             .map_err(|err| {
                 if kiln_store::is_unique_violation(&err) {
-                    Error::already_exists(format!(
-                        "a user with email {}",
-                        user.email
-                    ))
+                    Error::already_exists(format!("a user with email {}", user.email))
                 } else {
                     err.into()
                 }

@@ -1,86 +1,129 @@
 //! The `kiln` binary as a user runs it: `kiln dev` and the client commands; logs never hold a
 //! secret; a bad configuration value stops start-up naming the key.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use kiln_tests::wait_for;
+use kiln_tests::{free_port, wait_for, wait_for_listener};
 use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
 
 fn kiln_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// What a run of the CLI did: whether it succeeded, its stdout and its stderr.
+struct Ran {
+    ok: bool,
+    out: String,
+    err: String,
 }
 
-/// Waits until `kiln dev` has written its admin key and accepts connections.
-async fn wait_until_ready(key_file: &std::path::Path, listen: &str) {
-    wait_for(
-        Duration::from_secs(30),
-        "kiln dev to write admin.key",
-        || async move {
-            std::fs::read_to_string(key_file)
-                .ok()
-                .filter(|k| k.ends_with('\n'))
-        },
-    )
-    .await;
-    wait_for(
-        Duration::from_secs(30),
-        "kiln dev to accept connections",
-        || async move {
-            tokio::net::TcpStream::connect(listen)
-                .await
-                .ok()
-                .map(|_| ())
-        },
-    )
-    .await;
+/// A `kiln dev` of the test's own, on a free port with a data dir of its own.
+struct KilnDev {
+    child: Child,
+    listen: String,
+    data: tempfile::TempDir,
 }
 
-async fn cli(server: &str, data_dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(kiln_binary())
-        .args(["--server", server])
-        .args(args)
-        .env("KILN_DATA_DIR", data_dir)
-        .env_remove("KILN_API_KEY")
-        .env_remove("KILN_ACCOUNT")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+impl KilnDev {
+    /// Starts `kiln dev` (its output discarded unless `configure` says otherwise, with the
+    /// environment `configure` sets) and waits until it has written its admin key and
+    /// accepts connections.
+    async fn start(configure: impl FnOnce(&mut Command)) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut command = Command::new(kiln_binary());
+        command
+            .args(["dev", "--listen", &listen, "--data-dir"])
+            .arg(data.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        configure(&mut command);
+        let child = command.spawn().unwrap();
+        let dev = Self {
+            child,
+            listen,
+            data,
+        };
+        let key_file = dev.key_file();
+        wait_for(
+            Duration::from_secs(30),
+            "kiln dev to write admin.key",
+            || async {
+                std::fs::read_to_string(&key_file)
+                    .ok()
+                    .filter(|k| k.ends_with('\n'))
+            },
+        )
+        .await;
+        let what = "kiln dev to accept connections";
+        wait_for_listener(&dev.listen, Duration::from_secs(30), what).await;
+        dev
+    }
+
+    fn server(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.data_dir().join("admin.key")
+    }
+
+    /// `kiln --server <this> …` with no key or account of the environment's.
+    fn command(&self) -> Command {
+        let mut command = Command::new(kiln_binary());
+        command
+            .args(["--server", &self.server()])
+            .env_remove("KILN_API_KEY")
+            .env_remove("KILN_ACCOUNT");
+        command
+    }
+
+    /// Runs the CLI as the admin (its key from the data dir): the words of `line`, then
+    /// `extra` as they are (paths, texts with spaces).
+    async fn cli(&self, line: &str, extra: &[&str]) -> Ran {
+        let out = self
+            .command()
+            .args(line.split_whitespace())
+            .args(extra)
+            .env("KILN_DATA_DIR", self.data_dir())
+            .output()
+            .await
+            .unwrap();
+        Ran {
+            ok: out.status.success(),
+            out: String::from_utf8_lossy(&out.stdout).into_owned(),
+            err: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// [`KilnDev::cli`] that must succeed; its stdout.
+    async fn ok(&self, line: &str, extra: &[&str]) -> String {
+        let ran = self.cli(line, extra).await;
+        assert!(ran.ok, "kiln {line} {extra:?}: {}", ran.err);
+        ran.out
+    }
 }
 
 #[tokio::test]
 async fn kiln_dev_serves_the_cli_and_logs_no_secret() {
-    let data = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let server = format!("http://{listen}");
-    let mut child = tokio::process::Command::new(kiln_binary())
-        .args(["dev", "--listen", &listen, "--data-dir"])
-        .arg(data.path())
-        .env("RUST_LOG", "debug")
-        .env_remove("KILN_NATS_URL")
-        .env_remove("KILN_DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let key_file = data.path().join("admin.key");
-    wait_until_ready(&key_file, &listen).await;
+    let mut dev = KilnDev::start(|command| {
+        command
+            .env("RUST_LOG", "debug")
+            .env_remove("KILN_NATS_URL")
+            .env_remove("KILN_DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    })
+    .await;
+    let key_file = dev.key_file();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -92,54 +135,23 @@ async fn kiln_dev_serves_the_cli_and_logs_no_secret() {
         .trim()
         .to_owned();
 
-    let (ok, out, err) = cli(
-        &server,
-        data.path(),
-        &["create", "account", "acme", "--email", "owner@acme.example"],
-    )
-    .await;
-    assert!(ok, "{err}");
+    let out = dev
+        .ok("create account acme --email owner@acme.example", &[])
+        .await;
     assert!(out.contains("accounts/acme"), "{out}");
-    let (ok, _, err) = cli(
-        &server,
-        data.path(),
-        &[
-            "create",
-            "user",
-            "alice",
-            "--account",
-            "acme",
-            "--email",
-            "alice@acme.example",
-            "--role",
-            "admin",
-        ],
-    )
-    .await;
-    assert!(ok, "{err}");
-    let (ok, out, err) = cli(
-        &server,
-        data.path(),
-        &[
-            "create",
-            "api-key",
-            "--account",
-            "acme",
-            "--user",
-            "alice",
-            "-o",
-            "json",
-        ],
-    )
-    .await;
-    assert!(ok, "{err}");
+    let alice = "create user alice --account acme --email alice@acme.example --role admin";
+    dev.ok(alice, &[]).await;
+    let out = dev
+        .ok("create api-key --account acme --user alice -o json", &[])
+        .await;
     let key: serde_json::Value = serde_json::from_str(&out).unwrap();
     let alice_key = key["key"].as_str().unwrap().to_owned();
     assert!(alice_key.starts_with("kiln_"), "{out}");
 
     // Alice's key, through the environment, sees her account only.
-    let out = tokio::process::Command::new(kiln_binary())
-        .args(["--server", &server, "list", "accounts", "-o", "json"])
+    let out = dev
+        .command()
+        .args(["list", "accounts", "-o", "json"])
         .env("KILN_API_KEY", &alice_key)
         .output()
         .await
@@ -151,77 +163,40 @@ async fn kiln_dev_serves_the_cli_and_logs_no_secret() {
         "{listed}"
     );
 
-    let (ok, _, err) = cli(&server, data.path(), &["create", "account", "Bad-ID"]).await;
-    assert!(!ok);
+    let bad = dev.cli("create account Bad-ID", &[]).await;
+    assert!(!bad.ok);
     assert!(
-        err.contains("InvalidArgument") && err.contains("account_id"),
-        "{err}"
+        bad.err.contains("InvalidArgument") && bad.err.contains("account_id"),
+        "{}",
+        bad.err
     );
-    let (ok, out, _) = cli(
-        &server,
-        data.path(),
-        &["list", "users", "--account", "acme"],
-    )
-    .await;
-    assert!(ok && out.contains("accounts/acme/users/alice"), "{out}");
+    let out = dev.ok("list users --account acme", &[]).await;
+    assert!(out.contains("accounts/acme/users/alice"), "{out}");
 
     // Billing: quotas, a spend limit changed, a usage report.
-    let (ok, out, err) = cli(
-        &server,
-        data.path(),
-        &["list", "quotas", "--account", "acme"],
-    )
-    .await;
-    assert!(ok, "{err}");
+    let out = dev.ok("list quotas --account acme", &[]).await;
     assert!(
         out.contains("accounts/acme/quotas/accelerator-nvidia-h100-80gb")
             && out.contains("accounts/acme/quotas/monthly-spend-usd")
             && out.contains("requests/min"),
         "{out}"
     );
-    let (ok, out, err) = cli(
-        &server,
-        data.path(),
-        &[
-            "update",
-            "quota",
-            "monthly-spend-usd",
-            "--value",
-            "50",
-            "--account",
-            "acme",
-            "-o",
-            "json",
-        ],
-    )
-    .await;
-    assert!(ok, "{err}");
+    let spend = "update quota monthly-spend-usd --value 50 --account acme -o json";
+    let out = dev.ok(spend, &[]).await;
     let quota: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(quota["value"], "50", "{out}");
-    let (ok, out, err) = cli(
-        &server,
-        data.path(),
-        &[
-            "get",
-            "usage",
-            "--account",
-            "acme",
-            "--group-by",
-            "model,day",
-        ],
-    )
-    .await;
-    assert!(ok, "{err}");
+    let usage = "get usage --account acme --group-by model,day";
+    let out = dev.ok(usage, &[]).await;
     assert!(out.contains("usage from") && out.contains("COST"), "{out}");
-    let (ok, _, err) = cli(
-        &server,
-        data.path(),
-        &["get", "usage", "--group-by", "colour"],
-    )
-    .await;
-    assert!(!ok && err.contains("--group-by"), "{err}");
+    let colour = dev.cli("get usage --group-by colour", &[]).await;
+    assert!(
+        !colour.ok && colour.err.contains("--group-by"),
+        "{}",
+        colour.err
+    );
 
     // Stop it and read everything it logged.
+    let child = &mut dev.child;
     child.start_kill().unwrap();
     let mut stdout = String::new();
     let mut stderr = String::new();
@@ -310,37 +285,23 @@ async fn an_unknown_setting_or_a_missing_url_stops_startup_naming_it() {
 #[tokio::test]
 async fn a_bad_config_value_stops_startup_naming_the_key() {
     let data = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(kiln_binary())
-        .args(["serve", "identity"])
-        .env("KILN_LISTEN", "not-an-address")
-        .env("KILN_DATA_DIR", data.path())
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let data_dir = data.path().display().to_string();
+    let env = [
+        ("KILN_LISTEN", "not-an-address"),
+        ("KILN_DATA_DIR", &data_dir),
+    ];
+    let err = failed_start(&["identity"], &env).await;
     assert!(err.contains("listen"), "{err}");
 
     let config = data.path().join("kiln.toml");
     std::fs::write(&config, "auth_cache_ttl = \"0s\"\n").unwrap();
-    let out = tokio::process::Command::new(kiln_binary())
-        .args(["serve", "identity", "--config"])
-        .arg(&config)
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let path = config.display().to_string();
+    let err = failed_start(&["identity", "--config", &path], &[]).await;
     assert!(err.contains("auth_cache_ttl"), "{err}");
 
-    let out = tokio::process::Command::new(kiln_binary())
-        .args(["serve", "identity"])
-        .env("KILN_DATABASE_URL", "mysql://nope")
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("database_url"));
+    let env = [("KILN_DATABASE_URL", "mysql://nope")];
+    let err = failed_start(&["identity"], &env).await;
+    assert!(err.contains("database_url"), "{err}");
 }
 
 mod otlp {
@@ -383,21 +344,12 @@ mod otlp {
 #[tokio::test]
 async fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
     let (endpoint, mut received) = otlp::start().await;
-    let data = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let server = format!("http://{listen}");
-    let mut child = tokio::process::Command::new(kiln_binary())
-        .args(["dev", "--listen", &listen, "--data-dir"])
-        .arg(data.path())
-        .env("KILN_OTLP_ENDPOINT", &endpoint)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_until_ready(&data.path().join("admin.key"), &listen).await;
-    let (ok, _, err) = cli(&server, data.path(), &["list", "accounts"]).await;
-    assert!(ok, "{err}");
+    let mut dev = KilnDev::start(|command| {
+        command.env("KILN_OTLP_ENDPOINT", &endpoint);
+    })
+    .await;
+    dev.ok("list accounts", &[]).await;
+    let child = &mut dev.child;
     // SIGTERM: kiln dev stops cleanly and flushes its spans.
     let pid = child.id().unwrap().to_string();
     let status = tokio::process::Command::new("kill")
@@ -445,45 +397,23 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
 
 #[tokio::test]
 async fn models_and_datasets_through_the_cli() {
-    let data = tempfile::tempdir().unwrap();
     let empty_assets = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let server = format!("http://{listen}");
-    let _child = tokio::process::Command::new(kiln_binary())
-        .args(["dev", "--listen", &listen, "--data-dir"])
-        .arg(data.path())
+    let dev = KilnDev::start(|command| {
         // No library import in this test: its asset cache is empty.
-        .env("KILN_REGISTRY__ASSET_DIR", empty_assets.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_until_ready(&data.path().join("admin.key"), &listen).await;
+        command.env("KILN_REGISTRY__ASSET_DIR", empty_assets.path());
+    })
+    .await;
     let assets = kiln_tests::asset("all-minilm-l6-v2/model.onnx")
         .parent()
         .unwrap()
         .to_owned();
-    let run = |args: Vec<String>| {
-        let server = server.clone();
-        let data = data.path().to_owned();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            cli(&server, &data, &args).await
-        }
-    };
-    let (ok, _, err) = run(vec!["create".into(), "account".into(), "acme".into()]).await;
-    assert!(ok, "{err}");
-    let (ok, out, err) = run(vec![
-        "--account".into(),
-        "acme".into(),
-        "create".into(),
-        "model".into(),
-        "minilm".into(),
-        assets.display().to_string(),
-    ])
-    .await;
-    assert!(ok, "{err}");
+    dev.ok("create account acme", &[]).await;
+    let model_dir = assets.display().to_string();
+    let created = dev
+        .cli("--account acme create model minilm", &[&model_dir])
+        .await;
+    let (out, err) = (&created.out, &created.err);
+    assert!(created.ok, "{err}");
     assert!(
         out.contains("EMBEDDING_MODEL") && out.contains("READY"),
         "{out}"
@@ -493,18 +423,9 @@ async fn models_and_datasets_through_the_cli() {
         "a progress line: {err}"
     );
 
-    let dest = data.path().join("downloaded");
-    let (ok, _, err) = run(vec![
-        "--account".into(),
-        "acme".into(),
-        "download".into(),
-        "model".into(),
-        "minilm".into(),
-        "--dest".into(),
-        dest.display().to_string(),
-    ])
-    .await;
-    assert!(ok, "{err}");
+    let dest = dev.data_dir().join("downloaded");
+    let download = "--account acme download model minilm --dest";
+    dev.ok(download, &[&dest.display().to_string()]).await;
     for file in ["model.onnx", "tokenizer.json"] {
         assert!(
             std::fs::read(dest.join(file)).unwrap() == std::fs::read(assets.join(file)).unwrap(),
@@ -512,122 +433,63 @@ async fn models_and_datasets_through_the_cli() {
         );
     }
 
-    let jsonl = data.path().join("train.jsonl");
+    let jsonl = dev.data_dir().join("train.jsonl");
     let lines: Vec<String> = (0..5)
         .map(|i| format!(r#"{{"prompt": "q{i}", "completion": "a{i}"}}"#))
         .collect();
     std::fs::write(&jsonl, lines.join("\n")).unwrap();
-    let (ok, out, err) = run(vec![
-        "--account".into(),
-        "acme".into(),
-        "create".into(),
-        "dataset".into(),
-        "train".into(),
-        jsonl.display().to_string(),
-        "-o".into(),
-        "json".into(),
-    ])
-    .await;
-    assert!(ok, "{err}");
+    let train = "--account acme create dataset train -o json";
+    let out = dev.ok(train, &[&jsonl.display().to_string()]).await;
     let dataset: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(dataset["state"], "READY");
     assert_eq!(dataset["example_count"], "5");
-    let (ok, out, _) = run(vec![
-        "--account".into(),
-        "acme".into(),
-        "list".into(),
-        "models".into(),
-    ])
-    .await;
-    assert!(ok && out.contains("accounts/acme/models/minilm"), "{out}");
+    let out = dev.ok("--account acme list models", &[]).await;
+    assert!(out.contains("accounts/acme/models/minilm"), "{out}");
     // Deployed first (one CPU replica on the dev node), then it embeds (on tract: this kiln
     // dev has no ONNX Runtime library).
-    let (ok, out, err) = run(vec![
-        "--account".into(),
-        "acme".into(),
-        "create".into(),
-        "deployment".into(),
-        "minilm".into(),
-        "--deployment-id".into(),
-        "embedder".into(),
-        "--wait".into(),
-        "-o".into(),
-        "json".into(),
-    ])
-    .await;
-    assert!(ok, "{err}");
+    let deploy = "--account acme create deployment minilm --deployment-id embedder --wait -o json";
+    let out = dev.ok(deploy, &[]).await;
     let deployment: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(deployment["state"], "READY", "{out}");
     assert_eq!(deployment["accelerator_type"], "CPU", "{out}");
-    let (ok, out, err) = run(vec!["list".into(), "nodes".into()]).await;
+    let nodes = dev.cli("list nodes", &[]).await;
     assert!(
-        ok && out.contains("READY") && out.contains("CPU"),
-        "{out}{err}"
+        nodes.ok && nodes.out.contains("READY") && nodes.out.contains("CPU"),
+        "{}{}",
+        nodes.out,
+        nodes.err
     );
-    let (ok, out, err) = run(vec![
-        "--account".into(),
-        "acme".into(),
-        "list".into(),
-        "deployments".into(),
-    ])
-    .await;
+    let listed = dev.cli("--account acme list deployments", &[]).await;
     assert!(
-        ok && out.contains("accounts/acme/deployments/embedder"),
-        "{out}{err}"
+        listed.ok && listed.out.contains("accounts/acme/deployments/embedder"),
+        "{}{}",
+        listed.out,
+        listed.err
     );
-    let (ok, out, err) = run(vec![
-        "--account".into(),
-        "acme".into(),
-        "embed".into(),
-        "minilm".into(),
-        "hello world".into(),
-        "good morning".into(),
-    ])
-    .await;
-    assert!(ok, "{err}");
+    let texts = ["hello world", "good morning"];
+    let out = dev.ok("--account acme embed minilm", &texts).await;
     assert_eq!(
         out.matches(" 384 ").count(),
         2,
         "two 384-dimension rows: {out}"
     );
     // A deployed model cannot be deleted; once its deployment is gone, it can.
-    let (ok, _, err) = run(vec![
-        "--account".into(),
-        "acme".into(),
-        "delete".into(),
-        "model".into(),
-        "minilm".into(),
-    ])
-    .await;
-    assert!(!ok && err.contains("is deployed"), "{err}");
-    let (ok, _, err) = run(vec![
-        "--account".into(),
-        "acme".into(),
-        "delete".into(),
-        "deployment".into(),
-        "embedder".into(),
-        "--hard".into(),
-        // The replica's last heartbeat may still count the embed above as in flight.
-        "--ignore-checks".into(),
-    ])
-    .await;
-    assert!(ok, "{err}");
+    let delete_model = "--account acme delete model minilm";
+    let refused = dev.cli(delete_model, &[]).await;
+    assert!(
+        !refused.ok && refused.err.contains("is deployed"),
+        "{}",
+        refused.err
+    );
+    // The replica's last heartbeat may still count the embed above as in flight.
+    let delete_deployment = "--account acme delete deployment embedder --hard --ignore-checks";
+    dev.ok(delete_deployment, &[]).await;
     // The registry learns of the undeploy from the scheduler's event.
-    let out = kiln_tests::wait_for(
-        std::time::Duration::from_secs(20),
-        "the model to be deletable",
-        || async {
-            let (ok, out, _) = run(vec![
-                "--account".into(),
-                "acme".into(),
-                "delete".into(),
-                "model".into(),
-                "minilm".into(),
-            ])
-            .await;
-            ok.then_some(out)
-        },
-    )
+    let what = "the model to be deletable";
+    let out = wait_for(Duration::from_secs(20), what, || async {
+        let deleted = dev.cli(delete_model, &[]).await;
+        deleted.ok.then_some(deleted.out)
+    })
     .await;
     assert!(out.contains("deleted"), "{out}");
 }

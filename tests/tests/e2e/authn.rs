@@ -5,16 +5,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kiln_proto::identity::v1 as idv1;
 use kiln_tests::{MeshOptions, SERVICE_TOKEN, TestMesh, wait_for};
-use kiln_tests::{accounts, create_key, create_user, tenant};
+use kiln_tests::{
+    authenticate, create_key, delete_key, expect_code, get_account, tenant, try_create_key,
+    user_with_key,
+};
 use tonic::Code;
 
 async fn get_acme(ch: &kiln_tests::AuthedChannel) -> Result<idv1::Account, tonic::Status> {
-    accounts(ch)
-        .get_account(idv1::GetAccountRequest {
-            name: "accounts/acme".into(),
-        })
-        .await
-        .map(|r| r.into_inner())
+    get_account(ch, "accounts/acme").await
 }
 
 #[tokio::test]
@@ -26,20 +24,16 @@ async fn missing_wrong_and_expired_keys_are_unauthenticated() {
         .await
         .expect("a valid key works");
 
-    let none = get_acme(&mesh.channel(None).await).await.unwrap_err();
-    assert_eq!(none.code(), Code::Unauthenticated, "{none:?}");
-    let wrong = get_acme(&mesh.channel(Some("kiln_not-a-real-key")).await)
-        .await
-        .unwrap_err();
-    assert_eq!(wrong.code(), Code::Unauthenticated);
+    let none = get_acme(&mesh.channel(None).await).await;
+    expect_code(none, Code::Unauthenticated);
+    let wrong = get_acme(&mesh.channel(Some("kiln_not-a-real-key")).await).await;
+    expect_code(wrong, Code::Unauthenticated);
     // A key that differs from a real one in its last character.
     let mut near = key.clone();
     let last = near.pop().unwrap();
     near.push(if last == 'A' { 'B' } else { 'A' });
-    let near = get_acme(&mesh.channel(Some(&near)).await)
-        .await
-        .unwrap_err();
-    assert_eq!(near.code(), Code::Unauthenticated);
+    let near = get_acme(&mesh.channel(Some(&near)).await).await;
+    expect_code(near, Code::Unauthenticated);
 
     let soon = SystemTime::now() + Duration::from_secs(2);
     let expiring = create_key(
@@ -63,32 +57,17 @@ async fn missing_wrong_and_expired_keys_are_unauthenticated() {
     );
     assert!(status.message().contains("expired"), "{}", status.message());
 
-    let past = create_key_status(
-        &admin,
-        Some(prost_types::Timestamp::from(
-            SystemTime::now() - Duration::from_secs(5),
-        )),
-    )
-    .await;
-    assert_eq!(past.code(), Code::InvalidArgument);
+    let expire_time = Some(prost_types::Timestamp::from(
+        SystemTime::now() - Duration::from_secs(5),
+    ));
+    let expired = idv1::ApiKey {
+        expire_time,
+        ..Default::default()
+    };
+    let past = try_create_key(&admin, "accounts/acme/users/owner", expired).await;
+    let past = expect_code(past, Code::InvalidArgument);
     assert!(past.message().starts_with("api_key.expire_time"));
     mesh.shutdown().await;
-}
-
-async fn create_key_status(
-    admin: &kiln_tests::AuthedChannel,
-    expire_time: Option<prost_types::Timestamp>,
-) -> tonic::Status {
-    kiln_tests::keys(admin)
-        .create_api_key(idv1::CreateApiKeyRequest {
-            parent: "accounts/acme/users/owner".into(),
-            api_key: Some(idv1::ApiKey {
-                expire_time,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err()
 }
 
 #[tokio::test]
@@ -96,8 +75,7 @@ async fn a_deleted_key_is_refused_everywhere_within_a_second() {
     let primary = TestMesh::start().await;
     let admin = primary.admin().await;
     let _ = tenant(&admin, "acme").await;
-    create_user(&admin, "acme", "alice", "user").await;
-    let key = create_key(&admin, "acme", "alice", None).await;
+    let key = user_with_key(&admin, "acme", "alice", "user").await;
 
     // A second replica on the same database and bus, with its own key cache, that resolves
     // keys through the first one's internal AuthService.
@@ -117,12 +95,7 @@ async fn a_deleted_key_is_refused_everywhere_within_a_second() {
     get_acme(&on_primary).await.unwrap();
     get_acme(&on_replica).await.unwrap();
 
-    kiln_tests::keys(&admin)
-        .delete_api_key(idv1::DeleteApiKeyRequest {
-            name: key.name.clone(),
-        })
-        .await
-        .unwrap();
+    delete_key(&admin, &key.name).await.unwrap();
     let deleted_at = Instant::now();
     for (where_, ch) in [("primary", &on_primary), ("replica", &on_replica)] {
         let status = wait_for(
@@ -137,11 +110,7 @@ async fn a_deleted_key_is_refused_everywhere_within_a_second() {
         assert_eq!(status.code(), Code::Unauthenticated, "{where_}: {status:?}");
     }
     assert!(deleted_at.elapsed() < Duration::from_secs(1));
-    let status = kiln_tests::keys(&admin)
-        .delete_api_key(idv1::DeleteApiKeyRequest { name: key.name })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
+    expect_code(delete_key(&admin, &key.name).await, Code::NotFound);
     replica.shutdown().await;
     primary.shutdown().await;
 }
@@ -149,48 +118,19 @@ async fn a_deleted_key_is_refused_everywhere_within_a_second() {
 #[tokio::test]
 async fn authenticate_is_for_services_only() {
     let mesh = TestMesh::start().await;
-    let admin = mesh.admin().await;
-    let key = tenant(&admin, "acme").await;
-    let mut as_user =
-        idv1::auth_service_client::AuthServiceClient::new(mesh.channel(Some(&key)).await);
-    let status = as_user
-        .authenticate(idv1::AuthenticateRequest {
-            api_key: key.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
+    let (key, as_user) = mesh.tenant("acme").await;
+    expect_code(authenticate(&as_user, &key).await, Code::PermissionDenied);
 
-    let mut as_service =
-        idv1::auth_service_client::AuthServiceClient::new(mesh.channel(Some(SERVICE_TOKEN)).await);
-    let principal = as_service
-        .authenticate(idv1::AuthenticateRequest { api_key: key })
-        .await
-        .unwrap()
-        .into_inner()
-        .principal
-        .unwrap();
+    let as_service = mesh.channel(Some(SERVICE_TOKEN)).await;
+    let principal = authenticate(&as_service, &key).await.unwrap();
     assert_eq!(principal.account, "accounts/acme");
     assert_eq!(principal.user, "accounts/acme/users/owner");
     assert_eq!(principal.roles, ["admin"]);
-    let status = as_service
-        .authenticate(idv1::AuthenticateRequest {
-            api_key: "kiln_bogus".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated);
+    let bogus = authenticate(&as_service, "kiln_bogus").await;
+    expect_code(bogus, Code::Unauthenticated);
 
     // The bootstrap key is a platform admin.
-    let admin_principal = as_service
-        .authenticate(idv1::AuthenticateRequest {
-            api_key: mesh.admin_key.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .principal
-        .unwrap();
+    let admin_principal = authenticate(&as_service, &mesh.admin_key).await.unwrap();
     assert!(admin_principal.roles.contains(&"platform-admin".to_owned()));
     mesh.shutdown().await;
 }

@@ -1,7 +1,6 @@
 //! Billing: the usage report against what clients were told (real chat and embedding
 //! answers), dedicated replicas billed for their ready time, exactly-once booking across a
-//! replay, a NATS outage and a billing restart, and quotas: accelerators, requests per
-//! minute and the monthly spend limit.
+//! replay, a NATS outage and a billing restart. Quotas are in `quotas.rs`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -9,24 +8,26 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kiln_billing::config::{BillingConfig, TokenPrices};
 use kiln_events::{Body, Event};
+use kiln_proto::billing::v1 as bilv1;
 use kiln_proto::billing::v1::get_usage_request::GroupBy;
 use kiln_proto::kiln_inference::v1 as infv1;
 use kiln_proto::scheduler::v1 as schv1;
-use kiln_tests::billing::{nanos, report, set_quota, totals};
-use kiln_tests::deployments::{self, wait_ready};
-use kiln_tests::inference::{MINILM, client, reference};
+use kiln_tests::billing::{nanos, report, totals};
+use kiln_tests::deployments::{self, on, wait_ready};
+use kiln_tests::events::Events;
+use kiln_tests::inference::{MINILM, embed, first_embeddings, mesh_with_private_minilm, reference};
+use kiln_tests::llm::{SMOLLM2, chat_request, first_chat, send_chat, stream_chat};
 use kiln_tests::workers::Worker;
-use kiln_tests::{AuthedChannel, MeshOptions, NatsServer, SERVICE_TOKEN, TestMesh, wait_for};
+use kiln_tests::{
+    AuthedChannel, MeshOptions, NatsServer, SERVICE_TOKEN, TestMesh, expect_code, wait_for,
+    wait_for_ok,
+};
 use tonic::Code;
 
-use crate::scheduler::{embed, mesh_with_private_minilm_using, on};
-
-const SMOLLM2: &str = "accounts/kiln/models/smollm2-135m-instruct";
-const H100: &str = "NVIDIA_H100_80GB";
-const H100_QUOTA: &str = "accelerator-nvidia-h100-80gb";
+pub(crate) const H100: &str = "NVIDIA_H100_80GB";
 
 /// Prices of the test's own, so expected costs are computed here, not by billing's code.
-fn priced(prices: &[(&str, TokenPrices)]) -> BillingConfig {
+pub(crate) fn priced(prices: &[(&str, TokenPrices)]) -> BillingConfig {
     let mut config = BillingConfig::default();
     for (model, p) in prices {
         config.model_prices.insert((*model).to_owned(), p.clone());
@@ -34,7 +35,7 @@ fn priced(prices: &[(&str, TokenPrices)]) -> BillingConfig {
     config
 }
 
-fn tokens(input: &str, output: &str, embedding: &str) -> TokenPrices {
+pub(crate) fn tokens(input: &str, output: &str, embedding: &str) -> TokenPrices {
     TokenPrices {
         input: input.into(),
         output: output.into(),
@@ -74,54 +75,25 @@ impl Told {
     }
 }
 
-async fn embed_texts(
-    ch: &AuthedChannel,
-    texts: &[String],
-) -> Result<infv1::CreateEmbeddingsResponse, tonic::Status> {
-    client(ch)
-        .create_embeddings(infv1::CreateEmbeddingsRequest {
-            model: MINILM.into(),
-            input: texts.to_vec(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-fn chat_request(question: &str, max_tokens: i32) -> infv1::CreateChatCompletionRequest {
-    infv1::CreateChatCompletionRequest {
-        model: SMOLLM2.into(),
-        messages: vec![infv1::ChatMessage {
-            role: "user".into(),
-            content: question.into(),
-            name: String::new(),
-        }],
-        max_tokens: Some(max_tokens),
-        temperature: Some(0.0),
-        ..Default::default()
-    }
-}
-
 /// Waits until `parent`'s month-to-date totals are `told`, and returns them.
 async fn wait_for_totals(
     ch: &AuthedChannel,
     parent: &str,
     told: Told,
     what: &str,
-) -> kiln_proto::billing::v1::UsageRow {
-    let mut last = Told::default();
-    let row = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let row = totals(ch, parent).await;
-            last = Told::of(&row);
-            if last == told {
-                return row;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+) -> bilv1::UsageRow {
+    wait_for_ok(Duration::from_secs(60), what, || async {
+        let row = totals(ch, parent).await;
+        let reported = Told::of(&row);
+        if reported == told {
+            Ok(row)
+        } else {
+            Err(format!(
+                "the report says {reported:?}, clients were told {told:?}"
+            ))
         }
     })
-    .await;
-    row.unwrap_or_else(|_| panic!("{what}: the report says {last:?}, clients were told {told:?}"))
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,55 +112,25 @@ async fn the_usage_report_adds_up_to_what_clients_were_told() {
     )
     .await;
     let admin = mesh.admin().await;
-    let acme = mesh
-        .channel(Some(&kiln_tests::tenant(&admin, "acme").await))
-        .await;
+    let acme = mesh.tenant_channel("acme").await;
     let mut chat = Told::default();
     let mut embedding = Told::default();
     // The first answer comes once the library is prepared and served; it counts too.
-    let first = wait_for(
-        Duration::from_secs(300),
-        "SmolLM2 to be prepared and served",
-        || async {
-            client(&acme)
-                .create_chat_completion(chat_request("Hi", 4))
-                .await
-                .ok()
-        },
-    )
-    .await
-    .into_inner();
+    let first = first_chat(&acme, "Hi", 4, Duration::from_secs(300)).await;
     chat.chat(first.usage.as_ref().expect("usage"));
     for (question, max_tokens) in [
         ("What is the capital of France?", 12),
         ("Name three colours.", 8),
     ] {
-        let answer = client(&acme)
-            .create_chat_completion(chat_request(question, max_tokens))
-            .await
-            .expect("chat")
-            .into_inner();
-        chat.chat(answer.usage.as_ref().expect("usage"));
+        let answer = send_chat(&acme, chat_request(question, max_tokens)).await;
+        chat.chat(answer.expect("chat").usage.as_ref().expect("usage"));
     }
     // A streamed answer: its usage is on the last chunk.
-    let mut stream = client(&acme)
-        .stream_chat_completion(chat_request("Count to five.", 10))
-        .await
-        .expect("stream")
-        .into_inner();
-    let mut streamed = None;
-    while let Some(chunk) = stream.next().await {
-        if let Some(usage) = chunk.expect("chunk").usage {
-            streamed = Some(usage);
-        }
-    }
-    chat.chat(&streamed.expect("the last chunk carries usage"));
+    let streamed = stream_chat(&acme, chat_request("Count to five.", 10)).await;
+    chat.chat(&streamed.usage);
     let sentences = reference().sentences;
     for batch in [&sentences[..1], &sentences[1..4], &sentences[4..]] {
-        let answer = wait_for(Duration::from_secs(60), "MiniLM to answer", || async {
-            embed_texts(&acme, batch).await.ok()
-        })
-        .await;
+        let answer = first_embeddings(&acme, MINILM, batch, Duration::from_secs(60)).await;
         embedding.embeddings(answer.usage.as_ref().expect("usage"));
     }
     let told = Told {
@@ -236,7 +178,7 @@ async fn the_usage_report_adds_up_to_what_clients_were_told() {
     }
     assert_eq!(by_day.rows.len(), 2, "one row per deployment");
     let filtered = kiln_tests::billing::usage(&acme)
-        .get_usage(kiln_proto::billing::v1::GetUsageRequest {
+        .get_usage(bilv1::GetUsageRequest {
             filter: format!("model = \"{MINILM}\""),
             ..Default::default()
         })
@@ -247,16 +189,11 @@ async fn the_usage_report_adds_up_to_what_clients_were_told() {
 
     // Reports are the account's own: another account sees nothing of acme's, and its name
     // is NOT_FOUND; the platform admin sees every account.
-    let globex = mesh
-        .channel(Some(&kiln_tests::tenant(&admin, "globex").await))
-        .await;
-    assert_eq!(
-        Told::of(&kiln_tests::billing::totals(&globex, "").await),
-        Told::default()
-    );
-    let err = report(&globex, "accounts/acme", &[]).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    let everyone = kiln_tests::billing::totals(&admin, "accounts/-").await;
+    let globex = mesh.tenant_channel("globex").await;
+    assert_eq!(Told::of(&totals(&globex, "").await), Told::default());
+    let err = report(&globex, "accounts/acme", &[]).await;
+    expect_code(err, Code::NotFound);
+    let everyone = totals(&admin, "accounts/-").await;
     assert_eq!(Told::of(&everyone), told);
 
     // Replaying the whole stream (a new durable consumer from the first event) books nothing:
@@ -299,7 +236,7 @@ async fn the_usage_report_adds_up_to_what_clients_were_told() {
 
 /// The replica events of one deployment, collected from the bus.
 async fn replica_events(
-    events: &mut futures::stream::BoxStream<'static, Event>,
+    events: &mut Events,
     deployment: &str,
     started: usize,
     stopped: usize,
@@ -329,30 +266,22 @@ async fn dedicated_replicas_are_billed_for_their_ready_time() {
         accrual_interval: Duration::from_millis(300),
         ..Default::default()
     };
-    let (mesh, _assets, acme, model) = mesh_with_private_minilm_using(MeshOptions {
+    let (mesh, _assets, acme, model) = mesh_with_private_minilm(MeshOptions {
         billing: Some(config),
         ..Default::default()
     })
     .await;
     let _node = Worker::start(&mesh, "node-gpu", &[(H100, 4)]).await;
-    let mut events = mesh
-        .bus
-        .subscribe("kiln.scheduler.replica.>")
+    let mut events = mesh.subscribe("kiln.scheduler.replica.>").await;
+    let two_of_two = schv1::Deployment {
+        base_model: model.clone(),
+        min_replica_count: 2,
+        max_replica_count: 2,
+        ..on(H100, 2)
+    };
+    let deployment = deployments::create(&acme, "accounts/acme", "billed", two_of_two)
         .await
         .unwrap();
-    let deployment = deployments::create(
-        &acme,
-        "accounts/acme",
-        "billed",
-        schv1::Deployment {
-            base_model: model.clone(),
-            min_replica_count: 2,
-            max_replica_count: 2,
-            ..on(H100, 2)
-        },
-    )
-    .await
-    .unwrap();
     wait_ready(&acme, &deployment.name, 2).await;
     let ready_at = Instant::now();
     let (starts, _) = replica_events(&mut events, &deployment.name, 2, 0).await;
@@ -378,13 +307,7 @@ async fn dedicated_replicas_are_billed_for_their_ready_time() {
         mid.gpu_seconds
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    deployments::deployments(&acme)
-        .delete_deployment(schv1::DeleteDeploymentRequest {
-            name: deployment.name.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    deployments::delete(&acme, &deployment.name).await.unwrap();
     let ready_for = ready_at.elapsed().as_secs_f64();
     let (_, stops) = replica_events(&mut events, &deployment.name, 0, 2).await;
     let stopped_seconds: f64 = stops.iter().map(|s| s.accelerator_seconds).sum();
@@ -490,9 +413,7 @@ async fn no_usage_is_lost_or_doubled_across_a_nats_outage_and_a_billing_restart(
         },
     )
     .await;
-    let admin = mesh.admin().await;
-    let key = kiln_tests::tenant(&admin, "acme").await;
-    let acme = mesh.channel(Some(&key)).await;
+    let (key, acme) = mesh.tenant("acme").await;
     let database = kiln_tests::TestDatabase::create(&kiln_tests::Backends::from_env())
         .await
         .unwrap();
@@ -501,340 +422,43 @@ async fn no_usage_is_lost_or_doubled_across_a_nats_outage_and_a_billing_restart(
 
     let sentences = reference().sentences;
     let mut told = Told::default();
-    let traffic = |told: &mut Told, answer: infv1::CreateEmbeddingsResponse| {
-        told.embeddings(answer.usage.as_ref().expect("usage"));
-    };
-    let first = wait_for(Duration::from_secs(120), "MiniLM to answer", || async {
-        embed_texts(&acme, &sentences[..1]).await.ok()
-    })
-    .await;
-    traffic(&mut told, first);
-    for i in 0..5 {
-        traffic(
-            &mut told,
-            embed_texts(&acme, &sentences[i..i + 2]).await.unwrap(),
-        );
-    }
+    let first = first_embeddings(&acme, MINILM, &sentences[..1], Duration::from_secs(120)).await;
+    told.embeddings(first.usage.as_ref().expect("usage"));
+    let pairs = (0..5).map(|i| &sentences[i..i + 2]);
+    embed_batches(&acme, &mut told, pairs).await;
     // NATS goes away mid-traffic: answers go on, their usage waits in the node's outbox.
     nats.stop().await;
-    for i in 0..10 {
-        traffic(
-            &mut told,
-            embed_texts(&acme, &sentences[i % 6..i % 6 + 1])
-                .await
-                .unwrap(),
-        );
-    }
+    let singles = (0..10).map(|i| &sentences[i % 6..i % 6 + 1]);
+    embed_batches(&acme, &mut told, singles).await;
     // Billing stops too while more traffic comes.
     standalone.stop().await;
     nats.resume().await;
-    for i in 0..5 {
-        traffic(
-            &mut told,
-            embed_texts(&acme, &sentences[i..i + 3]).await.unwrap(),
-        );
-    }
+    let triples = (0..5).map(|i| &sentences[i..i + 3]);
+    embed_batches(&acme, &mut told, triples).await;
     // The mesh's billing catches up with everything, once.
-    wait_for_totals(
-        &acme,
-        "accounts/acme",
-        told,
-        "the mesh's billing after the outage",
-    )
-    .await;
+    let after_outage = "the mesh's billing after the outage";
+    wait_for_totals(&acme, "accounts/acme", told, after_outage).await;
     // The restarted billing reads on from where it stopped, and counts nothing twice.
     let standalone = StandaloneBilling::start(&mesh, &database, billing_dir.path()).await;
     let remote = kiln_tests::channel_to(&standalone.url, Some(&key)).await;
     wait_for_totals(&remote, "accounts/acme", told, "the restarted billing").await;
     // A little later, still nothing twice.
-    traffic(
-        &mut told,
-        embed_texts(&acme, &sentences[..2]).await.unwrap(),
-    );
-    wait_for_totals(
-        &remote,
-        "accounts/acme",
-        told,
-        "the restarted billing, later",
-    )
-    .await;
+    embed_batches(&acme, &mut told, [&sentences[..2]]).await;
+    let later = "the restarted billing, later";
+    wait_for_totals(&remote, "accounts/acme", told, later).await;
     wait_for_totals(&acme, "accounts/acme", told, "the mesh's billing, later").await;
     standalone.stop().await;
     mesh.shutdown().await;
 }
 
-async fn next_event(
-    events: &mut futures::stream::BoxStream<'static, Event>,
-    what: &str,
-    matches: impl Fn(&Body) -> bool,
-) -> Body {
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let event = events.next().await.expect("bus open");
-            if let Some(body) = event.body
-                && matches(&body)
-            {
-                return body;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no {what} event"))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quotas_refuse_what_is_over_them_and_only_that() {
-    // MiniLM at $0.05 a token, so a few requests cross a $1 spend limit.
-    let billing = priced(&[(MINILM, tokens("", "", "50000"))]);
-    let (mesh, _assets, acme, model) = mesh_with_private_minilm_using(MeshOptions {
-        billing: Some(billing),
-        ..Default::default()
-    })
-    .await;
-    let admin = mesh.admin().await;
-    let _node = Worker::start(&mesh, "node-q", &[(H100, 8)]).await;
-    let mut billing_events = mesh.bus.subscribe("kiln.billing.>").await.unwrap();
-
-    // Every account has every quota, at the defaults.
-    let listed = kiln_tests::billing::quotas(&acme)
-        .list_quotas(kiln_proto::billing::v1::ListQuotasRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let quota = |id: &str| {
-        listed
-            .quotas
-            .iter()
-            .find(|q| q.name == format!("accounts/acme/quotas/{id}"))
-            .unwrap_or_else(|| panic!("{id} in {:?}", listed.quotas))
-            .clone()
-    };
-    assert_eq!(
-        (quota(H100_QUOTA).value, quota(H100_QUOTA).unit.as_str()),
-        (16, "accelerators")
-    );
-    assert_eq!(quota("monthly-spend-usd").value, 1_000);
-    assert_eq!(quota("serverless-inference-rpm").unit, "requests/min");
-
-    // A user may not go beyond max_value, nor change it; the admin sets anything.
-    let err = set_quota(&acme, "acme", H100_QUOTA, 100).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("quota.value"), "{}", err.message());
-    let err = kiln_tests::billing::quotas(&acme)
-        .update_quota(kiln_proto::billing::v1::UpdateQuotaRequest {
-            quota: Some(kiln_proto::billing::v1::Quota {
-                name: format!("accounts/acme/quotas/{H100_QUOTA}"),
-                max_value: 100,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["max_value".into()],
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
-    let other = mesh
-        .channel(Some(&kiln_tests::tenant(&admin, "globex").await))
-        .await;
-    let err = set_quota(&other, "acme", H100_QUOTA, 1).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "another account's quota");
-    let set = set_quota(&admin, "acme", H100_QUOTA, 4).await.unwrap();
-    assert_eq!((set.value, set.max_value), (4, 16));
-    match next_event(&mut billing_events, "quota.updated", |b| {
-        matches!(b, Body::QuotaUpdated(_))
-    })
-    .await
-    {
-        Body::QuotaUpdated(u) => {
-            assert_eq!(u.previous_value, 16);
-            assert_eq!(u.quota.unwrap().value, 4);
-        }
-        _ => unreachable!(),
+/// Embeds each batch in turn on the library's MiniLM, adding what each answer says to `told`.
+async fn embed_batches<'a>(
+    ch: &AuthedChannel,
+    told: &mut Told,
+    batches: impl IntoIterator<Item = &'a [String]>,
+) {
+    for batch in batches {
+        let answer = embed(ch, MINILM, batch).await.expect("embeddings");
+        told.embeddings(answer.usage.as_ref().expect("usage"));
     }
-
-    // Accelerators: a deployment that could hold 2 × 3 H100 is over 4, and nothing of it
-    // is stored or placed.
-    let deployment = |max: i32, count: i32| schv1::Deployment {
-        base_model: model.clone(),
-        min_replica_count: 1,
-        max_replica_count: max,
-        ..on(H100, count)
-    };
-    let err = deployments::create(&acme, "accounts/acme", "big", deployment(3, 2))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(err.message().contains(H100_QUOTA), "{}", err.message());
-    let listed = deployments::deployments(&acme)
-        .list_deployments(schv1::ListDeploymentsRequest {
-            parent: "accounts/acme".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(listed.deployments.is_empty(), "{:?}", listed.deployments);
-    // Exactly at the quota fits; one more accelerator at once after it does not.
-    let fits = deployments::create(&acme, "accounts/acme", "fits", deployment(2, 2))
-        .await
-        .unwrap();
-    let err = deployments::create(&acme, "accounts/acme", "second", deployment(1, 1))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
-    let err = deployments::deployments(&acme)
-        .update_deployment(schv1::UpdateDeploymentRequest {
-            deployment: Some(schv1::Deployment {
-                name: fits.name.clone(),
-                max_replica_count: 3,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["max_replica_count".into()],
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted);
-    wait_ready(&acme, &fits.name, 1).await;
-    assert_eq!(
-        deployments::replica_nodes(&admin, &fits.name).await,
-        vec!["nodes/node-q".to_owned()]
-    );
-    // Billing's view of the quota follows the scheduler's events.
-    wait_for(Duration::from_secs(30), "the quota's usage", || async {
-        let q = kiln_tests::billing::quotas(&acme)
-            .get_quota(kiln_proto::billing::v1::GetQuotaRequest {
-                name: H100_QUOTA.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        (q.usage == 4.0).then_some(())
-    })
-    .await;
-    // Freed accelerators can be used again; a restored deployment is checked again.
-    deployments::deployments(&acme)
-        .delete_deployment(schv1::DeleteDeploymentRequest {
-            name: fits.name.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    deployments::create(&acme, "accounts/acme", "second", deployment(1, 3))
-        .await
-        .expect("3 of 4 once the first is deleted");
-    let err = deployments::deployments(&acme)
-        .undelete_deployment(schv1::UndeleteDeploymentRequest {
-            name: fits.name.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted);
-
-    // Requests per minute: a burst over the limit loses only the excess, with a retry delay.
-    set_quota(&admin, "globex", "serverless-inference-rpm", 5)
-        .await
-        .unwrap();
-    let burst: Vec<_> = (0..8)
-        .map(|_| {
-            let other = other.clone();
-            tokio::spawn(async move { embed(&other, MINILM).await })
-        })
-        .collect();
-    let mut refused = Vec::new();
-    let mut answered = 0;
-    for call in burst {
-        match call.await.unwrap() {
-            Ok(_) => answered += 1,
-            Err(status) => refused.push(status),
-        }
-    }
-    assert_eq!((answered, refused.len()), (5, 3), "{refused:?}");
-    for status in &refused {
-        assert_eq!(status.code(), Code::ResourceExhausted);
-        assert!(
-            status.message().contains("serverless-inference-rpm"),
-            "{}",
-            status.message()
-        );
-        let retry = tonic_types::StatusExt::get_details_retry_info(status).expect("RetryInfo");
-        assert!(retry.retry_delay.is_some_and(|d| d > Duration::ZERO));
-    }
-    // Other accounts are not limited by globex's quota.
-    embed(&acme, MINILM)
-        .await
-        .expect("acme is under its own limits");
-
-    // The monthly spend limit: acme lowers its own to $1; requests cost about $0.50 each, so
-    // a few of them suspend the account, by an event, and then are refused.
-    let lowered = set_quota(&acme, "acme", "monthly-spend-usd", 1)
-        .await
-        .unwrap();
-    assert_eq!(lowered.value, 1);
-    let refusal = wait_for(
-        Duration::from_secs(60),
-        "the account to be suspended",
-        || async {
-            match embed(&acme, MINILM).await {
-                Err(status) if status.code() == Code::FailedPrecondition => Some(status),
-                Err(status) => panic!("unexpected {status:?}"),
-                Ok(_) => None,
-            }
-        },
-    )
-    .await;
-    assert!(
-        refusal.message().contains("MONTHLY_SPEND_LIMIT_EXCEEDED"),
-        "{}",
-        refusal.message()
-    );
-    match next_event(&mut billing_events, "account.suspended", |b| {
-        matches!(b, Body::AccountSuspended(_))
-    })
-    .await
-    {
-        Body::AccountSuspended(s) => assert_eq!(s.account, "accounts/acme"),
-        _ => unreachable!(),
-    }
-    let account = kiln_tests::accounts(&acme)
-        .get_account(kiln_proto::identity::v1::GetAccountRequest {
-            name: "accounts/acme".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        account.suspend_state,
-        kiln_proto::identity::v1::account::SuspendState::MonthlySpendLimitExceeded as i32
-    );
-    let spent = totals(&acme, "accounts/acme").await;
-    assert!(nanos(&spent.cost) >= 1_000_000_000, "{:?}", spent.cost);
-    let err = deployments::create(&acme, "accounts/acme", "third", deployment(1, 1))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
-    // Still refused a moment later: the suspension holds until the limit is raised.
-    assert_eq!(
-        embed(&acme, MINILM).await.unwrap_err().code(),
-        Code::FailedPrecondition
-    );
-
-    set_quota(&admin, "acme", "monthly-spend-usd", 2_000)
-        .await
-        .unwrap();
-    next_event(
-        &mut billing_events,
-        "account.unsuspended",
-        |b| matches!(b, Body::AccountUnsuspended(u) if u.account == "accounts/acme"),
-    )
-    .await;
-    wait_for(
-        Duration::from_secs(30),
-        "requests to be served again",
-        || async { embed(&acme, MINILM).await.ok() },
-    )
-    .await;
-    mesh.shutdown().await;
 }

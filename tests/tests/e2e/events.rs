@@ -11,7 +11,10 @@ use kiln_events::consumer::{EventHandler, Handled, handle_once, spawn_consumer};
 use kiln_events::{Body, Event};
 use kiln_proto::identity::v1 as idv1;
 use kiln_tests::{MeshOptions, NatsServer, TestMesh, wait_for};
-use kiln_tests::{accounts, create_account, create_key, create_user, users};
+use kiln_tests::{
+    accounts, create_account, create_key, create_user, delete_account, delete_key, delete_user,
+    update_account, update_user,
+};
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
 
@@ -44,52 +47,26 @@ async fn every_change_reaches_a_plain_nats_subscriber() {
 
     let admin = mesh.admin().await;
     create_account(&admin, "acme").await;
-    accounts(&admin)
-        .update_account(idv1::UpdateAccountRequest {
-            account: Some(idv1::Account {
-                name: "accounts/acme".into(),
-                display_name: "Acme".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["display_name".into()],
-            }),
-        })
+    let renamed = idv1::Account {
+        name: "accounts/acme".into(),
+        display_name: "Acme".into(),
+        ..Default::default()
+    };
+    update_account(&admin, renamed, &["display_name"])
         .await
         .unwrap();
     create_user(&admin, "acme", "alice", "user").await;
-    users(&admin)
-        .update_user(idv1::UpdateUserRequest {
-            user: Some(idv1::User {
-                name: "accounts/acme/users/alice".into(),
-                role: "admin".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["role".into()],
-            }),
-        })
-        .await
-        .unwrap();
+    let alice = "accounts/acme/users/alice";
+    let promoted = idv1::User {
+        name: alice.into(),
+        role: "admin".into(),
+        ..Default::default()
+    };
+    update_user(&admin, promoted, &["role"]).await.unwrap();
     let key = create_key(&admin, "acme", "alice", None).await;
-    kiln_tests::keys(&admin)
-        .delete_api_key(idv1::DeleteApiKeyRequest {
-            name: key.name.clone(),
-        })
-        .await
-        .unwrap();
-    users(&admin)
-        .delete_user(idv1::DeleteUserRequest {
-            name: "accounts/acme/users/alice".into(),
-        })
-        .await
-        .unwrap();
-    accounts(&admin)
-        .delete_account(idv1::DeleteAccountRequest {
-            name: "accounts/acme".into(),
-        })
-        .await
-        .unwrap();
+    delete_key(&admin, &key.name).await.unwrap();
+    delete_user(&admin, alice).await.unwrap();
+    delete_account(&admin, "accounts/acme").await.unwrap();
 
     let mut got: Vec<(String, Event)> = Vec::new();
     while got.len() < 8 {
@@ -174,6 +151,14 @@ async fn outbox_rows(db: &sea_orm::DatabaseConnection) -> i64 {
     row.try_get::<i64>("", "n").unwrap()
 }
 
+/// Waits until the outbox holds no event.
+async fn outbox_drained(db: &sea_orm::DatabaseConnection, timeout: Duration, what: &str) {
+    wait_for(timeout, what, || async {
+        (outbox_rows(db).await == 0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_outbox_delivers_every_event_exactly_once_across_a_nats_outage() {
     let mut server = NatsServer::start().await;
@@ -189,13 +174,10 @@ async fn the_outbox_delivers_every_event_exactly_once_across_a_nats_outage() {
     for i in 0..5 {
         create_user(&admin, "acme", &format!("before-{i}"), "user").await;
     }
-    wait_for(
+    outbox_drained(
+        &db,
         Duration::from_secs(10),
         "the first events to be relayed",
-        || {
-            let db = db.clone();
-            async move { (outbox_rows(&db).await == 0).then_some(()) }
-        },
     )
     .await;
 
@@ -207,15 +189,8 @@ async fn the_outbox_delivers_every_event_exactly_once_across_a_nats_outage() {
     assert_eq!(outbox_rows(&db).await, 10, "the events wait in the outbox");
 
     server.resume().await;
-    wait_for(
-        Duration::from_secs(30),
-        "the outbox to drain after NATS is back",
-        || {
-            let db = db.clone();
-            async move { (outbox_rows(&db).await == 0).then_some(()) }
-        },
-    )
-    .await;
+    let what = "the outbox to drain after NATS is back";
+    outbox_drained(&db, Duration::from_secs(30), what).await;
 
     // Read the whole stream back: every event once.
     let client = async_nats::connect(nats.url.as_str()).await.unwrap();
@@ -392,11 +367,7 @@ async fn redelivered_and_replayed_events_change_nothing() {
 #[tokio::test]
 async fn trace_context_crosses_grpc_into_events() {
     let mesh = TestMesh::start().await;
-    let mut events = mesh
-        .bus
-        .subscribe("kiln.identity.account.created")
-        .await
-        .unwrap();
+    let mut events = mesh.subscribe("kiln.identity.account.created").await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut request = tonic::Request::new(idv1::CreateAccountRequest {
         account_id: "traced".into(),

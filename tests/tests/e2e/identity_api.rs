@@ -4,9 +4,37 @@ use std::collections::HashSet;
 
 use kiln_proto::identity::v1 as idv1;
 use kiln_tests::TestMesh;
-use kiln_tests::{accounts, create_account, create_key, create_user, tenant, users};
+use kiln_tests::{
+    accounts, create_account, create_key, create_user, delete_account, delete_user, expect_code,
+    get_account, get_user, list_keys, list_users, try_create_account, try_create_user,
+    update_account, update_user, user_with_key,
+};
 use tonic::Code;
 use tonic_types::StatusExt;
+
+/// The names of what a listing returned.
+fn names<'a>(listed: impl IntoIterator<Item = &'a String>) -> Vec<&'a str> {
+    listed.into_iter().map(String::as_str).collect()
+}
+
+/// A ListUsers request for a page of `parent`'s users.
+fn page(parent: &str, page_size: i32, page_token: &str) -> idv1::ListUsersRequest {
+    idv1::ListUsersRequest {
+        parent: parent.to_owned(),
+        page_size,
+        page_token: page_token.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// A user's fields for CreateUser.
+fn user(email: &str, role: &str) -> idv1::User {
+    idv1::User {
+        email: email.to_owned(),
+        role: role.to_owned(),
+        ..Default::default()
+    }
+}
 
 #[tokio::test]
 async fn a_key_sees_its_own_account_and_nothing_of_another() {
@@ -25,101 +53,29 @@ async fn a_key_sees_its_own_account_and_nothing_of_another() {
     create_user(&admin, "globex", "bob", "admin").await;
 
     let ch = mesh.channel(Some(&key.key)).await;
-    let own = accounts(&ch)
-        .get_account(idv1::GetAccountRequest {
-            name: "accounts/acme".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let own = get_account(&ch, "accounts/acme").await.unwrap();
     assert_eq!(own.name, "accounts/acme");
     // The bare ID works too.
-    accounts(&ch)
-        .get_account(idv1::GetAccountRequest {
-            name: "acme".into(),
-        })
-        .await
-        .unwrap();
-    let listed = users(&ch)
-        .list_users(idv1::ListUsersRequest {
-            parent: "accounts/acme".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        listed
-            .users
-            .iter()
-            .map(|u| u.name.as_str())
-            .collect::<Vec<_>>(),
-        ["accounts/acme/users/alice"]
-    );
-    let mine = users(&ch)
-        .get_user(idv1::GetUserRequest {
-            name: "accounts/acme/users/alice".into(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(mine.into_inner().email, "alice@acme.example");
+    get_account(&ch, "acme").await.unwrap();
+    let listed = list_users(&ch, page("accounts/acme", 0, "")).await.unwrap();
+    let listed = listed.users.iter().map(|u| &u.name);
+    assert_eq!(names(listed), ["accounts/acme/users/alice"]);
+    let mine = get_user(&ch, "accounts/acme/users/alice").await.unwrap();
+    assert_eq!(mine.email, "alice@acme.example");
 
     // Another account's resources do not exist for this key, whatever the call.
-    let not_found = |r: Result<_, tonic::Status>| {
-        let status = r.expect_err("must fail");
-        assert_eq!(status.code(), Code::NotFound, "{status:?}");
-    };
-    not_found(
-        accounts(&ch)
-            .get_account(idv1::GetAccountRequest {
-                name: "accounts/globex".into(),
-            })
-            .await
-            .map(|_| ()),
+    let bob = "accounts/globex/users/bob";
+    let not_found = Code::NotFound;
+    expect_code(get_account(&ch, "accounts/globex").await, not_found);
+    expect_code(get_user(&ch, bob).await, not_found);
+    expect_code(
+        list_users(&ch, page("accounts/globex", 0, "")).await,
+        not_found,
     );
-    not_found(
-        users(&ch)
-            .get_user(idv1::GetUserRequest {
-                name: "accounts/globex/users/bob".into(),
-            })
-            .await
-            .map(|_| ()),
-    );
-    not_found(
-        users(&ch)
-            .list_users(idv1::ListUsersRequest {
-                parent: "accounts/globex".into(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ()),
-    );
-    not_found(
-        kiln_tests::keys(&ch)
-            .list_api_keys(idv1::ListApiKeysRequest {
-                parent: "accounts/globex/users/bob".into(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ()),
-    );
-    not_found(
-        users(&ch)
-            .delete_user(idv1::DeleteUserRequest {
-                name: "accounts/globex/users/bob".into(),
-            })
-            .await
-            .map(|_| ()),
-    );
+    expect_code(list_keys(&ch, bob).await, not_found);
+    expect_code(delete_user(&ch, bob).await, not_found);
     // Same answer for an account that does not exist at all: existence never leaks.
-    not_found(
-        accounts(&ch)
-            .get_account(idv1::GetAccountRequest {
-                name: "accounts/nope".into(),
-            })
-            .await
-            .map(|_| ()),
-    );
+    expect_code(get_account(&ch, "accounts/nope").await, not_found);
 
     // Listing accounts shows only its own.
     let all = accounts(&ch)
@@ -127,40 +83,21 @@ async fn a_key_sees_its_own_account_and_nothing_of_another() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        all.accounts
-            .iter()
-            .map(|a| a.name.as_str())
-            .collect::<Vec<_>>(),
-        ["accounts/acme"]
-    );
+    let all = all.accounts.iter().map(|a| &a.name);
+    assert_eq!(names(all), ["accounts/acme"]);
 
     // A plain user may not add users or create accounts.
-    let denied = users(&ch)
-        .create_user(idv1::CreateUserRequest {
-            parent: "accounts/acme".into(),
-            user_id: "eve".into(),
-            user: Some(idv1::User {
-                email: "eve@acme.example".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied);
-    let denied = accounts(&ch)
-        .create_account(idv1::CreateAccountRequest {
-            account_id: "mine".into(),
-            account: None,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied);
+    let eve = try_create_user(&ch, "acme", "eve", user("eve@acme.example", "")).await;
+    expect_code(eve, Code::PermissionDenied);
+    let mine = try_create_account(&ch, "mine", None).await;
+    expect_code(mine, Code::PermissionDenied);
     mesh.shutdown().await;
 }
 
-fn assert_invalid(status: tonic::Status, field: &str) {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+/// The call failed with INVALID_ARGUMENT naming `field`, in its message and its details.
+#[track_caller]
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, field: &str) {
+    let status = expect_code(result, Code::InvalidArgument);
     assert!(
         status.message().starts_with(&format!("{field}:")),
         "message names {field}: {}",
@@ -180,6 +117,10 @@ async fn bad_ids_are_invalid_argument_naming_the_field_and_duplicates_already_ex
     let mesh = TestMesh::start().await;
     let admin = mesh.admin().await;
     let long = "a".repeat(64);
+    let enterprise = idv1::Account {
+        account_type: idv1::account::AccountType::Enterprise as i32,
+        ..Default::default()
+    };
     for bad in [
         "Acme",
         "-acme",
@@ -188,115 +129,37 @@ async fn bad_ids_are_invalid_argument_naming_the_field_and_duplicates_already_ex
         "ümlaut",
         "a_b",
         "a.b",
+        "",
     ] {
-        let status = accounts(&admin)
-            .create_account(idv1::CreateAccountRequest {
-                account_id: bad.to_owned(),
-                account: Some(idv1::Account {
-                    account_type: idv1::account::AccountType::Enterprise as i32,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap_err();
-        assert_invalid(status, "account_id");
+        let created = try_create_account(&admin, bad, Some(enterprise.clone())).await;
+        assert_invalid(created, "account_id");
     }
-    let empty = accounts(&admin)
-        .create_account(idv1::CreateAccountRequest {
-            account_id: String::new(),
-            account: Some(idv1::Account {
-                account_type: idv1::account::AccountType::Enterprise as i32,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_invalid(empty, "account_id");
     // 63 characters is the longest valid ID.
     create_account(&admin, &"a".repeat(63)).await;
 
     create_account(&admin, "acme").await;
-    let dup = accounts(&admin)
-        .create_account(idv1::CreateAccountRequest {
-            account_id: "acme".into(),
-            account: None,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(dup.code(), Code::AlreadyExists, "{dup:?}");
+    let dup = try_create_account(&admin, "acme", None).await;
+    expect_code(dup, Code::AlreadyExists);
 
     for bad in ["Bob", "-bob", "bob-", long.as_str(), "", "bób"] {
-        let status = users(&admin)
-            .create_user(idv1::CreateUserRequest {
-                parent: "accounts/acme".into(),
-                user_id: bad.to_owned(),
-                user: Some(idv1::User {
-                    email: "bob@acme.example".into(),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap_err();
-        assert_invalid(status, "user_id");
+        let created = try_create_user(&admin, "acme", bad, user("bob@acme.example", "")).await;
+        assert_invalid(created, "user_id");
     }
-    let status = users(&admin)
-        .create_user(idv1::CreateUserRequest {
-            parent: "accounts/acme".into(),
-            user_id: "bob".into(),
-            user: Some(idv1::User {
-                email: "not-an-email".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_invalid(status, "user.email");
-    let status = users(&admin)
-        .create_user(idv1::CreateUserRequest {
-            parent: "accounts/acme".into(),
-            user_id: "bob".into(),
-            user: Some(idv1::User {
-                email: "bob@acme.example".into(),
-                role: "owner".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_invalid(status, "user.role");
-    let status = users(&admin)
-        .get_user(idv1::GetUserRequest {
-            name: "accounts/acme/people/bob".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_invalid(status, "name");
+    let not_an_email = user("not-an-email", "");
+    let created = try_create_user(&admin, "acme", "bob", not_an_email).await;
+    assert_invalid(created, "user.email");
+    let owner = user("bob@acme.example", "owner");
+    let created = try_create_user(&admin, "acme", "bob", owner).await;
+    assert_invalid(created, "user.role");
+    assert_invalid(get_user(&admin, "accounts/acme/people/bob").await, "name");
 
     create_user(&admin, "acme", "bob", "user").await;
-    let dup = users(&admin)
-        .create_user(idv1::CreateUserRequest {
-            parent: "accounts/acme".into(),
-            user_id: "bob".into(),
-            user: Some(idv1::User {
-                email: "other@acme.example".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(dup.code(), Code::AlreadyExists);
-    let dup_email = users(&admin)
-        .create_user(idv1::CreateUserRequest {
-            parent: "accounts/acme".into(),
-            user_id: "bobby".into(),
-            user: Some(idv1::User {
-                email: "bob@acme.example".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(dup_email.code(), Code::AlreadyExists);
+    let other_email = user("other@acme.example", "");
+    let dup = try_create_user(&admin, "acme", "bob", other_email).await;
+    expect_code(dup, Code::AlreadyExists);
+    let same_email = user("bob@acme.example", "");
+    let dup_email = try_create_user(&admin, "acme", "bobby", same_email).await;
+    expect_code(dup_email, Code::AlreadyExists);
     mesh.shutdown().await;
 }
 
@@ -307,17 +170,12 @@ async fn developer_accounts_get_unique_ids_from_the_email() {
     let create = |email: &'static str| {
         let admin = admin.clone();
         async move {
-            accounts(&admin)
-                .create_account(idv1::CreateAccountRequest {
-                    account_id: String::new(),
-                    account: Some(idv1::Account {
-                        email: email.into(),
-                        ..Default::default()
-                    }),
-                })
-                .await
-                .unwrap()
-                .into_inner()
+            let email = email.into();
+            let account = idv1::Account {
+                email,
+                ..Default::default()
+            };
+            try_create_account(&admin, "", Some(account)).await.unwrap()
         }
     };
     let first = create("Jane.Doe@Example.com").await;
@@ -328,13 +186,7 @@ async fn developer_accounts_get_unique_ids_from_the_email() {
     );
     let second = create("jane.doe@example.com").await;
     assert_eq!(second.name, "accounts/jane-doe-example-com-2");
-    let missing = accounts(&admin)
-        .create_account(idv1::CreateAccountRequest {
-            account_id: String::new(),
-            account: None,
-        })
-        .await
-        .unwrap_err();
+    let missing = try_create_account(&admin, "", None).await;
     assert_invalid(missing, "account.email");
     mesh.shutdown().await;
 }
@@ -353,16 +205,9 @@ async fn listing_250_users_in_pages_of_100_returns_each_once() {
     let mut token = String::new();
     let mut pages = 0;
     loop {
-        let page = users(&admin)
-            .list_users(idv1::ListUsersRequest {
-                parent: "accounts/big".into(),
-                page_size: 100,
-                page_token: token.clone(),
-                ..Default::default()
-            })
+        let page = list_users(&admin, page("accounts/big", 100, &token))
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         pages += 1;
         assert_eq!(page.total_size, 250);
         assert!(page.users.len() <= 100);
@@ -377,70 +222,33 @@ async fn listing_250_users_in_pages_of_100_returns_each_once() {
     assert_eq!(seen.iter().cloned().collect::<HashSet<_>>(), expected);
 
     // Ordering and filtering.
-    let desc = users(&admin)
-        .list_users(idv1::ListUsersRequest {
-            parent: "accounts/big".into(),
-            page_size: 1,
-            order_by: "name desc".into(),
-            ..Default::default()
-        })
+    let listing = |page_size: i32, order_by: &str, filter: &str| idv1::ListUsersRequest {
+        order_by: order_by.to_owned(),
+        filter: filter.to_owned(),
+        ..page("accounts/big", page_size, "")
+    };
+    let desc = list_users(&admin, listing(1, "name desc", ""))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(desc.users[0].name, "accounts/big/users/user-249");
-    let filtered = users(&admin)
-        .list_users(idv1::ListUsersRequest {
-            parent: "accounts/big".into(),
-            filter: r#"email = "user-007@big.example""#.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let by_email = listing(0, "", r#"email = "user-007@big.example""#);
+    let filtered = list_users(&admin, by_email).await.unwrap();
     assert_eq!(filtered.users.len(), 1);
-    let bad_filter = users(&admin)
-        .list_users(idv1::ListUsersRequest {
-            parent: "accounts/big".into(),
-            filter: "password = x".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let bad_filter = list_users(&admin, listing(0, "", "password = x")).await;
     assert_invalid(bad_filter, "filter");
 
     // A tampered token is refused, and so is a token carried to another listing.
-    let first = users(&admin)
-        .list_users(idv1::ListUsersRequest {
-            parent: "accounts/big".into(),
-            page_size: 100,
-            ..Default::default()
-        })
+    let first = list_users(&admin, page("accounts/big", 100, ""))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let mut tampered = first.next_page_token.clone().into_bytes();
     tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
-    let status = users(&admin)
-        .list_users(idv1::ListUsersRequest {
-            parent: "accounts/big".into(),
-            page_size: 100,
-            page_token: String::from_utf8(tampered).unwrap(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_invalid(status, "page_token");
+    let tampered = String::from_utf8(tampered).unwrap();
+    let refused = list_users(&admin, page("accounts/big", 100, &tampered)).await;
+    assert_invalid(refused, "page_token");
     create_account(&admin, "small").await;
-    let status = users(&admin)
-        .list_users(idv1::ListUsersRequest {
-            parent: "accounts/small".into(),
-            page_size: 100,
-            page_token: first.next_page_token,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_invalid(status, "page_token");
+    let carried = page("accounts/small", 100, &first.next_page_token);
+    assert_invalid(list_users(&admin, carried).await, "page_token");
     mesh.shutdown().await;
 }
 
@@ -448,58 +256,40 @@ async fn listing_250_users_in_pages_of_100_returns_each_once() {
 async fn updates_follow_the_mask_and_roles() {
     let mesh = TestMesh::start().await;
     let admin = mesh.admin().await;
-    let owner_key = tenant(&admin, "acme").await;
-    let owner = mesh.channel(Some(&owner_key)).await;
+    let owner = mesh.tenant_channel("acme").await;
     // The account admin adds a plain user and gives them a key.
-    create_user(&owner, "acme", "carol", "user").await;
-    let carol_key = create_key(&owner, "acme", "carol", None).await.key;
+    let carol_key = user_with_key(&owner, "acme", "carol", "user").await.key;
     let carol = mesh.channel(Some(&carol_key)).await;
+    let acme = |account: idv1::Account| idv1::Account {
+        name: "accounts/acme".into(),
+        ..account
+    };
+    let carol_as = |user: idv1::User| idv1::User {
+        name: "accounts/acme/users/carol".into(),
+        ..user
+    };
 
-    let updated = accounts(&owner)
-        .update_account(idv1::UpdateAccountRequest {
-            account: Some(idv1::Account {
-                name: "accounts/acme".into(),
-                display_name: "ACME Corp".into(),
-                email: "ignored@x.io".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["display_name".into()],
-            }),
-        })
+    let renamed = acme(idv1::Account {
+        display_name: "ACME Corp".into(),
+        email: "ignored@x.io".into(),
+        ..Default::default()
+    });
+    let updated = update_account(&owner, renamed, &["display_name"])
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(updated.display_name, "ACME Corp");
     assert_eq!(
         updated.email, "owner@acme.example",
         "fields outside the mask are kept"
     );
 
-    let status = accounts(&owner)
-        .update_account(idv1::UpdateAccountRequest {
-            account: Some(idv1::Account {
-                name: "accounts/acme".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["create_time".into()],
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_invalid(status, "update_mask");
-    let status = accounts(&owner)
-        .update_account(idv1::UpdateAccountRequest {
-            account: Some(idv1::Account {
-                name: "accounts/acme".into(),
-                suspend_state: idv1::account::SuspendState::Unsuspended as i32,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["suspend_state".into()],
-            }),
-        })
+    let create_time = update_account(&owner, acme(Default::default()), &["create_time"]).await;
+    assert_invalid(create_time, "update_mask");
+    let unsuspended = acme(idv1::Account {
+        suspend_state: idv1::account::SuspendState::Unsuspended as i32,
+        ..Default::default()
+    });
+    let status = update_account(&owner, unsuspended, &["suspend_state"])
         .await
         .unwrap_err();
     assert_eq!(
@@ -509,76 +299,35 @@ async fn updates_follow_the_mask_and_roles() {
     );
 
     // Carol may rename herself but not promote herself.
-    let renamed = users(&carol)
-        .update_user(idv1::UpdateUserRequest {
-            user: Some(idv1::User {
-                name: "accounts/acme/users/carol".into(),
-                display_name: "Carol".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["display_name".into()],
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(renamed.display_name, "Carol");
-    let status = users(&carol)
-        .update_user(idv1::UpdateUserRequest {
-            user: Some(idv1::User {
-                name: "accounts/acme/users/carol".into(),
-                role: "admin".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["role".into()],
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
-
-    // The platform admin suspends the account; the owner's key then reports it.
-    let suspended = accounts(&admin)
-        .update_account(idv1::UpdateAccountRequest {
-            account: Some(idv1::Account {
-                name: "accounts/acme".into(),
-                suspend_state: idv1::account::SuspendState::MonthlySpendLimitExceeded as i32,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["suspend_state".into()],
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        suspended.suspend_state,
-        idv1::account::SuspendState::MonthlySpendLimitExceeded as i32
-    );
-
-    // Deleting the account removes its users and keys.
-    accounts(&admin)
-        .delete_account(idv1::DeleteAccountRequest {
-            name: "accounts/acme".into(),
-        })
+    let display_name = "Carol".into();
+    let carol_renamed = carol_as(idv1::User {
+        display_name,
+        ..Default::default()
+    });
+    let renamed = update_user(&carol, carol_renamed, &["display_name"])
         .await
         .unwrap();
-    let status = accounts(&carol)
-        .get_account(idv1::GetAccountRequest {
-            name: "accounts/acme".into(),
-        })
+    assert_eq!(renamed.display_name, "Carol");
+    let promoted = carol_as(user("", "admin"));
+    let status = update_user(&carol, promoted, &["role"]).await;
+    expect_code(status, Code::PermissionDenied);
+
+    // The platform admin suspends the account; the owner's key then reports it.
+    let over_limit = idv1::account::SuspendState::MonthlySpendLimitExceeded as i32;
+    let suspend = acme(idv1::Account {
+        suspend_state: over_limit,
+        ..Default::default()
+    });
+    let suspended = update_account(&admin, suspend, &["suspend_state"])
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated);
-    let status = accounts(&admin)
-        .delete_account(idv1::DeleteAccountRequest {
-            name: "accounts/kiln".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
+        .unwrap();
+    assert_eq!(suspended.suspend_state, over_limit);
+
+    // Deleting the account removes its users and keys.
+    delete_account(&admin, "accounts/acme").await.unwrap();
+    let status = get_account(&carol, "accounts/acme").await;
+    expect_code(status, Code::Unauthenticated);
+    let status = delete_account(&admin, "accounts/kiln").await;
+    expect_code(status, Code::FailedPrecondition);
     mesh.shutdown().await;
 }

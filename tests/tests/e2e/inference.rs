@@ -1,18 +1,19 @@
 //! The inference engine on the real embedding model: both backends against reference
-//! vectors made independently, batching, the gRPC API with usage events, errors, and the Open
-//! Inference Protocol through an independent client (tritonclient).
+//! vectors made independently, batching, the gRPC API with usage events, errors, the Open
+//! Inference Protocol through an independent client (tritonclient), and a node on its own.
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use kiln_core::auth::Principal;
 use kiln_inference::config::Batching;
 use kiln_inference::embeddings;
 use kiln_inference::engine::Engine;
+use kiln_inference::tensor::TensorData;
+use kiln_proto::inference as oipv2;
 use kiln_proto::kiln_inference::v1 as infv1;
+use kiln_tests::events::next_usage;
 use kiln_tests::inference::*;
-use kiln_tests::registry as reg;
-use kiln_tests::{TestMesh, wait_for};
+use kiln_tests::{TestMesh, expect_code};
 use tonic::Code;
 
 async fn embed_local(engine: &Engine, texts: &[String]) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
@@ -118,11 +119,7 @@ async fn batched_answers_equal_unbatched_ones_and_a_burst_of_64_succeeds() {
     for task in tasks {
         let (i, got) = task.await.expect("request succeeds");
         let want = &want[i % reference.sentences.len()];
-        let diff = got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = max_abs_diff(&got, want);
         assert!(diff < 1e-4, "request {i}: batched answer differs by {diff}");
     }
     let (passes, jobs) = model.runner().unwrap().stats().get();
@@ -172,40 +169,20 @@ async fn mesh_with_minilm() -> (TestMesh, tempfile::TempDir) {
     (mesh, assets)
 }
 
-async fn embed(
-    ch: &kiln_tests::AuthedChannel,
-    model: &str,
-    input: &[String],
-) -> Result<infv1::CreateEmbeddingsResponse, tonic::Status> {
-    client(ch)
-        .create_embeddings(infv1::CreateEmbeddingsRequest {
-            model: model.to_owned(),
-            input: input.to_vec(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner())
+/// Waits until the library's MiniLM answers (it is imported and served in the background).
+async fn minilm_served(ch: &kiln_tests::AuthedChannel) {
+    first_embeddings(ch, MINILM, &["x".to_owned()], Duration::from_secs(60)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_over_grpc_match_the_reference_and_record_usage() {
     let (mesh, _assets) = mesh_with_minilm().await;
-    let admin = mesh.admin().await;
-    let key = kiln_tests::tenant(&admin, "acme").await;
-    let acme = mesh.channel(Some(&key)).await;
-    let mut usage_events = mesh
-        .bus
-        .subscribe("kiln.inference.usage.recorded")
-        .await
-        .expect("subscribe");
+    let acme = mesh.tenant_channel("acme").await;
+    let mut usage_events = mesh.subscribe("kiln.inference.usage.recorded").await;
     let reference = reference();
     // The library import runs in the background; the model answers once it is READY.
-    let answer = wait_for(
-        Duration::from_secs(60),
-        "the public MiniLM to answer",
-        || async { embed(&acme, MINILM, &reference.sentences).await.ok() },
-    )
-    .await;
+    let timeout = Duration::from_secs(60);
+    let answer = first_embeddings(&acme, MINILM, &reference.sentences, timeout).await;
     assert_eq!(answer.object, "list");
     assert_eq!(answer.model, MINILM);
     assert_eq!(answer.data.len(), reference.sentences.len());
@@ -222,18 +199,7 @@ async fn embeddings_over_grpc_match_the_reference_and_record_usage() {
     assert_eq!(usage.completion_tokens, 0);
 
     // The usage event of that answer says the same, for acme's key.
-    let event = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let event = usage_events.next().await.expect("event");
-            if let Some(kiln_events::Body::UsageRecorded(u)) = &event.body
-                && u.account == "accounts/acme"
-            {
-                return u.clone();
-            }
-        }
-    })
-    .await
-    .expect("a usage event for acme");
+    let event = next_usage(&mut usage_events, "accounts/acme").await;
     assert_eq!(event.model, MINILM);
     assert_eq!(event.api, "embeddings");
     assert_eq!(event.prompt_tokens as usize, tokens);
@@ -262,76 +228,55 @@ async fn embeddings_over_grpc_match_the_reference_and_record_usage() {
     mesh.shutdown().await;
 }
 
+/// The call failed with INVALID_ARGUMENT, its message beginning with `field:`.
+#[track_caller]
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, field: &str) {
+    let err = expect_code(result, Code::InvalidArgument);
+    let prefix = format!("{field}:");
+    assert!(err.message().starts_with(&prefix), "{}", err.message());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedding_errors_name_the_field_and_private_models_stay_private() {
     let (mesh, _assets) = mesh_with_minilm().await;
-    let admin = mesh.admin().await;
-    let acme = mesh
-        .channel(Some(&kiln_tests::tenant(&admin, "acme").await))
-        .await;
-    let globex = mesh
-        .channel(Some(&kiln_tests::tenant(&admin, "globex").await))
-        .await;
+    let acme = mesh.tenant_channel("acme").await;
+    let globex = mesh.tenant_channel("globex").await;
 
     // acme uploads its own copy of the model: private to acme, served from the registry's
     // files through the node's download cache.
-    let private = reg::create_model(
-        &acme,
-        "acme",
-        "my-embedder",
-        kiln_proto::registry::v1::model::Kind::EmbeddingModel,
-        None,
-    )
-    .await
-    .unwrap();
-    for file in ["model.onnx", "tokenizer.json"] {
-        reg::upload_path(&acme, &private.name, file, &minilm_dir().join(file)).await;
-    }
-    assert!(reg::validate(&acme, &private.name).await.valid);
-    kiln_tests::deployments::deploy(&acme, &private.name).await;
+    let private = private_minilm(&acme, "acme", "my-embedder").await;
+    kiln_tests::deployments::deploy(&acme, &private).await;
     let text = vec!["A man is playing a guitar.".to_string()];
-    let mine = embed(&acme, &private.name, &text)
+    let mine = embed(&acme, &private, &text)
         .await
         .expect("the owner embeds");
     assert_eq!(mine.data[0].embedding.len(), 384);
-    let err = embed(&globex, &private.name, &text).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert!(err.message().contains(&private.name), "{}", err.message());
+    let err = expect_code(embed(&globex, &private, &text).await, Code::NotFound);
+    assert!(err.message().contains(&private), "{}", err.message());
 
-    let err = embed(&acme, "accounts/kiln/models/no-such-model", &text)
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    let err = embed(&acme, &private.name, &[]).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("input:"), "{}", err.message());
-    let err = embed(&acme, "not a model name", &text).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("model:"), "{}", err.message());
+    let unknown = embed(&acme, "accounts/kiln/models/no-such-model", &text).await;
+    expect_code(unknown, Code::NotFound);
+    assert_invalid(embed(&acme, &private, &[]).await, "input");
+    assert_invalid(embed(&acme, "not a model name", &text).await, "model");
 
     // Over-long input: refused naming it, or cut when asked.
     let long = vec!["short".to_string(), "word ".repeat(600)];
-    let err = embed(&acme, &private.name, &long).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("input[1]:"), "{}", err.message());
+    assert_invalid(embed(&acme, &private, &long).await, "input[1]");
+    let request = |input, truncate, dimensions| infv1::CreateEmbeddingsRequest {
+        model: private.clone(),
+        input,
+        truncate,
+        dimensions,
+        ..Default::default()
+    };
     let cut = client(&acme)
-        .create_embeddings(infv1::CreateEmbeddingsRequest {
-            model: private.name.clone(),
-            input: long,
-            truncate: true,
-            ..Default::default()
-        })
+        .create_embeddings(request(long, true, None))
         .await
         .expect("truncated")
         .into_inner();
     assert_eq!(cut.usage.unwrap().prompt_tokens, 3 + 512);
     let err = client(&acme)
-        .create_embeddings(infv1::CreateEmbeddingsRequest {
-            model: private.name.clone(),
-            input: text.clone(),
-            dimensions: Some(1000),
-            ..Default::default()
-        })
+        .create_embeddings(request(text.clone(), false, Some(1000)))
         .await
         .unwrap_err();
     assert!(
@@ -341,19 +286,10 @@ async fn embedding_errors_name_the_field_and_private_models_stay_private() {
     );
 
     // An embedding model is not a chat model.
-    let err = client(&acme)
-        .create_chat_completion(infv1::CreateChatCompletionRequest {
-            model: private.name.clone(),
-            messages: vec![infv1::ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-                name: String::new(),
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let mut chat = kiln_tests::llm::chat_request("hi", 0);
+    (chat.model, chat.max_tokens, chat.temperature) = (private.clone(), None, None);
+    let err = client(&acme).create_chat_completion(chat).await;
+    let err = expect_code(err, Code::InvalidArgument);
     assert!(
         err.message().contains("embedding model"),
         "{}",
@@ -362,31 +298,13 @@ async fn embedding_errors_name_the_field_and_private_models_stay_private() {
     mesh.shutdown().await;
 }
 
-/// The 16-token sentence of the reference set.
-fn sixteen_tokens(reference: &Reference) -> (usize, Vec<u32>) {
-    reference
-        .token_ids
-        .iter()
-        .enumerate()
-        .find(|(_, ids)| ids.len() == 16)
-        .map(|(i, ids)| (i, ids.clone()))
-        .expect("a 16-token sentence")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oip_model_infer_through_tritonclient_equals_a_direct_backend_call() {
     let (mesh, _assets) = mesh_with_minilm().await;
-    let admin = mesh.admin().await;
-    let key = kiln_tests::tenant(&admin, "acme").await;
-    let acme = mesh.channel(Some(&key)).await;
+    let (key, acme) = mesh.tenant("acme").await;
+    minilm_served(&acme).await;
     let reference = reference();
-    wait_for(
-        Duration::from_secs(60),
-        "the public MiniLM to be served",
-        || async { embed(&acme, MINILM, &reference.sentences[..1]).await.ok() },
-    )
-    .await;
-    let (_, ids) = sixteen_tokens(&reference);
+    let ids = reference.sixteen_tokens().1.to_vec();
     let answer = tokio::task::spawn_blocking({
         let (addr, key, ids) = (mesh.addr, key.clone(), ids.clone());
         move || run_oip_client(addr, &key, &ids, false)
@@ -416,34 +334,13 @@ async fn oip_model_infer_through_tritonclient_equals_a_direct_backend_call() {
         .collect();
 
     // The same tensor from the backend called directly, in this process.
-    let backends = kiln_inference::backend::Backends::standard(Some(&ort_library()));
-    let mut session = backends
-        .get("onnxruntime")
-        .unwrap()
-        .load(&minilm_dir().join("model.onnx"), &Default::default())
-        .unwrap();
-    use kiln_inference::tensor::{Tensor, TensorData};
-    let n = ids.len();
-    let t = |v: Vec<i64>| Tensor::new(vec![1, n], TensorData::I64(v)).unwrap();
-    let direct = session
-        .run(vec![
-            (
-                "input_ids".into(),
-                t(ids.iter().map(|&x| i64::from(x)).collect()),
-            ),
-            ("attention_mask".into(), t(vec![1; n])),
-            ("token_type_ids".into(), t(vec![0; n])),
-        ])
-        .unwrap();
+    let mut session = load_session("onnxruntime", &minilm_dir().join("model.onnx"), 0);
+    let direct = session.run(minilm_inputs(&ids)).unwrap();
     let TensorData::F32(want) = &direct[0].data else {
         panic!("FP32 output")
     };
     assert_eq!(got.len(), want.len());
-    let diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff(&got, want);
     assert!(
         diff < 1e-5,
         "ModelInfer differs from the direct call by {diff}"
@@ -471,48 +368,22 @@ fn run_oip_client(
     ids: &[u32],
     bad_input: bool,
 ) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/oip_client.py");
     let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(script)
-        .args([
-            "--url",
-            &addr.to_string(),
-            "--model",
-            MINILM,
-            "--api-key",
-            key,
-        ])
-        .args(["--token-ids", &ids.join(",")]);
-    if bad_input {
-        cmd.arg("--bad-input");
-    }
-    let out = cmd
-        .output()
-        .expect("python3 runs (tests/python/requirements.txt installed)");
-    assert!(
-        out.status.success(),
-        "oip_client.py failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
+    kiln_tests::python::Script::new("oip_client.py")
+        .arg("--url", addr)
+        .arg("--model", MINILM)
+        .arg("--api-key", key)
+        .arg("--token-ids", ids.join(","))
+        .switch("--bad-input", bad_input)
+        .run()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oip_errors_over_grpc() {
     let (mesh, _assets) = mesh_with_minilm().await;
-    let admin = mesh.admin().await;
-    let acme = mesh
-        .channel(Some(&kiln_tests::tenant(&admin, "acme").await))
-        .await;
-    wait_for(
-        Duration::from_secs(60),
-        "the public MiniLM to be served",
-        || async { embed(&acme, MINILM, &["x".to_string()]).await.ok() },
-    )
-    .await;
-    use kiln_proto::inference as oipv2;
+    let acme = mesh.tenant_channel("acme").await;
+    minilm_served(&acme).await;
     let tensor = |name: &str, datatype: &str, shape: Vec<i64>, ints: Vec<i64>| {
         oipv2::model_infer_request::InferInputTensor {
             name: name.into(),
@@ -525,10 +396,19 @@ async fn oip_errors_over_grpc() {
             ..Default::default()
         }
     };
-    let request = |inputs| oipv2::ModelInferRequest {
-        model_name: MINILM.into(),
-        inputs,
-        ..Default::default()
+    let infer = |model: &str, inputs| {
+        let request = oipv2::ModelInferRequest {
+            model_name: model.into(),
+            inputs,
+            ..Default::default()
+        };
+        let acme = acme.clone();
+        async move {
+            oip(&acme)
+                .model_infer(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
     };
     let good = vec![
         tensor("input_ids", "INT64", vec![1, 3], vec![101, 7592, 102]),
@@ -536,65 +416,34 @@ async fn oip_errors_over_grpc() {
         tensor("token_type_ids", "INT64", vec![1, 3], vec![0, 0, 0]),
     ];
     // Typed contents in, raw little-endian out.
-    let ok = oip(&acme)
-        .model_infer(request(good.clone()))
-        .await
-        .unwrap()
-        .into_inner();
+    let ok = infer(MINILM, good.clone()).await.unwrap();
     assert_eq!(ok.outputs[0].shape, vec![1, 3, 384]);
     assert_eq!(ok.raw_output_contents[0].len(), 3 * 384 * 4);
 
+    // A malformed request is INVALID_ARGUMENT naming the input.
     let mut wrong_shape = good.clone();
     wrong_shape[1] = tensor("attention_mask", "INT64", vec![1, 3], vec![1, 1]);
-    let err = oip(&acme)
-        .model_infer(request(wrong_shape))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("attention_mask"),
-        "{}",
-        err.message()
-    );
-
     let mut missing = good.clone();
     missing.pop();
-    let err = oip(&acme).model_infer(request(missing)).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("token_type_ids"),
-        "{}",
-        err.message()
-    );
+    for (inputs, named) in [(wrong_shape, "attention_mask"), (missing, "token_type_ids")] {
+        let err = expect_code(infer(MINILM, inputs).await, Code::InvalidArgument);
+        assert!(err.message().contains(named), "{}", err.message());
+    }
 
     // A token id beyond the vocabulary fails inside the backend: INTERNAL with its message,
     // and the model keeps serving.
     let mut out_of_vocabulary = good.clone();
     out_of_vocabulary[0] = tensor("input_ids", "INT64", vec![1, 3], vec![101, 999_999, 102]);
-    let err = oip(&acme)
-        .model_infer(request(out_of_vocabulary))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    let err = expect_code(infer(MINILM, out_of_vocabulary).await, Code::Internal);
     assert!(
         err.message().starts_with("onnxruntime: "),
         "{}",
         err.message()
     );
-    oip(&acme)
-        .model_infer(request(good.clone()))
-        .await
-        .expect("still serving");
+    infer(MINILM, good.clone()).await.expect("still serving");
 
-    let err = oip(&acme)
-        .model_infer(oipv2::ModelInferRequest {
-            model_name: "accounts/kiln/models/nope".into(),
-            inputs: good,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    let nope = "accounts/kiln/models/nope";
+    expect_code(infer(nope, good).await, Code::NotFound);
     let ready = oip(&acme)
         .model_ready(oipv2::ModelReadyRequest {
             name: "accounts/kiln/models/nope".into(),
@@ -612,16 +461,9 @@ async fn oip_errors_over_grpc() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_inference_node_reads_models_from_the_registry_over_grpc() {
     let (mesh, _assets) = mesh_with_minilm().await;
-    let admin = mesh.admin().await;
-    let key = kiln_tests::tenant(&admin, "acme").await;
+    let (key, acme_on_mesh) = mesh.tenant("acme").await;
     // The library is imported before the node is asked.
-    let acme_on_mesh = mesh.channel(Some(&key)).await;
-    wait_for(
-        Duration::from_secs(60),
-        "the public MiniLM to be imported",
-        || async { embed(&acme_on_mesh, MINILM, &["x".to_string()]).await.ok() },
-    )
-    .await;
+    minilm_served(&acme_on_mesh).await;
 
     let data = tempfile::tempdir().unwrap();
     let server = kiln_core::config::ServerConfig {
@@ -664,20 +506,12 @@ async fn a_lone_inference_node_reads_models_from_the_registry_over_grpc() {
         .collect();
     assert_eq!(cached.len(), 1, "one cached bundle");
     // Another account's private model stays invisible, and a bad key is refused.
-    let err = embed(
-        &node,
-        "accounts/globex/models/secret",
-        &reference.sentences[..1],
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    let one = &reference.sentences[..1];
+    let secret = embed(&node, "accounts/globex/models/secret", one).await;
+    expect_code(secret, Code::NotFound);
     let stranger =
         kiln_tests::channel_to(&format!("http://{}", running.addr), Some("kiln_not-a-key")).await;
-    let err = embed(&stranger, MINILM, &reference.sentences[..1])
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated);
+    expect_code(embed(&stranger, MINILM, one).await, Code::Unauthenticated);
     running.shutdown().await.unwrap();
     mesh.shutdown().await;
 }

@@ -6,78 +6,41 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use kiln_inference::backend::{Backends, LoadOptions};
-use kiln_inference::tensor::{Tensor, TensorData};
 use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_tests::inference::{client, ort_library};
+use kiln_tests::events::next_event;
+use kiln_tests::inference::{client, load_session};
 use kiln_tests::llm::*;
-use kiln_tests::{TestMesh, wait_for};
+use kiln_tests::registry::get_model;
+use kiln_tests::{TestMesh, expect_code, wait_for};
 use tonic::Code;
 
 /// Teacher-forced next-token predictions of every reference prompt, all prompts in one
 /// right-padded batch (the graph masks the padding).
 fn predictions(backend: &str, blocks: bool, reference: &Reference) -> Vec<Vec<u32>> {
-    let backends = Backends::standard(Some(&ort_library()));
-    let mut session = backends
-        .get(backend)
-        .unwrap()
-        .load(
-            &bundle(blocks).join("model.onnx"),
-            &LoadOptions {
-                intra_op_threads: 2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let batch = reference.prompts.len();
-    let width = reference
+    let mut session = load_session(backend, &bundle(blocks).join("model.onnx"), 2);
+    let prompts: Vec<&[u32]> = reference
         .prompts
         .iter()
-        .map(|p| p.tokens.len())
-        .max()
-        .unwrap();
+        .map(|p| &p.tokenized.tokens[..])
+        .collect();
+    let batch = prompts.len();
+    let width = prompts.iter().map(|p| p.len()).max().unwrap();
     let mut ids = Vec::new();
     let mut mask = Vec::new();
     let mut positions = Vec::new();
-    for p in &reference.prompts {
+    for p in &prompts {
         for i in 0..width {
-            ids.push(p.tokens.get(i).map_or(0, |&t| i64::from(t)));
-            mask.push(i64::from(i < p.tokens.len()));
+            ids.push(p.get(i).map_or(0, |&t| i64::from(t)));
+            mask.push(i64::from(i < p.len()));
             positions.push(i as i64);
         }
     }
-    let t = |v: Vec<i64>| Tensor::new(vec![batch, width], TensorData::I64(v)).unwrap();
-    let mut inputs = vec![
-        ("input_ids".to_owned(), t(ids)),
-        ("attention_mask".to_owned(), t(mask)),
-        ("position_ids".to_owned(), t(positions)),
-    ];
-    for info in session.inputs().to_vec() {
-        if info.name.starts_with("past_key_values.") {
-            let shape = vec![batch, info.shape[1] as usize, 0, info.shape[3] as usize];
-            inputs.push((
-                info.name.clone(),
-                Tensor::new(shape, TensorData::F32(vec![])).unwrap(),
-            ));
-        }
-    }
-    let logits_at = session
-        .outputs()
-        .iter()
-        .position(|o| o.name == "logits")
-        .unwrap();
-    let outputs = session.run(inputs).unwrap();
-    let logits = &outputs[logits_at];
-    let vocab = logits.shape[2];
-    let TensorData::F32(values) = &logits.data else {
-        panic!("FP32 logits")
-    };
-    reference
-        .prompts
+    let (values, vocab) = decoder_logits(session.as_mut(), [batch, width], ids, mask, positions);
+    prompts
         .iter()
         .enumerate()
         .map(|(b, p)| {
-            (0..p.tokens.len())
+            (0..p.len())
                 .map(|i| {
                     let row = &values[(b * width + i) * vocab..(b * width + i + 1) * vocab];
                     kiln_inference::generation::sampling::argmax(row)
@@ -94,18 +57,10 @@ fn the_prepared_graph_predicts_like_llama_cpp_on_both_backends() {
     let tokenizer =
         kiln_inference::engine::load_tokenizer(&bundle(false).join("tokenizer.json")).unwrap();
     // The tokenizer built from the GGUF splits text as llama.cpp does.
-    for case in reference
-        .tokenization
-        .iter()
-        .map(|t| (&t.text, &t.tokens))
-        .chain(reference.prompts.iter().map(|p| (&p.text, &p.tokens)))
-    {
-        let ids = tokenizer
-            .encode(case.0.as_str(), false)
-            .unwrap()
-            .get_ids()
-            .to_vec();
-        assert_eq!(&ids, case.1, "tokens of {:?}", case.0);
+    let prompts = reference.prompts.iter().map(|p| &p.tokenized);
+    for case in reference.tokenization.iter().chain(prompts) {
+        let encoded = tokenizer.encode(case.text.as_str(), false).unwrap();
+        assert_eq!(encoded.get_ids(), case.tokens, "tokens of {:?}", case.text);
     }
     // float32 on both backends (95% at least), the 4-bit graph on ONNX Runtime (90%).
     for (backend, blocks, floor) in [
@@ -139,73 +94,9 @@ async fn mesh_with_smollm2(
 ) -> (TestMesh, tempfile::TempDir, kiln_tests::AuthedChannel) {
     let assets = smollm2_asset_dir();
     let mesh = kiln_tests::library_mesh(assets.path(), inference).await;
-    let admin = mesh.admin().await;
-    let key = kiln_tests::tenant(&admin, "acme").await;
-    let acme = mesh.channel(Some(&key)).await;
-    wait_for(
-        Duration::from_secs(300),
-        "SmolLM2 to be prepared and served",
-        || async { chat(&acme, "Hi", 1).await.ok() },
-    )
-    .await;
+    let acme = mesh.tenant_channel("acme").await;
+    first_chat(&acme, "Hi", 1, Duration::from_secs(300)).await;
     (mesh, assets, acme)
-}
-
-fn chat_request(question: &str, max_tokens: i32) -> infv1::CreateChatCompletionRequest {
-    infv1::CreateChatCompletionRequest {
-        model: SMOLLM2.into(),
-        messages: vec![infv1::ChatMessage {
-            role: "user".into(),
-            content: question.into(),
-            name: String::new(),
-        }],
-        max_tokens: Some(max_tokens),
-        temperature: Some(0.0),
-        ..Default::default()
-    }
-}
-
-async fn chat(
-    ch: &kiln_tests::AuthedChannel,
-    question: &str,
-    max_tokens: i32,
-) -> Result<infv1::ChatCompletion, tonic::Status> {
-    client(ch)
-        .create_chat_completion(chat_request(question, max_tokens))
-        .await
-        .map(|r| r.into_inner())
-}
-
-/// Concatenated deltas, the finish reason and the usage of a chat stream.
-async fn stream_chat(
-    ch: &kiln_tests::AuthedChannel,
-    request: infv1::CreateChatCompletionRequest,
-) -> (String, String, infv1::Usage, usize) {
-    let mut stream = client(ch)
-        .stream_chat_completion(request)
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut text, mut finish, mut usage, mut chunks) = (String::new(), String::new(), None, 0);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.unwrap();
-        chunks += 1;
-        for c in &chunk.choices {
-            text.push_str(&c.delta.as_ref().unwrap().content);
-            if !c.finish_reason.is_empty() {
-                finish = c.finish_reason.clone();
-            }
-        }
-        if chunk.usage.is_some() {
-            usage = chunk.usage;
-        }
-    }
-    (
-        text,
-        finish,
-        usage.expect("the last chunk carries usage"),
-        chunks,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,25 +106,17 @@ async fn chat_answers_stream_and_count_like_the_model() {
     // The library prepares both variants (INT4 first: what ONNX Runtime serves).
     use kiln_proto::common::v1::Precision;
     use kiln_proto::registry::v1::prepared_bundle::State;
+    let both = [Precision::Fp32 as i32, Precision::Int4 as i32];
     wait_for(
         Duration::from_secs(300),
         "both bundles to be READY",
         || async {
-            let model = kiln_tests::registry::models(&acme)
-                .get_model(kiln_proto::registry::v1::GetModelRequest {
-                    name: SMOLLM2.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let mut ready: Vec<i32> = model
-                .prepared_bundles
-                .iter()
-                .filter(|b| b.state == State::Ready as i32)
-                .map(|b| b.precision)
-                .collect();
+            let model = get_model(&acme, SMOLLM2).await.unwrap();
+            let bundles = model.prepared_bundles.iter();
+            let ready = bundles.filter(|b| b.state == State::Ready as i32);
+            let mut ready: Vec<i32> = ready.map(|b| b.precision).collect();
             ready.sort();
-            (ready == [Precision::Fp32 as i32, Precision::Int4 as i32]).then_some(())
+            (ready == both).then_some(())
         },
     )
     .await;
@@ -243,10 +126,7 @@ async fn chat_answers_stream_and_count_like_the_model() {
         .await
         .unwrap();
     let want = &reference.chat[0];
-    assert_eq!(
-        japan.choices[0].message.as_ref().unwrap().content,
-        want.answer
-    );
+    assert_eq!(answer_text(&japan), want.answer);
     assert_eq!(japan.choices[0].finish_reason, "stop");
     let usage = japan.usage.unwrap();
     assert_eq!(usage.prompt_tokens as usize, want.prompt_tokens.len());
@@ -260,17 +140,17 @@ async fn chat_answers_stream_and_count_like_the_model() {
         ("How many days are in a week?", "7"),
     ] {
         let answer = chat(&acme, question, 48).await.unwrap();
-        let text = &answer.choices[0].message.as_ref().unwrap().content;
+        let text = answer_text(&answer);
         assert!(text.contains(expected), "{question} -> {text:?}");
     }
 
     // The stream says the same in pieces, then the finish reason and usage.
-    let (text, finish, usage, chunks) =
-        stream_chat(&acme, chat_request("What is the capital of Japan?", 48)).await;
-    assert_eq!(text, want.answer);
-    assert_eq!(finish, "stop");
-    assert_eq!(usage.completion_tokens as usize, want.answer_tokens.len());
-    assert!(chunks > 3, "{chunks} chunks");
+    let streamed = stream_chat(&acme, chat_request("What is the capital of Japan?", 48)).await;
+    assert_eq!(streamed.text, want.answer);
+    assert_eq!(streamed.finish, "stop");
+    let completion_tokens = streamed.usage.completion_tokens as usize;
+    assert_eq!(completion_tokens, want.answer_tokens.len());
+    assert!(streamed.chunks > 3, "{} chunks", streamed.chunks);
 
     // max_tokens ends with "length"; a stop string cuts before it, even across tokens.
     let short = chat(&acme, "What is the capital of Japan?", 3)
@@ -280,15 +160,8 @@ async fn chat_answers_stream_and_count_like_the_model() {
     assert_eq!(short.usage.unwrap().completion_tokens, 3);
     let mut stopped = chat_request("What is the capital of Japan?", 48);
     stopped.stop = vec![" Tok".into()];
-    let stopped = client(&acme)
-        .create_chat_completion(stopped)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        stopped.choices[0].message.as_ref().unwrap().content,
-        "The capital of Japan is"
-    );
+    let stopped = send_chat(&acme, stopped).await.unwrap();
+    assert_eq!(answer_text(&stopped), "The capital of Japan is");
     assert_eq!(stopped.choices[0].finish_reason, "stop");
 
     // Seeds: the same seed samples the same text, another seed another.
@@ -298,31 +171,25 @@ async fn chat_answers_stream_and_count_like_the_model() {
             let mut r = chat_request("Write a short poem about the sea.", 24);
             r.temperature = Some(1.0);
             r.seed = Some(seed);
-            client(&acme)
-                .create_chat_completion(r)
-                .await
-                .unwrap()
-                .into_inner()
-                .choices[0]
-                .message
-                .clone()
-                .unwrap()
-                .content
+            answer_text(&send_chat(&acme, r).await.unwrap()).to_owned()
         }
     };
     assert_eq!(sampled(42).await, sampled(42).await);
     assert_ne!(sampled(42).await, sampled(43).await);
 
     // Completions: raw prompt, echo, logprobs.
+    let france = infv1::CreateCompletionRequest {
+        model: SMOLLM2.into(),
+        prompt: "The capital of France is".into(),
+        max_tokens: Some(4),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
     let completion = client(&acme)
         .create_completion(infv1::CreateCompletionRequest {
-            model: SMOLLM2.into(),
-            prompt: "The capital of France is".into(),
-            max_tokens: Some(4),
-            temperature: Some(0.0),
             logprobs: Some(2),
             echo: true,
-            ..Default::default()
+            ..france.clone()
         })
         .await
         .unwrap()
@@ -340,56 +207,25 @@ async fn chat_answers_stream_and_count_like_the_model() {
     assert_eq!(completion.usage.unwrap().completion_tokens, 4);
 
     // The streamed completion says the same as the unary one (which echoed the prompt).
-    let mut stream = client(&acme)
-        .stream_completion(infv1::CreateCompletionRequest {
-            model: SMOLLM2.into(),
-            prompt: "The capital of France is".into(),
-            max_tokens: Some(4),
-            temperature: Some(0.0),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut streamed, mut finish, mut last_usage) = (String::new(), String::new(), None);
-    while let Some(piece) = stream.next().await {
-        let piece = piece.unwrap();
-        for c in &piece.choices {
-            streamed.push_str(&c.text);
-            if !c.finish_reason.is_empty() {
-                finish = c.finish_reason.clone();
-            }
-        }
-        last_usage = piece.usage.or(last_usage);
-    }
-    assert_eq!(format!("The capital of France is{streamed}"), choice.text);
-    assert_eq!(finish, "length");
-    assert_eq!(last_usage.expect("usage at the end").completion_tokens, 4);
+    let streamed = read_stream(client(&acme).stream_completion(france)).await;
+    let echoed = format!("The capital of France is{}", streamed.text);
+    assert_eq!(echoed, choice.text);
+    assert_eq!(streamed.finish, "length");
+    assert_eq!(streamed.usage.completion_tokens, 4);
 
     // Errors name the field.
-    let err = chat(&acme, "hi", 100_000).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().starts_with("max_tokens:"),
-        "{}",
-        err.message()
-    );
-    let mut bad = chat_request("hi", 5);
-    bad.temperature = Some(5.0);
-    let err = client(&acme).create_chat_completion(bad).await.unwrap_err();
-    assert!(
-        err.message().starts_with("temperature:"),
-        "{}",
-        err.message()
-    );
-    let mut bad = chat_request("hi", 5);
-    bad.messages[0].role = "robot".into();
-    let err = client(&acme).create_chat_completion(bad).await.unwrap_err();
-    assert!(
-        err.message().starts_with("messages[0].role:"),
-        "{}",
-        err.message()
-    );
+    let mut hot = chat_request("hi", 5);
+    hot.temperature = Some(5.0);
+    let mut robot = chat_request("hi", 5);
+    robot.messages[0].role = "robot".into();
+    for (request, field) in [
+        (chat_request("hi", 100_000), "max_tokens:"),
+        (hot, "temperature:"),
+        (robot, "messages[0].role:"),
+    ] {
+        let err = expect_code(send_chat(&acme, request).await, Code::InvalidArgument);
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
     mesh.shutdown().await;
 }
 
@@ -418,11 +254,11 @@ async fn concurrent_streams_each_produce_what_they_produce_alone() {
     let mut alone = Vec::new();
     for q in questions {
         let answer = chat(&acme, q, 24).await.unwrap();
-        alone.push(answer.choices[0].message.clone().unwrap().content);
+        alone.push(answer_text(&answer).to_owned());
     }
     let together = futures::future::join_all(questions.iter().map(|q| {
         let acme = acme.clone();
-        async move { stream_chat(&acme, chat_request(q, 24)).await.0 }
+        async move { stream_chat(&acme, chat_request(q, 24)).await.text }
     }))
     .await;
     assert_eq!(together, alone);
@@ -486,11 +322,7 @@ async fn the_prefix_cache_serves_repeated_prompts_and_later_turns() {
         ..Default::default()
     }))
     .await;
-    let mut usage_events = mesh
-        .bus
-        .subscribe("kiln.inference.usage.recorded")
-        .await
-        .expect("subscribe");
+    let mut usage_events = mesh.subscribe("kiln.inference.usage.recorded").await;
     let cached = |usage: &infv1::Usage| {
         usage
             .prompt_tokens_details
@@ -503,20 +335,20 @@ async fn the_prefix_cache_serves_repeated_prompts_and_later_turns() {
     let question = "Describe the city of Tokyo.";
     let first = chat(&acme, question, 40).await.unwrap();
     let first_usage = first.usage.unwrap();
-    let answer = first.choices[0].message.clone().unwrap().content;
+    let answer = answer_text(&first).to_owned();
     // The same prompt again: all of it but its last block comes from the cache, and the
     // answer is the same.
     let again = chat(&acme, question, 40).await.unwrap();
     let again_usage = again.usage.unwrap();
-    assert_eq!(again.choices[0].message.clone().unwrap().content, answer);
+    assert_eq!(answer_text(&again), answer);
     assert_eq!(again_usage.prompt_tokens, first_usage.prompt_tokens);
     let whole_blocks = (again_usage.prompt_tokens - 1) / 16 * 16;
     assert_eq!(cached(&again_usage), whole_blocks, "{again_usage:?}");
     assert!(cached(&again_usage) > cached(&first_usage));
     // Streamed, the last chunk says the same.
-    let (streamed, _, stream_usage, _) = stream_chat(&acme, chat_request(question, 40)).await;
-    assert_eq!(streamed, answer);
-    assert_eq!(cached(&stream_usage), whole_blocks);
+    let streamed = stream_chat(&acme, chat_request(question, 40)).await;
+    assert_eq!(streamed.text, answer);
+    assert_eq!(cached(&streamed.usage), whole_blocks);
 
     // The next turn of the conversation begins with the first turn's prompt and answer.
     let mut next_turn = chat_request(question, 16);
@@ -532,11 +364,7 @@ async fn the_prefix_cache_serves_repeated_prompts_and_later_turns() {
             name: String::new(),
         },
     ]);
-    let turn = client(&acme)
-        .create_chat_completion(next_turn)
-        .await
-        .unwrap()
-        .into_inner();
+    let turn = send_chat(&acme, next_turn).await.unwrap();
     let turn_usage = turn.usage.unwrap();
     assert!(first_usage.completion_tokens >= 32, "{first_usage:?}");
     // At least 31 of the answer's tokens are in the cache (all but the last when it stopped
@@ -549,18 +377,14 @@ async fn the_prefix_cache_serves_repeated_prompts_and_later_turns() {
     assert!(cached(&turn_usage) < turn_usage.prompt_tokens);
 
     // Usage events carry the cached count (billing prices those tokens apart).
-    let recorded = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let event = usage_events.next().await.expect("event");
-            if let Some(kiln_events::Body::UsageRecorded(u)) = event.body
-                && u.prompt_tokens == i64::from(turn_usage.prompt_tokens)
-            {
-                return u;
-            }
-        }
+    let prompt_tokens = i64::from(turn_usage.prompt_tokens);
+    let what = "the usage of the second turn";
+    let timeout = Duration::from_secs(30);
+    let recorded = next_event(&mut usage_events, timeout, what, |body| match body {
+        kiln_events::Body::UsageRecorded(u) if u.prompt_tokens == prompt_tokens => Some(u),
+        _ => None,
     })
-    .await
-    .expect("the usage event of the second turn");
+    .await;
     assert_eq!(
         recorded.cached_prompt_tokens,
         i64::from(cached(&turn_usage))

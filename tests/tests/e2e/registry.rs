@@ -6,11 +6,11 @@ use std::time::Duration;
 use kiln_proto::registry::v1 as regv1;
 use kiln_proto::registry::v1::model::{Kind, State};
 use kiln_tests::registry::{
-    create_model, datasets, download, file_messages, models, sha256_hex, upload, upload_path,
-    validate,
+    create_dataset, create_model, delete_model, download, download_dataset, file_messages,
+    get_dataset, get_model, list_models, sha256_hex, update_model, upload, upload_dataset,
+    upload_lora, upload_messages, upload_path, validate,
 };
-use kiln_tests::tenant;
-use kiln_tests::{MeshOptions, TestMesh, asset, wait_for};
+use kiln_tests::{MeshOptions, TestMesh, asset, expect_code, wait_for};
 use tonic::Code;
 
 /// A GGUF header with the given architecture and no tensors.
@@ -28,256 +28,120 @@ fn tiny_gguf(architecture: &str) -> Vec<u8> {
     out
 }
 
-/// A safetensors file of F32 zeros with the given tensor shapes.
-fn safetensors(tensors: &[(&str, [u64; 2])]) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    let mut offset = 0u64;
-    for (name, shape) in tensors {
-        let len = shape[0] * shape[1] * 4;
-        header.insert((*name).to_owned(), serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}));
-        offset += len;
-    }
-    let header = serde_json::to_vec(&header).unwrap();
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&header);
-    out.resize(out.len() + offset as usize, 0);
-    out
-}
-
-pub(crate) fn lora(r: u64, v_out: u64) -> (Vec<u8>, Vec<u8>) {
-    let config = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"});
-    let weights = safetensors(&[
-        (
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-            [r, 576],
-        ),
-        (
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
-            [576, r],
-        ),
-        (
-            "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",
-            [r, 576],
-        ),
-        (
-            "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight",
-            [v_out, r],
-        ),
-    ]);
-    (serde_json::to_vec(&config).unwrap(), weights)
+/// Validates `model` and returns its message when it FAILED (the rest of the answer
+/// agreeing).
+async fn failed_validation(ch: &kiln_tests::AuthedChannel, model: &str) -> String {
+    let v = validate(ch, model).await;
+    assert!(!v.valid);
+    let failed = v.model.unwrap();
+    assert_eq!(failed.state, State::Failed as i32);
+    failed.status.unwrap().message
 }
 
 #[tokio::test]
 async fn real_models_round_trip_and_bad_uploads_fail_only_themselves() {
     let mesh = TestMesh::start().await;
-    let admin = mesh.admin().await;
-    let key = tenant(&admin, "acme").await;
-    let ch = mesh.channel(Some(&key)).await;
+    let ch = mesh.tenant_channel("acme").await;
 
     // SmolLM2 GGUF (~98 MB) up, validated, its metadata on the model, and back byte-identical.
-    let gguf_path = asset("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let smol = create_model(&ch, "acme", "smollm2", Kind::BaseModel, None)
-        .await
-        .unwrap();
-    let sent = upload_path(
-        &ch,
-        &smol.name,
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        &gguf_path,
-    )
-    .await;
+    let gguf = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let gguf_path = asset(&format!("smollm2-135m-instruct/{gguf}"));
+    let smol = create_model(&ch, "acme", "smollm2", Kind::BaseModel, None).await;
+    let sent = upload_path(&ch, &smol.name, gguf, &gguf_path).await;
     assert!(sent.files[0].complete);
     let v = validate(&ch, &smol.name).await;
     assert!(v.valid, "{:?}", v.errors);
     let smol = v.model.unwrap();
     assert_eq!(smol.state, State::Ready as i32);
     let details = smol.base_model_details.clone().unwrap();
-    assert_eq!(
-        (
-            details.num_layers,
-            details.num_attention_heads,
-            details.num_key_value_heads
-        ),
-        (30, 9, 3)
-    );
+    let heads = (details.num_attention_heads, details.num_key_value_heads);
+    assert_eq!((details.num_layers, heads.0, heads.1), (30, 9, 3));
     assert_eq!((details.vocab_size, details.hidden_size), (49152, 576));
     assert_eq!(details.model_type, "llama");
-    assert!(
-        details.parameter_count > 100_000_000,
-        "{}",
-        details.parameter_count
-    );
+    let parameters = details.parameter_count;
+    assert!(parameters > 100_000_000, "{parameters}");
     assert!(smol.context_length > 0);
-    assert!(
-        smol.conversation_config
-            .unwrap()
-            .template
-            .contains("im_start"),
-        "the GGUF's ChatML template"
-    );
+    let template = smol.conversation_config.unwrap().template;
+    assert!(template.contains("im_start"), "the GGUF's ChatML template");
     let original = std::fs::read(&gguf_path).unwrap();
-    let back = download(&ch, &smol.name, "SmolLM2-135M-Instruct.Q4_1.gguf", 0, 0)
-        .await
-        .unwrap();
+    let back = download(&ch, &smol.name, gguf, 0, 0).await.unwrap();
     assert_eq!(back.len(), original.len());
     assert!(back == original, "the GGUF comes back byte-identical");
-    let range = download(
-        &ch,
-        &smol.name,
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        1_000_000,
-        70_000,
-    )
-    .await
-    .unwrap();
-    assert_eq!(range, original[1_000_000..1_070_000]);
+    let range = download(&ch, &smol.name, gguf, 1_000_000, 70_000).await;
+    assert_eq!(range.unwrap(), original[1_000_000..1_070_000]);
     drop((original, back));
 
     // The MiniLM ONNX bundle.
-    let minilm = create_model(&ch, "acme", "minilm", Kind::EmbeddingModel, None)
-        .await
-        .unwrap();
+    let minilm = create_model(&ch, "acme", "minilm", Kind::EmbeddingModel, None).await;
     let onnx = std::fs::read(asset("all-minilm-l6-v2/model.onnx")).unwrap();
     let tokenizer = std::fs::read(asset("all-minilm-l6-v2/tokenizer.json")).unwrap();
-    upload(
-        &ch,
-        &minilm.name,
-        &[("model.onnx", &onnx), ("tokenizer.json", &tokenizer)],
-    )
-    .await
-    .unwrap();
+    let files: [(&str, &[u8]); 2] = [("model.onnx", &onnx), ("tokenizer.json", &tokenizer)];
+    upload(&ch, &minilm.name, &files).await.unwrap();
     let v = validate(&ch, &minilm.name).await;
     assert!(v.valid, "{:?}", v.errors);
-    assert_eq!(
-        v.model.unwrap().base_model_details.unwrap().task,
-        "embedding"
-    );
-    assert!(
-        download(&ch, &minilm.name, "model.onnx", 0, 0)
-            .await
-            .unwrap()
-            == onnx
-    );
-    assert!(
-        download(&ch, &minilm.name, "tokenizer.json", 0, 0)
-            .await
-            .unwrap()
-            == tokenizer
-    );
+    let task = v.model.unwrap().base_model_details.unwrap().task;
+    assert_eq!(task, "embedding");
+    for (path, bytes) in files {
+        let back = download(&ch, &minilm.name, path, 0, 0).await.unwrap();
+        assert!(back == bytes, "{path} comes back byte-identical");
+    }
     // A READY model's files are immutable.
-    let status = upload(&ch, &minilm.name, &[("extra.txt", b"x")])
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
+    let extra = upload(&ch, &minilm.name, &[("extra.txt", b"x")]).await;
+    expect_code(extra, Code::FailedPrecondition);
 
     // A corrupted ONNX graph: that model FAILED, naming the file.
-    let broken = create_model(&ch, "acme", "broken-onnx", Kind::EmbeddingModel, None)
-        .await
-        .unwrap();
+    let broken = create_model(&ch, "acme", "broken-onnx", Kind::EmbeddingModel, None).await;
     let mut garbage = onnx[..4096].to_vec();
     garbage.iter_mut().step_by(7).for_each(|b| *b ^= 0x5a);
-    upload(
-        &ch,
-        &broken.name,
-        &[("model.onnx", &garbage), ("tokenizer.json", &tokenizer)],
-    )
-    .await
-    .unwrap();
-    let v = validate(&ch, &broken.name).await;
-    assert!(!v.valid);
-    let failed = v.model.unwrap();
-    assert_eq!(failed.state, State::Failed as i32);
-    assert!(
-        failed.status.unwrap().message.starts_with("model.onnx:"),
-        "{:?}",
-        v.errors
-    );
+    let files: [(&str, &[u8]); 2] = [("model.onnx", &garbage), ("tokenizer.json", &tokenizer)];
+    upload(&ch, &broken.name, &files).await.unwrap();
+    let message = failed_validation(&ch, &broken.name).await;
+    assert!(message.starts_with("model.onnx:"), "{message}");
 
     // A GGUF of an architecture Kiln cannot prepare.
-    let gpt2 = create_model(&ch, "acme", "gpt2", Kind::BaseModel, None)
-        .await
-        .unwrap();
+    let gpt2 = create_model(&ch, "acme", "gpt2", Kind::BaseModel, None).await;
     upload(&ch, &gpt2.name, &[("gpt2.gguf", &tiny_gguf("gpt2"))])
         .await
         .unwrap();
-    let v = validate(&ch, &gpt2.name).await;
-    assert!(!v.valid);
-    let message = v.model.unwrap().status.unwrap().message;
+    let message = failed_validation(&ch, &gpt2.name).await;
     assert!(
         message.starts_with("gpt2.gguf:") && message.contains("gpt2"),
         "{message}"
     );
 
     // LoRA addons on SmolLM2: shapes that fit are READY, shapes that don't are FAILED.
-    let good = create_model(&ch, "acme", "lora-good", Kind::LoraAddon, Some(&smol.name))
-        .await
-        .unwrap();
-    let (config, weights) = lora(8, 192);
-    upload(
-        &ch,
-        &good.name,
-        &[
-            ("adapter_config.json", &config),
-            ("adapter_model.safetensors", &weights),
-        ],
-    )
-    .await
-    .unwrap();
+    let addon = |id| create_model(&ch, "acme", id, Kind::LoraAddon, Some(&smol.name));
+    let good = addon("lora-good").await;
+    upload_lora(&ch, &good.name, 8, 192).await.unwrap();
     let v = validate(&ch, &good.name).await;
     assert!(v.valid, "{:?}", v.errors);
     let peft = v.model.unwrap().peft_details.unwrap();
     assert_eq!((peft.r, peft.base_model.as_str()), (8, smol.name.as_str()));
-    let bad = create_model(&ch, "acme", "lora-bad", Kind::LoraAddon, Some(&smol.name))
-        .await
-        .unwrap();
-    let (config, weights) = lora(8, 576);
-    upload(
-        &ch,
-        &bad.name,
-        &[
-            ("adapter_config.json", &config),
-            ("adapter_model.safetensors", &weights),
-        ],
-    )
-    .await
-    .unwrap();
-    let v = validate(&ch, &bad.name).await;
-    assert!(!v.valid);
-    let message = v.model.unwrap().status.unwrap().message;
+    let bad = addon("lora-bad").await;
+    upload_lora(&ch, &bad.name, 8, 576).await.unwrap();
+    let message = failed_validation(&ch, &bad.name).await;
     assert!(
         message.contains("v_proj.lora_B"),
         "names the tensor: {message}"
     );
 
     // Nothing else changed.
-    for (name, state) in [
-        (&smol.name, State::Ready),
-        (&minilm.name, State::Ready),
-        (&good.name, State::Ready),
-    ] {
-        let m = models(&ch)
-            .get_model(regv1::GetModelRequest { name: name.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(m.state, state as i32, "{name}");
+    for name in [&smol.name, &minilm.name, &good.name] {
+        let m = get_model(&ch, name).await.unwrap();
+        assert_eq!(m.state, State::Ready as i32, "{name}");
     }
     // The base cannot go while an addon needs it.
-    let status = models(&ch)
-        .delete_model(regv1::DeleteModelRequest {
-            name: smol.name.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
+    let deleted = delete_model(&ch, &smol.name).await;
+    expect_code(deleted, Code::FailedPrecondition);
 
     // The ONNX bundle prepares into a bundle with a manifest.
-    let prepared = models(&ch)
-        .prepare_model(regv1::PrepareModelRequest {
-            name: minilm.name.clone(),
-            precision: 0,
-            force: false,
-        })
+    let request = regv1::PrepareModelRequest {
+        name: minilm.name.clone(),
+        precision: 0,
+        force: false,
+    };
+    let prepared = kiln_tests::registry::models(&ch)
+        .prepare_model(request)
         .await
         .unwrap()
         .into_inner();
@@ -290,82 +154,48 @@ async fn real_models_round_trip_and_bad_uploads_fail_only_themselves() {
 #[tokio::test]
 async fn uploads_are_verified_and_resume_where_they_stopped() {
     let mesh = TestMesh::start().await;
-    let admin = mesh.admin().await;
-    let key = tenant(&admin, "acme").await;
-    let ch = mesh.channel(Some(&key)).await;
-    let model = create_model(&ch, "acme", "weights", Kind::TensorModel, None)
-        .await
-        .unwrap();
+    let ch = mesh.tenant_channel("acme").await;
+    let model = create_model(&ch, "acme", "weights", Kind::TensorModel, None).await;
     let bytes: Vec<u8> = (0..6_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
+    let file = [("model.onnx", bytes.as_slice())];
 
     // A wrong SHA-256: refused, nothing stored, nothing READY.
-    let mut messages = file_messages(&model.name, &[("model.onnx", &bytes)], 0, None);
+    let mut messages = file_messages(&model.name, &file, 0, None);
     if let Some(regv1::upload_model_files_request::Payload::Header(h)) =
         messages[0].payload.as_mut()
     {
         h.sha256 = sha256_hex(b"something else");
     }
-    let status = models(&ch)
-        .upload_model_files(futures::stream::iter(messages))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = expect_code(upload_messages(&ch, messages).await, Code::InvalidArgument);
     assert!(status.message().contains("SHA-256"), "{}", status.message());
-    let m = models(&ch)
-        .get_model(regv1::GetModelRequest {
-            name: model.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let m = get_model(&ch, &model.name).await.unwrap();
     assert_eq!(m.state, State::Uploading as i32);
     assert_eq!(m.files[0].uploaded_bytes, 0);
     assert!(!validate(&ch, &model.name).await.valid);
 
     // Cut half-way: what arrived stays, and GetModel says where to resume.
-    let half = file_messages(&model.name, &[("model.onnx", &bytes)], 0, Some(3 << 20));
-    models(&ch)
-        .upload_model_files(futures::stream::iter(half))
-        .await
-        .unwrap();
-    let m = models(&ch)
-        .get_model(regv1::GetModelRequest {
-            name: model.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let half = file_messages(&model.name, &file, 0, Some(3 << 20));
+    upload_messages(&ch, half).await.unwrap();
+    let m = get_model(&ch, &model.name).await.unwrap();
     let stored = m.files[0].uploaded_bytes as usize;
     assert_eq!(stored, 3 << 20);
     assert!(!m.files[0].complete);
     // A chunk that does not continue the stored bytes is refused.
-    let wrong = file_messages(&model.name, &[("model.onnx", &bytes)], 0, Some(1 << 20));
-    let status = models(&ch)
-        .upload_model_files(futures::stream::iter(wrong))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
+    let wrong = file_messages(&model.name, &file, 0, Some(1 << 20));
+    expect_code(upload_messages(&ch, wrong).await, Code::FailedPrecondition);
     // The rest, from the stored offset.
-    let rest = file_messages(&model.name, &[("model.onnx", &bytes)], stored, None);
-    let done = models(&ch)
-        .upload_model_files(futures::stream::iter(rest))
-        .await
-        .unwrap()
-        .into_inner();
+    let rest = file_messages(&model.name, &file, stored, None);
+    let done = upload_messages(&ch, rest).await.unwrap();
     assert!(done.files[0].complete);
     assert_eq!(
         done.received_bytes as usize,
         bytes.len() - stored,
         "only the missing bytes were sent"
     );
-    assert!(
-        download(&ch, &model.name, "model.onnx", 0, 0)
-            .await
-            .unwrap()
-            == bytes
-    );
+    let back = download(&ch, &model.name, "model.onnx", 0, 0).await;
+    assert!(back.unwrap() == bytes);
     mesh.shutdown().await;
 }
 
@@ -373,78 +203,24 @@ fn chat_line(i: usize) -> String {
     serde_json::json!({"messages": [{"role": "user", "content": format!("question {i}")}, {"role": "assistant", "content": format!("answer {i}")}]}).to_string()
 }
 
-async fn upload_dataset(
-    ch: &kiln_tests::AuthedChannel,
-    name: &str,
-    bytes: &[u8],
-) -> Result<regv1::Dataset, tonic::Status> {
-    let mut messages = vec![regv1::UploadDatasetRequest {
-        payload: Some(regv1::upload_dataset_request::Payload::Header(
-            regv1::DatasetFileHeader {
-                dataset: name.to_owned(),
-                size_bytes: bytes.len() as i64,
-                sha256: sha256_hex(bytes),
-            },
-        )),
-    }];
-    for (i, chunk) in bytes.chunks(1000).enumerate() {
-        messages.push(regv1::UploadDatasetRequest {
-            payload: Some(regv1::upload_dataset_request::Payload::Chunk(
-                regv1::FileChunk {
-                    offset: (i * 1000) as i64,
-                    data: chunk.to_vec().into(),
-                },
-            )),
-        });
-    }
-    datasets(ch)
-        .upload_dataset(futures::stream::iter(messages))
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn create_dataset(ch: &kiln_tests::AuthedChannel, account: &str, id: &str) -> regv1::Dataset {
-    datasets(ch)
-        .create_dataset(regv1::CreateDatasetRequest {
-            parent: format!("accounts/{account}"),
-            dataset_id: id.to_owned(),
-            dataset: Some(regv1::Dataset {
-                format: regv1::dataset::Format::Chat as i32,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 #[tokio::test]
 async fn datasets_are_checked_line_by_line_and_immutable_once_ready() {
     let mesh = TestMesh::start().await;
-    let admin = mesh.admin().await;
-    let key = tenant(&admin, "acme").await;
-    let ch = mesh.channel(Some(&key)).await;
+    let ch = mesh.tenant_channel("acme").await;
+    let lines = |n| (1..=n).map(chat_line).collect::<Vec<_>>();
 
     let bad = create_dataset(&ch, "acme", "bad").await;
-    let mut lines: Vec<String> = (1..=100).map(chat_line).collect();
-    lines[36] = r#"{"messages": [{"role": "wizard", "content": "hi"}]}"#.to_owned();
-    let status = upload_dataset(&ch, &bad.name, lines.join("\n").as_bytes())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
+    let mut wizard = lines(100);
+    wizard[36] = r#"{"messages": [{"role": "wizard", "content": "hi"}]}"#.to_owned();
+    let refused = upload_dataset(&ch, &bad.name, wizard.join("\n").as_bytes()).await;
+    let status = expect_code(refused, Code::InvalidArgument);
     assert!(status.message().contains("line 37"), "{}", status.message());
-    let got = datasets(&ch)
-        .get_dataset(regv1::GetDatasetRequest {
-            name: bad.name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get_dataset(&ch, &bad.name).await.unwrap();
     assert_eq!(got.state, regv1::dataset::State::Failed as i32);
     assert!(got.status.unwrap().message.contains("line 37"));
 
     let good = create_dataset(&ch, "acme", "good").await;
-    let text = (1..=100).map(chat_line).collect::<Vec<_>>().join("\n") + "\n";
+    let text = lines(100).join("\n") + "\n";
     let ready = upload_dataset(&ch, &good.name, text.as_bytes())
         .await
         .unwrap();
@@ -459,35 +235,11 @@ async fn datasets_are_checked_line_by_line_and_immutable_once_ready() {
         Code::FailedPrecondition,
         "a READY dataset refuses new content"
     );
-
-    use futures::StreamExt;
-    let mut stream = datasets(&ch)
-        .download_dataset(regv1::DownloadDatasetRequest {
-            name: good.name.clone(),
-            offset: 0,
-            length: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut back = Vec::new();
-    while let Some(piece) = stream.next().await {
-        back.extend_from_slice(&piece.unwrap().data);
-    }
-    assert_eq!(back, text.as_bytes());
+    assert_eq!(download_dataset(&ch, &good.name).await, text.as_bytes());
 
     let few = create_dataset(&ch, "acme", "few").await;
-    let status = upload_dataset(
-        &ch,
-        &few.name,
-        (1..=2)
-            .map(chat_line)
-            .collect::<Vec<_>>()
-            .join("\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap_err();
+    let refused = upload_dataset(&ch, &few.name, lines(2).join("\n").as_bytes()).await;
+    let status = refused.unwrap_err();
     assert!(
         status.message().contains("at least 3"),
         "{}",
@@ -504,55 +256,32 @@ async fn private_is_private_and_the_public_library_is_read_only() {
     })
     .await;
     let admin = mesh.admin().await;
-    let mut events = mesh.bus.subscribe("kiln.registry.>").await.unwrap();
-    let acme = mesh.channel(Some(&tenant(&admin, "acme").await)).await;
-    let globex = mesh.channel(Some(&tenant(&admin, "globex").await)).await;
+    let mut events = mesh.subscribe("kiln.registry.>").await;
+    let acme = mesh.tenant_channel("acme").await;
+    let globex = mesh.tenant_channel("globex").await;
 
-    let private = create_model(&acme, "acme", "secret", Kind::TensorModel, None)
-        .await
-        .unwrap();
-    let status = models(&globex)
-        .get_model(regv1::GetModelRequest {
-            name: private.name.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
-    let status = models(&globex)
-        .delete_model(regv1::DeleteModelRequest {
-            name: private.name.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
-    let listed = models(&globex)
-        .list_models(regv1::ListModelsRequest {
-            parent: "accounts/acme".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let private = create_model(&acme, "acme", "secret", Kind::TensorModel, None).await;
+    expect_code(get_model(&globex, &private.name).await, Code::NotFound);
+    expect_code(delete_model(&globex, &private.name).await, Code::NotFound);
+    let listed = list_models(&globex, "accounts/acme", "").await.unwrap();
     assert!(
-        listed.models.is_empty(),
+        listed.is_empty(),
         "another account's private models do not list"
     );
     let ds = create_dataset(&acme, "acme", "train").await;
-    let status = datasets(&globex)
-        .get_dataset(regv1::GetDatasetRequest { name: ds.name })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
-    let status = models(&acme)
-        .create_model(regv1::CreateModelRequest {
-            parent: "accounts/acme".into(),
-            model_id: "mine".into(),
-            model: Some(regv1::Model {
-                kind: Kind::TensorModel as i32,
-                public: true,
-                ..Default::default()
-            }),
-        })
+    expect_code(get_dataset(&globex, &ds.name).await, Code::NotFound);
+    let public = regv1::Model {
+        kind: Kind::TensorModel as i32,
+        public: true,
+        ..Default::default()
+    };
+    let request = regv1::CreateModelRequest {
+        parent: "accounts/acme".into(),
+        model_id: "mine".into(),
+        model: Some(public),
+    };
+    let status = kiln_tests::registry::models(&acme)
+        .create_model(request)
         .await
         .unwrap_err();
     assert_eq!(
@@ -564,25 +293,11 @@ async fn private_is_private_and_the_public_library_is_read_only() {
     // The library, imported at start from the asset cache, is READY and readable by all.
     asset("all-minilm-l6-v2/model.onnx");
     asset("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let library = wait_for(
-        Duration::from_secs(120),
-        "the public library to be imported",
-        || {
-            let globex = globex.clone();
-            async move {
-                let listed = models(&globex)
-                    .list_models(regv1::ListModelsRequest {
-                        parent: "accounts/kiln".into(),
-                        filter: "state = READY".into(),
-                        ..Default::default()
-                    })
-                    .await
-                    .ok()?
-                    .into_inner();
-                (listed.models.len() == 2).then_some(listed.models)
-            }
-        },
-    )
+    let what = "the public library to be imported";
+    let library = wait_for(Duration::from_secs(120), what, || async {
+        let listed = list_models(&globex, "accounts/kiln", "state = READY").await;
+        listed.ok().filter(|models| models.len() == 2)
+    })
     .await;
     let names: Vec<&str> = library.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(
@@ -598,39 +313,23 @@ async fn private_is_private_and_the_public_library_is_read_only() {
         .await
         .unwrap();
     assert_eq!(head.len(), 100);
-    let status = models(&globex)
-        .update_model(regv1::UpdateModelRequest {
-            model: Some(regv1::Model {
-                name: minilm.clone(),
-                display_name: "mine now".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["display_name".into()],
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
-    let status = models(&globex)
-        .delete_model(regv1::DeleteModelRequest {
-            name: minilm.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied);
+    let described = |field: regv1::Model| regv1::Model {
+        name: minilm.clone(),
+        ..field
+    };
+    let renamed = described(regv1::Model {
+        display_name: "mine now".into(),
+        ..Default::default()
+    });
+    let status = update_model(&globex, renamed, &["display_name"]).await;
+    expect_code(status, Code::PermissionDenied);
+    expect_code(delete_model(&globex, &minilm).await, Code::PermissionDenied);
     // The admin may change the library.
-    models(&admin)
-        .update_model(regv1::UpdateModelRequest {
-            model: Some(regv1::Model {
-                name: minilm.clone(),
-                description: "Sentence embeddings, 384 dimensions".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["description".into()],
-            }),
-        })
+    let description = described(regv1::Model {
+        description: "Sentence embeddings, 384 dimensions".into(),
+        ..Default::default()
+    });
+    update_model(&admin, description, &["description"])
         .await
         .unwrap();
 
@@ -658,11 +357,8 @@ async fn a_deployed_model_cannot_be_deleted_and_refs_follow_scheduler_events() {
     use kiln_proto::events::v1 as ev;
     use kiln_proto::scheduler::v1::{DeployedModel, deployed_model};
     let mesh = TestMesh::start().await;
-    let admin = mesh.admin().await;
-    let ch = mesh.channel(Some(&tenant(&admin, "acme").await)).await;
-    let model = create_model(&ch, "acme", "served", Kind::TensorModel, None)
-        .await
-        .unwrap();
+    let ch = mesh.tenant_channel("acme").await;
+    let model = create_model(&ch, "acme", "served", Kind::TensorModel, None).await;
     let deployed = DeployedModel {
         name: "accounts/acme/deployedModels/served-1".into(),
         model: model.name.clone(),
@@ -671,40 +367,35 @@ async fn a_deployed_model_cannot_be_deleted_and_refs_follow_scheduler_events() {
         state: deployed_model::State::Deployed as i32,
         ..Default::default()
     };
-    // What the scheduler publishes when it deploys the model.
-    let event = kiln_events::new_event(
-        "kiln-scheduler",
-        "scheduler.deployed_model.created",
-        "accounts/acme",
-        &deployed.name,
+    // What the scheduler publishes when it deploys the model (here twice: a redelivery).
+    let event = |what: &str, body| {
+        let kind = format!("scheduler.deployed_model.{what}");
+        kiln_events::new_event(
+            "kiln-scheduler",
+            &kind,
+            "accounts/acme",
+            &deployed.name,
+            body,
+        )
+    };
+    let created = event(
+        "created",
         kiln_events::Body::DeployedModelCreated(ev::DeployedModelCreated {
             deployed_model: Some(deployed.clone()),
         }),
     );
-    mesh.bus
-        .publish("kiln.scheduler.deployed_model.created", &event)
-        .await
-        .unwrap();
-    mesh.bus
-        .publish("kiln.scheduler.deployed_model.created", &event)
-        .await
-        .unwrap();
-    let refs = wait_for(
-        Duration::from_secs(10),
-        "the deployed model to show on the model",
-        || {
-            let ch = ch.clone();
-            let name = model.name.clone();
-            async move {
-                let m = models(&ch)
-                    .get_model(regv1::GetModelRequest { name })
-                    .await
-                    .ok()?
-                    .into_inner();
-                (!m.deployed_model_refs.is_empty()).then_some(m.deployed_model_refs)
-            }
-        },
-    )
+    for _ in 0..2 {
+        let subject = "kiln.scheduler.deployed_model.created";
+        mesh.bus.publish(subject, &created).await.unwrap();
+    }
+    let model_refs = || async {
+        let model = get_model(&ch, &model.name).await.ok()?;
+        Some(model.deployed_model_refs)
+    };
+    let what = "the deployed model to show on the model";
+    let refs = wait_for(Duration::from_secs(10), what, || async {
+        model_refs().await.filter(|refs| !refs.is_empty())
+    })
     .await;
     assert_eq!(refs.len(), 1, "a redelivered event adds nothing");
     assert_eq!(
@@ -712,66 +403,39 @@ async fn a_deployed_model_cannot_be_deleted_and_refs_follow_scheduler_events() {
         ("DEPLOYED", true)
     );
     // A metadata change keeps the refs.
-    models(&ch)
-        .update_model(regv1::UpdateModelRequest {
-            model: Some(regv1::Model {
-                name: model.name.clone(),
-                description: "in service".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["description".into()],
-            }),
-        })
+    let described = regv1::Model {
+        name: model.name.clone(),
+        description: "in service".into(),
+        ..Default::default()
+    };
+    update_model(&ch, described, &["description"])
         .await
         .unwrap();
-    let status = models(&ch)
-        .delete_model(regv1::DeleteModelRequest {
-            name: model.name.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition);
+    let status = expect_code(
+        delete_model(&ch, &model.name).await,
+        Code::FailedPrecondition,
+    );
     assert!(
         status.message().contains("served-1"),
         "{}",
         status.message()
     );
 
-    let gone = kiln_events::new_event(
-        "kiln-scheduler",
-        "scheduler.deployed_model.deleted",
-        "accounts/acme",
-        &deployed.name,
+    let gone = event(
+        "deleted",
         kiln_events::Body::DeployedModelDeleted(ev::DeployedModelDeleted {
             name: deployed.name.clone(),
             model: model.name.clone(),
             deployment: deployed.deployment.clone(),
         }),
     );
-    mesh.bus
-        .publish("kiln.scheduler.deployed_model.deleted", &gone)
-        .await
-        .unwrap();
-    wait_for(Duration::from_secs(10), "the ref to go", || {
-        let ch = ch.clone();
-        let name = model.name.clone();
-        async move {
-            let m = models(&ch)
-                .get_model(regv1::GetModelRequest { name })
-                .await
-                .ok()?
-                .into_inner();
-            m.deployed_model_refs.is_empty().then_some(())
-        }
+    let subject = "kiln.scheduler.deployed_model.deleted";
+    mesh.bus.publish(subject, &gone).await.unwrap();
+    wait_for(Duration::from_secs(10), "the ref to go", || async {
+        model_refs().await.filter(Vec::is_empty).map(drop)
     })
     .await;
-    models(&ch)
-        .delete_model(regv1::DeleteModelRequest {
-            name: model.name.clone(),
-        })
-        .await
-        .unwrap();
+    delete_model(&ch, &model.name).await.unwrap();
     mesh.shutdown().await;
 }
 
@@ -783,41 +447,25 @@ async fn artifacts_live_in_an_s3_compatible_store_when_configured() {
         ..Default::default()
     })
     .await;
-    let admin = mesh.admin().await;
-    let ch = mesh.channel(Some(&tenant(&admin, "acme").await)).await;
-    let minilm = create_model(&ch, "acme", "minilm", Kind::EmbeddingModel, None)
-        .await
-        .unwrap();
+    let ch = mesh.tenant_channel("acme").await;
+    let minilm = create_model(&ch, "acme", "minilm", Kind::EmbeddingModel, None).await;
     let onnx = std::fs::read(asset("all-minilm-l6-v2/model.onnx")).unwrap();
     let tokenizer = std::fs::read(asset("all-minilm-l6-v2/tokenizer.json")).unwrap();
     // Half, then the rest: resuming works the same over S3.
-    let half = file_messages(&minilm.name, &[("model.onnx", &onnx)], 0, Some(10 << 20));
-    models(&ch)
-        .upload_model_files(futures::stream::iter(half))
-        .await
-        .unwrap();
-    let rest = file_messages(&minilm.name, &[("model.onnx", &onnx)], 10 << 20, None);
-    models(&ch)
-        .upload_model_files(futures::stream::iter(rest))
-        .await
-        .unwrap();
+    let file = [("model.onnx", onnx.as_slice())];
+    let half = file_messages(&minilm.name, &file, 0, Some(10 << 20));
+    upload_messages(&ch, half).await.unwrap();
+    let rest = file_messages(&minilm.name, &file, 10 << 20, None);
+    upload_messages(&ch, rest).await.unwrap();
     upload(&ch, &minilm.name, &[("tokenizer.json", &tokenizer)])
         .await
         .unwrap();
     let v = validate(&ch, &minilm.name).await;
     assert!(v.valid, "{:?}", v.errors);
-    assert!(
-        download(&ch, &minilm.name, "model.onnx", 0, 0)
-            .await
-            .unwrap()
-            == onnx
-    );
-    assert_eq!(
-        download(&ch, &minilm.name, "tokenizer.json", 100, 50)
-            .await
-            .unwrap(),
-        tokenizer[100..150]
-    );
+    let back = download(&ch, &minilm.name, "model.onnx", 0, 0).await;
+    assert!(back.unwrap() == onnx);
+    let range = download(&ch, &minilm.name, "tokenizer.json", 100, 50).await;
+    assert_eq!(range.unwrap(), tokenizer[100..150]);
     // The bytes are in the bucket, not on the local disk.
     assert!(!mesh.data_dir.path().join("objects").exists());
     mesh.shutdown().await;

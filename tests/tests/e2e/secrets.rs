@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use kiln_tests::TestMesh;
-use kiln_tests::{create_key, create_user, tenant};
+use kiln_tests::{tenant, user_with_key};
 use sea_orm::{ConnectionTrait, Statement};
 
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
@@ -27,8 +27,7 @@ async fn no_secret_is_stored_in_the_database() {
     let mesh = TestMesh::start().await;
     let admin = mesh.admin().await;
     let owner_key = tenant(&admin, "acme").await;
-    create_user(&admin, "acme", "alice", "user").await;
-    let alice_key = create_key(&admin, "acme", "alice", None).await.key;
+    let alice_key = user_with_key(&admin, "acme", "alice", "user").await.key;
     let secrets = [mesh.admin_key.clone(), owner_key, alice_key];
 
     // Every text and blob of every identity table, on whichever backend this runs.
