@@ -152,7 +152,7 @@ fn main() {
             threads,
             Batching {
                 max_batch_size: 1,
-                max_queue_delay_ms: 0,
+                max_queue_delay: Duration::ZERO,
                 instances: 1,
             },
             assets.path(),

@@ -120,14 +120,14 @@ impl kiln_inference::source::ModelSource for NoRegistry {
         &self,
         name: &str,
     ) -> kiln_inference::Result<kiln_proto::registry::v1::Model> {
-        Err(kiln_core::Error::not_found(name).into())
+        Err(kiln_core::Error::not_found(name))
     }
     async fn download(
         &self,
         name: &str,
         _: Option<i32>,
     ) -> kiln_inference::Result<kiln_inference::source::FileStream> {
-        Err(kiln_core::Error::not_found(name).into())
+        Err(kiln_core::Error::not_found(name))
     }
 }
 

@@ -8,7 +8,6 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use futures::StreamExt;
-use kiln_core::Error as ApiError;
 use kiln_core::auth::hex;
 use kiln_formats::{HF_FILES, HfFiles, Manifest, read_hf};
 use kiln_proto::common::v1::Precision;
@@ -18,8 +17,8 @@ use kiln_proto::registry::v1::{
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::error::{Error, Result};
 use crate::source::ModelSource;
+use kiln_core::{Error, Result};
 
 /// A bundle on local disk.
 #[derive(Debug, Clone)]
@@ -34,7 +33,7 @@ impl Bundle {
     pub fn open(dir: &Path, fallback: Manifest) -> Result<Self> {
         let manifest = match std::fs::read(dir.join(Manifest::FILE)) {
             Ok(bytes) => Manifest::from_json(&bytes)
-                .map_err(|e| ApiError::FailedPrecondition(format!("{}: {e}", dir.display())))?,
+                .map_err(|e| Error::FailedPrecondition(format!("{}: {e}", dir.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => with_hf_files(dir, fallback)?,
             Err(e) => return Err(e.into()),
         };
@@ -59,16 +58,14 @@ impl Bundle {
         }
         match found.len() {
             1 => Ok(found.remove(0)),
-            0 => Err(ApiError::FailedPrecondition(format!(
+            0 => Err(Error::FailedPrecondition(format!(
                 "bundle {} has no .onnx graph",
                 self.dir.display()
-            ))
-            .into()),
-            _ => Err(ApiError::FailedPrecondition(format!(
+            ))),
+            _ => Err(Error::FailedPrecondition(format!(
                 "bundle {} has several .onnx graphs and no model.onnx",
                 self.dir.display()
-            ))
-            .into()),
+            ))),
         }
     }
 
@@ -93,8 +90,8 @@ fn with_hf_files(dir: &Path, mut manifest: Manifest) -> Result<Manifest> {
     if files.is_empty() {
         return Ok(manifest);
     }
-    let info = read_hf(files)
-        .map_err(|e| ApiError::FailedPrecondition(format!("{}: {e}", dir.display())))?;
+    let info =
+        read_hf(files).map_err(|e| Error::FailedPrecondition(format!("{}: {e}", dir.display())))?;
     manifest.complete_from(info);
     Ok(manifest)
 }
@@ -133,11 +130,10 @@ pub fn servable_files(model: &Model, blocks_ok: bool) -> Result<(Option<i32>, Ve
     if format == CheckpointFormat::Onnx as i32 {
         return Ok((None, model.files.clone()));
     }
-    Err(ApiError::FailedPrecondition(format!(
+    Err(Error::FailedPrecondition(format!(
         "model {} has no prepared bundle yet (PrepareModel makes one)",
         model.name
-    ))
-    .into())
+    )))
 }
 
 /// The download cache.
@@ -264,16 +260,16 @@ impl BundleCache {
                 match got {
                     Some((_, sha, size)) if *sha == want.sha256 && *size == want.size_bytes as u64 => {}
                     Some((_, sha, size)) => {
-                        return Err(Error::Api(ApiError::Internal(format!(
+                        return Err(Error::Internal(format!(
                             "downloading {} of {}: got {size} bytes with SHA-256 {sha}, expected {} bytes with {}",
                             want.path, model.name, want.size_bytes, want.sha256
-                        ))));
+                        )));
                     }
                     None => {
-                        return Err(Error::Api(ApiError::Internal(format!(
+                        return Err(Error::Internal(format!(
                             "downloading {}: the registry did not send {}",
                             model.name, want.path
-                        ))));
+                        )));
                     }
                 }
             }
@@ -343,9 +339,9 @@ fn safe_join(root: &Path, relative: &str) -> Result<PathBuf> {
             .split('/')
             .any(|part| part.is_empty() || part == "." || part == "..");
     if bad {
-        return Err(
-            ApiError::Internal(format!("the registry sent a bad file path {relative:?}")).into(),
-        );
+        return Err(Error::Internal(format!(
+            "the registry sent a bad file path {relative:?}"
+        )));
     }
     Ok(root.join(relative))
 }
@@ -375,7 +371,7 @@ mod tests {
     #[async_trait::async_trait]
     impl ModelSource for Files {
         async fn get_model(&self, name: &str) -> Result<Model> {
-            Err(ApiError::not_found(name).into())
+            Err(Error::not_found(name))
         }
         async fn download(&self, _: &str, _: Option<i32>) -> Result<FileStream> {
             let pieces: Vec<Result<DownloadModelFilesResponse>> = self

@@ -1,7 +1,7 @@
 //! Chat messages into a prompt with the model's own Jinja chat template (minijinja, with the
 //! Python string methods HF templates call).
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_proto::kiln_inference::v1::ChatMessage;
 
 /// ChatML, for models whose bundle carries no template.
@@ -13,16 +13,13 @@ pub fn render(
     messages: &[ChatMessage],
     bos_token: &str,
     eos_token: &str,
-) -> Result<String, ApiError> {
+) -> Result<String, Error> {
     if messages.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "must hold at least one message",
-        ));
+        return Err(Error::invalid("messages", "must hold at least one message"));
     }
     for (i, m) in messages.iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 format!("messages[{i}].role"),
                 format!("must be system, user or assistant, got {:?}", m.role),
             ));
@@ -45,7 +42,7 @@ pub fn render(
         template
     };
     env.add_template("chat", source).map_err(|e| {
-        ApiError::FailedPrecondition(format!("the model's chat template does not parse: {e}"))
+        Error::FailedPrecondition(format!("the model's chat template does not parse: {e}"))
     })?;
     let messages: Vec<minijinja::Value> = messages
         .iter()
@@ -70,7 +67,7 @@ pub fn render(
             })
         })
         .map_err(|e| {
-            ApiError::invalid(
+            Error::invalid(
                 "messages",
                 format!("the model's chat template refused them: {e}"),
             )

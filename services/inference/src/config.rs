@@ -1,12 +1,14 @@
 //! The inference service's `[inference]` configuration section.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use kiln_core::config::{ConfigError, Validate};
+use kiln_core::duration;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct InferenceConfig {
     /// `auto` (ONNX Runtime where it can run, tract otherwise), `tract` or `onnxruntime`.
     pub backend: String,
@@ -27,8 +29,8 @@ pub struct InferenceConfig {
     pub cache_dir: String,
     /// Least recently used bundles are removed beyond this size.
     pub cache_max_bytes: u64,
-    /// Default dynamic batching of every model (each can override it in `models`).
-    #[serde(flatten)]
+    /// Default dynamic batching of every model (`[inference.batching]`; each model can
+    /// override it in `models`).
     pub batching: Batching,
     /// Requests waiting for one model beyond which new ones are refused (UNAVAILABLE).
     pub queue_capacity: usize,
@@ -63,14 +65,15 @@ pub struct InferenceConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// How long a request waits for a deployment with no ready replica (scaled to zero, or
     /// starting) before UNAVAILABLE.
-    pub cold_start_timeout_ms: u64,
+    #[serde(with = "duration::serde")]
+    pub cold_start_timeout: Duration,
     /// Requests that may wait so per deployment; more are refused (RESOURCE_EXHAUSTED).
     pub max_waiting_requests: usize,
 }
 
 /// A group of identical accelerators a node declares.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct AcceleratorConfig {
     /// An accelerator type name: NVIDIA_A100_80GB, NVIDIA_H100_80GB, NVIDIA_H200_141GB,
     /// AMD_MI300X_192GB or CPU.
@@ -93,15 +96,16 @@ impl AcceleratorConfig {
 pub(crate) const MAX_INSTANCES: usize = 16;
 
 /// Dynamic batching: the requests waiting for a model run in one forward pass of up to
-/// `max_batch_size` rows; a size of 1 turns batching off. With `max_queue_delay_ms` 0 (the
+/// `max_batch_size` rows; a size of 1 turns batching off. With `max_queue_delay` 0 (the
 /// default) a pass takes what is queued when it starts: an idle model answers at once, and
 /// under load requests gather while the previous pass runs. A delay holds the first request
 /// up to that long for others to join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Batching {
     pub max_batch_size: usize,
-    pub max_queue_delay_ms: u64,
+    #[serde(with = "duration::serde")]
+    pub max_queue_delay: Duration,
     /// Copies of an embedding or tensor model loaded side by side, each running its own
     /// passes with `intra_op_threads` threads: on a small machine two single-threaded
     /// instances keep both cores busy while the server handles the answers of one pass,
@@ -113,14 +117,14 @@ impl Default for Batching {
     fn default() -> Self {
         Self {
             max_batch_size: 32,
-            max_queue_delay_ms: 0,
+            max_queue_delay: Duration::ZERO,
             instances: 1,
         }
     }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     /// accounts/{account}/models/{model}
     pub name: String,
@@ -130,7 +134,8 @@ pub struct ModelConfig {
     /// Overrides `inference.backend` for this model.
     pub backend: String,
     pub max_batch_size: Option<usize>,
-    pub max_queue_delay_ms: Option<u64>,
+    #[serde(with = "duration::optional")]
+    pub max_queue_delay: Option<Duration>,
     pub instances: Option<usize>,
 }
 
@@ -159,7 +164,7 @@ impl Default for InferenceConfig {
             accelerators: Vec::new(),
             cpu_slots_per_core: 4,
             labels: Default::default(),
-            cold_start_timeout_ms: 300_000,
+            cold_start_timeout: Duration::from_secs(300),
             max_waiting_requests: 256,
         }
     }
@@ -185,9 +190,9 @@ impl InferenceConfig {
             max_batch_size: model
                 .and_then(|m| m.max_batch_size)
                 .unwrap_or(self.batching.max_batch_size),
-            max_queue_delay_ms: model
-                .and_then(|m| m.max_queue_delay_ms)
-                .unwrap_or(self.batching.max_queue_delay_ms),
+            max_queue_delay: model
+                .and_then(|m| m.max_queue_delay)
+                .unwrap_or(self.batching.max_queue_delay),
             instances: model
                 .and_then(|m| m.instances)
                 .unwrap_or(self.batching.instances),

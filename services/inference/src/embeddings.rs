@@ -2,11 +2,10 @@
 //! of one request and of concurrent requests share forward passes), mean-pool the token
 //! vectors over the attention mask and L2-normalise.
 
-use kiln_core::Error as ApiError;
-
 use crate::engine::{LoadedModel, Task};
-use crate::error::Result;
 use crate::tensor::{Tensor, TensorData};
+use kiln_core::Error;
+use kiln_core::Result;
 
 /// One input's vector.
 pub struct Embedded {
@@ -36,24 +35,23 @@ pub fn tokenize(model: &LoadedModel, inputs: &[String], truncate: bool) -> Resul
     let tokenizer = model
         .tokenizer
         .as_ref()
-        .ok_or_else(|| ApiError::FailedPrecondition(format!("{} has no tokenizer", model.name)))?;
+        .ok_or_else(|| Error::FailedPrecondition(format!("{} has no tokenizer", model.name)))?;
     let limit = max_tokens(model);
     let mut out = Vec::with_capacity(inputs.len());
     for (i, text) in inputs.iter().enumerate() {
-        let encoding = tokenizer.encode(text.as_str(), true).map_err(|e| {
-            ApiError::invalid(format!("input[{i}]"), format!("cannot tokenize: {e}"))
-        })?;
+        let encoding = tokenizer
+            .encode(text.as_str(), true)
+            .map_err(|e| Error::invalid(format!("input[{i}]"), format!("cannot tokenize: {e}")))?;
         let mut ids = encoding.get_ids().to_vec();
         if ids.len() > limit {
             if !truncate {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     format!("input[{i}]"),
                     format!(
                         "is {} tokens, more than the model's limit of {limit} (set truncate to cut it)",
                         ids.len()
                     ),
-                )
-                .into());
+                ));
             }
             let last = *ids.last().expect("non-empty");
             ids.truncate(limit);
@@ -64,7 +62,7 @@ pub fn tokenize(model: &LoadedModel, inputs: &[String], truncate: bool) -> Resul
             }
         }
         if ids.is_empty() {
-            return Err(ApiError::invalid(format!("input[{i}]"), "has no tokens").into());
+            return Err(Error::invalid(format!("input[{i}]"), "has no tokens"));
         }
         out.push(ids);
     }
@@ -74,11 +72,10 @@ pub fn tokenize(model: &LoadedModel, inputs: &[String], truncate: bool) -> Resul
 /// Embeds token sequences, all at once through the batcher.
 pub async fn embed(model: &LoadedModel, sequences: Vec<Vec<u32>>) -> Result<Vec<Embedded>> {
     if model.task != Task::Embedding {
-        return Err(ApiError::FailedPrecondition(format!(
+        return Err(Error::FailedPrecondition(format!(
             "{} is not an embedding model",
             model.name
-        ))
-        .into());
+        )));
     }
     let runner = model.runner()?;
     let wants_types = runner.inputs().iter().any(|t| t.name == "token_type_ids");
@@ -93,7 +90,7 @@ pub async fn embed(model: &LoadedModel, sequences: Vec<Vec<u32>>) -> Result<Vec<
                 .position(|t| t.name == "last_hidden_state" || t.name == "token_embeddings")
         })
         .ok_or_else(|| {
-            ApiError::FailedPrecondition(format!("{} has no embedding output", model.name))
+            Error::FailedPrecondition(format!("{} has no embedding output", model.name))
         })?;
     let jobs = sequences.into_iter().map(|ids| {
         let n = ids.len();
@@ -124,7 +121,7 @@ pub async fn embed(model: &LoadedModel, sequences: Vec<Vec<u32>>) -> Result<Vec<
         }
         async move {
             let outputs = model.run(inputs, true).await?;
-            Ok::<_, crate::error::Error>(Embedded {
+            Ok::<_, kiln_core::Error>(Embedded {
                 vector: pool(&outputs[output], n)?,
             })
         }
@@ -136,11 +133,10 @@ pub async fn embed(model: &LoadedModel, sequences: Vec<Vec<u32>>) -> Result<Vec<
 /// padding), or a `[1, hidden]` sentence embedding as is; then L2-normalised.
 fn pool(output: &Tensor, tokens: usize) -> Result<Vec<f32>> {
     let TensorData::F32(values) = &output.data else {
-        return Err(ApiError::Internal(format!(
+        return Err(Error::Internal(format!(
             "the embedding output is {}, expected FP32",
             output.dtype()
-        ))
-        .into());
+        )));
     };
     let mut vector = match output.shape.as_slice() {
         [1, hidden] => values[..*hidden].to_vec(),
@@ -155,10 +151,9 @@ fn pool(output: &Tensor, tokens: usize) -> Result<Vec<f32>> {
             sum
         }
         other => {
-            return Err(ApiError::Internal(format!(
+            return Err(Error::Internal(format!(
                 "the embedding output has shape {other:?}, expected [1, {tokens}+, hidden]"
-            ))
-            .into());
+            )));
         }
     };
     normalize(&mut vector);

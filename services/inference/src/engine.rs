@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::names::ChildName;
 use kiln_formats::Manifest;
@@ -16,11 +15,11 @@ use tokio::sync::Mutex;
 use crate::backend::{Backends, Device, LoadOptions, TensorInfo};
 use crate::bundle::{Bundle, BundleCache};
 use crate::config::InferenceConfig;
-use crate::error::{Error, Result};
 use crate::generation::llm::{Llm, LlmShape};
 use crate::runner::{Runner, SubmitError};
 use crate::source::ModelSource;
 use crate::tensor::Tensor;
+use kiln_core::{Error, Result};
 
 /// What a loaded model serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,14 +85,13 @@ impl LoadedModel {
     pub fn runner(&self) -> Result<&Runner> {
         match &self.serving {
             Serving::Tensor(runner) => Ok(runner),
-            Serving::Llm(_) => Err(ApiError::invalid(
+            Serving::Llm(_) => Err(Error::invalid(
                 "model",
                 format!(
                     "{} is a text-generation model (completions and chat completions)",
                     self.name
                 ),
-            )
-            .into()),
+            )),
         }
     }
 
@@ -109,13 +107,12 @@ impl LoadedModel {
     pub async fn run(&self, inputs: Vec<(String, Tensor)>, pad: bool) -> Result<Vec<Tensor>> {
         match self.runner()?.submit(inputs, pad).await {
             Ok(outputs) => Ok(outputs?),
-            Err(SubmitError::Full) => Err(ApiError::Unavailable(format!(
+            Err(SubmitError::Full) => Err(Error::Unavailable(format!(
                 "{} has too many requests waiting; retry shortly",
                 self.name
-            ))
-            .into()),
+            ))),
             Err(SubmitError::Stopped) => {
-                Err(ApiError::Internal(format!("{} stopped serving", self.name)).into())
+                Err(Error::Internal(format!("{} stopped serving", self.name)))
             }
         }
     }
@@ -150,7 +147,7 @@ impl Engine {
     ) -> Result<Self> {
         let device = config
             .parsed_device()
-            .map_err(|e| Error::Startup(e.to_string()))?;
+            .map_err(|e| Error::Internal(e.to_string()))?;
         let cache = BundleCache::new(config.cache_dir(data_dir), config.cache_max_bytes);
         Ok(Self {
             config,
@@ -204,7 +201,7 @@ impl Engine {
             return if loaded.visible_to(caller) {
                 Ok(loaded.clone())
             } else {
-                Err(ApiError::not_found(name).into())
+                Err(Error::not_found(name))
             };
         }
         let loaded = Arc::new(self.load(caller, name, &model_name, backend).await?);
@@ -224,10 +221,9 @@ impl Engine {
                     .filter(|b| !b.is_empty())
             })
             .unwrap_or(&self.config.backend);
-        Ok(self
-            .backends
+        self.backends
             .choose(Some(preferred), self.device)
-            .map_err(|why| ApiError::FailedPrecondition(format!("cannot serve {name}: {why}")))?)
+            .map_err(|why| Error::FailedPrecondition(format!("cannot serve {name}: {why}")))
     }
 
     async fn load(
@@ -248,17 +244,14 @@ impl Engine {
             None => {
                 let model = match self.source.get_model(name).await {
                     Ok(model) => model,
-                    Err(Error::Remote(status)) if status.code() == tonic::Code::NotFound => {
-                        return Err(ApiError::not_found(requested).into());
-                    }
-                    Err(Error::Api(ApiError::NotFound { .. })) => {
-                        return Err(ApiError::not_found(requested).into());
+                    Err(e) if e.code() == tonic::Code::NotFound => {
+                        return Err(Error::not_found(requested));
                     }
                     Err(e) => return Err(e),
                 };
                 let account = ChildName::parse("model", "models", &model.name, None)?.account;
                 if !(model.public || caller.can_access(&account)) {
-                    return Err(ApiError::not_found(requested).into());
+                    return Err(Error::not_found(requested));
                 }
                 check_servable(&model)?;
                 // Bundles in blocks (INT4, MatMulNBits) run on ONNX Runtime only.
@@ -330,13 +323,12 @@ impl Engine {
             }
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("loading {name}: {e}")))??;
+        .map_err(|e| Error::Internal(format!("loading {name}: {e}")))??;
         let task = Task::of(&bundle.manifest, session.inputs(), session.outputs());
         if matches!(task, Task::Embedding | Task::TextGeneration) && tokenizer.is_none() {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{name} has no tokenizer.json, which its {task:?} task needs"
-            ))
-            .into());
+            )));
         }
         let serving = if task == Task::TextGeneration {
             let tokenizer = Arc::new(tokenizer.clone().expect("checked above"));
@@ -385,12 +377,14 @@ impl Engine {
     pub(crate) async fn fetch_addon(&self, addon: &str, base: &str) -> Result<PathBuf> {
         let model = self.source.get_model(addon).await?;
         if model.kind != model::Kind::LoraAddon as i32 {
-            return Err(
-                ApiError::FailedPrecondition(format!("{addon} is not a LoRA addon")).into(),
-            );
+            return Err(Error::FailedPrecondition(format!(
+                "{addon} is not a LoRA addon"
+            )));
         }
         if model.state != model::State::Ready as i32 {
-            return Err(ApiError::FailedPrecondition(format!("addon {addon} is not READY")).into());
+            return Err(Error::FailedPrecondition(format!(
+                "addon {addon} is not READY"
+            )));
         }
         let of = model
             .peft_details
@@ -398,10 +392,9 @@ impl Engine {
             .map(|p| p.base_model.as_str())
             .unwrap_or_default();
         if of != base {
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{addon} is an addon of {of}, not of {base}"
-            ))
-            .into());
+            )));
         }
         self.cache
             .fetch_files(self.source.as_ref(), &model, None, &model.files)
@@ -442,10 +435,9 @@ fn llm_shape(
         .filter(|t| t.name.starts_with("past_key_values.") && t.name.ends_with(".key"))
         .collect();
     let Some(first) = pasts.first() else {
-        return Err(ApiError::FailedPrecondition(
+        return Err(Error::FailedPrecondition(
             "the graph has no past_key_values.N.key inputs (it must be a decoder with past)".into(),
-        )
-        .into());
+        ));
     };
     let dim = |i: usize| {
         first
@@ -456,11 +448,10 @@ fn llm_shape(
             .map(|d| d as usize)
     };
     let (Some(kv_heads), Some(head_dim)) = (dim(1), dim(3)) else {
-        return Err(ApiError::FailedPrecondition(format!(
+        return Err(Error::FailedPrecondition(format!(
             "input {} must have fixed heads and head size, has {:?}",
             first.name, first.shape
-        ))
-        .into());
+        )));
     };
     let mut eos: Vec<u32> = manifest.eos_token_id.into_iter().collect();
     for &id in &manifest.eos_token_ids {
@@ -491,10 +482,10 @@ fn llm_shape(
 /// name is served directly; deployed models and `model#deployment` forms are unknown.
 fn resolve(field: &str, name: &str) -> Result<String> {
     if name.is_empty() {
-        return Err(ApiError::invalid(field, "is required").into());
+        return Err(Error::invalid(field, "is required"));
     }
     if name.contains('#') || name.contains("/deployedModels/") {
-        return Err(ApiError::not_found(name).into());
+        return Err(Error::not_found(name));
     }
     let parsed = ChildName::parse(field, "models", name, None)?;
     Ok(format!("accounts/{}/models/{}", parsed.account, parsed.id))
@@ -502,16 +493,16 @@ fn resolve(field: &str, name: &str) -> Result<String> {
 
 fn check_servable(model: &Model) -> Result<()> {
     if model.state != model::State::Ready as i32 {
-        return Err(
-            ApiError::FailedPrecondition(format!("model {} is not READY", model.name)).into(),
-        );
+        return Err(Error::FailedPrecondition(format!(
+            "model {} is not READY",
+            model.name
+        )));
     }
     if model.kind == model::Kind::LoraAddon as i32 {
-        return Err(ApiError::FailedPrecondition(format!(
+        return Err(Error::FailedPrecondition(format!(
             "model {} is a LoRA addon: it is served on a deployment of its base model",
             model.name
-        ))
-        .into());
+        )));
     }
     Ok(())
 }
@@ -520,11 +511,11 @@ fn check_servable(model: &Model) -> Result<()> {
 /// itself and decides about over-long inputs.
 pub fn load_tokenizer(path: &std::path::Path) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::from_file(path).map_err(|e| {
-        ApiError::FailedPrecondition(format!("{}: not a valid tokenizer: {e}", path.display()))
+        Error::FailedPrecondition(format!("{}: not a valid tokenizer: {e}", path.display()))
     })?;
     tokenizer.with_padding(None);
     tokenizer
         .with_truncation(None)
-        .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
     Ok(tokenizer)
 }

@@ -9,7 +9,6 @@ mod completions;
 pub mod config;
 pub mod embeddings;
 pub mod engine;
-mod error;
 pub mod generation;
 pub mod limits;
 pub mod node;
@@ -28,7 +27,7 @@ use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 use kiln_proto::common::v1::AcceleratorType;
 
-pub use error::{Error, Result};
+pub use kiln_core::{Error, Result};
 pub use service::Inference;
 
 /// The service name: its database and its outbox rows.
@@ -58,7 +57,7 @@ pub async fn open(
     limits: Option<Arc<dyn limits::LimitSource>>,
 ) -> Result<Inference> {
     std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-        Error::Startup(format!(
+        Error::Internal(format!(
             "cannot create data dir {}: {e}",
             server.data_dir.display()
         ))
@@ -76,7 +75,7 @@ pub async fn open(
     let backends = backend::Backends::standard(ort_path);
     let device = config
         .parsed_device()
-        .map_err(|e| Error::Startup(e.to_string()))?;
+        .map_err(|e| Error::Internal(e.to_string()))?;
     for name in backends.names() {
         match backends.get(name).and_then(|b| b.unavailable(device)) {
             None => tracing::info!(backend = name, ?device, "backend available"),

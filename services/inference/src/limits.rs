@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_core::names::SYSTEM_ACCOUNT;
 use kiln_core::telemetry::OutgoingInterceptor;
@@ -26,7 +25,7 @@ use kiln_proto::identity::v1::account::SuspendState;
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::error::{Error, Result};
+use kiln_core::{Error, Result};
 
 pub const RPM_QUOTA: &str = "serverless-inference-rpm";
 pub const TPM_QUOTA: &str = "serverless-inference-tpm";
@@ -54,7 +53,7 @@ pub struct RemoteLimits {
 impl RemoteLimits {
     pub fn new(url: &str, service_token: &str) -> Result<Self> {
         let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| Error::Startup(format!("billing_url: {e}")))?
+            .map_err(|e| Error::Internal(format!("billing_url: {e}")))?
             .connect_lazy();
         let interceptor = OutgoingInterceptor::new(Some(service_token))?;
         Ok(Self {
@@ -74,7 +73,7 @@ impl LimitSource for RemoteLimits {
                     .get_quota(GetQuotaRequest { name })
                     .await
                     .map(|q| q.into_inner().value)
-                    .map_err(Error::Remote)
+                    .map_err(|status| Error::from_peer("billing GetQuota", status))
             }
         };
         Ok(Limits {
@@ -146,11 +145,10 @@ pub(crate) fn check_not_suspended(caller: &Principal) -> Result<()> {
     let state = SuspendState::try_from(caller.suspend_state)
         .map(|s| s.as_str_name())
         .unwrap_or("SUSPENDED");
-    Err(ApiError::FailedPrecondition(format!(
+    Err(Error::FailedPrecondition(format!(
         "account accounts/{} is suspended ({state}); inference requests are refused until it is lifted",
         caller.account
-    ))
-    .into())
+    )))
 }
 
 impl RateLimiter {
@@ -287,11 +285,10 @@ impl RateLimiter {
 }
 
 fn exhausted(message: String, retry_after: Duration) -> Error {
-    ApiError::ResourceExhausted {
+    Error::ResourceExhausted {
         message,
         retry_after: Some(retry_after),
     }
-    .into()
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! loaded ONNX model as a tensor model. Answers carry tensors in `raw_output_contents`
 //! (little-endian, row-major), as Triton does; requests may use typed contents or raw bytes.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_proto::inference::model_infer_request::InferInputTensor;
 use kiln_proto::inference::model_infer_response::InferOutputTensor;
@@ -12,11 +12,11 @@ use tonic::{Request, Response};
 
 use crate::backend::TensorInfo;
 use crate::engine::LoadedModel;
-use crate::error::Result;
 use crate::router::{Target, forward, peer_status};
 use crate::service::{Inference, Reply, caller};
 use crate::tensor::{DataType, Tensor, TensorData};
 use crate::usage::Usage;
+use kiln_core::Result;
 use kiln_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 /// The one version every model has.
@@ -80,11 +80,10 @@ fn check_version(field: &str, version: &str) -> Result<()> {
     if version.is_empty() || version == VERSION {
         Ok(())
     } else {
-        Err(ApiError::invalid(
+        Err(Error::invalid(
             field,
             format!("models have one version, \"{VERSION}\"; got {version:?}"),
-        )
-        .into())
+        ))
     }
 }
 
@@ -103,7 +102,7 @@ fn requested_outputs<'a>(
     let outputs = model.runner()?.outputs();
     for (i, wanted) in request.outputs.iter().enumerate() {
         if !outputs.iter().any(|t| t.name == wanted.name) {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 format!("outputs[{i}].name"),
                 format!(
                     "{:?} is not an output of {} (its outputs: {})",
@@ -111,8 +110,7 @@ fn requested_outputs<'a>(
                     model.name,
                     names(outputs)
                 ),
-            )
-            .into());
+            ));
         }
     }
     Ok(request.outputs.iter().map(|o| o.name.as_str()).collect())
@@ -127,21 +125,20 @@ fn decode_inputs(
     let declared = model.runner()?.inputs();
     let raw = &request.raw_input_contents;
     if !raw.is_empty() && raw.len() != request.inputs.len() {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "raw_input_contents",
             format!(
                 "holds {} tensors for {} inputs",
                 raw.len(),
                 request.inputs.len()
             ),
-        )
-        .into());
+        ));
     }
     let mut decoded = Vec::with_capacity(declared.len());
     for (i, input) in request.inputs.iter().enumerate() {
         let field = format!("inputs[{i}] ({})", input.name);
         let Some(info) = declared.iter().find(|t| t.name == input.name) else {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 format!("inputs[{i}].name"),
                 format!(
                     "{:?} is not an input of {} (its inputs: {})",
@@ -149,30 +146,28 @@ fn decode_inputs(
                     model.name,
                     names(declared)
                 ),
-            )
-            .into());
+            ));
         };
         if decoded
             .iter()
             .any(|(n, _): &(String, Tensor)| *n == input.name)
         {
-            return Err(ApiError::invalid(field, "is given twice").into());
+            return Err(Error::invalid(field, "is given twice"));
         }
         let dtype = DataType::from_oip_name(&input.datatype).ok_or_else(|| {
-            ApiError::invalid(
+            Error::invalid(
                 &field,
                 format!("datatype {:?} is not supported", input.datatype),
             )
         })?;
         if dtype != info.dtype {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 &field,
                 format!(
                     "datatype is {}, the model expects {}",
                     input.datatype, info.dtype
                 ),
-            )
-            .into());
+            ));
         }
         let shape_ok = input.shape.len() == info.shape.len()
             && input
@@ -181,37 +176,34 @@ fn decode_inputs(
                 .zip(&info.shape)
                 .all(|(&got, &want)| got >= 0 && (want < 0 || got == want));
         if !shape_ok {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 &field,
                 format!(
                     "shape {:?} does not fit the model's {:?} (-1: any size)",
                     input.shape, info.shape
                 ),
-            )
-            .into());
+            ));
         }
         let shape: Vec<usize> = input.shape.iter().map(|&d| d as usize).collect();
         let data = match raw.get(i) {
             Some(bytes) => {
-                decode_raw(dtype, bytes).map_err(|reason| ApiError::invalid(&field, reason))?
+                decode_raw(dtype, bytes).map_err(|reason| Error::invalid(&field, reason))?
             }
             None => {
-                decode_contents(dtype, input).map_err(|reason| ApiError::invalid(&field, reason))?
+                decode_contents(dtype, input).map_err(|reason| Error::invalid(&field, reason))?
             }
         };
-        let tensor =
-            Tensor::new(shape, data).map_err(|reason| ApiError::invalid(&field, reason))?;
+        let tensor = Tensor::new(shape, data).map_err(|reason| Error::invalid(&field, reason))?;
         decoded.push((input.name.clone(), tensor));
     }
     if let Some(missing) = declared
         .iter()
         .find(|t| !decoded.iter().any(|(n, _)| *n == t.name))
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "inputs",
             format!("input {:?} of {} is missing", missing.name, model.name),
-        )
-        .into());
+        ));
     }
     Ok(decoded)
 }

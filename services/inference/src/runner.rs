@@ -92,7 +92,7 @@ impl Runner {
         };
         let (queue, jobs) = sync_channel(queue_capacity);
         let shared = Arc::new(Mutex::new(Queue { jobs, next: None }));
-        let delay = Duration::from_millis(batching.max_queue_delay_ms);
+        let delay = batching.max_queue_delay;
         let stats = Arc::new(Stats::default());
         let short = name.rsplit('/').next().unwrap_or(name);
         let count = sessions.len();
@@ -353,7 +353,7 @@ mod tests {
         };
         let batching = Batching {
             max_batch_size: 8,
-            max_queue_delay_ms: 50,
+            max_queue_delay: Duration::from_millis(50),
             ..Default::default()
         };
         let runner =

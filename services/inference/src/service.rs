@@ -2,12 +2,12 @@
 //! completions, embeddings) over the [`Engine`]. Each call is answered here or forwarded to
 //! the node that holds its model's replica; usage is recorded per answer.
 
+use kiln_core::Error;
 use std::future::Future;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kiln_core::Error as ApiError;
 use kiln_core::auth::{Principal, principal};
 use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
 use kiln_proto::kiln_inference::v1::*;
@@ -17,11 +17,11 @@ use tonic::{Request, Response, Status};
 
 use crate::embeddings;
 use crate::engine::{Engine, LoadedModel, Task};
-use crate::error::Result;
 use crate::node::Node;
 use crate::replicas::InFlight;
 use crate::router::{Served, Target, forward, is_forwarded, peer_status};
 use crate::usage::{Usage, UsageRecorder};
+use kiln_core::Result;
 
 /// The service state every handler shares.
 #[derive(Clone)]
@@ -96,7 +96,7 @@ impl Inference {
     ) -> Result<CreateEmbeddingsResponse> {
         let start_micros = kiln_core::time::now_micros();
         if request.input.is_empty() {
-            return Err(ApiError::invalid("input", "must hold at least one text").into());
+            return Err(Error::invalid("input", "must hold at least one text"));
         }
         let model = served.model;
         expect_task(&model, Task::Embedding, "CreateEmbeddings")?;
@@ -110,11 +110,10 @@ impl Inference {
                     .find_map(|t| t.shape.last().copied())
                     .unwrap_or(-1);
                 if d < 1 || (full > 0 && i64::from(d) > full) {
-                    return Err(ApiError::invalid(
+                    return Err(Error::invalid(
                         "dimensions",
                         format!("must be between 1 and the model's {full} dimensions, got {d}"),
-                    )
-                    .into());
+                    ));
                 }
                 Some(d as usize)
             }
@@ -174,11 +173,10 @@ fn expect_task(model: &LoadedModel, task: Task, rpc: &str) -> Result<()> {
         Task::TextGeneration => "a text-generation model (completions and chat completions)",
         Task::Tensor => "a tensor model (the Open Inference Protocol's ModelInfer)",
     };
-    Err(ApiError::invalid(
+    Err(Error::invalid(
         "model",
         format!("{} is {serves}; {rpc} does not apply", model.name),
-    )
-    .into())
+    ))
 }
 
 /// Keeps `guard` alive until the stream ends or its client leaves.

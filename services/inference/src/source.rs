@@ -12,7 +12,7 @@ use kiln_proto::registry::v1::{
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::error::{Error, Result};
+use kiln_core::{Error, Result};
 
 /// A stream of file pieces, as `DownloadModelFiles` sends them.
 pub type FileStream = BoxStream<'static, Result<DownloadModelFilesResponse>>;
@@ -37,7 +37,7 @@ impl RemoteRegistry {
     /// Connects lazily to `url`, presenting `service_token`.
     pub fn new(url: &str, service_token: &str) -> Result<Self> {
         let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| Error::Startup(format!("registry_url: {e}")))?
+            .map_err(|e| Error::Internal(format!("registry_url: {e}")))?
             .connect_lazy();
         let interceptor = OutgoingInterceptor::new(Some(service_token))?;
         Ok(Self {
@@ -56,7 +56,7 @@ impl ModelSource for RemoteRegistry {
                 name: name.to_owned(),
             })
             .await
-            .map_err(Error::Remote)?
+            .map_err(|status| Error::from_peer("registry GetModel", status))?
             .into_inner())
     }
 
@@ -69,8 +69,12 @@ impl ModelSource for RemoteRegistry {
                 ..Default::default()
             })
             .await
-            .map_err(Error::Remote)?
+            .map_err(|status| Error::from_peer("registry DownloadModelFiles", status))?
             .into_inner();
-        Ok(stream.map(|piece| piece.map_err(Error::Remote)).boxed())
+        Ok(stream
+            .map(|piece| {
+                piece.map_err(|status| Error::from_peer("registry DownloadModelFiles", status))
+            })
+            .boxed())
     }
 }

@@ -6,9 +6,9 @@
 //! the end, records into the outbox directly. Writes from concurrent requests share one
 //! statement (group commit), so recording costs one commit per burst, not per request.
 
+use kiln_core::Error;
 use std::sync::Arc;
 
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_events::outbox::Outbox;
 use kiln_events::{Body, new_event};
@@ -21,7 +21,7 @@ use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::Result;
+use kiln_core::Result;
 
 pub const SOURCE: &str = "inference";
 
@@ -107,14 +107,12 @@ impl Reservation {
                 kiln_core::time::now_micros(),
             ));
         }
-        self.queue
-            .send(Op::Confirm(event))
-            .map_err(|_| stopped().into())
+        self.queue.send(Op::Confirm(event)).map_err(|_| stopped())
     }
 }
 
-fn stopped() -> ApiError {
-    ApiError::Unavailable("usage recording stopped".into())
+fn stopped() -> Error {
+    Error::Unavailable("usage recording stopped".into())
 }
 
 /// Waits for the writer's word that a write is durable.
@@ -122,7 +120,7 @@ async fn durable(written: oneshot::Receiver<Result<(), String>>) -> Result<()> {
     written
         .await
         .map_err(|_| stopped())?
-        .map_err(|e| ApiError::Unavailable(format!("recording usage: {e}")).into())
+        .map_err(|e| Error::Unavailable(format!("recording usage: {e}")))
 }
 
 impl Drop for Reservation {

@@ -12,18 +12,15 @@ pub(crate) struct LocalRegistry(pub kiln_registry::Registry);
 
 #[async_trait::async_trait]
 impl kiln_inference::source::ModelSource for LocalRegistry {
-    async fn get_model(&self, name: &str) -> kiln_inference::Result<Model> {
-        self.0
-            .get_model(&Principal::service(), name)
-            .await
-            .map_err(|e| kiln_inference::Error::Remote(e.into()))
+    async fn get_model(&self, name: &str) -> kiln_core::Result<Model> {
+        self.0.get_model(&Principal::service(), name).await
     }
 
     async fn download(
         &self,
         name: &str,
         bundle_precision: Option<i32>,
-    ) -> kiln_inference::Result<kiln_inference::source::FileStream> {
+    ) -> kiln_core::Result<kiln_inference::source::FileStream> {
         let request = DownloadModelFilesRequest {
             name: name.to_owned(),
             bundle_precision,
@@ -32,11 +29,8 @@ impl kiln_inference::source::ModelSource for LocalRegistry {
         let stream = self
             .0
             .download_model_files(&Principal::service(), request)
-            .await
-            .map_err(|e| kiln_inference::Error::Remote(e.into()))?;
-        Ok(stream
-            .map(|piece| piece.map_err(|e| kiln_inference::Error::Remote(e.into())))
-            .boxed())
+            .await?;
+        Ok(stream.boxed())
     }
 }
 
@@ -57,10 +51,7 @@ impl LocalBilling {
 
 #[async_trait::async_trait]
 impl kiln_scheduler::quota::QuotaGate for LocalBilling {
-    async fn limits(
-        &self,
-        account: &str,
-    ) -> kiln_scheduler::Result<kiln_scheduler::quota::QuotaLimits> {
+    async fn limits(&self, account: &str) -> kiln_core::Result<kiln_scheduler::quota::QuotaLimits> {
         Ok(kiln_scheduler::quota::QuotaLimits(
             self.values(account).await?,
         ))
@@ -69,14 +60,8 @@ impl kiln_scheduler::quota::QuotaGate for LocalBilling {
 
 #[async_trait::async_trait]
 impl kiln_inference::limits::LimitSource for LocalBilling {
-    async fn limits(
-        &self,
-        account: &str,
-    ) -> kiln_inference::Result<kiln_inference::limits::Limits> {
-        let values = self
-            .values(account)
-            .await
-            .map_err(|e| kiln_inference::Error::Remote(e.into()))?;
+    async fn limits(&self, account: &str) -> kiln_core::Result<kiln_inference::limits::Limits> {
+        let values = self.values(account).await?;
         let value = |quota: &str| values.get(quota).copied().unwrap_or(0);
         Ok(kiln_inference::limits::Limits {
             requests_per_minute: value(kiln_inference::limits::RPM_QUOTA),
@@ -92,11 +77,10 @@ impl kiln_inference::node::SchedulerLink for LocalScheduler {
     async fn open(
         &self,
         outbound: tokio::sync::mpsc::Receiver<kiln_proto::scheduler::v1::NodeMessage>,
-    ) -> kiln_inference::Result<kiln_inference::node::SchedulerStream> {
+    ) -> kiln_core::Result<kiln_inference::node::SchedulerStream> {
         let outbound = tokio_stream::wrappers::ReceiverStream::new(outbound).map(Ok);
         self.0
             .connect(&Principal::service(), outbound.boxed())
             .await
-            .map_err(|e| kiln_inference::Error::Remote(e.into()))
     }
 }

@@ -28,7 +28,7 @@ async fn embed_local(engine: &Engine, texts: &[String]) -> (Vec<Vec<u32>>, Vec<V
 
 const NO_BATCHING: Batching = Batching {
     max_batch_size: 1,
-    max_queue_delay_ms: 0,
+    max_queue_delay: Duration::ZERO,
     instances: 1,
 };
 
@@ -93,7 +93,7 @@ async fn batched_answers_equal_unbatched_ones_and_a_burst_of_64_succeeds() {
         // Two instances: passes run side by side on copies of the model.
         Batching {
             max_batch_size: 16,
-            max_queue_delay_ms: 20,
+            max_queue_delay: Duration::from_millis(20),
             instances: 2,
         },
         1,

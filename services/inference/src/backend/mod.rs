@@ -58,6 +58,14 @@ pub struct BackendError {
     pub message: String,
 }
 
+/// A backend's failure reaches the caller with its message: it is about the model and its
+/// input, not about the service.
+impl From<BackendError> for kiln_core::Error {
+    fn from(err: BackendError) -> Self {
+        kiln_core::Error::ModelFailed(err.to_string())
+    }
+}
+
 impl BackendError {
     pub fn new(backend: &'static str, message: impl std::fmt::Display) -> Self {
         Self {

@@ -1,10 +1,10 @@
 //! Chat completions: a conversation rendered by the model's chat template and answered,
 //! unary or streamed.
 
+use kiln_core::Error;
 use std::collections::HashMap;
 
 use futures::stream::BoxStream;
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_proto::kiln_inference::v1::*;
 use tonic::Status;
@@ -12,10 +12,10 @@ use tonic::Status;
 use super::request::{check_stops, choices, max_tokens_field};
 use super::response::{chat_logprobs, usage};
 use super::{Event, Finish, Job, llm};
-use crate::error::Result;
 use crate::generation::sampling::{SamplingFields, SamplingParams};
 use crate::router::Served;
 use crate::service::Inference;
+use kiln_core::Result;
 
 impl Inference {
     /// A chat completion request's job, served by `served`.
@@ -34,7 +34,7 @@ impl Inference {
         )?;
         let vocab = llm.tokenizer.get_vocab_size(true);
         if r.top_logprobs.is_some() && r.logprobs != Some(true) {
-            return Err(ApiError::invalid("top_logprobs", "needs logprobs set to true").into());
+            return Err(Error::invalid("top_logprobs", "needs logprobs set to true"));
         }
         let params = SamplingParams::from_fields(
             SamplingFields {

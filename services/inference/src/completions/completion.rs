@@ -1,7 +1,7 @@
 //! Completions: a prompt (or several) continued, unary or streamed.
 
 use futures::stream::BoxStream;
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_proto::kiln_inference::v1::*;
 use tonic::Status;
@@ -9,10 +9,10 @@ use tonic::Status;
 use super::request::{check_stops, choices, max_tokens_field};
 use super::response::{completion_logprobs, usage};
 use super::{Event, Finish, Job, llm};
-use crate::error::Result;
 use crate::generation::sampling::{SamplingFields, SamplingParams};
 use crate::router::Served;
 use crate::service::Inference;
+use kiln_core::Result;
 
 impl Inference {
     /// A completion request's job, served by `served`.
@@ -26,11 +26,12 @@ impl Inference {
             (false, true) => vec![r.prompt.clone()],
             (true, false) => r.prompts.clone(),
             (false, false) => {
-                return Err(
-                    ApiError::invalid("prompts", "give prompt or prompts, not both").into(),
-                );
+                return Err(Error::invalid(
+                    "prompts",
+                    "give prompt or prompts, not both",
+                ));
             }
-            (true, true) => return Err(ApiError::invalid("prompt", "is required").into()),
+            (true, true) => return Err(Error::invalid("prompt", "is required")),
         };
         let vocab = llm(&model)?.tokenizer.get_vocab_size(true);
         let params = SamplingParams::from_fields(

@@ -9,19 +9,19 @@ mod request;
 mod response;
 mod stream;
 
+use kiln_core::Error;
 use std::sync::Arc;
 
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use tokio::sync::mpsc;
 
 use crate::engine::{LoadedModel, Task};
-use crate::error::Result;
 use crate::generation::llm::{Event, Finish, Llm, SequenceRequest, SubmitError};
 use crate::generation::sampling::{Sampled, SamplingParams};
 use crate::router::RouteRef;
 use crate::service::Inference;
 use crate::usage::Usage;
+use kiln_core::Result;
 
 /// A generation request, whichever API it came through.
 struct Job {
@@ -77,11 +77,10 @@ fn llm(model: &LoadedModel) -> Result<&Llm> {
             Task::Embedding => "an embedding model (CreateEmbeddings)",
             _ => "a tensor model (the Open Inference Protocol's ModelInfer)",
         };
-        ApiError::invalid(
+        Error::invalid(
             "model",
             format!("{} is {serves}; it does not generate text", model.name),
         )
-        .into()
     })
 }
 
@@ -102,7 +101,7 @@ impl Inference {
                     events,
                 };
                 llm.submit(request).map_err(|e| match e {
-                    SubmitError::Full => ApiError::ResourceExhausted {
+                    SubmitError::Full => Error::ResourceExhausted {
                         message: format!(
                             "{} has too many requests waiting; retry shortly",
                             job.model.name
@@ -110,7 +109,7 @@ impl Inference {
                         retry_after: Some(std::time::Duration::from_secs(1)),
                     },
                     SubmitError::Stopped => {
-                        ApiError::Internal(format!("{} stopped serving", job.model.name))
+                        Error::Internal(format!("{} stopped serving", job.model.name))
                     }
                 })?;
                 receivers.push(receiver);
@@ -177,10 +176,10 @@ impl Inference {
                         result.counts.add(completion_tokens, cached_prompt_tokens);
                         return Ok(result);
                     }
-                    Event::Failed(message) => return Err(ApiError::Internal(message)),
+                    Event::Failed(message) => return Err(Error::Internal(message)),
                 }
             }
-            Err(ApiError::Internal("the generation loop stopped".into()))
+            Err(Error::Internal("the generation loop stopped".into()))
         }))
         .await;
         let results = gathered.into_iter().collect::<Result<Vec<_>, _>>()?;

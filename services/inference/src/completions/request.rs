@@ -1,24 +1,23 @@
 //! A request's fields checked and turned into a [`Job`]: its prompts tokenized and fitted
 //! into the model's context, its sampling parameters, choices, stops and limits.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_proto::kiln_inference::v1::ContextLengthExceededBehavior;
 
 use super::llm;
 use crate::engine::LoadedModel;
-use crate::error::Result;
 use crate::service::Inference;
+use kiln_core::Result;
 
 /// The most choices one request may ask for.
 const MAX_CHOICES: usize = 16;
 
 pub(super) fn check_stops(stops: &[String]) -> Result<Vec<String>> {
     if stops.len() > 4 {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "stop",
             format!("at most 4 stop sequences, got {}", stops.len()),
-        )
-        .into());
+        ));
     }
     Ok(stops.iter().filter(|s| !s.is_empty()).cloned().collect())
 }
@@ -28,9 +27,10 @@ pub(super) fn max_tokens_field(value: Option<i32>, default: usize) -> Result<usi
     match value {
         None => Ok(default),
         Some(m) if m >= 1 => Ok(m as usize),
-        Some(m) => {
-            Err(ApiError::invalid("max_tokens", format!("must be at least 1, got {m}")).into())
-        }
+        Some(m) => Err(Error::invalid(
+            "max_tokens",
+            format!("must be at least 1, got {m}"),
+        )),
     }
 }
 
@@ -38,11 +38,10 @@ pub(super) fn choices(n: Option<i32>) -> Result<usize> {
     match n {
         None => Ok(1),
         Some(n) if n >= 1 && n as usize <= MAX_CHOICES => Ok(n as usize),
-        Some(n) => Err(ApiError::invalid(
+        Some(n) => Err(Error::invalid(
             "n",
             format!("must be between 1 and {MAX_CHOICES}, got {n}"),
-        )
-        .into()),
+        )),
     }
 }
 
@@ -58,7 +57,7 @@ impl Inference {
         let encoding = llm
             .tokenizer
             .encode(text, false)
-            .map_err(|e| ApiError::invalid(field, format!("cannot tokenize: {e}")))?;
+            .map_err(|e| Error::invalid(field, format!("cannot tokenize: {e}")))?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         if model.manifest.add_bos_token
             && let Some(bos) = model.manifest.bos_token_id
@@ -67,7 +66,7 @@ impl Inference {
         }
         ids.extend_from_slice(encoding.get_ids());
         if ids.is_empty() {
-            return Err(ApiError::invalid(field, "has no tokens").into());
+            return Err(Error::invalid(field, "has no tokens"));
         }
         Ok(ids)
     }
@@ -93,14 +92,13 @@ impl Inference {
             *max_tokens = (*max_tokens).min(context - prompt.len());
             return Ok(());
         }
-        Err(ApiError::invalid(
+        Err(Error::invalid(
             "max_tokens",
             format!(
                 "the prompt's {} tokens plus max_tokens {} exceed the model's context of {context} tokens",
                 prompt.len(),
                 max_tokens
             ),
-        )
-        .into())
+        ))
     }
 }

@@ -9,8 +9,8 @@ use tonic::Status;
 
 use super::response::usage;
 use super::{Counts, Event, Job};
-use crate::error::Result;
 use crate::service::Inference;
+use kiln_core::Result;
 
 impl Inference {
     /// Streams a job: `(choice, event)` as they come, ending when every choice has finished.

@@ -2,9 +2,9 @@
 //! penalties, then greedy (temperature 0) or sampling with temperature, top-k, top-p and min-p,
 //! from a seeded generator so the same seed gives the same output.
 
+use kiln_core::Error;
 use std::collections::HashMap;
 
-use kiln_core::Error as ApiError;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -65,13 +65,13 @@ pub struct SamplingFields<'a> {
 
 impl SamplingParams {
     /// Validates the fields, naming the first bad one; `vocab` bounds logit_bias keys.
-    pub fn from_fields(fields: SamplingFields<'_>, vocab: usize) -> Result<Self, ApiError> {
+    pub fn from_fields(fields: SamplingFields<'_>, vocab: usize) -> Result<Self, Error> {
         let mut p = Self::default();
-        let range = |field: &str, v: f32, lo: f32, hi: f32| -> Result<f32, ApiError> {
+        let range = |field: &str, v: f32, lo: f32, hi: f32| -> Result<f32, Error> {
             if v.is_finite() && v >= lo && v <= hi {
                 Ok(v)
             } else {
-                Err(ApiError::invalid(
+                Err(Error::invalid(
                     field,
                     format!("must be between {lo} and {hi}, got {v}"),
                 ))
@@ -82,7 +82,7 @@ impl SamplingParams {
         }
         if let Some(v) = fields.top_p {
             if !(v > 0.0 && v <= 1.0) {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     "top_p",
                     format!("must be in (0, 1], got {v}"),
                 ));
@@ -90,9 +90,8 @@ impl SamplingParams {
             p.top_p = v;
         }
         if let Some(k) = fields.top_k {
-            p.top_k = usize::try_from(k).map_err(|_| {
-                ApiError::invalid("top_k", format!("must not be negative, got {k}"))
-            })?;
+            p.top_k = usize::try_from(k)
+                .map_err(|_| Error::invalid("top_k", format!("must not be negative, got {k}")))?;
         }
         if let Some(v) = fields.min_p {
             p.min_p = range("min_p", v, 0.0, 1.0)?;
@@ -105,7 +104,7 @@ impl SamplingParams {
         }
         if let Some(v) = fields.repetition_penalty {
             if !(v.is_finite() && v > 0.0) {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     "repetition_penalty",
                     format!("must be positive, got {v}"),
                 ));
@@ -119,7 +118,7 @@ impl SamplingParams {
                     .ok()
                     .filter(|&t| (t as usize) < vocab)
                     .ok_or_else(|| {
-                        ApiError::invalid(
+                        Error::invalid(
                             &field,
                             format!("token {token} is outside the vocabulary of {vocab}"),
                         )
@@ -130,7 +129,7 @@ impl SamplingParams {
         p.seed = fields.seed.map(|s| s as u64);
         if let Some(n) = fields.top_logprobs {
             if !(0..=5).contains(&n) {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     fields.top_logprobs_field,
                     format!("must be between 0 and 5, got {n}"),
                 ));

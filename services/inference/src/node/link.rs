@@ -12,7 +12,7 @@ use tonic::Status;
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::error::{Error, Result};
+use kiln_core::{Error, Result};
 
 pub type SchedulerStream = BoxStream<'static, Result<SchedulerMessage, Status>>;
 
@@ -31,7 +31,7 @@ pub struct RemoteScheduler {
 impl RemoteScheduler {
     pub fn new(url: &str, service_token: &str) -> Result<Self> {
         let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| Error::Startup(format!("scheduler_url: {e}")))?
+            .map_err(|e| Error::Internal(format!("scheduler_url: {e}")))?
             .connect_lazy();
         let interceptor = OutgoingInterceptor::new(Some(service_token))?;
         Ok(Self {
@@ -48,7 +48,7 @@ impl SchedulerLink for RemoteScheduler {
             .clone()
             .connect(tokio_stream::wrappers::ReceiverStream::new(outbound))
             .await
-            .map_err(Error::Remote)?
+            .map_err(|status| Error::from_peer("scheduler Connect", status))?
             .into_inner();
         Ok(stream.boxed())
     }

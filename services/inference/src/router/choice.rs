@@ -1,12 +1,12 @@
 //! The router's decisions, apart from the state they read: which route a model string names
 //! for a caller, and which of its replicas takes a request here or elsewhere.
 
-use kiln_core::Error as ApiError;
+use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_core::names::ChildName;
 use kiln_proto::scheduler::v1::{Route, RouteReplica, RoutingTable};
 
-use crate::error::Result;
+use kiln_core::Result;
 
 /// The route a model string names that `caller` may use: `model#deployment`, a deployed
 /// model, or a model alone (its default deployment: the caller's own first, then a shared
@@ -19,7 +19,7 @@ pub(super) fn find_route<'t>(
     name: &str,
 ) -> Result<&'t Route> {
     if name.is_empty() {
-        return Err(ApiError::invalid(field, "is required").into());
+        return Err(Error::invalid(field, "is required"));
     }
     let visible = |route: &Route| {
         route.public
@@ -60,7 +60,7 @@ pub(super) fn find_route<'t>(
         }
         best
     };
-    found.ok_or_else(|| ApiError::not_found(name).into())
+    found.ok_or_else(|| Error::not_found(name))
 }
 
 /// The replica of `route` on `node` (this one) that takes a request: the one with the fewest

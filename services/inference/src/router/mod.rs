@@ -7,12 +7,12 @@
 mod choice;
 mod forward;
 
+use kiln_core::Error;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_core::Error as ApiError;
 use kiln_core::auth::Principal;
 use kiln_proto::scheduler::v1::{DeploymentDemand, Route, RoutingTable};
 use tokio::sync::watch;
@@ -22,8 +22,8 @@ pub(crate) use forward::{forward, is_forwarded, peer_status};
 
 use crate::config::InferenceConfig;
 use crate::engine::{Engine, LoadedModel};
-use crate::error::Result;
 use crate::replicas::{InFlight, Replicas};
+use kiln_core::Result;
 
 /// Which deployed model and replica answer a request, for its usage record.
 #[derive(Debug, Clone, Default)]
@@ -84,7 +84,7 @@ impl Router {
             replicas,
             routes,
             demand,
-            cold_start_timeout: Duration::from_millis(config.cold_start_timeout_ms),
+            cold_start_timeout: config.cold_start_timeout,
             max_waiting: config.max_waiting_requests,
             peers: Default::default(),
             forwarded: Default::default(),
@@ -111,11 +111,10 @@ impl Router {
                 return Ok(Target::Local(served));
             }
             if forwarded {
-                return Err(ApiError::Unavailable(format!(
+                return Err(Error::Unavailable(format!(
                     "{} no longer serves {name}; retry",
                     self.node
-                ))
-                .into());
+                )));
             }
             if let Some(target) = self.remote(route)? {
                 return Ok(target);
@@ -132,14 +131,13 @@ impl Router {
             match tokio::time::timeout_at(deadline, routes.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => {
-                    return Err(ApiError::Unavailable("the node is shutting down".into()).into());
+                    return Err(Error::Unavailable("the node is shutting down".into()));
                 }
                 Err(_) => {
-                    return Err(ApiError::Unavailable(format!(
+                    return Err(Error::Unavailable(format!(
                         "{deployment} has no ready replica after {} s; retry later",
                         self.cold_start_timeout.as_secs()
-                    ))
-                    .into());
+                    )));
                 }
             }
         }
@@ -157,12 +155,11 @@ impl Router {
         if route.model != route.base_model {
             // The replica holds the addon's files, but applying LoRA weights is not built
             // yet: answering with the bare base would pass its output off as the addon's.
-            return Err(ApiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "{} is LoRA addon {} on {}: its files are loaded, but this node cannot apply \
                  LoRA weights yet; send the request to the base model {}",
                 route.deployed_model, route.model, route.deployment, route.base_model
-            ))
-            .into());
+            )));
         }
         let claimed = {
             let replicas = self.replicas.lock();
@@ -216,7 +213,7 @@ impl Router {
             return Ok(channel.clone());
         }
         let channel = kiln_core::server::endpoint(address)
-            .map_err(|e| ApiError::Internal(format!("node address: {e}")))?
+            .map_err(|e| Error::Internal(format!("node address: {e}")))?
             .connect_lazy();
         peers.insert(address.to_owned(), channel.clone());
         Ok(channel)
@@ -226,13 +223,12 @@ impl Router {
         let mut waiting = self.waiting.lock().expect("waiting");
         let count = waiting.entry(deployment.to_owned()).or_default();
         if *count >= self.max_waiting {
-            return Err(ApiError::ResourceExhausted {
+            return Err(Error::ResourceExhausted {
                 message: format!(
                     "{deployment} is starting and already holds {count} waiting requests; retry shortly"
                 ),
                 retry_after: Some(Duration::from_secs(1)),
-            }
-            .into());
+            });
         }
         *count += 1;
         Ok(WaitGuard {
