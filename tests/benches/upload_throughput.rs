@@ -31,7 +31,7 @@ fn main() {
         drop(bytes);
 
         // Three rounds of each, alternating; the median of each is reported.
-        let (sha, size) = kiln_registry::library::hash_file(&source).await.unwrap();
+        let (sha, size) = kiln_registry::hash_file(&source).await.unwrap();
         let mut copies = Vec::new();
         let mut uploads = Vec::new();
         for round in 0..3 {
@@ -53,7 +53,7 @@ fn main() {
             )
             .await;
             let started = Instant::now();
-            let stream = kiln_registry::library::file_upload_stream(
+            let stream = kiln_registry::file_upload_stream(
                 model.name.clone(),
                 "model.onnx".into(),
                 source.clone(),

@@ -276,7 +276,7 @@ impl TestMesh {
 /// A folder that links the given folders of the asset cache and ONNX Runtime's, so a mesh
 /// imports just those models into its library (and finds ONNX Runtime beside them).
 pub fn asset_dir_with(folders: &[&str]) -> tempfile::TempDir {
-    let cache = kiln_registry::library::asset_dir(&Default::default());
+    let cache = kiln_registry::asset_dir(&Default::default());
     let dir = tempfile::tempdir().expect("temp dir");
     for folder in folders.iter().chain(&["onnxruntime"]) {
         let source = cache.join(folder);

@@ -113,8 +113,8 @@ pub async fn upload_path(
     path_in_model: &str,
     local: &std::path::Path,
 ) -> regv1::UploadModelFilesResponse {
-    let (sha, size) = kiln_registry::library::hash_file(local).await.unwrap();
-    let stream = kiln_registry::library::file_upload_stream(
+    let (sha, size) = kiln_registry::hash_file(local).await.unwrap();
+    let stream = kiln_registry::file_upload_stream(
         model.to_owned(),
         path_in_model.to_owned(),
         local.to_owned(),

@@ -27,7 +27,7 @@ pub async fn channel_to(url: &str, key: Option<&str>) -> AuthedChannel {
 /// A file of the asset cache (`deploy/fetch-assets.sh` fills it; `.ci/run` runs it). Panics
 /// with what to do when it is missing: tests on real models never skip silently.
 pub fn asset(relative: &str) -> PathBuf {
-    let dir = kiln_registry::library::asset_dir(&Default::default());
+    let dir = kiln_registry::asset_dir(&Default::default());
     let path = dir.join(relative);
     assert!(
         path.is_file(),

@@ -103,7 +103,9 @@ impl Artifacts {
     /// SHA-256 of the staged bytes (when the upload was resumed, so no running hash covers
     /// them all).
     pub async fn hash_staged(&self, key: &str) -> Result<String> {
-        Ok(crate::library::hash_file(&self.staging_path(key)).await?.0)
+        Ok(crate::local_files::hash_file(&self.staging_path(key))
+            .await?
+            .0)
     }
 
     /// Moves a complete staged file into the store under `key`.

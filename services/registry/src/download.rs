@@ -7,8 +7,8 @@ use kiln_proto::registry::v1::{
     DownloadModelFilesRequest, DownloadModelFilesResponse, ModelFile, prepared_bundle,
 };
 
-use crate::models::{file_key, precision_name};
 use crate::service::Registry;
+use crate::stored::{file_key, precision_name};
 use kiln_core::{Error, Result};
 
 /// Bytes per streamed message.

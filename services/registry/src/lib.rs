@@ -1,25 +1,30 @@
 //! Kiln registry: models (base models and LoRA addons), their files, datasets, and the public
-//! library. A library plus a thin `main.rs`; `kiln dev` hosts it beside the other services.
+//! library. kiln-server hosts it (`kiln serve registry`, `kiln dev`).
 
-pub mod artifacts;
+mod artifacts;
 pub mod config;
-pub mod datasets;
-pub mod db;
-pub mod deployments;
-pub mod download;
-pub mod grpc;
-pub mod library;
-pub mod models;
-pub mod prepare;
-pub mod service;
+mod datasets;
+mod db;
+mod deployments;
+mod download;
+mod grpc;
+mod library;
+mod local_files;
+mod models;
+mod prepare;
+mod preparers;
+mod service;
 mod staging;
-pub mod uploads;
-pub mod validate;
+mod stored;
+mod uploads;
+mod validate;
 
 use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 
 pub use kiln_core::{Error, Result};
+pub use library::{CHAT_MODEL, EMBEDDING_MODEL, asset_dir};
+pub use local_files::{UPLOAD_CHUNK, file_upload_stream, hash_file};
 pub use service::Registry;
 
 /// Opens the registry's database (migrating it) and artifact store, starts its outbox relay
@@ -43,7 +48,7 @@ pub async fn open(
         host.pages.clone(),
         artifacts,
         config.clone(),
-        prepare::Preparers::standard(),
+        preparers::Preparers::standard(),
     );
     host.track(
         registry

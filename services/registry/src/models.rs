@@ -7,50 +7,16 @@ use kiln_core::names::{self, ChildName};
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
 use kiln_proto::events::v1 as ev;
-use kiln_proto::registry::v1::{Model, ModelFile, model};
+use kiln_proto::registry::v1::{Model, model};
 use prost::Message;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::{model as models, model_file as files};
 use crate::service::Registry;
+use crate::stored::{StoredModel, assemble};
 use kiln_core::Result;
 use kiln_core::names::validate_display_name;
 use kiln_core::page::mask_paths;
-
-/// A model row with its decoded resource.
-pub struct StoredModel {
-    pub row: models::Model,
-    pub model: Model,
-}
-
-impl StoredModel {
-    pub fn account(&self) -> &str {
-        &self.row.account_id
-    }
-
-    pub fn id(&self) -> &str {
-        &self.row.model_id
-    }
-}
-
-/// The object key of an uploaded file (`bundle` empty) or of a prepared bundle's file.
-pub fn file_key(account: &str, model: &str, bundle: &str, path: &str) -> String {
-    if bundle.is_empty() {
-        format!("models/{account}/{model}/files/{path}")
-    } else {
-        format!("models/{account}/{model}/bundles/{bundle}/{path}")
-    }
-}
-
-pub fn file_proto(f: &files::Model) -> ModelFile {
-    ModelFile {
-        path: f.path.clone(),
-        size_bytes: f.size_bytes,
-        sha256: f.sha256.clone(),
-        uploaded_bytes: f.uploaded_bytes,
-        complete: f.complete,
-    }
-}
 
 impl Registry {
     /// Reads a model row and its files. No access check.
@@ -479,32 +445,6 @@ impl Registry {
             .await?;
         Ok(())
     }
-}
-
-/// A model from its row and the rows of its files (uploaded and of its bundles).
-fn assemble(row: models::Model, files: &[files::Model]) -> Result<StoredModel> {
-    let mut model = Model::decode(row.resource.as_slice())
-        .map_err(|e| Error::Internal(format!("stored model does not decode: {e}")))?;
-    model.files = files
-        .iter()
-        .filter(|f| f.bundle.is_empty())
-        .map(file_proto)
-        .collect();
-    for bundle in &mut model.prepared_bundles {
-        let name = precision_name(bundle.precision);
-        bundle.files = files
-            .iter()
-            .filter(|f| f.bundle == name)
-            .map(file_proto)
-            .collect();
-    }
-    Ok(StoredModel { row, model })
-}
-
-pub fn precision_name(precision: i32) -> String {
-    kiln_proto::common::v1::Precision::try_from(precision)
-        .map(|p| p.as_str_name().to_ascii_lowercase())
-        .unwrap_or_else(|_| format!("precision-{precision}"))
 }
 
 /// The fields a model list filters on and orders by.

@@ -10,7 +10,7 @@ use sea_orm::DatabaseConnection;
 
 use crate::artifacts::Artifacts;
 use crate::config::RegistryConfig;
-use crate::prepare::Preparers;
+use crate::preparers::Preparers;
 use kiln_core::Result;
 
 /// The name events carry in `source`.
@@ -34,7 +34,7 @@ struct Inner {
 }
 
 impl Registry {
-    pub fn new(
+    pub(crate) fn new(
         db: DatabaseConnection,
         pages: PageTokens,
         artifacts: Artifacts,

@@ -15,9 +15,9 @@ use sea_orm::{ActiveModelTrait, EntityTrait};
 
 use crate::artifacts::Artifacts;
 use crate::db::model_file as files;
-use crate::models::{StoredModel, file_key};
 use crate::service::{Registry, validate_file_path, validate_sha256};
 use crate::staging::{RunningHash, StagingAppender, StagingWriter, blocking};
+use crate::stored::{StoredModel, file_key};
 use kiln_core::Result;
 
 /// How often (in bytes) an upload records its progress in the database.

@@ -17,8 +17,8 @@ use kiln_proto::registry::v1::{
     base_model_details::CheckpointFormat, model,
 };
 
-use crate::models::{StoredModel, file_key};
 use crate::service::Registry;
+use crate::stored::{StoredModel, file_key};
 use kiln_core::Result;
 
 /// What a model's kind needs uploaded.

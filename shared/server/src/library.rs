@@ -15,10 +15,7 @@ pub(crate) fn import_in_background(
             tracing::warn!(%err, "importing the public library failed");
             return;
         }
-        for name in [
-            kiln_registry::library::EMBEDDING_MODEL,
-            kiln_registry::library::CHAT_MODEL,
-        ] {
+        for name in [kiln_registry::EMBEDDING_MODEL, kiln_registry::CHAT_MODEL] {
             if registry
                 .get_model(&Principal::service(), name)
                 .await

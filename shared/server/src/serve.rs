@@ -222,8 +222,7 @@ fn use_fetched_onnxruntime(
     if !config.ort_dylib_path.is_empty() || std::env::var_os("ORT_DYLIB_PATH").is_some() {
         return;
     }
-    let fetched =
-        kiln_registry::library::asset_dir(registry.config()).join("onnxruntime/libonnxruntime.so");
+    let fetched = kiln_registry::asset_dir(registry.config()).join("onnxruntime/libonnxruntime.so");
     if fetched.is_file() {
         config.ort_dylib_path = fetched.display().to_string();
     }

@@ -291,7 +291,7 @@ async fn create_dataset(
         })
         .await?
         .into_inner();
-    let (sha, _) = kiln_registry::library::hash_file(&args.file).await?;
+    let (sha, _) = kiln_registry::hash_file(&args.file).await?;
     let messages = upload::dataset_upload(dataset.name, sha, bytes.into());
     let ready = datasets(client)
         .upload_dataset(futures::stream::iter(messages))

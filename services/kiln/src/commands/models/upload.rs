@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use kiln_proto::registry::v1 as regv1;
 use kiln_proto::registry::v1::model::Kind;
-use kiln_registry::library::{UPLOAD_CHUNK, file_upload_stream, hash_file};
+use kiln_registry::{UPLOAD_CHUNK, file_upload_stream, hash_file};
 
 use crate::client::{Authed, ProgressLine};
 
