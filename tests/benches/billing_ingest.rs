@@ -153,7 +153,7 @@ async fn billing_consume(nats_url: &str, stream: &str, prefix: &str, events: &[E
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let mut host = kiln_events::host::Host::new(&server, bus, shutdown);
     // Timed from the moment the consumer starts (migrations are done by then).
-    let billing = kiln_billing::open(&server, &config, &mut host)
+    let billing = kiln_billing::open(&config, &mut host)
         .await
         .expect("billing opens");
     let started = Instant::now();

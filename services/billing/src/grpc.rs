@@ -1,43 +1,29 @@
-//! Billing's gRPC face: thin handlers over [`Billing`].
+//! Billing's gRPC face: one line per RPC over [`Billing`] (see [`kiln_core::grpc_service`]).
 
-use kiln_core::grpc::{ListRpc, Reply, reply, reply_list, required, split};
+use kiln_core::grpc::{ListRpc, required};
 use kiln_proto::billing::v1::*;
-use tonic::Request;
 
 use crate::service::Billing;
 
-#[tonic::async_trait]
-impl usage_service_server::UsageService for Billing {
-    async fn get_usage(&self, request: Request<GetUsageRequest>) -> Reply<GetUsageResponse> {
-        let (p, r) = split(request)?;
-        reply(self.get_usage(&p, r).await)
+kiln_core::grpc_service! {
+    impl usage_service_server::UsageService for Billing {
+        fn get_usage(GetUsageRequest) -> GetUsageResponse =
+            |svc, caller, r| svc.get_usage(&caller, r).await;
     }
 }
 
-#[tonic::async_trait]
-impl quota_service_server::QuotaService for Billing {
-    async fn get_quota(&self, request: Request<GetQuotaRequest>) -> Reply<Quota> {
-        let (p, r) = split(request)?;
-        reply(self.get_quota(&p, &r.name).await)
-    }
-
-    async fn list_quotas(&self, request: Request<ListQuotasRequest>) -> Reply<ListQuotasResponse> {
-        let (p, r) = split(request)?;
-        reply_list(self.list_quotas(&p, &r.list_request()).await)
-    }
-
-    async fn update_quota(&self, request: Request<UpdateQuotaRequest>) -> Reply<Quota> {
-        let (p, r) = split(request)?;
-        let quota = required(r.quota, "quota")?;
-        reply(self.update_quota(&p, quota, r.update_mask).await)
-    }
-
-    async fn check_quota(&self, request: Request<CheckQuotaRequest>) -> Reply<CheckQuotaResponse> {
-        let (p, r) = split(request)?;
-        reply(
-            self.check_quota(&p, &r.account, &r.quota, r.requested)
-                .await,
-        )
+kiln_core::grpc_service! {
+    impl quota_service_server::QuotaService for Billing {
+        fn get_quota(GetQuotaRequest) -> Quota =
+            |svc, caller, r| svc.get_quota(&caller, &r.name).await;
+        fn list_quotas(ListQuotasRequest) -> ListQuotasResponse =
+            |svc, caller, r| svc.list_quotas(&caller, &r.list_request()).await.map(Into::into);
+        fn update_quota(UpdateQuotaRequest) -> Quota = |svc, caller, r| {
+            let quota = required(r.quota, "quota")?;
+            svc.update_quota(&caller, quota, r.update_mask).await
+        };
+        fn check_quota(CheckQuotaRequest) -> CheckQuotaResponse =
+            |svc, caller, r| svc.check_quota(&caller, &r.account, &r.quota, r.requested).await;
     }
 }
 

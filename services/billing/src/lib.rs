@@ -14,7 +14,6 @@ mod service;
 mod testing;
 mod usage;
 
-use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 
 pub use kiln_core::{Error, Result};
@@ -22,27 +21,10 @@ pub use service::Billing;
 
 /// Opens billing's database (migrating it), starts its outbox relay, its ledger consumer
 /// and its accrual loop on the host, and adds its gRPC services.
-pub async fn open(
-    server: &ServerConfig,
-    config: &config::BillingConfig,
-    host: &mut Host,
-) -> Result<Billing> {
-    if server.database_url.is_none() {
-        std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-            Error::Internal(format!(
-                "cannot create data dir {}: {e}",
-                server.data_dir.display()
-            ))
-        })?;
-    }
-    let db = kiln_store::connect(&server.database_url_for(service::SERVICE)).await?;
-    kiln_store::migrate(&db, service::SERVICE, db::MIGRATIONS).await?;
+pub async fn open(config: &config::BillingConfig, host: &mut Host) -> Result<Billing> {
+    let db = host.open_database(service::SERVICE, db::MIGRATIONS).await?;
     let billing = Billing::new(db.clone(), host.pages.clone(), config.clone())?;
-    host.track(
-        billing
-            .outbox()
-            .spawn_relay(db, host.bus.clone(), host.shutdown.clone()),
-    );
+    host.relay(billing.outbox(), db);
     for task in ledger::spawn(&billing, host) {
         host.track(task);
     }

@@ -1,7 +1,7 @@
 //! The gRPC face of identity: thin handlers that read the principal, call [`Identity`] and
-//! map errors once (through `kiln_core::grpc`).
+//! map errors once (through `kiln_core::grpc`), one line per RPC.
 
-use kiln_core::grpc::{ListRpc, Reply, reply, reply_list, required, split};
+use kiln_core::grpc::{ListRpc, Reply, deleted, required, split};
 use kiln_proto::identity::v1::{
     Account, ApiKey, AuthenticateRequest, AuthenticateResponse, CreateAccountRequest,
     CreateApiKeyRequest, CreateUserRequest, DeleteAccountRequest, DeleteAccountResponse,
@@ -15,106 +15,54 @@ use tonic::{Request, Response};
 
 use crate::service::Identity;
 
-#[tonic::async_trait]
-impl account_service_server::AccountService for Identity {
-    async fn create_account(&self, request: Request<CreateAccountRequest>) -> Reply<Account> {
-        let (p, r) = split(request)?;
-        let account = r.account.unwrap_or_default();
-        reply(self.create_account(&p, r.account_id, account).await)
-    }
-
-    async fn get_account(&self, request: Request<GetAccountRequest>) -> Reply<Account> {
-        let (p, r) = split(request)?;
-        reply(self.get_account(&p, &r.name).await)
-    }
-
-    async fn list_accounts(
-        &self,
-        request: Request<ListAccountsRequest>,
-    ) -> Reply<ListAccountsResponse> {
-        let (p, r) = split(request)?;
-        reply_list(self.list_accounts(&p, &r.list_request()).await)
-    }
-
-    async fn update_account(&self, request: Request<UpdateAccountRequest>) -> Reply<Account> {
-        let (p, r) = split(request)?;
-        let account = required(r.account, "account")?;
-        reply(self.update_account(&p, account, r.update_mask).await)
-    }
-
-    async fn delete_account(
-        &self,
-        request: Request<DeleteAccountRequest>,
-    ) -> Reply<DeleteAccountResponse> {
-        let (p, r) = split(request)?;
-        reply(
-            self.delete_account(&p, &r.name)
-                .await
-                .map(|()| DeleteAccountResponse {}),
-        )
+kiln_core::grpc_service! {
+    impl account_service_server::AccountService for Identity {
+        fn create_account(CreateAccountRequest) -> Account = |svc, caller, r| {
+            let account = r.account.unwrap_or_default();
+            svc.create_account(&caller, r.account_id, account).await
+        };
+        fn get_account(GetAccountRequest) -> Account =
+            |svc, caller, r| svc.get_account(&caller, &r.name).await;
+        fn list_accounts(ListAccountsRequest) -> ListAccountsResponse =
+            |svc, caller, r| svc.list_accounts(&caller, &r.list_request()).await.map(Into::into);
+        fn update_account(UpdateAccountRequest) -> Account = |svc, caller, r| {
+            let account = required(r.account, "account")?;
+            svc.update_account(&caller, account, r.update_mask).await
+        };
+        fn delete_account(DeleteAccountRequest) -> DeleteAccountResponse =
+            |svc, caller, r| svc.delete_account(&caller, &r.name).await.map(deleted);
     }
 }
 
-#[tonic::async_trait]
-impl user_service_server::UserService for Identity {
-    async fn create_user(&self, request: Request<CreateUserRequest>) -> Reply<User> {
-        let (p, r) = split(request)?;
-        let user = r.user.unwrap_or_default();
-        reply(self.create_user(&p, &r.parent, r.user_id, user).await)
-    }
-
-    async fn get_user(&self, request: Request<GetUserRequest>) -> Reply<User> {
-        let (p, r) = split(request)?;
-        reply(self.get_user(&p, &r.name).await)
-    }
-
-    async fn list_users(&self, request: Request<ListUsersRequest>) -> Reply<ListUsersResponse> {
-        let (p, r) = split(request)?;
-        reply_list(self.list_users(&p, &r.list_request()).await)
-    }
-
-    async fn update_user(&self, request: Request<UpdateUserRequest>) -> Reply<User> {
-        let (p, r) = split(request)?;
-        let user = required(r.user, "user")?;
-        reply(self.update_user(&p, user, r.update_mask).await)
-    }
-
-    async fn delete_user(&self, request: Request<DeleteUserRequest>) -> Reply<DeleteUserResponse> {
-        let (p, r) = split(request)?;
-        reply(
-            self.delete_user(&p, &r.name)
-                .await
-                .map(|()| DeleteUserResponse {}),
-        )
+kiln_core::grpc_service! {
+    impl user_service_server::UserService for Identity {
+        fn create_user(CreateUserRequest) -> User = |svc, caller, r| {
+            let user = r.user.unwrap_or_default();
+            svc.create_user(&caller, &r.parent, r.user_id, user).await
+        };
+        fn get_user(GetUserRequest) -> User =
+            |svc, caller, r| svc.get_user(&caller, &r.name).await;
+        fn list_users(ListUsersRequest) -> ListUsersResponse =
+            |svc, caller, r| svc.list_users(&caller, &r.list_request()).await.map(Into::into);
+        fn update_user(UpdateUserRequest) -> User = |svc, caller, r| {
+            let user = required(r.user, "user")?;
+            svc.update_user(&caller, user, r.update_mask).await
+        };
+        fn delete_user(DeleteUserRequest) -> DeleteUserResponse =
+            |svc, caller, r| svc.delete_user(&caller, &r.name).await.map(deleted);
     }
 }
 
-#[tonic::async_trait]
-impl api_key_service_server::ApiKeyService for Identity {
-    async fn create_api_key(&self, request: Request<CreateApiKeyRequest>) -> Reply<ApiKey> {
-        let (p, r) = split(request)?;
-        let key = r.api_key.unwrap_or_default();
-        reply(self.create_api_key(&p, &r.parent, key).await)
-    }
-
-    async fn list_api_keys(
-        &self,
-        request: Request<ListApiKeysRequest>,
-    ) -> Reply<ListApiKeysResponse> {
-        let (p, r) = split(request)?;
-        reply_list(self.list_api_keys(&p, &r.list_request()).await)
-    }
-
-    async fn delete_api_key(
-        &self,
-        request: Request<DeleteApiKeyRequest>,
-    ) -> Reply<DeleteApiKeyResponse> {
-        let (p, r) = split(request)?;
-        reply(
-            self.delete_api_key(&p, &r.name)
-                .await
-                .map(|()| DeleteApiKeyResponse {}),
-        )
+kiln_core::grpc_service! {
+    impl api_key_service_server::ApiKeyService for Identity {
+        fn create_api_key(CreateApiKeyRequest) -> ApiKey = |svc, caller, r| {
+            let key = r.api_key.unwrap_or_default();
+            svc.create_api_key(&caller, &r.parent, key).await
+        };
+        fn list_api_keys(ListApiKeysRequest) -> ListApiKeysResponse =
+            |svc, caller, r| svc.list_api_keys(&caller, &r.list_request()).await.map(Into::into);
+        fn delete_api_key(DeleteApiKeyRequest) -> DeleteApiKeyResponse =
+            |svc, caller, r| svc.delete_api_key(&caller, &r.name).await.map(deleted);
     }
 }
 

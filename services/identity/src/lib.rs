@@ -15,7 +15,6 @@ mod service;
 mod suspensions;
 mod users;
 
-use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 
 pub use kiln_core::{Error, Result};
@@ -26,30 +25,17 @@ pub use service::Identity;
 /// the system account and its admin exist. Returns the service and, on the very first start,
 /// the bootstrap admin API key.
 pub async fn open(
-    server: &ServerConfig,
     identity: &config::IdentityConfig,
     host: &mut Host,
 ) -> Result<(Identity, Option<String>)> {
-    if server.database_url.is_none() {
-        std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-            Error::Internal(format!(
-                "cannot create data dir {}: {e}",
-                server.data_dir.display()
-            ))
-        })?;
-    }
-    let db = kiln_store::connect(&server.database_url_for(service::SERVICE)).await?;
-    kiln_store::migrate(&db, service::SERVICE, db::MIGRATIONS).await?;
+    let db = host.open_database(service::SERVICE, db::MIGRATIONS).await?;
     let svc = Identity::new(
         db.clone(),
         host.pages.clone(),
         host.cache.clone(),
-        server.auth_cache_ttl,
+        host.server().auth_cache_ttl,
     );
-    host.track(
-        svc.outbox()
-            .spawn_relay(db, host.bus.clone(), host.shutdown.clone()),
-    );
+    host.relay(svc.outbox(), db);
     host.track(watch_changes(&svc, host).await?);
     host.track(suspensions::spawn(&svc, host));
     grpc::add_services(&svc, &mut host.services);

@@ -23,7 +23,6 @@ mod usage;
 
 use std::sync::Arc;
 
-use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 use kiln_proto::common::v1::AcceleratorType;
 
@@ -49,27 +48,21 @@ pub struct Scheduling {
 /// requests name models and are served directly. With `limits` (billing), serverless
 /// requests are rate limited per account.
 pub async fn open(
-    server: &ServerConfig,
     config: &config::InferenceConfig,
     host: &mut Host,
     source: Arc<dyn source::ModelSource>,
     scheduling: Option<Scheduling>,
     limits: Option<Arc<dyn limits::LimitSource>>,
 ) -> Result<Inference> {
-    std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-        Error::Internal(format!(
-            "cannot create data dir {}: {e}",
-            server.data_dir.display()
-        ))
-    })?;
-    let db = kiln_store::connect(&server.database_url_for(SERVICE)).await?;
-    kiln_store::migrate(&db, SERVICE, MIGRATIONS).await?;
+    let data_dir = host.server().data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|e| Error::internal("creating the data dir", e))?;
+    let db = host.open_database(SERVICE, MIGRATIONS).await?;
     // Usage events come one per request: the relay gathers them for a fifth of a second
     // rather than running a pass (and billing a batch) per few requests beside the model
     // (measured: gRPC embedding latency over the direct call 20.8% -> 17.4% against 20 ms).
     let outbox = kiln_events::outbox::Outbox::new(SERVICE)
         .with_linger(std::time::Duration::from_millis(200));
-    host.track(outbox.spawn_relay(db.clone(), host.bus.clone(), host.shutdown.clone()));
+    host.relay(&outbox, db.clone());
     let ort_path =
         (!config.ort_dylib_path.is_empty()).then(|| std::path::Path::new(&config.ort_dylib_path));
     let backends = backend::Backends::standard(ort_path);
@@ -89,7 +82,7 @@ pub async fn open(
     };
     let engine = Arc::new(engine::Engine::new(
         config.clone(),
-        &server.data_dir,
+        &data_dir,
         backends,
         source,
     )?);

@@ -17,13 +17,10 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use kiln_core::auth::Principal;
 use kiln_core::names::SYSTEM_ACCOUNT;
-use kiln_core::telemetry::OutgoingInterceptor;
 use kiln_events::{Body, EventBus};
 use kiln_proto::billing::v1::GetQuotaRequest;
 use kiln_proto::billing::v1::quota_service_client::QuotaServiceClient;
 use kiln_proto::identity::v1::account::SuspendState;
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 
 use kiln_core::{Error, Result};
 
@@ -47,17 +44,14 @@ pub trait LimitSource: Send + Sync + 'static {
 
 /// Billing's QuotaService over gRPC.
 pub struct RemoteLimits {
-    client: QuotaServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
+    client: QuotaServiceClient<kiln_core::server::ServiceChannel>,
 }
 
 impl RemoteLimits {
     pub fn new(url: &str, service_token: &str) -> Result<Self> {
-        let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| Error::Internal(format!("billing_url: {e}")))?
-            .connect_lazy();
-        let interceptor = OutgoingInterceptor::new(Some(service_token))?;
+        let channel = kiln_core::server::service_channel("billing_url", url, service_token)?;
         Ok(Self {
-            client: QuotaServiceClient::with_interceptor(channel, interceptor),
+            client: QuotaServiceClient::new(channel),
         })
     }
 }

@@ -4,13 +4,10 @@
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kiln_core::telemetry::OutgoingInterceptor;
 use kiln_proto::registry::v1::{
     DownloadModelFilesRequest, DownloadModelFilesResponse, GetModelRequest, Model,
     model_service_client::ModelServiceClient,
 };
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 
 use kiln_core::{Error, Result};
 
@@ -30,19 +27,15 @@ pub trait ModelSource: Send + Sync + 'static {
 /// The registry over gRPC.
 #[derive(Clone)]
 pub struct RemoteRegistry {
-    client: ModelServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
+    client: ModelServiceClient<kiln_core::server::ServiceChannel>,
 }
 
 impl RemoteRegistry {
     /// Connects lazily to `url`, presenting `service_token`.
     pub fn new(url: &str, service_token: &str) -> Result<Self> {
-        let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| Error::Internal(format!("registry_url: {e}")))?
-            .connect_lazy();
-        let interceptor = OutgoingInterceptor::new(Some(service_token))?;
+        let channel = kiln_core::server::service_channel("registry_url", url, service_token)?;
         Ok(Self {
-            client: ModelServiceClient::with_interceptor(channel, interceptor)
-                .max_decoding_message_size(16 << 20),
+            client: ModelServiceClient::new(channel).max_decoding_message_size(16 << 20),
         })
     }
 }

@@ -1,148 +1,85 @@
-//! The registry's gRPC face: thin handlers over [`Registry`].
+//! The registry's gRPC face: one line per RPC over [`Registry`] (see
+//! [`kiln_core::grpc_service`]).
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kiln_core::grpc::{ListRpc, Reply, reply, reply_list, required, split};
+use kiln_core::grpc::{ListRpc, Reply, deleted, required, split};
 use kiln_proto::registry::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::service::Registry;
 
-#[tonic::async_trait]
-impl model_service_server::ModelService for Registry {
-    async fn create_model(&self, request: Request<CreateModelRequest>) -> Reply<Model> {
-        let (p, r) = split(request)?;
-        let model = required(r.model, "model")?;
-        reply(self.create_model(&p, &r.parent, r.model_id, model).await)
-    }
+kiln_core::grpc_service! {
+    impl model_service_server::ModelService for Registry {
+        fn create_model(CreateModelRequest) -> Model = |svc, caller, r| {
+            let model = required(r.model, "model")?;
+            svc.create_model(&caller, &r.parent, r.model_id, model).await
+        };
+        fn get_model(GetModelRequest) -> Model =
+            |svc, caller, r| svc.get_model(&caller, &r.name).await;
+        fn list_models(ListModelsRequest) -> ListModelsResponse =
+            |svc, caller, r| svc.list_models(&caller, &r.list_request()).await.map(Into::into);
+        fn update_model(UpdateModelRequest) -> Model = |svc, caller, r| {
+            let model = required(r.model, "model")?;
+            svc.update_model(&caller, model, r.update_mask).await
+        };
+        fn delete_model(DeleteModelRequest) -> DeleteModelResponse =
+            |svc, caller, r| svc.delete_model(&caller, &r.name).await.map(deleted);
+        fn upload_model_files(Streaming<UploadModelFilesRequest>) -> UploadModelFilesResponse =
+            |svc, caller, r| svc.upload_model_files(&caller, r).await;
+        fn validate_model_upload(ValidateModelUploadRequest) -> ValidateModelUploadResponse =
+            |svc, caller, r| svc.validate_model_upload(&caller, &r.name, r.validate_only).await;
+        fn prepare_model(PrepareModelRequest) -> Model =
+            |svc, caller, r| svc.prepare_model(&caller, &r.name, r.precision, r.force).await;
 
-    async fn get_model(&self, request: Request<GetModelRequest>) -> Reply<Model> {
-        let (p, r) = split(request)?;
-        reply(self.get_model(&p, &r.name).await)
-    }
+        streams {
+            type DownloadModelFilesStream =
+                BoxStream<'static, Result<DownloadModelFilesResponse, Status>>;
 
-    async fn list_models(&self, request: Request<ListModelsRequest>) -> Reply<ListModelsResponse> {
-        let (p, r) = split(request)?;
-        reply_list(self.list_models(&p, &r.list_request()).await)
-    }
-
-    async fn update_model(&self, request: Request<UpdateModelRequest>) -> Reply<Model> {
-        let (p, r) = split(request)?;
-        let model = required(r.model, "model")?;
-        reply(self.update_model(&p, model, r.update_mask).await)
-    }
-
-    async fn delete_model(
-        &self,
-        request: Request<DeleteModelRequest>,
-    ) -> Reply<DeleteModelResponse> {
-        let (p, r) = split(request)?;
-        reply(
-            self.delete_model(&p, &r.name)
-                .await
-                .map(|()| DeleteModelResponse {}),
-        )
-    }
-
-    async fn upload_model_files(
-        &self,
-        request: Request<Streaming<UploadModelFilesRequest>>,
-    ) -> Reply<UploadModelFilesResponse> {
-        let (p, r) = split(request)?;
-        reply(self.upload_model_files(&p, r).await)
-    }
-
-    async fn validate_model_upload(
-        &self,
-        request: Request<ValidateModelUploadRequest>,
-    ) -> Reply<ValidateModelUploadResponse> {
-        let (p, r) = split(request)?;
-        reply(
-            self.validate_model_upload(&p, &r.name, r.validate_only)
-                .await,
-        )
-    }
-
-    async fn prepare_model(&self, request: Request<PrepareModelRequest>) -> Reply<Model> {
-        let (p, r) = split(request)?;
-        reply(self.prepare_model(&p, &r.name, r.precision, r.force).await)
-    }
-
-    type DownloadModelFilesStream = BoxStream<'static, Result<DownloadModelFilesResponse, Status>>;
-
-    async fn download_model_files(
-        &self,
-        request: Request<DownloadModelFilesRequest>,
-    ) -> Reply<Self::DownloadModelFilesStream> {
-        let (p, r) = split(request)?;
-        let stream = self.download_model_files(&p, r).await?;
-        Ok(Response::new(
-            stream.map(|r| r.map_err(Status::from)).boxed(),
-        ))
+            async fn download_model_files(
+                &self,
+                request: Request<DownloadModelFilesRequest>,
+            ) -> Reply<Self::DownloadModelFilesStream> {
+                let (caller, r) = split(request)?;
+                let stream = self.download_model_files(&caller, r).await?;
+                Ok(Response::new(stream.map(|r| r.map_err(Status::from)).boxed()))
+            }
+        }
     }
 }
 
-#[tonic::async_trait]
-impl dataset_service_server::DatasetService for Registry {
-    async fn create_dataset(&self, request: Request<CreateDatasetRequest>) -> Reply<Dataset> {
-        let (p, r) = split(request)?;
-        let dataset = required(r.dataset, "dataset")?;
-        reply(
-            self.create_dataset(&p, &r.parent, r.dataset_id, dataset)
-                .await,
-        )
-    }
+kiln_core::grpc_service! {
+    impl dataset_service_server::DatasetService for Registry {
+        fn create_dataset(CreateDatasetRequest) -> Dataset = |svc, caller, r| {
+            let dataset = required(r.dataset, "dataset")?;
+            svc.create_dataset(&caller, &r.parent, r.dataset_id, dataset).await
+        };
+        fn get_dataset(GetDatasetRequest) -> Dataset =
+            |svc, caller, r| svc.get_dataset(&caller, &r.name).await;
+        fn list_datasets(ListDatasetsRequest) -> ListDatasetsResponse =
+            |svc, caller, r| svc.list_datasets(&caller, &r.list_request()).await.map(Into::into);
+        fn update_dataset(UpdateDatasetRequest) -> Dataset = |svc, caller, r| {
+            let dataset = required(r.dataset, "dataset")?;
+            svc.update_dataset(&caller, dataset, r.update_mask).await
+        };
+        fn delete_dataset(DeleteDatasetRequest) -> DeleteDatasetResponse =
+            |svc, caller, r| svc.delete_dataset(&caller, &r.name).await.map(deleted);
+        fn upload_dataset(Streaming<UploadDatasetRequest>) -> Dataset =
+            |svc, caller, r| svc.upload_dataset(&caller, r).await;
 
-    async fn get_dataset(&self, request: Request<GetDatasetRequest>) -> Reply<Dataset> {
-        let (p, r) = split(request)?;
-        reply(self.get_dataset(&p, &r.name).await)
-    }
+        streams {
+            type DownloadDatasetStream =
+                BoxStream<'static, Result<DownloadDatasetResponse, Status>>;
 
-    async fn list_datasets(
-        &self,
-        request: Request<ListDatasetsRequest>,
-    ) -> Reply<ListDatasetsResponse> {
-        let (p, r) = split(request)?;
-        reply_list(self.list_datasets(&p, &r.list_request()).await)
-    }
-
-    async fn update_dataset(&self, request: Request<UpdateDatasetRequest>) -> Reply<Dataset> {
-        let (p, r) = split(request)?;
-        let dataset = required(r.dataset, "dataset")?;
-        reply(self.update_dataset(&p, dataset, r.update_mask).await)
-    }
-
-    async fn delete_dataset(
-        &self,
-        request: Request<DeleteDatasetRequest>,
-    ) -> Reply<DeleteDatasetResponse> {
-        let (p, r) = split(request)?;
-        reply(
-            self.delete_dataset(&p, &r.name)
-                .await
-                .map(|()| DeleteDatasetResponse {}),
-        )
-    }
-
-    async fn upload_dataset(
-        &self,
-        request: Request<Streaming<UploadDatasetRequest>>,
-    ) -> Reply<Dataset> {
-        let (p, r) = split(request)?;
-        reply(self.upload_dataset(&p, r).await)
-    }
-
-    type DownloadDatasetStream = BoxStream<'static, Result<DownloadDatasetResponse, Status>>;
-
-    async fn download_dataset(
-        &self,
-        request: Request<DownloadDatasetRequest>,
-    ) -> Reply<Self::DownloadDatasetStream> {
-        let (p, r) = split(request)?;
-        let stream = self.download_dataset(&p, r).await?;
-        Ok(Response::new(
-            stream.map(|r| r.map_err(Status::from)).boxed(),
-        ))
+            async fn download_dataset(
+                &self,
+                request: Request<DownloadDatasetRequest>,
+            ) -> Reply<Self::DownloadDatasetStream> {
+                let (caller, r) = split(request)?;
+                let stream = self.download_dataset(&caller, r).await?;
+                Ok(Response::new(stream.map(|r| r.map_err(Status::from)).boxed()))
+            }
+        }
     }
 }
 

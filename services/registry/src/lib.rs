@@ -19,7 +19,6 @@ mod stored;
 mod uploads;
 mod validate;
 
-use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 
 pub use kiln_core::{Error, Result};
@@ -29,20 +28,9 @@ pub use service::Registry;
 
 /// Opens the registry's database (migrating it) and artifact store, starts its outbox relay
 /// on the host's bus and adds its gRPC services to the host.
-pub async fn open(
-    server: &ServerConfig,
-    config: &config::RegistryConfig,
-    host: &mut Host,
-) -> Result<Registry> {
-    std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-        Error::Internal(format!(
-            "cannot create data dir {}: {e}",
-            server.data_dir.display()
-        ))
-    })?;
-    let db = kiln_store::connect(&server.database_url_for(service::SERVICE)).await?;
-    kiln_store::migrate(&db, service::SERVICE, db::MIGRATIONS).await?;
-    let artifacts = artifacts::Artifacts::open(&server.data_dir, config)?;
+pub async fn open(config: &config::RegistryConfig, host: &mut Host) -> Result<Registry> {
+    let db = host.open_database(service::SERVICE, db::MIGRATIONS).await?;
+    let artifacts = artifacts::Artifacts::open(&host.server().data_dir, config)?;
     let registry = Registry::new(
         db.clone(),
         host.pages.clone(),
@@ -50,11 +38,7 @@ pub async fn open(
         config.clone(),
         preparers::Preparers::standard(),
     );
-    host.track(
-        registry
-            .outbox()
-            .spawn_relay(db, host.bus.clone(), host.shutdown.clone()),
-    );
+    host.relay(registry.outbox(), db);
     host.track(deployments::spawn(&registry, host));
     grpc::add_services(&registry, &mut host.services);
     Ok(registry)

@@ -3,10 +3,7 @@
 //! checked here.
 
 use async_trait::async_trait;
-use kiln_core::telemetry::OutgoingInterceptor;
 use kiln_proto::registry::v1::{GetModelRequest, Model, model_service_client::ModelServiceClient};
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 
 use kiln_core::{Error, Result};
 
@@ -18,18 +15,15 @@ pub trait ModelCatalog: Send + Sync + 'static {
 
 /// The registry over gRPC.
 pub struct RemoteCatalog {
-    client: ModelServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
+    client: ModelServiceClient<kiln_core::server::ServiceChannel>,
 }
 
 impl RemoteCatalog {
     /// Connects lazily to `url`, presenting `service_token`.
     pub fn new(url: &str, service_token: &str) -> Result<Self> {
-        let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| Error::Internal(format!("registry_url: {e}")))?
-            .connect_lazy();
-        let interceptor = OutgoingInterceptor::new(Some(service_token))?;
+        let channel = kiln_core::server::service_channel("registry_url", url, service_token)?;
         Ok(Self {
-            client: ModelServiceClient::with_interceptor(channel, interceptor),
+            client: ModelServiceClient::new(channel),
         })
     }
 }

@@ -5,18 +5,15 @@
 //! what it can without a trainer, then refuses with FAILED_PRECONDITION.
 
 use kiln_core::Error;
-use kiln_core::auth::principal;
-use kiln_core::grpc::{ListRpc, reply_list, split};
-use kiln_core::listing::{Field, Fields, Getter, Kind, Value, time_value};
+use kiln_core::auth::Principal;
+use kiln_core::grpc::ListRpc;
+use kiln_core::listing::{Field, Fields, Getter, Kind, Listing, Value, time_value};
 use kiln_core::names::{ChildName, validate_display_name, validate_id};
 use kiln_core::page::PageTokens;
 use kiln_proto::scheduler::v1::fine_tuning_service_server::FineTuningService;
 use kiln_proto::scheduler::v1::*;
-use tonic::{Request, Response, Status};
 
 use crate::resource::own_parent;
-
-type Reply<T> = Result<Response<T>, Status>;
 
 const JOBS: &str = "supervisedFineTuningJobs";
 
@@ -37,10 +34,9 @@ impl FineTuning {
 }
 
 /// The job a Get, Cancel or Delete names: none exists, so NOT_FOUND once the name parses.
-fn no_such_job<T, R>(request: &Request<T>, name: &str) -> Reply<R> {
-    let caller = principal(request)?;
+fn no_such_job<T>(caller: &Principal, name: &str) -> Result<T, Error> {
     let parsed = ChildName::parse("name", JOBS, name, Some(&caller.account))?;
-    Err(Error::not_found(parsed).into())
+    Err(Error::not_found(parsed))
 }
 
 /// A model or dataset a new job refers to, when it names one: its shape checked.
@@ -56,15 +52,14 @@ fn check_reference(
     Ok(())
 }
 
-#[tonic::async_trait]
-impl FineTuningService for FineTuning {
-    async fn create_supervised_fine_tuning_job(
+impl FineTuning {
+    /// Checks what a creation can be checked for without a trainer, then refuses it.
+    fn create(
         &self,
-        request: Request<CreateSupervisedFineTuningJobRequest>,
-    ) -> Reply<SupervisedFineTuningJob> {
-        let caller = principal(&request)?.clone();
-        let r = request.into_inner();
-        let parent = own_parent(&caller, &r.parent)?;
+        caller: &Principal,
+        r: CreateSupervisedFineTuningJobRequest,
+    ) -> Result<SupervisedFineTuningJob, Error> {
+        let parent = own_parent(caller, &r.parent)?;
         if !r.supervised_fine_tuning_job_id.is_empty() {
             validate_id(
                 "supervised_fine_tuning_job_id",
@@ -77,14 +72,13 @@ impl FineTuningService for FineTuning {
         let field = |name: &str| format!("supervised_fine_tuning_job.{name}");
         validate_display_name(&field("display_name"), &job.display_name)?;
         if job.dataset.is_empty() {
-            return Err(Error::invalid(field("dataset"), "is required").into());
+            return Err(Error::invalid(field("dataset"), "is required"));
         }
         if job.base_model.is_empty() && job.warm_start_from.is_empty() {
             return Err(Error::invalid(
                 field("base_model"),
                 "is required (unless warm_start_from names an addon to continue)",
-            )
-            .into());
+            ));
         }
         let account = &parent.account;
         for (name, collection, value) in [
@@ -96,41 +90,35 @@ impl FineTuningService for FineTuning {
         ] {
             check_reference(&field(name), collection, value, account)?;
         }
-        Err(Error::FailedPrecondition(NO_TRAINER.into()).into())
+        Err(Error::FailedPrecondition(NO_TRAINER.into()))
     }
 
-    async fn get_supervised_fine_tuning_job(
+    /// The caller's jobs: none, once the request checks out like any listing's.
+    fn list(
         &self,
-        request: Request<GetSupervisedFineTuningJobRequest>,
-    ) -> Reply<SupervisedFineTuningJob> {
-        let name = request.get_ref().name.clone();
-        no_such_job(&request, &name)
-    }
-
-    async fn list_supervised_fine_tuning_jobs(
-        &self,
-        request: Request<ListSupervisedFineTuningJobsRequest>,
-    ) -> Reply<ListSupervisedFineTuningJobsResponse> {
-        let (caller, r) = split(request)?;
-        own_parent(&caller, &r.parent)?;
+        caller: &Principal,
+        r: &ListSupervisedFineTuningJobsRequest,
+    ) -> Result<Listing<SupervisedFineTuningJob>, Error> {
+        own_parent(caller, &r.parent)?;
         let query = JOB_FIELDS.query(&self.pages, &r.list_request(), &caller.account)?;
-        reply_list(Ok::<_, Error>(query.page_of(&self.pages, Vec::new())))
+        Ok(query.page_of(&self.pages, Vec::new()))
     }
+}
 
-    async fn cancel_supervised_fine_tuning_job(
-        &self,
-        request: Request<CancelSupervisedFineTuningJobRequest>,
-    ) -> Reply<SupervisedFineTuningJob> {
-        let name = request.get_ref().name.clone();
-        no_such_job(&request, &name)
-    }
-
-    async fn delete_supervised_fine_tuning_job(
-        &self,
-        request: Request<DeleteSupervisedFineTuningJobRequest>,
-    ) -> Reply<DeleteSupervisedFineTuningJobResponse> {
-        let name = request.get_ref().name.clone();
-        no_such_job(&request, &name)
+kiln_core::grpc_service! {
+    impl FineTuningService for FineTuning {
+        fn create_supervised_fine_tuning_job(CreateSupervisedFineTuningJobRequest)
+            -> SupervisedFineTuningJob = |svc, caller, r| svc.create(&caller, r);
+        fn get_supervised_fine_tuning_job(GetSupervisedFineTuningJobRequest)
+            -> SupervisedFineTuningJob = |_svc, caller, r| no_such_job(&caller, &r.name);
+        fn list_supervised_fine_tuning_jobs(ListSupervisedFineTuningJobsRequest)
+            -> ListSupervisedFineTuningJobsResponse =
+            |svc, caller, r| svc.list(&caller, &r).map(Into::into);
+        fn cancel_supervised_fine_tuning_job(CancelSupervisedFineTuningJobRequest)
+            -> SupervisedFineTuningJob = |_svc, caller, r| no_such_job(&caller, &r.name);
+        fn delete_supervised_fine_tuning_job(DeleteSupervisedFineTuningJobRequest)
+            -> DeleteSupervisedFineTuningJobResponse =
+            |_svc, caller, r| no_such_job(&caller, &r.name);
     }
 }
 

@@ -1,7 +1,8 @@
-//! The scheduler's gRPC face: thin handlers over [`Scheduler`].
+//! The scheduler's gRPC face: one line per RPC over [`Scheduler`] (see
+//! [`kiln_core::grpc_service`]).
 
 use futures::StreamExt;
-use kiln_core::grpc::{ListRpc, Reply, reply, reply_list, required, split};
+use kiln_core::grpc::{ListRpc, Reply, deleted, reply, required, split};
 use kiln_proto::scheduler::v1::*;
 use tonic::{Request, Streaming};
 
@@ -9,147 +10,75 @@ use crate::fine_tuning::FineTuning;
 use crate::nodes::SchedulerStream;
 use crate::service::Scheduler;
 
-#[tonic::async_trait]
-impl deployment_service_server::DeploymentService for Scheduler {
-    async fn create_deployment(
-        &self,
-        request: Request<CreateDeploymentRequest>,
-    ) -> Reply<Deployment> {
-        let (p, r) = split(request)?;
-        let deployment = required(r.deployment, "deployment")?;
-        reply(
-            self.create_deployment(
-                &p,
-                &r.parent,
-                r.deployment_id,
-                deployment,
-                r.disable_auto_deploy,
-                r.validate_only,
-            )
-            .await,
-        )
-    }
-
-    async fn get_deployment(&self, request: Request<GetDeploymentRequest>) -> Reply<Deployment> {
-        let (p, r) = split(request)?;
-        reply(self.get_deployment(&p, &r.name).await)
-    }
-
-    async fn list_deployments(
-        &self,
-        request: Request<ListDeploymentsRequest>,
-    ) -> Reply<ListDeploymentsResponse> {
-        let (p, r) = split(request)?;
-        reply_list(
-            self.list_deployments(&p, &r.list_request(), r.show_deleted)
-                .await,
-        )
-    }
-
-    async fn update_deployment(
-        &self,
-        request: Request<UpdateDeploymentRequest>,
-    ) -> Reply<Deployment> {
-        let (p, r) = split(request)?;
-        let deployment = required(r.deployment, "deployment")?;
-        reply(self.update_deployment(&p, deployment, r.update_mask).await)
-    }
-
-    async fn delete_deployment(
-        &self,
-        request: Request<DeleteDeploymentRequest>,
-    ) -> Reply<DeleteDeploymentResponse> {
-        let (p, r) = split(request)?;
-        let deleted = self
-            .delete_deployment(&p, &r.name, r.hard, r.ignore_checks)
-            .await;
-        reply(deleted.map(|()| DeleteDeploymentResponse {}))
-    }
-
-    async fn undelete_deployment(
-        &self,
-        request: Request<UndeleteDeploymentRequest>,
-    ) -> Reply<Deployment> {
-        let (p, r) = split(request)?;
-        reply(self.undelete_deployment(&p, &r.name).await)
-    }
-
-    async fn scale_deployment(
-        &self,
-        request: Request<ScaleDeploymentRequest>,
-    ) -> Reply<Deployment> {
-        let (p, r) = split(request)?;
-        reply(self.scale_deployment(&p, &r.name, r.replica_count).await)
+kiln_core::grpc_service! {
+    impl deployment_service_server::DeploymentService for Scheduler {
+        fn create_deployment(CreateDeploymentRequest) -> Deployment = |svc, caller, r| {
+            let deployment = required(r.deployment, "deployment")?;
+            let (parent, id) = (&r.parent, r.deployment_id);
+            let (no_auto_deploy, validate_only) = (r.disable_auto_deploy, r.validate_only);
+            svc.create_deployment(&caller, parent, id, deployment, no_auto_deploy, validate_only)
+                .await
+        };
+        fn get_deployment(GetDeploymentRequest) -> Deployment =
+            |svc, caller, r| svc.get_deployment(&caller, &r.name).await;
+        fn list_deployments(ListDeploymentsRequest) -> ListDeploymentsResponse = |svc, caller, r| {
+            let listed = svc.list_deployments(&caller, &r.list_request(), r.show_deleted).await;
+            listed.map(Into::into)
+        };
+        fn update_deployment(UpdateDeploymentRequest) -> Deployment = |svc, caller, r| {
+            let deployment = required(r.deployment, "deployment")?;
+            svc.update_deployment(&caller, deployment, r.update_mask).await
+        };
+        fn delete_deployment(DeleteDeploymentRequest) -> DeleteDeploymentResponse =
+            |svc, caller, r| {
+                let deleted_now = svc.delete_deployment(&caller, &r.name, r.hard, r.ignore_checks);
+                deleted_now.await.map(deleted)
+            };
+        fn undelete_deployment(UndeleteDeploymentRequest) -> Deployment =
+            |svc, caller, r| svc.undelete_deployment(&caller, &r.name).await;
+        fn scale_deployment(ScaleDeploymentRequest) -> Deployment =
+            |svc, caller, r| svc.scale_deployment(&caller, &r.name, r.replica_count).await;
     }
 }
 
-#[tonic::async_trait]
-impl deployed_model_service_server::DeployedModelService for Scheduler {
-    async fn create_deployed_model(
-        &self,
-        request: Request<CreateDeployedModelRequest>,
-    ) -> Reply<DeployedModel> {
-        let (p, r) = split(request)?;
-        let deployed_model = required(r.deployed_model, "deployed_model")?;
-        reply(
-            self.create_deployed_model(&p, &r.parent, r.deployed_model_id, deployed_model)
-                .await,
-        )
-    }
-
-    async fn get_deployed_model(
-        &self,
-        request: Request<GetDeployedModelRequest>,
-    ) -> Reply<DeployedModel> {
-        let (p, r) = split(request)?;
-        reply(self.get_deployed_model(&p, &r.name).await)
-    }
-
-    async fn list_deployed_models(
-        &self,
-        request: Request<ListDeployedModelsRequest>,
-    ) -> Reply<ListDeployedModelsResponse> {
-        let (p, r) = split(request)?;
-        reply_list(self.list_deployed_models(&p, &r.list_request()).await)
-    }
-
-    async fn update_deployed_model(
-        &self,
-        request: Request<UpdateDeployedModelRequest>,
-    ) -> Reply<DeployedModel> {
-        let (p, r) = split(request)?;
-        let deployed_model = required(r.deployed_model, "deployed_model")?;
-        reply(
-            self.update_deployed_model(&p, deployed_model, r.update_mask)
-                .await,
-        )
-    }
-
-    async fn delete_deployed_model(
-        &self,
-        request: Request<DeleteDeployedModelRequest>,
-    ) -> Reply<DeleteDeployedModelResponse> {
-        let (p, r) = split(request)?;
-        let deleted = self.delete_deployed_model(&p, &r.name).await;
-        reply(deleted.map(|()| DeleteDeployedModelResponse {}))
+kiln_core::grpc_service! {
+    impl deployed_model_service_server::DeployedModelService for Scheduler {
+        fn create_deployed_model(CreateDeployedModelRequest) -> DeployedModel = |svc, caller, r| {
+            let deployed_model = required(r.deployed_model, "deployed_model")?;
+            let (parent, id) = (&r.parent, r.deployed_model_id);
+            svc.create_deployed_model(&caller, parent, id, deployed_model).await
+        };
+        fn get_deployed_model(GetDeployedModelRequest) -> DeployedModel =
+            |svc, caller, r| svc.get_deployed_model(&caller, &r.name).await;
+        fn list_deployed_models(ListDeployedModelsRequest) -> ListDeployedModelsResponse =
+            |svc, caller, r| {
+                svc.list_deployed_models(&caller, &r.list_request()).await.map(Into::into)
+            };
+        fn update_deployed_model(UpdateDeployedModelRequest) -> DeployedModel = |svc, caller, r| {
+            let deployed_model = required(r.deployed_model, "deployed_model")?;
+            svc.update_deployed_model(&caller, deployed_model, r.update_mask).await
+        };
+        fn delete_deployed_model(DeleteDeployedModelRequest) -> DeleteDeployedModelResponse =
+            |svc, caller, r| svc.delete_deployed_model(&caller, &r.name).await.map(deleted);
     }
 }
 
-#[tonic::async_trait]
-impl node_service_server::NodeService for Scheduler {
-    type ConnectStream = SchedulerStream;
+kiln_core::grpc_service! {
+    impl node_service_server::NodeService for Scheduler {
+        fn list_nodes(ListNodesRequest) -> ListNodesResponse =
+            |svc, caller, r| svc.list_nodes(&caller, &r.list_request()).await.map(Into::into);
 
-    async fn connect(
-        &self,
-        request: Request<Streaming<NodeMessage>>,
-    ) -> Reply<Self::ConnectStream> {
-        let (p, r) = split(request)?;
-        reply(Scheduler::connect(self, &p, r.boxed()).await)
-    }
+        streams {
+            type ConnectStream = SchedulerStream;
 
-    async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Reply<ListNodesResponse> {
-        let (p, r) = split(request)?;
-        reply_list(self.list_nodes(&p, &r.list_request()).await)
+            async fn connect(
+                &self,
+                request: Request<Streaming<NodeMessage>>,
+            ) -> Reply<Self::ConnectStream> {
+                let (caller, r) = split(request)?;
+                reply(Scheduler::connect(self, &caller, r.boxed()).await)
+            }
+        }
     }
 }
 

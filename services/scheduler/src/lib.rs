@@ -25,7 +25,6 @@ mod time;
 
 use std::sync::Arc;
 
-use kiln_core::config::ServerConfig;
 use kiln_events::host::Host;
 
 pub use kiln_core::{Error, Result};
@@ -35,20 +34,12 @@ pub use service::Scheduler;
 /// on the host and adds its gRPC services. Models are read from `catalog`; deployments are
 /// checked against billing's quotas through `quotas` when given.
 pub async fn open(
-    server: &ServerConfig,
     config: &config::SchedulerConfig,
     host: &mut Host,
     catalog: Arc<dyn catalog::ModelCatalog>,
     quotas: Option<Arc<dyn quota::QuotaGate>>,
 ) -> Result<Scheduler> {
-    std::fs::create_dir_all(&server.data_dir).map_err(|e| {
-        Error::Internal(format!(
-            "cannot create data dir {}: {e}",
-            server.data_dir.display()
-        ))
-    })?;
-    let db = kiln_store::connect(&server.database_url_for(service::SERVICE)).await?;
-    kiln_store::migrate(&db, service::SERVICE, db::MIGRATIONS).await?;
+    let db = host.open_database(service::SERVICE, db::MIGRATIONS).await?;
     let scheduler = Scheduler::new(
         db.clone(),
         host.pages.clone(),
@@ -58,11 +49,7 @@ pub async fn open(
         host.shutdown.clone(),
     )
     .await?;
-    host.track(
-        scheduler
-            .outbox()
-            .spawn_relay(db, host.bus.clone(), host.shutdown.clone()),
-    );
+    host.relay(scheduler.outbox(), db);
     host.track(reconcile::spawn(scheduler.clone(), host.shutdown.clone()));
     grpc::add_services(&scheduler, &mut host.services);
     Ok(scheduler)

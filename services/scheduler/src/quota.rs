@@ -11,15 +11,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kiln_core::auth::Principal;
 use kiln_core::names::SYSTEM_ACCOUNT;
-use kiln_core::telemetry::OutgoingInterceptor;
 use kiln_proto::billing::v1::ListQuotasRequest;
 use kiln_proto::billing::v1::quota_service_client::QuotaServiceClient;
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::identity::v1::account::SuspendState;
 use kiln_proto::scheduler::v1::Deployment;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::resource::is_gone;
 use crate::state::State;
@@ -50,18 +47,15 @@ pub trait QuotaGate: Send + Sync + 'static {
 
 /// Billing's QuotaService over gRPC.
 pub struct RemoteQuotas {
-    client: QuotaServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
+    client: QuotaServiceClient<kiln_core::server::ServiceChannel>,
 }
 
 impl RemoteQuotas {
     /// Connects lazily to `url`, presenting `service_token`.
     pub fn new(url: &str, service_token: &str) -> Result<Self> {
-        let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| Error::Internal(format!("billing_url: {e}")))?
-            .connect_lazy();
-        let interceptor = OutgoingInterceptor::new(Some(service_token))?;
+        let channel = kiln_core::server::service_channel("billing_url", url, service_token)?;
         Ok(Self {
-            client: QuotaServiceClient::with_interceptor(channel, interceptor),
+            client: QuotaServiceClient::new(channel),
         })
     }
 }

@@ -5,28 +5,22 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 use kiln_proto::identity::v1::AuthenticateRequest;
 use kiln_proto::identity::v1::auth_service_client::AuthServiceClient;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::Error;
 use crate::auth::{Authenticated, Authenticator, Principal, Role};
-use crate::telemetry::OutgoingInterceptor;
 
 /// Resolves API keys through identity's `kiln.identity.v1.AuthService/Authenticate`.
 #[derive(Clone)]
 pub struct RemoteAuthenticator {
-    client: AuthServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
+    client: AuthServiceClient<crate::server::ServiceChannel>,
 }
 
 impl RemoteAuthenticator {
     /// Connects lazily to identity at `url` with the service credential.
     pub fn new(url: &str, service_token: &str) -> Result<Self, Error> {
-        let channel = crate::server::endpoint(url)
-            .map_err(|e| Error::invalid("identity_url", e.to_string()))?
-            .connect_lazy();
-        let interceptor = OutgoingInterceptor::new(Some(service_token))?;
+        let channel = crate::server::service_channel("identity_url", url, service_token)?;
         Ok(Self {
-            client: AuthServiceClient::with_interceptor(channel, interceptor),
+            client: AuthServiceClient::new(channel),
         })
     }
 }

@@ -42,6 +42,48 @@ pub fn reply_list<T, R: ListReply<T>, E: Into<Status>>(result: Result<Listing<T>
     reply(result.map(R::from_listing))
 }
 
+/// Implements a gRPC service with one line per unary RPC: its request and reply types, and the
+/// call on the service (`svc`) with the caller (`caller`) and the message (`request`), whose
+/// result becomes the reply (a listing `.map(Into::into)`, a deletion `.map(deleted)`). Streaming methods and
+/// their associated types follow in a `streams { ... }` block, as ordinary items.
+///
+/// ```ignore
+/// kiln_core::grpc_service! {
+///     impl model_service_server::ModelService for Registry {
+///         fn get_model(GetModelRequest) -> Model = |svc, caller, r| svc.get_model(&caller, &r.name).await;
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! grpc_service {
+    (
+        impl $($service:ident)::+ for $ty:ident {
+            $( fn $method:ident($request:ty) -> $reply:ty = |$svc:ident, $caller:ident, $message:ident| $call:expr; )*
+            $( streams { $( $item:item )* } )?
+        }
+    ) => {
+        #[tonic::async_trait]
+        impl $($service)::+ for $ty {
+            $(
+                async fn $method(
+                    &self,
+                    request: tonic::Request<$request>,
+                ) -> $crate::grpc::Reply<$reply> {
+                    let ($caller, $message) = $crate::grpc::split(request)?;
+                    let $svc = self;
+                    $crate::grpc::reply($call)
+                }
+            )*
+            $( $( $item )* )?
+        }
+    };
+}
+
+/// What a Delete RPC answers: its empty response (`.map(deleted)`).
+pub fn deleted<T: Default>((): ()) -> T {
+    T::default()
+}
+
 macro_rules! list_rpcs {
     ($($request:ty, $response:ty, $item:ty, $items:ident, $parent:ident;)*) => {$(
         impl ListRpc for $request {
@@ -63,6 +105,12 @@ macro_rules! list_rpcs {
                     next_page_token: listing.next_page_token,
                     total_size: listing.total_size,
                 }
+            }
+        }
+
+        impl From<Listing<$item>> for $response {
+            fn from(listing: Listing<$item>) -> Self {
+                Self::from_listing(listing)
             }
         }
     )*};

@@ -25,6 +25,27 @@ pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, crate::Error> {
         .initial_connection_window_size(Some(CONNECTION_WINDOW)))
 }
 
+/// A channel to another Kiln service that presents the service credential and the trace
+/// context on every call.
+pub type ServiceChannel = tonic::service::interceptor::InterceptedService<
+    tonic::transport::Channel,
+    crate::telemetry::OutgoingInterceptor,
+>;
+
+/// A lazily connected [`ServiceChannel`] to `url`; errors name the setting it came from
+/// (`key`, e.g. `registry_url`).
+pub fn service_channel(
+    key: &str,
+    url: &str,
+    service_token: &str,
+) -> Result<ServiceChannel, crate::Error> {
+    let channel = endpoint(url)
+        .map_err(|e| crate::Error::invalid(key, e.to_string()))?
+        .connect_lazy();
+    let interceptor = crate::telemetry::OutgoingInterceptor::new(Some(service_token))?;
+    Ok(ServiceChannel::new(channel, interceptor))
+}
+
 /// The gRPC services one server hosts, with the names health checks report.
 #[derive(Default)]
 pub struct ServiceSet {

@@ -9,13 +9,16 @@ use kiln_core::auth::AuthCache;
 use kiln_core::config::ServerConfig;
 use kiln_core::page::PageTokens;
 use kiln_core::server::ServiceSet;
+use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::EventBus;
+use crate::outbox::Outbox;
 
 /// Shared plumbing for the services of one process.
 pub struct Host {
+    server: ServerConfig,
     pub bus: Arc<dyn EventBus>,
     pub cache: Arc<AuthCache>,
     pub pages: PageTokens,
@@ -43,6 +46,7 @@ impl Host {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
+            server: server.clone(),
             bus,
             cache: Arc::new(AuthCache::new(server.auth_cache_ttl)),
             pages: PageTokens::new(page_secret(server).as_bytes()),
@@ -51,6 +55,37 @@ impl Host {
             service_token: server.service_token.clone(),
             tasks: Vec::new(),
         }
+    }
+
+    /// The process's server settings.
+    pub fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+
+    /// A service's database, migrated: a SQLite file under the data dir (created if need be)
+    /// unless a database URL is configured.
+    pub async fn open_database(
+        &self,
+        service: &str,
+        migrations: &[kiln_store::Migration],
+    ) -> Result<DatabaseConnection, kiln_core::Error> {
+        if self.server.database_url.is_none() {
+            std::fs::create_dir_all(&self.server.data_dir).map_err(|e| {
+                kiln_core::Error::internal(
+                    format_args!("creating the data dir {}", self.server.data_dir.display()),
+                    e,
+                )
+            })?;
+        }
+        let db = kiln_store::connect(&self.server.database_url_for(service)).await?;
+        kiln_store::migrate(&db, service, migrations).await?;
+        Ok(db)
+    }
+
+    /// Publishes what `outbox` holds on the bus, in the background until shutdown.
+    pub fn relay(&mut self, outbox: &Outbox, db: DatabaseConnection) {
+        let relay = outbox.spawn_relay(db, self.bus.clone(), self.shutdown.clone());
+        self.track(relay);
     }
 
     /// A background task that ends at shutdown (an outbox relay, a consumer).

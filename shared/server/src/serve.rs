@@ -64,16 +64,16 @@ pub async fn serve(
     let mut new_admin_key = None;
     let mut identity = None;
     if roles.has(Role::Identity) {
-        let (opened, key) = kiln_identity::open(server, &config.identity, &mut host).await?;
+        let (opened, key) = kiln_identity::open(&config.identity, &mut host).await?;
         identity = Some(opened);
         new_admin_key = key;
     }
     let registry = match roles.has(Role::Registry) {
-        true => Some(kiln_registry::open(server, &config.registry, &mut host).await?),
+        true => Some(kiln_registry::open(&config.registry, &mut host).await?),
         false => None,
     };
     let billing = match roles.has(Role::Billing) {
-        true => Some(kiln_billing::open(server, &config.billing, &mut host).await?),
+        true => Some(kiln_billing::open(&config.billing, &mut host).await?),
         false => None,
     };
     let scheduler = if roles.has(Role::Scheduler) {
@@ -92,8 +92,7 @@ pub async fn serve(
                 )?)),
                 (None, None) => None,
             };
-        let opened =
-            kiln_scheduler::open(server, &config.scheduler, &mut host, catalog, quotas).await?;
+        let opened = kiln_scheduler::open(&config.scheduler, &mut host, catalog, quotas).await?;
         Some(opened)
     } else {
         None
@@ -130,15 +129,8 @@ pub async fn serve(
                 )?)),
                 (None, None) => None,
             };
-        let inference = kiln_inference::open(
-            server,
-            &inference_config,
-            &mut host,
-            source,
-            scheduling,
-            limits,
-        )
-        .await?;
+        let inference =
+            kiln_inference::open(&inference_config, &mut host, source, scheduling, limits).await?;
         kiln_inference::preload(&inference, inference_config.preload.clone());
     }
     if config.import_library

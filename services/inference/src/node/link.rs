@@ -3,14 +3,11 @@
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kiln_core::telemetry::OutgoingInterceptor;
 use kiln_proto::scheduler::v1::{
     NodeMessage, SchedulerMessage, node_service_client::NodeServiceClient,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
-use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
 
 use kiln_core::{Error, Result};
 
@@ -25,17 +22,14 @@ pub trait SchedulerLink: Send + Sync + 'static {
 
 /// The scheduler over gRPC.
 pub struct RemoteScheduler {
-    client: NodeServiceClient<InterceptedService<Channel, OutgoingInterceptor>>,
+    client: NodeServiceClient<kiln_core::server::ServiceChannel>,
 }
 
 impl RemoteScheduler {
     pub fn new(url: &str, service_token: &str) -> Result<Self> {
-        let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| Error::Internal(format!("scheduler_url: {e}")))?
-            .connect_lazy();
-        let interceptor = OutgoingInterceptor::new(Some(service_token))?;
+        let channel = kiln_core::server::service_channel("scheduler_url", url, service_token)?;
         Ok(Self {
-            client: NodeServiceClient::with_interceptor(channel, interceptor),
+            client: NodeServiceClient::new(channel),
         })
     }
 }

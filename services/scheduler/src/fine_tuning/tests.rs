@@ -1,5 +1,6 @@
 use kiln_core::auth::{Principal, Role};
-use tonic::Code;
+use kiln_core::grpc::Reply;
+use tonic::{Code, Request};
 
 use super::*;
 
