@@ -65,17 +65,7 @@ impl Identity {
         let model = new.row(now_micros());
         let proto = user_proto(&model);
         let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
-        match users::Entity::insert(users::ActiveModel::from(model))
-            .exec_without_returning(&txn)
-            .await
-        {
-            Ok(_) => {}
-            Err(err) if kiln_store::is_unique_violation(&err) => {
-                txn.rollback().await?;
-                return Err(Error::already_exists(&name));
-            }
-            Err(err) => return Err(err.into()),
-        }
+        kiln_store::insert(&txn, users::ActiveModel::from(model), &name).await?;
         self.commit_with_event(
             txn,
             "identity.user.created",

@@ -43,24 +43,11 @@ pub trait LimitSource: Send + Sync + 'static {
 }
 
 /// Billing's QuotaService over gRPC.
-pub struct RemoteLimits {
-    client: QuotaServiceClient<kiln_core::server::ServiceChannel>,
-}
-
-impl RemoteLimits {
-    pub fn new(url: &str, service_token: &str) -> Result<Self> {
-        let channel = kiln_core::server::service_channel("billing_url", url, service_token)?;
-        Ok(Self {
-            client: QuotaServiceClient::new(channel),
-        })
-    }
-}
-
 #[async_trait]
-impl LimitSource for RemoteLimits {
+impl LimitSource for QuotaServiceClient<kiln_core::server::ServiceChannel> {
     async fn limits(&self, account: &str) -> Result<Limits> {
         let read = |quota: &str| {
-            let mut client = self.client.clone();
+            let mut client = self.clone();
             let name = format!("accounts/{account}/quotas/{quota}");
             async move {
                 client

@@ -218,6 +218,21 @@ impl Inference {
         }
     }
 
+    /// [`serve`](Self::serve) for a request whose `model` field names the model.
+    async fn serve_model<Req, Resp, Remote, Local>(
+        &self,
+        request: Request<Req>,
+        name: String,
+        remote: impl FnOnce(Channel, Request<Req>) -> Remote,
+        local: impl FnOnce(Principal, Served, Req) -> Local,
+    ) -> Reply<Resp>
+    where
+        Remote: Future<Output = Reply<Resp>>,
+        Local: Future<Output = Result<Resp>>,
+    {
+        self.serve(request, "model", name, remote, local).await
+    }
+
     /// [`serve`](Self::serve) for a streamed answer, which holds its replica to its end.
     async fn serve_stream<Req, Item, Remote, Local>(
         &self,
@@ -255,82 +270,40 @@ fn peer(channel: Channel) -> InferenceServiceClient<Channel> {
     InferenceServiceClient::new(channel)
 }
 
-#[tonic::async_trait]
-impl inference_service_server::InferenceService for Inference {
-    async fn create_completion(
-        &self,
-        request: Request<CreateCompletionRequest>,
-    ) -> Reply<Completion> {
-        let model = request.get_ref().model.clone();
-        self.serve(
-            request,
-            "model",
-            model,
-            |channel, r| async move { peer(channel).create_completion(r).await },
-            |p, served, r| async move { self.create_completion(&p, served, r).await },
-        )
-        .await
+/// The service's RPCs: each answered here (by the method of the same name on [`Inference`])
+/// or forwarded to the node that serves its model, unary (`serve`) or streamed
+/// (`serve_stream`).
+macro_rules! forwarding_service {
+    (streams { $($item:item)* } $( $method:ident($request:ty) -> $reply:ty = $serve:ident; )*) => {
+        #[tonic::async_trait]
+        impl inference_service_server::InferenceService for Inference {
+            $($item)*
+
+            $(
+                async fn $method(&self, request: Request<$request>) -> Reply<$reply> {
+                    let model = request.get_ref().model.clone();
+                    self.$serve(
+                        request,
+                        model,
+                        |channel, r| async move { peer(channel).$method(r).await },
+                        |p, served, r| async move { self.$method(&p, served, r).await },
+                    )
+                    .await
+                }
+            )*
+        }
+    };
+}
+
+forwarding_service! {
+    streams {
+        type StreamCompletionStream = BoxStream<'static, Result<Completion, Status>>;
+        type StreamChatCompletionStream = BoxStream<'static, Result<ChatCompletionChunk, Status>>;
     }
-
-    type StreamCompletionStream = BoxStream<'static, Result<Completion, Status>>;
-
-    async fn stream_completion(
-        &self,
-        request: Request<CreateCompletionRequest>,
-    ) -> Reply<Self::StreamCompletionStream> {
-        let model = request.get_ref().model.clone();
-        self.serve_stream(
-            request,
-            model,
-            |channel, r| async move { peer(channel).stream_completion(r).await },
-            |p, served, r| async move { self.stream_completion(&p, served, r).await },
-        )
-        .await
-    }
-
-    async fn create_chat_completion(
-        &self,
-        request: Request<CreateChatCompletionRequest>,
-    ) -> Reply<ChatCompletion> {
-        let model = request.get_ref().model.clone();
-        self.serve(
-            request,
-            "model",
-            model,
-            |channel, r| async move { peer(channel).create_chat_completion(r).await },
-            |p, served, r| async move { self.create_chat_completion(&p, served, r).await },
-        )
-        .await
-    }
-
-    type StreamChatCompletionStream = BoxStream<'static, Result<ChatCompletionChunk, Status>>;
-
-    async fn stream_chat_completion(
-        &self,
-        request: Request<CreateChatCompletionRequest>,
-    ) -> Reply<Self::StreamChatCompletionStream> {
-        let model = request.get_ref().model.clone();
-        self.serve_stream(
-            request,
-            model,
-            |channel, r| async move { peer(channel).stream_chat_completion(r).await },
-            |p, served, r| async move { self.stream_chat_completion(&p, served, r).await },
-        )
-        .await
-    }
-
-    async fn create_embeddings(
-        &self,
-        request: Request<CreateEmbeddingsRequest>,
-    ) -> Reply<CreateEmbeddingsResponse> {
-        let model = request.get_ref().model.clone();
-        self.serve(
-            request,
-            "model",
-            model,
-            |channel, r| async move { peer(channel).create_embeddings(r).await },
-            |p, served, r| async move { self.create_embeddings(&p, served, r).await },
-        )
-        .await
-    }
+    create_completion(CreateCompletionRequest) -> Completion = serve_model;
+    stream_completion(CreateCompletionRequest) -> Self::StreamCompletionStream = serve_stream;
+    create_chat_completion(CreateChatCompletionRequest) -> ChatCompletion = serve_model;
+    stream_chat_completion(CreateChatCompletionRequest) -> Self::StreamChatCompletionStream =
+        serve_stream;
+    create_embeddings(CreateEmbeddingsRequest) -> CreateEmbeddingsResponse = serve_model;
 }

@@ -25,36 +25,21 @@ pub trait ModelSource: Send + Sync + 'static {
 }
 
 /// The registry over gRPC.
-#[derive(Clone)]
-pub struct RemoteRegistry {
-    client: ModelServiceClient<kiln_core::server::ServiceChannel>,
-}
-
-impl RemoteRegistry {
-    /// Connects lazily to `url`, presenting `service_token`.
-    pub fn new(url: &str, service_token: &str) -> Result<Self> {
-        let channel = kiln_core::server::service_channel("registry_url", url, service_token)?;
-        Ok(Self {
-            client: ModelServiceClient::new(channel).max_decoding_message_size(16 << 20),
-        })
-    }
-}
-
 #[async_trait]
-impl ModelSource for RemoteRegistry {
+impl ModelSource for ModelServiceClient<kiln_core::server::ServiceChannel> {
     async fn get_model(&self, name: &str) -> Result<Model> {
-        let mut client = self.client.clone();
-        Ok(client
-            .get_model(GetModelRequest {
-                name: name.to_owned(),
-            })
+        let request = GetModelRequest {
+            name: name.to_owned(),
+        };
+        Ok(ModelServiceClient::get_model(&mut self.clone(), request)
             .await
             .map_err(|status| Error::from_peer("registry GetModel", status))?
             .into_inner())
     }
 
     async fn download(&self, name: &str, bundle_precision: Option<i32>) -> Result<FileStream> {
-        let mut client = self.client.clone();
+        // Pieces of up to 4 MiB, within a message of their own.
+        let mut client = self.clone().max_decoding_message_size(16 << 20);
         let stream = client
             .download_model_files(DownloadModelFilesRequest {
                 name: name.to_owned(),

@@ -14,7 +14,7 @@ use kiln_proto::registry::v1::{
     upload_dataset_request,
 };
 use prost::Message;
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::dataset as datasets;
 use crate::download::{byte_range, stream_object};
@@ -74,24 +74,7 @@ impl Registry {
             resource: dataset.encode_to_vec(),
         };
         let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
-        let active = datasets::ActiveModel::from(row);
-        if insert {
-            match datasets::Entity::insert(active)
-                .exec_without_returning(&txn)
-                .await
-            {
-                Ok(_) => {}
-                Err(err) if kiln_store::is_unique_violation(&err) => {
-                    txn.rollback().await?;
-                    return Err(Error::already_exists(&name));
-                }
-                Err(err) => return Err(err.into()),
-            }
-        } else {
-            datasets::Entity::update(active.reset_all())
-                .exec(&txn)
-                .await?;
-        }
+        kiln_store::save(&txn, datasets::ActiveModel::from(row), insert, &name).await?;
         self.commit_with_event(txn, event_type, &name.account, &dataset.name, body)
             .await
     }

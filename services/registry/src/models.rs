@@ -137,25 +137,7 @@ impl Registry {
                 row.resource = stored.encode_to_vec();
             }
         }
-        let active = models::ActiveModel::from(row);
-        if insert {
-            match models::Entity::insert(active)
-                .exec_without_returning(&txn)
-                .await
-            {
-                Ok(_) => {}
-                Err(err) if kiln_store::is_unique_violation(&err) => {
-                    txn.rollback().await?;
-                    return Err(Error::already_exists(&name));
-                }
-                Err(err) => return Err(err.into()),
-            }
-        } else {
-            use sea_orm::ActiveModelTrait;
-            models::Entity::update(active.reset_all())
-                .exec(&txn)
-                .await?;
-        }
+        kiln_store::save(&txn, models::ActiveModel::from(row), insert, &name).await?;
         self.commit_with_event(txn, event_type, &name.account, &model.name, body)
             .await
     }

@@ -5,6 +5,7 @@
 use async_trait::async_trait;
 use kiln_proto::registry::v1::{GetModelRequest, Model, model_service_client::ModelServiceClient};
 
+use kiln_core::server::ServiceChannel;
 use kiln_core::{Error, Result};
 
 #[async_trait]
@@ -14,29 +15,13 @@ pub trait ModelCatalog: Send + Sync + 'static {
 }
 
 /// The registry over gRPC.
-pub struct RemoteCatalog {
-    client: ModelServiceClient<kiln_core::server::ServiceChannel>,
-}
-
-impl RemoteCatalog {
-    /// Connects lazily to `url`, presenting `service_token`.
-    pub fn new(url: &str, service_token: &str) -> Result<Self> {
-        let channel = kiln_core::server::service_channel("registry_url", url, service_token)?;
-        Ok(Self {
-            client: ModelServiceClient::new(channel),
-        })
-    }
-}
-
 #[async_trait]
-impl ModelCatalog for RemoteCatalog {
+impl ModelCatalog for ModelServiceClient<ServiceChannel> {
     async fn get_model(&self, name: &str) -> Result<Model> {
-        Ok(self
-            .client
-            .clone()
-            .get_model(GetModelRequest {
-                name: name.to_owned(),
-            })
+        let request = GetModelRequest {
+            name: name.to_owned(),
+        };
+        Ok(ModelServiceClient::get_model(&mut self.clone(), request)
             .await
             .map_err(|status| Error::from_peer("registry GetModel", status))?
             .into_inner())

@@ -46,25 +46,10 @@ pub trait QuotaGate: Send + Sync + 'static {
 }
 
 /// Billing's QuotaService over gRPC.
-pub struct RemoteQuotas {
-    client: QuotaServiceClient<kiln_core::server::ServiceChannel>,
-}
-
-impl RemoteQuotas {
-    /// Connects lazily to `url`, presenting `service_token`.
-    pub fn new(url: &str, service_token: &str) -> Result<Self> {
-        let channel = kiln_core::server::service_channel("billing_url", url, service_token)?;
-        Ok(Self {
-            client: QuotaServiceClient::new(channel),
-        })
-    }
-}
-
 #[async_trait]
-impl QuotaGate for RemoteQuotas {
+impl QuotaGate for QuotaServiceClient<kiln_core::server::ServiceChannel> {
     async fn limits(&self, account: &str) -> Result<QuotaLimits> {
         let listed = self
-            .client
             .clone()
             .list_quotas(ListQuotasRequest {
                 parent: format!("accounts/{account}"),

@@ -11,7 +11,7 @@ use kiln_events::outbox::Outbox;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::{DeployedModel, Deployment, RoutingTable, deployed_model};
 use prost::Message;
-use sea_orm::{ActiveModelTrait, DatabaseConnection, EntityTrait, TransactionTrait};
+use sea_orm::{DatabaseConnection, EntityTrait, TransactionTrait};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::catalog::ModelCatalog;
@@ -183,22 +183,7 @@ impl Scheduler {
             resource: d.encode_to_vec(),
         };
         let txn = self.db().begin().await?;
-        let active = deployment_rows::ActiveModel::from(row);
-        if insert {
-            match deployment_rows::Entity::insert(active)
-                .exec_without_returning(&txn)
-                .await
-            {
-                Ok(_) => {}
-                Err(err) if kiln_store::is_unique_violation(&err) => {
-                    txn.rollback().await?;
-                    return Err(kiln_core::Error::already_exists(&name));
-                }
-                Err(err) => return Err(err.into()),
-            }
-        } else {
-            active.reset_all().update(&txn).await?;
-        }
+        kiln_store::save(&txn, deployment_rows::ActiveModel::from(row), insert, &name).await?;
         if let Some((dm, event_type, body)) = extra {
             self.write_deployed_model(&txn, dm, true).await?;
             self.queue_event(&txn, event_type, &name.account, &dm.name, body)
@@ -254,22 +239,7 @@ impl Scheduler {
                 .unwrap_or(0),
             resource: dm.encode_to_vec(),
         };
-        let active = dm_rows::ActiveModel::from(row);
-        if insert {
-            match dm_rows::Entity::insert(active)
-                .exec_without_returning(conn)
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(err) if kiln_store::is_unique_violation(&err) => {
-                    Err(kiln_core::Error::already_exists(&name))
-                }
-                Err(err) => Err(err.into()),
-            }
-        } else {
-            active.reset_all().update(conn).await?;
-            Ok(())
-        }
+        kiln_store::save(conn, dm_rows::ActiveModel::from(row), insert, &name).await
     }
 
     /// Writes a deployed model and its event in one transaction.

@@ -9,22 +9,6 @@ use kiln_proto::identity::v1::auth_service_client::AuthServiceClient;
 use crate::Error;
 use crate::auth::{Authenticated, Authenticator, Principal, Role};
 
-/// Resolves API keys through identity's `kiln.identity.v1.AuthService/Authenticate`.
-#[derive(Clone)]
-pub struct RemoteAuthenticator {
-    client: AuthServiceClient<crate::server::ServiceChannel>,
-}
-
-impl RemoteAuthenticator {
-    /// Connects lazily to identity at `url` with the service credential.
-    pub fn new(url: &str, service_token: &str) -> Result<Self, Error> {
-        let channel = crate::server::service_channel("identity_url", url, service_token)?;
-        Ok(Self {
-            client: AuthServiceClient::new(channel),
-        })
-    }
-}
-
 /// Converts identity's principal message into the core type.
 pub fn principal_from_proto(p: kiln_proto::identity::v1::Principal) -> Principal {
     Principal {
@@ -40,14 +24,15 @@ pub fn principal_from_proto(p: kiln_proto::identity::v1::Principal) -> Principal
     }
 }
 
-impl Authenticator for RemoteAuthenticator {
+/// Resolves API keys through identity's `kiln.identity.v1.AuthService/Authenticate`.
+impl Authenticator for AuthServiceClient<crate::server::ServiceChannel> {
     fn authenticate<'a>(&'a self, api_key: &'a str) -> BoxFuture<'a, Result<Authenticated, Error>> {
         Box::pin(async move {
-            let mut client = self.client.clone();
-            let response = client
-                .authenticate(AuthenticateRequest {
-                    api_key: api_key.to_owned(),
-                })
+            let mut client = self.clone();
+            let request = AuthenticateRequest {
+                api_key: api_key.to_owned(),
+            };
+            let response = AuthServiceClient::authenticate(&mut client, request)
                 .await
                 .map_err(|status| match status.code() {
                     tonic::Code::Unauthenticated => {

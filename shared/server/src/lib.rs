@@ -7,7 +7,7 @@
 mod config;
 mod dev;
 mod library;
-mod local;
+mod links;
 mod roles;
 mod serve;
 mod signal;

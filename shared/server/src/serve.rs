@@ -6,15 +6,19 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use kiln_core::auth::{AuthLayer, Authenticator};
-use kiln_core::auth_client::RemoteAuthenticator;
+use kiln_core::server::service_channel;
 use kiln_events::EventBus;
 use kiln_events::host::Host;
+use kiln_proto::billing::v1::quota_service_client::QuotaServiceClient;
+use kiln_proto::identity::v1::auth_service_client::AuthServiceClient;
+use kiln_proto::registry::v1::model_service_client::ModelServiceClient;
+use kiln_proto::scheduler::v1::node_service_client::NodeServiceClient;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::KilnConfig;
-use crate::local::{LocalBilling, LocalRegistry, LocalScheduler};
+use crate::links::{BillingLink, LocalScheduler, RegistryLink};
 use crate::roles::{Role, Roles};
 
 /// A process serving its services.
@@ -58,6 +62,9 @@ pub async fn serve(
         None => kiln_events::connect_bus(server).await?,
     };
     let token = server.service_token.as_deref().unwrap_or_default();
+    let peer = |key: &str, url: &Option<String>| {
+        service_channel(key, url.as_deref().unwrap_or_default(), token)
+    };
     let (stop, shutdown) = watch::channel(false);
     let mut host = Host::new(server, bus.clone(), shutdown);
 
@@ -76,24 +83,31 @@ pub async fn serve(
         true => Some(kiln_billing::open(&config.billing, &mut host).await?),
         false => None,
     };
+    // The registry as the scheduler and the node read it (None: neither runs here).
+    let registry_link = match (
+        &registry,
+        roles.has(Role::Scheduler) || roles.has(Role::Inference),
+    ) {
+        (_, false) => None,
+        (Some(registry), true) => Some(Arc::new(RegistryLink::Local(registry.clone()))),
+        (None, true) => Some(Arc::new(RegistryLink::Remote(ModelServiceClient::new(
+            peer("registry_url", &server.registry_url)?,
+        )))),
+    };
+    // None: quotas are not enforced (a process without billing, told so).
+    let billing_link = match (&billing, &server.billing_url) {
+        (Some(billing), _) => Some(Arc::new(BillingLink::Local(billing.clone()))),
+        (None, Some(_)) => Some(Arc::new(BillingLink::Remote(QuotaServiceClient::new(
+            peer("billing_url", &server.billing_url)?,
+        )))),
+        (None, None) => None,
+    };
     let scheduler = if roles.has(Role::Scheduler) {
-        let catalog: Arc<dyn kiln_scheduler::catalog::ModelCatalog> = match &registry {
-            Some(registry) => Arc::new(LocalRegistry(registry.clone())),
-            None => Arc::new(kiln_scheduler::catalog::RemoteCatalog::new(
-                server.registry_url.as_deref().unwrap_or_default(),
-                token,
-            )?),
-        };
-        let quotas: Option<Arc<dyn kiln_scheduler::quota::QuotaGate>> =
-            match (&billing, &server.billing_url) {
-                (Some(billing), _) => Some(Arc::new(LocalBilling(billing.clone()))),
-                (None, Some(url)) => Some(Arc::new(kiln_scheduler::quota::RemoteQuotas::new(
-                    url, token,
-                )?)),
-                (None, None) => None,
-            };
-        let opened = kiln_scheduler::open(&config.scheduler, &mut host, catalog, quotas).await?;
-        Some(opened)
+        let quotas = billing_link
+            .clone()
+            .map(|b| b as Arc<dyn kiln_scheduler::quota::QuotaGate>);
+        let catalog = registry_link.clone().context("the registry link")?;
+        Some(kiln_scheduler::open(&config.scheduler, &mut host, catalog, quotas).await?)
     } else {
         None
     };
@@ -102,33 +116,21 @@ pub async fn serve(
         if let Some(registry) = &registry {
             use_fetched_onnxruntime(&mut inference_config, registry);
         }
-        let source: Arc<dyn kiln_inference::source::ModelSource> = match &registry {
-            Some(registry) => Arc::new(LocalRegistry(registry.clone())),
-            None => Arc::new(kiln_inference::source::RemoteRegistry::new(
-                server.registry_url.as_deref().unwrap_or_default(),
-                token,
-            )?),
-        };
         let link: Option<Arc<dyn kiln_inference::node::SchedulerLink>> = match &scheduler {
             Some(scheduler) => Some(Arc::new(LocalScheduler(scheduler.clone()))),
             None if inference_config.scheduler_url.is_empty() => None,
-            None => Some(Arc::new(kiln_inference::node::RemoteScheduler::new(
+            None => Some(Arc::new(NodeServiceClient::new(service_channel(
+                "inference.scheduler_url",
                 &inference_config.scheduler_url,
                 token,
-            )?)),
+            )?))),
         };
         let scheduling = link.map(|link| kiln_inference::Scheduling {
             address: advertised_url(&inference_config, addr),
             link,
         });
-        let limits: Option<Arc<dyn kiln_inference::limits::LimitSource>> =
-            match (&billing, &server.billing_url) {
-                (Some(billing), _) => Some(Arc::new(LocalBilling(billing.clone()))),
-                (None, Some(url)) => Some(Arc::new(kiln_inference::limits::RemoteLimits::new(
-                    url, token,
-                )?)),
-                (None, None) => None,
-            };
+        let limits = billing_link.map(|b| b as Arc<dyn kiln_inference::limits::LimitSource>);
+        let source = registry_link.clone().context("the registry link")?;
         let inference =
             kiln_inference::open(&inference_config, &mut host, source, scheduling, limits).await?;
         kiln_inference::preload(&inference, inference_config.preload.clone());
@@ -142,10 +144,7 @@ pub async fn serve(
     // another identity (a replica of a larger deployment).
     let authenticator: Arc<dyn Authenticator> = match (identity, &server.identity_url) {
         (Some(identity), None) => Arc::new(identity),
-        (_, url) => Arc::new(RemoteAuthenticator::new(
-            url.as_deref().unwrap_or_default(),
-            token,
-        )?),
+        (_, url) => Arc::new(AuthServiceClient::new(peer("identity_url", url)?)),
     };
     let done = serve_host(host, listener, authenticator).await?;
     tracing::info!(%addr, services = %roles, "Kiln serving");

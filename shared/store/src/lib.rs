@@ -155,6 +155,48 @@ pub fn placeholder(backend: DatabaseBackend, n: usize) -> String {
 }
 
 /// Whether a database error is a unique-constraint violation (a duplicate key).
+/// Inserts a row: ALREADY_EXISTS naming `name` when its key (or another unique column) is
+/// taken.
+pub async fn insert<A, C>(
+    db: &C,
+    row: A,
+    name: &(dyn std::fmt::Display + Sync),
+) -> Result<(), kiln_core::Error>
+where
+    A: sea_orm::ActiveModelTrait + Send,
+    <A::Entity as sea_orm::EntityTrait>::Model: sea_orm::IntoActiveModel<A>,
+    C: ConnectionTrait,
+{
+    match <A::Entity as sea_orm::EntityTrait>::insert(row)
+        .exec_without_returning(db)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(err) if is_unique_violation(&err) => Err(kiln_core::Error::already_exists(name)),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Inserts a new row (as [`insert`]) or overwrites every column of an existing one.
+pub async fn save<A, C>(
+    db: &C,
+    row: A,
+    new: bool,
+    name: &(dyn std::fmt::Display + Sync),
+) -> Result<(), kiln_core::Error>
+where
+    A: sea_orm::ActiveModelTrait + sea_orm::ActiveModelBehavior + Send,
+    <A::Entity as sea_orm::EntityTrait>::Model: sea_orm::IntoActiveModel<A>,
+    C: ConnectionTrait,
+{
+    if new {
+        insert(db, row, name).await
+    } else {
+        row.reset_all().update(db).await?;
+        Ok(())
+    }
+}
+
 pub fn is_unique_violation(err: &DbErr) -> bool {
     matches!(
         err.sql_err(),

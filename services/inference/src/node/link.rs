@@ -21,24 +21,10 @@ pub trait SchedulerLink: Send + Sync + 'static {
 }
 
 /// The scheduler over gRPC.
-pub struct RemoteScheduler {
-    client: NodeServiceClient<kiln_core::server::ServiceChannel>,
-}
-
-impl RemoteScheduler {
-    pub fn new(url: &str, service_token: &str) -> Result<Self> {
-        let channel = kiln_core::server::service_channel("scheduler_url", url, service_token)?;
-        Ok(Self {
-            client: NodeServiceClient::new(channel),
-        })
-    }
-}
-
 #[async_trait]
-impl SchedulerLink for RemoteScheduler {
+impl SchedulerLink for NodeServiceClient<kiln_core::server::ServiceChannel> {
     async fn open(&self, outbound: mpsc::Receiver<NodeMessage>) -> Result<SchedulerStream> {
         let stream = self
-            .client
             .clone()
             .connect(tokio_stream::wrappers::ReceiverStream::new(outbound))
             .await

@@ -22,7 +22,7 @@ use kiln_proto::scheduler::v1::{
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-pub use link::{RemoteScheduler, SchedulerLink, SchedulerStream};
+pub use link::{SchedulerLink, SchedulerStream};
 
 use crate::config::InferenceConfig;
 use crate::engine::Engine;
