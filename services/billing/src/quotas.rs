@@ -10,7 +10,7 @@ use kiln_core::listing::{Field, Fields, Getter, Kind, ListRequest, Listing, Valu
 use kiln_core::names::{AccountName, SYSTEM_ACCOUNT};
 use kiln_core::page::mask_paths;
 use kiln_core::time::{micros_to_timestamp, now_micros};
-use kiln_events::{Body, new_event};
+use kiln_events::Body;
 use kiln_proto::billing::v1::{CheckQuotaResponse, Quota};
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
@@ -20,7 +20,7 @@ use crate::db::{begin_write, execute, first_int, int, query};
 use crate::ledger::deployments::{accelerators_held, active_deployments};
 use crate::ledger::suspension::suspend_state;
 use crate::quota_rules::{Limits, QuotaKind, check, parse_quota_name, updated_limits};
-use crate::service::{Billing, SOURCE};
+use crate::service::Billing;
 use kiln_core::Result;
 
 impl Billing {
@@ -210,10 +210,9 @@ impl Billing {
                 .await?;
         }
         let resource = self.quota_resource(&txn, &account, &kind).await?;
-        let event = new_event(
-            SOURCE,
+        let event = self.outbox().event(
             "billing.quota.updated",
-            &format!("accounts/{account}"),
+            &account,
             &resource.name,
             Body::QuotaUpdated(ev::QuotaUpdated {
                 quota: Some(resource.clone()),

@@ -9,8 +9,6 @@ use sea_orm::DatabaseConnection;
 use crate::config::BillingConfig;
 use crate::prices::Prices;
 
-/// The name events carry in `source`.
-pub(crate) const SOURCE: &str = "kiln-billing";
 /// The service's name in the outbox and migrations.
 pub(crate) const SERVICE: &str = "billing";
 

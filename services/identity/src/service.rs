@@ -15,8 +15,6 @@ use crate::account_cache::AccountCache;
 use crate::db::{account as accounts, user as users};
 use kiln_core::Result;
 
-/// The name events carry in `source`.
-pub(crate) const SOURCE: &str = "kiln-identity";
 /// The service's name in the outbox and migrations.
 pub(crate) const SERVICE: &str = "identity";
 
@@ -83,7 +81,7 @@ impl Identity {
     ) -> Result<()> {
         self.inner
             .outbox
-            .commit_event(txn, SOURCE, event_type, account, resource, body)
+            .commit_event(txn, event_type, account, resource, body)
             .await?;
         self.inner.accounts.invalidate_resource(resource);
         Ok(())

@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_events::consumer::EventHandler;
-use kiln_events::{Body, Event, new_event};
+use kiln_events::{Body, Event};
 use kiln_proto::events::v1::AccountUpdated;
 use kiln_proto::identity::v1::account::SuspendState;
 use sea_orm::{ActiveModelTrait, DatabaseTransaction, EntityTrait, IntoActiveModel};
 
 use crate::accounts::account_proto;
 use crate::db::account as accounts;
-use crate::service::{Identity, SOURCE};
+use crate::service::Identity;
 
 const CONSUMER: &str = "identity-suspensions";
 const SUBJECTS: &str = "kiln.billing.account.>";
@@ -52,8 +52,7 @@ impl EventHandler for Suspensions {
         model.update_time = sea_orm::ActiveValue::Set(kiln_core::time::now_micros());
         let updated = model.update(txn).await?;
         let proto = account_proto(&updated);
-        let changed = new_event(
-            SOURCE,
+        let changed = self.0.outbox().event(
             "identity.account.updated",
             &proto.name,
             &proto.name,

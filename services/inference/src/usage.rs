@@ -10,8 +10,8 @@ use kiln_core::Error;
 use std::sync::Arc;
 
 use kiln_core::auth::Principal;
+use kiln_events::Body;
 use kiln_events::outbox::Outbox;
-use kiln_events::{Body, new_event};
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::events::v1::Event;
 use kiln_proto::events::v1::UsageRecorded;
@@ -22,8 +22,6 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
 use kiln_core::Result;
-
-pub const SOURCE: &str = "inference";
 
 /// What one request used.
 #[derive(Debug, Clone, Default)]
@@ -77,6 +75,8 @@ pub const MIGRATION: kiln_store::Migration = kiln_store::Migration {
 #[derive(Clone)]
 pub struct UsageRecorder {
     queue: mpsc::UnboundedSender<Op>,
+    /// Builds the events (the writer task holds its own handle to write them).
+    outbox: Outbox,
     node: Arc<str>,
     accelerator: AcceleratorType,
     /// Counts each serverless answer's tokens against its account's per-minute limit.
@@ -146,7 +146,7 @@ impl UsageRecorder {
         let node_name: Arc<str> = node.into();
         let writer = Writer {
             db,
-            outbox,
+            outbox: outbox.clone(),
             node: node_name.clone(),
         };
         tokio::spawn(async move {
@@ -174,6 +174,7 @@ impl UsageRecorder {
         });
         Self {
             queue,
+            outbox,
             node: node_name,
             accelerator,
             limiter,
@@ -241,10 +242,9 @@ impl UsageRecorder {
             )),
             ..Default::default()
         };
-        new_event(
-            SOURCE,
+        self.outbox.event(
             "inference.usage.recorded",
-            &format!("accounts/{}", caller.account),
+            &caller.account,
             &usage.model,
             Body::UsageRecorded(body),
         )
@@ -525,6 +525,7 @@ mod tests {
         for node in ["n1", "n2"] {
             let stopped = UsageRecorder {
                 queue: mpsc::unbounded_channel().0,
+                outbox: Outbox::new(crate::SERVICE),
                 node: node.into(),
                 accelerator: AcceleratorType::Cpu,
                 limiter: None,

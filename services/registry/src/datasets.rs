@@ -46,13 +46,14 @@ impl Registry {
         Ok((name, dataset))
     }
 
-    async fn save_dataset(
-        &self,
-        dataset: &Dataset,
-        insert: bool,
-        event_type: &str,
-        body: Body,
-    ) -> Result<()> {
+    /// Stores `dataset` as `change` left it (its update time now, unless it is new) with the
+    /// event that says so, in one transaction.
+    async fn save_dataset(&self, dataset: &mut Dataset, change: DatasetChange) -> Result<()> {
+        let insert = matches!(change, DatasetChange::Created);
+        if !insert {
+            dataset.update_time = Some(micros_to_timestamp(now_micros()));
+        }
+        let (event_type, body) = change.event(dataset);
         let name = ChildName::parse("dataset.name", "datasets", &dataset.name, None)?;
         let row = datasets::Model {
             account_id: name.account.clone(),
@@ -75,8 +76,10 @@ impl Registry {
         };
         let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
         kiln_store::save(&txn, datasets::ActiveModel::from(row), insert, &name).await?;
-        self.commit_with_event(txn, event_type, &name.account, &dataset.name, body)
-            .await
+        let outbox = self.outbox();
+        Ok(outbox
+            .commit_event(txn, event_type, &name.account, &dataset.name, body)
+            .await?)
     }
 
     pub async fn create_dataset(
@@ -119,15 +122,9 @@ impl Registry {
             },
             ..Default::default()
         };
-        self.save_dataset(
-            &created,
-            true,
-            "registry.dataset.created",
-            Body::DatasetCreated(ev::DatasetCreated {
-                dataset: Some(created.clone()),
-            }),
-        )
-        .await?;
+        let mut created = created;
+        self.save_dataset(&mut created, DatasetChange::Created)
+            .await?;
         Ok(created)
     }
 
@@ -193,17 +190,8 @@ impl Registry {
         if dataset == before {
             return Ok(dataset);
         }
-        dataset.update_time = Some(micros_to_timestamp(now_micros()));
-        self.save_dataset(
-            &dataset,
-            false,
-            "registry.dataset.updated",
-            Body::DatasetUpdated(ev::DatasetUpdated {
-                dataset: Some(dataset.clone()),
-                update_mask: Some(prost_types::FieldMask { paths }),
-            }),
-        )
-        .await?;
+        self.save_dataset(&mut dataset, DatasetChange::Updated(Some(paths)))
+            .await?;
         Ok(dataset)
     }
 
@@ -213,16 +201,17 @@ impl Registry {
         datasets::Entity::delete_by_id((name.account.clone(), name.id.clone()))
             .exec(&txn)
             .await?;
-        self.commit_with_event(
-            txn,
-            "registry.dataset.deleted",
-            &name.account,
-            &dataset.name,
-            Body::DatasetDeleted(ev::DatasetDeleted {
-                name: dataset.name.clone(),
-            }),
-        )
-        .await?;
+        self.outbox()
+            .commit_event(
+                txn,
+                "registry.dataset.deleted",
+                &name.account,
+                &dataset.name,
+                Body::DatasetDeleted(ev::DatasetDeleted {
+                    name: dataset.name.clone(),
+                }),
+            )
+            .await?;
         self.artifacts()
             .delete_prefix(&format!("datasets/{}/{}", name.account, name.id))
             .await?;
@@ -317,17 +306,8 @@ impl Registry {
         }
         dataset.uploaded_bytes = upload.offset as i64;
         if !upload.complete() || failure.is_some() {
-            dataset.update_time = Some(micros_to_timestamp(now_micros()));
-            self.save_dataset(
-                &dataset,
-                false,
-                "registry.dataset.updated",
-                Body::DatasetUpdated(ev::DatasetUpdated {
-                    dataset: Some(dataset.clone()),
-                    update_mask: None,
-                }),
-            )
-            .await?;
+            self.save_dataset(&mut dataset, DatasetChange::Updated(None))
+                .await?;
             return match failure {
                 Some(e) => Err(e),
                 None => Ok(dataset),
@@ -350,7 +330,6 @@ impl Registry {
                 }
             })
             .await;
-        dataset.update_time = Some(micros_to_timestamp(now_micros()));
         let result = match finished {
             Ok(()) => {
                 let summary = summary.expect("validated");
@@ -376,16 +355,8 @@ impl Registry {
                 Err(other)
             }
         };
-        self.save_dataset(
-            &dataset,
-            false,
-            "registry.dataset.state_changed",
-            Body::DatasetStateChanged(ev::DatasetStateChanged {
-                dataset: Some(dataset.clone()),
-                previous_state: previous,
-            }),
-        )
-        .await?;
+        self.save_dataset(&mut dataset, DatasetChange::StateChanged { previous })
+            .await?;
         result.map(|()| dataset)
     }
 
@@ -415,6 +386,42 @@ impl Registry {
             },
         )
         .await
+    }
+}
+
+/// A change to a dataset, and so its event.
+enum DatasetChange {
+    Created,
+    /// The paths changed (None: its upload progressed).
+    Updated(Option<Vec<String>>),
+    StateChanged {
+        previous: i32,
+    },
+}
+
+impl DatasetChange {
+    fn event(self, dataset: &Dataset) -> (&'static str, Body) {
+        let dataset = Some(dataset.clone());
+        match self {
+            Self::Created => (
+                "registry.dataset.created",
+                Body::DatasetCreated(ev::DatasetCreated { dataset }),
+            ),
+            Self::Updated(paths) => (
+                "registry.dataset.updated",
+                Body::DatasetUpdated(ev::DatasetUpdated {
+                    dataset,
+                    update_mask: paths.map(|paths| prost_types::FieldMask { paths }),
+                }),
+            ),
+            Self::StateChanged { previous } => (
+                "registry.dataset.state_changed",
+                Body::DatasetStateChanged(ev::DatasetStateChanged {
+                    dataset,
+                    previous_state: previous,
+                }),
+            ),
+        }
     }
 }
 

@@ -73,13 +73,14 @@ impl Registry {
     }
 
     /// Writes a model row (insert or full update) and its event in one transaction.
-    pub(crate) async fn save_model(
-        &self,
-        model: &Model,
-        insert: bool,
-        event_type: &str,
-        body: Body,
-    ) -> Result<()> {
+    /// Stores `model` as `change` left it (its update time now, unless it is new) with the
+    /// event that says so, in one transaction.
+    pub(crate) async fn save_model(&self, model: &mut Model, change: ModelChange) -> Result<()> {
+        let insert = matches!(change, ModelChange::Created);
+        if !insert {
+            model.update_time = Some(micros_to_timestamp(now_micros()));
+        }
+        let (event_type, body) = change.event(model);
         let name = ChildName::parse("model.name", "models", &model.name, None)?;
         let mut stored = model.clone();
         // Files and refs live in their own rows; the resource keeps the rest.
@@ -138,8 +139,10 @@ impl Registry {
             }
         }
         kiln_store::save(&txn, models::ActiveModel::from(row), insert, &name).await?;
-        self.commit_with_event(txn, event_type, &name.account, &model.name, body)
-            .await
+        let outbox = self.outbox();
+        Ok(outbox
+            .commit_event(txn, event_type, &name.account, &model.name, body)
+            .await?)
     }
 
     pub async fn create_model(
@@ -234,15 +237,8 @@ impl Registry {
             },
             ..Default::default()
         };
-        self.save_model(
-            &created,
-            true,
-            "registry.model.created",
-            Body::ModelCreated(ev::ModelCreated {
-                model: Some(created.clone()),
-            }),
-        )
-        .await?;
+        let mut created = created;
+        self.save_model(&mut created, ModelChange::Created).await?;
         Ok(created)
     }
 
@@ -363,17 +359,8 @@ impl Registry {
         if model == stored.model {
             return Ok(model);
         }
-        model.update_time = Some(micros_to_timestamp(now_micros()));
-        self.save_model(
-            &model,
-            false,
-            "registry.model.updated",
-            Body::ModelUpdated(ev::ModelUpdated {
-                model: Some(model.clone()),
-                update_mask: Some(prost_types::FieldMask { paths }),
-            }),
-        )
-        .await?;
+        self.save_model(&mut model, ModelChange::Updated(paths))
+            .await?;
         Ok(model)
     }
 
@@ -411,21 +398,63 @@ impl Registry {
         models::Entity::delete_by_id((stored.account().to_owned(), stored.id().to_owned()))
             .exec(&txn)
             .await?;
-        self.commit_with_event(
-            txn,
-            "registry.model.deleted",
-            stored.account(),
-            &stored.model.name,
-            Body::ModelDeleted(ev::ModelDeleted {
-                name: stored.model.name.clone(),
-            }),
-        )
-        .await?;
+        self.outbox()
+            .commit_event(
+                txn,
+                "registry.model.deleted",
+                stored.account(),
+                &stored.model.name,
+                Body::ModelDeleted(ev::ModelDeleted {
+                    name: stored.model.name.clone(),
+                }),
+            )
+            .await?;
         // The bytes go after the rows: a crash in between leaves only unreferenced objects.
         self.artifacts()
             .delete_prefix(&format!("models/{}/{}", stored.account(), stored.id()))
             .await?;
         Ok(())
+    }
+}
+
+/// A change to a model, and so its event.
+pub(crate) enum ModelChange {
+    Created,
+    Updated(Vec<String>),
+    StateChanged { previous: i32 },
+    Prepared(kiln_proto::registry::v1::PreparedBundle),
+}
+
+impl ModelChange {
+    fn event(self, model: &Model) -> (&'static str, Body) {
+        let model_now = || Some(model.clone());
+        match self {
+            Self::Created => (
+                "registry.model.created",
+                Body::ModelCreated(ev::ModelCreated { model: model_now() }),
+            ),
+            Self::Updated(paths) => (
+                "registry.model.updated",
+                Body::ModelUpdated(ev::ModelUpdated {
+                    model: model_now(),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                }),
+            ),
+            Self::StateChanged { previous } => (
+                "registry.model.state_changed",
+                Body::ModelStateChanged(ev::ModelStateChanged {
+                    model: model_now(),
+                    previous_state: previous,
+                }),
+            ),
+            Self::Prepared(bundle) => (
+                "registry.model.prepared",
+                Body::ModelPrepared(ev::ModelPrepared {
+                    name: model.name.clone(),
+                    bundle: Some(bundle),
+                }),
+            ),
+        }
     }
 }
 

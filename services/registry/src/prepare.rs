@@ -6,15 +6,14 @@ use kiln_core::Error;
 
 use kiln_core::auth::Principal;
 use kiln_core::time::{micros_to_timestamp, now_micros};
-use kiln_events::Body;
 use kiln_proto::common::v1::Precision;
-use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::{
     Model, PreparedBundle, base_model_details::CheckpointFormat, model, prepared_bundle,
 };
 use sea_orm::EntityTrait;
 
 use crate::db::model_file as files;
+use crate::models::ModelChange;
 use crate::service::Registry;
 use crate::stored::precision_name;
 use kiln_core::Result;
@@ -124,17 +123,8 @@ impl Registry {
             .prepared_bundles
             .retain(|b| b.precision != precision as i32);
         model.prepared_bundles.push(bundle.clone());
-        model.update_time = Some(now);
-        self.save_model(
-            &model,
-            false,
-            "registry.model.prepared",
-            Body::ModelPrepared(ev::ModelPrepared {
-                name: model.name.clone(),
-                bundle: Some(bundle),
-            }),
-        )
-        .await?;
+        self.save_model(&mut model, ModelChange::Prepared(bundle))
+            .await?;
         let fresh = self
             .stored_model(stored.account(), stored.id())
             .await?

@@ -4,7 +4,6 @@ use kiln_core::Error;
 use std::sync::Arc;
 
 use kiln_core::page::PageTokens;
-use kiln_events::Body;
 use kiln_events::outbox::Outbox;
 use sea_orm::DatabaseConnection;
 
@@ -13,8 +12,6 @@ use crate::config::RegistryConfig;
 use crate::preparers::Preparers;
 use kiln_core::Result;
 
-/// The name events carry in `source`.
-pub const SOURCE: &str = "kiln-registry";
 /// The service's name in the outbox and migrations.
 pub const SERVICE: &str = "registry";
 
@@ -75,22 +72,6 @@ impl Registry {
 
     pub fn config(&self) -> &RegistryConfig {
         &self.inner.config
-    }
-
-    /// Writes the change's event into the outbox inside `txn` and commits both together.
-    pub(crate) async fn commit_with_event(
-        &self,
-        txn: sea_orm::DatabaseTransaction,
-        event_type: &str,
-        account: &str,
-        resource: &str,
-        body: Body,
-    ) -> Result<()> {
-        self.inner
-            .outbox
-            .commit_event(txn, SOURCE, event_type, account, resource, body)
-            .await?;
-        Ok(())
     }
 }
 

@@ -4,9 +4,6 @@
 use futures::{Stream, StreamExt};
 use kiln_core::Error;
 use kiln_core::auth::Principal;
-use kiln_core::time::{micros_to_timestamp, now_micros};
-use kiln_events::Body;
-use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::{
     FileChunk, ModelFile, ModelFileHeader, UploadModelFilesRequest, UploadModelFilesResponse,
     model, upload_model_files_request,
@@ -15,6 +12,7 @@ use sea_orm::{ActiveModelTrait, EntityTrait};
 
 use crate::artifacts::Artifacts;
 use crate::db::model_file as files;
+use crate::models::ModelChange;
 use crate::service::{Registry, validate_file_path, validate_sha256};
 use crate::staging::{RunningHash, StagingAppender, StagingWriter, blocking};
 use crate::stored::{StoredModel, file_key};
@@ -288,17 +286,8 @@ impl Registry {
                 let previous = stored.model.state;
                 stored.model.state = model::State::Uploading as i32;
                 stored.model.status = Some(Default::default());
-                stored.model.update_time = Some(micros_to_timestamp(now_micros()));
-                self.save_model(
-                    &stored.model,
-                    false,
-                    "registry.model.state_changed",
-                    Body::ModelStateChanged(ev::ModelStateChanged {
-                        model: Some(stored.model.clone()),
-                        previous_state: previous,
-                    }),
-                )
-                .await?;
+                let change = ModelChange::StateChanged { previous };
+                self.save_model(&mut stored.model, change).await?;
                 Ok(stored)
             }
             _ => Err(Error::FailedPrecondition(format!(

@@ -5,18 +5,16 @@ use kiln_core::Error;
 use std::io::Cursor;
 
 use kiln_core::auth::Principal;
-use kiln_core::time::{micros_to_timestamp, now_micros};
-use kiln_events::Body;
 use kiln_formats::{
     FormatError, GgufInfo, HF_FILES, HfFiles, Manifest, Task, check_adapter_fits, check_task,
     read_adapter_config, read_gguf, read_hf, read_onnx, read_safetensors_header,
 };
-use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::{
     BaseModelDetails, ConversationConfig, Model, PeftDetails, ValidateModelUploadResponse,
     base_model_details::CheckpointFormat, model,
 };
 
+use crate::models::ModelChange;
 use crate::service::Registry;
 use crate::stored::{StoredModel, file_key};
 use kiln_core::Result;
@@ -357,17 +355,8 @@ impl Registry {
             model.state = model::State::Ready as i32;
             model.status = Some(Default::default());
         }
-        model.update_time = Some(micros_to_timestamp(now_micros()));
-        self.save_model(
-            &model,
-            false,
-            "registry.model.state_changed",
-            Body::ModelStateChanged(ev::ModelStateChanged {
-                model: Some(model.clone()),
-                previous_state: previous,
-            }),
-        )
-        .await?;
+        self.save_model(&mut model, ModelChange::StateChanged { previous })
+            .await?;
         Ok(ValidateModelUploadResponse {
             valid,
             model: Some(model),

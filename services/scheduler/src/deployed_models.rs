@@ -5,14 +5,12 @@ use kiln_core::auth::Principal;
 use kiln_core::listing::{Field, Fields, Getter, Kind, ListRequest, Listing, Value, time_value};
 use kiln_core::names::{self, ChildName, validate_display_name};
 use kiln_core::page::mask_paths;
-use kiln_events::Body;
 use kiln_proto::common::v1::Status as ResourceStatus;
-use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::model;
 use kiln_proto::scheduler::v1::{DeployedModel, deployed_model, deployment};
 
 use crate::resource::{account_of, is_gone, own_parent};
-use crate::service::Scheduler;
+use crate::service::{DeployedModelChange, Scheduler};
 use crate::state::State;
 use crate::time::now;
 use kiln_core::Result;
@@ -167,15 +165,9 @@ impl Scheduler {
             self.clear_default(&mut state, &parent.account, &model.name)
                 .await?;
         }
-        self.save_deployed_model(
-            &new,
-            true,
-            "scheduler.deployed_model.created",
-            Body::DeployedModelCreated(ev::DeployedModelCreated {
-                deployed_model: Some(new.clone()),
-            }),
-        )
-        .await?;
+        let mut new = new;
+        self.save_deployed_model(&mut new, DeployedModelChange::Created)
+            .await?;
         state.deployed_models.insert(name, new.clone());
         drop(state);
         self.wake();
@@ -194,8 +186,11 @@ impl Scheduler {
         for name in current {
             let mut dm = state.deployed_models[&name].clone();
             dm.default = false;
-            self.save_deployed_model_update(&mut dm, vec!["default".into()])
-                .await?;
+            self.save_deployed_model(
+                &mut dm,
+                DeployedModelChange::Updated(vec!["default".into()]),
+            )
+            .await?;
             state.deployed_models.insert(name, dm);
         }
         Ok(())
@@ -281,7 +276,8 @@ impl Scheduler {
             self.clear_default(&mut state, &account_of(&dm.name), &dm.model)
                 .await?;
         }
-        self.save_deployed_model_update(&mut dm, paths).await?;
+        self.save_deployed_model(&mut dm, DeployedModelChange::Updated(paths))
+            .await?;
         state.deployed_models.insert(dm.name.clone(), dm.clone());
         drop(state);
         self.wake();

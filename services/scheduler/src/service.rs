@@ -23,8 +23,6 @@ use crate::state::{DeploymentEntry, State};
 use crate::time::now;
 use kiln_core::Result;
 
-/// The name events carry in `source`.
-pub(crate) const SOURCE: &str = "kiln-scheduler";
 /// The service's name in the outbox and migrations.
 pub(crate) const SERVICE: &str = "scheduler";
 
@@ -153,7 +151,7 @@ impl Scheduler {
         let txn = self.db().begin().await?;
         self.inner
             .outbox
-            .commit_event(txn, SOURCE, event_type, account, resource, body)
+            .commit_event(txn, event_type, account, resource, body)
             .await?;
         Ok(())
     }
@@ -193,7 +191,7 @@ impl Scheduler {
             Some((event_type, body)) => {
                 self.inner
                     .outbox
-                    .commit_event(txn, SOURCE, event_type, &name.account, &d.name, body)
+                    .commit_event(txn, event_type, &name.account, &d.name, body)
                     .await?
             }
             None => self.inner.outbox.commit(txn).await?,
@@ -242,23 +240,24 @@ impl Scheduler {
         kiln_store::save(conn, dm_rows::ActiveModel::from(row), insert, &name).await
     }
 
-    /// Writes a deployed model and its event in one transaction.
+    /// Stores a deployed model as `change` left it (its update time now, unless it is new)
+    /// with the event that says so, in one transaction.
     pub(crate) async fn save_deployed_model(
         &self,
-        dm: &DeployedModel,
-        insert: bool,
-        event_type: &str,
-        body: Body,
+        dm: &mut DeployedModel,
+        change: DeployedModelChange,
     ) -> Result<()> {
+        let insert = matches!(change, DeployedModelChange::Created);
+        if !insert {
+            dm.update_time = Some(now());
+        }
+        let (event_type, body) = change.event(dm);
         let account = ChildName::parse("name", "deployedModels", &dm.name, None)?.account;
         let txn = self.db().begin().await?;
-        if let Err(err) = self.write_deployed_model(&txn, dm, insert).await {
-            txn.rollback().await?;
-            return Err(err);
-        }
+        self.write_deployed_model(&txn, dm, insert).await?;
         self.inner
             .outbox
-            .commit_event(txn, SOURCE, event_type, &account, &dm.name, body)
+            .commit_event(txn, event_type, &account, &dm.name, body)
             .await?;
         Ok(())
     }
@@ -274,7 +273,6 @@ impl Scheduler {
             .outbox
             .commit_event(
                 txn,
-                SOURCE,
                 "scheduler.deployed_model.deleted",
                 &name.account,
                 &dm.name,
@@ -323,26 +321,6 @@ impl Scheduler {
         result
     }
 
-    /// Stores a change of a deployed model's fields in `paths`, with its
-    /// `deployed_model.updated` event.
-    pub(crate) async fn save_deployed_model_update(
-        &self,
-        dm: &mut DeployedModel,
-        paths: Vec<String>,
-    ) -> Result<()> {
-        dm.update_time = Some(now());
-        self.save_deployed_model(
-            dm,
-            false,
-            "scheduler.deployed_model.updated",
-            Body::DeployedModelUpdated(ev::DeployedModelUpdated {
-                deployed_model: Some(dm.clone()),
-                update_mask: Some(prost_types::FieldMask { paths }),
-            }),
-        )
-        .await
-    }
-
     /// Moves a deployed model to state `to`, stored with its `state_changed` event.
     pub(crate) async fn set_deployed_model_state(
         &self,
@@ -354,17 +332,8 @@ impl Scheduler {
             return Ok(());
         }
         dm.state = to as i32;
-        dm.update_time = Some(now());
-        self.save_deployed_model(
-            dm,
-            false,
-            "scheduler.deployed_model.state_changed",
-            Body::DeployedModelStateChanged(ev::DeployedModelStateChanged {
-                deployed_model: Some(dm.clone()),
-                previous_state: previous,
-            }),
-        )
-        .await
+        let change = DeployedModelChange::StateChanged { previous };
+        self.save_deployed_model(dm, change).await
     }
 
     async fn queue_event<C: sea_orm::ConnectionTrait>(
@@ -375,14 +344,41 @@ impl Scheduler {
         resource: &str,
         body: Body,
     ) -> Result<()> {
-        let event = kiln_events::new_event(
-            SOURCE,
-            event_type,
-            &format!("accounts/{account}"),
-            resource,
-            body,
-        );
+        let event = self.inner.outbox.event(event_type, account, resource, body);
         self.inner.outbox.enqueue(conn, &event).await?;
         Ok(())
+    }
+}
+
+/// A change to a deployed model, and so its event.
+pub(crate) enum DeployedModelChange {
+    Created,
+    Updated(Vec<String>),
+    StateChanged { previous: i32 },
+}
+
+impl DeployedModelChange {
+    fn event(self, dm: &DeployedModel) -> (&'static str, Body) {
+        let deployed_model = Some(dm.clone());
+        match self {
+            Self::Created => (
+                "scheduler.deployed_model.created",
+                Body::DeployedModelCreated(ev::DeployedModelCreated { deployed_model }),
+            ),
+            Self::Updated(paths) => (
+                "scheduler.deployed_model.updated",
+                Body::DeployedModelUpdated(ev::DeployedModelUpdated {
+                    deployed_model,
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                }),
+            ),
+            Self::StateChanged { previous } => (
+                "scheduler.deployed_model.state_changed",
+                Body::DeployedModelStateChanged(ev::DeployedModelStateChanged {
+                    deployed_model,
+                    previous_state: previous,
+                }),
+            ),
+        }
     }
 }

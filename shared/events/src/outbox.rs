@@ -147,24 +147,31 @@ impl Outbox {
         self.commit(txn).await
     }
 
-    /// Builds the event of a change (see [`crate::new_event`]) for `accounts/{account}`,
-    /// writes it into `txn` and commits both together.
+    /// An event of this service (`source` `kiln-<service>`; see [`crate::new_event`]) about
+    /// `resource` of `accounts/{account}`.
+    pub fn event(
+        &self,
+        event_type: &str,
+        account: &str,
+        resource: &str,
+        body: crate::Body,
+    ) -> Event {
+        let source = format!("kiln-{}", self.service);
+        let account = format!("accounts/{}", account.trim_start_matches("accounts/"));
+        crate::new_event(&source, event_type, &account, resource, body)
+    }
+
+    /// Builds the event of a change (see [`Outbox::event`]), writes it into `txn` and
+    /// commits both together.
     pub async fn commit_event(
         &self,
         txn: DatabaseTransaction,
-        source: &str,
         event_type: &str,
         account: &str,
         resource: &str,
         body: crate::Body,
     ) -> Result<(), Error> {
-        let event = crate::new_event(
-            source,
-            event_type,
-            &format!("accounts/{account}"),
-            resource,
-            body,
-        );
+        let event = self.event(event_type, account, resource, body);
         self.commit_with(txn, &event).await
     }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use kiln_core::names::SYSTEM_ACCOUNT;
 use kiln_core::time::{now_micros, utc_month};
-use kiln_events::{Body, new_event};
+use kiln_events::Body;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::identity::v1::account::SuspendState;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseTransaction, Value};
@@ -16,7 +16,7 @@ use super::replicas::open_replicas;
 use crate::db::{execute, first_int, int, query};
 use crate::prices::{NANOS_PER_UNIT, format_nanos};
 use crate::quota_rules::QuotaKind;
-use crate::service::{Billing, SOURCE};
+use crate::service::Billing;
 use kiln_core::Result;
 
 /// Where a month's spend stands against its limit.
@@ -193,7 +193,9 @@ impl Billing {
         body: impl FnOnce(String) -> Body,
     ) -> Result<()> {
         let name = format!("accounts/{account}");
-        let event = new_event(SOURCE, subject, &name, &name, body(name.clone()));
+        let event = self
+            .outbox()
+            .event(subject, &name, &name, body(name.clone()));
         self.outbox().enqueue(txn, &event).await?;
         Ok(())
     }
