@@ -1,6 +1,6 @@
 //! Billing's gRPC face: one line per RPC over [`Billing`] (see [`kiln_core::grpc_service`]).
 
-use kiln_core::grpc::{ListRpc, required};
+use kiln_core::grpc::{ListRpc, Update};
 use kiln_proto::billing::v1::*;
 
 use crate::service::Billing;
@@ -19,8 +19,7 @@ kiln_core::grpc_service! {
         fn list_quotas(ListQuotasRequest) -> ListQuotasResponse =
             |svc, caller, r| svc.list_quotas(&caller, &r.list_request()).await.map(Into::into);
         fn update_quota(UpdateQuotaRequest) -> Quota = |svc, caller, r| {
-            let quota = required(r.quota, "quota")?;
-            svc.update_quota(&caller, quota, r.update_mask).await
+            svc.update_quota(&caller, Update::new("quota", r.quota, r.update_mask)?).await
         };
         fn check_quota(CheckQuotaRequest) -> CheckQuotaResponse =
             |svc, caller, r| svc.check_quota(&caller, &r.account, &r.quota, r.requested).await;

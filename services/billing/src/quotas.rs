@@ -6,9 +6,9 @@
 
 use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::grpc::Update;
 use kiln_core::listing::{Field, Fields, Getter, Kind, ListRequest, Listing, Value, time_value};
 use kiln_core::names::{AccountName, SYSTEM_ACCOUNT};
-use kiln_core::page::mask_paths;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
 use kiln_proto::billing::v1::{CheckQuotaResponse, Quota};
@@ -171,16 +171,14 @@ impl Billing {
     pub(crate) async fn update_quota(
         &self,
         caller: &Principal,
-        quota: Quota,
-        update_mask: Option<prost_types::FieldMask>,
+        request: Update<Quota>,
     ) -> Result<Quota> {
+        // Without a mask, the value changes (the one field a caller usually sets).
+        let paths = request.paths(&[("value", true)]);
+        let quota = request.resource;
         let (account, kind) = parse_quota_name("quota.name", &quota.name, Some(&caller.account))?;
         if !caller.can_access(&account) {
             return Err(Error::not_found(&quota.name));
-        }
-        let mut paths = mask_paths(update_mask);
-        if paths.is_empty() {
-            paths.push("value".into());
         }
         let txn = begin_write(self.db()).await?;
         let before = self.quota(&txn, &account, &kind).await?;

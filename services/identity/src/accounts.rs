@@ -2,6 +2,7 @@
 
 use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::grpc::Update;
 use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names;
 use kiln_core::time::{micros_to_timestamp, now_micros};
@@ -99,16 +100,16 @@ impl Identity {
     pub(crate) async fn update_account(
         &self,
         caller: &Principal,
-        account: Account,
-        mask: Option<prost_types::FieldMask>,
+        update: Update<Account>,
     ) -> Result<Account> {
+        let account = &update.resource;
         let name = names::AccountName::parse("account.name", &account.name)?;
         caller.check_access(&name, &name)?;
         let existing = self
             .account(&name.account)
             .await?
             .ok_or_else(|| Error::not_found(&name))?;
-        let Some(change) = account_update(caller, &existing, &account, mask, now_micros())? else {
+        let Some(change) = account_update(caller, &existing, &update, now_micros())? else {
             return Ok(account_proto(&existing));
         };
         let proto = account_proto(&change.model);

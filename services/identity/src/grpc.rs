@@ -1,7 +1,7 @@
 //! The gRPC face of identity: thin handlers that read the principal, call [`Identity`] and
 //! map errors once (through `kiln_core::grpc`), one line per RPC.
 
-use kiln_core::grpc::{ListRpc, Reply, deleted, required, split};
+use kiln_core::grpc::{ListRpc, Reply, Update, deleted, split};
 use kiln_proto::identity::v1::{
     Account, ApiKey, AuthenticateRequest, AuthenticateResponse, CreateAccountRequest,
     CreateApiKeyRequest, CreateUserRequest, DeleteAccountRequest, DeleteAccountResponse,
@@ -26,8 +26,7 @@ kiln_core::grpc_service! {
         fn list_accounts(ListAccountsRequest) -> ListAccountsResponse =
             |svc, caller, r| svc.list_accounts(&caller, &r.list_request()).await.map(Into::into);
         fn update_account(UpdateAccountRequest) -> Account = |svc, caller, r| {
-            let account = required(r.account, "account")?;
-            svc.update_account(&caller, account, r.update_mask).await
+            svc.update_account(&caller, Update::new("account", r.account, r.update_mask)?).await
         };
         fn delete_account(DeleteAccountRequest) -> DeleteAccountResponse =
             |svc, caller, r| svc.delete_account(&caller, &r.name).await.map(deleted);
@@ -45,8 +44,7 @@ kiln_core::grpc_service! {
         fn list_users(ListUsersRequest) -> ListUsersResponse =
             |svc, caller, r| svc.list_users(&caller, &r.list_request()).await.map(Into::into);
         fn update_user(UpdateUserRequest) -> User = |svc, caller, r| {
-            let user = required(r.user, "user")?;
-            svc.update_user(&caller, user, r.update_mask).await
+            svc.update_user(&caller, Update::new("user", r.user, r.update_mask)?).await
         };
         fn delete_user(DeleteUserRequest) -> DeleteUserResponse =
             |svc, caller, r| svc.delete_user(&caller, &r.name).await.map(deleted);

@@ -2,6 +2,7 @@
 
 use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::grpc::Update;
 use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names;
 use kiln_core::time::{micros_to_timestamp, now_micros};
@@ -129,11 +130,11 @@ impl Identity {
     pub(crate) async fn update_user(
         &self,
         caller: &Principal,
-        user: User,
-        mask: Option<prost_types::FieldMask>,
+        update: Update<User>,
     ) -> Result<User> {
+        let user = &update.resource;
         let existing = self.existing_user(caller, "user.name", &user.name).await?;
-        let Some(change) = user_update(caller, &existing, &user, mask, now_micros())? else {
+        let Some(change) = user_update(caller, &existing, &update, now_micros())? else {
             return Ok(user_proto(&existing));
         };
         if change.model.email != existing.email {

@@ -20,8 +20,8 @@ use crate::db::dataset as datasets;
 use crate::download::{byte_range, stream_object};
 use crate::service::{Registry, validate_sha256};
 use crate::uploads::FileUpload;
+use kiln_core::grpc::Update;
 use kiln_core::names::validate_display_name;
-use kiln_core::page::mask_paths;
 use kiln_core::{Error, Result};
 
 fn dataset_key(account: &str, id: &str) -> String {
@@ -160,17 +160,14 @@ impl Registry {
     pub async fn update_dataset(
         &self,
         caller: &Principal,
-        update: Dataset,
-        mask: Option<prost_types::FieldMask>,
+        request: Update<Dataset>,
     ) -> Result<Dataset> {
+        let paths = request.paths(&[("display_name", !request.resource.display_name.is_empty())]);
+        let update = request.resource;
         let (_, mut dataset) = self
             .stored_dataset(caller, "dataset.name", &update.name)
             .await?;
         let before = dataset.clone();
-        let mut paths = mask_paths(mask);
-        if paths.is_empty() && !update.display_name.is_empty() {
-            paths.push("display_name".into());
-        }
         for path in &paths {
             match path.as_str() {
                 "display_name" => {

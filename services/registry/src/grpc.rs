@@ -3,7 +3,7 @@
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kiln_core::grpc::{ListRpc, Reply, deleted, required, split};
+use kiln_core::grpc::{ListRpc, Reply, Update, deleted, required, split};
 use kiln_proto::registry::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -20,8 +20,7 @@ kiln_core::grpc_service! {
         fn list_models(ListModelsRequest) -> ListModelsResponse =
             |svc, caller, r| svc.list_models(&caller, &r.list_request()).await.map(Into::into);
         fn update_model(UpdateModelRequest) -> Model = |svc, caller, r| {
-            let model = required(r.model, "model")?;
-            svc.update_model(&caller, model, r.update_mask).await
+            svc.update_model(&caller, Update::new("model", r.model, r.update_mask)?).await
         };
         fn delete_model(DeleteModelRequest) -> DeleteModelResponse =
             |svc, caller, r| svc.delete_model(&caller, &r.name).await.map(deleted);
@@ -59,8 +58,7 @@ kiln_core::grpc_service! {
         fn list_datasets(ListDatasetsRequest) -> ListDatasetsResponse =
             |svc, caller, r| svc.list_datasets(&caller, &r.list_request()).await.map(Into::into);
         fn update_dataset(UpdateDatasetRequest) -> Dataset = |svc, caller, r| {
-            let dataset = required(r.dataset, "dataset")?;
-            svc.update_dataset(&caller, dataset, r.update_mask).await
+            svc.update_dataset(&caller, Update::new("dataset", r.dataset, r.update_mask)?).await
         };
         fn delete_dataset(DeleteDatasetRequest) -> DeleteDatasetResponse =
             |svc, caller, r| svc.delete_dataset(&caller, &r.name).await.map(deleted);

@@ -15,8 +15,8 @@ use crate::db::{model as models, model_file as files};
 use crate::service::Registry;
 use crate::stored::{StoredModel, assemble};
 use kiln_core::Result;
+use kiln_core::grpc::Update;
 use kiln_core::names::validate_display_name;
-use kiln_core::page::mask_paths;
 
 impl Registry {
     /// Reads a model row and its files. No access check.
@@ -283,25 +283,16 @@ impl Registry {
         })
     }
 
-    pub async fn update_model(
-        &self,
-        caller: &Principal,
-        update: Model,
-        mask: Option<prost_types::FieldMask>,
-    ) -> Result<Model> {
+    pub async fn update_model(&self, caller: &Principal, request: Update<Model>) -> Result<Model> {
+        let paths = request.paths(&[
+            ("display_name", !request.resource.display_name.is_empty()),
+            ("description", !request.resource.description.is_empty()),
+        ]);
+        let update = request.resource;
         let stored = self
             .writable_model(caller, "model.name", &update.name)
             .await?;
         let mut model = stored.model.clone();
-        let mut paths = mask_paths(mask);
-        if paths.is_empty() {
-            if !update.display_name.is_empty() {
-                paths.push("display_name".into());
-            }
-            if !update.description.is_empty() {
-                paths.push("description".into());
-            }
-        }
         for path in &paths {
             match path.as_str() {
                 "display_name" => {

@@ -2,9 +2,9 @@
 
 use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::grpc::Update;
 use kiln_core::listing::{Field, Fields, Getter, Kind, ListRequest, Listing, Value, time_value};
 use kiln_core::names::{self, ChildName, validate_display_name};
-use kiln_core::page::mask_paths;
 use kiln_proto::common::v1::Status as ResourceStatus;
 use kiln_proto::registry::v1::model;
 use kiln_proto::scheduler::v1::{DeployedModel, deployed_model, deployment};
@@ -228,9 +228,11 @@ impl Scheduler {
     pub(crate) async fn update_deployed_model(
         &self,
         caller: &Principal,
-        update: DeployedModel,
-        mask: Option<prost_types::FieldMask>,
+        request: Update<DeployedModel>,
     ) -> Result<DeployedModel> {
+        // Its flags default to false, a meaningful value: the mask must name the fields.
+        let paths = request.paths(&[]);
+        let update = request.resource;
         let mut state = self.lock().await;
         let current = find(
             &state,
@@ -241,7 +243,6 @@ impl Scheduler {
         )?
         .clone();
         let mut dm = current.clone();
-        let paths = mask_paths(mask);
         if paths.is_empty() {
             return Err(Error::invalid("update_mask", "name the fields to change"));
         }

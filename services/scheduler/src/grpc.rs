@@ -2,7 +2,7 @@
 //! [`kiln_core::grpc_service`]).
 
 use futures::StreamExt;
-use kiln_core::grpc::{ListRpc, Reply, deleted, reply, required, split};
+use kiln_core::grpc::{ListRpc, Reply, Update, deleted, reply, required, split};
 use kiln_proto::scheduler::v1::*;
 use tonic::{Request, Streaming};
 
@@ -26,8 +26,8 @@ kiln_core::grpc_service! {
             listed.map(Into::into)
         };
         fn update_deployment(UpdateDeploymentRequest) -> Deployment = |svc, caller, r| {
-            let deployment = required(r.deployment, "deployment")?;
-            svc.update_deployment(&caller, deployment, r.update_mask).await
+            let update = Update::new("deployment", r.deployment, r.update_mask)?;
+            svc.update_deployment(&caller, update).await
         };
         fn delete_deployment(DeleteDeploymentRequest) -> DeleteDeploymentResponse =
             |svc, caller, r| {
@@ -55,8 +55,8 @@ kiln_core::grpc_service! {
                 svc.list_deployed_models(&caller, &r.list_request()).await.map(Into::into)
             };
         fn update_deployed_model(UpdateDeployedModelRequest) -> DeployedModel = |svc, caller, r| {
-            let deployed_model = required(r.deployed_model, "deployed_model")?;
-            svc.update_deployed_model(&caller, deployed_model, r.update_mask).await
+            let update = Update::new("deployed_model", r.deployed_model, r.update_mask)?;
+            svc.update_deployed_model(&caller, update).await
         };
         fn delete_deployed_model(DeleteDeployedModelRequest) -> DeleteDeployedModelResponse =
             |svc, caller, r| svc.delete_deployed_model(&caller, &r.name).await.map(deleted);

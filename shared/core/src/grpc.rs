@@ -27,6 +27,40 @@ pub fn required<T>(value: Option<T>, field: &str) -> Result<T, Error> {
     value.ok_or_else(|| Error::invalid(field, "is required"))
 }
 
+/// An Update RPC's request: the resource as the caller sent it, and its update mask.
+#[derive(Debug, Clone)]
+pub struct Update<T> {
+    pub resource: T,
+    mask: Vec<String>,
+}
+
+impl<T> Update<T> {
+    /// The request's resource (INVALID_ARGUMENT naming `field` when missing) and mask.
+    pub fn new(
+        field: &str,
+        resource: Option<T>,
+        mask: Option<prost_types::FieldMask>,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            resource: required(resource, field)?,
+            mask: mask.map(|m| m.paths).unwrap_or_default(),
+        })
+    }
+
+    /// The fields to change: the mask's paths, or without a mask (AIP: every field the
+    /// request sets) each of `given` marked as set.
+    pub fn paths(&self, given: &[(&str, bool)]) -> Vec<String> {
+        if !self.mask.is_empty() {
+            return self.mask.clone();
+        }
+        given
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(field, _)| (*field).to_owned())
+            .collect()
+    }
+}
+
 /// A List RPC's request.
 pub trait ListRpc {
     fn list_request(&self) -> ListRequest;
@@ -174,6 +208,27 @@ mod tests {
                 .parent
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn an_update_changes_the_masks_fields_or_else_those_it_sets() {
+        let mask = prost_types::FieldMask {
+            paths: vec!["description".into()],
+        };
+        let masked = Update::new("model", Some(registry::Model::default()), Some(mask)).unwrap();
+        assert_eq!(masked.paths(&[("display_name", true)]), ["description"]);
+        let unmasked = Update::new("model", Some(registry::Model::default()), None).unwrap();
+        let given = [("display_name", true), ("description", false)];
+        assert_eq!(unmasked.paths(&given), ["display_name"]);
+        let empty = Some(prost_types::FieldMask { paths: vec![] });
+        let empty_mask = Update::new("model", Some(registry::Model::default()), empty).unwrap();
+        assert_eq!(
+            empty_mask.paths(&given),
+            ["display_name"],
+            "an empty mask is no mask"
+        );
+        let err = Update::<registry::Model>::new("model", None, None).unwrap_err();
+        assert_eq!(err.to_string(), "model: is required");
     }
 
     #[test]

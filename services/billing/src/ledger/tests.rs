@@ -1,5 +1,6 @@
 //! The ledger end to end on SQLite: ingest, booking, replica time and spend limits.
 
+use kiln_core::grpc::Update;
 use kiln_core::time::{MICROS_PER_DAY, micros_to_timestamp, now_micros, utc_midnight};
 use kiln_events::{Body, Event, new_event};
 use kiln_proto::billing::v1::{GetUsageRequest, Quota, UsageRow};
@@ -276,7 +277,10 @@ async fn a_spend_limit_suspends_and_a_new_month_or_a_higher_limit_lifts_it() {
         ..Default::default()
     };
     billing
-        .update_quota(&admin(), quota(1), None)
+        .update_quota(
+            &admin(),
+            Update::new("quota", Some(quota(1)), None).unwrap(),
+        )
         .await
         .unwrap();
     let suspended = || async {
@@ -308,13 +312,19 @@ async fn a_spend_limit_suspends_and_a_new_month_or_a_higher_limit_lifts_it() {
         .unwrap();
     assert_eq!(suspended().await, 1);
     billing
-        .update_quota(&admin(), quota(2), None)
+        .update_quota(
+            &admin(),
+            Update::new("quota", Some(quota(2)), None).unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(suspended().await, 0, "raised above the month's spend");
     // Lowered under the month's spend: suspended again at once.
     billing
-        .update_quota(&admin(), quota(1), None)
+        .update_quota(
+            &admin(),
+            Update::new("quota", Some(quota(1)), None).unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(suspended().await, 1);

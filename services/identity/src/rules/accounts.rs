@@ -3,6 +3,7 @@
 
 use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_core::grpc::Update;
 use kiln_core::names::{self, AccountName, validate_display_name};
 use kiln_proto::identity::v1::Account;
 use kiln_proto::identity::v1::account::{AccountType, State, SuspendState};
@@ -148,14 +149,14 @@ fn candidate_ids(
 pub(crate) fn account_update(
     caller: &Principal,
     existing: &accounts::Model,
-    account: &Account,
-    mask: Option<prost_types::FieldMask>,
+    update: &Update<Account>,
     now: i64,
 ) -> Result<Option<Change<accounts::Model>>, Error> {
     permit(
         caller.administers(&existing.id),
         "only an admin of the account updates it",
     )?;
+    let account = &update.resource;
     let given = [
         ("display_name", !account.display_name.is_empty()),
         ("email", !account.email.is_empty()),
@@ -187,7 +188,9 @@ pub(crate) fn account_update(
         }
         Ok(())
     };
-    apply_update(existing, mask, &given, set, |model| model.update_time = now)
+    apply_update(existing, update.paths(&given), set, |model| {
+        model.update_time = now
+    })
 }
 
 /// Only a platform admin deletes an account, and never the system account.

@@ -78,17 +78,14 @@ pub(crate) struct Change<M> {
     pub paths: Vec<String>,
 }
 
-/// Applies an update to a copy of `existing`: `set` sets each field the mask names, or
-/// without a mask each field `given` a value, and `stamp` marks the copy changed. `None`
-/// when nothing changes, so that nothing is written.
+/// Applies an update to a copy of `existing`: `set` sets each of `paths`, and `stamp` marks
+/// the copy changed. `None` when nothing changes, so that nothing is written.
 fn apply_update<M: Clone + PartialEq>(
     existing: &M,
-    mask: Option<prost_types::FieldMask>,
-    given: &[(&str, bool)],
+    paths: Vec<String>,
     mut set: impl FnMut(&mut M, &str) -> Result<(), Error>,
     stamp: impl FnOnce(&mut M),
 ) -> Result<Option<Change<M>>, Error> {
-    let paths = update_paths(mask, given);
     let mut model = existing.clone();
     for path in &paths {
         set(&mut model, path)?;
@@ -98,19 +95,6 @@ fn apply_update<M: Clone + PartialEq>(
     }
     stamp(&mut model);
     Ok(Some(Change { model, paths }))
-}
-
-/// The fields an update changes: the mask's, or without one each field given a value.
-fn update_paths(mask: Option<prost_types::FieldMask>, given: &[(&str, bool)]) -> Vec<String> {
-    let paths = kiln_core::page::mask_paths(mask);
-    if !paths.is_empty() {
-        return paths;
-    }
-    given
-        .iter()
-        .filter(|(_, set)| *set)
-        .map(|(field, _)| (*field).to_owned())
-        .collect()
 }
 
 /// The error for a mask path that is not one of `fields`.
@@ -255,22 +239,5 @@ mod tests {
             assert!(id.bytes().all(|b| ID_ALPHABET.contains(&b)), "{id}");
         }
         assert_ne!(random_id(16), random_id(16));
-    }
-
-    #[test]
-    fn a_mask_names_the_paths_and_without_one_the_given_fields_do() {
-        let given = [("a", true), ("b", false), ("c", true)];
-        assert_eq!(update_paths(None, &given), ["a", "c"]);
-        assert_eq!(
-            update_paths(Some(prost_types::FieldMask { paths: vec![] }), &given),
-            ["a", "c"],
-            "an empty mask is no mask"
-        );
-        assert_eq!(
-            update_paths(test_support::mask(&["b"]), &given),
-            ["b"],
-            "the mask wins, set or not"
-        );
-        assert!(update_paths(None, &[("a", false)]).is_empty());
     }
 }

@@ -3,6 +3,7 @@
 
 use kiln_core::Error;
 use kiln_core::auth::{Principal, Role};
+use kiln_core::grpc::Update;
 use kiln_core::names::{self, AccountName, SYSTEM_ACCOUNT, validate_display_name};
 use kiln_proto::identity::v1::User;
 use kiln_proto::identity::v1::user::State;
@@ -138,14 +139,14 @@ pub(crate) fn new_user(
 pub(crate) fn user_update(
     caller: &Principal,
     existing: &users::Model,
-    user: &User,
-    mask: Option<prost_types::FieldMask>,
+    update: &Update<User>,
     now: i64,
 ) -> Result<Option<Change<users::Model>>, Error> {
     permit(
         may_manage(caller, existing),
         "only the user or an admin of the account updates a user",
     )?;
+    let user = &update.resource;
     let given = [
         ("display_name", !user.display_name.is_empty()),
         ("email", !user.email.is_empty()),
@@ -169,7 +170,9 @@ pub(crate) fn user_update(
         }
         Ok(())
     };
-    apply_update(existing, mask, &given, set, |model| model.update_time = now)
+    apply_update(existing, update.paths(&given), set, |model| {
+        model.update_time = now
+    })
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@ use kiln_core::Error;
 use std::time::Instant;
 
 use kiln_core::auth::Principal;
+use kiln_core::grpc::Update;
 use kiln_core::names::validate_display_name;
-use kiln_core::page::mask_paths;
 use kiln_events::Body;
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::events::v1 as ev;
@@ -27,9 +27,11 @@ impl Scheduler {
     pub(crate) async fn update_deployment(
         &self,
         caller: &Principal,
-        update: Deployment,
-        mask: Option<prost_types::FieldMask>,
+        request: Update<Deployment>,
     ) -> Result<Deployment> {
+        // Every field of a deployment has a meaningful default: the mask must name them.
+        let paths = request.paths(&[]);
+        let update = request.resource;
         let (account, limits) = self
             .account_limits(caller, "deployment.name", &update.name)
             .await?;
@@ -46,7 +48,6 @@ impl Scheduler {
             )));
         }
         let mut d = before.clone();
-        let paths = mask_paths(mask);
         if paths.is_empty() {
             return Err(Error::invalid("update_mask", "name the fields to change"));
         }

@@ -192,13 +192,8 @@ fn update(
     account: Account,
     paths: Option<&[&str]>,
 ) -> Result<Option<Change<accounts::Model>>, Error> {
-    account_update(
-        caller,
-        &account_row("acme"),
-        &account,
-        paths.and_then(mask),
-        99,
-    )
+    let update = Update::new("account", Some(account), paths.and_then(mask)).unwrap();
+    account_update(caller, &account_row("acme"), &update, 99)
 }
 
 /// The field an update of acme is refused for.

@@ -168,7 +168,8 @@ fn update(
     paths: Option<&[&str]>,
 ) -> Result<Option<Change<users::Model>>, Error> {
     let carol = user_row("acme", "carol", "user");
-    user_update(caller, &carol, &user, paths.and_then(mask), 99)
+    let update = Update::new("user", Some(user), paths.and_then(mask)).unwrap();
+    user_update(caller, &carol, &update, 99)
 }
 
 /// The field an update of carol is refused for.
