@@ -5,7 +5,7 @@ use futures::{Stream, StreamExt};
 use kiln_core::auth::Principal;
 use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names::{self, ChildName};
-use kiln_core::time::{micros_to_timestamp, now_micros, timestamp_to_micros};
+use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
 use kiln_formats::{DatasetFormat, validate_jsonl};
 use kiln_proto::events::v1 as ev;
@@ -62,16 +62,8 @@ impl Registry {
             format: dataset.format,
             display_name: dataset.display_name.clone(),
             example_count: dataset.example_count,
-            create_time: dataset
-                .create_time
-                .as_ref()
-                .map(timestamp_to_micros)
-                .unwrap_or_default(),
-            update_time: dataset
-                .update_time
-                .as_ref()
-                .map(timestamp_to_micros)
-                .unwrap_or_default(),
+            create_time: kiln_core::time::micros_of(&dataset.create_time),
+            update_time: kiln_core::time::micros_of(&dataset.update_time),
             resource: dataset.encode_to_vec(),
         };
         let txn = sea_orm::TransactionTrait::begin(self.db()).await?;

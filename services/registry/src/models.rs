@@ -100,16 +100,8 @@ impl Registry {
                 .as_ref()
                 .map(|p| p.base_model.clone())
                 .unwrap_or_default(),
-            create_time: model
-                .create_time
-                .as_ref()
-                .map(kiln_core::time::timestamp_to_micros)
-                .unwrap_or_default(),
-            update_time: model
-                .update_time
-                .as_ref()
-                .map(kiln_core::time::timestamp_to_micros)
-                .unwrap_or_default(),
+            create_time: kiln_core::time::micros_of(&model.create_time),
+            update_time: kiln_core::time::micros_of(&model.update_time),
             resource: stored.encode_to_vec(),
         };
         let txn = sea_orm::TransactionTrait::begin(self.db()).await?;

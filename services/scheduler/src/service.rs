@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use kiln_core::names::ChildName;
 use kiln_core::page::PageTokens;
-use kiln_core::time::timestamp_to_micros;
 use kiln_events::Body;
 use kiln_events::outbox::Outbox;
 use kiln_proto::events::v1 as ev;
@@ -175,8 +174,8 @@ impl Scheduler {
             accelerator_type: d.accelerator_type,
             deployment_type: d.deployment_type,
             display_name: d.display_name.clone(),
-            create_time: d.create_time.as_ref().map(timestamp_to_micros).unwrap_or(0),
-            update_time: d.update_time.as_ref().map(timestamp_to_micros).unwrap_or(0),
+            create_time: kiln_core::time::micros_of(&d.create_time),
+            update_time: kiln_core::time::micros_of(&d.update_time),
             model_bytes: entry.model_bytes,
             resource: d.encode_to_vec(),
         };
@@ -225,16 +224,8 @@ impl Scheduler {
             serverless: dm.serverless,
             public: dm.public,
             display_name: dm.display_name.clone(),
-            create_time: dm
-                .create_time
-                .as_ref()
-                .map(timestamp_to_micros)
-                .unwrap_or(0),
-            update_time: dm
-                .update_time
-                .as_ref()
-                .map(timestamp_to_micros)
-                .unwrap_or(0),
+            create_time: kiln_core::time::micros_of(&dm.create_time),
+            update_time: kiln_core::time::micros_of(&dm.update_time),
             resource: dm.encode_to_vec(),
         };
         kiln_store::save(conn, dm_rows::ActiveModel::from(row), insert, &name).await

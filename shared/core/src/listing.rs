@@ -274,11 +274,7 @@ impl<T> Query<Getter<T>> {
 
 /// A timestamp as a sort key (micros; unset sorts first).
 pub fn time_value(time: &Option<prost_types::Timestamp>) -> Value {
-    Value::Int(
-        time.as_ref()
-            .map(crate::time::timestamp_to_micros)
-            .unwrap_or(0),
-    )
+    Value::Int(crate::time::micros_of(time))
 }
 
 #[cfg(test)]

@@ -26,6 +26,11 @@ pub fn timestamp_to_micros(ts: &prost_types::Timestamp) -> i64 {
 pub const MICROS_PER_DAY: i64 = 86_400_000_000;
 
 /// The UTC calendar date (year, month 1–12, day 1–31) of `micros`.
+/// A resource's optional timestamp in microseconds; 0 when it has none.
+pub fn micros_of(ts: &Option<prost_types::Timestamp>) -> i64 {
+    ts.as_ref().map(timestamp_to_micros).unwrap_or(0)
+}
+
 pub fn utc_date(micros: i64) -> (i64, u32, u32) {
     // Howard Hinnant's civil_from_days.
     let z = micros.div_euclid(MICROS_PER_DAY) + 719_468;
