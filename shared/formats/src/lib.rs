@@ -28,6 +28,7 @@ mod gguf_onnx;
 mod hf;
 mod manifest;
 mod onnx;
+mod onnx_proto;
 mod peft;
 mod safetensors;
 

@@ -99,6 +99,10 @@ pub(crate) fn build(version: u32, kvs: &[(&str, V)], tensors: &[(&str, &[u64], u
     out
 }
 
+/// The chat template of [`tiny_llama`].
+pub(crate) const TINY_CHAT_TEMPLATE: &str =
+    "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}";
+
 /// A tiny llama-like checkpoint header: 2 layers, hidden 8, 2 heads / 1 kv head, ffn 16,
 /// vocab 5, with integer metadata stored in assorted integer types.
 pub(crate) fn tiny_llama() -> Vec<u8> {
@@ -146,10 +150,7 @@ pub(crate) fn tiny_llama() -> Vec<u8> {
         ),
         ("tokenizer.ggml.bos_token_id", V::U32(0)),
         ("tokenizer.ggml.eos_token_id", V::I32(1)),
-        (
-            "tokenizer.chat_template",
-            s("{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}"),
-        ),
+        ("tokenizer.chat_template", s(TINY_CHAT_TEMPLATE)),
     ];
     let mut tensors: Vec<(String, Vec<u64>, u32)> = vec![
         ("token_embd.weight".into(), vec![8, 5], 3),

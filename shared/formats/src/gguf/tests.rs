@@ -3,7 +3,7 @@
 use std::io;
 
 use super::header::*;
-use super::testdata::{V, build, s, tiny_llama};
+use super::testdata::{TINY_CHAT_TEMPLATE, V, build, s, tiny_llama};
 use super::*;
 
 fn read(bytes: &[u8]) -> Result<GgufInfo, FormatError> {
@@ -17,32 +17,37 @@ fn problem(bytes: &[u8]) -> String {
 #[test]
 fn reads_a_llama_header_with_any_integer_types() {
     let info = read(&tiny_llama()).unwrap();
-    assert_eq!(info.version, 3);
-    assert_eq!(info.architecture, "llama");
-    assert_eq!(info.name.as_deref(), Some("tiny"));
-    assert_eq!(info.context_length, Some(2048));
-    assert_eq!(info.block_count, Some(2));
-    assert_eq!(info.embedding_length, Some(8));
-    assert_eq!(info.feed_forward_length, Some(16));
-    assert_eq!(info.head_count, Some(2));
-    assert_eq!(info.head_count_kv, Some(1));
-    assert_eq!(info.rope_freq_base, Some(10000.0));
-    assert_eq!(info.vocab_size, Some(5));
-    assert_eq!(info.tokenizer_model.as_deref(), Some("gpt2"));
-    assert!(
-        info.chat_template
-            .as_deref()
-            .unwrap()
-            .contains("<|im_start|>")
-    );
-    assert_eq!(info.bos_token_id, Some(0));
-    assert_eq!(info.eos_token_id, Some(1));
+    let per_layer = 8 + 64 + 32 + 32 + 64 + 8 + 128 + 128 + 128;
+    // Every field but the tensors (checked below); the integers are stored in assorted types.
+    let without_tensors = GgufInfo {
+        tensors: Vec::new(),
+        ..info.clone()
+    };
+    let expected = GgufInfo {
+        version: 3,
+        architecture: "llama".into(),
+        name: Some("tiny".into()),
+        context_length: Some(2048),
+        block_count: Some(2),
+        embedding_length: Some(8),
+        feed_forward_length: Some(16),
+        head_count: Some(2),
+        head_count_kv: Some(1),
+        rope_freq_base: Some(10000.0),
+        rms_norm_epsilon: Some(f64::from(1e-5f32)),
+        vocab_size: Some(5),
+        tokenizer_model: Some("gpt2".into()),
+        chat_template: Some(TINY_CHAT_TEMPLATE.into()),
+        bos_token_id: Some(0),
+        eos_token_id: Some(1),
+        tensors: Vec::new(),
+        parameter_count: 40 + 8 + 2 * per_layer,
+    };
+    assert_eq!(without_tensors, expected);
     assert_eq!(info.tensors.len(), 2 + 2 * 9);
     assert_eq!(info.tensors[0].name, "token_embd.weight");
     assert_eq!(info.tensors[0].dims, vec![8, 5]);
     assert_eq!(info.tensors[0].ggml_type, 3);
-    let per_layer = 8 + 64 + 32 + 32 + 64 + 8 + 128 + 128 + 128;
-    assert_eq!(info.parameter_count, 40 + 8 + 2 * per_layer);
     assert_eq!(
         info.tensor("blk.1.ffn_down.weight").unwrap().dims,
         vec![16, 8]
@@ -197,32 +202,31 @@ fn rejects_unknown_types_and_deep_nesting() {
 #[test]
 fn rejects_wrongly_typed_metadata() {
     let arch = ("general.architecture", s("llama"));
-    let p = problem(&build(
-        3,
-        &[arch.clone(), ("llama.block_count", V::I32(-1))],
-        &[],
-    ));
-    assert_eq!(p, "metadata \"llama.block_count\" is negative (-1)");
-    let p = problem(&build(
-        3,
-        &[arch.clone(), ("llama.block_count", s("30"))],
-        &[],
-    ));
-    assert_eq!(
-        p,
-        "metadata \"llama.block_count\" is a string, expected an integer"
-    );
-    let p = problem(&build(3, &[("general.architecture", V::U32(1))], &[]));
-    assert_eq!(
-        p,
-        "metadata \"general.architecture\" is an integer, expected a string"
-    );
-    let p = problem(&build(3, &[arch, ("tokenizer.ggml.tokens", s("abc"))], &[]));
-    assert!(p.contains("not an array"), "{p}");
-    assert_eq!(
-        problem(&build(3, &[("general.name", s("x"))], &[])),
-        "missing metadata key general.architecture"
-    );
+    let cases = [
+        (
+            vec![arch.clone(), ("llama.block_count", V::I32(-1))],
+            "metadata \"llama.block_count\" is negative (-1)",
+        ),
+        (
+            vec![arch.clone(), ("llama.block_count", s("30"))],
+            "metadata \"llama.block_count\" is a string, expected an integer",
+        ),
+        (
+            vec![("general.architecture", V::U32(1))],
+            "metadata \"general.architecture\" is an integer, expected a string",
+        ),
+        (
+            vec![arch, ("tokenizer.ggml.tokens", s("abc"))],
+            "metadata \"tokenizer.ggml.tokens\" is a string, not an array",
+        ),
+        (
+            vec![("general.name", s("x"))],
+            "missing metadata key general.architecture",
+        ),
+    ];
+    for (kvs, expected) in cases {
+        assert_eq!(problem(&build(3, &kvs, &[])), expected);
+    }
 }
 
 #[test]
@@ -243,30 +247,35 @@ fn check_preparable_accepts_the_llama_family_only() {
         "m.gguf: architecture \"gpt2\" cannot be prepared; Kiln prepares llama-family \
          checkpoints"
     );
-    let err = GgufInfo {
-        head_count: None,
-        ..info("llama")
+    let cases = [
+        (
+            GgufInfo {
+                head_count: None,
+                ..info("llama")
+            },
+            "missing metadata key llama.attention.head_count",
+        ),
+        (
+            GgufInfo {
+                block_count: None,
+                ..info("llama")
+            },
+            "missing metadata key llama.block_count",
+        ),
+        (
+            GgufInfo {
+                embedding_length: Some(9),
+                ..info("llama")
+            },
+            "llama.embedding_length 9 is not a multiple of llama.attention.head_count 2",
+        ),
+    ];
+    for (broken, expected) in cases {
+        assert_eq!(
+            broken.check_preparable("m.gguf").unwrap_err().problem,
+            expected
+        );
     }
-    .check_preparable("m.gguf")
-    .unwrap_err();
-    assert_eq!(
-        err.problem,
-        "missing metadata key llama.attention.head_count"
-    );
-    let err = GgufInfo {
-        block_count: None,
-        ..info("llama")
-    }
-    .check_preparable("m.gguf")
-    .unwrap_err();
-    assert_eq!(err.problem, "missing metadata key llama.block_count");
-    let err = GgufInfo {
-        embedding_length: Some(9),
-        ..info("llama")
-    }
-    .check_preparable("m.gguf")
-    .unwrap_err();
-    assert!(err.problem.contains("not a multiple"), "{}", err.problem);
 }
 
 #[test]

@@ -8,10 +8,9 @@
 //! standard ONNX operators only (opset 17); weights kept in blocks use ONNX Runtime's
 //! `MatMulNBits` (com.microsoft).
 
-use super::onnx::{
-    Builder, Dim, FLOAT, GraphProto, INT64, ModelProto, OperatorSetIdProto, attr_int, attr_ints,
-    value_info,
-};
+use super::builder::{Builder, attr_int, attr_ints};
+use crate::onnx_proto::elem_type::{FLOAT, INT64};
+use crate::onnx_proto::{Dim, GraphProto, ModelProto, OperatorSetIdProto, value_info};
 
 /// The network's shape, from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +145,83 @@ fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str) -> String
     }
 }
 
+/// The float32 weight `name` of layer `layer` (or the model's, with `None`) as an initializer.
+fn load(
+    b: &mut Builder,
+    weights: &mut dyn Weights,
+    layer: Option<usize>,
+    name: &str,
+) -> Result<String, String> {
+    let w = weights.weight(layer, name)?;
+    let init = match layer {
+        Some(l) => format!("blk.{l}.{name}"),
+        None => name.to_owned(),
+    };
+    Ok(b.f32_tensor(&init, &w.dims, &w.values))
+}
+
+/// `x · W` for the linear layer `name` (`attn_q`, …, `ffn_down`) of layer `layer`.
+fn layer_matmul(
+    b: &mut Builder,
+    weights: &mut dyn Weights,
+    layer: usize,
+    name: &str,
+    x: &str,
+    hint: &str,
+) -> Result<String, String> {
+    let w = weights.linear(layer, name)?;
+    Ok(matmul(b, x, w, &format!("blk.{layer}.{name}"), hint))
+}
+
+/// `[batch, seq, hidden]` into heads `[batch, heads, seq, head_dim]` (`shape` is
+/// `[0, 0, heads, head_dim]`).
+fn split_heads(b: &mut Builder, x: &str, shape: &str, hint: &str) -> String {
+    let x = b.op("Reshape", &[x, shape], vec![], hint);
+    swap_heads_and_seq(b, &x, hint)
+}
+
+/// The heads' outputs `[batch, kv_heads, group, seq, head_dim]` back into `[batch, seq, hidden]`
+/// (`shapes`: `[0, heads, -1, head_dim]`, then `[0, 0, hidden]` once the heads are transposed
+/// next to each other).
+fn merge_heads(b: &mut Builder, x: &str, shapes: [&str; 2], hint: &str) -> String {
+    let x = b.op("Reshape", &[x, shapes[0]], vec![], hint);
+    let x = swap_heads_and_seq(b, &x, hint);
+    b.op("Reshape", &[&x, shapes[1]], vec![], hint)
+}
+
+/// `[batch, heads, seq, head_dim]` and `[batch, seq, heads, head_dim]` into each other.
+fn swap_heads_and_seq(b: &mut Builder, x: &str, hint: &str) -> String {
+    b.op(
+        "Transpose",
+        &[x],
+        vec![attr_ints("perm", &[0, 2, 1, 3])],
+        hint,
+    )
+}
+
+/// The graph input of layer `layer`'s cached keys or values (`kind`: `key` or `value`).
+fn past_name(layer: usize, kind: &str) -> String {
+    format!("past_key_values.{layer}.{kind}")
+}
+
+/// The graph output of layer `layer`'s keys or values, the cache's and this step's.
+fn present_name(layer: usize, kind: &str) -> String {
+    format!("present.{layer}.{kind}")
+}
+
+/// Appends this step's keys or values `new` of layer `layer` to the cache on the sequence
+/// axis; returns the `present` output.
+fn append_to_cache(b: &mut Builder, layer: usize, kind: &str, new: &str) -> String {
+    let present = present_name(layer, kind);
+    b.op_to(
+        "Concat",
+        &[&past_name(layer, kind), new],
+        &[&present],
+        vec![attr_int("axis", 2)],
+    );
+    present
+}
+
 /// Builds the graph.
 pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelProto, String> {
     let c = config;
@@ -204,20 +280,12 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
 
     // Attention bias [batch, 1, 1, seq, past + seq]: causal within the window, and masked
     // (padding) positions of attention_mask.
-    let ids_shape = b.op("Shape", &["input_ids"], vec![], "ids_shape");
-    let seq = b.op(
-        "Gather",
-        &[&ids_shape, &i1],
-        vec![attr_int("axis", 0)],
-        "seq",
-    );
-    let mask_shape = b.op("Shape", &["attention_mask"], vec![], "mask_shape");
-    let total = b.op(
-        "Gather",
-        &[&mask_shape, &i1],
-        vec![attr_int("axis", 0)],
-        "total",
-    );
+    let dim1 = |b: &mut Builder, input: &str, shape_hint: &str, hint: &str| -> String {
+        let shape = b.op("Shape", &[input], vec![], shape_hint);
+        b.op("Gather", &[&shape, &i1], vec![attr_int("axis", 0)], hint)
+    };
+    let seq = dim1(&mut b, "input_ids", "ids_shape", "seq");
+    let total = dim1(&mut b, "attention_mask", "mask_shape", "total");
     let past = b.op("Sub", &[&total, &seq], vec![], "past");
     let rows = b.op("Range", &[&i0, &seq, &i1], vec![], "rows");
     let rows = b.op("Add", &[&rows, &past], vec![], "rows_abs");
@@ -270,86 +338,22 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
         b.op("Add", &[&a, &r], vec![], hint)
     };
 
-    let load = |b: &mut Builder,
-                weights: &mut dyn Weights,
-                layer: Option<usize>,
-                name: &str|
-     -> Result<String, String> {
-        let w = weights.weight(layer, name)?;
-        let init = match layer {
-            Some(l) => format!("blk.{l}.{name}"),
-            None => name.to_owned(),
-        };
-        Ok(b.f32_tensor(&init, &w.dims, &w.values))
-    };
-
     let embedding = load(&mut b, weights, None, "token_embd")?;
     let mut x = b.op("Gather", &[&embedding, "input_ids"], vec![], "embed");
     for l in 0..c.layers {
         let h = format!("l{l}");
         let attn_norm = load(&mut b, weights, Some(l), "attn_norm")?;
         let xn = rms_norm(&mut b, &x, &attn_norm, &h);
-        let q = matmul(
-            &mut b,
-            &xn,
-            weights.linear(l, "attn_q")?,
-            &format!("blk.{l}.attn_q"),
-            &h,
-        );
-        let k = matmul(
-            &mut b,
-            &xn,
-            weights.linear(l, "attn_k")?,
-            &format!("blk.{l}.attn_k"),
-            &h,
-        );
-        let v = matmul(
-            &mut b,
-            &xn,
-            weights.linear(l, "attn_v")?,
-            &format!("blk.{l}.attn_v"),
-            &h,
-        );
-        // [batch, heads, seq, head_dim]
-        let q = b.op("Reshape", &[&q, &shape_heads], vec![], &h);
-        let q = b.op(
-            "Transpose",
-            &[&q],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-            &h,
-        );
-        let k = b.op("Reshape", &[&k, &shape_kv], vec![], &h);
-        let k = b.op(
-            "Transpose",
-            &[&k],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-            &h,
-        );
-        let v = b.op("Reshape", &[&v, &shape_kv], vec![], &h);
-        let v = b.op(
-            "Transpose",
-            &[&v],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-            &h,
-        );
+        let q = layer_matmul(&mut b, weights, l, "attn_q", &xn, &h)?;
+        let k = layer_matmul(&mut b, weights, l, "attn_k", &xn, &h)?;
+        let v = layer_matmul(&mut b, weights, l, "attn_v", &xn, &h)?;
+        let q = split_heads(&mut b, &q, &shape_heads, &h);
+        let k = split_heads(&mut b, &k, &shape_kv, &h);
+        let v = split_heads(&mut b, &v, &shape_kv, &h);
         let q = rotate(&mut b, &q, &h);
         let k = rotate(&mut b, &k, &h);
-        let past_k = format!("past_key_values.{l}.key");
-        let past_v = format!("past_key_values.{l}.value");
-        let present_k = format!("present.{l}.key");
-        let present_v = format!("present.{l}.value");
-        b.op_to(
-            "Concat",
-            &[&past_k, &k],
-            &[&present_k],
-            vec![attr_int("axis", 2)],
-        );
-        b.op_to(
-            "Concat",
-            &[&past_v, &v],
-            &[&present_v],
-            vec![attr_int("axis", 2)],
-        );
+        let present_k = append_to_cache(&mut b, l, "key", &k);
+        let present_v = append_to_cache(&mut b, l, "value", &v);
         // Query heads grouped per key/value head: [batch, kv_heads, group, seq, head_dim]
         // against keys [batch, kv_heads, 1, head_dim, total] (MatMul broadcasts the group).
         let q = b.op("Mul", &[&q, &scale], vec![], &h);
@@ -366,49 +370,18 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
         let probs = b.op("Softmax", &[&scores], vec![attr_int("axis", -1)], &h);
         let vg = b.op("Unsqueeze", &[&present_v, &ax2], vec![], &h);
         let ctx = b.op("MatMul", &[&probs, &vg], vec![], &h);
-        let ctx = b.op("Reshape", &[&ctx, &shape_ungrouped], vec![], &h);
-        let ctx = b.op(
-            "Transpose",
-            &[&ctx],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-            &h,
-        );
-        let ctx = b.op("Reshape", &[&ctx, &shape_hidden], vec![], &h);
-        let attn = matmul(
-            &mut b,
-            &ctx,
-            weights.linear(l, "attn_output")?,
-            &format!("blk.{l}.attn_output"),
-            &h,
-        );
+        let ctx = merge_heads(&mut b, &ctx, [&shape_ungrouped, &shape_hidden], &h);
+        let attn = layer_matmul(&mut b, weights, l, "attn_output", &ctx, &h)?;
         x = b.op("Add", &[&x, &attn], vec![], &h);
 
         let ffn_norm = load(&mut b, weights, Some(l), "ffn_norm")?;
         let xn = rms_norm(&mut b, &x, &ffn_norm, &h);
-        let gate = matmul(
-            &mut b,
-            &xn,
-            weights.linear(l, "ffn_gate")?,
-            &format!("blk.{l}.ffn_gate"),
-            &h,
-        );
-        let up = matmul(
-            &mut b,
-            &xn,
-            weights.linear(l, "ffn_up")?,
-            &format!("blk.{l}.ffn_up"),
-            &h,
-        );
+        let gate = layer_matmul(&mut b, weights, l, "ffn_gate", &xn, &h)?;
+        let up = layer_matmul(&mut b, weights, l, "ffn_up", &xn, &h)?;
         let act = b.op("Sigmoid", &[&gate], vec![], &h);
         let act = b.op("Mul", &[&gate, &act], vec![], &h);
         let act = b.op("Mul", &[&act, &up], vec![], &h);
-        let down = matmul(
-            &mut b,
-            &act,
-            weights.linear(l, "ffn_down")?,
-            &format!("blk.{l}.ffn_down"),
-            &h,
-        );
+        let down = layer_matmul(&mut b, weights, l, "ffn_down", &act, &h)?;
         x = b.op("Add", &[&x, &down], vec![], &h);
     }
     let output_norm = load(&mut b, weights, None, "output_norm")?;
@@ -429,55 +402,44 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
     b.op_to("Identity", &[&logits], &["logits"], vec![]);
     let uses_contrib = b.nodes.iter().any(|n| n.domain == "com.microsoft");
 
-    let kv_dims = |past: &'static str| {
+    let named = |name: &str| Dim::Symbolic(name.to_owned());
+    let tokens = [named("batch_size"), named("sequence_length")];
+    let kv_dims = |past: &str| {
         [
-            Dim::Named("batch_size"),
+            named("batch_size"),
             Dim::Fixed(c.kv_heads as i64),
-            Dim::Named(past),
+            named(past),
             Dim::Fixed(hd as i64),
         ]
     };
     let mut inputs = vec![
-        value_info(
-            "input_ids",
-            INT64,
-            &[Dim::Named("batch_size"), Dim::Named("sequence_length")],
-        ),
+        value_info("input_ids", INT64, &tokens),
         value_info(
             "attention_mask",
             INT64,
-            &[
-                Dim::Named("batch_size"),
-                Dim::Named("total_sequence_length"),
-            ],
+            &[named("batch_size"), named("total_sequence_length")],
         ),
-        value_info(
-            "position_ids",
-            INT64,
-            &[Dim::Named("batch_size"), Dim::Named("sequence_length")],
-        ),
+        value_info("position_ids", INT64, &tokens),
     ];
     let mut outputs = vec![value_info(
         "logits",
         FLOAT,
         &[
-            Dim::Named("batch_size"),
-            Dim::Named("sequence_length"),
+            named("batch_size"),
+            named("sequence_length"),
             Dim::Fixed(c.vocab as i64),
         ],
     )];
     for l in 0..c.layers {
         for kind in ["key", "value"] {
-            inputs.push(value_info(
-                &format!("past_key_values.{l}.{kind}"),
-                FLOAT,
-                &kv_dims("past_sequence_length"),
-            ));
-            outputs.push(value_info(
-                &format!("present.{l}.{kind}"),
+            let past = value_info(&past_name(l, kind), FLOAT, &kv_dims("past_sequence_length"));
+            let present = value_info(
+                &present_name(l, kind),
                 FLOAT,
                 &kv_dims("total_sequence_length"),
-            ));
+            );
+            inputs.push(past);
+            outputs.push(present);
         }
     }
     Ok(ModelProto {

@@ -3,8 +3,8 @@
 //! (built from the GGUF's tokenizer) and `manifest.json` (task, context length, BOS/EOS, chat
 //! template).
 
+mod builder;
 mod graph;
-mod onnx;
 mod tokenizer;
 
 use std::io::Cursor;

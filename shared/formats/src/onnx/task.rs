@@ -1,8 +1,9 @@
 //! The tasks a bundle serves, and whether an ONNX graph's interface fits the one a user
 //! declared, the way Kiln's engine feeds it.
 
-use super::interface::{OnnxInfo, TensorSpec, elem_type, elem_type_name};
+use super::interface::{OnnxInfo, TensorSpec};
 use crate::error::FormatError;
+use crate::onnx_proto::{elem_type, elem_type_name};
 
 /// What a model bundle serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

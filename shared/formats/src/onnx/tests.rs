@@ -3,53 +3,44 @@
 use super::interface::*;
 use super::task::{Task, check_task};
 use crate::error::FormatError;
+use crate::onnx_proto::{
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto, elem_type,
+    value_info,
+};
 use prost::Message as _;
-use tensor_shape_proto::{Dimension, dimension};
 
 /// Element types the reader has no name constant for.
 const INT8: i32 = 3;
 const INT32: i32 = 6;
 
+/// A tensor value; each dimension a size, a name, or (`""`) unknown.
 fn value(name: &str, elem_type: i32, dims: &[&str]) -> ValueInfoProto {
-    let dim = dims
+    let dims: Vec<Dim> = dims
         .iter()
-        .map(|d| Dimension {
-            value: match d.parse::<i64>() {
-                Ok(v) => Some(dimension::Value::DimValue(v)),
-                Err(_) if d.is_empty() => None,
-                Err(_) => Some(dimension::Value::DimParam(d.to_string())),
-            },
+        .map(|d| match d.parse::<i64>() {
+            Ok(v) => Dim::Fixed(v),
+            Err(_) if d.is_empty() => Dim::Unknown,
+            Err(_) => Dim::Symbolic(d.to_string()),
         })
         .collect();
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type,
-                shape: Some(TensorShapeProto { dim }),
-            })),
-        }),
-    }
+    value_info(name, elem_type, &dims)
 }
 
 fn model(inputs: Vec<ValueInfoProto>, outputs: Vec<ValueInfoProto>) -> Vec<u8> {
-    ModelProto {
+    let model: ModelProto = ModelProto {
         ir_version: 8,
         producer_name: "test".into(),
         graph: Some(GraphProto {
-            node: vec![
-                NodeProto {
-                    op_type: "MatMul".into(),
-                    domain: String::new(),
-                },
-                NodeProto {
-                    op_type: "Relu".into(),
-                    domain: String::new(),
-                },
-            ],
+            node: ["MatMul", "Relu"]
+                .map(|op_type| NodeProto {
+                    op_type: op_type.into(),
+                    ..Default::default()
+                })
+                .into(),
             name: "g".into(),
             input: inputs,
             output: outputs,
+            ..Default::default()
         }),
         opset_import: vec![
             OperatorSetIdProto {
@@ -61,8 +52,9 @@ fn model(inputs: Vec<ValueInfoProto>, outputs: Vec<ValueInfoProto>) -> Vec<u8> {
                 version: 17,
             },
         ],
-    }
-    .encode_to_vec()
+        ..Default::default()
+    };
+    model.encode_to_vec()
 }
 
 fn embedding_model() -> Vec<u8> {
@@ -160,26 +152,26 @@ fn reads_the_interface() {
 
 #[test]
 fn skips_initializers_and_reads_ai_onnx_opset() {
-    // Append a GraphProto.initializer (field 5) with 1 MiB of raw data: decoding skips it.
-    let mut graph = GraphProto {
-        node: vec![],
-        name: "g".into(),
-        input: vec![value("x", elem_type::FLOAT, &["", "4"])],
-        output: vec![value("y", elem_type::FLOAT, &["4"])],
-    }
-    .encode_to_vec();
-    let mut tensor = Vec::new();
-    prost::encoding::bytes::encode(9, &vec![7u8; 1 << 20], &mut tensor);
-    prost::encoding::bytes::encode(5, &tensor, &mut graph);
-    let mut bytes = Vec::new();
-    prost::encoding::int64::encode(1, &9, &mut bytes);
-    prost::encoding::bytes::encode(7, &graph, &mut bytes);
-    let opset = OperatorSetIdProto {
-        domain: "ai.onnx".into(),
-        version: 19,
-    }
-    .encode_to_vec();
-    prost::encoding::bytes::encode(8, &opset, &mut bytes);
+    // A GraphProto.initializer with 1 MiB of raw data: the reader steps over it.
+    let model: ModelProto = ModelProto {
+        ir_version: 9,
+        graph: Some(GraphProto {
+            name: "g".into(),
+            initializer: vec![TensorProto {
+                raw_data: vec![7u8; 1 << 20],
+                ..Default::default()
+            }],
+            input: vec![value("x", elem_type::FLOAT, &["", "4"])],
+            output: vec![value("y", elem_type::FLOAT, &["4"])],
+            ..Default::default()
+        }),
+        opset_import: vec![OperatorSetIdProto {
+            domain: "ai.onnx".into(),
+            version: 19,
+        }],
+        ..Default::default()
+    };
+    let bytes = model.encode_to_vec();
     let info = read_onnx("w.onnx", &bytes).unwrap();
     assert_eq!(info.opset, 19);
     assert_eq!(info.inputs[0].dims, vec![Dim::Unknown, Dim::Fixed(4)]);
@@ -195,13 +187,12 @@ fn rejects_what_is_not_an_onnx_model() {
         err.to_string(),
         "x.onnx: not an ONNX model: it has no graph"
     );
-    let no_ir = ModelProto {
+    let no_ir: ModelProto = ModelProto {
         ir_version: 0,
-        producer_name: String::new(),
         graph: Some(GraphProto::default()),
-        opset_import: vec![],
-    }
-    .encode_to_vec();
+        ..Default::default()
+    };
+    let no_ir = no_ir.encode_to_vec();
     assert_eq!(
         read_onnx("x.onnx", &no_ir).unwrap_err().problem,
         "not an ONNX model: it has no IR version"

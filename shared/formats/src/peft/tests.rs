@@ -1,7 +1,7 @@
 //! The PEFT reader's tests: adapter configs and adapters checked against a small llama base.
 
 use super::*;
-use crate::gguf::GgufTensor;
+use crate::gguf::testdata::tiny_llama;
 use crate::safetensors;
 
 fn config(json: &str) -> Result<AdapterConfig, FormatError> {
@@ -12,42 +12,10 @@ fn problem(json: &str) -> String {
     config(json).expect_err("should be rejected").problem
 }
 
-/// Two layers, hidden 8, 2 heads / 1 kv head of 4 (k/v project to 4), ffn 16.
+/// The GGUF tests' tiny llama: two layers, hidden 8, 2 heads / 1 kv head of 4 (k/v project
+/// to 4), ffn 16.
 fn base() -> GgufInfo {
-    let mut tensors = vec![GgufTensor {
-        name: "token_embd.weight".into(),
-        dims: vec![8, 10],
-        ggml_type: 3,
-        offset: 0,
-    }];
-    for i in 0..2 {
-        for (infix, dims) in [
-            ("attn_q", [8, 8]),
-            ("attn_k", [8, 4]),
-            ("attn_v", [8, 4]),
-            ("attn_output", [8, 8]),
-            ("ffn_gate", [8, 16]),
-            ("ffn_up", [8, 16]),
-            ("ffn_down", [16, 8]),
-        ] {
-            tensors.push(GgufTensor {
-                name: format!("blk.{i}.{infix}.weight"),
-                dims: dims.to_vec(),
-                ggml_type: 3,
-                offset: 0,
-            });
-        }
-    }
-    GgufInfo {
-        version: 3,
-        architecture: "llama".into(),
-        block_count: Some(2),
-        embedding_length: Some(8),
-        head_count: Some(2),
-        head_count_kv: Some(1),
-        tensors,
-        ..GgufInfo::default()
-    }
+    crate::read_gguf("base.gguf", &tiny_llama()[..]).unwrap()
 }
 
 fn lora_config(r: u32, modules: &[&str]) -> AdapterConfig {
