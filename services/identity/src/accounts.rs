@@ -130,7 +130,6 @@ impl Identity {
             }),
         )
         .await?;
-        self.forget_principals(&proto.name);
         Ok(proto)
     }
 
@@ -163,7 +162,6 @@ impl Identity {
             }),
         )
         .await?;
-        self.forget_principals(&name.to_string());
         Ok(())
     }
 }

@@ -104,7 +104,6 @@ impl Identity {
             Body::ApiKeyDeleted(kiln_proto::events::v1::ApiKeyDeleted { name: name.clone() }),
         )
         .await?;
-        self.forget_principals(&name);
         Ok(())
     }
 }

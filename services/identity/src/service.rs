@@ -56,12 +56,6 @@ impl Identity {
         self.inner.cache.invalidate(resource);
     }
 
-    /// Drops the principals cached for `resource` (a changed account, user or key), so that
-    /// the change applies to the next call.
-    pub(crate) fn forget_principals(&self, resource: &str) {
-        self.inner.cache.invalidate(resource);
-    }
-
     pub(crate) fn outbox(&self) -> &Outbox {
         &self.inner.outbox
     }
@@ -83,7 +77,8 @@ impl Identity {
             .outbox
             .commit_event(txn, event_type, account, resource, body)
             .await?;
-        self.inner.accounts.invalidate_resource(resource);
+        // The change applies to this replica's next call at once (others hear the event).
+        self.invalidate(resource);
         Ok(())
     }
 

@@ -166,7 +166,6 @@ impl Identity {
             }),
         )
         .await?;
-        self.forget_principals(&proto.name);
         Ok(proto)
     }
 
@@ -194,7 +193,6 @@ impl Identity {
             Body::UserDeleted(kiln_proto::events::v1::UserDeleted { name: name.clone() }),
         )
         .await?;
-        self.forget_principals(&name);
         Ok(())
     }
 }
