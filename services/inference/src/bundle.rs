@@ -107,27 +107,20 @@ pub fn servable_files(model: &Model, blocks_ok: bool) -> Result<(Option<i32>, Ve
         .filter(|b| b.state == prepared_bundle::State::Ready as i32)
         .filter(|b| blocks_ok || b.precision != int4)
         .collect();
-    if blocks_ok && let Some(bundle) = ready.iter().find(|b| b.precision == int4) {
-        return Ok((Some(bundle.precision), bundle.files.clone()));
-    }
-    let default = model
-        .base_model_details
-        .as_ref()
-        .map(|d| d.default_precision)
-        .unwrap_or_default();
-    if let Some(bundle) = ready
+    let details = model.base_model_details.clone().unwrap_or_default();
+    let chosen = ready
         .iter()
-        .find(|b| b.precision == default)
-        .or_else(|| ready.first())
-    {
+        .find(|b| blocks_ok && b.precision == int4)
+        .or_else(|| {
+            ready
+                .iter()
+                .find(|b| b.precision == details.default_precision)
+        })
+        .or_else(|| ready.first());
+    if let Some(bundle) = chosen {
         return Ok((Some(bundle.precision), bundle.files.clone()));
     }
-    let format = model
-        .base_model_details
-        .as_ref()
-        .map(|d| d.checkpoint_format)
-        .unwrap_or_default();
-    if format == CheckpointFormat::Onnx as i32 {
+    if details.checkpoint_format == CheckpointFormat::Onnx as i32 {
         return Ok((None, model.files.clone()));
     }
     Err(Error::FailedPrecondition(format!(

@@ -285,6 +285,14 @@ mod tests {
         }
     }
 
+    /// A limiter whose every account has these limits.
+    fn limiter(requests_per_minute: i64, tokens_per_minute: i64) -> Arc<RateLimiter> {
+        RateLimiter::new(Arc::new(Fixed(Limits {
+            requests_per_minute,
+            tokens_per_minute,
+        })))
+    }
+
     fn caller(account: &str) -> Principal {
         Principal {
             account: account.into(),
@@ -294,10 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_over_the_rpm_limit_loses_only_the_excess() {
-        let limiter = RateLimiter::new(Arc::new(Fixed(Limits {
-            requests_per_minute: 5,
-            tokens_per_minute: 1_000_000,
-        })));
+        let limiter = limiter(5, 1_000_000);
         let alice = caller("alice");
         let mut refused = Vec::new();
         for _ in 0..8 {
@@ -323,10 +328,7 @@ mod tests {
 
     #[tokio::test]
     async fn tokens_in_debt_refuse_until_refilled() {
-        let limiter = RateLimiter::new(Arc::new(Fixed(Limits {
-            requests_per_minute: 100,
-            tokens_per_minute: 600,
-        })));
+        let limiter = limiter(100, 600);
         let alice = caller("alice");
         limiter.admit(&alice).await.unwrap();
         limiter.charge_tokens("alice", 1_200);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::backend::{BackendError, Session, TensorInfo};
+use crate::backend::{BackendError, Interface, Session, TensorInfo};
 use crate::config::Batching;
 use crate::tensor::Tensor;
 
@@ -62,8 +62,7 @@ pub enum SubmitError {
 pub struct Runner {
     queue: SyncSender<Job>,
     stats: Arc<Stats>,
-    inputs: Vec<TensorInfo>,
-    outputs: Vec<TensorInfo>,
+    interface: Interface,
 }
 
 impl Runner {
@@ -78,12 +77,12 @@ impl Runner {
         let first = sessions
             .first()
             .ok_or_else(|| std::io::Error::other("a runner needs at least one session"))?;
-        let inputs = first.inputs().to_vec();
-        let outputs = first.outputs().to_vec();
+        let interface = first.interface().clone();
         // Batching needs a free first axis on every input and output.
-        let batchable = inputs
+        let batchable = interface
+            .inputs
             .iter()
-            .chain(&outputs)
+            .chain(&interface.outputs)
             .all(|t| t.shape.first() == Some(&-1));
         let max_rows = if batchable {
             batching.max_batch_size.max(1)
@@ -111,13 +110,12 @@ impl Runner {
         Ok(Self {
             queue,
             stats,
-            inputs,
-            outputs,
+            interface,
         })
     }
 
     pub fn inputs(&self) -> &[TensorInfo] {
-        &self.inputs
+        &self.interface.inputs
     }
 
     pub fn stats(&self) -> &Stats {
@@ -125,7 +123,7 @@ impl Runner {
     }
 
     pub fn outputs(&self) -> &[TensorInfo] {
-        &self.outputs
+        &self.interface.outputs
     }
 
     /// Queues a job (inputs with their batch rows first) and waits for its outputs. `pad`:
@@ -313,18 +311,28 @@ mod tests {
     use super::*;
     use crate::tensor::{DataType, TensorData};
 
+    /// A graph whose one input and one output are an int64 tensor `x` of `shape`.
+    fn x_in_and_out(shape: Vec<i64>) -> Interface {
+        let x = TensorInfo {
+            name: "x".into(),
+            dtype: DataType::I64,
+            shape,
+        };
+        Interface {
+            inputs: vec![x.clone()],
+            outputs: vec![x],
+        }
+    }
+
     /// A graph that returns, per row, the sum of its input row and the batch size it ran in.
     struct RowSum {
-        info: Vec<TensorInfo>,
+        interface: Interface,
         batches: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
     }
 
     impl Session for RowSum {
-        fn inputs(&self) -> &[TensorInfo] {
-            &self.info
-        }
-        fn outputs(&self) -> &[TensorInfo] {
-            &self.info
+        fn interface(&self) -> &Interface {
+            &self.interface
         }
         fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
             let x = &inputs[0].1;
@@ -344,11 +352,7 @@ mod tests {
     async fn concurrent_jobs_share_a_pass_and_get_their_own_rows() {
         let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let session = RowSum {
-            info: vec![TensorInfo {
-                name: "x".into(),
-                dtype: DataType::I64,
-                shape: vec![-1, -1],
-            }],
+            interface: x_in_and_out(vec![-1, -1]),
             batches: batches.clone(),
         };
         let batching = Batching {
@@ -387,17 +391,14 @@ mod tests {
 
     /// A graph that takes a while and counts how many passes run at once.
     struct Slow {
-        info: Vec<TensorInfo>,
+        interface: Interface,
         running: Arc<std::sync::atomic::AtomicUsize>,
         most: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl Session for Slow {
-        fn inputs(&self) -> &[TensorInfo] {
-            &self.info
-        }
-        fn outputs(&self) -> &[TensorInfo] {
-            &self.info
+        fn interface(&self) -> &Interface {
+            &self.interface
         }
         fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -412,15 +413,10 @@ mod tests {
     async fn instances_run_passes_side_by_side() {
         let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let info = vec![TensorInfo {
-            name: "x".into(),
-            dtype: DataType::I64,
-            shape: vec![-1, 1],
-        }];
         let sessions: Vec<Box<dyn Session>> = (0..2)
             .map(|_| {
                 Box::new(Slow {
-                    info: info.clone(),
+                    interface: x_in_and_out(vec![-1, 1]),
                     running: running.clone(),
                     most: most.clone(),
                 }) as Box<dyn Session>

@@ -42,15 +42,16 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
 }
 
 impl Inference {
-    /// Where the model a request names is served: here, or on another node.
-    pub(crate) async fn target<T>(
+    /// The caller of a call that names a model (`field`: `name`) and where the model is
+    /// served: here, or on another node.
+    async fn target<T>(
         &self,
         request: &Request<T>,
-        caller: &Principal,
         field: &str,
         name: &str,
-    ) -> Result<Target> {
-        let target = self.route(request, caller, field, name).await?;
+    ) -> Result<(Principal, Target), Status> {
+        let caller = caller(request)?;
+        let target = self.route(request, &caller, field, name).await?;
         // Limits count where the request is served (once, whichever node it entered).
         if let (Target::Local(served), Some(limiter)) = (&target, &self.limiter) {
             let dedicated = served.route.as_ref().is_some_and(|r| {
@@ -58,10 +59,10 @@ impl Inference {
                     == kiln_proto::scheduler::v1::deployment::DeploymentType::Dedicated as i32
             });
             if !dedicated {
-                limiter.admit(caller).await?;
+                limiter.admit(&caller).await?;
             }
         }
-        Ok(target)
+        Ok((caller, target))
     }
 
     /// Where the model is served, without counting a request against rate limits (for
@@ -207,8 +208,8 @@ impl Inference {
         Remote: Future<Output = Reply<Resp>>,
         Local: Future<Output = Result<Resp>>,
     {
-        let p = caller(&request)?;
-        match self.target(&request, &p, field, &name).await? {
+        let (p, target) = self.target(&request, field, &name).await?;
+        match target {
             Target::Remote(channel, _guard) => {
                 remote(channel, forward(request)).await.map_err(peer_status)
             }
@@ -218,25 +219,11 @@ impl Inference {
         }
     }
 
-    /// [`serve`](Self::serve) for a request whose `model` field names the model.
-    async fn serve_model<Req, Resp, Remote, Local>(
-        &self,
-        request: Request<Req>,
-        name: String,
-        remote: impl FnOnce(Channel, Request<Req>) -> Remote,
-        local: impl FnOnce(Principal, Served, Req) -> Local,
-    ) -> Reply<Resp>
-    where
-        Remote: Future<Output = Reply<Resp>>,
-        Local: Future<Output = Result<Resp>>,
-    {
-        self.serve(request, "model", name, remote, local).await
-    }
-
     /// [`serve`](Self::serve) for a streamed answer, which holds its replica to its end.
     async fn serve_stream<Req, Item, Remote, Local>(
         &self,
         request: Request<Req>,
+        field: &str,
         name: String,
         remote: impl FnOnce(Channel, Request<Req>) -> Remote,
         local: impl FnOnce(Principal, Served, Req) -> Local,
@@ -246,8 +233,8 @@ impl Inference {
         Remote: Future<Output = Reply<Streaming<Item>>>,
         Local: Future<Output = Result<BoxStream<'static, Result<Item, Status>>>>,
     {
-        let p = caller(&request)?;
-        match self.target(&request, &p, "model", &name).await? {
+        let (p, target) = self.target(&request, field, &name).await?;
+        match target {
             Target::Remote(channel, guard) => {
                 let stream = remote(channel, forward(request))
                     .await
@@ -284,6 +271,7 @@ macro_rules! forwarding_service {
                     let model = request.get_ref().model.clone();
                     self.$serve(
                         request,
+                        "model",
                         model,
                         |channel, r| async move { peer(channel).$method(r).await },
                         |p, served, r| async move { self.$method(&p, served, r).await },
@@ -300,10 +288,10 @@ forwarding_service! {
         type StreamCompletionStream = BoxStream<'static, Result<Completion, Status>>;
         type StreamChatCompletionStream = BoxStream<'static, Result<ChatCompletionChunk, Status>>;
     }
-    create_completion(CreateCompletionRequest) -> Completion = serve_model;
+    create_completion(CreateCompletionRequest) -> Completion = serve;
     stream_completion(CreateCompletionRequest) -> Self::StreamCompletionStream = serve_stream;
-    create_chat_completion(CreateChatCompletionRequest) -> ChatCompletion = serve_model;
+    create_chat_completion(CreateChatCompletionRequest) -> ChatCompletion = serve;
     stream_chat_completion(CreateChatCompletionRequest) -> Self::StreamChatCompletionStream =
         serve_stream;
-    create_embeddings(CreateEmbeddingsRequest) -> CreateEmbeddingsResponse = serve_model;
+    create_embeddings(CreateEmbeddingsRequest) -> CreateEmbeddingsResponse = serve;
 }

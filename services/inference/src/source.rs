@@ -1,11 +1,13 @@
-//! Where the engine reads models from: the registry, over gRPC (a node on its own) or in
-//! process (`kiln dev`, which implements [`ModelSource`] on the registry itself).
+//! Where the engine reads models from: the registry, in process (`kiln dev`) or over gRPC (a
+//! node on its own). The server implements [`ModelSource`] on its link to the registry;
+//! [`download`] is the downloads' gRPC half.
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use kiln_core::server::ServiceChannel;
 use kiln_proto::registry::v1::{
-    DownloadModelFilesRequest, DownloadModelFilesResponse, GetModelRequest, Model,
+    DownloadModelFilesRequest, DownloadModelFilesResponse, Model,
     model_service_client::ModelServiceClient,
 };
 
@@ -24,35 +26,24 @@ pub trait ModelSource: Send + Sync + 'static {
     async fn download(&self, name: &str, bundle_precision: Option<i32>) -> Result<FileStream>;
 }
 
-/// The registry over gRPC.
-#[async_trait]
-impl ModelSource for ModelServiceClient<kiln_core::server::ServiceChannel> {
-    async fn get_model(&self, name: &str) -> Result<Model> {
-        let request = GetModelRequest {
+/// Every file of the model (`bundle_precision` unset) or of a prepared bundle, from the
+/// registry over gRPC (the half of a [`ModelSource`] that reaches a remote registry).
+pub async fn download(
+    client: &ModelServiceClient<ServiceChannel>,
+    name: &str,
+    bundle_precision: Option<i32>,
+) -> Result<FileStream> {
+    let failed = |status| Error::from_peer("registry DownloadModelFiles", status);
+    // Pieces of up to 4 MiB, within a message of their own.
+    let mut client = client.clone().max_decoding_message_size(16 << 20);
+    let stream = client
+        .download_model_files(DownloadModelFilesRequest {
             name: name.to_owned(),
-        };
-        Ok(ModelServiceClient::get_model(&mut self.clone(), request)
-            .await
-            .map_err(|status| Error::from_peer("registry GetModel", status))?
-            .into_inner())
-    }
-
-    async fn download(&self, name: &str, bundle_precision: Option<i32>) -> Result<FileStream> {
-        // Pieces of up to 4 MiB, within a message of their own.
-        let mut client = self.clone().max_decoding_message_size(16 << 20);
-        let stream = client
-            .download_model_files(DownloadModelFilesRequest {
-                name: name.to_owned(),
-                bundle_precision,
-                ..Default::default()
-            })
-            .await
-            .map_err(|status| Error::from_peer("registry DownloadModelFiles", status))?
-            .into_inner();
-        Ok(stream
-            .map(|piece| {
-                piece.map_err(|status| Error::from_peer("registry DownloadModelFiles", status))
-            })
-            .boxed())
-    }
+            bundle_precision,
+            ..Default::default()
+        })
+        .await
+        .map_err(failed)?
+        .into_inner();
+    Ok(stream.map(move |piece| piece.map_err(failed)).boxed())
 }

@@ -18,7 +18,7 @@ use kiln_proto::events::v1::UsageRecorded;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
 use kiln_store::placeholder;
 use prost::Message;
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
 use kiln_core::Result;
@@ -378,13 +378,9 @@ impl Writer {
         let backend = self.db.get_database_backend();
         let txn = self.db.begin().await?;
         let rows = txn
-            .query_all(Statement::from_sql_and_values(
+            .query_all(self.of_this_node(
                 backend,
-                format!(
-                    "SELECT payload FROM inference_usage_pending WHERE node = {}",
-                    placeholder(backend, 1)
-                ),
-                [self.node.to_string().into()],
+                "SELECT payload FROM inference_usage_pending WHERE node =",
             ))
             .await?;
         if rows.is_empty() {
@@ -401,17 +397,19 @@ impl Writer {
             })?);
         }
         self.outbox.enqueue_all(&txn, &events).await?;
-        txn.execute(Statement::from_sql_and_values(
-            backend,
-            format!(
-                "DELETE FROM inference_usage_pending WHERE node = {}",
-                placeholder(backend, 1)
-            ),
-            [self.node.to_string().into()],
-        ))
-        .await?;
+        txn.execute(self.of_this_node(backend, "DELETE FROM inference_usage_pending WHERE node ="))
+            .await?;
         self.outbox.commit(txn).await?;
         Ok(events.len())
+    }
+
+    /// `sql`, which ends in `node =`, completed with this node's ID.
+    fn of_this_node(&self, backend: DatabaseBackend, sql: &str) -> Statement {
+        Statement::from_sql_and_values(
+            backend,
+            format!("{sql} {}", placeholder(backend, 1)),
+            [self.node.to_string().into()],
+        )
     }
 }
 

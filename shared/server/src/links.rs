@@ -42,7 +42,9 @@ impl ModelSource for RegistryLink {
     async fn download(&self, name: &str, bundle_precision: Option<i32>) -> Result<FileStream> {
         let registry = match self {
             Self::Local(registry) => registry,
-            Self::Remote(client) => return client.download(name, bundle_precision).await,
+            Self::Remote(client) => {
+                return kiln_inference::source::download(client, name, bundle_precision).await;
+            }
         };
         let request = DownloadModelFilesRequest {
             name: name.to_owned(),

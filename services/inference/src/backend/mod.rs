@@ -50,6 +50,13 @@ pub struct TensorInfo {
     pub shape: Vec<i64>,
 }
 
+/// A loaded graph's inputs and outputs, in the order the graph declares them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+}
+
 /// What a backend reports when it fails: shown to the caller as INTERNAL with this text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{backend}: {message}")]
@@ -85,8 +92,13 @@ pub trait Backend: Send + Sync + 'static {
 
 /// A loaded graph. Runs are serialised by the caller (one batch at a time).
 pub trait Session: Send + 'static {
-    fn inputs(&self) -> &[TensorInfo];
-    fn outputs(&self) -> &[TensorInfo];
+    fn interface(&self) -> &Interface;
+    fn inputs(&self) -> &[TensorInfo] {
+        &self.interface().inputs
+    }
+    fn outputs(&self) -> &[TensorInfo] {
+        &self.interface().outputs
+    }
     /// Runs the graph on named inputs; returns every output, in [`Session::outputs`] order.
     fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError>;
 }

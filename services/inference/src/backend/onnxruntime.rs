@@ -11,7 +11,7 @@ use ort::ep::ExecutionProvider as _;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, ValueType};
 
-use super::{Backend, BackendError, Device, LoadOptions, Session, TensorInfo};
+use super::{Backend, BackendError, Device, Interface, LoadOptions, Session, TensorInfo};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 pub(crate) const NAME: &str = "onnxruntime";
@@ -137,37 +137,25 @@ impl Backend for OnnxRuntime {
                 )),
             }
         };
-        let inputs = session
-            .inputs()
-            .iter()
-            .map(describe)
-            .collect::<Result<_, _>>()?;
-        let outputs = session
-            .outputs()
-            .iter()
-            .map(describe)
-            .collect::<Result<_, _>>()?;
-        Ok(Box::new(OrtSession {
-            session,
-            inputs,
-            outputs,
-        }))
+        let describe_all = |outlets: &[ort::value::Outlet]| -> Result<Vec<_>, BackendError> {
+            outlets.iter().map(describe).collect()
+        };
+        let interface = Interface {
+            inputs: describe_all(session.inputs())?,
+            outputs: describe_all(session.outputs())?,
+        };
+        Ok(Box::new(OrtSession { session, interface }))
     }
 }
 
 struct OrtSession {
     session: ort::session::Session,
-    inputs: Vec<TensorInfo>,
-    outputs: Vec<TensorInfo>,
+    interface: Interface,
 }
 
 impl Session for OrtSession {
-    fn inputs(&self) -> &[TensorInfo] {
-        &self.inputs
-    }
-
-    fn outputs(&self) -> &[TensorInfo] {
-        &self.outputs
+    fn interface(&self) -> &Interface {
+        &self.interface
     }
 
     fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
@@ -177,7 +165,8 @@ impl Session for OrtSession {
             values.push((name, to_ort(tensor).map_err(fail)?));
         }
         let outputs = self.session.run(values).map_err(fail)?;
-        self.outputs
+        self.interface
+            .outputs
             .iter()
             .map(|info| {
                 let value = outputs.get(&info.name).ok_or_else(|| {

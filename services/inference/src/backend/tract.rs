@@ -17,7 +17,7 @@ use tract_onnx::prelude::{
 /// Plans kept per session (one per distinct set of input shapes).
 const PLANS: usize = 32;
 
-use super::{Backend, BackendError, Device, LoadOptions, Session, TensorInfo};
+use super::{Backend, BackendError, Device, Interface, LoadOptions, Session, TensorInfo};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 pub const NAME: &str = "tract";
@@ -80,8 +80,7 @@ impl Backend for Tract {
             model: parsed,
             plans: HashMap::new(),
             runs: 0,
-            inputs,
-            outputs,
+            interface: Interface { inputs, outputs },
         }))
     }
 }
@@ -91,23 +90,18 @@ struct TractSession {
     /// Plans by input shapes, with the run count at their last use.
     plans: HashMap<Vec<Vec<usize>>, (Arc<TypedRunnableModel>, u64)>,
     runs: u64,
-    inputs: Vec<TensorInfo>,
-    outputs: Vec<TensorInfo>,
+    interface: Interface,
 }
 
 impl Session for TractSession {
-    fn inputs(&self) -> &[TensorInfo] {
-        &self.inputs
-    }
-
-    fn outputs(&self) -> &[TensorInfo] {
-        &self.outputs
+    fn interface(&self) -> &Interface {
+        &self.interface
     }
 
     fn run(&mut self, mut inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
         let mut values: TVec<TValue> = tvec![];
-        let mut shapes = Vec::with_capacity(self.inputs.len());
-        for info in &self.inputs {
+        let mut shapes = Vec::with_capacity(self.interface.inputs.len());
+        for info in &self.interface.inputs {
             let at = inputs
                 .iter()
                 .position(|(name, _)| *name == info.name)

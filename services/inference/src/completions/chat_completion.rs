@@ -2,7 +2,7 @@
 //! unary or streamed.
 
 use kiln_core::Error;
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use futures::stream::BoxStream;
 use kiln_core::auth::Principal;
@@ -10,8 +10,8 @@ use kiln_proto::kiln_inference::v1::*;
 use tonic::Status;
 
 use super::request::{check_stops, choices, max_tokens_field};
-use super::response::{chat_logprobs, usage};
-use super::{Event, Finish, Job, llm};
+use super::response::{Api, Piece, chat_logprobs};
+use super::{Job, llm};
 use crate::generation::sampling::{SamplingFields, SamplingParams};
 use crate::router::Served;
 use crate::service::Inference;
@@ -81,35 +81,19 @@ impl Inference {
         served: Served,
         r: CreateChatCompletionRequest,
     ) -> Result<ChatCompletion> {
-        let start = kiln_core::time::now_micros();
-        let job = self.chat_job(served, &r)?;
-        let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
-        let (results, counts) = self
-            .run_unary(caller, &job, &id, "chat.completions", start)
-            .await?;
-        let llm = llm(&job.model)?;
-        let choices = results
-            .into_iter()
-            .enumerate()
-            .map(|(index, c)| ChatCompletionChoice {
-                index: index as i32,
-                logprobs: job.logprobs.then(|| chat_logprobs(llm, &c.tokens)),
-                message: Some(ChatMessage {
-                    role: "assistant".into(),
-                    content: c.text,
-                    name: String::new(),
-                }),
-                finish_reason: c.finish.map(Finish::as_str).unwrap_or_default().into(),
-            })
-            .collect();
-        Ok(ChatCompletion {
-            id,
-            object: "chat.completion".into(),
-            created: kiln_core::time::now_micros() / 1_000_000,
-            model: r.model,
-            choices,
-            usage: Some(usage(&job, counts)),
-        })
+        let job = || self.chat_job(served, &r);
+        let choice = |_: &Job, piece: Piece<ChatLogprobs>| ChatCompletionChoice {
+            index: piece.index as i32,
+            message: Some(ChatMessage {
+                role: "assistant".into(),
+                content: piece.text,
+                name: String::new(),
+            }),
+            finish_reason: piece.finish.into(),
+            logprobs: piece.logprobs,
+        };
+        self.answer(caller, &CHAT_COMPLETIONS, r.model.clone(), job, choice)
+            .await
     }
 
     /// Streams a chat completion: the role first, then content pieces, then the finish
@@ -120,67 +104,80 @@ impl Inference {
         served: Served,
         r: CreateChatCompletionRequest,
     ) -> Result<BoxStream<'static, Result<ChatCompletionChunk, Status>>> {
-        let start = kiln_core::time::now_micros();
-        let job = self.chat_job(served, &r)?;
-        let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
-        let created = start / 1_000_000;
-        let chunk = {
-            let (id, model) = (id.clone(), r.model.clone());
-            move |choices: Vec<ChatCompletionChunkChoice>, usage| ChatCompletionChunk {
-                id: id.clone(),
-                object: "chat.completion.chunk".into(),
-                created,
-                model: model.clone(),
-                choices,
-                usage,
-            }
-        };
-        // The first chunk of each choice carries the role.
-        let mut started: HashMap<usize, bool> = HashMap::new();
-        let delta = chunk.clone();
-        let message = move |job: &Job, index: usize, event: Event| {
-            let (content, finish, logprobs) = match event {
-                Event::Token { sampled, text } => {
-                    let llm = job.model.llm()?;
-                    let logprobs = job
-                        .logprobs
-                        .then(|| chat_logprobs(llm, std::slice::from_ref(&sampled)));
-                    if text.is_empty() && logprobs.is_none() && started.contains_key(&index) {
-                        return None;
-                    }
-                    (text, "", logprobs)
-                }
-                Event::Finished { finish, text, .. } => (text, finish.as_str(), None),
-                Event::Failed(_) => return None,
-            };
-            let role = if started.insert(index, true).is_none() {
-                "assistant"
-            } else {
-                ""
-            };
-            Some(delta(
-                vec![ChatCompletionChunkChoice {
-                    index: index as i32,
-                    delta: Some(ChatMessageDelta {
-                        role: role.into(),
-                        content,
-                    }),
-                    finish_reason: finish.into(),
-                    logprobs,
-                }],
-                None,
-            ))
-        };
-        let last = move |usage| chunk(Vec::new(), Some(usage));
-        self.spawn_stream(
+        let job = || self.chat_job(served, &r);
+        let mut started = HashSet::new();
+        let choice = move |piece| chunk_choice(&mut started, piece);
+        self.stream(
             caller,
+            &CHAT_COMPLETIONS,
+            r.model.clone(),
             job,
-            "chat.completions",
-            id,
-            start,
-            Vec::new(),
-            message,
-            last,
+            |_| Vec::new(),
+            choice,
         )
+    }
+}
+
+/// The chat completions API.
+static CHAT_COMPLETIONS: Api<ChatLogprobs> = Api {
+    name: "chat.completions",
+    id_prefix: "chatcmpl",
+    logprobs: chat_logprobs,
+};
+
+/// A streamed piece as a chunk's choice. The first chunk of each choice carries the role, even
+/// when it carries nothing else; a later piece that carries nothing is left out. `started`:
+/// the choices whose first chunk has gone.
+fn chunk_choice(
+    started: &mut HashSet<usize>,
+    piece: Piece<ChatLogprobs>,
+) -> Option<ChatCompletionChunkChoice> {
+    let first = started.insert(piece.index);
+    if piece.is_empty() && !first {
+        return None;
+    }
+    Some(ChatCompletionChunkChoice {
+        index: piece.index as i32,
+        delta: Some(ChatMessageDelta {
+            role: if first { "assistant" } else { "" }.into(),
+            content: piece.text,
+        }),
+        finish_reason: piece.finish.into(),
+        logprobs: piece.logprobs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(index: usize, text: &str, finish: &'static str) -> Piece<ChatLogprobs> {
+        Piece {
+            index,
+            text: text.into(),
+            finish,
+            logprobs: None,
+        }
+    }
+
+    /// (role, content, finish reason) of a chunk's choice.
+    fn parts(choice: &ChatCompletionChunkChoice) -> (&str, &str, &str) {
+        let delta = choice.delta.as_ref().expect("a delta");
+        (&delta.role, &delta.content, &choice.finish_reason)
+    }
+
+    #[test]
+    fn each_choice_starts_with_the_role_and_later_empty_pieces_are_left_out() {
+        let mut started = HashSet::new();
+        let mut send = |p| chunk_choice(&mut started, p);
+        let first = send(piece(0, "", "")).expect("the first piece, empty, carries the role");
+        assert_eq!(parts(&first), ("assistant", "", ""));
+        assert!(send(piece(0, "", "")).is_none());
+        let other = send(piece(1, "Hi", "")).expect("another choice's first piece");
+        assert_eq!((other.index, parts(&other)), (1, ("assistant", "Hi", "")));
+        let next = send(piece(0, "Tokyo", "")).expect("a piece with text");
+        assert_eq!(parts(&next), ("", "Tokyo", ""));
+        let last = send(piece(0, "", "stop")).expect("the last piece, with the finish");
+        assert_eq!(parts(&last), ("", "", "stop"));
     }
 }

@@ -7,8 +7,8 @@ use kiln_proto::kiln_inference::v1::*;
 use tonic::Status;
 
 use super::request::{check_stops, choices, max_tokens_field};
-use super::response::{completion_logprobs, usage};
-use super::{Event, Finish, Job, llm};
+use super::response::{Api, Piece, completion_logprobs};
+use super::{Job, llm};
 use crate::generation::sampling::{SamplingFields, SamplingParams};
 use crate::router::Served;
 use crate::service::Inference;
@@ -89,39 +89,17 @@ impl Inference {
         served: Served,
         r: CreateCompletionRequest,
     ) -> Result<Completion> {
-        let start = kiln_core::time::now_micros();
-        let job = self.completion_job(served, &r)?;
-        let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
-        let (results, counts) = self
-            .run_unary(caller, &job, &id, "completions", start)
-            .await?;
-        let llm = llm(&job.model)?;
-        let choices = results
-            .into_iter()
-            .enumerate()
-            .map(|(index, c)| {
-                let prompt = &job.prompt_texts[index / job.n];
-                let text = if r.echo {
-                    format!("{prompt}{}", c.text)
-                } else {
-                    c.text
-                };
-                CompletionChoice {
-                    index: index as i32,
-                    logprobs: job.logprobs.then(|| completion_logprobs(llm, &c.tokens)),
-                    text,
-                    finish_reason: c.finish.map(Finish::as_str).unwrap_or_default().into(),
-                }
-            })
-            .collect();
-        Ok(Completion {
-            id,
-            object: "text_completion".into(),
-            created: kiln_core::time::now_micros() / 1_000_000,
-            model: r.model,
-            choices,
-            usage: Some(usage(&job, counts)),
-        })
+        let job = || self.completion_job(served, &r);
+        let choice = |job: &Job, mut piece: Piece<_>| {
+            if r.echo {
+                piece
+                    .text
+                    .insert_str(0, &job.prompt_texts[piece.index / job.n]);
+            }
+            completion_choice(piece)
+        };
+        self.answer(caller, &COMPLETIONS, r.model.clone(), job, choice)
+            .await
     }
 
     /// Streams a completion: a message per piece, then one with finish reasons and usage.
@@ -131,65 +109,40 @@ impl Inference {
         served: Served,
         r: CreateCompletionRequest,
     ) -> Result<BoxStream<'static, Result<Completion, Status>>> {
-        let start = kiln_core::time::now_micros();
-        let job = self.completion_job(served, &r)?;
-        let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
-        let created = start / 1_000_000;
-        let piece = {
-            let (id, model) = (id.clone(), r.model.clone());
-            move |index: usize, text: String, finish: &str, logprobs: Option<CompletionLogprobs>| {
-                Completion {
-                    id: id.clone(),
-                    object: "text_completion".into(),
-                    created,
-                    model: model.clone(),
-                    choices: vec![CompletionChoice {
-                        index: index as i32,
-                        text,
-                        finish_reason: finish.into(),
-                        logprobs,
-                    }],
-                    usage: None,
-                }
-            }
-        };
+        let job = || self.completion_job(served, &r);
         // With echo, each choice starts with its prompt.
-        let prelude = if r.echo {
-            (0..job.prompts.len() * job.n)
-                .map(|i| piece(i, job.prompt_texts[i / job.n].clone(), "", None))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let message = move |job: &Job, index: usize, event: Event| match event {
-            Event::Token { sampled, text } => {
-                let llm = job.model.llm()?;
-                let logprobs = job
-                    .logprobs
-                    .then(|| completion_logprobs(llm, std::slice::from_ref(&sampled)));
-                (!text.is_empty() || logprobs.is_some()).then(|| piece(index, text, "", logprobs))
+        let prelude = |job: &Job| {
+            if !r.echo {
+                return Vec::new();
             }
-            Event::Finished { finish, text, .. } => Some(piece(index, text, finish.as_str(), None)),
-            Event::Failed(_) => None,
+            (0..job.prompts.len() * job.n)
+                .map(|index| {
+                    completion_choice(Piece {
+                        index,
+                        text: job.prompt_texts[index / job.n].clone(),
+                        finish: "",
+                        logprobs: None,
+                    })
+                })
+                .collect()
         };
-        let last_id = id.clone();
-        let last = move |usage| Completion {
-            id: last_id.clone(),
-            object: "text_completion".into(),
-            created,
-            model: r.model.clone(),
-            choices: Vec::new(),
-            usage: Some(usage),
-        };
-        self.spawn_stream(
-            caller,
-            job,
-            "completions",
-            id,
-            start,
-            prelude,
-            message,
-            last,
-        )
+        let choice = |piece: Piece<_>| (!piece.is_empty()).then(|| completion_choice(piece));
+        self.stream(caller, &COMPLETIONS, r.model.clone(), job, prelude, choice)
+    }
+}
+
+/// The completions API.
+static COMPLETIONS: Api<CompletionLogprobs> = Api {
+    name: "completions",
+    id_prefix: "cmpl",
+    logprobs: completion_logprobs,
+};
+
+fn completion_choice(piece: Piece<CompletionLogprobs>) -> CompletionChoice {
+    CompletionChoice {
+        index: piece.index as i32,
+        text: piece.text,
+        finish_reason: piece.finish.into(),
+        logprobs: piece.logprobs,
     }
 }

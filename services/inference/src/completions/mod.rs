@@ -1,13 +1,15 @@
 //! Completions and chat completions over a text-generation model's generation loop: a
 //! request becomes a [`Job`] (`request`), unary answers gather every choice (`unary`), streams
 //! send each piece as it decodes, then a last message with the finish reasons and the usage
-//! (`stream`). Usage is recorded before the last answer goes out.
+//! (`stream`); both are made of the same parts, whichever the API (`response`). Usage is
+//! recorded before the last answer goes out.
 
 mod chat_completion;
 mod completion;
 mod request;
 mod response;
 mod stream;
+mod unary;
 
 use kiln_core::Error;
 use std::sync::Arc;
@@ -144,47 +146,5 @@ impl Inference {
                 },
             )
             .await
-    }
-
-    /// Runs a job to the end and records its usage: every choice's text, tokens and finish,
-    /// and their counts.
-    async fn run_unary(
-        &self,
-        caller: &Principal,
-        job: &Job,
-        id: &str,
-        api: &'static str,
-        start: i64,
-    ) -> Result<(Vec<ChoiceResult>, Counts)> {
-        let receivers = self.start(job)?;
-        let gathered = futures::future::join_all(receivers.into_iter().map(|mut rx| async move {
-            let mut result = ChoiceResult::default();
-            while let Some(event) = rx.recv().await {
-                match event {
-                    Event::Token { sampled, text } => {
-                        result.text.push_str(&text);
-                        result.tokens.push(sampled);
-                    }
-                    Event::Finished {
-                        finish,
-                        completion_tokens,
-                        cached_prompt_tokens,
-                        text,
-                    } => {
-                        result.text.push_str(&text);
-                        result.finish = Some(finish);
-                        result.counts.add(completion_tokens, cached_prompt_tokens);
-                        return Ok(result);
-                    }
-                    Event::Failed(message) => return Err(Error::Internal(message)),
-                }
-            }
-            Err(Error::Internal("the generation loop stopped".into()))
-        }))
-        .await;
-        let results = gathered.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let counts = Counts::sum(&results);
-        self.record(caller, job, id, api, counts, start).await?;
-        Ok((results, counts))
     }
 }

@@ -7,7 +7,7 @@ use kiln_core::auth::Principal;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::response::usage;
+use super::response::{Api, Envelope, Message, Piece, usage};
 use super::{Counts, Event, Job};
 use crate::service::Inference;
 use kiln_core::Result;
@@ -24,21 +24,26 @@ impl Inference {
         Ok(futures::stream::select_all(streams).boxed())
     }
 
-    /// Sends a streamed job's messages: `message` turns each event into one (or none), the
-    /// last carries the usage (`last`). Usage is recorded before the last message, and also
-    /// when the client goes away (dropping the events then cancels the sequences).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn spawn_stream<M: Send + 'static>(
+    /// Streams the answer to a request of `api`: builds its `job`, sends a message for each
+    /// of `prelude`'s choices, then one for each piece that `choice` keeps as the choices
+    /// decode, and a last one with the usage. Usage is recorded before the last message, and
+    /// also when the client goes away (dropping the events then cancels the sequences).
+    pub(super) fn stream<L: Send + 'static, M: Message>(
         &self,
         caller: &Principal,
-        job: Job,
-        api: &'static str,
-        id: String,
-        start: i64,
-        prelude: Vec<M>,
-        mut message: impl FnMut(&Job, usize, Event) -> Option<M> + Send + 'static,
-        last: impl FnOnce(kiln_proto::kiln_inference::v1::Usage) -> M + Send + 'static,
+        api: &'static Api<L>,
+        model: String,
+        job: impl FnOnce() -> Result<Job>,
+        prelude: impl FnOnce(&Job) -> Vec<M::Choice>,
+        mut choice: impl FnMut(Piece<L>) -> Option<M::Choice> + Send + 'static,
     ) -> Result<BoxStream<'static, Result<M, Status>>> {
+        let (start, job, id) = api.begin(job)?;
+        let envelope = Envelope {
+            id,
+            created: start / 1_000_000,
+            model,
+        };
+        let prelude = prelude(&job);
         let mut events = self.run_stream(&job)?;
         let (tx, rx) = mpsc::channel::<Result<M, Status>>(64);
         let this = self.clone();
@@ -47,35 +52,54 @@ impl Inference {
             let mut counts = Counts::default();
             let mut failed = None;
             let mut gone = false;
-            for m in prelude {
-                gone |= tx.send(Ok(m)).await.is_err();
+            for first in prelude {
+                gone |= tx
+                    .send(Ok(M::new(&envelope, vec![first], None)))
+                    .await
+                    .is_err();
             }
             while !gone && let Some((index, event)) = events.next().await {
-                match &event {
+                let piece = match event {
                     Event::Failed(reason) => {
-                        failed = Some(reason.clone());
+                        failed = Some(reason);
                         break;
                     }
                     Event::Finished {
+                        finish,
+                        text,
                         completion_tokens,
                         cached_prompt_tokens,
-                        ..
-                    } => counts.add(*completion_tokens, *cached_prompt_tokens),
-                    Event::Token { .. } => {}
-                }
-                if let Some(m) = message(&job, index, event) {
-                    gone = tx.send(Ok(m)).await.is_err();
+                    } => {
+                        counts.add(completion_tokens, cached_prompt_tokens);
+                        Piece {
+                            index,
+                            text,
+                            finish: finish.as_str(),
+                            logprobs: None,
+                        }
+                    }
+                    Event::Token { sampled, text } => Piece {
+                        index,
+                        text,
+                        finish: "",
+                        logprobs: job.logprobs(api, std::slice::from_ref(&sampled)),
+                    },
+                };
+                if let Some(c) = choice(piece) {
+                    gone = tx.send(Ok(M::new(&envelope, vec![c], None))).await.is_err();
                 }
             }
             drop(events);
-            let recorded = this.record(&caller, &job, &id, api, counts, start).await;
+            let recorded = this
+                .record(&caller, &job, &envelope.id, api.name, counts, start)
+                .await;
             if gone {
                 return;
             }
             let end = match (failed, recorded) {
                 (Some(reason), _) => Err(Status::internal(reason)),
                 (None, Err(e)) => Err(e.into()),
-                (None, Ok(())) => Ok(last(usage(&job, counts))),
+                (None, Ok(())) => Ok(M::new(&envelope, Vec::new(), Some(usage(&job, counts)))),
             };
             let _ = tx.send(end).await;
         });

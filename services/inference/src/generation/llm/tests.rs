@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 use super::*;
-use crate::backend::{BackendError, Session, TensorInfo};
+use crate::backend::{BackendError, Interface, Session, TensorInfo};
 use crate::tensor::{Tensor, TensorData};
 
 const VOCAB: u32 = 61;
@@ -22,8 +22,7 @@ fn next_after(context: &[u32]) -> u32 {
 /// being its token) that computes `next_after` over exactly the positions the attention
 /// mask lets each query see, and records the (rows, tokens) of every pass.
 struct ContextSum {
-    inputs: Vec<TensorInfo>,
-    outputs: Vec<TensorInfo>,
+    interface: Interface,
     passes: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
     /// The first pass waits for this, so the test can queue newcomers behind it.
     gate: Option<std::sync::mpsc::Receiver<()>>,
@@ -41,19 +40,21 @@ impl ContextSum {
         };
         use crate::tensor::DataType;
         Self {
-            inputs: ["input_ids", "attention_mask", "position_ids"]
-                .iter()
-                .map(|n| info(n, DataType::I64))
-                .chain(
-                    ["past_key_values.0.key", "past_key_values.0.value"]
-                        .iter()
-                        .map(|n| info(n, DataType::F32)),
-                )
-                .collect(),
-            outputs: ["logits", "present.0.key", "present.0.value"]
-                .iter()
-                .map(|n| info(n, DataType::F32))
-                .collect(),
+            interface: Interface {
+                inputs: ["input_ids", "attention_mask", "position_ids"]
+                    .iter()
+                    .map(|n| info(n, DataType::I64))
+                    .chain(
+                        ["past_key_values.0.key", "past_key_values.0.value"]
+                            .iter()
+                            .map(|n| info(n, DataType::F32)),
+                    )
+                    .collect(),
+                outputs: ["logits", "present.0.key", "present.0.value"]
+                    .iter()
+                    .map(|n| info(n, DataType::F32))
+                    .collect(),
+            },
             passes,
             gate: Some(gate),
         }
@@ -61,11 +62,8 @@ impl ContextSum {
 }
 
 impl Session for ContextSum {
-    fn inputs(&self) -> &[TensorInfo] {
-        &self.inputs
-    }
-    fn outputs(&self) -> &[TensorInfo] {
-        &self.outputs
+    fn interface(&self) -> &Interface {
+        &self.interface
     }
     fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
         if let Some(gate) = self.gate.take() {
