@@ -213,7 +213,10 @@ impl Inference {
             Target::Remote(channel, _guard) => {
                 remote(channel, forward(request)).await.map_err(peer_status)
             }
-            Target::Local(served) => {
+            Target::Local(mut served) => {
+                // The replica counts the call as in flight until its answer is complete (a
+                // drain waits for it; routing sees the load), not just while it is set up.
+                let _in_flight = served.in_flight.take();
                 Ok(Response::new(local(p, served, request.into_inner()).await?))
             }
         }
