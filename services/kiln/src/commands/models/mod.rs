@@ -14,9 +14,9 @@ use tokio::io::AsyncWriteExt;
 
 use super::flags::DescribeArgs;
 use crate::client::{
-    Authed, Client, CreateRpc, Format, InParent, ListArgs, changes, delete_and_print, enum_name,
-    get_and_print, list_and_print, print_one, printable, resource, say, time, update_and_print,
-    yes_no,
+    Authed, Client, CreateRpc, Format, GetRpc, InParent, ListArgs, changes, delete_and_print,
+    enum_name, get_and_print, list_and_print, print_one, printable, resource, say, time,
+    update_and_print, yes_no,
 };
 
 #[derive(Debug, Subcommand)]
@@ -221,10 +221,7 @@ async fn create_model(
     let model = match regv1::Model::create(client, request).await {
         Ok(m) => m,
         Err(status) if status.code() == tonic::Code::AlreadyExists => {
-            let existing = models(client)
-                .get_model(regv1::GetModelRequest { name: name.clone() })
-                .await?
-                .into_inner();
+            let existing = regv1::Model::get(client, name.clone()).await?;
             if existing.state != regv1::model::State::Uploading as i32 {
                 bail!("{name} already exists and is not uploading");
             }
