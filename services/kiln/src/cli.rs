@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::client::Client;
 pub use crate::client::ClientArgs;
+use crate::client::{Client, Format};
 use crate::commands::{accounts, deployments, inference, models, usage};
 
 #[derive(Debug, Parser)]
@@ -85,91 +85,55 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum CreateCommand {
-    #[command(flatten)]
-    Models(models::Create),
-    #[command(flatten)]
-    Deployments(deployments::Create),
-    #[command(flatten)]
-    Accounts(accounts::Create),
+/// Declares a verb's subcommand (`CreateCommand: Create => create`): in it, each resource
+/// group's resources under the verb (`Models(models)`: the variant holding `models::Create`),
+/// and `run`, which hands the command to the group's handler (`models::create`).
+macro_rules! verb {
+    ($command:ident: $verb:ident => $handler:ident { $($group:ident($module:ident)),+ }) => {
+        #[derive(Debug, Subcommand)]
+        pub enum $command {
+            $(
+                #[command(flatten)]
+                $group($module::$verb),
+            )+
+        }
+
+        impl $command {
+            async fn run(self, client: &Client, format: Format) -> anyhow::Result<()> {
+                match self {
+                    $(Self::$group(command) => $module::$handler(client, format, command).await,)+
+                }
+            }
+        }
+    };
 }
 
-#[derive(Debug, Subcommand)]
-pub enum GetCommand {
-    #[command(flatten)]
-    Models(models::Get),
-    #[command(flatten)]
-    Deployments(deployments::Get),
-    #[command(flatten)]
-    Accounts(accounts::Get),
-    #[command(flatten)]
-    Usage(usage::Get),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ListCommand {
-    #[command(flatten)]
-    Models(models::List),
-    #[command(flatten)]
-    Deployments(deployments::List),
-    #[command(flatten)]
-    Accounts(accounts::List),
-    #[command(flatten)]
-    Usage(usage::List),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum UpdateCommand {
-    #[command(flatten)]
-    Models(models::Update),
-    #[command(flatten)]
-    Deployments(deployments::Update),
-    #[command(flatten)]
-    Accounts(accounts::Update),
-    #[command(flatten)]
-    Usage(usage::Update),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum DeleteCommand {
-    #[command(flatten)]
-    Models(models::Delete),
-    #[command(flatten)]
-    Deployments(deployments::Delete),
-    #[command(flatten)]
-    Accounts(accounts::Delete),
-}
+verb!(CreateCommand: Create => create {
+    Models(models), Deployments(deployments), Accounts(accounts)
+});
+verb!(GetCommand: Get => get {
+    Models(models), Deployments(deployments), Accounts(accounts), Usage(usage)
+});
+verb!(ListCommand: List => list {
+    Models(models), Deployments(deployments), Accounts(accounts), Usage(usage)
+});
+verb!(UpdateCommand: Update => update {
+    Models(models), Deployments(deployments), Accounts(accounts), Usage(usage)
+});
+verb!(DeleteCommand: Delete => delete {
+    Models(models), Deployments(deployments), Accounts(accounts)
+});
 
 /// Runs a client command.
 pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()> {
     let format = args.output;
     let client = &Client::connect(&args).await?;
     match command {
-        Command::Create(CreateCommand::Models(c)) => models::create(client, format, c).await,
-        Command::Create(CreateCommand::Deployments(c)) => {
-            deployments::create(client, format, c).await
-        }
-        Command::Create(CreateCommand::Accounts(c)) => accounts::create(client, format, c).await,
-        Command::Get(GetCommand::Models(c)) => models::get(client, format, c).await,
-        Command::Get(GetCommand::Deployments(c)) => deployments::get(client, format, c).await,
-        Command::Get(GetCommand::Accounts(c)) => accounts::get(client, format, c).await,
-        Command::Get(GetCommand::Usage(c)) => usage::get(client, format, c).await,
-        Command::List(ListCommand::Models(c)) => models::list(client, format, c).await,
-        Command::List(ListCommand::Deployments(c)) => deployments::list(client, format, c).await,
-        Command::List(ListCommand::Accounts(c)) => accounts::list(client, format, c).await,
-        Command::List(ListCommand::Usage(c)) => usage::list(client, format, c).await,
-        Command::Update(UpdateCommand::Models(c)) => models::update(client, format, c).await,
-        Command::Update(UpdateCommand::Deployments(c)) => {
-            deployments::update(client, format, c).await
-        }
-        Command::Update(UpdateCommand::Accounts(c)) => accounts::update(client, format, c).await,
-        Command::Update(UpdateCommand::Usage(c)) => usage::update(client, format, c).await,
-        Command::Delete(DeleteCommand::Models(c)) => models::delete(client, format, c).await,
-        Command::Delete(DeleteCommand::Deployments(c)) => {
-            deployments::delete(client, format, c).await
-        }
-        Command::Delete(DeleteCommand::Accounts(c)) => accounts::delete(client, format, c).await,
+        Command::Create(c) => c.run(client, format).await,
+        Command::Get(c) => c.run(client, format).await,
+        Command::List(c) => c.run(client, format).await,
+        Command::Update(c) => c.run(client, format).await,
+        Command::Delete(c) => c.run(client, format).await,
         Command::Undelete(c) => deployments::undelete(client, format, c).await,
         Command::Scale(c) => deployments::scale(client, format, c).await,
         Command::Download(c) => models::download(client, c).await,

@@ -1,6 +1,6 @@
 //! The client side of the CLI, shared by every command: connecting with the caller's key and
 //! resolving names (`connect`), printing (`output`), following pages (`paging`), and the
-//! Get, List, Update and Delete RPCs every resource calls the same way (`resources`).
+//! Create, Get, List, Update and Delete RPCs every resource calls the same way (`resources`).
 
 mod connect;
 mod output;
@@ -13,12 +13,12 @@ pub use output::Format;
 #[cfg(test)]
 pub(crate) use output::to_json;
 pub(crate) use output::{
-    Printable, ProgressLine, enum_name, print_deleted, print_json, print_list, print_one, say,
-    table, time, yes_no,
+    Column, Printable, ProgressLine, enum_name, print_deleted, print_json, print_list, print_one,
+    printable, say, table, time, yes_no,
 };
 pub use paging::ListArgs;
 pub(crate) use paging::{Page, PageRequest};
 pub(crate) use resources::{
-    DeleteRpc, GetRpc, InParent, ListRpc, UpdateMask, UpdateRpc, changes, delete_and_print,
-    get_and_print, list_and_print, resource, update_and_print,
+    CreateRpc, DeleteRpc, GetRpc, InParent, ListRpc, UpdateMask, UpdateRpc, changes,
+    create_and_print, delete_and_print, get_and_print, list_and_print, resource, update_and_print,
 };

@@ -28,15 +28,45 @@ pub enum Format {
     Json,
 }
 
+/// A table column: its header, and the cell a message shows under it.
+pub(crate) type Column<M> = (&'static str, fn(&M) -> String);
+
 /// A message the CLI prints: its proto name (for JSON) and its table columns.
-pub(crate) trait Printable: prost::Message + Sized {
+pub(crate) trait Printable: prost::Message + Sized + 'static {
     /// The full proto name, e.g. `kiln.identity.v1.User`.
     const PROTO_NAME: &'static str;
-    /// The table's column headers, one per cell of [`Printable::row`].
-    const HEADERS: &'static [&'static str];
-    /// The message's table row.
-    fn row(&self) -> Vec<String>;
+    /// The table's columns, left to right.
+    const COLUMNS: &'static [Column<Self>];
+
+    /// The table's column headers.
+    fn headers() -> Vec<&'static str> {
+        Self::COLUMNS.iter().map(|(header, _)| *header).collect()
+    }
+
+    /// The message's table row: one cell per column.
+    fn row(&self) -> Vec<String> {
+        Self::COLUMNS.iter().map(|(_, cell)| cell(self)).collect()
+    }
 }
+
+/// Declares how a message prints: its proto name (for JSON), then its table's columns, each
+/// a header and the cell a message shows under it:
+///
+/// ```ignore
+/// printable!(idv1::User, "kiln.identity.v1.User" {
+///     "NAME" => |u| u.name.clone(),
+///     "CREATED" => |u| time(&u.create_time),
+/// });
+/// ```
+macro_rules! printable {
+    ($message:ty, $proto_name:literal { $($header:literal => $cell:expr),+ $(,)? }) => {
+        impl $crate::client::Printable for $message {
+            const PROTO_NAME: &'static str = $proto_name;
+            const COLUMNS: &'static [$crate::client::Column<Self>] = &[$(($header, $cell)),+];
+        }
+    };
+}
+pub(crate) use printable;
 
 /// Prints one resource: a table of one row, or a JSON object.
 pub(crate) fn print_one<M: Printable>(format: Format, item: &M) {
@@ -70,7 +100,7 @@ fn render<M: Printable>(format: Format, items: &[M], single: bool) -> String {
         }
         Format::Table => {
             let rows: Vec<_> = items.iter().map(Printable::row).collect();
-            table(M::HEADERS, &rows).trim_end().to_owned()
+            table(&M::headers(), &rows).trim_end().to_owned()
         }
     }
 }
@@ -223,13 +253,10 @@ mod tests {
 
     use super::*;
 
-    impl Printable for Status {
-        const PROTO_NAME: &'static str = "kiln.common.v1.Status";
-        const HEADERS: &'static [&'static str] = &["MESSAGE", "CODE"];
-        fn row(&self) -> Vec<String> {
-            vec![self.message.clone(), self.code.to_string()]
-        }
-    }
+    printable!(Status, "kiln.common.v1.Status" {
+        "MESSAGE" => |s| s.message.clone(),
+        "CODE" => |s| s.code.to_string(),
+    });
 
     fn status(message: &str) -> Status {
         Status {

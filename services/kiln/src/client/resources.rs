@@ -1,6 +1,6 @@
-//! The RPCs resources share, called one way: a resource declares its Get, List, Update and
-//! Delete RPCs once (`resource!`), and one helper per verb serves every command that gets,
-//! lists, updates or deletes one.
+//! The RPCs resources share, called one way: a resource declares its Create, Get, List,
+//! Update and Delete RPCs once (`resource!`), and one helper per verb serves every command
+//! that creates, gets, lists, updates or deletes one.
 
 use anyhow::bail;
 use tonic::Status;
@@ -8,6 +8,13 @@ use tonic::Status;
 use super::connect::Client;
 use super::output::{Format, Printable, print_deleted, print_list, print_one};
 use super::paging::{ListArgs, PageRequest, list_all};
+
+/// A resource with a Create RPC.
+pub(crate) trait CreateRpc: Printable {
+    type Request;
+    /// Sends `request`; answers the resource made.
+    async fn create(client: &Client, request: Self::Request) -> Result<Self, Status>;
+}
 
 /// A resource with a Get RPC.
 pub(crate) trait GetRpc: Printable {
@@ -43,6 +50,16 @@ pub(crate) trait UpdateRpc: Printable {
 /// A resource with a Delete RPC.
 pub(crate) trait DeleteRpc: GetRpc {
     async fn delete(client: &Client, name: String) -> Result<(), Status>;
+}
+
+/// `kiln create`: sends `request`, shows the resource made.
+pub(crate) async fn create_and_print<R: CreateRpc>(
+    client: &Client,
+    format: Format,
+    request: R::Request,
+) -> anyhow::Result<()> {
+    print_one(format, &R::create(client, request).await?);
+    Ok(())
 }
 
 /// `kiln get`: shows the resource with this ID in the account (or this full name).
@@ -95,6 +112,7 @@ pub(crate) async fn delete_and_print<R: DeleteRpc>(
 ///
 /// ```ignore
 /// resource!(regv1::Model, models {
+///     create: create_model(regv1::CreateModelRequest),
 ///     get: get_model(regv1::GetModelRequest) in "models",
 ///     list: list_models(regv1::ListModelsRequest, parent) => models,
 ///     update: update_model(regv1::UpdateModelRequest) model,
@@ -102,17 +120,29 @@ pub(crate) async fn delete_and_print<R: DeleteRpc>(
 /// });
 /// ```
 ///
-/// `models` is the function that makes the service's client from a `&Client`; `get` and
-/// `delete` requests hold just the name, `update` requests the resource (in the field
-/// named) and the mask; `, parent` marks a List request with a parent ([`InParent`]), and
+/// `models` is the function that makes the service's client from a `&Client`; `create`
+/// requests are made by the command, `get` and `delete` requests hold just the name,
+/// `update` requests the resource (in the field named) and the mask; `, parent` marks a List request with a parent ([`InParent`]), and
 /// `=> models` names the List response's field of resources.
 macro_rules! resource {
     ($resource:ty, $service:ident {
+        $(create: $create:ident($create_request:ty),)?
         $(get: $get:ident($get_request:ty) in $collection:literal,)?
         $(list: $list:ident($list_request:ty $(, $parent:ident)?) => $items:ident,)?
         $(update: $update:ident($update_request:ty) $field:ident,)?
         $(delete: $delete:ident($delete_request:ty),)?
     }) => {
+        $(
+            impl $crate::client::CreateRpc for $resource {
+                type Request = $create_request;
+                async fn create(
+                    client: &$crate::client::Client,
+                    request: $create_request,
+                ) -> Result<Self, ::tonic::Status> {
+                    Ok($service(client).$create(request).await?.into_inner())
+                }
+            }
+        )?
         $(
             impl $crate::client::GetRpc for $resource {
                 const COLLECTION: &'static str = $collection;

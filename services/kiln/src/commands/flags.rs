@@ -1,8 +1,22 @@
-//! Reading flag values (durations, proto enums, times); every error names the flag.
+//! The flags several commands share, and reading flag values (durations, proto enums,
+//! times); every error names the flag.
 
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
+use clap::Args;
+use kiln_proto::billing::v1 as billv1;
+use kiln_proto::common::v1 as commonv1;
+use kiln_proto::identity::v1 as idv1;
+
+/// The text that describes a model or a deployment, which create and update set alike.
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    #[arg(long)]
+    pub display_name: Option<String>,
+    #[arg(long)]
+    pub description: Option<String>,
+}
 
 /// Parses a duration flag in the grammar of `kiln_core::duration` (`500ms`, `30s`, `10m`,
 /// `1h`, `2d`, or a sum like `1h30m`); `flag` without its dashes.
@@ -29,23 +43,46 @@ pub(crate) fn parse_time(flag: &str, text: &str) -> anyhow::Result<prost_types::
         .map_err(|e| anyhow!("--{flag} {text:?}: not YYYY-MM-DD or an RFC 3339 time ({e})"))
 }
 
+/// The type of an enum flag: a proto enum, by the names prost gives its values.
+pub(crate) trait EnumFlag: TryFrom<i32> + Into<i32> {
+    fn from_str_name(name: &str) -> Option<Self>;
+    fn as_str_name(&self) -> &'static str;
+}
+
+/// Makes proto enums flag types, through the methods of the same names prost generates.
+macro_rules! enum_flags {
+    ($($enum:ty),+ $(,)?) => {$(
+        impl EnumFlag for $enum {
+            fn from_str_name(name: &str) -> Option<Self> {
+                <$enum>::from_str_name(name)
+            }
+            fn as_str_name(&self) -> &'static str {
+                <$enum>::as_str_name(self)
+            }
+        }
+    )+};
+}
+
+enum_flags!(
+    commonv1::AcceleratorType,
+    commonv1::Precision,
+    idv1::account::AccountType,
+    idv1::account::SuspendState,
+    billv1::get_usage_request::GroupBy,
+);
+
 /// Parses an enum flag by its proto name, case-insensitively (`-` read as `_`), e.g.
-/// `parse_enum("precision", text, Precision::from_str_name, Precision::as_str_name)`. The
-/// UNSPECIFIED value (0) is refused; errors name the flag and list the valid values.
-pub(crate) fn parse_enum<E: TryFrom<i32>>(
-    flag: &str,
-    text: &str,
-    from_name: fn(&str) -> Option<E>,
-    name: fn(&E) -> &'static str,
-) -> anyhow::Result<E> {
+/// `parse_enum::<Precision>("precision", text)`. The UNSPECIFIED value (0) is refused;
+/// errors name the flag and list the valid values.
+pub(crate) fn parse_enum<E: EnumFlag>(flag: &str, text: &str) -> anyhow::Result<E> {
     let wanted = text.trim().to_ascii_uppercase().replace('-', "_");
     // The valid names: from 1 (past UNSPECIFIED) to the last value.
     let valid: Vec<&str> = (1..)
         .map_while(|v| E::try_from(v).ok())
-        .map(|e| name(&e))
+        .map(|e| e.as_str_name())
         .collect();
-    match from_name(&wanted) {
-        Some(value) if valid.contains(&name(&value)) => Ok(value),
+    match E::from_str_name(&wanted) {
+        Some(value) if valid.contains(&value.as_str_name()) => Ok(value),
         _ => bail!(
             "--{flag} {text:?}: unknown value; valid values: {}",
             valid.join(", ")
@@ -53,10 +90,32 @@ pub(crate) fn parse_enum<E: TryFrom<i32>>(
     }
 }
 
+/// Parses an optional enum flag (as [`parse_enum`]) into its proto value: 0, UNSPECIFIED,
+/// when the flag is not given.
+pub(crate) fn parse_optional_enum<E: EnumFlag>(
+    flag: &str,
+    text: Option<&str>,
+) -> anyhow::Result<i32> {
+    text.map_or(Ok(0), |text| parse_enum::<E>(flag, text).map(Into::into))
+}
+
+/// Parses a command line of just the flags of `A` (for tests of a command's flags).
+#[cfg(test)]
+pub(crate) fn parse_flags<A: Args>(args: &[&str]) -> Result<A, clap::Error> {
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Line<A: Args> {
+        #[command(flatten)]
+        args: A,
+    }
+
+    Line::<A>::try_parse_from(std::iter::once("kiln").chain(args.iter().copied()))
+        .map(|line| line.args)
+}
+
 #[cfg(test)]
 mod tests {
-    use kiln_proto::common::v1 as commonv1;
-
     use super::*;
 
     fn error(result: anyhow::Result<impl std::fmt::Debug>) -> String {
@@ -120,12 +179,7 @@ mod tests {
     }
 
     fn accelerator(text: &str) -> anyhow::Result<commonv1::AcceleratorType> {
-        parse_enum(
-            "accelerator-type",
-            text,
-            commonv1::AcceleratorType::from_str_name,
-            commonv1::AcceleratorType::as_str_name,
-        )
+        parse_enum("accelerator-type", text)
     }
 
     #[test]
@@ -139,6 +193,18 @@ mod tests {
         );
         assert_eq!(accelerator("amd_mi300x_192gb").unwrap(), T::AmdMi300x192gb);
         assert_eq!(accelerator("cpu").unwrap(), T::Cpu);
+    }
+
+    #[test]
+    fn an_enum_flag_not_given_is_unspecified() {
+        let precision = |text| parse_optional_enum::<commonv1::Precision>("precision", text);
+        assert_eq!(precision(None).unwrap(), 0);
+        assert_eq!(
+            precision(Some("bf16")).unwrap(),
+            commonv1::Precision::Bf16 as i32
+        );
+        let e = error(precision(Some("fp64")));
+        assert!(e.starts_with("--precision \"fp64\": unknown value"), "{e}");
     }
 
     #[test]

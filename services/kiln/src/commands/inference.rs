@@ -7,7 +7,7 @@ use clap::Args;
 use futures::StreamExt;
 use kiln_proto::kiln_inference::v1 as infv1;
 
-use crate::client::{Authed, Client, Format, Printable, print_list};
+use crate::client::{Authed, Client, Format, print_list, printable};
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
@@ -46,23 +46,22 @@ fn inference(client: &Client) -> infv1::inference_service_client::InferenceServi
         .max_decoding_message_size(64 << 20)
 }
 
-/// One row per input: its size and first values (`-o json` prints every value).
-impl Printable for infv1::Embedding {
-    const PROTO_NAME: &'static str = "kiln.inference.v1.Embedding";
-    const HEADERS: &'static [&'static str] = &["INDEX", "DIMENSIONS", "FIRST VALUES"];
-    fn row(&self) -> Vec<String> {
-        let head: Vec<String> = self
-            .embedding
-            .iter()
-            .take(4)
-            .map(|v| format!("{v:.4}"))
-            .collect();
-        vec![
-            self.index.to_string(),
-            self.embedding.len().to_string(),
-            format!("{} ...", head.join(" ")),
-        ]
-    }
+// One row per input: its size and first values (`-o json` prints every value).
+printable!(infv1::Embedding, "kiln.inference.v1.Embedding" {
+    "INDEX" => |e| e.index.to_string(),
+    "DIMENSIONS" => |e| e.embedding.len().to_string(),
+    "FIRST VALUES" => first_values,
+});
+
+/// The first four values of an embedding, then `...`.
+fn first_values(e: &infv1::Embedding) -> String {
+    let head: Vec<String> = e
+        .embedding
+        .iter()
+        .take(4)
+        .map(|v| format!("{v:.4}"))
+        .collect();
+    format!("{} ...", head.join(" "))
 }
 
 /// Streams one answer to stdout; returns its text.
@@ -151,7 +150,7 @@ pub(crate) async fn embed(client: &Client, format: Format, args: EmbedArgs) -> a
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::to_json;
+    use crate::client::{Printable, to_json};
 
     #[test]
     fn embeddings_print_their_head() {

@@ -1,5 +1,5 @@
 //! The client commands, one module per resource group: each holds its part of the clap tree
-//! (the resources under each verb) beside the handlers. `crate::cli` puts the groups under
+//! (the resources under each verb) beside the handlers. The `cli` module puts the groups under
 //! the verbs and dispatches to them.
 
 pub(crate) mod accounts;

@@ -7,7 +7,7 @@ use kiln_proto::billing::v1::get_usage_request::GroupBy;
 use super::flags::{parse_enum, parse_time};
 use crate::client::{
     Authed, Client, Format, InParent, ListArgs, Printable, changes, enum_name, list_and_print,
-    print_json, resource, say, table, time, update_and_print,
+    print_json, printable, resource, say, table, time, update_and_print,
 };
 
 #[derive(Debug, Subcommand)]
@@ -82,53 +82,41 @@ fn money(m: &Option<kiln_proto::common::v1::Money>) -> String {
     }
 }
 
-const USAGE_HEADERS: &[&str] = &[
-    "DAY",
-    "MODEL",
-    "DEPLOYMENT",
-    "DEPLOYED MODEL",
-    "ACCELERATOR",
-    "REQUESTS",
-    "PROMPT TOKENS",
-    "COMPLETION TOKENS",
-    "EMBEDDING TOKENS",
-    "GPU SECONDS",
-    "TRAINING TOKENS",
-    "COST",
-];
+// One group of a usage report (its keys and sums); the report's totals print this way too.
+printable!(billv1::UsageRow, "kiln.billing.v1.UsageRow" {
+    "DAY" => |r| r.day.clone(),
+    "MODEL" => |r| r.model.clone(),
+    "DEPLOYMENT" => |r| r.deployment.clone(),
+    "DEPLOYED MODEL" => |r| r.deployed_model.clone(),
+    "ACCELERATOR" => accelerator_text,
+    "REQUESTS" => |r| r.request_count.to_string(),
+    "PROMPT TOKENS" => |r| r.prompt_tokens.to_string(),
+    "COMPLETION TOKENS" => |r| r.completion_tokens.to_string(),
+    "EMBEDDING TOKENS" => |r| r.embedding_tokens.to_string(),
+    "GPU SECONDS" => |r| format!("{:.1}", r.gpu_seconds),
+    "TRAINING TOKENS" => |r| r.training_tokens.to_string(),
+    "COST" => |r| money(&r.cost),
+});
 
-fn usage_row(r: &billv1::UsageRow) -> Vec<String> {
-    let accelerator = if r.accelerator_type == 0 {
+/// A row's accelerator type (empty when the row is not grouped by it).
+fn accelerator_text(r: &billv1::UsageRow) -> String {
+    if r.accelerator_type == 0 {
         String::new()
     } else {
         enum_name(
             r.accelerator_type,
             kiln_proto::common::v1::AcceleratorType::as_str_name,
         )
-    };
-    vec![
-        r.day.clone(),
-        r.model.clone(),
-        r.deployment.clone(),
-        r.deployed_model.clone(),
-        accelerator,
-        r.request_count.to_string(),
-        r.prompt_tokens.to_string(),
-        r.completion_tokens.to_string(),
-        r.embedding_tokens.to_string(),
-        format!("{:.1}", r.gpu_seconds),
-        r.training_tokens.to_string(),
-        money(&r.cost),
-    ]
+    }
 }
 
 /// The report as a table: one row per group, and a TOTAL row under several.
 fn usage_table(report: &billv1::GetUsageResponse) -> String {
-    let mut rows: Vec<Vec<String>> = report.rows.iter().map(usage_row).collect();
+    let mut rows: Vec<Vec<String>> = report.rows.iter().map(Printable::row).collect();
     if report.rows.len() > 1
         && let Some(totals) = &report.totals
     {
-        let mut total = usage_row(totals);
+        let mut total = totals.row();
         total[0] = "TOTAL".into();
         rows.push(total);
     }
@@ -136,23 +124,17 @@ fn usage_table(report: &billv1::GetUsageResponse) -> String {
         "usage from {} to {}\n{}",
         time(&report.start_time),
         time(&report.end_time),
-        table(USAGE_HEADERS, &rows).trim_end()
+        table(&billv1::UsageRow::headers(), &rows).trim_end()
     )
 }
 
-impl Printable for billv1::Quota {
-    const PROTO_NAME: &'static str = "kiln.billing.v1.Quota";
-    const HEADERS: &'static [&'static str] = &["NAME", "VALUE", "MAX VALUE", "USAGE", "UNIT"];
-    fn row(&self) -> Vec<String> {
-        vec![
-            self.name.clone(),
-            self.value.to_string(),
-            self.max_value.to_string(),
-            format!("{}", (self.usage * 1000.0).round() / 1000.0),
-            self.unit.clone(),
-        ]
-    }
-}
+printable!(billv1::Quota, "kiln.billing.v1.Quota" {
+    "NAME" => |q| q.name.clone(),
+    "VALUE" => |q| q.value.to_string(),
+    "MAX VALUE" => |q| q.max_value.to_string(),
+    "USAGE" => |q| format!("{}", (q.usage * 1000.0).round() / 1000.0),
+    "UNIT" => |q| q.unit.clone(),
+});
 
 /// The usage request the flags ask for (the account not set yet).
 fn usage_request(args: UsageArgs) -> anyhow::Result<billv1::GetUsageRequest> {
@@ -162,10 +144,7 @@ fn usage_request(args: UsageArgs) -> anyhow::Result<billv1::GetUsageRequest> {
         .group_by
         .iter()
         .filter(|g| !g.trim().is_empty())
-        .map(|g| {
-            parse_enum("group-by", g, GroupBy::from_str_name, GroupBy::as_str_name)
-                .map(|g| g as i32)
-        })
+        .map(|g| parse_enum::<GroupBy>("group-by", g).map(i32::from))
         .collect::<anyhow::Result<_>>()?;
     Ok(billv1::GetUsageRequest {
         parent: String::new(),
@@ -213,20 +192,12 @@ pub(crate) async fn update(client: &Client, format: Format, command: Update) -> 
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
     use crate::client::to_json;
-
-    #[derive(Debug, Parser)]
-    struct Line {
-        #[command(flatten)]
-        args: UsageArgs,
-    }
+    use crate::commands::flags::parse_flags;
 
     fn request(args: &[&str]) -> anyhow::Result<billv1::GetUsageRequest> {
-        let line = Line::try_parse_from(std::iter::once("usage").chain(args.iter().copied()))?;
-        usage_request(line.args)
+        usage_request(parse_flags(args)?)
     }
 
     #[test]

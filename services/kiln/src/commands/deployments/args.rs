@@ -10,7 +10,7 @@ use kiln_proto::common::v1 as commonv1;
 use kiln_proto::scheduler::v1 as schv1;
 
 use crate::client::{ListArgs, changes};
-use crate::commands::flags::{parse_duration, parse_enum, proto_duration};
+use crate::commands::flags::{DescribeArgs, parse_duration, parse_optional_enum, proto_duration};
 
 /// How long `--wait` waits when `--timeout` is not given.
 const DEFAULT_TIMEOUT: &str = "15m";
@@ -23,20 +23,16 @@ pub struct CreateDeploymentArgs {
     /// The deployment ID (default: generated).
     #[arg(long)]
     pub deployment_id: Option<String>,
-    #[arg(long)]
-    pub display_name: Option<String>,
-    #[arg(long)]
-    pub description: Option<String>,
+    #[command(flatten)]
+    pub describe: DescribeArgs,
     /// NVIDIA_H100_80GB, NVIDIA_A100_80GB, NVIDIA_H200_141GB, AMD_MI300X_192GB or CPU.
     #[arg(long)]
     pub accelerator_type: Option<String>,
     /// Accelerators per replica (CPU cores for CPU; default 1).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub accelerator_count: Option<i32>,
-    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
-    pub min_replica_count: Option<i32>,
-    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
-    pub max_replica_count: Option<i32>,
+    #[command(flatten)]
+    pub replicas: ReplicaCountArgs,
     /// FP32, FP16, BF16, FP8, INT8 or INT4 (default: the model's).
     #[arg(long)]
     pub precision: Option<String>,
@@ -71,6 +67,15 @@ pub struct CreateDeploymentArgs {
     pub validate_only: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
+}
+
+/// The range of replicas a deployment scales in.
+#[derive(Debug, Args)]
+pub struct ReplicaCountArgs {
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
+    pub min_replica_count: Option<i32>,
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
+    pub max_replica_count: Option<i32>,
 }
 
 #[derive(Debug, Args)]
@@ -108,14 +113,10 @@ pub struct ListDeploymentsArgs {
 pub struct UpdateDeploymentArgs {
     /// The deployment: an ID in the account, or a full name.
     pub deployment: String,
-    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
-    pub min_replica_count: Option<i32>,
-    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
-    pub max_replica_count: Option<i32>,
-    #[arg(long)]
-    pub display_name: Option<String>,
-    #[arg(long)]
-    pub description: Option<String>,
+    #[command(flatten)]
+    pub replicas: ReplicaCountArgs,
+    #[command(flatten)]
+    pub describe: DescribeArgs,
     /// Allow LoRA addons of the base model (true or false).
     #[arg(long)]
     pub enable_addons: Option<bool>,
@@ -178,29 +179,20 @@ impl CreateDeploymentArgs {
     /// The deployment the flags ask for (`base_model` already a full name).
     pub(super) fn deployment(&self, base_model: String) -> anyhow::Result<schv1::Deployment> {
         use commonv1::{AcceleratorType, Precision};
-        if let (Some(min), Some(max)) = (self.min_replica_count, self.max_replica_count)
+        let ReplicaCountArgs {
+            min_replica_count,
+            max_replica_count,
+        } = self.replicas;
+        if let (Some(min), Some(max)) = (min_replica_count, max_replica_count)
             && min > max
         {
             bail!("--min-replica-count {min} is above --max-replica-count {max}");
         }
-        let accelerator_type = match &self.accelerator_type {
-            Some(t) => parse_enum(
-                "accelerator-type",
-                t,
-                AcceleratorType::from_str_name,
-                AcceleratorType::as_str_name,
-            )? as i32,
-            None => 0,
-        };
-        let precision = match &self.precision {
-            Some(p) => parse_enum(
-                "precision",
-                p,
-                Precision::from_str_name,
-                Precision::as_str_name,
-            )? as i32,
-            None => 0,
-        };
+        let accelerator_type = parse_optional_enum::<AcceleratorType>(
+            "accelerator-type",
+            self.accelerator_type.as_deref(),
+        )?;
+        let precision = parse_optional_enum::<Precision>("precision", self.precision.as_deref())?;
         let window = |flag: &str, value: &Option<String>| -> anyhow::Result<_> {
             value
                 .as_deref()
@@ -226,14 +218,14 @@ impl CreateDeploymentArgs {
             load_targets,
         });
         Ok(schv1::Deployment {
-            display_name: self.display_name.clone().unwrap_or_default(),
-            description: self.description.clone().unwrap_or_default(),
+            display_name: self.describe.display_name.clone().unwrap_or_default(),
+            description: self.describe.description.clone().unwrap_or_default(),
             base_model,
             accelerator_type,
             accelerator_count: self.accelerator_count.unwrap_or_default(),
             precision,
-            min_replica_count: self.min_replica_count.unwrap_or_default(),
-            max_replica_count: self.max_replica_count.unwrap_or_default(),
+            min_replica_count: min_replica_count.unwrap_or_default(),
+            max_replica_count: max_replica_count.unwrap_or_default(),
             autoscaling_policy,
             enable_addons: self.enable_addons,
             backend: self.backend.clone().unwrap_or_default(),
@@ -249,10 +241,16 @@ impl UpdateDeploymentArgs {
     pub(super) fn update(self) -> anyhow::Result<(schv1::Deployment, prost_types::FieldMask)> {
         let Self {
             deployment: _,
-            min_replica_count,
-            max_replica_count,
-            display_name,
-            description,
+            replicas:
+                ReplicaCountArgs {
+                    min_replica_count,
+                    max_replica_count,
+                },
+            describe:
+                DescribeArgs {
+                    display_name,
+                    description,
+                },
             enable_addons,
         } = self;
         changes!(schv1::Deployment {
@@ -267,24 +265,11 @@ impl UpdateDeploymentArgs {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
+    use crate::commands::flags::parse_flags as parse;
 
     fn error(result: anyhow::Result<impl std::fmt::Debug>) -> String {
         format!("{:#}", result.unwrap_err())
-    }
-
-    /// A command line of just these flags.
-    #[derive(Debug, Parser)]
-    struct Line<A: Args> {
-        #[command(flatten)]
-        args: A,
-    }
-
-    fn parse<A: Args>(args: &[&str]) -> Result<A, clap::Error> {
-        Line::<A>::try_parse_from(std::iter::once("kiln").chain(args.iter().copied()))
-            .map(|line| line.args)
     }
 
     fn create_args(args: &[&str]) -> CreateDeploymentArgs {

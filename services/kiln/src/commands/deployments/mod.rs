@@ -10,8 +10,8 @@ use clap::Subcommand;
 use kiln_proto::scheduler::v1 as schv1;
 
 use crate::client::{
-    Authed, Client, Format, InParent, ListArgs, delete_and_print, get_and_print, list_and_print,
-    print_deleted, print_one, resource, update_and_print,
+    Authed, Client, CreateRpc, Format, InParent, ListArgs, create_and_print, delete_and_print,
+    get_and_print, list_and_print, print_deleted, print_one, resource, update_and_print,
 };
 pub use args::{
     CreateDeployedModelArgs, CreateDeploymentArgs, DeleteDeploymentArgs, ListDeploymentsArgs,
@@ -99,11 +99,13 @@ fn nodes(client: &Client) -> schv1::node_service_client::NodeServiceClient<Authe
 }
 
 resource!(schv1::Deployment, deployments {
+    create: create_deployment(schv1::CreateDeploymentRequest),
     get: get_deployment(schv1::GetDeploymentRequest) in "deployments",
     list: list_deployments(schv1::ListDeploymentsRequest, parent) => deployments,
     update: update_deployment(schv1::UpdateDeploymentRequest) deployment,
 });
 resource!(schv1::DeployedModel, deployed_models {
+    create: create_deployed_model(schv1::CreateDeployedModelRequest),
     get: get_deployed_model(schv1::GetDeployedModelRequest) in "deployedModels",
     list: list_deployed_models(schv1::ListDeployedModelsRequest, parent) => deployed_models,
     delete: delete_deployed_model(schv1::DeleteDeployedModelRequest),
@@ -119,16 +121,14 @@ pub(crate) async fn create(client: &Client, format: Format, command: Create) -> 
             args.deployment(String::new())?;
             let timeout = args.wait.timeout()?;
             let base_model = client.full_name("models", &args.model).await?;
-            let created = deployments(client)
-                .create_deployment(schv1::CreateDeploymentRequest {
-                    parent: client.account().await?,
-                    deployment_id: args.deployment_id.clone().unwrap_or_default(),
-                    deployment: Some(args.deployment(base_model)?),
-                    disable_auto_deploy: args.disable_auto_deploy,
-                    validate_only: args.validate_only,
-                })
-                .await?
-                .into_inner();
+            let request = schv1::CreateDeploymentRequest {
+                parent: client.account().await?,
+                deployment_id: args.deployment_id.clone().unwrap_or_default(),
+                deployment: Some(args.deployment(base_model)?),
+                disable_auto_deploy: args.disable_auto_deploy,
+                validate_only: args.validate_only,
+            };
+            let created = schv1::Deployment::create(client, request).await?;
             let shown = match timeout {
                 _ if args.validate_only => {
                     eprintln!("the request is valid (nothing was created)");
@@ -140,26 +140,24 @@ pub(crate) async fn create(client: &Client, format: Format, command: Create) -> 
                 None => created,
             };
             print_one(format, &shown);
+            Ok(())
         }
         Create::DeployedModel(args) => {
-            let m = deployed_models(client)
-                .create_deployed_model(schv1::CreateDeployedModelRequest {
-                    parent: client.account().await?,
-                    deployed_model_id: args.deployed_model_id.unwrap_or_default(),
-                    deployed_model: Some(schv1::DeployedModel {
-                        model: client.full_name("models", &args.model).await?,
-                        deployment: client.full_name("deployments", &args.deployment).await?,
-                        default: args.default,
-                        public: args.public,
-                        display_name: args.display_name.unwrap_or_default(),
-                        ..Default::default()
-                    }),
-                })
-                .await?;
-            print_one(format, m.get_ref());
+            let request = schv1::CreateDeployedModelRequest {
+                parent: client.account().await?,
+                deployed_model_id: args.deployed_model_id.unwrap_or_default(),
+                deployed_model: Some(schv1::DeployedModel {
+                    model: client.full_name("models", &args.model).await?,
+                    deployment: client.full_name("deployments", &args.deployment).await?,
+                    default: args.default,
+                    public: args.public,
+                    display_name: args.display_name.unwrap_or_default(),
+                    ..Default::default()
+                }),
+            };
+            create_and_print::<schv1::DeployedModel>(client, format, request).await
         }
     }
-    Ok(())
 }
 
 pub(crate) async fn get(client: &Client, format: Format, command: Get) -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 use kiln_proto::common::v1 as commonv1;
 use kiln_proto::scheduler::v1 as schv1;
 
-use crate::client::{Printable, enum_name, time, yes_no};
+use crate::client::{enum_name, printable, time, yes_no};
 
 pub(super) fn status_message(status: &Option<commonv1::Status>) -> &str {
     status.as_ref().map(|s| s.message.as_str()).unwrap_or("")
@@ -26,92 +26,51 @@ fn accelerator_text(accelerator_type: i32, count: i32) -> String {
     }
 }
 
-impl Printable for schv1::Deployment {
-    const PROTO_NAME: &'static str = "kiln.scheduler.v1.Deployment";
-    const HEADERS: &'static [&'static str] = &[
-        "NAME",
-        "STATE",
-        "MODEL",
-        "TYPE",
-        "ACCELERATOR",
-        "READY",
-        "STATUS",
-    ];
-    fn row(&self) -> Vec<String> {
-        vec![
-            self.name.clone(),
-            enum_name(self.state, schv1::deployment::State::as_str_name),
-            self.base_model.clone(),
-            enum_name(
-                self.deployment_type,
-                schv1::deployment::DeploymentType::as_str_name,
-            ),
-            accelerator_text(self.accelerator_type, self.accelerator_count),
-            format!("{}/{}", ready_replicas(self), self.desired_replica_count),
-            status_message(&self.status).to_owned(),
-        ]
-    }
-}
+printable!(schv1::Deployment, "kiln.scheduler.v1.Deployment" {
+    "NAME" => |d| d.name.clone(),
+    "STATE" => |d| enum_name(d.state, schv1::deployment::State::as_str_name),
+    "MODEL" => |d| d.base_model.clone(),
+    "TYPE" => |d| enum_name(d.deployment_type, schv1::deployment::DeploymentType::as_str_name),
+    "ACCELERATOR" => |d| accelerator_text(d.accelerator_type, d.accelerator_count),
+    "READY" => |d| format!("{}/{}", ready_replicas(d), d.desired_replica_count),
+    "STATUS" => |d| status_message(&d.status).to_owned(),
+});
+printable!(schv1::DeployedModel, "kiln.scheduler.v1.DeployedModel" {
+    "NAME" => |m| m.name.clone(),
+    "STATE" => |m| enum_name(m.state, schv1::deployed_model::State::as_str_name),
+    "MODEL" => |m| m.model.clone(),
+    "DEPLOYMENT" => |m| m.deployment.clone(),
+    "DEFAULT" => |m| yes_no(m.default),
+    "PUBLIC" => |m| yes_no(m.public),
+    "STATUS" => |m| status_message(&m.status).to_owned(),
+});
+printable!(schv1::Node, "kiln.scheduler.v1.Node" {
+    "NAME" => |n| n.name.clone(),
+    "STATE" => |n| enum_name(n.state, schv1::node::State::as_str_name),
+    "ADDRESS" => |n| n.address.clone(),
+    "ACCELERATORS" => node_accelerators,
+    "REPLICAS" => |n| n.replicas.len().to_string(),
+    "LAST HEARTBEAT" => |n| time(&n.last_heartbeat_time),
+});
 
-impl Printable for schv1::DeployedModel {
-    const PROTO_NAME: &'static str = "kiln.scheduler.v1.DeployedModel";
-    const HEADERS: &'static [&'static str] = &[
-        "NAME",
-        "STATE",
-        "MODEL",
-        "DEPLOYMENT",
-        "DEFAULT",
-        "PUBLIC",
-        "STATUS",
-    ];
-    fn row(&self) -> Vec<String> {
-        vec![
-            self.name.clone(),
-            enum_name(self.state, schv1::deployed_model::State::as_str_name),
-            self.model.clone(),
-            self.deployment.clone(),
-            yes_no(self.default),
-            yes_no(self.public),
-            status_message(&self.status).to_owned(),
-        ]
-    }
-}
-
-impl Printable for schv1::Node {
-    const PROTO_NAME: &'static str = "kiln.scheduler.v1.Node";
-    const HEADERS: &'static [&'static str] = &[
-        "NAME",
-        "STATE",
-        "ADDRESS",
-        "ACCELERATORS",
-        "REPLICAS",
-        "LAST HEARTBEAT",
-    ];
-    fn row(&self) -> Vec<String> {
-        let accelerators: Vec<String> = self
-            .accelerators
-            .iter()
-            .map(|a| accelerator_text(a.r#type, a.count))
-            .collect();
-        vec![
-            self.name.clone(),
-            enum_name(self.state, schv1::node::State::as_str_name),
-            self.address.clone(),
-            if accelerators.is_empty() {
-                "-".to_owned()
-            } else {
-                accelerators.join(", ")
-            },
-            self.replicas.len().to_string(),
-            time(&self.last_heartbeat_time),
-        ]
+/// A node's accelerators, e.g. `2×NVIDIA_H100_80GB, 16×CPU` (`-` for none).
+fn node_accelerators(node: &schv1::Node) -> String {
+    let accelerators: Vec<String> = node
+        .accelerators
+        .iter()
+        .map(|a| accelerator_text(a.r#type, a.count))
+        .collect();
+    if accelerators.is_empty() {
+        "-".to_owned()
+    } else {
+        accelerators.join(", ")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::to_json;
+    use crate::client::{Printable, to_json};
 
     #[test]
     fn tables_show_what_matters() {

@@ -12,9 +12,11 @@ use kiln_proto::registry::v1 as regv1;
 use kiln_proto::registry::v1::model::Kind;
 use tokio::io::AsyncWriteExt;
 
+use super::flags::DescribeArgs;
 use crate::client::{
-    Authed, Client, Format, InParent, ListArgs, Printable, changes, delete_and_print, enum_name,
-    get_and_print, list_and_print, print_one, resource, say, time, update_and_print, yes_no,
+    Authed, Client, CreateRpc, Format, GetRpc, InParent, ListArgs, changes, delete_and_print,
+    enum_name, get_and_print, list_and_print, print_one, printable, resource, say, time,
+    update_and_print, yes_no,
 };
 
 #[derive(Debug, Subcommand)]
@@ -39,10 +41,8 @@ pub struct CreateModelArgs {
     /// base, embedding, tensor or lora (default: read from the files).
     #[arg(long)]
     pub kind: Option<String>,
-    #[arg(long)]
-    pub display_name: Option<String>,
-    #[arg(long)]
-    pub description: Option<String>,
+    #[command(flatten)]
+    pub describe: DescribeArgs,
     /// Publish to every account (platform admin).
     #[arg(long)]
     pub public: bool,
@@ -81,10 +81,8 @@ pub enum Update {
     /// Change a model (an ID in the account, or a full name).
     Model {
         model: String,
-        #[arg(long)]
-        display_name: Option<String>,
-        #[arg(long)]
-        description: Option<String>,
+        #[command(flatten)]
+        describe: DescribeArgs,
         /// Publish to every account (platform admin).
         #[arg(long)]
         public: Option<bool>,
@@ -137,48 +135,42 @@ fn datasets(client: &Client) -> regv1::dataset_service_client::DatasetServiceCli
 }
 
 resource!(regv1::Model, models {
+    create: create_model(regv1::CreateModelRequest),
     get: get_model(regv1::GetModelRequest) in "models",
     list: list_models(regv1::ListModelsRequest, parent) => models,
     update: update_model(regv1::UpdateModelRequest) model,
     delete: delete_model(regv1::DeleteModelRequest),
 });
 resource!(regv1::Dataset, datasets {
+    create: create_dataset(regv1::CreateDatasetRequest),
     get: get_dataset(regv1::GetDatasetRequest) in "datasets",
     list: list_datasets(regv1::ListDatasetsRequest, parent) => datasets,
     update: update_dataset(regv1::UpdateDatasetRequest) dataset,
     delete: delete_dataset(regv1::DeleteDatasetRequest),
 });
 
-impl Printable for regv1::Model {
-    const PROTO_NAME: &'static str = "kiln.registry.v1.Model";
-    const HEADERS: &'static [&'static str] =
-        &["NAME", "KIND", "STATE", "PUBLIC", "SIZE", "CREATED"];
-    fn row(&self) -> Vec<String> {
-        let size: i64 = self.files.iter().map(|f| f.size_bytes).sum();
-        vec![
-            self.name.clone(),
-            enum_name(self.kind, Kind::as_str_name),
-            enum_name(self.state, regv1::model::State::as_str_name),
-            yes_no(self.public),
-            format!("{:.1} MB", size as f64 / 1e6),
-            time(&self.create_time),
-        ]
-    }
+printable!(regv1::Model, "kiln.registry.v1.Model" {
+    "NAME" => |m| m.name.clone(),
+    "KIND" => |m| enum_name(m.kind, Kind::as_str_name),
+    "STATE" => |m| enum_name(m.state, regv1::model::State::as_str_name),
+    "PUBLIC" => |m| yes_no(m.public),
+    "SIZE" => size_text,
+    "CREATED" => |m| time(&m.create_time),
+});
+
+/// A model's files' total size in MB.
+fn size_text(model: &regv1::Model) -> String {
+    let size: i64 = model.files.iter().map(|f| f.size_bytes).sum();
+    format!("{:.1} MB", size as f64 / 1e6)
 }
 
-impl Printable for regv1::Dataset {
-    const PROTO_NAME: &'static str = "kiln.registry.v1.Dataset";
-    const HEADERS: &'static [&'static str] = &["NAME", "FORMAT", "STATE", "EXAMPLES", "CREATED"];
-    fn row(&self) -> Vec<String> {
-        vec![
-            self.name.clone(),
-            enum_name(self.format, regv1::dataset::Format::as_str_name),
-            enum_name(self.state, regv1::dataset::State::as_str_name),
-            self.example_count.to_string(),
-            time(&self.create_time),
-        ]
-    }
-}
+printable!(regv1::Dataset, "kiln.registry.v1.Dataset" {
+    "NAME" => |d| d.name.clone(),
+    "FORMAT" => |d| enum_name(d.format, regv1::dataset::Format::as_str_name),
+    "STATE" => |d| enum_name(d.state, regv1::dataset::State::as_str_name),
+    "EXAMPLES" => |d| d.example_count.to_string(),
+    "CREATED" => |d| time(&d.create_time),
+});
 
 pub(crate) async fn create(client: &Client, format: Format, command: Create) -> anyhow::Result<()> {
     match command {
@@ -210,31 +202,26 @@ async fn create_model(
     };
     let parent = client.account().await?;
     let name = format!("{parent}/models/{}", args.model_id);
-    let created = models(client)
-        .create_model(regv1::CreateModelRequest {
-            parent,
-            model_id: args.model_id,
-            model: Some(regv1::Model {
-                kind: kind as i32,
-                display_name: args.display_name.unwrap_or_default(),
-                description: args.description.unwrap_or_default(),
-                public: args.public,
-                peft_details: base.map(|b| regv1::PeftDetails {
-                    base_model: b,
-                    ..Default::default()
-                }),
+    let request = regv1::CreateModelRequest {
+        parent,
+        model_id: args.model_id,
+        model: Some(regv1::Model {
+            kind: kind as i32,
+            display_name: args.describe.display_name.unwrap_or_default(),
+            description: args.describe.description.unwrap_or_default(),
+            public: args.public,
+            peft_details: base.map(|b| regv1::PeftDetails {
+                base_model: b,
                 ..Default::default()
             }),
-        })
-        .await;
+            ..Default::default()
+        }),
+    };
     // An existing model still UPLOADING is resumed rather than refused.
-    let model = match created {
-        Ok(m) => m.into_inner(),
+    let model = match regv1::Model::create(client, request).await {
+        Ok(m) => m,
         Err(status) if status.code() == tonic::Code::AlreadyExists => {
-            let existing = models(client)
-                .get_model(regv1::GetModelRequest { name: name.clone() })
-                .await?
-                .into_inner();
+            let existing = regv1::Model::get(client, name.clone()).await?;
             if existing.state != regv1::model::State::Uploading as i32 {
                 bail!("{name} already exists and is not uploading");
             }
@@ -279,18 +266,16 @@ async fn create_dataset(
             upload::dataset_format(first.unwrap_or_default())
         }
     };
-    let dataset = datasets(client)
-        .create_dataset(regv1::CreateDatasetRequest {
-            parent: client.account().await?,
-            dataset_id: args.dataset_id,
-            dataset: Some(regv1::Dataset {
-                format: text_format as i32,
-                display_name: args.display_name.unwrap_or_default(),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner();
+    let request = regv1::CreateDatasetRequest {
+        parent: client.account().await?,
+        dataset_id: args.dataset_id,
+        dataset: Some(regv1::Dataset {
+            format: text_format as i32,
+            display_name: args.display_name.unwrap_or_default(),
+            ..Default::default()
+        }),
+    };
+    let dataset = regv1::Dataset::create(client, request).await?;
     let (sha, _) = kiln_registry::hash_file(&args.file).await?;
     let messages = upload::dataset_upload(dataset.name, sha, bytes.into());
     let ready = datasets(client)
@@ -325,8 +310,11 @@ pub(crate) async fn update(client: &Client, format: Format, command: Update) -> 
     match command {
         Update::Model {
             model,
-            display_name,
-            description,
+            describe:
+                DescribeArgs {
+                    display_name,
+                    description,
+                },
             public,
         } => {
             let (mut update, mask) = changes!(regv1::Model {
@@ -424,7 +412,7 @@ pub(crate) async fn download(client: &Client, command: Download) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::to_json;
+    use crate::client::{Printable, to_json};
 
     #[test]
     fn registry_resources_print() {
@@ -463,7 +451,7 @@ mod tests {
             example_count: 5,
             ..Default::default()
         };
-        assert_eq!(dataset.row().len(), regv1::Dataset::HEADERS.len());
+        assert_eq!(dataset.row()[3], "5");
         assert_eq!(
             to_json(regv1::Dataset::PROTO_NAME, &dataset)["example_count"],
             "5"
