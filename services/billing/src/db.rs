@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseTransaction, QueryResult,
-    Statement, TransactionTrait, Value,
+    TransactionTrait, Value,
 };
 
 pub(crate) const MIGRATIONS: &[Migration] = &[
@@ -98,49 +98,6 @@ pub(crate) async fn begin_write(
     Ok(txn)
 }
 
-/// `sql` written with `?` placeholders, rendered for the connection's backend.
-fn statement(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Statement {
-    let sql = match backend {
-        DatabaseBackend::Postgres => {
-            let mut out = String::with_capacity(sql.len() + 16);
-            let mut n = 0;
-            for c in sql.chars() {
-                if c == '?' {
-                    n += 1;
-                    out.push('$');
-                    out.push_str(&n.to_string());
-                } else {
-                    out.push(c);
-                }
-            }
-            out
-        }
-        _ => sql.to_owned(),
-    };
-    Statement::from_sql_and_values(backend, sql, values)
-}
-
-pub(crate) async fn execute<C: ConnectionTrait>(
-    conn: &C,
-    sql: &str,
-    values: Vec<Value>,
-) -> Result<u64, sea_orm::DbErr> {
-    let backend = conn.get_database_backend();
-    Ok(conn
-        .execute(statement(backend, sql, values))
-        .await?
-        .rows_affected())
-}
-
-pub(crate) async fn query<C: ConnectionTrait>(
-    conn: &C,
-    sql: &str,
-    values: Vec<Value>,
-) -> Result<Vec<QueryResult>, sea_orm::DbErr> {
-    let backend = conn.get_database_backend();
-    conn.query_all(statement(backend, sql, values)).await
-}
-
 /// Inserts `rows`, `per_statement` at a time (so that a statement stays under the backends'
 /// bind-variable limits), with `insert`: an `INSERT ... VALUES {rows} ... RETURNING` statement
 /// whose `{rows}` stands for the rows' placeholders, `values` giving a row's values. Returns
@@ -155,19 +112,13 @@ pub(crate) async fn insert_returning<T, const COLUMNS: usize>(
 ) -> Result<HashSet<String>, sea_orm::DbErr> {
     let mut inserted = HashSet::with_capacity(rows.len());
     for chunk in rows.chunks(per_statement) {
-        let sql = insert.replace("{rows}", &value_rows(chunk.len(), COLUMNS));
+        let sql = insert.replace("{rows}", &kiln_store::value_rows(chunk.len(), COLUMNS));
         let values = chunk.iter().flat_map(&values).collect();
-        for row in query(txn, &sql, values).await? {
+        for row in kiln_store::query(txn, &sql, values).await? {
             inserted.insert(row.try_get::<String>("", returned)?);
         }
     }
     Ok(inserted)
-}
-
-/// `(?, ?, ...), (?, ?, ...)`: `rows` groups of `columns` placeholders.
-pub(crate) fn value_rows(rows: usize, columns: usize) -> String {
-    let one = format!("({})", vec!["?"; columns].join(", "));
-    vec![one; rows].join(", ")
 }
 
 /// One i64 column of a row (SUM over no rows reads as 0).

@@ -14,9 +14,10 @@ use kiln_events::Body;
 use kiln_proto::billing::v1::{CheckQuotaResponse, Quota};
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
+use kiln_store::{execute, query};
 use sea_orm::ConnectionTrait;
 
-use crate::db::{begin_write, execute, first_int, int, query};
+use crate::db::{begin_write, first_int, int};
 use crate::ledger::deployments::{accelerators_held, active_deployments};
 use crate::ledger::suspension::suspend_state;
 use crate::quota_rules::{Limits, QuotaKind, check, parse_quota_name, updated_limits};

@@ -4,6 +4,7 @@
 //! to their last accrual.
 
 use kiln_core::Error;
+use kiln_store::query;
 use std::collections::BTreeMap;
 
 use kiln_core::auth::Principal;
@@ -14,7 +15,7 @@ use kiln_proto::billing::v1::get_usage_request::GroupBy;
 use kiln_proto::billing::v1::{GetUsageRequest, GetUsageResponse, UsageRow};
 use kiln_proto::common::v1::AcceleratorType;
 
-use crate::db::{int, query};
+use crate::db::int;
 use crate::ledger::entry::Entry;
 use crate::ledger::replicas::open_replicas;
 use crate::service::Billing;

@@ -16,7 +16,7 @@ use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::events::v1::Event;
 use kiln_proto::events::v1::UsageRecorded;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
-use kiln_store::placeholder;
+use kiln_store::{statement, value_rows};
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
@@ -320,13 +320,9 @@ impl Writer {
     }
 
     async fn insert_pending(&self, events: &[Event]) -> std::result::Result<(), sea_orm::DbErr> {
-        let backend = self.db.get_database_backend();
         let now = kiln_core::time::now_micros();
-        let mut rows = Vec::with_capacity(events.len());
         let mut values: Vec<sea_orm::Value> = Vec::with_capacity(events.len() * 4);
-        for (i, event) in events.iter().enumerate() {
-            let p = |k: usize| placeholder(backend, i * 4 + k);
-            rows.push(format!("({}, {}, {}, {})", p(1), p(2), p(3), p(4)));
+        for event in events {
             values.extend([
                 event.id.clone().into(),
                 self.node.to_string().into(),
@@ -334,15 +330,12 @@ impl Writer {
                 now.into(),
             ]);
         }
+        let sql = format!(
+            "INSERT INTO inference_usage_pending (event_id, node, payload, created_at) VALUES {}",
+            value_rows(events.len(), 4)
+        );
         self.db
-            .execute(Statement::from_sql_and_values(
-                backend,
-                format!(
-                    "INSERT INTO inference_usage_pending (event_id, node, payload, created_at) VALUES {}",
-                    rows.join(", ")
-                ),
-                values,
-            ))
+            .execute(statement(self.db.get_database_backend(), &sql, values))
             .await?;
         Ok(())
     }
@@ -355,19 +348,13 @@ impl Writer {
     ) -> std::result::Result<(), kiln_events::Error> {
         let txn = self.db.begin().await?;
         self.outbox.enqueue_all(&txn, outgoing).await?;
-        let backend = self.db.get_database_backend();
-        let list: Vec<String> = (1..=settled.len())
-            .map(|i| placeholder(backend, i))
-            .collect();
-        txn.execute(Statement::from_sql_and_values(
-            backend,
-            format!(
-                "DELETE FROM inference_usage_pending WHERE event_id IN ({})",
-                list.join(", ")
-            ),
-            settled.iter().map(|id| id.clone().into()),
-        ))
-        .await?;
+        let sql = format!(
+            "DELETE FROM inference_usage_pending WHERE event_id IN {}",
+            value_rows(1, settled.len())
+        );
+        let ids = settled.iter().map(|id| id.clone().into());
+        txn.execute(statement(self.db.get_database_backend(), &sql, ids))
+            .await?;
         self.outbox.commit(txn).await
     }
 
@@ -405,11 +392,7 @@ impl Writer {
 
     /// `sql`, which ends in `node =`, completed with this node's ID.
     fn of_this_node(&self, backend: DatabaseBackend, sql: &str) -> Statement {
-        Statement::from_sql_and_values(
-            backend,
-            format!("{sql} {}", placeholder(backend, 1)),
-            [self.node.to_string().into()],
-        )
+        statement(backend, &format!("{sql} ?"), [self.node.to_string().into()])
     }
 }
 

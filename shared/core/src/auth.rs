@@ -3,13 +3,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::body::Body;
+
+use crate::server::{Answer, InnerService, Layered, Middleware, Request};
 
 use crate::Error;
 use crate::names::{AccountName, SYSTEM_ACCOUNT};
@@ -247,20 +247,31 @@ impl AuthLayer {
 }
 
 impl<S> tower::Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
+    type Service = Layered<Self, S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            state: self.inner.clone(),
-        }
+        Layered::new(self.clone(), inner)
     }
 }
 
-#[derive(Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    state: Arc<AuthState>,
+impl Middleware for AuthLayer {
+    fn handle<S: InnerService>(&self, mut request: Request, mut inner: S) -> Answer<S::Error> {
+        let state = self.inner.clone();
+        Box::pin(async move {
+            if !is_public(request.uri().path()) {
+                match state.resolve(request.headers()).await {
+                    Ok(principal) => {
+                        request.extensions_mut().insert(principal);
+                    }
+                    Err(err) => {
+                        let status: tonic::Status = err.into();
+                        return Ok(status.into_http());
+                    }
+                }
+            }
+            inner.call(request).await
+        })
+    }
 }
 
 /// Paths anyone may call: discovery and health.
@@ -299,44 +310,6 @@ impl AuthState {
         let principal = auth.principal.clone();
         self.cache.insert(digest, auth, generation);
         Ok(principal)
-    }
-}
-
-impl<S> tower::Service<http::Request<Body>> for AuthService<S>
-where
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        // Take the service that was polled ready, leave a fresh clone in its place.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let state = self.state.clone();
-        Box::pin(async move {
-            if !is_public(req.uri().path()) {
-                match state.resolve(req.headers()).await {
-                    Ok(principal) => {
-                        req.extensions_mut().insert(principal);
-                    }
-                    Err(err) => {
-                        let status: tonic::Status = err.into();
-                        return Ok(status.into_http());
-                    }
-                }
-            }
-            inner.call(req).await
-        })
     }
 }
 

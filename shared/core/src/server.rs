@@ -2,6 +2,9 @@
 //! `grpc.health.v1` and server reflection (v1 and v1alpha) without authentication.
 
 use std::future::Future;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
 
 use tokio::net::TcpListener;
 use tonic::service::RoutesBuilder;
@@ -10,6 +13,58 @@ use tonic_health::ServingStatus;
 
 use crate::auth::AuthLayer;
 use crate::telemetry::TraceContextLayer;
+
+/// A server layer written as one async function of the call and the service it wraps
+/// (`inner`, ready to be called).
+pub trait Middleware: Clone + Send + 'static {
+    fn handle<S: InnerService>(&self, request: Request, inner: S) -> Answer<S::Error>;
+}
+
+pub type Request = http::Request<tonic::body::Body>;
+pub type Response = http::Response<tonic::body::Body>;
+pub type Answer<E> = BoxFuture<'static, Result<Response, E>>;
+
+/// The gRPC service a layer wraps, as tonic's router hands it over.
+pub trait InnerService: Clone + Send + 'static
+where
+    Self: tower::Service<Request, Response = Response, Future: Send + 'static>,
+{
+}
+
+impl<S: Clone + Send + 'static> InnerService for S where
+    S: tower::Service<Request, Response = Response, Future: Send + 'static>
+{
+}
+
+/// The service a [`Middleware`]'s layer makes of the service it wraps.
+#[derive(Debug, Clone)]
+pub struct Layered<M, S> {
+    middleware: M,
+    inner: S,
+}
+
+impl<M, S> Layered<M, S> {
+    pub fn new(middleware: M, inner: S) -> Self {
+        Self { middleware, inner }
+    }
+}
+
+impl<M: Middleware, S: InnerService> tower::Service<Request> for Layered<M, S> {
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Answer<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // Hand over the service that was polled ready, keep a fresh clone in its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        self.middleware.handle(request, inner)
+    }
+}
 
 /// HTTP/2 flow-control windows of servers and clients.
 pub const STREAM_WINDOW: u32 = 8 << 20;

@@ -8,13 +8,14 @@
 use std::collections::HashMap;
 use std::task::{Context as TaskContext, Poll};
 
-use futures::future::BoxFuture;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tonic::body::Body;
 use tracing::Instrument;
+
+use crate::server::{Answer, InnerService, Layered, Middleware, Request};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -196,49 +197,27 @@ impl tonic::service::Interceptor for OutgoingInterceptor {
 pub struct TraceContextLayer;
 
 impl<S> tower::Layer<S> for TraceContextLayer {
-    type Service = TraceContextService<S>;
+    type Service = Layered<Self, S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TraceContextService { inner }
+        Layered::new(Self, inner)
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct TraceContextService<S> {
-    inner: S,
-}
-
-impl<S> tower::Service<http::Request<Body>> for TraceContextService<S>
-where
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let path = req.uri().path();
+impl Middleware for TraceContextLayer {
+    fn handle<S: InnerService>(&self, request: Request, mut inner: S) -> Answer<S::Error> {
+        let path = request.uri().path();
         let span = tracing::info_span!(
             "grpc.request",
             otel.name = %path.trim_start_matches('/'),
             otel.kind = "server",
             rpc.grpc.status_code = tracing::field::Empty,
         );
-        set_parent_from(&span, &HeaderExtractor(req.headers()));
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        set_parent_from(&span, &HeaderExtractor(request.headers()));
         let call_span = span.clone();
         Box::pin(
             async move {
-                let response = inner.call(req).await?;
+                let response = inner.call(request).await?;
                 Ok(record_status(response, call_span))
             }
             .instrument(span),

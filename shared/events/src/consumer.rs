@@ -6,10 +6,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kiln_store::{is_unique_violation, placeholder};
-use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, Statement, TransactionTrait,
-};
+use kiln_store::{is_unique_violation, statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -47,14 +45,9 @@ pub async fn handle_once(
     let txn = db.begin().await?;
     let backend = txn.get_database_backend();
     let inserted = txn
-        .execute(Statement::from_sql_and_values(
+        .execute(statement(
             backend,
-            format!(
-                "INSERT INTO kiln_processed_events (consumer, event_id, processed_at) VALUES ({}, {}, {})",
-                placeholder(backend, 1),
-                placeholder(backend, 2),
-                placeholder(backend, 3)
-            ),
+            "INSERT INTO kiln_processed_events (consumer, event_id, processed_at) VALUES (?, ?, ?)",
             [
                 consumer.into(),
                 event.id.clone().into(),
@@ -98,60 +91,49 @@ async fn open_consumer(
 }
 
 /// Runs the durable consumer `name` on `filter` until `shutdown` turns true, reconnecting
-/// after bus errors. Failed events are nacked and come back.
+/// after bus errors; each event is handled once, in its own transaction ([`handle_once`]).
+/// Failed events are nacked and come back.
 pub fn spawn_consumer(
     bus: Arc<dyn EventBus>,
     db: DatabaseConnection,
     name: String,
     filter: String,
     handler: Arc<dyn EventHandler>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let Some(mut stream) = open_consumer(bus.as_ref(), &name, &filter, &mut shutdown).await
-            else {
-                return;
-            };
-            loop {
-                let delivery = tokio::select! {
-                    next = stream.next() => next,
-                    _ = shutdown.changed() => return,
-                };
-                let Some(delivery) = delivery else { break };
-                let delivery = match delivery {
-                    Ok(d) => d,
-                    Err(err) => {
-                        tracing::warn!(consumer = %name, %err, "consumer stream error");
-                        continue;
-                    }
-                };
-                let span = tracing::info_span!("event.consume", consumer = %name, subject = %delivery.subject, event_id = %delivery.event.id);
-                kiln_core::telemetry::set_parent_from_traceparent(
-                    &span,
-                    &delivery.event.trace_context,
-                );
-                let result = handle_once(&db, &name, &delivery.event, handler.as_ref())
-                    .instrument(span)
-                    .await;
-                let acked = match result {
-                    Ok(_) => delivery.ack().await,
-                    Err(err) => {
-                        tracing::warn!(consumer = %name, %err, "event handling failed; will be redelivered");
-                        delivery.nack().await
-                    }
-                };
-                if let Err(err) = acked {
-                    tracing::warn!(consumer = %name, %err, "ack failed");
-                }
-            }
-        }
-    })
+    let one_by_one = Arc::new(OneByOne {
+        db,
+        consumer: name.clone(),
+        handler,
+    });
+    spawn_batch_consumer(bus, name, filter, 1, one_by_one, shutdown)
 }
 
-/// Runs the durable consumer `name` on `filter` like [`spawn_consumer`], handing the handler
-/// every event already waiting (up to `batch`) at once: one transaction per batch instead of
-/// per event. A failed batch is nacked whole and comes back.
+/// An [`EventHandler`] as a batch handler: each event in its own idempotent transaction,
+/// traced under the span of the call that published it.
+struct OneByOne {
+    db: DatabaseConnection,
+    consumer: String,
+    handler: Arc<dyn EventHandler>,
+}
+
+#[async_trait]
+impl BatchHandler for OneByOne {
+    async fn handle(&self, events: &[Event]) -> Result<(), Error> {
+        for event in events {
+            let span = tracing::info_span!("event.consume", consumer = %self.consumer, event_id = %event.id);
+            kiln_core::telemetry::set_parent_from_traceparent(&span, &event.trace_context);
+            handle_once(&self.db, &self.consumer, event, self.handler.as_ref())
+                .instrument(span)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the durable consumer `name` on `filter` until `shutdown` turns true, reconnecting
+/// after bus errors, handing the handler every event already waiting (up to `batch`) at
+/// once. A failed batch is nacked whole and comes back.
 pub fn spawn_batch_consumer(
     bus: Arc<dyn EventBus>,
     name: String,

@@ -5,11 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_store::{Migration, placeholder};
+use kiln_store::{Migration, statement, value_rows};
 use prost::Message;
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, Statement,
-    TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait,
 };
 use tokio::sync::{Notify, watch};
 
@@ -100,20 +99,9 @@ impl Outbox {
         if events.is_empty() {
             return Ok(());
         }
-        let backend = conn.get_database_backend();
         let now = kiln_core::time::now_micros();
-        let mut rows = Vec::with_capacity(events.len());
         let mut values: Vec<sea_orm::Value> = Vec::with_capacity(events.len() * 5);
-        for (i, event) in events.iter().enumerate() {
-            let p = |k: usize| placeholder(backend, i * 5 + k);
-            rows.push(format!(
-                "({}, {}, {}, {}, {})",
-                p(1),
-                p(2),
-                p(3),
-                p(4),
-                p(5)
-            ));
+        for event in events {
             values.extend([
                 self.service.into(),
                 event.id.clone().into(),
@@ -122,15 +110,12 @@ impl Outbox {
                 now.into(),
             ]);
         }
-        conn.execute(Statement::from_sql_and_values(
-            backend,
-            format!(
-                "INSERT INTO kiln_outbox (service, event_id, subject, payload, created_at) VALUES {}",
-                rows.join(", ")
-            ),
-            values,
-        ))
-        .await?;
+        let sql = format!(
+            "INSERT INTO kiln_outbox (service, event_id, subject, payload, created_at) VALUES {}",
+            value_rows(events.len(), 5)
+        );
+        conn.execute(statement(conn.get_database_backend(), &sql, values))
+            .await?;
         Ok(())
     }
 
@@ -233,11 +218,10 @@ impl Outbox {
     ) -> Result<usize, Error> {
         let backend = db.get_database_backend();
         let rows = db
-            .query_all(Statement::from_sql_and_values(
+            .query_all(statement(
                 backend,
-                format!(
-                    "SELECT seq, subject, payload FROM kiln_outbox WHERE service = {} ORDER BY seq LIMIT {BATCH}",
-                    placeholder(backend, 1)
+                &format!(
+                    "SELECT seq, subject, payload FROM kiln_outbox WHERE service = ? ORDER BY seq LIMIT {BATCH}"
                 ),
                 [self.service.into()],
             ))
@@ -277,13 +261,9 @@ async fn delete_through(
     last_seq: i64,
 ) -> Result<(), Error> {
     let txn = db.begin().await?;
-    txn.execute(Statement::from_sql_and_values(
+    txn.execute(statement(
         backend,
-        format!(
-            "DELETE FROM kiln_outbox WHERE service = {} AND seq <= {}",
-            placeholder(backend, 1),
-            placeholder(backend, 2)
-        ),
+        "DELETE FROM kiln_outbox WHERE service = ? AND seq <= ?",
         [service.into(), last_seq.into()],
     ))
     .await?;

@@ -5,42 +5,21 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/kiln_descriptor.bin"));
 
+/// `pub mod $package { pub mod v1 { ... } }` for each `kiln.$package.v1`.
+macro_rules! kiln_packages {
+    ($($package:ident),*) => {
+        $(pub mod $package {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/kiln.", stringify!($package), ".v1.rs"));
+            }
+        })*
+    };
+}
+
 pub mod kiln {
-    pub mod common {
-        pub mod v1 {
-            tonic::include_proto!("kiln.common.v1");
-        }
-    }
-    pub mod identity {
-        pub mod v1 {
-            tonic::include_proto!("kiln.identity.v1");
-        }
-    }
-    pub mod registry {
-        pub mod v1 {
-            tonic::include_proto!("kiln.registry.v1");
-        }
-    }
-    pub mod scheduler {
-        pub mod v1 {
-            tonic::include_proto!("kiln.scheduler.v1");
-        }
-    }
-    pub mod billing {
-        pub mod v1 {
-            tonic::include_proto!("kiln.billing.v1");
-        }
-    }
-    pub mod inference {
-        pub mod v1 {
-            tonic::include_proto!("kiln.inference.v1");
-        }
-    }
-    pub mod events {
-        pub mod v1 {
-            tonic::include_proto!("kiln.events.v1");
-        }
-    }
+    kiln_packages!(
+        common, identity, registry, scheduler, billing, inference, events
+    );
 }
 
 /// The Open Inference Protocol v2 (`inference.GRPCInferenceService`), as published.

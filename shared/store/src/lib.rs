@@ -119,18 +119,10 @@ pub async fn migrate(
         {
             txn.execute_unprepared(statement).await.map_err(wrap)?;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
-            .unwrap_or_default();
-        txn.execute(Statement::from_sql_and_values(
+        let now = kiln_core::time::now_micros();
+        txn.execute(statement(
             backend,
-            format!(
-                "INSERT INTO {table} (version, name, applied_at) VALUES ({}, {}, {})",
-                placeholder(backend, 1),
-                placeholder(backend, 2),
-                placeholder(backend, 3)
-            ),
+            &format!("INSERT INTO {table} (version, name, applied_at) VALUES (?, ?, ?)"),
             [migration.version.into(), migration.name.into(), now.into()],
         ))
         .await
@@ -146,15 +138,59 @@ pub async fn migrate(
     Ok(())
 }
 
-/// The `n`th (1-based) bind placeholder of a backend: `$n` or `?`.
-pub fn placeholder(backend: DatabaseBackend, n: usize) -> String {
-    match backend {
-        DatabaseBackend::Postgres => format!("${n}"),
-        _ => "?".to_owned(),
-    }
+/// A statement for `backend` from `sql` written with `?` bind placeholders (numbered `$n`
+/// for PostgreSQL); `sql` holds no other `?`.
+pub fn statement(
+    backend: DatabaseBackend,
+    sql: &str,
+    values: impl IntoIterator<Item = sea_orm::Value>,
+) -> Statement {
+    let sql = match backend {
+        DatabaseBackend::Postgres => {
+            let mut numbered = String::with_capacity(sql.len() + 16);
+            for (n, part) in sql.split('?').enumerate() {
+                if n > 0 {
+                    numbered.push_str(&format!("${n}"));
+                }
+                numbered.push_str(part);
+            }
+            numbered
+        }
+        _ => sql.to_owned(),
+    };
+    Statement::from_sql_and_values(backend, sql, values)
 }
 
-/// Whether a database error is a unique-constraint violation (a duplicate key).
+/// `rows` tuples of `columns` placeholders, for a multi-row `VALUES` or an `IN` list:
+/// `(?, ?), (?, ?)`.
+pub fn value_rows(rows: usize, columns: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row; rows].join(", ")
+}
+
+/// Runs `sql` (with `?` placeholders, as [`statement`]); returns the rows it changed.
+pub async fn execute<C: ConnectionTrait>(
+    conn: &C,
+    sql: &str,
+    values: Vec<sea_orm::Value>,
+) -> Result<u64, DbErr> {
+    let backend = conn.get_database_backend();
+    Ok(conn
+        .execute(statement(backend, sql, values))
+        .await?
+        .rows_affected())
+}
+
+/// Runs the query `sql` (with `?` placeholders, as [`statement`]).
+pub async fn query<C: ConnectionTrait>(
+    conn: &C,
+    sql: &str,
+    values: Vec<sea_orm::Value>,
+) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+    let backend = conn.get_database_backend();
+    conn.query_all(statement(backend, sql, values)).await
+}
+
 /// Inserts a row: ALREADY_EXISTS naming `name` when its key (or another unique column) is
 /// taken.
 pub async fn insert<A, C>(
@@ -197,6 +233,7 @@ where
     }
 }
 
+/// Whether a database error is a unique-constraint violation (a duplicate key).
 pub fn is_unique_violation(err: &DbErr) -> bool {
     matches!(
         err.sql_err(),
@@ -262,5 +299,15 @@ mod tests {
             sql: "CREATE TABLE a (id INTEGER)",
         }];
         migrate(&db, "svc", &good).await.unwrap();
+    }
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres_only() {
+        let sql = format!("INSERT INTO t (a, b) VALUES {} WHERE c = ?", value_rows(2, 2));
+        assert_eq!(
+            statement(DatabaseBackend::Postgres, &sql, []).sql,
+            "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4) WHERE c = $5"
+        );
+        assert_eq!(statement(DatabaseBackend::Sqlite, &sql, []).sql, sql);
     }
 }

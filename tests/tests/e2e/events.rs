@@ -245,12 +245,9 @@ mod counting {
                 return Err(kiln_events::Error::Handler("first attempt fails".into()));
             }
             let backend = txn.get_database_backend();
-            txn.execute(Statement::from_sql_and_values(
+            txn.execute(kiln_store::statement(
                 backend,
-                format!(
-                    "INSERT INTO test_counts (event_id) VALUES ({})",
-                    kiln_store::placeholder(backend, 1)
-                ),
+                "INSERT INTO test_counts (event_id) VALUES (?)",
                 [event.id.clone().into()],
             ))
             .await?;

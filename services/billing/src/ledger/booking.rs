@@ -2,6 +2,7 @@
 //! ledger's key is the entry's id), their cost added to each account's month and its spend
 //! limit checked, all in the caller's transaction.
 
+use kiln_store::{query, value_rows};
 use std::collections::{HashMap, HashSet};
 
 use kiln_core::time::{utc_day, utc_month};
@@ -12,7 +13,7 @@ use sea_orm::{DatabaseTransaction, Value};
 use super::entry::{Entry, account_id, event_micros, micros};
 use super::models::model_parameters;
 use super::replicas::billed_by_time;
-use crate::db::{insert_returning, int, query, value_rows};
+use crate::db::{insert_returning, int};
 use crate::prices::TokenRates;
 use crate::service::Billing;
 use kiln_core::Result;

@@ -5,10 +5,11 @@
 
 use kiln_proto::scheduler::v1::Deployment;
 use kiln_proto::scheduler::v1::deployment::{DeploymentType, State as DeploymentState};
+use kiln_store::{execute, query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use super::entry::account_id;
-use crate::db::{execute, first_int, query};
+use crate::db::first_int;
 use kiln_core::Result;
 
 /// Whether a deployment in `state` (a value of `Deployment.State`) counts against quotas.

@@ -1,12 +1,13 @@
 //! The ledger's copy of the registry's models, from its events: what prices are tiered by
 //! (a model's parameter count; a LoRA addon's base model).
 
+use kiln_store::{execute, query};
 use std::collections::HashMap;
 
 use kiln_proto::registry::v1::Model;
 use sea_orm::DatabaseTransaction;
 
-use crate::db::{execute, int, query};
+use crate::db::int;
 use kiln_core::Result;
 
 /// How many parameters `model` declares (0 when it says nothing) and the base model it is an

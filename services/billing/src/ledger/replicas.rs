@@ -6,10 +6,11 @@
 use kiln_core::time::{MICROS_PER_DAY, utc_day};
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
+use kiln_store::{execute, query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
 use super::entry::{Entry, account_id, micros};
-use crate::db::{execute, int, query};
+use crate::db::int;
 use crate::prices::Prices;
 use kiln_core::Result;
 

@@ -3,6 +3,7 @@
 //! `account.suspended` event); a new month, or a limit raised above the spend, lifts it
 //! (`account.unsuspended`). The system account is never suspended.
 
+use kiln_store::{execute, query};
 use std::collections::HashMap;
 
 use kiln_core::names::SYSTEM_ACCOUNT;
@@ -13,7 +14,7 @@ use kiln_proto::identity::v1::account::SuspendState;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseTransaction, Value};
 
 use super::replicas::open_replicas;
-use crate::db::{execute, first_int, int, query};
+use crate::db::{first_int, int};
 use crate::prices::{NANOS_PER_UNIT, format_nanos};
 use crate::quota_rules::QuotaKind;
 use crate::service::Billing;

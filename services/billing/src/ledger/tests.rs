@@ -9,8 +9,8 @@ use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::{BaseModelDetails, Model, PeftDetails};
 use kiln_proto::scheduler::v1::Deployment;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
+use kiln_store::query;
 
-use crate::db::query;
 use crate::service::Billing;
 use crate::testing::{admin, billing, nanos};
 
