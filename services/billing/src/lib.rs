@@ -25,9 +25,7 @@ pub async fn open(config: &config::BillingConfig, host: &mut Host) -> Result<Bil
     let db = host.open_database(service::SERVICE, db::MIGRATIONS).await?;
     let billing = Billing::new(db.clone(), host.pages.clone(), config.clone())?;
     host.relay(billing.outbox(), db);
-    for task in ledger::spawn(&billing, host) {
-        host.track(task);
-    }
+    ledger::spawn(&billing, host);
     grpc::add_services(&billing, &mut host.services);
     Ok(billing)
 }

@@ -37,7 +37,7 @@ pub async fn open(
     );
     host.relay(svc.outbox(), db);
     host.track(watch_changes(&svc, host).await?);
-    host.track(suspensions::spawn(&svc, host));
+    suspensions::spawn(&svc, host);
     grpc::add_services(&svc, &mut host.services);
     let admin_key = svc.bootstrap(&identity.admin_email).await?;
     Ok((svc, admin_key))

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kiln_events::consumer::EventHandler;
+use kiln_events::consumer::{EventHandler, OnceEach};
 use kiln_events::{Body, Event};
 use kiln_proto::events::v1::AccountUpdated;
 use kiln_proto::identity::v1::account::SuspendState;
@@ -67,14 +67,9 @@ impl EventHandler for Suspensions {
     }
 }
 
-/// Starts the consumer.
-pub fn spawn(identity: &Identity, host: &kiln_events::host::Host) -> tokio::task::JoinHandle<()> {
-    kiln_events::consumer::spawn_consumer(
-        host.bus.clone(),
-        identity.db().clone(),
-        CONSUMER.to_owned(),
-        SUBJECTS.to_owned(),
-        Arc::new(Suspensions(identity.clone())),
-        host.shutdown.clone(),
-    )
+/// Starts the consumer on the host.
+pub fn spawn(identity: &Identity, host: &mut kiln_events::host::Host) {
+    let handler = Arc::new(Suspensions(identity.clone()));
+    let once_each = OnceEach::new(identity.db().clone(), CONSUMER, handler);
+    host.consume(CONSUMER, SUBJECTS, 1, once_each);
 }

@@ -81,8 +81,7 @@ impl Registry {
         dataset_id: String,
         dataset: Dataset,
     ) -> Result<Dataset> {
-        let parent = names::AccountName::parse("parent", parent)?;
-        caller.check_access(&parent, &parent)?;
+        let parent = caller.own_parent(parent)?;
         names::validate_id("dataset_id", &dataset_id)?;
         validate_display_name("dataset.display_name", &dataset.display_name)?;
         if dataset::Format::try_from(dataset.format).unwrap_or(dataset::Format::Unspecified)
@@ -96,22 +95,14 @@ impl Registry {
         let now = micros_to_timestamp(now_micros());
         let created = Dataset {
             name: format!("{parent}/datasets/{dataset_id}"),
-            display_name: if dataset.display_name.is_empty() {
-                dataset_id.clone()
-            } else {
-                dataset.display_name
-            },
+            display_name: names::display_name_or(&dataset.display_name, &dataset_id),
             create_time: Some(now),
             update_time: Some(now),
             state: dataset::State::Uploading as i32,
             status: Some(Default::default()),
             format: dataset.format,
             source: Some(dataset::Source::UserUploaded(dataset::UserUploaded {})),
-            created_by: if caller.user.is_empty() {
-                String::new()
-            } else {
-                caller.user_name()
-            },
+            created_by: caller.creator(),
             ..Default::default()
         };
         let mut created = created;
@@ -129,8 +120,7 @@ impl Registry {
         caller: &Principal,
         request: &ListRequest,
     ) -> Result<Listing<Dataset>> {
-        let parent = names::AccountName::parse("parent", &request.parent)?;
-        caller.check_access(&parent, &parent)?;
+        let parent = caller.own_parent(&request.parent)?;
         let query = DATASET_FIELDS.query(self.pages(), request, &caller.account)?;
         let select =
             datasets::Entity::find().filter(datasets::Column::AccountId.eq(parent.account.clone()));

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kiln_events::consumer::EventHandler;
+use kiln_events::consumer::{EventHandler, OnceEach};
 use kiln_events::{Body, Event};
 use kiln_proto::registry::v1::{DeployedModelRef, Model};
 use kiln_proto::scheduler::v1::DeployedModel;
@@ -95,17 +95,8 @@ impl EventHandler for DeployedModelRefs {
     }
 }
 
-/// Starts the consumer.
-pub fn spawn(
-    registry: &crate::Registry,
-    host: &kiln_events::host::Host,
-) -> tokio::task::JoinHandle<()> {
-    kiln_events::consumer::spawn_consumer(
-        host.bus.clone(),
-        registry.db().clone(),
-        CONSUMER.to_owned(),
-        SUBJECTS.to_owned(),
-        Arc::new(DeployedModelRefs),
-        host.shutdown.clone(),
-    )
+/// Starts the consumer on the host.
+pub fn spawn(registry: &crate::Registry, host: &mut kiln_events::host::Host) {
+    let once_each = OnceEach::new(registry.db().clone(), CONSUMER, Arc::new(DeployedModelRefs));
+    host.consume(CONSUMER, SUBJECTS, 1, once_each);
 }

@@ -39,7 +39,7 @@ pub async fn open(config: &config::RegistryConfig, host: &mut Host) -> Result<Re
         preparers::Preparers::standard(),
     );
     host.relay(registry.outbox(), db);
-    host.track(deployments::spawn(&registry, host));
+    deployments::spawn(&registry, host);
     grpc::add_services(&registry, &mut host.services);
     Ok(registry)
 }

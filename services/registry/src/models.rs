@@ -144,8 +144,7 @@ impl Registry {
         model_id: String,
         model: Model,
     ) -> Result<Model> {
-        let parent = names::AccountName::parse("parent", parent)?;
-        caller.check_access(&parent, &parent)?;
+        let parent = caller.own_parent(parent)?;
         names::validate_id("model_id", &model_id)?;
         validate_display_name("model.display_name", &model.display_name)?;
         let kind = model::Kind::try_from(model.kind).unwrap_or(model::Kind::Unspecified);
@@ -196,11 +195,7 @@ impl Registry {
         let now = micros_to_timestamp(now_micros());
         let created = Model {
             name: format!("{parent}/models/{model_id}"),
-            display_name: if model.display_name.is_empty() {
-                model_id.clone()
-            } else {
-                model.display_name.clone()
-            },
+            display_name: names::display_name_or(&model.display_name, &model_id),
             description: model.description.clone(),
             create_time: Some(now),
             update_time: Some(now),
@@ -222,11 +217,7 @@ impl Registry {
             supports_serverless: model.supports_serverless,
             imported_from: model.imported_from.clone(),
             hugging_face_url: model.hugging_face_url.clone(),
-            created_by: if caller.user.is_empty() {
-                String::new()
-            } else {
-                caller.user_name()
-            },
+            created_by: caller.creator(),
             ..Default::default()
         };
         let mut created = created;

@@ -9,7 +9,7 @@ use kiln_proto::common::v1::Status as ResourceStatus;
 use kiln_proto::registry::v1::model;
 use kiln_proto::scheduler::v1::{DeployedModel, deployed_model, deployment};
 
-use crate::resource::{account_of, is_gone, own_parent};
+use crate::resource::{account_of, is_gone};
 use crate::service::{DeployedModelChange, Scheduler};
 use crate::state::State;
 use crate::time::now;
@@ -50,7 +50,7 @@ impl Scheduler {
         deployed_model_id: String,
         dm: DeployedModel,
     ) -> Result<DeployedModel> {
-        let parent = own_parent(caller, parent)?;
+        let parent = caller.own_parent(parent)?;
         validate_display_name("deployed_model.display_name", &dm.display_name)?;
         if dm.public && !caller.is_privileged() {
             return Err(Error::PermissionDenied(
@@ -141,11 +141,7 @@ impl Scheduler {
         let ready = d.state == deployment::State::Ready as i32 && model.name == d.base_model;
         let new = DeployedModel {
             name: name.clone(),
-            display_name: if dm.display_name.is_empty() {
-                model.display_name.clone()
-            } else {
-                dm.display_name.clone()
-            },
+            display_name: names::display_name_or(&dm.display_name, &model.display_name),
             description: dm.description.clone(),
             create_time: Some(created),
             update_time: Some(created),

@@ -13,8 +13,6 @@ use kiln_core::page::PageTokens;
 use kiln_proto::scheduler::v1::fine_tuning_service_server::FineTuningService;
 use kiln_proto::scheduler::v1::*;
 
-use crate::resource::own_parent;
-
 const JOBS: &str = "supervisedFineTuningJobs";
 
 /// Why no job can be created (the FAILED_PRECONDITION message).
@@ -59,7 +57,7 @@ impl FineTuning {
         caller: &Principal,
         r: CreateSupervisedFineTuningJobRequest,
     ) -> Result<SupervisedFineTuningJob, Error> {
-        let parent = own_parent(caller, &r.parent)?;
+        let parent = caller.own_parent(&r.parent)?;
         if !r.supervised_fine_tuning_job_id.is_empty() {
             validate_id(
                 "supervised_fine_tuning_job_id",
@@ -99,7 +97,7 @@ impl FineTuning {
         caller: &Principal,
         r: &ListSupervisedFineTuningJobsRequest,
     ) -> Result<Listing<SupervisedFineTuningJob>, Error> {
-        own_parent(caller, &r.parent)?;
+        caller.own_parent(&r.parent)?;
         let query = JOB_FIELDS.query(&self.pages, &r.list_request(), &caller.account)?;
         Ok(query.page_of(&self.pages, Vec::new()))
     }

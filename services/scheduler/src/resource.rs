@@ -1,8 +1,6 @@
 //! Small rules on the scheduler's resources and their names. A leaf: it uses nothing else in
 //! the crate but the error type.
 
-use kiln_core::auth::Principal;
-use kiln_core::names::AccountName;
 use kiln_proto::scheduler::v1::{Deployment, deployment};
 use prost::Message;
 
@@ -14,17 +12,6 @@ pub(crate) fn account_of(name: &str) -> String {
         .and_then(|r| r.split('/').next())
         .unwrap_or_default()
         .to_owned()
-}
-
-/// The `parent` of a new resource or a listing, where the caller may act: INVALID_ARGUMENT
-/// naming `parent` when malformed, NOT_FOUND when it is another account.
-pub(crate) fn own_parent(
-    caller: &Principal,
-    parent: &str,
-) -> Result<AccountName, kiln_core::Error> {
-    let parent = AccountName::parse("parent", parent)?;
-    caller.check_access(&parent, &parent)?;
-    Ok(parent)
 }
 
 /// A stored resource (encoded protobuf); INTERNAL when it does not decode.

@@ -86,10 +86,28 @@ impl Principal {
         format!("accounts/{}/users/{}", self.account, self.user)
     }
 
+    /// What a resource this principal creates records in `created_by`: its user's name, or
+    /// nothing for a caller without a user (the service credential).
+    pub fn creator(&self) -> String {
+        if self.user.is_empty() {
+            String::new()
+        } else {
+            self.user_name()
+        }
+    }
+
     /// Whether this principal may see resources of `account`. Callers answer NOT_FOUND when
     /// not, so the existence of another account's resources never leaks.
     pub fn can_access(&self, account: &str) -> bool {
         self.is_privileged() || self.account == account
+    }
+
+    /// The `parent` of a new resource or a listing, where this principal may act:
+    /// INVALID_ARGUMENT naming `parent` when malformed, NOT_FOUND when it is another account.
+    pub fn own_parent(&self, parent: &str) -> Result<AccountName, Error> {
+        let parent = AccountName::parse("parent", parent)?;
+        self.check_access(&parent, &parent)?;
+        Ok(parent)
     }
 
     /// NOT_FOUND for `resource` unless this principal may access `account`.

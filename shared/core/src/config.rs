@@ -391,31 +391,23 @@ mod tests {
     fn toml_then_validation_names_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("kiln.toml");
-        std::fs::write(
-            &file,
-            "listen = \"127.0.0.1:9000\"\nauth_cache_ttl = \"0s\"\n",
-        )
-        .unwrap();
-        let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
-            .unwrap_err();
+        let load = |toml: &str| {
+            std::fs::write(&file, toml).unwrap();
+            section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
+        };
+        let err = load("listen = \"127.0.0.1:9000\"\nauth_cache_ttl = \"0s\"\n").unwrap_err();
         assert!(err.to_string().contains("auth_cache_ttl"), "{err}");
 
-        std::fs::write(&file, "auth_cache_ttl = \"60\"\n").unwrap();
-        let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
-            .unwrap_err();
+        let err = load("auth_cache_ttl = \"60\"\n").unwrap_err();
         assert!(
             err.to_string().contains("auth_cache_ttl") && err.to_string().contains("missing unit"),
             "{err}"
         );
 
-        std::fs::write(&file, "listen = \"not an address\"\n").unwrap();
-        let err = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
-            .unwrap_err();
+        let err = load("listen = \"not an address\"\n").unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
 
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\n").unwrap();
-        let ok = section::<ServerConfig>(&sources_with_env(Some(&file), no_env()).unwrap(), None)
-            .unwrap();
+        let ok = load("listen = \"127.0.0.1:9000\"\n").unwrap();
         assert_eq!(ok.listen.port(), 9000);
     }
 

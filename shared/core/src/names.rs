@@ -48,6 +48,11 @@ pub fn validate_display_name(field: &str, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The display name a new resource gets: the one given, else `default` (its ID, say).
+pub fn display_name_or(given: &str, default: &str) -> String {
+    if given.is_empty() { default } else { given }.to_owned()
+}
+
 /// Turns free text (an email's local part, a display name) into a valid ID stem:
 /// lowercase, runs of other characters collapsed to one '-', trimmed, at most `max` long.
 pub fn slugify(text: &str, max: usize) -> String {

@@ -90,35 +90,30 @@ async fn open_consumer(
     }
 }
 
-/// Runs the durable consumer `name` on `filter` until `shutdown` turns true, reconnecting
-/// after bus errors; each event is handled once, in its own transaction ([`handle_once`]).
-/// Failed events are nacked and come back.
-pub fn spawn_consumer(
-    bus: Arc<dyn EventBus>,
-    db: DatabaseConnection,
-    name: String,
-    filter: String,
-    handler: Arc<dyn EventHandler>,
-    shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    let one_by_one = Arc::new(OneByOne {
-        db,
-        consumer: name.clone(),
-        handler,
-    });
-    spawn_batch_consumer(bus, name, filter, 1, one_by_one, shutdown)
-}
-
-/// An [`EventHandler`] as a batch handler: each event in its own idempotent transaction,
-/// traced under the span of the call that published it.
-struct OneByOne {
+/// An [`EventHandler`] as a [`BatchHandler`]: each event handled once ([`handle_once`]), in
+/// its own transaction, traced under the span of the call that published it.
+pub struct OnceEach {
     db: DatabaseConnection,
     consumer: String,
     handler: Arc<dyn EventHandler>,
 }
 
+impl OnceEach {
+    pub fn new(
+        db: DatabaseConnection,
+        consumer: &str,
+        handler: Arc<dyn EventHandler>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            consumer: consumer.to_owned(),
+            handler,
+        })
+    }
+}
+
 #[async_trait]
-impl BatchHandler for OneByOne {
+impl BatchHandler for OnceEach {
     async fn handle(&self, events: &[Event]) -> Result<(), Error> {
         for event in events {
             let span = tracing::info_span!("event.consume", consumer = %self.consumer, event_id = %event.id);
@@ -134,7 +129,7 @@ impl BatchHandler for OneByOne {
 /// Runs the durable consumer `name` on `filter` until `shutdown` turns true, reconnecting
 /// after bus errors, handing the handler every event already waiting (up to `batch`) at
 /// once. A failed batch is nacked whole and comes back.
-pub fn spawn_batch_consumer(
+pub fn spawn_consumer(
     bus: Arc<dyn EventBus>,
     name: String,
     filter: String,

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::EventBus;
+use crate::consumer::{BatchHandler, spawn_consumer};
 use crate::outbox::Outbox;
 
 /// Shared plumbing for the services of one process.
@@ -86,6 +87,26 @@ impl Host {
     pub fn relay(&mut self, outbox: &Outbox, db: DatabaseConnection) {
         let relay = outbox.spawn_relay(db, self.bus.clone(), self.shutdown.clone());
         self.track(relay);
+    }
+
+    /// Runs the durable consumer `name` on `filter` in the background until shutdown, handing
+    /// `handler` up to `batch` waiting events at once ([`spawn_consumer`]).
+    pub fn consume(
+        &mut self,
+        name: &str,
+        filter: &str,
+        batch: usize,
+        handler: Arc<dyn BatchHandler>,
+    ) {
+        let consumer = spawn_consumer(
+            self.bus.clone(),
+            name.to_owned(),
+            filter.to_owned(),
+            batch,
+            handler,
+            self.shutdown.clone(),
+        );
+        self.track(consumer);
     }
 
     /// A background task that ends at shutdown (an outbox relay, a consumer).

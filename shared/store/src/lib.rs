@@ -303,7 +303,10 @@ mod tests {
 
     #[test]
     fn placeholders_are_numbered_for_postgres_only() {
-        let sql = format!("INSERT INTO t (a, b) VALUES {} WHERE c = ?", value_rows(2, 2));
+        let sql = format!(
+            "INSERT INTO t (a, b) VALUES {} WHERE c = ?",
+            value_rows(2, 2)
+        );
         assert_eq!(
             statement(DatabaseBackend::Postgres, &sql, []).sql,
             "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4) WHERE c = $5"

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use counting::handler;
 use futures::StreamExt;
-use kiln_events::consumer::{EventHandler, Handled, handle_once, spawn_consumer};
+use kiln_events::consumer::{EventHandler, Handled, OnceEach, handle_once, spawn_consumer};
 use kiln_events::{Body, Event};
 use kiln_proto::identity::v1 as idv1;
 use kiln_tests::{MeshOptions, NatsServer, TestMesh, wait_for};
@@ -322,12 +322,13 @@ async fn redelivered_and_replayed_events_change_nothing() {
     let h = handler(&[ids[1].as_str()]);
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let name = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let once_each = OnceEach::new(db.clone(), &name, h);
     let task = spawn_consumer(
         mesh.bus.clone(),
-        db.clone(),
         name,
         "kiln.identity.user.deleted".into(),
-        h,
+        1,
+        once_each,
         shutdown,
     );
     for id in &ids {

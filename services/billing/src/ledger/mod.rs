@@ -52,18 +52,16 @@ impl BatchHandler for LedgerConsumer {
     }
 }
 
-/// Starts the ledger consumer (its durable name from config) and the accrual loop.
-pub(crate) fn spawn(
-    billing: &Billing,
-    host: &kiln_events::host::Host,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let consumer = kiln_events::consumer::spawn_batch_consumer(
-        host.bus.clone(),
-        billing.config().ledger_consumer.clone(),
-        SUBJECTS.to_owned(),
-        billing.config().ingest_batch,
-        Arc::new(LedgerConsumer(billing.clone())),
-        host.shutdown.clone(),
+/// Starts the ledger consumer (its durable name from config) and the accrual loop on the
+/// host.
+pub(crate) fn spawn(billing: &Billing, host: &mut kiln_events::host::Host) {
+    let config = billing.config();
+    let ledger = Arc::new(LedgerConsumer(billing.clone()));
+    host.consume(
+        &config.ledger_consumer,
+        SUBJECTS,
+        config.ingest_batch,
+        ledger,
     );
     let accrual = {
         let billing = billing.clone();
@@ -82,5 +80,5 @@ pub(crate) fn spawn(
             }
         })
     };
-    vec![consumer, accrual]
+    host.track(accrual);
 }

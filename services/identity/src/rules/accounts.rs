@@ -44,11 +44,7 @@ impl NewAccount {
     pub(crate) fn row(&self, id: &str, now: i64) -> accounts::Model {
         accounts::Model {
             id: id.to_owned(),
-            display_name: if self.display_name.is_empty() {
-                id.to_owned()
-            } else {
-                self.display_name.clone()
-            },
+            display_name: names::display_name_or(&self.display_name, id),
             account_type: self.account_type as i32,
             email: self.email.clone(),
             state: State::Ready as i32,

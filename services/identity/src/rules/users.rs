@@ -88,11 +88,7 @@ impl NewUser {
             account_id: self.account.clone(),
             user_id: self.user_id.clone(),
             email: self.email.clone(),
-            display_name: if self.display_name.is_empty() {
-                self.email.clone()
-            } else {
-                self.display_name.clone()
-            },
+            display_name: names::display_name_or(&self.display_name, &self.email),
             role: self.role.clone(),
             service_account: self.service_account,
             state: State::Ready as i32,

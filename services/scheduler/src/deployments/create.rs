@@ -17,7 +17,6 @@ use super::rules::{
 use crate::placement;
 use crate::quota;
 use crate::replicas::capacities;
-use crate::resource::own_parent;
 use crate::service::Scheduler;
 use crate::state::{DeploymentEntry, State};
 use crate::time::now;
@@ -33,7 +32,7 @@ impl Scheduler {
         disable_auto_deploy: bool,
         validate_only: bool,
     ) -> Result<Deployment> {
-        let parent = own_parent(caller, parent)?;
+        let parent = caller.own_parent(parent)?;
         validate_display_name("deployment.display_name", &d.display_name)?;
         let model = self.servable_base(caller, &d.base_model).await?;
         let model_id = ChildName::parse("deployment.base_model", "models", &model.name, None)?.id;
@@ -114,11 +113,7 @@ impl Scheduler {
         let desired = d.min_replica_count.max(1).min(d.max_replica_count);
         let deployment = Deployment {
             name: name.clone(),
-            display_name: if d.display_name.is_empty() {
-                deployment_id.clone()
-            } else {
-                d.display_name.clone()
-            },
+            display_name: names::display_name_or(&d.display_name, &deployment_id),
             description: d.description.clone(),
             create_time: Some(created),
             update_time: Some(created),
@@ -140,11 +135,7 @@ impl Scheduler {
             backend: d.backend.clone(),
             max_context_length: d.max_context_length,
             num_peft_device_cached: d.num_peft_device_cached,
-            created_by: if caller.user.is_empty() {
-                String::new()
-            } else {
-                caller.user_name()
-            },
+            created_by: caller.creator(),
             ..Default::default()
         };
         if validate_only {
