@@ -15,6 +15,7 @@ mod testing;
 mod usage;
 
 use kiln_events::host::Host;
+use kiln_events::records::HasRecords as _;
 
 pub use kiln_core::{Error, Result};
 pub use service::Billing;

@@ -11,6 +11,7 @@ use kiln_core::listing::{Field, Fields, Getter, Kind, ListRequest, Listing, Valu
 use kiln_core::names::{AccountName, SYSTEM_ACCOUNT};
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
+use kiln_events::records::HasRecords as _;
 use kiln_proto::billing::v1::{CheckQuotaResponse, Quota};
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::deployment::DeploymentType;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use kiln_core::page::PageTokens;
-use kiln_events::outbox::Outbox;
+use kiln_events::records::{HasRecords, Records};
 use sea_orm::DatabaseConnection;
 
 use crate::config::BillingConfig;
@@ -19,11 +19,15 @@ pub struct Billing {
 }
 
 struct Inner {
-    db: DatabaseConnection,
-    outbox: Outbox,
-    pages: PageTokens,
+    records: Records,
     config: BillingConfig,
     prices: Prices,
+}
+
+impl HasRecords for Billing {
+    fn records(&self) -> &Records {
+        &self.inner.records
+    }
 }
 
 impl Billing {
@@ -37,25 +41,11 @@ impl Billing {
             .map_err(|e| crate::Error::Internal(e.to_string()))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                db,
-                outbox: Outbox::new(SERVICE),
-                pages,
+                records: Records::new(SERVICE, db, pages),
                 config,
                 prices,
             }),
         })
-    }
-
-    pub(crate) fn db(&self) -> &DatabaseConnection {
-        &self.inner.db
-    }
-
-    pub(crate) fn outbox(&self) -> &Outbox {
-        &self.inner.outbox
-    }
-
-    pub(crate) fn pages(&self) -> &PageTokens {
-        &self.inner.pages
     }
 
     pub(crate) fn config(&self) -> &BillingConfig {

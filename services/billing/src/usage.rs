@@ -4,6 +4,7 @@
 //! to their last accrual.
 
 use kiln_core::Error;
+use kiln_events::records::HasRecords as _;
 use kiln_store::query;
 use std::collections::BTreeMap;
 

@@ -4,6 +4,7 @@ use futures::future::BoxFuture;
 use kiln_core::Error;
 use kiln_core::auth::{Authenticated, Authenticator};
 use kiln_core::time::now_micros;
+use kiln_events::records::HasRecords as _;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::{account as accounts, api_key as api_keys, user as users};

@@ -3,6 +3,7 @@
 
 use kiln_core::auth::Principal;
 use kiln_core::names::SYSTEM_ACCOUNT;
+use kiln_events::records::HasRecords as _;
 use kiln_proto::identity::v1::{Account, ApiKey, account};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 

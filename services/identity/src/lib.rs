@@ -16,6 +16,7 @@ mod suspensions;
 mod users;
 
 use kiln_events::host::Host;
+use kiln_events::records::HasRecords as _;
 
 pub use kiln_core::{Error, Result};
 pub use service::Identity;

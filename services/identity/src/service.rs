@@ -8,7 +8,7 @@ use kiln_core::auth::AuthCache;
 use kiln_core::listing::{Listing, Query};
 use kiln_core::page::PageTokens;
 use kiln_events::Body;
-use kiln_events::outbox::Outbox;
+use kiln_events::records::{HasRecords, Records};
 use sea_orm::{DatabaseConnection, EntityTrait, FromQueryResult, Select};
 
 use crate::account_cache::AccountCache;
@@ -25,11 +25,15 @@ pub struct Identity {
 }
 
 struct Inner {
-    db: DatabaseConnection,
-    outbox: Outbox,
-    pages: PageTokens,
+    records: Records,
     cache: Arc<AuthCache>,
     accounts: AccountCache,
+}
+
+impl HasRecords for Identity {
+    fn records(&self) -> &Records {
+        &self.inner.records
+    }
 }
 
 impl Identity {
@@ -41,9 +45,7 @@ impl Identity {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                db,
-                outbox: Outbox::new(SERVICE),
-                pages,
+                records: Records::new(SERVICE, db, pages),
                 cache,
                 accounts: AccountCache::new(cache_ttl),
             }),
@@ -56,14 +58,6 @@ impl Identity {
         self.inner.cache.invalidate(resource);
     }
 
-    pub(crate) fn outbox(&self) -> &Outbox {
-        &self.inner.outbox
-    }
-
-    pub(crate) fn db(&self) -> &DatabaseConnection {
-        &self.inner.db
-    }
-
     /// Writes the change's event into the outbox inside `txn` and commits both together.
     pub(crate) async fn commit_with_event(
         &self,
@@ -73,8 +67,7 @@ impl Identity {
         resource: &str,
         body: Body,
     ) -> Result<()> {
-        self.inner
-            .outbox
+        self.outbox()
             .commit_event(txn, event_type, account, resource, body)
             .await?;
         // The change applies to this replica's next call at once (others hear the event).
@@ -85,7 +78,7 @@ impl Identity {
     /// An account straight from the database (for writes).
     pub(crate) async fn account(&self, id: &str) -> Result<Option<accounts::Model>> {
         Ok(accounts::Entity::find_by_id(id.to_owned())
-            .one(&self.inner.db)
+            .one(self.db())
             .await?)
     }
 
@@ -105,13 +98,9 @@ impl Identity {
     pub(crate) async fn user(&self, account: &str, user: &str) -> Result<Option<users::Model>> {
         Ok(
             users::Entity::find_by_id((account.to_owned(), user.to_owned()))
-                .one(&self.inner.db)
+                .one(self.db())
                 .await?,
         )
-    }
-
-    pub(crate) fn pages(&self) -> &PageTokens {
-        &self.inner.pages
     }
 
     /// Runs a list query for one page.
@@ -124,6 +113,6 @@ impl Identity {
         E: EntityTrait,
         E::Model: FromQueryResult + Send + Sync,
     {
-        kiln_store::listing::list(&self.inner.db, &self.inner.pages, query, select).await
+        kiln_store::listing::list(self.db(), self.pages(), query, select).await
     }
 }

@@ -4,6 +4,7 @@
 //! which drops every service's cached principals of the account, so its keys stop (or
 //! start) working everywhere within the relay's delay.
 
+use kiln_events::records::HasRecords as _;
 use std::sync::Arc;
 
 use async_trait::async_trait;

@@ -7,6 +7,7 @@ use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names;
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
+use kiln_events::records::HasRecords as _;
 use kiln_proto::identity::v1::{User, user};
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter};
 

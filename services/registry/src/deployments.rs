@@ -1,6 +1,7 @@
 //! Keeps `Model.deployed_model_refs` current from the scheduler's deployed-model events, so a
 //! deployed model cannot be deleted. A durable, idempotent consumer: redelivery changes nothing.
 
+use kiln_events::records::HasRecords as _;
 use std::sync::Arc;
 
 use async_trait::async_trait;

@@ -20,6 +20,7 @@ mod uploads;
 mod validate;
 
 use kiln_events::host::Host;
+use kiln_events::records::HasRecords as _;
 
 pub use kiln_core::{Error, Result};
 pub use library::{CHAT_MODEL, EMBEDDING_MODEL, asset_dir};

@@ -6,6 +6,7 @@ use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names::{self, ChildName};
 use kiln_core::time::{micros_to_timestamp, now_micros};
 use kiln_events::Body;
+use kiln_events::records::HasRecords as _;
 use kiln_proto::events::v1 as ev;
 use kiln_proto::registry::v1::{Model, model};
 use prost::Message;

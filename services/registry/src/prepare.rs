@@ -3,6 +3,7 @@
 //! an ONNX checkpoint's files as they are, a GGUF checkpoint converted by kiln-formats.
 
 use kiln_core::Error;
+use kiln_events::records::HasRecords as _;
 
 use kiln_core::auth::Principal;
 use kiln_core::time::{micros_to_timestamp, now_micros};

@@ -4,7 +4,7 @@ use kiln_core::Error;
 use std::sync::Arc;
 
 use kiln_core::page::PageTokens;
-use kiln_events::outbox::Outbox;
+use kiln_events::records::{HasRecords, Records};
 use sea_orm::DatabaseConnection;
 
 use crate::artifacts::Artifacts;
@@ -22,12 +22,16 @@ pub struct Registry {
 }
 
 struct Inner {
-    db: DatabaseConnection,
-    outbox: Outbox,
-    pages: PageTokens,
+    records: Records,
     artifacts: Artifacts,
     config: RegistryConfig,
     preparers: Preparers,
+}
+
+impl HasRecords for Registry {
+    fn records(&self) -> &Records {
+        &self.inner.records
+    }
 }
 
 impl Registry {
@@ -40,9 +44,7 @@ impl Registry {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                db,
-                outbox: Outbox::new(SERVICE),
-                pages,
+                records: Records::new(SERVICE, db, pages),
                 artifacts,
                 config,
                 preparers,
@@ -52,18 +54,6 @@ impl Registry {
 
     pub(crate) fn preparers(&self) -> &Preparers {
         &self.inner.preparers
-    }
-
-    pub fn db(&self) -> &DatabaseConnection {
-        &self.inner.db
-    }
-
-    pub fn outbox(&self) -> &Outbox {
-        &self.inner.outbox
-    }
-
-    pub(crate) fn pages(&self) -> &PageTokens {
-        &self.inner.pages
     }
 
     pub fn artifacts(&self) -> &Artifacts {

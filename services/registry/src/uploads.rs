@@ -4,6 +4,7 @@
 use futures::{Stream, StreamExt};
 use kiln_core::Error;
 use kiln_core::auth::Principal;
+use kiln_events::records::HasRecords as _;
 use kiln_proto::registry::v1::{
     FileChunk, ModelFile, ModelFileHeader, UploadModelFilesRequest, UploadModelFilesResponse,
     model, upload_model_files_request,

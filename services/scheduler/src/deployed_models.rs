@@ -5,6 +5,7 @@ use kiln_core::auth::Principal;
 use kiln_core::grpc::Update;
 use kiln_core::listing::{Field, Fields, Getter, Kind, ListRequest, Listing, Value, time_value};
 use kiln_core::names::{self, ChildName, validate_display_name};
+use kiln_events::records::HasRecords as _;
 use kiln_proto::common::v1::Status as ResourceStatus;
 use kiln_proto::registry::v1::model;
 use kiln_proto::scheduler::v1::{DeployedModel, deployed_model, deployment};

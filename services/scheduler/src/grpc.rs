@@ -3,6 +3,7 @@
 
 use futures::StreamExt;
 use kiln_core::grpc::{ListRpc, Reply, Update, deleted, reply, required, split};
+use kiln_events::records::HasRecords as _;
 use kiln_proto::scheduler::v1::*;
 use tonic::{Request, Streaming};
 

@@ -23,6 +23,7 @@ mod service;
 mod state;
 mod time;
 
+use kiln_events::records::HasRecords as _;
 use std::sync::Arc;
 
 use kiln_events::host::Host;

@@ -2,6 +2,7 @@
 //! assignments and routing tables back) and `ListNodes`.
 
 use kiln_core::Error;
+use kiln_events::records::HasRecords as _;
 use std::time::Instant;
 
 use futures::StreamExt;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kiln_core::names::ChildName;
 use kiln_core::page::PageTokens;
 use kiln_events::Body;
-use kiln_events::outbox::Outbox;
+use kiln_events::records::{HasRecords, Records};
 use kiln_proto::events::v1 as ev;
 use kiln_proto::scheduler::v1::{DeployedModel, Deployment, RoutingTable, deployed_model};
 use prost::Message;
@@ -32,9 +32,7 @@ pub struct Scheduler {
 }
 
 struct Inner {
-    db: DatabaseConnection,
-    outbox: Outbox,
-    pages: PageTokens,
+    records: Records,
     config: SchedulerConfig,
     catalog: Arc<dyn ModelCatalog>,
     /// Billing's quota checks; None: no quotas (a scheduler without billing).
@@ -44,6 +42,12 @@ struct Inner {
     routes: watch::Sender<Arc<RoutingTable>>,
     /// Node streams end when it changes, so a server stops without waiting on them.
     shutdown: watch::Receiver<bool>,
+}
+
+impl HasRecords for Scheduler {
+    fn records(&self) -> &Records {
+        &self.inner.records
+    }
 }
 
 impl Scheduler {
@@ -71,9 +75,7 @@ impl Scheduler {
         let (routes, _) = watch::channel(Arc::new(RoutingTable::default()));
         Ok(Self {
             inner: Arc::new(Inner {
-                db,
-                outbox: Outbox::new(SERVICE),
-                pages,
+                records: Records::new(SERVICE, db, pages),
                 config,
                 catalog,
                 quotas,
@@ -83,18 +85,6 @@ impl Scheduler {
                 shutdown,
             }),
         })
-    }
-
-    pub(crate) fn db(&self) -> &DatabaseConnection {
-        &self.inner.db
-    }
-
-    pub(crate) fn outbox(&self) -> &Outbox {
-        &self.inner.outbox
-    }
-
-    pub(crate) fn pages(&self) -> &PageTokens {
-        &self.inner.pages
     }
 
     pub(crate) fn config(&self) -> &SchedulerConfig {
@@ -148,8 +138,7 @@ impl Scheduler {
         body: Body,
     ) -> Result<()> {
         let txn = self.db().begin().await?;
-        self.inner
-            .outbox
+        self.outbox()
             .commit_event(txn, event_type, account, resource, body)
             .await?;
         Ok(())
@@ -188,12 +177,11 @@ impl Scheduler {
         }
         match event {
             Some((event_type, body)) => {
-                self.inner
-                    .outbox
+                self.outbox()
                     .commit_event(txn, event_type, &name.account, &d.name, body)
                     .await?
             }
-            None => self.inner.outbox.commit(txn).await?,
+            None => self.outbox().commit(txn).await?,
         }
         Ok(())
     }
@@ -246,8 +234,7 @@ impl Scheduler {
         let account = ChildName::parse("name", "deployedModels", &dm.name, None)?.account;
         let txn = self.db().begin().await?;
         self.write_deployed_model(&txn, dm, insert).await?;
-        self.inner
-            .outbox
+        self.outbox()
             .commit_event(txn, event_type, &account, &dm.name, body)
             .await?;
         Ok(())
@@ -260,8 +247,7 @@ impl Scheduler {
         dm_rows::Entity::delete_by_id((name.account.clone(), name.id.clone()))
             .exec(&txn)
             .await?;
-        self.inner
-            .outbox
+        self.outbox()
             .commit_event(
                 txn,
                 "scheduler.deployed_model.deleted",
@@ -335,8 +321,8 @@ impl Scheduler {
         resource: &str,
         body: Body,
     ) -> Result<()> {
-        let event = self.inner.outbox.event(event_type, account, resource, body);
-        self.inner.outbox.enqueue(conn, &event).await?;
+        let event = self.outbox().event(event_type, account, resource, body);
+        self.outbox().enqueue(conn, &event).await?;
         Ok(())
     }
 }

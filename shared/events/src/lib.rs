@@ -12,6 +12,7 @@ pub mod host;
 pub mod memory;
 pub mod nats;
 pub mod outbox;
+pub mod records;
 
 pub use bus::{Delivery, EventBus, subject_matches};
 pub use kiln_proto::events::v1::{Event, event::Body};

@@ -3,6 +3,7 @@
 //! change state, so their ids are claimed in `kiln_processed_events` in the same transaction
 //! first. A redelivered, duplicated or replayed event books nothing.
 
+use kiln_events::records::HasRecords as _;
 use std::collections::{HashMap, HashSet};
 
 use kiln_core::time::now_micros;

@@ -15,6 +15,7 @@ pub(crate) mod suspension;
 #[cfg(test)]
 mod tests;
 
+use kiln_events::records::HasRecords as _;
 use std::sync::Arc;
 
 use async_trait::async_trait;

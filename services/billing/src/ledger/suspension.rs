@@ -3,6 +3,7 @@
 //! `account.suspended` event); a new month, or a limit raised above the spend, lifts it
 //! (`account.unsuspended`). The system account is never suspended.
 
+use kiln_events::records::HasRecords as _;
 use kiln_store::{execute, query};
 use std::collections::HashMap;
 

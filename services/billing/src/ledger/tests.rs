@@ -2,6 +2,7 @@
 
 use kiln_core::grpc::Update;
 use kiln_core::time::{MICROS_PER_DAY, micros_to_timestamp, now_micros, utc_midnight};
+use kiln_events::records::HasRecords as _;
 use kiln_events::{Body, Event, new_event};
 use kiln_proto::billing::v1::{GetUsageRequest, Quota, UsageRow};
 use kiln_proto::common::v1::AcceleratorType;

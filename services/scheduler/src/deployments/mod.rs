@@ -11,6 +11,7 @@ use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names::{self, ChildName};
+use kiln_events::records::HasRecords as _;
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::registry::v1::{Model, model};
 use kiln_proto::scheduler::v1::{Deployment, deployment};
