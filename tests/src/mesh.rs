@@ -49,13 +49,7 @@ impl Backends {
 pub fn init_tracing() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let guard = kiln_core::telemetry::init_with_default_filter(
-            "kiln-tests",
-            kiln_core::config::LogFormat::Text,
-            None,
-            "warn",
-        )
-        .expect("telemetry");
+        let guard = kiln_core::telemetry::init_for_tests("kiln-tests").expect("telemetry");
         std::mem::forget(guard);
     });
 }

@@ -6,14 +6,13 @@ use kiln_core::grpc::Update;
 use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names;
 use kiln_core::time::{micros_to_timestamp, now_micros};
-use kiln_events::Body;
 use kiln_events::records::HasRecords as _;
 use kiln_proto::identity::v1::{Account, account};
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::{account as accounts, api_key as api_keys, user as users};
 use crate::rules::accounts::{account_update, check_delete, new_account};
-use crate::service::Identity;
+use crate::service::{Change, Identity};
 use kiln_core::Result;
 
 pub(crate) fn account_proto(m: &accounts::Model) -> Account {
@@ -60,16 +59,8 @@ impl Identity {
                 }
                 Err(err) => return Err(err.into()),
             }
-            self.commit_with_event(
-                txn,
-                "identity.account.created",
-                id,
-                &proto.name,
-                Body::AccountCreated(kiln_proto::events::v1::AccountCreated {
-                    account: Some(proto.clone()),
-                }),
-            )
-            .await?;
+            self.commit_change(txn, Change::AccountCreated(&proto))
+                .await?;
             return Ok(proto);
         }
         Err(Error::Internal("no free account ID".into()))
@@ -118,19 +109,8 @@ impl Identity {
         accounts::Entity::update(accounts::ActiveModel::from(change.model).reset_all())
             .exec(&txn)
             .await?;
-        self.commit_with_event(
-            txn,
-            "identity.account.updated",
-            &name.account,
-            &proto.name,
-            Body::AccountUpdated(kiln_proto::events::v1::AccountUpdated {
-                account: Some(proto.clone()),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: change.paths,
-                }),
-            }),
-        )
-        .await?;
+        self.commit_change(txn, Change::AccountUpdated(&proto, change.paths))
+            .await?;
         Ok(proto)
     }
 
@@ -153,16 +133,8 @@ impl Identity {
         accounts::Entity::delete_by_id(name.account.clone())
             .exec(&txn)
             .await?;
-        self.commit_with_event(
-            txn,
-            "identity.account.deleted",
-            &name.account,
-            &name.to_string(),
-            Body::AccountDeleted(kiln_proto::events::v1::AccountDeleted {
-                name: name.to_string(),
-            }),
-        )
-        .await?;
+        self.commit_change(txn, Change::AccountDeleted(&name.to_string()))
+            .await?;
         Ok(())
     }
 }

@@ -5,14 +5,13 @@ use kiln_core::auth::Principal;
 use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names;
 use kiln_core::time::{micros_to_timestamp, now_micros};
-use kiln_events::Body;
 use kiln_events::records::HasRecords as _;
 use kiln_proto::identity::v1::ApiKey;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::api_key as api_keys;
 use crate::rules::api_keys::{check_delete, key_name, new_key, new_key_expiry};
-use crate::service::Identity;
+use crate::service::{Change, Identity};
 use kiln_core::Result;
 
 fn api_key_proto(m: &api_keys::Model) -> ApiKey {
@@ -43,16 +42,8 @@ impl Identity {
         api_keys::Entity::insert(api_keys::ActiveModel::from(model))
             .exec_without_returning(&txn)
             .await?;
-        self.commit_with_event(
-            txn,
-            "identity.api_key.created",
-            &user.account_id,
-            &proto.name,
-            Body::ApiKeyCreated(kiln_proto::events::v1::ApiKeyCreated {
-                api_key: Some(proto.clone()),
-            }),
-        )
-        .await?;
+        self.commit_change(txn, Change::ApiKeyCreated(&proto))
+            .await?;
         proto.key = secret;
         Ok(proto)
     }
@@ -97,14 +88,8 @@ impl Identity {
         ))
         .exec(&txn)
         .await?;
-        self.commit_with_event(
-            txn,
-            "identity.api_key.deleted",
-            &model.account_id,
-            &name,
-            Body::ApiKeyDeleted(kiln_proto::events::v1::ApiKeyDeleted { name: name.clone() }),
-        )
-        .await?;
+        self.commit_change(txn, Change::ApiKeyDeleted(&name))
+            .await?;
         Ok(())
     }
 }

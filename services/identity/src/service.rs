@@ -7,8 +7,11 @@ use std::time::Duration;
 use kiln_core::auth::AuthCache;
 use kiln_core::listing::{Listing, Query};
 use kiln_core::page::PageTokens;
-use kiln_events::Body;
+use kiln_events::outbox::Outbox;
 use kiln_events::records::{HasRecords, Records};
+use kiln_events::{Body, Event};
+use kiln_proto::events::v1 as ev;
+use kiln_proto::identity::v1::{Account, ApiKey, User};
 use sea_orm::{DatabaseConnection, EntityTrait, FromQueryResult, Select};
 
 use crate::account_cache::AccountCache;
@@ -59,19 +62,15 @@ impl Identity {
     }
 
     /// Writes the change's event into the outbox inside `txn` and commits both together.
-    pub(crate) async fn commit_with_event(
+    pub(crate) async fn commit_change(
         &self,
         txn: sea_orm::DatabaseTransaction,
-        event_type: &str,
-        account: &str,
-        resource: &str,
-        body: Body,
+        change: Change<'_>,
     ) -> Result<()> {
-        self.outbox()
-            .commit_event(txn, event_type, account, resource, body)
-            .await?;
+        let event = change.event(self.outbox());
+        self.outbox().commit_with(txn, &event).await?;
         // The change applies to this replica's next call at once (others hear the event).
-        self.invalidate(resource);
+        self.invalidate(&event.resource);
         Ok(())
     }
 
@@ -114,5 +113,81 @@ impl Identity {
         E::Model: FromQueryResult + Send + Sync,
     {
         kiln_store::listing::list(self.db(), self.pages(), query, select).await
+    }
+}
+
+/// A change to an identity resource, as the event that announces it.
+pub(crate) enum Change<'a> {
+    AccountCreated(&'a Account),
+    /// The account and the paths that changed.
+    AccountUpdated(&'a Account, Vec<String>),
+    AccountDeleted(&'a str),
+    UserCreated(&'a User),
+    UserUpdated(&'a User, Vec<String>),
+    UserDeleted(&'a str),
+    ApiKeyCreated(&'a ApiKey),
+    ApiKeyDeleted(&'a str),
+}
+
+impl Change<'_> {
+    /// The change's event, from `outbox`'s service, in the account that holds the resource.
+    pub(crate) fn event(self, outbox: &Outbox) -> Event {
+        let mask = |paths| Some(prost_types::FieldMask { paths });
+        let (event_type, resource, body) = match self {
+            Self::AccountCreated(a) => (
+                "identity.account.created",
+                a.name.as_str(),
+                Body::AccountCreated(ev::AccountCreated {
+                    account: Some(a.clone()),
+                }),
+            ),
+            Self::AccountUpdated(a, paths) => (
+                "identity.account.updated",
+                a.name.as_str(),
+                Body::AccountUpdated(ev::AccountUpdated {
+                    account: Some(a.clone()),
+                    update_mask: mask(paths),
+                }),
+            ),
+            Self::AccountDeleted(name) => (
+                "identity.account.deleted",
+                name,
+                Body::AccountDeleted(ev::AccountDeleted { name: name.into() }),
+            ),
+            Self::UserCreated(u) => (
+                "identity.user.created",
+                u.name.as_str(),
+                Body::UserCreated(ev::UserCreated {
+                    user: Some(u.clone()),
+                }),
+            ),
+            Self::UserUpdated(u, paths) => (
+                "identity.user.updated",
+                u.name.as_str(),
+                Body::UserUpdated(ev::UserUpdated {
+                    user: Some(u.clone()),
+                    update_mask: mask(paths),
+                }),
+            ),
+            Self::UserDeleted(name) => (
+                "identity.user.deleted",
+                name,
+                Body::UserDeleted(ev::UserDeleted { name: name.into() }),
+            ),
+            Self::ApiKeyCreated(k) => (
+                "identity.api_key.created",
+                k.name.as_str(),
+                Body::ApiKeyCreated(ev::ApiKeyCreated {
+                    api_key: Some(k.clone()),
+                }),
+            ),
+            Self::ApiKeyDeleted(name) => (
+                "identity.api_key.deleted",
+                name,
+                Body::ApiKeyDeleted(ev::ApiKeyDeleted { name: name.into() }),
+            ),
+        };
+        let account = resource.split('/').nth(1).unwrap_or_default();
+        outbox.event(event_type, account, resource, body)
     }
 }

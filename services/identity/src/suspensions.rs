@@ -10,13 +10,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use kiln_events::consumer::{EventHandler, OnceEach};
 use kiln_events::{Body, Event};
-use kiln_proto::events::v1::AccountUpdated;
 use kiln_proto::identity::v1::account::SuspendState;
 use sea_orm::{ActiveModelTrait, DatabaseTransaction, EntityTrait, IntoActiveModel};
 
 use crate::accounts::account_proto;
 use crate::db::account as accounts;
-use crate::service::Identity;
+use crate::service::{Change, Identity};
 
 const CONSUMER: &str = "identity-suspensions";
 const SUBJECTS: &str = "kiln.billing.account.>";
@@ -53,17 +52,8 @@ impl EventHandler for Suspensions {
         model.update_time = sea_orm::ActiveValue::Set(kiln_core::time::now_micros());
         let updated = model.update(txn).await?;
         let proto = account_proto(&updated);
-        let changed = self.0.outbox().event(
-            "identity.account.updated",
-            &proto.name,
-            &proto.name,
-            Body::AccountUpdated(AccountUpdated {
-                account: Some(proto.clone()),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["suspend_state".into()],
-                }),
-            }),
-        );
+        let changed =
+            Change::AccountUpdated(&proto, vec!["suspend_state".into()]).event(self.0.outbox());
         self.0.outbox().enqueue(txn, &changed).await
     }
 }

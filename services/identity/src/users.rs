@@ -6,14 +6,13 @@ use kiln_core::grpc::Update;
 use kiln_core::listing::{Field, Fields, Kind, ListRequest, Listing};
 use kiln_core::names;
 use kiln_core::time::{micros_to_timestamp, now_micros};
-use kiln_events::Body;
 use kiln_events::records::HasRecords as _;
 use kiln_proto::identity::v1::{User, user};
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter};
 
 use crate::db::{api_key as api_keys, user as users};
 use crate::rules::users::{NewUser, check_delete, new_user, user_update};
-use crate::service::Identity;
+use crate::service::{Change, Identity};
 use kiln_core::Result;
 
 fn user_proto(m: &users::Model) -> User {
@@ -68,16 +67,7 @@ impl Identity {
         let proto = user_proto(&model);
         let txn = sea_orm::TransactionTrait::begin(self.db()).await?;
         kiln_store::insert(&txn, users::ActiveModel::from(model), &name).await?;
-        self.commit_with_event(
-            txn,
-            "identity.user.created",
-            &new.account,
-            &name,
-            Body::UserCreated(kiln_proto::events::v1::UserCreated {
-                user: Some(proto.clone()),
-            }),
-        )
-        .await?;
+        self.commit_change(txn, Change::UserCreated(&proto)).await?;
         Ok(proto)
     }
 
@@ -154,19 +144,8 @@ impl Identity {
                     err.into()
                 }
             })?;
-        self.commit_with_event(
-            txn,
-            "identity.user.updated",
-            &existing.account_id,
-            &proto.name,
-            Body::UserUpdated(kiln_proto::events::v1::UserUpdated {
-                user: Some(proto.clone()),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: change.paths,
-                }),
-            }),
-        )
-        .await?;
+        self.commit_change(txn, Change::UserUpdated(&proto, change.paths))
+            .await?;
         Ok(proto)
     }
 
@@ -186,14 +165,7 @@ impl Identity {
         users::Entity::delete_by_id((existing.account_id.clone(), existing.user_id.clone()))
             .exec(&txn)
             .await?;
-        self.commit_with_event(
-            txn,
-            "identity.user.deleted",
-            &existing.account_id,
-            &name,
-            Body::UserDeleted(kiln_proto::events::v1::UserDeleted { name: name.clone() }),
-        )
-        .await?;
+        self.commit_change(txn, Change::UserDeleted(&name)).await?;
         Ok(())
     }
 }

@@ -47,8 +47,14 @@ pub fn init(
     init_with_default_filter(service_name, format, otlp_endpoint, "info")
 }
 
-/// [`init`] with another filter for when `RUST_LOG` is unset (tests use `warn`).
-pub fn init_with_default_filter(
+/// [`init`] for a test binary: text logs at `warn` unless `RUST_LOG` says otherwise, no
+/// export.
+pub fn init_for_tests(service_name: &str) -> Result<TelemetryGuard, String> {
+    init_with_default_filter(service_name, LogFormat::Text, None, "warn")
+}
+
+/// [`init`] with another filter for when `RUST_LOG` is unset.
+fn init_with_default_filter(
     service_name: &str,
     format: LogFormat,
     otlp_endpoint: Option<&str>,
@@ -304,21 +310,6 @@ mod tests {
         }
     }
 
-    /// A body that ends with `grpc-status` in its trailers, as a streamed answer does.
-    struct Trailers(Option<http::HeaderMap>);
-
-    impl http_body::Body for Trailers {
-        type Data = bytes::Bytes;
-        type Error = tonic::Status;
-
-        fn poll_frame(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut TaskContext<'_>,
-        ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-            Poll::Ready(self.0.take().map(|t| Ok(http_body::Frame::trailers(t))))
-        }
-    }
-
     async fn drain(body: &mut Body) {
         use http_body::Body as _;
         while std::future::poll_fn(|cx| std::pin::Pin::new(&mut *body).poll_frame(cx))
@@ -346,9 +337,10 @@ mod tests {
         let streaming = tower::service_fn(|_: http::Request<Body>| async {
             let mut trailers = http::HeaderMap::new();
             trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-            Ok::<_, std::convert::Infallible>(http::Response::new(Body::new(Trailers(Some(
-                trailers,
-            )))))
+            // A body that ends with `grpc-status` in its trailers, as a streamed answer does.
+            let frames = [Ok::<_, tonic::Status>(http_body::Frame::trailers(trailers))];
+            let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::new(body)))
         });
         let mut service = TraceContextLayer.layer(streaming);
         let mut response = service.call(request()).await.unwrap();

@@ -76,13 +76,8 @@ mod tests {
 
     #[test]
     fn a_forwarded_request_carries_this_nodes_span_as_the_parent() {
-        let _telemetry = kiln_core::telemetry::init_with_default_filter(
-            "kiln-inference-test",
-            kiln_core::config::LogFormat::Text,
-            None,
-            "warn",
-        )
-        .expect("telemetry");
+        let _telemetry =
+            kiln_core::telemetry::init_for_tests("kiln-inference-test").expect("telemetry");
         let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let client_state = "client=1";
         // This node's server span, parented on the client's context as the server layer does.
