@@ -187,7 +187,7 @@ impl Change<'_> {
                 Body::ApiKeyDeleted(ev::ApiKeyDeleted { name: name.into() }),
             ),
         };
-        let account = resource.split('/').nth(1).unwrap_or_default();
+        let account = kiln_core::names::account_of(resource);
         outbox.event(event_type, account, resource, body)
     }
 }

@@ -34,7 +34,7 @@ impl EventHandler for Suspensions {
             Some(Body::AccountUnsuspended(u)) => (&u.account, SuspendState::Unsuspended as i32),
             _ => return Ok(()),
         };
-        let id = name.strip_prefix("accounts/").unwrap_or(name);
+        let id = kiln_core::names::account_of(name);
         let Some(row) = accounts::Entity::find_by_id(id.to_owned()).one(txn).await? else {
             return Ok(());
         };

@@ -10,11 +10,12 @@ use kiln_proto::common::v1::Status as ResourceStatus;
 use kiln_proto::registry::v1::model;
 use kiln_proto::scheduler::v1::{DeployedModel, deployed_model, deployment};
 
-use crate::resource::{account_of, is_gone};
+use crate::resource::is_gone;
 use crate::service::{DeployedModelChange, Scheduler};
 use crate::state::State;
 use crate::time::now;
 use kiln_core::Result;
+use kiln_core::names::account_of;
 
 /// What a caller means to do with a deployed model.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -87,7 +88,7 @@ impl Scheduler {
         let mut state = self.lock().await;
         let target = self.readable(&state, caller, "deployed_model.deployment", &dm.deployment)?;
         let d = target.deployment.clone();
-        if !caller.can_access(&account_of(&d.name)) {
+        if !caller.can_access(account_of(&d.name)) {
             return Err(Error::not_found(&d.name));
         }
         if is_gone(&d) {
@@ -271,7 +272,7 @@ impl Scheduler {
             return Ok(dm);
         }
         if dm.default && !current.default {
-            self.clear_default(&mut state, &account_of(&dm.name), &dm.model)
+            self.clear_default(&mut state, account_of(&dm.name), &dm.model)
                 .await?;
         }
         self.save_deployed_model(&mut dm, DeployedModelChange::Updated(paths))

@@ -13,10 +13,10 @@ use kiln_proto::scheduler::v1::{
 };
 
 use crate::placement::{self, DeviceGroup, Need, NodeCapacity};
-use crate::resource::account_of;
 use crate::service::Scheduler;
 use crate::state::{ReplicaEntry, State};
 use crate::time::{now, proto_duration, seconds_between};
+use kiln_core::names::account_of;
 
 /// What a deployment's replicas need to reach its desired count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +154,7 @@ impl Scheduler {
         if r.ready_time.is_some() {
             let stopped = now();
             let seconds = seconds_between(r.ready_time.as_ref(), &stopped);
-            let account = account_of(&r.deployment);
+            let account = account_of(&r.deployment).to_owned();
             let _ = self
                 .emit(
                     "scheduler.replica.stopped",
@@ -336,7 +336,7 @@ impl Scheduler {
             let entry = state.replicas.get_mut(name).expect("present");
             let r = &mut entry.replica;
             r.ready_time = r.update_time;
-            let account = account_of(&r.deployment);
+            let account = account_of(&r.deployment).to_owned();
             let body = Body::ReplicaStarted(ev::ReplicaStarted {
                 replica: r.name.clone(),
                 deployment: r.deployment.clone(),
@@ -355,10 +355,11 @@ impl Scheduler {
                 .await;
         }
         let replica = state.replicas[name].replica.clone();
+        let account = account_of(&replica.deployment).to_owned();
         let _ = self
             .emit(
                 "scheduler.replica.state_changed",
-                &account_of(&replica.deployment),
+                &account,
                 name,
                 Body::ReplicaStateChanged(ev::ReplicaStateChanged {
                     replica: Some(replica),

@@ -6,14 +6,6 @@ use prost::Message;
 
 use kiln_core::Result;
 
-/// The account ID of `accounts/{a}/...` (empty when the name is not under an account).
-pub(crate) fn account_of(name: &str) -> String {
-    name.strip_prefix("accounts/")
-        .and_then(|r| r.split('/').next())
-        .unwrap_or_default()
-        .to_owned()
-}
-
 /// A stored resource (encoded protobuf); INTERNAL when it does not decode.
 pub(crate) fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
     M::decode(bytes)
@@ -30,16 +22,4 @@ pub(crate) fn state_name(state: i32) -> &'static str {
     deployment::State::try_from(state)
         .map(|s| s.as_str_name())
         .unwrap_or("STATE_UNSPECIFIED")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_account_comes_from_the_name() {
-        assert_eq!(account_of("accounts/acme/deployments/d"), "acme");
-        assert_eq!(account_of("accounts/acme"), "acme");
-        assert_eq!(account_of("nodes/n1"), "");
-    }
 }

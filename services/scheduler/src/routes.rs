@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use kiln_proto::scheduler::v1::{Route, RouteReplica, RoutingTable, deployed_model, replica};
 
-use crate::resource::account_of;
 use crate::state::State;
+use kiln_core::names::account_of;
 
 /// Where every deployed model is served, from the current state.
 pub(crate) fn routing_table(state: &State, version: i64) -> RoutingTable {

@@ -12,11 +12,7 @@ use crate::auth::{Authenticated, Authenticator, Principal, Role};
 /// Converts identity's principal message into the core type.
 pub fn principal_from_proto(p: kiln_proto::identity::v1::Principal) -> Principal {
     Principal {
-        account: p
-            .account
-            .strip_prefix("accounts/")
-            .unwrap_or(&p.account)
-            .to_owned(),
+        account: crate::names::account_of(&p.account).to_owned(),
         user: p.user.rsplit('/').next().unwrap_or_default().to_owned(),
         api_key: p.api_key,
         roles: p.roles.iter().filter_map(|r| Role::parse(r)).collect(),

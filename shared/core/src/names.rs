@@ -29,6 +29,13 @@ pub fn id_problem(id: &str) -> Option<&'static str> {
     None
 }
 
+/// The account ID in a resource name (`accounts/acme/deployments/d` → `acme`); a bare ID is
+/// itself.
+pub fn account_of(name: &str) -> &str {
+    let rest = name.strip_prefix("accounts/").unwrap_or(name);
+    rest.split('/').next().unwrap_or_default()
+}
+
 /// Checks a resource ID, naming `field` in the error.
 pub fn validate_id(field: &str, id: &str) -> Result<(), Error> {
     match id_problem(id) {
@@ -228,6 +235,14 @@ fn shape_error(field: &str, name: &str, expected: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_account_is_read_from_any_name_under_it() {
+        assert_eq!(account_of("accounts/acme/deployments/d"), "acme");
+        assert_eq!(account_of("accounts/acme"), "acme");
+        assert_eq!(account_of("acme"), "acme");
+        assert_eq!(account_of(""), "");
+    }
 
     #[test]
     fn ids_follow_the_seed_rule() {

@@ -10,13 +10,14 @@ use kiln_events::{Body, Event};
 use kiln_proto::events::v1 as ev;
 use sea_orm::{DatabaseTransaction, Value};
 
-use super::entry::{Entry, account_id, event_micros, micros};
+use super::entry::{Entry, event_micros, micros};
 use super::models::model_parameters;
 use super::replicas::billed_by_time;
 use crate::db::{insert_returning, int};
 use crate::prices::TokenRates;
 use crate::service::Billing;
 use kiln_core::Result;
+use kiln_core::names::account_of;
 
 /// The entry of a usage event, its tokens priced at `rates`.
 fn usage_entry(event: &Event, u: &ev::UsageRecorded, rates: &TokenRates) -> Entry {
@@ -24,7 +25,7 @@ fn usage_entry(event: &Event, u: &ev::UsageRecorded, rates: &TokenRates) -> Entr
     let embedding = u.api == "embeddings";
     let mut entry = Entry {
         id: event.id.clone(),
-        account: account_id(&u.account),
+        account: account_of(&u.account).to_owned(),
         kind: if embedding {
             "embedding_tokens"
         } else if u.api == "model_infer" {
@@ -61,7 +62,7 @@ fn training_entry(event: &Event, t: &ev::TrainingUsageRecorded, rates: &TokenRat
     let end = micros(&t.end_time, event_micros(event));
     Entry {
         id: event.id.clone(),
-        account: account_id(&t.account),
+        account: account_of(&t.account).to_owned(),
         kind: "training_tokens",
         time_micros: end,
         day: utc_day(end),

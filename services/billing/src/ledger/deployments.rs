@@ -8,9 +8,9 @@ use kiln_proto::scheduler::v1::deployment::{DeploymentType, State as DeploymentS
 use kiln_store::{execute, query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
-use super::entry::account_id;
 use crate::db::first_int;
 use kiln_core::Result;
+use kiln_core::names::account_of;
 
 /// Whether a deployment in `state` (a value of `Deployment.State`) counts against quotas.
 fn is_active(state: i32) -> bool {
@@ -30,7 +30,7 @@ pub(crate) async fn save_deployment(txn: &DatabaseTransaction, d: &Deployment) -
          max_replica_count = excluded.max_replica_count, active = excluded.active",
         vec![
             d.name.clone().into(),
-            account_id(&d.name).into(),
+            account_of(&d.name).to_owned().into(),
             d.deployment_type.into(),
             d.accelerator_type.into(),
             i64::from(d.accelerator_count).into(),

@@ -32,12 +32,6 @@ pub(crate) struct Entry {
     pub cost_nanos: i64,
 }
 
-/// The account ID in a resource name (`accounts/acme/deployments/d` → `acme`).
-pub(crate) fn account_id(name: &str) -> String {
-    let rest = name.strip_prefix("accounts/").unwrap_or(name);
-    rest.split('/').next().unwrap_or_default().to_owned()
-}
-
 /// `ts` in microseconds, `fallback` when the event left it out.
 pub(crate) fn micros(ts: &Option<prost_types::Timestamp>, fallback: i64) -> i64 {
     ts.as_ref().map(timestamp_to_micros).unwrap_or(fallback)
@@ -53,14 +47,6 @@ mod tests {
     use kiln_core::time::micros_to_timestamp;
 
     use super::*;
-
-    #[test]
-    fn an_account_is_read_from_any_name_under_it() {
-        assert_eq!(account_id("accounts/acme/deployments/d"), "acme");
-        assert_eq!(account_id("accounts/acme"), "acme");
-        assert_eq!(account_id("acme"), "acme");
-        assert_eq!(account_id(""), "");
-    }
 
     #[test]
     fn a_missing_time_falls_back() {

@@ -9,10 +9,11 @@ use kiln_proto::scheduler::v1::deployment::DeploymentType;
 use kiln_store::{execute, query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction};
 
-use super::entry::{Entry, account_id, micros};
+use super::entry::{Entry, micros};
 use crate::db::int;
 use crate::prices::Prices;
 use kiln_core::Result;
+use kiln_core::names::account_of;
 
 /// A running dedicated replica, billed up to `billed_until`.
 #[derive(Debug, Clone)]
@@ -52,7 +53,7 @@ impl OpenReplica {
     fn unseen(r: &ev::ReplicaStopped) -> Self {
         Self {
             replica: r.replica.clone(),
-            account: account_id(&r.deployment),
+            account: account_of(&r.deployment).to_owned(),
             deployment: r.deployment.clone(),
             model: r.model.clone(),
             accelerator_type: r.accelerator_type,
@@ -144,7 +145,7 @@ pub(crate) async fn open(
          VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (replica) DO NOTHING",
         vec![
             r.replica.clone().into(),
-            account_id(&r.deployment).into(),
+            account_of(&r.deployment).to_owned().into(),
             r.deployment.clone().into(),
             r.model.clone().into(),
             r.accelerator_type.into(),
