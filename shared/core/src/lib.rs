@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod auth_client;
+pub mod backoff;
 pub mod config;
 pub mod duration;
 pub mod error;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_core::backoff::Backoff;
 use kiln_store::{Migration, statement, value_rows};
 use prost::Message;
 use sea_orm::{
@@ -169,17 +170,17 @@ impl Outbox {
     ) -> tokio::task::JoinHandle<()> {
         let outbox = self.clone();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(50);
+            let mut backoff = Backoff::new(Duration::from_millis(50), MAX_BACKOFF);
             loop {
                 match outbox.relay_once(&db, bus.as_ref()).await {
                     // A full batch: more may be waiting.
                     Ok(sent) if sent as i64 == BATCH => {
-                        backoff = Duration::from_millis(50);
+                        backoff.reset();
                         continue;
                     }
                     // Commits after the read left a wake-up permit, so none is missed.
                     Ok(_) => {
-                        backoff = Duration::from_millis(50);
+                        backoff.reset();
                         let woken = tokio::select! {
                             _ = outbox.wake.notified() => true,
                             _ = tokio::time::sleep(POLL_INTERVAL) => false,
@@ -193,12 +194,12 @@ impl Outbox {
                         }
                     }
                     Err(err) => {
-                        tracing::warn!(service = outbox.service, %err, retry_in = ?backoff, "outbox relay could not publish; will retry");
+                        let delay = backoff.next_delay();
+                        tracing::warn!(service = outbox.service, %err, retry_in = ?delay, "outbox relay could not publish; will retry");
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(delay) => {}
                             _ = shutdown.changed() => {}
                         }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }
                 if *shutdown.borrow() {

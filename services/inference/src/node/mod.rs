@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kiln_core::auth::Principal;
+use kiln_core::backoff::Backoff;
 use kiln_proto::common::v1::Status as ResourceStatus;
 use kiln_proto::scheduler::v1::{
     Accelerator, AssignmentAck, Backend as BackendInfo, LoadReplica, NodeHeartbeat, NodeMessage,
@@ -336,7 +337,7 @@ impl Node {
     ) -> tokio::task::JoinHandle<()> {
         let node = self.clone();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
             loop {
                 let (sender, receiver) = mpsc::channel(256);
                 let _ = sender
@@ -347,7 +348,7 @@ impl Node {
                 match link.open(receiver).await {
                     Ok(inbound) => {
                         node.outbound.set(Some(sender));
-                        backoff = Duration::from_millis(200);
+                        backoff.reset();
                         tokio::select! {
                             reason = node.session(inbound) => {
                                 tracing::warn!(node = %node.name, reason, "scheduler stream ended; reconnecting");
@@ -360,14 +361,9 @@ impl Node {
                         tracing::warn!(node = %node.name, %err, "cannot reach the scheduler; retrying")
                     }
                 }
-                if *shutdown.borrow() {
+                if *shutdown.borrow() || !backoff.wait(&mut shutdown).await {
                     break;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => break,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         })
     }
