@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use kiln_proto::scheduler::v1::{Route, RouteReplica, RoutingTable, deployed_model, replica};
 
 use crate::state::State;
-use kiln_core::names::account_of;
+use kiln_core::names::account_name;
 
 /// Where every deployed model is served, from the current state.
 pub(crate) fn routing_table(state: &State, version: i64) -> RoutingTable {
@@ -62,7 +62,7 @@ pub(crate) fn routing_table(state: &State, version: i64) -> RoutingTable {
                 default: dm.default,
                 public: dm.public,
                 deployment_type: d.deployment_type,
-                account: format!("accounts/{}", account_of(&dm.name)),
+                account: account_name(&dm.name),
                 replicas,
                 state: dm.state,
             })

@@ -36,6 +36,11 @@ pub fn account_of(name: &str) -> &str {
     rest.split('/').next().unwrap_or_default()
 }
 
+/// The name of the account of `name` (an account ID, or any name under an account).
+pub fn account_name(name: &str) -> String {
+    format!("accounts/{}", account_of(name))
+}
+
 /// Checks a resource ID, naming `field` in the error.
 pub fn validate_id(field: &str, id: &str) -> Result<(), Error> {
     match id_problem(id) {
@@ -242,6 +247,8 @@ mod tests {
         assert_eq!(account_of("accounts/acme"), "acme");
         assert_eq!(account_of("acme"), "acme");
         assert_eq!(account_of(""), "");
+        assert_eq!(account_name("acme"), "accounts/acme");
+        assert_eq!(account_name("accounts/acme/models/m"), "accounts/acme");
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl Outbox {
         body: crate::Body,
     ) -> Event {
         let source = format!("kiln-{}", self.service);
-        let account = format!("accounts/{}", account.trim_start_matches("accounts/"));
+        let account = kiln_core::names::account_name(account);
         crate::new_event(&source, event_type, &account, resource, body)
     }
 

@@ -74,7 +74,7 @@ impl Client {
         Ok(Self {
             channel,
             interceptor,
-            account: args.account.as_deref().map(account_name),
+            account: args.account.as_deref().map(kiln_core::names::account_name),
         })
     }
 
@@ -108,25 +108,5 @@ impl Client {
             return Ok(id.to_owned());
         }
         Ok(format!("{}/{collection}/{id}", self.account().await?))
-    }
-}
-
-/// An account's full name from its ID, or the full name as given.
-pub(crate) fn account_name(id: &str) -> String {
-    if id.starts_with("accounts/") {
-        id.to_owned()
-    } else {
-        format!("accounts/{id}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn account_ids_become_names() {
-        assert_eq!(account_name("acme"), "accounts/acme");
-        assert_eq!(account_name("accounts/acme"), "accounts/acme");
     }
 }

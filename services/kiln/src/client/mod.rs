@@ -8,7 +8,8 @@ mod paging;
 mod resources;
 
 pub use connect::ClientArgs;
-pub(crate) use connect::{Authed, Client, account_name};
+pub(crate) use connect::{Authed, Client};
+pub(crate) use kiln_core::names::account_name;
 pub use output::Format;
 #[cfg(test)]
 pub(crate) use output::to_json;
