@@ -55,8 +55,17 @@ impl Registry {
         }
     }
 
-    /// Checks the files' content; returns the model with what the files tell filled in.
+    /// Checks the files' content; returns the model with what the files tell filled in, or
+    /// the problem the files have.
     async fn check_content(&self, stored: &StoredModel) -> Result<Result<Model, FormatError>> {
+        match self.check_files(stored).await {
+            Ok(model) => Ok(Ok(model)),
+            Err(Stop::Problem(problem)) => Ok(Err(problem)),
+            Err(Stop::Failed(err)) => Err(err),
+        }
+    }
+
+    async fn check_files(&self, stored: &StoredModel) -> std::result::Result<Model, Stop> {
         let mut model = stored.model.clone();
         let key = |path: &str| file_key(stored.account(), stored.id(), "", path);
         let kind = model::Kind::try_from(model.kind).unwrap_or(model::Kind::Unspecified);
@@ -66,18 +75,12 @@ impl Registry {
                 .artifacts()
                 .read_all(&key("adapter_config.json"))
                 .await?;
-            let config = match read_adapter_config("adapter_config.json", &config_bytes) {
-                Ok(c) => c,
-                Err(e) => return Ok(Err(e)),
-            };
+            let config = read_adapter_config("adapter_config.json", &config_bytes)?;
             let weights = self
                 .artifacts()
                 .read_all(&key("adapter_model.safetensors"))
                 .await?;
-            let tensors = match read_safetensors_header("adapter_model.safetensors", &weights) {
-                Ok(t) => t,
-                Err(e) => return Ok(Err(e)),
-            };
+            let tensors = read_safetensors_header("adapter_model.safetensors", &weights)?;
             let base_name = model
                 .peft_details
                 .as_ref()
@@ -91,40 +94,33 @@ impl Registry {
                 None => None,
             };
             let Some(base) = base.filter(|b| b.model.state == model::State::Ready as i32) else {
-                return Ok(Err(FormatError::new(
+                return Err(FormatError::new(
                     "adapter_config.json",
                     format!("base model {base_name} does not exist or is not READY"),
-                )));
+                )
+                .into());
             };
             let Some(gguf_file) = base.model.files.iter().find(|f| f.path.ends_with(".gguf"))
             else {
-                return Ok(Err(FormatError::new(
+                return Err(FormatError::new(
                     "adapter_model.safetensors",
                     format!(
                         "base model {base_name} is not a GGUF checkpoint; adapter shapes are checked against GGUF bases"
                     ),
-                )));
+                ).into());
             };
             let base_key = file_key(base.account(), base.id(), "", &gguf_file.path);
-            let info = match self
+            let info = self
                 .gguf_info(&base_key, &gguf_file.path, gguf_file.size_bytes as u64)
-                .await
-            {
-                Ok(i) => i,
-                Err(e) => return Ok(Err(e)),
-            };
-            if let Err(e) =
-                check_adapter_fits(&config, &tensors, &info, "adapter_model.safetensors")
-            {
-                return Ok(Err(e));
-            }
+                .await?;
+            check_adapter_fits(&config, &tensors, &info, "adapter_model.safetensors")?;
             model.peft_details = Some(PeftDetails {
                 base_model: base_name,
                 r: config.r as i32,
                 target_modules: config.target_modules.clone(),
                 lora_alpha: config.lora_alpha as f32,
             });
-            return Ok(Ok(model));
+            return Ok(model);
         }
 
         if let Some(gguf_file) = model
@@ -134,25 +130,20 @@ impl Registry {
             .cloned()
         {
             if kind != model::Kind::BaseModel {
-                return Ok(Err(FormatError::new(
+                return Err(FormatError::new(
                     &gguf_file.path,
                     "a GGUF checkpoint can only be a BASE_MODEL",
-                )));
+                )
+                .into());
             }
-            let info = match self
+            let info = self
                 .gguf_info(
                     &key(&gguf_file.path),
                     &gguf_file.path,
                     gguf_file.size_bytes as u64,
                 )
-                .await
-            {
-                Ok(i) => i,
-                Err(e) => return Ok(Err(e)),
-            };
-            if let Err(e) = info.check_preparable(&gguf_file.path) {
-                return Ok(Err(e));
-            }
+                .await?;
+            info.check_preparable(&gguf_file.path)?;
             let to_i32 =
                 |v: Option<u64>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX)).unwrap_or(0);
             let details = model
@@ -183,34 +174,28 @@ impl Registry {
                 });
             }
             model.supports_lora = true;
-            return Ok(Ok(model));
+            return Ok(model);
         }
 
         // An ONNX bundle.
         let graph = self.artifacts().read_all(&key("model.onnx")).await?;
-        let info = match tokio::task::spawn_blocking(move || read_onnx("model.onnx", &graph))
+        let info = tokio::task::spawn_blocking(move || read_onnx("model.onnx", &graph))
             .await
-            .map_err(|e| Error::Internal(format!("onnx check: {e}")))?
-        {
-            Ok(i) => i,
-            Err(e) => return Ok(Err(e)),
-        };
+            .map_err(|e| Error::Internal(format!("onnx check: {e}")))??;
         // An uploaded manifest is served with the files (see the engine's bundle loading):
         // it must read as one, with a task Kiln knows.
         let manifest_task = match model.files.iter().find(|f| f.path == Manifest::FILE) {
             Some(_) => {
                 let bytes = self.artifacts().read_all(&key(Manifest::FILE)).await?;
-                let manifest = match Manifest::from_json(&bytes) {
-                    Ok(m) => m,
-                    Err(e) => return Ok(Err(e)),
-                };
+                let manifest = Manifest::from_json(&bytes)?;
                 match Task::parse(&manifest.task) {
                     Some(task) => Some(task),
                     None => {
-                        return Ok(Err(FormatError::new(
+                        return Err(FormatError::new(
                             Manifest::FILE,
                             format!("unknown task {:?}", manifest.task),
-                        )));
+                        )
+                        .into());
                     }
                 }
             }
@@ -226,18 +211,14 @@ impl Registry {
                 ));
             }
         }
-        let hf = match read_hf(HfFiles::from_pairs(&hf_files)) {
-            Ok(info) => info,
-            Err(e) => return Ok(Err(FormatError::new(e.file, e.problem))),
-        };
+        let hf = read_hf(HfFiles::from_pairs(&hf_files))
+            .map_err(|e| FormatError::new(e.file, e.problem))?;
         let task = manifest_task.unwrap_or(match kind {
             model::Kind::EmbeddingModel => Task::Embedding,
             model::Kind::TensorModel => Task::Tensor,
             _ => Task::TextGeneration,
         });
-        if let Err(e) = check_task("model.onnx", &info, task) {
-            return Ok(Err(e));
-        }
+        check_task("model.onnx", &info, task)?;
         if task != Task::Tensor {
             let tokenizer = self.artifacts().read_all(&key("tokenizer.json")).await?;
             let loaded = tokio::task::spawn_blocking(move || {
@@ -248,10 +229,11 @@ impl Registry {
             .await
             .map_err(|e| Error::Internal(format!("tokenizer check: {e}")))?;
             if let Err(e) = loaded {
-                return Ok(Err(FormatError::new(
+                return Err(FormatError::new(
                     "tokenizer.json",
                     format!("does not load as a tokenizer: {e}"),
-                )));
+                )
+                .into());
             }
         }
         let details = model
@@ -277,7 +259,7 @@ impl Registry {
                 conversation.template = hf.chat_template;
             }
         }
-        Ok(Ok(model))
+        Ok(model)
     }
 
     pub async fn validate_model_upload(
@@ -364,5 +346,24 @@ impl Registry {
             errors,
             ..Default::default()
         })
+    }
+}
+
+/// Why a content check stopped: a problem in the files (the model fails validation), or the
+/// registry could not read them (the call fails).
+enum Stop {
+    Problem(FormatError),
+    Failed(Error),
+}
+
+impl From<FormatError> for Stop {
+    fn from(problem: FormatError) -> Self {
+        Self::Problem(problem)
+    }
+}
+
+impl From<Error> for Stop {
+    fn from(err: Error) -> Self {
+        Self::Failed(err)
     }
 }
