@@ -16,6 +16,8 @@
 //! - datasets ([`validate_jsonl`]): a JSONL fine-tuning dataset, checked line by line.
 //! - preparation ([`convert_gguf`]): a llama-family GGUF into `model.onnx` (decoder with past),
 //!   `tokenizer.json` and `manifest.json`.
+//! - LoRA slots ([`add_lora_slots`]): a decoder graph rewritten so that one pass applies a
+//!   different adapter (or none) to each batch row.
 //! - [`Manifest`]: `manifest.json`, written by the registry and read by the engine.
 //!
 //! None of these readers trusts a length or count it reads: each is bounded before anything is
@@ -26,6 +28,7 @@ mod error;
 mod gguf;
 mod gguf_onnx;
 mod hf;
+mod lora_slots;
 mod manifest;
 mod onnx;
 mod onnx_proto;
@@ -37,10 +40,14 @@ pub use error::FormatError;
 pub use gguf::{GgufInfo, GgufTensor, read_gguf};
 pub use gguf_onnx::{Converted, GGUF_ONNX_VERSION, convert_gguf};
 pub use hf::{HF_FILES, HfError, HfFiles, HfModelInfo, read_hf};
+pub use lora_slots::{LORA_MASK, SlotLinear, add_lora_slots};
 pub use manifest::Manifest;
 pub use onnx::{OnnxInfo, Task, check_task, read_onnx};
-pub use peft::{AdapterConfig, check_adapter_fits, read_adapter_config};
-pub use safetensors::{TensorEntry, read_safetensors_header};
+pub use peft::{
+    AdapterConfig, LoraLinear, LoraWeights, check_adapter_fits, read_adapter_config,
+    read_lora_weights,
+};
+pub use safetensors::{TensorEntry, read_safetensors_header, write_safetensors_f32};
 
 /// The path of a real asset fetched by `deploy/fetch-assets.sh` (under `$KILN_ASSET_DIR`, or
 /// `~/.cache/kiln/assets`). Panics with instructions when it is missing: tests on real assets

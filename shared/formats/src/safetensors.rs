@@ -146,6 +146,33 @@ pub fn header_len(file: &str, prefix: &[u8]) -> Result<u64, FormatError> {
     Ok(n)
 }
 
+/// A safetensors file of float32 tensors `(name, shape, values)`, laid out in the order given.
+pub fn write_safetensors_f32(tensors: &[(&str, &[usize], &[f32])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape, values) in tensors {
+        debug_assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
+        let end = offset + 4 * values.len();
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::Value::Object(header).to_string();
+    // The data starts 8-byte aligned, as the reference writer keeps it.
+    while (8 + json.len()) % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend((json.len() as u64).to_le_bytes());
+    out.extend(json.as_bytes());
+    for (_, _, values) in tensors {
+        out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

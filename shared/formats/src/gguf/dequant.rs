@@ -18,7 +18,7 @@ pub(crate) fn byte_size(ggml_type: u32, elements: usize) -> Option<usize> {
 }
 
 /// IEEE half to single precision.
-fn f16_to_f32(bits: u16) -> f32 {
+pub(crate) fn f16_to_f32(bits: u16) -> f32 {
     let sign = ((bits >> 15) as u32) << 31;
     let exp = ((bits >> 10) & 0x1f) as u32;
     let frac = (bits & 0x3ff) as u32;

@@ -14,7 +14,7 @@ mod tests;
 use std::io::Read;
 
 use crate::error::FormatError;
-pub(crate) use dequant::to_nbits;
+pub(crate) use dequant::{f16_to_f32, to_nbits};
 pub(crate) use file::GgufFile;
 pub use header::GgufTensor;
 pub(crate) use header::Value;

@@ -18,6 +18,9 @@ use crate::safetensors::TensorEntry;
 
 #[cfg(test)]
 mod tests;
+mod weights;
+
+pub use weights::{LoraLinear, LoraWeights, read_lora_weights};
 
 /// The LoRA ranks Kiln serves.
 pub const RANK_RANGE: std::ops::RangeInclusive<u32> = 4..=64;
@@ -26,7 +29,7 @@ pub const RANK_RANGE: std::ops::RangeInclusive<u32> = 4..=64;
 const DEFAULT_LORA_ALPHA: f64 = 8.0;
 
 /// `(HF module, its parent in a llama decoder layer, the GGUF tensor infix)`.
-const MODULES: [(&str, &str, &str); 7] = [
+pub(crate) const MODULES: [(&str, &str, &str); 7] = [
     ("q_proj", "self_attn", "attn_q"),
     ("k_proj", "self_attn", "attn_k"),
     ("v_proj", "self_attn", "attn_v"),
@@ -50,6 +53,20 @@ pub struct AdapterConfig {
     /// HF module names (`q_proj`, `v_proj`, …), deduplicated, in the order given.
     pub target_modules: Vec<String>,
     pub base_model_name_or_path: Option<String>,
+    /// rsLoRA: the update is scaled by `lora_alpha / sqrt(r)` instead of `lora_alpha / r`.
+    pub use_rslora: bool,
+}
+
+impl AdapterConfig {
+    /// What `B·A` is multiplied by: `lora_alpha / r`, or `lora_alpha / sqrt(r)` under rsLoRA.
+    pub fn scale(&self) -> f64 {
+        let r = f64::from(self.r);
+        if self.use_rslora {
+            self.lora_alpha / r.sqrt()
+        } else {
+            self.lora_alpha / r
+        }
+    }
 }
 
 /// Reads an `adapter_config.json`. `target_modules` may be a list of module names or a single
@@ -142,13 +159,71 @@ pub fn read_adapter_config(file: &str, bytes: &[u8]) -> Result<AdapterConfig, Fo
         }
     };
 
+    let use_rslora = match obj.get("use_rslora") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(err(format!(
+                "use_rslora must be true or false, not {other}"
+            )));
+        }
+    };
+    refuse_unappliable(&obj).map_err(err)?;
+
     Ok(AdapterConfig {
         peft_type,
         r,
         lora_alpha,
         target_modules,
         base_model_name_or_path,
+        use_rslora,
     })
+}
+
+/// The PEFT settings under which `B·A·scale` added to a linear layer's output would not be
+/// what the adapter was trained as: refused, naming the field, rather than served mis-scaled.
+fn refuse_unappliable(obj: &serde_json::Map<String, Value>) -> Result<(), String> {
+    let set = |key: &str| obj.get(key).filter(|v| !v.is_null());
+    if let Some(v) = set("fan_in_fan_out")
+        && v != &Value::Bool(false)
+    {
+        return Err(format!(
+            "fan_in_fan_out is {v}: Kiln applies adapters of nn.Linear layers (lora_A [r, in]); \
+             fan_in_fan_out adapters are for Conv1D layers (GPT-2) and would be applied transposed"
+        ));
+    }
+    if let Some(v) = set("bias")
+        && v.as_str() != Some("none")
+    {
+        return Err(format!(
+            "bias is {v}: Kiln serves adapters without trained biases (bias \"none\")"
+        ));
+    }
+    if let Some(v) = set("use_dora")
+        && v != &Value::Bool(false)
+    {
+        return Err(format!(
+            "use_dora is {v}: DoRA's magnitude vectors are not applied by Kiln; use plain LoRA"
+        ));
+    }
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if let Some(v) = set(key)
+            && v.as_object().is_none_or(|m| !m.is_empty())
+        {
+            return Err(format!(
+                "{key} is {v}: Kiln scales every module by one r and lora_alpha; per-module \
+                 ranks or alphas would be mis-scaled"
+            ));
+        }
+    }
+    if let Some(v) = set("modules_to_save")
+        && v.as_array().is_none_or(|a| !a.is_empty())
+    {
+        return Err(format!(
+            "modules_to_save is {v}: Kiln applies LoRA weights only, not fully trained modules"
+        ));
+    }
+    Ok(())
 }
 
 fn module_list() -> String {
@@ -206,6 +281,78 @@ fn shape(dims: &[u64]) -> String {
     format!("{dims:?}")
 }
 
+/// An adapter's `lora_A` and `lora_B` tensors of one linear layer.
+struct Pair<'a> {
+    a: (&'a str, &'a TensorEntry),
+    b: (&'a str, &'a TensorEntry),
+}
+
+/// The adapter's tensors by `(layer, HF module)`: every tensor a float `lora_A`/`lora_B`
+/// weight of a target module under its llama parent, every `lora_A` with its `lora_B`.
+fn lora_pairs<'a>(
+    config: &AdapterConfig,
+    tensors: &'a BTreeMap<String, TensorEntry>,
+) -> Result<BTreeMap<(u64, &'static str), Pair<'a>>, String> {
+    type Halves<'a> = (
+        Option<(&'a str, &'a TensorEntry)>,
+        Option<(&'a str, &'a TensorEntry)>,
+    );
+    let mut halves: BTreeMap<(u64, &'static str), Halves<'a>> = BTreeMap::new();
+    for (name, entry) in tensors {
+        let Some(lora) = parse_lora_name(name) else {
+            return Err(format!(
+                "tensor {name:?} is not a LoRA weight Kiln can apply (expected names like \
+                 base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight)"
+            ));
+        };
+        let Some((module, parent, _)) = MODULES.iter().find(|(m, _, _)| *m == lora.module) else {
+            return Err(format!(
+                "tensor {name:?} adapts module {:?}, which Kiln cannot map to the base model \
+                 (Kiln adapts {})",
+                lora.module,
+                module_list()
+            ));
+        };
+        if lora.parent != *parent {
+            return Err(format!(
+                "tensor {name:?} puts {module} under {:?}; expected {parent:?}",
+                lora.parent
+            ));
+        }
+        if !config.target_modules.iter().any(|m| m == module) {
+            return Err(format!(
+                "tensor {name:?} adapts {module}, which is not in target_modules ({})",
+                config.target_modules.join(", ")
+            ));
+        }
+        if !matches!(entry.dtype.as_str(), "F32" | "F16" | "BF16") {
+            return Err(format!(
+                "tensor {name:?} has dtype {}; LoRA weights must be F32, F16 or BF16",
+                entry.dtype
+            ));
+        }
+        let pair = halves.entry((lora.layer, module)).or_default();
+        let half = if lora.half == 'A' {
+            &mut pair.0
+        } else {
+            &mut pair.1
+        };
+        *half = Some((name.as_str(), entry));
+    }
+    if halves.is_empty() {
+        return Err("the adapter has no LoRA tensors".into());
+    }
+    halves
+        .into_iter()
+        .map(|(key, pair)| match pair {
+            (Some(a), Some(b)) => Ok((key, Pair { a, b })),
+            (None, Some((name, _))) => Err(format!("tensor {name:?} has no matching lora_A")),
+            (Some((name, _)), None) => Err(format!("tensor {name:?} has no matching lora_B")),
+            (None, None) => unreachable!("a pair is made by one of its halves"),
+        })
+        .collect()
+}
+
 /// Whether an adapter's tensors fit the base model: every target module maps to a tensor of
 /// the base, every tensor is a `lora_A`/`lora_B` weight of a target module in a layer the base
 /// has, with the shape the base's tensor and `r` require, and every `lora_A` has its `lora_B`.
@@ -238,92 +385,41 @@ pub fn check_adapter_fits(
     }
 
     let r = u64::from(config.r);
-    // (layer, module) -> (has lora_A, has lora_B, a tensor name for errors)
-    let mut pairs: BTreeMap<(u64, &str), (bool, bool, &str)> = BTreeMap::new();
-    for (name, entry) in tensors {
-        let Some(lora) = parse_lora_name(name) else {
+    let pairs = lora_pairs(config, tensors).map_err(|p| FormatError::new(file, p))?;
+    for ((layer, module), pair) in pairs {
+        let infix = MODULES
+            .iter()
+            .find_map(|(m, _, infix)| (*m == module).then_some(infix))
+            .expect("a pair's module is one of MODULES");
+        if layer >= block_count {
             return err(format!(
-                "tensor {name:?} is not a LoRA weight Kiln can apply (expected names like \
-                 base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight)"
-            ));
-        };
-        let Some((module, parent, infix)) = MODULES.iter().find(|(m, _, _)| *m == lora.module)
-        else {
-            return err(format!(
-                "tensor {name:?} adapts module {:?}, which Kiln cannot map to the base model \
-                 (Kiln adapts {})",
-                lora.module,
-                module_list()
-            ));
-        };
-        if lora.parent != *parent {
-            return err(format!(
-                "tensor {name:?} puts {module} under {:?}; expected {parent:?}",
-                lora.parent
+                "tensor {:?} is for layer {layer} but the base model has {block_count} layers",
+                pair.a.0
             ));
         }
-        if !config.target_modules.iter().any(|m| m == module) {
-            return err(format!(
-                "tensor {name:?} adapts {module}, which is not in target_modules ({})",
-                config.target_modules.join(", ")
-            ));
-        }
-        if lora.layer >= block_count {
-            return err(format!(
-                "tensor {name:?} is for layer {} but the base model has {block_count} layers",
-                lora.layer
-            ));
-        }
-        if !matches!(entry.dtype.as_str(), "F32" | "F16" | "BF16") {
-            return err(format!(
-                "tensor {name:?} has dtype {}; LoRA weights must be F32, F16 or BF16",
-                entry.dtype
-            ));
-        }
-        let base_name = format!("blk.{}.{infix}.weight", lora.layer);
+        let base_name = format!("blk.{layer}.{infix}.weight");
         let Some(base_tensor) = base.tensor(&base_name) else {
             return err(format!(
-                "tensor {name:?} adapts {base_name}, which the base model does not have"
+                "tensor {:?} adapts {base_name}, which the base model does not have",
+                pair.a.0
             ));
         };
         let [in_features, out_features] = base_tensor.dims[..] else {
             return err(format!(
-                "tensor {name:?} adapts {base_name}, whose shape {} is not a matrix",
+                "tensor {:?} adapts {base_name}, whose shape {} is not a matrix",
+                pair.a.0,
                 shape(&base_tensor.dims)
             ));
         };
-        let expected = if lora.half == 'A' {
-            [r, in_features]
-        } else {
-            [out_features, r]
-        };
-        if entry.shape != expected {
-            return err(format!(
-                "tensor {name:?} has shape {}; expected {} (r = {r}, {base_name} is \
-                 {in_features} in × {out_features} out)",
-                shape(&entry.shape),
-                shape(&expected)
-            ));
-        }
-        let pair = pairs
-            .entry((lora.layer, module))
-            .or_insert((false, false, name.as_str()));
-        if lora.half == 'A' {
-            pair.0 = true;
-        } else {
-            pair.1 = true;
-        }
-    }
-
-    if pairs.is_empty() {
-        return err("the adapter has no LoRA tensors".into());
-    }
-    for (has_a, has_b, name) in pairs.values() {
-        if !has_a {
-            return err(format!("tensor {name:?} has no matching lora_A"));
-        }
-        if !has_b {
-            return err(format!("tensor {name:?} has no matching lora_B"));
+        for ((name, entry), expected) in [(pair.a, [r, in_features]), (pair.b, [out_features, r])] {
+            if entry.shape != expected {
+                return err(format!(
+                    "tensor {name:?} has shape {}; expected {} (r = {r}, {base_name} is \
+                     {in_features} in × {out_features} out)",
+                    shape(&entry.shape),
+                    shape(&expected)
+                ));
+            }
         }
     }
     Ok(())

@@ -25,6 +25,7 @@ fn lora_config(r: u32, modules: &[&str]) -> AdapterConfig {
         lora_alpha: 16.0,
         target_modules: modules.iter().map(|m| m.to_string()).collect(),
         base_model_name_or_path: None,
+        use_rslora: false,
     }
 }
 
@@ -152,6 +153,46 @@ fn rejects_bad_configs() {
     assert!(err.to_string().starts_with("adapter_config.json: r = 1"));
 }
 
+/// What would be applied wrongly is refused with the field's name, never served mis-scaled.
+#[test]
+fn refuses_what_cannot_be_applied_as_trained() {
+    let with = |extra: &str| {
+        problem(&format!(
+            r#"{{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], {extra}}}"#
+        ))
+    };
+    assert!(with(r#""fan_in_fan_out": true"#).starts_with("fan_in_fan_out is true: "));
+    assert!(with(r#""bias": "all""#).starts_with("bias is \"all\": "));
+    assert!(with(r#""bias": "lora_only""#).starts_with("bias is \"lora_only\""));
+    assert!(with(r#""use_dora": true"#).starts_with("use_dora is true"));
+    assert!(with(r#""rank_pattern": {"q_proj": 16}"#).starts_with("rank_pattern is "));
+    assert!(with(r#""alpha_pattern": {"q_proj": 16}"#).starts_with("alpha_pattern is "));
+    assert!(with(r#""modules_to_save": ["lm_head"]"#).starts_with("modules_to_save is "));
+    assert!(with(r#""use_rslora": "yes""#).starts_with("use_rslora must be true or false"));
+    // Their harmless values pass.
+    config(
+        r#"{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], "fan_in_fan_out": false,
+            "bias": "none", "use_dora": false, "rank_pattern": {}, "alpha_pattern": {},
+            "modules_to_save": null}"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn rslora_scales_by_the_square_root_of_r() {
+    let plain =
+        config(r#"{"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]}"#)
+            .unwrap();
+    assert!(!plain.use_rslora);
+    assert_eq!(plain.scale(), 2.0);
+    let rs = config(
+        r#"{"peft_type": "LORA", "r": 16, "lora_alpha": 32, "use_rslora": true, "target_modules": ["q_proj"]}"#,
+    )
+    .unwrap();
+    assert!(rs.use_rslora);
+    assert_eq!(rs.scale(), 8.0);
+}
+
 #[test]
 fn a_matching_adapter_fits() {
     let config = lora_config(4, &["q_proj", "v_proj", "down_proj"]);
@@ -229,6 +270,7 @@ fn rejects_tensors_that_do_not_belong() {
     // A layer the base does not have.
     let mut tensors = adapter();
     tensors.push((name(2, "self_attn", "q_proj", "A"), "F32", vec![4, 8]));
+    tensors.push((name(2, "self_attn", "q_proj", "B"), "F32", vec![8, 4]));
     assert!(misfit(&config, &tensors).contains("is for layer 2 but the base model has 2 layers"));
     // A module outside target_modules.
     let tensors = adapter();
@@ -278,4 +320,65 @@ fn needs_block_count() {
     let err =
         check_adapter_fits(&lora_config(4, &["q_proj"]), &header(&adapter()), &b, "a").unwrap_err();
     assert!(err.problem.contains("no block_count"));
+}
+
+#[test]
+fn weights_are_read_with_the_scale_folded_into_b() {
+    let a: Vec<f32> = (0..4 * 8).map(|i| i as f32 * 0.5).collect();
+    let b: Vec<f32> = (0..8 * 4).map(|i| 1.0 - i as f32).collect();
+    let bytes = safetensors::write_safetensors_f32(&[
+        (&name(1, "self_attn", "q_proj", "A"), &[4, 8], &a),
+        (&name(1, "self_attn", "q_proj", "B"), &[8, 4], &b),
+    ]);
+    let mut config = lora_config(4, &["q_proj", "v_proj"]);
+    let weights = read_lora_weights(&config, &bytes, "adapter_model.safetensors").unwrap();
+    assert_eq!(weights.rank, 4);
+    let q = &weights.linears[&(1, "q_proj")];
+    assert_eq!((q.inputs, q.outputs), (8, 8));
+    assert_eq!(q.a, a);
+    // lora_alpha 16 / r 4.
+    assert_eq!(q.b, b.iter().map(|v| v * 4.0).collect::<Vec<_>>());
+    config.use_rslora = true;
+    let weights = read_lora_weights(&config, &bytes, "adapter_model.safetensors").unwrap();
+    assert_eq!(
+        weights.linears[&(1, "q_proj")].b,
+        b.iter().map(|v| v * 8.0).collect::<Vec<_>>()
+    );
+    assert_eq!(weights.bytes(), 4 * (32 + 32));
+
+    // A rank other than the config's.
+    let err = read_lora_weights(&lora_config(8, &["q_proj"]), &bytes, "a.safetensors").unwrap_err();
+    assert!(
+        err.problem.contains("are not of rank r = 8"),
+        "{}",
+        err.problem
+    );
+}
+
+#[test]
+fn half_precision_weights_are_widened() {
+    // 1.5 in F16 (0x3e00) and BF16 (0x3fc0).
+    let spec = [
+        (name(0, "self_attn", "v_proj", "A"), "F16", vec![4u64, 8]),
+        (name(0, "self_attn", "v_proj", "B"), "BF16", vec![4u64, 4]),
+    ];
+    let spec: Vec<(&str, &str, &[u64])> = spec
+        .iter()
+        .map(|(n, d, s)| (n.as_str(), *d, s.as_slice()))
+        .collect();
+    let mut file = safetensors::tests::build(&spec);
+    let data_start = file.len() - (32 + 16) * 2;
+    for (i, chunk) in file[data_start..].chunks_exact_mut(2).enumerate() {
+        let bits: u16 = if i < 32 { 0x3e00 } else { 0x3fc0 };
+        chunk.copy_from_slice(&bits.to_le_bytes());
+    }
+    let weights = read_lora_weights(
+        &lora_config(4, &["v_proj"]),
+        &file,
+        "adapter_model.safetensors",
+    )
+    .unwrap();
+    let v = &weights.linears[&(0, "v_proj")];
+    assert!(v.a.iter().all(|&x| x == 1.5));
+    assert!(v.b.iter().all(|&x| x == 1.5 * 4.0));
 }

@@ -1,0 +1,240 @@
+//! Multi-LoRA slots in a decoder graph. Every adapted linear layer `y = x·W` (attention q, k,
+//! v, o and the MLP's gate, up, down projections) gets a side branch
+//! `y += ((x·A) ⊙ lora_mask)·B` whose matrices are graph inputs: `lora.{layer}.{module}.a`
+//! `[in, R]` and `.b` `[R, out]` hold the low-rank matrices of every resident adapter side by
+//! side (R = the sum of their ranks), and `lora_mask [batch, 1, R]` selects, per batch row,
+//! the columns of that row's adapter (all zeros: the bare base). So one pass serves a batch
+//! that mixes adapters and the base, and loading an adapter only changes inputs, never the
+//! session. With no adapter resident, R = 0 and the branch adds zeros.
+//!
+//! The rewrite works on the serialized model and copies every field it does not change byte
+//! for byte, so graphs from other exporters keep what Kiln's ONNX subset does not declare.
+//! It finds the linears of the graphs Kiln prepares from GGUF (weights `blk.{l}.{infix}`, in
+//! float or MatMulNBits blocks) and of Hugging Face optimum exports (nodes
+//! `/model/layers.{l}/{self_attn|mlp}/{module}/MatMul`).
+
+mod wire;
+
+use std::collections::HashMap;
+
+use prost::Message;
+
+use crate::onnx_proto::elem_type::FLOAT;
+use crate::onnx_proto::{Dim, NodeProto, value_info};
+use crate::peft::MODULES;
+
+/// The per-row adapter selection input.
+pub const LORA_MASK: &str = "lora_mask";
+
+/// A linear layer that took LoRA slot inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotLinear {
+    pub layer: usize,
+    /// The Hugging Face module name: `q_proj`, …, `down_proj`.
+    pub module: &'static str,
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+impl SlotLinear {
+    /// Its `A` input `[inputs, R]`.
+    pub fn a_input(&self) -> String {
+        format!("lora.{}.{}.a", self.layer, self.module)
+    }
+    /// Its `B` input `[R, outputs]`.
+    pub fn b_input(&self) -> String {
+        format!("lora.{}.{}.b", self.layer, self.module)
+    }
+}
+
+/// Adds LoRA slots to every adapted linear of the serialized `model`; returns the new model
+/// and its slotted linears (in graph order).
+pub fn add_lora_slots(model: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
+    let mut out = Vec::with_capacity(model.len() + (1 << 16));
+    let mut linears = None;
+    for field in wire::fields(model)? {
+        match (field.number, field.payload) {
+            // ModelProto.graph
+            (7, Some(graph)) => {
+                if linears.is_some() {
+                    return Err("the model has more than one graph field".into());
+                }
+                let (graph, found) = rewrite_graph(graph)?;
+                wire::put_bytes(&mut out, 7, &graph);
+                linears = Some(found);
+            }
+            _ => out.extend_from_slice(field.whole),
+        }
+    }
+    let linears = linears.ok_or("the model has no graph")?;
+    if linears.is_empty() {
+        return Err(format!(
+            "no linear layer LoRA adapts was found (looked for the weights blk.N.attn_q … of a \
+             graph prepared from GGUF, and the nodes /model/layers.N/self_attn/q_proj/MatMul … \
+             of an optimum export; adapted modules: {})",
+            MODULES.map(|(m, _, _)| m).join(", ")
+        ));
+    }
+    Ok((out, linears))
+}
+
+/// GraphProto field numbers.
+const NODE: u64 = 1;
+const INITIALIZER: u64 = 5;
+const INPUT: u64 = 11;
+
+fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
+    let fields = wire::fields(graph)?;
+    // The initializers' dims by name (their data is not read).
+    let mut dims: HashMap<String, Vec<i64>> = HashMap::new();
+    for field in &fields {
+        if let (INITIALIZER, Some(tensor)) = (field.number, field.payload) {
+            dims.insert(wire::string(tensor, 8)?, wire::int64s(tensor, 1)?);
+        }
+        if let (INPUT, Some(input)) = (field.number, field.payload)
+            && wire::string(input, 1)? == LORA_MASK
+        {
+            return Err(format!("the graph already has a {LORA_MASK} input"));
+        }
+    }
+    let mut out = Vec::with_capacity(graph.len() + (1 << 16));
+    let mut linears = Vec::new();
+    for field in &fields {
+        let (NODE, Some(raw)) = (field.number, field.payload) else {
+            out.extend_from_slice(field.whole);
+            continue;
+        };
+        let node = NodeProto::decode(raw).map_err(|e| format!("a node does not decode: {e}"))?;
+        let Some((layer, module)) = linear_of(&node) else {
+            out.extend_from_slice(field.whole);
+            continue;
+        };
+        let [inputs, outputs] = features(&node, &dims)?;
+        let linear = SlotLinear {
+            layer,
+            module,
+            inputs,
+            outputs,
+        };
+        let (Some(x), Some(y)) = (node.input.first(), node.output.first()) else {
+            return Err(format!("node {:?} has no input or output", node.name));
+        };
+        let base = format!("{y}.lora_base");
+        wire::put_bytes(&mut out, NODE, &with_output(raw, &base)?);
+        for branch in branch(&linear, x, &base, y) {
+            wire::put_bytes(&mut out, NODE, &branch.encode_to_vec());
+        }
+        linears.push(linear);
+    }
+    let rank = || Dim::Symbolic("lora_rank".into());
+    let mut inputs = vec![value_info(
+        LORA_MASK,
+        FLOAT,
+        &[Dim::Symbolic("batch_size".into()), Dim::Fixed(1), rank()],
+    )];
+    for l in &linears {
+        inputs.push(value_info(
+            &l.a_input(),
+            FLOAT,
+            &[Dim::Fixed(l.inputs as i64), rank()],
+        ));
+        inputs.push(value_info(
+            &l.b_input(),
+            FLOAT,
+            &[rank(), Dim::Fixed(l.outputs as i64)],
+        ));
+    }
+    for input in inputs {
+        wire::put_bytes(&mut out, INPUT, &input.encode_to_vec());
+    }
+    Ok((out, linears))
+}
+
+/// The `(layer, HF module)` a MatMul computes, if it is an adapted linear.
+fn linear_of(node: &NodeProto) -> Option<(usize, &'static str)> {
+    if !matches!(node.op_type.as_str(), "MatMul" | "MatMulNBits") {
+        return None;
+    }
+    // Prepared from GGUF: the weight blk.{l}.{infix}, or its blocks blk.{l}.{infix}.q.
+    if let Some(rest) = node.input.get(1).and_then(|w| w.strip_prefix("blk.")) {
+        let (layer, infix) = rest.split_once('.')?;
+        let infix = infix.strip_suffix(".q").unwrap_or(infix);
+        let (module, _, _) = MODULES.iter().find(|(_, _, i)| *i == infix)?;
+        return Some((layer.parse().ok()?, module));
+    }
+    // optimum: /model/layers.{l}/{parent}/{module}/MatMul.
+    let rest = node.name.strip_prefix("/model/layers.")?;
+    let mut parts = rest.split('/');
+    let (layer, parent, module, op) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if op != "MatMul" || parts.next().is_some() {
+        return None;
+    }
+    let (module, _, _) = MODULES
+        .iter()
+        .find(|(m, p, _)| *m == module && *p == parent)?;
+    Some((layer.parse().ok()?, module))
+}
+
+/// A linear's `[in, out]`: MatMulNBits' K and N, or the dims of a MatMul's weight initializer.
+fn features(node: &NodeProto, dims: &HashMap<String, Vec<i64>>) -> Result<[usize; 2], String> {
+    let positive = |v: i64| usize::try_from(v).ok().filter(|&v| v > 0);
+    let found = if node.op_type == "MatMulNBits" {
+        let attr = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.i);
+        attr("K").zip(attr("N"))
+    } else {
+        node.input
+            .get(1)
+            .and_then(|w| dims.get(w))
+            .and_then(|d| <[i64; 2]>::try_from(d.as_slice()).ok())
+            .map(|[i, o]| (i, o))
+    };
+    found
+        .and_then(|(i, o)| Some([positive(i)?, positive(o)?]))
+        .ok_or_else(|| {
+            format!(
+                "the weight of {:?} ({}) is not a 2-D initializer: its features are unknown",
+                node.name,
+                node.input.get(1).map_or("", String::as_str)
+            )
+        })
+}
+
+/// The node `raw` with its first output renamed to `output`, every other byte kept.
+fn with_output(raw: &[u8], output: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(raw.len() + 16);
+    let mut renamed = false;
+    for field in wire::fields(raw)? {
+        // NodeProto.output
+        if field.number == 2 && !renamed {
+            wire::put_bytes(&mut out, 2, output.as_bytes());
+            renamed = true;
+        } else {
+            out.extend_from_slice(field.whole);
+        }
+    }
+    Ok(out)
+}
+
+/// `y = base + ((x·A) ⊙ lora_mask)·B`.
+fn branch(linear: &SlotLinear, x: &str, base: &str, y: &str) -> [NodeProto; 4] {
+    let prefix = format!("lora.{}.{}", linear.layer, linear.module);
+    let node = |op: &str, inputs: [&str; 2], output: &str| NodeProto {
+        input: inputs.map(str::to_owned).to_vec(),
+        output: vec![output.to_owned()],
+        name: format!("{prefix}/{op}:{output}"),
+        op_type: op.to_owned(),
+        ..Default::default()
+    };
+    let down = format!("{prefix}.xa");
+    let masked = format!("{prefix}.xa_masked");
+    let delta = format!("{prefix}.delta");
+    [
+        node("MatMul", [x, &linear.a_input()], &down),
+        node("Mul", [&down, LORA_MASK], &masked),
+        node("MatMul", [&masked, &linear.b_input()], &delta),
+        node("Add", [base, &delta], y),
+    ]
+}
+
+#[cfg(test)]
+mod tests;

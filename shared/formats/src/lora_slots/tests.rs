@@ -1,0 +1,138 @@
+//! The rewrite on Kiln's own GGUF graphs (float and blocks) and on a real optimum export.
+
+use super::*;
+use crate::gguf::testdata::{tiny_llama, with_data};
+use crate::onnx_proto::ModelProto;
+use crate::{convert_gguf, read_onnx};
+
+/// The tiny llama's graph (its linears are too narrow for blocks: MatMulNBits graphs are
+/// rewritten in the e2e suite, on SmolLM2 in INT4).
+fn tiny_graph() -> Vec<u8> {
+    let converted = convert_gguf(&with_data(tiny_llama(), 2 + 2 * 9), false).unwrap();
+    converted
+        .files
+        .into_iter()
+        .find(|(n, _)| *n == "model.onnx")
+        .unwrap()
+        .1
+}
+
+fn optimum_export() -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data/llm/hf-optimum/tiny-llama/model.onnx");
+    std::fs::read(path).unwrap()
+}
+
+/// Every linear of every layer gets its slots; everything else is kept.
+fn check_rewrite(original: &[u8], layers: usize, features: &[(&str, usize, usize)]) {
+    let (rewritten, linears) = add_lora_slots(original).unwrap();
+    assert_eq!(linears.len(), layers * 7);
+    for (module, inputs, outputs) in features {
+        let l = linears
+            .iter()
+            .find(|l| l.layer == layers - 1 && l.module == *module)
+            .unwrap_or_else(|| panic!("{module} of the last layer"));
+        assert_eq!((l.inputs, l.outputs), (*inputs, *outputs), "{module}");
+    }
+    let before = read_onnx("model.onnx", original).unwrap();
+    let after = read_onnx("model.onnx", &rewritten).unwrap();
+    assert_eq!(after.outputs, before.outputs);
+    assert_eq!(after.inputs[..before.inputs.len()], before.inputs[..]);
+    assert_eq!(
+        after.inputs.len(),
+        before.inputs.len() + 1 + 2 * linears.len()
+    );
+    assert_eq!(after.node_count, before.node_count + 4 * linears.len());
+    let mask = after.input(LORA_MASK).unwrap();
+    assert_eq!(mask.dims.len(), 3);
+    assert!(after.input("lora.0.q_proj.a").is_some());
+    assert!(
+        after
+            .input(&format!("lora.{}.down_proj.b", layers - 1))
+            .is_some()
+    );
+    assert_eq!(
+        (after.ir_version, after.opset),
+        (before.ir_version, before.opset)
+    );
+
+    // The branch follows the linear it adapts and ends in the linear's old output.
+    let model: ModelProto = ModelProto::decode(&rewritten[..]).unwrap();
+    let nodes = model.graph.unwrap().node;
+    let at = nodes
+        .iter()
+        .position(|n| n.output[0].ends_with(".lora_base"))
+        .unwrap();
+    let base = &nodes[at].output[0];
+    let add = &nodes[at + 4];
+    assert_eq!(add.op_type, "Add");
+    assert_eq!(add.input[0], *base);
+    assert_eq!(format!("{}.lora_base", add.output[0]), *base);
+    assert_eq!(
+        nodes[at + 1].input[0],
+        nodes[at].input[0],
+        "x feeds the branch"
+    );
+
+    // Once only.
+    assert_eq!(
+        add_lora_slots(&rewritten).unwrap_err(),
+        "the graph already has a lora_mask input"
+    );
+}
+
+#[test]
+fn slots_go_into_graphs_prepared_from_gguf() {
+    // The tiny llama: hidden 8, k/v 4, ffn 16.
+    let features = [
+        ("q_proj", 8, 8),
+        ("k_proj", 8, 4),
+        ("v_proj", 8, 4),
+        ("down_proj", 16, 8),
+    ];
+    check_rewrite(&tiny_graph(), 2, &features);
+}
+
+#[test]
+fn slots_go_into_optimum_exports() {
+    // hidden 64 (4 heads of 16), k/v 32 (2 kv heads), see tests/data/llm/hf-optimum.
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/data/llm/hf-optimum/tiny-llama/config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let hidden = config["hidden_size"].as_u64().unwrap() as usize;
+    let ffn = config["intermediate_size"].as_u64().unwrap() as usize;
+    let kv = hidden / config["num_attention_heads"].as_u64().unwrap() as usize
+        * config["num_key_value_heads"].as_u64().unwrap() as usize;
+    let layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
+    check_rewrite(
+        &optimum_export(),
+        layers,
+        &[
+            ("q_proj", hidden, hidden),
+            ("v_proj", hidden, kv),
+            ("o_proj", hidden, hidden),
+            ("up_proj", hidden, ffn),
+            ("down_proj", ffn, hidden),
+        ],
+    );
+}
+
+#[test]
+fn a_graph_without_llama_linears_is_refused() {
+    let mut model: ModelProto = ModelProto::decode(&tiny_graph()[..]).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    graph
+        .node
+        .retain(|n| !n.input.iter().any(|i| i.starts_with("blk.")));
+    let problem = add_lora_slots(&model.encode_to_vec()).unwrap_err();
+    assert!(
+        problem.starts_with("no linear layer LoRA adapts was found"),
+        "{problem}"
+    );
+    assert_eq!(add_lora_slots(&[]).unwrap_err(), "the model has no graph");
+}
