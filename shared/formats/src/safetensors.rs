@@ -161,7 +161,7 @@ pub fn write_safetensors_f32(tensors: &[(&str, &[usize], &[f32])]) -> Vec<u8> {
     }
     let mut json = serde_json::Value::Object(header).to_string();
     // The data starts 8-byte aligned, as the reference writer keeps it.
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(' ');
     }
     let mut out = Vec::with_capacity(8 + json.len() + offset);
