@@ -27,6 +27,7 @@ pub mod events;
 mod identity;
 pub mod inference;
 pub mod llm;
+pub mod lora;
 mod mesh;
 pub mod python;
 pub mod registry;

@@ -44,6 +44,14 @@ pub struct InferenceConfig {
     /// answers, reused by prompts that begin the same way (system prompts, earlier turns of a
     /// chat); 0 turns the prefix cache off.
     pub prefix_cache_bytes: u64,
+    /// LoRA addons: adapter slots per replica of a deployment with `enable_addons` (its
+    /// `num_peft_device_cached` overrides it), like vLLM's `max_loras`: the distinct adapters
+    /// one decode step can mix. A request for an adapter outside the slots takes the slot of
+    /// the least recently used adapter no running sequence needs.
+    pub max_loras: usize,
+    /// Parsed adapters kept in memory per node (least recently used dropped first), like
+    /// vLLM's `max_cpu_loras`.
+    pub max_cpu_loras: usize,
     /// Per-model settings; a `path` serves a local bundle under `name`.
     pub models: Vec<ModelConfig>,
     /// Models loaded at start (names), so the first request does not wait for a load.
@@ -156,6 +164,8 @@ impl Default for InferenceConfig {
             prefill_chunk: 256,
             max_kv_tokens: 65536,
             prefix_cache_bytes: 256 << 20,
+            max_loras: 4,
+            max_cpu_loras: 16,
             models: Vec::new(),
             preload: Vec::new(),
             scheduler_url: String::new(),
@@ -209,6 +219,16 @@ impl InferenceConfig {
         }
     }
 
+    /// The LoRA slots of a replica: none unless its deployment takes addons; then the
+    /// deployment's `num_peft_device_cached`, else `max_loras`.
+    pub(crate) fn lora_slots(&self, enable_addons: bool, num_peft_device_cached: i32) -> usize {
+        match (enable_addons, usize::try_from(num_peft_device_cached)) {
+            (false, _) => 0,
+            (true, Ok(n)) if n > 0 => n,
+            (true, _) => self.max_loras,
+        }
+    }
+
     /// The configured device.
     pub(crate) fn parsed_device(&self) -> Result<crate::backend::Device, ConfigError> {
         use crate::backend::Device;
@@ -258,6 +278,7 @@ impl Validate for InferenceConfig {
             ("inference.max_sequences", self.max_sequences),
             ("inference.prefill_chunk", self.prefill_chunk),
             ("inference.max_kv_tokens", self.max_kv_tokens),
+            ("inference.max_loras", self.max_loras),
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(field, "must be positive"));
@@ -267,6 +288,15 @@ impl Validate for InferenceConfig {
             return Err(ConfigError::invalid(
                 "inference.queue_capacity",
                 "must be positive",
+            ));
+        }
+        if self.max_cpu_loras < self.max_loras {
+            return Err(ConfigError::invalid(
+                "inference.max_cpu_loras",
+                format!(
+                    "must be at least inference.max_loras ({}), got {}",
+                    self.max_loras, self.max_cpu_loras
+                ),
             ));
         }
         for (i, a) in self.accelerators.iter().enumerate() {

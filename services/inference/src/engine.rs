@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 use crate::backend::{Backends, Device, LoadOptions, TensorInfo};
 use crate::bundle::{Bundle, BundleCache};
 use crate::config::InferenceConfig;
-use crate::generation::llm::{Llm, LlmShape};
+use crate::generation::llm::{Adapter, Llm, LlmShape};
 use crate::runner::{Runner, SubmitError};
 use crate::source::ModelSource;
 use crate::tensor::Tensor;
@@ -126,6 +126,28 @@ impl LoadedModel {
 /// A model's place in the engine: empty until it loads; its lock held while it loads.
 type Slot = Arc<Mutex<Option<Arc<LoadedModel>>>>;
 
+/// How a replica serves its model: on which backend (`""` or `"auto"`: the node's choice),
+/// and with how many LoRA adapter slots (0: the graph as prepared, without slots). A model
+/// loads once per variant it is served as.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub(crate) struct Variant {
+    pub(crate) backend: String,
+    pub(crate) lora_slots: usize,
+}
+
+impl Variant {
+    fn key(&self) -> Self {
+        Self {
+            backend: if self.backend == "auto" {
+                String::new()
+            } else {
+                self.backend.clone()
+            },
+            lora_slots: self.lora_slots,
+        }
+    }
+}
+
 /// Loaded models by name and backend ("": the node's choice), each behind its own lock so
 /// loads of different models overlap and concurrent first requests for one model load it
 /// once.
@@ -135,7 +157,8 @@ pub struct Engine {
     backends: Backends,
     cache: BundleCache,
     source: Arc<dyn ModelSource>,
-    models: std::sync::Mutex<HashMap<(String, String), Slot>>,
+    models: std::sync::Mutex<HashMap<(String, Variant), Slot>>,
+    adapters: std::sync::Mutex<AdapterCache>,
 }
 
 impl Engine {
@@ -149,7 +172,9 @@ impl Engine {
             .parsed_device()
             .map_err(|e| Error::Internal(e.to_string()))?;
         let cache = BundleCache::new(config.cache_dir(data_dir), config.cache_max_bytes);
+        let adapters = std::sync::Mutex::new(AdapterCache::new(config.max_cpu_loras));
         Ok(Self {
+            adapters,
             config,
             device,
             backends,
@@ -157,6 +182,10 @@ impl Engine {
             source,
             models: Default::default(),
         })
+    }
+
+    pub(crate) fn config(&self) -> &InferenceConfig {
+        &self.config
     }
 
     pub fn backends(&self) -> &Backends {
@@ -175,25 +204,25 @@ impl Engine {
         field: &str,
         name: &str,
     ) -> Result<Arc<LoadedModel>> {
-        self.model_on(caller, field, name, "").await
+        self.model_on(caller, field, name, &Variant::default())
+            .await
     }
 
-    /// [`Engine::model`] on the backend a deployment asks for (`""` or `"auto"`: the node's
-    /// choice); a model loads once per backend it runs on.
+    /// [`Engine::model`] served as a replica's [`Variant`].
     pub(crate) async fn model_on(
         &self,
         caller: &Principal,
         field: &str,
         name: &str,
-        backend: &str,
+        variant: &Variant,
     ) -> Result<Arc<LoadedModel>> {
         let model_name = resolve(field, name)?;
-        let backend = if backend == "auto" { "" } else { backend };
+        let variant = variant.key();
         let slot = self
             .models
             .lock()
             .expect("models")
-            .entry((model_name.clone(), backend.to_owned()))
+            .entry((model_name.clone(), variant.clone()))
             .or_default()
             .clone();
         let mut slot = slot.lock().await;
@@ -204,7 +233,7 @@ impl Engine {
                 Err(Error::not_found(name))
             };
         }
-        let loaded = Arc::new(self.load(caller, name, &model_name, backend).await?);
+        let loaded = Arc::new(self.load(caller, name, &model_name, &variant).await?);
         *slot = Some(loaded.clone());
         Ok(loaded)
     }
@@ -231,9 +260,15 @@ impl Engine {
         caller: &Principal,
         requested: &str,
         name: &str,
-        asked_backend: &str,
+        variant: &Variant,
     ) -> Result<LoadedModel> {
-        let backend = self.backend_for(name, asked_backend)?;
+        let backend = self.backend_for(name, &variant.backend)?;
+        if variant.lora_slots > 0 && backend.name() != crate::backend::onnxruntime::NAME {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot serve {name} with LoRA addons on {}: LoRA slots run on onnxruntime",
+                backend.name()
+            )));
+        }
         let local = self.config.model(name).filter(|m| !m.path.is_empty());
         let (bundle, account, public) = match local {
             Some(local) => {
@@ -265,7 +300,14 @@ impl Engine {
             }
         };
         let loaded = self
-            .open_bundle(name, backend, bundle.clone(), account, public)
+            .open_bundle(
+                name,
+                backend,
+                bundle.clone(),
+                account,
+                public,
+                variant.lora_slots,
+            )
             .await;
         if loaded.is_err() {
             self.cache.unpin(&bundle.dir);
@@ -280,11 +322,22 @@ impl Engine {
         bundle: Bundle,
         account: String,
         public: bool,
+        lora_slots: usize,
     ) -> Result<LoadedModel> {
-        let graph = bundle.graph()?;
+        let mut graph = bundle.graph()?;
         // Text generation streams every token between steps: spinning threads would take
         // the cores that work needs (measured: 1-stream decode 54 -> 70 tokens/s on 2 cores).
         let generation = bundle.manifest.task == "text-generation";
+        if lora_slots > 0 {
+            if !generation {
+                return Err(Error::FailedPrecondition(format!(
+                    "{name} is not a text-generation model: it takes no LoRA addons"
+                )));
+            }
+            graph = tokio::task::spawn_blocking(move || with_lora_slots(&graph))
+                .await
+                .map_err(|e| Error::Internal(format!("adding LoRA slots to {name}: {e}")))??;
+        }
         let options = LoadOptions {
             device: self.device,
             intra_op_threads: self.config.intra_op_threads,
@@ -339,6 +392,7 @@ impl Engine {
                 shape,
                 tokenizer,
                 self.config.llm_limits(),
+                lora_slots,
             )?)
         } else {
             let mut sessions = vec![session];
@@ -406,14 +460,37 @@ impl Engine {
         self.cache.unpin(dir);
     }
 
-    /// Drops model `name` loaded on `backend` (as given to [`Engine::model_on`]).
-    pub(crate) async fn unload(&self, name: &str, backend: &str) {
-        let backend = if backend == "auto" { "" } else { backend };
+    /// The weights of LoRA addon `name` whose files are in `dir` (fetched by
+    /// [`Engine::fetch_addon`]), parsed once and kept in a bounded LRU
+    /// (`inference.max_cpu_loras`).
+    pub(crate) async fn adapter(&self, name: &str, dir: &std::path::Path) -> Result<Arc<Adapter>> {
+        let key = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(adapter) = self.adapters.lock().expect("adapters").get(&key) {
+            return Ok(adapter);
+        }
+        let (dir, owned_name, owned_key) = (dir.to_owned(), name.to_owned(), key.clone());
+        let adapter =
+            tokio::task::spawn_blocking(move || read_adapter(&dir, owned_name, owned_key))
+                .await
+                .map_err(|e| Error::Internal(format!("reading {name}: {e}")))??;
+        let adapter = Arc::new(adapter);
+        self.adapters
+            .lock()
+            .expect("adapters")
+            .insert(key, adapter.clone());
+        Ok(adapter)
+    }
+
+    /// Drops model `name` served as `variant` (as given to [`Engine::model_on`]).
+    pub(crate) async fn unload(&self, name: &str, variant: &Variant) {
         let slot = self
             .models
             .lock()
             .expect("models")
-            .remove(&(name.to_owned(), backend.to_owned()));
+            .remove(&(name.to_owned(), variant.key()));
         if let Some(slot) = slot
             && let Some(loaded) = slot.lock().await.take()
         {
@@ -505,6 +582,80 @@ fn check_servable(model: &Model) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The graph of `graph` with LoRA slots: made once next to it (`<graph>.lora-slots-vN`), then
+/// reused.
+pub fn with_lora_slots(graph: &std::path::Path) -> Result<PathBuf> {
+    let mut name = graph.as_os_str().to_owned();
+    name.push(format!(".lora-slots-v{}", kiln_formats::LORA_SLOTS_VERSION));
+    let slotted = PathBuf::from(name);
+    if slotted.is_file() {
+        return Ok(slotted);
+    }
+    let bytes = std::fs::read(graph)?;
+    let (rewritten, linears) = kiln_formats::add_lora_slots(&bytes).map_err(|why| {
+        Error::FailedPrecondition(format!("{} cannot take LoRA slots: {why}", graph.display()))
+    })?;
+    let partial = slotted.with_extension(format!("partial-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&partial, rewritten)?;
+    std::fs::rename(&partial, &slotted)?;
+    tracing::info!(graph = %graph.display(), linears = linears.len(), "LoRA slots added");
+    Ok(slotted)
+}
+
+/// Parses the adapter in `dir` (`adapter_config.json`, `adapter_model.safetensors`).
+fn read_adapter(dir: &std::path::Path, name: String, key: String) -> Result<Adapter> {
+    let read = |file: &str| {
+        std::fs::read(dir.join(file))
+            .map_err(|e| Error::FailedPrecondition(format!("{name}: reading {file}: {e}")))
+    };
+    let bad = |e: kiln_formats::FormatError| Error::FailedPrecondition(format!("{name}: {e}"));
+    let config =
+        kiln_formats::read_adapter_config("adapter_config.json", &read("adapter_config.json")?)
+            .map_err(bad)?;
+    let weights = kiln_formats::read_lora_weights(
+        &config,
+        &read("adapter_model.safetensors")?,
+        "adapter_model.safetensors",
+    )
+    .map_err(bad)?;
+    Ok(Adapter {
+        key,
+        name,
+        weights: Arc::new(weights),
+    })
+}
+
+/// Parsed adapters by key, the least recently used dropped beyond a count.
+struct AdapterCache {
+    capacity: usize,
+    entries: Vec<(String, Arc<Adapter>)>,
+}
+
+impl AdapterCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            entries: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, key: &str) -> Option<Arc<Adapter>> {
+        let at = self.entries.iter().position(|(k, _)| k == key)?;
+        let entry = self.entries.remove(at);
+        let adapter = entry.1.clone();
+        self.entries.push(entry);
+        Some(adapter)
+    }
+
+    fn insert(&mut self, key: String, adapter: Arc<Adapter>) {
+        self.entries.retain(|(k, _)| *k != key);
+        self.entries.push((key, adapter));
+        while self.entries.len() > self.capacity {
+            self.entries.remove(0);
+        }
+    }
 }
 
 /// Loads `tokenizer.json` with its fixed padding and truncation off: the engine pads batches

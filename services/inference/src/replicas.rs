@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use kiln_proto::scheduler::v1::{Replica, replica};
 
+use crate::engine::Variant;
+
 /// The replicas this node holds, by name.
 #[derive(Default)]
 pub(crate) struct Replicas(Mutex<HashMap<String, Held>>);
@@ -22,6 +24,8 @@ impl Replicas {
 /// A replica this node holds.
 pub(crate) struct Held {
     pub(crate) replica: Replica,
+    /// How it serves its model (backend, LoRA slots).
+    pub(crate) variant: Variant,
     /// The folders of its loaded addons (`replica.loaded_addons` names them).
     pub(crate) addon_dirs: HashMap<String, PathBuf>,
     in_flight: Arc<AtomicI32>,
@@ -31,9 +35,10 @@ pub(crate) struct Held {
 }
 
 impl Held {
-    pub(crate) fn new(replica: Replica) -> Self {
+    pub(crate) fn new(replica: Replica, variant: Variant) -> Self {
         Self {
             replica,
+            variant,
             addon_dirs: HashMap::new(),
             in_flight: Default::default(),
             served: Default::default(),

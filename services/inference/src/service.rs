@@ -83,6 +83,7 @@ impl Inference {
             }
             None => Target::Local(Served {
                 model: self.engine.model(caller, field, name).await?,
+                adapter: None,
                 route: None,
                 in_flight: None,
             }),

@@ -242,7 +242,7 @@ impl Scheduler {
             let Some(sender) = state.nodes.get(&node_name).and_then(|n| n.sender.clone()) else {
                 continue;
             };
-            let (d_max_context, d_peft) = {
+            let (d_max_context, d_peft, d_addons) = {
                 let r = &state.replicas[name];
                 state
                     .deployments
@@ -251,6 +251,7 @@ impl Scheduler {
                         (
                             e.deployment.max_context_length,
                             e.deployment.num_peft_device_cached,
+                            e.deployment.enable_addons,
                         )
                     })
                     .unwrap_or_default()
@@ -275,6 +276,7 @@ impl Scheduler {
                         max_context_length: d_max_context,
                         addons: Vec::new(),
                         num_peft_device_cached: d_peft,
+                        enable_addons: d_addons,
                     })),
                 })),
             };

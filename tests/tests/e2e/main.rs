@@ -12,6 +12,7 @@ mod hf_onnx;
 mod identity_api;
 mod inference;
 mod llm;
+mod lora;
 mod quotas;
 mod registry;
 mod scheduler;

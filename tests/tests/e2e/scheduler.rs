@@ -327,10 +327,33 @@ async fn addons_are_loaded_onto_ready_replicas_and_unloaded_when_undeployed() {
     let loaded = replicas(&admin, &deployment.name).await;
     assert_eq!(loaded.len(), 1);
     assert_eq!(loaded[0].loaded_addons, vec![addons[0].clone()]);
-    // Its requests are refused, saying why: the weights are not applied yet, and the bare
-    // base model must not answer in the addon's name.
-    let refused = expect_code(say_hi(&acme, &tone.name).await, Code::FailedPrecondition);
-    assert!(refused.message().contains("LoRA"), "{}", refused.message());
+    // It answers through its weights (zeros here: exactly the base's greedy answer, the
+    // same log-probabilities), and its usage is booked as the addon's on its deployed model.
+    let mut usage = mesh.subscribe("kiln.inference.usage.recorded").await;
+    let greedy = |model: &str| infv1::CreateCompletionRequest {
+        model: model.to_owned(),
+        prompt: "The capital of France is".into(),
+        max_tokens: Some(6),
+        temperature: Some(0.0),
+        logprobs: Some(1),
+        ..Default::default()
+    };
+    let through_addon = client(&acme)
+        .create_completion(greedy(&tone.name))
+        .await
+        .unwrap()
+        .into_inner();
+    let recorded = next_usage(&mut usage, "accounts/acme").await;
+    assert_eq!(recorded.model, addons[0]);
+    assert_eq!(recorded.deployed_model, tone.name);
+    assert_eq!(recorded.deployment, deployment.name);
+    let base = client(&acme)
+        .create_completion(greedy(SMOLLM2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(through_addon.choices[0].text, base.choices[0].text);
+    assert_eq!(through_addon.choices[0].logprobs, base.choices[0].logprobs);
 
     // Undeploying unloads it from the replica.
     deployments::deployed_models(&acme)

@@ -101,6 +101,16 @@ pub trait Session: Send + 'static {
     }
     /// Runs the graph on named inputs; returns every output, in [`Session::outputs`] order.
     fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError>;
+    /// Inputs fed to every run from now on, until replaced (a generation loop's LoRA slot
+    /// matrices): a backend keeps them in its own form, so a run neither copies nor converts
+    /// them. Backends that cannot refuse.
+    fn set_resident(&mut self, inputs: Vec<(String, Tensor)>) -> Result<(), BackendError> {
+        let _ = inputs;
+        Err(BackendError::new(
+            "session",
+            "this backend does not keep resident inputs (LoRA slots run on onnxruntime)",
+        ))
+    }
 }
 
 /// The backends of this process, by name.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ort::ep::ExecutionProvider as _;
+use ort::session::SessionInputValue;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, ValueType};
 
@@ -144,13 +145,19 @@ impl Backend for OnnxRuntime {
             inputs: describe_all(session.inputs())?,
             outputs: describe_all(session.outputs())?,
         };
-        Ok(Box::new(OrtSession { session, interface }))
+        Ok(Box::new(OrtSession {
+            session,
+            interface,
+            resident: Vec::new(),
+        }))
     }
 }
 
 struct OrtSession {
     session: ort::session::Session,
     interface: Interface,
+    /// Inputs of every run, converted once (see [`Session::set_resident`]).
+    resident: Vec<(String, DynValue)>,
 }
 
 impl Session for OrtSession {
@@ -160,9 +167,17 @@ impl Session for OrtSession {
 
     fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
         let fail = |e: ort::Error| BackendError::new(NAME, e.to_string());
-        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
+        let mut values: Vec<(&str, SessionInputValue<'_>)> =
+            Vec::with_capacity(inputs.len() + self.resident.len());
+        let mut owned = Vec::with_capacity(inputs.len());
         for (name, tensor) in inputs {
-            values.push((name, to_ort(tensor).map_err(fail)?));
+            owned.push((name, to_ort(tensor).map_err(fail)?));
+        }
+        for (name, value) in &owned {
+            values.push((name, value.into()));
+        }
+        for (name, value) in &self.resident {
+            values.push((name, value.into()));
         }
         let outputs = self.session.run(values).map_err(fail)?;
         self.interface
@@ -175,6 +190,15 @@ impl Session for OrtSession {
                 from_ort(value).map_err(fail)
             })
             .collect()
+    }
+
+    fn set_resident(&mut self, inputs: Vec<(String, Tensor)>) -> Result<(), BackendError> {
+        let fail = |e: ort::Error| BackendError::new(NAME, e.to_string());
+        self.resident = inputs
+            .into_iter()
+            .map(|(name, tensor)| Ok((name, to_ort(tensor).map_err(fail)?)))
+            .collect::<Result<_, BackendError>>()?;
+        Ok(())
     }
 }
 

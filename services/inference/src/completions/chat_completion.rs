@@ -71,6 +71,7 @@ impl Inference {
             prompts: vec![ids],
             prompt_texts: vec![prompt_text],
             model,
+            adapter: served.adapter,
             route: served.route,
         })
     }

@@ -79,6 +79,7 @@ impl Inference {
             prompts,
             prompt_texts: texts,
             model,
+            adapter: served.adapter,
             route: served.route,
         })
     }

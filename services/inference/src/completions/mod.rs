@@ -18,7 +18,7 @@ use kiln_core::auth::Principal;
 use tokio::sync::mpsc;
 
 use crate::engine::{LoadedModel, Task};
-use crate::generation::llm::{Event, Finish, Llm, SequenceRequest, SubmitError};
+use crate::generation::llm::{Adapter, Event, Finish, Llm, SequenceRequest, SubmitError};
 use crate::generation::sampling::{Sampled, SamplingParams};
 use crate::router::RouteRef;
 use crate::service::Inference;
@@ -28,6 +28,9 @@ use kiln_core::Result;
 /// A generation request, whichever API it came through.
 struct Job {
     model: Arc<LoadedModel>,
+    /// The LoRA addon it goes through: its rows use the addon's slot, and its usage is the
+    /// addon's.
+    adapter: Option<Arc<Adapter>>,
     /// The deployed model and replica serving it (for usage).
     route: Option<RouteRef>,
     /// Token ids of each prompt.
@@ -100,6 +103,7 @@ impl Inference {
                     max_tokens: job.max_tokens,
                     stops: job.stops.clone(),
                     choice: i as u64,
+                    adapter: job.adapter.clone(),
                     events,
                 };
                 llm.submit(request).map_err(|e| match e {
@@ -135,7 +139,10 @@ impl Inference {
                 caller,
                 Usage {
                     request_id: id.to_owned(),
-                    model: job.model.name.clone(),
+                    model: job
+                        .adapter
+                        .as_ref()
+                        .map_or_else(|| job.model.name.clone(), |a| a.name.clone()),
                     api,
                     prompt_tokens: prompt as i64,
                     completion_tokens: counts.completion as i64,

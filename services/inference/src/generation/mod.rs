@@ -3,6 +3,6 @@
 //! that only ever emits whole characters.
 
 mod detok;
-pub(crate) mod llm;
+pub mod llm;
 pub mod sampling;
 mod stop;

@@ -26,7 +26,7 @@ use tonic::Status;
 pub use link::{SchedulerLink, SchedulerStream};
 
 use crate::config::InferenceConfig;
-use crate::engine::Engine;
+use crate::engine::{Engine, Variant};
 use crate::replicas::{Held, Replicas};
 use crate::router::Router;
 
@@ -205,6 +205,13 @@ impl Node {
 
     /// Loads an assigned replica's model (in the background) and reports how it went.
     fn load_replica(self: &Arc<Self>, load: LoadReplica) {
+        let variant = Variant {
+            backend: load.backend.clone(),
+            lora_slots: self
+                .engine
+                .config()
+                .lora_slots(load.enable_addons, load.num_peft_device_cached),
+        };
         {
             let mut replicas = self.replicas.lock();
             if replicas.contains_key(&load.replica) {
@@ -212,19 +219,22 @@ impl Node {
             }
             replicas.insert(
                 load.replica.clone(),
-                Held::new(Replica {
-                    name: load.replica.clone(),
-                    deployment: load.deployment.clone(),
-                    model: load.model.clone(),
-                    node: self.name.clone(),
-                    backend: load.backend.clone(),
-                    precision: load.precision,
-                    accelerator_type: load.accelerator_type,
-                    accelerator_count: load.accelerator_indices.len() as i32,
-                    accelerator_indices: load.accelerator_indices.clone(),
-                    state: replica::State::DownloadingModel as i32,
-                    ..Default::default()
-                }),
+                Held::new(
+                    Replica {
+                        name: load.replica.clone(),
+                        deployment: load.deployment.clone(),
+                        model: load.model.clone(),
+                        node: self.name.clone(),
+                        backend: load.backend.clone(),
+                        precision: load.precision,
+                        accelerator_type: load.accelerator_type,
+                        accelerator_count: load.accelerator_indices.len() as i32,
+                        accelerator_indices: load.accelerator_indices.clone(),
+                        state: replica::State::DownloadingModel as i32,
+                        ..Default::default()
+                    },
+                    variant.clone(),
+                ),
             );
         }
         self.report(&load.replica, replica::State::DownloadingModel, None);
@@ -232,7 +242,7 @@ impl Node {
         tokio::spawn(async move {
             let loaded = node
                 .engine
-                .model_on(&Principal::service(), "model", &load.model, &load.backend)
+                .model_on(&Principal::service(), "model", &load.model, &variant)
                 .await;
             match loaded {
                 Ok(_) => {
@@ -270,13 +280,13 @@ impl Node {
             while held.in_flight() > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let still_used = node.replicas.lock().values().any(|h| {
-                h.replica.model == held.replica.model && h.replica.backend == held.replica.backend
-            });
+            let still_used = node
+                .replicas
+                .lock()
+                .values()
+                .any(|h| h.replica.model == held.replica.model && h.variant == held.variant);
             if !still_used {
-                node.engine
-                    .unload(&held.replica.model, &held.replica.backend)
-                    .await;
+                node.engine.unload(&held.replica.model, &held.variant).await;
             }
             for dir in held.addon_dirs.values() {
                 node.release_addon_files(dir);

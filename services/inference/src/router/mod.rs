@@ -22,6 +22,7 @@ pub(crate) use forward::{forward, is_forwarded, peer_status};
 
 use crate::config::InferenceConfig;
 use crate::engine::{Engine, LoadedModel};
+use crate::generation::llm::Adapter;
 use crate::replicas::{InFlight, Replicas};
 use kiln_core::Result;
 
@@ -37,6 +38,8 @@ pub(crate) struct RouteRef {
 /// A request served on this node.
 pub(crate) struct Served {
     pub(crate) model: Arc<LoadedModel>,
+    /// The LoRA addon the request goes through (its route names an addon of the base).
+    pub(crate) adapter: Option<Arc<Adapter>>,
     pub(crate) route: Option<RouteRef>,
     /// Held until the answer is complete (streams keep it to their end).
     pub(crate) in_flight: Option<InFlight>,
@@ -150,35 +153,40 @@ impl Router {
             .is_ok_and(|r| r.replicas.iter().any(|r| r.ready))
     }
 
-    /// The route's replica on this node, if it is ready here.
+    /// The route's replica on this node, if it is ready here (and, for an addon, holds its
+    /// files).
     async fn local(&self, route: &Route) -> Result<Option<Served>> {
-        if route.model != route.base_model {
-            // The replica holds the addon's files, but applying LoRA weights is not built
-            // yet: answering with the bare base would pass its output off as the addon's.
-            return Err(Error::FailedPrecondition(format!(
-                "{} is LoRA addon {} on {}: its files are loaded, but this node cannot apply \
-                 LoRA weights yet; send the request to the base model {}",
-                route.deployed_model, route.model, route.deployment, route.base_model
-            )));
-        }
+        let addon = (route.model != route.base_model).then_some(route.model.as_str());
         let claimed = {
             let replicas = self.replicas.lock();
             choice::pick_local(route, &self.node, |replica| {
-                replicas.get(replica).and_then(|h| h.ready_load())
+                let held = replicas.get(replica)?;
+                match addon {
+                    Some(addon) if !held.addon_dirs.contains_key(addon) => None,
+                    _ => held.ready_load(),
+                }
             })
             .and_then(|picked| replicas.get(&picked.replica))
-            .map(|h| (h.replica.name.clone(), h.replica.backend.clone(), h.claim()))
+            .map(|h| {
+                let dir = addon.and_then(|a| h.addon_dirs.get(a)).cloned();
+                (h.replica.name.clone(), h.variant.clone(), dir, h.claim())
+            })
         };
-        let Some((replica, backend, guard)) = claimed else {
+        let Some((replica, variant, addon_dir, guard)) = claimed else {
             return Ok(None);
         };
-        // The replica's model on the backend its deployment asked for.
+        // The replica's model served as its deployment asked.
         let model = self
             .engine
-            .model_on(&Principal::service(), "model", &route.base_model, &backend)
+            .model_on(&Principal::service(), "model", &route.base_model, &variant)
             .await?;
+        let adapter = match addon_dir {
+            Some(dir) => Some(self.engine.adapter(&route.model, &dir).await?),
+            None => None,
+        };
         Ok(Some(Served {
             model,
+            adapter,
             route: Some(RouteRef {
                 deployed_model: route.deployed_model.clone(),
                 deployment: route.deployment.clone(),

@@ -23,6 +23,9 @@ use crate::onnx_proto::elem_type::FLOAT;
 use crate::onnx_proto::{Dim, NodeProto, value_info};
 use crate::peft::MODULES;
 
+/// Changes whenever the rewrite does (files of rewritten graphs key on it).
+pub const LORA_SLOTS_VERSION: u32 = 1;
+
 /// The per-row adapter selection input.
 pub const LORA_MASK: &str = "lora_mask";
 

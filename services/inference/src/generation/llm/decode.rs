@@ -32,7 +32,7 @@ impl Worker {
             ),
         ];
         self.past_of(&mut inputs, running, width);
-        let outputs = self.run_graph(inputs)?;
+        let outputs = self.run_graph(inputs, running)?;
         for (row, seq) in running.iter_mut().enumerate() {
             self.append(seq, &outputs, row, width, 1, total);
             let mut logits = logits_at(&outputs[self.logits], row, 1, 0);

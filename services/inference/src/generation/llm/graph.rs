@@ -6,12 +6,20 @@ use crate::backend::BackendError;
 use crate::tensor::{Tensor, TensorData};
 
 impl Worker {
+    /// Runs a pass whose batch rows are `rows` (for their adapters' LoRA mask).
     pub(super) fn run_graph(
         &mut self,
         mut inputs: Vec<(String, Tensor)>,
+        rows: &[Sequence],
     ) -> Result<Vec<Tensor>, BackendError> {
         if !self.takes_positions {
             inputs.retain(|(name, _)| name != "position_ids");
+        }
+        if let Some(lora) = &self.lora {
+            let mask = lora
+                .mask(rows.iter().map(Sequence::adapter))
+                .map_err(|m| BackendError::new("lora", m))?;
+            inputs.push((kiln_formats::LORA_MASK.to_owned(), mask));
         }
         self.session.run(inputs)
     }

@@ -9,6 +9,7 @@
 
 mod decode;
 mod graph;
+mod lora;
 mod prefill;
 mod prefix;
 #[cfg(test)]
@@ -23,8 +24,11 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::sampling::{Sampled, SamplingParams};
 use crate::backend::Session;
+use lora::LoraSlots;
 use prefix::PrefixCache;
 use worker::Worker;
+
+pub use lora::Adapter;
 
 /// Limits of one model's generation loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +102,8 @@ pub struct SequenceRequest {
     pub stops: Vec<String>,
     /// Which choice of its request this is (seeds differ per choice).
     pub choice: u64,
+    /// The LoRA adapter its rows go through; None: the bare base.
+    pub adapter: Option<Arc<Adapter>>,
     pub events: UnboundedSender<Event>,
 }
 
@@ -116,12 +122,15 @@ pub struct Llm {
 }
 
 impl Llm {
+    /// Starts the loop of `session`. A graph with LoRA slot inputs keeps up to `lora_slots`
+    /// adapters resident.
     pub fn start(
         name: &str,
-        session: Box<dyn Session>,
+        mut session: Box<dyn Session>,
         shape: LlmShape,
         tokenizer: Arc<Tokenizer>,
         limits: LlmLimits,
+        lora_slots: usize,
     ) -> std::io::Result<Self> {
         let output = |name: &str| {
             session
@@ -140,7 +149,14 @@ impl Llm {
         let takes_positions = session.inputs().iter().any(|t| t.name == "position_ids");
         let token_bytes = (2 * shape.layers * shape.kv_heads * shape.head_dim * 4) as u64;
         let prefix = PrefixCache::new((limits.prefix_cache_bytes / token_bytes.max(1)) as usize);
+        let lora = LoraSlots::of_graph(session.inputs(), lora_slots);
+        if let Some(lora) = &lora {
+            session
+                .set_resident(lora.resident_inputs())
+                .map_err(std::io::Error::other)?;
+        }
         let worker = Worker {
+            lora,
             prefix,
             logits,
             presents,

@@ -13,9 +13,13 @@ impl Worker {
     pub(super) fn start_prefill(&mut self, seq: &mut Sequence) {
         // Looked up when the sequence's prefill starts rather than when it is admitted, so
         // the choices of one request (admitted together) share the first one's prompt.
-        let hit = self
-            .prefix
-            .take(&seq.request.prompt, &mut seq.cache, self.shape.head_dim);
+        let adapter = seq.request.adapter.as_ref().map_or("", |a| a.key.as_str());
+        let hit = self.prefix.take(
+            adapter,
+            &seq.request.prompt,
+            &mut seq.cache,
+            self.shape.head_dim,
+        );
         seq.cached = hit;
         seq.cached_prompt = hit;
         seq.fed = hit;
@@ -41,10 +45,11 @@ impl Worker {
             if seq.fed == 0 {
                 // The cache is only searched when a newcomer is already in the pass.
                 let waits = self.prefix.capacity > 0 && !group.is_empty() && {
-                    let cached = self.prefix.peek(&seq.request.prompt);
-                    group
-                        .iter()
-                        .any(|g| shared_blocks(&g.request.prompt, &seq.request.prompt) > cached)
+                    let cached = self.prefix.peek(seq.adapter_key(), &seq.request.prompt);
+                    group.iter().any(|g| {
+                        g.adapter_key() == seq.adapter_key()
+                            && shared_blocks(&g.request.prompt, &seq.request.prompt) > cached
+                    })
                 };
                 if waits {
                     break;
@@ -100,15 +105,19 @@ impl Worker {
         } else {
             self.past_of(&mut inputs, group, width);
         }
-        let outputs = self.run_graph(inputs)?;
+        let outputs = self.run_graph(inputs, group)?;
         for (row, (seq, &len)) in group.iter_mut().zip(&lens).enumerate() {
             self.append(seq, &outputs, row, width, len, total);
             seq.fed += len;
             if seq.fed < seq.request.prompt.len() {
                 continue;
             }
-            self.prefix
-                .insert(&seq.request.prompt, &seq.cache, self.shape.head_dim);
+            self.prefix.insert(
+                seq.adapter_key(),
+                &seq.request.prompt,
+                &seq.cache,
+                self.shape.head_dim,
+            );
             let mut logits = logits_at(&outputs[self.logits], row, n, len - 1);
             let sampled = seq.sampler.sample(&mut logits);
             self.emit(seq, sampled);

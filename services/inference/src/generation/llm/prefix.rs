@@ -15,6 +15,8 @@ pub(super) struct PrefixCache {
 }
 
 struct PrefixEntry {
+    /// The LoRA adapter the entries were computed through ("": the bare base).
+    adapter: String,
     tokens: Vec<u32>,
     /// Per cache slot and head: `tokens.len()` positions × head_dim.
     cache: Vec<Vec<Vec<f32>>>,
@@ -35,11 +37,12 @@ impl PrefixCache {
     /// last token to compute) into the empty `cache`; returns its length in tokens.
     pub(super) fn take(
         &mut self,
+        adapter: &str,
         prompt: &[u32],
         cache: &mut [Vec<Vec<f32>>],
         head_dim: usize,
     ) -> usize {
-        let Some((best, len)) = self.best(prompt) else {
+        let Some((best, len)) = self.best(adapter, prompt) else {
             return 0;
         };
         self.clock += 1;
@@ -54,15 +57,16 @@ impl PrefixCache {
     }
 
     /// How many tokens of `prompt` [`take`](Self::take) would give, without taking them.
-    pub(super) fn peek(&self, prompt: &[u32]) -> usize {
-        self.best(prompt).map_or(0, |(_, len)| len)
+    pub(super) fn peek(&self, adapter: &str, prompt: &[u32]) -> usize {
+        self.best(adapter, prompt).map_or(0, |(_, len)| len)
     }
 
-    /// The entry covering the most of `prompt`, and how many tokens of it.
-    fn best(&self, prompt: &[u32]) -> Option<(usize, usize)> {
+    /// The entry of `adapter` covering the most of `prompt`, and how many tokens of it.
+    fn best(&self, adapter: &str, prompt: &[u32]) -> Option<(usize, usize)> {
         self.entries
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.adapter == adapter)
             .map(|(i, e)| (i, shared_blocks(&e.tokens, prompt)))
             .max_by_key(|&(_, len)| len)
             .filter(|&(_, len)| len > 0)
@@ -70,7 +74,13 @@ impl PrefixCache {
 
     /// Keeps the whole blocks of `tokens` with their entries from `cache` (which holds at
     /// least that many positions), unless an entry already covers them.
-    pub(super) fn insert(&mut self, tokens: &[u32], cache: &[Vec<Vec<f32>>], head_dim: usize) {
+    pub(super) fn insert(
+        &mut self,
+        adapter: &str,
+        tokens: &[u32],
+        cache: &[Vec<Vec<f32>>],
+        head_dim: usize,
+    ) {
         let len = tokens.len() / PREFIX_BLOCK * PREFIX_BLOCK;
         let positions = cache
             .first()
@@ -84,14 +94,15 @@ impl PrefixCache {
         if let Some(covering) = self
             .entries
             .iter_mut()
-            .find(|e| e.tokens.starts_with(tokens))
+            .find(|e| e.adapter == adapter && e.tokens.starts_with(tokens))
         {
             covering.used = self.clock;
             return;
         }
         // Entries this one extends are covered by it from now on.
         let before = self.entries.len();
-        self.entries.retain(|e| !tokens.starts_with(&e.tokens));
+        self.entries
+            .retain(|e| e.adapter != adapter || !tokens.starts_with(&e.tokens));
         if self.entries.len() != before {
             self.held = self.entries.iter().map(|e| e.tokens.len()).sum();
         }
@@ -110,6 +121,7 @@ impl PrefixCache {
             .map(|slot| slot.iter().map(|h| h[..len * head_dim].to_vec()).collect())
             .collect();
         self.entries.push(PrefixEntry {
+            adapter: adapter.to_owned(),
             tokens: tokens.to_vec(),
             cache,
             used: self.clock,
@@ -142,20 +154,20 @@ mod tests {
     fn a_prompt_takes_the_whole_blocks_it_shares_with_an_entry() {
         let mut cache = PrefixCache::new(1024);
         let first: Vec<u32> = (0..40).collect();
-        cache.insert(&first, &kv(&first), 1);
+        cache.insert("", &first, &kv(&first), 1);
         assert_eq!(cache.held, 32, "whole blocks only");
         // Shares 35 tokens: 2 blocks.
         let mut second: Vec<u32> = (0..35).collect();
         second.extend([900, 901, 902]);
         let mut into = empty();
-        assert_eq!(cache.take(&second, &mut into, 1), 32);
+        assert_eq!(cache.take("", &second, &mut into, 1), 32);
         assert_eq!(into[0][0], (0..32).map(|t| t as f32).collect::<Vec<_>>());
         // The same 32 tokens alone: the last one is left to compute, so one block.
         let mut into = empty();
-        assert_eq!(cache.take(&first[..32], &mut into, 1), 16);
+        assert_eq!(cache.take("", &first[..32], &mut into, 1), 16);
         // Nothing in common within a block.
         let mut into = empty();
-        assert_eq!(cache.take(&[5, 6, 7], &mut into, 1), 0);
+        assert_eq!(cache.take("", &[5, 6, 7], &mut into, 1), 0);
         assert!(into[0][0].is_empty());
     }
 
@@ -163,25 +175,42 @@ mod tests {
     fn longer_entries_replace_what_they_extend_and_the_oldest_go_first() {
         let mut cache = PrefixCache::new(64);
         let turn: Vec<u32> = (0..16).collect();
-        cache.insert(&turn, &kv(&turn), 1);
+        cache.insert("", &turn, &kv(&turn), 1);
         let conversation: Vec<u32> = (0..48).collect();
-        cache.insert(&conversation, &kv(&conversation), 1);
+        cache.insert("", &conversation, &kv(&conversation), 1);
         assert_eq!((cache.entries.len(), cache.held), (1, 48));
         // Covered already: nothing new is kept.
-        cache.insert(&turn, &kv(&turn), 1);
+        cache.insert("", &turn, &kv(&turn), 1);
         assert_eq!(cache.held, 48);
         // Over the budget: the least recently used entry goes.
         let other: Vec<u32> = (100..132).collect();
-        cache.insert(&other, &kv(&other), 1);
+        cache.insert("", &other, &kv(&other), 1);
         assert_eq!(cache.held, 32);
         assert_eq!(cache.entries[0].tokens, other);
         // Bigger than the whole budget: not kept.
         let huge: Vec<u32> = (0..80).collect();
-        cache.insert(&huge, &kv(&huge), 1);
+        cache.insert("", &huge, &kv(&huge), 1);
         assert_eq!(cache.held, 32);
         // A budget of 0 keeps nothing.
         let mut off = PrefixCache::new(0);
-        off.insert(&conversation, &kv(&conversation), 1);
+        off.insert("", &conversation, &kv(&conversation), 1);
         assert!(off.entries.is_empty());
+    }
+
+    /// Keys and values depend on the adapter: a prompt through one adapter never starts from
+    /// another's (or the base's) entries.
+    #[test]
+    fn entries_are_kept_per_adapter() {
+        let mut cache = PrefixCache::new(1024);
+        let prompt: Vec<u32> = (0..40).collect();
+        cache.insert("adapter-a", &prompt, &kv(&prompt), 1);
+        assert_eq!(cache.peek("", &prompt), 0);
+        assert_eq!(cache.peek("adapter-b", &prompt), 0);
+        assert_eq!(cache.peek("adapter-a", &prompt), 32);
+        // The base's entry for the same tokens is its own, and does not replace a's.
+        cache.insert("", &prompt, &kv(&prompt), 1);
+        assert_eq!(cache.entries.len(), 2);
+        let mut into = empty();
+        assert_eq!(cache.take("", &prompt, &mut into, 1), 32);
     }
 }

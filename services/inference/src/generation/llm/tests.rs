@@ -184,6 +184,7 @@ async fn newcomers_prefill_together_and_each_generates_what_it_would_alone() {
         shape,
         word_tokenizer(),
         limits,
+        0,
     )
     .unwrap();
     // Short prompts that fit a pass together, long ones fed in several chunks, and the
@@ -203,6 +204,7 @@ async fn newcomers_prefill_together_and_each_generates_what_it_would_alone() {
     for prompt in &prompts {
         let (events, answer) = tokio::sync::mpsc::unbounded_channel();
         llm.submit(SequenceRequest {
+            adapter: None,
             prompt: prompt.clone(),
             params: SamplingParams {
                 temperature: 0.0,

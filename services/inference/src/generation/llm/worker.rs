@@ -8,6 +8,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 
 use tokenizers::Tokenizer;
 
+use super::lora::{Adapter, LoraSlots, Residency};
 use super::prefix::PrefixCache;
 use super::{Event, Finish, LlmLimits, LlmShape, SequenceRequest};
 use crate::backend::Session;
@@ -39,9 +40,20 @@ impl Sequence {
     fn closed(&self) -> bool {
         self.request.events.is_closed()
     }
+
+    pub(super) fn adapter(&self) -> Option<&Adapter> {
+        self.request.adapter.as_deref()
+    }
+
+    /// What its keys and values depend on besides the tokens (the prefix cache's namespace).
+    pub(super) fn adapter_key(&self) -> &str {
+        self.adapter().map_or("", |a| a.key.as_str())
+    }
 }
 
 pub(super) struct Worker {
+    /// The adapters resident in the graph's LoRA slots (None: a graph without them).
+    pub(super) lora: Option<LoraSlots>,
     pub(super) prefix: PrefixCache,
     /// Index of `logits` among the session's outputs, and of `present.L.key|value` for cache
     /// slot 2·L + kind.
@@ -89,15 +101,33 @@ impl Worker {
                 .chain(&running)
                 .map(|s| s.request.prompt.len() + s.request.max_tokens)
                 .sum();
+            let mut next = 0;
             while prefilling.len() + running.len() < self.limits.max_batch {
-                let Some(front) = waiting.front() else { break };
-                let need = front.prompt.len() + front.max_tokens;
+                let Some(candidate) = waiting.get(next) else {
+                    break;
+                };
+                let need = candidate.prompt.len() + candidate.max_tokens;
                 let alone = prefilling.is_empty() && running.is_empty();
                 if !alone && budget + need > self.limits.max_kv_tokens {
                     break;
                 }
+                if let Some(adapter) = candidate.adapter.clone() {
+                    match self.make_resident(&adapter, &prefilling, &running) {
+                        Ok(true) => {}
+                        // Its adapter waits for a slot; the requests behind it go ahead.
+                        Ok(false) => {
+                            next += 1;
+                            continue;
+                        }
+                        Err(why) => {
+                            let request = waiting.remove(next).expect("candidate");
+                            let _ = request.events.send(Event::Failed(why));
+                            continue;
+                        }
+                    }
+                }
                 budget += need;
-                let request = waiting.pop_front().expect("front");
+                let request = waiting.remove(next).expect("candidate");
                 prefilling.push_back(self.sequence(request));
             }
             prefilling.retain(|s| !s.closed());
@@ -141,6 +171,43 @@ impl Worker {
                     }
                 }
                 running = still;
+            }
+        }
+    }
+
+    /// Puts `adapter` in a LoRA slot if it is not in one (between steps, so no pass sees a
+    /// half-written slot); false while every slot holds an adapter a sequence in the loop
+    /// uses.
+    fn make_resident(
+        &mut self,
+        adapter: &std::sync::Arc<Adapter>,
+        prefilling: &VecDeque<Sequence>,
+        running: &[Sequence],
+    ) -> Result<bool, String> {
+        let Some(lora) = self.lora.as_mut() else {
+            return Err(format!(
+                "this replica serves its base without LoRA slots, so it cannot apply {}; \
+                 deploy the base with enable_addons",
+                adapter.name
+            ));
+        };
+        lora.fits(adapter)?;
+        let busy = prefilling.iter().chain(running).map(Sequence::adapter_key);
+        match lora.make_resident(adapter, busy) {
+            Residency::Resident => Ok(true),
+            Residency::Busy => Ok(false),
+            Residency::Loaded => {
+                let started = std::time::Instant::now();
+                if let Err(e) = self.session.set_resident(lora.resident_inputs()) {
+                    lora.remove(&adapter.key);
+                    return Err(e.to_string());
+                }
+                tracing::info!(
+                    adapter = %adapter.name,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "LoRA adapter put in a slot"
+                );
+                Ok(true)
             }
         }
     }
@@ -215,7 +282,8 @@ impl Worker {
                 let in_cache = seq.cached - seq.request.prompt.len().min(seq.cached);
                 let mut tokens = seq.request.prompt.clone();
                 tokens.extend_from_slice(&seq.generated[..in_cache.min(seq.generated.len())]);
-                self.prefix.insert(&tokens, &seq.cache, self.shape.head_dim);
+                self.prefix
+                    .insert(seq.adapter_key(), &tokens, &seq.cache, self.shape.head_dim);
                 true
             }
             None => false,

@@ -1,0 +1,213 @@
+//! LoRA adapters of SmolLM2 for the suites: PEFT files with seeded weights, and SmolLM2's
+//! generation loop on a prepared bundle (with LoRA slots or without), driven directly.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_formats::LoraWeights;
+use kiln_inference::generation::llm::{
+    Adapter, Event, Finish, Llm, LlmLimits, LlmShape, SequenceRequest,
+};
+use kiln_inference::generation::sampling::{Sampled, SamplingParams};
+
+use crate::inference::load_session;
+use crate::llm::bundle;
+
+/// SmolLM2-135M's linear layers: (HF module, in, out), in each of its 30 layers.
+pub const MODULES: [(&str, usize, usize); 7] = [
+    ("q_proj", 576, 576),
+    ("k_proj", 576, 192),
+    ("v_proj", 576, 192),
+    ("o_proj", 576, 576),
+    ("gate_proj", 576, 1536),
+    ("up_proj", 576, 1536),
+    ("down_proj", 1536, 576),
+];
+pub const LAYERS: usize = 30;
+
+/// splitmix64: the suites' seeded numbers, the same on every machine.
+struct Numbers(u64);
+
+impl Numbers {
+    /// Uniform in [-1, 1).
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// A PEFT adapter of SmolLM2 (`adapter_config.json`, `adapter_model.safetensors`) of rank
+/// `r` on `modules` of every layer, with weights drawn from `seed`: A uniform in
+/// ±1/sqrt(in) (PEFT's initial scale), B uniform in ±`b_scale` (0: zeros, an adapter that
+/// changes nothing). lora_alpha = 2r, so the scale is 2 (with `rslora`, 2·sqrt(r)).
+pub fn seeded_lora(
+    seed: u64,
+    r: usize,
+    modules: &[&str],
+    b_scale: f32,
+    rslora: bool,
+) -> (Vec<u8>, Vec<u8>) {
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "use_rslora": rslora,
+        "target_modules": modules, "bias": "none", "fan_in_fan_out": false,
+        "task_type": "CAUSAL_LM", "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    });
+    let mut numbers = Numbers(seed);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for layer in 0..LAYERS {
+        for &(module, inputs, outputs) in MODULES.iter().filter(|(m, ..)| modules.contains(m)) {
+            let parent = if ["gate_proj", "up_proj", "down_proj"].contains(&module) {
+                "mlp"
+            } else {
+                "self_attn"
+            };
+            let name = |half: &str| {
+                format!(
+                    "base_model.model.model.layers.{layer}.{parent}.{module}.lora_{half}.weight"
+                )
+            };
+            let bound = 1.0 / (inputs as f32).sqrt();
+            let a = (0..r * inputs).map(|_| numbers.next() * bound).collect();
+            let b = (0..outputs * r).map(|_| numbers.next() * b_scale).collect();
+            tensors.push((name("A"), vec![r, inputs], a));
+            tensors.push((name("B"), vec![outputs, r], b));
+        }
+    }
+    let refs: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice()))
+        .collect();
+    (
+        serde_json::to_vec(&config).unwrap(),
+        kiln_formats::write_safetensors_f32(&refs),
+    )
+}
+
+/// The weights of an adapter's two files, as the engine reads them.
+pub fn lora_weights(config: &[u8], weights: &[u8]) -> LoraWeights {
+    let config = kiln_formats::read_adapter_config("adapter_config.json", config).unwrap();
+    kiln_formats::read_lora_weights(&config, weights, "adapter_model.safetensors").unwrap()
+}
+
+/// A [`seeded_lora`] as a request carries it.
+pub fn seeded_adapter(
+    name: &str,
+    seed: u64,
+    r: usize,
+    modules: &[&str],
+    b_scale: f32,
+) -> Arc<Adapter> {
+    let (config, weights) = seeded_lora(seed, r, modules, b_scale, false);
+    Arc::new(Adapter {
+        key: format!("{name}-{seed}"),
+        name: name.into(),
+        weights: Arc::new(lora_weights(&config, &weights)),
+    })
+}
+
+/// SmolLM2's prepared graph (`blocks`: INT4), with LoRA slots when `lora_slots` > 0.
+pub fn graph(blocks: bool, lora_slots: usize) -> PathBuf {
+    let plain = bundle(blocks).join("model.onnx");
+    if lora_slots == 0 {
+        return plain;
+    }
+    kiln_inference::engine::with_lora_slots(&plain).unwrap()
+}
+
+/// SmolLM2's generation loop on ONNX Runtime (2 threads) over [`graph`].
+pub fn generation_loop(blocks: bool, lora_slots: usize, max_batch: usize) -> Llm {
+    let session = load_session("onnxruntime", &graph(blocks, lora_slots), 2);
+    let tokenizer =
+        kiln_inference::engine::load_tokenizer(&bundle(blocks).join("tokenizer.json")).unwrap();
+    let shape = LlmShape {
+        layers: LAYERS,
+        kv_heads: 3,
+        head_dim: 64,
+        context_length: 2048,
+        eos: vec![2],
+    };
+    let limits = LlmLimits {
+        max_batch,
+        prefill_chunk: 256,
+        max_kv_tokens: 65536,
+        queue_capacity: 64,
+        prefix_cache_bytes: 64 << 20,
+    };
+    Llm::start(
+        "smollm2",
+        session,
+        shape,
+        Arc::new(tokenizer),
+        limits,
+        lora_slots,
+    )
+    .unwrap()
+}
+
+/// What a greedy sequence gave: its tokens with their log-probabilities, or the failure.
+pub type Greedy = Result<Vec<Sampled>, String>;
+
+/// Starts a greedy sequence of `prompt` through `adapter`; its answer comes from [`finish`].
+pub fn submit(
+    llm: &Llm,
+    prompt: &[u32],
+    max_tokens: usize,
+    adapter: Option<Arc<Adapter>>,
+) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+    let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let params = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    llm.submit(SequenceRequest {
+        prompt: prompt.to_vec(),
+        params,
+        max_tokens,
+        stops: Vec::new(),
+        choice: 0,
+        adapter,
+        events,
+    })
+    .unwrap_or_else(|e| panic!("submitted: {e:?}"));
+    receiver
+}
+
+/// The tokens of a sequence [`submit`] started, once it finishes.
+pub async fn finish(mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Greedy {
+    let mut tokens = Vec::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Token { sampled, .. } => tokens.push(sampled),
+            Event::Finished { finish, .. } => {
+                assert!(matches!(finish, Finish::Stop | Finish::Length));
+                return Ok(tokens);
+            }
+            Event::Failed(why) => return Err(why),
+        }
+    }
+    Err("the loop went away".into())
+}
+
+/// One greedy sequence, alone.
+pub async fn greedy(
+    llm: &Llm,
+    prompt: &[u32],
+    max_tokens: usize,
+    adapter: Option<Arc<Adapter>>,
+) -> Greedy {
+    finish(submit(llm, prompt, max_tokens, adapter)).await
+}
+
+/// The token ids of a greedy answer.
+pub fn ids(answer: &Greedy) -> Vec<u32> {
+    answer
+        .as_ref()
+        .expect("answered")
+        .iter()
+        .map(|s| s.token)
+        .collect()
+}
