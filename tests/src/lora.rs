@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kiln_formats::LoraWeights;
 use kiln_inference::generation::llm::{
-    Adapter, Event, Finish, Llm, LlmLimits, LlmShape, SequenceRequest,
+    Adapter, Event, Finish, Llm, LlmLimits, LlmShape, LoraOptions, SequenceRequest,
 };
 use kiln_inference::generation::sampling::{Sampled, SamplingParams};
 
@@ -118,9 +118,37 @@ pub fn graph(blocks: bool, lora_slots: usize) -> PathBuf {
     kiln_inference::engine::with_lora_slots(&plain).unwrap()
 }
 
+/// SmolLM2's generation loop with `adapter` live-merged, as the engine serves an addon
+/// deployed as a model of its own: merged into the float weights, or pinned in a LoRA slot of
+/// the 4-bit graph.
+pub fn merged_loop(blocks: bool, adapter: &Arc<Adapter>) -> Llm {
+    let plain = bundle(blocks).join("model.onnx");
+    match kiln_inference::engine::with_merged_adapter(&plain, adapter).unwrap() {
+        Some(merged) => generation_loop_on(&merged, blocks, 0, None, 4),
+        None => generation_loop_on(&graph(blocks, 1), blocks, 1, Some(adapter.clone()), 4),
+    }
+}
+
 /// SmolLM2's generation loop on ONNX Runtime (2 threads) over [`graph`].
 pub fn generation_loop(blocks: bool, lora_slots: usize, max_batch: usize) -> Llm {
-    let session = load_session("onnxruntime", &graph(blocks, lora_slots), 2);
+    generation_loop_on(
+        &graph(blocks, lora_slots),
+        blocks,
+        lora_slots,
+        None,
+        max_batch,
+    )
+}
+
+/// SmolLM2's generation loop on ONNX Runtime (2 threads) over the graph at `path`.
+pub fn generation_loop_on(
+    path: &std::path::Path,
+    blocks: bool,
+    lora_slots: usize,
+    pinned: Option<Arc<Adapter>>,
+    max_batch: usize,
+) -> Llm {
+    let session = load_session("onnxruntime", path, 2);
     let tokenizer =
         kiln_inference::engine::load_tokenizer(&bundle(blocks).join("tokenizer.json")).unwrap();
     let shape = LlmShape {
@@ -143,7 +171,10 @@ pub fn generation_loop(blocks: bool, lora_slots: usize, max_batch: usize) -> Llm
         shape,
         Arc::new(tokenizer),
         limits,
-        lora_slots,
+        LoraOptions {
+            slots: lora_slots,
+            pinned,
+        },
     )
     .unwrap()
 }

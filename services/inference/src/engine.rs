@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 use crate::backend::{Backends, Device, LoadOptions, TensorInfo};
 use crate::bundle::{Bundle, BundleCache};
 use crate::config::InferenceConfig;
-use crate::generation::llm::{Adapter, Llm, LlmShape};
+use crate::generation::llm::{Adapter, Llm, LlmShape, LoraOptions};
 use crate::runner::{Runner, SubmitError};
 use crate::source::ModelSource;
 use crate::tensor::Tensor;
@@ -270,6 +270,10 @@ impl Engine {
             )));
         }
         let local = self.config.model(name).filter(|m| !m.path.is_empty());
+        // Bundles in blocks (INT4, MatMulNBits) run on ONNX Runtime only.
+        let blocks_ok =
+            self.config.prefer_int4 && backend.name() == crate::backend::onnxruntime::NAME;
+        let mut merge = None;
         let (bundle, account, public) = match local {
             Some(local) => {
                 let bundle = Bundle::open(std::path::Path::new(&local.path), Manifest::default())?;
@@ -288,15 +292,19 @@ impl Engine {
                 if !(model.public || caller.can_access(&account)) {
                     return Err(Error::not_found(requested));
                 }
-                check_servable(&model)?;
-                // Bundles in blocks (INT4, MatMulNBits) run on ONNX Runtime only.
-                let blocks_ok =
-                    self.config.prefer_int4 && backend.name() == crate::backend::onnxruntime::NAME;
-                let bundle = self
-                    .cache
-                    .fetch(self.source.as_ref(), &model, blocks_ok)
-                    .await?;
-                (bundle, account, model.public)
+                if model.kind == model::Kind::LoraAddon as i32 {
+                    // Live merge: the addon served as a model of its own, on its base's bundle.
+                    let (bundle, adapter) = self.merge_sources(&model, blocks_ok).await?;
+                    merge = Some(adapter);
+                    (bundle, account, model.public)
+                } else {
+                    check_servable(&model)?;
+                    let bundle = self
+                        .cache
+                        .fetch(self.source.as_ref(), &model, blocks_ok)
+                        .await?;
+                    (bundle, account, model.public)
+                }
             }
         };
         let loaded = self
@@ -306,7 +314,10 @@ impl Engine {
                 bundle.clone(),
                 account,
                 public,
-                variant.lora_slots,
+                LoraOptions {
+                    slots: variant.lora_slots,
+                    pinned: merge,
+                },
             )
             .await;
         if loaded.is_err() {
@@ -322,18 +333,34 @@ impl Engine {
         bundle: Bundle,
         account: String,
         public: bool,
-        lora_slots: usize,
+        mut lora: LoraOptions,
     ) -> Result<LoadedModel> {
         let mut graph = bundle.graph()?;
         // Text generation streams every token between steps: spinning threads would take
         // the cores that work needs (measured: 1-stream decode 54 -> 70 tokens/s on 2 cores).
         let generation = bundle.manifest.task == "text-generation";
-        if lora_slots > 0 {
-            if !generation {
-                return Err(Error::FailedPrecondition(format!(
-                    "{name} is not a text-generation model: it takes no LoRA addons"
-                )));
+        if (lora.slots > 0 || lora.pinned.is_some()) && !generation {
+            return Err(Error::FailedPrecondition(format!(
+                "{name} is not a text-generation model: it takes no LoRA addons"
+            )));
+        }
+        if let Some(adapter) = lora.pinned.take() {
+            // The adapter every row goes through (live merge): float weights take the update;
+            // a graph in blocks serves it pinned in a LoRA slot instead.
+            let (base, for_merge) = (graph.clone(), adapter.clone());
+            let merged =
+                tokio::task::spawn_blocking(move || with_merged_adapter(&base, &for_merge))
+                    .await
+                    .map_err(|e| Error::Internal(format!("merging {name}: {e}")))??;
+            match merged {
+                Some(merged) => graph = merged,
+                None => {
+                    lora.pinned = Some(adapter);
+                    lora.slots = lora.slots.max(1);
+                }
             }
+        }
+        if lora.slots > 0 {
             graph = tokio::task::spawn_blocking(move || with_lora_slots(&graph))
                 .await
                 .map_err(|e| Error::Internal(format!("adding LoRA slots to {name}: {e}")))??;
@@ -392,7 +419,7 @@ impl Engine {
                 shape,
                 tokenizer,
                 self.config.llm_limits(),
-                lora_slots,
+                lora,
             )?)
         } else {
             let mut sessions = vec![session];
@@ -458,6 +485,44 @@ impl Engine {
     /// Unpins an addon's files fetched by [`Engine::fetch_addon`].
     pub(crate) fn release_addon(&self, dir: &std::path::Path) {
         self.cache.unpin(dir);
+    }
+
+    /// What a live-merged addon is served from: its base's bundle (pinned, like any loaded
+    /// bundle) and its weights.
+    async fn merge_sources(
+        &self,
+        addon: &Model,
+        blocks_ok: bool,
+    ) -> Result<(Bundle, Arc<Adapter>)> {
+        if addon.state != model::State::Ready as i32 {
+            return Err(Error::FailedPrecondition(format!(
+                "addon {} is not READY",
+                addon.name
+            )));
+        }
+        let base_name = addon
+            .peft_details
+            .as_ref()
+            .map(|p| p.base_model.clone())
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!("addon {} names no base model", addon.name))
+            })?;
+        let base = self.source.get_model(&base_name).await?;
+        check_servable(&base)?;
+        let files = self
+            .cache
+            .fetch_files(self.source.as_ref(), addon, None, &addon.files)
+            .await?;
+        // Its weights are read into memory at once: its files need not stay pinned.
+        let adapter = self.adapter(&addon.name, &files).await;
+        self.cache.unpin(&files);
+        let adapter = adapter?;
+        let bundle = self
+            .cache
+            .fetch(self.source.as_ref(), &base, blocks_ok)
+            .await?;
+        Ok((bundle, adapter))
     }
 
     /// The weights of LoRA addon `name` whose files are in `dir` (fetched by
@@ -602,6 +667,37 @@ pub fn with_lora_slots(graph: &std::path::Path) -> Result<PathBuf> {
     std::fs::rename(&partial, &slotted)?;
     tracing::info!(graph = %graph.display(), linears = linears.len(), "LoRA slots added");
     Ok(slotted)
+}
+
+/// The graph of `graph` with `adapter` merged in (live merge): made once next to it
+/// (`<graph>.merged-<adapter key>-vN`), then reused. `None`: the graph keeps 4-bit blocks,
+/// which are not merged (the adapter is served pinned in a LoRA slot instead).
+pub fn with_merged_adapter(graph: &std::path::Path, adapter: &Adapter) -> Result<Option<PathBuf>> {
+    let mut name = graph.as_os_str().to_owned();
+    name.push(format!(
+        ".merged-{}-v{}",
+        adapter.key,
+        kiln_formats::LORA_SLOTS_VERSION
+    ));
+    let merged = PathBuf::from(name);
+    if merged.is_file() {
+        return Ok(Some(merged));
+    }
+    let bytes = std::fs::read(graph)?;
+    let rewritten = kiln_formats::merge_lora(&bytes, &adapter.weights).map_err(|why| {
+        Error::FailedPrecondition(format!(
+            "cannot merge {} into its base: {why}",
+            adapter.name
+        ))
+    })?;
+    let Some(rewritten) = rewritten else {
+        return Ok(None);
+    };
+    let partial = merged.with_extension(format!("partial-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&partial, rewritten)?;
+    std::fs::rename(&partial, &merged)?;
+    tracing::info!(adapter = %adapter.name, graph = %graph.display(), "LoRA adapter merged");
+    Ok(Some(merged))
 }
 
 /// Parses the adapter in `dir` (`adapter_config.json`, `adapter_model.safetensors`).

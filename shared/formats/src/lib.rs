@@ -40,7 +40,7 @@ pub use error::FormatError;
 pub use gguf::{GgufInfo, GgufTensor, read_gguf};
 pub use gguf_onnx::{Converted, GGUF_ONNX_VERSION, convert_gguf};
 pub use hf::{HF_FILES, HfError, HfFiles, HfModelInfo, read_hf};
-pub use lora_slots::{LORA_MASK, LORA_SLOTS_VERSION, SlotLinear, add_lora_slots};
+pub use lora_slots::{LORA_MASK, LORA_SLOTS_VERSION, SlotLinear, add_lora_slots, merge_lora};
 pub use manifest::Manifest;
 pub use onnx::{OnnxInfo, Task, check_task, read_onnx};
 pub use peft::{

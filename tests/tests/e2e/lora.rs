@@ -129,3 +129,128 @@ async fn a_fifth_adapter_evicts_one_that_reloads_on_demand() {
     let long = ids(&finish(long).await);
     assert!(long.starts_with(&first[0]), "{long:?} after {:?}", first[0]);
 }
+
+/// Live merge: the adapter baked into the graph (float weights summed; pinned in a slot of
+/// the 4-bit graph) gives the greedy tokens the multi-LoRA path gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_merged_adapter_answers_as_through_its_slot() {
+    let prompts = prompts();
+    let adapter = seeded_adapter("merged", 21, 16, &ALL, 0.2);
+    for blocks in [false, true] {
+        let slotted = generation_loop(blocks, 2, 4);
+        let mut through_slot = Vec::new();
+        for prompt in &prompts[..3] {
+            through_slot.push(ids(
+                &greedy(&slotted, prompt, 16, Some(adapter.clone())).await
+            ));
+        }
+        drop(slotted);
+        let merged = merged_loop(blocks, &adapter);
+        let plain = generation_loop(blocks, 0, 4);
+        for (prompt, want) in prompts[..3].iter().zip(&through_slot) {
+            let got = ids(&greedy(&merged, prompt, 16, None).await);
+            assert_eq!(&got, want, "blocks {blocks}");
+            let base = ids(&greedy(&plain, prompt, 16, None).await);
+            assert_ne!(
+                &base, want,
+                "the adapter changes the answer (blocks {blocks})"
+            );
+        }
+    }
+}
+
+/// Through the mesh: an addon deployed onto a deployment of its base with enable_addons
+/// answers through its slot, and a deployment of the addon itself (live merge) answers the
+/// same; both differ from the base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_addon_answers_through_a_slot_and_live_merged_alike() {
+    use kiln_proto::kiln_inference::v1 as infv1;
+    use kiln_proto::scheduler::v1 as schv1;
+    use kiln_tests::deployments::{self, on, wait_ready};
+    use kiln_tests::llm::{SMOLLM2, first_chat, smollm2_asset_dir};
+    use kiln_tests::registry as reg;
+    use std::time::Duration;
+
+    let assets = smollm2_asset_dir();
+    let mesh = kiln_tests::library_mesh(assets.path(), None).await;
+    let acme = mesh.tenant_channel("acme").await;
+    first_chat(&acme, "Hi", 1, Duration::from_secs(300)).await;
+    let kind = kiln_proto::registry::v1::model::Kind::LoraAddon;
+    let addon = reg::create_model(&acme, "acme", "tone", kind, Some(SMOLLM2)).await;
+    let (config, weights) = seeded_lora(5, 8, &["q_proj", "v_proj", "o_proj"], 0.5, false);
+    let files: [(&str, &[u8]); 2] = [
+        ("adapter_config.json", &config),
+        ("adapter_model.safetensors", &weights),
+    ];
+    reg::upload(&acme, &addon.name, &files).await.unwrap();
+    assert!(reg::validate(&acme, &addon.name).await.valid);
+
+    let with_addons = schv1::Deployment {
+        base_model: SMOLLM2.into(),
+        enable_addons: true,
+        ..on("CPU", 1)
+    };
+    let base = deployments::create(&acme, "accounts/acme", "chat", with_addons)
+        .await
+        .unwrap();
+    wait_ready(&acme, &base.name, 1).await;
+    let on_base =
+        deployments::create_deployed_model(&acme, "acme", "tone-on-chat", &addon.name, &base.name)
+            .await
+            .unwrap();
+    let merged = schv1::Deployment {
+        base_model: addon.name.clone(),
+        ..on("CPU", 1)
+    };
+    let merged = deployments::create(&acme, "accounts/acme", "tone", merged)
+        .await
+        .unwrap();
+    wait_ready(&acme, &merged.name, 1).await;
+
+    let greedy = |model: String| {
+        let acme = acme.clone();
+        async move {
+            let request = infv1::CreateCompletionRequest {
+                model,
+                prompt: "The capital of France is".into(),
+                max_tokens: Some(12),
+                temperature: Some(0.0),
+                ..Default::default()
+            };
+            let answer = kiln_tests::inference::client(&acme)
+                .create_completion(request)
+                .await?;
+            Ok::<_, tonic::Status>(answer.into_inner().choices[0].text.clone())
+        }
+    };
+    // The deployed model becomes servable once its replica holds the addon.
+    let through_slot =
+        kiln_tests::wait_for_ok(Duration::from_secs(60), "the addon to answer", || {
+            greedy(on_base.name.clone())
+        })
+        .await;
+    let live_merged = greedy(format!("{}#{}", addon.name, merged.name))
+        .await
+        .unwrap();
+    let bare = greedy(format!("{SMOLLM2}#{}", base.name)).await.unwrap();
+    assert_eq!(live_merged, through_slot);
+    assert_ne!(bare, through_slot, "the addon changes the answer");
+    // A live-merged addon takes no further addons.
+    let refused = deployments::create(
+        &acme,
+        "accounts/acme",
+        "stacked",
+        schv1::Deployment {
+            base_model: addon.name.clone(),
+            enable_addons: true,
+            ..on("CPU", 1)
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused.message().contains("takes no further addons"),
+        "{refused}"
+    );
+    mesh.shutdown().await;
+}

@@ -6,6 +6,7 @@ use kiln_core::names::{self, ChildName, SYSTEM_ACCOUNT, validate_display_name};
 use kiln_events::Body;
 use kiln_proto::common::v1::{AcceleratorType, Status as ResourceStatus};
 use kiln_proto::events::v1 as ev;
+use kiln_proto::registry::v1::model;
 use kiln_proto::scheduler::v1::{
     DeployedModel, Deployment, ReplicaStats, deployed_model, deployment,
 };
@@ -35,6 +36,17 @@ impl Scheduler {
         let parent = caller.own_parent(parent)?;
         validate_display_name("deployment.display_name", &d.display_name)?;
         let model = self.servable_base(caller, &d.base_model).await?;
+        // An addon as the base is served live-merged into its own base model; it takes no
+        // further addons.
+        if model.kind == model::Kind::LoraAddon as i32 && d.enable_addons {
+            return Err(Error::invalid(
+                "deployment.enable_addons",
+                format!(
+                    "{} is a LoRA addon, served merged into its base: it takes no further addons",
+                    model.name
+                ),
+            ));
+        }
         let model_id = ChildName::parse("deployment.base_model", "models", &model.name, None)?.id;
         let deployment_id = if deployment_id.is_empty() {
             let suffix = uuid::Uuid::new_v4().simple().to_string();

@@ -98,15 +98,6 @@ impl Scheduler {
         if !(model.public || caller.can_access(&parsed.account)) {
             return Err(Error::not_found(&parsed));
         }
-        if model.kind == model::Kind::LoraAddon as i32 {
-            return Err(Error::invalid(
-                field,
-                format!(
-                    "{} is a LoRA addon: deploy its base model with enable_addons, then deploy the addon onto it",
-                    model.name
-                ),
-            ));
-        }
         if model.state != model::State::Ready as i32 {
             return Err(Error::FailedPrecondition(format!(
                 "{} is not READY (state {})",

@@ -13,7 +13,10 @@
 //! float or MatMulNBits blocks) and of Hugging Face optimum exports (nodes
 //! `/model/layers.{l}/{self_attn|mlp}/{module}/MatMul`).
 
+mod merge;
 mod wire;
+
+pub use merge::merge_lora;
 
 use std::collections::HashMap;
 

@@ -136,3 +136,67 @@ fn a_graph_without_llama_linears_is_refused() {
     );
     assert_eq!(add_lora_slots(&[]).unwrap_err(), "the model has no graph");
 }
+
+/// The float32 values of initializer `name`.
+fn initializer(model: &[u8], name: &str) -> Vec<f32> {
+    let model: ModelProto = ModelProto::decode(model).unwrap();
+    let tensor = model
+        .graph
+        .unwrap()
+        .initializer
+        .into_iter()
+        .find(|t| t.name == name)
+        .unwrap();
+    tensor
+        .raw_data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[test]
+fn live_merge_adds_the_update_into_float_weights() {
+    use crate::peft::{LoraLinear, LoraWeights};
+    let graph = tiny_graph();
+    // q_proj of layer 1 (8 in, 8 out), rank 1: A = [1, 2, …, 8], B (scaled) = [0.5; 8].
+    let mut linears = std::collections::BTreeMap::new();
+    linears.insert(
+        (1, "q_proj"),
+        LoraLinear {
+            inputs: 8,
+            outputs: 8,
+            a: (1..=8).map(|i| i as f32).collect(),
+            b: vec![0.5; 8],
+        },
+    );
+    let adapter = LoraWeights { rank: 1, linears };
+    let merged = merge_lora(&graph, &adapter).unwrap().unwrap();
+    let (before, after) = (
+        initializer(&graph, "blk.1.attn_q"),
+        initializer(&merged, "blk.1.attn_q"),
+    );
+    for i in 0..8 {
+        for o in 0..8 {
+            let want = before[i * 8 + o] + (i + 1) as f32 * 0.5;
+            assert_eq!(after[i * 8 + o], want, "[{i}][{o}]");
+        }
+    }
+    assert_eq!(
+        initializer(&merged, "blk.0.attn_q"),
+        initializer(&graph, "blk.0.attn_q")
+    );
+    let (b, a) = (
+        read_onnx("m", &graph).unwrap(),
+        read_onnx("m", &merged).unwrap(),
+    );
+    assert_eq!((a.inputs, a.node_count), (b.inputs, b.node_count));
+
+    // A linear the graph does not have.
+    let mut far = adapter.clone();
+    let q = far.linears.remove(&(1, "q_proj")).unwrap();
+    far.linears.insert((5, "q_proj"), q);
+    assert_eq!(
+        merge_lora(&graph, &far).unwrap_err(),
+        "the adapter adapts layer 5's q_proj, which the graph does not have"
+    );
+}

@@ -2,7 +2,8 @@
 //! which adapters are resident, the concatenated slot matrices the session keeps as resident
 //! inputs, and each pass's per-row mask. An adapter becomes resident between steps, in a free
 //! slot or in place of the least recently used one no running sequence needs; its columns
-//! are rebuilt then, never during a pass.
+//! are rebuilt then, never during a pass. A loop may pin one adapter: rows that name none go
+//! through it (a live-merged addon on a 4-bit graph, whose blocks are not merged).
 
 use std::sync::Arc;
 
@@ -52,12 +53,19 @@ pub(super) enum Residency {
 pub(super) struct LoraSlots {
     linears: Vec<SlotInput>,
     slots: Vec<Option<Resident>>,
+    /// In slot 0 for good: what rows without an adapter of their own go through.
+    pinned: Option<Arc<Adapter>>,
     clock: u64,
 }
 
 impl LoraSlots {
-    /// The slots of a graph with LoRA slot inputs (None without them), `count` of them.
-    pub(super) fn of_graph(inputs: &[TensorInfo], count: usize) -> Option<Self> {
+    /// The slots of a graph with LoRA slot inputs (None without them): `count` of them, and
+    /// one more for `pinned`.
+    pub(super) fn of_graph(
+        inputs: &[TensorInfo],
+        count: usize,
+        pinned: Option<Arc<Adapter>>,
+    ) -> Option<Self> {
         if !inputs.iter().any(|t| t.name == LORA_MASK) {
             return None;
         }
@@ -87,9 +95,20 @@ impl LoraSlots {
                 b,
             });
         }
+        let mut slots: Vec<Option<Resident>> = (0..count.max(1)).map(|_| None).collect();
+        if let Some(adapter) = &pinned {
+            slots.insert(
+                0,
+                Some(Resident {
+                    adapter: adapter.clone(),
+                    used: 0,
+                }),
+            );
+        }
         Some(Self {
             linears,
-            slots: (0..count.max(1)).map(|_| None).collect(),
+            slots,
+            pinned,
             clock: 0,
         })
     }
@@ -145,6 +164,7 @@ impl LoraSlots {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, s)| s.as_ref().map(|r| (i, r)))
+                .filter(|(i, _)| *i > 0 || self.pinned.is_none())
                 .filter(|(_, r)| !busy.clone().any(|k| k == r.adapter.key))
                 .min_by_key(|(_, r)| r.used)
                 .map(|(i, _)| i)
@@ -249,7 +269,9 @@ impl LoraSlots {
         let batch = rows.len();
         let mut mask = vec![0f32; batch * width];
         for (row, adapter) in rows.enumerate() {
-            let Some(adapter) = adapter else { continue };
+            let Some(adapter) = adapter.or(self.pinned.as_deref()) else {
+                continue;
+            };
             let (first, rank) = self
                 .slot_of(&adapter.key)
                 .and_then(|s| spans[s])
@@ -317,8 +339,8 @@ mod tests {
 
     #[test]
     fn a_graph_without_slots_has_none() {
-        assert!(LoraSlots::of_graph(&graph_inputs()[..1], 4).is_none());
-        let slots = LoraSlots::of_graph(&graph_inputs(), 4).unwrap();
+        assert!(LoraSlots::of_graph(&graph_inputs()[..1], 4, None).is_none());
+        let slots = LoraSlots::of_graph(&graph_inputs(), 4, None).unwrap();
         assert_eq!(slots.linears.len(), 2);
         assert_eq!((slots.linears[1].inputs, slots.linears[1].outputs), (4, 2));
         // Nothing resident: zero-width matrices.
@@ -329,7 +351,7 @@ mod tests {
 
     #[test]
     fn the_least_recently_used_idle_adapter_gives_up_its_slot() {
-        let mut slots = LoraSlots::of_graph(&graph_inputs(), 2).unwrap();
+        let mut slots = LoraSlots::of_graph(&graph_inputs(), 2, None).unwrap();
         let (a, b, c) = (
             adapter("a", 2, 1.0),
             adapter("b", 2, 1.0),
@@ -358,7 +380,7 @@ mod tests {
 
     #[test]
     fn slots_sit_side_by_side_and_rows_select_their_own() {
-        let mut slots = LoraSlots::of_graph(&graph_inputs(), 4).unwrap();
+        let mut slots = LoraSlots::of_graph(&graph_inputs(), 4, None).unwrap();
         let (a, b) = (adapter("a", 2, 1.0), adapter("b", 3, 2.0));
         let idle = std::iter::empty::<&str>();
         slots.make_resident(&a, idle.clone());
@@ -397,7 +419,7 @@ mod tests {
 
     #[test]
     fn an_adapter_must_fit_the_slotted_linears() {
-        let slots = LoraSlots::of_graph(&graph_inputs(), 4).unwrap();
+        let slots = LoraSlots::of_graph(&graph_inputs(), 4, None).unwrap();
         slots.fits(&adapter("a", 2, 1.0)).unwrap();
         let mut weights = (*adapter("wide", 2, 1.0).weights).clone();
         weights.linears.get_mut(&(0, "q_proj")).unwrap().outputs = 8;
@@ -414,5 +436,20 @@ mod tests {
             err.contains("as 4 in × 8 out, but the model's is 4 × 4"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_pinned_adapter_serves_rows_without_one_and_keeps_its_slot() {
+        let pinned = adapter("merged", 2, 1.0);
+        let mut slots = LoraSlots::of_graph(&graph_inputs(), 1, Some(pinned.clone())).unwrap();
+        assert_eq!(slots.resident(), [Some("merged"), None]);
+        let (a, b) = (adapter("a", 1, 1.0), adapter("b", 1, 1.0));
+        let idle = std::iter::empty::<&str>();
+        assert_eq!(slots.make_resident(&a, idle.clone()), Residency::Loaded);
+        // b takes a's slot, never the pinned one.
+        assert_eq!(slots.make_resident(&b, idle), Residency::Loaded);
+        assert_eq!(slots.resident(), [Some("merged"), Some("b")]);
+        let mask = slots.mask([None, Some(&*b)].into_iter()).unwrap();
+        assert_eq!(f32s(&mask), [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
     }
 }

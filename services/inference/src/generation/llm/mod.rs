@@ -107,6 +107,15 @@ pub struct SequenceRequest {
     pub events: UnboundedSender<Event>,
 }
 
+/// The LoRA side of a loop over a graph with LoRA slots.
+#[derive(Debug, Default, Clone)]
+pub struct LoraOptions {
+    /// Adapters requests name, resident at once.
+    pub slots: usize,
+    /// The adapter of every row that names none, in a slot of its own for good.
+    pub pinned: Option<Arc<Adapter>>,
+}
+
 /// Why a sequence was not queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitError {
@@ -122,15 +131,15 @@ pub struct Llm {
 }
 
 impl Llm {
-    /// Starts the loop of `session`. A graph with LoRA slot inputs keeps up to `lora_slots`
-    /// adapters resident.
+    /// Starts the loop of `session`. A graph with LoRA slot inputs keeps up to `lora.slots`
+    /// adapters resident, and `lora.pinned` for rows that name none.
     pub fn start(
         name: &str,
         mut session: Box<dyn Session>,
         shape: LlmShape,
         tokenizer: Arc<Tokenizer>,
         limits: LlmLimits,
-        lora_slots: usize,
+        lora: LoraOptions,
     ) -> std::io::Result<Self> {
         let output = |name: &str| {
             session
@@ -149,7 +158,7 @@ impl Llm {
         let takes_positions = session.inputs().iter().any(|t| t.name == "position_ids");
         let token_bytes = (2 * shape.layers * shape.kv_heads * shape.head_dim * 4) as u64;
         let prefix = PrefixCache::new((limits.prefix_cache_bytes / token_bytes.max(1)) as usize);
-        let lora = LoraSlots::of_graph(session.inputs(), lora_slots);
+        let lora = LoraSlots::of_graph(session.inputs(), lora.slots, lora.pinned);
         if let Some(lora) = &lora {
             session
                 .set_resident(lora.resident_inputs())

@@ -184,7 +184,7 @@ async fn newcomers_prefill_together_and_each_generates_what_it_would_alone() {
         shape,
         word_tokenizer(),
         limits,
-        0,
+        LoraOptions::default(),
     )
     .unwrap();
     // Short prompts that fit a pass together, long ones fed in several chunks, and the
