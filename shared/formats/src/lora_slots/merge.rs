@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use prost::Message;
 
-use super::{NODE, linear_of, wire};
+use super::{NODE, linear_of, wire, with_graph};
 use crate::onnx_proto::NodeProto;
 use crate::onnx_proto::elem_type::FLOAT;
 use crate::peft::{LoraLinear, LoraWeights};
@@ -24,25 +24,10 @@ const RAW_DATA: u64 = 9;
 /// keeps 4-bit blocks (MatMulNBits), which are not merged. Every linear the adapter adapts
 /// must be in the graph with the adapter's features.
 pub fn merge_lora(model: &[u8], adapter: &LoraWeights) -> Result<Option<Vec<u8>>, String> {
-    let mut out = Vec::with_capacity(model.len());
-    let mut merged = None;
-    for field in wire::fields(model)? {
-        match (field.number, field.payload) {
-            (7, Some(graph)) => {
-                if merged.is_some() {
-                    return Err("the model has more than one graph field".into());
-                }
-                let Some(graph) = merge_graph(graph, adapter)? else {
-                    return Ok(None);
-                };
-                wire::put_bytes(&mut out, 7, &graph);
-                merged = Some(());
-            }
-            _ => out.extend_from_slice(field.whole),
-        }
-    }
-    merged.ok_or("the model has no graph")?;
-    Ok(Some(out))
+    let merged = with_graph(model, |graph| {
+        Ok(merge_graph(graph, adapter)?.map(|graph| (graph, ())))
+    })?;
+    Ok(merged.map(|(model, ())| model))
 }
 
 fn merge_graph(graph: &[u8], adapter: &LoraWeights) -> Result<Option<Vec<u8>>, String> {

@@ -56,23 +56,8 @@ impl SlotLinear {
 /// Adds LoRA slots to every adapted linear of the serialized `model`; returns the new model
 /// and its slotted linears (in graph order).
 pub fn add_lora_slots(model: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
-    let mut out = Vec::with_capacity(model.len() + (1 << 16));
-    let mut linears = None;
-    for field in wire::fields(model)? {
-        match (field.number, field.payload) {
-            // ModelProto.graph
-            (7, Some(graph)) => {
-                if linears.is_some() {
-                    return Err("the model has more than one graph field".into());
-                }
-                let (graph, found) = rewrite_graph(graph)?;
-                wire::put_bytes(&mut out, 7, &graph);
-                linears = Some(found);
-            }
-            _ => out.extend_from_slice(field.whole),
-        }
-    }
-    let linears = linears.ok_or("the model has no graph")?;
+    let (out, linears) =
+        with_graph(model, |graph| rewrite_graph(graph).map(Some))?.expect("always rewritten");
     if linears.is_empty() {
         return Err(format!(
             "no linear layer LoRA adapts was found (looked for the weights blk.N.attn_q … of a \
@@ -82,6 +67,31 @@ pub fn add_lora_slots(model: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String
         ));
     }
     Ok((out, linears))
+}
+
+/// `model` with its graph field replaced by what `rewrite` makes of it (with a by-product),
+/// every other field kept as it was; `None` when `rewrite` declines.
+fn with_graph<T>(
+    model: &[u8],
+    rewrite: impl FnOnce(&[u8]) -> Result<Option<(Vec<u8>, T)>, String>,
+) -> Result<Option<(Vec<u8>, T)>, String> {
+    let fields = wire::fields(model)?;
+    let mut graphs = fields.iter().filter(|f| f.number == 7);
+    let (Some(graph), None) = (graphs.next().and_then(|f| f.payload), graphs.next()) else {
+        return Err("the model has no graph, or more than one".into());
+    };
+    let Some((graph, product)) = rewrite(graph)? else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(model.len() + (1 << 16));
+    for field in &fields {
+        match field.number {
+            // ModelProto.graph
+            7 => wire::put_bytes(&mut out, 7, &graph),
+            _ => out.extend_from_slice(field.whole),
+        }
+    }
+    Ok(Some((out, product)))
 }
 
 /// GraphProto field numbers.

@@ -43,30 +43,17 @@ pub(crate) const MODULES: [(&str, &str, &str); 7] = [
 /// a bare `LlamaModel` base).
 const LAYER_PREFIXES: [&str; 2] = ["base_model.model.model.layers.", "base_model.model.layers."];
 
-/// What Kiln uses of an `adapter_config.json`.
+/// What Kiln uses of an `adapter_config.json` (of `peft_type` LORA, the only one it reads).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
-    /// Always `LORA`.
-    pub peft_type: String,
     pub r: u32,
     pub lora_alpha: f64,
     /// HF module names (`q_proj`, `v_proj`, …), deduplicated, in the order given.
     pub target_modules: Vec<String>,
     pub base_model_name_or_path: Option<String>,
-    /// rsLoRA: the update is scaled by `lora_alpha / sqrt(r)` instead of `lora_alpha / r`.
     pub use_rslora: bool,
-}
-
-impl AdapterConfig {
     /// What `B·A` is multiplied by: `lora_alpha / r`, or `lora_alpha / sqrt(r)` under rsLoRA.
-    pub fn scale(&self) -> f64 {
-        let r = f64::from(self.r);
-        if self.use_rslora {
-            self.lora_alpha / r.sqrt()
-        } else {
-            self.lora_alpha / r
-        }
-    }
+    pub scale: f64,
 }
 
 /// Reads an `adapter_config.json`. `target_modules` may be a list of module names or a single
@@ -169,14 +156,16 @@ pub fn read_adapter_config(file: &str, bytes: &[u8]) -> Result<AdapterConfig, Fo
         }
     };
     refuse_unappliable(&obj).map_err(err)?;
+    let rank = f64::from(r);
+    let scale = lora_alpha / if use_rslora { rank.sqrt() } else { rank };
 
     Ok(AdapterConfig {
-        peft_type,
         r,
         lora_alpha,
         target_modules,
         base_model_name_or_path,
         use_rslora,
+        scale,
     })
 }
 

@@ -20,12 +20,12 @@ fn base() -> GgufInfo {
 
 fn lora_config(r: u32, modules: &[&str]) -> AdapterConfig {
     AdapterConfig {
-        peft_type: "LORA".into(),
         r,
         lora_alpha: 16.0,
         target_modules: modules.iter().map(|m| m.to_string()).collect(),
         base_model_name_or_path: None,
         use_rslora: false,
+        scale: 16.0 / f64::from(r),
     }
 }
 
@@ -82,7 +82,6 @@ fn reads_a_real_style_config() {
             "target_modules": ["v_proj", "q_proj", "q_proj"], "task_type": "CAUSAL_LM"}"#,
     )
     .unwrap();
-    assert_eq!(c.peft_type, "LORA");
     assert_eq!(c.r, 16);
     assert_eq!(c.lora_alpha, 32.0);
     assert_eq!(c.target_modules, vec!["v_proj", "q_proj"]);
@@ -184,13 +183,13 @@ fn rslora_scales_by_the_square_root_of_r() {
         config(r#"{"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]}"#)
             .unwrap();
     assert!(!plain.use_rslora);
-    assert_eq!(plain.scale(), 2.0);
+    assert_eq!(plain.scale, 2.0);
     let rs = config(
         r#"{"peft_type": "LORA", "r": 16, "lora_alpha": 32, "use_rslora": true, "target_modules": ["q_proj"]}"#,
     )
     .unwrap();
     assert!(rs.use_rslora);
-    assert_eq!(rs.scale(), 8.0);
+    assert_eq!(rs.scale, 8.0);
 }
 
 #[test]
@@ -338,7 +337,7 @@ fn weights_are_read_with_the_scale_folded_into_b() {
     assert_eq!(q.a, a);
     // lora_alpha 16 / r 4.
     assert_eq!(q.b, b.iter().map(|v| v * 4.0).collect::<Vec<_>>());
-    config.use_rslora = true;
+    config.scale = 8.0;
     let weights = read_lora_weights(&config, &bytes, "adapter_model.safetensors").unwrap();
     assert_eq!(
         weights.linears[&(1, "q_proj")].b,

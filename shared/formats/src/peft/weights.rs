@@ -50,7 +50,7 @@ pub fn read_lora_weights(
     let tensors = read_safetensors_header(file, bytes)?;
     let data = &bytes[8 + header_len(file, bytes)? as usize..];
     let rank = config.r as usize;
-    let scale = config.scale() as f32;
+    let scale = config.scale as f32;
     let mut linears = BTreeMap::new();
     for ((layer, module), pair) in lora_pairs(config, &tensors).map_err(err)? {
         let (a_name, a) = pair.a;
