@@ -196,3 +196,119 @@ async fn an_optimum_export_uploads_and_generates_like_transformers() {
     }
     mesh.shutdown().await;
 }
+
+/// LoRA on an optimum export: the graph rewritten with slots, the adapter fed through them,
+/// answers as the graph with the adapter merged into its weights; with a zero adapter it
+/// answers exactly as the export.
+#[test]
+fn lora_slots_and_live_merge_agree_on_an_optimum_export() {
+    use kiln_formats::{LORA_MASK, LoraLinear, LoraWeights};
+    use kiln_inference::tensor::{Tensor, TensorData};
+    // hidden 64, k/v 32, ffn 128, 2 layers (config.json).
+    let features = [
+        ("q_proj", 64, 64),
+        ("k_proj", 64, 32),
+        ("v_proj", 64, 32),
+        ("o_proj", 64, 64),
+        ("gate_proj", 64, 128),
+        ("up_proj", 64, 128),
+        ("down_proj", 128, 64),
+    ];
+    let rank = 4;
+    let mut state = 7u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
+    };
+    let adapter = |zero: bool, next: &mut dyn FnMut() -> f32| {
+        let mut linears = std::collections::BTreeMap::new();
+        for layer in 0..2 {
+            for &(module, inputs, outputs) in &features {
+                let a = (0..rank * inputs).map(|_| next()).collect();
+                let b = (0..outputs * rank)
+                    .map(|_| if zero { 0.0 } else { next() })
+                    .collect();
+                linears.insert(
+                    (layer, module),
+                    LoraLinear {
+                        inputs,
+                        outputs,
+                        a,
+                        b,
+                    },
+                );
+            }
+        }
+        LoraWeights { rank, linears }
+    };
+    let (random, zero) = (adapter(false, &mut next), adapter(true, &mut next));
+    let original = std::fs::read(export_dir().join("model.onnx")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: Vec<u8>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let (slotted, linears) = kiln_formats::add_lora_slots(&original).unwrap();
+    assert_eq!(linears.len(), 14);
+    let slotted = write("slotted.onnx", slotted);
+    let merged = kiln_formats::merge_lora(&original, &random)
+        .unwrap()
+        .unwrap();
+    let merged = write("merged.onnx", merged);
+
+    let prompt = &reference().prompts[0].input_ids;
+    let n = prompt.len();
+    let ids: Vec<i64> = prompt.iter().map(|&x| i64::from(x)).collect();
+    let logits = |path: &std::path::Path, weights: Option<&LoraWeights>| {
+        let mut session = load_session("onnxruntime", path, 1);
+        if let Some(w) = weights {
+            // The adapter alone in the slots: A as [in, r], B as [r, out].
+            let mut resident = Vec::new();
+            for l in &linears {
+                let lin = &w.linears[&(l.layer, l.module)];
+                let mut a = vec![0f32; lin.inputs * rank];
+                let mut b = vec![0f32; rank * lin.outputs];
+                for k in 0..rank {
+                    for i in 0..lin.inputs {
+                        a[i * rank + k] = lin.a[k * lin.inputs + i];
+                    }
+                    for o in 0..lin.outputs {
+                        b[k * lin.outputs + o] = lin.b[o * rank + k];
+                    }
+                }
+                let t = |shape: Vec<usize>, v| Tensor::new(shape, TensorData::F32(v)).unwrap();
+                resident.push((l.a_input(), t(vec![lin.inputs, rank], a)));
+                resident.push((l.b_input(), t(vec![rank, lin.outputs], b)));
+            }
+            let mask = Tensor::new(vec![1, 1, rank], TensorData::F32(vec![1.0; rank])).unwrap();
+            resident.push((LORA_MASK.to_owned(), mask));
+            session.set_resident(resident).unwrap();
+        }
+        let (values, vocab) = decoder_logits(
+            session.as_mut(),
+            [1, n],
+            ids.clone(),
+            vec![1; n],
+            (0..n as i64).collect(),
+        );
+        values[(n - 1) * vocab..].to_vec()
+    };
+    let base = logits(&export_dir().join("model.onnx"), None);
+    let through_zero = logits(&slotted, Some(&zero));
+    assert_eq!(
+        through_zero.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        base.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    let through_slots = logits(&slotted, Some(&random));
+    let through_merge = logits(&merged, None);
+    let gap = max_abs_diff(&through_slots, &through_merge);
+    let change = max_abs_diff(&through_slots, &base);
+    assert!(gap < 1e-4, "slots and merge differ by {gap}");
+    assert!(
+        change > 1e-2,
+        "the adapter changes the logits by {change} only"
+    );
+}
