@@ -242,3 +242,52 @@ pub fn ids(answer: &Greedy) -> Vec<u32> {
         .map(|s| s.token)
         .collect()
 }
+
+/// The resident inputs of a session over a graph with LoRA slots (whose `inputs` these are)
+/// that holds `weights` alone in its slots, with a mask sending all `batch` rows through it:
+/// every `lora.{l}.{m}.a` input as `Aᵀ [in, r]` and `.b` as `Bᵀ [r, out]` (zeros where the
+/// adapter leaves the linear alone).
+pub fn alone_in_slots(
+    inputs: &[kiln_inference::backend::TensorInfo],
+    weights: &LoraWeights,
+    batch: usize,
+) -> Vec<(String, kiln_inference::tensor::Tensor)> {
+    use kiln_inference::tensor::{Tensor, TensorData};
+    let rank = weights.rank;
+    let tensor = |shape: Vec<usize>, values| Tensor::new(shape, TensorData::F32(values)).unwrap();
+    let dim = |name: &str, axis: usize| {
+        let info = inputs.iter().find(|t| t.name == name).expect(name);
+        info.shape[axis] as usize
+    };
+    let mut resident = Vec::new();
+    for info in inputs {
+        let Some(slot) = info
+            .name
+            .strip_prefix("lora.")
+            .and_then(|n| n.strip_suffix(".a"))
+        else {
+            continue;
+        };
+        let (layer, module) = slot.split_once('.').unwrap();
+        let b_name = format!("lora.{slot}.b");
+        let (features, outputs) = (dim(&info.name, 0), dim(&b_name, 1));
+        let (mut a, mut b) = (vec![0f32; features * rank], vec![0f32; rank * outputs]);
+        if let Some(l) = weights.linears.get(&(layer.parse().unwrap(), module)) {
+            for k in 0..rank {
+                for i in 0..features {
+                    a[i * rank + k] = l.a[k * features + i];
+                }
+                for o in 0..outputs {
+                    b[k * outputs + o] = l.b[o * rank + k];
+                }
+            }
+        }
+        resident.push((info.name.clone(), tensor(vec![features, rank], a)));
+        resident.push((b_name, tensor(vec![rank, outputs], b)));
+    }
+    resident.push((
+        kiln_formats::LORA_MASK.to_owned(),
+        tensor(vec![batch, 1, rank], vec![1.0; batch * rank]),
+    ));
+    resident
+}

@@ -202,8 +202,7 @@ async fn an_optimum_export_uploads_and_generates_like_transformers() {
 /// answers exactly as the export.
 #[test]
 fn lora_slots_and_live_merge_agree_on_an_optimum_export() {
-    use kiln_formats::{LORA_MASK, LoraLinear, LoraWeights};
-    use kiln_inference::tensor::{Tensor, TensorData};
+    use kiln_formats::{LoraLinear, LoraWeights};
     // hidden 64, k/v 32, ffn 128, 2 layers (config.json).
     let features = [
         ("q_proj", 64, 64),
@@ -265,26 +264,7 @@ fn lora_slots_and_live_merge_agree_on_an_optimum_export() {
     let logits = |path: &std::path::Path, weights: Option<&LoraWeights>| {
         let mut session = load_session("onnxruntime", path, 1);
         if let Some(w) = weights {
-            // The adapter alone in the slots: A as [in, r], B as [r, out].
-            let mut resident = Vec::new();
-            for l in &linears {
-                let lin = &w.linears[&(l.layer, l.module)];
-                let mut a = vec![0f32; lin.inputs * rank];
-                let mut b = vec![0f32; rank * lin.outputs];
-                for k in 0..rank {
-                    for i in 0..lin.inputs {
-                        a[i * rank + k] = lin.a[k * lin.inputs + i];
-                    }
-                    for o in 0..lin.outputs {
-                        b[k * lin.outputs + o] = lin.b[o * rank + k];
-                    }
-                }
-                let t = |shape: Vec<usize>, v| Tensor::new(shape, TensorData::F32(v)).unwrap();
-                resident.push((l.a_input(), t(vec![lin.inputs, rank], a)));
-                resident.push((l.b_input(), t(vec![rank, lin.outputs], b)));
-            }
-            let mask = Tensor::new(vec![1, 1, rank], TensorData::F32(vec![1.0; rank])).unwrap();
-            resident.push((LORA_MASK.to_owned(), mask));
+            let resident = kiln_tests::lora::alone_in_slots(session.inputs(), w, 1);
             session.set_resident(resident).unwrap();
         }
         let (values, vocab) = decoder_logits(

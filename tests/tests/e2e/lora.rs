@@ -254,3 +254,107 @@ async fn an_addon_answers_through_a_slot_and_live_merged_alike() {
     );
     mesh.shutdown().await;
 }
+
+/// `tests/data/llm/lora/reference.json`: llama.cpp with the same adapter in its own GGUF-LoRA
+/// format (made by make_reference.py beside it).
+#[derive(serde::Deserialize)]
+struct LlamaCppReference {
+    seed: u64,
+    r: usize,
+    b_scale: f32,
+    modules: Vec<String>,
+    prompts: Vec<LlamaCppPrompt>,
+}
+
+#[derive(serde::Deserialize)]
+struct LlamaCppPrompt {
+    tokens: Vec<u32>,
+    argmax_next: Vec<u32>,
+    argmax_margin: Vec<f32>,
+    argmax_next_without: Vec<u32>,
+}
+
+/// Against an independent implementation: teacher-forced next-token predictions of the
+/// reference prompts through the LoRA slots agree with llama.cpp's with the same adapter
+/// (converted to its format, its q rows permuted as its converter does), as the base graph
+/// agrees with llama.cpp without one; and they follow llama.cpp where the adapter changes its
+/// answer.
+#[test]
+fn slots_predict_like_llama_cpp_with_the_same_adapter() {
+    let reference: LlamaCppReference = kiln_tests::data_json("llm/lora/reference.json");
+    let modules: Vec<&str> = reference.modules.iter().map(String::as_str).collect();
+    let (config, weights) = seeded_lora(
+        reference.seed,
+        reference.r,
+        &modules,
+        reference.b_scale,
+        false,
+    );
+    let weights = lora_weights(&config, &weights);
+    let prompts: Vec<&[u32]> = reference.prompts.iter().map(|p| &p.tokens[..]).collect();
+    let (batch, width) = (
+        prompts.len(),
+        prompts.iter().map(|p| p.len()).max().unwrap(),
+    );
+    let (mut ids, mut mask, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+    for p in &prompts {
+        for i in 0..width {
+            ids.push(p.get(i).map_or(0, |&t| i64::from(t)));
+            mask.push(i64::from(i < p.len()));
+            positions.push(i as i64);
+        }
+    }
+    // A strong adapter flattens the logits: where llama.cpp's top two are within CLEAR of each
+    // other, its int8 activations and Kiln's float ones legitimately pick differently. Where
+    // they are not, the two must agree (a wrong scale, module or row order does not).
+    const CLEAR: f32 = 0.5;
+    for (blocks, floor) in [(false, 0.97), (true, 0.95)] {
+        let mut session = kiln_tests::inference::load_session("onnxruntime", &graph(blocks, 1), 2);
+        let resident = alone_in_slots(session.inputs(), &weights, batch);
+        session.set_resident(resident).unwrap();
+        let (values, vocab) = kiln_tests::llm::decoder_logits(
+            session.as_mut(),
+            [batch, width],
+            ids.clone(),
+            mask.clone(),
+            positions.clone(),
+        );
+        let (mut agree, mut total, mut changed, mut followed) = (0, 0, 0, 0);
+        let (mut clear, mut clear_agree) = (0, 0);
+        for (b, p) in reference.prompts.iter().enumerate() {
+            for i in 0..p.tokens.len() {
+                let row = &values[(b * width + i) * vocab..(b * width + i + 1) * vocab];
+                let got = kiln_inference::generation::sampling::argmax(row);
+                total += 1;
+                agree += usize::from(got == p.argmax_next[i]);
+                if p.argmax_margin[i] >= CLEAR {
+                    clear += 1;
+                    clear_agree += usize::from(got == p.argmax_next[i]);
+                }
+                if p.argmax_next[i] != p.argmax_next_without[i] {
+                    changed += 1;
+                    followed += usize::from(got == p.argmax_next[i]);
+                }
+            }
+        }
+        let rate = clear_agree as f64 / clear as f64;
+        eprintln!(
+            "blocks {blocks}: top-1 agreement with llama.cpp + adapter {agree}/{total}, \
+             {clear_agree}/{clear} where its margin is at least {CLEAR}; where the adapter \
+             changes llama.cpp's answer, {followed}/{changed}"
+        );
+        assert!(
+            rate >= floor,
+            "blocks {blocks}: clear agreement {rate:.3} < {floor}"
+        );
+        assert!(clear >= total / 2, "{clear} of {total} clear positions");
+        assert!(
+            changed >= total / 4,
+            "the adapter changes {changed} of {total} answers only"
+        );
+        assert!(
+            followed as f64 >= 0.7 * changed as f64,
+            "Kiln follows llama.cpp on {followed} of the {changed} answers the adapter changes"
+        );
+    }
+}
