@@ -52,6 +52,12 @@ pub enum Command {
     /// Set a resource's replica count.
     #[command(subcommand)]
     Scale(deployments::Scale),
+    /// Load a LoRA addon onto a deployment of its base (with enable_addons): it answers by
+    /// the deployed model's name (as `create deployed-model`).
+    LoadLora(deployments::CreateDeployedModelArgs),
+    /// Unload a LoRA addon: undeploy its deployed model (an ID in the account, or a full
+    /// name; as `delete deployed-model`).
+    UnloadLora { deployed_model: String },
     /// Download a model's files or a dataset.
     #[command(subcommand)]
     Download(models::Download),
@@ -136,6 +142,14 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
         Command::Delete(c) => c.run(client, format).await,
         Command::Undelete(c) => deployments::undelete(client, format, c).await,
         Command::Scale(c) => deployments::scale(client, format, c).await,
+        Command::LoadLora(args) => {
+            let command = deployments::Create::DeployedModel(args);
+            deployments::create(client, format, command).await
+        }
+        Command::UnloadLora { deployed_model } => {
+            let command = deployments::Delete::DeployedModel { deployed_model };
+            deployments::delete(client, format, command).await
+        }
         Command::Download(c) => models::download(client, c).await,
         Command::Chat(args) => inference::chat(client, args).await,
         Command::Embed(args) => inference::embed(client, format, args).await,
@@ -190,6 +204,16 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+        match parse(&["load-lora", "tone", "--deployment", "chat"]).command {
+            Command::LoadLora(a) => {
+                assert_eq!((a.model.as_str(), a.deployment.as_str()), ("tone", "chat"));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(matches!(
+            parse(&["unload-lora", "tone-on-chat"]).command,
+            Command::UnloadLora { deployed_model } if deployed_model == "tone-on-chat"
+        ));
         assert!(matches!(
             parse(&["get", "usage", "--group-by", "model,day"]).command,
             Command::Get(GetCommand::Usage(usage::Get::Usage(_)))
