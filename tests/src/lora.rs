@@ -51,40 +51,30 @@ pub fn seeded_lora(
     b_scale: f32,
     rslora: bool,
 ) -> (Vec<u8>, Vec<u8>) {
-    let config = serde_json::json!({
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "use_rslora": rslora,
-        "target_modules": modules, "bias": "none", "fan_in_fan_out": false,
-        "task_type": "CAUSAL_LM", "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    });
     let mut numbers = Numbers(seed);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut linears = std::collections::BTreeMap::new();
     for layer in 0..LAYERS {
         for &(module, inputs, outputs) in MODULES.iter().filter(|(m, ..)| modules.contains(m)) {
-            let parent = if ["gate_proj", "up_proj", "down_proj"].contains(&module) {
-                "mlp"
-            } else {
-                "self_attn"
-            };
-            let name = |half: &str| {
-                format!(
-                    "base_model.model.model.layers.{layer}.{parent}.{module}.lora_{half}.weight"
-                )
-            };
             let bound = 1.0 / (inputs as f32).sqrt();
             let a = (0..r * inputs).map(|_| numbers.next() * bound).collect();
             let b = (0..outputs * r).map(|_| numbers.next() * b_scale).collect();
-            tensors.push((name("A"), vec![r, inputs], a));
-            tensors.push((name("B"), vec![outputs, r], b));
+            let linear = kiln_formats::LoraLinear {
+                inputs,
+                outputs,
+                a,
+                b,
+            };
+            linears.insert((layer, module), linear);
         }
     }
-    let refs: Vec<(&str, &[usize], &[f32])> = tensors
-        .iter()
-        .map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice()))
-        .collect();
-    (
-        serde_json::to_vec(&config).unwrap(),
-        kiln_formats::write_safetensors_f32(&refs),
-    )
+    let base = "HuggingFaceTB/SmolLM2-135M-Instruct";
+    let (config, weights) = kiln_formats::write_peft_adapter(r, 2.0 * r as f64, base, &linears);
+    if !rslora {
+        return (config, weights);
+    }
+    let mut config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    config["use_rslora"] = true.into();
+    (serde_json::to_vec(&config).unwrap(), weights)
 }
 
 /// The weights of an adapter's two files, as the engine reads them.

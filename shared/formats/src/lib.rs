@@ -45,7 +45,7 @@ pub use manifest::Manifest;
 pub use onnx::{OnnxInfo, Task, check_task, read_onnx};
 pub use peft::{
     AdapterConfig, LoraLinear, LoraWeights, check_adapter_fits, read_adapter_config,
-    read_lora_weights,
+    read_lora_weights, write_peft_adapter,
 };
 pub use safetensors::{TensorEntry, read_safetensors_header, write_safetensors_f32};
 

@@ -20,7 +20,7 @@ use crate::safetensors::TensorEntry;
 mod tests;
 mod weights;
 
-pub use weights::{LoraLinear, LoraWeights, read_lora_weights};
+pub use weights::{LoraLinear, LoraWeights, read_lora_weights, write_peft_adapter};
 
 /// The LoRA ranks Kiln serves.
 pub const RANK_RANGE: std::ops::RangeInclusive<u32> = 4..=64;

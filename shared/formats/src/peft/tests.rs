@@ -381,3 +381,44 @@ fn half_precision_weights_are_widened() {
     assert!(v.a.iter().all(|&x| x == 1.5));
     assert!(v.b.iter().all(|&x| x == 1.5 * 4.0));
 }
+
+/// What a trainer writes reads back as the same adapter, and fits the base it was made for.
+#[test]
+fn a_written_adapter_reads_back_and_fits_its_base() {
+    let mut linears = BTreeMap::new();
+    for layer in 0..2 {
+        linears.insert(
+            (layer, "q_proj"),
+            LoraLinear {
+                inputs: 8,
+                outputs: 8,
+                a: (0..32).map(|i| i as f32 / 8.0).collect(),
+                b: (0..32).map(|i| 1.0 - i as f32 / 16.0).collect(),
+            },
+        );
+        linears.insert(
+            (layer, "down_proj"),
+            LoraLinear {
+                inputs: 16,
+                outputs: 8,
+                a: vec![0.25; 64],
+                b: vec![-0.5; 32],
+            },
+        );
+    }
+    let (config_bytes, weights_bytes) = write_peft_adapter(4, 8.0, "tiny", &linears);
+    let config = read_adapter_config("adapter_config.json", &config_bytes).unwrap();
+    assert_eq!((config.r, config.lora_alpha, config.scale), (4, 8.0, 2.0));
+    assert_eq!(config.target_modules, ["q_proj", "down_proj"]);
+    assert_eq!(config.base_model_name_or_path.as_deref(), Some("tiny"));
+    let header = safetensors::read_safetensors_header("a", &weights_bytes).unwrap();
+    check_adapter_fits(&config, &header, &base(), "a").unwrap();
+    let read = read_lora_weights(&config, &weights_bytes, "a").unwrap();
+    assert_eq!(read.rank, 4);
+    for (key, written) in &linears {
+        let got = &read.linears[key];
+        assert_eq!(got.a, written.a, "{key:?}");
+        let scaled: Vec<f32> = written.b.iter().map(|v| v * 2.0).collect();
+        assert_eq!(got.b, scaled, "{key:?}");
+    }
+}

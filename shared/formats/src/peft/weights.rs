@@ -109,3 +109,57 @@ fn floats(entry: &TensorEntry, data: &[u8]) -> Vec<f32> {
         other => unreachable!("lora_pairs admits float dtypes only, not {other}"),
     }
 }
+
+/// Writes an adapter in the PEFT format (what a trainer produces): `adapter_config.json`
+/// (LORA, `r`, `lora_alpha`, the target modules its linears cover, no bias, not fan-in-fan-out,
+/// `base_model_name_or_path`) and `adapter_model.safetensors` (`lora_A [r, in]` and `lora_B
+/// [out, r]` in F32 under PEFT's names). `linears` hold B as trained, without the scale (PEFT
+/// applies `lora_alpha / r` when it loads). Returns the two files' bytes.
+pub fn write_peft_adapter(
+    r: usize,
+    lora_alpha: f64,
+    base_model: &str,
+    linears: &BTreeMap<(usize, &'static str), LoraLinear>,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut modules: Vec<&str> = Vec::new();
+    for (hf, _, _) in super::MODULES {
+        if linears.keys().any(|(_, m)| *m == hf) {
+            modules.push(hf);
+        }
+    }
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "base_model_name_or_path": base_model,
+    });
+    let mut names = Vec::with_capacity(2 * linears.len());
+    for &(layer, module) in linears.keys() {
+        let parent = super::MODULES
+            .iter()
+            .find_map(|(hf, parent, _)| (*hf == module).then_some(*parent))
+            .unwrap_or("self_attn");
+        let name = |half: &str| {
+            format!("base_model.model.model.layers.{layer}.{parent}.{module}.lora_{half}.weight")
+        };
+        names.push((name("A"), name("B")));
+    }
+    let mut tensors: Vec<(&str, [usize; 2], &[f32])> = Vec::with_capacity(2 * linears.len());
+    for ((a, b), linear) in names.iter().zip(linears.values()) {
+        tensors.push((a, [r, linear.inputs], &linear.a));
+        tensors.push((b, [linear.outputs, r], &linear.b));
+    }
+    let tensors: Vec<(&str, &[usize], &[f32])> = tensors
+        .iter()
+        .map(|(name, shape, values)| (*name, &shape[..], *values))
+        .collect();
+    (
+        serde_json::to_vec_pretty(&config).expect("a JSON value"),
+        crate::safetensors::write_safetensors_f32(&tensors),
+    )
+}
