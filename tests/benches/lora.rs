@@ -16,22 +16,12 @@ use std::time::{Duration, Instant};
 use kiln_inference::generation::llm::{Adapter, Event, Llm, SequenceRequest};
 use kiln_inference::generation::sampling::SamplingParams;
 use kiln_proto::kiln_inference::v1 as infv1;
-use kiln_proto::scheduler::v1 as schv1;
 use kiln_tests::bench::{Args, block_on};
-use kiln_tests::deployments::{self, on, wait_ready};
+use kiln_tests::deployments;
 use kiln_tests::llm::{SMOLLM2, first_chat, reference, smollm2_asset_dir};
-use kiln_tests::lora::{generation_loop, seeded_adapter, seeded_lora};
-use kiln_tests::registry as reg;
-
-const ALL: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+use kiln_tests::lora::{
+    ALL, deploy_with_addons, generation_loop, seeded_adapter, upload_seeded_addon,
+};
 
 /// Decode tokens/s of `streams` sequences, stream i through `adapters[i % len]`.
 async fn round(
@@ -85,24 +75,8 @@ async fn time_to_first_answer() -> Duration {
     let mesh = kiln_tests::library_mesh(assets.path(), None).await;
     let acme = mesh.tenant_channel("acme").await;
     first_chat(&acme, "Hi", 1, Duration::from_secs(600)).await;
-    let with_addons = schv1::Deployment {
-        base_model: SMOLLM2.into(),
-        enable_addons: true,
-        ..on("CPU", 1)
-    };
-    let base = deployments::create(&acme, "accounts/acme", "chat", with_addons)
-        .await
-        .unwrap();
-    wait_ready(&acme, &base.name, 1).await;
-    let kind = kiln_proto::registry::v1::model::Kind::LoraAddon;
-    let addon = reg::create_model(&acme, "acme", "fresh", kind, Some(SMOLLM2)).await;
-    let (config, weights) = seeded_lora(9, 16, &ALL, 0.2, false);
-    let files: [(&str, &[u8]); 2] = [
-        ("adapter_config.json", &config),
-        ("adapter_model.safetensors", &weights),
-    ];
-    reg::upload(&acme, &addon.name, &files).await.unwrap();
-    assert!(reg::validate(&acme, &addon.name).await.valid);
+    let base = deploy_with_addons(&acme, "chat").await;
+    let addon = upload_seeded_addon(&acme, "fresh", 9, 16, &ALL, 0.2).await;
     // The base answers, warm, before the addon is deployed.
     let ask = |model: String| infv1::CreateCompletionRequest {
         model,
@@ -116,7 +90,7 @@ async fn time_to_first_answer() -> Duration {
         .unwrap();
     let start = Instant::now();
     let deployed =
-        deployments::create_deployed_model(&acme, "acme", "fresh-on-chat", &addon.name, &base.name)
+        deployments::create_deployed_model(&acme, "acme", "fresh-on-chat", &addon, &base.name)
             .await
             .unwrap();
     let mut client = kiln_tests::inference::client(&acme);

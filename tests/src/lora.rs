@@ -24,6 +24,16 @@ pub const MODULES: [(&str, usize, usize); 7] = [
     ("down_proj", 1536, 576),
 ];
 pub const LAYERS: usize = 30;
+/// All seven of them (`target_modules: all-linear`).
+pub const ALL: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// splitmix64: the suites' seeded numbers, the same on every machine.
 struct Numbers(u64);
@@ -280,4 +290,43 @@ pub fn alone_in_slots(
         tensor(vec![batch, 1, rank], vec![1.0; batch * rank]),
     ));
     resident
+}
+
+/// Creates LoRA addon `id` of SmolLM2 in acme from a [`seeded_lora`] (as [`seeded_lora`]'s
+/// arguments say) and validates it; returns its name.
+pub async fn upload_seeded_addon(
+    acme: &crate::AuthedChannel,
+    id: &str,
+    seed: u64,
+    r: usize,
+    modules: &[&str],
+    b_scale: f32,
+) -> String {
+    use crate::registry as reg;
+    let kind = kiln_proto::registry::v1::model::Kind::LoraAddon;
+    let addon = reg::create_model(acme, "acme", id, kind, Some(crate::llm::SMOLLM2)).await;
+    let (config, weights) = seeded_lora(seed, r, modules, b_scale, false);
+    let files: [(&str, &[u8]); 2] = [
+        ("adapter_config.json", &config),
+        ("adapter_model.safetensors", &weights),
+    ];
+    reg::upload(acme, &addon.name, &files).await.unwrap();
+    assert!(reg::validate(acme, &addon.name).await.valid);
+    addon.name
+}
+
+/// Deployment `id` of SmolLM2 in acme that takes addons (one CPU replica), once it is ready.
+pub async fn deploy_with_addons(
+    acme: &crate::AuthedChannel,
+    id: &str,
+) -> kiln_proto::scheduler::v1::Deployment {
+    let with_addons = kiln_proto::scheduler::v1::Deployment {
+        base_model: crate::llm::SMOLLM2.into(),
+        enable_addons: true,
+        ..crate::deployments::on("CPU", 1)
+    };
+    let created = crate::deployments::create(acme, "accounts/acme", id, with_addons)
+        .await
+        .unwrap();
+    crate::deployments::wait_ready(acme, &created.name, 1).await
 }

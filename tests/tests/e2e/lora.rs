@@ -16,16 +16,6 @@ fn prompts() -> Vec<Vec<u32>> {
         .collect()
 }
 
-const ALL: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 /// With no adapter resident the slotted graph answers exactly as the prepared one (the same
 /// tokens with bit-identical log-probabilities), and so does an adapter whose B matrices are
 /// zero: on float32 and on the 4-bit graph.
@@ -168,38 +158,21 @@ async fn an_addon_answers_through_a_slot_and_live_merged_alike() {
     use kiln_proto::scheduler::v1 as schv1;
     use kiln_tests::deployments::{self, on, wait_ready};
     use kiln_tests::llm::{SMOLLM2, first_chat, smollm2_asset_dir};
-    use kiln_tests::registry as reg;
     use std::time::Duration;
 
     let assets = smollm2_asset_dir();
     let mesh = kiln_tests::library_mesh(assets.path(), None).await;
     let acme = mesh.tenant_channel("acme").await;
     first_chat(&acme, "Hi", 1, Duration::from_secs(300)).await;
-    let kind = kiln_proto::registry::v1::model::Kind::LoraAddon;
-    let addon = reg::create_model(&acme, "acme", "tone", kind, Some(SMOLLM2)).await;
-    let (config, weights) = seeded_lora(5, 8, &["q_proj", "v_proj", "o_proj"], 0.5, false);
-    let files: [(&str, &[u8]); 2] = [
-        ("adapter_config.json", &config),
-        ("adapter_model.safetensors", &weights),
-    ];
-    reg::upload(&acme, &addon.name, &files).await.unwrap();
-    assert!(reg::validate(&acme, &addon.name).await.valid);
-
-    let with_addons = schv1::Deployment {
-        base_model: SMOLLM2.into(),
-        enable_addons: true,
-        ..on("CPU", 1)
-    };
-    let base = deployments::create(&acme, "accounts/acme", "chat", with_addons)
-        .await
-        .unwrap();
-    wait_ready(&acme, &base.name, 1).await;
+    let addon =
+        upload_seeded_addon(&acme, "tone", 5, 8, &["q_proj", "v_proj", "o_proj"], 0.5).await;
+    let base = deploy_with_addons(&acme, "chat").await;
     let on_base =
-        deployments::create_deployed_model(&acme, "acme", "tone-on-chat", &addon.name, &base.name)
+        deployments::create_deployed_model(&acme, "acme", "tone-on-chat", &addon, &base.name)
             .await
             .unwrap();
     let merged = schv1::Deployment {
-        base_model: addon.name.clone(),
+        base_model: addon.clone(),
         ..on("CPU", 1)
     };
     let merged = deployments::create(&acme, "accounts/acme", "tone", merged)
@@ -229,9 +202,7 @@ async fn an_addon_answers_through_a_slot_and_live_merged_alike() {
             greedy(on_base.name.clone())
         })
         .await;
-    let live_merged = greedy(format!("{}#{}", addon.name, merged.name))
-        .await
-        .unwrap();
+    let live_merged = greedy(format!("{addon}#{}", merged.name)).await.unwrap();
     let bare = greedy(format!("{SMOLLM2}#{}", base.name)).await.unwrap();
     assert_eq!(live_merged, through_slot);
     assert_ne!(bare, through_slot, "the addon changes the answer");
@@ -241,7 +212,7 @@ async fn an_addon_answers_through_a_slot_and_live_merged_alike() {
         "accounts/acme",
         "stacked",
         schv1::Deployment {
-            base_model: addon.name.clone(),
+            base_model: addon.clone(),
             enable_addons: true,
             ..on("CPU", 1)
         },

@@ -114,52 +114,60 @@ impl Engine {
 /// The graph of `graph` with LoRA slots: made once next to it (`<graph>.lora-slots-vN`), then
 /// reused.
 pub fn with_lora_slots(graph: &std::path::Path) -> Result<PathBuf> {
-    let mut name = graph.as_os_str().to_owned();
-    name.push(format!(".lora-slots-v{}", kiln_formats::LORA_SLOTS_VERSION));
-    let slotted = PathBuf::from(name);
-    if slotted.is_file() {
-        return Ok(slotted);
-    }
-    let bytes = std::fs::read(graph)?;
-    let (rewritten, linears) = kiln_formats::add_lora_slots(&bytes).map_err(|why| {
-        Error::FailedPrecondition(format!("{} cannot take LoRA slots: {why}", graph.display()))
+    let suffix = format!("lora-slots-v{}", kiln_formats::LORA_SLOTS_VERSION);
+    let slotted = derived_graph(graph, &suffix, |bytes| {
+        let (rewritten, linears) = kiln_formats::add_lora_slots(bytes).map_err(|why| {
+            Error::FailedPrecondition(format!("{} cannot take LoRA slots: {why}", graph.display()))
+        })?;
+        tracing::info!(graph = %graph.display(), linears = linears.len(), "LoRA slots added");
+        Ok(Some(rewritten))
     })?;
-    let partial = slotted.with_extension(format!("partial-{}", uuid::Uuid::new_v4()));
-    std::fs::write(&partial, rewritten)?;
-    std::fs::rename(&partial, &slotted)?;
-    tracing::info!(graph = %graph.display(), linears = linears.len(), "LoRA slots added");
-    Ok(slotted)
+    Ok(slotted.expect("slots are always added"))
 }
 
 /// The graph of `graph` with `adapter` merged in (live merge): made once next to it
 /// (`<graph>.merged-<adapter key>-vN`), then reused. `None`: the graph keeps 4-bit blocks,
 /// which are not merged (the adapter is served pinned in a LoRA slot instead).
 pub fn with_merged_adapter(graph: &std::path::Path, adapter: &Adapter) -> Result<Option<PathBuf>> {
-    let mut name = graph.as_os_str().to_owned();
-    name.push(format!(
-        ".merged-{}-v{}",
+    let suffix = format!(
+        "merged-{}-v{}",
         adapter.key,
         kiln_formats::LORA_SLOTS_VERSION
-    ));
-    let merged = PathBuf::from(name);
-    if merged.is_file() {
-        return Ok(Some(merged));
+    );
+    derived_graph(graph, &suffix, |bytes| {
+        let merged = kiln_formats::merge_lora(bytes, &adapter.weights).map_err(|why| {
+            Error::FailedPrecondition(format!(
+                "cannot merge {} into its base: {why}",
+                adapter.name
+            ))
+        })?;
+        if merged.is_some() {
+            tracing::info!(adapter = %adapter.name, graph = %graph.display(), "LoRA adapter merged");
+        }
+        Ok(merged)
+    })
+}
+
+/// `<graph>.<suffix>`: what `rewrite` makes of the graph's bytes, written once (through a
+/// private file renamed into place) and reused after; `None` when `rewrite` declines.
+fn derived_graph(
+    graph: &std::path::Path,
+    suffix: &str,
+    rewrite: impl FnOnce(&[u8]) -> Result<Option<Vec<u8>>>,
+) -> Result<Option<PathBuf>> {
+    let mut name = graph.as_os_str().to_owned();
+    name.push(format!(".{suffix}"));
+    let derived = PathBuf::from(name);
+    if derived.is_file() {
+        return Ok(Some(derived));
     }
-    let bytes = std::fs::read(graph)?;
-    let rewritten = kiln_formats::merge_lora(&bytes, &adapter.weights).map_err(|why| {
-        Error::FailedPrecondition(format!(
-            "cannot merge {} into its base: {why}",
-            adapter.name
-        ))
-    })?;
-    let Some(rewritten) = rewritten else {
+    let Some(rewritten) = rewrite(&std::fs::read(graph)?)? else {
         return Ok(None);
     };
-    let partial = merged.with_extension(format!("partial-{}", uuid::Uuid::new_v4()));
+    let partial = derived.with_extension(format!("partial-{}", uuid::Uuid::new_v4()));
     std::fs::write(&partial, rewritten)?;
-    std::fs::rename(&partial, &merged)?;
-    tracing::info!(adapter = %adapter.name, graph = %graph.display(), "LoRA adapter merged");
-    Ok(Some(merged))
+    std::fs::rename(&partial, &derived)?;
+    Ok(Some(derived))
 }
 
 /// Parses the adapter in `dir` (`adapter_config.json`, `adapter_model.safetensors`).

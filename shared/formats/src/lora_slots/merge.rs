@@ -83,11 +83,8 @@ fn merge_graph(graph: &[u8], adapter: &LoraWeights) -> Result<Option<Vec<u8>>, S
 /// other field kept.
 fn merged_weight(tensor: &[u8], name: &str, linear: &LoraLinear) -> Result<Vec<u8>, String> {
     let dims = wire::int64s(tensor, DIMS)?;
-    let data_type = wire::fields(tensor)?
-        .iter()
-        .find(|f| f.number == DATA_TYPE)
-        .map(|f| f.whole.last().copied().unwrap_or(0));
-    if dims != [linear.inputs as i64, linear.outputs as i64] || data_type != Some(FLOAT as u8) {
+    let data_type = wire::int64s(tensor, DATA_TYPE)?;
+    if dims != [linear.inputs as i64, linear.outputs as i64] || data_type != [i64::from(FLOAT)] {
         return Err(format!(
             "weight {name} is {dims:?} (type {data_type:?}); the adapter needs float [{}, {}]",
             linear.inputs, linear.outputs

@@ -114,7 +114,7 @@ impl LoraSlots {
     }
 
     /// Whether `adapter`'s linears are all slotted linears of the graph, with their features.
-    pub(super) fn fits(&self, adapter: &Adapter) -> Result<(), String> {
+    fn fits(&self, adapter: &Adapter) -> Result<(), String> {
         for (&(layer, module), linear) in &adapter.weights.linears {
             let slotted = self
                 .linears
@@ -148,17 +148,19 @@ impl LoraSlots {
     }
 
     /// Makes `adapter` resident, in a free slot or in place of the least recently used
-    /// adapter that no key of `busy` names.
+    /// adapter that no key of `busy` names; an adapter that does not [`fit`](Self::fits)
+    /// the graph is refused before it takes a slot.
     pub(super) fn make_resident<'a>(
         &mut self,
         adapter: &Arc<Adapter>,
         busy: impl Iterator<Item = &'a str> + Clone,
-    ) -> Residency {
+    ) -> Result<Residency, String> {
         self.clock += 1;
         if let Some(slot) = self.slot_of(&adapter.key) {
             self.slots[slot].as_mut().expect("occupied").used = self.clock;
-            return Residency::Resident;
+            return Ok(Residency::Resident);
         }
+        self.fits(adapter)?;
         let free = self.slots.iter().position(Option::is_none).or_else(|| {
             self.slots
                 .iter()
@@ -170,7 +172,7 @@ impl LoraSlots {
                 .map(|(i, _)| i)
         });
         let Some(slot) = free else {
-            return Residency::Busy;
+            return Ok(Residency::Busy);
         };
         if let Some(evicted) = &self.slots[slot] {
             tracing::info!(adapter = %evicted.adapter.name, "LoRA adapter evicted from its slot");
@@ -179,7 +181,7 @@ impl LoraSlots {
             adapter: adapter.clone(),
             used: self.clock,
         });
-        Residency::Loaded
+        Ok(Residency::Loaded)
     }
 
     /// Empties the slot of the adapter `key` names.
@@ -358,21 +360,35 @@ mod tests {
             adapter("c", 2, 1.0),
         );
         let idle = std::iter::empty::<&str>();
-        assert_eq!(slots.make_resident(&a, idle.clone()), Residency::Loaded);
-        assert_eq!(slots.make_resident(&b, idle.clone()), Residency::Loaded);
-        assert_eq!(slots.make_resident(&a, idle.clone()), Residency::Resident);
+        assert_eq!(
+            slots.make_resident(&a, idle.clone()).unwrap(),
+            Residency::Loaded
+        );
+        assert_eq!(
+            slots.make_resident(&b, idle.clone()).unwrap(),
+            Residency::Loaded
+        );
+        assert_eq!(
+            slots.make_resident(&a, idle.clone()).unwrap(),
+            Residency::Resident
+        );
         // b is the least recently used: c takes its slot.
-        assert_eq!(slots.make_resident(&c, idle.clone()), Residency::Loaded);
+        assert_eq!(
+            slots.make_resident(&c, idle.clone()).unwrap(),
+            Residency::Loaded
+        );
         assert_eq!(slots.resident(), [Some("a"), Some("c")]);
         // Both in use by running sequences: b waits.
         let busy = ["a-digest", "c-digest"];
         assert_eq!(
-            slots.make_resident(&b, busy.iter().copied()),
+            slots.make_resident(&b, busy.iter().copied()).unwrap(),
             Residency::Busy
         );
         // Only c in use: a (older, idle) goes even though c is older still.
         assert_eq!(
-            slots.make_resident(&b, ["c-digest"].iter().copied()),
+            slots
+                .make_resident(&b, ["c-digest"].iter().copied())
+                .unwrap(),
             Residency::Loaded
         );
         assert_eq!(slots.resident(), [Some("b"), Some("c")]);
@@ -383,8 +399,8 @@ mod tests {
         let mut slots = LoraSlots::of_graph(&graph_inputs(), 4, None).unwrap();
         let (a, b) = (adapter("a", 2, 1.0), adapter("b", 3, 2.0));
         let idle = std::iter::empty::<&str>();
-        slots.make_resident(&a, idle.clone());
-        slots.make_resident(&b, idle);
+        slots.make_resident(&a, idle.clone()).unwrap();
+        slots.make_resident(&b, idle).unwrap();
         let inputs = slots.resident_inputs();
         // q_proj's A: [4 in, 2 + 3 columns], a's then b's; B: [5, 4 out].
         let (q_a, q_b) = (&inputs[0].1, &inputs[1].1);
@@ -445,9 +461,12 @@ mod tests {
         assert_eq!(slots.resident(), [Some("merged"), None]);
         let (a, b) = (adapter("a", 1, 1.0), adapter("b", 1, 1.0));
         let idle = std::iter::empty::<&str>();
-        assert_eq!(slots.make_resident(&a, idle.clone()), Residency::Loaded);
+        assert_eq!(
+            slots.make_resident(&a, idle.clone()).unwrap(),
+            Residency::Loaded
+        );
         // b takes a's slot, never the pinned one.
-        assert_eq!(slots.make_resident(&b, idle), Residency::Loaded);
+        assert_eq!(slots.make_resident(&b, idle).unwrap(), Residency::Loaded);
         assert_eq!(slots.resident(), [Some("merged"), Some("b")]);
         let mask = slots.mask([None, Some(&*b)].into_iter()).unwrap();
         assert_eq!(f32s(&mask), [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]);

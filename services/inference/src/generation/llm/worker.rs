@@ -191,9 +191,8 @@ impl Worker {
                 adapter.name
             ));
         };
-        lora.fits(adapter)?;
         let busy = prefilling.iter().chain(running).map(Sequence::adapter_key);
-        match lora.make_resident(adapter, busy) {
+        match lora.make_resident(adapter, busy)? {
             Residency::Resident => Ok(true),
             Residency::Busy => Ok(false),
             Residency::Loaded => {
