@@ -221,13 +221,18 @@ async fn a_deployment_waits_for_capacity_and_says_what_is_missing() {
     let (mesh, _assets, acme, model) = mesh_with_private_minilm().await;
     let _small = Worker::start(&mesh, "node-small", &[(H200, 1)]).await;
     let deployment = deploy_on(&acme, "big", &model, on(H200, 2)).await;
-    let what = "a status saying what is missing";
+    // The first pass may run before node-small has connected; wait for the one that saw it.
+    let what = "a status saying what node-small lacks";
     let waiting = wait_until(
         &acme,
         &deployment.name,
         Duration::from_secs(30),
         what,
-        |d| d.status.as_ref().is_some_and(|s| !s.message.is_empty()),
+        |d| {
+            d.status
+                .as_ref()
+                .is_some_and(|s| s.message.contains("nodes/node-small"))
+        },
     )
     .await;
     assert_eq!(waiting.state, schv1::deployment::State::Creating as i32);
