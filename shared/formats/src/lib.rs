@@ -16,6 +16,8 @@
 //! - datasets ([`validate_jsonl`]): a JSONL fine-tuning dataset, checked line by line.
 //! - preparation ([`convert_gguf`]): a llama-family GGUF into `model.onnx` (decoder with past),
 //!   `tokenizer.json` and `manifest.json`.
+//! - checkpoint ([`read_llama_checkpoint`]): a llama-family GGUF's weights in float32 as the
+//!   graph takes them, for the trainer.
 //! - LoRA slots ([`add_lora_slots`]): a decoder graph rewritten so that one pass applies a
 //!   different adapter (or none) to each batch row.
 //! - [`Manifest`]: `manifest.json`, written by the registry and read by the engine.
@@ -38,14 +40,17 @@ mod safetensors;
 pub use dataset::{DatasetError, DatasetFormat, DatasetSummary, validate_jsonl};
 pub use error::FormatError;
 pub use gguf::{GgufInfo, GgufTensor, read_gguf};
-pub use gguf_onnx::{Converted, GGUF_ONNX_VERSION, convert_gguf};
+pub use gguf_onnx::{
+    Converted, GGUF_ONNX_VERSION, LAYER_WEIGHTS, LlamaCheckpoint, LlamaConfig, Weight,
+    convert_gguf, read_llama_checkpoint,
+};
 pub use hf::{HF_FILES, HfError, HfFiles, HfModelInfo, read_hf};
 pub use lora_slots::{LORA_MASK, LORA_SLOTS_VERSION, SlotLinear, add_lora_slots, merge_lora};
 pub use manifest::Manifest;
 pub use onnx::{OnnxInfo, Task, check_task, read_onnx};
 pub use peft::{
-    AdapterConfig, LoraLinear, LoraWeights, check_adapter_fits, read_adapter_config,
-    read_lora_weights, write_peft_adapter,
+    AdapterConfig, LoraLinear, LoraWeights, MODULES as LORA_MODULES, check_adapter_fits,
+    read_adapter_config, read_lora_weights, write_peft_adapter,
 };
 pub use safetensors::{TensorEntry, read_safetensors_header, write_safetensors_f32};
 

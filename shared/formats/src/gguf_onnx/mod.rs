@@ -13,7 +13,8 @@ use prost::Message;
 
 use crate::gguf::{GgufFile, GgufInfo, Value, to_nbits};
 use crate::manifest::Manifest;
-use graph::{Linear, LlamaConfig, Weight, Weights};
+use graph::{Linear, Weights};
+pub use graph::{LlamaConfig, Weight};
 
 /// Changes whenever the graph, tokenizer or manifest this module writes changes (caches of
 /// prepared bundles key on it).
@@ -237,6 +238,57 @@ pub fn convert_gguf(bytes: &[u8], blocks: bool) -> Result<Converted, String> {
     })
 }
 
+/// A llama-family checkpoint's weights in float32, exactly as the serving graph takes them:
+/// dequantized, the query and key rows in HF's order, linear layers as `[in, out]`. What the
+/// trainer learns an adapter against.
+pub struct LlamaCheckpoint {
+    pub config: LlamaConfig,
+    /// `token_embd` `[vocab, hidden]` (also the tied output projection), `output_norm`, and by
+    /// layer `blk.{l}.attn_norm`, `blk.{l}.attn_q`, …, `blk.{l}.ffn_down`.
+    pub tensors: std::collections::BTreeMap<String, Weight>,
+}
+
+/// The weights of the layers a llama block holds, by GGUF name.
+pub const LAYER_WEIGHTS: [&str; 9] = [
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
+/// Reads every weight of a llama-family GGUF checkpoint (see [`LlamaCheckpoint`]).
+pub fn read_llama_checkpoint(
+    reader: impl std::io::Read + std::io::Seek,
+) -> Result<LlamaCheckpoint, String> {
+    let mut gguf = GgufFile::open("the GGUF", reader)
+        .map_err(|e| format!("reading the GGUF: {}", e.problem))?;
+    gguf.info
+        .check_preparable("the GGUF")
+        .map_err(|e| e.problem)?;
+    let config = llama_config(&gguf.info)?;
+    let mut weights = GgufWeights {
+        gguf: &mut gguf,
+        config: config.clone(),
+        blocks: false,
+    };
+    let mut tensors = std::collections::BTreeMap::new();
+    for name in ["token_embd", "output_norm"] {
+        tensors.insert(name.to_owned(), weights.weight(None, name)?);
+    }
+    for layer in 0..config.layers {
+        for name in LAYER_WEIGHTS {
+            let weight = weights.weight(Some(layer), name)?;
+            tensors.insert(format!("blk.{layer}.{name}"), weight);
+        }
+    }
+    Ok(LlamaCheckpoint { config, tensors })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +339,26 @@ mod tests {
         // The header without its tensors' data.
         let p = problem(&tiny_llama());
         assert!(p.contains("reaches past the end of the file"), "{p}");
+    }
+
+    #[test]
+    fn a_checkpoint_reads_as_the_graph_takes_it() {
+        let bytes = with_data(tiny_llama(), 2 + 2 * 9);
+        let checkpoint = read_llama_checkpoint(Cursor::new(&bytes)).unwrap();
+        let c = &checkpoint.config;
+        assert_eq!(
+            (c.layers, c.hidden, c.heads, c.kv_heads, c.ffn),
+            (2, 8, 2, 1, 16)
+        );
+        assert_eq!(checkpoint.tensors.len(), 2 + 2 * 9);
+        let dims = |name: &str| checkpoint.tensors[name].dims.clone();
+        assert_eq!(dims("token_embd"), [c.vocab as i64, 8]);
+        assert_eq!(dims("output_norm"), [8]);
+        assert_eq!(
+            dims("blk.1.attn_k"),
+            [8, 4],
+            "[in, out] with one kv head of 4"
+        );
+        assert_eq!(dims("blk.0.ffn_down"), [16, 8]);
     }
 }

@@ -29,7 +29,7 @@ pub const RANK_RANGE: std::ops::RangeInclusive<u32> = 4..=64;
 const DEFAULT_LORA_ALPHA: f64 = 8.0;
 
 /// `(HF module, its parent in a llama decoder layer, the GGUF tensor infix)`.
-pub(crate) const MODULES: [(&str, &str, &str); 7] = [
+pub const MODULES: [(&str, &str, &str); 7] = [
     ("q_proj", "self_attn", "attn_q"),
     ("k_proj", "self_attn", "attn_k"),
     ("v_proj", "self_attn", "attn_v"),
