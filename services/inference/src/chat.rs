@@ -7,12 +7,14 @@ use kiln_proto::kiln_inference::v1::ChatMessage;
 /// ChatML, for models whose bundle carries no template.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// Renders `messages` with `template` (empty: ChatML), ending with the assistant's turn.
+/// Renders `messages` with `template` (empty: ChatML), ending with the opening of the
+/// assistant's turn when `add_generation_prompt`.
 pub fn render(
     template: &str,
     messages: &[ChatMessage],
     bos_token: &str,
     eos_token: &str,
+    add_generation_prompt: bool,
 ) -> Result<String, Error> {
     if messages.is_empty() {
         return Err(Error::invalid("messages", "must hold at least one message"));
@@ -61,7 +63,7 @@ pub fn render(
         .and_then(|t| {
             t.render(minijinja::context! {
                 messages => messages,
-                add_generation_prompt => true,
+                add_generation_prompt => add_generation_prompt,
                 bos_token => bos_token,
                 eos_token => eos_token,
             })
@@ -75,10 +77,10 @@ pub fn render(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn msg(role: &str, content: &str) -> ChatMessage {
+    pub(crate) fn msg(role: &str, content: &str) -> ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
@@ -87,11 +89,11 @@ mod tests {
     }
 
     /// SmolLM2's template (from its GGUF), which adds a default system prompt.
-    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    pub(crate) const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     #[test]
     fn smollm2_template_adds_its_system_prompt() {
-        let out = render(SMOLLM2, &[msg("user", "Hi")], "", "").unwrap();
+        let out = render(SMOLLM2, &[msg("user", "Hi")], "", "", true).unwrap();
         assert_eq!(
             out,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -101,6 +103,7 @@ mod tests {
             &[msg("system", "Be brief."), msg("user", "Hi")],
             "",
             "",
+            true,
         )
         .unwrap();
         assert!(out.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"));
@@ -109,14 +112,18 @@ mod tests {
     #[test]
     fn python_methods_work_and_bad_roles_are_named() {
         let t = "{% for m in messages %}{{ m['content'].strip().upper() }}{% endfor %}";
-        assert_eq!(render(t, &[msg("user", "  hi ")], "", "").unwrap(), "HI");
-        let err = render("", &[msg("user", "a"), msg("robot", "b")], "", "").unwrap_err();
+        assert_eq!(
+            render(t, &[msg("user", "  hi ")], "", "", true).unwrap(),
+            "HI"
+        );
+        let err = render("", &[msg("user", "a"), msg("robot", "b")], "", "", true).unwrap_err();
         assert!(err.to_string().starts_with("messages[1].role:"), "{err}");
         let err = render(
             "{{ raise_exception('no system') }}",
             &[msg("user", "a")],
             "",
             "",
+            true,
         )
         .unwrap_err();
         assert!(err.to_string().contains("no system"), "{err}");

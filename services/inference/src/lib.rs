@@ -19,6 +19,7 @@ mod runner;
 mod service;
 pub mod source;
 pub mod tensor;
+pub mod training;
 mod usage;
 
 use std::sync::Arc;

@@ -17,7 +17,7 @@ mod optim;
 mod train;
 
 pub use adapter::{Adapter, LoraConfig, Module};
-pub use candle_core::{DType, Device, Error, Result};
+pub use candle_core::{DType, Device, Error, Result, Tensor};
 pub use model::Base;
 pub use train::{Example, Progress, TrainOptions, Trainer};
 

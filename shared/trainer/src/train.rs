@@ -109,6 +109,15 @@ impl<'a> Trainer<'a> {
         self.options.epochs * self.steps_per_epoch()
     }
 
+    pub fn set_warmup_steps(&mut self, steps: usize) {
+        self.options.warmup_steps = steps;
+    }
+
+    /// Tokens of the examples trained on so far.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
     /// Steps done.
     pub fn steps_done(&self) -> usize {
         self.optimizer.steps

@@ -17,3 +17,4 @@ mod quotas;
 mod registry;
 mod scheduler;
 mod secrets;
+mod training;

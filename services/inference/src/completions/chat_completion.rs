@@ -31,6 +31,7 @@ impl Inference {
             &r.messages,
             &token_text(model.manifest.bos_token_id),
             &token_text(model.manifest.eos_token_id),
+            true,
         )?;
         let vocab = llm.tokenizer.get_vocab_size(true);
         if r.top_logprobs.is_some() && r.logprobs != Some(true) {
