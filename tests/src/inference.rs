@@ -129,6 +129,18 @@ impl kiln_inference::source::ModelSource for NoRegistry {
     ) -> kiln_inference::Result<kiln_inference::source::FileStream> {
         Err(kiln_core::Error::not_found(name))
     }
+    async fn read_dataset(&self, name: &str) -> kiln_inference::Result<Vec<u8>> {
+        Err(kiln_core::Error::not_found(name))
+    }
+    async fn publish(
+        &self,
+        parent: &str,
+        _: &str,
+        _: kiln_proto::registry::v1::Model,
+        _: Vec<(String, Vec<u8>)>,
+    ) -> kiln_inference::Result<kiln_proto::registry::v1::Model> {
+        Err(kiln_core::Error::not_found(parent))
+    }
 }
 
 /// An engine serving MiniLM from the asset cache as [`LOCAL_MINILM`] on `backend`.

@@ -24,6 +24,7 @@ pub mod billing;
 mod calls;
 pub mod deployments;
 pub mod events;
+pub mod fine_tuning;
 mod identity;
 pub mod inference;
 pub mod llm;
@@ -33,6 +34,7 @@ pub mod python;
 pub mod registry;
 mod servers;
 mod support;
+pub mod tiny_llama;
 pub mod workers;
 
 pub use calls::*;

@@ -36,11 +36,15 @@ pub const ALL: [&str; 7] = [
 ];
 
 /// splitmix64: the suites' seeded numbers, the same on every machine.
-struct Numbers(u64);
+pub struct Numbers(u64);
 
 impl Numbers {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
     /// Uniform in [-1, 1).
-    fn next(&mut self) -> f32 {
+    pub fn uniform(&mut self) -> f32 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -66,8 +70,8 @@ pub fn seeded_lora(
     for layer in 0..LAYERS {
         for &(module, inputs, outputs) in MODULES.iter().filter(|(m, ..)| modules.contains(m)) {
             let bound = 1.0 / (inputs as f32).sqrt();
-            let a = (0..r * inputs).map(|_| numbers.next() * bound).collect();
-            let b = (0..outputs * r).map(|_| numbers.next() * b_scale).collect();
+            let a = (0..r * inputs).map(|_| numbers.uniform() * bound).collect();
+            let b = (0..outputs * r).map(|_| numbers.uniform() * b_scale).collect();
             let linear = kiln_formats::LoraLinear {
                 inputs,
                 outputs,

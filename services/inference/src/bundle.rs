@@ -380,6 +380,21 @@ mod tests {
                 .collect();
             Ok(futures::stream::iter(pieces).boxed())
         }
+        async fn read_dataset(&self, name: &str) -> Result<Vec<u8>> {
+            Err(Error::not_found(name))
+        }
+        async fn publish(
+            &self,
+            _: &str,
+            _: &str,
+            model: Model,
+            _: Vec<(String, Vec<u8>)>,
+        ) -> Result<Model> {
+            Err(Error::FailedPrecondition(format!(
+                "{} cannot be published here",
+                model.name
+            )))
+        }
     }
 
     fn model(name: &str, files: &[(&str, &[u8])]) -> Model {

@@ -77,6 +77,28 @@ pub struct InferenceConfig {
     pub cold_start_timeout: Duration,
     /// Requests that may wait so per deployment; more are refused (RESOURCE_EXHAUSTED).
     pub max_waiting_requests: usize,
+    /// Fine-tuning on this node (`[inference.training]`).
+    pub training: TrainingConfig,
+}
+
+/// Whether and how the node trains LoRA addons (one fine-tuning job at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Tell the scheduler this node takes fine-tuning jobs.
+    pub enabled: bool,
+    /// The most tokens (padding included) one forward and backward pass holds; a step's
+    /// batch beyond it accumulates the gradients of several passes.
+    pub pass_tokens: usize,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            pass_tokens: 4096,
+        }
+    }
 }
 
 /// A group of identical accelerators a node declares.
@@ -176,6 +198,7 @@ impl Default for InferenceConfig {
             labels: Default::default(),
             cold_start_timeout: Duration::from_secs(300),
             max_waiting_requests: 256,
+            training: TrainingConfig::default(),
         }
     }
 }

@@ -105,6 +105,9 @@ pub async fn open(
         None => None,
     };
     let usage = usage::UsageRecorder::start(db, outbox, &node_name, accelerator, limiter.clone());
+    if let Some(node) = &node {
+        let _ = node.usage.set(usage.clone());
+    }
     let inference = Inference {
         engine,
         usage,

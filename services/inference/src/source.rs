@@ -7,8 +7,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use kiln_core::server::ServiceChannel;
 use kiln_proto::registry::v1::{
-    DownloadModelFilesRequest, DownloadModelFilesResponse, Model,
-    model_service_client::ModelServiceClient,
+    DownloadModelFilesRequest, DownloadModelFilesResponse, FileChunk, Model, ModelFileHeader,
+    UploadModelFilesRequest, ValidateModelUploadResponse, model_service_client::ModelServiceClient,
 };
 
 use kiln_core::{Error, Result};
@@ -24,6 +24,62 @@ pub trait ModelSource: Send + Sync + 'static {
     async fn get_model(&self, name: &str) -> Result<Model>;
     /// Every file of the model (`bundle_precision` unset) or of a prepared bundle.
     async fn download(&self, name: &str, bundle_precision: Option<i32>) -> Result<FileStream>;
+    /// A dataset's whole file.
+    async fn read_dataset(&self, name: &str) -> Result<Vec<u8>>;
+    /// Creates `model` (`model_id` in `parent`), uploads `files` into it and validates it:
+    /// the model READY, or why not.
+    async fn publish(
+        &self,
+        parent: &str,
+        model_id: &str,
+        model: Model,
+        files: Vec<(String, Vec<u8>)>,
+    ) -> Result<Model>;
+}
+
+/// `files` as one UploadModelFiles stream's messages into `model`: each file's header, then
+/// its bytes in pieces of 1 MiB.
+pub fn upload_messages(model: &str, files: &[(String, Vec<u8>)]) -> Vec<UploadModelFilesRequest> {
+    use kiln_proto::registry::v1::upload_model_files_request::Payload;
+    use sha2::Digest as _;
+    let mut messages = Vec::new();
+    for (path, bytes) in files {
+        messages.push(UploadModelFilesRequest {
+            payload: Some(Payload::Header(ModelFileHeader {
+                model: model.to_owned(),
+                path: path.clone(),
+                size_bytes: bytes.len() as i64,
+                sha256: format!("{:x}", sha2::Sha256::digest(bytes)),
+            })),
+        });
+        for (i, piece) in bytes.chunks(1 << 20).enumerate() {
+            messages.push(UploadModelFilesRequest {
+                payload: Some(Payload::Chunk(FileChunk {
+                    offset: (i << 20) as i64,
+                    data: piece.to_vec().into(),
+                })),
+            });
+        }
+    }
+    messages
+}
+
+/// The model a validation left READY, or its problems as FAILED_PRECONDITION.
+pub fn validated(response: ValidateModelUploadResponse) -> Result<Model> {
+    if response.valid {
+        return Ok(response.model.unwrap_or_default());
+    }
+    let mut problems = response.errors;
+    problems.extend(
+        response
+            .missing_files
+            .iter()
+            .map(|f| format!("{f} is missing")),
+    );
+    Err(Error::FailedPrecondition(format!(
+        "the registry refused the model: {}",
+        problems.join("; ")
+    )))
 }
 
 /// Every file of the model (`bundle_precision` unset) or of a prepared bundle, from the

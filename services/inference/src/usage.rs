@@ -14,7 +14,7 @@ use kiln_events::Body;
 use kiln_events::outbox::Outbox;
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::events::v1::Event;
-use kiln_proto::events::v1::UsageRecorded;
+use kiln_proto::events::v1::{TrainingUsageRecorded, UsageRecorded};
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
 use kiln_store::{statement, value_rows};
 use prost::Message;
@@ -198,6 +198,30 @@ impl UsageRecorder {
     /// Records `usage` for `caller`; returns once it is durably in the outbox.
     pub async fn record(&self, caller: &Principal, usage: Usage) -> Result<()> {
         let event = self.event(caller, usage);
+        let (done, written) = oneshot::channel();
+        self.queue
+            .send(Op::Record(event, done))
+            .map_err(|_| stopped())?;
+        durable(written).await
+    }
+
+    /// Records the tokens a fine-tuning job of `account` trained on since its previous
+    /// record; returns once it is durably in the outbox.
+    pub async fn record_training(
+        &self,
+        account: &str,
+        mut usage: TrainingUsageRecorded,
+    ) -> Result<()> {
+        usage.account = format!("accounts/{account}");
+        usage.node = format!("nodes/{}", self.node);
+        usage.accelerator_type = self.accelerator as i32;
+        let job = usage.job.clone();
+        let event = self.outbox.event(
+            "inference.training_usage.recorded",
+            account,
+            &job,
+            Body::TrainingUsageRecorded(usage),
+        );
         let (done, written) = oneshot::channel();
         self.queue
             .send(Op::Record(event, done))

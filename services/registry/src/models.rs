@@ -218,7 +218,15 @@ impl Registry {
             supports_serverless: model.supports_serverless,
             imported_from: model.imported_from.clone(),
             hugging_face_url: model.hugging_face_url.clone(),
-            created_by: caller.creator(),
+            // Only the platform says a model came from a fine-tuning job, and for whom.
+            fine_tuning_job: match caller.is_privileged() {
+                true => model.fine_tuning_job.clone(),
+                false => String::new(),
+            },
+            created_by: match caller.is_privileged() && !model.created_by.is_empty() {
+                true => model.created_by.clone(),
+                false => caller.creator(),
+            },
             ..Default::default()
         };
         let mut created = created;

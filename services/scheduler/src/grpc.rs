@@ -3,7 +3,6 @@
 
 use futures::StreamExt;
 use kiln_core::grpc::{ListRpc, Reply, Update, deleted, reply, required, split};
-use kiln_events::records::HasRecords as _;
 use kiln_proto::scheduler::v1::*;
 use tonic::{Request, Streaming};
 
@@ -94,6 +93,6 @@ pub fn add_services(scheduler: &Scheduler, services: &mut kiln_core::server::Ser
             scheduler.clone(),
         ))
         .add(fine_tuning_service_server::FineTuningServiceServer::new(
-            FineTuning::new(scheduler.pages().clone()),
+            FineTuning::new(scheduler.clone()),
         ));
 }

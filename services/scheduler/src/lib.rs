@@ -51,6 +51,7 @@ pub async fn open(
     )
     .await?;
     host.relay(scheduler.outbox(), db);
+    scheduler.resume_validations().await;
     host.track(reconcile::spawn(scheduler.clone(), host.shutdown.clone()));
     grpc::add_services(&scheduler, &mut host.services);
     Ok(scheduler)

@@ -292,6 +292,10 @@ impl Scheduler {
                     wake = true;
                 }
             }
+            Some(node_message::Payload::FineTuningJob(report)) => {
+                self.job_reported(&mut state, name, report).await;
+                wake = true;
+            }
             Some(node_message::Payload::Demand(demand)) => {
                 if let Some(entry) = state.deployments.get_mut(&demand.deployment) {
                     entry.demand = true;

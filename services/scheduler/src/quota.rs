@@ -185,6 +185,33 @@ pub(crate) fn check_deployment(
     Ok(())
 }
 
+/// The quota counting an account's fine-tuning jobs that are not over.
+const FINE_TUNING_JOBS_QUOTA: &str = "fine-tuning-jobs";
+
+/// Checks that `account` may start one more fine-tuning job under `limits`, counting its
+/// jobs in `state` that are not over. RESOURCE_EXHAUSTED names the quota.
+pub(crate) fn check_fine_tuning_job(
+    limits: Option<&QuotaLimits>,
+    state: &State,
+    account: &str,
+) -> Result<()> {
+    let Some(limit) = limits.and_then(|l| l.get(FINE_TUNING_JOBS_QUOTA)) else {
+        return Ok(());
+    };
+    let prefix = format!("accounts/{account}/");
+    let count = state
+        .jobs
+        .values()
+        .filter(|j| j.name.starts_with(&prefix) && !crate::fine_tuning::is_final(j.state))
+        .count() as i64;
+    if count + 1 > limit {
+        return Err(exhausted(format!(
+            "quota {FINE_TUNING_JOBS_QUOTA}: accounts/{account} runs {count} of {limit} fine-tuning jobs"
+        )));
+    }
+    Ok(())
+}
+
 fn exhausted(message: String) -> Error {
     Error::ResourceExhausted {
         message,

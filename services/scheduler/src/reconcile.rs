@@ -59,6 +59,7 @@ impl Scheduler {
         }
         self.sync_addons(&mut state);
         self.refresh_deployed_models(&mut state).await?;
+        self.reconcile_jobs(&mut state).await;
         let table = routing_table(&state, self.current_routes().version);
         if table.routes != self.current_routes().routes {
             self.publish_routes(table);

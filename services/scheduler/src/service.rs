@@ -8,14 +8,18 @@ use kiln_core::page::PageTokens;
 use kiln_events::Body;
 use kiln_events::records::{HasRecords, Records};
 use kiln_proto::events::v1 as ev;
-use kiln_proto::scheduler::v1::{DeployedModel, Deployment, RoutingTable, deployed_model};
+use kiln_proto::scheduler::v1::{
+    DeployedModel, Deployment, RoutingTable, SupervisedFineTuningJob, deployed_model,
+};
 use prost::Message;
 use sea_orm::{DatabaseConnection, EntityTrait, TransactionTrait};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::catalog::ModelCatalog;
 use crate::config::SchedulerConfig;
-use crate::db::{deployed_model as dm_rows, deployment as deployment_rows};
+use crate::db::{
+    deployed_model as dm_rows, deployment as deployment_rows, fine_tuning_job as job_rows,
+};
 use crate::quota::QuotaGate;
 use crate::resource::decode;
 use crate::state::{DeploymentEntry, State};
@@ -71,6 +75,10 @@ impl Scheduler {
         for row in dm_rows::Entity::find().all(&db).await? {
             let dm = decode::<DeployedModel>(&row.resource)?;
             state.deployed_models.insert(dm.name.clone(), dm);
+        }
+        for row in job_rows::Entity::find().all(&db).await? {
+            let job = decode::<SupervisedFineTuningJob>(&row.resource)?;
+            state.jobs.insert(job.name.clone(), job);
         }
         let (routes, _) = watch::channel(Arc::new(RoutingTable::default()));
         Ok(Self {

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use kiln_proto::scheduler::v1::{
-    DeployedModel, Deployment, Node, Replica, ReplicaLoad, SchedulerMessage, node, replica,
+    DeployedModel, Deployment, Node, Replica, ReplicaLoad, SchedulerMessage,
+    SupervisedFineTuningJob, node, replica,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -20,6 +21,8 @@ pub(crate) struct State {
     pub deployed_models: BTreeMap<String, DeployedModel>,
     pub nodes: BTreeMap<String, NodeEntry>,
     pub replicas: BTreeMap<String, ReplicaEntry>,
+    /// Supervised fine-tuning jobs (mirrored from the database), by name.
+    pub jobs: BTreeMap<String, SupervisedFineTuningJob>,
     pub next_session: u64,
 }
 

@@ -6,21 +6,23 @@
 use std::collections::HashMap;
 
 use futures::StreamExt;
-use kiln_core::Result;
 use kiln_core::auth::Principal;
 use kiln_core::server::ServiceChannel;
+use kiln_core::{Error, Result};
 use kiln_inference::limits::{LimitSource, Limits, RPM_QUOTA, TPM_QUOTA};
 use kiln_inference::source::{FileStream, ModelSource};
 use kiln_proto::billing::v1::quota_service_client::QuotaServiceClient;
-use kiln_proto::registry::v1::model_service_client::ModelServiceClient;
-use kiln_proto::registry::v1::{DownloadModelFilesRequest, Model};
-use kiln_scheduler::catalog::ModelCatalog;
+use kiln_proto::registry::v1::{
+    CreateModelRequest, Dataset, DownloadDatasetRequest, DownloadModelFilesRequest, Model,
+    ValidateModelUploadRequest,
+};
+use kiln_scheduler::catalog::{ModelCatalog, RemoteRegistry};
 use kiln_scheduler::quota::{QuotaGate, QuotaLimits};
 
 /// The registry, here or over gRPC.
 pub(crate) enum RegistryLink {
     Local(kiln_registry::Registry),
-    Remote(ModelServiceClient<ServiceChannel>),
+    Remote(Box<RemoteRegistry>),
 }
 
 #[async_trait::async_trait]
@@ -28,7 +30,14 @@ impl ModelCatalog for RegistryLink {
     async fn get_model(&self, name: &str) -> Result<Model> {
         match self {
             Self::Local(registry) => registry.get_model(&Principal::service(), name).await,
-            Self::Remote(client) => ModelCatalog::get_model(client, name).await,
+            Self::Remote(client) => client.get_model(name).await,
+        }
+    }
+
+    async fn get_dataset(&self, name: &str) -> Result<Dataset> {
+        match self {
+            Self::Local(registry) => registry.get_dataset(&Principal::service(), name).await,
+            Self::Remote(client) => client.get_dataset(name).await,
         }
     }
 }
@@ -43,7 +52,8 @@ impl ModelSource for RegistryLink {
         let registry = match self {
             Self::Local(registry) => registry,
             Self::Remote(client) => {
-                return kiln_inference::source::download(client, name, bundle_precision).await;
+                return kiln_inference::source::download(&client.models, name, bundle_precision)
+                    .await;
             }
         };
         let request = DownloadModelFilesRequest {
@@ -55,6 +65,87 @@ impl ModelSource for RegistryLink {
             .download_model_files(&Principal::service(), request)
             .await?;
         Ok(stream.boxed())
+    }
+
+    async fn read_dataset(&self, name: &str) -> Result<Vec<u8>> {
+        let request = DownloadDatasetRequest {
+            name: name.to_owned(),
+            ..Default::default()
+        };
+        let mut pieces = match self {
+            Self::Local(registry) => registry
+                .download_dataset(&Principal::service(), request)
+                .await?
+                .boxed(),
+            Self::Remote(client) => {
+                let failed = |status| Error::from_peer("registry DownloadDataset", status);
+                let stream = client
+                    .datasets
+                    .clone()
+                    .max_decoding_message_size(16 << 20)
+                    .download_dataset(request)
+                    .await
+                    .map_err(failed)?
+                    .into_inner();
+                stream.map(move |piece| piece.map_err(failed)).boxed()
+            }
+        };
+        let mut data = Vec::new();
+        while let Some(piece) = pieces.next().await {
+            data.extend_from_slice(&piece?.data);
+        }
+        Ok(data)
+    }
+
+    async fn publish(
+        &self,
+        parent: &str,
+        model_id: &str,
+        model: Model,
+        files: Vec<(String, Vec<u8>)>,
+    ) -> Result<Model> {
+        let name = format!("{parent}/models/{model_id}");
+        let messages = kiln_inference::source::upload_messages(&name, &files);
+        let service = Principal::service();
+        let response = match self {
+            Self::Local(registry) => {
+                registry
+                    .create_model(&service, parent, model_id.to_owned(), model)
+                    .await?;
+                let stream = futures::stream::iter(messages.into_iter().map(Ok));
+                registry.upload_model_files(&service, stream).await?;
+                registry
+                    .validate_model_upload(&service, &name, false)
+                    .await?
+            }
+            Self::Remote(client) => {
+                let peer = |what: &'static str| move |status| Error::from_peer(what, status);
+                let mut models = client.models.clone();
+                let create = CreateModelRequest {
+                    parent: parent.to_owned(),
+                    model_id: model_id.to_owned(),
+                    model: Some(model),
+                };
+                models
+                    .create_model(create)
+                    .await
+                    .map_err(peer("registry CreateModel"))?;
+                models
+                    .upload_model_files(futures::stream::iter(messages))
+                    .await
+                    .map_err(peer("registry UploadModelFiles"))?;
+                let validate = ValidateModelUploadRequest {
+                    name,
+                    validate_only: false,
+                };
+                models
+                    .validate_model_upload(validate)
+                    .await
+                    .map_err(peer("registry ValidateModelUpload"))?
+                    .into_inner()
+            }
+        };
+        kiln_inference::source::validated(response)
     }
 }
 

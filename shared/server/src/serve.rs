@@ -11,8 +11,8 @@ use kiln_events::EventBus;
 use kiln_events::host::Host;
 use kiln_proto::billing::v1::quota_service_client::QuotaServiceClient;
 use kiln_proto::identity::v1::auth_service_client::AuthServiceClient;
-use kiln_proto::registry::v1::model_service_client::ModelServiceClient;
 use kiln_proto::scheduler::v1::node_service_client::NodeServiceClient;
+use kiln_scheduler::catalog::RemoteRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -90,8 +90,8 @@ pub async fn serve(
     ) {
         (_, false) => None,
         (Some(registry), true) => Some(Arc::new(RegistryLink::Local(registry.clone()))),
-        (None, true) => Some(Arc::new(RegistryLink::Remote(ModelServiceClient::new(
-            peer("registry_url", &server.registry_url)?,
+        (None, true) => Some(Arc::new(RegistryLink::Remote(Box::new(
+            RemoteRegistry::new(peer("registry_url", &server.registry_url)?),
         )))),
     };
     // None: quotas are not enforced (a process without billing, told so).

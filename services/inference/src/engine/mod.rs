@@ -2,6 +2,7 @@
 //! (bundle from the cache, session from the chosen backend, a runner thread for batching).
 
 mod addons;
+mod training;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

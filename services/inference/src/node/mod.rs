@@ -6,6 +6,7 @@
 mod addons;
 mod host;
 mod link;
+mod training;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,6 +44,11 @@ pub(crate) struct Node {
     routes: watch::Sender<Arc<RoutingTable>>,
     outbound: Arc<Outbound>,
     pub(crate) router: Router,
+    /// The fine-tuning jobs it runs.
+    jobs: training::Jobs,
+    /// Where it records the tokens its jobs train on (set once the recorder runs).
+    pub(crate) usage: std::sync::OnceLock<crate::usage::UsageRecorder>,
+    training_enabled: bool,
 }
 
 /// The sending side of the current stream to the scheduler, while there is one.
@@ -101,6 +107,9 @@ impl Node {
             routes,
             outbound,
             router,
+            jobs: Default::default(),
+            usage: Default::default(),
+            training_enabled: config.training.enabled,
         })
     }
 
@@ -169,7 +178,7 @@ impl Node {
             backends,
             labels: self.labels.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            training_enabled: false,
+            training_enabled: self.training_enabled,
             replicas: self
                 .replicas
                 .lock()
@@ -330,9 +339,13 @@ impl Node {
                 self.unload_addon(&unload.replica, &unload.addon);
                 Ok(())
             }
-            assignment::Action::StartFineTuningJob(_)
-            | assignment::Action::CancelFineTuningJob(_) => {
+            assignment::Action::StartFineTuningJob(_) if !self.training_enabled => {
                 Err("this node does not run fine-tuning jobs".to_owned())
+            }
+            assignment::Action::StartFineTuningJob(start) => self.start_job(start),
+            assignment::Action::CancelFineTuningJob(cancel) => {
+                self.cancel_job(&cancel.job);
+                Ok(())
             }
         };
         self.ack(id, accepted);
@@ -372,6 +385,8 @@ impl Node {
                     }
                 }
                 if *shutdown.borrow() || !backoff.wait(&mut shutdown).await {
+                    // Training stops with the node; the scheduler gives its job to another.
+                    node.stop_jobs();
                     break;
                 }
             }

@@ -43,10 +43,16 @@ impl Settings {
 
 /// What a step tells its observer.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Report {
+pub struct Report<'a> {
     pub progress: Progress,
     /// The evaluation loss after the latest finished epoch, when there is an evaluation set.
     pub eval_loss: Option<f64>,
+    /// The loss of every step so far, and the evaluation loss of every finished epoch.
+    pub losses: &'a [f64],
+    pub eval_losses: &'a [f64],
+    /// Examples in the dataset, and those cut to `max_tokens`.
+    pub examples: usize,
+    pub truncated: usize,
 }
 
 /// The trained adapter and how training went.
@@ -78,7 +84,7 @@ pub fn train(
     warm_start: Option<Adapter>,
     settings: &Settings,
     checkpoint_file: Option<&Path>,
-    mut observe: impl FnMut(&Report) -> bool,
+    mut observe: impl FnMut(&Report<'_>) -> bool,
 ) -> Result<Option<Trained>, String> {
     let prepared = prepare(dataset, tokenizer, manifest, settings.max_tokens)
         .map_err(|e| format!("dataset: {e}"))?;
@@ -137,6 +143,10 @@ pub fn train(
         let report = Report {
             progress,
             eval_loss: eval_losses.last().copied(),
+            losses: &losses,
+            eval_losses: &eval_losses,
+            examples,
+            truncated,
         };
         if !observe(&report) {
             return Ok(None);

@@ -1,10 +1,11 @@
-//! The scheduler's tables. Deployments and deployed models keep the resource itself (encoded
+//! The scheduler's tables. Deployments, deployed models and fine-tuning jobs keep the resource itself (encoded
 //! protobuf) plus the columns listing filters and orders on. Nodes and replicas are not
 //! stored: nodes tell them again when they (re)connect, and the scheduler adopts what they
 //! hold.
 
 pub mod deployed_model;
 pub mod deployment;
+pub mod fine_tuning_job;
 
 use kiln_store::Migration;
 
@@ -42,6 +43,22 @@ pub const MIGRATIONS: &[Migration] = &[
                 PRIMARY KEY (account_id, deployed_model_id)
             );
             CREATE INDEX deployed_models_deployment ON deployed_models (deployment)",
+    },
+    Migration {
+        version: 2,
+        name: "supervised fine-tuning jobs",
+        sql: "CREATE TABLE fine_tuning_jobs (
+                account_id TEXT NOT NULL,
+                job_id TEXT NOT NULL,
+                state INTEGER NOT NULL,
+                dataset TEXT NOT NULL,
+                base_model TEXT NOT NULL,
+                output_model TEXT NOT NULL,
+                create_time BIGINT NOT NULL,
+                update_time BIGINT NOT NULL,
+                resource {blob} NOT NULL,
+                PRIMARY KEY (account_id, job_id)
+            )",
     },
     kiln_events::outbox::MIGRATION,
 ];

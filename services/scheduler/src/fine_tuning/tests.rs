@@ -1,12 +1,14 @@
+//! The pure halves of fine-tuning: a create request's checks and defaults, and the decision on
+//! what the job names.
+
 use kiln_core::auth::{Principal, Role};
-use kiln_core::grpc::Reply;
-use tonic::{Code, Request};
+use kiln_proto::registry::v1::{BaseModelDetails, Dataset, Model, PeftDetails, PreparedBundle};
+use kiln_proto::registry::v1::{base_model_details, dataset, model, prepared_bundle};
+use kiln_proto::scheduler::v1::supervised_fine_tuning_job::JobState;
+use tonic::Code;
 
+use super::request::{Inputs, check_inputs, new_job};
 use super::*;
-
-fn service() -> FineTuning {
-    FineTuning::new(PageTokens::new(b"test page tokens"))
-}
 
 /// A user of account `acme`.
 fn acme() -> Principal {
@@ -19,75 +21,85 @@ fn acme() -> Principal {
     }
 }
 
-fn as_caller<T>(caller: Principal, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.extensions_mut().insert(caller);
-    request
-}
-
-/// The code and message of a call that must fail.
-fn refused<T: std::fmt::Debug>(reply: Reply<T>) -> (Code, String) {
-    let status = reply.expect_err("the call is refused");
-    (status.code(), status.message().to_owned())
-}
-
 fn job() -> SupervisedFineTuningJob {
     SupervisedFineTuningJob {
         dataset: "accounts/acme/datasets/chats".into(),
-        base_model: "accounts/kiln/models/qwen".into(),
+        base_model: "accounts/kiln/models/smollm2".into(),
         ..Default::default()
     }
 }
 
-fn create(parent: &str, id: &str, job: Option<SupervisedFineTuningJob>) -> (Code, String) {
+fn create(
+    parent: &str,
+    id: &str,
+    job: Option<SupervisedFineTuningJob>,
+) -> Result<SupervisedFineTuningJob, Error> {
     let request = CreateSupervisedFineTuningJobRequest {
         parent: parent.into(),
         supervised_fine_tuning_job_id: id.into(),
         supervised_fine_tuning_job: job,
     };
-    let reply = answer(service().create_supervised_fine_tuning_job(as_caller(acme(), request)));
-    refused(reply)
+    new_job(&acme(), request, || "generated".into())
 }
 
-/// Runs a handler (they do no I/O) to its answer.
-fn answer<T>(call: impl std::future::Future<Output = Reply<T>>) -> Reply<T> {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a runtime")
-        .block_on(call)
+fn status(result: Result<SupervisedFineTuningJob, Error>) -> (Code, String) {
+    let status = tonic::Status::from(result.expect_err("refused"));
+    (status.code(), status.message().to_owned())
 }
 
 #[test]
-fn a_well_formed_create_is_refused_because_nothing_can_train() {
-    let (code, message) = create("accounts/acme", "tune-1", Some(job()));
-    assert_eq!(code, Code::FailedPrecondition);
-    assert!(message.contains("no trainer is available"), "{message}");
-    // Without an ID, and with an addon to continue instead of a base model: the same.
-    let warm = SupervisedFineTuningJob {
-        base_model: String::new(),
-        warm_start_from: "accounts/acme/models/adapter".into(),
+fn a_new_job_gets_its_name_defaults_and_output_model() {
+    let made = create("accounts/acme", "tune-1", Some(job())).unwrap();
+    assert_eq!(made.name, "accounts/acme/supervisedFineTuningJobs/tune-1");
+    assert_eq!(made.state, JobState::Creating as i32);
+    assert_eq!(made.output_model, "accounts/acme/models/tune-1");
+    assert_eq!((made.epochs, made.lora_rank, made.batch_size), (1, 8, 8));
+    assert_eq!(made.learning_rate, 1e-4);
+    assert_eq!(made.lora_alpha, 16.0);
+    assert_eq!(made.target_modules.len(), 7);
+    assert_eq!(made.created_by, "accounts/acme/users/ann");
+    // Bare IDs are the caller's; without an ID one is generated.
+    let bare = SupervisedFineTuningJob {
+        dataset: "chats".into(),
+        output_model: "mine".into(),
+        lora_rank: 16,
+        target_modules: vec!["v_proj".into(), "q_proj".into(), "v_proj".into()],
         ..job()
     };
+    let made = create("accounts/acme", "", Some(bare)).unwrap();
     assert_eq!(
-        create("accounts/acme", "", Some(warm)).0,
-        Code::FailedPrecondition
+        made.name,
+        "accounts/acme/supervisedFineTuningJobs/generated"
     );
+    assert_eq!(made.dataset, "accounts/acme/datasets/chats");
+    assert_eq!(made.output_model, "accounts/acme/models/mine");
+    assert_eq!(made.lora_alpha, 32.0);
+    assert_eq!(made.target_modules, ["v_proj", "q_proj"]);
 }
 
 #[test]
 fn create_checks_the_parent_and_its_tenancy_first() {
-    let (code, message) = create("acme/x", "", Some(job()));
+    let (code, message) = status(create("acme/x", "", Some(job())));
     assert_eq!(code, Code::InvalidArgument);
     assert!(message.starts_with("parent:"), "{message}");
-    let (code, message) = create("accounts/other", "", Some(job()));
+    let (code, message) = status(create("accounts/other", "", Some(job())));
     assert_eq!(code, Code::NotFound);
     assert!(message.contains("accounts/other"), "{message}");
+    // Another account's dataset is as absent as a missing one.
+    let theirs = SupervisedFineTuningJob {
+        dataset: "accounts/other/datasets/chats".into(),
+        ..job()
+    };
+    assert_eq!(
+        status(create("accounts/acme", "", Some(theirs))).0,
+        Code::NotFound
+    );
 }
 
 #[test]
 fn create_names_the_field_it_refuses() {
     let field = |parent: &str, id: &str, job| {
-        let (code, message) = create(parent, id, job);
+        let (code, message) = status(create(parent, id, job));
         assert_eq!(code, Code::InvalidArgument, "{message}");
         message.split(':').next().unwrap_or_default().to_owned()
     };
@@ -100,7 +112,7 @@ fn create_names_the_field_it_refuses() {
         "supervised_fine_tuning_job"
     );
     type Edit = fn(&mut SupervisedFineTuningJob);
-    let cases: [(&str, Edit); 6] = [
+    let cases: [(&str, Edit); 13] = [
         ("dataset", |j| j.dataset.clear()),
         ("base_model", |j| j.base_model.clear()),
         ("dataset", |j| {
@@ -112,7 +124,18 @@ fn create_names_the_field_it_refuses() {
         ("output_model", |j| {
             j.output_model = "accounts/acme/models/Not An ID".into()
         }),
+        ("output_model", |j| {
+            j.output_model = "accounts/other/models/x".into()
+        }),
         ("display_name", |j| j.display_name = "x".repeat(257)),
+        ("epochs", |j| j.epochs = 101),
+        ("lora_rank", |j| j.lora_rank = 2),
+        ("batch_size", |j| j.batch_size = -1),
+        ("learning_rate", |j| j.learning_rate = 2.0),
+        ("lora_alpha", |j| j.lora_alpha = -1.0),
+        ("target_modules[1]", |j| {
+            j.target_modules = vec!["q_proj".into(), "lm_head".into()]
+        }),
     ];
     for (name, edit) in cases {
         let mut bad = job();
@@ -124,129 +147,156 @@ fn create_names_the_field_it_refuses() {
     }
 }
 
-fn list(
-    caller: Principal,
-    request: ListSupervisedFineTuningJobsRequest,
-) -> Reply<ListSupervisedFineTuningJobsResponse> {
-    answer(service().list_supervised_fine_tuning_jobs(as_caller(caller, request)))
+fn ready_dataset() -> Dataset {
+    Dataset {
+        name: "accounts/acme/datasets/chats".into(),
+        state: dataset::State::Ready as i32,
+        format: dataset::Format::Chat as i32,
+        example_count: 10,
+        ..Default::default()
+    }
 }
 
-#[test]
-fn list_is_an_empty_page_of_the_callers_account() {
-    let page = list(
-        acme(),
-        ListSupervisedFineTuningJobsRequest {
-            parent: "accounts/acme".into(),
-            page_size: 10,
-            filter: "state = JOB_STATE_RUNNING".into(),
-            order_by: "create_time desc".into(),
+fn tunable_base() -> Model {
+    Model {
+        name: "accounts/kiln/models/smollm2".into(),
+        kind: model::Kind::BaseModel as i32,
+        state: model::State::Ready as i32,
+        base_model_details: Some(BaseModelDetails {
+            tunable: true,
+            checkpoint_format: base_model_details::CheckpointFormat::Gguf as i32,
             ..Default::default()
-        },
-    )
-    .expect("an empty page")
-    .into_inner();
-    assert_eq!(page, ListSupervisedFineTuningJobsResponse::default());
-    // A platform admin lists any account's.
-    let admin = Principal {
-        roles: vec![Role::PlatformAdmin],
-        ..acme()
+        }),
+        prepared_bundles: vec![PreparedBundle {
+            state: prepared_bundle::State::Ready as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn inputs() -> Inputs {
+    Inputs {
+        dataset: Some(ready_dataset()),
+        evaluation_dataset: None,
+        base_model: Some(tunable_base()),
+        warm_start_from: None,
+        output_taken: false,
+    }
+}
+
+#[test]
+fn what_the_job_names_decides_whether_it_can_train() {
+    let j = create("accounts/acme", "tune-1", Some(job())).unwrap();
+    assert_eq!(
+        check_inputs(&j, &inputs()).unwrap(),
+        "accounts/kiln/models/smollm2"
+    );
+
+    type Edit = fn(&mut Inputs);
+    let cases: [(&str, Edit); 8] = [
+        ("has no prepared bundle", |i| {
+            i.base_model.as_mut().unwrap().prepared_bundles.clear()
+        }),
+        ("dataset accounts/acme/datasets/chats was not found", |i| {
+            i.dataset = None
+        }),
+        ("is not READY (it is UPLOADING)", |i| {
+            i.dataset.as_mut().unwrap().state = dataset::State::Uploading as i32
+        }),
+        ("neither a chat nor a completion dataset", |i| {
+            i.dataset.as_mut().unwrap().format = 0
+        }),
+        (
+            "base model accounts/kiln/models/smollm2 was not found",
+            |i| i.base_model = None,
+        ),
+        ("cannot be fine-tuned", |i| {
+            let details = i
+                .base_model
+                .as_mut()
+                .unwrap()
+                .base_model_details
+                .as_mut()
+                .unwrap();
+            details.checkpoint_format = base_model_details::CheckpointFormat::Onnx as i32;
+        }),
+        ("is not a base model", |i| {
+            i.base_model.as_mut().unwrap().kind = model::Kind::LoraAddon as i32
+        }),
+        (
+            "output model accounts/acme/models/tune-1 already exists",
+            |i| i.output_taken = true,
+        ),
+    ];
+    for (why, edit) in cases {
+        let mut given = inputs();
+        edit(&mut given);
+        let problem = check_inputs(&j, &given).unwrap_err();
+        assert!(problem.contains(why), "{problem} (expected {why:?})");
+    }
+}
+
+#[test]
+fn a_warm_start_trains_on_its_addons_base() {
+    let warm = SupervisedFineTuningJob {
+        base_model: String::new(),
+        warm_start_from: "accounts/acme/models/adapter".into(),
+        ..job()
     };
-    let other = ListSupervisedFineTuningJobsRequest {
-        parent: "accounts/other".into(),
+    let j = create("accounts/acme", "tune-2", Some(warm)).unwrap();
+    let addon = Model {
+        name: "accounts/acme/models/adapter".into(),
+        kind: model::Kind::LoraAddon as i32,
+        state: model::State::Ready as i32,
+        peft_details: Some(PeftDetails {
+            base_model: "accounts/kiln/models/smollm2".into(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
-    assert!(list(admin, other.clone()).is_ok());
-    let (code, _) = refused(list(acme(), other));
-    assert_eq!(code, Code::NotFound);
-}
-
-#[test]
-fn list_checks_its_request_like_every_listing() {
-    let field = |request| {
-        let (code, message) = refused(list(acme(), request));
-        assert_eq!(code, Code::InvalidArgument, "{message}");
-        message.split(':').next().unwrap_or_default().to_owned()
+    let with_addon = || Inputs {
+        warm_start_from: Some(addon.clone()),
+        ..inputs()
     };
-    let request = |parent: &str| ListSupervisedFineTuningJobsRequest {
-        parent: parent.into(),
-        ..Default::default()
+    assert_eq!(
+        check_inputs(&j, &with_addon()).unwrap(),
+        "accounts/kiln/models/smollm2"
+    );
+    let other_base = SupervisedFineTuningJob {
+        base_model: "accounts/acme/models/other".into(),
+        ..j.clone()
     };
-    assert_eq!(field(request("accounts/acme/jobs")), "parent");
-    assert_eq!(
-        field(ListSupervisedFineTuningJobsRequest {
-            page_size: -1,
-            ..request("accounts/acme")
-        }),
-        "page_size"
+    let problem = check_inputs(&other_base, &with_addon()).unwrap_err();
+    assert!(
+        problem.contains("not of base_model accounts/acme/models/other"),
+        "{problem}"
     );
-    assert_eq!(
-        field(ListSupervisedFineTuningJobsRequest {
-            page_token: "forged".into(),
-            ..request("accounts/acme")
-        }),
-        "page_token"
-    );
-    assert_eq!(
-        field(ListSupervisedFineTuningJobsRequest {
-            filter: "node = nodes/n1".into(),
-            ..request("accounts/acme")
-        }),
-        "filter"
-    );
-    assert_eq!(
-        field(ListSupervisedFineTuningJobsRequest {
-            order_by: "loss".into(),
-            ..request("accounts/acme")
-        }),
-        "order_by"
+    let problem = check_inputs(&j, &inputs()).unwrap_err();
+    assert!(
+        problem.contains("warm_start_from accounts/acme/models/adapter was not found"),
+        "{problem}"
     );
 }
 
 #[test]
-fn get_cancel_and_delete_find_no_job() {
-    let ft = service();
-    let answers = |name: &str| {
-        let get = GetSupervisedFineTuningJobRequest { name: name.into() };
-        let cancel = CancelSupervisedFineTuningJobRequest { name: name.into() };
-        let delete = DeleteSupervisedFineTuningJobRequest { name: name.into() };
-        [
-            refused(answer(
-                ft.get_supervised_fine_tuning_job(as_caller(acme(), get)),
-            )),
-            refused(answer(
-                ft.cancel_supervised_fine_tuning_job(as_caller(acme(), cancel)),
-            )),
-            refused(answer(
-                ft.delete_supervised_fine_tuning_job(as_caller(acme(), delete)),
-            )),
-        ]
-    };
-    for (code, message) in answers("accounts/acme/supervisedFineTuningJobs/tune-1") {
-        assert_eq!(code, Code::NotFound);
-        assert!(
-            message.contains("accounts/acme/supervisedFineTuningJobs/tune-1"),
-            "{message}"
-        );
-    }
-    // A bare ID is in the caller's account; another account's job is as absent.
-    for (code, message) in answers("tune-1") {
-        assert_eq!(code, Code::NotFound);
-        assert!(message.contains("accounts/acme/"), "{message}");
-    }
-    for (code, _) in answers("accounts/other/supervisedFineTuningJobs/tune-1") {
-        assert_eq!(code, Code::NotFound);
-    }
-    for (code, message) in answers("accounts/acme/deployments/tune-1") {
-        assert_eq!(code, Code::InvalidArgument);
-        assert!(message.starts_with("name:"), "{message}");
-    }
-}
-
-#[test]
-fn a_call_without_a_principal_is_unauthenticated() {
-    let request = Request::new(GetSupervisedFineTuningJobRequest {
-        name: "tune-1".into(),
-    });
-    let (code, _) = refused(answer(service().get_supervised_fine_tuning_job(request)));
-    assert_eq!(code, Code::Unauthenticated);
+fn only_completed_failed_and_cancelled_jobs_are_over() {
+    let over: Vec<JobState> = [
+        JobState::Creating,
+        JobState::Validating,
+        JobState::Pending,
+        JobState::Running,
+        JobState::WritingResults,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Cancelling,
+        JobState::Cancelled,
+    ]
+    .into_iter()
+    .filter(|s| is_final(*s as i32))
+    .collect();
+    assert_eq!(
+        over,
+        [JobState::Completed, JobState::Failed, JobState::Cancelled]
+    );
 }

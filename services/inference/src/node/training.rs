@@ -1,0 +1,320 @@
+//! Fine-tuning jobs on the node, one at a time: the base's checkpoint and the datasets
+//! fetched, the trainer run off the async runtime with a report to the scheduler after every
+//! step, stopped within a step when the scheduler cancels, the adapter published to the
+//! registry as the job's LoRA addon, and the tokens trained on recorded as usage.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kiln_core::names::ChildName;
+use kiln_proto::common::v1::Status as ResourceStatus;
+use kiln_proto::events::v1::TrainingUsageRecorded;
+use kiln_proto::registry::v1::{Model, PeftDetails, model};
+use kiln_proto::scheduler::v1::supervised_fine_tuning_job::JobState;
+use kiln_proto::scheduler::v1::{
+    FineTuningJobReport, JobProgress, StartFineTuningJob, SupervisedFineTuningJob, node_message,
+};
+use kiln_trainer::{Adapter, DType, Device, LoraConfig, Module};
+
+use super::Node;
+use crate::training::run::{Report, Settings, Trained, train};
+use kiln_core::{Error, Result};
+
+/// The jobs this node runs, with the flag that stops each.
+#[derive(Default)]
+pub(super) struct Jobs(Mutex<HashMap<String, Arc<AtomicBool>>>);
+
+/// How a job's run ended.
+enum Ended {
+    Completed { output_model: String },
+    Cancelled,
+}
+
+impl Node {
+    /// Starts training `start`'s job in the background, unless it runs here already (a
+    /// repeated delivery) or another job does.
+    pub(super) fn start_job(
+        self: &Arc<Self>,
+        start: StartFineTuningJob,
+    ) -> std::result::Result<(), String> {
+        let job = start.job.ok_or("the assignment carries no job")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let mut jobs = self.jobs.0.lock().expect("jobs");
+            if jobs.contains_key(&job.name) {
+                return Ok(());
+            }
+            if let Some(other) = jobs.keys().next() {
+                return Err(format!("this node is training {other}"));
+            }
+            jobs.insert(job.name.clone(), stop.clone());
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            let name = job.name.clone();
+            tracing::info!(job = %name, "fine-tuning job started");
+            let ended = node.run_job(&job, &stop).await;
+            node.jobs.0.lock().expect("jobs").remove(&name);
+            let (state, status, output_model) = match ended {
+                Ok(Ended::Completed { output_model }) => (JobState::Completed, None, output_model),
+                Ok(Ended::Cancelled) => (JobState::Cancelled, None, String::new()),
+                Err(err) => {
+                    let status = tonic::Status::from(err);
+                    tracing::warn!(job = %name, error = %status.message(), "fine-tuning job failed");
+                    let status = ResourceStatus {
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    };
+                    (JobState::Failed, Some(status), String::new())
+                }
+            };
+            tracing::info!(job = %name, state = state.as_str_name(), "fine-tuning job ended");
+            node.report_job(FineTuningJobReport {
+                job: name,
+                state: state as i32,
+                status,
+                output_model,
+                ..Default::default()
+            });
+        });
+        Ok(())
+    }
+
+    /// Asks job `name` to stop after its current step.
+    pub(super) fn cancel_job(&self, name: &str) {
+        if let Some(stop) = self.jobs.0.lock().expect("jobs").get(name) {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Stops every job after its current step (the node is stopping).
+    pub(super) fn stop_jobs(&self) {
+        for stop in self.jobs.0.lock().expect("jobs").values() {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn report_job(&self, mut report: FineTuningJobReport) {
+        report.time = Some(kiln_core::time::micros_to_timestamp(
+            kiln_core::time::now_micros(),
+        ));
+        self.send(node_message::Payload::FineTuningJob(report));
+    }
+
+    async fn run_job(
+        self: &Arc<Self>,
+        job: &SupervisedFineTuningJob,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<Ended> {
+        let account =
+            ChildName::parse("name", "supervisedFineTuningJobs", &job.name, None)?.account;
+        let output = ChildName::parse("output_model", "models", &job.output_model, None)?;
+        let base = self.engine.fetch_training_base(&job.base_model).await?;
+        let inputs = async {
+            let dataset = self.engine.read_dataset(&job.dataset).await?;
+            let evaluation = match job.evaluation_dataset.as_str() {
+                "" => None,
+                name => Some(self.engine.read_dataset(name).await?),
+            };
+            let warm_start = match job.warm_start_from.as_str() {
+                "" => None,
+                addon => Some(self.warm_start(addon, &job.base_model).await?),
+            };
+            let tokenizer =
+                crate::engine::load_tokenizer(&base.bundle.tokenizer().ok_or_else(|| {
+                    Error::FailedPrecondition(format!("{} has no tokenizer", job.base_model))
+                })?)?;
+            Ok::<_, Error>((dataset, evaluation, warm_start, tokenizer))
+        }
+        .await;
+        let (dataset, evaluation, warm_start, tokenizer) = match inputs {
+            Ok(inputs) => inputs,
+            Err(err) => {
+                self.engine.release_training(&base);
+                return Err(err);
+            }
+        };
+        let settings = self.settings(job, &base.bundle.manifest, warm_start.as_ref());
+        let gguf = base.gguf.clone();
+        let manifest = base.bundle.manifest.clone();
+        let training = settings.clone();
+        let node = self.clone();
+        let (name, stop) = (job.name.clone(), stop.clone());
+        let trained = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&gguf)?;
+            let checkpoint = kiln_formats::read_llama_checkpoint(std::io::BufReader::new(file))
+                .map_err(|e| Error::FailedPrecondition(format!("the base checkpoint: {e}")))?;
+            let observe = |report: &Report<'_>| {
+                node.report_progress(&name, report);
+                !stop.load(Ordering::Relaxed)
+            };
+            train(
+                checkpoint,
+                &tokenizer,
+                &manifest,
+                &dataset,
+                evaluation.as_deref(),
+                warm_start,
+                &training,
+                None,
+                observe,
+            )
+            .map_err(Error::FailedPrecondition)
+        })
+        .await
+        .map_err(|e| Error::internal("the training task", e));
+        self.engine.release_training(&base);
+        let Some(trained) = trained?? else {
+            return Ok(Ended::Cancelled);
+        };
+        self.report_job(FineTuningJobReport {
+            job: job.name.clone(),
+            state: JobState::WritingResults as i32,
+            ..Default::default()
+        });
+        let usage = TrainingUsageRecorded {
+            job: job.name.clone(),
+            base_model: job.base_model.clone(),
+            output_model: job.output_model.clone(),
+            training_tokens: trained.tokens as i64,
+            ..Default::default()
+        };
+        if let Some(usage_recorder) = self.usage.get() {
+            usage_recorder.record_training(&account, usage).await?;
+        }
+        let published = self.publish(job, &output, &settings, trained).await?;
+        Ok(Ended::Completed {
+            output_model: published.name,
+        })
+    }
+
+    /// The trainer's settings from the job's hyper-parameters (defaults applied by the
+    /// scheduler) and this node's configuration.
+    fn settings(
+        &self,
+        job: &SupervisedFineTuningJob,
+        manifest: &kiln_formats::Manifest,
+        warm_start: Option<&Adapter>,
+    ) -> Settings {
+        let modules: Vec<Module> = job
+            .target_modules
+            .iter()
+            .filter_map(|m| Module::from_peft_name(m))
+            .collect();
+        let lora = match warm_start {
+            Some(adapter) => adapter.config().clone(),
+            None => LoraConfig {
+                rank: job.lora_rank.max(1) as usize,
+                alpha: f64::from(job.lora_alpha),
+                modules: if modules.is_empty() {
+                    Module::ALL.to_vec()
+                } else {
+                    modules
+                },
+            },
+        };
+        let context = usize::try_from(manifest.context_length).unwrap_or(0);
+        let max_tokens = match usize::try_from(job.max_context_length) {
+            Ok(n) if n > 0 => n,
+            _ if context > 0 => context,
+            _ => 2048,
+        };
+        let training = self.engine.config().training;
+        Settings {
+            epochs: job.epochs.max(1) as usize,
+            learning_rate: f64::from(job.learning_rate),
+            lora,
+            max_tokens,
+            batch_size: job.batch_size.max(1) as usize,
+            pass_tokens: training.pass_tokens,
+            early_stop: job.early_stop,
+            seed: 0,
+            base_model: job.base_model.clone(),
+        }
+    }
+
+    /// The adapter a warm start continues, from its files.
+    async fn warm_start(&self, addon: &str, base: &str) -> Result<Adapter> {
+        let dir = self.engine.fetch_addon(addon, base).await?;
+        let read = || -> std::result::Result<Adapter, String> {
+            let config =
+                std::fs::read(dir.join("adapter_config.json")).map_err(|e| e.to_string())?;
+            let weights =
+                std::fs::read(dir.join("adapter_model.safetensors")).map_err(|e| e.to_string())?;
+            let config = kiln_formats::read_adapter_config("adapter_config.json", &config)
+                .map_err(|e| e.to_string())?;
+            let lora =
+                kiln_formats::read_lora_weights(&config, &weights, "adapter_model.safetensors")
+                    .map_err(|e| e.to_string())?;
+            Adapter::from_weights(&lora, config.lora_alpha, DType::F32, &Device::Cpu)
+                .map_err(|e| e.to_string())
+        };
+        let adapter = read();
+        self.engine.release_addon(&dir);
+        adapter.map_err(|e| Error::FailedPrecondition(format!("warm_start_from {addon}: {e}")))
+    }
+
+    /// The trained adapter as the job's output model: created, uploaded and validated.
+    async fn publish(
+        &self,
+        job: &SupervisedFineTuningJob,
+        output: &ChildName,
+        settings: &Settings,
+        trained: Trained,
+    ) -> Result<Model> {
+        let addon = Model {
+            kind: model::Kind::LoraAddon as i32,
+            display_name: job.display_name.clone(),
+            description: format!("Trained by {}", job.name),
+            peft_details: Some(PeftDetails {
+                base_model: job.base_model.clone(),
+                r: settings.lora.rank as i32,
+                target_modules: settings
+                    .lora
+                    .modules
+                    .iter()
+                    .map(|m| m.peft_name().to_owned())
+                    .collect(),
+                lora_alpha: settings.lora.alpha as f32,
+            }),
+            fine_tuning_job: job.name.clone(),
+            created_by: job.created_by.clone(),
+            ..Default::default()
+        };
+        let files = vec![
+            ("adapter_config.json".to_owned(), trained.adapter_config),
+            (
+                "adapter_model.safetensors".to_owned(),
+                trained.adapter_model,
+            ),
+        ];
+        let parent = format!("accounts/{}", output.account);
+        self.engine.publish(&parent, &output.id, addon, files).await
+    }
+
+    /// A step's report to the scheduler.
+    fn report_progress(&self, job: &str, report: &Report<'_>) {
+        let p = &report.progress;
+        let percent = (100 * p.step / p.total_steps.max(1)) as i32;
+        let progress = JobProgress {
+            percent,
+            epoch: p.epoch as i32,
+            tokens_processed: p.tokens as i64,
+            loss: p.loss as f32,
+            step: p.step as i64,
+            total_steps: p.total_steps as i64,
+            eval_loss: report.eval_loss.unwrap_or_default() as f32,
+            truncated_examples: report.truncated as i32,
+            examples: report.examples as i32,
+        };
+        self.report_job(FineTuningJobReport {
+            job: job.to_owned(),
+            state: JobState::Running as i32,
+            job_progress: Some(progress),
+            training_losses: report.losses.iter().map(|&l| l as f32).collect(),
+            evaluation_losses: report.eval_losses.iter().map(|&l| l as f32).collect(),
+            ..Default::default()
+        });
+    }
+}
