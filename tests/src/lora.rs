@@ -71,7 +71,9 @@ pub fn seeded_lora(
         for &(module, inputs, outputs) in MODULES.iter().filter(|(m, ..)| modules.contains(m)) {
             let bound = 1.0 / (inputs as f32).sqrt();
             let a = (0..r * inputs).map(|_| numbers.uniform() * bound).collect();
-            let b = (0..outputs * r).map(|_| numbers.uniform() * b_scale).collect();
+            let b = (0..outputs * r)
+                .map(|_| numbers.uniform() * b_scale)
+                .collect();
             let linear = kiln_formats::LoraLinear {
                 inputs,
                 outputs,

@@ -88,7 +88,8 @@ pub async fn open(
         source,
     )?);
     let node = scheduling.map(|s| {
-        let node = node::Node::new(engine.clone(), config, s.address);
+        let checkpoints = data_dir.join("training");
+        let node = node::Node::new(engine.clone(), config, s.address, checkpoints);
         host.track(node.spawn_agent(s.link, host.shutdown.clone()));
         node
     });

@@ -1,5 +1,5 @@
 //! The command line: `kiln dev`, `kiln serve <service>`, and client commands in the style of
-//! firectl (`kiln create|get|list|update|delete <resource>`). Each resource group
+//! firectl (`kiln create|get|list|update|delete|cancel <resource>`). Each resource group
 //! (`crate::commands`) declares its resources under each verb; this module puts the groups
 //! under the verbs and dispatches to their handlers.
 
@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub use crate::client::ClientArgs;
 use crate::client::{Client, Format};
-use crate::commands::{accounts, deployments, inference, models, usage};
+use crate::commands::{accounts, deployments, fine_tuning, inference, models, usage};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +46,9 @@ pub enum Command {
     /// Delete a resource.
     #[command(subcommand)]
     Delete(DeleteCommand),
+    /// Stop a job that is not finished.
+    #[command(subcommand)]
+    Cancel(CancelCommand),
     /// Restore a soft-deleted resource.
     #[command(subcommand)]
     Undelete(deployments::Undelete),
@@ -115,20 +118,23 @@ macro_rules! verb {
 }
 
 verb!(CreateCommand: Create => create {
-    Models(models), Deployments(deployments), Accounts(accounts)
+    Models(models), Deployments(deployments), Accounts(accounts), FineTuning(fine_tuning)
 });
 verb!(GetCommand: Get => get {
-    Models(models), Deployments(deployments), Accounts(accounts), Usage(usage)
+    Models(models), Deployments(deployments), Accounts(accounts), Usage(usage),
+    FineTuning(fine_tuning)
 });
 verb!(ListCommand: List => list {
-    Models(models), Deployments(deployments), Accounts(accounts), Usage(usage)
+    Models(models), Deployments(deployments), Accounts(accounts), Usage(usage),
+    FineTuning(fine_tuning)
 });
 verb!(UpdateCommand: Update => update {
     Models(models), Deployments(deployments), Accounts(accounts), Usage(usage)
 });
 verb!(DeleteCommand: Delete => delete {
-    Models(models), Deployments(deployments), Accounts(accounts)
+    Models(models), Deployments(deployments), Accounts(accounts), FineTuning(fine_tuning)
 });
+verb!(CancelCommand: Cancel => cancel { FineTuning(fine_tuning) });
 
 /// Runs a client command.
 pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()> {
@@ -140,6 +146,7 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
         Command::List(c) => c.run(client, format).await,
         Command::Update(c) => c.run(client, format).await,
         Command::Delete(c) => c.run(client, format).await,
+        Command::Cancel(c) => c.run(client, format).await,
         Command::Undelete(c) => deployments::undelete(client, format, c).await,
         Command::Scale(c) => deployments::scale(client, format, c).await,
         Command::LoadLora(args) => {
@@ -269,6 +276,73 @@ mod tests {
         let cli = |a: &[&str]| Cli::try_parse_from(a.iter().copied());
         assert!(cli(&["kiln", "scale", "deployment", "d", "-1"]).is_err());
         assert!(cli(&["kiln", "create", "deployment", "m", "--timeout", "1m"]).is_err());
+    }
+
+    #[test]
+    fn fine_tuning_verbs_parse_by_long_and_short_names() {
+        use fine_tuning::{Cancel, Create, Delete, Get, List};
+        for resource in ["supervised-fine-tuning-job", "sftj"] {
+            let line = [
+                "create",
+                resource,
+                "tone",
+                "--dataset",
+                "d",
+                "--base-model",
+                "m",
+            ];
+            match parse(&line).command {
+                Command::Create(CreateCommand::FineTuning(Create::SupervisedFineTuningJob(a))) => {
+                    assert_eq!(a.job_id.as_deref(), Some("tone"));
+                    assert_eq!(
+                        (a.dataset.as_str(), a.base_model.as_deref()),
+                        ("d", Some("m"))
+                    );
+                }
+                other => panic!("{line:?} parsed as {other:?}"),
+            }
+            assert!(matches!(
+                parse(&["get", resource, "j"]).command,
+                Command::Get(GetCommand::FineTuning(Get::SupervisedFineTuningJob { job })) if job == "j"
+            ));
+            assert!(matches!(
+                parse(&["cancel", resource, "j"]).command,
+                Command::Cancel(CancelCommand::FineTuning(Cancel::SupervisedFineTuningJob { job }))
+                    if job == "j"
+            ));
+            assert!(matches!(
+                parse(&["delete", resource, "accounts/a/supervisedFineTuningJobs/j"]).command,
+                Command::Delete(DeleteCommand::FineTuning(Delete::SupervisedFineTuningJob { job }))
+                    if job == "accounts/a/supervisedFineTuningJobs/j"
+            ));
+        }
+        for resource in [
+            "supervised-fine-tuning-jobs",
+            "supervised-fine-tuning-job",
+            "sftj",
+            "sftjs",
+        ] {
+            match parse(&[
+                "list",
+                resource,
+                "--filter",
+                "state = \"JOB_STATE_RUNNING\"",
+                "--order-by",
+                "create_time desc",
+            ])
+            .command
+            {
+                Command::List(ListCommand::FineTuning(List::SupervisedFineTuningJobs(list))) => {
+                    assert_eq!(list.filter, "state = \"JOB_STATE_RUNNING\"");
+                    assert_eq!(list.order_by, "create_time desc");
+                }
+                other => panic!("list {resource} parsed as {other:?}"),
+            }
+        }
+        // Only jobs are cancelled.
+        let cli = |a: &[&str]| Cli::try_parse_from(a.iter().copied());
+        assert!(cli(&["kiln", "cancel", "deployment", "d"]).is_err());
+        assert!(cli(&["kiln", "create", "sftj", "--dataset", "d"]).is_err());
     }
 
     #[test]

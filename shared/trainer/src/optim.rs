@@ -41,8 +41,10 @@ impl AdamW {
         let correct2 = 1.0 - BETA2.powi(t);
         for ((var, grad), (m, v)) in vars.iter().zip(grads).zip(&mut self.moments) {
             let Some(g) = grad else { continue };
-            *m = ((&*m * BETA1)? + (g * (1.0 - BETA1))?)?;
-            *v = ((&*v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
+            // Detached, so that no step's graph is kept alive by the next.
+            let g = g.detach();
+            *m = ((&*m * BETA1)? + (&g * (1.0 - BETA1))?)?.detach();
+            *v = ((&*v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?.detach();
             let m_hat = (&*m / correct1)?;
             let v_hat = (&*v / correct2)?;
             let update = m_hat.broadcast_div(&(v_hat.sqrt()? + EPSILON)?)?;

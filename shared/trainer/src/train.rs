@@ -159,10 +159,12 @@ impl<'a> Trainer<'a> {
             loss_sum += nll;
             let store = store.expect("asked for gradients");
             for (sum, var) in grads.iter_mut().zip(&vars) {
-                if let Some(g) = store.get(var.as_tensor()) {
+                // Detached: a gradient's own graph reaches back into the pass's activations,
+                // which must not outlive the step.
+                if let Some(g) = store.get(var.as_tensor()).map(Tensor::detach) {
                     *sum = Some(match sum.take() {
                         Some(s) => (s + g)?,
-                        None => g.clone(),
+                        None => g,
                     });
                 }
             }

@@ -44,8 +44,10 @@ pub(crate) struct Node {
     routes: watch::Sender<Arc<RoutingTable>>,
     outbound: Arc<Outbound>,
     pub(crate) router: Router,
-    /// The fine-tuning jobs it runs.
+    /// The fine-tuning jobs it runs, and where their checkpoints go (one per epoch, so that
+    /// a job given back to this node after a restart resumes).
     jobs: training::Jobs,
+    checkpoints: std::path::PathBuf,
     /// Where it records the tokens its jobs train on (set once the recorder runs).
     pub(crate) usage: std::sync::OnceLock<crate::usage::UsageRecorder>,
     training_enabled: bool,
@@ -73,8 +75,14 @@ impl Outbound {
 }
 
 impl Node {
-    /// A node named `node_id` (empty: the host name) reachable at `address`.
-    pub(crate) fn new(engine: Arc<Engine>, config: &InferenceConfig, address: String) -> Arc<Self> {
+    /// A node named `node_id` (empty: the host name) reachable at `address`, keeping its
+    /// jobs' checkpoints in `checkpoints`.
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        config: &InferenceConfig,
+        address: String,
+        checkpoints: std::path::PathBuf,
+    ) -> Arc<Self> {
         let node_id = if config.node_id.is_empty() {
             host::host_node_id()
         } else {
@@ -108,6 +116,7 @@ impl Node {
             outbound,
             router,
             jobs: Default::default(),
+            checkpoints,
             usage: Default::default(),
             training_enabled: config.training.enabled,
         })

@@ -21,9 +21,13 @@ use super::Node;
 use crate::training::run::{Report, Settings, Trained, train};
 use kiln_core::{Error, Result};
 
-/// The jobs this node runs, with the flag that stops each.
+/// The jobs this node runs, with the flag that stops each; and whether the node is stopping
+/// (its jobs then keep their checkpoints, to resume when given back to it).
 #[derive(Default)]
-pub(super) struct Jobs(Mutex<HashMap<String, Arc<AtomicBool>>>);
+pub(super) struct Jobs {
+    running: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    stopping: AtomicBool,
+}
 
 /// How a job's run ended.
 enum Ended {
@@ -41,7 +45,7 @@ impl Node {
         let job = start.job.ok_or("the assignment carries no job")?;
         let stop = Arc::new(AtomicBool::new(false));
         {
-            let mut jobs = self.jobs.0.lock().expect("jobs");
+            let mut jobs = self.jobs.running.lock().expect("jobs");
             if jobs.contains_key(&job.name) {
                 return Ok(());
             }
@@ -55,7 +59,12 @@ impl Node {
             let name = job.name.clone();
             tracing::info!(job = %name, "fine-tuning job started");
             let ended = node.run_job(&job, &stop).await;
-            node.jobs.0.lock().expect("jobs").remove(&name);
+            node.jobs.running.lock().expect("jobs").remove(&name);
+            let over = !(matches!(ended, Ok(Ended::Cancelled))
+                && node.jobs.stopping.load(Ordering::Relaxed));
+            if over && let Some(file) = node.checkpoint_file(&job) {
+                let _ = std::fs::remove_file(file);
+            }
             let (state, status, output_model) = match ended {
                 Ok(Ended::Completed { output_model }) => (JobState::Completed, None, output_model),
                 Ok(Ended::Cancelled) => (JobState::Cancelled, None, String::new()),
@@ -83,14 +92,15 @@ impl Node {
 
     /// Asks job `name` to stop after its current step.
     pub(super) fn cancel_job(&self, name: &str) {
-        if let Some(stop) = self.jobs.0.lock().expect("jobs").get(name) {
+        if let Some(stop) = self.jobs.running.lock().expect("jobs").get(name) {
             stop.store(true, Ordering::Relaxed);
         }
     }
 
     /// Stops every job after its current step (the node is stopping).
     pub(super) fn stop_jobs(&self) {
-        for stop in self.jobs.0.lock().expect("jobs").values() {
+        self.jobs.stopping.store(true, Ordering::Relaxed);
+        for stop in self.jobs.running.lock().expect("jobs").values() {
             stop.store(true, Ordering::Relaxed);
         }
     }
@@ -136,6 +146,7 @@ impl Node {
             }
         };
         let settings = self.settings(job, &base.bundle.manifest, warm_start.as_ref());
+        let checkpoint_file = self.checkpoint_file(job);
         let gguf = base.gguf.clone();
         let manifest = base.bundle.manifest.clone();
         let training = settings.clone();
@@ -157,7 +168,7 @@ impl Node {
                 evaluation.as_deref(),
                 warm_start,
                 &training,
-                None,
+                checkpoint_file.as_deref(),
                 observe,
             )
             .map_err(Error::FailedPrecondition)
@@ -187,6 +198,16 @@ impl Node {
         Ok(Ended::Completed {
             output_model: published.name,
         })
+    }
+
+    /// Where job's checkpoint goes (None when the folder cannot be made: no checkpoints).
+    fn checkpoint_file(&self, job: &SupervisedFineTuningJob) -> Option<std::path::PathBuf> {
+        if let Err(err) = std::fs::create_dir_all(&self.checkpoints) {
+            tracing::warn!(%err, "cannot keep training checkpoints");
+            return None;
+        }
+        let file = job.name.replace('/', "_");
+        Some(self.checkpoints.join(format!("{file}.safetensors")))
     }
 
     /// The trainer's settings from the job's hyper-parameters (defaults applied by the

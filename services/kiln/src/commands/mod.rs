@@ -4,6 +4,7 @@
 
 pub(crate) mod accounts;
 pub(crate) mod deployments;
+pub(crate) mod fine_tuning;
 mod flags;
 pub(crate) mod inference;
 pub(crate) mod models;
