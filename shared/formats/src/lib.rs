@@ -49,8 +49,9 @@ pub use lora_slots::{LORA_MASK, LORA_SLOTS_VERSION, SlotLinear, add_lora_slots, 
 pub use manifest::Manifest;
 pub use onnx::{OnnxInfo, Task, check_task, read_onnx};
 pub use peft::{
-    AdapterConfig, LoraLinear, LoraWeights, MODULES as LORA_MODULES, check_adapter_fits,
-    read_adapter_config, read_lora_weights, write_peft_adapter,
+    AdapterConfig, LoraLinear, LoraWeights, MODULE_NAMES as LORA_MODULE_NAMES,
+    MODULES as LORA_MODULES, RANK_RANGE as LORA_RANKS, check_adapter_fits, read_adapter_config,
+    read_lora_weights, write_peft_adapter,
 };
 pub use safetensors::{TensorEntry, read_safetensors_header, write_safetensors_f32};
 

@@ -178,8 +178,9 @@ impl Adapter {
         let Some((a, b)) = self.linears.get(&(layer, module)) else {
             return Ok(None);
         };
-        let low = x.matmul(a.as_tensor())?;
-        Ok(Some((low.matmul(b.as_tensor())? * self.config.scale())?))
+        // The scale on the rank-wide product: r columns rather than `out`.
+        let low = (x.matmul(a.as_tensor())? * self.config.scale())?;
+        Ok(Some(low.matmul(b.as_tensor())?))
     }
 
     /// The adapter in PEFT's files: `(adapter_config.json, adapter_model.safetensors)`.

@@ -21,17 +21,10 @@ pub(crate) const DEFAULT_LORA_RANK: i32 = 8;
 pub(crate) const DEFAULT_BATCH_SIZE: i32 = 8;
 pub(crate) const MAX_BATCH_SIZE: i32 = 1024;
 /// The LoRA ranks the platform serves.
-pub(crate) const LORA_RANKS: std::ops::RangeInclusive<i32> = 4..=64;
+const LORA_RANKS: std::ops::RangeInclusive<i32> =
+    (*kiln_formats::LORA_RANKS.start() as i32)..=(*kiln_formats::LORA_RANKS.end() as i32);
 /// The projections an adapter may train.
-pub(crate) const TARGET_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const TARGET_MODULES: [&str; 7] = kiln_formats::LORA_MODULE_NAMES;
 
 /// Whether a job in `state` is over (it runs no more and may be deleted).
 pub(crate) fn is_final(state: i32) -> bool {

@@ -39,6 +39,17 @@ pub const MODULES: [(&str, &str, &str); 7] = [
     ("down_proj", "mlp", "ffn_down"),
 ];
 
+/// The HF names of [`MODULES`]: what `target_modules` may name.
+pub const MODULE_NAMES: [&str; 7] = [
+    MODULES[0].0,
+    MODULES[1].0,
+    MODULES[2].0,
+    MODULES[3].0,
+    MODULES[4].0,
+    MODULES[5].0,
+    MODULES[6].0,
+];
+
 /// The prefixes PEFT puts before `{i}.{parent}.{module}` (for a `LlamaForCausalLM` base, and for
 /// a bare `LlamaModel` base).
 const LAYER_PREFIXES: [&str; 2] = ["base_model.model.model.layers.", "base_model.model.layers."];

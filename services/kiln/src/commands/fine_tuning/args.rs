@@ -4,15 +4,7 @@ use clap::Args;
 use kiln_proto::scheduler::v1 as schv1;
 
 /// The projections a LoRA adapter may train.
-const TARGET_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const TARGET_MODULES: [&str; 7] = kiln_formats::LORA_MODULE_NAMES;
 
 #[derive(Debug, Args)]
 pub struct CreateJobArgs {
