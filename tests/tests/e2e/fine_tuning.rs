@@ -193,6 +193,14 @@ async fn a_job_trains_an_addon_that_answers_what_it_was_taught() {
     assert_eq!(usage.job, job.name);
     assert_eq!(usage.account, "accounts/acme");
     assert_eq!(usage.training_tokens, progress.tokens_processed);
+    // Billing books them: the account's usage report counts the training tokens, at a price.
+    let what = "billing to book the training tokens";
+    let booked = kiln_tests::wait_for(Duration::from_secs(30), what, || async {
+        let totals = kiln_tests::billing::totals(&acme, "accounts/acme").await;
+        (totals.training_tokens == progress.tokens_processed).then_some(totals)
+    })
+    .await;
+    assert!(kiln_tests::billing::nanos(&booked.cost) > 0, "{booked:?}");
     mesh.shutdown().await;
 }
 
