@@ -132,14 +132,18 @@ impl kiln_inference::source::ModelSource for NoRegistry {
     async fn read_dataset(&self, name: &str) -> kiln_inference::Result<Vec<u8>> {
         Err(kiln_core::Error::not_found(name))
     }
-    async fn publish(
+    async fn upload_model(
         &self,
         parent: &str,
         _: &str,
         _: kiln_proto::registry::v1::Model,
         _: Vec<(String, Vec<u8>)>,
+        _: bool,
     ) -> kiln_inference::Result<kiln_proto::registry::v1::Model> {
         Err(kiln_core::Error::not_found(parent))
+    }
+    async fn delete_model(&self, name: &str) -> kiln_inference::Result<()> {
+        Err(kiln_core::Error::not_found(name))
     }
 }
 

@@ -383,17 +383,21 @@ mod tests {
         async fn read_dataset(&self, name: &str) -> Result<Vec<u8>> {
             Err(Error::not_found(name))
         }
-        async fn publish(
+        async fn upload_model(
             &self,
             _: &str,
             _: &str,
             model: Model,
             _: Vec<(String, Vec<u8>)>,
+            _: bool,
         ) -> Result<Model> {
             Err(Error::FailedPrecondition(format!(
-                "{} cannot be published here",
+                "{} cannot be uploaded here",
                 model.name
             )))
+        }
+        async fn delete_model(&self, name: &str) -> Result<()> {
+            Err(Error::not_found(name))
         }
     }
 

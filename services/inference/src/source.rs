@@ -26,15 +26,19 @@ pub trait ModelSource: Send + Sync + 'static {
     async fn download(&self, name: &str, bundle_precision: Option<i32>) -> Result<FileStream>;
     /// A dataset's whole file.
     async fn read_dataset(&self, name: &str) -> Result<Vec<u8>>;
-    /// Creates `model` (`model_id` in `parent`), uploads `files` into it and validates it:
-    /// the model READY, or why not.
-    async fn publish(
+    /// Uploads `files` into model `model_id` of `parent`, creating it as `model` unless it
+    /// exists already from the same fine-tuning job (`model.fine_tuning_job`); with `finish`,
+    /// validates it: READY, or why not.
+    async fn upload_model(
         &self,
         parent: &str,
         model_id: &str,
         model: Model,
         files: Vec<(String, Vec<u8>)>,
+        finish: bool,
     ) -> Result<Model>;
+    /// Deletes a model.
+    async fn delete_model(&self, name: &str) -> Result<()>;
 }
 
 /// `files` as one UploadModelFiles stream's messages into `model`: each file's header, then

@@ -108,6 +108,11 @@ impl Error {
         }
     }
 
+    /// NOT_FOUND, raised here or relayed from a peer.
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Code::NotFound
+    }
+
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,

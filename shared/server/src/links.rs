@@ -13,8 +13,8 @@ use kiln_inference::limits::{LimitSource, Limits, RPM_QUOTA, TPM_QUOTA};
 use kiln_inference::source::{FileStream, ModelSource};
 use kiln_proto::billing::v1::quota_service_client::QuotaServiceClient;
 use kiln_proto::registry::v1::{
-    CreateModelRequest, Dataset, DownloadDatasetRequest, DownloadModelFilesRequest, Model,
-    ValidateModelUploadRequest,
+    CreateModelRequest, Dataset, DeleteModelRequest, DownloadDatasetRequest,
+    DownloadModelFilesRequest, Model, ValidateModelUploadRequest,
 };
 use kiln_scheduler::catalog::{ModelCatalog, RemoteRegistry};
 use kiln_scheduler::quota::{QuotaGate, QuotaLimits};
@@ -97,55 +97,101 @@ impl ModelSource for RegistryLink {
         Ok(data)
     }
 
-    async fn publish(
+    async fn upload_model(
         &self,
         parent: &str,
         model_id: &str,
         model: Model,
         files: Vec<(String, Vec<u8>)>,
+        finish: bool,
     ) -> Result<Model> {
         let name = format!("{parent}/models/{model_id}");
+        let job = model.fine_tuning_job.clone();
+        let existing = match ModelCatalog::get_model(self, &name).await {
+            Ok(found) if !job.is_empty() && found.fine_tuning_job == job => Some(found),
+            Ok(_) => return Err(Error::already_exists(&name)),
+            Err(err) if err.is_not_found() => None,
+            Err(e) => return Err(e),
+        };
         let messages = kiln_inference::source::upload_messages(&name, &files);
         let service = Principal::service();
-        let response = match self {
+        let validation = match self {
             Self::Local(registry) => {
-                registry
-                    .create_model(&service, parent, model_id.to_owned(), model)
-                    .await?;
+                if existing.is_none() {
+                    registry
+                        .create_model(&service, parent, model_id.to_owned(), model)
+                        .await?;
+                }
                 let stream = futures::stream::iter(messages.into_iter().map(Ok));
                 registry.upload_model_files(&service, stream).await?;
-                registry
-                    .validate_model_upload(&service, &name, false)
-                    .await?
+                match finish {
+                    true => Some(
+                        registry
+                            .validate_model_upload(&service, &name, false)
+                            .await?,
+                    ),
+                    false => None,
+                }
             }
             Self::Remote(client) => {
                 let peer = |what: &'static str| move |status| Error::from_peer(what, status);
                 let mut models = client.models.clone();
-                let create = CreateModelRequest {
-                    parent: parent.to_owned(),
-                    model_id: model_id.to_owned(),
-                    model: Some(model),
-                };
-                models
-                    .create_model(create)
-                    .await
-                    .map_err(peer("registry CreateModel"))?;
+                if existing.is_none() {
+                    let create = CreateModelRequest {
+                        parent: parent.to_owned(),
+                        model_id: model_id.to_owned(),
+                        model: Some(model),
+                    };
+                    models
+                        .create_model(create)
+                        .await
+                        .map_err(peer("registry CreateModel"))?;
+                }
                 models
                     .upload_model_files(futures::stream::iter(messages))
                     .await
                     .map_err(peer("registry UploadModelFiles"))?;
                 let validate = ValidateModelUploadRequest {
-                    name,
+                    name: name.clone(),
                     validate_only: false,
                 };
-                models
-                    .validate_model_upload(validate)
-                    .await
-                    .map_err(peer("registry ValidateModelUpload"))?
-                    .into_inner()
+                match finish {
+                    true => Some(
+                        models
+                            .validate_model_upload(validate)
+                            .await
+                            .map_err(peer("registry ValidateModelUpload"))?
+                            .into_inner(),
+                    ),
+                    false => None,
+                }
             }
         };
-        kiln_inference::source::validated(response)
+        match validation {
+            Some(response) => kiln_inference::source::validated(response),
+            None => ModelCatalog::get_model(self, &name).await,
+        }
+    }
+
+    async fn delete_model(&self, name: &str) -> Result<()> {
+        match self {
+            Self::Local(registry) => registry
+                .delete_model(&Principal::service(), name)
+                .await
+                .map(|_| ()),
+            Self::Remote(client) => {
+                let request = DeleteModelRequest {
+                    name: name.to_owned(),
+                };
+                client
+                    .models
+                    .clone()
+                    .delete_model(request)
+                    .await
+                    .map_err(|status| Error::from_peer("registry DeleteModel", status))?;
+                Ok(())
+            }
+        }
     }
 }
 

@@ -314,36 +314,35 @@ async fn jobs_that_cannot_train_fail_and_cancelled_ones_leave_no_model() {
     mesh.shutdown().await;
 }
 
+/// A job whose node is lost goes back to PENDING and another node resumes it from the last
+/// checkpoint its first node shared (one per epoch, kept in the output model).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_whose_node_is_lost_goes_on_on_another() {
+async fn a_job_whose_node_is_lost_resumes_on_another() {
+    use kiln_events::Body;
     use kiln_tests::workers::Worker;
     let mesh = mesh_training(false).await;
     let acme = mesh.tenant_channel("acme").await;
     let base = tiny_base(&acme, "acme", "tiny").await;
     let many = chat_dataset(&acme, "acme", "many", &numbered(100)).await;
+    let mut events = mesh.subscribe("kiln.>").await;
     let first = Worker::start(&mesh, "trainer-a", &[]).await;
     let job = schv1::SupervisedFineTuningJob {
         batch_size: 1,
         ..teaching(&base, &many, 10)
     };
     let job = create_job(&acme, "acme", "survivor", job).await.unwrap();
-    let on_a = wait_job(
-        &acme,
-        &job.name,
-        Duration::from_secs(60),
-        "training on trainer-a",
-        |j| j.node == "nodes/trainer-a" && j.job_progress.as_ref().is_some_and(|p| p.step >= 2),
-    )
+    // Past the first epoch (100 steps): its checkpoint is in the output model.
+    let what = "training on trainer-a past its first checkpoint";
+    let on_a = wait_job(&acme, &job.name, Duration::from_secs(120), what, |j| {
+        j.node == "nodes/trainer-a" && j.job_progress.as_ref().is_some_and(|p| p.step >= 110)
+    })
     .await;
     assert_eq!(on_a.state, JobState::Running as i32);
     first.kill();
-    let waiting = wait_job(
-        &acme,
-        &job.name,
-        Duration::from_secs(60),
-        "the job back in the queue",
-        |j| j.state == JobState::Pending as i32,
-    )
+    let what = "the job back in the queue";
+    let waiting = wait_job(&acme, &job.name, Duration::from_secs(60), what, |j| {
+        j.state == JobState::Pending as i32
+    })
     .await;
     let why = waiting.status.unwrap_or_default().message;
     assert!(why.contains("nodes/trainer-a was lost"), "{why}");
@@ -352,7 +351,38 @@ async fn a_job_whose_node_is_lost_goes_on_on_another() {
     assert_eq!(done.state, JobState::Completed as i32, "{:?}", done.status);
     assert_eq!(done.node, "nodes/trainer-b");
     assert_eq!(done.job_progress.unwrap().step, 1000);
+    assert_eq!(done.training_losses.len(), 1000);
+    assert!(done.training_losses.iter().all(|l| l.is_finite()));
     let addon = get_model(&acme, &done.output_model).await.unwrap();
     assert_eq!(addon.state, regv1::model::State::Ready as i32);
+    // trainer-b's first step came after the checkpoint, not from the start.
+    let requeued = |body: &Body| match body {
+        Body::SupervisedFineTuningJobStateChanged(c) => {
+            let j = c.supervised_fine_tuning_job.as_ref();
+            c.previous_state == JobState::Running as i32
+                && j.is_some_and(|j| j.name == job.name && j.state == JobState::Pending as i32)
+        }
+        _ => false,
+    };
+    kiln_tests::events::next_event(&mut events, Duration::from_secs(5), "the requeue", |b| {
+        requeued(&b).then_some(())
+    })
+    .await;
+    let resumed_at = kiln_tests::events::next_event(
+        &mut events,
+        Duration::from_secs(5),
+        "trainer-b's first step",
+        |b| match b {
+            Body::SupervisedFineTuningJobProgress(p) if p.name == job.name => {
+                p.job_progress.map(|p| p.step)
+            }
+            _ => None,
+        },
+    )
+    .await;
+    assert!(
+        (101..=110).contains(&resumed_at),
+        "resumed at step {resumed_at}"
+    );
     mesh.shutdown().await;
 }

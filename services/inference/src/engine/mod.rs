@@ -3,6 +3,7 @@
 
 mod addons;
 mod training;
+pub(crate) use training::CHECKPOINT;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

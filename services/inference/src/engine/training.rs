@@ -8,6 +8,10 @@ use std::path::PathBuf;
 use kiln_proto::registry::v1::{Model, base_model_details, model};
 
 use super::Engine;
+
+/// Where a fine-tuning job keeps its checkpoint while it trains: a file of its output model
+/// (UPLOADING until the adapter is written; emptied then), so any node can resume it.
+pub(crate) const CHECKPOINT: &str = "training-checkpoint.safetensors";
 use crate::bundle::Bundle;
 use kiln_core::{Error, Result};
 
@@ -78,14 +82,66 @@ impl Engine {
         self.source.read_dataset(name).await
     }
 
-    /// Creates, uploads and validates a model (see `ModelSource::publish`).
-    pub(crate) async fn publish(
+    /// Uploads files into a model (see `ModelSource::upload_model`).
+    pub(crate) async fn upload_model(
         &self,
         parent: &str,
         model_id: &str,
         model: Model,
         files: Vec<(String, Vec<u8>)>,
+        finish: bool,
     ) -> Result<Model> {
-        self.source.publish(parent, model_id, model, files).await
+        self.source
+            .upload_model(parent, model_id, model, files, finish)
+            .await
+    }
+
+    /// The checkpoint an earlier run of `job` (on any node) left as file [`CHECKPOINT`] of its
+    /// output model, fetched into the cache; its bytes, or None when there is none.
+    pub(crate) async fn fetch_job_checkpoint(
+        &self,
+        job: &str,
+        output: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        let model = match self.source.get_model(output).await {
+            Ok(model) if model.fine_tuning_job == job => model,
+            Ok(_) => return Ok(None),
+            Err(err) if err.is_not_found() => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let Some(file) = model
+            .files
+            .iter()
+            .find(|f| f.path == CHECKPOINT && f.complete && f.size_bytes > 0)
+        else {
+            return Ok(None);
+        };
+        let dir = self
+            .cache
+            .fetch_files(
+                self.source.as_ref(),
+                &model,
+                None,
+                std::slice::from_ref(file),
+            )
+            .await?;
+        let bytes = std::fs::read(dir.join(CHECKPOINT));
+        self.cache.unpin(&dir);
+        Ok(Some(bytes?))
+    }
+
+    /// Deletes what a job that ended without an addon left of its output model (the
+    /// checkpoints of an unfinished upload), never a READY model nor another job's.
+    pub(crate) async fn drop_unfinished_output(&self, job: &str, output: &str) -> Result<()> {
+        match self.source.get_model(output).await {
+            Ok(model)
+                if model.fine_tuning_job == job && model.state != model::State::Ready as i32 =>
+            {
+                self.source.delete_model(output).await
+            }
+            Ok(_) => Ok(()),
+            Err(err) if err.is_not_found() => Ok(()),
+            Err(err) => Err(err),
+        }
     }
 }

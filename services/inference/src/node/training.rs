@@ -18,6 +18,7 @@ use kiln_proto::scheduler::v1::{
 use kiln_trainer::{Adapter, DType, Device, LoraConfig, Module};
 
 use super::Node;
+use crate::engine::CHECKPOINT;
 use crate::training::run::{Report, Settings, Trained, train};
 use kiln_core::{Error, Result};
 
@@ -64,6 +65,14 @@ impl Node {
                 && node.jobs.stopping.load(Ordering::Relaxed));
             if over && let Some(file) = node.checkpoint_file(&job) {
                 let _ = std::fs::remove_file(file);
+            }
+            if over && !matches!(ended, Ok(Ended::Completed { .. })) {
+                let dropped = node
+                    .engine
+                    .drop_unfinished_output(&job.name, &job.output_model);
+                if let Err(err) = dropped.await {
+                    tracing::warn!(job = %name, %err, "cannot remove the job's unfinished output model");
+                }
             }
             let (state, status, output_model) = match ended {
                 Ok(Ended::Completed { output_model }) => (JobState::Completed, None, output_model),
@@ -147,9 +156,28 @@ impl Node {
         };
         let settings = self.settings(job, &base.bundle.manifest, warm_start.as_ref());
         let checkpoint_file = self.checkpoint_file(job);
+        if let Some(file) = checkpoint_file.as_ref().filter(|f| !f.is_file()) {
+            // An earlier run elsewhere: its last checkpoint, from the output model.
+            match self
+                .engine
+                .fetch_job_checkpoint(&job.name, &job.output_model)
+                .await
+            {
+                Ok(Some(bytes)) => {
+                    tracing::info!(job = %job.name, "resuming from the job's last checkpoint");
+                    std::fs::write(file, bytes)?;
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(job = %job.name, %err, "cannot read the job's checkpoint; starting over")
+                }
+            }
+        }
         let gguf = base.gguf.clone();
         let manifest = base.bundle.manifest.clone();
         let training = settings.clone();
+        let addon = self.addon_model(job, &settings);
+        let output_model = job.output_model.clone();
         let node = self.clone();
         let (name, stop) = (job.name.clone(), stop.clone());
         let trained = tokio::task::spawn_blocking(move || {
@@ -158,6 +186,9 @@ impl Node {
                 .map_err(|e| Error::FailedPrecondition(format!("the base checkpoint: {e}")))?;
             let observe = |report: &Report<'_>| {
                 node.report_progress(&name, report);
+                if let Some(path) = report.checkpoint {
+                    node.share_checkpoint(&name, &output_model, path, &addon);
+                }
                 !stop.load(Ordering::Relaxed)
             };
             train(
@@ -276,15 +307,9 @@ impl Node {
         adapter.map_err(|e| Error::FailedPrecondition(format!("warm_start_from {addon}: {e}")))
     }
 
-    /// The trained adapter as the job's output model: created, uploaded and validated.
-    async fn publish(
-        &self,
-        job: &SupervisedFineTuningJob,
-        output: &ChildName,
-        settings: &Settings,
-        trained: Trained,
-    ) -> Result<Model> {
-        let addon = Model {
+    /// The LoRA addon a job produces, as the registry creates it.
+    fn addon_model(&self, job: &SupervisedFineTuningJob, settings: &Settings) -> Model {
+        Model {
             kind: model::Kind::LoraAddon as i32,
             display_name: job.display_name.clone(),
             description: format!("Trained by {}", job.name),
@@ -302,16 +327,51 @@ impl Node {
             fine_tuning_job: job.name.clone(),
             created_by: job.created_by.clone(),
             ..Default::default()
-        };
+        }
+    }
+
+    /// Puts an epoch's checkpoint into the job's output model, so that any node can resume
+    /// the job from it. Runs on the training thread; a failure costs only the resumption.
+    fn share_checkpoint(&self, job: &str, output: &str, path: &std::path::Path, addon: &Model) {
+        let uploaded = std::fs::read(path).map_err(Error::from).and_then(|bytes| {
+            let output = ChildName::parse("output_model", "models", output, None)?;
+            let parent = format!("accounts/{}", output.account);
+            let files = vec![(CHECKPOINT.to_owned(), bytes)];
+            tokio::runtime::Handle::current().block_on(self.engine.upload_model(
+                &parent,
+                &output.id,
+                addon.clone(),
+                files,
+                false,
+            ))
+        });
+        if let Err(err) = uploaded {
+            tracing::warn!(job, %err, "cannot share the job's checkpoint");
+        }
+    }
+
+    /// The trained adapter as the job's output model: uploaded (the checkpoint emptied) and
+    /// validated.
+    async fn publish(
+        &self,
+        job: &SupervisedFineTuningJob,
+        output: &ChildName,
+        settings: &Settings,
+        trained: Trained,
+    ) -> Result<Model> {
         let files = vec![
             ("adapter_config.json".to_owned(), trained.adapter_config),
             (
                 "adapter_model.safetensors".to_owned(),
                 trained.adapter_model,
             ),
+            (CHECKPOINT.to_owned(), Vec::new()),
         ];
         let parent = format!("accounts/{}", output.account);
-        self.engine.publish(&parent, &output.id, addon, files).await
+        let addon = self.addon_model(job, settings);
+        self.engine
+            .upload_model(&parent, &output.id, addon, files, true)
+            .await
     }
 
     /// A step's report to the scheduler.

@@ -53,6 +53,8 @@ pub struct Report<'a> {
     /// Examples in the dataset, and those cut to `max_tokens`.
     pub examples: usize,
     pub truncated: usize,
+    /// The checkpoint this step wrote (at the end of an epoch).
+    pub checkpoint: Option<&'a Path>,
 }
 
 /// The trained adapter and how training went.
@@ -129,6 +131,7 @@ pub fn train(
     let mut early_stopped = false;
     while let Some(progress) = trainer.step().map_err(failed)? {
         losses.push(progress.loss);
+        let mut checkpointed = false;
         if progress.step % per_epoch == 0 {
             if let Some(eval) = &eval {
                 let loss = trainer.evaluate(&eval.examples).map_err(failed)?;
@@ -138,6 +141,7 @@ pub fn train(
             }
             if let Some(file) = checkpoint_file {
                 trainer.save_checkpoint(file).map_err(failed)?;
+                checkpointed = true;
             }
         }
         let report = Report {
@@ -147,6 +151,7 @@ pub fn train(
             eval_losses: &eval_losses,
             examples,
             truncated,
+            checkpoint: checkpoint_file.filter(|_| checkpointed),
         };
         if !observe(&report) {
             return Ok(None);

@@ -235,7 +235,8 @@ impl Scheduler {
     async fn read_inputs(&self, job: &SupervisedFineTuningJob) -> Result<Inputs> {
         let account = ChildName::parse("name", JOBS, &job.name, None)?.account;
         let own = |name: &str| name.starts_with(&format!("accounts/{account}/"));
-        let absent = |e: &Error| matches!(e, Error::NotFound { .. });
+        // Relayed from a remote registry or raised here alike.
+        let absent = Error::is_not_found;
         let dataset = |name: String| async move {
             if name.is_empty() || !own(&name) {
                 return Ok(None);
@@ -371,12 +372,21 @@ impl Scheduler {
             }
             return;
         };
-        job.job_progress = report.job_progress.or(job.job_progress.take());
-        if !report.training_losses.is_empty() {
-            job.training_losses = report.training_losses;
-        }
-        if !report.evaluation_losses.is_empty() {
-            job.evaluation_losses = report.evaluation_losses;
+        if let Some(progress) = report.job_progress {
+            // A run reports the losses since it started, which may be a resumption: they end
+            // at its current step (and epoch), and replace what the history holds from there.
+            merge_history(
+                &mut job.training_losses,
+                report.training_losses,
+                progress.step,
+            );
+            let epochs_done = progress.step * i64::from(job.epochs) / progress.total_steps.max(1);
+            merge_history(
+                &mut job.evaluation_losses,
+                report.evaluation_losses,
+                epochs_done,
+            );
+            job.job_progress = Some(progress);
         }
         let to = JobState::try_from(report.state).unwrap_or(JobState::Unspecified);
         let stays = to == JobState::Unspecified
@@ -511,6 +521,17 @@ impl Scheduler {
         state.jobs.remove(&name);
         Ok(())
     }
+}
+
+/// `history` with `latest` as its entries up to number `last` (from 1).
+pub(super) fn merge_history(history: &mut Vec<f32>, latest: Vec<f32>, last: i64) {
+    if latest.is_empty() {
+        return;
+    }
+    let last = usize::try_from(last).unwrap_or(0).max(latest.len());
+    history.truncate(last - latest.len());
+    history.resize(last - latest.len(), f32::NAN);
+    history.extend(latest);
 }
 
 /// Tells a node to stop training `job`.

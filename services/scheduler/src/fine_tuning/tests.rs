@@ -300,3 +300,17 @@ fn only_completed_failed_and_cancelled_jobs_are_over() {
         [JobState::Completed, JobState::Failed, JobState::Cancelled]
     );
 }
+
+#[test]
+fn a_resumed_run_rewrites_the_history_from_where_it_resumed() {
+    let mut history = Vec::new();
+    jobs::merge_history(&mut history, vec![5.0, 4.0, 3.0], 3);
+    assert_eq!(history, [5.0, 4.0, 3.0]);
+    jobs::merge_history(&mut history, vec![5.0, 4.0, 3.0, 2.5], 4);
+    assert_eq!(history, [5.0, 4.0, 3.0, 2.5]);
+    // Resumed at step 3 (from a checkpoint after step 2) on another node.
+    jobs::merge_history(&mut history, vec![2.9], 3);
+    assert_eq!(history, [5.0, 4.0, 2.9]);
+    jobs::merge_history(&mut history, vec![], 9);
+    assert_eq!(history, [5.0, 4.0, 2.9]);
+}
