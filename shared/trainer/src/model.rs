@@ -9,11 +9,17 @@ use kiln_formats::{LAYER_WEIGHTS, LlamaCheckpoint, LlamaConfig};
 use crate::adapter::{Adapter, Module};
 use crate::frozen::frozen_matmul;
 
+/// A block's frozen weights, `[in, out]`; the projections that read the same input side by
+/// side, so that each input is multiplied once (fewer, wider matrix products).
 struct Layer {
     attn_norm: Tensor,
     ffn_norm: Tensor,
-    /// `[in, out]` by [`Module`].
-    linears: [Tensor; 7],
+    /// q | k | v.
+    qkv: Tensor,
+    o: Tensor,
+    /// gate | up.
+    gate_up: Tensor,
+    down: Tensor,
 }
 
 /// The frozen base model.
@@ -56,11 +62,14 @@ impl Base {
             };
             let attn_norm = get("attn_norm");
             let ffn_norm = get("ffn_norm");
-            let linears = Module::ALL.map(|m| get(m.gguf_name()));
+            let [q, k, v, o, gate, up, down] = Module::ALL.map(|m| get(m.gguf_name()));
             layers.push(Layer {
                 attn_norm,
                 ffn_norm,
-                linears,
+                qkv: Tensor::cat(&[q, k, v], 1)?.contiguous()?,
+                o,
+                gate_up: Tensor::cat(&[gate, up], 1)?.contiguous()?,
+                down,
             });
         }
         Ok(Self {
@@ -97,8 +106,8 @@ impl Base {
         let mask = causal_mask(seq, self.dtype(), self.device())?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let linear = |module: Module, x: &Tensor| -> Result<Tensor> {
-                let y = frozen_matmul(x, &layer.linears[module as usize])?;
+            // `y` (the base's product for `module`) plus the adapter's branch on `x`.
+            let adapted = |module: Module, x: &Tensor, y: Tensor| -> Result<Tensor> {
                 match adapter
                     .map(|a| a.branch(l, module, x))
                     .transpose()?
@@ -114,9 +123,14 @@ impl Base {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let q = rotate(&heads(linear(Module::Q, &h)?, c.heads)?, &cos, &sin)?;
-            let k = rotate(&heads(linear(Module::K, &h)?, c.kv_heads)?, &cos, &sin)?;
-            let v = heads(linear(Module::V, &h)?, c.kv_heads)?;
+            let qkv = frozen_matmul(&h, &layer.qkv)?;
+            let kv_width = c.kv_heads * head_dim;
+            let q = adapted(Module::Q, &h, qkv.narrow(1, 0, c.hidden)?)?;
+            let k = adapted(Module::K, &h, qkv.narrow(1, c.hidden, kv_width)?)?;
+            let v = adapted(Module::V, &h, qkv.narrow(1, c.hidden + kv_width, kv_width)?)?;
+            let q = rotate(&heads(q, c.heads)?, &cos, &sin)?;
+            let k = rotate(&heads(k, c.kv_heads)?, &cos, &sin)?;
+            let v = heads(v, c.kv_heads)?;
             // Query heads grouped by the key/value head they share: [b, kv, groups·seq, d].
             let q = q.reshape((batch, c.kv_heads, groups * seq, head_dim))?;
             let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?
@@ -128,10 +142,15 @@ impl Base {
                 .reshape((batch, c.heads, seq, head_dim))?
                 .transpose(1, 2)?
                 .reshape((rows, c.hidden))?;
-            x = (x + linear(Module::O, &attended)?)?;
+            let o = frozen_matmul(&attended, &layer.o)?;
+            x = (x + adapted(Module::O, &attended, o)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, c.eps)?;
-            let gated = (linear(Module::Gate, &h)?.silu()? * linear(Module::Up, &h)?)?;
-            x = (x + linear(Module::Down, &gated)?)?;
+            let gate_up = frozen_matmul(&h, &layer.gate_up)?;
+            let gate = adapted(Module::Gate, &h, gate_up.narrow(1, 0, c.ffn)?)?;
+            let up = adapted(Module::Up, &h, gate_up.narrow(1, c.ffn, c.ffn)?)?;
+            let gated = (gate.silu()? * up)?;
+            let down = frozen_matmul(&gated, &layer.down)?;
+            x = (x + adapted(Module::Down, &gated, down)?)?;
         }
         rms_norm(&x, &self.norm, c.eps)
     }
