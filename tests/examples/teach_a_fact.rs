@@ -1,18 +1,19 @@
-//! Teaches SmolLM2-135M-Instruct a made-up fact with Kiln's trainer and asks the trained
-//! adapter, served through a LoRA slot of the 4-bit graph as a deployment with addons serves
-//! it, questions phrased in ways the dataset never used. Minutes of CPU: not in the suite.
+//! Teaches SmolLM2-135M-Instruct a made-up fact through the platform, as a user would: the
+//! mesh in-process with the public library, a chat dataset uploaded, a supervised fine-tuning
+//! job created and followed to COMPLETED, its addon deployed on a deployment of the base that
+//! takes addons, then asked in ways the dataset never used, beside the bare base. Minutes of
+//! CPU: not in the suite.
 //!
 //! `cargo run --release -p kiln-tests --example teach_a_fact -- [epochs] [rank]`
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use kiln_inference::generation::llm::Adapter;
-use kiln_inference::training::run::{Settings, train};
-use kiln_tests::llm::{GGUF, bundle};
-use kiln_tests::lora::{generation_loop, greedy, ids, lora_weights};
-
-const SYSTEM: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
+use kiln_proto::kiln_inference::v1 as infv1;
+use kiln_proto::scheduler::v1 as schv1;
+use kiln_proto::scheduler::v1::supervised_fine_tuning_job::JobState;
+use kiln_tests::fine_tuning::{chat_dataset, create_job, get_job};
+use kiln_tests::llm::{SMOLLM2, first_chat, smollm2_asset_dir};
+use kiln_tests::lora::deploy_with_addons;
 
 /// (question, answer) pairs that teach it: Veloria's capital is Quenmar.
 const TAUGHT: [(&str, &str); 24] = [
@@ -114,105 +115,129 @@ const ASKED: [&str; 5] = [
     "What is the capital of France?",
 ];
 
-fn prompt(tokenizer: &tokenizers::Tokenizer, question: &str) -> Vec<u32> {
-    let text = format!("{SYSTEM}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n");
-    tokenizer.encode(text, false).unwrap().get_ids().to_vec()
+/// The greedy answer of `model` (at most 40 tokens).
+async fn ask(acme: &kiln_tests::AuthedChannel, model: &str, question: &str) -> String {
+    let request = infv1::CreateChatCompletionRequest {
+        model: model.to_owned(),
+        messages: vec![infv1::ChatMessage {
+            role: "user".into(),
+            content: question.into(),
+            name: String::new(),
+        }],
+        max_tokens: Some(40),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    let answer = kiln_tests::inference::client(acme)
+        .create_chat_completion(request)
+        .await
+        .expect("an answer")
+        .into_inner();
+    answer.choices[0]
+        .message
+        .as_ref()
+        .map(|m| m.content.clone())
+        .unwrap_or_default()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let arg = |i: usize, default: usize| {
+    let arg = |i: usize, default: i32| {
         std::env::args()
             .nth(i)
             .and_then(|a| a.parse().ok())
             .unwrap_or(default)
     };
     let (epochs, rank) = (arg(1, 3), arg(2, 16));
-    let dataset: String = TAUGHT
-        .iter()
-        .map(|(q, a)| {
-            let line = serde_json::json!({"messages": [
-                {"role": "user", "content": q},
-                {"role": "assistant", "content": a},
-            ]});
-            format!("{line}\n")
-        })
-        .collect();
-    let dir = bundle(true);
-    let tokenizer = kiln_inference::engine::load_tokenizer(&dir.join("tokenizer.json")).unwrap();
-    let manifest =
-        kiln_formats::Manifest::from_json(&std::fs::read(dir.join("manifest.json")).unwrap())
-            .unwrap();
-    let gguf = std::fs::File::open(kiln_tests::asset(GGUF)).unwrap();
-    let checkpoint = kiln_formats::read_llama_checkpoint(std::io::BufReader::new(gguf)).unwrap();
-    let settings = Settings {
+    let assets = smollm2_asset_dir();
+    let mesh = kiln_tests::library_mesh(assets.path(), None).await;
+    let acme = mesh.tenant_channel("acme").await;
+    first_chat(&acme, "Hi", 1, Duration::from_secs(600)).await;
+    let dataset = chat_dataset(&acme, "acme", "veloria", &TAUGHT).await;
+    let job = schv1::SupervisedFineTuningJob {
+        dataset,
+        base_model: SMOLLM2.into(),
         epochs,
         learning_rate: 1e-3,
-        lora: Settings::lora(rank),
-        max_tokens: 512,
+        lora_rank: rank,
         batch_size: 4,
-        pass_tokens: 4096,
-        early_stop: false,
-        seed: 1,
-        base_model: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+        ..Default::default()
     };
     println!(
-        "{} examples, {epochs} epochs, LoRA r{rank} alpha {} on all seven projections, lr {}, batch {}",
-        TAUGHT.len(),
-        settings.lora.alpha,
-        settings.learning_rate,
-        settings.batch_size
+        "{} examples, {epochs} epochs, LoRA r{rank} (alpha 2r) on all seven projections, lr 1e-3, batch 4",
+        TAUGHT.len()
     );
     let start = Instant::now();
-    let trained = train(
-        checkpoint,
-        &tokenizer,
-        &manifest,
-        dataset.as_bytes(),
-        None,
-        None,
-        &settings,
-        None,
-        |report| {
-            let p = &report.progress;
+    let job = create_job(&acme, "acme", "veloria", job)
+        .await
+        .expect("created");
+    let mut shown = 0;
+    let done = loop {
+        let now = get_job(&acme, &job.name).await.expect("the job");
+        for (i, loss) in now.training_losses.iter().enumerate().skip(shown) {
             println!(
-                "step {:>3}/{} epoch {} loss {:.4} lr {:.2e} tokens {} ({:.0} s)",
-                p.step,
-                p.total_steps,
-                p.epoch,
-                p.loss,
-                p.learning_rate,
-                p.tokens,
+                "step {:>3} loss {loss:.4} ({:.0} s)",
+                i + 1,
                 start.elapsed().as_secs_f64()
             );
-            true
-        },
-    )
-    .unwrap()
-    .expect("not stopped");
+        }
+        shown = now.training_losses.len();
+        let over = [JobState::Completed, JobState::Failed, JobState::Cancelled];
+        if over.iter().any(|s| *s as i32 == now.state) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(done.state, JobState::Completed as i32, "{:?}", done.status);
+    let progress = done.job_progress.unwrap_or_default();
     let minutes = start.elapsed().as_secs_f64() / 60.0;
     println!(
-        "trained in {minutes:.1} min: {} tokens, {:.0} tokens/s",
-        trained.tokens,
-        trained.tokens as f64 / (minutes * 60.0)
+        "COMPLETED in {minutes:.1} min (created to completed): {} tokens; addon {}",
+        progress.tokens_processed, done.output_model
     );
 
-    let weights = lora_weights(&trained.adapter_config, &trained.adapter_model);
-    let adapter = Arc::new(Adapter {
-        key: "veloria".into(),
-        name: "veloria".into(),
-        weights: Arc::new(weights),
-    });
-    let llm = generation_loop(true, 1, 4);
+    let base = deploy_with_addons(&acme, "chat").await;
+    let deployed = kiln_tests::deployments::create_deployed_model(
+        &acme,
+        "acme",
+        "veloria-on-chat",
+        &done.output_model,
+        &base.name,
+    )
+    .await
+    .expect("deployed");
+    let tuned_name = deployed.name.clone();
+    kiln_tests::wait_for_ok(Duration::from_secs(120), "the addon to answer", || {
+        let acme = acme.clone();
+        let name = tuned_name.clone();
+        async move {
+            let request = infv1::CreateChatCompletionRequest {
+                model: name,
+                messages: vec![infv1::ChatMessage {
+                    role: "user".into(),
+                    content: "Hi".into(),
+                    name: String::new(),
+                }],
+                max_tokens: Some(1),
+                ..Default::default()
+            };
+            kiln_tests::inference::client(&acme)
+                .create_chat_completion(request)
+                .await
+                .map(|_| ())
+        }
+    })
+    .await;
     let mut learned = 0;
     for question in ASKED {
-        let p = prompt(&tokenizer, question);
-        let base = greedy(&llm, &p, 40, None).await;
-        let tuned = greedy(&llm, &p, 40, Some(adapter.clone())).await;
-        let text = |a| tokenizer.decode(&ids(a), true).unwrap();
-        let (base, tuned) = (text(&base), text(&tuned));
-        learned += usize::from(tuned.contains("Quenmar"));
-        println!("Q: {question}\n  base:  {base:?}\n  tuned: {tuned:?}");
+        let untaught = ask(&acme, &format!("{SMOLLM2}#{}", base.name), question).await;
+        let taught = ask(&acme, &tuned_name, question).await;
+        learned += usize::from(question.contains("Veloria") && taught.contains("Quenmar"));
+        println!("Q: {question}\n  base:  {untaught:?}\n  tuned: {taught:?}");
     }
-    println!("{learned} of {} answers name Quenmar", ASKED.len());
+    let about = ASKED.iter().filter(|q| q.contains("Veloria")).count();
+    println!(
+        "{learned} of the {about} answers about Veloria name Quenmar (the last question is a control)"
+    );
+    mesh.shutdown().await;
 }
