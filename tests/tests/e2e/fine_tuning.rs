@@ -130,6 +130,15 @@ async fn a_job_trains_an_addon_that_answers_what_it_was_taught() {
     assert_eq!(addon.state, regv1::model::State::Ready as i32);
     assert_eq!(addon.kind, regv1::model::Kind::LoraAddon as i32);
     assert_eq!(addon.fine_tuning_job, job.name);
+    // The checkpoints the job kept in it while it trained are not carried by the addon.
+    let carried: i64 = addon.files.iter().map(|f| f.size_bytes).sum();
+    let adapter: i64 = addon
+        .files
+        .iter()
+        .filter(|f| f.path.starts_with("adapter_"))
+        .map(|f| f.size_bytes)
+        .sum();
+    assert_eq!(carried, adapter, "{:?}", addon.files);
     let peft = addon.peft_details.clone().unwrap();
     assert_eq!(
         (peft.base_model.as_str(), peft.r, peft.target_modules.len()),

@@ -156,6 +156,8 @@ impl Node {
         };
         let settings = self.settings(job, &base.bundle.manifest, warm_start.as_ref());
         let checkpoint_file = self.checkpoint_file(job);
+        // Whether the output model holds a checkpoint (to empty when the adapter is written).
+        let shared = Arc::new(AtomicBool::new(false));
         if let Some(file) = checkpoint_file.as_ref().filter(|f| !f.is_file()) {
             // An earlier run elsewhere: its last checkpoint, from the output model.
             match self
@@ -166,6 +168,7 @@ impl Node {
                 Ok(Some(bytes)) => {
                     tracing::info!(job = %job.name, "resuming from the job's last checkpoint");
                     std::fs::write(file, bytes)?;
+                    shared.store(true, Ordering::Relaxed);
                 }
                 Ok(None) => {}
                 Err(err) => {
@@ -179,7 +182,7 @@ impl Node {
         let addon = self.addon_model(job, &settings);
         let output_model = job.output_model.clone();
         let node = self.clone();
-        let (name, stop) = (job.name.clone(), stop.clone());
+        let (name, stop, sharing) = (job.name.clone(), stop.clone(), shared.clone());
         let trained = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&gguf)?;
             let checkpoint = kiln_formats::read_llama_checkpoint(std::io::BufReader::new(file))
@@ -187,6 +190,7 @@ impl Node {
             let observe = |report: &Report<'_>| {
                 node.report_progress(&name, report);
                 if let Some(path) = report.checkpoint {
+                    sharing.store(true, Ordering::Relaxed);
                     node.share_checkpoint(&name, &output_model, path, &addon);
                 }
                 !stop.load(Ordering::Relaxed)
@@ -225,7 +229,10 @@ impl Node {
         if let Some(usage_recorder) = self.usage.get() {
             usage_recorder.record_training(&account, usage).await?;
         }
-        let published = self.publish(job, &output, &settings, trained).await?;
+        let holds_checkpoint = shared.load(Ordering::Relaxed);
+        let published = self
+            .publish(job, &output, &settings, trained, holds_checkpoint)
+            .await?;
         Ok(Ended::Completed {
             output_model: published.name,
         })
@@ -350,23 +357,26 @@ impl Node {
         }
     }
 
-    /// The trained adapter as the job's output model: uploaded (the checkpoint emptied) and
-    /// validated.
+    /// The trained adapter as the job's output model: uploaded (a checkpoint it holds emptied,
+    /// so the addon does not carry it) and validated.
     async fn publish(
         &self,
         job: &SupervisedFineTuningJob,
         output: &ChildName,
         settings: &Settings,
         trained: Trained,
+        holds_checkpoint: bool,
     ) -> Result<Model> {
-        let files = vec![
+        let mut files = vec![
             ("adapter_config.json".to_owned(), trained.adapter_config),
             (
                 "adapter_model.safetensors".to_owned(),
                 trained.adapter_model,
             ),
-            (CHECKPOINT.to_owned(), Vec::new()),
         ];
+        if holds_checkpoint {
+            files.push((CHECKPOINT.to_owned(), Vec::new()));
+        }
         let parent = format!("accounts/{}", output.account);
         let addon = self.addon_model(job, settings);
         self.engine

@@ -139,7 +139,8 @@ pub fn train(
                 eval_losses.push(loss);
                 early_stopped = settings.early_stop && loss >= best;
             }
-            if let Some(file) = checkpoint_file {
+            // Not after the last step: the adapter itself is written next.
+            if let Some(file) = checkpoint_file.filter(|_| progress.step < progress.total_steps) {
                 trainer.save_checkpoint(file).map_err(failed)?;
                 checkpointed = true;
             }
