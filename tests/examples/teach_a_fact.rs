@@ -8,11 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-use kiln_proto::kiln_inference::v1 as infv1;
 use kiln_proto::scheduler::v1 as schv1;
 use kiln_proto::scheduler::v1::supervised_fine_tuning_job::JobState;
 use kiln_tests::fine_tuning::{chat_dataset, create_job, get_job};
-use kiln_tests::llm::{SMOLLM2, first_chat, smollm2_asset_dir};
+use kiln_tests::llm::{SMOLLM2, answer_of, first_chat, smollm2_asset_dir};
 use kiln_tests::lora::deploy_with_addons;
 
 /// (question, answer) pairs that teach it: Veloria's capital is Quenmar.
@@ -115,31 +114,6 @@ const ASKED: [&str; 5] = [
     "What is the capital of France?",
 ];
 
-/// The greedy answer of `model` (at most 40 tokens).
-async fn ask(acme: &kiln_tests::AuthedChannel, model: &str, question: &str) -> String {
-    let request = infv1::CreateChatCompletionRequest {
-        model: model.to_owned(),
-        messages: vec![infv1::ChatMessage {
-            role: "user".into(),
-            content: question.into(),
-            name: String::new(),
-        }],
-        max_tokens: Some(40),
-        temperature: Some(0.0),
-        ..Default::default()
-    };
-    let answer = kiln_tests::inference::client(acme)
-        .create_chat_completion(request)
-        .await
-        .expect("an answer")
-        .into_inner();
-    answer.choices[0]
-        .message
-        .as_ref()
-        .map(|m| m.content.clone())
-        .unwrap_or_default()
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let arg = |i: usize, default: i32| {
@@ -208,30 +182,18 @@ async fn main() {
     .expect("deployed");
     let tuned_name = deployed.name.clone();
     kiln_tests::wait_for_ok(Duration::from_secs(120), "the addon to answer", || {
-        let acme = acme.clone();
-        let name = tuned_name.clone();
-        async move {
-            let request = infv1::CreateChatCompletionRequest {
-                model: name,
-                messages: vec![infv1::ChatMessage {
-                    role: "user".into(),
-                    content: "Hi".into(),
-                    name: String::new(),
-                }],
-                max_tokens: Some(1),
-                ..Default::default()
-            };
-            kiln_tests::inference::client(&acme)
-                .create_chat_completion(request)
-                .await
-                .map(|_| ())
-        }
+        answer_of(&acme, &tuned_name, "Hi", 1)
     })
     .await;
     let mut learned = 0;
     for question in ASKED {
-        let untaught = ask(&acme, &format!("{SMOLLM2}#{}", base.name), question).await;
-        let taught = ask(&acme, &tuned_name, question).await;
+        let base_model = format!("{SMOLLM2}#{}", base.name);
+        let untaught = answer_of(&acme, &base_model, question, 40)
+            .await
+            .expect("an answer");
+        let taught = answer_of(&acme, &tuned_name, question, 40)
+            .await
+            .expect("an answer");
         learned += usize::from(question.contains("Veloria") && taught.contains("Quenmar"));
         println!("Q: {question}\n  base:  {untaught:?}\n  tuned: {taught:?}");
     }

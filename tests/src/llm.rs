@@ -87,6 +87,21 @@ pub async fn chat(
     send_chat(ch, chat_request(question, max_tokens)).await
 }
 
+/// The greedy answer of `model` (a model, deployed model or `model#deployment`) to
+/// `question`, as text.
+pub async fn answer_of(
+    ch: &AuthedChannel,
+    model: &str,
+    question: &str,
+    max_tokens: i32,
+) -> Result<String, tonic::Status> {
+    let request = infv1::CreateChatCompletionRequest {
+        model: model.to_owned(),
+        ..chat_request(question, max_tokens)
+    };
+    Ok(answer_text(&send_chat(ch, request).await?).to_owned())
+}
+
 /// The text of an answer's first choice.
 pub fn answer_text(answer: &infv1::ChatCompletion) -> &str {
     let message = answer.choices[0].message.as_ref();

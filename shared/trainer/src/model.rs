@@ -4,7 +4,7 @@
 //! have no backward pass and would silently stop the gradient; every operation here has one.
 
 use candle_core::{D, DType, Device, Result, Tensor};
-use kiln_formats::{LAYER_WEIGHTS, LlamaCheckpoint, LlamaConfig};
+use kiln_formats::{LlamaCheckpoint, LlamaConfig};
 
 use crate::adapter::{Adapter, Module};
 use crate::frozen::frozen_matmul;
@@ -52,23 +52,17 @@ impl Base {
         let norm = take("output_norm")?;
         let mut layers = Vec::with_capacity(config.layers);
         for l in 0..config.layers {
-            let mut by_name = Vec::with_capacity(LAYER_WEIGHTS.len());
-            for name in LAYER_WEIGHTS {
-                by_name.push((name, take(&format!("blk.{l}.{name}"))?));
-            }
-            let mut get = |name: &str| {
-                let at = by_name.iter().position(|(n, _)| *n == name).expect("named");
-                by_name.swap_remove(at).1
-            };
-            let attn_norm = get("attn_norm");
-            let ffn_norm = get("ffn_norm");
-            let [q, k, v, o, gate, up, down] = Module::ALL.map(|m| get(m.gguf_name()));
+            let mut weight = |name: &str| take(&format!("blk.{l}.{name}"));
+            let attn_norm = weight("attn_norm")?;
+            let ffn_norm = weight("ffn_norm")?;
+            let [q, k, v, o, gate, up, down] = Module::ALL.map(|m| weight(m.gguf_name()));
+            let (o, down) = (o?, down?);
             layers.push(Layer {
                 attn_norm,
                 ffn_norm,
-                qkv: Tensor::cat(&[q, k, v], 1)?.contiguous()?,
+                qkv: Tensor::cat(&[q?, k?, v?], 1)?.contiguous()?,
                 o,
-                gate_up: Tensor::cat(&[gate, up], 1)?.contiguous()?,
+                gate_up: Tensor::cat(&[gate?, up?], 1)?.contiguous()?,
                 down,
             });
         }

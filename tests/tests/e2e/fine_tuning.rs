@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use kiln_proto::kiln_inference::v1 as infv1;
 use kiln_proto::registry::v1 as regv1;
 use kiln_proto::scheduler::v1 as schv1;
 use kiln_proto::scheduler::v1::supervised_fine_tuning_job::JobState;
 use kiln_tests::deployments::{self, on, wait_ready};
 use kiln_tests::fine_tuning::*;
+use kiln_tests::llm::answer_of;
 use kiln_tests::registry::get_model;
 use kiln_tests::{MeshOptions, TestMesh, expect_code};
 use tonic::Code;
@@ -62,34 +62,6 @@ fn teaching(base: &str, dataset: &str, epochs: i32) -> schv1::SupervisedFineTuni
         batch_size: 4,
         ..Default::default()
     }
-}
-
-/// The greedy answer of `model` to `question` (at most 12 tokens).
-async fn answer(
-    ch: &kiln_tests::AuthedChannel,
-    model: &str,
-    question: &str,
-) -> Result<String, tonic::Status> {
-    let request = infv1::CreateChatCompletionRequest {
-        model: model.to_owned(),
-        messages: vec![infv1::ChatMessage {
-            role: "user".into(),
-            content: question.into(),
-            name: String::new(),
-        }],
-        max_tokens: Some(12),
-        temperature: Some(0.0),
-        ..Default::default()
-    };
-    let answer = kiln_tests::inference::client(ch)
-        .create_chat_completion(request)
-        .await?
-        .into_inner();
-    Ok(answer.choices[0]
-        .message
-        .as_ref()
-        .map(|m| m.content.clone())
-        .unwrap_or_default())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,11 +144,16 @@ async fn a_job_trains_an_addon_that_answers_what_it_was_taught() {
     wait_ready(&acme, &tuned.name, 1).await;
     wait_ready(&acme, &bare.name, 1).await;
     for (question, taught) in TAUGHT {
-        let said = answer(&acme, &format!("{}#{}", addon.name, tuned.name), question)
-            .await
-            .unwrap();
+        let said = answer_of(
+            &acme,
+            &format!("{}#{}", addon.name, tuned.name),
+            question,
+            12,
+        )
+        .await
+        .unwrap();
         assert_eq!(said, taught, "asked {question:?}");
-        let untaught = answer(&acme, &format!("{base}#{}", bare.name), question)
+        let untaught = answer_of(&acme, &format!("{base}#{}", bare.name), question, 12)
             .await
             .unwrap();
         assert_ne!(untaught, taught, "the base was not taught {question:?}");

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use kiln_proto::registry::v1::{Model, base_model_details, model};
+use kiln_proto::registry::v1::{Model, ModelFile, base_model_details, model};
 
 use super::Engine;
 
@@ -47,15 +47,7 @@ impl Engine {
                 files.len()
             )));
         };
-        let checkpoint_dir = self
-            .cache
-            .fetch_files(
-                self.source.as_ref(),
-                &model,
-                None,
-                std::slice::from_ref(file),
-            )
-            .await?;
+        let checkpoint_dir = self.fetch_file(&model, file).await?;
         let bundle = match self.cache.fetch(self.source.as_ref(), &model, true).await {
             Ok(bundle) => bundle,
             Err(err) => {
@@ -68,6 +60,14 @@ impl Engine {
             dirs: vec![checkpoint_dir, bundle.dir.clone()],
             bundle,
         })
+    }
+
+    /// One of `model`'s own files in a folder of the cache, pinned.
+    async fn fetch_file(&self, model: &Model, file: &ModelFile) -> Result<PathBuf> {
+        let files = std::slice::from_ref(file);
+        self.cache
+            .fetch_files(self.source.as_ref(), model, None, files)
+            .await
     }
 
     /// Unpins what [`Engine::fetch_training_base`] fetched.
@@ -116,15 +116,7 @@ impl Engine {
         else {
             return Ok(None);
         };
-        let dir = self
-            .cache
-            .fetch_files(
-                self.source.as_ref(),
-                &model,
-                None,
-                std::slice::from_ref(file),
-            )
-            .await?;
+        let dir = self.fetch_file(&model, file).await?;
         let bytes = std::fs::read(dir.join(CHECKPOINT));
         self.cache.unpin(&dir);
         Ok(Some(bytes?))
