@@ -62,6 +62,7 @@ fn main() {
         pass_tokens: batch * seq,
         weight_decay: 0.0,
         seed: 1,
+        threads,
     };
     let mut trainer = Trainer::new(&base, adapter, examples, options).expect("trainer");
     trainer.step().expect("warm-up step");

@@ -90,6 +90,8 @@ pub struct TrainingConfig {
     /// The most tokens (padding included) one forward and backward pass holds; a step's
     /// batch beyond it accumulates the gradients of several passes.
     pub pass_tokens: usize,
+    /// The threads a job trains with; 0: one per core.
+    pub threads: usize,
 }
 
 impl Default for TrainingConfig {
@@ -97,6 +99,7 @@ impl Default for TrainingConfig {
         Self {
             enabled: true,
             pass_tokens: 4096,
+            threads: 0,
         }
     }
 }

@@ -12,6 +12,7 @@
 
 mod adapter;
 mod frozen;
+mod fused;
 mod model;
 mod optim;
 mod train;
@@ -20,6 +21,9 @@ pub use adapter::{Adapter, LoraConfig, Module};
 pub use candle_core::{DType, Device, Error, Result, Tensor};
 pub use model::Base;
 pub use train::{Example, Progress, TrainOptions, Trainer};
+
+// Only for its x86-v4 feature: candle's matrix products then use AVX-512.
+use gemm as _;
 
 #[cfg(test)]
 mod tests;

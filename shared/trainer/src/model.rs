@@ -3,11 +3,15 @@
 //! candle's composed operations only. candle's fused rms-norm, softmax and rotary kernels
 //! have no backward pass and would silently stop the gradient; every operation here has one.
 
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Result, Tensor};
 use kiln_formats::{LlamaCheckpoint, LlamaConfig};
 
 use crate::adapter::{Adapter, Module};
 use crate::frozen::frozen_matmul;
+use crate::fused::{self, RopeTables};
 
 /// A block's frozen weights, `[in, out]`; the projections that read the same input side by
 /// side, so that each input is multiplied once (fewer, wider matrix products).
@@ -31,6 +35,9 @@ pub struct Base {
     output: Tensor,
     norm: Tensor,
     layers: Vec<Layer>,
+    /// The fused CPU kernels (`fused.rs`) for the elementwise stretches, or candle's composed
+    /// operations (other devices; and the reference the fused kernels are tested against).
+    fused: bool,
 }
 
 impl Base {
@@ -66,12 +73,14 @@ impl Base {
                 down,
             });
         }
+        let fused = device.is_cpu() && matches!(dtype, DType::F32 | DType::F64);
         Ok(Self {
             config,
             embed,
             output,
             norm,
             layers,
+            fused,
         })
     }
 
@@ -96,22 +105,33 @@ impl Base {
         let head_dim = c.head_dim();
         let groups = c.heads / c.kv_heads;
         let rows = batch * seq;
-        let (cos, sin) = self.rotary(seq)?;
-        let mask = causal_mask(seq, self.dtype(), self.device())?;
+        let rotary = self.rotary(seq)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            // `y` (the base's product for `module`) plus the adapter's branch on `x`.
-            let adapted = |module: Module, x: &Tensor, y: Tensor| -> Result<Tensor> {
-                match adapter
-                    .map(|a| a.branch(l, module, x))
-                    .transpose()?
-                    .flatten()
-                {
-                    Some(branch) => y + branch,
-                    None => Ok(y),
+            // `y` (the base's products for `modules`, side by side) plus the adapter's branches
+            // on `x`, added as one (zeros for a module it leaves alone).
+            let adapted = |modules: &[Module], x: &Tensor, y: Tensor| -> Result<Tensor> {
+                let Some(adapter) = adapter else {
+                    return Ok(y);
+                };
+                let branches = modules
+                    .iter()
+                    .map(|&m| adapter.branch(l, m, x))
+                    .collect::<Result<Vec<_>>>()?;
+                if branches.iter().all(Option::is_none) {
+                    return Ok(y);
                 }
+                let parts = branches
+                    .into_iter()
+                    .zip(modules)
+                    .map(|(branch, m)| match branch {
+                        Some(b) => Ok(b),
+                        None => Tensor::zeros((x.dim(0)?, m.shape(c).1), y.dtype(), y.device()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                y + Tensor::cat(&parts, 1)?
             };
-            let h = rms_norm(&x, &layer.attn_norm, c.eps)?;
+            let h = self.rms_norm(&x, &layer.attn_norm)?;
             let heads = |t: Tensor, n: usize| {
                 t.reshape((batch, seq, n, head_dim))?
                     .transpose(1, 2)?
@@ -119,43 +139,94 @@ impl Base {
             };
             let qkv = frozen_matmul(&h, &layer.qkv)?;
             let kv_width = c.kv_heads * head_dim;
-            let q = adapted(Module::Q, &h, qkv.narrow(1, 0, c.hidden)?)?;
-            let k = adapted(Module::K, &h, qkv.narrow(1, c.hidden, kv_width)?)?;
-            let v = adapted(Module::V, &h, qkv.narrow(1, c.hidden + kv_width, kv_width)?)?;
-            let q = rotate(&heads(q, c.heads)?, &cos, &sin)?;
-            let k = rotate(&heads(k, c.kv_heads)?, &cos, &sin)?;
+            let qkv = adapted(&[Module::Q, Module::K, Module::V], &h, qkv)?;
+            let q = qkv.narrow(1, 0, c.hidden)?;
+            let k = qkv.narrow(1, c.hidden, kv_width)?;
+            let v = qkv.narrow(1, c.hidden + kv_width, kv_width)?;
+            let q = heads(self.rotate(&q, &rotary)?, c.heads)?;
+            let k = heads(self.rotate(&k, &rotary)?, c.kv_heads)?;
             let v = heads(v, c.kv_heads)?;
-            // Query heads grouped by the key/value head they share: [b, kv, groups·seq, d].
+            // Query heads grouped by the key/value head they share: [b, kv, groups·seq, d],
+            // row r the query at position r % seq.
             let q = q.reshape((batch, c.kv_heads, groups * seq, head_dim))?;
-            let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?
-                .reshape((batch, c.kv_heads, groups, seq, seq))?
-                .broadcast_add(&mask)?;
-            let probs = softmax(&scores)?.reshape((batch, c.kv_heads, groups * seq, seq))?;
+            let probs = self.attention_probs(&q.matmul(&k.t()?)?, groups)?;
             let attended = probs
                 .matmul(&v)?
                 .reshape((batch, c.heads, seq, head_dim))?
                 .transpose(1, 2)?
                 .reshape((rows, c.hidden))?;
             let o = frozen_matmul(&attended, &layer.o)?;
-            x = (x + adapted(Module::O, &attended, o)?)?;
-            let h = rms_norm(&x, &layer.ffn_norm, c.eps)?;
+            x = (x + adapted(&[Module::O], &attended, o)?)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
             let gate_up = frozen_matmul(&h, &layer.gate_up)?;
-            let gate = adapted(Module::Gate, &h, gate_up.narrow(1, 0, c.ffn)?)?;
-            let up = adapted(Module::Up, &h, gate_up.narrow(1, c.ffn, c.ffn)?)?;
-            let gated = (gate.silu()? * up)?;
+            let gate_up = adapted(&[Module::Gate, Module::Up], &h, gate_up)?;
+            let gated = self.swiglu(&gate_up)?;
             let down = frozen_matmul(&gated, &layer.down)?;
-            x = (x + adapted(Module::Down, &gated, down)?)?;
+            x = (x + adapted(&[Module::Down], &gated, down)?)?;
         }
-        rms_norm(&x, &self.norm, c.eps)
+        self.rms_norm(&x, &self.norm)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            fused::rms_norm(x, weight, self.config.eps)
+        } else {
+            rms_norm(x, weight, self.config.eps)
+        }
+    }
+
+    /// The rotary embedding of `x [batch · seq, heads · head_dim]`.
+    fn rotate(&self, x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
+        if self.fused {
+            return fused::rope(x, tables);
+        }
+        let (rows, width) = x.dims2()?;
+        let d = tables.head_dim;
+        let table = |v: &[f64]| {
+            Tensor::from_slice(v, (tables.seq, 1, d), self.device())?.to_dtype(self.dtype())
+        };
+        let (cos, sin) = (table(&tables.cos)?, table(&tables.sin)?);
+        let x = x.reshape((rows / tables.seq, tables.seq, width / d, d))?;
+        rotate(&x, &cos, &sin)?.reshape((rows, width))
+    }
+
+    /// Softmax over the keys of `scores [b, kv, groups · seq, seq] / √head_dim`, causal.
+    fn attention_probs(&self, scores: &Tensor, groups: usize) -> Result<Tensor> {
+        let scale = 1.0 / (self.config.head_dim() as f64).sqrt();
+        if self.fused {
+            return fused::causal_softmax(scores, scale);
+        }
+        let (b, kv, rows, seq) = scores.dims4()?;
+        let mask = causal_mask(seq, self.dtype(), self.device())?;
+        let masked = (scores * scale)?
+            .reshape((b, kv, groups, rows / groups, seq))?
+            .broadcast_add(&mask)?;
+        softmax(&masked)?.reshape((b, kv, rows, seq))
+    }
+
+    /// `silu(gate) · up` of `gate_up [rows, 2 · ffn]`, gate | up.
+    fn swiglu(&self, gate_up: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            return fused::swiglu(gate_up);
+        }
+        let ffn = self.config.ffn;
+        gate_up.narrow(1, 0, ffn)?.silu()? * gate_up.narrow(1, ffn, ffn)?
+    }
+
+    /// The same base on candle's composed operations only.
+    #[cfg(test)]
+    pub(crate) fn composed(mut self) -> Self {
+        self.fused = false;
+        self
     }
 
     /// The logits `[rows, vocab]` of hidden states `[rows, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        frozen_matmul(hidden, &self.output)
+        hidden.matmul(&self.output)
     }
 
-    /// `cos` and `sin` `[seq, head_dim]` of HF's half rotation.
-    fn rotary(&self, seq: usize) -> Result<(Tensor, Tensor)> {
+    /// The `[seq, head_dim]` `cos` and `sin` tables of HF's half rotation.
+    fn rotary(&self, seq: usize) -> Result<RopeTables> {
         let d = self.config.head_dim();
         let theta = f64::from(self.config.rope_theta);
         let mut cos = Vec::with_capacity(seq * d);
@@ -169,9 +240,12 @@ impl Base {
                 sin.push(angle.sin());
             }
         }
-        let table =
-            |v: Vec<f64>| Tensor::from_vec(v, (seq, d), self.device())?.to_dtype(self.dtype());
-        Ok((table(cos)?, table(sin)?))
+        Ok(RopeTables {
+            seq,
+            head_dim: d,
+            cos: Arc::new(cos),
+            sin: Arc::new(sin),
+        })
     }
 }
 
@@ -205,11 +279,68 @@ fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(values, (seq, seq), device)?.to_dtype(dtype)
 }
 
-/// The summed negative log-likelihood of `targets [n]` under `logits [n, vocab]`.
-pub(crate) fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
-    (log_sum - picked)?.sum_all()
+/// Logit elements one chunk of the loss head holds (16 MB in f32): few and wide enough
+/// products, and small enough buffers to be reused rather than mapped and paged in afresh.
+const HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
+
+impl Base {
+    /// The summed negative log-likelihood of `targets [n]` after hidden states `[n, hidden]`
+    /// (taken as constants), and with `gradient` its gradient with respect to them:
+    /// `(softmax(logits) − onehot(target)) · Wᵀ`, written out rather than traced. A chunk of
+    /// rows at a time, so that the `[n, vocab]` logits (100 MB a pass for SmolLM2's vocabulary
+    /// of 49,152) never exist whole, nor the four temporaries of their softmax.
+    pub(crate) fn head_loss(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        gradient: bool,
+    ) -> Result<(f64, Option<Tensor>)> {
+        let chunk = (HEAD_CHUNK_ELEMENTS / self.config.vocab).max(1);
+        self.head_loss_in_chunks(hidden, targets, gradient, chunk)
+    }
+
+    /// [`Base::head_loss`], `chunk` rows at a time.
+    pub(crate) fn head_loss_in_chunks(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        gradient: bool,
+        chunk: usize,
+    ) -> Result<(f64, Option<Tensor>)> {
+        let hidden = hidden.detach();
+        let rows = hidden.dim(0)?;
+        let mut nll = 0.0;
+        let mut grads = Vec::with_capacity(rows.div_ceil(chunk));
+        for start in (0..rows).step_by(chunk) {
+            let len = chunk.min(rows - start);
+            let h = hidden.narrow(0, start, len)?;
+            let t = targets.narrow(0, start, len)?.unsqueeze(1)?;
+            let logits = h.matmul(&self.output)?;
+            let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
+            let exp = shifted.exp()?;
+            let sum = exp.sum_keepdim(D::Minus1)?;
+            let picked = shifted.gather(&t, 1)?;
+            let chunk_nll = (sum.log()? - picked)?.sum_all()?;
+            nll += chunk_nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if gradient {
+                let probs = exp.broadcast_div(&sum)?;
+                let minus_one =
+                    Tensor::full(-1f32, (len, 1), self.device())?.to_dtype(self.dtype())?;
+                let grad_logits = probs.scatter_add(&t, &minus_one, 1)?;
+                grads.push(grad_logits.matmul(&self.embed)?);
+            }
+        }
+        let grad = if gradient {
+            Some(Tensor::cat(&grads, 0)?)
+        } else {
+            None
+        };
+        Ok((nll, grad))
+    }
+}
+
+/// The gradients of every variable behind `hidden`, given the loss's gradient with respect to
+/// `hidden` (see [`Base::head_loss`]): the backward pass of `sum(hidden · grad)`.
+pub(crate) fn backward_from(hidden: &Tensor, grad: &Tensor) -> Result<GradStore> {
+    (hidden * grad.detach())?.sum_all()?.backward()
 }

@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 use kiln_formats::{LAYER_WEIGHTS, LlamaCheckpoint, LlamaConfig, Weight};
 use rand::{Rng, SeedableRng};
 
-use crate::model::nll_sum;
+use crate::model::backward_from;
 use crate::{Adapter, Base, Example, LoraConfig, Module, TrainOptions, Trainer};
 
 const VOCAB: usize = 32;
@@ -78,32 +79,29 @@ fn options(epochs: usize, learning_rate: f64) -> TrainOptions {
         pass_tokens: 4096,
         weight_decay: 0.0,
         seed: 7,
+        threads: 2,
     }
 }
 
-/// The summed loss of `tokens` (every token after the first learned) under `adapter`.
-fn loss(base: &Base, adapter: &Adapter, tokens: &[u32]) -> Tensor {
+/// The summed loss of `tokens` (every token after the first learned) under `adapter`, and
+/// its gradients as the trainer takes them.
+fn loss(base: &Base, adapter: &Adapter, tokens: &[u32]) -> (f64, GradStore) {
     let ids = Tensor::new(tokens, base.device())
         .unwrap()
         .unsqueeze(0)
         .unwrap();
     let hidden = base.hidden(&ids, Some(adapter)).unwrap();
     let n = tokens.len() - 1;
-    let logits = base.logits(&hidden.narrow(0, 0, n).unwrap()).unwrap();
+    let hidden = hidden.narrow(0, 0, n).unwrap();
     let targets = Tensor::new(&tokens[1..], base.device()).unwrap();
-    nll_sum(&logits, &targets).unwrap()
+    let (nll, grad) = base.head_loss(&hidden, &targets, true).unwrap();
+    (nll, backward_from(&hidden, &grad.unwrap()).unwrap())
 }
 
-fn scalar(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
-
-#[test]
-fn gradients_match_finite_differences_through_every_layer() {
-    let dev = Device::Cpu;
-    let base = Base::new(tiny_checkpoint(1), DType::F64, &dev).unwrap();
-    let adapter = Adapter::init(all_modules(4), base.config(), DType::F64, &dev, 3).unwrap();
-    // B starts at zero, which would leave A without gradient: give it values.
+/// An adapter whose B matrices are not zero (at zero A would get no gradient).
+fn busy_adapter(base: &Base) -> Adapter {
+    let dev = base.device();
+    let adapter = Adapter::init(all_modules(4), base.config(), DType::F64, dev, 3).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     for (i, var) in adapter.vars().into_iter().enumerate() {
         if i % 2 == 1 {
@@ -111,12 +109,68 @@ fn gradients_match_finite_differences_through_every_layer() {
             let values: Vec<f64> = (0..shape.elem_count())
                 .map(|_| rng.random_range(-0.3..0.3))
                 .collect();
-            var.set(&Tensor::from_vec(values, shape, &dev).unwrap())
+            var.set(&Tensor::from_vec(values, shape, dev).unwrap())
                 .unwrap();
         }
     }
+    adapter
+}
+
+#[test]
+fn the_fused_kernels_compute_what_the_composed_operations_do() {
+    let dev = Device::Cpu;
+    let fused = Base::new(tiny_checkpoint(1), DType::F64, &dev).unwrap();
+    let composed = Base::new(tiny_checkpoint(1), DType::F64, &dev)
+        .unwrap()
+        .composed();
+    let adapter = busy_adapter(&fused);
+    // Two sequences, the second padded: the causal softmax must keep it apart.
+    let ids = Tensor::new(&[[3u32, 17, 9, 25, 1], [30, 12, 4, 0, 0]], &dev).unwrap();
+    let targets = Tensor::new(&[17u32, 9, 25, 1, 12, 4, 0, 0], &dev).unwrap();
+    let rows = Tensor::new(&[0u32, 1, 2, 3, 5, 6, 7, 8], &dev).unwrap();
+    let run = |base: &Base| {
+        let hidden = base.hidden(&ids, Some(&adapter)).unwrap();
+        let picked = hidden.index_select(&rows, 0).unwrap();
+        let (nll, grad) = base.head_loss(&picked, &targets, true).unwrap();
+        let grads = backward_from(&picked, &grad.unwrap()).unwrap();
+        let flat = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let grads: Vec<Vec<f64>> = adapter
+            .vars()
+            .iter()
+            .map(|v| flat(grads.get(v.as_tensor()).expect("a gradient")))
+            .collect();
+        (flat(&hidden), nll, grads)
+    };
+    let (want_hidden, want_nll, want_grads) = run(&composed);
+    let (hidden, nll, grads) = run(&fused);
+    let off = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        off(&hidden, &want_hidden) < 1e-12,
+        "hidden states differ by {}",
+        off(&hidden, &want_hidden)
+    );
+    assert!((nll - want_nll).abs() < 1e-10, "{nll} against {want_nll}");
+    for (i, (got, want)) in grads.iter().zip(&want_grads).enumerate() {
+        assert!(
+            off(got, want) < 1e-10,
+            "variable {i}: gradients differ by {}",
+            off(got, want)
+        );
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_through_every_layer() {
+    let dev = Device::Cpu;
+    let base = Base::new(tiny_checkpoint(1), DType::F64, &dev).unwrap();
+    let adapter = busy_adapter(&base);
     let tokens = [3u32, 17, 9, 25, 1, 30, 12];
-    let grads = loss(&base, &adapter, &tokens).backward().unwrap();
+    let (_, grads) = loss(&base, &adapter, &tokens);
 
     // Layer 0's A and B of every module: their gradient crosses both layers' norms,
     // rotary embeddings, softmax and SwiGLU on its way back.
@@ -138,7 +192,7 @@ fn gradients_match_finite_differences_through_every_layer() {
                 v[at] += delta;
                 var.set(&Tensor::from_vec(v, shape.clone(), &dev).unwrap())
                     .unwrap();
-                scalar(&loss(&base, &adapter, &tokens))
+                loss(&base, &adapter, &tokens).0
             };
             let numeric = (at_value(h) - at_value(-h)) / (2.0 * h);
             var.set(&Tensor::from_vec(original.clone(), shape.clone(), &dev).unwrap())
@@ -283,4 +337,116 @@ fn a_handful_of_examples_is_learned_by_heart() {
     let again = Trainer::new(&base, warm, examples.clone(), options(1, 0.0)).unwrap();
     let reread = again.evaluate(&examples).unwrap();
     assert!((reread - after).abs() < 1e-5, "{after} -> {reread}");
+}
+
+#[test]
+fn the_loss_head_in_chunks_is_the_loss_of_the_whole_logits() {
+    let dev = Device::Cpu;
+    let base = Base::new(tiny_checkpoint(5), DType::F64, &dev).unwrap();
+    let rows = 7;
+    let values: Vec<f64> = (0..rows * 16)
+        .map(|i| ((i * 37 % 11) as f64 - 5.0) / 4.0)
+        .collect();
+    let hidden = Var::from_vec(values, (rows, 16), &dev).unwrap();
+    let targets = Tensor::new(&[3u32, 31, 0, 17, 17, 9, 22], &dev).unwrap();
+
+    // The reference: log-softmax of the whole logits, differentiated by candle.
+    let logits = base.logits(hidden.as_tensor()).unwrap();
+    let log_sum = logits.exp().unwrap().sum_keepdim(1).unwrap().log().unwrap();
+    let picked = logits.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
+    let reference = (log_sum - picked).unwrap().sum_all().unwrap();
+    let want_grad = reference.backward().unwrap();
+    let want_grad: Vec<f64> = want_grad
+        .get(hidden.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want = reference.to_scalar::<f64>().unwrap();
+    assert!(want > 1.0);
+
+    for chunk in [1, 3, 7, 100] {
+        let (nll, grad) = base
+            .head_loss_in_chunks(hidden.as_tensor(), &targets, true, chunk)
+            .unwrap();
+        assert!(
+            (nll - want).abs() < 1e-10,
+            "chunks of {chunk}: {nll} against {want}"
+        );
+        let grad: Vec<f64> = grad.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let err = grad
+            .iter()
+            .zip(&want_grad)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            err < 1e-10,
+            "chunks of {chunk}: the gradient is off by {err}"
+        );
+        let (again, none) = base
+            .head_loss_in_chunks(hidden.as_tensor(), &targets, false, chunk)
+            .unwrap();
+        assert_eq!((again, none.is_none()), (nll, true));
+    }
+}
+
+#[test]
+fn an_adapter_of_some_modules_adds_its_branches_in_their_columns() {
+    // Against the adapter merged into the base's weights: W + scale · A · B.
+    let dev = Device::Cpu;
+    let mut checkpoint = tiny_checkpoint(6);
+    let base = Base::new(tiny_checkpoint(6), DType::F64, &dev).unwrap();
+    let some = LoraConfig {
+        modules: vec![Module::K, Module::Up],
+        ..all_modules(4)
+    };
+    let adapter = Adapter::init(some, base.config(), DType::F64, &dev, 9).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let vars: BTreeMap<String, &Var> = adapter
+        .var_names()
+        .into_iter()
+        .zip(adapter.vars())
+        .collect();
+    for var in vars.values() {
+        let shape = var.as_tensor().shape().clone();
+        let values: Vec<f64> = (0..shape.elem_count())
+            .map(|_| rng.random_range(-0.5..0.5))
+            .collect();
+        var.set(&Tensor::from_vec(values, shape, &dev).unwrap())
+            .unwrap();
+    }
+    for l in 0..2 {
+        for module in [Module::K, Module::Up] {
+            let var = |ab: &str| vars[&format!("{l}.{}.{ab}", module.peft_name())].as_tensor();
+            let delta = (var("a").matmul(var("b")).unwrap() * adapter.config().scale()).unwrap();
+            let delta: Vec<f64> = delta.flatten_all().unwrap().to_vec1().unwrap();
+            let weight = checkpoint
+                .tensors
+                .get_mut(&format!("blk.{l}.{}", module.gguf_name()))
+                .unwrap();
+            for (w, d) in weight.values.iter_mut().zip(delta) {
+                *w = (f64::from(*w) + d) as f32;
+            }
+        }
+    }
+    let merged = Base::new(checkpoint, DType::F64, &dev).unwrap();
+    let ids = Tensor::new(&[[3u32, 17, 9, 25, 1]], &dev).unwrap();
+    let hidden = |base: &Base, a: Option<&Adapter>| -> Vec<f64> {
+        let h = base.hidden(&ids, a).unwrap();
+        h.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let got = hidden(&base, Some(&adapter));
+    let off = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
+    let want = hidden(&merged, None);
+    assert!(off(&got, &want) < 1e-4, "off by {}", off(&got, &want));
+    assert!(
+        off(&got, &hidden(&base, None)) > 1e-2,
+        "the branches change the output"
+    );
 }

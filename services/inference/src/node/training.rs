@@ -287,6 +287,7 @@ impl Node {
             max_tokens,
             batch_size: job.batch_size.max(1) as usize,
             pass_tokens: training.pass_tokens,
+            threads: training.threads,
             early_stop: job.early_stop,
             seed: 0,
             base_model: job.base_model.clone(),

@@ -23,6 +23,8 @@ pub struct Settings {
     pub batch_size: usize,
     /// The most tokens one forward and backward pass holds (gradient accumulation beyond).
     pub pass_tokens: usize,
+    /// Training threads; 0: one per core.
+    pub threads: usize,
     /// Stop when an epoch does not lower the evaluation loss.
     pub early_stop: bool,
     pub seed: u64,
@@ -117,6 +119,7 @@ pub fn train(
         pass_tokens: settings.pass_tokens,
         weight_decay: 0.0,
         seed: settings.seed,
+        threads: settings.threads,
     };
     let mut trainer = Trainer::new(&base, adapter, prepared.examples, options)
         .map_err(|e| format!("dataset: {e}"))?;
