@@ -87,6 +87,8 @@ impl TestDatabase {
 pub struct TestMesh {
     pub mesh: Option<Running>,
     pub addr: SocketAddr,
+    /// Where `GET /metrics` answers.
+    pub metrics_addr: SocketAddr,
     pub admin_key: String,
     pub config: KilnConfig,
     pub bus: Arc<dyn EventBus>,
@@ -151,6 +153,7 @@ impl TestMesh {
         config.server.database_url = database_url;
         config.server.service_token = Some(SERVICE_TOKEN.to_owned());
         config.server.page_token_secret = Some("test-page-token-secret".to_owned());
+        config.server.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         config.server.identity_url = options.identity_url.clone();
         config.import_library = options.import_library;
         if let Some(registry) = options.registry.clone() {
@@ -198,6 +201,7 @@ impl TestMesh {
         };
         Self {
             addr: mesh.addr,
+            metrics_addr: mesh.metrics_addr.expect("metrics_listen is set"),
             mesh: Some(mesh),
             admin_key,
             config,
@@ -210,6 +214,32 @@ impl TestMesh {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// What `GET /metrics` answers (the process's metrics: every mesh of a test binary
+    /// shares them).
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .expect("connect to the metrics endpoint");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: kiln\r\n\r\n")
+            .await
+            .expect("ask");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+        assert!(
+            head.starts_with("HTTP/1.") && head.contains(" 200 "),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        body.to_owned()
     }
 
     /// A channel to the mesh that sends `key` (None: no authorization header).

@@ -12,6 +12,7 @@ mod deployments;
 mod fine_tuning;
 mod grpc;
 mod lost_nodes;
+mod metrics;
 mod nodes;
 pub mod placement;
 pub mod quota;

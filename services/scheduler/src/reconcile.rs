@@ -60,6 +60,7 @@ impl Scheduler {
         self.sync_addons(&mut state);
         self.refresh_deployed_models(&mut state).await?;
         self.reconcile_jobs(&mut state).await;
+        crate::metrics::publish(&crate::metrics::snapshot(&state));
         let table = routing_table(&state, self.current_routes().version);
         if table.routes != self.current_routes().routes {
             self.publish_routes(table);

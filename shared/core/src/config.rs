@@ -242,6 +242,9 @@ pub struct ServerConfig {
     pub page_token_secret: Option<String>,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
+    /// Where Prometheus scrapes `GET /metrics` (`KILN_METRICS_LISTEN`, e.g. `0.0.0.0:9464`);
+    /// unset: no metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +271,7 @@ impl Default for ServerConfig {
             auth_cache_ttl: Duration::from_secs(60),
             page_token_secret: None,
             log_format: LogFormat::Text,
+            metrics_listen: None,
         }
     }
 }

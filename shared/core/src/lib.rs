@@ -9,6 +9,7 @@ pub mod duration;
 pub mod error;
 pub mod grpc;
 pub mod listing;
+pub mod metrics;
 pub mod names;
 pub mod page;
 pub mod server;

@@ -1,4 +1,4 @@
-//! Serving: every Kiln server exposes its services behind the trace and auth layers, plus
+//! Serving: every Kiln server exposes its services behind the trace, metrics and auth layers, plus
 //! `grpc.health.v1` and server reflection (v1 and v1alpha) without authentication.
 
 use std::future::Future;
@@ -174,6 +174,7 @@ pub async fn serve(
         // Frames of up to 1 MiB instead of 16 KiB: a 4 MiB chunk is 4 frames, not 256.
         .max_frame_size(Some(1 << 20))
         .layer(TraceContextLayer)
+        .layer(crate::metrics::GrpcMetricsLayer)
         .layer(auth)
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, shutdown)

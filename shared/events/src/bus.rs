@@ -12,6 +12,9 @@ pub struct Delivery {
     pub event: Event,
     /// How many times this event has been delivered to this consumer (1 the first time).
     pub attempt: u64,
+    /// How many events the consumer has yet to receive after this one (its lag). On the
+    /// in-process bus: the events after it in the log, whatever their subject.
+    pub pending: u64,
     acker: Box<dyn FnOnce(bool) -> BoxFuture<'static, Result<(), Error>> + Send>,
 }
 
@@ -20,12 +23,14 @@ impl Delivery {
         subject: String,
         event: Event,
         attempt: u64,
+        pending: u64,
         acker: Box<dyn FnOnce(bool) -> BoxFuture<'static, Result<(), Error>> + Send>,
     ) -> Self {
         Self {
             subject,
             event,
             attempt,
+            pending,
             acker,
         }
     }

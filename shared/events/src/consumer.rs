@@ -1,6 +1,7 @@
 //! Durable, idempotent consumption: each event is handled in a transaction that also records
 //! its id for this consumer, so a redelivered or replayed event changes nothing.
 
+use kiln_core::metrics;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -67,6 +68,16 @@ pub async fn handle_once(
     txn.commit().await?;
     Ok(Handled::Applied)
 }
+
+static CONSUMER_LAG: std::sync::LazyLock<metrics::Family<metrics::Labels<1>, metrics::Gauge>> =
+    std::sync::LazyLock::new(|| {
+        metrics::register(
+            "kiln_event_consumer_lag",
+            "Events a durable consumer has yet to receive, as of its latest batch",
+            false,
+            metrics::Family::default(),
+        )
+    });
 
 /// Opens the durable consumer `name` on `filter`, retrying every second while the bus
 /// refuses; None once `shutdown` changes.
@@ -177,6 +188,11 @@ pub fn spawn_consumer(
                 }
                 if deliveries.is_empty() {
                     continue;
+                }
+                if let Some(last) = deliveries.last() {
+                    CONSUMER_LAG
+                        .get_or_create(&[("consumer", name.clone())])
+                        .set(last.pending as i64);
                 }
                 let events: Vec<Event> = deliveries.iter().map(|d| d.event.clone()).collect();
                 let span = tracing::info_span!("event.consume_batch", consumer = %name, events = events.len());

@@ -136,7 +136,8 @@ impl InProcessBus {
                 let mut found = None;
                 while let Some((subject, event)) = log.entries.get((seq - first_seq) as usize) {
                     if subject_matches(&filter, subject) {
-                        found = Some((seq, subject.clone(), event.clone()));
+                        let after = log.entries.len() as u64 - (seq - first_seq) - 1;
+                        found = Some((seq, subject.clone(), event.clone(), after));
                         break;
                     }
                     seq += 1;
@@ -146,7 +147,7 @@ impl InProcessBus {
                 }
                 found
             };
-            let Some((seq, subject, event)) = next else {
+            let Some((seq, subject, event, pending)) = next else {
                 tokio::select! {
                     _ = appended => continue,
                     _ = tx.closed() => return,
@@ -164,7 +165,7 @@ impl InProcessBus {
                 Box::pin(async { Ok(()) }) as futures::future::BoxFuture<'static, _>
             });
             if tx
-                .send(Ok(Delivery::new(subject, event, attempt, acker)))
+                .send(Ok(Delivery::new(subject, event, attempt, pending, acker)))
                 .await
                 .is_err()
             {

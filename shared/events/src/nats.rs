@@ -181,7 +181,10 @@ impl EventBus for NatsBus {
         Ok(messages
             .map(move |item| {
                 let msg = item.map_err(nats_err)?;
-                let attempt = msg.info().map(|i| i.delivered as u64).unwrap_or(1);
+                let (attempt, pending) = msg
+                    .info()
+                    .map(|i| (i.delivered as u64, i.pending))
+                    .unwrap_or((1, 0));
                 let subject = msg.subject.as_str()[prefix_len..].to_owned();
                 let event = decode(&subject, &msg.payload)?;
                 let acker = Box::new(move |ok: bool| {
@@ -194,7 +197,7 @@ impl EventBus for NatsBus {
                         msg.ack_with(kind).await.map_err(nats_err)
                     }) as futures::future::BoxFuture<'static, _>
                 });
-                Ok(Delivery::new(subject, event, attempt, acker))
+                Ok(Delivery::new(subject, event, attempt, pending, acker))
             })
             .boxed())
     }

@@ -2,6 +2,7 @@
 //! transaction; the relay publishes what was committed and deletes it once the bus has it.
 //! An event is never lost when the bus is down, and never published for a rolled-back change.
 
+use kiln_core::metrics;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -238,22 +239,83 @@ impl Outbox {
                 subject: subject.clone(),
                 source,
             })?;
+            let started = std::time::Instant::now();
             if let Err(err) = bus.publish(&subject, &event).await {
                 failure = Some(err);
                 break;
             }
+            let labels = [("service", self.service.to_owned())];
+            OUTBOX
+                .publish_duration
+                .get_or_create(&labels)
+                .observe(started.elapsed().as_secs_f64());
+            OUTBOX.published.get_or_create(&labels).inc();
             sent += 1;
             last_seq = Some(seq);
         }
         if let Some(last) = last_seq {
             delete_through(db, backend, self.service, last).await?;
         }
+        // What is left: none after a short batch that all went out; else counted.
+        let backlog = if failure.is_none() && rows.len() < BATCH as usize {
+            0
+        } else {
+            self.backlog(db).await?
+        };
+        OUTBOX
+            .backlog
+            .get_or_create(&[("service", self.service.to_owned())])
+            .set(backlog);
         match failure {
             Some(err) => Err(err),
             None => Ok(sent),
         }
     }
 }
+
+impl Outbox {
+    /// Events committed and not yet published.
+    async fn backlog(&self, db: &DatabaseConnection) -> Result<i64, Error> {
+        let row = db
+            .query_one(statement(
+                db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM kiln_outbox WHERE service = ?",
+                [self.service.into()],
+            ))
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<i64>("", "n"))
+            .transpose()?
+            .unwrap_or(0))
+    }
+}
+
+struct OutboxMetrics {
+    published: metrics::Family<metrics::Labels<1>, metrics::Counter>,
+    publish_duration: metrics::HistogramFamily<metrics::Labels<1>>,
+    backlog: metrics::Family<metrics::Labels<1>, metrics::Gauge>,
+}
+
+static OUTBOX: std::sync::LazyLock<OutboxMetrics> = std::sync::LazyLock::new(|| OutboxMetrics {
+    published: metrics::register(
+        "kiln_events_published",
+        "Events the outbox relay published to the bus, by service",
+        false,
+        metrics::Family::default(),
+    ),
+    publish_duration: metrics::register(
+        "kiln_event_publish_duration",
+        "Time to publish one event (the bus's acknowledgement included)",
+        true,
+        metrics::Family::new_with_constructor(metrics::seconds_histogram),
+    ),
+    backlog: metrics::register(
+        "kiln_outbox_backlog",
+        "Events committed to a service's outbox and not yet published",
+        false,
+        metrics::Family::default(),
+    ),
+});
 
 async fn delete_through(
     db: &DatabaseConnection,

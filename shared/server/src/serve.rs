@@ -30,6 +30,8 @@ pub struct Running {
     pub bus: Arc<dyn EventBus>,
     /// Billing, when it runs here (tests replay events into its ledger).
     pub billing: Option<kiln_billing::Billing>,
+    /// Where `GET /metrics` answers, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     done: JoinHandle<Result<(), String>>,
 }
@@ -66,6 +68,10 @@ pub async fn serve(
         service_channel(key, url.as_deref().unwrap_or_default(), token)
     };
     let (stop, shutdown) = watch::channel(false);
+    let metrics_addr = match server.metrics_listen {
+        Some(listen) => Some(serve_metrics(listen, stop.subscribe()).await?),
+        None => None,
+    };
     let mut host = Host::new(server, bus.clone(), shutdown);
 
     let mut new_admin_key = None;
@@ -153,9 +159,31 @@ pub async fn serve(
         new_admin_key,
         bus,
         billing,
+        metrics_addr,
         stop,
         done,
     })
+}
+
+/// Serves `GET /metrics` on `listen` until `stop`; gives the bound address.
+async fn serve_metrics(
+    listen: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("metrics_listen {listen}"))?;
+    let addr = listener.local_addr().context("metrics listener address")?;
+    tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(err) = kiln_core::metrics::serve(listener, stopped).await {
+            tracing::warn!(%err, "the metrics endpoint stopped");
+        }
+    });
+    tracing::info!(%addr, "metrics on /metrics");
+    Ok(addr)
 }
 
 /// Serves the host's gRPC services (behind the trace and auth layers, with health and

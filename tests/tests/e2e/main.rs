@@ -13,6 +13,7 @@ mod identity_api;
 mod inference;
 mod llm;
 mod lora;
+mod metrics;
 mod quotas;
 mod registry;
 mod scheduler;

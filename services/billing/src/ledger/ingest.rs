@@ -3,8 +3,11 @@
 //! change state, so their ids are claimed in `kiln_processed_events` in the same transaction
 //! first. A redelivered, duplicated or replayed event books nothing.
 
-use kiln_events::records::HasRecords as _;
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
+
+use kiln_core::metrics;
+use kiln_events::records::HasRecords as _;
 
 use kiln_core::time::now_micros;
 use kiln_events::{Body, Event};
@@ -63,6 +66,24 @@ fn to_apply<'a>(read: &[(&'a Event, Once)], mut fresh: HashSet<String>) -> Vec<(
         .collect()
 }
 
+static BOOKED: LazyLock<metrics::Counter> = LazyLock::new(|| {
+    metrics::register(
+        "kiln_billing_events_booked",
+        "Events the ledger applied (usage booked, state changes recorded)",
+        false,
+        metrics::Counter::default(),
+    )
+});
+
+static DUPLICATES: LazyLock<metrics::Counter> = LazyLock::new(|| {
+    metrics::register(
+        "kiln_billing_events_duplicate",
+        "Events the ledger had already applied (redelivered, duplicated or replayed): dropped",
+        false,
+        metrics::Counter::default(),
+    )
+});
+
 impl Billing {
     /// Books a batch of events in one transaction: what this ledger has not seen yet, once.
     /// Returns how many events it applied.
@@ -101,6 +122,8 @@ impl Billing {
             .filter(|(event, once)| *once == Once::ByClaim || inserted.contains(&event.id))
             .count();
         self.outbox().commit(txn).await?;
+        BOOKED.inc_by(applied as u64);
+        DUPLICATES.inc_by((read.len() - applied) as u64);
         Ok(applied)
     }
 

@@ -10,6 +10,7 @@
 mod decode;
 mod graph;
 mod lora;
+mod metrics;
 mod prefill;
 mod prefix;
 #[cfg(test)]
@@ -25,6 +26,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::sampling::{Sampled, SamplingParams};
 use crate::backend::Session;
 use lora::LoraSlots;
+use metrics::LlmMetrics;
 use prefix::PrefixCache;
 use worker::Worker;
 
@@ -107,6 +109,21 @@ pub struct SequenceRequest {
     pub events: UnboundedSender<Event>,
 }
 
+/// A request as the loop receives it: when it was submitted (its time to first token counts
+/// from there).
+pub(super) struct Queued {
+    pub(super) arrived: std::time::Instant,
+    pub(super) request: SequenceRequest,
+}
+
+impl std::ops::Deref for Queued {
+    type Target = SequenceRequest;
+
+    fn deref(&self) -> &SequenceRequest {
+        &self.request
+    }
+}
+
 /// The LoRA side of a loop over a graph with LoRA slots.
 #[derive(Debug, Default, Clone)]
 pub struct LoraOptions {
@@ -125,7 +142,7 @@ pub enum SubmitError {
 
 /// A text-generation model's queue and thread.
 pub struct Llm {
-    queue: SyncSender<SequenceRequest>,
+    queue: SyncSender<Queued>,
     pub shape: LlmShape,
     pub tokenizer: Arc<Tokenizer>,
 }
@@ -174,6 +191,7 @@ impl Llm {
             shape: shape.clone(),
             tokenizer: tokenizer.clone(),
             limits,
+            metrics: LlmMetrics::of(name),
         };
         std::thread::Builder::new()
             .name(format!(
@@ -189,7 +207,11 @@ impl Llm {
     }
 
     pub fn submit(&self, request: SequenceRequest) -> Result<(), SubmitError> {
-        self.queue.try_send(request).map_err(|e| match e {
+        let queued = Queued {
+            arrived: std::time::Instant::now(),
+            request,
+        };
+        self.queue.try_send(queued).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::Full,
             TrySendError::Disconnected(_) => SubmitError::Stopped,
         })

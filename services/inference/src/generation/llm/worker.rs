@@ -9,8 +9,9 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use tokenizers::Tokenizer;
 
 use super::lora::{Adapter, LoraSlots, Residency};
+use super::metrics::LlmMetrics;
 use super::prefix::PrefixCache;
-use super::{Event, Finish, LlmLimits, LlmShape, SequenceRequest};
+use super::{Event, Finish, LlmLimits, LlmShape, Queued};
 use crate::backend::Session;
 use crate::generation::detok::Detokenizer;
 use crate::generation::sampling::{Sampled, Sampler};
@@ -18,7 +19,9 @@ use crate::generation::stop::StopMatcher;
 
 /// A sequence in the loop.
 pub(super) struct Sequence {
-    pub(super) request: SequenceRequest,
+    pub(super) request: super::SequenceRequest,
+    /// When it was submitted.
+    pub(super) arrived: std::time::Instant,
     pub(super) sampler: Sampler,
     /// Per layer and kind (key, value: index 2·layer + kind), per key/value head: positions ×
     /// head_dim values.
@@ -65,16 +68,19 @@ pub(super) struct Worker {
     pub(super) shape: LlmShape,
     pub(super) tokenizer: Arc<Tokenizer>,
     pub(super) limits: LlmLimits,
+    pub(super) metrics: LlmMetrics,
 }
 
 impl Worker {
-    pub(super) fn run(mut self, requests: Receiver<SequenceRequest>) {
-        let mut waiting: VecDeque<SequenceRequest> = VecDeque::new();
+    pub(super) fn run(mut self, requests: Receiver<Queued>) {
+        let mut waiting: VecDeque<Queued> = VecDeque::new();
         let mut prefilling: VecDeque<Sequence> = VecDeque::new();
         let mut running: Vec<Sequence> = Vec::new();
         loop {
             // Block only when there is nothing to do.
             if waiting.is_empty() && prefilling.is_empty() && running.is_empty() {
+                self.metrics.waiting.set(0);
+                self.metrics.running.set(0);
                 match requests.recv() {
                     Ok(r) => waiting.push_back(r),
                     Err(_) => return,
@@ -95,6 +101,7 @@ impl Worker {
                 }
             }
             waiting.retain(|r| !r.events.is_closed());
+            self.metrics.waiting.set(waiting.len() as i64);
             // Admit while the batch and the cache budget allow.
             let mut budget: usize = prefilling
                 .iter()
@@ -120,8 +127,8 @@ impl Worker {
                             continue;
                         }
                         Err(why) => {
-                            let request = waiting.remove(next).expect("candidate");
-                            let _ = request.events.send(Event::Failed(why));
+                            let queued = waiting.remove(next).expect("candidate");
+                            let _ = queued.events.send(Event::Failed(why));
                             continue;
                         }
                     }
@@ -141,7 +148,10 @@ impl Worker {
                         for mut seq in group {
                             if seq.fed < seq.request.prompt.len() {
                                 unfinished.push(seq);
-                            } else if !self.finished(&mut seq) {
+                                continue;
+                            }
+                            self.metrics.prefilled(&seq);
+                            if !self.finished(&mut seq) {
                                 running.push(seq);
                             }
                         }
@@ -157,8 +167,12 @@ impl Worker {
                     }
                 }
             }
+            self.metrics.running.set(running.len() as i64);
             if !running.is_empty() {
-                if let Err(e) = self.decode(&mut running) {
+                let started = std::time::Instant::now();
+                let decoded = self.decode(&mut running);
+                self.metrics.decoded(running.len(), started.elapsed());
+                if let Err(e) = decoded {
                     for seq in running.drain(..) {
                         let _ = seq.request.events.send(Event::Failed(e.to_string()));
                     }
@@ -211,7 +225,8 @@ impl Worker {
         }
     }
 
-    fn sequence(&self, request: SequenceRequest) -> Sequence {
+    fn sequence(&self, queued: Queued) -> Sequence {
+        let Queued { arrived, request } = queued;
         let sampler = Sampler::new(request.params.clone(), &request.prompt, request.choice);
         let stop = StopMatcher::new(request.stops.clone());
         Sequence {
@@ -225,6 +240,7 @@ impl Worker {
             detok: Detokenizer::new(self.tokenizer.clone()),
             stop,
             request,
+            arrived,
         }
     }
 
