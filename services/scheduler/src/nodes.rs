@@ -162,6 +162,7 @@ impl Scheduler {
             labels: register.labels.clone(),
             version: register.version.clone(),
             training_enabled: register.training_enabled,
+            training_accelerators: register.training_accelerators.clone(),
         };
         state.nodes.insert(
             name.clone(),

@@ -118,6 +118,18 @@ pub(crate) fn capacities(state: &State) -> Vec<NodeCapacity> {
             group.occupy(&r.replica.accelerator_indices, r.model_bytes);
         }
     }
+    // And the devices fine-tuning jobs train on.
+    for job in state
+        .jobs
+        .values()
+        .filter(|j| crate::fine_tuning::on_a_node(j.state))
+    {
+        if let Some(&i) = index.get(&job.node)
+            && let Some(group) = nodes[i].group_mut(job.accelerator_type)
+        {
+            group.occupy(&job.accelerator_indices, 0);
+        }
+    }
     nodes
 }
 

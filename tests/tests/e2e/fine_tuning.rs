@@ -3,6 +3,7 @@
 //! validating and say why; a cancelled job stops within a step and leaves no model; a job
 //! whose node is lost goes on elsewhere; tenancy as everywhere.
 
+use kiln_proto::common::v1::AcceleratorType;
 use std::time::Duration;
 
 use kiln_proto::registry::v1 as regv1;
@@ -224,6 +225,37 @@ async fn jobs_that_cannot_train_fail_and_cancelled_ones_leave_no_model() {
     expect_code(get_job(&globex, &job.name).await, Code::NotFound);
     let theirs = create_job(&globex, "globex", "steal", teaching(&base, &dataset, 1)).await;
     expect_code(theirs, Code::NotFound);
+
+    // A job for GPUs on a mesh whose node trains on its CPU: it waits, saying for what, and
+    // cancels at once (no node has it).
+    let on_gpus = schv1::SupervisedFineTuningJob {
+        accelerator_type: AcceleratorType::NvidiaH10080gb as i32,
+        accelerator_count: 2,
+        ..teaching(&base, &dataset, 1)
+    };
+    let gpu = create_job(&acme, "acme", "on-gpus", on_gpus).await.unwrap();
+    let waiting = wait_job(
+        &acme,
+        &gpu.name,
+        Duration::from_secs(30),
+        "the GPU job to wait",
+        |j| j.state == JobState::Pending as i32 && j.status.is_some(),
+    )
+    .await;
+    let why = waiting.status.unwrap().message;
+    assert!(
+        why.contains("NVIDIA_H100_80GB with 2 of them free"),
+        "{why}"
+    );
+    assert!(waiting.node.is_empty());
+    let cancelled = jobs(&acme)
+        .cancel_supervised_fine_tuning_job(schv1::CancelSupervisedFineTuningJobRequest {
+            name: gpu.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, JobState::Cancelled as i32);
 
     // A long job, cancelled while it runs: it stops within a step and leaves no model.
     let many = chat_dataset(&acme, "acme", "many", &numbered(100)).await;

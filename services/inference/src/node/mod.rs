@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kiln_core::auth::Principal;
 use kiln_core::backoff::Backoff;
-use kiln_proto::common::v1::Status as ResourceStatus;
+use kiln_proto::common::v1::{AcceleratorType, Status as ResourceStatus};
 use kiln_proto::scheduler::v1::{
     Accelerator, AssignmentAck, Backend as BackendInfo, LoadReplica, NodeHeartbeat, NodeMessage,
     RegisterNode, Replica, ReplicaHeartbeat, ReplicaLoad, ReplicaStateReport, RoutingTable,
@@ -122,6 +122,16 @@ impl Node {
         })
     }
 
+    /// What its trainer trains on: the CPU. (GPUs would need the trainer built with candle's
+    /// CUDA backend, `kiln-trainer/cuda`, which no build of the node enables yet.)
+    fn training_accelerators(&self) -> Vec<i32> {
+        if self.training_enabled {
+            vec![AcceleratorType::Cpu as i32]
+        } else {
+            Vec::new()
+        }
+    }
+
     fn send(&self, message: node_message::Payload) {
         self.outbound.send(message);
     }
@@ -188,6 +198,7 @@ impl Node {
             labels: self.labels.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             training_enabled: self.training_enabled,
+            training_accelerators: self.training_accelerators(),
             replicas: self
                 .replicas
                 .lock()
@@ -350,6 +361,17 @@ impl Node {
             }
             assignment::Action::StartFineTuningJob(_) if !self.training_enabled => {
                 Err("this node does not run fine-tuning jobs".to_owned())
+            }
+            assignment::Action::StartFineTuningJob(start)
+                if !self
+                    .training_accelerators()
+                    .contains(&start.accelerator_type) =>
+            {
+                Err(format!(
+                    "this node's trainer cannot train on {}",
+                    AcceleratorType::try_from(start.accelerator_type)
+                        .map_or("an unknown accelerator", |t| t.as_str_name())
+                ))
             }
             assignment::Action::StartFineTuningJob(start) => self.start_job(start),
             assignment::Action::CancelFineTuningJob(cancel) => {

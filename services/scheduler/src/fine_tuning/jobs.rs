@@ -26,7 +26,7 @@ use crate::state::State;
 use crate::time::now;
 
 /// The states in which a node works on the job.
-fn on_a_node(state: i32) -> bool {
+pub(crate) fn on_a_node(state: i32) -> bool {
     [
         JobState::Running,
         JobState::WritingResults,
@@ -293,6 +293,7 @@ impl Scheduler {
             let lost = job.node.clone();
             let job = state.jobs.get_mut(name).expect("listed");
             job.node.clear();
+            job.accelerator_indices.clear();
             let (to, status) = if cancelling {
                 (JobState::Cancelled, None)
             } else {
@@ -315,21 +316,28 @@ impl Scheduler {
             .collect();
         pending.sort();
         for (_, name) in pending {
-            let busy: Vec<&str> = state
-                .jobs
-                .values()
-                .filter(|j| on_a_node(j.state))
-                .map(|j| j.node.as_str())
-                .collect();
-            let free = state
-                .nodes
-                .values()
-                .find(|n| {
-                    n.is_ready() && n.node.training_enabled && !busy.contains(&n.node.name.as_str())
-                })
-                .map(|n| (n.node.name.clone(), n.sender.clone()));
-            let Some((node, Some(sender))) = free else {
-                return;
+            let job = state.jobs.get(&name).expect("listed");
+            let Some((node, indices)) = super::placement::place_job(job, state) else {
+                // Nothing free for it now (a job that needs less may still fit): say why,
+                // unless it already does (a job whose node was lost says so).
+                if job.status.is_none() {
+                    let why = super::placement::why_waiting(job);
+                    let job = state.jobs.get_mut(&name).expect("listed");
+                    let status = ResourceStatus {
+                        code: tonic::Code::Unavailable as i32,
+                        message: why,
+                    };
+                    if let Err(err) = self
+                        .set_job_state(job, JobState::Pending, Some(status))
+                        .await
+                    {
+                        tracing::warn!(job = %name, %err, "cannot record why the job waits");
+                    }
+                }
+                continue;
+            };
+            let Some(sender) = state.nodes.get(&node).and_then(|n| n.sender.clone()) else {
+                continue;
             };
             let job = state.jobs.get_mut(&name).expect("listed");
             let message = SchedulerMessage {
@@ -338,14 +346,16 @@ impl Scheduler {
                     action: Some(assignment::Action::StartFineTuningJob(StartFineTuningJob {
                         job: Some(job.clone()),
                         backend: "candle".into(),
-                        ..Default::default()
+                        accelerator_type: job.accelerator_type,
+                        accelerator_indices: indices.clone(),
                     })),
                 })),
             };
             if sender.try_send(Ok(message)).is_err() {
-                return; // its stream is full or gone: the next pass tries again
+                continue; // its stream is full or gone: the next pass tries again
             }
             job.node = node;
+            job.accelerator_indices = indices;
             if let Err(err) = self.set_job_state(job, JobState::Running, None).await {
                 tracing::warn!(job = %name, %err, "cannot record the fine-tuning job's start");
             }

@@ -4,6 +4,7 @@
 //! nodes, cancel, delete) is in [`jobs`].
 
 mod jobs;
+mod placement;
 mod request;
 
 use kiln_core::Error;
@@ -15,6 +16,7 @@ use kiln_proto::scheduler::v1::fine_tuning_service_server::FineTuningService;
 use kiln_proto::scheduler::v1::*;
 
 use crate::service::Scheduler;
+pub(crate) use jobs::on_a_node;
 pub(crate) use request::is_final;
 
 /// The fine-tuning handlers.

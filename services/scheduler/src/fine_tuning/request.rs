@@ -5,6 +5,7 @@
 use kiln_core::Error;
 use kiln_core::auth::Principal;
 use kiln_core::names::{ChildName, validate_display_name, validate_id};
+use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::registry::v1::{
     Dataset, Model, base_model_details, dataset, model, prepared_bundle,
 };
@@ -20,6 +21,8 @@ pub(crate) const DEFAULT_LEARNING_RATE: f32 = 1e-4;
 pub(crate) const DEFAULT_LORA_RANK: i32 = 8;
 pub(crate) const DEFAULT_BATCH_SIZE: i32 = 8;
 pub(crate) const MAX_BATCH_SIZE: i32 = 1024;
+/// GPUs one job may train on (one node's).
+pub(crate) const MAX_ACCELERATORS: i32 = 8;
 /// The LoRA ranks the platform serves.
 const LORA_RANKS: std::ops::RangeInclusive<i32> =
     (*kiln_formats::LORA_RANKS.start() as i32)..=(*kiln_formats::LORA_RANKS.end() as i32);
@@ -138,6 +141,30 @@ pub(crate) fn new_job(
     if job.learning_rate == 0.0 {
         job.learning_rate = DEFAULT_LEARNING_RATE;
     }
+    match AcceleratorType::try_from(job.accelerator_type) {
+        Err(_) => {
+            return Err(Error::invalid(
+                field("accelerator_type"),
+                format!("{} is not an accelerator type", job.accelerator_type),
+            ));
+        }
+        Ok(AcceleratorType::Unspecified | AcceleratorType::Cpu) => {
+            job.accelerator_type = AcceleratorType::Cpu as i32;
+            if job.accelerator_count != 0 {
+                return Err(Error::invalid(
+                    field("accelerator_count"),
+                    "is for GPUs: a job on CPU trains on its node's cores",
+                ));
+            }
+        }
+        Ok(_) => int(
+            "accelerator_count",
+            &mut job.accelerator_count,
+            1,
+            1..=MAX_ACCELERATORS,
+        )?,
+    }
+    job.accelerator_indices.clear();
     if !(job.learning_rate > 0.0 && job.learning_rate <= 1.0) {
         return Err(Error::invalid(
             field("learning_rate"),

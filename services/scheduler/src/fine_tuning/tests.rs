@@ -2,6 +2,7 @@
 //! what the job names.
 
 use kiln_core::auth::{Principal, Role};
+use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::registry::v1::{BaseModelDetails, Dataset, Model, PeftDetails, PreparedBundle};
 use kiln_proto::registry::v1::{base_model_details, dataset, model, prepared_bundle};
 use kiln_proto::scheduler::v1::supervised_fine_tuning_job::JobState;
@@ -58,6 +59,19 @@ fn a_new_job_gets_its_name_defaults_and_output_model() {
     assert_eq!(made.lora_alpha, 16.0);
     assert_eq!(made.target_modules.len(), 7);
     assert_eq!(made.created_by, "accounts/acme/users/ann");
+    // Unset: the CPU; a GPU type: one device unless told.
+    assert_eq!(
+        (made.accelerator_type, made.accelerator_count),
+        (AcceleratorType::Cpu as i32, 0)
+    );
+    let gpu = SupervisedFineTuningJob {
+        accelerator_type: AcceleratorType::NvidiaH10080gb as i32,
+        accelerator_indices: vec![5],
+        ..job()
+    };
+    let made_gpu = create("accounts/acme", "tune-2", Some(gpu)).unwrap();
+    assert_eq!(made_gpu.accelerator_count, 1);
+    assert!(made_gpu.accelerator_indices.is_empty(), "output only");
     // Bare IDs are the caller's; without an ID one is generated.
     let bare = SupervisedFineTuningJob {
         dataset: "chats".into(),
@@ -112,7 +126,7 @@ fn create_names_the_field_it_refuses() {
         "supervised_fine_tuning_job"
     );
     type Edit = fn(&mut SupervisedFineTuningJob);
-    let cases: [(&str, Edit); 13] = [
+    let cases: [(&str, Edit); 16] = [
         ("dataset", |j| j.dataset.clear()),
         ("base_model", |j| j.base_model.clear()),
         ("dataset", |j| {
@@ -135,6 +149,12 @@ fn create_names_the_field_it_refuses() {
         ("lora_alpha", |j| j.lora_alpha = -1.0),
         ("target_modules[1]", |j| {
             j.target_modules = vec!["q_proj".into(), "lm_head".into()]
+        }),
+        ("accelerator_type", |j| j.accelerator_type = 999),
+        ("accelerator_count", |j| j.accelerator_count = 2),
+        ("accelerator_count", |j| {
+            j.accelerator_type = AcceleratorType::NvidiaH10080gb as i32;
+            j.accelerator_count = 9;
         }),
     ];
     for (name, edit) in cases {

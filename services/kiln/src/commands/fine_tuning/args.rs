@@ -1,7 +1,10 @@
 //! The flags of `kiln create supervised-fine-tuning-job`, and the job they ask for.
 
 use clap::Args;
+use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::scheduler::v1 as schv1;
+
+use crate::commands::flags::parse_optional_enum;
 
 /// The projections a LoRA adapter may train.
 const TARGET_MODULES: [&str; 7] = kiln_formats::LORA_MODULE_NAMES;
@@ -50,6 +53,12 @@ pub struct CreateJobArgs {
     /// Stop when the evaluation loss stops improving.
     #[arg(long, requires = "eval_dataset")]
     pub early_stop: bool,
+    /// Train on GPUs of this type (e.g. NVIDIA_H100_80GB; default: a node's CPU).
+    #[arg(long)]
+    pub accelerator_type: Option<String>,
+    /// GPUs of --accelerator-type on one node (default 1).
+    #[arg(long, requires = "accelerator_type", value_parser = clap::value_parser!(i32).range(1..))]
+    pub accelerator_count: Option<i32>,
     #[arg(long)]
     pub display_name: Option<String>,
     /// Follow the job until it ends, with its progress on stderr (Ctrl-C stops following,
@@ -70,9 +79,13 @@ fn positive_number(text: &str) -> Result<f32, String> {
 impl CreateJobArgs {
     /// The job the flags ask for, its datasets and models named as given (the caller
     /// resolves IDs with [`references`]).
-    pub(super) fn job(&self) -> schv1::SupervisedFineTuningJob {
+    pub(super) fn job(&self) -> anyhow::Result<schv1::SupervisedFineTuningJob> {
         let text = |value: &Option<String>| value.clone().unwrap_or_default();
-        schv1::SupervisedFineTuningJob {
+        let accelerator_type = parse_optional_enum::<AcceleratorType>(
+            "accelerator-type",
+            self.accelerator_type.as_deref(),
+        )?;
+        Ok(schv1::SupervisedFineTuningJob {
             display_name: text(&self.display_name),
             dataset: self.dataset.clone(),
             base_model: text(&self.base_model),
@@ -87,8 +100,10 @@ impl CreateJobArgs {
             evaluation_dataset: text(&self.eval_dataset),
             warm_start_from: text(&self.warm_start_from),
             early_stop: self.early_stop,
+            accelerator_type,
+            accelerator_count: self.accelerator_count.unwrap_or_default(),
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -150,11 +165,15 @@ mod tests {
             "--early-stop",
             "--display-name",
             "Tone",
+            "--accelerator-type",
+            "nvidia_h100_80gb",
+            "--accelerator-count",
+            "2",
             "--wait",
         ]);
         assert_eq!(args.job_id.as_deref(), Some("tone-v1"));
         assert!(args.wait);
-        let job = args.job();
+        let job = args.job().unwrap();
         assert_eq!(
             job,
             schv1::SupervisedFineTuningJob {
@@ -172,6 +191,8 @@ mod tests {
                 evaluation_dataset: "eval".into(),
                 warm_start_from: "tone-v0".into(),
                 early_stop: true,
+                accelerator_type: AcceleratorType::NvidiaH10080gb as i32,
+                accelerator_count: 2,
                 ..Default::default()
             }
         );
@@ -183,7 +204,7 @@ mod tests {
         assert_eq!(args.job_id, None);
         assert!(!args.wait);
         assert_eq!(
-            args.job(),
+            args.job().unwrap(),
             schv1::SupervisedFineTuningJob {
                 dataset: "d".into(),
                 base_model: "m".into(),
@@ -192,7 +213,7 @@ mod tests {
         );
         // A warm start may leave the base model out.
         let args = create_args(&["--dataset", "d", "--warm-start-from", "addon"]);
-        assert_eq!(args.job().base_model, "");
+        assert_eq!(args.job().unwrap().base_model, "");
     }
 
     #[test]

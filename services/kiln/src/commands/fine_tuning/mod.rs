@@ -78,7 +78,7 @@ type Job = schv1::SupervisedFineTuningJob;
 
 pub(crate) async fn create(client: &Client, format: Format, command: Create) -> anyhow::Result<()> {
     let Create::SupervisedFineTuningJob(args) = command;
-    let mut job = args.job();
+    let mut job = args.job()?;
     for (collection, reference) in args::references(&mut job) {
         if !reference.is_empty() {
             *reference = client.full_name(collection, reference).await?;
