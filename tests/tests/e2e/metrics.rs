@@ -22,6 +22,7 @@ const FAMILIES: &[&str] = &[
     "kiln_llm_generated_tokens_total",
     "kiln_llm_prompt_tokens_total",
     "kiln_llm_cached_prompt_tokens_total",
+    "kiln_llm_loaded_adapters",
     "kiln_scheduler_replicas_desired",
     "kiln_scheduler_replicas_ready",
     "kiln_scheduler_pending_placements",

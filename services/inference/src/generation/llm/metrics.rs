@@ -20,6 +20,7 @@ struct Families {
     generated: Family<Labels<1>, Counter>,
     prompt: Family<Labels<1>, Counter>,
     cached_prompt: Family<Labels<1>, Counter>,
+    adapters: Family<Labels<1>, Gauge>,
 }
 
 static FAMILIES: LazyLock<Families> = LazyLock::new(|| Families {
@@ -72,12 +73,19 @@ static FAMILIES: LazyLock<Families> = LazyLock::new(|| Families {
         false,
         Family::default(),
     ),
+    adapters: metrics::register(
+        "kiln_llm_loaded_adapters",
+        "LoRA adapters resident in a model's slots (0: none, or a graph without slots)",
+        false,
+        Family::default(),
+    ),
 });
 
 /// One model's handles, resolved once.
 pub(super) struct LlmMetrics {
     pub(super) waiting: Gauge,
     pub(super) running: Gauge,
+    pub(super) adapters: Gauge,
     time_to_first_token: Histogram,
     decode_step: Histogram,
     decode_batch: Histogram,
@@ -93,6 +101,7 @@ impl LlmMetrics {
         Self {
             waiting: f.waiting.get_or_create(&labels).clone(),
             running: f.running.get_or_create(&labels).clone(),
+            adapters: f.adapters.get_or_create(&labels).clone(),
             time_to_first_token: f.time_to_first_token.get_or_create(&labels).clone(),
             decode_step: f.decode_step.get_or_create(&labels).clone(),
             decode_batch: f.decode_batch.get_or_create(&labels).clone(),

@@ -73,6 +73,9 @@ pub(super) struct Worker {
 
 impl Worker {
     pub(super) fn run(mut self, requests: Receiver<Queued>) {
+        self.metrics
+            .adapters
+            .set(self.lora.as_ref().map_or(0, loaded_adapters));
         let mut waiting: VecDeque<Queued> = VecDeque::new();
         let mut prefilling: VecDeque<Sequence> = VecDeque::new();
         let mut running: Vec<Sequence> = Vec::new();
@@ -220,6 +223,7 @@ impl Worker {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "LoRA adapter put in a slot"
                 );
+                self.metrics.adapters.set(loaded_adapters(lora));
                 Ok(true)
             }
         }
@@ -304,4 +308,9 @@ impl Worker {
             None => false,
         }
     }
+}
+
+/// Adapters in the graph's LoRA slots.
+fn loaded_adapters(lora: &LoraSlots) -> i64 {
+    lora.resident().iter().flatten().count() as i64
 }
