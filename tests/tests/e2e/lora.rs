@@ -206,6 +206,21 @@ async fn an_addon_answers_through_a_slot_and_live_merged_alike() {
     let bare = greedy(format!("{SMOLLM2}#{}", base.name)).await.unwrap();
     assert_eq!(live_merged, through_slot);
     assert_ne!(bare, through_slot, "the addon changes the answer");
+    // The base's loop with slots reports the adapter in them (and its bare loop none).
+    let text = mesh.scrape().await;
+    let prefix = format!("kiln_llm_loaded_adapters{{model=\"{SMOLLM2}\",lora_slots=\"");
+    let loaded: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let (slots, value) = l.strip_prefix(&prefix)?.split_once("\"} ")?;
+            Some((slots.to_owned(), value.parse().ok()?))
+        })
+        .collect();
+    assert!(loaded.contains(&("0".into(), 0.0)), "{text}");
+    assert!(
+        loaded.iter().any(|(slots, n)| slots != "0" && *n == 1.0),
+        "{text}"
+    );
     // A live-merged addon takes no further addons.
     let refused = deployments::create(
         &acme,

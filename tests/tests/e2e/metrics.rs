@@ -41,6 +41,7 @@ const LABELS: &[&str] = &[
     "method",
     "code",
     "model",
+    "lora_slots",
     "deployment",
     "state",
     "consumer",

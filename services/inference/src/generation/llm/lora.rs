@@ -191,6 +191,11 @@ impl LoraSlots {
         }
     }
 
+    /// Slots that hold an adapter.
+    pub(super) fn occupied(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
     /// The resident adapters' names, slot by slot.
     #[cfg(test)]
     pub(super) fn resident(&self) -> Vec<Option<&str>> {

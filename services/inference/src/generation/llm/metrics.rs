@@ -1,4 +1,4 @@
-//! A generation loop's metrics, labelled by its model: the queue, the batch, time to first
+//! A generation loop's metrics, labelled by its model and LoRA slots: the queue, the batch, time to first
 //! token, decode steps and tokens, and the prefix cache's share of prompt tokens.
 
 use std::sync::LazyLock;
@@ -12,15 +12,15 @@ use kiln_core::metrics::{
 use super::worker::Sequence;
 
 struct Families {
-    waiting: Family<Labels<1>, Gauge>,
-    running: Family<Labels<1>, Gauge>,
-    time_to_first_token: HistogramFamily<Labels<1>>,
-    decode_step: HistogramFamily<Labels<1>>,
-    decode_batch: HistogramFamily<Labels<1>>,
-    generated: Family<Labels<1>, Counter>,
-    prompt: Family<Labels<1>, Counter>,
-    cached_prompt: Family<Labels<1>, Counter>,
-    adapters: Family<Labels<1>, Gauge>,
+    waiting: Family<Labels<2>, Gauge>,
+    running: Family<Labels<2>, Gauge>,
+    time_to_first_token: HistogramFamily<Labels<2>>,
+    decode_step: HistogramFamily<Labels<2>>,
+    decode_batch: HistogramFamily<Labels<2>>,
+    generated: Family<Labels<2>, Counter>,
+    prompt: Family<Labels<2>, Counter>,
+    cached_prompt: Family<Labels<2>, Counter>,
+    adapters: Family<Labels<2>, Gauge>,
 }
 
 static FAMILIES: LazyLock<Families> = LazyLock::new(|| Families {
@@ -95,9 +95,14 @@ pub(super) struct LlmMetrics {
 }
 
 impl LlmMetrics {
-    pub(super) fn of(model: &str) -> Self {
+    /// The loop of `model` with `lora_slots` slots (the same model may be loaded bare and
+    /// with slots, side by side: their gauges must not overwrite each other).
+    pub(super) fn of(model: &str, lora_slots: usize) -> Self {
         let f = &*FAMILIES;
-        let labels = [("model", model.to_owned())];
+        let labels = [
+            ("model", model.to_owned()),
+            ("lora_slots", lora_slots.to_string()),
+        ];
         Self {
             waiting: f.waiting.get_or_create(&labels).clone(),
             running: f.running.get_or_create(&labels).clone(),

@@ -175,6 +175,7 @@ impl Llm {
         let takes_positions = session.inputs().iter().any(|t| t.name == "position_ids");
         let token_bytes = (2 * shape.layers * shape.kv_heads * shape.head_dim * 4) as u64;
         let prefix = PrefixCache::new((limits.prefix_cache_bytes / token_bytes.max(1)) as usize);
+        let metrics = LlmMetrics::of(name, lora.slots);
         let lora = LoraSlots::of_graph(session.inputs(), lora.slots, lora.pinned);
         if let Some(lora) = &lora {
             session
@@ -191,7 +192,7 @@ impl Llm {
             shape: shape.clone(),
             tokenizer: tokenizer.clone(),
             limits,
-            metrics: LlmMetrics::of(name),
+            metrics,
         };
         std::thread::Builder::new()
             .name(format!(

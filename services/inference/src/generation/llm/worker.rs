@@ -312,5 +312,5 @@ impl Worker {
 
 /// Adapters in the graph's LoRA slots.
 fn loaded_adapters(lora: &LoraSlots) -> i64 {
-    lora.resident().iter().flatten().count() as i64
+    lora.occupied() as i64
 }
