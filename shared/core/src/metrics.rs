@@ -4,8 +4,8 @@
 //! every label takes a bounded set of values: services, methods and codes of the contract,
 //! model and deployment names — never request IDs or free text.
 
-use std::collections::HashSet;
-use std::sync::{LazyLock, Mutex};
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -98,9 +98,51 @@ struct GrpcMetrics {
     requests: Family<CallLabels, Counter>,
     in_flight: Family<MethodLabels, Gauge>,
     duration: HistogramFamily<CallLabels>,
-    /// `/package.Service/Method` of every RPC this build serves: other paths are counted as
+    /// Every RPC this build serves, by `/package.Service/Method`; other paths count as
     /// `other`, so that a caller cannot mint label values.
-    known: HashSet<String>,
+    methods: HashMap<String, MethodMetrics>,
+    other: MethodMetrics,
+}
+
+/// One method's series, resolved on first use and kept: a call costs a map lookup and
+/// atomic increments, no label strings.
+struct MethodMetrics {
+    labels: MethodLabels,
+    in_flight: OnceLock<Gauge>,
+    /// By code (0..=16): calls and their durations.
+    by_code: [OnceLock<(Counter, Histogram)>; 17],
+}
+
+impl MethodMetrics {
+    fn new(service: &str, method: &str) -> Self {
+        Self {
+            labels: MethodLabels {
+                service: service.to_owned(),
+                method: method.to_owned(),
+            },
+            in_flight: OnceLock::new(),
+            by_code: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn in_flight(&self) -> &Gauge {
+        self.in_flight
+            .get_or_init(|| GRPC.in_flight.get_or_create(&self.labels).clone())
+    }
+
+    fn of_code(&self, code: tonic::Code) -> &(Counter, Histogram) {
+        self.by_code[(code as usize).min(16)].get_or_init(|| {
+            let labels = CallLabels {
+                service: self.labels.service.clone(),
+                method: self.labels.method.clone(),
+                code: code_name(code).to_owned(),
+            };
+            (
+                GRPC.requests.get_or_create(&labels).clone(),
+                GRPC.duration.get_or_create(&labels).clone(),
+            )
+        })
+    }
 }
 
 static GRPC: LazyLock<GrpcMetrics> = LazyLock::new(|| GrpcMetrics {
@@ -122,11 +164,16 @@ static GRPC: LazyLock<GrpcMetrics> = LazyLock::new(|| GrpcMetrics {
         true,
         Family::new_with_constructor(seconds_histogram),
     ),
-    known: known_methods(),
+    methods: known_methods()
+        .into_iter()
+        .map(|(path, service, method)| (path, MethodMetrics::new(&service, &method)))
+        .collect(),
+    other: MethodMetrics::new("other", "other"),
 });
 
-fn known_methods() -> HashSet<String> {
-    let mut known = HashSet::new();
+/// `(path, service, method)` of every RPC in the descriptor sets.
+fn known_methods() -> Vec<(String, String, String)> {
+    let mut known = Vec::new();
     for set in [
         kiln_proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -136,12 +183,12 @@ fn known_methods() -> HashSet<String> {
         };
         for file in set.file {
             for service in &file.service {
+                let service_name = format!("{}.{}", file.package(), service.name());
                 for method in &service.method {
-                    known.insert(format!(
-                        "/{}.{}/{}",
-                        file.package(),
-                        service.name(),
-                        method.name()
+                    known.push((
+                        format!("/{service_name}/{}", method.name()),
+                        service_name.clone(),
+                        method.name().to_owned(),
                     ));
                 }
             }
@@ -165,19 +212,16 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
 impl Middleware for GrpcMetricsLayer {
     fn handle<S: InnerService>(&self, request: Request, mut inner: S) -> Answer<S::Error> {
         let metrics = &*GRPC;
-        let path = request.uri().path();
-        let (service, method) = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
-            Some((service, method)) if metrics.known.contains(path) => {
-                (service.to_owned(), method.to_owned())
-            }
-            _ => ("other".to_owned(), "other".to_owned()),
-        };
+        let method = metrics
+            .methods
+            .get(request.uri().path())
+            .unwrap_or(&metrics.other);
+        method.in_flight().inc();
         let call = Call {
-            labels: MethodLabels { service, method },
+            method,
             start: Instant::now(),
             finished: false,
         };
-        metrics.in_flight.get_or_create(&call.labels).inc();
         Box::pin(async move {
             let response = inner.call(request).await?;
             let (parts, body) = response.into_parts();
@@ -203,7 +247,7 @@ fn code_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
 /// One call being served; counted when its code is known, or as CANCELLED when its answer
 /// is dropped before the end (the client went away).
 struct Call {
-    labels: MethodLabels,
+    method: &'static MethodMetrics,
     start: Instant,
     finished: bool,
 }
@@ -217,18 +261,10 @@ impl Call {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
-        let metrics = &*GRPC;
-        let labels = CallLabels {
-            service: self.labels.service.clone(),
-            method: self.labels.method.clone(),
-            code: code_name(code).to_owned(),
-        };
-        metrics.requests.get_or_create(&labels).inc();
-        metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(self.start.elapsed().as_secs_f64());
-        metrics.in_flight.get_or_create(&self.labels).dec();
+        let (requests, duration) = self.method.of_code(code);
+        requests.inc();
+        duration.observe(self.start.elapsed().as_secs_f64());
+        self.method.in_flight().dec();
     }
 }
 
@@ -306,10 +342,14 @@ mod tests {
 
     #[test]
     fn the_contracts_methods_are_known_and_nothing_else() {
-        let known = &GRPC.known;
-        assert!(known.contains("/kiln.identity.v1.AccountService/GetAccount"));
-        assert!(known.contains("/grpc.health.v1.Health/Check"));
-        assert!(!known.contains("/kiln.identity.v1.AccountService/Nope"));
+        let known = &GRPC.methods;
+        let get = &known["/kiln.identity.v1.AccountService/GetAccount"].labels;
+        assert_eq!(
+            (get.service.as_str(), get.method.as_str()),
+            ("kiln.identity.v1.AccountService", "GetAccount")
+        );
+        assert!(known.contains_key("/grpc.health.v1.Health/Check"));
+        assert!(!known.contains_key("/kiln.identity.v1.AccountService/Nope"));
         assert!(known.len() > 50, "{}", known.len());
     }
 
