@@ -105,7 +105,7 @@ impl Base {
         let head_dim = c.head_dim();
         let groups = c.heads / c.kv_heads;
         let rows = batch * seq;
-        let rotary = self.rotary(seq)?;
+        let tables = self.tables(seq)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {
             // `y` (the base's products for `modules`, side by side) plus the adapter's branches
@@ -143,13 +143,13 @@ impl Base {
             let q = qkv.narrow(1, 0, c.hidden)?;
             let k = qkv.narrow(1, c.hidden, kv_width)?;
             let v = qkv.narrow(1, c.hidden + kv_width, kv_width)?;
-            let q = heads(self.rotate(&q, &rotary)?, c.heads)?;
-            let k = heads(self.rotate(&k, &rotary)?, c.kv_heads)?;
+            let q = heads(self.rotate(&q, &tables)?, c.heads)?;
+            let k = heads(self.rotate(&k, &tables)?, c.kv_heads)?;
             let v = heads(v, c.kv_heads)?;
             // Query heads grouped by the key/value head they share: [b, kv, groups·seq, d],
             // row r the query at position r % seq.
             let q = q.reshape((batch, c.kv_heads, groups * seq, head_dim))?;
-            let probs = self.attention_probs(&q.matmul(&k.t()?)?, groups)?;
+            let probs = self.attention_probs(&q.matmul(&k.t()?)?, &tables, groups)?;
             let attended = probs
                 .matmul(&v)?
                 .reshape((batch, c.heads, seq, head_dim))?
@@ -176,32 +176,31 @@ impl Base {
     }
 
     /// The rotary embedding of `x [batch · seq, heads · head_dim]`.
-    fn rotate(&self, x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
-        if self.fused {
-            return fused::rope(x, tables);
+    fn rotate(&self, x: &Tensor, tables: &Tables) -> Result<Tensor> {
+        match tables {
+            Tables::Fused(rope) => fused::rope(x, rope),
+            Tables::Composed { cos, sin, .. } => {
+                let (rows, width) = x.dims2()?;
+                let (seq, _, d) = cos.dims3()?;
+                let x = x.reshape((rows / seq, seq, width / d, d))?;
+                rotate(&x, cos, sin)?.reshape((rows, width))
+            }
         }
-        let (rows, width) = x.dims2()?;
-        let d = tables.head_dim;
-        let table = |v: &[f64]| {
-            Tensor::from_slice(v, (tables.seq, 1, d), self.device())?.to_dtype(self.dtype())
-        };
-        let (cos, sin) = (table(&tables.cos)?, table(&tables.sin)?);
-        let x = x.reshape((rows / tables.seq, tables.seq, width / d, d))?;
-        rotate(&x, &cos, &sin)?.reshape((rows, width))
     }
 
     /// Softmax over the keys of `scores [b, kv, groups · seq, seq] / √head_dim`, causal.
-    fn attention_probs(&self, scores: &Tensor, groups: usize) -> Result<Tensor> {
+    fn attention_probs(&self, scores: &Tensor, tables: &Tables, groups: usize) -> Result<Tensor> {
         let scale = 1.0 / (self.config.head_dim() as f64).sqrt();
-        if self.fused {
-            return fused::causal_softmax(scores, scale);
+        match tables {
+            Tables::Fused(_) => fused::causal_softmax(scores, scale),
+            Tables::Composed { mask, .. } => {
+                let (b, kv, rows, seq) = scores.dims4()?;
+                let masked = (scores * scale)?
+                    .reshape((b, kv, groups, rows / groups, seq))?
+                    .broadcast_add(mask)?;
+                softmax(&masked)?.reshape((b, kv, rows, seq))
+            }
         }
-        let (b, kv, rows, seq) = scores.dims4()?;
-        let mask = causal_mask(seq, self.dtype(), self.device())?;
-        let masked = (scores * scale)?
-            .reshape((b, kv, groups, rows / groups, seq))?
-            .broadcast_add(&mask)?;
-        softmax(&masked)?.reshape((b, kv, rows, seq))
     }
 
     /// `silu(gate) · up` of `gate_up [rows, 2 · ffn]`, gate | up.
@@ -225,8 +224,25 @@ impl Base {
         hidden.matmul(&self.output)
     }
 
+    /// What every layer of a forward over `seq` positions shares, built once: the rotary
+    /// tables, and for the composed path the causal mask.
+    fn tables(&self, seq: usize) -> Result<Tables> {
+        let rope = self.rotary(seq);
+        if self.fused {
+            return Ok(Tables::Fused(rope));
+        }
+        let table = |v: &[f64]| {
+            Tensor::from_slice(v, (seq, 1, rope.head_dim), self.device())?.to_dtype(self.dtype())
+        };
+        Ok(Tables::Composed {
+            cos: table(&rope.cos)?,
+            sin: table(&rope.sin)?,
+            mask: causal_mask(seq, self.dtype(), self.device())?,
+        })
+    }
+
     /// The `[seq, head_dim]` `cos` and `sin` tables of HF's half rotation.
-    fn rotary(&self, seq: usize) -> Result<RopeTables> {
+    fn rotary(&self, seq: usize) -> RopeTables {
         let d = self.config.head_dim();
         let theta = f64::from(self.config.rope_theta);
         let mut cos = Vec::with_capacity(seq * d);
@@ -240,13 +256,24 @@ impl Base {
                 sin.push(angle.sin());
             }
         }
-        Ok(RopeTables {
+        RopeTables {
             seq,
             head_dim: d,
             cos: Arc::new(cos),
             sin: Arc::new(sin),
-        })
+        }
     }
+}
+
+/// A forward's tables, as the path in use takes them.
+enum Tables {
+    Fused(RopeTables),
+    /// `cos` and `sin` `[seq, 1, head_dim]`; `mask` `[seq, seq]`.
+    Composed {
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+    },
 }
 
 /// `x / √(mean(x²) + eps) · weight` over the last dimension.
@@ -279,8 +306,8 @@ fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(values, (seq, seq), device)?.to_dtype(dtype)
 }
 
-/// Logit elements one chunk of the loss head holds (16 MB in f32): few and wide enough
-/// products, and small enough buffers to be reused rather than mapped and paged in afresh.
+/// Logit elements one chunk of the loss head holds (64 MB in f32; 341 rows of SmolLM2's
+/// vocabulary): wide enough products, without the whole `[rows, vocab]` at once.
 const HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
 
 impl Base {
