@@ -107,14 +107,11 @@ pub(crate) fn publish(snapshot: &Snapshot) {
         f.ready.get_or_create(&labels).set(*ready);
     }
     f.pending.set(snapshot.pending_replicas);
-    for (family, counts, label) in [
-        (&f.nodes, &snapshot.nodes, "state"),
-        (&f.jobs, &snapshot.jobs, "state"),
-    ] {
+    for (family, counts) in [(&f.nodes, &snapshot.nodes), (&f.jobs, &snapshot.jobs)] {
         family.clear();
         for (state, count) in counts {
             family
-                .get_or_create(&[(label, (*state).to_owned())])
+                .get_or_create(&[("state", (*state).to_owned())])
                 .set(*count);
         }
     }

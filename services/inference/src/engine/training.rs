@@ -13,6 +13,7 @@ use super::Engine;
 /// (UPLOADING until the adapter is written; emptied then), so any node can resume it.
 pub(crate) const CHECKPOINT: &str = "training-checkpoint.safetensors";
 use crate::bundle::Bundle;
+use crate::source::ModelSource;
 use kiln_core::{Error, Result};
 
 /// A base model's training inputs on local disk, pinned until [`Engine::release_training`].
@@ -77,23 +78,9 @@ impl Engine {
         }
     }
 
-    /// A dataset's file.
-    pub(crate) async fn read_dataset(&self, name: &str) -> Result<Vec<u8>> {
-        self.source.read_dataset(name).await
-    }
-
-    /// Uploads files into a model (see `ModelSource::upload_model`).
-    pub(crate) async fn upload_model(
-        &self,
-        parent: &str,
-        model_id: &str,
-        model: Model,
-        files: Vec<(String, Vec<u8>)>,
-        finish: bool,
-    ) -> Result<Model> {
-        self.source
-            .upload_model(parent, model_id, model, files, finish)
-            .await
+    /// Where datasets are read and trained models uploaded.
+    pub(crate) fn source(&self) -> &dyn ModelSource {
+        self.source.as_ref()
     }
 
     /// The checkpoint an earlier run of `job` (on any node) left as file [`CHECKPOINT`] of its

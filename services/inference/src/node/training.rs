@@ -131,10 +131,10 @@ impl Node {
         let output = ChildName::parse("output_model", "models", &job.output_model, None)?;
         let base = self.engine.fetch_training_base(&job.base_model).await?;
         let inputs = async {
-            let dataset = self.engine.read_dataset(&job.dataset).await?;
+            let dataset = self.engine.source().read_dataset(&job.dataset).await?;
             let evaluation = match job.evaluation_dataset.as_str() {
                 "" => None,
-                name => Some(self.engine.read_dataset(name).await?),
+                name => Some(self.engine.source().read_dataset(name).await?),
             };
             let warm_start = match job.warm_start_from.as_str() {
                 "" => None,
@@ -345,7 +345,7 @@ impl Node {
             let output = ChildName::parse("output_model", "models", output, None)?;
             let parent = format!("accounts/{}", output.account);
             let files = vec![(CHECKPOINT.to_owned(), bytes)];
-            tokio::runtime::Handle::current().block_on(self.engine.upload_model(
+            tokio::runtime::Handle::current().block_on(self.engine.source().upload_model(
                 &parent,
                 &output.id,
                 addon.clone(),
@@ -381,6 +381,7 @@ impl Node {
         let parent = format!("accounts/{}", output.account);
         let addon = self.addon_model(job, settings);
         self.engine
+            .source()
             .upload_model(&parent, &output.id, addon, files, true)
             .await
     }
