@@ -116,3 +116,20 @@ pub fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
         paths: paths.iter().map(|p| (*p).to_owned()).collect(),
     })
 }
+
+/// What a run of a command did: whether it succeeded, its stdout and its stderr.
+pub struct Ran {
+    pub ok: bool,
+    pub out: String,
+    pub err: String,
+}
+
+impl From<std::process::Output> for Ran {
+    fn from(output: std::process::Output) -> Self {
+        Self {
+            ok: output.status.success(),
+            out: String::from_utf8_lossy(&output.stdout).into_owned(),
+            err: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}

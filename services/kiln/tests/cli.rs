@@ -5,19 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use kiln_tests::{free_port, wait_for, wait_for_listener};
+use kiln_tests::{Ran, free_port, wait_for, wait_for_listener};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 fn kiln_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
-}
-
-/// What a run of the CLI did: whether it succeeded, its stdout and its stderr.
-struct Ran {
-    ok: bool,
-    out: String,
-    err: String,
 }
 
 /// A `kiln dev` of the test's own, on a free port with a data dir of its own.
@@ -97,11 +90,7 @@ impl KilnDev {
             .output()
             .await
             .unwrap();
-        Ran {
-            ok: out.status.success(),
-            out: String::from_utf8_lossy(&out.stdout).into_owned(),
-            err: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Ran::from(out)
     }
 
     /// [`KilnDev::cli`] that must succeed; its stdout.

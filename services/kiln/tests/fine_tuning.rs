@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use kiln_proto::common::v1 as commonv1;
 use kiln_proto::scheduler::v1 as schv1;
+use kiln_tests::Ran;
 use schv1::fine_tuning_service_server::{FineTuningService, FineTuningServiceServer};
 use schv1::supervised_fine_tuning_job::JobState;
 use tokio::process::Command;
@@ -153,12 +154,6 @@ async fn serve(fake: Fake) -> String {
     format!("http://{addr}")
 }
 
-struct Ran {
-    ok: bool,
-    out: String,
-    err: String,
-}
-
 /// Runs `kiln <line>` in the account acme against `server`.
 async fn kiln(server: &str, line: &str) -> Ran {
     let out = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_kiln")))
@@ -174,11 +169,7 @@ async fn kiln(server: &str, line: &str) -> Ran {
         .output()
         .await
         .unwrap();
-    Ran {
-        ok: out.status.success(),
-        out: String::from_utf8_lossy(&out.stdout).into_owned(),
-        err: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Ran::from(out)
 }
 
 #[tokio::test]
