@@ -220,6 +220,8 @@ pub fn decoder_logits(
         ("attention_mask".to_owned(), t(mask)),
         ("position_ids".to_owned(), t(positions)),
     ];
+    // Graphs that derive positions from the mask (GroupQueryAttention) take none.
+    inputs.retain(|(name, _)| session.inputs().iter().any(|t| &t.name == name));
     for info in session.inputs().to_vec() {
         if info.name.starts_with("past_key_values.") {
             let shape = vec![batch, info.shape[1] as usize, 0, info.shape[3] as usize];

@@ -163,6 +163,8 @@ pub fn generation_loop_on(
         head_dim: 64,
         context_length: 2048,
         eos: vec![2],
+        // The 4-bit graph attends with GroupQueryAttention.
+        kv_in_place: blocks,
     };
     let limits = LlmLimits {
         max_batch,

@@ -31,6 +31,11 @@ pub struct Manifest {
     /// Whether prompts start with the BOS token.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub add_bos_token: bool,
+    /// The graph writes each batch row's new keys and values right after that row's own past
+    /// (`present.N.*` row b holds its first `sum(attention_mask[b])` positions), as ONNX
+    /// Runtime's GroupQueryAttention does; false: after the batch's padded past (a Concat).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kv_in_place: bool,
 }
 
 impl Manifest {
@@ -119,6 +124,7 @@ mod tests {
             eos_token_id: Some(2),
             eos_token_ids: vec![7],
             add_bos_token: true,
+            kv_in_place: true,
         }
     }
 
@@ -225,6 +231,7 @@ mod tests {
                 eos_token_id: Some(2),
                 eos_token_ids: vec![7],
                 add_bos_token: true,
+                kv_in_place: false,
             }
         );
         let mut set = Manifest {
@@ -246,6 +253,7 @@ mod tests {
                 eos_token_id: Some(6),
                 eos_token_ids: vec![2, 7],
                 add_bos_token: true,
+                kv_in_place: false,
             }
         );
     }

@@ -80,11 +80,13 @@ pub(crate) struct NodeProto {
     pub domain: String,
 }
 
-/// `AttributeProto` (the integer kinds).
+/// `AttributeProto` (the float and integer kinds).
 #[derive(Clone, PartialEq, Message)]
 pub(crate) struct AttributeProto {
     #[prost(string, tag = "1")]
     pub name: String,
+    #[prost(float, tag = "2")]
+    pub f: f32,
     #[prost(int64, tag = "3")]
     pub i: i64,
     #[prost(int64, repeated, tag = "8")]
@@ -96,6 +98,7 @@ pub(crate) struct AttributeProto {
 
 /// `AttributeProto.AttributeType` values Kiln writes.
 pub(crate) mod attribute_type {
+    pub(crate) const FLOAT: i32 = 1;
     pub(crate) const INT: i32 = 2;
     pub(crate) const INTS: i32 = 7;
 }
@@ -175,6 +178,7 @@ pub(crate) mod elem_type {
     pub(crate) const UNDEFINED: i32 = 0;
     pub(crate) const FLOAT: i32 = 1;
     pub(crate) const UINT8: i32 = 2;
+    pub(crate) const INT32: i32 = 6;
     pub(crate) const INT64: i32 = 7;
     pub(crate) const FLOAT16: i32 = 10;
     pub(crate) const DOUBLE: i32 = 11;

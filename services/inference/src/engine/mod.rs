@@ -525,6 +525,7 @@ fn llm_shape(
             .filter(|c| *c > 0)
             .unwrap_or(2048),
         eos,
+        kv_in_place: manifest.kv_in_place,
     })
 }
 

@@ -12,6 +12,15 @@ pub(crate) fn attr_int(name: &str, i: i64) -> AttributeProto {
     }
 }
 
+pub(crate) fn attr_float(name: &str, f: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        f,
+        r#type: attribute_type::FLOAT,
+        ..Default::default()
+    }
+}
+
 pub(crate) fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
     AttributeProto {
         name: name.into(),
@@ -65,6 +74,19 @@ impl Builder {
         let out = format!("{hint}_{}", self.next);
         self.node(domain.to_owned(), op, inputs, &[&out], attributes);
         out
+    }
+
+    /// Adds a node of another operator domain with the given outputs ("" for an optional
+    /// output left out).
+    pub(crate) fn op_in_to(
+        &mut self,
+        domain: &str,
+        op: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attributes: Vec<AttributeProto>,
+    ) {
+        self.node(domain.to_owned(), op, inputs, outputs, attributes);
     }
 
     fn node(

@@ -4,9 +4,9 @@
 //! outputs `logits [batch, seq, vocab]` and `present.N.key|value [batch, kv_heads, past + seq,
 //! head_dim]`. RMSNorm, rotary embeddings (HF's half rotation, with the file's theta),
 //! grouped-query attention (query heads grouped per key/value head, no copies of the cache),
-//! SwiGLU, and the output projection tied to the token embedding. Float32 weights use
-//! standard ONNX operators only (opset 17); weights kept in blocks use ONNX Runtime's
-//! `MatMulNBits` (com.microsoft).
+//! SwiGLU, and the output projection tied to the token embedding, in standard ONNX operators
+//! (opset 17): the float32 graph, which tract serves too. Weights kept in blocks go through
+//! ONNX Runtime's `MatMulNBits` (com.microsoft), in the graph of [`super::contrib`].
 
 use super::builder::{Builder, attr_int, attr_ints};
 use crate::onnx_proto::elem_type::{FLOAT, INT64};
@@ -70,7 +70,7 @@ pub trait Weights {
 }
 
 /// `x · W` for a linear layer, as MatMul or MatMulNBits.
-fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str) -> String {
+pub(super) fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str) -> String {
     match w {
         Linear::Float(w) => {
             let w = b.f32_tensor(init, &w.dims, &w.values);
@@ -146,7 +146,7 @@ fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str) -> String
 }
 
 /// The float32 weight `name` of layer `layer` (or the model's, with `None`) as an initializer.
-fn load(
+pub(super) fn load(
     b: &mut Builder,
     weights: &mut dyn Weights,
     layer: Option<usize>,
@@ -161,7 +161,7 @@ fn load(
 }
 
 /// `x · W` for the linear layer `name` (`attn_q`, …, `ffn_down`) of layer `layer`.
-fn layer_matmul(
+pub(super) fn layer_matmul(
     b: &mut Builder,
     weights: &mut dyn Weights,
     layer: usize,
@@ -200,12 +200,12 @@ fn swap_heads_and_seq(b: &mut Builder, x: &str, hint: &str) -> String {
 }
 
 /// The graph input of layer `layer`'s cached keys or values (`kind`: `key` or `value`).
-fn past_name(layer: usize, kind: &str) -> String {
+pub(super) fn past_name(layer: usize, kind: &str) -> String {
     format!("past_key_values.{layer}.{kind}")
 }
 
 /// The graph output of layer `layer`'s keys or values, the cache's and this step's.
-fn present_name(layer: usize, kind: &str) -> String {
+pub(super) fn present_name(layer: usize, kind: &str) -> String {
     format!("present.{layer}.{kind}")
 }
 
@@ -386,20 +386,37 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
     }
     let output_norm = load(&mut b, weights, None, "output_norm")?;
     let xn = rms_norm(&mut b, &x, &output_norm, "final");
-    // Tied output projection: the embedding, transposed (or its blocks).
+    output_logits(&mut b, weights, &xn, &embedding)?;
+    Ok(decoder_model(b, c))
+}
+
+/// The `logits` output: `xn` through the tied output projection (the embedding transposed,
+/// or its blocks).
+pub(super) fn output_logits(
+    b: &mut Builder,
+    weights: &mut dyn Weights,
+    xn: &str,
+    embedding: &str,
+) -> Result<(), String> {
     let logits = match weights.output_blocks()? {
-        Some(blocks) => matmul(&mut b, &xn, blocks, "lm_head", "lm_head"),
+        Some(blocks) => matmul(b, xn, blocks, "lm_head", "lm_head"),
         None => {
             let embedding_t = b.op(
                 "Transpose",
-                &[&embedding],
+                &[embedding],
                 vec![attr_ints("perm", &[1, 0])],
                 "lm_head",
             );
-            b.op("MatMul", &[&xn, &embedding_t], vec![], "lm_head")
+            b.op("MatMul", &[xn, &embedding_t], vec![], "lm_head")
         }
     };
     b.op_to("Identity", &[&logits], &["logits"], vec![]);
+    Ok(())
+}
+
+/// The model around the built nodes, with the decoder-with-past interface of the module doc.
+pub(super) fn decoder_model(b: Builder, c: &LlamaConfig) -> ModelProto {
+    let hd = c.head_dim();
     let uses_contrib = b.nodes.iter().any(|n| n.domain == "com.microsoft");
 
     let named = |name: &str| Dim::Symbolic(name.to_owned());
@@ -442,7 +459,7 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
             outputs.push(present);
         }
     }
-    Ok(ModelProto {
+    ModelProto {
         ir_version: 8,
         producer_name: "kiln".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
@@ -462,5 +479,5 @@ pub fn build(config: &LlamaConfig, weights: &mut dyn Weights) -> Result<ModelPro
             version: 1,
         }))
         .collect(),
-    })
+    }
 }

@@ -4,6 +4,7 @@
 //! template).
 
 mod builder;
+mod contrib;
 mod graph;
 mod tokenizer;
 
@@ -13,12 +14,14 @@ use prost::Message;
 
 use crate::gguf::{GgufFile, GgufInfo, Value, to_nbits};
 use crate::manifest::Manifest;
+pub(crate) use builder::attr_int;
+pub(crate) use contrib::MERGED;
 use graph::{Linear, Weights};
 pub use graph::{LlamaConfig, Weight};
 
 /// Changes whenever the graph, tokenizer or manifest this module writes changes (caches of
 /// prepared bundles key on it).
-pub const GGUF_ONNX_VERSION: u32 = 3;
+pub const GGUF_ONNX_VERSION: u32 = 5;
 
 /// What a GGUF turns into: the bundle's files, in memory.
 pub struct Converted {
@@ -217,15 +220,19 @@ pub fn convert_gguf(bytes: &[u8], blocks: bool) -> Result<Converted, String> {
             gguf.get("tokenizer.ggml.add_bos_token"),
             Some(Value::Bool(true))
         ),
+        kv_in_place: blocks,
     };
-    let graph = graph::build(
-        &config,
-        &mut GgufWeights {
-            gguf: &mut gguf,
-            config: config.clone(),
-            blocks,
-        },
-    )?;
+    let mut weights = GgufWeights {
+        gguf: &mut gguf,
+        config: config.clone(),
+        blocks,
+    };
+    // Blocks are served by ONNX Runtime only, so their graph may use its fused operators.
+    let graph = if blocks {
+        contrib::build(&config, &mut weights)?
+    } else {
+        graph::build(&config, &mut weights)?
+    };
     Ok(Converted {
         files: vec![
             ("model.onnx", graph.encode_to_vec()),

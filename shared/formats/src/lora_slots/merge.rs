@@ -21,7 +21,7 @@ const NAME: u64 = 8;
 const RAW_DATA: u64 = 9;
 
 /// The serialized `model` with `adapter` merged into its float linears; `None` when the graph
-/// keeps 4-bit blocks (MatMulNBits), which are not merged. Every linear the adapter adapts
+/// keeps 4-bit blocks (MatMulNBits) or linears side by side, which are not merged. Every linear the adapter adapts
 /// must be in the graph with the adapter's features.
 pub fn merge_lora(model: &[u8], adapter: &LoraWeights) -> Result<Option<Vec<u8>>, String> {
     let merged = with_graph(model, |graph| {
@@ -43,9 +43,14 @@ fn merge_graph(graph: &[u8], adapter: &LoraWeights) -> Result<Option<Vec<u8>>, S
         if node.op_type == "MatMulNBits" {
             return Ok(None);
         }
-        let Some(key) = linear_of(&node) else {
+        let Some((layer, modules)) = linear_of(&node) else {
             continue;
         };
+        // Linears side by side (a graph on ONNX Runtime's fused operators) are not merged.
+        let [module] = modules[..] else {
+            return Ok(None);
+        };
+        let key = (layer, module);
         let Some(linear) = adapter.linears.get(&key) else {
             continue;
         };

@@ -121,26 +121,32 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
             continue;
         };
         let node = NodeProto::decode(raw).map_err(|e| format!("a node does not decode: {e}"))?;
-        let Some((layer, module)) = linear_of(&node) else {
+        let Some((layer, modules)) = linear_of(&node) else {
             out.extend_from_slice(field.whole);
             continue;
         };
         let [inputs, outputs] = features(&node, &dims)?;
-        let linear = SlotLinear {
-            layer,
-            module,
-            inputs,
-            outputs,
-        };
+        let parts = part_outputs(&modules, inputs, outputs)
+            .ok_or_else(|| format!("node {:?} cannot be split into {modules:?}", node.name))?;
         let (Some(x), Some(y)) = (node.input.first(), node.output.first()) else {
             return Err(format!("node {:?} has no input or output", node.name));
         };
         let base = format!("{y}.lora_base");
         wire::put_bytes(&mut out, NODE, &with_output(raw, &base)?);
-        for branch in branch(&linear, x, &base, y) {
+        let part_linears: Vec<SlotLinear> = modules
+            .iter()
+            .zip(parts)
+            .map(|(&module, outputs)| SlotLinear {
+                layer,
+                module,
+                inputs,
+                outputs,
+            })
+            .collect();
+        for branch in branches(&part_linears, x, &base, y) {
             wire::put_bytes(&mut out, NODE, &branch.encode_to_vec());
         }
-        linears.push(linear);
+        linears.extend(part_linears);
     }
     let rank = || Dim::Symbolic("lora_rank".into());
     let mut inputs = vec![value_info(
@@ -166,8 +172,9 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
     Ok((out, linears))
 }
 
-/// The `(layer, HF module)` a MatMul computes, if it is an adapted linear.
-fn linear_of(node: &NodeProto) -> Option<(usize, &'static str)> {
+/// The layer and HF modules a MatMul computes, if it is an adapted linear: one module, or
+/// several side by side (a weight `blk.{l}.attn_q+attn_k+attn_v`).
+fn linear_of(node: &NodeProto) -> Option<(usize, Vec<&'static str>)> {
     if !matches!(node.op_type.as_str(), "MatMul" | "MatMulNBits") {
         return None;
     }
@@ -175,8 +182,11 @@ fn linear_of(node: &NodeProto) -> Option<(usize, &'static str)> {
     if let Some(rest) = node.input.get(1).and_then(|w| w.strip_prefix("blk.")) {
         let (layer, infix) = rest.split_once('.')?;
         let infix = infix.strip_suffix(".q").unwrap_or(infix);
-        let (module, _, _) = MODULES.iter().find(|(_, _, i)| *i == infix)?;
-        return Some((layer.parse().ok()?, module));
+        let modules = infix
+            .split(crate::gguf_onnx::MERGED)
+            .map(|part| MODULES.iter().find(|(_, _, i)| *i == part).map(|m| m.0))
+            .collect::<Option<Vec<_>>>()?;
+        return Some((layer.parse().ok()?, modules));
     }
     // optimum: /model/layers.{l}/{parent}/{module}/MatMul.
     let rest = node.name.strip_prefix("/model/layers.")?;
@@ -188,7 +198,28 @@ fn linear_of(node: &NodeProto) -> Option<(usize, &'static str)> {
     let (module, _, _) = MODULES
         .iter()
         .find(|(m, p, _)| *m == module && *p == parent)?;
-    Some((layer.parse().ok()?, module))
+    Some((layer.parse().ok()?, vec![*module]))
+}
+
+/// The outputs of each of `modules` side by side in a product of `outputs`: a llama's query
+/// projection keeps the width of its input, and the parts after it share the rest evenly (keys
+/// and values, or gate and up).
+fn part_outputs(modules: &[&str], inputs: usize, outputs: usize) -> Option<Vec<usize>> {
+    let (first, rest) = match modules {
+        [single] if !single.is_empty() => return Some(vec![outputs]),
+        ["q_proj", rest @ ..] => (Some(inputs), rest.len()),
+        all => (None, all.len()),
+    };
+    let left = outputs.checked_sub(first.unwrap_or(0))?;
+    if rest == 0 || left % rest != 0 {
+        return None;
+    }
+    Some(
+        first
+            .into_iter()
+            .chain(std::iter::repeat_n(left / rest, rest))
+            .collect(),
+    )
 }
 
 /// A linear's `[in, out]`: MatMulNBits' K and N, or the dims of a MatMul's weight initializer.
@@ -231,25 +262,47 @@ fn with_output(raw: &[u8], output: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// `y = base + ((x·A) ⊙ lora_mask)·B`.
-fn branch(linear: &SlotLinear, x: &str, base: &str, y: &str) -> [NodeProto; 4] {
-    let prefix = format!("lora.{}.{}", linear.layer, linear.module);
-    let node = |op: &str, inputs: [&str; 2], output: &str| NodeProto {
-        input: inputs.map(str::to_owned).to_vec(),
+/// `y = base + ((x·A) ⊙ lora_mask)·B`, with the deltas of linears side by side joined.
+fn branches(linears: &[SlotLinear], x: &str, base: &str, y: &str) -> Vec<NodeProto> {
+    let node = |prefix: &str, op: &str, inputs: &[&str], output: &str| NodeProto {
+        input: inputs.iter().map(|s| (*s).to_owned()).collect(),
         output: vec![output.to_owned()],
         name: format!("{prefix}/{op}:{output}"),
         op_type: op.to_owned(),
         ..Default::default()
     };
-    let down = format!("{prefix}.xa");
-    let masked = format!("{prefix}.xa_masked");
-    let delta = format!("{prefix}.delta");
-    [
-        node("MatMul", [x, &linear.a_input()], &down),
-        node("Mul", [&down, LORA_MASK], &masked),
-        node("MatMul", [&masked, &linear.b_input()], &delta),
-        node("Add", [base, &delta], y),
-    ]
+    let mut nodes = Vec::with_capacity(3 * linears.len() + 2);
+    let mut deltas = Vec::with_capacity(linears.len());
+    for linear in linears {
+        let prefix = format!("lora.{}.{}", linear.layer, linear.module);
+        let down = format!("{prefix}.xa");
+        let masked = format!("{prefix}.xa_masked");
+        let delta = format!("{prefix}.delta");
+        nodes.push(node(&prefix, "MatMul", &[x, &linear.a_input()], &down));
+        nodes.push(node(&prefix, "Mul", &[&down, LORA_MASK], &masked));
+        nodes.push(node(
+            &prefix,
+            "MatMul",
+            &[&masked, &linear.b_input()],
+            &delta,
+        ));
+        deltas.push(delta);
+    }
+    let prefix = format!("lora.{}", linears[0].layer);
+    let delta = if let [only] = deltas.as_slice() {
+        only.clone()
+    } else {
+        let joined = format!("{y}.lora_delta");
+        let inputs: Vec<&str> = deltas.iter().map(String::as_str).collect();
+        let mut concat = node(&prefix, "Concat", &inputs, &joined);
+        concat
+            .attribute
+            .push(crate::gguf_onnx::attr_int("axis", -1));
+        nodes.push(concat);
+        joined
+    };
+    nodes.push(node(&prefix, "Add", &[base, &delta], y));
+    nodes
 }
 
 #[cfg(test)]

@@ -5,10 +5,11 @@ use crate::gguf::testdata::{tiny_llama, with_data};
 use crate::onnx_proto::ModelProto;
 use crate::{convert_gguf, read_onnx};
 
-/// The tiny llama's graph (its linears are too narrow for blocks: MatMulNBits graphs are
-/// rewritten in the e2e suite, on SmolLM2 in INT4).
-fn tiny_graph() -> Vec<u8> {
-    let converted = convert_gguf(&with_data(tiny_llama(), 2 + 2 * 9), false).unwrap();
+/// The tiny llama's graph: standard operators, or (`fused`) ONNX Runtime's fused operators
+/// with q|k|v and gate|up side by side (its linears are too narrow for blocks: MatMulNBits
+/// graphs are rewritten in the e2e suite, on SmolLM2 in INT4).
+fn tiny_graph(fused: bool) -> Vec<u8> {
+    let converted = convert_gguf(&with_data(tiny_llama(), 2 + 2 * 9), fused).unwrap();
     converted
         .files
         .into_iter()
@@ -23,8 +24,14 @@ fn optimum_export() -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
-/// Every linear of every layer gets its slots; everything else is kept.
-fn check_rewrite(original: &[u8], layers: usize, features: &[(&str, usize, usize)]) {
+/// Every linear of every layer gets its slots; everything else is kept. `products`: the
+/// products a layer computes its seven linears in (and of them, `joined` side by side).
+fn check_rewrite(
+    original: &[u8],
+    layers: usize,
+    [products, joined]: [usize; 2],
+    features: &[(&str, usize, usize)],
+) {
     let (rewritten, linears) = add_lora_slots(original).unwrap();
     assert_eq!(linears.len(), layers * 7);
     for (module, inputs, outputs) in features {
@@ -42,7 +49,11 @@ fn check_rewrite(original: &[u8], layers: usize, features: &[(&str, usize, usize
         after.inputs.len(),
         before.inputs.len() + 1 + 2 * linears.len()
     );
-    assert_eq!(after.node_count, before.node_count + 4 * linears.len());
+    // Per linear A, the mask and B; per product the add, and the join of parts side by side.
+    assert_eq!(
+        after.node_count,
+        before.node_count + 3 * linears.len() + layers * (products + joined)
+    );
     let mask = after.input(LORA_MASK).unwrap();
     assert_eq!(mask.dims.len(), 3);
     assert!(after.input("lora.0.q_proj.a").is_some());
@@ -64,7 +75,9 @@ fn check_rewrite(original: &[u8], layers: usize, features: &[(&str, usize, usize
         .position(|n| n.output[0].ends_with(".lora_base"))
         .unwrap();
     let base = &nodes[at].output[0];
-    let add = &nodes[at + 4];
+    // A, mask and B of each part (three for q|k|v), their join, the add.
+    let parts = if joined > 0 { 3 } else { 1 };
+    let add = &nodes[at + 3 * parts + usize::from(parts > 1) + 1];
     assert_eq!(add.op_type, "Add");
     assert_eq!(add.input[0], *base);
     assert_eq!(format!("{}.lora_base", add.output[0]), *base);
@@ -90,7 +103,9 @@ fn slots_go_into_graphs_prepared_from_gguf() {
         ("v_proj", 8, 4),
         ("down_proj", 16, 8),
     ];
-    check_rewrite(&tiny_graph(), 2, &features);
+    check_rewrite(&tiny_graph(false), 2, [7, 0], &features);
+    // q|k|v and gate|up side by side: each part keeps its own slots and features.
+    check_rewrite(&tiny_graph(true), 2, [4, 2], &features);
 }
 
 #[test]
@@ -112,6 +127,7 @@ fn slots_go_into_optimum_exports() {
     check_rewrite(
         &optimum_export(),
         layers,
+        [7, 0],
         &[
             ("q_proj", hidden, hidden),
             ("v_proj", hidden, kv),
@@ -124,7 +140,7 @@ fn slots_go_into_optimum_exports() {
 
 #[test]
 fn a_graph_without_llama_linears_is_refused() {
-    let mut model: ModelProto = ModelProto::decode(&tiny_graph()[..]).unwrap();
+    let mut model: ModelProto = ModelProto::decode(&tiny_graph(false)[..]).unwrap();
     let graph = model.graph.as_mut().unwrap();
     graph
         .node
@@ -160,7 +176,7 @@ fn initializer(model: &[u8], name: &str) -> Vec<f32> {
 #[test]
 fn live_merge_adds_the_update_into_float_weights() {
     use crate::peft::{LoraLinear, LoraWeights};
-    let graph = tiny_graph();
+    let graph = tiny_graph(false);
     // q_proj of layer 1 (8 in, 8 out), rank 1: A = [1, 2, …, 8], B (scaled) = [0.5; 8].
     let mut linears = std::collections::BTreeMap::new();
     linears.insert(

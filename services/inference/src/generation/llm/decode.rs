@@ -34,7 +34,7 @@ impl Worker {
         self.past_of(&mut inputs, running, width);
         let outputs = self.run_graph(inputs, running)?;
         for (row, seq) in running.iter_mut().enumerate() {
-            self.append(seq, &outputs, row, width, 1, total);
+            self.append(seq, &outputs, row, width, 1);
             let mut logits = logits_at(&outputs[self.logits], row, 1, 0);
             let sampled = seq.sampler.sample(&mut logits);
             self.emit(seq, sampled);

@@ -66,24 +66,31 @@ impl Worker {
         }
     }
 
-    /// Appends positions `from..from + count` of batch row `row` of the presents to `seq`.
+    /// Appends batch row `row`'s `count` new positions of the presents to `seq`: they follow
+    /// the batch's past, padded to `padded_past`, or with `kv_in_place` the row's own past.
     pub(super) fn append(
         &self,
         seq: &mut Sequence,
         outputs: &[Tensor],
         row: usize,
-        from: usize,
+        padded_past: usize,
         count: usize,
-        total: usize,
     ) {
         let (kv, hd) = (self.shape.kv_heads, self.shape.head_dim);
+        let from = if self.shape.kv_in_place {
+            seq.cached
+        } else {
+            padded_past
+        };
         for (i, cache) in seq.cache.iter_mut().enumerate() {
-            let TensorData::F32(present) = &outputs[self.presents[i]].data else {
+            let present = &outputs[self.presents[i]];
+            let TensorData::F32(values) = &present.data else {
                 continue;
             };
+            let total = present.shape[2];
             for (h, head) in cache.iter_mut().enumerate() {
                 let start = ((row * kv + h) * total + from) * hd;
-                head.extend_from_slice(&present[start..start + count * hd]);
+                head.extend_from_slice(&values[start..start + count * hd]);
             }
         }
         seq.cached += count;

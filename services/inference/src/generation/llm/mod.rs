@@ -56,6 +56,9 @@ pub struct LlmShape {
     pub head_dim: usize,
     pub context_length: usize,
     pub eos: Vec<u32>,
+    /// The presents hold each row's new entries right after its own past, not after the
+    /// batch's padded past (see the manifest's `kv_in_place`).
+    pub kv_in_place: bool,
 }
 
 /// Why a sequence ended.

@@ -56,6 +56,14 @@ impl Worker {
                 }
                 self.start_prefill(seq);
             }
+            // An in-place cache (GroupQueryAttention) takes several rows' prompts in one
+            // pass only when none has a past.
+            if self.shape.kv_in_place
+                && !group.is_empty()
+                && (seq.cached > 0 || group.iter().any(|g| g.cached > 0))
+            {
+                break;
+            }
             let width = longest.max(self.chunk_len(seq));
             if !group.is_empty() && (group.len() + 1) * width > self.limits.prefill_chunk {
                 break;
@@ -107,7 +115,7 @@ impl Worker {
         }
         let outputs = self.run_graph(inputs, group)?;
         for (row, (seq, &len)) in group.iter_mut().zip(&lens).enumerate() {
-            self.append(seq, &outputs, row, width, len, total);
+            self.append(seq, &outputs, row, width, len);
             seq.fed += len;
             if seq.fed < seq.request.prompt.len() {
                 continue;

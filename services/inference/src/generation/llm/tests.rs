@@ -20,9 +20,12 @@ fn next_after(context: &[u32]) -> u32 {
 
 /// A decoder-with-past stand-in (one layer, one head, head_dim 1, the key of a position
 /// being its token) that computes `next_after` over exactly the positions the attention
-/// mask lets each query see, and records the (rows, tokens) of every pass.
+/// mask lets each query see, and records the (rows, tokens) of every pass. `in_place`: its
+/// presents put each row's new keys right after the row's own past, and it refuses what
+/// ONNX Runtime's GroupQueryAttention refuses (several rows' prompts over a past).
 struct ContextSum {
     interface: Interface,
+    in_place: bool,
     passes: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
     /// The first pass waits for this, so the test can queue newcomers behind it.
     gate: Option<std::sync::mpsc::Receiver<()>>,
@@ -32,6 +35,7 @@ impl ContextSum {
     fn new(
         passes: Arc<std::sync::Mutex<Vec<(usize, usize)>>>,
         gate: std::sync::mpsc::Receiver<()>,
+        in_place: bool,
     ) -> Self {
         let info = |name: &str, dtype| TensorInfo {
             name: name.into(),
@@ -55,6 +59,7 @@ impl ContextSum {
                     .map(|n| info(n, DataType::F32))
                     .collect(),
             },
+            in_place,
             passes,
             gate: Some(gate),
         }
@@ -102,6 +107,12 @@ impl Session for ContextSum {
                 "mask or positions of the wrong shape",
             ));
         }
+        if self.in_place && rows > 1 && n > 1 && width > 0 {
+            return Err(BackendError::new(
+                "test",
+                "batch_size must be 1 when sequence_length > 1 and past context is given",
+            ));
+        }
         self.passes.lock().unwrap().push((rows, n));
         let mut logits = vec![0.0f32; rows * n * VOCAB as usize];
         let mut present = Vec::with_capacity(rows * total);
@@ -125,7 +136,16 @@ impl Session for ContextSum {
                 let next = (7 * sum + count + pos) % u64::from(VOCAB);
                 logits[(r * n + i) * VOCAB as usize + next as usize] = 1.0;
             }
-            present.extend(keys);
+            if self.in_place {
+                // The row's own past (its leading visible positions), its new keys, padding.
+                let own = visible[..width].iter().filter(|&&v| v == 1).count();
+                let start = present.len();
+                present.extend(&keys[..own]);
+                present.extend(&keys[width..]);
+                present.resize(start + total, 0.0);
+            } else {
+                present.extend(keys);
+            }
         }
         let kv = Tensor {
             shape: vec![rows, 1, total, 1],
@@ -161,6 +181,15 @@ fn word_tokenizer() -> Arc<Tokenizer> {
 
 #[tokio::test]
 async fn newcomers_prefill_together_and_each_generates_what_it_would_alone() {
+    newcomers_prefill_together(false).await;
+}
+
+#[tokio::test]
+async fn with_the_cache_in_place_too() {
+    newcomers_prefill_together(true).await;
+}
+
+async fn newcomers_prefill_together(in_place: bool) {
     let passes = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (open, gate) = std::sync::mpsc::channel();
     let limits = LlmLimits {
@@ -177,10 +206,11 @@ async fn newcomers_prefill_together_and_each_generates_what_it_would_alone() {
         head_dim: 1,
         context_length: 512,
         eos: Vec::new(),
+        kv_in_place: in_place,
     };
     let llm = Llm::start(
         "m",
-        Box::new(ContextSum::new(passes.clone(), gate)),
+        Box::new(ContextSum::new(passes.clone(), gate, in_place)),
         shape,
         word_tokenizer(),
         limits,
