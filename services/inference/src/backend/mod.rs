@@ -90,6 +90,17 @@ pub trait Backend: Send + Sync + 'static {
     fn load(&self, graph: &Path, options: &LoadOptions) -> Result<Box<dyn Session>, BackendError>;
 }
 
+/// The key/value cache of a run that updates it in place (see [`Session::run_in_place`]).
+pub struct InPlaceCache<'a> {
+    /// `past_key_values.N.key`, then `.value`, for every layer N in order: each
+    /// `[rows, kv_heads, capacity, head_dim]` row-major, each also the graph's `present.N.*`.
+    pub buffers: Vec<&'a mut [f32]>,
+    pub shape: [usize; 4],
+    /// Where the logits go, `[rows, seq, vocab]` row-major.
+    pub logits: &'a mut [f32],
+    pub logits_shape: [usize; 3],
+}
+
 /// A loaded graph. Runs are serialised by the caller (one batch at a time).
 pub trait Session: Send + 'static {
     fn interface(&self) -> &Interface;
@@ -101,6 +112,24 @@ pub trait Session: Send + 'static {
     }
     /// Runs the graph on named inputs; returns every output, in [`Session::outputs`] order.
     fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError>;
+    /// Whether [`Session::run_in_place`] works.
+    fn runs_in_place(&self) -> bool {
+        false
+    }
+    /// Runs a decoder whose presents are its pasts appended in place (a graph with
+    /// `kv_in_place`): the cache stays in the caller's buffers, neither copied in nor out, and
+    /// the logits are written into the caller's buffer. Backends that cannot refuse.
+    fn run_in_place(
+        &mut self,
+        inputs: Vec<(String, Tensor)>,
+        cache: InPlaceCache<'_>,
+    ) -> Result<(), BackendError> {
+        let _ = (inputs, cache);
+        Err(BackendError::new(
+            "session",
+            "this backend does not run with the key/value cache in place",
+        ))
+    }
     /// Inputs fed to every run from now on, until replaced (a generation loop's LoRA slot
     /// matrices): a backend keeps them in its own form, so a run neither copies nor converts
     /// them. Backends that cannot refuse.

@@ -12,7 +12,9 @@ use ort::session::SessionInputValue;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{DynValue, TensorElementType, ValueType};
 
-use super::{Backend, BackendError, Device, Interface, LoadOptions, Session, TensorInfo};
+use super::{
+    Backend, BackendError, Device, InPlaceCache, Interface, LoadOptions, Session, TensorInfo,
+};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 pub(crate) const NAME: &str = "onnxruntime";
@@ -190,6 +192,59 @@ impl Session for OrtSession {
                 from_ort(value).map_err(fail)
             })
             .collect()
+    }
+
+    fn runs_in_place(&self) -> bool {
+        true
+    }
+
+    fn run_in_place(
+        &mut self,
+        inputs: Vec<(String, Tensor)>,
+        cache: InPlaceCache<'_>,
+    ) -> Result<(), BackendError> {
+        use ort::value::TensorRefMut;
+        let fail = |e: ort::Error| BackendError::new(NAME, e.to_string());
+        let owned = inputs
+            .into_iter()
+            .map(|(name, tensor)| Ok((name, to_ort(tensor).map_err(fail)?)))
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        let values: Vec<(&str, kiln_ort_run::ValuePtr<'_>)> = owned
+            .iter()
+            .chain(&self.resident)
+            .map(|(name, value)| (name.as_str(), value as kiln_ort_run::ValuePtr<'_>))
+            .collect();
+        let mut views = Vec::with_capacity(cache.buffers.len());
+        for buffer in cache.buffers {
+            views.push(TensorRefMut::from_array_view_mut((cache.shape, buffer)).map_err(fail)?);
+        }
+        let names: Vec<(String, String)> = (0..views.len())
+            .map(|i| {
+                let kind = if i % 2 == 0 { "key" } else { "value" };
+                (
+                    format!("past_key_values.{}.{kind}", i / 2),
+                    format!("present.{}.{kind}", i / 2),
+                )
+            })
+            .collect();
+        let mut in_place: Vec<kiln_ort_run::InPlace<'_, '_>> = views
+            .iter_mut()
+            .zip(&names)
+            .map(|(view, (input, output))| kiln_ort_run::InPlace {
+                input,
+                output,
+                value: view,
+            })
+            .collect();
+        let mut logits =
+            TensorRefMut::from_array_view_mut((cache.logits_shape, cache.logits)).map_err(fail)?;
+        kiln_ort_run::run_into(
+            &mut self.session,
+            &values,
+            &mut in_place,
+            &mut [("logits", &mut logits)],
+        )
+        .map_err(fail)
     }
 
     fn set_resident(&mut self, inputs: Vec<(String, Tensor)>) -> Result<(), BackendError> {

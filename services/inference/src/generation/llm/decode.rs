@@ -1,13 +1,18 @@
 //! The decode step: one token for every running sequence, their pasts padded to the longest
 //! and the padding masked.
 
-use super::graph::{ids_tensor, logits_at};
+use super::graph::ids_tensor;
 use super::worker::{Sequence, Worker};
 use crate::backend::BackendError;
 
 impl Worker {
     /// One token for every running sequence, in one pass.
     pub(super) fn decode(&mut self, running: &mut [Sequence]) -> Result<(), BackendError> {
+        if let Some(arena) = self.arena.as_mut() {
+            let ids: Vec<_> = running.iter().map(|s| s.id).collect();
+            arena.place(&ids, 0);
+            running.sort_by_key(|s| arena.row_of(s.id));
+        }
         let batch = running.len();
         let width = running.iter().map(|s| s.cached).max().unwrap_or(0);
         let total = width + 1;
@@ -31,11 +36,15 @@ impl Worker {
                 ids_tensor(vec![batch, 1], positions),
             ),
         ];
-        self.past_of(&mut inputs, running, width);
-        let outputs = self.run_graph(inputs, running)?;
+        let outputs = if self.arena.is_some() {
+            self.run_in_place(inputs, running, 0, total, 1)?
+        } else {
+            self.past_of(&mut inputs, running, width);
+            self.run_graph(inputs, running)?
+        };
         for (row, seq) in running.iter_mut().enumerate() {
             self.append(seq, &outputs, row, width, 1);
-            let mut logits = logits_at(&outputs[self.logits], row, 1, 0);
+            let mut logits = self.logits_of(&outputs, row, 1, 0);
             let sampled = seq.sampler.sample(&mut logits);
             self.emit(seq, sampled);
         }

@@ -7,6 +7,7 @@
 //! the batch to the longest and masks the padding, so each sequence computes exactly what it
 //! would alone.
 
+mod arena;
 mod decode;
 mod graph;
 mod lora;
@@ -185,11 +186,30 @@ impl Llm {
                 .set_resident(lora.resident_inputs())
                 .map_err(std::io::Error::other)?;
         }
+        let vocab = session.outputs()[logits]
+            .shape
+            .last()
+            .and_then(|&d| usize::try_from(d).ok())
+            .unwrap_or(0);
+        // The cache stays in place where the graph appends to it and the backend lets it.
+        let arena = (shape.kv_in_place && session.runs_in_place() && vocab > 0).then(|| {
+            arena::KvArena::new(
+                shape.layers,
+                shape.kv_heads,
+                shape.head_dim,
+                limits.max_batch.max(1),
+                shape.context_length,
+            )
+        });
         let worker = Worker {
             lora,
             prefix,
             logits,
             presents,
+            vocab,
+            arena,
+            logits_buffer: Vec::new(),
+            last_id: 0,
             takes_positions,
             session,
             shape: shape.clone(),

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use super::graph::{ids_tensor, logits_at};
+use super::graph::ids_tensor;
 use super::prefix::shared_blocks;
 use super::worker::{Sequence, Worker};
 use crate::backend::BackendError;
@@ -20,6 +20,10 @@ impl Worker {
             &mut seq.cache,
             self.shape.head_dim,
         );
+        if let Some(arena) = self.arena.as_mut() {
+            arena.write(seq.id, &seq.cache, hit);
+            seq.cache.iter_mut().flatten().for_each(Vec::clear);
+        }
         seq.cached = hit;
         seq.cached_prompt = hit;
         seq.fed = hit;
@@ -76,8 +80,18 @@ impl Worker {
 
     /// Feeds the next chunk of every sequence's prompt in one pass (chunks right-padded to
     /// the longest, pasts to the longest, the padding masked); a sequence whose whole prompt
-    /// is in gets its first token sampled.
-    pub(super) fn prefill(&mut self, group: &mut [Sequence]) -> Result<(), BackendError> {
+    /// is in gets its first token sampled. With the arena, the group takes the rows from
+    /// `base` (those after the running sequences').
+    pub(super) fn prefill(
+        &mut self,
+        group: &mut [Sequence],
+        base: usize,
+    ) -> Result<(), BackendError> {
+        if let Some(arena) = self.arena.as_mut() {
+            let ids: Vec<_> = group.iter().map(|s| s.id).collect();
+            arena.place(&ids, base);
+            group.sort_by_key(|s| arena.row_of(s.id));
+        }
         let batch = group.len();
         let lens: Vec<usize> = group.iter().map(|s| self.chunk_len(s)).collect();
         let n = lens.iter().copied().max().unwrap_or(0);
@@ -108,25 +122,25 @@ impl Worker {
                 ids_tensor(vec![batch, n], positions),
             ),
         ];
-        if width == 0 {
-            self.empty_past(&mut inputs, batch);
+        let outputs = if self.arena.is_some() {
+            self.run_in_place(inputs, group, base, width + n, n)?
         } else {
-            self.past_of(&mut inputs, group, width);
-        }
-        let outputs = self.run_graph(inputs, group)?;
+            if width == 0 {
+                self.empty_past(&mut inputs, batch);
+            } else {
+                self.past_of(&mut inputs, group, width);
+            }
+            self.run_graph(inputs, group)?
+        };
         for (row, (seq, &len)) in group.iter_mut().zip(&lens).enumerate() {
             self.append(seq, &outputs, row, width, len);
             seq.fed += len;
             if seq.fed < seq.request.prompt.len() {
                 continue;
             }
-            self.prefix.insert(
-                seq.adapter_key(),
-                &seq.request.prompt,
-                &seq.cache,
-                self.shape.head_dim,
-            );
-            let mut logits = logits_at(&outputs[self.logits], row, n, len - 1);
+            let prompt = seq.request.prompt.clone();
+            self.remember_prefix(seq, &prompt);
+            let mut logits = self.logits_of(&outputs, row, n, len - 1);
             let sampled = seq.sampler.sample(&mut logits);
             self.emit(seq, sampled);
         }

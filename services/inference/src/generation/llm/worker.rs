@@ -8,6 +8,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 
 use tokenizers::Tokenizer;
 
+use super::arena::{KvArena, SeqId};
 use super::lora::{Adapter, LoraSlots, Residency};
 use super::metrics::LlmMetrics;
 use super::prefix::PrefixCache;
@@ -19,12 +20,14 @@ use crate::generation::stop::StopMatcher;
 
 /// A sequence in the loop.
 pub(super) struct Sequence {
+    /// Its row's owner in the arena.
+    pub(super) id: SeqId,
     pub(super) request: super::SequenceRequest,
     /// When it was submitted.
     pub(super) arrived: std::time::Instant,
     pub(super) sampler: Sampler,
     /// Per layer and kind (key, value: index 2·layer + kind), per key/value head: positions ×
-    /// head_dim values.
+    /// head_dim values. Empty when the arena holds the cache.
     pub(super) cache: Vec<Vec<Vec<f32>>>,
     /// Tokens in the cache.
     pub(super) cached: usize,
@@ -62,6 +65,8 @@ pub(super) struct Worker {
     /// slot 2·L + kind.
     pub(super) logits: usize,
     pub(super) presents: Vec<usize>,
+    /// The logits' last dimension (0 when the graph leaves it open).
+    pub(super) vocab: usize,
     /// Exports without a `position_ids` input derive positions from the mask themselves.
     pub(super) takes_positions: bool,
     pub(super) session: Box<dyn Session>,
@@ -69,6 +74,12 @@ pub(super) struct Worker {
     pub(super) tokenizer: Arc<Tokenizer>,
     pub(super) limits: LlmLimits,
     pub(super) metrics: LlmMetrics,
+    /// Every sequence's cache, appended to in place, when the graph and backend allow.
+    pub(super) arena: Option<KvArena>,
+    /// The logits of a pass in place (reused).
+    pub(super) logits_buffer: Vec<f32>,
+    /// The last id given to a sequence.
+    pub(super) last_id: SeqId,
 }
 
 impl Worker {
@@ -105,6 +116,8 @@ impl Worker {
             }
             waiting.retain(|r| !r.events.is_closed());
             self.metrics.waiting.set(waiting.len() as i64);
+            // The rows of sequences that ended are free for newcomers.
+            self.release_rows(&prefilling, &running);
             // Admit while the batch and the cache budget allow.
             let mut budget: usize = prefilling
                 .iter()
@@ -142,10 +155,11 @@ impl Worker {
             }
             prefilling.retain(|s| !s.closed());
             running.retain(|s| !s.closed());
+            self.release_rows(&prefilling, &running);
             // One prefill pass per step, over the newcomers that fit it.
             let mut group = self.prefill_group(&mut prefilling);
             if !group.is_empty() {
-                match self.prefill(&mut group) {
+                match self.prefill(&mut group, running.len()) {
                     Ok(()) => {
                         let mut unfinished = Vec::new();
                         for mut seq in group {
@@ -192,6 +206,14 @@ impl Worker {
         }
     }
 
+    /// Frees the arena rows of sequences no longer in the loop.
+    fn release_rows(&mut self, prefilling: &VecDeque<Sequence>, running: &[Sequence]) {
+        if let Some(arena) = self.arena.as_mut() {
+            let live: Vec<SeqId> = prefilling.iter().chain(running).map(|s| s.id).collect();
+            arena.keep_only(|id| live.contains(&id));
+        }
+    }
+
     /// Puts `adapter` in a LoRA slot if it is not in one (between steps, so no pass sees a
     /// half-written slot); false while every slot holds an adapter a sequence in the loop
     /// uses.
@@ -229,11 +251,17 @@ impl Worker {
         }
     }
 
-    fn sequence(&self, queued: Queued) -> Sequence {
+    fn sequence(&mut self, queued: Queued) -> Sequence {
         let Queued { arrived, request } = queued;
+        self.last_id += 1;
+        let id = self.last_id;
+        if let Some(arena) = self.arena.as_mut() {
+            arena.admit(id);
+        }
         let sampler = Sampler::new(request.params.clone(), &request.prompt, request.choice);
         let stop = StopMatcher::new(request.stops.clone());
         Sequence {
+            id,
             sampler,
             cache: vec![vec![Vec::new(); self.shape.kv_heads]; 2 * self.shape.layers],
             cached: 0,
@@ -245,6 +273,24 @@ impl Worker {
             stop,
             request,
             arrived,
+        }
+    }
+
+    /// Keeps the keys and values of `tokens` (the sequence's first positions) in the prefix
+    /// cache.
+    pub(super) fn remember_prefix(&mut self, seq: &Sequence, tokens: &[u32]) {
+        if self.prefix.capacity == 0 {
+            return;
+        }
+        let hd = self.shape.head_dim;
+        match &self.arena {
+            Some(arena) => {
+                let cache = arena.read(seq.id, tokens.len().min(seq.cached));
+                self.prefix.insert(seq.adapter_key(), tokens, &cache, hd);
+            }
+            None => self
+                .prefix
+                .insert(seq.adapter_key(), tokens, &seq.cache, hd),
         }
     }
 
@@ -301,8 +347,7 @@ impl Worker {
                 let in_cache = seq.cached - seq.request.prompt.len().min(seq.cached);
                 let mut tokens = seq.request.prompt.clone();
                 tokens.extend_from_slice(&seq.generated[..in_cache.min(seq.generated.len())]);
-                self.prefix
-                    .insert(seq.adapter_key(), &tokens, &seq.cache, self.shape.head_dim);
+                self.remember_prefix(seq, &tokens);
                 true
             }
             None => false,
