@@ -4,8 +4,10 @@
 //! Kiln serves the prepared 4-bit graph (`prefer_int4`, the default) on ONNX Runtime with
 //! THREADS intra-op threads; 1, 4 and 16 concurrent greedy chat streams, each asking for
 //! MAX_TOKENS tokens: aggregate decode tokens/s (completion tokens over the wall time of the
-//! whole round) and the median time to the first content chunk. llama.cpp runs through llama-cpp-python (tests/python/llama_baseline.py,
-//! requirements-reference.txt) with THREADS threads.
+//! whole round) and the median time to the first content chunk. llama.cpp runs through
+//! llama-cpp-python's batched API (tests/python/llama_baseline.py, requirements-reference.txt)
+//! with THREADS threads: the K prompts prefilled in one batch, then one token of every stream
+//! a step, as its server's slots run. The CPU features its kernels were built with are printed.
 
 use std::time::{Duration, Instant};
 
@@ -89,6 +91,9 @@ fn main() {
         println!(
             "SmolLM2-135M-Instruct, greedy chat streams of up to {max_tokens} tokens, {threads} threads"
         );
+        if let Some(features) = llama.as_ref().and_then(|v| v["cpu_features"].as_str()) {
+            println!("llama.cpp's CPU kernels: {}", features.trim());
+        }
         println!(
             "streams  kiln tok/s  kiln TTFT p50  llama.cpp tok/s  llama.cpp TTFT p50  kiln/llama.cpp"
         );

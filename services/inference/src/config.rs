@@ -18,8 +18,8 @@ pub struct InferenceConfig {
     pub device: String,
     /// Threads one forward pass may use; 0: the backend's default (all cores).
     pub intra_op_threads: usize,
-    /// Serve a model's INT4 bundle (MatMulNBits, int8 activations) when ONNX Runtime runs it;
-    /// false keeps to float32. INT4 decodes about twice as fast, but its quantized
+    /// Serve a model's INT4 bundle (MatMulNBits, int8 activations) when ONNX Runtime runs it
+    /// on the CPU; false keeps to float32. INT4 decodes about three times as fast, but its quantized
     /// activations make a sequence's greedy output depend slightly on what it was batched with.
     pub prefer_int4: bool,
     /// Whether ONNX Runtime's idle threads spin between passes; unset: yes for embedding and

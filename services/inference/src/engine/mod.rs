@@ -276,9 +276,12 @@ impl Engine {
             )));
         }
         let local = self.config.model(name).filter(|m| !m.path.is_empty());
-        // Bundles in blocks (INT4, MatMulNBits) run on ONNX Runtime only.
-        let blocks_ok =
-            self.config.prefer_int4 && backend.name() == crate::backend::onnxruntime::NAME;
+        // Bundles in blocks (INT4, MatMulNBits) run on ONNX Runtime only, and on the CPU: their
+        // graph attends with GroupQueryAttention in float32, which ONNX Runtime's CUDA
+        // provider does not run (it takes float16 there).
+        let blocks_ok = self.config.prefer_int4
+            && backend.name() == crate::backend::onnxruntime::NAME
+            && self.device == Device::Cpu;
         let mut merge = None;
         let (bundle, account, public) = match local {
             Some(local) => {

@@ -181,13 +181,16 @@ impl Sampler {
     /// Chooses the next token from `logits` (changed in place) and remembers it.
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
         self.adjust(logits);
-        let logprobs = log_softmax(logits);
         let token = if self.params.is_greedy() {
             argmax(logits)
         } else {
             self.draw(logits)
         };
+        // The whole distribution only when alternatives are asked for; the sampled token's
+        // log-probability needs just the normalizer (a vocabulary-sized vector a token less).
+        let log_sum = log_sum_exp(logits);
         let top = if self.params.top_logprobs > 0 {
+            let logprobs: Vec<f32> = logits.iter().map(|&l| l - log_sum).collect();
             top_n(&logprobs, self.params.top_logprobs)
         } else {
             Vec::new()
@@ -195,7 +198,7 @@ impl Sampler {
         *self.generated.entry(token).or_default() += 1;
         Sampled {
             token,
-            logprob: logprobs[token as usize],
+            logprob: logits[token as usize] - log_sum,
             top,
         }
     }
@@ -289,10 +292,16 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Log-probabilities of logits (temperature 1).
-pub(crate) fn log_softmax(logits: &[f32]) -> Vec<f32> {
+/// `ln Σ exp(logits)`, computed from the largest logit so nothing overflows.
+fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    let log_sum = sum.ln() + max;
+    sum.ln() + max
+}
+
+#[cfg(test)]
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let log_sum = log_sum_exp(logits);
     logits.iter().map(|&l| l - log_sum).collect()
 }
 
