@@ -118,6 +118,7 @@ pub fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
 }
 
 /// What a run of a command did: whether it succeeded, its stdout and its stderr.
+#[derive(Debug)]
 pub struct Ran {
     pub ok: bool,
     pub out: String,

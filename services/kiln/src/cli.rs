@@ -31,6 +31,13 @@ pub enum Command {
     Dev(DevArgs),
     /// Run one service alone.
     Serve(ServeArgs),
+    /// Ask a server whether it serves (gRPC health; no key needed): exits 0 when it does. A
+    /// container health check.
+    Health {
+        /// One service (`kiln.identity.v1.IdentityService`, …); default: the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
     /// Create a resource.
     #[command(subcommand)]
     Create(CreateCommand),
@@ -92,6 +99,9 @@ pub struct ServeArgs {
     /// A TOML config file; `KILN_*` variables override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Load and validate the configuration as a start would, then exit without starting.
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// Declares a verb's subcommand (`CreateCommand: Create => create`): in it, each resource
@@ -160,7 +170,7 @@ pub async fn run_client(command: Command, args: ClientArgs) -> anyhow::Result<()
         Command::Download(c) => models::download(client, c).await,
         Command::Chat(args) => inference::chat(client, args).await,
         Command::Embed(args) => inference::embed(client, format, args).await,
-        Command::Dev(_) | Command::Serve(_) => {
+        Command::Dev(_) | Command::Serve(_) | Command::Health { .. } => {
             unreachable!("server commands are not client commands")
         }
     }

@@ -20,6 +20,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Dev(args) => dev(args).await,
             Command::Serve(args) => serve(args).await,
+            Command::Health { service } => health(&cli.client.server, service).await,
             command => kiln::cli::run_client(command, cli.client).await,
         }
     });
@@ -104,6 +105,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .collect::<Result<Roles, String>>()
         .map_err(anyhow::Error::msg)?;
     let config = KilnConfig::load(args.config.as_deref(), roles)?;
+    if args.check {
+        println!("the configuration of kiln {roles} is valid");
+        return Ok(());
+    }
     let _telemetry = kiln_core::telemetry::init(
         &format!("kiln-{}", args.services.join("-")),
         config.server.log_format,
@@ -122,6 +127,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("kiln {roles} listening on {}", running.addr);
     kiln_server::shutdown_signal().await;
     running.shutdown().await
+}
+
+/// Exits 0 when the server at `server` reports `service` (all: "") serving.
+async fn health(server: &str, service: String) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(server.to_owned())
+        .map_err(|e| anyhow::anyhow!("--server {server:?}: {e}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {server}: {e}"))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest { service })
+        .await?
+        .into_inner()
+        .status();
+    println!("{}", status.as_str_name());
+    if status != ServingStatus::Serving {
+        anyhow::bail!("{server} is not serving");
+    }
+    Ok(())
 }
 
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

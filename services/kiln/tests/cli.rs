@@ -9,6 +9,9 @@ use kiln_tests::{Ran, free_port, wait_for, wait_for_listener};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
+#[path = "cli/compose.rs"]
+mod compose;
+
 fn kiln_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
@@ -123,6 +126,16 @@ async fn kiln_dev_serves_the_cli_and_logs_no_secret() {
         .unwrap()
         .trim()
         .to_owned();
+    // The containers' health check: no key, SERVING, exit 0; nothing listening: exit 1.
+    let health = Ran::from(dev.command().arg("health").output().await.unwrap());
+    assert!(health.ok && health.out.trim() == "SERVING", "{health:?}");
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let down = Command::new(kiln_binary())
+        .args(["health", "--server", &closed])
+        .output()
+        .await
+        .unwrap();
+    assert!(!Ran::from(down).ok, "nothing serves at {closed}");
 
     let out = dev
         .ok("create account acme --email owner@acme.example", &[])
