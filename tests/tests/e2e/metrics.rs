@@ -1,6 +1,7 @@
 //! The Prometheus endpoint: after traffic (chats, a call that fails, a call to a method that
-//! does not exist) every family the services export is there, and every label takes a value
-//! from a bounded set.
+//! does not exist) every family the services export is there, every label takes a value
+//! from a bounded set, and every query of the Grafana dashboard (deploy/grafana) names
+//! metrics and labels that are exported.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -138,6 +139,7 @@ async fn every_family_is_exported_with_bounded_labels() {
             }
         }
     }
+    dashboard_queries_name_what_is_exported(&samples);
     // The prefix cache served the repeated prompt.
     let value = |name: &str| -> f64 {
         text.lines()
@@ -147,4 +149,61 @@ async fn every_family_is_exported_with_bounded_labels() {
     };
     assert!(value("kiln_llm_cached_prompt_tokens_total") > 0.0, "{text}");
     assert!(value("kiln_llm_prompt_tokens_total") > value("kiln_llm_cached_prompt_tokens_total"));
+}
+
+/// Every query of deploy/grafana/dashboards/kiln.json names exported metrics, and every label
+/// it groups or filters by is carried by a series of those metrics.
+fn dashboard_queries_name_what_is_exported(samples: &[(String, Vec<(String, String)>)]) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/dashboards/kiln.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().unwrap())
+        .map(|target| target["expr"].as_str().unwrap())
+        .collect();
+    assert!(exprs.len() >= 13, "the dashboard's queries: {exprs:?}");
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    for expr in exprs {
+        let names: BTreeSet<&str> = expr
+            .split(|c: char| !is_name(c))
+            .filter(|word| word.starts_with("kiln_"))
+            .collect();
+        assert!(!names.is_empty(), "{expr} names no Kiln metric");
+        let mut carried = BTreeSet::new();
+        for name in &names {
+            let series: Vec<_> = samples.iter().filter(|(n, _)| n == name).collect();
+            assert!(!series.is_empty(), "{expr}: {name} is not exported");
+            carried.extend(
+                series
+                    .iter()
+                    .flat_map(|(_, ls)| ls.iter().map(|(k, _)| k.as_str())),
+            );
+        }
+        // Labels in `by (...)` groups and `{label="..."}` matchers.
+        let mut labels = Vec::new();
+        for group in expr.split("by (").skip(1) {
+            let inside = group.split(')').next().unwrap();
+            labels.extend(inside.split(',').map(str::trim));
+        }
+        for matcher in expr.split('{').skip(1) {
+            let inside = matcher.split('}').next().unwrap();
+            labels.extend(
+                inside
+                    .split(',')
+                    .map(|m| m.split(['=', '!', '~']).next().unwrap().trim()),
+            );
+        }
+        for label in labels {
+            assert!(
+                carried.contains(label),
+                "{expr}: no series of {names:?} carries {label}"
+            );
+        }
+    }
 }

@@ -3,7 +3,8 @@
 //! validation `kiln serve` runs at start (`kiln serve <services> --check`, with the image's
 //! and the service's environment), the URLs name services on the ports they listen on,
 //! published ports match, state lives in declared volumes, what others wait on has a health
-//! check, and PostgreSQL creates the database every service uses. A broken copy fails.
+//! check, PostgreSQL creates the database every service uses, and Prometheus scrapes every
+//! Kiln service where its metrics listen. A broken copy fails.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -314,6 +315,43 @@ fn config_failures(services: &[KilnService]) -> Vec<String> {
         .collect()
 }
 
+/// Prometheus scrapes every Kiln service where its metrics listen, and nothing that is not.
+fn scrape_problems(prometheus: &str, services: &[KilnService]) -> Vec<String> {
+    let config: Value = serde_yaml::from_str(prometheus).expect("prometheus.yml parses");
+    let targets: BTreeSet<String> = config["scrape_configs"]
+        .as_sequence()
+        .expect("scrape_configs")
+        .iter()
+        .flat_map(|job| {
+            job["static_configs"]
+                .as_sequence()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|c| strings(c.get("targets")))
+        .collect();
+    let mut expected = BTreeSet::new();
+    let mut problems = Vec::new();
+    for service in services {
+        match service.env.get("KILN_METRICS_LISTEN") {
+            Some(listen) => {
+                let port = listen.rsplit_once(':').map_or("", |(_, p)| p);
+                expected.insert(format!("{}:{port}", service.name));
+            }
+            None => problems.push(format!("{}: no KILN_METRICS_LISTEN", service.name)),
+        }
+    }
+    for missing in expected.difference(&targets) {
+        problems.push(format!("prometheus.yml does not scrape {missing}"));
+    }
+    for stray in targets.difference(&expected) {
+        problems.push(format!(
+            "prometheus.yml scrapes {stray}, where no Kiln metrics listen"
+        ));
+    }
+    problems
+}
+
 fn check(compose: &str) -> Vec<String> {
     let (mut problems, services) = problems(
         &parse(compose),
@@ -321,6 +359,7 @@ fn check(compose: &str) -> Vec<String> {
         &read("otel-collector.yaml"),
     );
     assert!(services.len() >= 5, "the Kiln services are found");
+    problems.extend(scrape_problems(&read("prometheus.yml"), &services));
     problems.extend(config_failures(&services));
     problems
 }
@@ -352,6 +391,12 @@ fn a_broken_copy_of_the_compose_file_fails_naming_what_broke() {
             "KILN_BILLING_URL: http://billing:7404\n    ports",
             "KILN_BILLING_URL: http://billing:7405\n    ports",
             "KILN_BILLING_URL reaches billing on port 7405",
+        ),
+        // Metrics where Prometheus does not look.
+        (
+            "KILN_METRICS_LISTEN: 0.0.0.0:9464",
+            "KILN_METRICS_LISTEN: 0.0.0.0:9465",
+            "does not scrape identity:9465",
         ),
         // A command that is no service.
         (
