@@ -245,6 +245,10 @@ pub struct ServerConfig {
     /// Where Prometheus scrapes `GET /metrics` (`KILN_METRICS_LISTEN`, e.g. `0.0.0.0:9464`);
     /// unset: no metrics endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM or Ctrl-C, how long the calls in flight (streams included) may go on once
+    /// no new ones are accepted (`30s`); those still open then end as UNAVAILABLE.
+    #[serde(with = "crate::duration::serde")]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +276,7 @@ impl Default for ServerConfig {
             page_token_secret: None,
             log_format: LogFormat::Text,
             metrics_listen: None,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -351,6 +356,9 @@ impl Validate for ServerConfig {
                 "auth_cache_ttl",
                 "must be between 1s and 1h",
             ));
+        }
+        if self.shutdown_grace > Duration::from_secs(3600) {
+            return Err(ConfigError::invalid("shutdown_grace", "must be at most 1h"));
         }
         Ok(())
     }

@@ -134,11 +134,15 @@ impl ServiceSet {
 }
 
 /// Serves `services` on `listener` until `shutdown` resolves.
+/// Serves until `shutdown`, then stops accepting, reports NOT_SERVING on gRPC health, and lets
+/// the calls in flight finish for up to `grace`; the connections still open after it are
+/// closed (their callers see the call fail as UNAVAILABLE).
 pub async fn serve(
     listener: TcpListener,
     services: ServiceSet,
     auth: AuthLayer,
     shutdown: impl Future<Output = ()> + Send,
+    grace: std::time::Duration,
 ) -> Result<(), tonic::transport::Error> {
     let ServiceSet { mut routes, names } = services;
 
@@ -166,7 +170,23 @@ pub async fn serve(
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(services = ?names, "serving gRPC");
-    tonic::transport::Server::builder()
+    let (stopping, stopped) = tokio::sync::oneshot::channel();
+    let (end_calls, calls_end) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        // Probes and load balancers learn first; the calls in flight go on.
+        for name in names.iter().copied().chain([""]) {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        tracing::info!(
+            ?grace,
+            "stopping: no new calls, the ones in flight may finish"
+        );
+        let _ = stopping.send(());
+    };
+    let server = tonic::transport::Server::builder()
         // Large flow-control windows: artifact uploads stream hundreds of MB per call, and the
         // 64 KiB HTTP/2 default makes every window update a round trip.
         .initial_stream_window_size(Some(STREAM_WINDOW))
@@ -176,7 +196,192 @@ pub async fn serve(
         .layer(TraceContextLayer)
         .layer(crate::metrics::GrpcMetricsLayer)
         .layer(auth)
+        .layer(GraceLayer(calls_end))
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(server);
+    let grace_over = async move {
+        match stopped.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            // The server ended before any shutdown (an error): nothing to wait for.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = &mut server => served,
+        () = grace_over => {
+            tracing::warn!(?grace, "the grace period is over: ending the calls still open");
+            let _ = end_calls.send(true);
+            server.await
+        }
+    }
+}
+
+/// Ends the calls still open when the grace period of a shutdown is over: one whose handler
+/// has not answered gets UNAVAILABLE (the handler is dropped), a stream under way ends with
+/// UNAVAILABLE in its trailers. Until then it only passes calls through.
+#[derive(Debug, Clone)]
+struct GraceLayer(tokio::sync::watch::Receiver<bool>);
+
+impl<S> tower::Layer<S> for GraceLayer {
+    type Service = Layered<GraceLayer, S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Layered::new(self.clone(), inner)
+    }
+}
+
+/// Resolves once the grace period is over.
+fn grace_over(mut calls_end: tokio::sync::watch::Receiver<bool>) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        if calls_end.wait_for(|over| *over).await.is_err() {
+            // The server is gone without ending calls: they end with it.
+            std::future::pending::<()>().await;
+        }
+    })
+}
+
+const SHUTTING_DOWN: &str = "the server is shutting down and its grace period is over";
+
+impl Middleware for GraceLayer {
+    fn handle<S: InnerService>(&self, request: Request, mut inner: S) -> Answer<S::Error> {
+        let calls_end = self.0.clone();
+        Box::pin(async move {
+            let answered = tokio::select! {
+                answered = inner.call(request) => answered?,
+                () = grace_over(calls_end.clone()) => {
+                    return Ok(tonic::Status::unavailable(SHUTTING_DOWN).into_http());
+                }
+            };
+            let (parts, body) = answered.into_parts();
+            let body = tonic::body::Body::new(Graced {
+                body,
+                over: grace_over(calls_end),
+                ended: false,
+            });
+            Ok(http::Response::from_parts(parts, body))
+        })
+    }
+}
+
+/// An answer's body that ends with UNAVAILABLE once the grace period is over.
+struct Graced {
+    body: tonic::body::Body,
+    over: BoxFuture<'static, ()>,
+    ended: bool,
+}
+
+impl http_body::Body for Graced {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.over.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            let mut trailers = http::HeaderMap::new();
+            let status = tonic::Status::unavailable(SHUTTING_DOWN);
+            if status.add_header(&mut trailers).is_ok() {
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+            return Poll::Ready(Some(Err(status)));
+        }
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            this.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    use super::*;
+    use crate::auth::{AuthCache, Authenticated, Authenticator};
+
+    struct NoKeys;
+
+    impl Authenticator for NoKeys {
+        fn authenticate<'a>(
+            &'a self,
+            _api_key: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Authenticated, crate::Error>> {
+            Box::pin(async { Err(crate::Error::Unauthenticated("no keys here".into())) })
+        }
+    }
+
+    /// On shutdown a server reports NOT_SERVING to a stream already open, lets it go on for
+    /// the grace period, then closes it: the caller sees UNAVAILABLE, the server returns.
+    #[tokio::test]
+    async fn shutdown_lets_open_calls_run_for_the_grace_period_then_ends_them() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let auth = AuthLayer::new(
+            std::sync::Arc::new(NoKeys),
+            std::sync::Arc::new(AuthCache::new(Duration::from_secs(60))),
+            None,
+        );
+        let grace = Duration::from_millis(600);
+        let server = tokio::spawn(serve(
+            listener,
+            ServiceSet::new(),
+            auth,
+            async move {
+                let _ = stopped.await;
+            },
+            grace,
+        ));
+        let channel = endpoint(&format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        let mut watch = health
+            .watch(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.status(), ServingStatus::Serving);
+
+        let asked = Instant::now();
+        stop.send(()).unwrap();
+        let update = watch.message().await.unwrap().unwrap();
+        assert_eq!(update.status(), ServingStatus::NotServing);
+        // The stream stays open through the grace period, then is ended.
+        let ended = watch.message().await;
+        let waited = asked.elapsed();
+        assert!(
+            waited >= grace,
+            "ended after {waited:?}, before the grace period"
+        );
+        let code = ended.err().map(|status| status.code());
+        assert_eq!(code, Some(tonic::Code::Unavailable), "{waited:?}");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server returns once the grace period is over")
+            .unwrap()
+            .unwrap();
+    }
 }

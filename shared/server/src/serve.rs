@@ -152,7 +152,7 @@ pub async fn serve(
         (Some(identity), None) => Arc::new(identity),
         (_, url) => Arc::new(AuthServiceClient::new(peer("identity_url", url)?)),
     };
-    let done = serve_host(host, listener, authenticator).await?;
+    let done = serve_host(host, listener, authenticator, server.shutdown_grace).await?;
     tracing::info!(%addr, services = %roles, "Kiln serving");
     Ok(Running {
         addr,
@@ -192,6 +192,7 @@ async fn serve_host(
     host: Host,
     listener: TcpListener,
     authenticator: Arc<dyn Authenticator>,
+    grace: std::time::Duration,
 ) -> anyhow::Result<JoinHandle<Result<(), String>>> {
     let parts = host.into_parts();
     let invalidation = kiln_events::auth_cache::spawn_invalidation(
@@ -205,10 +206,10 @@ async fn serve_host(
     let services = parts.services;
     let tasks = parts.tasks;
     Ok(tokio::spawn(async move {
-        let result = kiln_core::server::serve(listener, services, auth, async move {
+        let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
+        };
+        let result = kiln_core::server::serve(listener, services, auth, stopped, grace).await;
         invalidation.abort();
         for task in tasks {
             let _ = task.await;
