@@ -71,54 +71,46 @@ fn side_by_side(parts: Vec<Linear>) -> Option<Linear> {
         _ => false,
     });
     if same_blocks && matches!(parts.first(), Some(Linear::Blocks { .. })) {
-        let mut merged: Option<Linear> = None;
+        // Rows are outputs: blocks, scales and offsets are all by output first, so the parts
+        // follow each other.
+        let mut parts = parts.into_iter();
+        let Some(Linear::Blocks {
+            inputs,
+            mut outputs,
+            bits,
+            mut packed,
+            mut scales,
+            mut offsets,
+        }) = parts.next()
+        else {
+            unreachable!("checked above");
+        };
         for part in parts {
             let Linear::Blocks {
-                inputs,
-                outputs,
-                bits,
-                packed,
-                scales,
-                offsets,
+                outputs: more,
+                packed: more_packed,
+                scales: more_scales,
+                offsets: more_offsets,
+                ..
             } = part
             else {
                 unreachable!("checked above");
             };
-            // Rows are outputs: blocks, scales and offsets are all by output first.
-            merged = Some(match merged {
-                None => Linear::Blocks {
-                    inputs,
-                    outputs,
-                    bits,
-                    packed,
-                    scales,
-                    offsets,
-                },
-                Some(Linear::Blocks {
-                    outputs: o,
-                    packed: mut p,
-                    scales: mut s,
-                    offsets: off,
-                    ..
-                }) => {
-                    p.extend(packed);
-                    s.extend(scales);
-                    Linear::Blocks {
-                        inputs,
-                        outputs: o + outputs,
-                        bits,
-                        packed: p,
-                        scales: s,
-                        offsets: off.zip(offsets).map(|(mut a, b)| {
-                            a.extend(b);
-                            a
-                        }),
-                    }
-                }
-                Some(Linear::Float(_)) => unreachable!("only blocks are merged here"),
-            });
+            outputs += more;
+            packed.extend(more_packed);
+            scales.extend(more_scales);
+            if let (Some(offsets), Some(more)) = (offsets.as_mut(), more_offsets) {
+                offsets.extend(more);
+            }
         }
-        return merged;
+        return Some(Linear::Blocks {
+            inputs,
+            outputs,
+            bits,
+            packed,
+            scales,
+            offsets,
+        });
     }
     let floats: Vec<Weight> = parts
         .into_iter()
