@@ -20,9 +20,6 @@ const AREAS: [(&str, std::ops::Range<u32>); 5] = [
     ("inference", 140..170),
 ];
 
-/// Subjects the contract declares that no service publishes yet (the reference says so).
-const NOT_YET_PUBLISHED: [&str; 1] = ["kiln.billing.spend.recorded"];
-
 /// What an event says happened, the last words of its message's name.
 const VERBS: [&str; 16] = [
     "StateChanged",
@@ -176,9 +173,6 @@ fn render() -> (String, BTreeSet<String>) {
         if !comment.is_empty() {
             let _ = writeln!(out, "{comment}");
         }
-        if NOT_YET_PUBLISHED.contains(&subject.as_str()) {
-            out.push_str("\n**Declared, not yet published**: no service sends it today.\n");
-        }
         out.push('\n');
         let fields: Vec<_> = message.fields().collect();
         if fields.is_empty() {
@@ -257,10 +251,7 @@ fn the_events_reference_is_the_contract_and_names_what_the_code_publishes() {
         unlisted.is_empty(),
         "published, not in the reference: {unlisted:?}"
     );
-    let silent: Vec<_> = listed
-        .difference(&published)
-        .filter(|t| !NOT_YET_PUBLISHED.contains(&format!("kiln.{t}").as_str()))
-        .collect();
+    let silent: Vec<_> = listed.difference(&published).collect();
     assert!(
         silent.is_empty(),
         "in the reference, published nowhere: {silent:?}"

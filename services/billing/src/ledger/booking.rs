@@ -6,6 +6,7 @@ use kiln_store::{query, value_rows};
 use std::collections::{HashMap, HashSet};
 
 use kiln_core::time::{utc_day, utc_month};
+use kiln_events::records::HasRecords;
 use kiln_events::{Body, Event};
 use kiln_proto::events::v1 as ev;
 use sea_orm::{DatabaseTransaction, Value};
@@ -165,7 +166,54 @@ impl Billing {
         })
         .collect::<Result<Vec<_>>>()?;
         self.check_spend_limits(txn, &totals).await?;
+        self.announce_spend(txn, entries, &inserted, &totals)
+            .await?;
         Ok(inserted)
+    }
+
+    /// Announces every priced entry this batch booked (`kiln.billing.spend.recorded`), with
+    /// its account's spend in the month as of that entry: the month's total after the batch,
+    /// less what the batch's later entries added.
+    async fn announce_spend(
+        &self,
+        txn: &DatabaseTransaction,
+        entries: &[Entry],
+        inserted: &HashSet<String>,
+        totals: &[(String, String, i64)],
+    ) -> Result<()> {
+        let mut to_date: HashMap<(&str, &str), i64> = totals
+            .iter()
+            .map(|(account, month, cost)| ((account.as_str(), month.as_str()), *cost))
+            .collect();
+        let months: Vec<String> = entries.iter().map(|e| utc_month(e.time_micros)).collect();
+        let mut events = Vec::new();
+        for (e, month) in entries.iter().zip(&months).rev() {
+            if e.cost_nanos == 0 || !inserted.contains(&e.id) {
+                continue;
+            }
+            let Some(spend) = to_date.get_mut(&(e.account.as_str(), month.as_str())) else {
+                continue;
+            };
+            let name = format!("accounts/{}", e.account);
+            let body = Body::SpendRecorded(ev::SpendRecorded {
+                account: name.clone(),
+                amount: Some(self.prices().money(e.cost_nanos)),
+                month_to_date_spend: Some(self.prices().money(*spend)),
+                month: month.clone(),
+                usage_event_id: e.id.clone(),
+                usage_kind: e.kind.to_owned(),
+                model: e.model.clone(),
+                deployment: e.deployment.clone(),
+            });
+            *spend -= e.cost_nanos;
+            events.push(
+                self.outbox()
+                    .event("billing.spend.recorded", &name, &name, body),
+            );
+        }
+        events.reverse();
+        self.outbox().enqueue_all(txn, &events).await?;
+        Ok(())
     }
 }
 

@@ -83,6 +83,56 @@ async fn an_event_is_booked_once_however_often_it_comes() {
     assert_eq!(nanos(row.cost.as_ref()), 25 * 100);
 }
 
+/// The SpendRecorded bodies in the outbox, in order.
+async fn spend_recorded(billing: &Billing) -> Vec<ev::SpendRecorded> {
+    use prost::Message as _;
+    query(
+        billing.db(),
+        "SELECT payload FROM kiln_outbox WHERE subject = 'kiln.billing.spend.recorded' ORDER BY seq",
+        vec![],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| {
+        let payload: Vec<u8> = row.try_get("", "payload").unwrap();
+        match Event::decode(&payload[..]).unwrap().body {
+            Some(Body::SpendRecorded(spend)) => spend,
+            other => panic!("not a SpendRecorded: {other:?}"),
+        }
+    })
+    .collect()
+}
+
+#[tokio::test]
+async fn each_priced_usage_is_announced_with_the_months_spend_so_far() {
+    let dir = tempfile::tempdir().unwrap();
+    let billing = billing(&dir).await;
+    let now = now_micros();
+    let a = usage("accounts/acme", 1_000, 500, now);
+    let b = usage("accounts/acme", 2_000, 0, now);
+    billing.ingest(&[a.clone(), b.clone()]).await.unwrap();
+    // A replay books nothing and announces nothing.
+    billing.ingest(std::slice::from_ref(&a)).await.unwrap();
+    let spend = spend_recorded(&billing).await;
+    let ids: Vec<&str> = spend.iter().map(|s| s.usage_event_id.as_str()).collect();
+    assert_eq!(ids, [a.id.as_str(), b.id.as_str()]);
+    let cost = |s: &ev::SpendRecorded| {
+        let m = s.amount.as_ref().unwrap();
+        m.units * 1_000_000_000 + i64::from(m.nanos)
+    };
+    let to_date = |s: &ev::SpendRecorded| {
+        let m = s.month_to_date_spend.as_ref().unwrap();
+        m.units * 1_000_000_000 + i64::from(m.nanos)
+    };
+    assert!(cost(&spend[0]) > 0 && cost(&spend[1]) > 0);
+    assert_eq!(to_date(&spend[0]), cost(&spend[0]));
+    assert_eq!(to_date(&spend[1]), cost(&spend[0]) + cost(&spend[1]));
+    assert_eq!(spend[1].account, "accounts/acme");
+    assert_eq!(spend[1].usage_kind, "tokens");
+    assert_eq!(spend[0].month, kiln_core::time::utc_month(now));
+}
+
 /// A 70B base model: the unbounded tier ($0.90 per million input tokens, $3.00 per million
 /// training tokens).
 fn big_base_model() -> Event {
