@@ -64,6 +64,18 @@ pub trait EventBus: Send + Sync + 'static {
     /// event twice stores it once.
     async fn publish(&self, subject: &str, event: &Event) -> Result<(), Error>;
 
+    /// Publishes `events` in order; returns how many of them, from the first, are stored, and
+    /// the error that stopped the rest. A backend may pipeline them: an event after a failure
+    /// may be stored too without being counted, and is deduplicated when published again.
+    async fn publish_all(&self, events: &[(&str, &Event)]) -> (usize, Result<(), Error>) {
+        for (i, (subject, event)) in events.iter().enumerate() {
+            if let Err(err) = self.publish(subject, event).await {
+                return (i, Err(err));
+            }
+        }
+        (events.len(), Ok(()))
+    }
+
     /// Events on `filter` (NATS wildcards) published from now on, to this subscriber alone.
     /// Not durable: for caches and watchers that every instance must see.
     async fn subscribe(&self, filter: &str) -> Result<BoxStream<'static, Event>, Error>;

@@ -108,25 +108,50 @@ fn decode(subject: &str, payload: &[u8]) -> Result<Event, Error> {
 #[async_trait]
 impl EventBus for NatsBus {
     async fn publish(&self, subject: &str, event: &Event) -> Result<(), Error> {
+        let (_, result) = self.publish_all(&[(subject, event)]).await;
+        result
+    }
+
+    /// Sends every event, then waits for JetStream's acks in order: one round trip for the
+    /// batch rather than one an event.
+    async fn publish_all(&self, events: &[(&str, &Event)]) -> (usize, Result<(), Error>) {
         if self.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(Error::Nats("not connected".into()));
+            return (0, Err(Error::Nats("not connected".into())));
         }
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.id.as_str());
-        if !event.trace_context.is_empty() {
-            headers.insert("traceparent", event.trace_context.as_str());
+        let mut acks = Vec::with_capacity(events.len());
+        let mut send_failure = None;
+        for (subject, event) in events {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.id.as_str());
+            if !event.trace_context.is_empty() {
+                headers.insert("traceparent", event.trace_context.as_str());
+            }
+            let sent = self
+                .js
+                .publish_with_headers(
+                    self.wire_subject(subject),
+                    headers,
+                    event.encode_to_vec().into(),
+                )
+                .await;
+            match sent {
+                Ok(ack) => acks.push(ack),
+                Err(err) => {
+                    send_failure = Some(nats_err(err));
+                    break;
+                }
+            }
         }
-        self.js
-            .publish_with_headers(
-                self.wire_subject(subject),
-                headers,
-                event.encode_to_vec().into(),
-            )
-            .await
-            .map_err(nats_err)?
-            .await
-            .map_err(nats_err)?;
-        Ok(())
+        let sent = acks.len();
+        for (stored, ack) in acks.into_iter().enumerate() {
+            if let Err(err) = ack.await {
+                return (stored, Err(nats_err(err)));
+            }
+        }
+        match send_failure {
+            Some(err) => (sent, Err(err)),
+            None => (sent, Ok(())),
+        }
     }
 
     async fn subscribe(&self, filter: &str) -> Result<BoxStream<'static, Event>, Error> {
