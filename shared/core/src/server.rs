@@ -245,18 +245,19 @@ const SHUTTING_DOWN: &str = "the server is shutting down and its grace period is
 
 impl Middleware for GraceLayer {
     fn handle<S: InnerService>(&self, request: Request, mut inner: S) -> Answer<S::Error> {
-        let calls_end = self.0.clone();
+        // One wait for the end of the grace period serves the handler and then the body.
+        let mut over = grace_over(self.0.clone());
         Box::pin(async move {
             let answered = tokio::select! {
                 answered = inner.call(request) => answered?,
-                () = grace_over(calls_end.clone()) => {
+                () = &mut over => {
                     return Ok(tonic::Status::unavailable(SHUTTING_DOWN).into_http());
                 }
             };
             let (parts, body) = answered.into_parts();
             let body = tonic::body::Body::new(Graced {
                 body,
-                over: grace_over(calls_end),
+                over,
                 ended: false,
             });
             Ok(http::Response::from_parts(parts, body))

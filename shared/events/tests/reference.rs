@@ -145,13 +145,13 @@ fn render() -> (String, BTreeSet<String>) {
          message's `traceparent` header), and exactly one body below.\n\n",
     );
     let mut subjects = BTreeSet::new();
-    let mut area = "";
+    let mut area = String::new();
     for field in body.fields() {
         let subject = subject(&field);
-        let this_area = subject.split('.').nth(1).unwrap().to_owned();
+        let this_area = subject.split('.').nth(1).unwrap();
         if this_area != area {
             let _ = writeln!(out, "## {this_area}\n");
-            area = AREAS.iter().find(|(a, _)| *a == this_area).unwrap().0;
+            area = this_area.to_owned();
         }
         let Kind::Message(message) = field.kind() else {
             unreachable!("checked in subject()")

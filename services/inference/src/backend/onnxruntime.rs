@@ -151,6 +151,7 @@ impl Backend for OnnxRuntime {
             session,
             interface,
             resident: Vec::new(),
+            cache_names: Vec::new(),
         }))
     }
 }
@@ -160,6 +161,8 @@ struct OrtSession {
     interface: Interface,
     /// Inputs of every run, converted once (see [`Session::set_resident`]).
     resident: Vec<(String, DynValue)>,
+    /// `(past_key_values.N.kind, present.N.kind)` of an in-place run's cache buffers.
+    cache_names: Vec<(String, String)>,
 }
 
 impl Session for OrtSession {
@@ -218,18 +221,22 @@ impl Session for OrtSession {
         for buffer in cache.buffers {
             views.push(TensorRefMut::from_array_view_mut((cache.shape, buffer)).map_err(fail)?);
         }
-        let names: Vec<(String, String)> = (0..views.len())
-            .map(|i| {
-                let kind = if i % 2 == 0 { "key" } else { "value" };
-                (
-                    format!("past_key_values.{}.{kind}", i / 2),
-                    format!("present.{}.{kind}", i / 2),
-                )
-            })
-            .collect();
+        // The cache's input and output names, built once: this runs every decode step.
+        if self.cache_names.len() != views.len() {
+            self.cache_names = (0..views.len())
+                .map(|i| {
+                    let kind = if i % 2 == 0 { "key" } else { "value" };
+                    (
+                        format!("past_key_values.{}.{kind}", i / 2),
+                        format!("present.{}.{kind}", i / 2),
+                    )
+                })
+                .collect();
+        }
+        let names = &self.cache_names;
         let mut in_place: Vec<kiln_ort_run::InPlace<'_, '_>> = views
             .iter_mut()
-            .zip(&names)
+            .zip(names)
             .map(|(view, (input, output))| kiln_ort_run::InPlace {
                 input,
                 output,

@@ -8,11 +8,7 @@ use crate::backend::BackendError;
 impl Worker {
     /// One token for every running sequence, in one pass.
     pub(super) fn decode(&mut self, running: &mut [Sequence]) -> Result<(), BackendError> {
-        if let Some(arena) = self.arena.as_mut() {
-            let ids: Vec<_> = running.iter().map(|s| s.id).collect();
-            arena.place(&ids, 0);
-            running.sort_by_key(|s| arena.row_of(s.id));
-        }
+        self.place_rows(running, 0);
         let batch = running.len();
         let width = running.iter().map(|s| s.cached).max().unwrap_or(0);
         let total = width + 1;

@@ -35,6 +35,16 @@ impl Worker {
         self.session.run(inputs)
     }
 
+    /// With the arena, brings `seqs` to its rows from `base` and orders them as their rows
+    /// are (the batch order of an in-place pass).
+    pub(super) fn place_rows(&mut self, seqs: &mut [Sequence], base: usize) {
+        if let Some(arena) = self.arena.as_mut() {
+            let ids: Vec<_> = seqs.iter().map(|s| s.id).collect();
+            arena.place(&ids, base);
+            seqs.sort_by_key(|s| arena.row_of(s.id));
+        }
+    }
+
     /// Runs a pass over the arena's rows `base..base + rows.len()` (placed), `positions`
     /// the widest row's total, `per_row` tokens a row: the cache is appended in place and
     /// the logits land in the worker's buffer. Returns no tensors (see [`Self::logits_of`]).

@@ -87,11 +87,7 @@ impl Worker {
         group: &mut [Sequence],
         base: usize,
     ) -> Result<(), BackendError> {
-        if let Some(arena) = self.arena.as_mut() {
-            let ids: Vec<_> = group.iter().map(|s| s.id).collect();
-            arena.place(&ids, base);
-            group.sort_by_key(|s| arena.row_of(s.id));
-        }
+        self.place_rows(group, base);
         let batch = group.len();
         let lens: Vec<usize> = group.iter().map(|s| self.chunk_len(s)).collect();
         let n = lens.iter().copied().max().unwrap_or(0);
@@ -138,8 +134,7 @@ impl Worker {
             if seq.fed < seq.request.prompt.len() {
                 continue;
             }
-            let prompt = seq.request.prompt.clone();
-            self.remember_prefix(seq, &prompt);
+            self.remember_prefix(seq, &seq.request.prompt);
             let mut logits = self.logits_of(&outputs, row, n, len - 1);
             let sampled = seq.sampler.sample(&mut logits);
             self.emit(seq, sampled);
