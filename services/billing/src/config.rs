@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use kiln_core::config::{ConfigError, Validate};
 use kiln_core::duration;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::prices::{Prices, parse_usd_nanos};
@@ -15,7 +16,7 @@ pub use crate::prices::{TokenPrices, TokenTier};
 /// The ledger's durable consumer unless `ledger_consumer` names another.
 const DEFAULT_LEDGER_CONSUMER: &str = "billing-ledger";
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BillingConfig {
     /// ISO 4217 code of every price and amount.
@@ -33,6 +34,7 @@ pub struct BillingConfig {
     /// How often running dedicated replicas are billed for their time so far (so reports and
     /// spend limits see them before they stop).
     #[serde(with = "duration::serde")]
+    #[schemars(with = "duration::Text")]
     pub accrual_interval: Duration,
     /// Events handled per ledger transaction at most.
     pub ingest_batch: usize,
@@ -43,14 +45,18 @@ pub struct BillingConfig {
 }
 
 /// Default quota values (and the most an account may set itself).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct QuotaDefaults {
     /// Accelerators of each type an account's dedicated deployments may hold at once.
     pub accelerators: i64,
+    /// Deployments an account may hold.
     pub deployments: i64,
+    /// Serverless inference requests per minute.
     pub serverless_inference_rpm: i64,
+    /// Serverless inference tokens per minute.
     pub serverless_inference_tpm: i64,
+    /// Fine-tuning jobs an account may run at once.
     pub fine_tuning_jobs: i64,
     /// Whole currency units per calendar month (UTC).
     pub monthly_spend: i64,

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use kiln_core::config::ConfigError;
 use kiln_proto::common::v1::{AcceleratorType, Money};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Nano-units in one unit of the currency.
@@ -14,13 +15,14 @@ const MICROS_PER_HOUR: i128 = 3_600_000_000;
 
 /// Prices per million tokens, as decimal strings (`"0.10"`): each must be a whole number of
 /// nano-units per token (at most three decimals).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TokenPrices {
     /// Prompt tokens not served from the prefix cache.
     pub input: String,
     /// Prompt tokens served from the prefix cache.
     pub cached_input: String,
+    /// Generated tokens.
     pub output: String,
     /// Tokens of embedding inputs.
     pub embedding: String,
@@ -29,7 +31,7 @@ pub struct TokenPrices {
 }
 
 /// One tier of `billing.token_prices`: its bound and its prices side by side.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(from = "TierKeys")]
 pub struct TokenTier {
     /// Models up to this many parameters; 0: no bound (the last tier).
@@ -40,14 +42,20 @@ pub struct TokenTier {
 
 /// A tier as it is written, every key known (serde cannot refuse unknown keys next to a
 /// flattened struct).
-#[derive(Default, Deserialize)]
+#[derive(Default, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 struct TierKeys {
+    /// Models up to this many parameters; 0: no bound (the last tier).
     max_parameters: i64,
+    /// Per million prompt tokens not served from the prefix cache (`"0.10"`).
     input: String,
+    /// Per million prompt tokens served from the prefix cache.
     cached_input: String,
+    /// Per million generated tokens.
     output: String,
+    /// Per million tokens of embedding inputs.
     embedding: String,
+    /// Per million tokens a fine-tuning job trains on (every epoch).
     training: String,
 }
 

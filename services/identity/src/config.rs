@@ -1,9 +1,10 @@
 //! Identity's configuration: the shared server settings plus its own `[identity]` section.
 
 use kiln_core::config::{ConfigError, Validate};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Email of the platform admin user created on first start (`KILN_IDENTITY__ADMIN_EMAIL`).

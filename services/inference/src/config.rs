@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use kiln_core::config::{ConfigError, Validate};
 use kiln_core::duration;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct InferenceConfig {
     /// `auto` (ONNX Runtime where it can run, tract otherwise), `tract` or `onnxruntime`.
@@ -35,11 +36,12 @@ pub struct InferenceConfig {
     pub batching: Batching,
     /// Requests waiting for one model beyond which new ones are refused (UNAVAILABLE).
     pub queue_capacity: usize,
-    /// Text generation: sequences decoded together per model, prompt tokens one step feeds
-    /// (a newcomer's chunk, or newcomers prefilled together: rows × the longest chunk), and
-    /// the cached tokens (prompt + max_tokens) over all running sequences.
+    /// Text generation: sequences decoded together per model.
     pub max_sequences: usize,
+    /// Text generation: prompt tokens one step feeds (a newcomer's chunk, or newcomers
+    /// prefilled together: rows × the longest chunk).
     pub prefill_chunk: usize,
+    /// Text generation: the cached tokens (prompt + max_tokens) over all running sequences.
     pub max_kv_tokens: usize,
     /// Text generation: memory per model for the keys and values of recent prompts and
     /// answers, reused by prompts that begin the same way (system prompts, earlier turns of a
@@ -75,6 +77,7 @@ pub struct InferenceConfig {
     /// How long a request waits for a deployment with no ready replica (scaled to zero, or
     /// starting) before UNAVAILABLE.
     #[serde(with = "duration::serde")]
+    #[schemars(with = "duration::Text")]
     pub cold_start_timeout: Duration,
     /// Requests that may wait so per deployment; more are refused (RESOURCE_EXHAUSTED).
     pub max_waiting_requests: usize,
@@ -83,7 +86,7 @@ pub struct InferenceConfig {
 }
 
 /// Whether and how the node trains LoRA addons (one fine-tuning job at a time).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainingConfig {
     /// Tell the scheduler this node takes fine-tuning jobs.
@@ -106,13 +109,14 @@ impl Default for TrainingConfig {
 }
 
 /// A group of identical accelerators a node declares.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AcceleratorConfig {
     /// An accelerator type name: NVIDIA_A100_80GB, NVIDIA_H100_80GB, NVIDIA_H200_141GB,
     /// AMD_MI300X_192GB or CPU.
     #[serde(rename = "type")]
     pub kind: String,
+    /// Devices of this type.
     pub count: i32,
     /// Memory per device; 0: the type's own (80 GiB for an H100…; for CPU, the host's RAM).
     pub memory_bytes: i64,
@@ -134,11 +138,14 @@ pub(crate) const MAX_INSTANCES: usize = 16;
 /// default) a pass takes what is queued when it starts: an idle model answers at once, and
 /// under load requests gather while the previous pass runs. A delay holds the first request
 /// up to that long for others to join.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Batching {
+    /// Rows one forward pass takes at most; 1 turns batching off.
     pub max_batch_size: usize,
+    /// How long the first request waits for others to join its pass.
     #[serde(with = "duration::serde")]
+    #[schemars(with = "duration::Text")]
     pub max_queue_delay: Duration,
     /// Copies of an embedding or tensor model loaded side by side, each running its own
     /// passes with `intra_op_threads` threads: on a small machine two single-threaded
@@ -157,7 +164,7 @@ impl Default for Batching {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     /// accounts/{account}/models/{model}
@@ -167,9 +174,13 @@ pub struct ModelConfig {
     pub path: String,
     /// Overrides `inference.backend` for this model.
     pub backend: String,
+    /// Overrides `inference.batching.max_batch_size` for this model.
     pub max_batch_size: Option<usize>,
+    /// Overrides `inference.batching.max_queue_delay` for this model.
     #[serde(with = "duration::optional")]
+    #[schemars(with = "Option<duration::Text>")]
     pub max_queue_delay: Option<Duration>,
+    /// Overrides `inference.batching.instances` for this model.
     pub instances: Option<usize>,
 }
 

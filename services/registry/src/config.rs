@@ -1,9 +1,10 @@
 //! The registry's `[registry]` configuration section.
 
 use kiln_core::config::{ConfigError, Validate};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Where artifacts live: empty for the local file system under `<data_dir>/objects`, or
@@ -14,10 +15,13 @@ pub struct RegistryConfig {
     pub max_file_bytes: u64,
     /// The largest dataset file.
     pub max_dataset_bytes: u64,
-    /// S3 settings; each falls back to the usual AWS_* variable when empty.
+    /// The S3 endpoint (MinIO, another S3-compatible store); empty: `AWS_ENDPOINT`, else AWS.
     pub s3_endpoint: String,
+    /// Empty: `AWS_REGION`.
     pub s3_region: String,
+    /// Empty: `AWS_ACCESS_KEY_ID`.
     pub s3_access_key_id: String,
+    /// Empty: `AWS_SECRET_ACCESS_KEY`.
     pub s3_secret_access_key: String,
     /// Allow a plain-http endpoint (MinIO or a local test server).
     pub s3_allow_http: bool,

@@ -5,27 +5,33 @@ use std::time::Duration;
 
 use kiln_core::config::{ConfigError, Validate};
 use kiln_core::duration;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerConfig {
     /// How often nodes send a heartbeat (told to each node when it registers).
     #[serde(with = "duration::serde")]
+    #[schemars(with = "duration::Text")]
     pub heartbeat_interval: Duration,
     /// A node whose last heartbeat is older than this is lost: its replicas are placed
     /// elsewhere.
     #[serde(with = "duration::serde")]
+    #[schemars(with = "duration::Text")]
     pub node_lost_after: Duration,
     /// How often the reconcile pass runs when nothing wakes it sooner (autoscaling, lost
     /// nodes, placement retries).
     #[serde(with = "duration::serde")]
+    #[schemars(with = "duration::Text")]
     pub reconcile_interval: Duration,
     /// How long a soft-deleted deployment can be undeleted.
     #[serde(with = "duration::serde")]
+    #[schemars(with = "duration::Text")]
     pub purge_after: Duration,
     /// How long an unloading replica may finish its in-flight requests.
     #[serde(with = "duration::serde")]
+    #[schemars(with = "duration::Text")]
     pub drain_timeout: Duration,
 }
 

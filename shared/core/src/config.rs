@@ -9,6 +9,7 @@ use std::time::Duration;
 pub use figment::Figment;
 use figment::Provider;
 use figment::providers::{Env, Format, Toml};
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -206,7 +207,7 @@ fn describe_figment_error(err: figment::Error, section: Option<&str>) -> String 
 }
 
 /// Settings every Kiln server shares.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct ServerConfig {
     /// Address the gRPC server listens on (`KILN_LISTEN`).
@@ -237,6 +238,7 @@ pub struct ServerConfig {
     /// How long a resolved API key is trusted before asking identity again (`60s`).
     /// Deletions reach caches sooner, through events.
     #[serde(with = "crate::duration::serde")]
+    #[schemars(with = "crate::duration::Text")]
     pub auth_cache_ttl: Duration,
     /// Secret that signs page tokens; default: derived from the service token.
     pub page_token_secret: Option<String>,
@@ -248,10 +250,11 @@ pub struct ServerConfig {
     /// On SIGTERM or Ctrl-C, how long the calls in flight (streams included) may go on once
     /// no new ones are accepted (`30s`); those still open then end as UNAVAILABLE.
     #[serde(with = "crate::duration::serde")]
+    #[schemars(with = "crate::duration::Text")]
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,

@@ -73,6 +73,23 @@ pub fn format(duration: Duration) -> String {
 
 /// Serde support for `Duration` fields written as text (`#[serde(with =
 /// "kiln_core::duration::serde")]`).
+/// A duration as the configuration's schema shows it (docs/config.md): text with a unit.
+pub struct Text;
+
+impl schemars::JsonSchema for Text {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "format": "duration" })
+    }
+}
+
 pub mod serde {
     use std::time::Duration;
 

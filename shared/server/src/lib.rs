@@ -8,6 +8,8 @@ mod config;
 mod dev;
 mod library;
 mod links;
+#[cfg(test)]
+mod reference;
 mod roles;
 mod serve;
 mod signal;
