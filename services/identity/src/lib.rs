@@ -49,7 +49,7 @@ async fn watch_changes(identity: &Identity, host: &Host) -> Result<tokio::task::
     use futures::StreamExt;
     let mut events = host.bus.subscribe("kiln.identity.account.>").await?;
     let identity = identity.clone();
-    let mut shutdown = host.shutdown.clone();
+    let mut shutdown = host.stopped.clone();
     Ok(tokio::spawn(async move {
         loop {
             tokio::select! {

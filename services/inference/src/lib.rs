@@ -100,7 +100,7 @@ pub async fn open(
     let limiter = match limits {
         Some(source) => {
             let limiter = limits::RateLimiter::new(source);
-            host.track(limiter.follow(&host.bus, host.shutdown.clone()).await?);
+            host.track(limiter.follow(&host.bus, host.stopped.clone()).await?);
             Some(limiter)
         }
         None => None,
@@ -114,6 +114,7 @@ pub async fn open(
         usage,
         node,
         limiter,
+        draining: host.shutdown.clone(),
     };
     add_services(&inference, &mut host.services);
     Ok(inference)

@@ -33,6 +33,8 @@ pub struct Inference {
     pub(crate) node: Option<Arc<Node>>,
     /// Per-account admission (suspensions are checked without it); None: no rate limits.
     pub(crate) limiter: Option<Arc<crate::limits::RateLimiter>>,
+    /// True once the process stops taking calls (the calls in flight may finish).
+    pub(crate) draining: tokio::sync::watch::Receiver<bool>,
 }
 
 pub(crate) type Reply<T> = Result<Response<T>, Status>;

@@ -11,6 +11,10 @@ use tokio::process::{Child, Command};
 
 #[path = "cli/compose.rs"]
 mod compose;
+#[path = "cli/shutdown.rs"]
+mod shutdown;
+#[path = "cli/trace.rs"]
+mod trace;
 
 fn kiln_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
@@ -28,7 +32,11 @@ impl KilnDev {
     /// environment `configure` sets) and waits until it has written its admin key and
     /// accepts connections.
     async fn start(configure: impl FnOnce(&mut Command)) -> Self {
-        let data = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), configure).await
+    }
+
+    /// [`KilnDev::start`] on `data` (a restart: the data dir of a stopped one).
+    async fn start_in(data: tempfile::TempDir, configure: impl FnOnce(&mut Command)) -> Self {
         let listen = format!("127.0.0.1:{}", free_port());
         let mut command = Command::new(kiln_binary());
         command
@@ -58,6 +66,22 @@ impl KilnDev {
         let what = "kiln dev to accept connections";
         wait_for_listener(&dev.listen, Duration::from_secs(30), what).await;
         dev
+    }
+
+    /// SIGTERM; waits for it to exit (cleanly) and gives back its data dir.
+    async fn terminate(mut self) -> tempfile::TempDir {
+        let pid = self.child.id().unwrap().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().await;
+        assert!(sent.unwrap().success());
+        let exit = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("kiln dev stops within its grace period")
+            .unwrap();
+        assert!(
+            exit.success(),
+            "kiln dev exits cleanly on SIGTERM: {exit:?}"
+        );
+        self.data
     }
 
     fn server(&self) -> String {
@@ -346,28 +370,13 @@ mod otlp {
 #[tokio::test]
 async fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
     let (endpoint, mut received) = otlp::start().await;
-    let mut dev = KilnDev::start(|command| {
+    let dev = KilnDev::start(|command| {
         command.env("KILN_OTLP_ENDPOINT", &endpoint);
     })
     .await;
     dev.ok("list accounts", &[]).await;
-    let child = &mut dev.child;
     // SIGTERM: kiln dev stops cleanly and flushes its spans.
-    let pid = child.id().unwrap().to_string();
-    let status = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        exit.success(),
-        "kiln dev exits cleanly on SIGTERM: {exit:?}"
-    );
+    dev.terminate().await;
 
     let mut span_names = Vec::new();
     let mut service_names = Vec::new();

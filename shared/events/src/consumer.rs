@@ -3,6 +3,7 @@
 
 use kiln_core::metrics;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -127,19 +128,36 @@ impl OnceEach {
 impl BatchHandler for OnceEach {
     async fn handle(&self, events: &[Event]) -> Result<(), Error> {
         for event in events {
-            let span = tracing::info_span!("event.consume", consumer = %self.consumer, event_id = %event.id);
-            kiln_core::telemetry::set_parent_from_traceparent(&span, &event.trace_context);
             handle_once(&self.db, &self.consumer, event, self.handler.as_ref())
-                .instrument(span)
+                .instrument(consume_span(&self.consumer, event))
                 .await?;
         }
         Ok(())
     }
 }
 
+/// The span of `consumer` handling `event`, a child of the request that caused the event (its
+/// `trace_context`), so a trace runs on from the publisher into each consumer.
+pub fn consume_span(consumer: &str, event: &Event) -> tracing::Span {
+    let span = tracing::info_span!(
+        "event.consume",
+        otel.name = %format_args!("{consumer} consume kiln.{}", event.r#type),
+        otel.kind = "consumer",
+        messaging.consumer.group.name = %consumer,
+        messaging.message.id = %event.id,
+    );
+    kiln_core::telemetry::set_parent_from_traceparent(&span, &event.trace_context);
+    span
+}
+
+/// How long a stopping consumer waits for one more event before it ends.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+
 /// Runs the durable consumer `name` on `filter` until `shutdown` turns true, reconnecting
 /// after bus errors, handing the handler every event already waiting (up to `batch`) at
-/// once. A failed batch is nacked whole and comes back.
+/// once. A failed batch is nacked whole and comes back. Told to stop, it first handles what
+/// is already on its way (until the bus is quiet for a moment): on the in-process bus, the
+/// events a stopping process published last would otherwise be lost.
 pub fn spawn_consumer(
     bus: Arc<dyn EventBus>,
     name: String,
@@ -170,11 +188,20 @@ pub fn spawn_consumer(
             let _reader = AbortOnDrop(reader);
             let mut chunk = Vec::with_capacity(batch);
             let mut acking: Option<tokio::task::JoinHandle<()>> = None;
+            let mut stopping = false;
             loop {
                 // Everything waiting, up to `batch` (at least one; none: the stream ended).
-                let received = tokio::select! {
-                    n = waiting.recv_many(&mut chunk, batch) => n,
-                    _ = shutdown.changed() => return,
+                let received = if stopping {
+                    let next = waiting.recv_many(&mut chunk, batch);
+                    tokio::time::timeout(DRAIN_QUIET, next).await.unwrap_or(0)
+                } else {
+                    tokio::select! {
+                        n = waiting.recv_many(&mut chunk, batch) => n,
+                        _ = shutdown.wait_for(|s| *s) => {
+                            stopping = true;
+                            continue;
+                        }
+                    }
                 };
                 if received == 0 {
                     break;
@@ -221,6 +248,9 @@ pub fn spawn_consumer(
             }
             if let Some(previous) = acking.take() {
                 let _ = previous.await;
+            }
+            if stopping {
+                return;
             }
         }
     })

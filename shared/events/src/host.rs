@@ -18,15 +18,47 @@ use crate::consumer::{BatchHandler, spawn_consumer};
 use crate::outbox::Outbox;
 
 /// Shared plumbing for the services of one process.
+///
+/// A stop runs in three steps, so that nothing the last calls did is lost: `shutdown` turns
+/// true (no new calls; the calls in flight may finish, nodes deregister); once the calls
+/// have ended, the background work ends (`stopped`: consumers first handle what is on its
+/// way, loops end) while the outbox relays still publish; then the relays publish what is
+/// left and end. A clean stop leaves every outbox empty when the bus is up.
 pub struct Host {
     server: ServerConfig,
     pub bus: Arc<dyn EventBus>,
     pub cache: Arc<AuthCache>,
     pub pages: PageTokens,
     pub services: ServiceSet,
+    /// True once the process stops taking calls.
     pub shutdown: watch::Receiver<bool>,
+    /// True once the calls in flight have ended: background work ends.
+    pub stopped: watch::Receiver<bool>,
+    stop: Stop,
     service_token: Option<String>,
+}
+
+/// The ends of a host's background work, which whoever serves it sets.
+pub struct Stop {
+    stop_relays: watch::Sender<bool>,
+    relays: Vec<JoinHandle<()>>,
+    stop_work: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl Stop {
+    /// Once the calls have ended: the background work ends, then the relays publish what
+    /// is left (what the calls and that work recorded) and end.
+    pub async fn run(self) {
+        let _ = self.stop_work.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let _ = self.stop_relays.send(true);
+        for relay in self.relays {
+            let _ = relay.await;
+        }
+    }
 }
 
 /// A host taken apart to be served.
@@ -36,8 +68,8 @@ pub struct HostParts {
     pub services: ServiceSet,
     pub shutdown: watch::Receiver<bool>,
     pub service_token: Option<String>,
-    /// Background tasks that end at shutdown.
-    pub tasks: Vec<JoinHandle<()>>,
+    /// Ends the background work once the calls have ended.
+    pub stop: Stop,
 }
 
 impl Host {
@@ -46,6 +78,7 @@ impl Host {
         bus: Arc<dyn EventBus>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let (stop_work, stopped) = watch::channel(false);
         Self {
             server: server.clone(),
             bus,
@@ -53,8 +86,14 @@ impl Host {
             pages: PageTokens::new(page_secret(server).as_bytes()),
             services: ServiceSet::new(),
             shutdown,
+            stopped,
+            stop: Stop {
+                stop_relays: watch::channel(false).0,
+                relays: Vec::new(),
+                stop_work,
+                tasks: Vec::new(),
+            },
             service_token: server.service_token.clone(),
-            tasks: Vec::new(),
         }
     }
 
@@ -83,14 +122,16 @@ impl Host {
         Ok(db)
     }
 
-    /// Publishes what `outbox` holds on the bus, in the background until shutdown.
+    /// Publishes what `outbox` holds on the bus, in the background until the rest of the
+    /// work has stopped (then one last pass).
     pub fn relay(&mut self, outbox: &Outbox, db: DatabaseConnection) {
-        let relay = outbox.spawn_relay(db, self.bus.clone(), self.shutdown.clone());
-        self.track(relay);
+        let stop = self.stop.stop_relays.subscribe();
+        let relay = outbox.spawn_relay(db, self.bus.clone(), stop);
+        self.stop.relays.push(relay);
     }
 
-    /// Runs the durable consumer `name` on `filter` in the background until shutdown, handing
-    /// `handler` up to `batch` waiting events at once ([`spawn_consumer`]).
+    /// Runs the durable consumer `name` on `filter` in the background until `stopped`,
+    /// handing `handler` up to `batch` waiting events at once ([`spawn_consumer`]).
     pub fn consume(
         &mut self,
         name: &str,
@@ -104,14 +145,15 @@ impl Host {
             filter.to_owned(),
             batch,
             handler,
-            self.shutdown.clone(),
+            self.stopped.clone(),
         );
         self.track(consumer);
     }
 
-    /// A background task that ends at shutdown (an outbox relay, a consumer).
+    /// A background task the process waits for when it stops (it ends at `shutdown` or at
+    /// `stopped`).
     pub fn track(&mut self, task: JoinHandle<()>) {
-        self.tasks.push(task);
+        self.stop.tasks.push(task);
     }
 
     pub fn into_parts(self) -> HostParts {
@@ -121,7 +163,7 @@ impl Host {
             services: self.services,
             shutdown: self.shutdown,
             service_token: self.service_token,
-            tasks: self.tasks,
+            stop: self.stop,
         }
     }
 }

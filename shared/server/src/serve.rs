@@ -204,16 +204,14 @@ async fn serve_host(
     let auth = AuthLayer::new(authenticator, parts.cache, parts.service_token.as_deref());
     let mut stop = parts.shutdown;
     let services = parts.services;
-    let tasks = parts.tasks;
+    let background = parts.stop;
     Ok(tokio::spawn(async move {
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
         let result = kiln_core::server::serve(listener, services, auth, stopped, grace).await;
         invalidation.abort();
-        for task in tasks {
-            let _ = task.await;
-        }
+        background.run().await;
         result.map_err(|e| format!("gRPC server: {e}"))
     }))
 }

@@ -10,9 +10,11 @@ use kiln_core::metrics;
 use kiln_events::records::HasRecords as _;
 
 use kiln_core::time::now_micros;
+use kiln_events::consumer::consume_span;
 use kiln_events::{Body, Event};
 use kiln_proto::events::v1 as ev;
 use sea_orm::DatabaseTransaction;
+use tracing::Instrument;
 
 use super::deployments::{deployment_deleted, save_deployment};
 use super::entry::{Entry, event_micros, micros};
@@ -106,15 +108,21 @@ impl Billing {
         let mut entries = Vec::new();
         let mut parameters = HashMap::new();
         for (event, once) in &applying {
-            match once {
-                Once::ByEntryId => {
-                    entries.extend(self.priced_entry(&txn, event, &mut parameters).await?);
+            let span = consume_span(&self.config().ledger_consumer, event);
+            async {
+                match once {
+                    Once::ByEntryId => {
+                        entries.extend(self.priced_entry(&txn, event, &mut parameters).await?);
+                    }
+                    Once::ByClaim => {
+                        self.apply(&txn, event, &mut entries, &mut parameters)
+                            .await?;
+                    }
                 }
-                Once::ByClaim => {
-                    self.apply(&txn, event, &mut entries, &mut parameters)
-                        .await?;
-                }
+                Ok::<_, kiln_core::Error>(())
             }
+            .instrument(span)
+            .await?;
         }
         let inserted = self.book(&txn, &entries).await?;
         let applied = applying

@@ -66,7 +66,7 @@ pub(crate) fn spawn(billing: &Billing, host: &mut kiln_events::host::Host) {
     );
     let accrual = {
         let billing = billing.clone();
-        let mut shutdown = host.shutdown.clone();
+        let mut shutdown = host.stopped.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(billing.config().accrual_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -27,7 +27,8 @@ impl Inference {
     /// Streams the answer to a request of `api`: builds its `job`, sends a message for each
     /// of `prelude`'s choices, then one for each piece that `choice` keeps as the choices
     /// decode, and a last one with the usage. Usage is recorded before the last message, and
-    /// also when the client goes away (dropping the events then cancels the sequences).
+    /// also when the client goes away (dropping the events then cancels the sequences),
+    /// unless the server is stopping (then it was the server that ended the stream).
     pub(super) fn stream<L: Send + 'static, M: Message>(
         &self,
         caller: &Principal,
@@ -90,6 +91,12 @@ impl Inference {
                 }
             }
             drop(events);
+            if gone && *this.draining.borrow() {
+                // The server ended the stream (a stop whose grace ran out): the client got
+                // UNAVAILABLE, not an answer, and is not billed for it.
+                tracing::info!(id = %envelope.id, "a stream cut by the shutdown is not billed");
+                return;
+            }
             let recorded = this
                 .record(&caller, &job, &envelope.id, api.name, counts, start)
                 .await;
