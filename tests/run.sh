@@ -51,9 +51,10 @@ fi
 bash deploy/fetch-assets.sh >/dev/null
 
 # Python tools the suites run: an S3-compatible server for the registry's object-store tests
-# (moto), and the independent Open Inference Protocol client (tritonclient); see
+# (moto), the independent Open Inference Protocol client (tritonclient) and the example event
+# consumer's nats-py and grpcio-tools; see
 # tests/python/requirements.txt.
-python3 -c "import moto.server, tritonclient.grpc, numpy" 2>/dev/null \
+python3 -c "import moto.server, tritonclient.grpc, numpy, nats, grpc_tools" 2>/dev/null \
   || python3 -m pip install --quiet -r tests/python/requirements.txt
 
 # Tests that spawn their own nats-server (the outage test) need the binary either way.

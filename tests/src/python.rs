@@ -20,6 +20,16 @@ impl Script {
         }
     }
 
+    /// A program under examples/ (`events/usage_meter.py`).
+    pub fn example(path: &str) -> Self {
+        let mut command = Command::new("python3");
+        command.arg(format!("{}/../examples/{path}", env!("CARGO_MANIFEST_DIR")));
+        Self {
+            name: path.to_owned(),
+            command,
+        }
+    }
+
     /// `flag value`.
     pub fn arg(mut self, flag: &str, value: impl Display) -> Self {
         self.command.arg(flag).arg(value.to_string());

@@ -392,3 +392,98 @@ async fn trace_context_crosses_grpc_into_events() {
     );
     mesh.shutdown().await;
 }
+
+/// The example consumer in Python (examples/events/usage_meter.py: nats-py, code generated
+/// from proto/) against the mesh on NATS: it counts every answer's usage once, a second run
+/// finds nothing new, and a replay from the stream's start adds nothing to what it counted
+/// (or, with a fresh record of ids, counts the same again).
+#[tokio::test]
+async fn the_python_usage_meter_counts_each_answer_once() {
+    use kiln_tests::inference::{MINILM, embed, first_embeddings, minilm_asset_dir};
+    use kiln_tests::python::Script;
+
+    let assets = minilm_asset_dir();
+    let server = match kiln_tests::Backends::from_env().nats_url {
+        Some(_) => None,
+        None => Some(NatsServer::start().await),
+    };
+    let mesh = kiln_tests::library_mesh_with(
+        assets.path(),
+        MeshOptions {
+            nats_url: server.as_ref().map(NatsServer::url),
+            ..Default::default()
+        },
+    )
+    .await;
+    let nats = mesh.nats.clone().expect("on NATS");
+    let ch = mesh.tenant_channel("metered").await;
+    let texts = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut prompt_tokens = i64::from(
+        first_embeddings(&ch, MINILM, &texts(&["warm up"]), Duration::from_secs(120))
+            .await
+            .usage
+            .unwrap()
+            .prompt_tokens,
+    );
+    let mut requests = 1;
+    for input in [&["one sentence"][..], &["two", "inputs here"]] {
+        let answer = embed(&ch, MINILM, &texts(input)).await.unwrap();
+        prompt_tokens += i64::from(answer.usage.unwrap().prompt_tokens);
+        requests += 1;
+    }
+
+    let state = tempfile::tempdir().unwrap();
+    let subject = mesh.wire_subject("kiln.inference.usage.recorded");
+    let meter = |state_file: &str, replay: bool| {
+        let script = Script::example("events/usage_meter.py")
+            .arg("--nats", &nats.url)
+            .arg("--stream", &nats.stream)
+            .arg("--subject", &subject)
+            .arg("--durable", "meter")
+            .arg("--state", state.path().join(state_file).display())
+            .arg("--idle-exit", 2)
+            .switch("--replay", replay)
+            .switch("--json", true);
+        // The mesh runs on this test's runtime while the script runs.
+        async move {
+            let ran = tokio::task::spawn_blocking(move || script.run()).await;
+            ran.unwrap().unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    let metered = |report: &serde_json::Value| -> (i64, i64) {
+        let counted = report["counted"].as_array().unwrap();
+        let ours = counted
+            .iter()
+            .filter(|u| u["account"] == "accounts/metered" && u["model"] == MINILM);
+        ours.fold((0, 0), |(n, tokens), u| {
+            (n + 1, tokens + u["prompt_tokens"].as_i64().unwrap())
+        })
+    };
+    // The usage leaves each answer's outbox shortly after it: meter until all of it came.
+    let mut total = (0, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while total.0 < requests && tokio::time::Instant::now() < deadline {
+        let (n, tokens) = metered(&meter("seen.db", false).await);
+        total = (total.0 + n, total.1 + tokens);
+    }
+    assert_eq!(
+        total,
+        (requests, prompt_tokens),
+        "each answer once, its tokens"
+    );
+
+    assert_eq!(
+        metered(&meter("seen.db", false).await),
+        (0, 0),
+        "nothing new"
+    );
+    let replayed = meter("seen.db", true).await;
+    assert_eq!(metered(&replayed), (0, 0), "a replay adds nothing");
+    assert!(replayed["skipped"].as_i64().unwrap() >= requests);
+    assert_eq!(
+        metered(&meter("fresh.db", true).await),
+        (requests, prompt_tokens),
+        "the stream still holds every event"
+    );
+    mesh.shutdown().await;
+}
