@@ -94,7 +94,7 @@ async def meter(args):
     while args.idle_exit is None or idle < args.idle_exit:
         try:
             messages = await sub.fetch(batch=64, timeout=1)
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:  # nats.errors.TimeoutError is one too
             idle += 1
             continue
         idle = 0.0
