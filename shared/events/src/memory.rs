@@ -20,6 +20,8 @@ const RETAINED_EVENTS: usize = 100_000;
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Pause before redelivering a negatively acknowledged event.
 const NACK_DELAY: Duration = Duration::from_millis(200);
+/// Events a durable consumer may hold unacknowledged at once.
+const WINDOW: usize = 256;
 
 #[derive(Default)]
 struct Log {
@@ -116,69 +118,79 @@ impl EventBus for InProcessBus {
 }
 
 impl InProcessBus {
-    /// Delivers the consumer's events one at a time, in order, advancing its cursor on ack.
+    /// The next events (up to [`WINDOW`]) for consumer `name` on `filter`, from its cursor,
+    /// with how many events follow each; moves the cursor past events that do not match.
+    fn next_window(&self, name: &str, filter: &str) -> Vec<(u64, String, Event, u64)> {
+        let mut log = self.lock();
+        let first_seq = log.first_seq;
+        let end = first_seq + log.entries.len() as u64;
+        let cursor = log.cursors.entry(name.to_owned()).or_insert(0);
+        *cursor = (*cursor).max(first_seq);
+        let mut seq = *cursor;
+        let mut window = Vec::new();
+        while seq < end && window.len() < WINDOW {
+            let (subject, event) = &log.entries[(seq - first_seq) as usize];
+            if subject_matches(filter, subject) {
+                window.push((seq, subject.clone(), event.clone(), end - seq - 1));
+            } else if window.is_empty() {
+                // Nothing to acknowledge before it: skip for good.
+                *log.cursors.get_mut(name).expect("inserted above") = seq + 1;
+            }
+            seq += 1;
+        }
+        window
+    }
+
+    /// Delivers the consumer's events in order, up to [`WINDOW`] unacknowledged at once (as a
+    /// JetStream consumer's max_ack_pending), so a batching consumer gets them in batches; the
+    /// cursor advances over each acknowledged event in order. A negative or missing
+    /// acknowledgement delivers again from that event on.
     async fn feed_consumer(
         self,
         name: String,
         filter: String,
         tx: mpsc::Sender<Result<Delivery, Error>>,
     ) {
-        let mut attempt = 0u64;
-        let mut last_seq = None;
+        // Deliveries of each sequence so far, for the ones not yet acknowledged.
+        let mut attempts: HashMap<u64, u64> = HashMap::new();
         loop {
             let appended = self.appended.notified();
-            let next = {
-                let mut log = self.lock();
-                let first_seq = log.first_seq;
-                let cursor = log.cursors.entry(name.clone()).or_insert(0);
-                *cursor = (*cursor).max(first_seq);
-                let mut seq = *cursor;
-                let mut found = None;
-                while let Some((subject, event)) = log.entries.get((seq - first_seq) as usize) {
-                    if subject_matches(&filter, subject) {
-                        let after = log.entries.len() as u64 - (seq - first_seq) - 1;
-                        found = Some((seq, subject.clone(), event.clone(), after));
-                        break;
-                    }
-                    seq += 1;
-                }
-                if found.is_none() {
-                    log.cursors.insert(name.clone(), seq);
-                }
-                found
-            };
-            let Some((seq, subject, event, pending)) = next else {
+            let window = self.next_window(&name, &filter);
+            if window.is_empty() {
                 tokio::select! {
                     _ = appended => continue,
                     _ = tx.closed() => return,
                 }
-            };
-            attempt = if last_seq == Some(seq) {
-                attempt + 1
-            } else {
-                1
-            };
-            last_seq = Some(seq);
-            let (ack_tx, ack_rx) = oneshot::channel::<bool>();
-            let acker = Box::new(move |ok: bool| {
-                let _ = ack_tx.send(ok);
-                Box::pin(async { Ok(()) }) as futures::future::BoxFuture<'static, _>
-            });
-            if tx
-                .send(Ok(Delivery::new(subject, event, attempt, pending, acker)))
-                .await
-                .is_err()
-            {
-                return;
             }
-            match tokio::time::timeout(ACK_WAIT, ack_rx).await {
-                Ok(Ok(true)) => {
-                    let mut log = self.lock();
-                    log.cursors.insert(name.clone(), seq + 1);
+            let mut acks = Vec::with_capacity(window.len());
+            for (seq, subject, event, pending) in window {
+                let attempt = attempts.entry(seq).or_insert(0);
+                *attempt += 1;
+                let (ack_tx, ack_rx) = oneshot::channel::<bool>();
+                let acker = Box::new(move |ok: bool| {
+                    let _ = ack_tx.send(ok);
+                    Box::pin(async { Ok(()) }) as futures::future::BoxFuture<'static, _>
+                });
+                let delivery = Delivery::new(subject, event, *attempt, pending, acker);
+                if tx.send(Ok(delivery)).await.is_err() {
+                    return;
                 }
-                Ok(Ok(false)) => tokio::time::sleep(NACK_DELAY).await,
-                // Dropped without an answer, or too slow: deliver again.
-                Ok(Err(_)) | Err(_) => {}
+                acks.push((seq, ack_rx));
+            }
+            for (seq, ack) in acks {
+                match tokio::time::timeout(ACK_WAIT, ack).await {
+                    Ok(Ok(true)) => {
+                        attempts.remove(&seq);
+                        let mut log = self.lock();
+                        log.cursors.insert(name.clone(), seq + 1);
+                    }
+                    Ok(Ok(false)) => {
+                        tokio::time::sleep(NACK_DELAY).await;
+                        break;
+                    }
+                    // Dropped without an answer, or too slow: deliver again from here.
+                    Ok(Err(_)) | Err(_) => break,
+                }
             }
         }
     }
@@ -225,6 +237,36 @@ mod tests {
         let redelivered = again.next().await.unwrap().unwrap();
         assert_eq!(redelivered.event.id, "b");
         redelivered.ack().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_consumer_holds_many_unacknowledged_events_and_a_nack_redelivers_from_there() {
+        let bus = InProcessBus::new();
+        let subject = "kiln.identity.account.deleted";
+        for i in 0..10 {
+            bus.publish(subject, &event(&format!("e{i}")))
+                .await
+                .unwrap();
+            bus.publish("kiln.other.thing.x", &event(&format!("x{i}")))
+                .await
+                .unwrap();
+        }
+        let mut stream = bus.consume("c1", "kiln.identity.>").await.unwrap();
+        // All ten arrive before any is acknowledged (a batching consumer's one batch).
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            got.push(stream.next().await.unwrap().unwrap());
+        }
+        let ids: Vec<&str> = got.iter().map(|d| d.event.id.as_str()).collect();
+        assert_eq!(ids, (0..10).map(|i| format!("e{i}")).collect::<Vec<_>>());
+        // Acknowledged up to e6, e7 refused: e7 and what follows it come again.
+        let mut got = got.into_iter();
+        for delivery in got.by_ref().take(7) {
+            delivery.ack().await.unwrap();
+        }
+        got.next().unwrap().nack().await.unwrap();
+        let again = stream.next().await.unwrap().unwrap();
+        assert_eq!((again.event.id.as_str(), again.attempt), ("e7", 2));
     }
 
     #[tokio::test]
