@@ -11,11 +11,10 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use kiln_inference::config::InferenceConfig;
 use kiln_tests::bench::{Args, block_on, measure};
-use kiln_tests::inference::{MINILM, client, cosine, embed, first_embeddings};
-use kiln_tests::llm::{answer_text, chat, chat_request, first_chat};
+use kiln_tests::inference::{MINILM, cosine, embed, first_embeddings};
+use kiln_tests::llm::{answer_text, chat, first_chat, timed_stream};
 
 const QUESTIONS: [&str; 4] = [
     "What is the capital of Japan?",
@@ -53,23 +52,6 @@ fn gpu_memory_of_this_process() -> Option<u64> {
         })
 }
 
-/// One stream's completion tokens.
-async fn stream(ch: kiln_tests::AuthedChannel, i: usize, max_tokens: i32) -> usize {
-    let request = chat_request(QUESTIONS[i % QUESTIONS.len()], max_tokens);
-    let mut s = client(&ch)
-        .stream_chat_completion(request)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut tokens = 0;
-    while let Some(chunk) = s.next().await {
-        if let Some(u) = chunk.unwrap().usage {
-            tokens = u.completion_tokens as usize;
-        }
-    }
-    tokens
-}
-
 async fn run_on(assets: &std::path::Path, inference: InferenceConfig, seconds: u64) -> Run {
     let mesh = kiln_tests::library_mesh(assets, Some(inference)).await;
     let ch = mesh.tenant_channel("gpu").await;
@@ -101,11 +83,13 @@ async fn run_on(assets: &std::path::Path, inference: InferenceConfig, seconds: u
     let mut tokens_per_s = Vec::new();
     for streams in [1usize, 16] {
         let start = Instant::now();
-        let tokens: usize =
-            futures::future::join_all((0..streams).map(|i| stream(ch.clone(), i, 128)))
-                .await
-                .into_iter()
-                .sum();
+        let tokens: usize = futures::future::join_all(
+            (0..streams).map(|i| timed_stream(ch.clone(), QUESTIONS[i % QUESTIONS.len()], 128)),
+        )
+        .await
+        .into_iter()
+        .map(|(_, tokens)| tokens)
+        .sum();
         tokens_per_s.push((streams, tokens as f64 / start.elapsed().as_secs_f64()));
     }
     mesh.shutdown().await;

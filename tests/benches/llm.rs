@@ -11,12 +11,10 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use kiln_inference::config::InferenceConfig;
 use kiln_tests::asset;
 use kiln_tests::bench::{Args, block_on, median, ms};
-use kiln_tests::inference::client;
-use kiln_tests::llm::{GGUF, chat_request, first_chat, smollm2_asset_dir};
+use kiln_tests::llm::{GGUF, first_chat, smollm2_asset_dir, timed_stream};
 use kiln_tests::python::Script;
 
 const QUESTIONS: [&str; 4] = [
@@ -25,34 +23,6 @@ const QUESTIONS: [&str; 4] = [
     "Describe a day in the life of a lighthouse keeper.",
     "Write a letter to a friend about your summer holiday.",
 ];
-
-/// One stream: (time to first content, completion tokens).
-async fn stream(ch: kiln_tests::AuthedChannel, i: usize, max_tokens: i32) -> (Duration, usize) {
-    let start = Instant::now();
-    let request = chat_request(QUESTIONS[i % QUESTIONS.len()], max_tokens);
-    let mut s = client(&ch)
-        .stream_chat_completion(request)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut first = None;
-    let mut tokens = 0;
-    while let Some(chunk) = s.next().await {
-        let chunk = chunk.unwrap();
-        if first.is_none()
-            && chunk
-                .choices
-                .iter()
-                .any(|c| !c.delta.as_ref().unwrap().content.is_empty())
-        {
-            first = Some(start.elapsed());
-        }
-        if let Some(u) = chunk.usage {
-            tokens = u.completion_tokens as usize;
-        }
-    }
-    (first.unwrap_or_default(), tokens)
-}
 
 fn main() {
     let args = Args::from_env();
@@ -71,9 +41,11 @@ fn main() {
         let mut kiln = Vec::new();
         for streams in [1usize, 4, 16] {
             let start = Instant::now();
-            let results =
-                futures::future::join_all((0..streams).map(|i| stream(ch.clone(), i, max_tokens)))
-                    .await;
+            let results = futures::future::join_all(
+                (0..streams)
+                    .map(|i| timed_stream(ch.clone(), QUESTIONS[i % QUESTIONS.len()], max_tokens)),
+            )
+            .await;
             let wall = start.elapsed().as_secs_f64();
             let tokens: usize = results.iter().map(|r| r.1).sum();
             let mut ttft: Vec<Duration> = results.iter().map(|r| r.0).collect();

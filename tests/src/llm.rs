@@ -285,3 +285,31 @@ pub fn bundle(blocks: bool) -> &'static Path {
 pub fn smollm2_asset_dir() -> tempfile::TempDir {
     super::asset_dir_with(&["smollm2-135m-instruct"])
 }
+
+/// Streams a greedy chat answer to `question` of up to `max_tokens` and reads it to the end:
+/// (time to its first content, completion tokens). For the benchmarks.
+pub async fn timed_stream(ch: AuthedChannel, question: &str, max_tokens: i32) -> (Duration, usize) {
+    let start = std::time::Instant::now();
+    let mut s = client(&ch)
+        .stream_chat_completion(chat_request(question, max_tokens))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut first = None;
+    let mut tokens = 0;
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.unwrap();
+        if first.is_none()
+            && chunk
+                .choices
+                .iter()
+                .any(|c| c.delta.as_ref().is_some_and(|d| !d.content.is_empty()))
+        {
+            first = Some(start.elapsed());
+        }
+        if let Some(u) = chunk.usage {
+            tokens = u.completion_tokens as usize;
+        }
+    }
+    (first.unwrap_or_default(), tokens)
+}

@@ -12,20 +12,20 @@ pub struct Script {
 
 impl Script {
     pub fn new(name: &str) -> Self {
-        let mut command = Command::new("python3");
-        command.arg(format!("{}/python/{name}", env!("CARGO_MANIFEST_DIR")));
-        Self {
-            name: name.to_owned(),
-            command,
-        }
+        Self::at(name, &format!("python/{name}"))
     }
 
     /// A program under examples/ (`events/usage_meter.py`).
     pub fn example(path: &str) -> Self {
+        Self::at(path, &format!("../examples/{path}"))
+    }
+
+    /// `path` from tests/.
+    fn at(name: &str, path: &str) -> Self {
         let mut command = Command::new("python3");
-        command.arg(format!("{}/../examples/{path}", env!("CARGO_MANIFEST_DIR")));
+        command.arg(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")));
         Self {
-            name: path.to_owned(),
+            name: name.to_owned(),
             command,
         }
     }

@@ -20,6 +20,18 @@ fn kiln_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
 
+/// Sends `child` (`what`) SIGTERM and waits for its clean exit.
+async fn terminate(child: &mut Child, what: &str) {
+    let pid = child.id().unwrap().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().await;
+    assert!(sent.unwrap().success());
+    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{what} stops within its grace period"))
+        .unwrap();
+    assert!(exit.success(), "{what} exits cleanly on SIGTERM: {exit:?}");
+}
+
 /// A `kiln dev` of the test's own, on a free port with a data dir of its own.
 struct KilnDev {
     child: Child,
@@ -70,17 +82,7 @@ impl KilnDev {
 
     /// SIGTERM; waits for it to exit (cleanly) and gives back its data dir.
     async fn terminate(mut self) -> tempfile::TempDir {
-        let pid = self.child.id().unwrap().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().await;
-        assert!(sent.unwrap().success());
-        let exit = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .expect("kiln dev stops within its grace period")
-            .unwrap();
-        assert!(
-            exit.success(),
-            "kiln dev exits cleanly on SIGTERM: {exit:?}"
-        );
+        terminate(&mut self.child, "kiln dev").await;
         self.data
     }
 

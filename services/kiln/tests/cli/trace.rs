@@ -58,14 +58,7 @@ impl Service {
 
     /// SIGTERM, then a clean exit.
     async fn stop(mut self) {
-        let pid = self.child.id().unwrap().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().await;
-        assert!(sent.unwrap().success());
-        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("stops within its grace period")
-            .unwrap();
-        assert!(exit.success(), "exits cleanly on SIGTERM: {exit:?}");
+        super::terminate(&mut self.child, &self.url).await;
     }
 }
 
