@@ -2,6 +2,7 @@
 //! NATS, each exporting its spans over OTLP to the test's collector. A call that carries the
 //! client's `traceparent` must come back as one tree: the registry's call, identity
 //! authenticating the key for it, and billing's ledger reading the event the call published.
+//! The key itself is in no exported span and no event.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -99,21 +100,43 @@ fn spans_of(request: ExportTraceServiceRequest, trace: &[u8]) -> Vec<Span> {
     out
 }
 
-/// Receives spans of `trace` until `done` holds for them (or a minute passes).
+/// Receives spans of `trace` until `done` holds for them (or a minute passes); also every
+/// export received, as text.
 async fn collect(
     received: &mut mpsc::UnboundedReceiver<ExportTraceServiceRequest>,
     trace: &[u8],
     done: impl Fn(&[Span]) -> bool,
-) -> Vec<Span> {
+) -> (Vec<Span>, String) {
     let mut spans = Vec::new();
+    let mut exported = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !done(&spans) {
         match tokio::time::timeout_at(deadline, received.recv()).await {
-            Ok(Some(request)) => spans.extend(spans_of(request, trace)),
+            Ok(Some(request)) => {
+                exported.push_str(&format!("{request:?}"));
+                spans.extend(spans_of(request, trace));
+            }
             _ => panic!("the trace stayed incomplete: {spans:#?}"),
         }
     }
-    spans
+    (spans, exported)
+}
+
+/// Every message the stream `KILN` of `nats` holds, as bytes.
+async fn stream_messages(nats: &str) -> Vec<Vec<u8>> {
+    let client = async_nats::connect(nats).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("KILN")
+        .await
+        .unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    let mut messages = Vec::new();
+    for seq in 1..=last {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            messages.push(message.payload.to_vec());
+        }
+    }
+    messages
 }
 
 fn admin_key(data: &Path) -> String {
@@ -166,7 +189,7 @@ async fn a_call_is_one_trace_across_registry_identity_and_billing_processes() {
     let trace = hex(&trace_hex);
     let services =
         |spans: &[Span]| -> HashSet<String> { spans.iter().map(|s| s.service.clone()).collect() };
-    let spans = collect(&mut received, &trace, |spans| {
+    let (spans, exported) = collect(&mut received, &trace, |spans| {
         let services = services(spans);
         ["kiln-registry", "kiln-identity", "kiln-billing"]
             .iter()
@@ -204,6 +227,16 @@ async fn a_call_is_one_trace_across_registry_identity_and_billing_processes() {
         Some("kiln-registry"),
         "the event carries the call's context over NATS: {spans:#?}"
     );
+
+    // The key that made the call is in no span and no event.
+    let key = admin_key(identity.data.path());
+    assert!(!exported.contains(&key), "an API key in an exported span");
+    let events = stream_messages(&nats.url()).await;
+    assert!(events.len() >= 4, "the stream holds the run's events");
+    for payload in events {
+        let holds_key = payload.windows(key.len()).any(|w| w == key.as_bytes());
+        assert!(!holds_key, "an API key in an event");
+    }
 
     for service in [registry, billing, identity] {
         service.stop().await;
