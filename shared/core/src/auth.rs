@@ -245,20 +245,23 @@ pub struct AuthLayer {
 struct AuthState {
     authenticator: Arc<dyn Authenticator>,
     cache: Arc<AuthCache>,
-    service_token_digest: Option<[u8; 32]>,
+    /// The service credentials accepted (two while one is rotated).
+    service_token_digests: Vec<[u8; 32]>,
 }
 
 impl AuthLayer {
+    /// Authenticates API keys with `authenticator` (through `cache`); each of
+    /// `service_tokens` is a service credential.
     pub fn new(
         authenticator: Arc<dyn Authenticator>,
         cache: Arc<AuthCache>,
-        service_token: Option<&str>,
+        service_tokens: &[&str],
     ) -> Self {
         Self {
             inner: Arc::new(AuthState {
                 authenticator,
                 cache,
-                service_token_digest: service_token.map(hash_secret),
+                service_token_digests: service_tokens.iter().map(|t| hash_secret(t)).collect(),
             }),
         }
     }
@@ -315,9 +318,13 @@ impl AuthState {
                 Error::Unauthenticated("authorization must be 'Bearer <api key>'".into())
             })?;
         let digest = hash_secret(secret);
-        if let Some(service) = &self.service_token_digest
-            && bool::from(service.ct_eq(&digest))
-        {
+        let service = self
+            .service_token_digests
+            .iter()
+            .fold(subtle::Choice::from(0), |any, token| {
+                any | token.ct_eq(&digest)
+            });
+        if bool::from(service) {
             return Ok(Principal::service());
         }
         if let Some(hit) = self.cache.get(&digest) {
@@ -383,6 +390,37 @@ mod tests {
         assert!(cache.get(&[4; 32]).is_none());
         cache.insert([4; 32], auth("k4", "u4", "a"), cache.generation());
         assert!(cache.get(&[4; 32]).is_some());
+    }
+
+    struct NoKeys;
+
+    impl Authenticator for NoKeys {
+        fn authenticate<'a>(
+            &'a self,
+            _api_key: &'a str,
+        ) -> BoxFuture<'a, Result<Authenticated, Error>> {
+            Box::pin(async { Err(Error::Unauthenticated("no keys here".into())) })
+        }
+    }
+
+    #[tokio::test]
+    async fn during_a_rotation_both_service_tokens_are_accepted_and_only_they() {
+        let old = "the-old-service-token-0123";
+        let new = "the-new-service-token-4567";
+        let cache = Arc::new(AuthCache::new(Duration::from_secs(60)));
+        let layer = AuthLayer::new(Arc::new(NoKeys), cache, &[new, old]);
+        let bearer = |token: &str| {
+            let mut headers = http::HeaderMap::new();
+            let value = format!("Bearer {token}").parse().unwrap();
+            headers.insert(http::header::AUTHORIZATION, value);
+            headers
+        };
+        for token in [old, new] {
+            let principal = layer.inner.resolve(&bearer(token)).await.unwrap();
+            assert!(principal.can_access("any-account"), "{token} is a service");
+        }
+        let other = layer.inner.resolve(&bearer("the-older-token-000000")).await;
+        assert!(matches!(other, Err(Error::Unauthenticated(_))));
     }
 
     #[test]

@@ -224,6 +224,10 @@ pub struct ServerConfig {
     pub otlp_endpoint: Option<String>,
     /// Credential services present to each other (`authorization: Bearer <token>`).
     pub service_token: Option<String>,
+    /// More service credentials accepted from callers, never sent: a rotation without
+    /// downtime first adds the new token here on every service, then makes it
+    /// `service_token` with the old one here, then drops the old one.
+    pub accepted_service_tokens: Vec<String>,
     /// Where services that are not identity authenticate API keys, e.g. `http://identity:7400`.
     pub identity_url: Option<String>,
     /// Where services that are not the registry read models, e.g. `http://registry:7401`.
@@ -271,6 +275,7 @@ impl Default for ServerConfig {
             nats_stream: "KILN".to_owned(),
             otlp_endpoint: None,
             service_token: None,
+            accepted_service_tokens: Vec::new(),
             identity_url: None,
             registry_url: None,
             billing_url: None,
@@ -350,6 +355,12 @@ impl Validate for ServerConfig {
             return Err(ConfigError::invalid(
                 "service_token",
                 "must be at least 16 characters",
+            ));
+        }
+        if self.accepted_service_tokens.iter().any(|t| t.len() < 16) {
+            return Err(ConfigError::invalid(
+                "accepted_service_tokens",
+                "each must be at least 16 characters",
             ));
         }
         if self.auth_cache_ttl < Duration::from_secs(1)

@@ -340,7 +340,7 @@ mod tests {
         let auth = AuthLayer::new(
             std::sync::Arc::new(NoKeys),
             std::sync::Arc::new(AuthCache::new(Duration::from_secs(60))),
-            None,
+            &[],
         );
         let grace = Duration::from_millis(600);
         let server = tokio::spawn(serve(

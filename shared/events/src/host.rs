@@ -35,7 +35,7 @@ pub struct Host {
     /// True once the calls in flight have ended: background work ends.
     pub stopped: watch::Receiver<bool>,
     stop: Stop,
-    service_token: Option<String>,
+    service_tokens: Vec<String>,
 }
 
 /// The ends of a host's background work, which whoever serves it sets.
@@ -67,7 +67,8 @@ pub struct HostParts {
     pub cache: Arc<AuthCache>,
     pub services: ServiceSet,
     pub shutdown: watch::Receiver<bool>,
-    pub service_token: Option<String>,
+    /// The service credentials callers may present (the one this process sends first).
+    pub service_tokens: Vec<String>,
     /// Ends the background work once the calls have ended.
     pub stop: Stop,
 }
@@ -93,7 +94,12 @@ impl Host {
                 stop_work,
                 tasks: Vec::new(),
             },
-            service_token: server.service_token.clone(),
+            service_tokens: server
+                .service_token
+                .iter()
+                .chain(&server.accepted_service_tokens)
+                .cloned()
+                .collect(),
         }
     }
 
@@ -162,7 +168,7 @@ impl Host {
             cache: self.cache,
             services: self.services,
             shutdown: self.shutdown,
-            service_token: self.service_token,
+            service_tokens: self.service_tokens,
             stop: self.stop,
         }
     }

@@ -201,7 +201,8 @@ async fn serve_host(
         parts.shutdown.clone(),
     )
     .await?;
-    let auth = AuthLayer::new(authenticator, parts.cache, parts.service_token.as_deref());
+    let tokens: Vec<&str> = parts.service_tokens.iter().map(String::as_str).collect();
+    let auth = AuthLayer::new(authenticator, parts.cache, &tokens);
     let mut stop = parts.shutdown;
     let services = parts.services;
     let background = parts.stop;
