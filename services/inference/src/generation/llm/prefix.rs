@@ -72,6 +72,29 @@ impl PrefixCache {
             .filter(|&(_, len)| len > 0)
     }
 
+    /// Whether nothing of `tokens` needs keeping: no whole block, more than the budget, or an
+    /// entry of `adapter` already holds its whole blocks (that entry counts as used). Asked
+    /// before the keys and values are gathered for [`insert`](Self::insert).
+    pub(super) fn covers(&mut self, adapter: &str, tokens: &[u32]) -> bool {
+        let len = tokens.len() / PREFIX_BLOCK * PREFIX_BLOCK;
+        if len == 0 || len > self.capacity {
+            return true;
+        }
+        let tokens = &tokens[..len];
+        self.clock += 1;
+        match self
+            .entries
+            .iter_mut()
+            .find(|e| e.adapter == adapter && e.tokens.starts_with(tokens))
+        {
+            Some(covering) => {
+                covering.used = self.clock;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Keeps the whole blocks of `tokens` with their entries from `cache` (which holds at
     /// least that many positions), unless an entry already covers them.
     pub(super) fn insert(
@@ -89,16 +112,10 @@ impl PrefixCache {
         if len == 0 || len > self.capacity || len > positions {
             return;
         }
-        let tokens = &tokens[..len];
-        self.clock += 1;
-        if let Some(covering) = self
-            .entries
-            .iter_mut()
-            .find(|e| e.adapter == adapter && e.tokens.starts_with(tokens))
-        {
-            covering.used = self.clock;
+        if self.covers(adapter, tokens) {
             return;
         }
+        let tokens = &tokens[..len];
         // Entries this one extends are covered by it from now on.
         let before = self.entries.len();
         self.entries
@@ -179,7 +196,10 @@ mod tests {
         let conversation: Vec<u32> = (0..48).collect();
         cache.insert("", &conversation, &kv(&conversation), 1);
         assert_eq!((cache.entries.len(), cache.held), (1, 48));
-        // Covered already: nothing new is kept.
+        // Covered already: nothing new is kept (nor need its keys and values be gathered).
+        assert!(cache.covers("", &turn) && cache.covers("", &conversation));
+        assert!(!cache.covers("", &(0..64).collect::<Vec<u32>>()));
+        assert!(!cache.covers("other-adapter", &turn));
         cache.insert("", &turn, &kv(&turn), 1);
         assert_eq!(cache.held, 48);
         // Over the budget: the least recently used entry goes.

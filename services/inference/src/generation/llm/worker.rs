@@ -279,7 +279,8 @@ impl Worker {
     /// Keeps the keys and values of `tokens` (the sequence's first positions) in the prefix
     /// cache.
     pub(super) fn remember_prefix(&mut self, seq: &Sequence, tokens: &[u32]) {
-        if self.prefix.capacity == 0 {
+        // Covered (a later turn of a conversation the cache holds): copy nothing out.
+        if self.prefix.capacity == 0 || self.prefix.covers(seq.adapter_key(), tokens) {
             return;
         }
         let hd = self.shape.head_dim;
