@@ -20,6 +20,18 @@ fn kiln_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
 
+/// The bootstrap admin key a server writes into `data_dir`, once it is whole.
+async fn admin_key(data_dir: &Path) -> String {
+    let file = data_dir.join("admin.key");
+    let written = wait_for(Duration::from_secs(30), "the admin key", || async {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|k| k.ends_with('\n'))
+    })
+    .await;
+    written.trim().to_owned()
+}
+
 /// Sends `child` (`what`) SIGTERM and waits for its clean exit.
 async fn terminate(child: &mut Child, what: &str) {
     let pid = child.id().unwrap().to_string();
@@ -64,17 +76,7 @@ impl KilnDev {
             listen,
             data,
         };
-        let key_file = dev.key_file();
-        wait_for(
-            Duration::from_secs(30),
-            "kiln dev to write admin.key",
-            || async {
-                std::fs::read_to_string(&key_file)
-                    .ok()
-                    .filter(|k| k.ends_with('\n'))
-            },
-        )
-        .await;
+        admin_key(dev.data_dir()).await;
         let what = "kiln dev to accept connections";
         wait_for_listener(&dev.listen, Duration::from_secs(30), what).await;
         dev
@@ -148,10 +150,7 @@ async fn kiln_dev_serves_the_cli_and_logs_no_secret() {
         let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "admin.key is private");
     }
-    let admin_key = std::fs::read_to_string(&key_file)
-        .unwrap()
-        .trim()
-        .to_owned();
+    let admin_key = admin_key(dev.data_dir()).await;
     // The containers' health check: no key, SERVING, exit 0; nothing listening: exit 1.
     let health = Ran::from(dev.command().arg("health").output().await.unwrap());
     assert!(health.ok && health.out.trim() == "SERVING", "{health:?}");

@@ -339,7 +339,7 @@ impl AuthState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn auth(key: &str, user: &str, account: &str) -> Authenticated {
@@ -392,7 +392,8 @@ mod tests {
         assert!(cache.get(&[4; 32]).is_some());
     }
 
-    struct NoKeys;
+    /// An identity that knows no API key.
+    pub(crate) struct NoKeys;
 
     impl Authenticator for NoKeys {
         fn authenticate<'a>(

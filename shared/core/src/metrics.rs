@@ -239,7 +239,8 @@ impl Middleware for GrpcMetricsLayer {
     }
 }
 
-fn code_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
+/// The gRPC status code `headers` (an answer's, or its trailers) carry.
+pub(crate) fn code_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
     let value = headers.get("grpc-status")?;
     Some(tonic::Code::from_bytes(value.as_bytes()))
 }

@@ -317,18 +317,8 @@ mod tests {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
     use super::*;
-    use crate::auth::{AuthCache, Authenticated, Authenticator};
-
-    struct NoKeys;
-
-    impl Authenticator for NoKeys {
-        fn authenticate<'a>(
-            &'a self,
-            _api_key: &'a str,
-        ) -> futures::future::BoxFuture<'a, Result<Authenticated, crate::Error>> {
-            Box::pin(async { Err(crate::Error::Unauthenticated("no keys here".into())) })
-        }
-    }
+    use crate::auth::AuthCache;
+    use crate::auth::tests::NoKeys;
 
     /// On shutdown a server reports NOT_SERVING to a stream already open, lets it go on for
     /// the grace period, then closes it: the caller sees UNAVAILABLE, the server returns.

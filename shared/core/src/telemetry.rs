@@ -241,8 +241,9 @@ fn record_status(response: http::Response<Body>, span: tracing::Span) -> http::R
     response.map(|body| Body::new(StatusRecordingBody { inner: body, span }))
 }
 
+/// The status code `headers` carry, as the span records it.
 fn grpc_status(headers: &http::HeaderMap) -> Option<i64> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    crate::metrics::code_of(headers).map(|code| code as i64)
 }
 
 /// A response body that records the status its trailers carry on the call's span.

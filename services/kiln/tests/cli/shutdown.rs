@@ -95,8 +95,8 @@ async fn ledger(ch: &AuthedChannel) -> (i64, i64, i64) {
 }
 
 async fn admin(dev: &KilnDev) -> AuthedChannel {
-    let key = std::fs::read_to_string(dev.key_file()).unwrap();
-    channel_to(&dev.server(), Some(key.trim())).await
+    let key = super::admin_key(dev.data_dir()).await;
+    channel_to(&dev.server(), Some(&key)).await
 }
 
 #[tokio::test]

@@ -5,12 +5,11 @@
 //! The key itself is in no exported span and no event.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use kiln_proto::registry::v1 as regv1;
-use kiln_tests::{NatsServer, free_port, wait_for, wait_for_listener};
+use kiln_tests::{NatsServer, free_port, wait_for_listener};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use tokio::process::{Child, Command};
@@ -139,25 +138,12 @@ async fn stream_messages(nats: &str) -> Vec<Vec<u8>> {
     messages
 }
 
-fn admin_key(data: &Path) -> String {
-    std::fs::read_to_string(data.join("admin.key"))
-        .unwrap()
-        .trim()
-        .to_owned()
-}
-
 #[tokio::test]
 async fn a_call_is_one_trace_across_registry_identity_and_billing_processes() {
     let (otlp, mut received) = super::otlp::start().await;
     let nats = NatsServer::start().await;
     let identity = Service::start("identity", &nats.url(), &otlp, &[]).await;
-    let key_file = identity.data.path().join("admin.key");
-    wait_for(Duration::from_secs(30), "identity's admin key", || async {
-        std::fs::read_to_string(&key_file)
-            .ok()
-            .filter(|k| k.ends_with('\n'))
-    })
-    .await;
+    let key = super::admin_key(identity.data.path()).await;
     let peer = [("KILN_IDENTITY_URL", identity.url.as_str())];
     let registry = Service::start("registry", &nats.url(), &otlp, &peer).await;
     let billing = Service::start("billing", &nats.url(), &otlp, &peer).await;
@@ -174,7 +160,7 @@ async fn a_call_is_one_trace_across_registry_identity_and_billing_processes() {
         }),
     });
     let metadata = request.metadata_mut();
-    let bearer = format!("Bearer {}", admin_key(identity.data.path()));
+    let bearer = format!("Bearer {key}");
     metadata.insert("authorization", bearer.parse().unwrap());
     let traceparent = format!("00-{trace_hex}-{client_span_hex}-01");
     metadata.insert("traceparent", traceparent.parse().unwrap());
@@ -229,7 +215,6 @@ async fn a_call_is_one_trace_across_registry_identity_and_billing_processes() {
     );
 
     // The key that made the call is in no span and no event.
-    let key = admin_key(identity.data.path());
     assert!(!exported.contains(&key), "an API key in an exported span");
     let events = stream_messages(&nats.url()).await;
     assert!(events.len() >= 4, "the stream holds the run's events");
