@@ -52,9 +52,9 @@ bash deploy/fetch-assets.sh >/dev/null
 
 # Python tools the suites run: an S3-compatible server for the registry's object-store tests
 # (moto), the independent Open Inference Protocol client (tritonclient) and the example event
-# consumer's nats-py and grpcio-tools; see
+# consumer's nats-py and grpcio-tools, the public clients of the HTTP edge (openai, fireworks-ai); see
 # tests/python/requirements.txt.
-python3 -c "import moto.server, tritonclient.grpc, numpy, nats, grpc_tools" 2>/dev/null \
+python3 -c "import moto.server, tritonclient.grpc, numpy, nats, grpc_tools, openai, fireworks" 2>/dev/null \
   || python3 -m pip install --quiet -r tests/python/requirements.txt
 
 # Tests that spawn their own nats-server (the outage test) need the binary either way.

@@ -89,6 +89,8 @@ pub struct TestMesh {
     pub addr: SocketAddr,
     /// Where `GET /metrics` answers.
     pub metrics_addr: SocketAddr,
+    /// The HTTP edge.
+    pub http_addr: SocketAddr,
     pub admin_key: String,
     pub config: KilnConfig,
     pub bus: Arc<dyn EventBus>,
@@ -154,6 +156,7 @@ impl TestMesh {
         config.server.service_token = Some(SERVICE_TOKEN.to_owned());
         config.server.page_token_secret = Some("test-page-token-secret".to_owned());
         config.server.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.server.identity_url = options.identity_url.clone();
         config.import_library = options.import_library;
         if let Some(registry) = options.registry.clone() {
@@ -202,6 +205,7 @@ impl TestMesh {
         Self {
             addr: mesh.addr,
             metrics_addr: mesh.metrics_addr.expect("metrics_listen is set"),
+            http_addr: mesh.gateway_addr.expect("the gateway runs in the mesh"),
             mesh: Some(mesh),
             admin_key,
             config,
@@ -214,6 +218,11 @@ impl TestMesh {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The HTTP edge's base URL.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr)
     }
 
     /// What `GET /metrics` answers (the process's metrics: every mesh of a test binary

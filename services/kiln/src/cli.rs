@@ -82,6 +82,9 @@ pub struct DevArgs {
     /// Address for every gRPC service.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
+    /// Address of the HTTP edge (the public REST API, `/v1` and `/inference/v1`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
     /// Where state lives (SQLite files, keys).
     #[arg(long, env = "KILN_DATA_DIR", default_value = ".kiln")]
     pub data_dir: PathBuf,
@@ -92,8 +95,8 @@ pub struct DevArgs {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The services this process runs: identity, registry, scheduler, billing, inference (the
-    /// others are reached at the URLs in the configuration).
+    /// The services this process runs: identity, registry, scheduler, billing, inference,
+    /// gateway (the others are reached at the URLs in the configuration).
     #[arg(required = true)]
     pub services: Vec<String>,
     /// A TOML config file; `KILN_*` variables override it.

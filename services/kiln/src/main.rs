@@ -39,6 +39,7 @@ fn main() -> std::process::ExitCode {
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut config = KilnConfig::load(args.config.as_deref(), Roles::all())?;
     config.server.listen = args.listen;
+    config.gateway.listen = args.http_listen;
     config.server.data_dir = args.data_dir.clone();
     config.import_library = true;
     if config.server.page_token_secret.is_none() {
@@ -62,6 +63,12 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         "Kiln dev is running on {} (state in {data_dir}, events: {bus})",
         running.addr
     );
+    if let Some(http) = running.gateway_addr {
+        println!(
+            "HTTP edge on http://{http}: the REST API under /v1/accounts, OpenAI-style \
+             inference under /inference/v1 (OpenAPI at /openapi.json)"
+        );
+    }
     let key_file = args.data_dir.join("admin.key");
     match &running.new_admin_key {
         Some(key) => {

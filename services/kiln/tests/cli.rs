@@ -64,7 +64,8 @@ impl KilnDev {
         let listen = format!("127.0.0.1:{}", free_port());
         let mut command = Command::new(kiln_binary());
         command
-            .args(["dev", "--listen", &listen, "--data-dir"])
+            .args(["dev", "--listen", &listen, "--http-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
             .arg(data.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -5,6 +5,7 @@ use kiln_billing::config::BillingConfig;
 use std::path::Path;
 
 use kiln_core::config::{ConfigError, Figment, ServerConfig, refuse_unknown_top_level, section};
+use kiln_gateway::GatewayConfig;
 use kiln_identity::config::IdentityConfig;
 use kiln_inference::config::InferenceConfig;
 use kiln_registry::config::RegistryConfig;
@@ -21,13 +22,21 @@ pub struct KilnConfig {
     pub inference: InferenceConfig,
     pub scheduler: SchedulerConfig,
     pub billing: BillingConfig,
+    pub gateway: GatewayConfig,
     /// Import the public library from the asset cache at start and put it on serverless
     /// deployments (`kiln dev` does; needs the registry and the scheduler in process).
     pub import_library: bool,
 }
 
 /// The sections of a configuration, one per service.
-const SECTIONS: [&str; 5] = ["identity", "registry", "scheduler", "billing", "inference"];
+const SECTIONS: [&str; 6] = [
+    "identity",
+    "registry",
+    "scheduler",
+    "billing",
+    "inference",
+    "gateway",
+];
 
 impl KilnConfig {
     /// Loads the configuration of a process that runs `roles`: the TOML `file`, then `KILN_*`
@@ -51,6 +60,7 @@ impl KilnConfig {
                 Role::Scheduler => config.scheduler = section(figment, Some("scheduler"))?,
                 Role::Billing => config.billing = section(figment, Some("billing"))?,
                 Role::Inference => config.inference = section(figment, Some("inference"))?,
+                Role::Gateway => config.gateway = section(figment, Some("gateway"))?,
             }
         }
         config.check_roles(roles)?;
@@ -80,6 +90,16 @@ impl KilnConfig {
             missing.push((
                 "billing_url",
                 "to check quotas with billing (or set enforce_quotas = false)",
+            ));
+        }
+        // The edge calls the whole gRPC API: here, or at its grpc_url.
+        let api_here = Role::ALL
+            .iter()
+            .all(|r| *r == Role::Gateway || roles.has(*r));
+        if roles.has(Role::Gateway) && self.gateway.grpc_url.is_empty() && !api_here {
+            missing.push((
+                "gateway.grpc_url",
+                "to reach the gRPC API the edge transcodes to",
             ));
         }
         if let Some((key, why)) = missing.first() {
@@ -114,6 +134,8 @@ fn calls(role: Role) -> &'static [Role] {
         Role::Identity | Role::Registry | Role::Billing => &[],
         Role::Scheduler => &[Role::Registry, Role::Billing],
         Role::Inference => &[Role::Registry, Role::Billing],
+        // Over gateway.grpc_url, checked apart.
+        Role::Gateway => &[],
     }
 }
 

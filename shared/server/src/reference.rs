@@ -82,6 +82,11 @@ pub(crate) fn markdown() -> String {
             Some("inference"),
             "An inference node: backends, batching, text generation, LoRA addons, fine-tuning.",
         ),
+        section::<kiln_gateway::GatewayConfig>(
+            "Gateway",
+            Some("gateway"),
+            "The HTTP edge: the public REST API and OpenAI-style inference.",
+        ),
     ];
     let mut out = String::from(INTRO);
     for section in &sections {
@@ -394,6 +399,7 @@ mod tests {
             serde_json::to_value(&config.scheduler).unwrap(),
             serde_json::to_value(&config.billing).unwrap(),
             serde_json::to_value(&config.inference).unwrap(),
+            serde_json::to_value(&config.gateway).unwrap(),
         ];
         for key in sections.into_iter().flat_map(keys) {
             assert!(

@@ -11,16 +11,19 @@ pub enum Role {
     Scheduler,
     Billing,
     Inference,
+    /// The HTTP edge (REST and OpenAI-style inference), transcoding to the gRPC API.
+    Gateway,
 }
 
 impl Role {
     /// Every service, in the order a process starts them (each after those it calls).
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::Identity,
         Role::Registry,
         Role::Billing,
         Role::Scheduler,
         Role::Inference,
+        Role::Gateway,
     ];
 
     pub fn name(self) -> &'static str {
@@ -30,6 +33,7 @@ impl Role {
             Role::Scheduler => "scheduler",
             Role::Billing => "billing",
             Role::Inference => "inference",
+            Role::Gateway => "gateway",
         }
     }
 }
@@ -110,6 +114,6 @@ mod tests {
         assert!(!roles.has(Role::Identity) && !roles.has(Role::Billing));
         assert_eq!(roles.to_string(), "registry, inference");
         assert!(Roles::default().is_empty());
-        assert_eq!(Roles::all().iter().count(), 5);
+        assert_eq!(Roles::all().iter().count(), 6);
     }
 }

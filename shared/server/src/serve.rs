@@ -32,6 +32,8 @@ pub struct Running {
     pub billing: Option<kiln_billing::Billing>,
     /// Where `GET /metrics` answers, when `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the HTTP edge answers, when the gateway runs here.
+    pub gateway_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     done: JoinHandle<Result<(), String>>,
 }
@@ -57,6 +59,7 @@ pub async fn serve(
     bus: Option<Arc<dyn EventBus>>,
 ) -> anyhow::Result<Running> {
     config.check_roles(roles)?;
+    let config = &with_edge_credential(config, roles);
     let server = &config.server;
     let addr = listener.local_addr().context("listener address")?;
     let bus = match bus {
@@ -153,6 +156,10 @@ pub async fn serve(
         (_, url) => Arc::new(AuthServiceClient::new(peer("identity_url", url)?)),
     };
     let done = serve_host(host, listener, authenticator, server.shutdown_grace).await?;
+    let gateway_addr = match roles.has(Role::Gateway) {
+        true => Some(serve_gateway(config, addr, stop.subscribe()).await?),
+        false => None,
+    };
     tracing::info!(%addr, services = %roles, "Kiln serving");
     Ok(Running {
         addr,
@@ -160,9 +167,59 @@ pub async fn serve(
         bus,
         billing,
         metrics_addr,
+        gateway_addr,
         stop,
         done,
     })
+}
+
+/// The edge signs and does the transfers of its signed URLs with the service credential; an
+/// edge beside the whole API in one process without one gets a random credential of its own.
+fn with_edge_credential(config: &KilnConfig, roles: Roles) -> KilnConfig {
+    let mut config = config.clone();
+    if roles.has(Role::Gateway)
+        && config.gateway.grpc_url.is_empty()
+        && config.server.service_token.is_none()
+    {
+        let token = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        config.server.service_token = Some(token);
+    }
+    config
+}
+
+/// Starts the HTTP edge on `gateway.listen`, transcoding to `gateway.grpc_url` or to this
+/// process's gRPC server at `addr`; it stops with the process.
+async fn serve_gateway(
+    config: &KilnConfig,
+    addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
+    let gateway = &config.gateway;
+    let listener = TcpListener::bind(gateway.listen)
+        .await
+        .with_context(|| format!("gateway.listen {}", gateway.listen))?;
+    let grpc_url = match gateway.grpc_url.as_str() {
+        "" => format!("http://{}", reachable(addr)),
+        url => url.to_owned(),
+    };
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let service_token = config.server.service_token.as_deref();
+    let running = kiln_gateway::serve(gateway, listener, &grpc_url, service_token, stopped).await?;
+    Ok(running.addr)
+}
+
+/// An address as a client reaches it: an unspecified IP as the loopback one.
+fn reachable(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    addr
 }
 
 /// Serves `GET /metrics` on `listen` until `stop`; gives the bound address.
@@ -219,17 +276,11 @@ async fn serve_host(
 
 /// Where other nodes reach this one: `advertise_url`, else `http://` + the bound address (an
 /// unspecified IP replaced by the loopback one).
-fn advertised_url(
-    config: &kiln_inference::config::InferenceConfig,
-    mut addr: SocketAddr,
-) -> String {
+fn advertised_url(config: &kiln_inference::config::InferenceConfig, addr: SocketAddr) -> String {
     if !config.advertise_url.is_empty() {
         return config.advertise_url.clone();
     }
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    format!("http://{addr}")
+    format!("http://{}", reachable(addr))
 }
 
 /// With the registry in process, a node without a configured ONNX Runtime library uses the

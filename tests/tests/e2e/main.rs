@@ -9,6 +9,7 @@ mod errors;
 mod events;
 mod fine_tuning;
 mod hf_onnx;
+mod http_edge;
 mod identity_api;
 mod inference;
 mod llm;

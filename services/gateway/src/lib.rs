@@ -1,0 +1,239 @@
+//! Kiln's HTTP edge: the public REST API (`/v1/accounts/…`) and OpenAI-style inference
+//! (`/v1/…` and `/inference/v1/…`), so the public platform's SDK and OpenAI clients work
+//! against a self-hosted Kiln by changing only their base URL and key. Every route transcodes
+//! to the gRPC contract; the services authenticate the caller's key as they do on gRPC.
+
+pub mod config;
+mod control;
+mod errors;
+mod inference;
+mod json;
+mod mesh;
+mod openapi;
+mod routes;
+mod signing;
+mod uploads;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use http::{HeaderMap, Method, Uri};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::Instrument as _;
+
+pub use config::GatewayConfig;
+use errors::{ApiError, Style};
+use inference::Endpoint;
+use mesh::{Caller, Mesh};
+use signing::{Grant, Signer};
+
+/// What every route shares.
+pub(crate) type Edge = Arc<EdgeState>;
+
+pub(crate) struct EdgeState {
+    mesh: Mesh,
+    signer: Signer,
+    /// The edge's own credential, for the transfers of signed URLs (None: no service token).
+    service: Option<Caller>,
+    public_url: String,
+    signed_url_ttl: Duration,
+    max_body_bytes: u64,
+}
+
+impl EdgeState {
+    /// A URL that allows `op` (`put`, `get`) on one file of `resource` without a key.
+    fn signed_url(&self, op: &str, resource: &str, file: &str, size: u64) -> String {
+        let expires = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + self.signed_url_ttl.as_secs();
+        let grant = Grant {
+            op: op.to_owned(),
+            resource: resource.to_owned(),
+            file: file.to_owned(),
+            size,
+            expires,
+        };
+        format!("{}/v1/signed/{}", self.public_url, self.signer.sign(&grant))
+    }
+}
+
+impl Caller {
+    /// The caller's `Authorization` header, passed on as gRPC metadata.
+    fn from_headers(headers: &HeaderMap) -> Result<Self, ApiError> {
+        let authorization = match headers.get(http::header::AUTHORIZATION) {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            tonic::Status::unauthenticated("malformed Authorization header"),
+                            Style::Control,
+                        )
+                    })?,
+            ),
+        };
+        Ok(Self { authorization })
+    }
+
+    fn bearer(token: &str) -> Option<Self> {
+        let authorization = format!("Bearer {token}").parse().ok()?;
+        Some(Self {
+            authorization: Some(authorization),
+        })
+    }
+}
+
+/// A running edge.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub done: JoinHandle<()>,
+}
+
+/// Serves the edge on `listener` until `stop`, transcoding to the gRPC API at `grpc_url`.
+/// `service_token` signs transfers of signed URLs (and, without `url_signing_secret`, keys
+/// their signatures).
+pub async fn serve(
+    config: &GatewayConfig,
+    listener: TcpListener,
+    grpc_url: &str,
+    service_token: Option<&str>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Running> {
+    let addr = listener.local_addr().context("gateway listener address")?;
+    let channel = kiln_core::server::endpoint(grpc_url)
+        .map_err(|e| anyhow::anyhow!("gateway.grpc_url: {e}"))?
+        .connect_lazy();
+    let secret = match (&config.url_signing_secret, service_token) {
+        (secret, _) if !secret.is_empty() => secret.clone().into_bytes(),
+        (_, Some(token)) => format!("kiln-gateway-urls:{token}").into_bytes(),
+        _ => uuid::Uuid::new_v4().as_bytes().to_vec(),
+    };
+    let public_url = match config.public_url.trim_end_matches('/') {
+        "" => format!("http://{}", reachable(addr)),
+        url => url.to_owned(),
+    };
+    let edge: Edge = Arc::new(EdgeState {
+        mesh: Mesh::new(channel),
+        signer: Signer::new(&secret),
+        service: service_token.and_then(Caller::bearer),
+        public_url,
+        signed_url_ttl: config.signed_url_ttl,
+        max_body_bytes: config.max_body_bytes,
+    });
+    let app = router(edge);
+    let done = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await;
+        if let Err(err) = served {
+            tracing::error!(%err, "the HTTP edge stopped");
+        }
+    });
+    tracing::info!(%addr, "HTTP edge serving");
+    Ok(Running { addr, done })
+}
+
+/// The address as a client reaches it (an unspecified IP as loopback).
+fn reachable(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    addr
+}
+
+fn router(edge: Edge) -> Router {
+    let mut app = Router::new();
+    for prefix in ["/v1", "/inference/v1"] {
+        app = app
+            .route(&format!("{prefix}/chat/completions"), post(chat))
+            .route(&format!("{prefix}/completions"), post(completions))
+            .route(&format!("{prefix}/embeddings"), post(embeddings))
+            .route(&format!("{prefix}/models"), get(models));
+    }
+    app.route("/v1/signed/{token}", any(signed))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(fallback)
+        .layer(axum::middleware::from_fn(trace))
+        .with_state(edge)
+}
+
+async fn chat(State(edge): State<Edge>, headers: HeaderMap, body: Body) -> Response {
+    inference::handle(edge, Endpoint::Chat, headers, body).await
+}
+
+async fn completions(State(edge): State<Edge>, headers: HeaderMap, body: Body) -> Response {
+    inference::handle(edge, Endpoint::Completions, headers, body).await
+}
+
+async fn embeddings(State(edge): State<Edge>, headers: HeaderMap, body: Body) -> Response {
+    inference::handle(edge, Endpoint::Embeddings, headers, body).await
+}
+
+async fn models(State(edge): State<Edge>, headers: HeaderMap) -> Response {
+    inference::models(edge, headers).await
+}
+
+async fn signed(
+    State(edge): State<Edge>,
+    method: Method,
+    Path(token): Path<String>,
+    body: Body,
+) -> Response {
+    uploads::signed(edge, method, token, body).await
+}
+
+async fn fallback(
+    State(edge): State<Edge>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if uri.path().starts_with("/v1/") {
+        return control::handle(edge, method, uri, headers, body).await;
+    }
+    let status = tonic::Status::not_found(format!("no route for {method} {}", uri.path()));
+    ApiError::new(status, Style::Control).into_response()
+}
+
+/// One span per request, parented on the caller's `traceparent`; the calls it makes carry it on.
+async fn trace(request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    // A signed URL is a credential: it stays out of traces.
+    let path = match path.starts_with("/v1/signed/") {
+        true => "/v1/signed/{token}".to_owned(),
+        false => path.to_owned(),
+    };
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %format!("{} {path}", request.method()),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
+    );
+    if let Some(parent) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        kiln_core::telemetry::set_parent_from_traceparent(&span, parent);
+    }
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
