@@ -81,7 +81,11 @@ async fn call(
 ) -> Result<Value, ApiError> {
     let route = &matched.route;
     if route.shape == Shape::Unimplemented {
-        let status = tonic::Status::unimplemented(format!("{} is not offered by Kiln", route.path));
+        let status = tonic::Status::unimplemented(format!(
+            "{} {} is not offered by Kiln",
+            route.method,
+            crate::openapi::template(route.path)
+        ));
         return Err(ApiError::new(status, Style::Control));
     }
     let method = mesh::method(route.rpc);

@@ -104,7 +104,7 @@ fn build() -> Value {
 }
 
 /// `accounts/{}/models/{}:prepare` -> `/v1/accounts/{account}/models/{model}:prepare`.
-fn template(path: &str) -> String {
+pub fn template(path: &str) -> String {
     let names = path_parameters(path);
     let mut names = names.iter();
     let parts: Vec<String> = path

@@ -122,3 +122,139 @@ async fn the_openai_client_chats_completes_and_embeds_as_over_grpc() {
     expect("stream_unknown_model", "NotFoundError", 404, "NOT_FOUND");
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fireworks_sdk_runs_a_whole_project_through_the_rest_api() {
+    let assets = kiln_tests::llm::smollm2_asset_dir();
+    let mesh = kiln_tests::library_mesh(assets.path(), None).await;
+    let (key, acme) = mesh.tenant("acme").await;
+    first_chat(&acme, "Hi", 1, Duration::from_secs(300)).await;
+    let adapter = tempfile::tempdir().unwrap();
+    let (config, weights) = kiln_tests::lora::seeded_lora(5, 8, &["q_proj", "v_proj"], 0.5, false);
+    std::fs::write(adapter.path().join("adapter_config.json"), config).unwrap();
+    std::fs::write(adapter.path().join("adapter_model.safetensors"), weights).unwrap();
+    let got = run(Script::new("fireworks_client.py")
+        .arg("--base-url", mesh.http_url())
+        .arg("--key", &key)
+        .arg("--account", "acme")
+        .arg("--base-model", SMOLLM2)
+        .arg("--adapter-dir", adapter.path().display()))
+    .await;
+    eprintln!("{got:#}");
+
+    // Datasets, both upload paths, paging and the download.
+    assert_eq!(
+        got["dataset_created"]["name"],
+        "accounts/acme/datasets/sums"
+    );
+    assert_eq!(got["dataset_created"]["state"], "UPLOADING");
+    assert_eq!(got["dataset_upload"]["id"], "accounts/acme/datasets/sums");
+    assert_eq!(got["dataset"]["state"], "READY");
+    assert_eq!(got["dataset"]["example_count"], "8", "int64 as a string");
+    let signed = &got["signed_upload"];
+    assert_eq!(signed["wrong_size"], 400, "{signed}");
+    assert_eq!(signed["forged"], 403, "{signed}");
+    assert_eq!(signed["put"], 200, "{signed}");
+    assert_eq!(signed["state"], "READY");
+    assert_eq!(got["download_equal"], true);
+    assert_eq!(
+        got["dataset_pages"],
+        serde_json::json!([
+            "accounts/acme/datasets/sums",
+            "accounts/acme/datasets/sums-signed"
+        ])
+    );
+
+    // The addon: the public kind name both ways, files through signed URLs, a PATCH of one field.
+    let model = &got["model"];
+    assert_eq!(model["kind"], "HF_PEFT_ADDON");
+    assert_eq!(model["state"], "READY", "{model}");
+    assert_eq!(model["puts"], serde_json::json!([200, 200]));
+    assert_eq!(model["description"], "adds numbers");
+    assert_eq!(
+        model["display_name"], "Sums addon",
+        "a PATCH leaves what it does not send"
+    );
+    assert_eq!(
+        got["model_pages"],
+        serde_json::json!(["accounts/acme/models/sums-addon"])
+    );
+
+    // The deployment, the addon on it, and its answers (whole and streamed agree; the addon
+    // changes the base's answer).
+    assert_eq!(got["deployment"]["state"], "READY");
+    assert_eq!(got["deployment"]["enable_addons"], true);
+    let chat = &got["chat"];
+    assert!(!chat["text"].as_str().unwrap().is_empty(), "{chat}");
+    assert_eq!(chat["streamed"], chat["text"]);
+    assert_ne!(chat["text"], chat["base_text"], "{chat}");
+    // The deployment's base is a deployed model of its own beside the addon.
+    let listed = chat["lora_list"].as_array().unwrap();
+    assert!(listed.contains(&chat["deployed_model"]), "{chat}");
+    assert_eq!(listed.len(), 2, "{chat}");
+    assert_eq!(chat["lora_state"], "DEPLOYED");
+
+    let job = &got["job"];
+    assert_eq!(
+        job["name"],
+        "accounts/acme/supervisedFineTuningJobs/sums-tune"
+    );
+    assert_eq!(job["dataset"], "accounts/acme/datasets/sums");
+    assert_eq!(
+        (job["epochs"].clone(), job["lora_rank"].clone()),
+        (1.into(), 4.into())
+    );
+    assert_eq!(job["listed"], serde_json::json!([job["name"].clone()]));
+    assert_eq!(job["resume"]["status"], 501, "{job}");
+
+    let users = &got["users"];
+    assert_eq!(users["user"], "accounts/acme/users/bob");
+    assert_eq!(
+        users["listed"],
+        serde_json::json!([users["key_id"].clone()])
+    );
+    assert_eq!(users["bob_sees"].as_array().unwrap().len(), 2, "{users}");
+    assert_eq!(
+        users["users"],
+        serde_json::json!(["accounts/acme/users/bob", "accounts/acme/users/owner"])
+    );
+    assert_eq!(users["after_delete"]["status"], 401, "{users}");
+
+    let errors = &got["errors"];
+    let expect = |name: &str, class: &str, status: u64, code: &str, retry: &str| {
+        let e = &errors[name];
+        assert_eq!(
+            (
+                e["class"].as_str(),
+                e["status"].as_u64(),
+                e["code"].as_str(),
+                e["retry"].as_str()
+            ),
+            (Some(class), Some(status), Some(code), Some(retry)),
+            "{name}: {e}"
+        );
+    };
+    expect("missing", "NotFoundError", 404, "NOT_FOUND", "false");
+    expect("exists", "ConflictError", 409, "ALREADY_EXISTS", "false");
+    expect(
+        "bad_id",
+        "BadRequestError",
+        400,
+        "INVALID_ARGUMENT",
+        "false",
+    );
+    expect("other_account", "NotFoundError", 404, "NOT_FOUND", "false");
+    expect(
+        "bad_key",
+        "AuthenticationError",
+        401,
+        "UNAUTHENTICATED",
+        "false",
+    );
+
+    let after = &got["after_delete"];
+    assert_eq!(after["datasets"], serde_json::json!([]));
+    assert_eq!(after["models"], serde_json::json!([]));
+    assert_eq!(after["deployments"], serde_json::json!([]));
+    mesh.shutdown().await;
+}
