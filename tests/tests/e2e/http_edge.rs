@@ -258,3 +258,241 @@ async fn the_fireworks_sdk_runs_a_whole_project_through_the_rest_api() {
     assert_eq!(after["deployments"], serde_json::json!([]));
     mesh.shutdown().await;
 }
+
+/// One HTTP call for `http_calls.py`.
+fn call(name: &str, method: &str, path: &str, key: Option<&str>, body: Option<Value>) -> Value {
+    let mut call = serde_json::json!({"name": name, "method": method, "path": path, "key": key});
+    if let Some(body) = body {
+        call["json"] = body;
+    }
+    call
+}
+
+async fn http_calls(base_url: &str, calls: &[Value]) -> Value {
+    run(Script::new("http_calls.py")
+        .arg("--base-url", base_url)
+        .arg("--calls", Value::from(calls.to_vec())))
+    .await
+}
+
+/// Every google.rpc code a client can meet through the edge: its HTTP status, the body the
+/// clients parse (the control plane's, or `{"error": …}` on inference routes), and whether a
+/// retry can help.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_code_has_its_status_body_and_retry_advice() {
+    // One serverless request a minute per account: the second is a retryable 429.
+    let mut billing = kiln_billing::config::BillingConfig::default();
+    billing.quotas.serverless_inference_rpm = 1;
+    let assets = kiln_tests::inference::minilm_asset_dir();
+    let options = kiln_tests::MeshOptions {
+        billing: Some(billing),
+        ..Default::default()
+    };
+    let mesh = kiln_tests::library_mesh_with(assets.path(), options).await;
+    let warmup = mesh.tenant_channel("warmup").await;
+    first_embeddings(&warmup, MINILM, &["x".to_owned()], Duration::from_secs(120)).await;
+    let (key, _acme) = mesh.tenant("acme").await;
+    let owner = Some(key.as_str());
+    let base = "/v1/accounts/acme";
+    let quota = format!("{base}/quotas/deployments");
+    let calls = [
+        call(
+            "model",
+            "POST",
+            &format!("{base}/models"),
+            owner,
+            Some(
+                serde_json::json!({"modelId": "m", "model": {"kind": "HF_BASE_MODEL", "contextLength": 512}}),
+            ),
+        ),
+        call(
+            "exists",
+            "POST",
+            &format!("{base}/models"),
+            owner,
+            Some(serde_json::json!({"modelId": "m", "model": {"kind": "HF_BASE_MODEL"}})),
+        ),
+        call(
+            "bad_field",
+            "POST",
+            &format!("{base}/datasets"),
+            owner,
+            Some(serde_json::json!({"datasetId": "d", "dataset": {"colour": "red"}})),
+        ),
+        call(
+            "bad_id",
+            "POST",
+            &format!("{base}/datasets"),
+            owner,
+            Some(serde_json::json!({"datasetId": "D_D", "dataset": {"format": "CHAT"}})),
+        ),
+        call("no_key", "GET", &format!("{base}/models"), None, None),
+        call(
+            "other_account",
+            "GET",
+            "/v1/accounts/kiln/datasets/x",
+            owner,
+            None,
+        ),
+        call(
+            "max_value",
+            "PATCH",
+            &quota,
+            owner,
+            Some(serde_json::json!({"maxValue": "1000"})),
+        ),
+        call(
+            "zero_deployments",
+            "PATCH",
+            &quota,
+            owner,
+            Some(serde_json::json!({"value": "0"})),
+        ),
+        call(
+            "over_quota",
+            "POST",
+            &format!("{base}/deployments?deploymentId=d"),
+            owner,
+            Some(
+                serde_json::json!({"baseModel": MINILM, "acceleratorType": "CPU", "acceleratorCount": 1}),
+            ),
+        ),
+        call(
+            "inference_first",
+            "POST",
+            "/inference/v1/embeddings",
+            owner,
+            Some(serde_json::json!({"model": MINILM, "input": "hi", "encoding_format": "float"})),
+        ),
+        call(
+            "inference_rate_limited",
+            "POST",
+            "/inference/v1/embeddings",
+            owner,
+            Some(serde_json::json!({"model": MINILM, "input": "hi"})),
+        ),
+        call(
+            "resume",
+            "POST",
+            &format!("{base}/supervisedFineTuningJobs/j:resume"),
+            owner,
+            Some(serde_json::json!({})),
+        ),
+        call(
+            "wrong_method",
+            "PUT",
+            &format!("{base}/models/m"),
+            owner,
+            Some(serde_json::json!({})),
+        ),
+        call("no_route", "GET", &format!("{base}/widgets"), owner, None),
+        call(
+            "inference_not_found",
+            "POST",
+            "/inference/v1/chat/completions",
+            owner,
+            Some(
+                serde_json::json!({"model": "accounts/acme/models/nope", "messages": [{"role": "user", "content": "hi"}]}),
+            ),
+        ),
+        call(
+            "inference_bad_param",
+            "POST",
+            "/inference/v1/embeddings",
+            owner,
+            Some(serde_json::json!({"model": "m", "input": [[1, 2]]})),
+        ),
+    ];
+    let mut calls = calls.to_vec();
+    calls.push(serde_json::json!({"name": "not_json", "method": "POST", "path": format!("{base}/datasets"), "key": key, "raw": "{oops"}));
+    let got = http_calls(&mesh.http_url(), &calls).await;
+    eprintln!("{got:#}");
+
+    let expect = |name: &str, status: u64, code: &str, retry: &str| {
+        let answer = &got[name];
+        assert_eq!(answer["status"], status, "{name}: {answer}");
+        assert_eq!(
+            answer["headers"]["x-should-retry"], retry,
+            "{name}: {answer}"
+        );
+        assert_eq!(
+            answer["headers"]["content-type"], "application/json",
+            "{name}"
+        );
+        let body = &answer["body"];
+        match name.starts_with("inference") {
+            true => assert_eq!(body["error"]["code"], code, "{name}: {body}"),
+            false => {
+                assert_eq!(body["status"], code, "{name}: {body}");
+                assert!(
+                    body["code"].is_u64() && body["message"].is_string(),
+                    "{name}: {body}"
+                );
+            }
+        }
+        body.clone()
+    };
+    assert_eq!(got["model"]["status"], 200, "{}", got["model"]);
+    expect("exists", 409, "ALREADY_EXISTS", "false");
+    let bad = expect("bad_field", 400, "INVALID_ARGUMENT", "false");
+    assert!(bad["message"].as_str().unwrap().contains("colour"), "{bad}");
+    let bad = expect("bad_id", 400, "INVALID_ARGUMENT", "false");
+    assert_eq!(
+        bad["details"][0]["fieldViolations"][0]["field"], "dataset_id",
+        "{bad}"
+    );
+    expect("not_json", 400, "INVALID_ARGUMENT", "false");
+    expect("no_key", 401, "UNAUTHENTICATED", "false");
+    expect("other_account", 404, "NOT_FOUND", "false");
+    expect("max_value", 403, "PERMISSION_DENIED", "false");
+    assert_eq!(
+        got["zero_deployments"]["status"], 200,
+        "{}",
+        got["zero_deployments"]
+    );
+    expect("over_quota", 429, "RESOURCE_EXHAUSTED", "false");
+    assert_eq!(
+        got["inference_first"]["status"], 200,
+        "{}",
+        got["inference_first"]
+    );
+    let body = expect("inference_rate_limited", 429, "RESOURCE_EXHAUSTED", "true");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    let retry_after: u64 = got["inference_rate_limited"]["headers"]["retry-after"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    expect("resume", 501, "UNIMPLEMENTED", "false");
+    expect("wrong_method", 405, "UNIMPLEMENTED", "false");
+    assert_eq!(
+        got["wrong_method"]["headers"]["allow"],
+        "GET, PATCH, DELETE"
+    );
+    expect("no_route", 404, "NOT_FOUND", "false");
+    let body = expect("inference_not_found", 404, "NOT_FOUND", "false");
+    assert_eq!(body["error"]["type"], "not_found_error");
+    let body = expect("inference_bad_param", 400, "INVALID_ARGUMENT", "false");
+    assert_eq!(body["error"]["param"], "input");
+
+    // The API behind the edge unreachable: 503, and a retry may help.
+    mesh.shutdown().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("http://127.0.0.1:{}", kiln_tests::free_port());
+    let config = kiln_gateway::GatewayConfig::default();
+    let edge = kiln_gateway::serve(&config, listener, &dead, None, std::future::pending())
+        .await
+        .unwrap();
+    let url = format!("http://{}", edge.addr);
+    let got = http_calls(
+        &url,
+        &[call("down", "GET", "/v1/accounts/acme/models", owner, None)],
+    )
+    .await;
+    let answer = &got["down"];
+    assert_eq!(answer["status"], 503, "{answer}");
+    assert_eq!(answer["body"]["status"], "UNAVAILABLE");
+    assert_eq!(answer["headers"]["x-should-retry"], "true");
+    edge.done.abort();
+}
