@@ -13,9 +13,19 @@ use serde::{Deserialize, Serialize};
 pub struct GatewayConfig {
     /// Where the HTTP edge listens (the public REST API, `/v1` and `/inference/v1`).
     pub listen: SocketAddr,
-    /// The gRPC API the edge transcodes to. Empty: this process's own gRPC server (the
-    /// gateway runs beside the services, as in `kiln dev`).
+    /// The gRPC API the edge transcodes to, every service at one address. Empty: this
+    /// process's own gRPC server (the gateway beside the services, as in `kiln dev`).
     pub grpc_url: String,
+    /// Where identity answers, when the services run apart (empty: `grpc_url`).
+    pub identity_url: String,
+    /// Where the registry answers (empty: `grpc_url`).
+    pub registry_url: String,
+    /// Where the scheduler answers (empty: `grpc_url`).
+    pub scheduler_url: String,
+    /// Where billing answers (empty: `grpc_url`).
+    pub billing_url: String,
+    /// Where inference answers: any inference node (empty: `grpc_url`).
+    pub inference_url: String,
     /// The base URL clients reach the edge at, used in the signed upload and download URLs
     /// it hands out. Empty: `http://` + the bound address.
     pub public_url: String,
@@ -35,11 +45,46 @@ impl Default for GatewayConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             grpc_url: String::new(),
+            identity_url: String::new(),
+            registry_url: String::new(),
+            scheduler_url: String::new(),
+            billing_url: String::new(),
+            inference_url: String::new(),
             public_url: String::new(),
             url_signing_secret: String::new(),
             signed_url_ttl: Duration::from_secs(3600),
             max_body_bytes: 1 << 30,
         }
+    }
+}
+
+/// The services the edge calls, by the area of their package (`kiln.<area>.v1`).
+pub const AREAS: [&str; 5] = ["identity", "registry", "scheduler", "billing", "inference"];
+
+impl GatewayConfig {
+    /// Where the services of `area` answer; None when neither its own URL nor `grpc_url`
+    /// is set.
+    pub fn url_of(&self, area: &str) -> Option<&str> {
+        let own = match area {
+            "identity" => &self.identity_url,
+            "registry" => &self.registry_url,
+            "scheduler" => &self.scheduler_url,
+            "billing" => &self.billing_url,
+            "inference" => &self.inference_url,
+            _ => return None,
+        };
+        [own, &self.grpc_url]
+            .into_iter()
+            .find(|u| !u.is_empty())
+            .map(String::as_str)
+    }
+
+    /// The areas without a URL (all of them when the edge runs beside the whole API).
+    pub fn unreached(&self) -> Vec<&'static str> {
+        AREAS
+            .into_iter()
+            .filter(|a| self.url_of(a).is_none())
+            .collect()
     }
 }
 

@@ -103,20 +103,26 @@ pub struct Running {
     pub done: JoinHandle<()>,
 }
 
-/// Serves the edge on `listener` until `stop`, transcoding to the gRPC API at `grpc_url`.
-/// `service_token` signs transfers of signed URLs (and, without `url_signing_secret`, keys
-/// their signatures).
+/// Serves the edge on `listener` until `stop`, transcoding to the gRPC API at the
+/// configuration's URLs (`local_url` for those it leaves empty: this process's own gRPC
+/// server). `service_token` does the transfers of signed URLs (and, without
+/// `url_signing_secret`, keys their signatures).
 pub async fn serve(
     config: &GatewayConfig,
     listener: TcpListener,
-    grpc_url: &str,
+    local_url: &str,
     service_token: Option<&str>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     let addr = listener.local_addr().context("gateway listener address")?;
-    let channel = kiln_core::server::endpoint(grpc_url)
-        .map_err(|e| anyhow::anyhow!("gateway.grpc_url: {e}"))?
-        .connect_lazy();
+    let mut channels = std::collections::HashMap::new();
+    for area in config::AREAS {
+        let url = config.url_of(area).unwrap_or(local_url);
+        let channel = kiln_core::server::endpoint(url)
+            .map_err(|e| anyhow::anyhow!("gateway.{area}_url: {e}"))?
+            .connect_lazy();
+        channels.insert(area, channel);
+    }
     let secret = match (&config.url_signing_secret, service_token) {
         (secret, _) if !secret.is_empty() => secret.clone().into_bytes(),
         (_, Some(token)) => format!("kiln-gateway-urls:{token}").into_bytes(),
@@ -127,7 +133,7 @@ pub async fn serve(
         url => url.to_owned(),
     };
     let edge: Edge = Arc::new(EdgeState {
-        mesh: Mesh::new(channel),
+        mesh: Mesh::new(channels),
         signer: Signer::new(&secret),
         service: service_token.and_then(Caller::bearer),
         public_url,

@@ -1,6 +1,7 @@
 //! Calls into the gRPC contract with messages built at run time from its descriptors: the edge
 //! has no model of its own, it sends what the services define.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use bytes::Buf;
@@ -56,20 +57,32 @@ impl Caller {
     }
 }
 
-/// The gRPC API behind the edge.
+/// The gRPC API behind the edge: a channel per service area (`identity`, `registry`…).
 #[derive(Clone)]
 pub struct Mesh {
-    channel: Channel,
+    channels: HashMap<&'static str, Channel>,
 }
 
 impl Mesh {
-    pub fn new(channel: Channel) -> Self {
-        Self { channel }
+    pub fn new(channels: HashMap<&'static str, Channel>) -> Self {
+        Self { channels }
     }
 
-    /// The channel, for the typed clients of the streaming uploads and downloads.
-    pub fn channel(&self) -> Channel {
-        self.channel.clone()
+    /// The registry's channel, for the typed clients of uploads and downloads.
+    pub fn registry(&self) -> Channel {
+        self.channels["registry"].clone()
+    }
+
+    fn channel_of(&self, method: &MethodDescriptor) -> Channel {
+        let package = method.parent_service().package_name();
+        let area = package
+            .strip_prefix("kiln.")
+            .and_then(|p| p.strip_suffix(".v1"))
+            .unwrap_or(package);
+        self.channels
+            .get(area)
+            .unwrap_or_else(|| panic!("{package} is a service area of the edge"))
+            .clone()
     }
 
     pub fn request<T>(&self, caller: &Caller, message: T) -> Request<T> {
@@ -83,7 +96,7 @@ impl Mesh {
         method: &MethodDescriptor,
         message: DynamicMessage,
     ) -> Result<DynamicMessage, Status> {
-        let mut grpc = self.ready().await?;
+        let mut grpc = self.ready(method).await?;
         let answer = grpc
             .unary(caller.request(message), path(method), codec(method))
             .await?;
@@ -97,15 +110,18 @@ impl Mesh {
         method: &MethodDescriptor,
         message: DynamicMessage,
     ) -> Result<Streaming<DynamicMessage>, Status> {
-        let mut grpc = self.ready().await?;
+        let mut grpc = self.ready(method).await?;
         let answer = grpc
             .server_streaming(caller.request(message), path(method), codec(method))
             .await?;
         Ok(answer.into_inner())
     }
 
-    async fn ready(&self) -> Result<tonic::client::Grpc<Channel>, Status> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+    async fn ready(
+        &self,
+        method: &MethodDescriptor,
+    ) -> Result<tonic::client::Grpc<Channel>, Status> {
+        let mut grpc = tonic::client::Grpc::new(self.channel_of(method));
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(format!("the gRPC API is not reachable: {e}")))?;

@@ -85,7 +85,7 @@ pub async fn handle(
             Ok(json!({"filenameToSignedUrls": urls}))
         }
         EdgeRoute::DatasetValidateUpload => {
-            let mut client = DatasetServiceClient::new(edge.mesh.channel());
+            let mut client = DatasetServiceClient::new(edge.mesh.registry());
             let request = regv1::GetDatasetRequest {
                 name: resource.to_owned(),
             };
@@ -155,7 +155,7 @@ async fn visible(
     let name = resource.to_owned();
     match route {
         EdgeRoute::ModelUploadEndpoint | EdgeRoute::ModelDownloadEndpoint => {
-            let mut client = ModelServiceClient::new(edge.mesh.channel());
+            let mut client = ModelServiceClient::new(edge.mesh.registry());
             let model = client
                 .get_model(edge.mesh.request(caller, regv1::GetModelRequest { name }))
                 .await
@@ -164,7 +164,7 @@ async fn visible(
             Ok(model.files.into_iter().map(|f| f.path).collect())
         }
         _ => {
-            let mut client = DatasetServiceClient::new(edge.mesh.channel());
+            let mut client = DatasetServiceClient::new(edge.mesh.registry());
             client
                 .get_dataset(edge.mesh.request(caller, regv1::GetDatasetRequest { name }))
                 .await
@@ -296,7 +296,7 @@ async fn upload_dataset(
             payload: Some(Payload::Chunk(c)),
         }
     }));
-    let mut client = DatasetServiceClient::new(edge.mesh.channel());
+    let mut client = DatasetServiceClient::new(edge.mesh.registry());
     Ok(client
         .upload_dataset(edge.mesh.request(caller, messages))
         .await
@@ -326,7 +326,7 @@ async fn upload_model_file(
             payload: Some(Payload::Chunk(c)),
         }
     }));
-    let mut client = ModelServiceClient::new(edge.mesh.channel());
+    let mut client = ModelServiceClient::new(edge.mesh.registry());
     Ok(client
         .upload_model_files(edge.mesh.request(caller, messages))
         .await
@@ -398,7 +398,7 @@ async fn get(edge: &Edge, service: &Caller, grant: &Grant) -> Result<Response, A
     let name = grant.resource.clone();
     let bytes: futures::stream::BoxStream<'static, Result<bytes::Bytes, tonic::Status>> =
         if grant.file.is_empty() {
-            let mut client = DatasetServiceClient::new(edge.mesh.channel());
+            let mut client = DatasetServiceClient::new(edge.mesh.registry());
             let request = regv1::DownloadDatasetRequest {
                 name,
                 offset: 0,
@@ -411,7 +411,7 @@ async fn get(edge: &Edge, service: &Caller, grant: &Grant) -> Result<Response, A
                 .into_inner();
             stream.map_ok(|m| m.data).boxed()
         } else {
-            let mut client = ModelServiceClient::new(edge.mesh.channel());
+            let mut client = ModelServiceClient::new(edge.mesh.registry());
             let request = regv1::DownloadModelFilesRequest {
                 name,
                 path: grant.file.clone(),

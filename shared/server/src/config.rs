@@ -96,10 +96,12 @@ impl KilnConfig {
         let api_here = Role::ALL
             .iter()
             .all(|r| *r == Role::Gateway || roles.has(*r));
-        if roles.has(Role::Gateway) && self.gateway.grpc_url.is_empty() && !api_here {
+        let unreached = self.gateway.unreached();
+        if roles.has(Role::Gateway) && !api_here && !unreached.is_empty() {
             missing.push((
                 "gateway.grpc_url",
-                "to reach the gRPC API the edge transcodes to",
+                "(or each of gateway.identity_url, registry_url, scheduler_url, billing_url, \
+                 inference_url) to reach the gRPC API the edge transcodes to",
             ));
         }
         if let Some((key, why)) = missing.first() {
@@ -177,6 +179,33 @@ mod tests {
         config
             .check_roles(roles(&[Role::Scheduler, Role::Inference]))
             .unwrap();
+    }
+
+    #[test]
+    fn an_edge_apart_from_the_api_needs_its_urls() {
+        let mut config = KilnConfig::default();
+        config.server.identity_url = Some("http://identity:7400".into());
+        config.server.service_token = Some("a-long-enough-service-token".into());
+        let err = config.check_roles(roles(&[Role::Gateway])).unwrap_err();
+        assert!(err.to_string().contains("gateway.grpc_url"), "{err}");
+        for area in kiln_gateway::config::AREAS {
+            let key = format!("{area}_url");
+            let mut apart = config.gateway.clone();
+            for other in kiln_gateway::config::AREAS.iter().filter(|a| **a != area) {
+                let url = format!("http://{other}:7400");
+                match *other {
+                    "identity" => apart.identity_url = url,
+                    "registry" => apart.registry_url = url,
+                    "scheduler" => apart.scheduler_url = url,
+                    "billing" => apart.billing_url = url,
+                    _ => apart.inference_url = url,
+                }
+            }
+            assert_eq!(apart.unreached(), [area], "{key}");
+        }
+        config.gateway.grpc_url = "http://envoy:7400".into();
+        config.check_roles(roles(&[Role::Gateway])).unwrap();
+        KilnConfig::default().check_roles(Roles::all()).unwrap();
     }
 
     #[test]

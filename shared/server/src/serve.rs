@@ -178,7 +178,7 @@ pub async fn serve(
 fn with_edge_credential(config: &KilnConfig, roles: Roles) -> KilnConfig {
     let mut config = config.clone();
     if roles.has(Role::Gateway)
-        && config.gateway.grpc_url.is_empty()
+        && !config.gateway.unreached().is_empty()
         && config.server.service_token.is_none()
     {
         let token = format!(
@@ -191,8 +191,8 @@ fn with_edge_credential(config: &KilnConfig, roles: Roles) -> KilnConfig {
     config
 }
 
-/// Starts the HTTP edge on `gateway.listen`, transcoding to `gateway.grpc_url` or to this
-/// process's gRPC server at `addr`; it stops with the process.
+/// Starts the HTTP edge on `gateway.listen`, transcoding to the gRPC API at the gateway's URLs
+/// or to this process's gRPC server at `addr`; it stops with the process.
 async fn serve_gateway(
     config: &KilnConfig,
     addr: SocketAddr,
@@ -202,15 +202,13 @@ async fn serve_gateway(
     let listener = TcpListener::bind(gateway.listen)
         .await
         .with_context(|| format!("gateway.listen {}", gateway.listen))?;
-    let grpc_url = match gateway.grpc_url.as_str() {
-        "" => format!("http://{}", reachable(addr)),
-        url => url.to_owned(),
-    };
+    let local_url = format!("http://{}", reachable(addr));
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
     let service_token = config.server.service_token.as_deref();
-    let running = kiln_gateway::serve(gateway, listener, &grpc_url, service_token, stopped).await?;
+    let running =
+        kiln_gateway::serve(gateway, listener, &local_url, service_token, stopped).await?;
     Ok(running.addr)
 }
 

@@ -138,6 +138,7 @@ fn problems(compose: &Value, dockerfile: &str, otel: &str) -> (Vec<String>, Vec<
         otlp.rsplit_once(':').unwrap().1.parse().unwrap(),
     );
     let mut kiln = Vec::new();
+    let mut http_listens: BTreeMap<String, u16> = BTreeMap::new();
     for (name, service) in services {
         let name = text(name);
         if service.get("build").is_none() {
@@ -164,6 +165,13 @@ fn problems(compose: &Value, dockerfile: &str, otel: &str) -> (Vec<String>, Vec<
                 env.insert(text(key), text(value));
             }
         }
+        // The HTTP edge listens on a port of its own beside the gRPC one.
+        if let Some(port) = env
+            .get("KILN_GATEWAY__LISTEN")
+            .and_then(|l| l.rsplit_once(':')?.1.parse().ok())
+        {
+            http_listens.insert(name.clone(), port);
+        }
         let listen = env
             .get("KILN_LISTEN")
             .and_then(|l| l.rsplit_once(':')?.1.parse().ok());
@@ -184,7 +192,9 @@ fn problems(compose: &Value, dockerfile: &str, otel: &str) -> (Vec<String>, Vec<
                 problems.push(format!("{name} and {other} both publish port {host}"));
             }
             let container: u16 = container.parse().expect("a container port");
-            if listens.get(&name).is_some_and(|&l| l != container) {
+            let grpc = listens.get(&name).copied();
+            let http = http_listens.get(&name).copied();
+            if grpc.is_some() && grpc != Some(container) && http != Some(container) {
                 problems.push(format!(
                     "{name} publishes container port {container} but listens on {}",
                     listens[&name]
@@ -224,7 +234,8 @@ fn problems(compose: &Value, dockerfile: &str, otel: &str) -> (Vec<String>, Vec<
     for service in &kiln {
         let name = &service.name;
         for (key, value) in &service.env {
-            if !key.starts_with("KILN_") {
+            // The public URL is where clients outside reach the edge, not a service.
+            if !key.starts_with("KILN_") || key == "KILN_GATEWAY__PUBLIC_URL" {
                 continue;
             }
             let Some((host, port)) = host_port(value) else {
