@@ -36,8 +36,11 @@ pub struct GatewayConfig {
     #[serde(with = "duration::serde")]
     #[schemars(with = "duration::Text")]
     pub signed_url_ttl: Duration,
-    /// The largest request body (JSON, a multipart upload or a PUT to a signed URL).
-    pub max_body_bytes: u64,
+    /// The largest upload (a multipart dataset or a PUT to a signed URL); the bytes are
+    /// spooled to disk on their way to the registry.
+    pub max_upload_bytes: u64,
+    /// The largest JSON request body (held in memory while it is transcoded).
+    pub max_json_bytes: u64,
 }
 
 impl Default for GatewayConfig {
@@ -53,7 +56,8 @@ impl Default for GatewayConfig {
             public_url: String::new(),
             url_signing_secret: String::new(),
             signed_url_ttl: Duration::from_secs(3600),
-            max_body_bytes: 1 << 30,
+            max_upload_bytes: 1 << 30,
+            max_json_bytes: 16 << 20,
         }
     }
 }
@@ -103,11 +107,13 @@ impl Validate for GatewayConfig {
                 "must be at least 1s",
             ));
         }
-        if self.max_body_bytes < 1024 {
-            return Err(ConfigError::invalid(
-                "gateway.max_body_bytes",
-                "must be at least 1024",
-            ));
+        for (key, value) in [
+            ("gateway.max_upload_bytes", self.max_upload_bytes),
+            ("gateway.max_json_bytes", self.max_json_bytes),
+        ] {
+            if value < 1024 {
+                return Err(ConfigError::invalid(key, "must be at least 1024"));
+            }
         }
         Ok(())
     }

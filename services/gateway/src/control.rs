@@ -60,7 +60,7 @@ pub async fn handle(
             )
             .await
         }
-        _ => match read_json(body, edge.max_body_bytes).await {
+        _ => match read_json(body, edge.max_json_bytes).await {
             Ok(body) => call(&edge, &matched, &caller, &query, body).await,
             Err(err) => Err(err),
         },
@@ -296,7 +296,7 @@ pub fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-fn percent_decode(path: &str) -> String {
+pub fn percent_decode(path: &str) -> String {
     form_urlencoded::parse(format!("p={}", path.replace('+', "%2B")).as_bytes())
         .next()
         .map(|(_, v)| v.into_owned())

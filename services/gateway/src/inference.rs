@@ -51,7 +51,7 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     let caller =
         Caller::from_headers(headers).map_err(|e| ApiError::new(e.status, Style::Inference))?;
-    let body = read_json(body, edge.max_body_bytes)
+    let body = read_json(body, edge.max_json_bytes)
         .await
         .map_err(|e| ApiError::new(e.status, Style::Inference))?;
     let request = OpenAiRequest::parse(endpoint, body)?;

@@ -52,6 +52,14 @@ pub fn value(message: &DynamicMessage, names: Names) -> Value {
     value
 }
 
+/// The public API's name of one of Kiln's enum values (most are the same).
+pub fn public_enum_name(kiln: &str) -> &str {
+    MODEL_KINDS
+        .iter()
+        .find(|(k, _)| *k == kiln)
+        .map_or(kiln, |(_, public)| public)
+}
+
 /// Model kinds between Kiln's names and the public API's (`outbound`: to the caller).
 fn rename_kinds(value: &mut Value, outbound: bool) {
     walk(value, &mut |object| {

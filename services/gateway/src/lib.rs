@@ -47,7 +47,8 @@ pub(crate) struct EdgeState {
     service: Option<Caller>,
     public_url: String,
     signed_url_ttl: Duration,
-    max_body_bytes: u64,
+    max_json_bytes: u64,
+    max_upload_bytes: u64,
 }
 
 impl EdgeState {
@@ -138,7 +139,8 @@ pub async fn serve(
         service: service_token.and_then(Caller::bearer),
         public_url,
         signed_url_ttl: config.signed_url_ttl,
-        max_body_bytes: config.max_body_bytes,
+        max_json_bytes: config.max_json_bytes,
+        max_upload_bytes: config.max_upload_bytes,
     });
     let app = router(edge);
     let done = tokio::spawn(async move {
@@ -216,14 +218,58 @@ async fn fallback(
     ApiError::new(status, Style::Control).into_response()
 }
 
-/// One span per request, parented on the caller's `traceparent`; the calls it makes carry it on.
+/// The edge's request counts (by route, method and HTTP status) and durations (by route and
+/// method); the route is a template of the route table, never a caller's path.
+struct Families {
+    requests: metrics::Family<metrics::Labels<3>, metrics::Counter>,
+    durations: metrics::HistogramFamily<metrics::Labels<2>>,
+}
+
+static FAMILIES: std::sync::LazyLock<Families> = std::sync::LazyLock::new(|| Families {
+    requests: metrics::register(
+        "kiln_http_server_requests",
+        "HTTP requests the edge answered, by route, method and status",
+        false,
+        metrics::Family::default(),
+    ),
+    durations: metrics::register(
+        "kiln_http_server_request_duration",
+        "Time to the answer's head (a stream's first event), by route and method",
+        true,
+        metrics::Family::new_with_constructor(metrics::seconds_histogram),
+    ),
+});
+
+use kiln_core::metrics;
+
+/// The route a request took, as a template: a bounded label, with no ID or token in it.
+fn route_label(method: &Method, path: &str) -> String {
+    const OWN: [&str; 4] = ["chat/completions", "completions", "embeddings", "models"];
+    if path.starts_with("/v1/signed/") {
+        return "/v1/signed/{token}".into();
+    }
+    let inference = ["/v1/", "/inference/v1/"].iter().any(|prefix| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| OWN.contains(&rest))
+    });
+    if inference || path == "/openapi.json" {
+        return path.to_owned();
+    }
+    if let Some(rest) = path.strip_prefix("/v1/")
+        && let routes::Found::Route(matched) = routes::find(method, &control::percent_decode(rest))
+    {
+        return openapi::template(matched.route.path);
+    }
+    "unmatched".into()
+}
+
+/// One span per request, parented on the caller's `traceparent`; the calls it makes carry it
+/// on. Counted and timed by route.
 async fn trace(request: Request, next: Next) -> Response {
-    let path = request.uri().path();
-    // A signed URL is a credential: it stays out of traces.
-    let path = match path.starts_with("/v1/signed/") {
-        true => "/v1/signed/{token}".to_owned(),
-        false => path.to_owned(),
-    };
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    // The route's template, not the path: a signed URL is a credential, and IDs are unbounded.
+    let path = route_label(&method, request.uri().path());
     let span = tracing::info_span!(
         "http",
         otel.name = %format!("{} {path}", request.method()),
@@ -241,5 +287,47 @@ async fn trace(request: Request, next: Next) -> Response {
     }
     let response = next.run(request).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
+    let method = method.as_str().to_owned();
+    let families = &*FAMILIES;
+    families
+        .durations
+        .get_or_create(&[("route", path.clone()), ("method", method.clone())])
+        .observe(started.elapsed().as_secs_f64());
+    let status = response.status().as_u16().to_string();
+    families
+        .requests
+        .get_or_create(&[("route", path), ("method", method), ("status", status)])
+        .inc();
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_label_is_a_template_never_an_id_or_a_token() {
+        let label = |method: Method, path: &str| route_label(&method, path);
+        assert_eq!(
+            label(Method::GET, "/v1/accounts/acme/models/secret-name"),
+            "/v1/accounts/{account_id}/models/{model_id}"
+        );
+        assert_eq!(
+            label(Method::PATCH, "/v1/accounts/a/deployments/d:scale"),
+            "/v1/accounts/{account_id}/deployments/{deployment_id}:scale"
+        );
+        assert_eq!(
+            label(Method::PUT, "/v1/signed/eyJzZWNyZXQ.abc"),
+            "/v1/signed/{token}"
+        );
+        assert_eq!(
+            label(Method::POST, "/inference/v1/chat/completions"),
+            "/inference/v1/chat/completions"
+        );
+        assert_eq!(label(Method::GET, "/v1/accounts/a/widgets/w"), "unmatched");
+        assert_eq!(
+            label(Method::GET, "/inference/v1/anything-else"),
+            "unmatched"
+        );
+    }
 }

@@ -220,7 +220,10 @@ fn kind_schema(kind: &Kind, schemas: &mut BTreeMap<String, Value>) -> Value {
         Kind::String => json!({"type": "string"}),
         Kind::Bytes => json!({"type": "string", "format": "byte"}),
         Kind::Enum(e) => {
-            let names: Vec<String> = e.values().map(|v| v.name().to_owned()).collect();
+            let names: Vec<String> = e
+                .values()
+                .map(|v| crate::json::public_enum_name(v.name()).to_owned())
+                .collect();
             json!({"type": "string", "enum": names})
         }
         Kind::Message(m) => reference(m, schemas),
@@ -250,6 +253,12 @@ mod tests {
         let model = &document["components"]["schemas"]["kiln.registry.v1.Model"];
         assert_eq!(model["properties"]["createTime"]["format"], "date-time");
         assert_eq!(model["properties"]["displayName"]["type"], "string");
+        let kinds = &document["components"]["schemas"]["kiln.registry.v1.Model"]["properties"]["kind"]
+            ["enum"];
+        assert!(
+            kinds.as_array().unwrap().contains(&"HF_PEFT_ADDON".into()),
+            "{kinds}"
+        );
         assert_eq!(
             template("accounts/{}/users/{}/apiKeys:delete"),
             "/v1/accounts/{account_id}/users/{user_id}/apiKeys:delete"

@@ -50,8 +50,8 @@ pub async fn handle(
             }))
         }
         EdgeRoute::DatasetUploadEndpoint | EdgeRoute::ModelUploadEndpoint => {
-            let body = read_json(body, edge.max_body_bytes).await?;
-            let sizes = file_sizes(&body)?;
+            let body = read_json(body, edge.max_json_bytes).await?;
+            let sizes = file_sizes(&body, edge.max_upload_bytes)?;
             if route == EdgeRoute::DatasetUploadEndpoint && sizes.len() != 1 {
                 return Err(ApiError::invalid(
                     "filenameToSize",
@@ -116,7 +116,10 @@ fn state_name(state: i32) -> &'static str {
 }
 
 /// `filenameToSize`: file name -> size (int64 as a string, or a number).
-fn file_sizes(body: &serde_json::Map<String, Value>) -> Result<BTreeMap<String, u64>, ApiError> {
+fn file_sizes(
+    body: &serde_json::Map<String, Value>,
+    limit: u64,
+) -> Result<BTreeMap<String, u64>, ApiError> {
     let invalid = |why: String| ApiError::invalid("filenameToSize", why, Style::Control);
     let Some(Value::Object(sizes)) = body
         .get("filenameToSize")
@@ -134,6 +137,11 @@ fn file_sizes(body: &serde_json::Map<String, Value>) -> Result<BTreeMap<String, 
         .ok_or_else(|| invalid(format!("{name}: the size must be a whole number of bytes")))?;
         if name.is_empty() || name.contains("..") || name.starts_with('/') {
             return Err(invalid(format!("{name:?} is not a file name")));
+        }
+        if size > limit {
+            return Err(invalid(format!(
+                "{name}: {size} bytes is more than the {limit} this edge takes"
+            )));
         }
         out.insert(name.clone(), size);
     }
@@ -238,7 +246,7 @@ async fn spool_multipart(
             continue;
         }
         let filename = field.file_name().unwrap_or("upload").to_owned();
-        let (file, size, sha256) = spool(field, edge.max_body_bytes).await?;
+        let (file, size, sha256) = spool(field, edge.max_upload_bytes).await?;
         return Ok((file, size, sha256, filename));
     }
     Err(ApiError::invalid(
@@ -430,4 +438,45 @@ async fn get(edge: &Edge, service: &Caller, grant: &Grant) -> Result<Response, A
         http::HeaderValue::from_static("application/octet-stream"),
     );
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(body: Value) -> Result<BTreeMap<String, u64>, String> {
+        let Value::Object(body) = body else {
+            unreachable!()
+        };
+        file_sizes(&body, 1000).map_err(|e| e.status.message().to_owned())
+    }
+
+    #[test]
+    fn declared_sizes_are_whole_bounded_and_name_plain_files() {
+        let ok = sizes(json!({"filenameToSize": {"a.json": "10", "b.bin": 20}})).unwrap();
+        assert_eq!(
+            ok,
+            BTreeMap::from([("a.json".into(), 10), ("b.bin".into(), 20)])
+        );
+        for (body, says) in [
+            (json!({}), "filenameToSize: is required"),
+            (json!({"filenameToSize": {}}), "names no file"),
+            (json!({"filenameToSize": {"a": "-1"}}), "whole number"),
+            (json!({"filenameToSize": {"a": "1e3"}}), "whole number"),
+            (
+                json!({"filenameToSize": {"../etc/passwd": "1"}}),
+                "not a file name",
+            ),
+            (
+                json!({"filenameToSize": {"big": "10000000000"}}),
+                "more than the 1000",
+            ),
+        ] {
+            let err = sizes(body.clone()).unwrap_err();
+            assert!(
+                err.starts_with("filenameToSize:") && err.contains(says),
+                "{body}: {err}"
+            );
+        }
+    }
 }

@@ -34,6 +34,8 @@ const FAMILIES: &[&str] = &[
     "kiln_event_consumer_lag",
     "kiln_billing_events_booked_total",
     "kiln_billing_events_duplicate_total",
+    "kiln_http_server_requests_total",
+    "kiln_http_server_request_duration_seconds_count",
 ];
 
 /// The only label names a series may carry.
@@ -46,6 +48,8 @@ const LABELS: &[&str] = &[
     "deployment",
     "state",
     "consumer",
+    "route",
+    "status",
     "le",
 ];
 
@@ -76,8 +80,15 @@ fn samples(text: &str) -> Vec<(String, Vec<(String, String)>)> {
 async fn every_family_is_exported_with_bounded_labels() {
     let assets = smollm2_asset_dir();
     let mesh = kiln_tests::library_mesh(assets.path(), None).await;
-    let acme = mesh.tenant_channel("acme").await;
+    let (key, acme) = mesh.tenant("acme").await;
     first_chat(&acme, "Hi", 1, Duration::from_secs(300)).await;
+    // Through the HTTP edge too, by a path with an ID in it.
+    http_get(
+        mesh.http_addr,
+        "/v1/accounts/acme/models/some-model-id",
+        &key,
+    )
+    .await;
     // The same question twice: the second prompt comes from the prefix cache.
     for _ in 0..2 {
         chat(&acme, "What is the capital of Japan?", 8)
@@ -122,6 +133,13 @@ async fn every_family_is_exported_with_bounded_labels() {
     assert!(with(requests, "method", "CreateChatCompletion"), "{text}");
     assert!(with(requests, "service", "other"), "{text}");
     assert!(!text.contains("Bogus123") && !text.contains("Evil456"));
+    let http = "kiln_http_server_requests_total";
+    assert!(
+        with(http, "route", "/v1/accounts/{account_id}/models/{model_id}")
+            && with(http, "status", "404"),
+        "{text}"
+    );
+    assert!(!text.contains("some-model-id"));
     assert!(
         with("kiln_llm_generated_tokens_total", "model", SMOLLM2),
         "{text}"
@@ -149,6 +167,17 @@ async fn every_family_is_exported_with_bounded_labels() {
     };
     assert!(value("kiln_llm_cached_prompt_tokens_total") > 0.0, "{text}");
     assert!(value("kiln_llm_prompt_tokens_total") > value("kiln_llm_cached_prompt_tokens_total"));
+}
+
+/// `GET path` on the HTTP edge with `key`, over a connection of its own.
+async fn http_get(addr: std::net::SocketAddr, path: &str, key: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let ask = format!("GET {path} HTTP/1.0\r\nHost: kiln\r\nAuthorization: Bearer {key}\r\n\r\n");
+    stream.write_all(ask.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1."), "{answer}");
 }
 
 /// Every query of deploy/grafana/dashboards/kiln.json names exported metrics, and every label
