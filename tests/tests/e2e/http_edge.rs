@@ -386,6 +386,7 @@ async fn every_error_code_has_its_status_body_and_retry_advice() {
             Some(serde_json::json!({})),
         ),
         call("no_route", "GET", &format!("{base}/widgets"), owner, None),
+        call("openapi", "GET", "/openapi.json", None, None),
         call(
             "inference_not_found",
             "POST",
@@ -471,6 +472,13 @@ async fn every_error_code_has_its_status_body_and_retry_advice() {
         "GET, PATCH, DELETE"
     );
     expect("no_route", 404, "NOT_FOUND", "false");
+    let openapi = &got["openapi"];
+    assert_eq!(openapi["status"], 200);
+    assert_eq!(openapi["body"]["openapi"], "3.1.0");
+    assert!(
+        openapi["body"]["paths"]["/v1/accounts/{account_id}/datasets/{dataset_id}:upload"]["post"]
+            .is_object()
+    );
     let body = expect("inference_not_found", 404, "NOT_FOUND", "false");
     assert_eq!(body["error"]["type"], "not_found_error");
     let body = expect("inference_bad_param", 400, "INVALID_ARGUMENT", "false");
