@@ -34,6 +34,7 @@ use tracing::Instrument as _;
 pub use config::GatewayConfig;
 use errors::{ApiError, Style};
 use inference::Endpoint;
+pub use mesh::Upstream;
 use mesh::{Caller, Mesh};
 use signing::{Grant, Signer};
 
@@ -105,24 +106,26 @@ pub struct Running {
 }
 
 /// Serves the edge on `listener` until `stop`, transcoding to the gRPC API at the
-/// configuration's URLs (`local_url` for those it leaves empty: this process's own gRPC
-/// server). `service_token` does the transfers of signed URLs (and, without
-/// `url_signing_secret`, keys their signatures).
+/// configuration's URLs (`local` for those it leaves empty: this process's own services).
+/// `service_token` does the transfers of signed URLs (and, without `url_signing_secret`,
+/// keys their signatures).
 pub async fn serve(
     config: &GatewayConfig,
     listener: TcpListener,
-    local_url: &str,
+    local: Upstream,
     service_token: Option<&str>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     let addr = listener.local_addr().context("gateway listener address")?;
-    let mut channels = std::collections::HashMap::new();
+    let mut upstreams = std::collections::HashMap::new();
     for area in config::AREAS {
-        let url = config.url_of(area).unwrap_or(local_url);
-        let channel = kiln_core::server::endpoint(url)
-            .map_err(|e| anyhow::anyhow!("gateway.{area}_url: {e}"))?
-            .connect_lazy();
-        channels.insert(area, channel);
+        let upstream = match config.url_of(area) {
+            Some(url) => {
+                Upstream::remote(url).map_err(|e| anyhow::anyhow!("gateway.{area}_url: {e}"))?
+            }
+            None => local.clone(),
+        };
+        upstreams.insert(area, upstream);
     }
     let secret = match (&config.url_signing_secret, service_token) {
         (secret, _) if !secret.is_empty() => secret.clone().into_bytes(),
@@ -134,7 +137,7 @@ pub async fn serve(
         url => url.to_owned(),
     };
     let edge: Edge = Arc::new(EdgeState {
-        mesh: Mesh::new(channels),
+        mesh: Mesh::new(upstreams),
         signer: Signer::new(&secret),
         service: service_token.and_then(Caller::bearer),
         public_url,

@@ -3,9 +3,11 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::task::{Context, Poll};
 
 use bytes::Buf;
 use http::uri::PathAndQuery;
+use kiln_core::server::LocalService;
 use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, MethodDescriptor};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -57,29 +59,81 @@ impl Caller {
     }
 }
 
-/// The gRPC API behind the edge: a channel per service area (`identity`, `registry`…).
+/// Where the services of an area answer: a gRPC channel, or this process's own services
+/// called in process (the same layers, no transport).
+#[derive(Clone)]
+pub enum Upstream {
+    Remote(Channel),
+    Local(LocalService),
+}
+
+impl Upstream {
+    /// A lazily connected channel to `url`.
+    pub fn remote(url: &str) -> Result<Self, kiln_core::Error> {
+        Ok(Self::Remote(
+            kiln_core::server::endpoint(url)?.connect_lazy(),
+        ))
+    }
+}
+
+type HttpRequest = http::Request<tonic::body::Body>;
+type HttpResponse = http::Response<tonic::body::Body>;
+
+impl tower::Service<HttpRequest> for Upstream {
+    type Response = HttpResponse;
+    type Error = tonic::transport::Error;
+    type Future = futures::future::BoxFuture<'static, Result<HttpResponse, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self {
+            Self::Remote(channel) => channel.poll_ready(cx),
+            Self::Local(local) => match local.poll_ready(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+                Poll::Ready(Err(never)) => match never {},
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn call(&mut self, request: HttpRequest) -> Self::Future {
+        match self {
+            Self::Remote(channel) => Box::pin(channel.call(request)),
+            Self::Local(local) => {
+                let answer = local.call(request);
+                Box::pin(async move {
+                    match answer.await {
+                        Ok(response) => Ok(response),
+                        Err(never) => match never {},
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// The gRPC API behind the edge: where each service area (`identity`, `registry`…) answers.
 #[derive(Clone)]
 pub struct Mesh {
-    channels: HashMap<&'static str, Channel>,
+    upstreams: HashMap<&'static str, Upstream>,
 }
 
 impl Mesh {
-    pub fn new(channels: HashMap<&'static str, Channel>) -> Self {
-        Self { channels }
+    pub fn new(upstreams: HashMap<&'static str, Upstream>) -> Self {
+        Self { upstreams }
     }
 
-    /// The registry's channel, for the typed clients of uploads and downloads.
-    pub fn registry(&self) -> Channel {
-        self.channels["registry"].clone()
+    /// The registry, for the typed clients of uploads and downloads.
+    pub fn registry(&self) -> Upstream {
+        self.upstreams["registry"].clone()
     }
 
-    fn channel_of(&self, method: &MethodDescriptor) -> Channel {
+    fn upstream_of(&self, method: &MethodDescriptor) -> Upstream {
         let package = method.parent_service().package_name();
         let area = package
             .strip_prefix("kiln.")
             .and_then(|p| p.strip_suffix(".v1"))
             .unwrap_or(package);
-        self.channels
+        self.upstreams
             .get(area)
             .unwrap_or_else(|| panic!("{package} is a service area of the edge"))
             .clone()
@@ -120,8 +174,8 @@ impl Mesh {
     async fn ready(
         &self,
         method: &MethodDescriptor,
-    ) -> Result<tonic::client::Grpc<Channel>, Status> {
-        let mut grpc = tonic::client::Grpc::new(self.channel_of(method));
+    ) -> Result<tonic::client::Grpc<Upstream>, Status> {
+        let mut grpc = tonic::client::Grpc::new(self.upstream_of(method));
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(format!("the gRPC API is not reachable: {e}")))?;

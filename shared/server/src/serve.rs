@@ -155,9 +155,9 @@ pub async fn serve(
         (Some(identity), None) => Arc::new(identity),
         (_, url) => Arc::new(AuthServiceClient::new(peer("identity_url", url)?)),
     };
-    let done = serve_host(host, listener, authenticator, server.shutdown_grace).await?;
+    let (done, local) = serve_host(host, listener, authenticator, server.shutdown_grace).await?;
     let gateway_addr = match roles.has(Role::Gateway) {
-        true => Some(serve_gateway(config, addr, stop.subscribe()).await?),
+        true => Some(serve_gateway(config, local, stop.subscribe()).await?),
         false => None,
     };
     tracing::info!(%addr, services = %roles, "Kiln serving");
@@ -192,23 +192,22 @@ fn with_edge_credential(config: &KilnConfig, roles: Roles) -> KilnConfig {
 }
 
 /// Starts the HTTP edge on `gateway.listen`, transcoding to the gRPC API at the gateway's URLs
-/// or to this process's gRPC server at `addr`; it stops with the process.
+/// or to this process's services, called in process; it stops with the process.
 async fn serve_gateway(
     config: &KilnConfig,
-    addr: SocketAddr,
+    local: kiln_core::server::LocalService,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<SocketAddr> {
     let gateway = &config.gateway;
     let listener = TcpListener::bind(gateway.listen)
         .await
         .with_context(|| format!("gateway.listen {}", gateway.listen))?;
-    let local_url = format!("http://{}", reachable(addr));
+    let local = kiln_gateway::Upstream::Local(local);
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
     let service_token = config.server.service_token.as_deref();
-    let running =
-        kiln_gateway::serve(gateway, listener, &local_url, service_token, stopped).await?;
+    let running = kiln_gateway::serve(gateway, listener, local, service_token, stopped).await?;
     Ok(running.addr)
 }
 
@@ -242,13 +241,17 @@ async fn serve_metrics(
 }
 
 /// Serves the host's gRPC services (behind the trace and auth layers, with health and
-/// reflection) until shutdown, then waits for its background tasks.
+/// reflection) until shutdown, then waits for its background tasks. Also gives the same
+/// services to call in process.
 async fn serve_host(
     host: Host,
     listener: TcpListener,
     authenticator: Arc<dyn Authenticator>,
     grace: std::time::Duration,
-) -> anyhow::Result<JoinHandle<Result<(), String>>> {
+) -> anyhow::Result<(
+    JoinHandle<Result<(), String>>,
+    kiln_core::server::LocalService,
+)> {
     let parts = host.into_parts();
     let invalidation = kiln_events::auth_cache::spawn_invalidation(
         parts.bus,
@@ -260,8 +263,9 @@ async fn serve_host(
     let auth = AuthLayer::new(authenticator, parts.cache, &tokens);
     let mut stop = parts.shutdown;
     let services = parts.services;
+    let local = services.local(auth.clone());
     let background = parts.stop;
-    Ok(tokio::spawn(async move {
+    let done = tokio::spawn(async move {
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
@@ -269,7 +273,8 @@ async fn serve_host(
         invalidation.abort();
         background.run().await;
         result.map_err(|e| format!("gRPC server: {e}"))
-    }))
+    });
+    Ok((done, local))
 }
 
 /// Where other nodes reach this one: `advertise_url`, else `http://` + the bound address (an

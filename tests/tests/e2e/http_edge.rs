@@ -489,7 +489,8 @@ async fn every_error_code_has_its_status_body_and_retry_advice() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = format!("http://127.0.0.1:{}", kiln_tests::free_port());
     let config = kiln_gateway::GatewayConfig::default();
-    let edge = kiln_gateway::serve(&config, listener, &dead, None, std::future::pending())
+    let dead = kiln_gateway::Upstream::remote(&dead).unwrap();
+    let edge = kiln_gateway::serve(&config, listener, dead, None, std::future::pending())
         .await
         .unwrap();
     let url = format!("http://{}", edge.addr);
