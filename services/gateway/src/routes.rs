@@ -63,6 +63,13 @@ const fn route(method: &'static str, path: &'static str, rpc: &'static str, shap
     }
 }
 
+/// The route table as written (brace-delimited, so formatting leaves it one route a line).
+macro_rules! table {
+    ($($route:expr),* $(,)?) => {
+        &[$($route),*]
+    };
+}
+
 macro_rules! rpc {
     ($package:literal, $service_method:literal) => {
         concat!("kiln.", $package, ".v1.", $service_method)
@@ -71,339 +78,67 @@ macro_rules! rpc {
 
 use Shape::*;
 
-pub const ROUTES: &[Route] = &[
+// One route a line: a table, as rustfmt would spread each over five.
+pub const ROUTES: &[Route] = table! {
     // Accounts
-    route(
-        "GET",
-        "accounts",
-        rpc!("identity", "AccountService/ListAccounts"),
-        List,
-    ),
-    route(
-        "GET",
-        "accounts/{}",
-        rpc!("identity", "AccountService/GetAccount"),
-        Get,
-    ),
+    route("GET", "accounts", rpc!("identity", "AccountService/ListAccounts"), List),
+    route("GET", "accounts/{}", rpc!("identity", "AccountService/GetAccount"), Get),
     // Users
-    route(
-        "GET",
-        "accounts/{}/users",
-        rpc!("identity", "UserService/ListUsers"),
-        List,
-    ),
-    route(
-        "POST",
-        "accounts/{}/users",
-        rpc!("identity", "UserService/CreateUser"),
-        CreateFlat {
-            field: "user",
-            id: Some("user_id"),
-        },
-    ),
-    route(
-        "GET",
-        "accounts/{}/users/{}",
-        rpc!("identity", "UserService/GetUser"),
-        Get,
-    ),
-    route(
-        "PATCH",
-        "accounts/{}/users/{}",
-        rpc!("identity", "UserService/UpdateUser"),
-        Update { field: "user" },
-    ),
-    route(
-        "DELETE",
-        "accounts/{}/users/{}",
-        rpc!("identity", "UserService/DeleteUser"),
-        Delete,
-    ),
+    route("GET", "accounts/{}/users", rpc!("identity", "UserService/ListUsers"), List),
+    route("POST", "accounts/{}/users", rpc!("identity", "UserService/CreateUser"), CreateFlat { field: "user", id: Some("user_id") }),
+    route("GET", "accounts/{}/users/{}", rpc!("identity", "UserService/GetUser"), Get),
+    route("PATCH", "accounts/{}/users/{}", rpc!("identity", "UserService/UpdateUser"), Update { field: "user" }),
+    route("DELETE", "accounts/{}/users/{}", rpc!("identity", "UserService/DeleteUser"), Delete),
     // API keys
-    route(
-        "GET",
-        "accounts/{}/users/{}/apiKeys",
-        rpc!("identity", "ApiKeyService/ListApiKeys"),
-        List,
-    ),
-    route(
-        "POST",
-        "accounts/{}/users/{}/apiKeys",
-        rpc!("identity", "ApiKeyService/CreateApiKey"),
-        CreateWrapped,
-    ),
-    route(
-        "POST",
-        "accounts/{}/users/{}/apiKeys:delete",
-        rpc!("identity", "ApiKeyService/DeleteApiKey"),
-        DeleteApiKey,
-    ),
+    route("GET", "accounts/{}/users/{}/apiKeys", rpc!("identity", "ApiKeyService/ListApiKeys"), List),
+    route("POST", "accounts/{}/users/{}/apiKeys", rpc!("identity", "ApiKeyService/CreateApiKey"), CreateWrapped),
+    route("POST", "accounts/{}/users/{}/apiKeys:delete", rpc!("identity", "ApiKeyService/DeleteApiKey"), DeleteApiKey),
     // Models
-    route(
-        "GET",
-        "accounts/{}/models",
-        rpc!("registry", "ModelService/ListModels"),
-        List,
-    ),
-    route(
-        "POST",
-        "accounts/{}/models",
-        rpc!("registry", "ModelService/CreateModel"),
-        CreateWrapped,
-    ),
-    route(
-        "GET",
-        "accounts/{}/models/{}",
-        rpc!("registry", "ModelService/GetModel"),
-        Get,
-    ),
-    route(
-        "PATCH",
-        "accounts/{}/models/{}",
-        rpc!("registry", "ModelService/UpdateModel"),
-        Update { field: "model" },
-    ),
-    route(
-        "DELETE",
-        "accounts/{}/models/{}",
-        rpc!("registry", "ModelService/DeleteModel"),
-        Delete,
-    ),
-    route(
-        "POST",
-        "accounts/{}/models/{}:prepare",
-        rpc!("registry", "ModelService/PrepareModel"),
-        Custom,
-    ),
-    route(
-        "GET",
-        "accounts/{}/models/{}:validateUpload",
-        rpc!("registry", "ModelService/ValidateModelUpload"),
-        Custom,
-    ),
-    route(
-        "POST",
-        "accounts/{}/models/{}:getUploadEndpoint",
-        rpc!("registry", "ModelService/UploadModelFiles"),
-        Edge(EdgeRoute::ModelUploadEndpoint),
-    ),
-    route(
-        "GET",
-        "accounts/{}/models/{}:getDownloadEndpoint",
-        rpc!("registry", "ModelService/DownloadModelFiles"),
-        Edge(EdgeRoute::ModelDownloadEndpoint),
-    ),
+    route("GET", "accounts/{}/models", rpc!("registry", "ModelService/ListModels"), List),
+    route("POST", "accounts/{}/models", rpc!("registry", "ModelService/CreateModel"), CreateWrapped),
+    route("GET", "accounts/{}/models/{}", rpc!("registry", "ModelService/GetModel"), Get),
+    route("PATCH", "accounts/{}/models/{}", rpc!("registry", "ModelService/UpdateModel"), Update { field: "model" }),
+    route("DELETE", "accounts/{}/models/{}", rpc!("registry", "ModelService/DeleteModel"), Delete),
+    route("POST", "accounts/{}/models/{}:prepare", rpc!("registry", "ModelService/PrepareModel"), Custom),
+    route("GET", "accounts/{}/models/{}:validateUpload", rpc!("registry", "ModelService/ValidateModelUpload"), Custom),
+    route("POST", "accounts/{}/models/{}:getUploadEndpoint", rpc!("registry", "ModelService/UploadModelFiles"), Edge(EdgeRoute::ModelUploadEndpoint)),
+    route("GET", "accounts/{}/models/{}:getDownloadEndpoint", rpc!("registry", "ModelService/DownloadModelFiles"), Edge(EdgeRoute::ModelDownloadEndpoint)),
     // Datasets
-    route(
-        "GET",
-        "accounts/{}/datasets",
-        rpc!("registry", "DatasetService/ListDatasets"),
-        List,
-    ),
-    route(
-        "POST",
-        "accounts/{}/datasets",
-        rpc!("registry", "DatasetService/CreateDataset"),
-        CreateWrapped,
-    ),
-    route(
-        "GET",
-        "accounts/{}/datasets/{}",
-        rpc!("registry", "DatasetService/GetDataset"),
-        Get,
-    ),
-    route(
-        "PATCH",
-        "accounts/{}/datasets/{}",
-        rpc!("registry", "DatasetService/UpdateDataset"),
-        Update { field: "dataset" },
-    ),
-    route(
-        "DELETE",
-        "accounts/{}/datasets/{}",
-        rpc!("registry", "DatasetService/DeleteDataset"),
-        Delete,
-    ),
-    route(
-        "POST",
-        "accounts/{}/datasets/{}:upload",
-        rpc!("registry", "DatasetService/UploadDataset"),
-        Edge(EdgeRoute::DatasetUpload),
-    ),
-    route(
-        "POST",
-        "accounts/{}/datasets/{}:getUploadEndpoint",
-        rpc!("registry", "DatasetService/UploadDataset"),
-        Edge(EdgeRoute::DatasetUploadEndpoint),
-    ),
-    route(
-        "POST",
-        "accounts/{}/datasets/{}:validateUpload",
-        rpc!("registry", "DatasetService/GetDataset"),
-        Edge(EdgeRoute::DatasetValidateUpload),
-    ),
-    route(
-        "GET",
-        "accounts/{}/datasets/{}:getDownloadEndpoint",
-        rpc!("registry", "DatasetService/DownloadDataset"),
-        Edge(EdgeRoute::DatasetDownloadEndpoint),
-    ),
+    route("GET", "accounts/{}/datasets", rpc!("registry", "DatasetService/ListDatasets"), List),
+    route("POST", "accounts/{}/datasets", rpc!("registry", "DatasetService/CreateDataset"), CreateWrapped),
+    route("GET", "accounts/{}/datasets/{}", rpc!("registry", "DatasetService/GetDataset"), Get),
+    route("PATCH", "accounts/{}/datasets/{}", rpc!("registry", "DatasetService/UpdateDataset"), Update { field: "dataset" }),
+    route("DELETE", "accounts/{}/datasets/{}", rpc!("registry", "DatasetService/DeleteDataset"), Delete),
+    route("POST", "accounts/{}/datasets/{}:upload", rpc!("registry", "DatasetService/UploadDataset"), Edge(EdgeRoute::DatasetUpload)),
+    route("POST", "accounts/{}/datasets/{}:getUploadEndpoint", rpc!("registry", "DatasetService/UploadDataset"), Edge(EdgeRoute::DatasetUploadEndpoint)),
+    route("POST", "accounts/{}/datasets/{}:validateUpload", rpc!("registry", "DatasetService/GetDataset"), Edge(EdgeRoute::DatasetValidateUpload)),
+    route("GET", "accounts/{}/datasets/{}:getDownloadEndpoint", rpc!("registry", "DatasetService/DownloadDataset"), Edge(EdgeRoute::DatasetDownloadEndpoint)),
     // Deployments
-    route(
-        "GET",
-        "accounts/{}/deployments",
-        rpc!("scheduler", "DeploymentService/ListDeployments"),
-        List,
-    ),
-    route(
-        "POST",
-        "accounts/{}/deployments",
-        rpc!("scheduler", "DeploymentService/CreateDeployment"),
-        CreateFlat {
-            field: "deployment",
-            id: Some("deployment_id"),
-        },
-    ),
-    route(
-        "GET",
-        "accounts/{}/deployments/{}",
-        rpc!("scheduler", "DeploymentService/GetDeployment"),
-        Get,
-    ),
-    route(
-        "PATCH",
-        "accounts/{}/deployments/{}",
-        rpc!("scheduler", "DeploymentService/UpdateDeployment"),
-        Update {
-            field: "deployment",
-        },
-    ),
-    route(
-        "DELETE",
-        "accounts/{}/deployments/{}",
-        rpc!("scheduler", "DeploymentService/DeleteDeployment"),
-        Delete,
-    ),
-    route(
-        "PATCH",
-        "accounts/{}/deployments/{}:scale",
-        rpc!("scheduler", "DeploymentService/ScaleDeployment"),
-        Custom,
-    ),
-    route(
-        "POST",
-        "accounts/{}/deployments/{}:undelete",
-        rpc!("scheduler", "DeploymentService/UndeleteDeployment"),
-        Custom,
-    ),
+    route("GET", "accounts/{}/deployments", rpc!("scheduler", "DeploymentService/ListDeployments"), List),
+    route("POST", "accounts/{}/deployments", rpc!("scheduler", "DeploymentService/CreateDeployment"), CreateFlat { field: "deployment", id: Some("deployment_id") }),
+    route("GET", "accounts/{}/deployments/{}", rpc!("scheduler", "DeploymentService/GetDeployment"), Get),
+    route("PATCH", "accounts/{}/deployments/{}", rpc!("scheduler", "DeploymentService/UpdateDeployment"), Update { field: "deployment" }),
+    route("DELETE", "accounts/{}/deployments/{}", rpc!("scheduler", "DeploymentService/DeleteDeployment"), Delete),
+    route("PATCH", "accounts/{}/deployments/{}:scale", rpc!("scheduler", "DeploymentService/ScaleDeployment"), Custom),
+    route("POST", "accounts/{}/deployments/{}:undelete", rpc!("scheduler", "DeploymentService/UndeleteDeployment"), Custom),
     // Deployed models (LoRA addons loaded on deployments)
-    route(
-        "GET",
-        "accounts/{}/deployedModels",
-        rpc!("scheduler", "DeployedModelService/ListDeployedModels"),
-        List,
-    ),
-    route(
-        "POST",
-        "accounts/{}/deployedModels",
-        rpc!("scheduler", "DeployedModelService/CreateDeployedModel"),
-        CreateFlat {
-            field: "deployed_model",
-            id: None,
-        },
-    ),
-    route(
-        "GET",
-        "accounts/{}/deployedModels/{}",
-        rpc!("scheduler", "DeployedModelService/GetDeployedModel"),
-        Get,
-    ),
-    route(
-        "PATCH",
-        "accounts/{}/deployedModels/{}",
-        rpc!("scheduler", "DeployedModelService/UpdateDeployedModel"),
-        Update {
-            field: "deployed_model",
-        },
-    ),
-    route(
-        "DELETE",
-        "accounts/{}/deployedModels/{}",
-        rpc!("scheduler", "DeployedModelService/DeleteDeployedModel"),
-        Delete,
-    ),
+    route("GET", "accounts/{}/deployedModels", rpc!("scheduler", "DeployedModelService/ListDeployedModels"), List),
+    route("POST", "accounts/{}/deployedModels", rpc!("scheduler", "DeployedModelService/CreateDeployedModel"), CreateFlat { field: "deployed_model", id: None }),
+    route("GET", "accounts/{}/deployedModels/{}", rpc!("scheduler", "DeployedModelService/GetDeployedModel"), Get),
+    route("PATCH", "accounts/{}/deployedModels/{}", rpc!("scheduler", "DeployedModelService/UpdateDeployedModel"), Update { field: "deployed_model" }),
+    route("DELETE", "accounts/{}/deployedModels/{}", rpc!("scheduler", "DeployedModelService/DeleteDeployedModel"), Delete),
     // Supervised fine-tuning jobs
-    route(
-        "GET",
-        "accounts/{}/supervisedFineTuningJobs",
-        rpc!(
-            "scheduler",
-            "FineTuningService/ListSupervisedFineTuningJobs"
-        ),
-        List,
-    ),
-    route(
-        "POST",
-        "accounts/{}/supervisedFineTuningJobs",
-        rpc!(
-            "scheduler",
-            "FineTuningService/CreateSupervisedFineTuningJob"
-        ),
-        CreateFlat {
-            field: "supervised_fine_tuning_job",
-            id: Some("supervised_fine_tuning_job_id"),
-        },
-    ),
-    route(
-        "GET",
-        "accounts/{}/supervisedFineTuningJobs/{}",
-        rpc!("scheduler", "FineTuningService/GetSupervisedFineTuningJob"),
-        Get,
-    ),
-    route(
-        "DELETE",
-        "accounts/{}/supervisedFineTuningJobs/{}",
-        rpc!(
-            "scheduler",
-            "FineTuningService/DeleteSupervisedFineTuningJob"
-        ),
-        Delete,
-    ),
-    route(
-        "POST",
-        "accounts/{}/supervisedFineTuningJobs/{}:cancel",
-        rpc!(
-            "scheduler",
-            "FineTuningService/CancelSupervisedFineTuningJob"
-        ),
-        Custom,
-    ),
-    route(
-        "POST",
-        "accounts/{}/supervisedFineTuningJobs/{}:resume",
-        "",
-        Unimplemented,
-    ),
+    route("GET", "accounts/{}/supervisedFineTuningJobs", rpc!("scheduler", "FineTuningService/ListSupervisedFineTuningJobs"), List),
+    route("POST", "accounts/{}/supervisedFineTuningJobs", rpc!("scheduler", "FineTuningService/CreateSupervisedFineTuningJob"), CreateFlat { field: "supervised_fine_tuning_job", id: Some("supervised_fine_tuning_job_id") }),
+    route("GET", "accounts/{}/supervisedFineTuningJobs/{}", rpc!("scheduler", "FineTuningService/GetSupervisedFineTuningJob"), Get),
+    route("DELETE", "accounts/{}/supervisedFineTuningJobs/{}", rpc!("scheduler", "FineTuningService/DeleteSupervisedFineTuningJob"), Delete),
+    route("POST", "accounts/{}/supervisedFineTuningJobs/{}:cancel", rpc!("scheduler", "FineTuningService/CancelSupervisedFineTuningJob"), Custom),
+    route("POST", "accounts/{}/supervisedFineTuningJobs/{}:resume", "", Unimplemented),
     // Quotas
-    route(
-        "GET",
-        "accounts/{}/quotas",
-        rpc!("billing", "QuotaService/ListQuotas"),
-        List,
-    ),
-    route(
-        "GET",
-        "accounts/{}/quotas/{}",
-        rpc!("billing", "QuotaService/GetQuota"),
-        Get,
-    ),
-    route(
-        "PATCH",
-        "accounts/{}/quotas/{}",
-        rpc!("billing", "QuotaService/UpdateQuota"),
-        Update { field: "quota" },
-    ),
-];
+    route("GET", "accounts/{}/quotas", rpc!("billing", "QuotaService/ListQuotas"), List),
+    route("GET", "accounts/{}/quotas/{}", rpc!("billing", "QuotaService/GetQuota"), Get),
+    route("PATCH", "accounts/{}/quotas/{}", rpc!("billing", "QuotaService/UpdateQuota"), Update { field: "quota" }),
+};
 
 /// A request's path matched against the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
