@@ -35,6 +35,22 @@ pub use config::GatewayConfig;
 use errors::{ApiError, Style};
 use inference::Endpoint;
 pub use mesh::Upstream;
+
+/// Calls into the contract with messages built from its descriptors (the edge's own means,
+/// for clients that go through every RPC generically, such as the tenancy suite).
+pub mod dynamic {
+    pub use crate::mesh::{Caller, Mesh, Upstream, method, pool};
+
+    /// A [`Mesh`] that reaches every service area through `upstream`.
+    pub fn mesh(upstream: Upstream) -> Mesh {
+        Mesh::new(
+            crate::config::AREAS
+                .into_iter()
+                .map(|area| (area, upstream.clone()))
+                .collect(),
+        )
+    }
+}
 use mesh::{Caller, Mesh};
 use signing::{Grant, Signer};
 
@@ -91,7 +107,8 @@ impl Caller {
         Ok(Self { authorization })
     }
 
-    fn bearer(token: &str) -> Option<Self> {
+    /// A caller presenting `token` as its key.
+    pub fn bearer(token: &str) -> Option<Self> {
         let authorization = format!("Bearer {token}").parse().ok()?;
         Some(Self {
             authorization: Some(authorization),

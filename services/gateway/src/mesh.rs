@@ -171,6 +171,21 @@ impl Mesh {
         Ok(answer.into_inner())
     }
 
+    /// A call that takes a stream (the uploads), here the messages `messages`.
+    pub async fn client_streaming(
+        &self,
+        caller: &Caller,
+        method: &MethodDescriptor,
+        messages: Vec<DynamicMessage>,
+    ) -> Result<DynamicMessage, Status> {
+        let mut grpc = self.ready(method).await?;
+        let stream = futures::stream::iter(messages);
+        let answer = grpc
+            .client_streaming(caller.request(stream), path(method), codec(method))
+            .await?;
+        Ok(answer.into_inner())
+    }
+
     async fn ready(
         &self,
         method: &MethodDescriptor,

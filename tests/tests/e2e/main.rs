@@ -19,4 +19,5 @@ mod quotas;
 mod registry;
 mod scheduler;
 mod secrets;
+mod tenancy;
 mod training;
