@@ -136,6 +136,19 @@ pub async fn replicas(admin: &AuthedChannel, deployment: &str) -> Vec<schv1::Rep
     all.filter(|r| r.deployment == deployment).collect()
 }
 
+/// The deployed models under `parent` (`accounts/{a}`), the first page.
+pub async fn list_deployed_models(ch: &AuthedChannel, parent: &str) -> Vec<schv1::DeployedModel> {
+    let request = schv1::ListDeployedModelsRequest {
+        parent: parent.to_owned(),
+        ..Default::default()
+    };
+    let listed = deployed_models(ch).list_deployed_models(request).await;
+    listed
+        .expect("list deployed models")
+        .into_inner()
+        .deployed_models
+}
+
 /// Deploys `model` onto `deployment` as deployed model `id` of `account`.
 pub async fn create_deployed_model(
     ch: &AuthedChannel,

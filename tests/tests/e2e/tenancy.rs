@@ -31,6 +31,8 @@ const NOUNS: [&str; 10] = [
 struct Names {
     account: String,
     key: String,
+    /// The deployed model its deployment made (named by the scheduler).
+    deployed_model: String,
 }
 
 impl Names {
@@ -48,7 +50,7 @@ impl Names {
             "Model" => format!("{a}/models/m"),
             "Dataset" => format!("{a}/datasets/d"),
             "Deployment" => format!("{a}/deployments/dep"),
-            "DeployedModel" => format!("{a}/deployedModels/dm"),
+            "DeployedModel" => format!("{a}/deployedModels/{}", self.deployed_model),
             "SupervisedFineTuningJob" => format!("{a}/supervisedFineTuningJobs/j"),
             "Quota" => format!("{a}/quotas/deployments"),
             _ => a,
@@ -171,14 +173,34 @@ async fn call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_refuses_another_accounts_resources_as_if_they_did_not_exist() {
-    let mesh = kiln_tests::TestMesh::start().await;
+    let assets = kiln_tests::inference::minilm_asset_dir();
+    let mesh = kiln_tests::library_mesh(assets.path(), None).await;
     let (alpha_key, alpha) = mesh.tenant("alpha").await;
     let (_, bravo) = mesh.tenant("bravo").await;
-    // Bravo's resources: a model, a dataset, its owner and the owner's key, its quotas.
+    // Each account's resources: a model, a dataset, a deployment (of the public MiniLM) and
+    // its deployed model, the owner and the owner's key, the quotas.
+    let mut deployed_models = Vec::new();
     for (ch, account) in [(&alpha, "alpha"), (&bravo, "bravo")] {
         let model = regv1::model::Kind::BaseModel;
         kiln_tests::registry::create_model(ch, account, "m", model, None).await;
         kiln_tests::registry::create_dataset(ch, account, "d").await;
+        let parent = format!("accounts/{account}");
+        let deployment = kiln_proto::scheduler::v1::Deployment {
+            base_model: kiln_tests::inference::MINILM.into(),
+            ..kiln_tests::deployments::on("CPU", 1)
+        };
+        let what = "the library's MiniLM to be deployable";
+        kiln_tests::wait_for_ok(std::time::Duration::from_secs(60), what, || {
+            kiln_tests::deployments::create(ch, &parent, "dep", deployment.clone())
+        })
+        .await;
+        let listed = kiln_tests::deployments::list_deployed_models(ch, &parent).await;
+        let name = listed
+            .first()
+            .expect("the deployment's deployed model")
+            .name
+            .clone();
+        deployed_models.push(name.rsplit('/').next().unwrap().to_owned());
     }
     let key_of = |account: &'static str, ch: kiln_tests::AuthedChannel| async move {
         let owner = format!("accounts/{account}/users/owner");
@@ -189,14 +211,17 @@ async fn every_rpc_refuses_another_accounts_resources_as_if_they_did_not_exist()
     let bravo_names = Names {
         account: "bravo".into(),
         key: key_of("bravo", bravo.clone()).await,
+        deployed_model: deployed_models[1].clone(),
     };
     let ghost_names = Names {
         account: "ghost-account".into(),
         key: bravo_names.key.clone(),
+        deployed_model: bravo_names.deployed_model.clone(),
     };
     let alpha_names = Names {
         account: "alpha".into(),
         key: key_of("alpha", alpha.clone()).await,
+        deployed_model: deployed_models[0].clone(),
     };
     let upstream = kiln_gateway::Upstream::remote(&mesh.url()).unwrap();
     let rpc = dynamic::mesh(upstream);
