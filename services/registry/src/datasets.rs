@@ -345,6 +345,7 @@ impl Registry {
         caller: &Principal,
         request: DownloadDatasetRequest,
     ) -> Result<BoxStream<'static, Result<DownloadDatasetResponse, Error>>> {
+        crate::download::check_range_fields(request.offset, request.length)?;
         let (name, dataset) = self.stored_dataset(caller, "name", &request.name).await?;
         if dataset.state != dataset::State::Ready as i32 {
             return Err(Error::FailedPrecondition(format!(

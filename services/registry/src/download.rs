@@ -14,16 +14,29 @@ use kiln_core::{Error, Result};
 /// Bytes per streamed message.
 pub const CHUNK: usize = 1 << 20;
 
-/// The byte range a request asks of a file of `size` bytes.
-pub fn byte_range(size: u64, offset: i64, length: i64) -> Result<std::ops::Range<u64>> {
-    if offset < 0 || offset as u64 > size {
+/// A range's fields as a request gives them: checked before anything is read, so a bad
+/// argument is named whatever the state of the file.
+pub fn check_range_fields(offset: i64, length: i64) -> Result<()> {
+    if offset < 0 {
         return Err(Error::invalid(
             "offset",
-            format!("{offset} is outside the file's {size} bytes"),
+            format!("must not be negative, got {offset}"),
         ));
     }
     if length < 0 {
         return Err(Error::invalid("length", "must not be negative"));
+    }
+    Ok(())
+}
+
+/// The byte range a request asks of a file of `size` bytes.
+pub fn byte_range(size: u64, offset: i64, length: i64) -> Result<std::ops::Range<u64>> {
+    check_range_fields(offset, length)?;
+    if offset as u64 > size {
+        return Err(Error::invalid(
+            "offset",
+            format!("{offset} is outside the file's {size} bytes"),
+        ));
     }
     let start = offset as u64;
     let end = if length == 0 {
@@ -69,6 +82,7 @@ impl Registry {
         caller: &Principal,
         request: DownloadModelFilesRequest,
     ) -> Result<BoxStream<'static, Result<DownloadModelFilesResponse, Error>>> {
+        check_range_fields(request.offset, request.length)?;
         let stored = self.readable_model(caller, "name", &request.name).await?;
         let (bundle, files): (String, Vec<ModelFile>) = match request.bundle_precision {
             None => (String::new(), stored.model.files.clone()),

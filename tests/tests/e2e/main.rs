@@ -3,6 +3,7 @@
 //! KILN_TEST_NATS_URL).
 
 mod authn;
+mod bad_input;
 mod billing;
 mod discovery;
 mod errors;
