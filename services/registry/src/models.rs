@@ -148,6 +148,7 @@ impl Registry {
         let parent = caller.own_parent(parent)?;
         names::validate_id("model_id", &model_id)?;
         validate_display_name("model.display_name", &model.display_name)?;
+        names::validate_text("model.description", &model.description)?;
         let kind = model::Kind::try_from(model.kind).unwrap_or(model::Kind::Unspecified);
         if kind == model::Kind::Unspecified {
             return Err(Error::invalid(
@@ -291,7 +292,10 @@ impl Registry {
                     validate_display_name("model.display_name", &update.display_name)?;
                     model.display_name = update.display_name.clone();
                 }
-                "description" => model.description = update.description.clone(),
+                "description" => {
+                    names::validate_text("model.description", &update.description)?;
+                    model.description = update.description.clone();
+                }
                 "public" => {
                     if !caller.is_privileged() {
                         return Err(Error::PermissionDenied(

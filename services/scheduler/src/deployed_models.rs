@@ -54,6 +54,7 @@ impl Scheduler {
     ) -> Result<DeployedModel> {
         let parent = caller.own_parent(parent)?;
         validate_display_name("deployed_model.display_name", &dm.display_name)?;
+        names::validate_text("deployed_model.description", &dm.description)?;
         if dm.public && !caller.is_privileged() {
             return Err(Error::PermissionDenied(
                 "only a platform admin makes deployed models public".into(),
@@ -250,7 +251,10 @@ impl Scheduler {
                     validate_display_name("deployed_model.display_name", &update.display_name)?;
                     dm.display_name = update.display_name.clone();
                 }
-                "description" => dm.description = update.description.clone(),
+                "description" => {
+                    names::validate_text("deployed_model.description", &update.description)?;
+                    dm.description = update.description.clone();
+                }
                 "default" => dm.default = update.default,
                 "public" => {
                     if !caller.is_privileged() {

@@ -52,10 +52,27 @@ pub fn validate_id(field: &str, id: &str) -> Result<(), Error> {
     }
 }
 
-/// Checks a display name: at most 256 characters.
+/// Checks a display name: at most 256 characters, none of them a control character.
 pub fn validate_display_name(field: &str, name: &str) -> Result<(), Error> {
     if name.chars().count() > 256 {
         return Err(Error::invalid(field, "must be at most 256 characters"));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must not contain control characters, found U+{:04X}",
+                c as u32
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks free text (a description): no NUL, which no database's text column holds.
+pub fn validate_text(field: &str, text: &str) -> Result<(), Error> {
+    if text.contains('\0') {
+        return Err(Error::invalid(field, "must not contain NUL (U+0000)"));
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ impl Scheduler {
     ) -> Result<Deployment> {
         let parent = caller.own_parent(parent)?;
         validate_display_name("deployment.display_name", &d.display_name)?;
+        names::validate_text("deployment.description", &d.description)?;
         let model = self.servable_base(caller, &d.base_model).await?;
         // An addon as the base is served live-merged into its own base model; it takes no
         // further addons.

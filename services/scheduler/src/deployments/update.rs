@@ -58,7 +58,10 @@ impl Scheduler {
                     validate_display_name("deployment.display_name", &update.display_name)?;
                     d.display_name = update.display_name.clone();
                 }
-                "description" => d.description = update.description.clone(),
+                "description" => {
+                    kiln_core::names::validate_text("deployment.description", &update.description)?;
+                    d.description = update.description.clone();
+                }
                 "expire_time" => d.expire_time = update.expire_time,
                 "min_replica_count" => d.min_replica_count = update.min_replica_count,
                 "max_replica_count" => d.max_replica_count = update.max_replica_count,
