@@ -97,7 +97,7 @@ async fn answer(
         }
     };
     let events = futures::stream::once(async move { Ok(first) })
-        .chain(stream.map(|item| item))
+        .chain(stream)
         .map(move |item| Ok::<_, Infallible>(event(item, endpoint)))
         .chain(futures::stream::once(async {
             Ok(bytes::Bytes::from_static(b"data: [DONE]\n\n"))
@@ -125,9 +125,8 @@ fn event(item: Result<DynamicMessage, tonic::Status>, endpoint: Endpoint) -> byt
             value
         }
         Err(status) => {
-            let response = ApiError::new(status.clone(), Style::Inference);
             serde_json::json!({"error": {
-                "message": response.status.message(),
+                "message": status.message(),
                 "code": kiln_core::metrics::code_name(status.code()),
             }})
         }

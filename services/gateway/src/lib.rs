@@ -150,7 +150,7 @@ pub async fn serve(
         _ => uuid::Uuid::new_v4().as_bytes().to_vec(),
     };
     let public_url = match config.public_url.trim_end_matches('/') {
-        "" => format!("http://{}", reachable(addr)),
+        "" => format!("http://{}", kiln_core::server::reachable(addr)),
         url => url.to_owned(),
     };
     let edge: Edge = Arc::new(EdgeState {
@@ -173,14 +173,6 @@ pub async fn serve(
     });
     tracing::info!(%addr, "HTTP edge serving");
     Ok(Running { addr, done })
-}
-
-/// The address as a client reaches it (an unspecified IP as loopback).
-fn reachable(mut addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    addr
 }
 
 fn router(edge: Edge) -> Router {

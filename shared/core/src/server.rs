@@ -66,6 +66,15 @@ impl<M: Middleware, S: InnerService> tower::Service<Request> for Layered<M, S> {
     }
 }
 
+/// An address as a client reaches it: an unspecified IP (a server bound to 0.0.0.0) as the
+/// loopback one.
+pub fn reachable(mut addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    addr
+}
+
 /// HTTP/2 flow-control windows of servers and clients.
 pub const STREAM_WINDOW: u32 = 8 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;

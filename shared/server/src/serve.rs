@@ -211,14 +211,6 @@ async fn serve_gateway(
     Ok(running.addr)
 }
 
-/// An address as a client reaches it: an unspecified IP as the loopback one.
-fn reachable(mut addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    addr
-}
-
 /// Serves `GET /metrics` on `listen` until `stop`; gives the bound address.
 async fn serve_metrics(
     listen: SocketAddr,
@@ -283,7 +275,7 @@ fn advertised_url(config: &kiln_inference::config::InferenceConfig, addr: Socket
     if !config.advertise_url.is_empty() {
         return config.advertise_url.clone();
     }
-    format!("http://{}", reachable(addr))
+    format!("http://{}", kiln_core::server::reachable(addr))
 }
 
 /// With the registry in process, a node without a configured ONNX Runtime library uses the
