@@ -171,6 +171,7 @@ impl Scheduler {
                 session,
                 sender: Some(sender.clone()),
                 last_heartbeat: Instant::now(),
+                last_load: None,
             },
         );
         let _ = sender
@@ -240,8 +241,10 @@ impl Scheduler {
         entry.last_heartbeat = Instant::now();
         entry.node.last_heartbeat_time = Some(now());
         let mut wake = false;
+        let reports_load = matches!(message.payload, Some(node_message::Payload::Heartbeat(_)));
         match message.payload {
             Some(node_message::Payload::Heartbeat(beat)) => {
+                entry.last_load = Some(Instant::now());
                 for r in beat.replicas {
                     let to =
                         replica::State::try_from(r.state).unwrap_or(replica::State::Unspecified);
@@ -306,6 +309,9 @@ impl Scheduler {
             _ => {}
         }
         drop(state);
+        if reports_load {
+            self.load_reported();
+        }
         if wake {
             self.wake();
         }

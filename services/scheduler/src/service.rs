@@ -43,6 +43,8 @@ struct Inner {
     quotas: Option<Arc<dyn QuotaGate>>,
     state: Mutex<State>,
     wake: Notify,
+    /// Changes after each heartbeat is applied: a caller that needs a fresh load waits on it.
+    load_reports: watch::Sender<u64>,
     routes: watch::Sender<Arc<RoutingTable>>,
     /// Node streams end when it changes, so a server stops without waiting on them.
     shutdown: watch::Receiver<bool>,
@@ -89,6 +91,7 @@ impl Scheduler {
                 quotas,
                 state: Mutex::new(state),
                 wake: Notify::new(),
+                load_reports: watch::channel(0).0,
                 routes,
                 shutdown,
             }),
@@ -118,6 +121,15 @@ impl Scheduler {
 
     pub(crate) async fn woken(&self) {
         self.inner.wake.notified().await
+    }
+
+    pub(crate) fn load_reported(&self) {
+        self.inner.load_reports.send_modify(|n| *n += 1);
+    }
+
+    /// Changes each time a node's heartbeat has been applied.
+    pub(crate) fn load_reports(&self) -> watch::Receiver<u64> {
+        self.inner.load_reports.subscribe()
     }
 
     pub(crate) fn shutdown(&self) -> watch::Receiver<bool> {

@@ -83,6 +83,8 @@ pub(crate) struct NodeEntry {
     /// Where assignments go; None once the stream closed.
     pub sender: Option<NodeSender>,
     pub last_heartbeat: Instant,
+    /// When its last heartbeat (the only message that reports load) arrived.
+    pub last_load: Option<Instant>,
 }
 
 impl NodeEntry {
@@ -137,6 +139,7 @@ pub(crate) mod fixtures {
             session: 1,
             sender: (state == node::State::Ready).then_some(sender),
             last_heartbeat: Instant::now(),
+            last_load: None,
         }
     }
 

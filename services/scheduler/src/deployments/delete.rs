@@ -9,9 +9,10 @@ use kiln_proto::scheduler::v1::{Deployment, deployed_model, deployment};
 
 use crate::quota;
 use crate::service::Scheduler;
-use crate::state::DeploymentEntry;
+use crate::state::{DeploymentEntry, State};
 use crate::time::now;
 use kiln_core::Result;
+use std::time::Instant;
 
 impl Scheduler {
     pub(crate) async fn delete_deployment(
@@ -21,23 +22,43 @@ impl Scheduler {
         hard: bool,
         ignore_checks: bool,
     ) -> Result<()> {
-        let mut state = self.lock().await;
-        let full = self
-            .writable(&mut state, caller, "name", name)?
-            .deployment
-            .name
-            .clone();
-        let in_flight: i32 = state
-            .replicas
-            .values()
-            .filter(|r| r.replica.deployment == full)
-            .map(|r| r.load.in_flight_requests + r.load.queue_depth)
-            .sum();
-        if in_flight > 0 && !ignore_checks {
-            return Err(Error::FailedPrecondition(format!(
-                "{full} is serving {in_flight} requests; retry when idle, or set ignore_checks"
-            )));
-        }
+        // Load comes with heartbeats, so what the scheduler holds may be a heartbeat old
+        // either way: a request that just ended can still count, one that just began may not
+        // yet. The check waits (a heartbeat interval or two) for every node holding a replica
+        // of the deployment to report after this call began.
+        let asked = Instant::now();
+        let deadline = asked + 2 * self.config().heartbeat_interval;
+        let mut reports = self.load_reports();
+        let (mut state, full) = loop {
+            let mut state = self.lock().await;
+            let full = self
+                .writable(&mut state, caller, "name", name)?
+                .deployment
+                .name
+                .clone();
+            if ignore_checks {
+                break (state, full);
+            }
+            let load = load_of(&state, &full, asked);
+            if !load.fresh && Instant::now() < deadline {
+                drop(state);
+                // A heartbeat came (look again), or the deadline passed (decide on what is known).
+                let _ = tokio::time::timeout_at(deadline.into(), reports.changed()).await;
+                continue;
+            }
+            if load.in_flight > 0 {
+                let is = if load.fresh {
+                    "is"
+                } else {
+                    "was, at its nodes' last report,"
+                };
+                return Err(Error::FailedPrecondition(format!(
+                    "{full} {is} serving {} requests; retry when idle, or set ignore_checks",
+                    load.in_flight
+                )));
+            }
+            break (state, full);
+        };
         let entry = state.deployments.get_mut(&full).expect("found above");
         if entry.deployment.state == deployment::State::Deleted as i32 && !hard {
             return Err(Error::FailedPrecondition(format!(
@@ -149,5 +170,96 @@ impl Scheduler {
         drop(state);
         self.wake();
         Ok(d)
+    }
+}
+
+/// A deployment's requests in flight or queued, by its replicas' last reported load.
+#[derive(Debug, PartialEq)]
+struct Load {
+    in_flight: i32,
+    /// Every node holding one of its replicas reported after the moment asked about.
+    fresh: bool,
+}
+
+fn load_of(state: &State, deployment: &str, since: Instant) -> Load {
+    let mut load = Load {
+        in_flight: 0,
+        fresh: true,
+    };
+    for r in state.replicas.values() {
+        if r.replica.deployment != deployment || r.replica.node.is_empty() {
+            continue;
+        }
+        load.in_flight += (r.load.in_flight_requests + r.load.queue_depth).max(0);
+        load.fresh &= state
+            .nodes
+            .get(&r.replica.node)
+            .and_then(|n| n.last_load)
+            .is_some_and(|at| at > since);
+    }
+    load
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::state::fixtures::{node, replica, state};
+    use kiln_proto::scheduler::v1::node::State as NodeState;
+    use kiln_proto::scheduler::v1::replica::State as ReplicaState;
+
+    const CHAT: &str = "accounts/acme/deployments/chat";
+
+    #[test]
+    fn the_load_is_fresh_once_every_node_holding_a_replica_reported_after_the_question() {
+        let before = Instant::now();
+        let asked = before + Duration::from_millis(10);
+        let after = asked + Duration::from_millis(10);
+        let ready = ReplicaState::Ready;
+        let mut s = state(
+            vec![],
+            vec![
+                node("a", NodeState::Ready, 1),
+                node("b", NodeState::Ready, 1),
+            ],
+            vec![
+                replica("chat", "r1", "a", ready, 0),
+                replica("chat", "r2", "b", ready, 0),
+                replica("chat", "unplaced", "", ReplicaState::PendingScheduling, 0),
+                replica("other", "r3", "b", ready, 0),
+            ],
+        );
+        let load = |s: &State, in_flight, fresh| {
+            assert_eq!(load_of(s, CHAT, asked), Load { in_flight, fresh });
+        };
+        // Nodes that never reported load: nothing known yet, even about an idle replica.
+        load(&s, 0, false);
+        for r in s.replicas.values_mut() {
+            r.load.in_flight_requests = 1;
+        }
+        s.replicas
+            .values_mut()
+            .find(|r| r.replica.node == "nodes/a")
+            .unwrap()
+            .load
+            .queue_depth = 2;
+        load(&s, 4, false);
+        // One node reported since the question, the other before it: not fresh yet.
+        s.nodes.get_mut("nodes/a").unwrap().last_load = Some(after);
+        s.nodes.get_mut("nodes/b").unwrap().last_load = Some(before);
+        load(&s, 4, false);
+        // Both did: fresh. The unplaced replica (no node reports for it) is not counted.
+        s.nodes.get_mut("nodes/b").unwrap().last_load = Some(after);
+        load(&s, 4, true);
+        // Another deployment's load is not this one's; one with no replicas is idle and known.
+        let none = load_of(&s, "accounts/acme/deployments/none", asked);
+        assert_eq!(
+            none,
+            Load {
+                in_flight: 0,
+                fresh: true
+            }
+        );
     }
 }
