@@ -76,9 +76,33 @@ pub fn render_sql(sql: &str, backend: DatabaseBackend) -> String {
     sql.replace("{blob}", blob).replace("{serial}", serial)
 }
 
+/// Any number: the key of the PostgreSQL advisory lock that migrations run under.
+const MIGRATION_LOCK: i64 = 0x6b69_6c6e; // "kiln"
+
 /// Applies the migrations of `service` not yet applied, each in its own transaction, and
-/// records them in `<service>_schema_migrations`. Safe to call at every start.
+/// records them in `<service>_schema_migrations`. Safe to call at every start, from many
+/// processes at once: on PostgreSQL they take turns (services of one database starting
+/// together would otherwise race to create the tables they share, such as the outbox, and
+/// one would fail on PostgreSQL's catalog).
 pub async fn migrate(
+    db: &DatabaseConnection,
+    service: &str,
+    migrations: &[Migration],
+) -> Result<(), Error> {
+    if db.get_database_backend() != DatabaseBackend::Postgres {
+        return apply(db, service, migrations).await;
+    }
+    // Held by a transaction of its own until the end: released at its commit, or by the
+    // server when this process dies.
+    let turn = db.begin().await?;
+    turn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+        .await?;
+    apply(db, service, migrations).await?;
+    turn.commit().await?;
+    Ok(())
+}
+
+async fn apply(
     db: &DatabaseConnection,
     service: &str,
     migrations: &[Migration],
