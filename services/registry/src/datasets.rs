@@ -25,7 +25,7 @@ use kiln_core::grpc::Update;
 use kiln_core::names::validate_display_name;
 use kiln_core::{Error, Result};
 
-fn dataset_key(account: &str, id: &str) -> String {
+pub(crate) fn dataset_key(account: &str, id: &str) -> String {
     format!("datasets/{account}/{id}/data.jsonl")
 }
 

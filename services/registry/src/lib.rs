@@ -13,6 +13,7 @@ mod local_files;
 mod models;
 mod prepare;
 mod preparers;
+mod recovery;
 mod service;
 mod staging;
 mod stored;
@@ -39,6 +40,10 @@ pub async fn open(config: &config::RegistryConfig, host: &mut Host) -> Result<Re
         config.clone(),
         preparers::Preparers::standard(),
     );
+    let recovered = registry.recover_uploads().await?;
+    if recovered > 0 {
+        tracing::info!(recovered, "unfinished uploads resume at their staged bytes");
+    }
     host.relay(registry.outbox(), db);
     deployments::spawn(&registry, host);
     grpc::add_services(&registry, &mut host.services);
