@@ -1,0 +1,305 @@
+//! A Kiln of separate processes, as an operator runs it: identity, registry, billing, the
+//! scheduler and inference nodes, each `kiln serve <service>` on its own port and data dir,
+//! on a NATS server of the test's own and PostgreSQL (`KILN_TEST_DATABASE_URL`, one schema
+//! for the cluster) or a SQLite file per service. Each process can be killed (SIGKILL),
+//! stopped (SIGTERM) and started again on the same port and state.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use kiln_tests::inference::ort_library;
+use kiln_tests::{
+    AuthedChannel, Backends, NatsServer, TestDatabase, channel_to, free_port, wait_for,
+    wait_for_listener,
+};
+use sea_orm::{ConnectionTrait, Statement};
+use tokio::process::{Child, Command};
+
+const SERVICE_TOKEN: &str = "faults-service-token-0123456789abcdef";
+
+/// One `kiln serve` process.
+pub struct Process {
+    service: &'static str,
+    listen: String,
+    data: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Process {
+    fn log(&self) -> PathBuf {
+        self.data.path().join("kiln.log")
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("log file");
+        let mut command = Command::new(super::kiln_binary());
+        command
+            .args(["serve", self.service])
+            .env_remove("KILN_DATABASE_URL")
+            .env_remove("KILN_NATS_URL")
+            .env("KILN_LISTEN", &self.listen)
+            .env("KILN_DATA_DIR", self.data.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        self.child = Some(command.spawn().expect("kiln serve starts"));
+    }
+
+    /// SIGKILL: the process ends at once, as a crash or an OOM kill ends it.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("SIGKILL");
+        }
+    }
+
+    /// SIGTERM, then waits for its exit (within `within`); whether it exited cleanly.
+    async fn terminate(&mut self, within: Duration) -> bool {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().expect("not reaped").to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().await;
+        assert!(sent.unwrap().success(), "kill -TERM {pid}");
+        let exit = tokio::time::timeout(within, child.wait()).await;
+        let exit = exit.unwrap_or_else(|_| panic!("{} exits within {within:?}", self.service));
+        exit.expect("wait").success()
+    }
+
+    /// Starts it again on the same port and data, and waits until it listens.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "{} is stopped first", self.service);
+        self.start();
+        self.listening().await;
+    }
+
+    async fn listening(&self) {
+        let what = format!("{} to listen on {}", self.service, self.listen);
+        wait_for_listener(&self.listen, Duration::from_secs(60), &what).await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+}
+
+/// The processes of one Kiln, by name (`identity`, `inference-1`...).
+pub struct Cluster {
+    pub nats: NatsServer,
+    /// PostgreSQL's URL (with the cluster's schema), or None: SQLite files.
+    database_url: Option<String>,
+    pub processes: BTreeMap<String, Process>,
+    pub admin_key: String,
+}
+
+/// What a cluster runs beside identity, registry, billing and the scheduler.
+pub struct Shape {
+    /// Inference nodes (`inference-1`...).
+    pub nodes: usize,
+    /// More `KILN_*` settings for every process.
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl Cluster {
+    pub async fn start(shape: Shape) -> Self {
+        kiln_tests::init_tracing();
+        let nats = NatsServer::start().await;
+        let database_url = TestDatabase::create(&Backends::from_env())
+            .await
+            .expect("test database")
+            .url;
+        let ports: BTreeMap<&str, String> = ["identity", "registry", "billing", "scheduler"]
+            .into_iter()
+            .map(|s| (s, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let url = |s: &str| format!("http://{}", ports[s]);
+        let mut shared = vec![
+            ("KILN_NATS_URL".to_owned(), nats.url()),
+            ("KILN_SERVICE_TOKEN".to_owned(), SERVICE_TOKEN.to_owned()),
+            ("KILN_IDENTITY_URL".to_owned(), url("identity")),
+            ("KILN_REGISTRY_URL".to_owned(), url("registry")),
+            ("KILN_BILLING_URL".to_owned(), url("billing")),
+            ("KILN_SHUTDOWN_GRACE".to_owned(), "5s".to_owned()),
+            // Faults are noticed within a second or two rather than the defaults' ten.
+            (
+                "KILN_SCHEDULER__HEARTBEAT_INTERVAL".to_owned(),
+                "500ms".to_owned(),
+            ),
+            (
+                "KILN_SCHEDULER__NODE_LOST_AFTER".to_owned(),
+                "2s".to_owned(),
+            ),
+            ("RUST_LOG".to_owned(), "info".to_owned()),
+            (
+                "KILN_INFERENCE__ORT_DYLIB_PATH".to_owned(),
+                ort_library().display().to_string(),
+            ),
+        ];
+        if let Some(db) = &database_url {
+            shared.push(("KILN_DATABASE_URL".to_owned(), db.clone()));
+        }
+        shared.extend(shape.env.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        let process = |service: &'static str, listen: String, extra: Vec<(String, String)>| {
+            let mut env = shared.clone();
+            if service == "identity" {
+                env.retain(|(k, _)| k != "KILN_IDENTITY_URL");
+            }
+            env.extend(extra);
+            Process {
+                service,
+                listen,
+                data: tempfile::tempdir().expect("data dir"),
+                env,
+                child: None,
+            }
+        };
+        let mut processes = BTreeMap::new();
+        for service in ["identity", "registry", "billing", "scheduler"] {
+            let p = process(service, ports[service].clone(), vec![]);
+            processes.insert(service.to_owned(), p);
+        }
+        for n in 1..=shape.nodes {
+            let id = format!("inference-{n}");
+            let extra = vec![
+                ("KILN_INFERENCE__SCHEDULER_URL".to_owned(), url("scheduler")),
+                ("KILN_INFERENCE__NODE_ID".to_owned(), id.clone()),
+            ];
+            let listen = format!("127.0.0.1:{}", free_port());
+            processes.insert(id, process("inference", listen, extra));
+        }
+        let mut cluster = Self {
+            nats,
+            database_url,
+            processes,
+            admin_key: String::new(),
+        };
+        // Identity first: it makes the admin key the others' callers need.
+        for name in ["identity", "registry", "billing", "scheduler"] {
+            let p = cluster.process(name);
+            p.start();
+            p.listening().await;
+        }
+        let key_file = cluster.processes["identity"].data.path().join("admin.key");
+        cluster.admin_key = wait_for(Duration::from_secs(30), "the admin key", || async {
+            let key = std::fs::read_to_string(&key_file).ok()?;
+            key.ends_with('\n').then(|| key.trim().to_owned())
+        })
+        .await;
+        let nodes: Vec<String> = (1..=shape.nodes)
+            .map(|n| format!("inference-{n}"))
+            .collect();
+        for node in &nodes {
+            let p = cluster.process(node);
+            p.start();
+            p.listening().await;
+        }
+        let admin = cluster.channel("scheduler", None).await;
+        let ready = kiln_proto::scheduler::v1::node::State::Ready as i32;
+        wait_for(Duration::from_secs(60), "every node registered", || async {
+            let listed = kiln_tests::deployments::list_nodes(&admin).await;
+            let up = listed.iter().filter(|n| n.state == ready).count();
+            (up == nodes.len()).then_some(())
+        })
+        .await;
+        cluster
+    }
+
+    /// SIGTERM to every process at once; the ones that did not exit cleanly.
+    pub async fn terminate_all(&mut self, within: Duration) -> Vec<String> {
+        let stops = self
+            .processes
+            .iter_mut()
+            .map(|(name, p)| async move { (!p.terminate(within).await).then(|| name.clone()) });
+        futures::future::join_all(stops)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Starts every process again, in the order of a first start.
+    pub async fn restart_all(&mut self) {
+        let names: Vec<String> = self.processes.keys().cloned().collect();
+        let (services, nodes): (Vec<_>, Vec<_>) = names
+            .into_iter()
+            .partition(|n| !n.starts_with("inference-"));
+        for name in ["identity", "registry", "billing", "scheduler"] {
+            assert!(services.iter().any(|s| s == name));
+            self.process(name).restart().await;
+        }
+        for node in nodes {
+            self.process(&node).restart().await;
+        }
+    }
+
+    pub fn process(&mut self, name: &str) -> &mut Process {
+        self.processes
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// Process `name`'s data dir.
+    pub fn data_dir(&self, name: &str) -> &std::path::Path {
+        self.processes[name].data.path()
+    }
+
+    /// A channel to process `name` with `key` (None: the admin's).
+    pub async fn channel(&self, name: &str, key: Option<&str>) -> AuthedChannel {
+        let key = key.unwrap_or(&self.admin_key);
+        channel_to(&self.processes[name].url(), Some(key)).await
+    }
+
+    /// A new tenant `account`: its owner's key.
+    pub async fn tenant(&self, account: &str) -> String {
+        kiln_tests::tenant(&self.channel("identity", None).await, account).await
+    }
+
+    /// Events recorded in outboxes and not yet published, and usage an inference node has
+    /// not yet written to its outbox, over every process's database.
+    pub async fn unsent(&self) -> i64 {
+        let urls: Vec<String> = match &self.database_url {
+            Some(url) => vec![url.clone()],
+            None => self
+                .processes
+                .values()
+                .flat_map(|p| std::fs::read_dir(p.data.path()).expect("data dir"))
+                .map(|e| e.expect("entry").path())
+                .filter(|p| p.extension().is_some_and(|e| e == "db"))
+                .map(|p| format!("sqlite://{}?mode=ro", p.display()))
+                .collect(),
+        };
+        let mut left = 0;
+        for url in urls {
+            let db = kiln_store::connect(&url).await.expect("connect");
+            for table in ["kiln_outbox", "inference_usage_pending"] {
+                let sql = format!("SELECT COUNT(*) AS n FROM {table}");
+                let statement = Statement::from_string(db.get_database_backend(), sql);
+                // A database without the table (another service's) holds none.
+                if let Ok(Some(row)) = db.query_one(statement).await {
+                    left += row.try_get::<i64>("", "n").expect("a count");
+                }
+            }
+        }
+        left
+    }
+}
+
+impl Drop for Cluster {
+    /// A failed scenario shows the end of each process's log.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (name, p) in &self.processes {
+            let log = std::fs::read_to_string(p.log()).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+            eprintln!("---- {name} (last lines of its log)\n{tail}");
+        }
+    }
+}
