@@ -20,7 +20,10 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Dev(args) => dev(args).await,
             Command::Serve(args) => serve(args).await,
-            Command::Health { service } => health(&cli.client.server, service).await,
+            Command::Health { service } => {
+                cli.client.trust()?;
+                health(&cli.client.server, service).await
+            }
             command => kiln::cli::run_client(command, cli.client).await,
         }
     });
@@ -140,9 +143,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn health(server: &str, service: String) -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = tonic::transport::Endpoint::from_shared(server.to_owned())
+    let channel = kiln_core::server::endpoint(server)
         .map_err(|e| anyhow::anyhow!("--server {server:?}: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach {server}: {e}"))?;

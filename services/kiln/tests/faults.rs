@@ -13,6 +13,8 @@ mod nodes;
 mod registry;
 #[path = "faults/stream.rs"]
 mod stream;
+#[path = "faults/tls.rs"]
+mod tls;
 #[path = "faults/traffic.rs"]
 mod traffic;
 #[path = "faults/usage.rs"]

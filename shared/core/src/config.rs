@@ -256,6 +256,14 @@ pub struct ServerConfig {
     #[serde(with = "crate::duration::serde")]
     #[schemars(with = "crate::duration::Text")]
     pub shutdown_grace: Duration,
+    /// PEM certificate (chain) the gRPC server presents: set with `tls_key_file`, the server
+    /// speaks only TLS, and the other services reach it at `https://` URLs. Unset: plaintext.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM certificates of the CAs trusted for `https://` URLs of other Kiln services (the
+    /// `*_url` settings, the scheduler's, another node's). Unset: the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -285,6 +293,9 @@ impl Default for ServerConfig {
             log_format: LogFormat::Text,
             metrics_listen: None,
             shutdown_grace: Duration::from_secs(30),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -304,6 +315,21 @@ impl ServerConfig {
 
 impl Validate for ServerConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "tls_key_file",
+                    "is required with tls_cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "tls_cert_file",
+                    "is required with tls_key_file",
+                ));
+            }
+            _ => {}
+        }
         if let Some(url) = &self.database_url
             && !(url.starts_with("sqlite:")
                 || url.starts_with("postgres://")
@@ -435,6 +461,25 @@ mod tests {
 
         let ok = load("listen = \"127.0.0.1:9000\"\n").unwrap();
         assert_eq!(ok.listen.port(), 9000);
+
+        // A certificate without its key (and the reverse) names the missing one.
+        let err = load("tls_cert_file = \"cert.pem\"\n").unwrap_err();
+        assert!(err.to_string().contains("tls_key_file"), "{err}");
+        let err = load("tls_key_file = \"key.pem\"\n").unwrap_err();
+        assert!(err.to_string().contains("tls_cert_file"), "{err}");
+        // Files that cannot be read, or are not PEM, are named when the server starts.
+        let ok =
+            load("tls_cert_file = \"/nonexistent.pem\"\ntls_key_file = \"/nonexistent.key\"\n");
+        let err = crate::tls::server_config(&ok.unwrap()).unwrap_err();
+        assert!(err.to_string().contains("tls_cert_file"), "{err}");
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+        let ca = dir.path().join("ca.pem").display().to_string();
+        let ok = load(&format!("tls_ca_file = {ca:?}\n")).unwrap();
+        let err = crate::tls::trust_configured(&ok).unwrap_err();
+        assert!(
+            err.to_string().contains("tls_ca_file") && err.to_string().contains("not PEM"),
+            "{err}"
+        );
     }
 
     #[derive(Debug, Deserialize)]

@@ -15,5 +15,6 @@ pub mod page;
 pub mod server;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 
 pub use error::{Error, Result};

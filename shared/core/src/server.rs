@@ -80,13 +80,20 @@ pub const STREAM_WINDOW: u32 = 8 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// A client endpoint for `url` with Kiln's transport settings (windows, nodelay, timeouts).
+/// An `https://` URL gets TLS, trusting the process's CAs ([`crate::tls::trust`]).
 pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, crate::Error> {
-    Ok(tonic::transport::Channel::from_shared(url.to_owned())
+    let endpoint = tonic::transport::Channel::from_shared(url.to_owned())
         .map_err(|e| crate::Error::invalid("url", format!("{url:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(STREAM_WINDOW))
-        .initial_connection_window_size(Some(CONNECTION_WINDOW)))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW));
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    endpoint
+        .tls_config(crate::tls::client_config())
+        .map_err(|e| crate::Error::invalid("url", format!("{url:?}: {e}")))
 }
 
 /// A channel to another Kiln service that presents the service credential and the trace
@@ -164,6 +171,7 @@ pub async fn serve(
     listener: TcpListener,
     services: ServiceSet,
     auth: AuthLayer,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
     grace: std::time::Duration,
 ) -> Result<(), tonic::transport::Error> {
@@ -209,7 +217,11 @@ pub async fn serve(
         );
         let _ = stopping.send(());
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         // Large flow-control windows: artifact uploads stream hundreds of MB per call, and the
         // 64 KiB HTTP/2 default makes every window update a round trip.
         .initial_stream_window_size(Some(STREAM_WINDOW))
@@ -360,6 +372,7 @@ mod tests {
             listener,
             ServiceSet::new(),
             auth,
+            None,
             async move {
                 let _ = stopped.await;
             },

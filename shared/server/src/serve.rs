@@ -61,6 +61,9 @@ pub async fn serve(
     config.check_roles(roles)?;
     let config = &with_edge_credential(config, roles);
     let server = &config.server;
+    // TLS files are read (and refused, naming the key) before anything starts.
+    kiln_core::tls::trust_configured(server)?;
+    let tls = kiln_core::tls::server_config(server)?;
     let addr = listener.local_addr().context("listener address")?;
     let bus = match bus {
         Some(bus) => bus,
@@ -135,7 +138,7 @@ pub async fn serve(
             )?))),
         };
         let scheduling = link.map(|link| kiln_inference::Scheduling {
-            address: advertised_url(&inference_config, addr),
+            address: advertised_url(&inference_config, addr, tls.is_some()),
             link,
         });
         let limits = billing_link.map(|b| b as Arc<dyn kiln_inference::limits::LimitSource>);
@@ -155,7 +158,8 @@ pub async fn serve(
         (Some(identity), None) => Arc::new(identity),
         (_, url) => Arc::new(AuthServiceClient::new(peer("identity_url", url)?)),
     };
-    let (done, local) = serve_host(host, listener, authenticator, server.shutdown_grace).await?;
+    let grace = server.shutdown_grace;
+    let (done, local) = serve_host(host, listener, authenticator, tls, grace).await?;
     let gateway_addr = match roles.has(Role::Gateway) {
         true => Some(serve_gateway(config, local, stop.subscribe()).await?),
         false => None,
@@ -239,6 +243,7 @@ async fn serve_host(
     host: Host,
     listener: TcpListener,
     authenticator: Arc<dyn Authenticator>,
+    tls: Option<kiln_core::tls::ServerTlsConfig>,
     grace: std::time::Duration,
 ) -> anyhow::Result<(
     JoinHandle<Result<(), String>>,
@@ -261,7 +266,7 @@ async fn serve_host(
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        let result = kiln_core::server::serve(listener, services, auth, stopped, grace).await;
+        let result = kiln_core::server::serve(listener, services, auth, tls, stopped, grace).await;
         invalidation.abort();
         background.run().await;
         result.map_err(|e| format!("gRPC server: {e}"))
@@ -269,13 +274,18 @@ async fn serve_host(
     Ok((done, local))
 }
 
-/// Where other nodes reach this one: `advertise_url`, else `http://` + the bound address (an
-/// unspecified IP replaced by the loopback one).
-fn advertised_url(config: &kiln_inference::config::InferenceConfig, addr: SocketAddr) -> String {
+/// Where other nodes reach this one: `advertise_url`, else `http://` (`https://` when it
+/// serves TLS) + the bound address (an unspecified IP replaced by the loopback one).
+fn advertised_url(
+    config: &kiln_inference::config::InferenceConfig,
+    addr: SocketAddr,
+    tls: bool,
+) -> String {
     if !config.advertise_url.is_empty() {
         return config.advertise_url.clone();
     }
-    format!("http://{}", kiln_core::server::reachable(addr))
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{}", kiln_core::server::reachable(addr))
 }
 
 /// With the registry in process, a node without a configured ONNX Runtime library uses the

@@ -31,6 +31,22 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     pub output: Format,
+    /// PEM certificates of the CAs that sign an `https://` server's certificate (default:
+    /// the system's roots).
+    #[arg(long, global = true, env = "KILN_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// Trusts `--tls-ca-file` for the `https://` servers this command calls.
+    pub fn trust(&self) -> anyhow::Result<()> {
+        if let Some(path) = &self.tls_ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("--tls-ca-file: cannot read {}", path.display()))?;
+            kiln_core::tls::trust(&pem);
+        }
+        Ok(())
+    }
 }
 
 /// A channel to Kiln whose calls carry the caller's key.
@@ -53,6 +69,7 @@ fn default_key_file() -> PathBuf {
 
 impl Client {
     pub(crate) async fn connect(args: &ClientArgs) -> anyhow::Result<Self> {
+        args.trust()?;
         let key = match &args.api_key {
             Some(k) => k.clone(),
             None => {

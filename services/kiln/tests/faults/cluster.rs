@@ -23,6 +23,8 @@ const SERVICE_TOKEN: &str = "faults-service-token-0123456789abcdef";
 pub struct Process {
     service: &'static str,
     listen: String,
+    /// `https` when the cluster runs over TLS.
+    scheme: &'static str,
     data: tempfile::TempDir,
     env: Vec<(String, String)>,
     child: Option<Child>,
@@ -84,7 +86,7 @@ impl Process {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.listen)
+        format!("{}://{}", self.scheme, self.listen)
     }
 }
 
@@ -95,6 +97,42 @@ pub struct Cluster {
     database_url: Option<String>,
     pub processes: BTreeMap<String, Process>,
     pub admin_key: String,
+    /// The CA and server certificate of a cluster over TLS.
+    pub tls: Option<Certificates>,
+}
+
+/// A CA of the test's own and a certificate it signed for 127.0.0.1 (openssl makes them).
+pub struct Certificates {
+    dir: tempfile::TempDir,
+}
+
+impl Certificates {
+    fn make() -> Self {
+        let dir = tempfile::tempdir().expect("a dir");
+        let script = r#"set -e
+ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+openssl req -x509 $ec -keyout ca.key -out ca.pem -days 3650 -subj "/CN=Kiln test CA"
+openssl req $ec -keyout server.key -out server.csr -subj "/CN=localhost"
+printf "subjectAltName=IP:127.0.0.1,DNS:localhost
+" > san.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+  -extfile san.ext -out server.pem"#;
+        let made = std::process::Command::new("bash")
+            .args(["-c", script])
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl runs");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
 }
 
 /// What a cluster runs beside identity, registry, billing and the scheduler.
@@ -103,6 +141,9 @@ pub struct Shape {
     pub nodes: usize,
     /// More `KILN_*` settings for every process.
     pub env: Vec<(&'static str, String)>,
+    /// Every process serves TLS and calls the others at `https://` URLs, trusting a CA of
+    /// the test's own (which the test's channels trust too).
+    pub tls: bool,
 }
 
 impl Cluster {
@@ -117,7 +158,9 @@ impl Cluster {
             .into_iter()
             .map(|s| (s, format!("127.0.0.1:{}", free_port())))
             .collect();
-        let url = |s: &str| format!("http://{}", ports[s]);
+        let tls = shape.tls.then(Certificates::make);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = |s: &str| format!("{scheme}://{}", ports[s]);
         let mut shared = vec![
             ("KILN_NATS_URL".to_owned(), nats.url()),
             ("KILN_SERVICE_TOKEN".to_owned(), SERVICE_TOKEN.to_owned()),
@@ -143,6 +186,13 @@ impl Cluster {
         if let Some(db) = &database_url {
             shared.push(("KILN_DATABASE_URL".to_owned(), db.clone()));
         }
+        if let Some(certs) = &tls {
+            shared.push(("KILN_TLS_CERT_FILE".to_owned(), certs.path("server.pem")));
+            shared.push(("KILN_TLS_KEY_FILE".to_owned(), certs.path("server.key")));
+            shared.push(("KILN_TLS_CA_FILE".to_owned(), certs.path("ca.pem")));
+            let ca = std::fs::read(certs.path("ca.pem")).expect("the CA");
+            kiln_core::tls::trust(&ca);
+        }
         shared.extend(shape.env.into_iter().map(|(k, v)| (k.to_owned(), v)));
         let process = |service: &'static str, listen: String, extra: Vec<(String, String)>| {
             let mut env = shared.clone();
@@ -153,6 +203,7 @@ impl Cluster {
             Process {
                 service,
                 listen,
+                scheme,
                 data: tempfile::tempdir().expect("data dir"),
                 env,
                 child: None,
@@ -177,6 +228,7 @@ impl Cluster {
             database_url,
             processes,
             admin_key: String::new(),
+            tls,
         };
         // Identity first: it makes the admin key the others' callers need.
         for name in ["identity", "registry", "billing", "scheduler"] {

@@ -51,6 +51,7 @@ async fn a_node_killed_mid_stream_ends_its_streams_cleanly_and_its_replica_moves
     let mut cluster = Cluster::start(Shape {
         nodes: 2,
         env: vec![],
+        tls: false,
     })
     .await;
     let key = cluster.tenant("acme").await;
@@ -148,6 +149,7 @@ async fn a_restarted_scheduler_adopts_the_running_replicas_and_serving_goes_on()
     let mut cluster = Cluster::start(Shape {
         nodes: 2,
         env: vec![],
+        tls: false,
     })
     .await;
     let key = cluster.tenant("acme").await;

@@ -19,6 +19,7 @@ async fn the_registry_killed_mid_upload_keeps_what_it_stored_and_the_upload_resu
     let mut cluster = Cluster::start(Shape {
         nodes: 0,
         env: vec![],
+        tls: false,
     })
     .await;
     let key = cluster.tenant("acme").await;

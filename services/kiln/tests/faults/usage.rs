@@ -19,6 +19,7 @@ async fn serving_minilm() -> (Cluster, String, String) {
     let cluster = Cluster::start(Shape {
         nodes: 1,
         env: vec![],
+        tls: false,
     })
     .await;
     let key = cluster.tenant("acme").await;
