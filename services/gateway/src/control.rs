@@ -35,16 +35,17 @@ pub async fn handle(
             if let Ok(allow) = allowed.join(", ").parse() {
                 response.headers_mut().insert(http::header::ALLOW, allow);
             }
-            return response;
+            return after_reading(body, &edge, response).await;
         }
         Found::Nothing => {
             let status = tonic::Status::not_found(format!("no route for {method} /v1/{path}"));
-            return ApiError::new(status, Style::Control).into_response();
+            let response = ApiError::new(status, Style::Control).into_response();
+            return after_reading(body, &edge, response).await;
         }
     };
     let caller = match Caller::from_headers(&headers) {
         Ok(caller) => caller,
-        Err(err) => return err.into_response(),
+        Err(err) => return after_reading(body, &edge, err.into_response()).await,
     };
     let query = query_pairs(&uri);
     let answer = match matched.route.shape {
@@ -69,6 +70,14 @@ pub async fn handle(
         Ok(value) => axum::Json(value).into_response(),
         Err(err) => err.into_response(),
     }
+}
+
+/// `response`, once the request's body is read (up to the JSON limit): a body left unread
+/// makes the server close the keep-alive connection, racing the client's next request on it.
+async fn after_reading(body: axum::body::Body, edge: &Edge, response: Response) -> Response {
+    let limit = usize::try_from(edge.max_json_bytes).unwrap_or(usize::MAX);
+    let _ = axum::body::to_bytes(body, limit).await;
+    response
 }
 
 /// The route's RPC with the request the call describes.

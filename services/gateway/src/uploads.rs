@@ -39,18 +39,22 @@ pub async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Value, ApiError> {
+    if route == EdgeRoute::DatasetUpload {
+        let (file, size, sha256, filename) = spool_multipart(edge, headers, body).await?;
+        let dataset = upload_dataset(edge, caller, resource, file, size, &sha256).await?;
+        let created = dataset.create_time.as_ref().map_or(0, |t| t.seconds);
+        return Ok(json!({
+            "id": dataset.name, "object": "file", "bytes": size, "created_at": created,
+            "filename": filename, "state": state_name(dataset.state),
+        }));
+    }
+    // Every other request is read whole, whatever its route does with it: an unread body
+    // (even the `{}` a client sends with a POST) makes the server close the keep-alive
+    // connection, racing the client's next request on it ("disconnected without a response").
+    let body = read_json(body, edge.max_json_bytes).await?;
     match route {
-        EdgeRoute::DatasetUpload => {
-            let (file, size, sha256, filename) = spool_multipart(edge, headers, body).await?;
-            let dataset = upload_dataset(edge, caller, resource, file, size, &sha256).await?;
-            let created = dataset.create_time.as_ref().map_or(0, |t| t.seconds);
-            Ok(json!({
-                "id": dataset.name, "object": "file", "bytes": size, "created_at": created,
-                "filename": filename, "state": state_name(dataset.state),
-            }))
-        }
+        EdgeRoute::DatasetUpload => unreachable!("answered above"),
         EdgeRoute::DatasetUploadEndpoint | EdgeRoute::ModelUploadEndpoint => {
-            let body = read_json(body, edge.max_json_bytes).await?;
             let sizes = file_sizes(&body, edge.max_upload_bytes)?;
             if route == EdgeRoute::DatasetUploadEndpoint && sizes.len() != 1 {
                 return Err(ApiError::invalid(

@@ -505,3 +505,37 @@ async fn every_error_code_has_its_status_body_and_retry_advice() {
     assert_eq!(answer["headers"]["x-should-retry"], "true");
     edge.done.abort();
 }
+
+#[tokio::test]
+async fn a_keep_alive_connection_outlives_a_request_whose_body_the_route_does_not_need() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mesh = kiln_tests::TestMesh::start().await;
+    let (key, _) = mesh.tenant("acme").await;
+    // Two requests on one connection, as a client's pool sends them: a POST whose `{}` the
+    // route does not use (validateUpload), its body a moment after its headers (as clients
+    // write them), then the next request, which closes the connection.
+    let head = |close: &str| {
+        format!(
+            "POST /v1/accounts/acme/datasets/none:validateUpload HTTP/1.1\r\nHost: kiln\r\n\
+             Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+             Content-Length: 2\r\n{close}\r\n"
+        )
+    };
+    let mut tcp = tokio::net::TcpStream::connect(mesh.http_addr)
+        .await
+        .unwrap();
+    tcp.write_all(head("").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rest = format!("{{}}{}{{}}", head("Connection: close\r\n"));
+    // The server may have closed already: what it answered is read below either way.
+    let _ = tcp.write_all(rest.as_bytes()).await;
+    let mut answers = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut answers));
+    read.await.expect("the edge answers").unwrap();
+    assert_eq!(
+        answers.matches("HTTP/1.1 404").count(),
+        2,
+        "both requests answered on one connection: {answers}"
+    );
+    mesh.shutdown().await;
+}
