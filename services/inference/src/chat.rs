@@ -4,6 +4,11 @@
 use kiln_core::Error;
 use kiln_proto::kiln_inference::v1::ChatMessage;
 
+/// The most steps a chat template may take (about a tenth of a second): a model's template is
+/// code its uploader wrote, and a loop of loops must not hold a request, or the node, for
+/// minutes (found by the fuzz target chat_template). Real templates take a few per message.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+
 /// ChatML, for models whose bundle carries no template.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -28,6 +33,7 @@ pub fn render(
         }
     }
     let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
@@ -68,11 +74,14 @@ pub fn render(
                 eos_token => eos_token,
             })
         })
-        .map_err(|e| {
-            Error::invalid(
+        .map_err(|e| match e.kind() {
+            minijinja::ErrorKind::OutOfFuel => Error::FailedPrecondition(format!(
+                "the model's chat template ran past {TEMPLATE_FUEL} steps; fix the template"
+            )),
+            _ => Error::invalid(
                 "messages",
                 format!("the model's chat template refused them: {e}"),
-            )
+            ),
         })
 }
 
@@ -127,5 +136,20 @@ pub(crate) mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("no system"), "{err}");
+    }
+
+    #[test]
+    fn a_template_that_loops_for_ever_runs_out_of_steps_and_a_long_chat_does_not() {
+        let loops =
+            "{% for i in range(10000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}";
+        let start = std::time::Instant::now();
+        let err = render(loops, &[msg("user", "a")], "", "", true).unwrap_err();
+        assert!(err.to_string().contains("steps"), "{err}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
+        // A thousand turns through SmolLM2's template stay well inside the budget.
+        let chat: Vec<ChatMessage> = (0..1000)
+            .map(|i| msg(if i % 2 == 0 { "user" } else { "assistant" }, "some words"))
+            .collect();
+        assert!(render(SMOLLM2, &chat, "", "", true).is_ok());
     }
 }

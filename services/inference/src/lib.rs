@@ -9,6 +9,8 @@ mod completions;
 pub mod config;
 pub mod embeddings;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generation;
 pub mod limits;
 pub mod node;

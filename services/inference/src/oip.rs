@@ -122,7 +122,15 @@ fn decode_inputs(
     model: &LoadedModel,
     request: &ModelInferRequest,
 ) -> Result<Vec<(String, Tensor)>> {
-    let declared = model.runner()?.inputs();
+    decode_tensors(model.runner()?.inputs(), &model.name, request)
+}
+
+/// [`decode_inputs`] against the declared inputs of model `model`.
+pub(crate) fn decode_tensors(
+    declared: &[TensorInfo],
+    model: &str,
+    request: &ModelInferRequest,
+) -> Result<Vec<(String, Tensor)>> {
     let raw = &request.raw_input_contents;
     if !raw.is_empty() && raw.len() != request.inputs.len() {
         return Err(Error::invalid(
@@ -141,9 +149,8 @@ fn decode_inputs(
             return Err(Error::invalid(
                 format!("inputs[{i}].name"),
                 format!(
-                    "{:?} is not an input of {} (its inputs: {})",
+                    "{:?} is not an input of {model} (its inputs: {})",
                     input.name,
-                    model.name,
                     names(declared)
                 ),
             ));
@@ -202,7 +209,7 @@ fn decode_inputs(
     {
         return Err(Error::invalid(
             "inputs",
-            format!("input {:?} of {} is missing", missing.name, model.name),
+            format!("input {:?} of {model} is missing", missing.name),
         ));
     }
     Ok(decoded)

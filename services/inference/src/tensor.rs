@@ -156,7 +156,12 @@ pub struct Tensor {
 impl Tensor {
     /// A tensor of `shape` over `data`; the element count must match.
     pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Self, String> {
-        let want: usize = shape.iter().product();
+        // Checked: a caller's shape of huge dimensions must not wrap around to the length of
+        // the data it sent (found by the fuzz target oip_tensors).
+        let want = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| format!("shape {shape:?} holds more elements than can be counted"))?;
         if want != data.len() {
             return Err(format!(
                 "shape {shape:?} holds {want} elements but {} were given",
@@ -315,5 +320,9 @@ mod tests {
     fn new_refuses_a_shape_that_does_not_fit() {
         let err = Tensor::new(vec![2, 2], TensorData::I64(vec![1, 2, 3])).unwrap_err();
         assert!(err.contains("4 elements"), "{err}");
+        // 2^33 × 2^33 wraps to 0 elements in 64 bits: refused, not taken for an empty tensor.
+        let huge = vec![1 << 33, 1 << 33];
+        let err = Tensor::new(huge, TensorData::I64(vec![])).unwrap_err();
+        assert!(err.contains("more elements than can be counted"), "{err}");
     }
 }
