@@ -107,7 +107,16 @@ pub async fn open(
         }
         None => None,
     };
-    let usage = usage::UsageRecorder::start(db, outbox, &node_name, accelerator, limiter.clone());
+    let stopped = Some(host.stopped.clone());
+    let (usage, writer) = usage::UsageRecorder::start(
+        db,
+        outbox,
+        &node_name,
+        accelerator,
+        limiter.clone(),
+        stopped,
+    );
+    host.track(writer);
     if let Some(node) = &node {
         let _ = node.usage.set(usage.clone());
     }

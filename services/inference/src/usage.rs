@@ -19,7 +19,7 @@ use kiln_proto::scheduler::v1::deployment::DeploymentType;
 use kiln_store::{statement, value_rows};
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement, TransactionTrait};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use kiln_core::Result;
 
@@ -134,14 +134,18 @@ impl Drop for Reservation {
 
 impl UsageRecorder {
     /// Starts the writer task on `db` (whose outbox relay publishes the events). It first
-    /// moves what an earlier run of `node` left pending to the outbox.
+    /// moves what an earlier run of `node` left pending to the outbox. Once `stopped` (the
+    /// process's calls have ended) it writes what they queued and ends, so the relay's last
+    /// pass publishes it: a clean stop leaves no usage behind (what comes later finds the
+    /// queue closed and stays pending, billed at the next start). The task, to wait for.
     pub fn start(
         db: DatabaseConnection,
         outbox: Outbox,
         node: &str,
         accelerator: AcceleratorType,
         limiter: Option<Arc<crate::limits::RateLimiter>>,
-    ) -> Self {
+        stopped: Option<watch::Receiver<bool>>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, mut ops) = mpsc::unbounded_channel::<Op>();
         let node_name: Arc<str> = node.into();
         let writer = Writer {
@@ -149,7 +153,7 @@ impl UsageRecorder {
             outbox: outbox.clone(),
             node: node_name.clone(),
         };
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             match writer.recover().await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
@@ -159,7 +163,27 @@ impl UsageRecorder {
                 Err(e) => tracing::error!("cannot recover pending usage: {e}"),
             }
             let mut batch = Vec::new();
-            while ops.recv_many(&mut batch, 512).await > 0 {
+            let stop = async move {
+                match stopped {
+                    Some(mut stopped) => drop(stopped.wait_for(|s| *s).await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(stop);
+            loop {
+                let received = tokio::select! {
+                    received = ops.recv_many(&mut batch, 512) => received,
+                    () = &mut stop => {
+                        ops.close();
+                        while ops.recv_many(&mut batch, 512).await > 0 {
+                            writer.write(std::mem::take(&mut batch)).await;
+                        }
+                        return;
+                    }
+                };
+                if received == 0 {
+                    return;
+                }
                 // Answers of one forward pass finish together, but the first one's record
                 // wakes this task at once (ahead of the others' handlers): let them queue
                 // theirs first so the pass costs one commit, not one each.
@@ -172,13 +196,14 @@ impl UsageRecorder {
                 writer.write(std::mem::take(&mut batch)).await;
             }
         });
-        Self {
+        let recorder = Self {
             queue,
             outbox,
             node: node_name,
             accelerator,
             limiter,
-        }
+        };
+        (recorder, task)
     }
 
     /// Writes `usage` down as pending at once, while the request's answer is computed;
@@ -440,7 +465,9 @@ mod tests {
             node,
             AcceleratorType::Cpu,
             None,
+            None,
         )
+        .0
     }
 
     fn acme() -> Principal {

@@ -54,6 +54,11 @@ pub async fn open(
     host.relay(scheduler.outbox(), db);
     scheduler.resume_validations().await;
     host.track(reconcile::spawn(scheduler.clone(), host.shutdown.clone()));
+    let (ending, mut stopped) = (scheduler.clone(), host.stopped.clone());
+    host.track(tokio::spawn(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        ending.node_tasks_ended().await;
+    }));
     grpc::add_services(&scheduler, &mut host.services);
     Ok(scheduler)
 }

@@ -64,7 +64,9 @@ impl Scheduler {
         let scheduler = self.clone();
         let mut routes = self.routes();
         let mut shutdown = self.shutdown();
+        let running = self.node_task();
         tokio::spawn(async move {
+            let _running = running;
             // The current table first, then every change.
             let mut routes_open = true;
             let table = routes.borrow_and_update().clone();
@@ -75,7 +77,10 @@ impl Scheduler {
                 .await;
             let reason = loop {
                 tokio::select! {
-                    _ = shutdown.changed() => break "the scheduler is stopping".to_owned(),
+                    // The scheduler stopping is no fault of the node's: it is not lost (and
+                    // nothing is recorded after the stop), it reconnects to the next one,
+                    // which adopts its replicas.
+                    _ = shutdown.changed() => return,
                     message = inbound.next() => match message {
                         Some(Ok(message)) => scheduler.node_message(&name, session, message).await,
                         Some(Err(status)) => break format!("stream error: {}", status.message()),

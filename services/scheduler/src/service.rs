@@ -45,6 +45,9 @@ struct Inner {
     wake: Notify,
     /// Changes after each heartbeat is applied: a caller that needs a fresh load waits on it.
     load_reports: watch::Sender<u64>,
+    /// Node streams' tasks still running: a stop waits for them before the outbox's last
+    /// pass, so what they record as they end (a node lost) is published, not left behind.
+    node_tasks: watch::Sender<usize>,
     routes: watch::Sender<Arc<RoutingTable>>,
     /// Node streams end when it changes, so a server stops without waiting on them.
     shutdown: watch::Receiver<bool>,
@@ -82,7 +85,12 @@ impl Scheduler {
             let job = decode::<SupervisedFineTuningJob>(&row.resource)?;
             state.jobs.insert(job.name.clone(), job);
         }
-        let (routes, _) = watch::channel(Arc::new(RoutingTable::default()));
+        // The stored deployed models routed from the start, their replicas not yet known: a
+        // node that connects to a restarted scheduler must not be told that they are gone
+        // (its callers got NOT_FOUND until the first pass); their requests wait for the
+        // replicas its nodes report as they reconnect.
+        let first = crate::routes::routing_table(&state, 0);
+        let (routes, _) = watch::channel(Arc::new(first));
         Ok(Self {
             inner: Arc::new(Inner {
                 records: Records::new(SERVICE, db, pages),
@@ -92,6 +100,7 @@ impl Scheduler {
                 state: Mutex::new(state),
                 wake: Notify::new(),
                 load_reports: watch::channel(0).0,
+                node_tasks: watch::channel(0).0,
                 routes,
                 shutdown,
             }),
@@ -121,6 +130,19 @@ impl Scheduler {
 
     pub(crate) async fn woken(&self) {
         self.inner.wake.notified().await
+    }
+
+    /// Counts a node stream's task as running until the guard drops.
+    pub(crate) fn node_task(&self) -> NodeTask {
+        self.inner.node_tasks.send_modify(|n| *n += 1);
+        NodeTask(self.inner.node_tasks.clone())
+    }
+
+    /// Once every node stream's task has ended (10 s at most).
+    pub(crate) async fn node_tasks_ended(&self) {
+        let mut running = self.inner.node_tasks.subscribe();
+        let ended = running.wait_for(|n| *n == 0);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ended).await;
     }
 
     pub(crate) fn load_reported(&self) {
@@ -377,5 +399,14 @@ impl DeployedModelChange {
                 }),
             ),
         }
+    }
+}
+
+/// A node stream's task, counted while it runs.
+pub(crate) struct NodeTask(watch::Sender<usize>);
+
+impl Drop for NodeTask {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }
