@@ -11,6 +11,8 @@ mod cluster;
 mod nodes;
 #[path = "faults/registry.rs"]
 mod registry;
+#[path = "faults/rotation.rs"]
+mod rotation;
 #[path = "faults/stream.rs"]
 mod stream;
 #[path = "faults/tls.rs"]

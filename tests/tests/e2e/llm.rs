@@ -391,3 +391,61 @@ async fn the_prefix_cache_serves_repeated_prompts_and_later_turns() {
     );
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_stream_stalls_no_one_and_loses_nothing() {
+    let (mesh, _assets, acme) = mesh_with_smollm2(None).await;
+    // A client with HTTP/2's default 64 KiB stream window (most gRPC clients have it) that
+    // reads one chunk and then nothing: its stream's flow control shuts after a few hundred
+    // tokens, while the server goes on generating them.
+    let (key, _) = mesh.tenant("slowpoke").await;
+    let plain = tonic::transport::Channel::from_shared(mesh.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let interceptor = kiln_core::telemetry::OutgoingInterceptor::new(Some(&key)).unwrap();
+    let slow_ch = tonic::service::interceptor::InterceptedService::new(plain, interceptor);
+    // Counting on (greedy) is a long answer; log-probabilities make each piece a few hundred
+    // bytes, so the window is full long before the end.
+    let request = infv1::CreateCompletionRequest {
+        model: SMOLLM2.into(),
+        prompt: "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,".into(),
+        max_tokens: Some(1200),
+        temperature: Some(0.0),
+        logprobs: Some(5),
+        ..Default::default()
+    };
+    let mut slow = client(&slow_ch)
+        .stream_completion(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = slow.next().await.expect("a first piece").unwrap();
+    let mut text: String = first.choices.iter().map(|c| c.text.clone()).collect();
+
+    // The others are served meanwhile, each well within its deadline.
+    for q in ["Say hello.", "Name a color.", "What is 2 plus 2?"] {
+        let answered = tokio::time::timeout(Duration::from_secs(60), chat(&acme, q, 16)).await;
+        answered.expect("not stalled by the slow reader").unwrap();
+    }
+
+    // Read at last, the slow stream holds its whole answer, to its usage.
+    let mut usage = None;
+    let mut finish = String::new();
+    while let Some(piece) = slow.next().await {
+        let piece = piece.expect("the stream goes on");
+        for c in &piece.choices {
+            text.push_str(&c.text);
+            if !c.finish_reason.is_empty() {
+                finish = c.finish_reason.clone();
+            }
+        }
+        usage = piece.usage.or(usage);
+    }
+    let usage = usage.expect("the last chunk's usage");
+    assert!(!finish.is_empty(), "a finish reason");
+    assert!(usage.completion_tokens > 400, "a long answer: {usage:?}");
+    assert!(text.contains(" 100, 101,"), "counted on: {text}");
+    mesh.shutdown().await;
+}

@@ -17,7 +17,7 @@ use kiln_tests::{
 use sea_orm::{ConnectionTrait, Statement};
 use tokio::process::{Child, Command};
 
-const SERVICE_TOKEN: &str = "faults-service-token-0123456789abcdef";
+pub const SERVICE_TOKEN: &str = "faults-service-token-0123456789abcdef";
 
 /// One `kiln serve` process.
 pub struct Process {
@@ -71,6 +71,24 @@ impl Process {
         let exit = tokio::time::timeout(within, child.wait()).await;
         let exit = exit.unwrap_or_else(|_| panic!("{} exits within {within:?}", self.service));
         exit.expect("wait").success()
+    }
+
+    /// Sets `KILN_*` variable `key` for its next start (None: unsets it).
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.env.push((key.to_owned(), value.to_owned()));
+        }
+    }
+
+    /// SIGTERM (a clean stop within the grace), then a start on the same port and data.
+    pub async fn rolling_restart(&mut self) {
+        assert!(
+            self.terminate(Duration::from_secs(20)).await,
+            "{} stops cleanly",
+            self.service
+        );
+        self.restart().await;
     }
 
     /// Starts it again on the same port and data, and waits until it listens.
@@ -311,9 +329,10 @@ impl Cluster {
         kiln_tests::tenant(&self.channel("identity", None).await, account).await
     }
 
-    /// Events recorded in outboxes and not yet published, and usage an inference node has
-    /// not yet written to its outbox, over every process's database.
-    pub async fn unsent(&self) -> i64 {
+    /// Events recorded in outboxes and not yet published (`service subject`), and usage an
+    /// inference node has not yet written to its outbox (`usage pending`), over every
+    /// process's database.
+    pub async fn unsent(&self) -> Vec<String> {
         let urls: Vec<String> = match &self.database_url {
             Some(url) => vec![url.clone()],
             None => self
@@ -325,16 +344,23 @@ impl Cluster {
                 .map(|p| format!("sqlite://{}?mode=ro", p.display()))
                 .collect(),
         };
-        let mut left = 0;
+        let mut left = Vec::new();
         for url in urls {
             let db = kiln_store::connect(&url).await.expect("connect");
-            for table in ["kiln_outbox", "inference_usage_pending"] {
-                let sql = format!("SELECT COUNT(*) AS n FROM {table}");
-                let statement = Statement::from_string(db.get_database_backend(), sql);
-                // A database without the table (another service's) holds none.
-                if let Ok(Some(row)) = db.query_one(statement).await {
-                    left += row.try_get::<i64>("", "n").expect("a count");
+            let backend = db.get_database_backend();
+            let outbox = "SELECT service, subject FROM kiln_outbox";
+            // A database without the table (another service's) holds none.
+            if let Ok(rows) = db.query_all(Statement::from_string(backend, outbox)).await {
+                for row in rows {
+                    let service: String = row.try_get("", "service").expect("service");
+                    let subject: String = row.try_get("", "subject").expect("subject");
+                    left.push(format!("{service} {subject}"));
                 }
+            }
+            let pending = "SELECT COUNT(*) AS n FROM inference_usage_pending";
+            if let Ok(Some(row)) = db.query_one(Statement::from_string(backend, pending)).await {
+                let n: i64 = row.try_get("", "n").expect("a count");
+                left.extend((0..n).map(|_| "usage pending".to_owned()));
             }
         }
         left

@@ -33,7 +33,7 @@ async fn serving_minilm() -> (Cluster, String, String) {
 /// `account`, and the stream one usage event per answer.
 async fn booked_exactly(cluster: &Cluster, account: &str, tally: &Tally) {
     wait_for(Duration::from_secs(60), "empty outboxes", || async {
-        (cluster.unsent().await == 0).then_some(())
+        cluster.unsent().await.is_empty().then_some(())
     })
     .await;
     let billing = cluster.channel("billing", None).await;
@@ -86,7 +86,7 @@ async fn the_bus_stopped_and_started_under_traffic_loses_and_repeats_nothing() {
     // Answers go on: their usage waits in the outbox until the bus is back.
     traffic.answers(20).await;
     assert!(
-        cluster.unsent().await > 0,
+        !cluster.unsent().await.is_empty(),
         "usage waits while the bus is down"
     );
     cluster.nats.resume().await;
@@ -111,7 +111,11 @@ async fn sigterm_to_every_service_under_traffic_ends_each_call_cleanly_and_loses
         "exited uncleanly on SIGTERM: {unclean:?}"
     );
     // A clean stop publishes what it recorded: nothing waits in an outbox.
-    assert_eq!(cluster.unsent().await, 0, "outboxes empty after the stop");
+    let unsent = cluster.unsent().await;
+    assert!(
+        unsent.is_empty(),
+        "outboxes empty after the stop: {unsent:?}"
+    );
     let refused = traffic.calls(8).await;
     let tally = traffic.stop().await;
     assert!(refused.refused.contains_key("Unavailable"), "{refused:?}");
