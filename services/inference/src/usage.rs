@@ -8,6 +8,7 @@
 
 use kiln_core::Error;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kiln_core::auth::Principal;
 use kiln_events::Body;
@@ -163,6 +164,10 @@ impl UsageRecorder {
                 Err(e) => tracing::error!("cannot recover pending usage: {e}"),
             }
             let mut batch = Vec::new();
+            // Settlements the database refused (it was unreachable): tried again each second,
+            // so an answered request's usage is billed once the database is back, not only
+            // at the node's next start.
+            let mut carry: Vec<Op> = Vec::new();
             let stop = async move {
                 match stopped {
                     Some(mut stopped) => drop(stopped.wait_for(|s| *s).await),
@@ -172,16 +177,18 @@ impl UsageRecorder {
             tokio::pin!(stop);
             loop {
                 let received = tokio::select! {
-                    received = ops.recv_many(&mut batch, 512) => received,
+                    received = ops.recv_many(&mut batch, 512) => Some(received),
+                    () = tokio::time::sleep(RETRY_SETTLEMENTS), if !carry.is_empty() => None,
                     () = &mut stop => {
                         ops.close();
-                        while ops.recv_many(&mut batch, 512).await > 0 {
-                            writer.write(std::mem::take(&mut batch)).await;
-                        }
+                        while ops.recv_many(&mut batch, 512).await > 0 {}
+                        batch.append(&mut carry);
+                        // What still fails stays pending, billed at the next start.
+                        writer.write(std::mem::take(&mut batch)).await;
                         return;
                     }
                 };
-                if received == 0 {
+                if received == Some(0) {
                     return;
                 }
                 // Answers of one forward pass finish together, but the first one's record
@@ -193,7 +200,8 @@ impl UsageRecorder {
                 {
                     batch.push(more);
                 }
-                writer.write(std::mem::take(&mut batch)).await;
+                batch.append(&mut carry);
+                carry = writer.write(std::mem::take(&mut batch)).await;
             }
         });
         let recorder = Self {
@@ -300,6 +308,9 @@ impl UsageRecorder {
     }
 }
 
+/// How long refused settlements wait before they are tried again.
+const RETRY_SETTLEMENTS: Duration = Duration::from_secs(1);
+
 /// The writer task's database work.
 struct Writer {
     db: DatabaseConnection,
@@ -310,12 +321,14 @@ struct Writer {
 impl Writer {
     /// One batch of operations: pending rows first (a cancel in the same batch may name
     /// them), then the outbox rows and the removal of settled pending rows in one commit.
-    async fn write(&self, batch: Vec<Op>) {
+    /// Returns the settlements to try again (the commit failed).
+    async fn write(&self, batch: Vec<Op>) -> Vec<Op> {
         let mut reserved = Vec::new();
         let mut reserve_acks = Vec::new();
         let mut outgoing = Vec::new();
         let mut record_acks = Vec::new();
         let mut settled = Vec::new();
+        let mut settlements = Vec::new();
         for op in batch {
             match op {
                 Op::Record(event, ack) => {
@@ -328,9 +341,13 @@ impl Writer {
                 }
                 Op::Confirm(event) => {
                     settled.push(event.id.clone());
-                    outgoing.push(event);
+                    outgoing.push(event.clone());
+                    settlements.push(Op::Confirm(event));
                 }
-                Op::Cancel(id) => settled.push(id),
+                Op::Cancel(id) => {
+                    settled.push(id.clone());
+                    settlements.push(Op::Cancel(id));
+                }
             }
         }
         if !reserved.is_empty() {
@@ -346,7 +363,7 @@ impl Writer {
             }
         }
         if outgoing.is_empty() && settled.is_empty() {
-            return;
+            return Vec::new();
         }
         let written = if settled.is_empty() {
             // One statement, committing on its own.
@@ -360,12 +377,13 @@ impl Writer {
                 .map_err(|e| e.to_string())
         };
         if let Err(e) = &written {
-            // Confirmed rows stay pending and are billed at the next start.
-            tracing::error!("cannot write usage to the outbox: {e}");
+            tracing::error!("cannot write usage to the outbox (tried again in a moment): {e}");
         }
+        let failed = written.is_err();
         for ack in record_acks {
             let _ = ack.send(written.clone());
         }
+        if failed { settlements } else { Vec::new() }
     }
 
     async fn insert_pending(&self, events: &[Event]) -> std::result::Result<(), sea_orm::DbErr> {

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 mod cluster;
 #[path = "faults/nodes.rs"]
 mod nodes;
+#[path = "faults/postgres.rs"]
+mod postgres;
 #[path = "faults/registry.rs"]
 mod registry;
 #[path = "faults/rotation.rs"]

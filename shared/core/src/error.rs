@@ -181,8 +181,29 @@ impl From<std::io::Error> for Error {
 }
 
 impl From<sea_orm::DbErr> for Error {
+    /// A database that cannot be reached (down, restarting, its connections cut or all in
+    /// use) is UNAVAILABLE, which callers retry; anything else is an internal error.
     fn from(err: sea_orm::DbErr) -> Self {
+        if unreachable_database(&err) {
+            tracing::warn!(error = %err, "the database cannot be reached");
+            return Self::Unavailable("the database cannot be reached now; retry".into());
+        }
         Self::internal("database", err)
+    }
+}
+
+fn unreachable_database(err: &sea_orm::DbErr) -> bool {
+    use sea_orm::sqlx::Error as Sqlx;
+    use sea_orm::{DbErr, RuntimeErr};
+    match err {
+        DbErr::ConnectionAcquire(_) => true,
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => matches!(
+            e,
+            Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed
+        ),
+        _ => false,
     }
 }
 

@@ -44,8 +44,10 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, Error> {
         // connection; an embedded database has none, and the ping is a thread round trip.
         .test_before_acquire(!sqlite)
         .min_connections(1)
-        .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(5))
+        // A call waits this long at most for a connection (the database down, or every
+        // connection busy), then fails as UNAVAILABLE: callers retry, nothing hangs.
+        .acquire_timeout(Duration::from_secs(5))
         .sqlx_logging(false)
         .map_sqlx_sqlite_opts(|sqlite| {
             sqlite

@@ -162,16 +162,21 @@ pub struct Shape {
     /// Every process serves TLS and calls the others at `https://` URLs, trusting a CA of
     /// the test's own (which the test's channels trust too).
     pub tls: bool,
+    /// A PostgreSQL of the scenario's own (its URL) instead of the suite's database.
+    pub database_url: Option<String>,
 }
 
 impl Cluster {
     pub async fn start(shape: Shape) -> Self {
         kiln_tests::init_tracing();
         let nats = NatsServer::start().await;
-        let database_url = TestDatabase::create(&Backends::from_env())
-            .await
-            .expect("test database")
-            .url;
+        let database_url = match shape.database_url {
+            Some(url) => Some(url),
+            None => {
+                let db = TestDatabase::create(&Backends::from_env()).await;
+                db.expect("test database").url
+            }
+        };
         let ports: BTreeMap<&str, String> = ["identity", "registry", "billing", "scheduler"]
             .into_iter()
             .map(|s| (s, format!("127.0.0.1:{}", free_port())))

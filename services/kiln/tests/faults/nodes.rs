@@ -52,6 +52,7 @@ async fn a_node_killed_mid_stream_ends_its_streams_cleanly_and_its_replica_moves
         nodes: 2,
         env: vec![],
         tls: false,
+        database_url: None,
     })
     .await;
     let key = cluster.tenant("acme").await;
@@ -150,6 +151,7 @@ async fn a_restarted_scheduler_adopts_the_running_replicas_and_serving_goes_on()
         nodes: 2,
         env: vec![],
         tls: false,
+        database_url: None,
     })
     .await;
     let key = cluster.tenant("acme").await;

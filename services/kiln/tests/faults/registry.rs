@@ -20,6 +20,7 @@ async fn the_registry_killed_mid_upload_keeps_what_it_stored_and_the_upload_resu
         nodes: 0,
         env: vec![],
         tls: false,
+        database_url: None,
     })
     .await;
     let key = cluster.tenant("acme").await;

@@ -70,6 +70,7 @@ async fn the_service_credential_rotates_one_process_at_a_time_under_traffic() {
         nodes: 2,
         env: vec![],
         tls: false,
+        database_url: None,
     })
     .await;
     let key = cluster.tenant("acme").await;

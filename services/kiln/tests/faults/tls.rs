@@ -14,6 +14,7 @@ async fn a_cluster_over_tls_serves_and_refuses_clients_without_its_ca() {
         nodes: 2,
         env: vec![],
         tls: true,
+        database_url: None,
     })
     .await;
     assert!(cluster.processes["identity"].url().starts_with("https://"));

@@ -20,6 +20,7 @@ async fn serving_minilm() -> (Cluster, String, String) {
         nodes: 1,
         env: vec![],
         tls: false,
+        database_url: None,
     })
     .await;
     let key = cluster.tenant("acme").await;
@@ -31,7 +32,7 @@ async fn serving_minilm() -> (Cluster, String, String) {
 
 /// Once the outboxes are empty, the ledger holds exactly `tally`'s answers and tokens for
 /// `account`, and the stream one usage event per answer.
-async fn booked_exactly(cluster: &Cluster, account: &str, tally: &Tally) {
+pub(crate) async fn booked_exactly(cluster: &Cluster, account: &str, tally: &Tally) {
     wait_for(Duration::from_secs(60), "empty outboxes", || async {
         cluster.unsent().await.is_empty().then_some(())
     })
