@@ -166,6 +166,18 @@ pub struct Shape {
     pub database_url: Option<String>,
 }
 
+impl Shape {
+    /// `nodes` inference nodes, plaintext, on the suite's database.
+    pub fn nodes(nodes: usize) -> Self {
+        Self {
+            nodes,
+            env: vec![],
+            tls: false,
+            database_url: None,
+        }
+    }
+}
+
 impl Cluster {
     pub async fn start(shape: Shape) -> Self {
         kiln_tests::init_tracing();
@@ -310,6 +322,20 @@ impl Cluster {
         for node in nodes {
             self.process(&node).restart().await;
         }
+    }
+
+    /// A cluster of `shape` where tenant acme's own MiniLM is deployed and ready:
+    /// (cluster, acme's key, the model's name, the deployment's name).
+    pub async fn serving_minilm(shape: Shape) -> (Self, String, String, String) {
+        let cluster = Self::start(shape).await;
+        let key = cluster.tenant("acme").await;
+        let registry = cluster.channel("registry", Some(&key)).await;
+        let model = kiln_tests::inference::private_minilm(&registry, "acme", "minilm").await;
+        let scheduler = cluster.channel("scheduler", Some(&key)).await;
+        let deployment = kiln_tests::deployments::deploy(&scheduler, &model)
+            .await
+            .name;
+        (cluster, key, model, deployment)
     }
 
     pub fn process(&mut self, name: &str) -> &mut Process {

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use kiln_proto::registry::v1::model::Kind;
 use kiln_tests::billing::totals;
 use kiln_tests::deployments::{deploy, replicas};
-use kiln_tests::inference::{client, private_minilm};
+use kiln_tests::inference::client;
 use kiln_tests::llm::{GGUF, chat_request};
 use kiln_tests::registry::{create_model, upload_path, validate};
 use kiln_tests::{AuthedChannel, asset, wait_for};
@@ -48,13 +48,7 @@ async fn long_stream(ch: AuthedChannel, model: String, started: mpsc::Sender<()>
 
 #[tokio::test]
 async fn a_node_killed_mid_stream_ends_its_streams_cleanly_and_its_replica_moves() {
-    let mut cluster = Cluster::start(Shape {
-        nodes: 2,
-        env: vec![],
-        tls: false,
-        database_url: None,
-    })
-    .await;
+    let mut cluster = Cluster::start(Shape::nodes(2)).await;
     let key = cluster.tenant("acme").await;
     let registry = cluster.channel("registry", Some(&key)).await;
     let smol = create_model(&registry, "acme", "smollm2", Kind::BaseModel, None).await;
@@ -147,19 +141,7 @@ async fn a_node_killed_mid_stream_ends_its_streams_cleanly_and_its_replica_moves
 
 #[tokio::test]
 async fn a_restarted_scheduler_adopts_the_running_replicas_and_serving_goes_on() {
-    let mut cluster = Cluster::start(Shape {
-        nodes: 2,
-        env: vec![],
-        tls: false,
-        database_url: None,
-    })
-    .await;
-    let key = cluster.tenant("acme").await;
-    let registry = cluster.channel("registry", Some(&key)).await;
-    let model = private_minilm(&registry, "acme", "minilm").await;
-    let deployment = deploy(&cluster.channel("scheduler", Some(&key)).await, &model)
-        .await
-        .name;
+    let (mut cluster, key, model, deployment) = Cluster::serving_minilm(Shape::nodes(2)).await;
     let admin = cluster.channel("scheduler", None).await;
     let before = replicas(&admin, &deployment).await;
 

@@ -7,8 +7,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_tests::deployments::deploy;
-use kiln_tests::inference::private_minilm;
 use kiln_tests::{free_port, wait_for_listener};
 use tonic::Code;
 
@@ -119,17 +117,11 @@ impl Drop for Postgres {
 #[tokio::test]
 async fn postgres_restarted_under_traffic_answers_unavailable_meanwhile_and_books_exactly() {
     let pg = Postgres::start().await;
-    let cluster = Cluster::start(Shape {
-        nodes: 1,
-        env: vec![],
-        tls: false,
+    let shape = Shape {
         database_url: Some(pg.url()),
-    })
-    .await;
-    let key = cluster.tenant("acme").await;
-    let registry = cluster.channel("registry", Some(&key)).await;
-    let model = private_minilm(&registry, "acme", "minilm").await;
-    deploy(&cluster.channel("scheduler", Some(&key)).await, &model).await;
+        ..Shape::nodes(1)
+    };
+    let (cluster, key, model, _) = Cluster::serving_minilm(shape).await;
     let inference = cluster.channel("inference-1", Some(&key)).await;
     let traffic = Traffic::embeddings(&inference, &model, 4, &[Code::Unavailable]);
     traffic.answers(20).await;

@@ -16,13 +16,7 @@ use crate::cluster::{Cluster, Shape};
 
 #[tokio::test]
 async fn the_registry_killed_mid_upload_keeps_what_it_stored_and_the_upload_resumes() {
-    let mut cluster = Cluster::start(Shape {
-        nodes: 0,
-        env: vec![],
-        tls: false,
-        database_url: None,
-    })
-    .await;
+    let mut cluster = Cluster::start(Shape::nodes(0)).await;
     let key = cluster.tenant("acme").await;
     let ch = cluster.channel("registry", Some(&key)).await;
     let model = create_model(&ch, "acme", "weights", Kind::TensorModel, None).await;

@@ -7,8 +7,6 @@
 use std::time::Duration;
 
 use kiln_tests::billing::totals;
-use kiln_tests::deployments::deploy;
-use kiln_tests::inference::private_minilm;
 use kiln_tests::{wait_for, wait_for_ok};
 use tonic::Code;
 
@@ -66,17 +64,7 @@ async fn every_link_works(cluster: &Cluster, model: &str) -> (i64, i64) {
 
 #[tokio::test]
 async fn the_service_credential_rotates_one_process_at_a_time_under_traffic() {
-    let mut cluster = Cluster::start(Shape {
-        nodes: 2,
-        env: vec![],
-        tls: false,
-        database_url: None,
-    })
-    .await;
-    let key = cluster.tenant("acme").await;
-    let registry = cluster.channel("registry", Some(&key)).await;
-    let model = private_minilm(&registry, "acme", "minilm").await;
-    deploy(&cluster.channel("scheduler", Some(&key)).await, &model).await;
+    let (mut cluster, key, model, _) = Cluster::serving_minilm(Shape::nodes(2)).await;
     // Clients of the node that is restarted last in each step, so most restarts are of the
     // processes behind it (identity for keys, billing, the scheduler, the other node).
     let inference = cluster.channel("inference-1", Some(&key)).await;

@@ -2,28 +2,22 @@
 //! (identity for keys, the registry for files, the scheduler for nodes, node to node), and a
 //! client without the cluster's CA, or without TLS, is refused.
 
-use kiln_tests::deployments::{deploy, replicas};
-use kiln_tests::inference::{embed_reference, private_minilm};
+use kiln_tests::deployments::replicas;
+use kiln_tests::inference::embed_reference;
 use tokio::process::Command;
 
 use crate::cluster::{Cluster, Shape};
 
 #[tokio::test]
 async fn a_cluster_over_tls_serves_and_refuses_clients_without_its_ca() {
-    let cluster = Cluster::start(Shape {
-        nodes: 2,
-        env: vec![],
+    let shape = Shape {
         tls: true,
-        database_url: None,
-    })
-    .await;
+        ..Shape::nodes(2)
+    };
+    let (cluster, key, model, deployment) = Cluster::serving_minilm(shape).await;
     assert!(cluster.processes["identity"].url().starts_with("https://"));
-    let key = cluster.tenant("acme").await;
-    let registry = cluster.channel("registry", Some(&key)).await;
-    let model = private_minilm(&registry, "acme", "minilm").await;
-    let deployment = deploy(&cluster.channel("scheduler", Some(&key)).await, &model).await;
     // Each node answers: the one holding the replica itself, the other by forwarding to it.
-    let held = replicas(&cluster.channel("scheduler", None).await, &deployment.name).await;
+    let held = replicas(&cluster.channel("scheduler", None).await, &deployment).await;
     assert_eq!(held.len(), 1, "{held:?}");
     for node in ["inference-1", "inference-2"] {
         let ch = cluster.channel(node, Some(&key)).await;

@@ -4,31 +4,12 @@
 use std::time::Duration;
 
 use kiln_tests::billing::totals;
-use kiln_tests::deployments::deploy;
-use kiln_tests::inference::private_minilm;
 use kiln_tests::wait_for;
 use tonic::Code;
 
 use crate::cluster::{Cluster, Shape};
 use crate::stream;
 use crate::traffic::{Tally, Traffic};
-
-/// A cluster with one node, and tenant acme's own MiniLM deployed on it: (cluster, acme's
-/// key, the model).
-async fn serving_minilm() -> (Cluster, String, String) {
-    let cluster = Cluster::start(Shape {
-        nodes: 1,
-        env: vec![],
-        tls: false,
-        database_url: None,
-    })
-    .await;
-    let key = cluster.tenant("acme").await;
-    let registry = cluster.channel("registry", Some(&key)).await;
-    let model = private_minilm(&registry, "acme", "minilm").await;
-    deploy(&cluster.channel("scheduler", Some(&key)).await, &model).await;
-    (cluster, key, model)
-}
 
 /// Once the outboxes are empty, the ledger holds exactly `tally`'s answers and tokens for
 /// `account`, and the stream one usage event per answer.
@@ -60,7 +41,7 @@ pub(crate) async fn booked_exactly(cluster: &Cluster, account: &str, tally: &Tal
 
 #[tokio::test]
 async fn billing_killed_and_restarted_under_traffic_books_each_answer_once() {
-    let (mut cluster, key, model) = serving_minilm().await;
+    let (mut cluster, key, model, _) = Cluster::serving_minilm(Shape::nodes(1)).await;
     let inference = cluster.channel("inference-1", Some(&key)).await;
     let traffic = Traffic::embeddings(&inference, &model, 4, &[Code::Unavailable]);
     traffic.answers(20).await;
@@ -79,7 +60,7 @@ async fn billing_killed_and_restarted_under_traffic_books_each_answer_once() {
 
 #[tokio::test]
 async fn the_bus_stopped_and_started_under_traffic_loses_and_repeats_nothing() {
-    let (mut cluster, key, model) = serving_minilm().await;
+    let (mut cluster, key, model, _) = Cluster::serving_minilm(Shape::nodes(1)).await;
     let inference = cluster.channel("inference-1", Some(&key)).await;
     let traffic = Traffic::embeddings(&inference, &model, 4, &[Code::Unavailable]);
     traffic.answers(20).await;
@@ -98,7 +79,7 @@ async fn the_bus_stopped_and_started_under_traffic_loses_and_repeats_nothing() {
 
 #[tokio::test]
 async fn sigterm_to_every_service_under_traffic_ends_each_call_cleanly_and_loses_no_usage() {
-    let (mut cluster, key, model) = serving_minilm().await;
+    let (mut cluster, key, model, _) = Cluster::serving_minilm(Shape::nodes(1)).await;
     let inference = cluster.channel("inference-1", Some(&key)).await;
     // Once everything stops, calls are refused: the connection is gone (UNAVAILABLE), or
     // was going as the call was sent (CANCELLED: the server's GOAWAY said it never ran; the
