@@ -20,6 +20,9 @@ use tonic::transport::Channel;
 
 pub(crate) use forward::{forward, is_forwarded, peer_status};
 
+/// How long a request waits for the node's first routing table before UNAVAILABLE.
+const FIRST_TABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 use crate::config::InferenceConfig;
 use crate::engine::{Engine, LoadedModel};
 use crate::generation::llm::Adapter;
@@ -109,7 +112,31 @@ impl Router {
         let mut waiting: Option<WaitGuard<'_>> = None;
         loop {
             let table = routes.borrow_and_update().clone();
-            let route = choice::find_route(&table, caller, field, name)?;
+            let route = match choice::find_route(&table, caller, field, name) {
+                Ok(route) => route,
+                // The node that forwarded it saw this node serve it: this node's table is
+                // behind (it has just started, or its scheduler has): a retry, not NOT_FOUND.
+                Err(_) if forwarded => {
+                    return Err(Error::Unavailable(format!(
+                        "{} has no route to {name} yet; retry",
+                        self.node
+                    )));
+                }
+                // No table from the scheduler yet (the node has just started): wait for it,
+                // a few seconds at most.
+                Err(_) if table.version == 0 => {
+                    let first = deadline.min(tokio::time::Instant::now() + FIRST_TABLE_WAIT);
+                    match tokio::time::timeout_at(first, routes.changed()).await {
+                        Ok(Ok(())) => continue,
+                        _ => {
+                            return Err(Error::Unavailable(
+                                "the node has no routing table yet; retry".into(),
+                            ));
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             if let Some(served) = self.local(route).await? {
                 return Ok(Target::Local(served));
             }
