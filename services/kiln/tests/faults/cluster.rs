@@ -285,15 +285,25 @@ impl Cluster {
             p.start();
             p.listening().await;
         }
-        let admin = cluster.channel("scheduler", None).await;
+        cluster.nodes_ready(Duration::from_secs(60)).await;
+        cluster
+    }
+
+    /// Waits until the scheduler lists every inference node of the cluster as READY.
+    pub async fn nodes_ready(&self, timeout: Duration) {
+        let nodes = self
+            .processes
+            .keys()
+            .filter(|n| n.starts_with("inference-"))
+            .count();
+        let admin = self.channel("scheduler", None).await;
         let ready = kiln_proto::scheduler::v1::node::State::Ready as i32;
-        wait_for(Duration::from_secs(60), "every node registered", || async {
+        wait_for(timeout, "every node registered", || async {
             let listed = kiln_tests::deployments::list_nodes(&admin).await;
             let up = listed.iter().filter(|n| n.state == ready).count();
-            (up == nodes.len()).then_some(())
+            (up == nodes).then_some(())
         })
         .await;
-        cluster
     }
 
     /// SIGTERM to every process at once; the ones that did not exit cleanly.

@@ -152,13 +152,8 @@ async fn a_restarted_scheduler_adopts_the_running_replicas_and_serving_goes_on()
     cluster.process("scheduler").kill().await;
     traffic.answers(20).await;
     cluster.process("scheduler").restart().await;
+    cluster.nodes_ready(Duration::from_secs(30)).await;
     let admin = cluster.channel("scheduler", None).await;
-    let ready = kiln_proto::scheduler::v1::node::State::Ready as i32;
-    wait_for(Duration::from_secs(30), "both nodes back", || async {
-        let nodes = kiln_tests::deployments::list_nodes(&admin).await;
-        (nodes.iter().filter(|n| n.state == ready).count() == 2).then_some(())
-    })
-    .await;
     traffic.answers(10).await;
     // A few reconcile passes later, the same replica still serves, on the same node.
     tokio::time::sleep(Duration::from_secs(3)).await;

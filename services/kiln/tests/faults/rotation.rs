@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use kiln_tests::billing::totals;
 use kiln_tests::{wait_for, wait_for_ok};
 use tonic::Code;
 
 use crate::cluster::{Cluster, SERVICE_TOKEN, Shape};
-use crate::traffic::Traffic;
+use crate::traffic::{Tally, Traffic};
+use crate::usage::booked_exactly;
 
 const NEW_TOKEN: &str = "faults-rotated-service-token-fedcba9876543210";
 
@@ -99,22 +99,14 @@ async fn the_service_credential_rotates_one_process_at_a_time_under_traffic() {
     let tally = traffic.stop().await;
     assert!(!tally.refused.contains_key("Unauthenticated"), "{tally:?}");
 
-    // After the rotation: every node registered again (the scheduler knows only the new
-    // token now), and the answers' usage is booked (inference to billing, over the bus).
-    let admin = cluster.channel("scheduler", None).await;
-    let ready = kiln_proto::scheduler::v1::node::State::Ready as i32;
-    wait_for(Duration::from_secs(30), "both nodes registered", || async {
-        let nodes = kiln_tests::deployments::list_nodes(&admin).await;
-        (nodes.iter().filter(|n| n.state == ready).count() == 2).then_some(())
-    })
-    .await;
-    let billing = cluster.channel("billing", None).await;
-    let expected = (tally.answered + checks.0, tally.tokens + checks.1);
-    wait_for(Duration::from_secs(60), "the answers booked", || async {
-        let row = totals(&billing, "accounts/acme").await;
-        ((row.request_count, row.embedding_tokens) == expected).then_some(())
-    })
-    .await;
+    // After the rotation (every link was checked after the last restart), the answers'
+    // usage, the checks' included, is booked once: inference to billing, over the bus.
+    let booked = Tally {
+        answered: tally.answered + checks.0,
+        tokens: tally.tokens + checks.1,
+        refused: tally.refused,
+    };
+    booked_exactly(&cluster, "accounts/acme", &booked).await;
     // A process still sending the old token is refused now.
     let old =
         kiln_tests::channel_to(&cluster.processes["identity"].url(), Some(SERVICE_TOKEN)).await;
