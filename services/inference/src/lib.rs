@@ -108,14 +108,13 @@ pub async fn open(
         None => None,
     };
     let stopped = Some(host.stopped.clone());
-    let (usage, writer) = usage::UsageRecorder::start(
-        db,
-        outbox,
-        &node_name,
+    let recording = usage::Recording {
+        node: &node_name,
         accelerator,
-        limiter.clone(),
-        stopped,
-    );
+        limiter: limiter.clone(),
+        journal_dir: &journals(&data_dir).join(&node_name),
+    };
+    let (usage, writer) = usage::UsageRecorder::start(db, outbox, recording, stopped)?;
     host.track(writer);
     if let Some(node) = &node {
         let _ = node.usage.set(usage.clone());
@@ -129,6 +128,27 @@ pub async fn open(
     };
     add_services(&inference, &mut host.services);
     Ok(inference)
+}
+
+/// How many requests' usage the journals of the nodes in `data_dir` hold unsettled (after a
+/// clean stop: none).
+pub fn unsettled_usage(data_dir: &std::path::Path) -> std::io::Result<usize> {
+    let mut unsettled = 0;
+    match std::fs::read_dir(journals(data_dir)) {
+        Ok(nodes) => {
+            for node in nodes {
+                unsettled += usage::unsettled_in(&node?.path())?;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(unsettled)
+}
+
+/// Where the nodes' usage journals are kept, one directory per node.
+fn journals(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("usage-journal")
 }
 
 /// Loads the configured `preload` models in the background, as the service principal.

@@ -49,7 +49,7 @@ impl Inference {
                 route: served.route,
                 ..Default::default()
             },
-        );
+        )?;
         let outputs = model.run(inputs, false).await?;
         let mut response = ModelInferResponse {
             model_name: request.model_name.clone(),
@@ -71,7 +71,7 @@ impl Inference {
                 .raw_output_contents
                 .push(encode_raw(&tensor.data).into());
         }
-        usage.confirm().await?;
+        usage.confirm()?;
         Ok(response)
     }
 }

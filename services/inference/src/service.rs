@@ -137,7 +137,7 @@ impl Inference {
                 route: served.route,
                 ..Default::default()
             },
-        );
+        )?;
         let embedded = embeddings::embed(&model, sequences).await?;
         let data = embedded
             .into_iter()
@@ -153,7 +153,7 @@ impl Inference {
                 }
             })
             .collect();
-        usage.confirm().await?;
+        usage.confirm()?;
         Ok(CreateEmbeddingsResponse {
             object: "list".into(),
             data,

@@ -62,7 +62,7 @@ async fn stream(ch: AuthedChannel, max_tokens: i32, started: mpsc::Sender<()>) -
     panic!("a stream ended without its usage or an error");
 }
 
-/// Rows left in the outboxes (and inference's pending usage) of every database in `data`.
+/// Rows left in the outboxes of every database in `data`, and usage left in inference's journal.
 async fn unsent(data: &Path) -> i64 {
     let mut left = 0;
     for entry in std::fs::read_dir(data).unwrap() {
@@ -73,19 +73,17 @@ async fn unsent(data: &Path) -> i64 {
         let db = kiln_store::connect(&format!("sqlite://{}?mode=ro", path.display()))
             .await
             .unwrap();
-        for table in ["kiln_outbox", "inference_usage_pending"] {
-            let counted = db
-                .query_one(Statement::from_string(
-                    db.get_database_backend(),
-                    format!("SELECT COUNT(*) AS n FROM {table}"),
-                ))
-                .await;
-            if let Ok(Some(row)) = counted {
-                left += row.try_get::<i64>("", "n").unwrap();
-            }
+        let counted = db
+            .query_one(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM kiln_outbox",
+            ))
+            .await;
+        if let Ok(Some(row)) = counted {
+            left += row.try_get::<i64>("", "n").unwrap();
         }
     }
-    left
+    left + kiln_inference::unsettled_usage(data).unwrap() as i64
 }
 
 /// The kiln account's (requests, prompt tokens, completion tokens) in the ledger.

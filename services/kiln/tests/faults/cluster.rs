@@ -370,9 +370,9 @@ impl Cluster {
         kiln_tests::tenant(&self.channel("identity", None).await, account).await
     }
 
-    /// Events recorded in outboxes and not yet published (`service subject`), and usage an
-    /// inference node has not yet written to its outbox (`usage pending`), over every
-    /// process's database.
+    /// Events recorded in outboxes and not yet published (`service subject`), over every
+    /// process's database, and usage an inference node has not yet written to its outbox
+    /// (`usage pending`, in its journal).
     pub async fn unsent(&self) -> Vec<String> {
         let urls: Vec<String> = match &self.database_url {
             Some(url) => vec![url.clone()],
@@ -398,11 +398,10 @@ impl Cluster {
                     left.push(format!("{service} {subject}"));
                 }
             }
-            let pending = "SELECT COUNT(*) AS n FROM inference_usage_pending";
-            if let Ok(Some(row)) = db.query_one(Statement::from_string(backend, pending)).await {
-                let n: i64 = row.try_get("", "n").expect("a count");
-                left.extend((0..n).map(|_| "usage pending".to_owned()));
-            }
+        }
+        for process in self.processes.values() {
+            let n = kiln_inference::unsettled_usage(process.data.path()).expect("journal");
+            left.extend((0..n).map(|_| "usage pending".to_owned()));
         }
         left
     }

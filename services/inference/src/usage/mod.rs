@@ -1,28 +1,34 @@
-//! Usage: every answered request's `kiln.inference.usage.recorded` event, durable in this
-//! node's database before the answer goes out, so a crash or a bus outage loses none.
+//! Usage: every answered request's `kiln.inference.usage.recorded` event, durable before
+//! the answer goes out, so a crash or a bus outage loses none.
 //! Where a request's counts are known before its forward pass (embeddings, tensor models),
-//! its usage is reserved as pending while the model runs and moved to the outbox after the
-//! answer, which keeps the write off the answer's path; generation, whose counts come at
-//! the end, records into the outbox directly. Writes from concurrent requests share one
-//! statement (group commit), so recording costs one commit per burst, not per request.
+//! its usage is reserved in the node's journal (a file append on the request's thread,
+//! [`journal`]) and moved to the outbox after the answer; generation, whose counts come at
+//! the end, records into the outbox directly. Outbox writes from concurrent requests share
+//! one statement (group commit), and settlements wait a moment for others (nobody waits for
+//! them), so recording costs a commit per burst or per 100 ms, not one per request.
 
-use kiln_core::Error;
+mod journal;
+
+pub use journal::unsettled_in;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_core::auth::Principal;
+use kiln_core::{Error, Result};
 use kiln_events::Body;
 use kiln_events::outbox::Outbox;
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::events::v1::Event;
 use kiln_proto::events::v1::{TrainingUsageRecorded, UsageRecorded};
 use kiln_proto::scheduler::v1::deployment::DeploymentType;
-use kiln_store::{statement, value_rows};
+use kiln_store::statement;
 use prost::Message;
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement, TransactionTrait};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use kiln_core::Result;
+use journal::Journal;
 
 /// What one request used.
 #[derive(Debug, Clone, Default)]
@@ -46,20 +52,23 @@ pub struct Usage {
 enum Op {
     /// Write the event to the outbox; answer once it is durable.
     Record(Event, Ack),
-    /// Write the event down as pending (before the answer is computed); answer once durable.
-    Reserve(Event, Ack),
-    /// The pending event's request was answered: move its final form to the outbox.
+    /// The reserved event's request was answered: move its final form to the outbox.
     Confirm(Event),
-    /// The pending event's request failed: forget it.
+    /// The reserved event's request failed: forget it.
     Cancel(String),
 }
 
 type Ack = oneshot::Sender<Result<(), String>>;
 
-/// The pending usage of requests being answered, one row per request, written before the
-/// answer is computed so that the write overlaps the model's forward pass. A row moves to
-/// the outbox when its answer goes out and is dropped when its request fails; rows a crash
-/// left behind are billed at the next start (their answers may have gone out).
+impl Op {
+    /// Whether the op settles a reservation (nobody waits for its write).
+    fn is_settlement(&self) -> bool {
+        matches!(self, Op::Confirm(_) | Op::Cancel(_))
+    }
+}
+
+/// Pending usage as versions before the journal kept it, one row per request; what an
+/// older version left there is billed at start.
 pub const MIGRATION: kiln_store::Migration = kiln_store::Migration {
     version: 1,
     name: "pending usage of requests being answered",
@@ -72,34 +81,40 @@ pub const MIGRATION: kiln_store::Migration = kiln_store::Migration {
         CREATE INDEX IF NOT EXISTS inference_usage_pending_node ON inference_usage_pending (node)",
 };
 
+/// Where and for whom usage is recorded.
+pub struct Recording<'a> {
+    /// The node's name (its ID without `nodes/`).
+    pub node: &'a str,
+    pub accelerator: AcceleratorType,
+    /// Counts each serverless answer's tokens against its account's per-minute limit.
+    pub limiter: Option<Arc<crate::limits::RateLimiter>>,
+    /// The journal's directory (one node's own).
+    pub journal_dir: &'a Path,
+}
+
 /// Records usage events through the outbox.
 #[derive(Clone)]
 pub struct UsageRecorder {
     queue: mpsc::UnboundedSender<Op>,
     /// Builds the events (the writer task holds its own handle to write them).
     outbox: Outbox,
+    journal: Arc<Journal>,
     node: Arc<str>,
     accelerator: AcceleratorType,
-    /// Counts each serverless answer's tokens against its account's per-minute limit.
     limiter: Option<Arc<crate::limits::RateLimiter>>,
 }
 
-/// The pending usage of one request (see [`UsageRecorder::reserve`]). Dropping it without
+/// The reserved usage of one request (see [`UsageRecorder::reserve`]). Dropping it without
 /// [`Reservation::confirm`] cancels it: the request is not billed.
 pub struct Reservation {
     queue: mpsc::UnboundedSender<Op>,
     event: Option<Event>,
-    written: Option<oneshot::Receiver<Result<(), String>>>,
 }
 
 impl Reservation {
-    /// Waits until the pending usage is durable (so a crash cannot lose the bill of an
-    /// answer that went out), then hands its final form (with its end time) to the outbox
-    /// without waiting for that write.
-    pub async fn confirm(mut self) -> Result<()> {
-        if let Some(written) = self.written.take() {
-            durable(written).await?;
-        }
+    /// Hands the usage's final form (with its end time) to the outbox, without waiting for
+    /// that write: the reservation already makes it durable.
+    pub fn confirm(mut self) -> Result<()> {
         let Some(mut event) = self.event.take() else {
             return Ok(());
         };
@@ -127,47 +142,63 @@ async fn durable(written: oneshot::Receiver<Result<(), String>>) -> Result<()> {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(event) = self.event.take() {
-            // A closed queue means the writer stopped; the row is billed at the next start.
+            // A closed queue means the writer stopped; the journal bills it at the next start.
             let _ = self.queue.send(Op::Cancel(event.id));
         }
     }
 }
 
 impl UsageRecorder {
-    /// Starts the writer task on `db` (whose outbox relay publishes the events). It first
-    /// moves what an earlier run of `node` left pending to the outbox. Once `stopped` (the
-    /// process's calls have ended) it writes what they queued and ends, so the relay's last
-    /// pass publishes it: a clean stop leaves no usage behind (what comes later finds the
-    /// queue closed and stays pending, billed at the next start). The task, to wait for.
+    /// Opens the journal and starts the writer task on `db` (whose outbox relay publishes
+    /// the events). The task first bills what earlier runs left reserved. Once `stopped`
+    /// (the process's calls have ended) it writes what they queued and ends, so the relay's
+    /// last pass publishes it: a clean stop leaves no usage behind (what comes later finds
+    /// the queue closed and stays reserved, billed at the next start). The task, to wait for.
     pub fn start(
         db: DatabaseConnection,
         outbox: Outbox,
-        node: &str,
-        accelerator: AcceleratorType,
-        limiter: Option<Arc<crate::limits::RateLimiter>>,
+        recording: Recording<'_>,
         stopped: Option<watch::Receiver<bool>>,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+    ) -> Result<(Self, tokio::task::JoinHandle<()>)> {
+        Self::start_settling_after(db, outbox, recording, stopped, SETTLE_AFTER)
+    }
+
+    /// [`UsageRecorder::start`], settlements waiting `settle_after` for others.
+    fn start_settling_after(
+        db: DatabaseConnection,
+        outbox: Outbox,
+        recording: Recording<'_>,
+        stopped: Option<watch::Receiver<bool>>,
+        settle_after: Duration,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>)> {
+        let (journal, earlier) = Journal::open(recording.journal_dir)
+            .map_err(|e| Error::internal("opening the usage journal", e))?;
+        let journal = Arc::new(journal);
         let (queue, mut ops) = mpsc::unbounded_channel::<Op>();
-        let node_name: Arc<str> = node.into();
+        let node_name: Arc<str> = recording.node.into();
         let writer = Writer {
             db,
             outbox: outbox.clone(),
             node: node_name.clone(),
+            journal: journal.clone(),
         };
         let task = tokio::spawn(async move {
-            match writer.recover().await {
+            match writer.recover(earlier).await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
                     events = n,
                     "billed the usage of requests a stop interrupted mid-answer"
                 ),
-                Err(e) => tracing::error!("cannot recover pending usage: {e}"),
+                Err(e) => tracing::error!("cannot bill the usage earlier runs left: {e}"),
             }
             let mut batch = Vec::new();
-            // Settlements the database refused (it was unreachable): tried again each second,
-            // so an answered request's usage is billed once the database is back, not only
-            // at the node's next start.
-            let mut carry: Vec<Op> = Vec::new();
+            // Settlements (answered or failed requests) wait here until `due`: they need no
+            // answer, so many requests share one commit instead of one each (the journal
+            // holds them meanwhile). Those the database refused wait `RETRY_SETTLEMENTS`, so
+            // an answered request's usage is billed once the database is back, not only at
+            // the node's next start.
+            let mut deferred: Vec<Op> = Vec::new();
+            let mut due: Option<tokio::time::Instant> = None;
             let stop = async move {
                 match stopped {
                     Some(mut stopped) => drop(stopped.wait_for(|s| *s).await),
@@ -178,54 +209,74 @@ impl UsageRecorder {
             loop {
                 let received = tokio::select! {
                     received = ops.recv_many(&mut batch, 512) => Some(received),
-                    () = tokio::time::sleep(RETRY_SETTLEMENTS), if !carry.is_empty() => None,
+                    () = sleep_until(due), if due.is_some() => None,
                     () = &mut stop => {
                         ops.close();
                         while ops.recv_many(&mut batch, 512).await > 0 {}
-                        batch.append(&mut carry);
-                        // What still fails stays pending, billed at the next start.
+                        batch.append(&mut deferred);
+                        // What still fails stays in the journal, billed at the next start.
                         writer.write(std::mem::take(&mut batch)).await;
                         return;
                     }
                 };
                 if received == Some(0) {
+                    // Every recorder is gone: write what waits and end.
+                    writer.write(std::mem::take(&mut deferred)).await;
                     return;
                 }
-                // Answers of one forward pass finish together, but the first one's record
-                // wakes this task at once (ahead of the others' handlers): let them queue
-                // theirs first so the pass costs one commit, not one each.
-                tokio::task::yield_now().await;
-                while batch.len() < 512
-                    && let Ok(more) = ops.try_recv()
-                {
-                    batch.push(more);
+                if received.is_some() {
+                    // Records of one burst arrive together, but the first one wakes this
+                    // task at once (ahead of the others' handlers): let them queue theirs
+                    // first so the burst costs one commit, not one each.
+                    tokio::task::yield_now().await;
+                    while batch.len() < 512
+                        && let Ok(more) = ops.try_recv()
+                    {
+                        batch.push(more);
+                    }
                 }
-                batch.append(&mut carry);
-                carry = writer.write(std::mem::take(&mut batch)).await;
+                let (settlements, mut now): (Vec<Op>, Vec<Op>) =
+                    batch.drain(..).partition(Op::is_settlement);
+                if !settlements.is_empty() {
+                    due = due.or_else(|| Some(tokio::time::Instant::now() + settle_after));
+                    deferred.extend(settlements);
+                }
+                if due.is_some_and(|due| due <= tokio::time::Instant::now())
+                    || deferred.len() >= 512
+                {
+                    now.append(&mut deferred);
+                    due = None;
+                }
+                let failed = writer.write(now).await;
+                if !failed.is_empty() {
+                    deferred.extend(failed);
+                    due = Some(tokio::time::Instant::now() + RETRY_SETTLEMENTS);
+                }
             }
         });
         let recorder = Self {
             queue,
             outbox,
+            journal,
             node: node_name,
-            accelerator,
-            limiter,
+            accelerator: recording.accelerator,
+            limiter: recording.limiter,
         };
-        (recorder, task)
+        Ok((recorder, task))
     }
 
-    /// Writes `usage` down as pending at once, while the request's answer is computed;
+    /// Writes `usage` down in the journal, before the request's answer is computed;
     /// [`Reservation::confirm`] when it is answered.
-    pub fn reserve(&self, caller: &Principal, usage: Usage) -> Reservation {
+    pub fn reserve(&self, caller: &Principal, usage: Usage) -> Result<Reservation> {
         let event = self.event(caller, usage);
-        let (done, written) = oneshot::channel();
-        // On a closed queue `done` is dropped, and `confirm` reports that the writer stopped.
-        let _ = self.queue.send(Op::Reserve(event.clone(), done));
-        Reservation {
+        self.journal.reserve(&event).map_err(|e| {
+            tracing::error!("cannot write usage to the journal: {e}");
+            Error::Unavailable("cannot record usage".into())
+        })?;
+        Ok(Reservation {
             queue: self.queue.clone(),
             event: Some(event),
-            written: Some(written),
-        }
+        })
     }
 
     /// Records `usage` for `caller`; returns once it is durably in the outbox.
@@ -308,127 +359,73 @@ impl UsageRecorder {
     }
 }
 
+/// How long settlements wait for others to share their commit.
+const SETTLE_AFTER: Duration = Duration::from_millis(100);
 /// How long refused settlements wait before they are tried again.
 const RETRY_SETTLEMENTS: Duration = Duration::from_secs(1);
+
+/// Sleeps until `due` (forever without one).
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// The writer task's database work.
 struct Writer {
     db: DatabaseConnection,
     outbox: Outbox,
     node: Arc<str>,
+    journal: Arc<Journal>,
 }
 
 impl Writer {
-    /// One batch of operations: pending rows first (a cancel in the same batch may name
-    /// them), then the outbox rows and the removal of settled pending rows in one commit.
-    /// Returns the settlements to try again (the commit failed).
+    /// One batch of operations: the outbox rows in one statement, then the settled
+    /// reservations marked in the journal. Returns the confirmations to try again (the
+    /// write failed).
     async fn write(&self, batch: Vec<Op>) -> Vec<Op> {
-        let mut reserved = Vec::new();
-        let mut reserve_acks = Vec::new();
         let mut outgoing = Vec::new();
         let mut record_acks = Vec::new();
-        let mut settled = Vec::new();
-        let mut settlements = Vec::new();
+        let mut confirmed = Vec::new();
+        let mut cancelled = Vec::new();
         for op in batch {
             match op {
                 Op::Record(event, ack) => {
                     outgoing.push(event);
                     record_acks.push(ack);
                 }
-                Op::Reserve(event, ack) => {
-                    reserved.push(event);
-                    reserve_acks.push(ack);
-                }
-                Op::Confirm(event) => {
-                    settled.push(event.id.clone());
-                    outgoing.push(event.clone());
-                    settlements.push(Op::Confirm(event));
-                }
-                Op::Cancel(id) => {
-                    settled.push(id.clone());
-                    settlements.push(Op::Cancel(id));
-                }
+                Op::Confirm(event) => confirmed.push(event),
+                Op::Cancel(id) => cancelled.push(id),
             }
         }
-        if !reserved.is_empty() {
-            let written = self
-                .insert_pending(&reserved)
-                .await
-                .map_err(|e| e.to_string());
-            if let Err(e) = &written {
-                tracing::error!("cannot write pending usage: {e}");
-            }
-            for ack in reserve_acks {
-                let _ = ack.send(written.clone());
-            }
-        }
-        if outgoing.is_empty() && settled.is_empty() {
+        self.journal.settle(cancelled.iter().map(String::as_str));
+        if outgoing.is_empty() && confirmed.is_empty() {
             return Vec::new();
         }
-        let written = if settled.is_empty() {
-            // One statement, committing on its own.
-            self.outbox
-                .publish_all(&self.db, &outgoing)
-                .await
-                .map_err(|e| e.to_string())
-        } else {
-            self.settle(&outgoing, &settled)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        if let Err(e) = &written {
-            tracing::error!("cannot write usage to the outbox (tried again in a moment): {e}");
-        }
-        let failed = written.is_err();
+        outgoing.extend(confirmed.iter().cloned());
+        let written = self
+            .outbox
+            .publish_all(&self.db, &outgoing)
+            .await
+            .map_err(|e| e.to_string());
         for ack in record_acks {
             let _ = ack.send(written.clone());
         }
-        if failed { settlements } else { Vec::new() }
-    }
-
-    async fn insert_pending(&self, events: &[Event]) -> std::result::Result<(), sea_orm::DbErr> {
-        let now = kiln_core::time::now_micros();
-        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(events.len() * 4);
-        for event in events {
-            values.extend([
-                event.id.clone().into(),
-                self.node.to_string().into(),
-                event.encode_to_vec().into(),
-                now.into(),
-            ]);
+        if let Err(e) = &written {
+            tracing::error!("cannot write usage to the outbox (tried again in a moment): {e}");
+            return confirmed.into_iter().map(Op::Confirm).collect();
         }
-        let sql = format!(
-            "INSERT INTO inference_usage_pending (event_id, node, payload, created_at) VALUES {}",
-            value_rows(events.len(), 4)
-        );
-        self.db
-            .execute(statement(self.db.get_database_backend(), &sql, values))
-            .await?;
-        Ok(())
+        self.journal
+            .settle(confirmed.iter().map(|event| event.id.as_str()));
+        Vec::new()
     }
 
-    /// Writes `outgoing` to the outbox and removes the `settled` pending rows, in one commit.
-    async fn settle(
-        &self,
-        outgoing: &[Event],
-        settled: &[String],
-    ) -> std::result::Result<(), kiln_events::Error> {
-        let txn = self.db.begin().await?;
-        self.outbox.enqueue_all(&txn, outgoing).await?;
-        let sql = format!(
-            "DELETE FROM inference_usage_pending WHERE event_id IN {}",
-            value_rows(1, settled.len())
-        );
-        let ids = settled.iter().map(|id| id.clone().into());
-        txn.execute(statement(self.db.get_database_backend(), &sql, ids))
-            .await?;
-        self.outbox.commit(txn).await
-    }
-
-    /// Moves this node's pending rows (requests a stop interrupted, answered or not) to the
-    /// outbox: billing a request whose answer may not have gone out rather than losing one
-    /// whose answer did. Returns how many.
-    async fn recover(&self) -> std::result::Result<usize, kiln_events::Error> {
+    /// Moves to the outbox what earlier runs left reserved (requests a stop interrupted,
+    /// answered or not: billing a request whose answer may not have gone out rather than
+    /// losing one whose answer did): `earlier` from the journal, and this node's rows of
+    /// the table older versions kept. Returns how many.
+    async fn recover(&self, earlier: Vec<Event>) -> std::result::Result<usize, kiln_events::Error> {
         let backend = self.db.get_database_backend();
         let txn = self.db.begin().await?;
         let rows = txn
@@ -437,10 +434,11 @@ impl Writer {
                 "SELECT payload FROM inference_usage_pending WHERE node =",
             ))
             .await?;
-        if rows.is_empty() {
+        if rows.is_empty() && earlier.is_empty() {
+            self.journal.forget_earlier();
             return Ok(0);
         }
-        let mut events = Vec::with_capacity(rows.len());
+        let mut events = earlier;
         for row in &rows {
             let payload: Vec<u8> = row.try_get("", "payload")?;
             events.push(Event::decode(payload.as_slice()).map_err(|source| {
@@ -454,6 +452,7 @@ impl Writer {
         txn.execute(self.of_this_node(backend, "DELETE FROM inference_usage_pending WHERE node ="))
             .await?;
         self.outbox.commit(txn).await?;
+        self.journal.forget_earlier();
         Ok(events.len())
     }
 
@@ -476,16 +475,21 @@ mod tests {
         db
     }
 
-    fn recorder(db: &DatabaseConnection, node: &str) -> UsageRecorder {
-        UsageRecorder::start(
-            db.clone(),
-            Outbox::new(crate::SERVICE),
-            node,
-            AcceleratorType::Cpu,
-            None,
-            None,
-        )
-        .0
+    fn start(
+        db: &DatabaseConnection,
+        journal_dir: &Path,
+        stopped: Option<watch::Receiver<bool>>,
+        settle_after: Duration,
+    ) -> (UsageRecorder, tokio::task::JoinHandle<()>) {
+        let recording = Recording {
+            node: "n1",
+            accelerator: AcceleratorType::Cpu,
+            limiter: None,
+            journal_dir,
+        };
+        let outbox = Outbox::new(crate::SERVICE);
+        UsageRecorder::start_settling_after(db.clone(), outbox, recording, stopped, settle_after)
+            .unwrap()
     }
 
     fn acme() -> Principal {
@@ -507,7 +511,7 @@ mod tests {
         }
     }
 
-    /// The usage events in the outbox, by request id.
+    /// The usage events in the outbox, in order.
     async fn billed(db: &DatabaseConnection) -> Vec<UsageRecorded> {
         db.query_all(Statement::from_string(
             db.get_database_backend(),
@@ -526,36 +530,39 @@ mod tests {
         .collect()
     }
 
-    async fn pending(db: &DatabaseConnection, node: &str) -> usize {
-        db.query_all(Statement::from_string(
-            db.get_database_backend(),
-            format!("SELECT event_id FROM inference_usage_pending WHERE node = '{node}'"),
-        ))
-        .await
-        .unwrap()
-        .len()
+    fn request_ids(billed: &[UsageRecorded]) -> Vec<&str> {
+        billed.iter().map(|u| u.request_id.as_str()).collect()
     }
 
     #[tokio::test]
     async fn a_confirmed_reservation_is_billed_once_a_dropped_one_never() {
         let dir = tempfile::tempdir().unwrap();
         let db = node_db(dir.path()).await;
-        let usage_of = recorder(&db, "n1");
+        let journal = dir.path().join("journal");
+        // Settlements wait for the stop here, so what the writer holds can be seen.
+        let (stop, stopped) = watch::channel(false);
+        let (usage_of, writer) = start(&db, &journal, Some(stopped), Duration::from_secs(3600));
 
-        let answered = usage_of.reserve(&acme(), usage("embd-answered", 7));
-        let failed = usage_of.reserve(&acme(), usage("embd-failed", 9));
-        answered.confirm().await.unwrap();
+        let answered = usage_of
+            .reserve(&acme(), usage("embd-answered", 7))
+            .unwrap();
+        let failed = usage_of.reserve(&acme(), usage("embd-failed", 9)).unwrap();
+        assert_eq!(unsettled_in(&journal).unwrap(), 2, "in the journal at once");
+        answered.confirm().unwrap();
         drop(failed);
-        // The writer works in order: once a later record is durable, so are those two.
+        // A record is written at once; the settlements wait to share a commit.
         usage_of
-            .record(&acme(), usage("embd-barrier", 1))
+            .record(&acme(), usage("embd-recorded", 1))
             .await
             .unwrap();
+        assert_eq!(request_ids(&billed(&db).await), ["embd-recorded"]);
+        assert_eq!(unsettled_in(&journal).unwrap(), 2, "neither settled yet");
+        stop.send(true).unwrap();
+        writer.await.unwrap();
 
         let billed = billed(&db).await;
-        let ids: Vec<&str> = billed.iter().map(|u| u.request_id.as_str()).collect();
-        assert_eq!(ids, ["embd-answered", "embd-barrier"]);
-        let answered = &billed[0];
+        assert_eq!(request_ids(&billed), ["embd-recorded", "embd-answered"]);
+        let answered = &billed[1];
         assert_eq!(answered.account, "accounts/acme");
         assert_eq!(answered.embedding_input_tokens, 7);
         assert_eq!(answered.node, "nodes/n1");
@@ -564,52 +571,79 @@ mod tests {
             t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000
         };
         assert!(time(answered.end_time) >= time(answered.start_time));
-        assert_eq!(pending(&db, "n1").await, 0, "nothing left pending");
+        assert_eq!(unsettled_in(&journal).unwrap(), 0, "nothing left unsettled");
     }
 
     #[tokio::test]
-    async fn usage_a_stop_left_pending_is_billed_at_the_next_start_by_its_own_node() {
+    async fn settlements_are_written_a_moment_after_the_answer_without_more_traffic() {
         let dir = tempfile::tempdir().unwrap();
         let db = node_db(dir.path()).await;
-        // Two nodes stopped mid-answer, their requests' usage durable but not yet settled.
-        for node in ["n1", "n2"] {
-            let stopped = UsageRecorder {
-                queue: mpsc::unbounded_channel().0,
-                outbox: Outbox::new(crate::SERVICE),
-                node: node.into(),
-                accelerator: AcceleratorType::Cpu,
-                limiter: None,
-            };
-            let event = stopped.event(&acme(), usage(&format!("embd-{node}"), 5));
-            let writer = Writer {
-                db: db.clone(),
-                outbox: Outbox::new(crate::SERVICE),
-                node: node.into(),
-            };
-            writer.insert_pending(&[event]).await.unwrap();
+        let journal = dir.path().join("journal");
+        let (usage_of, _writer) = start(&db, &journal, None, SETTLE_AFTER);
+        for i in 0..3 {
+            let reservation = usage_of.reserve(&acme(), usage(&format!("embd-{i}"), 2));
+            reservation.unwrap().confirm().unwrap();
         }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while billed(&db).await.len() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "never settled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(unsettled_in(&journal).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn usage_a_crash_left_reserved_is_billed_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = node_db(dir.path()).await;
+        let journal = dir.path().join("journal");
+        // A run that crashed mid-answer: its reservation is in the journal, unsettled.
+        let crashed = UsageRecorder {
+            queue: mpsc::unbounded_channel().0,
+            outbox: Outbox::new(crate::SERVICE),
+            journal: Arc::new(Journal::open(&journal).unwrap().0),
+            node: "n1".into(),
+            accelerator: AcceleratorType::Cpu,
+            limiter: None,
+        };
+        std::mem::forget(crashed.reserve(&acme(), usage("embd-journal", 5)).unwrap());
+        // And rows the pending table of an older version kept, of this node and another.
+        for node in ["n1", "n2"] {
+            let event = crashed.event(&acme(), usage(&format!("embd-table-{node}"), 3));
+            db.execute(statement(
+                db.get_database_backend(),
+                "INSERT INTO inference_usage_pending (event_id, node, payload, created_at) \
+                 VALUES (?, ?, ?, 0)",
+                [
+                    event.id.clone().into(),
+                    node.into(),
+                    event.encode_to_vec().into(),
+                ],
+            ))
+            .await
+            .unwrap();
+        }
+        drop(crashed);
         assert!(billed(&db).await.is_empty());
 
-        let restarted = recorder(&db, "n1");
+        let (restarted, _writer) = start(&db, &journal, None, SETTLE_AFTER);
         restarted
             .record(&acme(), usage("embd-barrier", 1))
             .await
             .unwrap();
-        let ids: Vec<String> = billed(&db)
+        assert_eq!(
+            request_ids(&billed(&db).await),
+            ["embd-journal", "embd-table-n1", "embd-barrier"],
+            "what the crash left is billed first"
+        );
+        assert_eq!(unsettled_in(&journal).unwrap(), 0);
+        let left = db
+            .query_all(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT node FROM inference_usage_pending",
+            ))
             .await
-            .into_iter()
-            .map(|u| u.request_id)
-            .collect();
-        assert_eq!(
-            ids,
-            ["embd-n1", "embd-barrier"],
-            "n1's pending usage billed first"
-        );
-        assert_eq!(pending(&db, "n1").await, 0);
-        assert_eq!(
-            pending(&db, "n2").await,
-            1,
-            "another node's requests are its own"
-        );
+            .unwrap();
+        assert_eq!(left.len(), 1, "another node's rows are its own");
     }
 }
