@@ -71,7 +71,7 @@ impl Inference {
                 .raw_output_contents
                 .push(encode_raw(&tensor.data).into());
         }
-        usage.confirm()?;
+        usage.confirm();
         Ok(response)
     }
 }

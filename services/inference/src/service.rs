@@ -153,7 +153,7 @@ impl Inference {
                 }
             })
             .collect();
-        usage.confirm()?;
+        usage.confirm();
         Ok(CreateEmbeddingsResponse {
             object: "list".into(),
             data,

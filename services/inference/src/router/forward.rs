@@ -52,15 +52,24 @@ pub(crate) fn is_forwarded<T>(request: &tonic::Request<T>) -> bool {
 }
 
 /// A peer's failure as the caller sees it: a broken connection (tonic reports the h2 error as
-/// UNKNOWN) is UNAVAILABLE, the node that held the replica having gone away.
+/// UNKNOWN) is UNAVAILABLE, the node that held the replica having gone away. So is an INTERNAL
+/// that this node's client made of a transport error (it has a source; a status the peer sent
+/// has none): tonic reports a stream a stopping peer's GOAWAY left unanswered as INTERNAL
+/// "h2 protocol error", where gRPC's HTTP/2 mapping says UNAVAILABLE (seen in the fault suite).
 pub(crate) fn peer_status(status: Status) -> Status {
+    let from_transport = std::error::Error::source(&status).is_some();
     match status.code() {
-        tonic::Code::Unknown | tonic::Code::Cancelled => Status::unavailable(format!(
-            "the node serving this request went away: {}",
-            status.message()
-        )),
+        tonic::Code::Unknown | tonic::Code::Cancelled => went_away(&status),
+        tonic::Code::Internal if from_transport => went_away(&status),
         _ => status,
     }
+}
+
+fn went_away(status: &Status) -> Status {
+    Status::unavailable(format!(
+        "the node serving this request went away: {}",
+        status.message()
+    ))
 }
 
 #[cfg(test)]
@@ -130,5 +139,39 @@ mod tests {
             replace_trace_context(&mut metadata);
         });
         assert_eq!(metadata.get(TRACEPARENT).unwrap(), incoming);
+    }
+
+    /// An error whose source is `status`, as hyper's error carries the one tonic finds.
+    #[derive(Debug)]
+    struct Transport(Status);
+
+    impl std::fmt::Display for Transport {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("http2 error")
+        }
+    }
+
+    impl std::error::Error for Transport {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_transport_failure_is_unavailable_and_a_peers_own_status_stays() {
+        // What tonic makes of a stream a stopping peer's GOAWAY left unanswered.
+        let goaway = Status::internal("h2 protocol error: http2 error");
+        let status = Status::from_error(Box::new(Transport(goaway)));
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(peer_status(status).code(), tonic::Code::Unavailable);
+        // The peer's own answers keep their codes.
+        let internal = Status::internal("the peer failed");
+        assert_eq!(peer_status(internal).code(), tonic::Code::Internal);
+        let missing = Status::not_found("no such model");
+        assert_eq!(peer_status(missing).code(), tonic::Code::NotFound);
+        assert_eq!(
+            peer_status(Status::unknown("reset")).code(),
+            tonic::Code::Unavailable
+        );
     }
 }

@@ -60,13 +60,6 @@ enum Op {
 
 type Ack = oneshot::Sender<Result<(), String>>;
 
-impl Op {
-    /// Whether the op settles a reservation (nobody waits for its write).
-    fn is_settlement(&self) -> bool {
-        matches!(self, Op::Confirm(_) | Op::Cancel(_))
-    }
-}
-
 /// Pending usage as versions before the journal kept it, one row per request; what an
 /// older version left there is billed at start.
 pub const MIGRATION: kiln_store::Migration = kiln_store::Migration {
@@ -96,6 +89,7 @@ pub struct Recording<'a> {
 #[derive(Clone)]
 pub struct UsageRecorder {
     queue: mpsc::UnboundedSender<Op>,
+    settling: Arc<Settling>,
     /// Builds the events (the writer task holds its own handle to write them).
     outbox: Outbox,
     journal: Arc<Journal>,
@@ -107,25 +101,59 @@ pub struct UsageRecorder {
 /// The reserved usage of one request (see [`UsageRecorder::reserve`]). Dropping it without
 /// [`Reservation::confirm`] cancels it: the request is not billed.
 pub struct Reservation {
-    queue: mpsc::UnboundedSender<Op>,
+    settling: Arc<Settling>,
     event: Option<Event>,
 }
 
 impl Reservation {
     /// Hands the usage's final form (with its end time) to the outbox, without waiting for
-    /// that write: the reservation already makes it durable.
-    pub fn confirm(mut self) -> Result<()> {
+    /// that write: the journal already holds it (and bills it at the next start should the
+    /// writer have stopped).
+    pub fn confirm(mut self) {
         let Some(mut event) = self.event.take() else {
-            return Ok(());
+            return;
         };
         if let Some(Body::UsageRecorded(usage)) = &mut event.body {
             usage.end_time = Some(kiln_core::time::micros_to_timestamp(
                 kiln_core::time::now_micros(),
             ));
         }
-        self.queue.send(Op::Confirm(event)).map_err(|_| stopped())
+        self.settling.push(Op::Confirm(event));
     }
 }
+
+/// Settlements on their way to the writer, handed over without waking it for each request
+/// (a wake-up per answer preempted the model's threads): it is told when the first of a
+/// batch arrives, and takes them all `settle_after` later.
+#[derive(Default)]
+struct Settling {
+    ops: std::sync::Mutex<Vec<Op>>,
+    arrived: tokio::sync::Notify,
+}
+
+impl Settling {
+    fn push(&self, op: Op) {
+        let waiting = {
+            let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+            ops.push(op);
+            ops.len()
+        };
+        if waiting == 1 || waiting == MAX_BATCH {
+            self.arrived.notify_one();
+        }
+    }
+
+    fn take(&self) -> Vec<Op> {
+        std::mem::take(&mut *self.ops.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn is_full(&self) -> bool {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner()).len() >= MAX_BATCH
+    }
+}
+
+/// The most operations one write takes.
+const MAX_BATCH: usize = 512;
 
 fn stopped() -> Error {
     Error::Unavailable("usage recording stopped".into())
@@ -142,8 +170,8 @@ async fn durable(written: oneshot::Receiver<Result<(), String>>) -> Result<()> {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(event) = self.event.take() {
-            // A closed queue means the writer stopped; the journal bills it at the next start.
-            let _ = self.queue.send(Op::Cancel(event.id));
+            // Should the writer have stopped, the journal bills it at the next start.
+            self.settling.push(Op::Cancel(event.id));
         }
     }
 }
@@ -175,6 +203,7 @@ impl UsageRecorder {
             .map_err(|e| Error::internal("opening the usage journal", e))?;
         let journal = Arc::new(journal);
         let (queue, mut ops) = mpsc::unbounded_channel::<Op>();
+        let settling = Arc::new(Settling::default());
         let node_name: Arc<str> = recording.node.into();
         let writer = Writer {
             db,
@@ -182,80 +211,84 @@ impl UsageRecorder {
             node: node_name.clone(),
             journal: journal.clone(),
         };
-        let task = tokio::spawn(async move {
-            match writer.recover(earlier).await {
-                Ok(0) => {}
-                Ok(n) => tracing::warn!(
-                    events = n,
-                    "billed the usage of requests a stop interrupted mid-answer"
-                ),
-                Err(e) => tracing::error!("cannot bill the usage earlier runs left: {e}"),
-            }
-            let mut batch = Vec::new();
-            // Settlements (answered or failed requests) wait here until `due`: they need no
-            // answer, so many requests share one commit instead of one each (the journal
-            // holds them meanwhile). Those the database refused wait `RETRY_SETTLEMENTS`, so
-            // an answered request's usage is billed once the database is back, not only at
-            // the node's next start.
-            let mut deferred: Vec<Op> = Vec::new();
-            let mut due: Option<tokio::time::Instant> = None;
-            let stop = async move {
-                match stopped {
-                    Some(mut stopped) => drop(stopped.wait_for(|s| *s).await),
-                    None => std::future::pending().await,
+        let task = tokio::spawn({
+            let settling = settling.clone();
+            async move {
+                match writer.recover(earlier).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        events = n,
+                        "billed the usage of requests a stop interrupted mid-answer"
+                    ),
+                    Err(e) => tracing::error!("cannot bill the usage earlier runs left: {e}"),
                 }
-            };
-            tokio::pin!(stop);
-            loop {
-                let received = tokio::select! {
-                    received = ops.recv_many(&mut batch, 512) => Some(received),
-                    () = sleep_until(due), if due.is_some() => None,
-                    () = &mut stop => {
-                        ops.close();
-                        while ops.recv_many(&mut batch, 512).await > 0 {}
-                        batch.append(&mut deferred);
-                        // What still fails stays in the journal, billed at the next start.
-                        writer.write(std::mem::take(&mut batch)).await;
-                        return;
+                let mut batch = Vec::new();
+                // Settlements (answered or failed requests) wait in `settling` until `due`: they
+                // need no answer, so many requests share one commit instead of one each (the
+                // journal holds them meanwhile). Those the database refused wait
+                // `RETRY_SETTLEMENTS` in `retry`, so an answered request's usage is billed once the
+                // database is back, not only at the node's next start.
+                let mut retry: Vec<Op> = Vec::new();
+                let mut due: Option<tokio::time::Instant> = None;
+                let stop = async move {
+                    match stopped {
+                        Some(mut stopped) => drop(stopped.wait_for(|s| *s).await),
+                        None => std::future::pending().await,
                     }
                 };
-                if received == Some(0) {
-                    // Every recorder is gone: write what waits and end.
-                    writer.write(std::mem::take(&mut deferred)).await;
-                    return;
-                }
-                if received.is_some() {
-                    // Records of one burst arrive together, but the first one wakes this
-                    // task at once (ahead of the others' handlers): let them queue theirs
-                    // first so the burst costs one commit, not one each.
-                    tokio::task::yield_now().await;
-                    while batch.len() < 512
-                        && let Ok(more) = ops.try_recv()
-                    {
-                        batch.push(more);
+                tokio::pin!(stop);
+                loop {
+                    tokio::select! {
+                        received = ops.recv_many(&mut batch, MAX_BATCH) => {
+                            if received == 0 {
+                                // Every recorder is gone: write what waits and end.
+                                let mut rest = settling.take();
+                                rest.append(&mut retry);
+                                writer.write(rest).await;
+                                return;
+                            }
+                            // Records of one burst arrive together, but the first one wakes this
+                            // task at once (ahead of the others' handlers): let them queue theirs
+                            // first so the burst costs one commit, not one each.
+                            tokio::task::yield_now().await;
+                            while batch.len() < MAX_BATCH
+                                && let Ok(more) = ops.try_recv()
+                            {
+                                batch.push(more);
+                            }
+                            writer.write(std::mem::take(&mut batch)).await;
+                        }
+                        () = settling.arrived.notified() => {
+                            let now = tokio::time::Instant::now();
+                            due = if settling.is_full() {
+                                Some(now)
+                            } else {
+                                due.or(Some(now + settle_after))
+                            };
+                        }
+                        () = sleep_until(due), if due.is_some() => {
+                            let mut now = settling.take();
+                            now.append(&mut retry);
+                            retry = writer.write(now).await;
+                            due = (!retry.is_empty())
+                                .then(|| tokio::time::Instant::now() + RETRY_SETTLEMENTS);
+                        }
+                        () = &mut stop => {
+                            ops.close();
+                            while ops.recv_many(&mut batch, MAX_BATCH).await > 0 {}
+                            batch.append(&mut settling.take());
+                            batch.append(&mut retry);
+                            // What still fails stays in the journal, billed at the next start.
+                            writer.write(std::mem::take(&mut batch)).await;
+                            return;
+                        }
                     }
-                }
-                let (settlements, mut now): (Vec<Op>, Vec<Op>) =
-                    batch.drain(..).partition(Op::is_settlement);
-                if !settlements.is_empty() {
-                    due = due.or_else(|| Some(tokio::time::Instant::now() + settle_after));
-                    deferred.extend(settlements);
-                }
-                if due.is_some_and(|due| due <= tokio::time::Instant::now())
-                    || deferred.len() >= 512
-                {
-                    now.append(&mut deferred);
-                    due = None;
-                }
-                let failed = writer.write(now).await;
-                if !failed.is_empty() {
-                    deferred.extend(failed);
-                    due = Some(tokio::time::Instant::now() + RETRY_SETTLEMENTS);
                 }
             }
         });
         let recorder = Self {
             queue,
+            settling,
             outbox,
             journal,
             node: node_name,
@@ -274,7 +307,7 @@ impl UsageRecorder {
             Error::Unavailable("cannot record usage".into())
         })?;
         Ok(Reservation {
-            queue: self.queue.clone(),
+            settling: self.settling.clone(),
             event: Some(event),
         })
     }
@@ -548,7 +581,7 @@ mod tests {
             .unwrap();
         let failed = usage_of.reserve(&acme(), usage("embd-failed", 9)).unwrap();
         assert_eq!(unsettled_in(&journal).unwrap(), 2, "in the journal at once");
-        answered.confirm().unwrap();
+        answered.confirm();
         drop(failed);
         // A record is written at once; the settlements wait to share a commit.
         usage_of
@@ -582,7 +615,7 @@ mod tests {
         let (usage_of, _writer) = start(&db, &journal, None, SETTLE_AFTER);
         for i in 0..3 {
             let reservation = usage_of.reserve(&acme(), usage(&format!("embd-{i}"), 2));
-            reservation.unwrap().confirm().unwrap();
+            reservation.unwrap().confirm();
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while billed(&db).await.len() < 3 {
@@ -600,6 +633,7 @@ mod tests {
         // A run that crashed mid-answer: its reservation is in the journal, unsettled.
         let crashed = UsageRecorder {
             queue: mpsc::unbounded_channel().0,
+            settling: Arc::default(),
             outbox: Outbox::new(crate::SERVICE),
             journal: Arc::new(Journal::open(&journal).unwrap().0),
             node: "n1".into(),
