@@ -27,3 +27,9 @@ mod usage;
 fn kiln_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
+
+/// Runs `command`, which must succeed (its stderr in the failure).
+fn run_ok(command: &mut std::process::Command) {
+    let ran = kiln_tests::Ran::from(command.output().expect("the command runs"));
+    assert!(ran.ok, "{command:?}: {}", ran.err);
+}

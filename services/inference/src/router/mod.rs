@@ -20,14 +20,14 @@ use tonic::transport::Channel;
 
 pub(crate) use forward::{forward, is_forwarded, peer_status};
 
-/// How long a request waits for the node's first routing table before UNAVAILABLE.
-const FIRST_TABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 use crate::config::InferenceConfig;
 use crate::engine::{Engine, LoadedModel};
 use crate::generation::llm::Adapter;
 use crate::replicas::{InFlight, Replicas};
 use kiln_core::Result;
+
+/// How long a request waits for the node's first routing table before UNAVAILABLE.
+const FIRST_TABLE_WAIT: Duration = Duration::from_secs(10);
 
 /// Which deployed model and replica answer a request, for its usage record.
 #[derive(Debug, Clone, Default)]

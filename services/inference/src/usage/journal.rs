@@ -46,16 +46,9 @@ impl Journal {
     /// unsettled; [`Journal::forget_earlier`] once they are billed.
     pub(super) fn open(dir: &Path) -> io::Result<(Self, Vec<Event>)> {
         std::fs::create_dir_all(dir)?;
-        let earlier = segments_in(dir)?;
-        let mut reserved = Vec::new();
-        let mut settled = HashSet::new();
-        for (_, path) in &earlier {
-            read_segment(&std::fs::read(path)?, &mut reserved, &mut settled);
-        }
-        reserved.retain(|event: &Event| !settled.contains(&event.id));
-        let current_seq = earlier.last().map_or(1, |(seq, _)| seq + 1);
-        let mut unsettled: BTreeMap<u64, usize> =
-            earlier.iter().map(|(seq, _)| (*seq, 0)).collect();
+        let (earlier, reserved) = read_unsettled(dir)?;
+        let current_seq = earlier.last().map_or(1, |seq| seq + 1);
+        let mut unsettled: BTreeMap<u64, usize> = earlier.iter().map(|&seq| (seq, 0)).collect();
         unsettled.insert(current_seq, 0);
         let journal = Self {
             dir: dir.to_owned(),
@@ -84,8 +77,10 @@ impl Journal {
 
     /// Writes `event` down as reserved; returns once it is in the file.
     pub(super) fn reserve(&self, event: &Event) -> io::Result<()> {
+        let mut record = Vec::new();
+        push_record(&mut record, RESERVED, &event.encode_to_vec())?;
         let mut segments = self.segments();
-        segments.append(RESERVED, &event.encode_to_vec())?;
+        segments.append(&record)?;
         let seq = segments.current_seq;
         *segments.unsettled.entry(seq).or_default() += 1;
         segments.segment_of.insert(event.id.clone(), seq);
@@ -104,14 +99,15 @@ impl Journal {
             if let Some(n) = segments.unsettled.get_mut(&seq) {
                 *n = n.saturating_sub(1);
             }
-            marks.push(id.to_owned());
+            // An ID is far shorter than the length field's limit.
+            let _ = push_record(&mut marks, SETTLED, id.as_bytes());
         }
-        for id in &marks {
-            if let Err(e) = segments.append(SETTLED, id.as_bytes()) {
-                // The reservation is billed again after a crash: a duplicate the event's ID
-                // lets every consumer drop.
-                tracing::warn!("cannot mark usage settled in the journal: {e}");
-            }
+        // All the marks in one write. Should it fail, the reservations are billed again after
+        // a crash: duplicates the events' IDs let every consumer drop.
+        if !marks.is_empty()
+            && let Err(e) = segments.append(&marks)
+        {
+            tracing::warn!("cannot mark usage settled in the journal: {e}");
         }
         if segments.current_len >= SEGMENT_BYTES {
             let next = segments.current_seq + 1;
@@ -141,27 +137,40 @@ impl Journal {
 }
 
 impl Segments {
-    fn append(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
-        let len = u32::try_from(payload.len()).map_err(io::Error::other)?;
-        let mut record = Vec::with_capacity(5 + payload.len());
-        record.push(kind);
-        record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(payload);
-        // One write: a crash of the process leaves the record whole or absent.
-        self.current.write_all(&record)?;
-        self.current_len += record.len() as u64;
+    /// Appends whole records in one write: a crash of the process leaves them whole or absent.
+    fn append(&mut self, records: &[u8]) -> io::Result<()> {
+        self.current.write_all(records)?;
+        self.current_len += records.len() as u64;
         Ok(())
     }
 }
 
+/// Appends a record of `kind` to `buf`: the kind, the payload's length, the payload.
+fn push_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len()).map_err(io::Error::other)?;
+    buf.push(kind);
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(payload);
+    Ok(())
+}
+
 /// Reservations a journal in `dir` holds unsettled (for an operator's or a test's check).
 pub fn unsettled_in(dir: &Path) -> io::Result<usize> {
+    Ok(read_unsettled(dir)?.1.len())
+}
+
+/// The sequence numbers of the segments in `dir`, and the reservations they hold without a
+/// mark.
+fn read_unsettled(dir: &Path) -> io::Result<(Vec<u64>, Vec<Event>)> {
+    let mut seqs = Vec::new();
     let mut reserved = Vec::new();
     let mut settled = HashSet::new();
-    for (_, path) in segments_in(dir)? {
+    for (seq, path) in segments_in(dir)? {
         read_segment(&std::fs::read(path)?, &mut reserved, &mut settled);
+        seqs.push(seq);
     }
-    Ok(reserved.iter().filter(|e| !settled.contains(&e.id)).count())
+    reserved.retain(|event: &Event| !settled.contains(&event.id));
+    Ok((seqs, reserved))
 }
 
 /// The records of one segment. A torn or unreadable tail (a crash mid-append) ends it.

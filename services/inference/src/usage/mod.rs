@@ -433,10 +433,11 @@ impl Writer {
             }
         }
         self.journal.settle(cancelled.iter().map(String::as_str));
-        if outgoing.is_empty() && confirmed.is_empty() {
+        let records = outgoing.len();
+        outgoing.extend(confirmed);
+        if outgoing.is_empty() {
             return Vec::new();
         }
-        outgoing.extend(confirmed.iter().cloned());
         let written = self
             .outbox
             .publish_all(&self.db, &outgoing)
@@ -445,6 +446,7 @@ impl Writer {
         for ack in record_acks {
             let _ = ack.send(written.clone());
         }
+        let confirmed = outgoing.split_off(records);
         if let Err(e) = &written {
             tracing::error!("cannot write usage to the outbox (tried again in a moment): {e}");
             return confirmed.into_iter().map(Op::Confirm).collect();

@@ -135,15 +135,10 @@ printf "subjectAltName=IP:127.0.0.1,DNS:localhost
 " > san.ext
 openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
   -extfile san.ext -out server.pem"#;
-        let made = std::process::Command::new("bash")
-            .args(["-c", script])
-            .current_dir(dir.path())
-            .output()
-            .expect("openssl runs");
-        assert!(
-            made.status.success(),
-            "{}",
-            String::from_utf8_lossy(&made.stderr)
+        crate::run_ok(
+            std::process::Command::new("bash")
+                .args(["-c", script])
+                .current_dir(dir.path()),
         );
         Self { dir }
     }

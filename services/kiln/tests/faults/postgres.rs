@@ -20,15 +20,10 @@ struct Postgres {
 }
 
 fn as_postgres(args: &[&str]) {
-    let ran = Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .args(args)
-        .output()
-        .expect("runuser runs");
-    assert!(
-        ran.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&ran.stderr)
+    crate::run_ok(
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args),
     );
 }
 
