@@ -31,17 +31,24 @@ impl Args {
 }
 
 /// Runs `main` to completion on a multi-threaded runtime (`worker_threads`: the runtime's
-/// default when None).
-pub fn block_on<F: Future>(worker_threads: Option<usize>, main: F) -> F::Output {
+/// default when None), as a task on its workers like any client of a tokio program: the
+/// thread that calls `block_on` is not one of them, so each answer would otherwise cost a
+/// wake-up across threads that no real client pays (~60 µs of a 0.26 ms empty gRPC call on a
+/// 2-core VM).
+pub fn block_on<F>(worker_threads: Option<usize>, main: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send,
+{
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = worker_threads {
         builder.worker_threads(threads);
     }
-    builder
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(main)
+    builder.enable_all();
+    let runtime = builder.build().expect("runtime");
+    runtime
+        .block_on(runtime.spawn(main))
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
 }
 
 /// The cores this machine offers (0 when unknown), for the header of a report.
