@@ -1,10 +1,11 @@
 //! Text generation on SmolLM2-135M-Instruct through Kiln's gRPC API against llama.cpp on the
-//! same GGUF, in one run: `cargo bench -p kiln-tests --bench llm [-- MAX_TOKENS THREADS]`.
+//! same GGUF, in one run: `cargo bench -p kiln-tests --bench llm [-- MAX_TOKENS THREADS ROUNDS]`.
 //!
 //! Kiln serves the prepared 4-bit graph (`prefer_int4`, the default) on ONNX Runtime with
 //! THREADS intra-op threads; 1, 4 and 16 concurrent greedy chat streams, each asking for
 //! MAX_TOKENS tokens: aggregate decode tokens/s (completion tokens over the wall time of the
-//! whole round) and the median time to the first content chunk. llama.cpp runs through
+//! whole round; the median of ROUNDS rounds, default 3, as one 64-token stream lasts under a
+//! second) and the median time to the first content chunk over all rounds. llama.cpp runs through
 //! llama-cpp-python's batched API (tests/python/llama_baseline.py, requirements-reference.txt)
 //! with THREADS threads: the K prompts prefilled in one batch, then one token of every stream
 //! a step, as its server's slots run. The CPU features its kernels were built with are printed.
@@ -27,6 +28,7 @@ const QUESTIONS: [&str; 4] = [
 fn main() {
     let args = Args::from_env();
     let (max_tokens, threads): (i32, usize) = (args.get(0, 64), args.get(1, 2));
+    let rounds: usize = args.get(2, 3).max(1);
     block_on(None, async move {
         let assets = smollm2_asset_dir();
         let inference = InferenceConfig {
@@ -40,16 +42,21 @@ fn main() {
         first_chat(&ch, QUESTIONS[0], 2, Duration::from_secs(600)).await;
         let mut kiln = Vec::new();
         for streams in [1usize, 4, 16] {
-            let start = Instant::now();
-            let results = futures::future::join_all(
-                (0..streams)
-                    .map(|i| timed_stream(ch.clone(), QUESTIONS[i % QUESTIONS.len()], max_tokens)),
-            )
-            .await;
-            let wall = start.elapsed().as_secs_f64();
-            let tokens: usize = results.iter().map(|r| r.1).sum();
-            let mut ttft: Vec<Duration> = results.iter().map(|r| r.0).collect();
-            kiln.push((streams, tokens as f64 / wall, median(&mut ttft), tokens));
+            let (mut rates, mut ttft, mut tokens) = (Vec::new(), Vec::<Duration>::new(), 0);
+            for _round in 0..rounds {
+                let start = Instant::now();
+                let results =
+                    futures::future::join_all((0..streams).map(|i| {
+                        timed_stream(ch.clone(), QUESTIONS[i % QUESTIONS.len()], max_tokens)
+                    }))
+                    .await;
+                let wall = start.elapsed().as_secs_f64();
+                let round_tokens: usize = results.iter().map(|r| r.1).sum();
+                rates.push(round_tokens as f64 / wall);
+                ttft.extend(results.iter().map(|r| r.0));
+                tokens = round_tokens;
+            }
+            kiln.push((streams, median(&mut rates), median(&mut ttft), tokens));
         }
         mesh.shutdown().await;
 
@@ -57,6 +64,7 @@ fn main() {
             .arg("--gguf", asset(GGUF).display())
             .arg("--threads", threads)
             .arg("--max-tokens", max_tokens)
+            .arg("--rounds", rounds)
             .run()
             .map_err(|e| eprintln!("llama.cpp baseline failed: {e}"))
             .ok();
@@ -67,14 +75,14 @@ fn main() {
             println!("llama.cpp's CPU kernels: {}", features.trim());
         }
         println!(
-            "streams  kiln tok/s  kiln TTFT p50  llama.cpp tok/s  llama.cpp TTFT p50  kiln/llama.cpp"
+            "streams  kiln tok/s  kiln TTFT p50  llama.cpp tok/s  llama.cpp TTFT p50  kiln/llama.cpp  (median of {rounds} rounds)"
         );
         for (streams, rate, ttft, tokens) in kiln {
             let l = llama.as_ref().map(|v| &v["streams"][streams.to_string()]);
             let lrate = l.and_then(|l| l["tokens_per_s"].as_f64());
             let lttft = l.and_then(|l| l["ttft_ms_p50"].as_f64());
             println!(
-                "{streams:>7}  {rate:>10.1}  {:>10.1} ms  {:>15}  {:>15}  {:>14}   ({tokens} tokens)",
+                "{streams:>7}  {rate:>10.1}  {:>10.1} ms  {:>15}  {:>15}  {:>14}   ({tokens} tokens a round)",
                 ms(ttft),
                 lrate.map(|r| format!("{r:.1}")).unwrap_or("-".into()),
                 lttft.map(|t| format!("{t:.1} ms")).unwrap_or("-".into()),
