@@ -2,11 +2,10 @@
 //! count: `cargo bench -p kiln-tests --bench embeddings [-- SECONDS THREADS SAMPLES]`.
 //!
 //! - p50 latency of one 16-token embedding (SAMPLES calls per path, default 1,000), the paths
-//!   taking turns in blocks: the backend
-//!   called directly in this process (tokenize, forward, pool), the engine (plus its batcher
-//!   thread), and `CreateEmbeddings` through gRPC (plus loopback HTTP/2, auth, routing and
-//!   the usage journal's write); the overhead is the median over rounds of each round's
-//!   gRPC p50 over its direct p50, so drift between rounds cancels;
+//!   taking turns in blocks: the backend called directly in this process (tokenize, forward,
+//!   pool), the engine (plus its batcher thread), and `CreateEmbeddings` through gRPC (plus
+//!   loopback HTTP/2, auth, routing and the usage journal's write); the overhead is the median
+//!   over rounds of each round's gRPC p50 over its direct p50, so drift between rounds cancels;
 //! - embeddings/s from 32 concurrent gRPC clients, one input per request, with dynamic
 //!   batching on (32 rows) and off, and on with the threads as instances of one thread
 //!   each; and from 32 tasks calling the engine in process, taking turns with the gRPC
@@ -119,8 +118,9 @@ fn main() {
                 oip(&ch).server_live(live).await.unwrap();
             })
             .await;
-            let grpc_p50 = median(&mut grpc_samples[grpc_from..].to_vec());
-            let direct_p50 = median(&mut direct_samples[direct_from..].to_vec());
+            // Sorting a round's samples in place leaves the pooled p50s below as they are.
+            let grpc_p50 = median(&mut grpc_samples[grpc_from..]);
+            let direct_p50 = median(&mut direct_samples[direct_from..]);
             round_ratios.push(grpc_p50.as_secs_f64() / direct_p50.as_secs_f64());
         }
         let [direct, in_engine, grpc, empty] = samples.map(|mut s| median(&mut s));
