@@ -12,9 +12,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_core::metrics::{
+    self, Family, Histogram, HistogramFamily, Labels, count_histogram, seconds_histogram,
+    short_seconds_histogram,
+};
 use tokio::sync::oneshot;
 
 use crate::backend::{BackendError, Interface, Session, TensorInfo};
@@ -26,6 +30,8 @@ use crate::tensor::Tensor;
 pub type JobResult = Result<Vec<Tensor>, BackendError>;
 
 struct Job {
+    /// When it was queued: its wait until a pass takes it is the batcher's hand-off.
+    queued: Instant,
     inputs: Vec<(String, Tensor)>,
     pad: bool,
     reply: oneshot::Sender<JobResult>,
@@ -45,6 +51,55 @@ impl Stats {
             self.passes.load(Ordering::Relaxed),
             self.jobs.load(Ordering::Relaxed),
         )
+    }
+}
+
+struct Families {
+    queue_wait: HistogramFamily<Labels<1>>,
+    pass: HistogramFamily<Labels<1>>,
+    rows: HistogramFamily<Labels<1>>,
+}
+
+static FAMILIES: LazyLock<Families> = LazyLock::new(|| Families {
+    queue_wait: metrics::register(
+        "kiln_model_queue_wait",
+        "From a job's submission (an embedding input, an OIP inference) to the start of the \
+         forward pass that runs it: the batcher's hand-off plus the wait behind other passes",
+        true,
+        Family::new_with_constructor(short_seconds_histogram),
+    ),
+    pass: metrics::register(
+        "kiln_model_pass_duration",
+        "One forward pass of a batched model (embeddings, OIP tensor models); after a batch \
+         fails, each of its jobs runs again alone, a pass of its own",
+        true,
+        Family::new_with_constructor(seconds_histogram),
+    ),
+    rows: metrics::register(
+        "kiln_model_batch_rows",
+        "Rows in a forward pass of a batched model",
+        false,
+        Family::new_with_constructor(count_histogram),
+    ),
+});
+
+/// One runner's histograms, resolved once.
+#[derive(Clone)]
+struct PassMetrics {
+    queue_wait: Histogram,
+    pass: Histogram,
+    rows: Histogram,
+}
+
+impl PassMetrics {
+    fn of(model: &str) -> Self {
+        let f = &*FAMILIES;
+        let labels = [("model", model.to_owned())];
+        Self {
+            queue_wait: f.queue_wait.get_or_create(&labels).clone(),
+            pass: f.pass.get_or_create(&labels).clone(),
+            rows: f.rows.get_or_create(&labels).clone(),
+        }
     }
 }
 
@@ -93,19 +148,27 @@ impl Runner {
         let shared = Arc::new(Mutex::new(Queue { jobs, next: None }));
         let delay = batching.max_queue_delay;
         let stats = Arc::new(Stats::default());
+        let pass_metrics = PassMetrics::of(name);
         let short = name.rsplit('/').next().unwrap_or(name);
         let count = sessions.len();
         for (i, session) in sessions.into_iter().enumerate() {
             let shared = shared.clone();
             let counters = stats.clone();
+            let pass_metrics = pass_metrics.clone();
             let thread = if count == 1 {
                 format!("kiln-model-{short}")
             } else {
                 format!("kiln-model-{short}-{i}")
             };
-            std::thread::Builder::new()
-                .name(thread)
-                .spawn(move || run(session, &shared, max_rows, delay, &counters))?;
+            std::thread::Builder::new().name(thread).spawn(move || {
+                run(
+                    session,
+                    &shared,
+                    max_rows,
+                    delay,
+                    (&counters, &pass_metrics),
+                )
+            })?;
         }
         Ok(Self {
             queue,
@@ -135,7 +198,13 @@ impl Runner {
         pad: bool,
     ) -> Result<JobResult, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        match self.queue.try_send(Job { inputs, pad, reply }) {
+        let job = Job {
+            queued: Instant::now(),
+            inputs,
+            pad,
+            reply,
+        };
+        match self.queue.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(SubmitError::Full),
             Err(TrySendError::Disconnected(_)) => return Err(SubmitError::Stopped),
@@ -156,7 +225,7 @@ fn run(
     queue: &Mutex<Queue>,
     max_rows: usize,
     delay: Duration,
-    stats: &Stats,
+    (stats, metrics): (&Stats, &PassMetrics),
 ) {
     loop {
         // Only the gathering holds the lock: another instance runs its pass meanwhile.
@@ -171,7 +240,16 @@ fn run(
         };
         stats.passes.fetch_add(1, Ordering::Relaxed);
         stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        run_batch(session.as_mut(), batch);
+        let started = Instant::now();
+        let mut rows = 0;
+        for job in &batch {
+            metrics
+                .queue_wait
+                .observe(started.duration_since(job.queued).as_secs_f64());
+            rows += rows_of(job);
+        }
+        metrics.rows.observe(rows as f64);
+        run_batch(session.as_mut(), batch, &metrics.pass);
     }
 }
 
@@ -268,10 +346,22 @@ fn guarded_run(session: &mut dyn Session, inputs: Vec<(String, Tensor)>) -> JobR
     )
 }
 
-fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>) {
+/// [`guarded_run`], timed into `pass` before anyone gets its answer.
+fn timed_run(
+    session: &mut dyn Session,
+    inputs: Vec<(String, Tensor)>,
+    pass: &Histogram,
+) -> JobResult {
+    let started = Instant::now();
+    let result = guarded_run(session, inputs);
+    pass.observe(started.elapsed().as_secs_f64());
+    result
+}
+
+fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>, pass: &Histogram) {
     if batch.len() == 1 {
         let job = batch.pop().expect("one job");
-        let _ = job.reply.send(guarded_run(session, job.inputs));
+        let _ = job.reply.send(timed_run(session, job.inputs, pass));
         return;
     }
     let names: Vec<String> = batch[0].inputs.iter().map(|(n, _)| n.clone()).collect();
@@ -283,7 +373,7 @@ fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>) {
             (name.clone(), Tensor::concat_padded(&parts))
         })
         .collect();
-    match guarded_run(session, merged) {
+    match timed_run(session, merged, pass) {
         Ok(outputs) => {
             let mut at = 0;
             for job in batch {
@@ -300,7 +390,7 @@ fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>) {
         // again alone and gets its own answer.
         Err(_) => {
             for job in batch {
-                let _ = job.reply.send(guarded_run(session, job.inputs));
+                let _ = job.reply.send(timed_run(session, job.inputs, pass));
             }
         }
     }
@@ -387,6 +477,38 @@ mod tests {
             batches.len() < 8,
             "some jobs must have shared a pass: {batches:?}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_pass_is_timed_with_its_rows_and_its_jobs_waits() {
+        let session = RowSum {
+            interface: x_in_and_out(vec![-1, -1]),
+            batches: Default::default(),
+        };
+        let name = "accounts/test/models/runner-metrics";
+        let runner = Runner::start(name, vec![Box::new(session)], Batching::default(), 8).unwrap();
+        for rows in [1, 3] {
+            let x = Tensor::new(vec![rows, 2], TensorData::I64(vec![1; rows * 2])).unwrap();
+            runner
+                .submit(vec![("x".into(), x)], false)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let text = kiln_core::metrics::render();
+        let value = |series: &str| {
+            let line = format!("{series}{{model=\"{name}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .unwrap_or_else(|| panic!("no {series} for the model in:\n{text}"))
+                .parse::<f64>()
+                .unwrap()
+        };
+        assert_eq!(value("kiln_model_pass_duration_seconds_count"), 2.0);
+        assert!(value("kiln_model_pass_duration_seconds_sum") > 0.0);
+        assert_eq!(value("kiln_model_queue_wait_seconds_count"), 2.0);
+        assert_eq!(value("kiln_model_batch_rows_count"), 2.0);
+        assert_eq!(value("kiln_model_batch_rows_sum"), 4.0);
     }
 
     /// A graph that takes a while and counts how many passes run at once.

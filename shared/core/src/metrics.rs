@@ -48,6 +48,11 @@ pub fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 17))
 }
 
+/// A histogram of short waits, from 25 µs to ~0.8 s (a thread hand-off is tens of µs).
+pub fn short_seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000025, 2.0, 16))
+}
+
 /// A histogram of sizes or counts from 1 to 32,768.
 pub fn count_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 16))
