@@ -160,15 +160,9 @@ impl Runner {
             } else {
                 format!("kiln-model-{short}-{i}")
             };
-            std::thread::Builder::new().name(thread).spawn(move || {
-                run(
-                    session,
-                    &shared,
-                    max_rows,
-                    delay,
-                    (&counters, &pass_metrics),
-                )
-            })?;
+            std::thread::Builder::new()
+                .name(thread)
+                .spawn(move || run(session, &shared, max_rows, delay, &counters, &pass_metrics))?;
         }
         Ok(Self {
             queue,
@@ -225,7 +219,8 @@ fn run(
     queue: &Mutex<Queue>,
     max_rows: usize,
     delay: Duration,
-    (stats, metrics): (&Stats, &PassMetrics),
+    stats: &Stats,
+    metrics: &PassMetrics,
 ) {
     loop {
         // Only the gathering holds the lock: another instance runs its pass meanwhile.
