@@ -3,6 +3,7 @@
 //! vectors over the attention mask and L2-normalise.
 
 use crate::engine::{LoadedModel, Task};
+use crate::runner::Dispatch;
 use crate::tensor::{Tensor, TensorData};
 use kiln_core::Error;
 use kiln_core::Result;
@@ -92,6 +93,12 @@ pub async fn embed(model: &LoadedModel, sequences: Vec<Vec<u32>>) -> Result<Vec<
         .ok_or_else(|| {
             Error::FailedPrecondition(format!("{} has no embedding output", model.name))
         })?;
+    // A lone input may run on this thread; several go through the queue to share a pass.
+    let dispatch = if sequences.len() == 1 {
+        Dispatch::Alone
+    } else {
+        Dispatch::Queue
+    };
     let jobs = sequences.into_iter().map(|ids| {
         let n = ids.len();
         let mut inputs = vec![
@@ -120,7 +127,7 @@ pub async fn embed(model: &LoadedModel, sequences: Vec<Vec<u32>>) -> Result<Vec<
             ));
         }
         async move {
-            let outputs = model.run(inputs, true).await?;
+            let outputs = model.run(inputs, true, dispatch).await?;
             Ok::<_, kiln_core::Error>(Embedded {
                 vector: pool(&outputs[output], n)?,
             })

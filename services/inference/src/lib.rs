@@ -30,6 +30,7 @@ use kiln_events::host::Host;
 use kiln_proto::common::v1::AcceleratorType;
 
 pub use kiln_core::{Error, Result};
+pub use runner::Dispatch;
 pub use service::Inference;
 
 /// The service name: its database and its outbox rows.

@@ -13,6 +13,7 @@ use tonic::{Request, Response};
 use crate::backend::TensorInfo;
 use crate::engine::LoadedModel;
 use crate::router::{Target, forward, peer_status};
+use crate::runner::Dispatch;
 use crate::service::{Inference, Reply, caller};
 use crate::tensor::{DataType, Tensor, TensorData};
 use crate::usage::Usage;
@@ -50,7 +51,7 @@ impl Inference {
                 ..Default::default()
             },
         )?;
-        let outputs = model.run(inputs, false).await?;
+        let outputs = model.run(inputs, false, Dispatch::Alone).await?;
         let mut response = ModelInferResponse {
             model_name: request.model_name.clone(),
             model_version: VERSION.into(),

@@ -1,7 +1,16 @@
-//! Dynamic batching: one thread per loaded copy of a model (an instance) owns its backend
-//! session and runs the requests queued for the model, gathering those that arrive close
-//! together into one forward pass. Instances share one queue: while one runs a pass, the
-//! next gathers the requests behind it, so the cores stay busy between passes.
+//! Dynamic batching: one thread per loaded copy of a model (an instance) runs the requests
+//! queued for the model, gathering those that arrive close together into one forward pass.
+//! Instances share one queue: while one runs a pass, the next gathers the requests behind it,
+//! so the cores stay busy between passes.
+//!
+//! A small job that is its request's only one, and finds nothing queued and the model idle,
+//! runs its pass on the calling thread instead: the two thread hand-offs it skips (to the
+//! model's thread and back, each waking a sleeping thread) took 80 us on a 2-core VM, a sixth
+//! of what gRPC added to a 16-token embedding. The pass holds that async worker for a few milliseconds, as the
+//! model's thread would hold a core; a bigger job, whose pass dwarfs the hand-offs, goes to
+//! the model's thread so that no worker stalls for long, and so does every job on a runtime
+//! with a single worker, of a model with several instances (they are for passes side by side
+//! on their threads), or with a `max_queue_delay` (which asks each job to wait for company).
 //!
 //! A batch starts with the oldest waiting job and takes the jobs behind it, in order, while
 //! they fit (same inputs, at most `max_batch_size` rows) and the first has waited less than
@@ -10,15 +19,16 @@
 //! shorter ones are padded with zeros, which the mask ignores. A job that does not allow it
 //! (an Open Inference Protocol tensor) only joins jobs of exactly its shapes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use kiln_core::metrics::{
     self, Family, Histogram, HistogramFamily, Labels, count_histogram, seconds_histogram,
     short_seconds_histogram,
 };
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::oneshot;
 
 use crate::backend::{BackendError, Interface, Session, TensorInfo};
@@ -34,7 +44,8 @@ struct Job {
     queued: Instant,
     inputs: Vec<(String, Tensor)>,
     pad: bool,
-    reply: oneshot::Sender<JobResult>,
+    /// None for a job its caller runs itself: its answer is returned, not sent.
+    reply: Option<oneshot::Sender<JobResult>>,
 }
 
 /// Counters of a runner: forward passes and the jobs they answered.
@@ -64,7 +75,8 @@ static FAMILIES: LazyLock<Families> = LazyLock::new(|| Families {
     queue_wait: metrics::register(
         "kiln_model_queue_wait",
         "From a job's submission (an embedding input, an OIP inference) to the start of the \
-         forward pass that runs it: the batcher's hand-off plus the wait behind other passes",
+         forward pass that runs it: the batcher's hand-off plus the wait behind other passes \
+         (near zero for a small lone job run on its caller's thread)",
         true,
         Family::new_with_constructor(short_seconds_histogram),
     ),
@@ -112,12 +124,27 @@ pub enum SubmitError {
     Stopped,
 }
 
-/// A loaded model's queue and thread. Dropping it lets the thread finish what is queued and
-/// stop.
+/// A loaded model's queue and threads. Dropping it lets the threads finish what is queued
+/// and stop.
 pub struct Runner {
     queue: SyncSender<Job>,
-    stats: Arc<Stats>,
+    shared: Arc<Shared>,
     interface: Interface,
+    delay: Duration,
+}
+
+/// What a runner's callers and its threads share.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Jobs submitted and not yet taken into a batch: a caller runs its own job only when
+    /// none wait, so it never overtakes them.
+    waiting: AtomicUsize,
+    /// One per instance; a thread or an inline caller holds one for the length of a pass.
+    sessions: Vec<Mutex<Box<dyn Session>>>,
+    max_rows: usize,
+    delay: Duration,
+    stats: Stats,
+    metrics: PassMetrics,
 }
 
 impl Runner {
@@ -145,29 +172,33 @@ impl Runner {
             1
         };
         let (queue, jobs) = sync_channel(queue_capacity);
-        let shared = Arc::new(Mutex::new(Queue { jobs, next: None }));
-        let delay = batching.max_queue_delay;
-        let stats = Arc::new(Stats::default());
-        let pass_metrics = PassMetrics::of(name);
-        let short = name.rsplit('/').next().unwrap_or(name);
         let count = sessions.len();
-        for (i, session) in sessions.into_iter().enumerate() {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue { jobs, next: None }),
+            waiting: AtomicUsize::new(0),
+            sessions: sessions.into_iter().map(Mutex::new).collect(),
+            max_rows,
+            delay: batching.max_queue_delay,
+            stats: Stats::default(),
+            metrics: PassMetrics::of(name),
+        });
+        let short = name.rsplit('/').next().unwrap_or(name);
+        for instance in 0..count {
             let shared = shared.clone();
-            let counters = stats.clone();
-            let pass_metrics = pass_metrics.clone();
             let thread = if count == 1 {
                 format!("kiln-model-{short}")
             } else {
-                format!("kiln-model-{short}-{i}")
+                format!("kiln-model-{short}-{instance}")
             };
             std::thread::Builder::new()
                 .name(thread)
-                .spawn(move || run(session, &shared, max_rows, delay, &counters, &pass_metrics))?;
+                .spawn(move || run(&shared, instance))?;
         }
         Ok(Self {
             queue,
-            stats,
+            shared,
             interface,
+            delay: batching.max_queue_delay,
         })
     }
 
@@ -176,35 +207,111 @@ impl Runner {
     }
 
     pub fn stats(&self) -> &Stats {
-        &self.stats
+        &self.shared.stats
     }
 
     pub fn outputs(&self) -> &[TensorInfo] {
         &self.interface.outputs
     }
 
-    /// Queues a job (inputs with their batch rows first) and waits for its outputs. `pad`:
-    /// it may be padded to share a batch with longer sequences (its output rows then have
-    /// the batch's length).
+    /// Runs a job (inputs with their batch rows first) and waits for its outputs: on this
+    /// thread if `dispatch` and the model allow it (see the module's notes), else through the
+    /// queue. `pad`: it may be padded to share a batch with longer sequences (its output rows
+    /// then have the batch's length).
     pub async fn submit(
         &self,
         inputs: Vec<(String, Tensor)>,
         pad: bool,
+        dispatch: Dispatch,
     ) -> Result<JobResult, SubmitError> {
-        let (reply, answer) = oneshot::channel();
         let job = Job {
             queued: Instant::now(),
             inputs,
             pad,
-            reply,
+            reply: None,
         };
-        match self.queue.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(SubmitError::Full),
-            Err(TrySendError::Disconnected(_)) => return Err(SubmitError::Stopped),
+        let values = job.inputs.first().map_or(0, |(_, t)| t.data.len());
+        let workers = Handle::try_current()
+            .ok()
+            .filter(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
+            .map(|h| h.metrics().num_workers());
+        let instances = self.shared.sessions.len();
+        let job = if runs_here(dispatch, values, self.delay, instances, workers) {
+            match self.run_here(job) {
+                Ok(answer) => return Ok(answer),
+                Err(job) => job,
+            }
+        } else {
+            job
+        };
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            reply: Some(reply),
+            ..job
+        };
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        if let Err(e) = self.queue.try_send(job) {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(match e {
+                TrySendError::Full(_) => SubmitError::Full,
+                TrySendError::Disconnected(_) => SubmitError::Stopped,
+            });
         }
         answer.await.map_err(|_| SubmitError::Stopped)
     }
+
+    /// Runs `job` on this thread if nothing waits and the instance is idle; gives it back
+    /// otherwise.
+    fn run_here(&self, job: Job) -> Result<JobResult, Job> {
+        let shared = &*self.shared;
+        if shared.waiting.load(Ordering::SeqCst) != 0 {
+            return Err(job);
+        }
+        let mut session = match shared.sessions[0].try_lock() {
+            Ok(session) => session,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Err(job),
+        };
+        // A job queued meanwhile goes first: its thread is about to take the instance.
+        if shared.waiting.load(Ordering::SeqCst) != 0 {
+            return Err(job);
+        }
+        let answer = shared.pass(session.as_mut(), vec![job]);
+        Ok(answer.expect("a job without a reply channel gets its answer back"))
+    }
+}
+
+/// How a job may reach a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatch {
+    /// Through the queue: one of several jobs of a request, which share a pass there.
+    Queue,
+    /// On the caller's thread when the runner allows it: a request's only job.
+    Alone,
+}
+
+/// The most values (of a job's first input) a job run on the caller's thread may hold: a
+/// 32-token embedding input. The passes of bigger jobs dwarf the hand-offs to the model's
+/// thread and would hold an async worker for longer.
+const MAX_VALUES_HERE: usize = 32;
+
+/// Whether a job of `values` may run on its caller's thread, for a runner of `instances`
+/// on a runtime of `workers` async workers (None: not a multi-threaded runtime). One
+/// instance: its session's lock then lets one pass at a time hold a worker, never all of
+/// them (several instances are for passes side by side on the model's threads). The runner
+/// still checks that nothing waits and the instance is idle.
+fn runs_here(
+    dispatch: Dispatch,
+    values: usize,
+    delay: Duration,
+    instances: usize,
+    workers: Option<usize>,
+) -> bool {
+    dispatch == Dispatch::Alone
+        && values <= MAX_VALUES_HERE
+        && delay.is_zero()
+        && instances == 1
+        && workers.is_some_and(|w| w >= 2)
 }
 
 /// The jobs waiting for a model, and the one that did not fit the last batch (it starts
@@ -214,46 +321,63 @@ struct Queue {
     next: Option<Job>,
 }
 
-fn run(
-    mut session: Box<dyn Session>,
-    queue: &Mutex<Queue>,
-    max_rows: usize,
-    delay: Duration,
-    stats: &Stats,
-    metrics: &PassMetrics,
-) {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An instance's thread: waits for a job, takes its session (after an inline pass holding
+/// it, if any), gathers the batch and runs it.
+fn run(shared: &Shared, instance: usize) {
     loop {
-        // Only the gathering holds the lock: another instance runs its pass meanwhile.
-        let batch = {
-            let mut queue = queue
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            match gather(&mut queue, max_rows, delay) {
-                Some(batch) => batch,
-                None => return,
+        // Waiting holds only the queue: a caller may run its own job on the idle session.
+        {
+            let mut queue = lock(&shared.queue);
+            if queue.next.is_none() {
+                match queue.jobs.recv() {
+                    Ok(job) => queue.next = Some(job),
+                    Err(_) => return,
+                }
             }
-        };
-        stats.passes.fetch_add(1, Ordering::Relaxed);
-        stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        let mut session = lock(&shared.sessions[instance]);
+        // Only the gathering holds the queue: another instance runs its pass meanwhile.
+        let batch = gather(&mut lock(&shared.queue), shared.max_rows, shared.delay);
+        if let Some(batch) = batch {
+            shared.waiting.fetch_sub(batch.len(), Ordering::SeqCst);
+            shared.pass(session.as_mut(), batch);
+        }
+    }
+}
+
+impl Shared {
+    /// Runs a batch with its counts and timings. Returns the answer of a lone job that has
+    /// no reply channel (an inline caller's).
+    fn pass(&self, session: &mut dyn Session, batch: Vec<Job>) -> Option<JobResult> {
+        self.stats.passes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .jobs
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let started = Instant::now();
         let mut rows = 0;
         for job in &batch {
-            metrics
+            self.metrics
                 .queue_wait
                 .observe(started.duration_since(job.queued).as_secs_f64());
             rows += rows_of(job);
         }
-        metrics.rows.observe(rows as f64);
-        run_batch(session.as_mut(), batch, &metrics.pass);
+        self.metrics.rows.observe(rows as f64);
+        run_batch(session, batch, &self.metrics.pass)
     }
 }
 
-/// The next batch: the oldest job and those behind it that fit. None: the runner is dropped
-/// and nothing is left.
+/// The next batch: the oldest job and those behind it that fit. None: another instance took
+/// the jobs.
 fn gather(queue: &mut Queue, max_rows: usize, delay: Duration) -> Option<Vec<Job>> {
     let first = match queue.next.take() {
         Some(job) => job,
-        None => queue.jobs.recv().ok()?,
+        None => queue.jobs.try_recv().ok()?,
     };
     let started = Instant::now();
     let mut rows = rows_of(&first);
@@ -353,11 +477,26 @@ fn timed_run(
     result
 }
 
-fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>, pass: &Histogram) {
+/// Gives `result` to the job's caller: through its reply channel, or back to an inline caller.
+fn answer(reply: Option<oneshot::Sender<JobResult>>, result: JobResult) -> Option<JobResult> {
+    match reply {
+        Some(reply) => {
+            let _ = reply.send(result);
+            None
+        }
+        None => Some(result),
+    }
+}
+
+/// Runs a batch and answers its jobs; returns the answer of a job without a reply channel.
+fn run_batch(
+    session: &mut dyn Session,
+    mut batch: Vec<Job>,
+    pass: &Histogram,
+) -> Option<JobResult> {
     if batch.len() == 1 {
         let job = batch.pop().expect("one job");
-        let _ = job.reply.send(timed_run(session, job.inputs, pass));
-        return;
+        return answer(job.reply, timed_run(session, job.inputs, pass));
     }
     let names: Vec<String> = batch[0].inputs.iter().map(|(n, _)| n.clone()).collect();
     let merged: Vec<(String, Tensor)> = names
@@ -368,6 +507,7 @@ fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>, pass: &Histogram) {
             (name.clone(), Tensor::concat_padded(&parts))
         })
         .collect();
+    let mut kept = None;
     match timed_run(session, merged, pass) {
         Ok(outputs) => {
             let mut at = 0;
@@ -378,195 +518,19 @@ fn run_batch(session: &mut dyn Session, mut batch: Vec<Job>, pass: &Histogram) {
                     .map(|out| out.slice_rows(at..at + rows, &out.shape[1..]))
                     .collect();
                 at += rows;
-                let _ = job.reply.send(Ok(mine));
+                kept = kept.or(answer(job.reply, Ok(mine)));
             }
         }
         // One bad job (an out-of-range token id, say) must not fail the others: each runs
         // again alone and gets its own answer.
         Err(_) => {
             for job in batch {
-                let _ = job.reply.send(timed_run(session, job.inputs, pass));
+                kept = kept.or(answer(job.reply, timed_run(session, job.inputs, pass)));
             }
         }
     }
+    kept
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::tensor::{DataType, TensorData};
-
-    /// A graph whose one input and one output are an int64 tensor `x` of `shape`.
-    fn x_in_and_out(shape: Vec<i64>) -> Interface {
-        let x = TensorInfo {
-            name: "x".into(),
-            dtype: DataType::I64,
-            shape,
-        };
-        Interface {
-            inputs: vec![x.clone()],
-            outputs: vec![x],
-        }
-    }
-
-    /// A graph that returns, per row, the sum of its input row and the batch size it ran in.
-    struct RowSum {
-        interface: Interface,
-        batches: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
-    }
-
-    impl Session for RowSum {
-        fn interface(&self) -> &Interface {
-            &self.interface
-        }
-        fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
-            let x = &inputs[0].1;
-            let TensorData::I64(v) = &x.data else {
-                unreachable!()
-            };
-            let width = x.shape[1];
-            self.batches.lock().unwrap().push(x.rows());
-            let sums = v.chunks(width).map(|r| r.iter().sum()).collect();
-            Ok(vec![
-                Tensor::new(vec![x.rows(), 1], TensorData::I64(sums)).unwrap(),
-            ])
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_jobs_share_a_pass_and_get_their_own_rows() {
-        let batches = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let session = RowSum {
-            interface: x_in_and_out(vec![-1, -1]),
-            batches: batches.clone(),
-        };
-        let batching = Batching {
-            max_batch_size: 8,
-            max_queue_delay: Duration::from_millis(50),
-            ..Default::default()
-        };
-        let runner =
-            std::sync::Arc::new(Runner::start("m", vec![Box::new(session)], batching, 64).unwrap());
-        let mut tasks = Vec::new();
-        for i in 0..8i64 {
-            let runner = runner.clone();
-            tasks.push(tokio::spawn(async move {
-                let len = (i as usize % 3) + 1;
-                let row: Vec<i64> = (0..len as i64).map(|k| i * 10 + k).collect();
-                let want: i64 = row.iter().sum();
-                let x = Tensor::new(vec![1, len], TensorData::I64(row)).unwrap();
-                let out = runner
-                    .submit(vec![("x".into(), x)], true)
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert_eq!(out[0].data, TensorData::I64(vec![want]));
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let batches = batches.lock().unwrap();
-        assert_eq!(batches.iter().sum::<usize>(), 8);
-        assert!(
-            batches.len() < 8,
-            "some jobs must have shared a pass: {batches:?}"
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn each_pass_is_timed_with_its_rows_and_its_jobs_waits() {
-        let session = RowSum {
-            interface: x_in_and_out(vec![-1, -1]),
-            batches: Default::default(),
-        };
-        let name = "accounts/test/models/runner-metrics";
-        let runner = Runner::start(name, vec![Box::new(session)], Batching::default(), 8).unwrap();
-        for rows in [1, 3] {
-            let x = Tensor::new(vec![rows, 2], TensorData::I64(vec![1; rows * 2])).unwrap();
-            runner
-                .submit(vec![("x".into(), x)], false)
-                .await
-                .unwrap()
-                .unwrap();
-        }
-        let text = kiln_core::metrics::render();
-        let value = |series: &str| {
-            let line = format!("{series}{{model=\"{name}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(line.as_str()))
-                .unwrap_or_else(|| panic!("no {series} for the model in:\n{text}"))
-                .parse::<f64>()
-                .unwrap()
-        };
-        assert_eq!(value("kiln_model_pass_duration_seconds_count"), 2.0);
-        assert!(value("kiln_model_pass_duration_seconds_sum") > 0.0);
-        assert_eq!(value("kiln_model_queue_wait_seconds_count"), 2.0);
-        assert_eq!(value("kiln_model_batch_rows_count"), 2.0);
-        assert_eq!(value("kiln_model_batch_rows_sum"), 4.0);
-    }
-
-    /// A graph that takes a while and counts how many passes run at once.
-    struct Slow {
-        interface: Interface,
-        running: Arc<std::sync::atomic::AtomicUsize>,
-        most: Arc<std::sync::atomic::AtomicUsize>,
-    }
-
-    impl Session for Slow {
-        fn interface(&self) -> &Interface {
-            &self.interface
-        }
-        fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, BackendError> {
-            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-            self.most.fetch_max(now, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(50));
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            Ok(inputs.into_iter().map(|(_, t)| t).collect())
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn instances_run_passes_side_by_side() {
-        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let sessions: Vec<Box<dyn Session>> = (0..2)
-            .map(|_| {
-                Box::new(Slow {
-                    interface: x_in_and_out(vec![-1, 1]),
-                    running: running.clone(),
-                    most: most.clone(),
-                }) as Box<dyn Session>
-            })
-            .collect();
-        let batching = Batching {
-            max_batch_size: 1,
-            instances: 2,
-            ..Default::default()
-        };
-        let runner = Arc::new(Runner::start("m", sessions, batching, 64).unwrap());
-        let tasks: Vec<_> = (0..4i64)
-            .map(|i| {
-                let runner = runner.clone();
-                tokio::spawn(async move {
-                    let x = Tensor::new(vec![1, 1], TensorData::I64(vec![i])).unwrap();
-                    let out = runner
-                        .submit(vec![("x".into(), x)], false)
-                        .await
-                        .unwrap()
-                        .unwrap();
-                    assert_eq!(
-                        out[0].data,
-                        TensorData::I64(vec![i]),
-                        "job {i}'s own answer"
-                    );
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-        assert_eq!(runner.stats().get(), (4, 4));
-        assert_eq!(most.load(Ordering::SeqCst), 2, "two passes ran at once");
-    }
-}
+mod tests;

@@ -20,7 +20,7 @@ use crate::backend::{Backends, Device, LoadOptions, TensorInfo};
 use crate::bundle::{Bundle, BundleCache};
 use crate::config::InferenceConfig;
 use crate::generation::llm::{Llm, LlmShape, LoraOptions};
-use crate::runner::{Runner, SubmitError};
+use crate::runner::{Dispatch, Runner, SubmitError};
 use crate::source::ModelSource;
 use crate::tensor::Tensor;
 use addons::AdapterCache;
@@ -109,9 +109,14 @@ impl LoadedModel {
         }
     }
 
-    /// Runs one job through the batcher (`pad`: see [`Runner::submit`]).
-    pub async fn run(&self, inputs: Vec<(String, Tensor)>, pad: bool) -> Result<Vec<Tensor>> {
-        match self.runner()?.submit(inputs, pad).await {
+    /// Runs one job through the batcher (`pad`, `dispatch`: see [`Runner::submit`]).
+    pub async fn run(
+        &self,
+        inputs: Vec<(String, Tensor)>,
+        pad: bool,
+        dispatch: Dispatch,
+    ) -> Result<Vec<Tensor>> {
+        match self.runner()?.submit(inputs, pad, dispatch).await {
             Ok(outputs) => Ok(outputs?),
             Err(SubmitError::Full) => Err(Error::Unavailable(format!(
                 "{} has too many requests waiting; retry shortly",
