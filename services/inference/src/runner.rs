@@ -6,11 +6,12 @@
 //! A small job that is its request's only one, and finds nothing queued and the model idle,
 //! runs its pass on the calling thread instead: the two thread hand-offs it skips (to the
 //! model's thread and back, each waking a sleeping thread) took 80 us on a 2-core VM, a sixth
-//! of what gRPC added to a 16-token embedding. The pass holds that async worker for a few milliseconds, as the
-//! model's thread would hold a core; a bigger job, whose pass dwarfs the hand-offs, goes to
-//! the model's thread so that no worker stalls for long, and so does every job on a runtime
-//! with a single worker, of a model with several instances (they are for passes side by side
-//! on their threads), or with a `max_queue_delay` (which asks each job to wait for company).
+//! of what gRPC added to a 16-token embedding. The pass holds that async worker for a few
+//! milliseconds, as the model's thread would hold a core; a bigger job, whose pass dwarfs the
+//! hand-offs, goes to the model's thread so that no worker stalls for long, and so does every
+//! job on a runtime with a single worker, of a model with several instances (they are for
+//! passes side by side on their threads), or with a `max_queue_delay` (which asks each job to
+//! wait for company).
 //!
 //! A batch starts with the oldest waiting job and takes the jobs behind it, in order, while
 //! they fit (same inputs, at most `max_batch_size` rows) and the first has waited less than
@@ -130,7 +131,6 @@ pub struct Runner {
     queue: SyncSender<Job>,
     shared: Arc<Shared>,
     interface: Interface,
-    delay: Duration,
 }
 
 /// What a runner's callers and its threads share.
@@ -198,7 +198,6 @@ impl Runner {
             queue,
             shared,
             interface,
-            delay: batching.max_queue_delay,
         })
     }
 
@@ -235,8 +234,9 @@ impl Runner {
             .ok()
             .filter(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
             .map(|h| h.metrics().num_workers());
-        let instances = self.shared.sessions.len();
-        let job = if runs_here(dispatch, values, self.delay, instances, workers) {
+        let shared = &*self.shared;
+        let instances = shared.sessions.len();
+        let job = if runs_here(dispatch, values, shared.delay, instances, workers) {
             match self.run_here(job) {
                 Ok(answer) => return Ok(answer),
                 Err(job) => job,
@@ -249,9 +249,9 @@ impl Runner {
             reply: Some(reply),
             ..job
         };
-        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        shared.waiting.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = self.queue.try_send(job) {
-            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(match e {
                 TrySendError::Full(_) => SubmitError::Full,
                 TrySendError::Disconnected(_) => SubmitError::Stopped,
