@@ -6,10 +6,13 @@
 //!   pool), the engine (plus its batcher thread), and `CreateEmbeddings` through gRPC (plus
 //!   loopback HTTP/2, auth, routing and the usage journal's write); the overhead is the median
 //!   over rounds of each round's gRPC p50 over its direct p50, so drift between rounds cancels;
+//!   and an authenticated call that does nothing, in a tight loop and right after a direct
+//!   pass (the transport's floor: every embeddings call meets parked workers and cold caches);
 //! - embeddings/s from 32 concurrent gRPC clients, one input per request, with dynamic
 //!   batching on (32 rows) and off, and on with the threads as instances of one thread
 //!   each; and from 32 tasks calling the engine in process, taking turns with the gRPC
-//!   clients (batching on) in one-second runs;
+//!   clients (batching on) in one-second runs, with the rows per pass of each (the gRPC
+//!   side's from the mesh's `kiln_model_batch_rows` metric);
 //! - the `onnxruntime` Python package on the same files and thread count, batches of 32
 //!   (tests/python/ort_baseline.py).
 
@@ -97,6 +100,7 @@ fn main() {
         let [direct_samples, engine_samples, grpc_samples, empty_samples] = &mut samples;
         // Each round's gRPC p50 over its direct p50.
         let mut round_ratios = Vec::new();
+        let mut after_pass = Vec::new();
         for _round in 0..samples_per_path.div_ceil(BLOCK) {
             let (direct_from, grpc_from) = (direct_samples.len(), grpc_samples.len());
             timed_block(direct_samples, WARM, BLOCK, || {
@@ -118,6 +122,17 @@ fn main() {
                 oip(&ch).server_live(live).await.unwrap();
             })
             .await;
+            // The same empty call right after a forward pass, as every embeddings call
+            // comes: the workers parked and the caches cold, the transport's floor here.
+            for i in 0..WARM + BLOCK {
+                direct();
+                let started = std::time::Instant::now();
+                let live = kiln_proto::inference::ServerLiveRequest {};
+                oip(&ch).server_live(live).await.unwrap();
+                if i >= WARM {
+                    after_pass.push(started.elapsed());
+                }
+            }
             // Sorting a round's samples in place leaves the pooled p50s below as they are.
             let grpc_p50 = median(&mut grpc_samples[grpc_from..]);
             let direct_p50 = median(&mut direct_samples[direct_from..]);
@@ -150,10 +165,14 @@ fn main() {
         };
         let before = model.runner().unwrap().stats().get();
         let (mut engine_batched, mut batched) = (0.0, 0.0);
+        let grpc_before = batch_rows(&batched_mesh).await;
         for _turn in 0..seconds {
             engine_batched += measure(1, 32, in_process()).await / seconds as f64;
             batched += measure(1, 32, calls(ch.clone())).await / seconds as f64;
         }
+        let grpc_after = batch_rows(&batched_mesh).await;
+        let grpc_rows_per_pass =
+            (grpc_after.0 - grpc_before.0) / (grpc_after.1 - grpc_before.1).max(1.0);
         let after = model.runner().unwrap().stats().get();
         let engine_rows_per_pass = (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64;
         drop(model);
@@ -205,6 +224,10 @@ fn main() {
         println!("  engine (batcher) in process  {:>8.3} ms", ms(in_engine));
         println!("  CreateEmbeddings over gRPC   {:>8.3} ms", ms(grpc));
         println!("  (an empty authenticated call {:>8.3} ms)", ms(empty));
+        println!(
+            "  (the same after a pass       {:>8.3} ms)",
+            ms(median(&mut after_pass))
+        );
         println!("  python onnxruntime           {:>8.3} ms", python_p50);
         println!(
             "  gRPC overhead over the direct call: {:.1}% (aim < 10%; median of {} rounds' ratios, the p50s above give {:.1}%)",
@@ -217,7 +240,7 @@ fn main() {
             "  engine in process, batching  {engine_batched:>8.0}  ({engine_rows_per_pass:.1} rows per pass)"
         );
         println!(
-            "  gRPC, batching on (32)       {batched:>8.0}  ({:.2} of the engine; aim >= 0.9)",
+            "  gRPC, batching on (32)       {batched:>8.0}  ({:.2} of the engine; aim >= 0.9; {grpc_rows_per_pass:.1} rows per pass)",
             batched / engine_batched
         );
         println!("  gRPC, batching off           {unbatched:>8.0}");
@@ -230,4 +253,20 @@ fn main() {
             batched / unbatched
         );
     });
+}
+
+/// The rows and the passes the mesh's batched models have run so far, from its metrics.
+async fn batch_rows(mesh: &TestMesh) -> (f64, f64) {
+    let metrics = mesh.scrape().await;
+    let total = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(name))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (
+        total("kiln_model_batch_rows_sum"),
+        total("kiln_model_batch_rows_count"),
+    )
 }
