@@ -117,8 +117,48 @@ async fn each_pass_is_timed_with_its_rows_and_its_jobs_waits() {
 /// A graph that takes a while and counts how many passes run at once.
 struct Slow {
     interface: Interface,
-    running: Arc<std::sync::atomic::AtomicUsize>,
-    most: Arc<std::sync::atomic::AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+impl Slow {
+    /// `count` copies of the graph, and the most passes they ran at once.
+    fn copies(count: usize) -> (Vec<Box<dyn Session>>, Arc<AtomicUsize>) {
+        let (running, most) = Default::default();
+        let sessions = (0..count)
+            .map(|_| {
+                Box::new(Slow {
+                    interface: x_in_and_out(vec![-1, 1]),
+                    running: Arc::clone(&running),
+                    most: Arc::clone(&most),
+                }) as Box<dyn Session>
+            })
+            .collect();
+        (sessions, most)
+    }
+}
+
+/// Submits `jobs` one-value jobs at once, each from its own task, and checks that each gets
+/// its own value back.
+async fn echo_each(runner: &Arc<Runner>, jobs: i64, dispatch: Dispatch) {
+    let tasks: Vec<_> = (0..jobs)
+        .map(|i| {
+            let runner = runner.clone();
+            tokio::spawn(async move {
+                let x = Tensor::new(vec![1, 1], TensorData::I64(vec![i])).unwrap();
+                let out = runner.submit(vec![("x".into(), x)], false, dispatch).await;
+                let out = out.unwrap().unwrap();
+                assert_eq!(
+                    out[0].data,
+                    TensorData::I64(vec![i]),
+                    "job {i}'s own answer"
+                );
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
 }
 
 impl Session for Slow {
@@ -136,44 +176,14 @@ impl Session for Slow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_run_passes_side_by_side() {
-    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let sessions: Vec<Box<dyn Session>> = (0..2)
-        .map(|_| {
-            Box::new(Slow {
-                interface: x_in_and_out(vec![-1, 1]),
-                running: running.clone(),
-                most: most.clone(),
-            }) as Box<dyn Session>
-        })
-        .collect();
+    let (sessions, most) = Slow::copies(2);
     let batching = Batching {
         max_batch_size: 1,
         instances: 2,
         ..Default::default()
     };
     let runner = Arc::new(Runner::start("m", sessions, batching, 64).unwrap());
-    let tasks: Vec<_> = (0..4i64)
-        .map(|i| {
-            let runner = runner.clone();
-            tokio::spawn(async move {
-                let x = Tensor::new(vec![1, 1], TensorData::I64(vec![i])).unwrap();
-                let out = runner
-                    .submit(vec![("x".into(), x)], false, Dispatch::Queue)
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert_eq!(
-                    out[0].data,
-                    TensorData::I64(vec![i]),
-                    "job {i}'s own answer"
-                );
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
+    echo_each(&runner, 4, Dispatch::Queue).await;
     assert_eq!(runner.stats().get(), (4, 4));
     assert_eq!(most.load(Ordering::SeqCst), 2, "two passes ran at once");
 }
@@ -261,31 +271,9 @@ async fn a_single_threaded_runtime_sends_every_job_to_the_models_thread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_behind_an_inline_pass_queue_and_share_the_next() {
-    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let session = Slow {
-        interface: x_in_and_out(vec![-1, 1]),
-        running: running.clone(),
-        most: most.clone(),
-    };
-    let runner =
-        Arc::new(Runner::start("m", vec![Box::new(session)], Batching::default(), 64).unwrap());
-    let tasks: Vec<_> = (0..8i64)
-        .map(|i| {
-            let runner = runner.clone();
-            tokio::spawn(async move {
-                let x = Tensor::new(vec![1, 1], TensorData::I64(vec![i])).unwrap();
-                let out = runner
-                    .submit(vec![("x".into(), x)], false, Dispatch::Alone)
-                    .await
-                    .unwrap();
-                assert_eq!(out.unwrap()[0].data, TensorData::I64(vec![i]), "job {i}");
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let (sessions, most) = Slow::copies(1);
+    let runner = Arc::new(Runner::start("m", sessions, Batching::default(), 64).unwrap());
+    echo_each(&runner, 8, Dispatch::Alone).await;
     let (passes, jobs) = runner.stats().get();
     assert_eq!(jobs, 8);
     assert!(passes < 8, "the queued jobs shared passes: {passes}");
