@@ -200,6 +200,7 @@ pub fn submit(
     let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
     let params = SamplingParams {
         temperature: 0.0,
+        logprobs: true,
         ..Default::default()
     };
     llm.submit(SequenceRequest {

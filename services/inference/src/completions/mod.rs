@@ -99,7 +99,10 @@ impl Inference {
                 let (events, receiver) = mpsc::unbounded_channel();
                 let request = SequenceRequest {
                     prompt: prompt.clone(),
-                    params: job.params.clone(),
+                    params: SamplingParams {
+                        logprobs: job.logprobs,
+                        ..job.params.clone()
+                    },
                     max_tokens: job.max_tokens,
                     stops: job.stops.clone(),
                     choice: i as u64,
