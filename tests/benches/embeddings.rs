@@ -257,16 +257,8 @@ fn main() {
 
 /// The rows and the passes the mesh's batched models have run so far, from its metrics.
 async fn batch_rows(mesh: &TestMesh) -> (f64, f64) {
-    let metrics = mesh.scrape().await;
-    let total = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|line| line.starts_with(name))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
     (
-        total("kiln_model_batch_rows_sum"),
-        total("kiln_model_batch_rows_count"),
+        mesh.metric_total("kiln_model_batch_rows_sum").await,
+        mesh.metric_total("kiln_model_batch_rows_count").await,
     )
 }

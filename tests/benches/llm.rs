@@ -43,6 +43,7 @@ fn main() {
         let mut kiln = Vec::new();
         for streams in [1usize, 4, 16] {
             let (mut rates, mut ttft, mut tokens) = (Vec::new(), Vec::<Duration>::new(), 0);
+            let steps_before = decode_steps(&mesh).await;
             for _round in 0..rounds {
                 let start = Instant::now();
                 let results =
@@ -56,7 +57,9 @@ fn main() {
                 ttft.extend(results.iter().map(|r| r.0));
                 tokens = round_tokens;
             }
-            kiln.push((streams, median(&mut rates), median(&mut ttft), tokens));
+            let (seconds, steps) = decode_steps(&mesh).await;
+            let step = (seconds - steps_before.0) / (steps - steps_before.1).max(1.0);
+            kiln.push((streams, median(&mut rates), median(&mut ttft), tokens, step));
         }
         mesh.shutdown().await;
 
@@ -77,19 +80,30 @@ fn main() {
         println!(
             "streams  kiln tok/s  kiln TTFT p50  llama.cpp tok/s  llama.cpp TTFT p50  kiln/llama.cpp  (median of {rounds} rounds)"
         );
-        for (streams, rate, ttft, tokens) in kiln {
+        for (streams, rate, ttft, tokens, step) in kiln {
             let l = llama.as_ref().map(|v| &v["streams"][streams.to_string()]);
             let lrate = l.and_then(|l| l["tokens_per_s"].as_f64());
             let lttft = l.and_then(|l| l["ttft_ms_p50"].as_f64());
             println!(
-                "{streams:>7}  {rate:>10.1}  {:>10.1} ms  {:>15}  {:>15}  {:>14}   ({tokens} tokens a round)",
+                "{streams:>7}  {rate:>10.1}  {:>10.1} ms  {:>15}  {:>15}  {:>14}   ({tokens} tokens a round; Kiln's decode step {:.2} ms)",
                 ms(ttft),
                 lrate.map(|r| format!("{r:.1}")).unwrap_or("-".into()),
                 lttft.map(|t| format!("{t:.1} ms")).unwrap_or("-".into()),
                 lrate
                     .map(|r| format!("{:.2}", rate / r))
                     .unwrap_or("-".into()),
+                step * 1e3,
             );
         }
     });
+}
+
+/// The seconds the mesh's generation loops spent in decode steps so far, and the steps.
+async fn decode_steps(mesh: &kiln_tests::TestMesh) -> (f64, f64) {
+    (
+        mesh.metric_total("kiln_llm_decode_step_duration_seconds_sum")
+            .await,
+        mesh.metric_total("kiln_llm_decode_step_duration_seconds_count")
+            .await,
+    )
 }

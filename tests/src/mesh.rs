@@ -251,6 +251,20 @@ impl TestMesh {
         body.to_owned()
     }
 
+    /// The sum of every sample of the metric `name` (all its label sets), e.g. a histogram's
+    /// `_sum` or `_count`.
+    pub async fn metric_total(&self, name: &str) -> f64 {
+        let metrics = self.scrape().await;
+        metrics
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with([' ', '{']))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// A channel to the mesh that sends `key` (None: no authorization header).
     pub async fn channel(&self, key: Option<&str>) -> AuthedChannel {
         channel_to(&self.url(), key).await
