@@ -50,6 +50,7 @@ impl Inference {
                 seed: r.seed,
                 top_logprobs: r.top_logprobs,
                 top_logprobs_field: "top_logprobs",
+                logprobs: r.logprobs == Some(true),
             },
             vocab,
         )?;
@@ -68,7 +69,6 @@ impl Inference {
             params,
             max_tokens,
             stops: check_stops(&r.stop)?,
-            logprobs: r.logprobs == Some(true),
             prompts: vec![ids],
             prompt_texts: vec![prompt_text],
             model,

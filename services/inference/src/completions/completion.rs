@@ -47,6 +47,7 @@ impl Inference {
                 seed: r.seed,
                 top_logprobs: r.logprobs,
                 top_logprobs_field: "logprobs",
+                logprobs: r.logprobs.is_some(),
             },
             vocab,
         )?;
@@ -75,7 +76,6 @@ impl Inference {
             params,
             max_tokens,
             stops: check_stops(&r.stop)?,
-            logprobs: r.logprobs.is_some(),
             prompts,
             prompt_texts: texts,
             model,

@@ -41,7 +41,6 @@ struct Job {
     params: SamplingParams,
     max_tokens: usize,
     stops: Vec<String>,
-    logprobs: bool,
 }
 
 /// What one choice produced.
@@ -99,10 +98,7 @@ impl Inference {
                 let (events, receiver) = mpsc::unbounded_channel();
                 let request = SequenceRequest {
                     prompt: prompt.clone(),
-                    params: SamplingParams {
-                        logprobs: job.logprobs,
-                        ..job.params.clone()
-                    },
+                    params: job.params.clone(),
                     max_tokens: job.max_tokens,
                     stops: job.stops.clone(),
                     choice: i as u64,

@@ -38,7 +38,7 @@ impl<L> Api<L> {
 impl Job {
     /// The log probabilities of `tokens` in `api`'s form, when the request asked for them.
     pub(super) fn logprobs<L>(&self, api: &Api<L>, tokens: &[Sampled]) -> Option<L> {
-        let llm = self.model.llm().filter(|_| self.logprobs)?;
+        let llm = self.model.llm().filter(|_| self.params.logprobs)?;
         Some((api.logprobs)(llm, tokens))
     }
 }

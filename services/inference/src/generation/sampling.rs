@@ -65,6 +65,8 @@ pub struct SamplingFields<'a> {
     pub top_logprobs: Option<i32>,
     /// The field name top_logprobs arrives as (`logprobs` for completions).
     pub top_logprobs_field: &'a str,
+    /// Whether the answer reports the sampled tokens' log-probabilities.
+    pub logprobs: bool,
 }
 
 impl SamplingParams {
@@ -140,6 +142,7 @@ impl SamplingParams {
             }
             p.top_logprobs = n as usize;
         }
+        p.logprobs = fields.logprobs;
         Ok(p)
     }
 
