@@ -24,7 +24,7 @@ const CAPACITY: usize = 128;
 /// SmolLM2's `<|im_start|>`.
 const FIRST_TOKEN: i64 = 1;
 
-/// A loaded graph, its cache and what it decoded.
+/// A loaded graph, its cache, its rates and the tokens of its last round.
 struct Decoder {
     path: PathBuf,
     session: Box<dyn Session>,
@@ -89,7 +89,6 @@ fn main() {
             tokens: Vec::new(),
         })
         .collect();
-    let mut first_tokens = Vec::new();
     // The first round warms every graph up and is not counted.
     for round in 0..=rounds {
         for decoder in &mut decoders {
@@ -98,15 +97,12 @@ fn main() {
                 decoder.rates.push(rate);
             }
         }
-        if round == 0 {
-            first_tokens = decoders.iter().map(|d| d.tokens.clone()).collect();
-        }
     }
     println!(
         "SmolLM2-135M-Instruct decode steps, one sequence, {threads} threads, {STEPS} greedy steps a round, median of {rounds} rounds"
     );
-    let first_rates = decoders[0].rates.clone();
-    for (decoder, tokens) in decoders.iter_mut().zip(&first_tokens) {
+    let (first_rates, first_tokens) = (decoders[0].rates.clone(), decoders[0].tokens.clone());
+    for decoder in &mut decoders {
         let mut ratios: Vec<f64> = (decoder.rates.iter().zip(&first_rates))
             .map(|(rate, first)| rate / first)
             .collect();
@@ -114,7 +110,7 @@ fn main() {
             "  {:>7.1} steps/s  {:.3} of the first  tokens {}  {}",
             median(&mut decoder.rates),
             median(&mut ratios),
-            if *tokens == first_tokens[0] {
+            if decoder.tokens == first_tokens {
                 "the same"
             } else {
                 "DIFFER"

@@ -165,12 +165,12 @@ fn main() {
         };
         let before = model.runner().unwrap().stats().get();
         let (mut engine_batched, mut batched) = (0.0, 0.0);
-        let grpc_before = batch_rows(&batched_mesh).await;
+        let grpc_before = batched_mesh.histogram_totals("kiln_model_batch_rows").await;
         for _turn in 0..seconds {
             engine_batched += measure(1, 32, in_process()).await / seconds as f64;
             batched += measure(1, 32, calls(ch.clone())).await / seconds as f64;
         }
-        let grpc_after = batch_rows(&batched_mesh).await;
+        let grpc_after = batched_mesh.histogram_totals("kiln_model_batch_rows").await;
         let grpc_rows_per_pass =
             (grpc_after.0 - grpc_before.0) / (grpc_after.1 - grpc_before.1).max(1.0);
         let after = model.runner().unwrap().stats().get();
@@ -253,12 +253,4 @@ fn main() {
             batched / unbatched
         );
     });
-}
-
-/// The rows and the passes the mesh's batched models have run so far, from its metrics.
-async fn batch_rows(mesh: &TestMesh) -> (f64, f64) {
-    (
-        mesh.metric_total("kiln_model_batch_rows_sum").await,
-        mesh.metric_total("kiln_model_batch_rows_count").await,
-    )
 }

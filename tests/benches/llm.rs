@@ -18,6 +18,9 @@ use kiln_tests::bench::{Args, block_on, median, ms};
 use kiln_tests::llm::{GGUF, first_chat, smollm2_asset_dir, timed_stream};
 use kiln_tests::python::Script;
 
+/// The generation loops' decode steps: seconds in them (`_sum`) and how many (`_count`).
+const STEPS: &str = "kiln_llm_decode_step_duration_seconds";
+
 const QUESTIONS: [&str; 4] = [
     "Write a long story about a dragon who learns to paint.",
     "Explain how a bicycle works, in detail.",
@@ -43,7 +46,7 @@ fn main() {
         let mut kiln = Vec::new();
         for streams in [1usize, 4, 16] {
             let (mut rates, mut ttft, mut tokens) = (Vec::new(), Vec::<Duration>::new(), 0);
-            let steps_before = decode_steps(&mesh).await;
+            let steps_before = mesh.histogram_totals(STEPS).await;
             for _round in 0..rounds {
                 let start = Instant::now();
                 let results =
@@ -57,7 +60,7 @@ fn main() {
                 ttft.extend(results.iter().map(|r| r.0));
                 tokens = round_tokens;
             }
-            let (seconds, steps) = decode_steps(&mesh).await;
+            let (seconds, steps) = mesh.histogram_totals(STEPS).await;
             let step = (seconds - steps_before.0) / (steps - steps_before.1).max(1.0);
             kiln.push((streams, median(&mut rates), median(&mut ttft), tokens, step));
         }
@@ -96,14 +99,4 @@ fn main() {
             );
         }
     });
-}
-
-/// The seconds the mesh's generation loops spent in decode steps so far, and the steps.
-async fn decode_steps(mesh: &kiln_tests::TestMesh) -> (f64, f64) {
-    (
-        mesh.metric_total("kiln_llm_decode_step_duration_seconds_sum")
-            .await,
-        mesh.metric_total("kiln_llm_decode_step_duration_seconds_count")
-            .await,
-    )
 }

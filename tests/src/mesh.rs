@@ -251,18 +251,22 @@ impl TestMesh {
         body.to_owned()
     }
 
-    /// The sum of every sample of the metric `name` (all its label sets), e.g. a histogram's
-    /// `_sum` or `_count`.
-    pub async fn metric_total(&self, name: &str) -> f64 {
+    /// The histogram `name`'s `_sum` and `_count` so far, each summed over its label sets, from
+    /// one scrape.
+    pub async fn histogram_totals(&self, name: &str) -> (f64, f64) {
         let metrics = self.scrape().await;
-        metrics
-            .lines()
-            .filter(|line| {
-                line.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with([' ', '{']))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        let total = |suffix: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|line| {
+                    line.strip_prefix(name)
+                        .and_then(|rest| rest.strip_prefix(suffix))
+                        .is_some_and(|rest| rest.starts_with([' ', '{']))
+                })
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        (total("_sum"), total("_count"))
     }
 
     /// A channel to the mesh that sends `key` (None: no authorization header).
