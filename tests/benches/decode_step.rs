@@ -2,9 +2,12 @@
 //! the key/value cache in place, no serving path around it (the `llm` bench has that):
 //! `cargo bench -p kiln-tests --bench decode_step [-- THREADS ROUNDS [GRAPH.onnx ...]]`.
 //!
-//! Each round runs a block of greedy steps from `<|im_start|>` on every graph in turn, so drift
-//! on a shared machine hits all alike; it prints each graph's median steps/s, its median ratio
-//! to the first graph's in the same rounds, and whether its greedy tokens are the first's.
+//! Each round runs a block of greedy steps from `<|im_start|>` on every graph in turn, starting
+//! one graph later each round, so drift and order on a shared machine hit all alike; it prints
+//! each graph's median steps/s, its median ratio to the first graph's in the same rounds, and
+//! whether its greedy tokens are the first's. Two sessions of one graph in one process differ
+//! by up to ±7% on a 2-core VM: name a graph twice to see that spread before trusting a small
+//! difference.
 //! Extra graphs (variants of the prepared `model.onnx` with the same interface, e.g. edited with
 //! the `onnx` Python package) are compared against the prepared one: an A/B of a graph change
 //! in one process, before building it into the preparer.
@@ -89,9 +92,12 @@ fn main() {
             tokens: Vec::new(),
         })
         .collect();
-    // The first round warms every graph up and is not counted.
+    // The first round warms every graph up and is not counted. Each round starts at the next
+    // graph: in a fixed order the same graph ran 5-8% faster second to fourth than first.
     for round in 0..=rounds {
-        for decoder in &mut decoders {
+        let count = decoders.len();
+        for i in 0..count {
+            let decoder = &mut decoders[(round + i) % count];
             let rate = decoder.round(shape);
             if round > 0 {
                 decoder.rates.push(rate);
