@@ -9,6 +9,7 @@
 //! llama-cpp-python's batched API (tests/python/llama_baseline.py, requirements-reference.txt)
 //! with THREADS threads: the K prompts prefilled in one batch, then one token of every stream
 //! a step, as its server's slots run. The CPU features its kernels were built with are printed.
+//! Each stream count runs on Kiln and then on llama.cpp, back to back.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,9 @@ fn main() {
         let mesh = kiln_tests::library_mesh(assets.path(), Some(inference)).await;
         let ch = mesh.tenant_channel("bench").await;
         first_chat(&ch, QUESTIONS[0], 2, Duration::from_secs(600)).await;
-        let mut kiln = Vec::new();
+        // Each stream count runs Kiln's rounds, then llama.cpp's, so both sides of a ratio are
+        // measured within a minute of each other: this VM's speed drifts more than that.
+        let (mut kiln, mut llama) = (Vec::new(), Vec::new());
         for streams in [1usize, 4, 16] {
             let (mut rates, mut ttft, mut tokens) = (Vec::new(), Vec::<Duration>::new(), 0);
             let steps_before = mesh.histogram_totals(STEPS).await;
@@ -63,27 +66,38 @@ fn main() {
             let (seconds, steps) = mesh.histogram_totals(STEPS).await;
             let step = (seconds - steps_before.0) / (steps - steps_before.1).max(1.0);
             kiln.push((streams, median(&mut rates), median(&mut ttft), tokens, step));
+            // The script blocks for its whole run: the mesh's tasks move off this worker.
+            let baseline = tokio::task::block_in_place(|| {
+                Script::new("llama_baseline.py")
+                    .arg("--gguf", asset(GGUF).display())
+                    .arg("--threads", threads)
+                    .arg("--max-tokens", max_tokens)
+                    .arg("--rounds", rounds)
+                    .arg("--streams", streams)
+                    .run()
+            });
+            llama.push(
+                baseline
+                    .map_err(|e| eprintln!("llama.cpp baseline failed: {e}"))
+                    .ok(),
+            );
         }
         mesh.shutdown().await;
 
-        let llama = Script::new("llama_baseline.py")
-            .arg("--gguf", asset(GGUF).display())
-            .arg("--threads", threads)
-            .arg("--max-tokens", max_tokens)
-            .arg("--rounds", rounds)
-            .run()
-            .map_err(|e| eprintln!("llama.cpp baseline failed: {e}"))
-            .ok();
         println!(
             "SmolLM2-135M-Instruct, greedy chat streams of up to {max_tokens} tokens, {threads} threads"
         );
-        if let Some(features) = llama.as_ref().and_then(|v| v["cpu_features"].as_str()) {
+        if let Some(features) = llama
+            .iter()
+            .flatten()
+            .find_map(|v| v["cpu_features"].as_str())
+        {
             println!("llama.cpp's CPU kernels: {}", features.trim());
         }
         println!(
             "streams  kiln tok/s  kiln TTFT p50  llama.cpp tok/s  llama.cpp TTFT p50  kiln/llama.cpp  (median of {rounds} rounds)"
         );
-        for (streams, rate, ttft, tokens, step) in kiln {
+        for ((streams, rate, ttft, tokens, step), llama) in kiln.into_iter().zip(&llama) {
             let l = llama.as_ref().map(|v| &v["streams"][streams.to_string()]);
             let lrate = l.and_then(|l| l["tokens_per_s"].as_f64());
             let lttft = l.and_then(|l| l["ttft_ms_p50"].as_f64());
