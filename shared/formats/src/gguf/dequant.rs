@@ -86,8 +86,8 @@ pub(crate) fn dequantize(ggml_type: u32, raw: &[u8], elements: usize) -> Option<
 /// per block, the quantized values in element order (4-bit: two per byte, the first in the
 /// low nibble; 8-bit: one per byte), its scale, and what the implicit zero point
 /// (2^(bits-1)) leaves over: MatMulNBits computes `(q - 8)·d`, so a Q4_1 block `d·q + m`
-/// needs `m + 8·d` added per block (`offsets`, applied as a small extra MatMul on the block
-/// sums of the input). Q8_0 `d·q` (q signed) maps exactly with `q + 128`.
+/// needs `m + 8·d` added per block (`offsets`, times the block's input sum: folded into the
+/// same MatMulNBits by `gguf_onnx`'s offsets module). Q8_0 `d·q` (q signed) maps exactly with `q + 128`.
 pub(crate) struct NBits {
     pub(crate) bits: u32,
     pub(crate) packed: Vec<u8>,

@@ -9,6 +9,7 @@
 //! ONNX Runtime's `MatMulNBits` (com.microsoft), in the graph of [`super::contrib`].
 
 use super::builder::{Builder, attr_int, attr_ints};
+use super::offsets::{Q41, folded_matmul};
 use crate::onnx_proto::elem_type::{FLOAT, INT64};
 use crate::onnx_proto::{Dim, GraphProto, ModelProto, OperatorSetIdProto, value_info};
 
@@ -84,6 +85,16 @@ pub(super) fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str
             scales,
             offsets,
         } => {
+            if let Some(offsets) = &offsets {
+                let w = Q41 {
+                    inputs,
+                    outputs,
+                    packed: &packed,
+                    scales: &scales,
+                    offsets,
+                };
+                return folded_matmul(b, x, w, init, hint);
+            }
             let blocks = inputs / 32;
             let per_block = 32 * bits as usize / 8;
             let packed = b.u8_tensor(
@@ -97,7 +108,7 @@ pub(super) fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str
                 &scales,
             );
             // No zero point input: ONNX Runtime's fast kernels assume 2^(bits-1).
-            let product = b.op_in(
+            b.op_in(
                 "com.microsoft",
                 "MatMulNBits",
                 &[x, &packed, &scales],
@@ -110,37 +121,7 @@ pub(super) fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str
                     attr_int("accuracy_level", 4),
                 ],
                 hint,
-            );
-            let Some(offsets) = offsets else {
-                return product;
-            };
-            // + Σ_blocks (Σ x over the block) · offset[out][block].
-            let mut by_block = vec![0f32; offsets.len()];
-            for o in 0..outputs {
-                for k in 0..blocks {
-                    by_block[k * outputs + o] = offsets[o * blocks + k];
-                }
-            }
-            let offsets = b.f32_tensor(
-                &format!("{init}.offsets"),
-                &[blocks as i64, outputs as i64],
-                &by_block,
-            );
-            let shape = b.i64_tensor(
-                &format!("{init}.block_shape"),
-                &[4],
-                &[0, 0, blocks as i64, 32],
-            );
-            let last = b.i64_tensor(&format!("{init}.block_axis"), &[1], &[-1]);
-            let grouped = b.op("Reshape", &[x, &shape], vec![], hint);
-            let sums = b.op(
-                "ReduceSum",
-                &[&grouped, &last],
-                vec![attr_int("keepdims", 0)],
-                hint,
-            );
-            let shift = b.op("MatMul", &[&sums, &offsets], vec![], hint);
-            b.op("Add", &[&product, &shift], vec![], hint)
+            )
         }
     }
 }

@@ -6,6 +6,7 @@
 mod builder;
 mod contrib;
 mod graph;
+mod offsets;
 mod tokenizer;
 
 use std::io::Cursor;
@@ -18,10 +19,11 @@ pub(crate) use builder::attr_int;
 pub(crate) use contrib::MERGED;
 use graph::{Linear, Weights};
 pub use graph::{LlamaConfig, Weight};
+pub(crate) use offsets::unfolded_inputs;
 
 /// Changes whenever the graph, tokenizer or manifest this module writes changes (caches of
 /// prepared bundles key on it).
-pub const GGUF_ONNX_VERSION: u32 = 5;
+pub const GGUF_ONNX_VERSION: u32 = 6;
 
 /// What a GGUF turns into: the bundle's files, in memory.
 pub struct Converted {

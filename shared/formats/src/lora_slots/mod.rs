@@ -113,6 +113,7 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
             return Err(format!("the graph already has a {LORA_MASK} input"));
         }
     }
+    let folds = folded_inputs(&fields)?;
     let mut out = Vec::with_capacity(graph.len() + (1 << 16));
     let mut linears = Vec::new();
     for field in &fields {
@@ -125,12 +126,22 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
             out.extend_from_slice(field.whole);
             continue;
         };
-        let [inputs, outputs] = features(&node, &dims)?;
-        let parts = part_outputs(&modules, inputs, outputs)
-            .ok_or_else(|| format!("node {:?} cannot be split into {modules:?}", node.name))?;
-        let (Some(x), Some(y)) = (node.input.first(), node.output.first()) else {
+        let [mut inputs, outputs] = features(&node, &dims)?;
+        let (Some(mut x), Some(y)) = (node.input.first(), node.output.first()) else {
             return Err(format!("node {:?} has no input or output", node.name));
         };
+        // A Q4_1 linear reads its input with the block means beside it; LoRA reads the input.
+        if let Some(unfolded) = folds.get(x) {
+            x = unfolded;
+            inputs = crate::gguf_onnx::unfolded_inputs(inputs).ok_or_else(|| {
+                format!(
+                    "node {:?} reads block means but its K does not fold",
+                    node.name
+                )
+            })?;
+        }
+        let parts = part_outputs(&modules, inputs, outputs)
+            .ok_or_else(|| format!("node {:?} cannot be split into {modules:?}", node.name))?;
         let base = format!("{y}.lora_base");
         wire::put_bytes(&mut out, NODE, &with_output(raw, &base)?);
         let part_linears: Vec<SlotLinear> = modules
@@ -170,6 +181,28 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
         wire::put_bytes(&mut out, INPUT, &input.encode_to_vec());
     }
     Ok((out, linears))
+}
+
+/// The inputs of the Q4_1 linears prepared with their block means folded in (see
+/// `gguf_onnx::offsets`), by the joined value the MatMulNBits reads: a Concat of
+/// `[x, means, means]`.
+fn folded_inputs(fields: &[wire::Field<'_>]) -> Result<HashMap<String, String>, String> {
+    let mut folds = HashMap::new();
+    for field in fields {
+        let (NODE, Some(raw)) = (field.number, field.payload) else {
+            continue;
+        };
+        let node = NodeProto::decode(raw).map_err(|e| format!("a node does not decode: {e}"))?;
+        if let ("Concat", [x, means, again], [joined]) = (
+            node.op_type.as_str(),
+            node.input.as_slice(),
+            node.output.as_slice(),
+        ) && means == again
+        {
+            folds.insert(joined.clone(), x.clone());
+        }
+    }
+    Ok(folds)
 }
 
 /// The layer and HF modules a MatMul computes, if it is an adapted linear: one module, or
