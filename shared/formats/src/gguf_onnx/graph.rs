@@ -95,35 +95,56 @@ pub(super) fn matmul(b: &mut Builder, x: &str, w: Linear, init: &str, hint: &str
                 };
                 return folded_matmul(b, x, w, init, hint);
             }
-            let blocks = inputs / 32;
-            let per_block = 32 * bits as usize / 8;
-            let packed = b.u8_tensor(
-                &format!("{init}.q"),
-                &[outputs as i64, blocks as i64, per_block as i64],
-                packed,
-            );
-            let scales = b.f32_tensor(
-                &format!("{init}.scales"),
-                &[(outputs * blocks) as i64],
-                &scales,
-            );
-            // No zero point input: ONNX Runtime's fast kernels assume 2^(bits-1).
-            b.op_in(
-                "com.microsoft",
-                "MatMulNBits",
-                &[x, &packed, &scales],
-                vec![
-                    attr_int("K", inputs as i64),
-                    attr_int("N", outputs as i64),
-                    attr_int("bits", i64::from(bits)),
-                    attr_int("block_size", 32),
-                    // int8 activations with int8 dot products, as llama.cpp does.
-                    attr_int("accuracy_level", 4),
-                ],
+            nbits_matmul(
+                b,
+                x,
+                init,
                 hint,
+                [inputs, outputs, bits as usize],
+                packed,
+                &scales,
             )
         }
     }
+}
+
+/// `x · W` through ONNX Runtime's MatMulNBits without zero points (its fast kernels assume
+/// 2^(bits-1)): `packed` is `[outputs, inputs / 32, 32·bits / 8]` with a scale per block,
+/// the initializers `{init}.q` and `{init}.scales`.
+pub(super) fn nbits_matmul(
+    b: &mut Builder,
+    x: &str,
+    init: &str,
+    hint: &str,
+    [inputs, outputs, bits]: [usize; 3],
+    packed: Vec<u8>,
+    scales: &[f32],
+) -> String {
+    let blocks = inputs / 32;
+    let packed = b.u8_tensor(
+        &format!("{init}.q"),
+        &[outputs as i64, blocks as i64, (32 * bits / 8) as i64],
+        packed,
+    );
+    let scales = b.f32_tensor(
+        &format!("{init}.scales"),
+        &[(outputs * blocks) as i64],
+        scales,
+    );
+    b.op_in(
+        "com.microsoft",
+        "MatMulNBits",
+        &[x, &packed, &scales],
+        vec![
+            attr_int("K", inputs as i64),
+            attr_int("N", outputs as i64),
+            attr_int("bits", bits as i64),
+            attr_int("block_size", 32),
+            // int8 activations with int8 dot products, as llama.cpp does.
+            attr_int("accuracy_level", 4),
+        ],
+        hint,
+    )
 }
 
 /// The float32 weight `name` of layer `layer` (or the model's, with `None`) as an initializer.

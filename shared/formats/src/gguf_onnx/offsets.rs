@@ -9,6 +9,7 @@
 //! (0.7% of `d` off on average for SmolLM2).
 
 use super::builder::{Builder, attr_int, attr_ints};
+use super::graph::nbits_matmul;
 
 /// Inputs a block covers, in the checkpoint and in MatMulNBits.
 const BLOCK: usize = 32;
@@ -113,17 +114,6 @@ pub(super) fn folded_matmul(
         inputs, outputs, ..
     } = w;
     let (packed, scales) = fold(outputs, inputs, w.packed, w.scales, w.offsets);
-    let per_row = folded_inputs(inputs) / BLOCK;
-    let packed = b.u8_tensor(
-        &format!("{init}.q"),
-        &[outputs as i64, per_row as i64, (BLOCK / 2) as i64],
-        packed,
-    );
-    let scales = b.f32_tensor(
-        &format!("{init}.scales"),
-        &[(outputs * per_row) as i64],
-        &scales,
-    );
     // [batch, seq, inputs] is AveragePool's [N, C, L]: one mean per block of the last axis.
     let block = [BLOCK as i64];
     let means = b.op(
@@ -152,19 +142,8 @@ pub(super) fn folded_matmul(
         vec![attr_int("axis", -1)],
         hint,
     );
-    b.op_in(
-        "com.microsoft",
-        "MatMulNBits",
-        &[&joined, &packed, &scales],
-        vec![
-            attr_int("K", folded_inputs(inputs) as i64),
-            attr_int("N", outputs as i64),
-            attr_int("bits", 4),
-            attr_int("block_size", BLOCK as i64),
-            attr_int("accuracy_level", 4),
-        ],
-        hint,
-    )
+    let shape = [folded_inputs(inputs), outputs, 4];
+    nbits_matmul(b, &joined, init, hint, shape, packed, &scales)
 }
 
 #[cfg(test)]
