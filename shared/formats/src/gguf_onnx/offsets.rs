@@ -228,7 +228,7 @@ mod tests {
             // largest |offset|, 0.056, over 119).
             let bound: f64 = means
                 .iter()
-                .map(|s| s.abs() * 32.0 * 0.056 / 119.0 / 2.0)
+                .map(|s| s.abs() * BLOCK as f64 * 0.056 / 119.0 / 2.0)
                 .sum();
             assert!((got - exact).abs() <= bound, "{o}: {got} against {exact}");
             // And exactly the offsets' 8-bit codes: the digits and their scales add up.

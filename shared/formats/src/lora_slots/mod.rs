@@ -113,7 +113,10 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
             return Err(format!("the graph already has a {LORA_MASK} input"));
         }
     }
-    let folds = folded_inputs(&fields)?;
+    // Q4_1 linears prepared with their block means folded in (see `gguf_onnx::offsets`) read a
+    // Concat of `[x, means, means]`: its output's `x`, collected as the (topologically sorted)
+    // nodes go by, before the linear that reads it.
+    let mut unfolded: HashMap<String, String> = HashMap::new();
     let mut out = Vec::with_capacity(graph.len() + (1 << 16));
     let mut linears = Vec::new();
     for field in &fields {
@@ -122,6 +125,14 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
             continue;
         };
         let node = NodeProto::decode(raw).map_err(|e| format!("a node does not decode: {e}"))?;
+        if let ("Concat", [x, means, again], [joined]) = (
+            node.op_type.as_str(),
+            node.input.as_slice(),
+            node.output.as_slice(),
+        ) && means == again
+        {
+            unfolded.insert(joined.clone(), x.clone());
+        }
         let Some((layer, modules)) = linear_of(&node) else {
             out.extend_from_slice(field.whole);
             continue;
@@ -131,8 +142,8 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
             return Err(format!("node {:?} has no input or output", node.name));
         };
         // A Q4_1 linear reads its input with the block means beside it; LoRA reads the input.
-        if let Some(unfolded) = folds.get(x) {
-            x = unfolded;
+        if let Some(input) = unfolded.get(x) {
+            x = input;
             inputs = crate::gguf_onnx::unfolded_inputs(inputs).ok_or_else(|| {
                 format!(
                     "node {:?} reads block means but its K does not fold",
@@ -181,28 +192,6 @@ fn rewrite_graph(graph: &[u8]) -> Result<(Vec<u8>, Vec<SlotLinear>), String> {
         wire::put_bytes(&mut out, INPUT, &input.encode_to_vec());
     }
     Ok((out, linears))
-}
-
-/// The inputs of the Q4_1 linears prepared with their block means folded in (see
-/// `gguf_onnx::offsets`), by the joined value the MatMulNBits reads: a Concat of
-/// `[x, means, means]`.
-fn folded_inputs(fields: &[wire::Field<'_>]) -> Result<HashMap<String, String>, String> {
-    let mut folds = HashMap::new();
-    for field in fields {
-        let (NODE, Some(raw)) = (field.number, field.payload) else {
-            continue;
-        };
-        let node = NodeProto::decode(raw).map_err(|e| format!("a node does not decode: {e}"))?;
-        if let ("Concat", [x, means, again], [joined]) = (
-            node.op_type.as_str(),
-            node.input.as_slice(),
-            node.output.as_slice(),
-        ) && means == again
-        {
-            folds.insert(joined.clone(), x.clone());
-        }
-    }
-    Ok(folds)
 }
 
 /// The layer and HF modules a MatMul computes, if it is an adapted linear: one module, or
