@@ -126,3 +126,101 @@ pub fn median<T: PartialOrd + Copy>(samples: &mut [T]) -> T {
 pub fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
+
+/// Clock ticks of the machine and of this process (Linux's /proc; zeros elsewhere): sampled
+/// before and after a stretch of a benchmark, their difference says where the cores went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTicks {
+    /// All cores, every state.
+    total: u64,
+    idle: u64,
+    /// This process's threads, live and ended.
+    process: u64,
+    /// The models' threads: the runners' (`kiln-model-*`) and the pools their sessions made
+    /// (`kiln-ort-*`).
+    model: u64,
+}
+
+impl CpuTicks {
+    pub fn now() -> Self {
+        Self::read().unwrap_or_default()
+    }
+
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        // cpu user nice system idle iowait irq softirq steal (guest time is within user).
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        let mut ticks = Self {
+            total: cpu.iter().sum(),
+            idle: cpu.get(3)? + cpu.get(4)?,
+            process: thread_ticks(std::path::Path::new("/proc/self"))?.1,
+            model: 0,
+        };
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            if let Some((name, used)) = thread_ticks(&task.path())
+                && (name.starts_with("kiln-model-") || name.starts_with("kiln-ort-"))
+            {
+                ticks.model += used;
+            }
+        }
+        Some(ticks)
+    }
+}
+
+/// The name and the user + system ticks in `dir`/stat (of a process or a thread).
+fn thread_ticks(dir: &std::path::Path) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    // After the name: state, ppid, ... utime is the 12th field, stime the 13th.
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let used = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((stat[open + 1..close].to_owned(), used))
+}
+
+impl std::ops::Sub for CpuTicks {
+    type Output = Self;
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            total: self.total.saturating_sub(earlier.total),
+            idle: self.idle.saturating_sub(earlier.idle),
+            process: self.process.saturating_sub(earlier.process),
+            model: self.model.saturating_sub(earlier.model),
+        }
+    }
+}
+
+impl std::ops::AddAssign for CpuTicks {
+    fn add_assign(&mut self, more: Self) {
+        self.total += more.total;
+        self.idle += more.idle;
+        self.process += more.process;
+        self.model += more.model;
+    }
+}
+
+impl std::fmt::Display for CpuTicks {
+    /// Shares of all cores: the models' threads, the rest of this process (async workers),
+    /// other processes (databases, the bus) and idle.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.total == 0 {
+            return write!(f, "(no /proc here)");
+        }
+        let share = |ticks: u64| 100.0 * ticks as f64 / self.total as f64;
+        let others = self.total.saturating_sub(self.idle + self.process);
+        write!(
+            f,
+            "model threads {:.1}%, the process's other threads {:.1}%, other processes {:.1}%, idle {:.1}%",
+            share(self.model),
+            share(self.process.saturating_sub(self.model)),
+            share(others),
+            share(self.idle)
+        )
+    }
+}
