@@ -14,8 +14,8 @@
 //!   clients (batching on) in one-second turns (2 x SECONDS of each), their ratio the median
 //!   of the turns' ratios, with the rows per pass of each (the gRPC side's from the mesh's
 //!   `kiln_model_batch_rows` metric) and where the cores went in each side's turns: the
-//!   model's threads, the rest of this process (the async workers: server, clients, usage
-//!   recording, billing), other processes (PostgreSQL, NATS) and idle;
+//!   model's threads (its runner's and ONNX Runtime's), the async runtime's (server, clients,
+//!   usage recording, billing), other processes (PostgreSQL, NATS) and idle;
 //! - the `onnxruntime` Python package on the same files and thread count, batches of 32
 //!   (tests/python/ort_baseline.py).
 

@@ -45,6 +45,11 @@ where
         builder.worker_threads(threads);
     }
     builder.enable_all();
+    builder.on_thread_start(|| {
+        if let Some(tid) = this_thread_id() {
+            lock(&RUNTIME_THREADS).push(tid);
+        }
+    });
     let runtime = builder.build().expect("runtime");
     runtime
         .block_on(runtime.spawn(main))
@@ -127,6 +132,23 @@ pub fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }
 
+/// The threads the benchmark's runtime started (its async workers and blocking threads), by
+/// Linux thread id: [`CpuTicks`] counts every other thread of the process as the models'
+/// (the runners' threads and the pools ONNX Runtime makes, which no runtime hook sees).
+static RUNTIME_THREADS: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The calling thread's id (`/proc/thread-self` names `PID/task/TID`).
+fn this_thread_id() -> Option<u64> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
+}
+
 /// Clock ticks of the machine and of this process (Linux's /proc; zeros elsewhere): sampled
 /// before and after a stretch of a benchmark, their difference says where the cores went.
 #[derive(Debug, Clone, Copy, Default)]
@@ -136,8 +158,7 @@ pub struct CpuTicks {
     idle: u64,
     /// This process's threads, live and ended.
     process: u64,
-    /// The models' threads: the runners' (`kiln-model-*`) and the pools their sessions made
-    /// (`kiln-ort-*`).
+    /// The threads outside the async runtime: the models' runners and ONNX Runtime's pools.
     model: u64,
 }
 
@@ -160,12 +181,15 @@ impl CpuTicks {
         let mut ticks = Self {
             total: cpu.iter().sum(),
             idle: cpu.get(3)? + cpu.get(4)?,
-            process: thread_ticks(std::path::Path::new("/proc/self"))?.1,
+            process: thread_ticks(std::path::Path::new("/proc/self"))?,
             model: 0,
         };
+        let runtime = lock(&RUNTIME_THREADS).clone();
+        let main = std::process::id() as u64;
         for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-            if let Some((name, used)) = thread_ticks(&task.path())
-                && (name.starts_with("kiln-model-") || name.starts_with("kiln-ort-"))
+            let tid: Option<u64> = task.file_name().to_str().and_then(|t| t.parse().ok());
+            if tid.is_some_and(|tid| tid != main && !runtime.contains(&tid))
+                && let Some(used) = thread_ticks(&task.path())
             {
                 ticks.model += used;
             }
@@ -174,14 +198,12 @@ impl CpuTicks {
     }
 }
 
-/// The name and the user + system ticks in `dir`/stat (of a process or a thread).
-fn thread_ticks(dir: &std::path::Path) -> Option<(String, u64)> {
+/// The user + system ticks in `dir`/stat (of a process or a thread).
+fn thread_ticks(dir: &std::path::Path) -> Option<u64> {
     let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-    // After the name: state, ppid, ... utime is the 12th field, stime the 13th.
-    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    let used = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some((stat[open + 1..close].to_owned(), used))
+    // After the name (in parentheses): state, ppid, ... utime is the 12th field, stime the 13th.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
 impl std::ops::Sub for CpuTicks {
@@ -206,8 +228,8 @@ impl std::ops::AddAssign for CpuTicks {
 }
 
 impl std::fmt::Display for CpuTicks {
-    /// Shares of all cores: the models' threads, the rest of this process (async workers),
-    /// other processes (databases, the bus) and idle.
+    /// Shares of all cores: the models' threads, the async runtime's (server, clients, usage
+    /// recording, billing), other processes (databases, the bus) and idle.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.total == 0 {
             return write!(f, "(no /proc here)");
@@ -216,7 +238,7 @@ impl std::fmt::Display for CpuTicks {
         let others = self.total.saturating_sub(self.idle + self.process);
         write!(
             f,
-            "model threads {:.1}%, the process's other threads {:.1}%, other processes {:.1}%, idle {:.1}%",
+            "model threads {:.1}%, async runtime {:.1}%, other processes {:.1}%, idle {:.1}%",
             share(self.model),
             share(self.process.saturating_sub(self.model)),
             share(others),

@@ -407,8 +407,7 @@ impl Engine {
                  set inference.intra_op_threads to at most cores / instances"
             );
         }
-        let short = name.rsplit('/').next().unwrap_or(name);
-        let (session, mut copies, tokenizer) = on_thread_named(format!("kiln-ort-{short}"), {
+        let (session, mut copies, tokenizer) = tokio::task::spawn_blocking({
             let backend = backend.clone();
             move || -> Result<_> {
                 let session = backend.load(&graph, &options)?;
@@ -580,21 +579,4 @@ pub fn load_tokenizer(path: &std::path::Path) -> Result<Tokenizer> {
         .with_truncation(None)
         .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
     Ok(tokenizer)
-}
-
-/// Runs `load` on a thread of its own named `name` and waits for it. A backend's worker
-/// threads (ONNX Runtime's intra-op pool, made with the session) take the name of the
-/// thread that creates them: so named, a model's threads show as its own in `top -H`, perf
-/// and /proc instead of as the async runtime's workers.
-async fn on_thread_named<T: Send + 'static>(
-    name: String,
-    load: impl FnOnce() -> T + Send + 'static,
-) -> std::io::Result<T> {
-    let (done, result) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name(name).spawn(move || {
-        let _ = done.send(load());
-    })?;
-    result
-        .await
-        .map_err(|_| std::io::Error::other("the loading thread panicked"))
 }
