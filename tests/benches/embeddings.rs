@@ -27,7 +27,7 @@ use kiln_inference::embeddings;
 use kiln_inference::engine::load_tokenizer;
 use kiln_inference::tensor::TensorData;
 use kiln_tests::TestMesh;
-use kiln_tests::bench::{Args, CpuTicks, block_on, measure, median, ms, timed_block};
+use kiln_tests::bench::{Args, CpuTicks, block_on, measure, median, ms, percentile, timed_block};
 use kiln_tests::inference::*;
 use kiln_tests::python::Script;
 
@@ -259,10 +259,10 @@ fn main() {
         println!(
             "  engine in process, batching  {engine_batched:>8.0}  ({engine_rows_per_pass:.1} rows per pass)"
         );
-        let turns = turn_ratios.len();
-        let (lowest, highest) = turn_ratios
-            .iter()
-            .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        let (lowest, highest) = (
+            percentile(&mut turn_ratios, 0.0),
+            percentile(&mut turn_ratios, 1.0),
+        );
         println!(
             "  gRPC, batching on (32)       {batched:>8.0}  ({:.2} of the engine: median of {turns} turns' ratios, {lowest:.2} to {highest:.2}; aim >= 0.9; {grpc_rows_per_pass:.1} rows per pass)",
             median(&mut turn_ratios)
