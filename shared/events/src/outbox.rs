@@ -45,12 +45,35 @@ const BATCH: i64 = 256;
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How long the relay waits after a wake-up before a pass, so events committed close
+/// together go out together (see [`Outbox::with_linger`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Linger {
+    /// After a pass that published fewer than `busy_from` events.
+    pub quiet: Duration,
+    /// After a pass that published at least `busy_from` events.
+    pub busy: Duration,
+    /// Events in one pass from which the relay counts as busy (0: never).
+    pub busy_from: usize,
+}
+
+impl Linger {
+    /// The wait before the pass after one that published `published` events.
+    fn after(&self, published: usize) -> Duration {
+        if self.busy_from > 0 && published >= self.busy_from {
+            self.busy
+        } else {
+            self.quiet
+        }
+    }
+}
+
 /// A service's outbox.
 #[derive(Clone)]
 pub struct Outbox {
     service: &'static str,
     wake: Arc<Notify>,
-    linger: Duration,
+    linger: Linger,
 }
 
 impl Outbox {
@@ -58,14 +81,16 @@ impl Outbox {
         Self {
             service,
             wake: Arc::new(Notify::new()),
-            linger: Duration::ZERO,
+            linger: Linger::default(),
         }
     }
 
-    /// Lets the relay wait `linger` after a wake-up before publishing, so events committed
-    /// close together go out in one pass: for high-rate events (usage, one per request)
-    /// where a few milliseconds of delay cost less than a relay pass per event.
-    pub fn with_linger(mut self, linger: Duration) -> Self {
+    /// Lets the relay wait after a wake-up before publishing, so events committed close
+    /// together go out in one pass: for high-rate events (usage, one per request) where
+    /// some delay costs less than a relay pass (and a burst of work downstream) per few
+    /// events. The wait is `linger.busy` after a pass that published many events, else
+    /// `linger.quiet`.
+    pub fn with_linger(mut self, linger: Linger) -> Self {
         self.linger = linger;
         self
     }
@@ -172,29 +197,35 @@ impl Outbox {
         let outbox = self.clone();
         tokio::spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(50), MAX_BACKOFF);
+            // Events published since the last wait (a pass may read several batches).
+            let mut pass = 0;
             loop {
                 match outbox.relay_once(&db, bus.as_ref()).await {
                     // A full batch: more may be waiting.
                     Ok(sent) if sent as i64 == BATCH => {
                         backoff.reset();
+                        pass += sent;
                         continue;
                     }
                     // Commits after the read left a wake-up permit, so none is missed.
-                    Ok(_) => {
+                    Ok(sent) => {
                         backoff.reset();
+                        let linger = outbox.linger.after(pass + sent);
+                        pass = 0;
                         let woken = tokio::select! {
                             _ = outbox.wake.notified() => true,
                             _ = tokio::time::sleep(POLL_INTERVAL) => false,
                             _ = shutdown.changed() => false,
                         };
-                        if woken && !outbox.linger.is_zero() {
+                        if woken && !linger.is_zero() {
                             tokio::select! {
-                                _ = tokio::time::sleep(outbox.linger) => {}
+                                _ = tokio::time::sleep(linger) => {}
                                 _ = shutdown.changed() => {}
                             }
                         }
                     }
                     Err(err) => {
+                        pass = 0;
                         let delay = backoff.next_delay();
                         tracing::warn!(service = outbox.service, %err, retry_in = ?delay, "outbox relay could not publish; will retry");
                         tokio::select! {
@@ -333,4 +364,29 @@ async fn delete_through(
     .await?;
     txn.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_lingers_longer_after_a_busy_pass() {
+        let linger = Linger {
+            quiet: Duration::from_millis(200),
+            busy: Duration::from_secs(1),
+            busy_from: 64,
+        };
+        assert_eq!(linger.after(0), Duration::from_millis(200));
+        assert_eq!(linger.after(63), Duration::from_millis(200));
+        assert_eq!(linger.after(64), Duration::from_secs(1));
+        assert_eq!(linger.after(1_000), Duration::from_secs(1));
+        // Without a busy threshold (the default) the wait never grows.
+        let quiet_only = Linger {
+            busy_from: 0,
+            ..linger
+        };
+        assert_eq!(quiet_only.after(1_000), Duration::from_millis(200));
+        assert_eq!(Linger::default().after(1_000), Duration::ZERO);
+    }
 }
