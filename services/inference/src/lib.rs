@@ -43,7 +43,7 @@ const MIGRATIONS: &[kiln_store::Migration] = &[kiln_events::outbox::MIGRATION, u
 /// Usage events come one per request: the relay gathers them for a fifth of a second rather
 /// than running a pass (and billing a batch) per few requests beside the model (measured:
 /// gRPC embedding latency over the direct call 20.8% -> 17.4% against 20 ms). Under load
-/// (64 or more in a pass) it gathers for a second: each pass sets off a burst of work
+/// (32 or more in a pass, 160 a second) it gathers for a second: each pass sets off a burst of work
 /// (JetStream, billing's booking and spend events, PostgreSQL) that preempts the model's
 /// threads mid-operator, so the bursts cost more than their CPU (measured, 32 embedding
 /// clients on 2 cores: the model's threads 86.4-88.3% of the cores with 200 ms, 89.9-90.8%
@@ -51,7 +51,7 @@ const MIGRATIONS: &[kiln_store::Migration] = &[kiln_events::outbox::MIGRATION, u
 const USAGE_LINGER: kiln_events::outbox::Linger = kiln_events::outbox::Linger {
     quiet: std::time::Duration::from_millis(200),
     busy: std::time::Duration::from_secs(1),
-    busy_from: 64,
+    busy_from: 32,
 };
 
 /// How a node works with the scheduler: the address other nodes reach it at, and its link.

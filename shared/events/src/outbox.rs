@@ -58,9 +58,18 @@ pub struct Linger {
 }
 
 impl Linger {
-    /// The wait before the pass after one that published `published` events.
-    fn after(&self, published: usize) -> Duration {
-        if self.busy_from > 0 && published >= self.busy_from {
+    /// The same wait whatever the load.
+    pub const fn fixed(wait: Duration) -> Self {
+        Self {
+            quiet: wait,
+            busy: wait,
+            busy_from: 0,
+        }
+    }
+
+    /// The wait before the pass after one that handled `handled` events.
+    pub fn after(&self, handled: usize) -> Duration {
+        if self.busy_from > 0 && handled >= self.busy_from {
             self.busy
         } else {
             self.quiet
@@ -388,5 +397,7 @@ mod tests {
         };
         assert_eq!(quiet_only.after(1_000), Duration::from_millis(200));
         assert_eq!(Linger::default().after(1_000), Duration::ZERO);
+        let fixed = Linger::fixed(Duration::from_secs(3));
+        assert_eq!(fixed.after(0), fixed.after(1_000));
     }
 }

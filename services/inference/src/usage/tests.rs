@@ -15,7 +15,7 @@ fn start(
     db: &DatabaseConnection,
     journal_dir: &Path,
     stopped: Option<watch::Receiver<bool>>,
-    settle_after: Duration,
+    settle: Linger,
 ) -> (UsageRecorder, tokio::task::JoinHandle<()>) {
     let recording = Recording {
         node: "n1",
@@ -24,8 +24,7 @@ fn start(
         journal_dir,
     };
     let outbox = Outbox::new(crate::SERVICE);
-    UsageRecorder::start_settling_after(db.clone(), outbox, recording, stopped, settle_after)
-        .unwrap()
+    UsageRecorder::start_settling_after(db.clone(), outbox, recording, stopped, settle).unwrap()
 }
 
 fn acme() -> Principal {
@@ -77,7 +76,12 @@ async fn a_confirmed_reservation_is_billed_once_a_dropped_one_never() {
     let journal = dir.path().join("journal");
     // Settlements wait for the stop here, so what the writer holds can be seen.
     let (stop, stopped) = watch::channel(false);
-    let (usage_of, writer) = start(&db, &journal, Some(stopped), Duration::from_secs(3600));
+    let (usage_of, writer) = start(
+        &db,
+        &journal,
+        Some(stopped),
+        Linger::fixed(Duration::from_secs(3600)),
+    );
 
     let answered = usage_of
         .reserve(&acme(), usage("embd-answered", 7))
@@ -115,7 +119,7 @@ async fn settlements_are_written_a_moment_after_the_answer_without_more_traffic(
     let dir = tempfile::tempdir().unwrap();
     let db = node_db(dir.path()).await;
     let journal = dir.path().join("journal");
-    let (usage_of, _writer) = start(&db, &journal, None, SETTLE_AFTER);
+    let (usage_of, _writer) = start(&db, &journal, None, SETTLE);
     for i in 0..3 {
         let reservation = usage_of.reserve(&acme(), usage(&format!("embd-{i}"), 2));
         reservation.unwrap().confirm();
@@ -164,7 +168,7 @@ async fn usage_a_crash_left_reserved_is_billed_at_the_next_start() {
     drop(crashed);
     assert!(billed(&db).await.is_empty());
 
-    let (restarted, _writer) = start(&db, &journal, None, SETTLE_AFTER);
+    let (restarted, _writer) = start(&db, &journal, None, SETTLE);
     restarted
         .record(&acme(), usage("embd-barrier", 1))
         .await
