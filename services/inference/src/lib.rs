@@ -42,16 +42,17 @@ const MIGRATIONS: &[kiln_store::Migration] = &[kiln_events::outbox::MIGRATION, u
 
 /// Usage events come one per request: the relay gathers them for a fifth of a second rather
 /// than running a pass (and billing a batch) per few requests beside the model (measured:
-/// gRPC embedding latency over the direct call 20.8% -> 17.4% against 20 ms). Under load
-/// (32 or more in a pass, 160 a second) it gathers for a second: each pass sets off a burst of work
-/// (JetStream, billing's booking and spend events, PostgreSQL) that preempts the model's
-/// threads mid-operator, so the bursts cost more than their CPU (measured, 32 embedding
-/// clients on 2 cores: the model's threads 86.4-88.3% of the cores with 200 ms, 89.9-90.8%
-/// with 1 s, no better with 2 s).
+/// gRPC embedding latency over the direct call 20.8% -> 17.4% against 20 ms). While 4 or
+/// more requests that reserve usage are in flight it gathers for a second: each pass sets
+/// off a burst of work (JetStream, billing's booking and spend events, PostgreSQL) that
+/// preempts the model's threads mid-operator, so under load the bursts cost more than their
+/// CPU (measured, 32 embedding clients on 2 cores: the model's threads 86.4-88.3% of the
+/// cores with 200 ms, 89.9-90.8% with 1 s, no better with 2 s). One request at a time keeps
+/// the short wait: fewer, bigger bursts made its latency worse.
 const USAGE_LINGER: kiln_events::outbox::Linger = kiln_events::outbox::Linger {
     quiet: std::time::Duration::from_millis(200),
     busy: std::time::Duration::from_secs(1),
-    busy_from: 32,
+    busy_from: 4,
 };
 
 /// How a node works with the scheduler: the address other nodes reach it at, and its link.
@@ -75,7 +76,8 @@ pub async fn open(
     let data_dir = host.server().data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| Error::internal("creating the data dir", e))?;
     let db = host.open_database(SERVICE, MIGRATIONS).await?;
-    let outbox = kiln_events::outbox::Outbox::new(SERVICE).with_linger(USAGE_LINGER);
+    let outbox = kiln_events::outbox::Outbox::new(SERVICE)
+        .with_linger(USAGE_LINGER, kiln_events::outbox::InFlight::default());
     host.relay(&outbox, db.clone());
     let ort_path =
         (!config.ort_dylib_path.is_empty()).then(|| std::path::Path::new(&config.ort_dylib_path));

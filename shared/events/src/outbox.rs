@@ -4,6 +4,7 @@
 
 use kiln_core::metrics;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kiln_core::backoff::Backoff;
@@ -49,11 +50,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// together go out together (see [`Outbox::with_linger`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Linger {
-    /// After a pass that published fewer than `busy_from` events.
+    /// While fewer than `busy_from` requests are in flight.
     pub quiet: Duration,
-    /// After a pass that published at least `busy_from` events.
+    /// While `busy_from` or more requests are in flight.
     pub busy: Duration,
-    /// Events in one pass from which the relay counts as busy (0: never).
+    /// Requests in flight from which the service counts as busy (0: never).
     pub busy_from: usize,
 }
 
@@ -67,13 +68,41 @@ impl Linger {
         }
     }
 
-    /// The wait before the pass after one that handled `handled` events.
-    pub fn after(&self, handled: usize) -> Duration {
-        if self.busy_from > 0 && handled >= self.busy_from {
+    /// The wait with `in_flight` requests being answered.
+    pub fn with(&self, in_flight: usize) -> Duration {
+        if self.busy_from > 0 && in_flight >= self.busy_from {
             self.busy
         } else {
             self.quiet
         }
+    }
+}
+
+/// Requests a service is answering, counted by whoever answers them (see
+/// [`InFlight::enter`]): how busy it is, for waits that grow with load.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts a request until the guard is dropped.
+    pub fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(self.0.clone())
+    }
+
+    /// Requests in flight now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One request in flight ([`InFlight::enter`]).
+#[derive(Debug)]
+pub struct InFlightGuard(Arc<AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -83,6 +112,7 @@ pub struct Outbox {
     service: &'static str,
     wake: Arc<Notify>,
     linger: Linger,
+    in_flight: InFlight,
 }
 
 impl Outbox {
@@ -91,17 +121,24 @@ impl Outbox {
             service,
             wake: Arc::new(Notify::new()),
             linger: Linger::default(),
+            in_flight: InFlight::default(),
         }
     }
 
     /// Lets the relay wait after a wake-up before publishing, so events committed close
     /// together go out in one pass: for high-rate events (usage, one per request) where
     /// some delay costs less than a relay pass (and a burst of work downstream) per few
-    /// events. The wait is `linger.busy` after a pass that published many events, else
+    /// events. The wait is `linger.busy` while `in_flight` counts many requests, else
     /// `linger.quiet`.
-    pub fn with_linger(mut self, linger: Linger) -> Self {
+    pub fn with_linger(mut self, linger: Linger, in_flight: InFlight) -> Self {
         self.linger = linger;
+        self.in_flight = in_flight;
         self
+    }
+
+    /// The requests in flight its relay's wait follows ([`Outbox::with_linger`]).
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
     }
 
     /// Writes `event` into the outbox inside the caller's transaction.
@@ -206,26 +243,22 @@ impl Outbox {
         let outbox = self.clone();
         tokio::spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(50), MAX_BACKOFF);
-            // Events published since the last wait (a pass may read several batches).
-            let mut pass = 0;
             loop {
                 match outbox.relay_once(&db, bus.as_ref()).await {
                     // A full batch: more may be waiting.
                     Ok(sent) if sent as i64 == BATCH => {
                         backoff.reset();
-                        pass += sent;
                         continue;
                     }
                     // Commits after the read left a wake-up permit, so none is missed.
-                    Ok(sent) => {
+                    Ok(_) => {
                         backoff.reset();
-                        let linger = outbox.linger.after(pass + sent);
-                        pass = 0;
                         let woken = tokio::select! {
                             _ = outbox.wake.notified() => true,
                             _ = tokio::time::sleep(POLL_INTERVAL) => false,
                             _ = shutdown.changed() => false,
                         };
+                        let linger = outbox.linger.with(outbox.in_flight.get());
                         if woken && !linger.is_zero() {
                             tokio::select! {
                                 _ = tokio::time::sleep(linger) => {}
@@ -234,7 +267,6 @@ impl Outbox {
                         }
                     }
                     Err(err) => {
-                        pass = 0;
                         let delay = backoff.next_delay();
                         tracing::warn!(service = outbox.service, %err, retry_in = ?delay, "outbox relay could not publish; will retry");
                         tokio::select! {
@@ -380,24 +412,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_relay_lingers_longer_after_a_busy_pass() {
+    fn the_wait_grows_with_the_requests_in_flight() {
         let linger = Linger {
             quiet: Duration::from_millis(200),
             busy: Duration::from_secs(1),
-            busy_from: 64,
+            busy_from: 4,
         };
-        assert_eq!(linger.after(0), Duration::from_millis(200));
-        assert_eq!(linger.after(63), Duration::from_millis(200));
-        assert_eq!(linger.after(64), Duration::from_secs(1));
-        assert_eq!(linger.after(1_000), Duration::from_secs(1));
+        let in_flight = InFlight::default();
+        assert_eq!(linger.with(in_flight.get()), Duration::from_millis(200));
+        let mut guards: Vec<_> = (0..3).map(|_| in_flight.enter()).collect();
+        assert_eq!(linger.with(in_flight.get()), Duration::from_millis(200));
+        guards.push(in_flight.enter());
+        assert_eq!(in_flight.get(), 4);
+        assert_eq!(linger.with(in_flight.get()), Duration::from_secs(1));
+        // Answered requests leave the count.
+        guards.truncate(1);
+        assert_eq!(in_flight.get(), 1);
+        assert_eq!(linger.with(in_flight.get()), Duration::from_millis(200));
         // Without a busy threshold (the default) the wait never grows.
         let quiet_only = Linger {
             busy_from: 0,
             ..linger
         };
-        assert_eq!(quiet_only.after(1_000), Duration::from_millis(200));
-        assert_eq!(Linger::default().after(1_000), Duration::ZERO);
+        assert_eq!(quiet_only.with(1_000), Duration::from_millis(200));
+        assert_eq!(Linger::default().with(1_000), Duration::ZERO);
         let fixed = Linger::fixed(Duration::from_secs(3));
-        assert_eq!(fixed.after(0), fixed.after(1_000));
+        assert_eq!(fixed.with(0), fixed.with(1_000));
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use kiln_core::auth::Principal;
 use kiln_core::{Error, Result};
 use kiln_events::Body;
-use kiln_events::outbox::{Linger, Outbox};
+use kiln_events::outbox::{InFlightGuard, Linger, Outbox};
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::events::v1::Event;
 use kiln_proto::events::v1::{TrainingUsageRecorded, UsageRecorded};
@@ -103,6 +103,8 @@ pub struct UsageRecorder {
 pub struct Reservation {
     settling: Arc<Settling>,
     event: Option<Event>,
+    /// Counts the request in flight until it is answered or fails.
+    _in_flight: InFlightGuard,
 }
 
 impl Reservation {
@@ -205,6 +207,7 @@ impl UsageRecorder {
         let (queue, mut ops) = mpsc::unbounded_channel::<Op>();
         let settling = Arc::new(Settling::default());
         let node_name: Arc<str> = recording.node.into();
+        let in_flight = outbox.in_flight().clone();
         let writer = Writer {
             db,
             outbox: outbox.clone(),
@@ -230,7 +233,6 @@ impl UsageRecorder {
                 // database is back, not only at the node's next start.
                 let mut retry: Vec<Op> = Vec::new();
                 let mut due: Option<tokio::time::Instant> = None;
-                let mut settle_after = settle.quiet;
                 let stop = async move {
                     match stopped {
                         Some(mut stopped) => drop(stopped.wait_for(|s| *s).await),
@@ -264,12 +266,11 @@ impl UsageRecorder {
                             due = if settling.is_full() {
                                 Some(now)
                             } else {
-                                due.or(Some(now + settle_after))
+                                due.or(Some(now + settle.with(in_flight.get())))
                             };
                         }
                         () = sleep_until(due), if due.is_some() => {
                             let mut now = settling.take();
-                            settle_after = settle.after(now.len());
                             now.append(&mut retry);
                             retry = writer.write(now).await;
                             due = (!retry.is_empty())
@@ -311,6 +312,7 @@ impl UsageRecorder {
         Ok(Reservation {
             settling: self.settling.clone(),
             event: Some(event),
+            _in_flight: self.outbox.in_flight().enter(),
         })
     }
 
@@ -395,14 +397,14 @@ impl UsageRecorder {
 }
 
 /// How long settlements wait for others to share their commit: a tenth of a second, and
-/// half a second after a batch of 16 or more (160 requests a second; under load each commit sets off a burst of
+/// half a second while 4 or more requests are in flight (under load each commit sets off a burst of
 /// database and relay work that preempts the model's threads; measured, 32 embedding
 /// clients on 2 cores: the model's threads 91.7-92.6% of the cores with 500 ms against
 /// 90.4-91.3% with 100 ms, the usage relay lingering as [`crate::USAGE_LINGER`] says).
 const SETTLE: Linger = Linger {
     quiet: Duration::from_millis(100),
     busy: Duration::from_millis(500),
-    busy_from: 16,
+    busy_from: 4,
 };
 /// How long refused settlements wait before they are tried again.
 const RETRY_SETTLEMENTS: Duration = Duration::from_secs(1);
