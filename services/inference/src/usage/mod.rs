@@ -190,11 +190,11 @@ impl UsageRecorder {
         recording: Recording<'_>,
         stopped: Option<watch::Receiver<bool>>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>)> {
-        Self::start_settling_after(db, outbox, recording, stopped, SETTLE)
+        Self::start_settling(db, outbox, recording, stopped, SETTLE)
     }
 
     /// [`UsageRecorder::start`], settlements waiting for others as `settle` says.
-    fn start_settling_after(
+    fn start_settling(
         db: DatabaseConnection,
         outbox: Outbox,
         recording: Recording<'_>,
@@ -397,10 +397,10 @@ impl UsageRecorder {
 }
 
 /// How long settlements wait for others to share their commit: a tenth of a second, and
-/// half a second while 4 or more requests are in flight (under load each commit sets off a burst of
-/// database and relay work that preempts the model's threads; measured, 32 embedding
-/// clients on 2 cores: the model's threads 91.7-92.6% of the cores with 500 ms against
-/// 90.4-91.3% with 100 ms, the usage relay lingering as [`crate::USAGE_LINGER`] says).
+/// half a second while 4 or more requests are in flight (under load each commit sets off a
+/// burst of database and relay work that preempts the model's threads; measured, 32
+/// embedding clients on 2 cores: the model's threads 91.7-92.6% of the cores with 500 ms
+/// against 90.4-91.3% with 100 ms, the usage relay lingering as [`crate::USAGE_LINGER`] says).
 const SETTLE: Linger = Linger {
     quiet: Duration::from_millis(100),
     busy: Duration::from_millis(500),

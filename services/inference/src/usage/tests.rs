@@ -24,7 +24,7 @@ fn start(
         journal_dir,
     };
     let outbox = Outbox::new(crate::SERVICE);
-    UsageRecorder::start_settling_after(db.clone(), outbox, recording, stopped, settle).unwrap()
+    UsageRecorder::start_settling(db.clone(), outbox, recording, stopped, settle).unwrap()
 }
 
 fn acme() -> Principal {
