@@ -42,8 +42,8 @@ const MIGRATIONS: &[kiln_store::Migration] = &[kiln_events::outbox::MIGRATION, u
 
 /// Usage events come one per request: the relay gathers them for a fifth of a second rather
 /// than running a pass (and billing a batch) per few requests beside the model (measured:
-/// gRPC embedding latency over the direct call 20.8% -> 17.4% against 20 ms). While 4 or
-/// more requests that reserve usage are in flight it gathers for a second: each pass sets
+/// gRPC embedding latency over the direct call 20.8% -> 17.4% against 20 ms). While the node
+/// answers 4 or more calls (any model's) it gathers for a second: each pass sets
 /// off a burst of work (JetStream, billing's booking and spend events, PostgreSQL) that
 /// preempts the model's threads mid-operator, so under load the bursts cost more than their
 /// CPU (measured, 32 embedding clients on 2 cores: the model's threads 86.4-88.3% of the
@@ -76,8 +76,9 @@ pub async fn open(
     let data_dir = host.server().data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| Error::internal("creating the data dir", e))?;
     let db = host.open_database(SERVICE, MIGRATIONS).await?;
-    let outbox = kiln_events::outbox::Outbox::new(SERVICE)
-        .with_linger(USAGE_LINGER, kiln_events::outbox::InFlight::default());
+    let answering = kiln_core::in_flight::InFlight::default();
+    let outbox =
+        kiln_events::outbox::Outbox::new(SERVICE).with_linger(USAGE_LINGER, answering.clone());
     host.relay(&outbox, db.clone());
     let ort_path =
         (!config.ort_dylib_path.is_empty()).then(|| std::path::Path::new(&config.ort_dylib_path));
@@ -138,6 +139,7 @@ pub async fn open(
         node,
         limiter,
         draining: host.shutdown.clone(),
+        answering,
     };
     add_services(&inference, &mut host.services);
     Ok(inference)

@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use kiln_core::in_flight::{InFlight, InFlightGuard};
 use kiln_proto::scheduler::v1::{Replica, replica};
 
 use crate::engine::Variant;
@@ -28,7 +29,7 @@ pub(crate) struct Held {
     pub(crate) variant: Variant,
     /// The folders of its loaded addons (`replica.loaded_addons` names them).
     pub(crate) addon_dirs: HashMap<String, PathBuf>,
-    in_flight: Arc<AtomicI32>,
+    in_flight: InFlight,
     served: AtomicU64,
     /// `served` at the previous heartbeat, and when that was.
     last_served: (u64, Instant),
@@ -46,19 +47,19 @@ impl Held {
         }
     }
 
-    pub(crate) fn in_flight(&self) -> i32 {
-        self.in_flight.load(Ordering::Relaxed)
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.get()
     }
 
     /// Its requests in flight when it is ready to serve; None while it is not.
-    pub(crate) fn ready_load(&self) -> Option<i32> {
+    pub(crate) fn ready_load(&self) -> Option<usize> {
         (self.replica.state == replica::State::Ready as i32).then(|| self.in_flight())
     }
 
     /// Counts a request on it: served, and in flight while the guard lives.
-    pub(crate) fn claim(&self) -> InFlight {
+    pub(crate) fn claim(&self) -> InFlightGuard {
         self.served.fetch_add(1, Ordering::Relaxed);
-        InFlight::new(self.in_flight.clone())
+        self.in_flight.enter()
     }
 
     /// Requests served per second since the previous call (the previous heartbeat).
@@ -68,24 +69,5 @@ impl Held {
         let seconds = now.duration_since(at).as_secs_f32().max(1e-3);
         self.last_served = (served, now);
         (served - before) as f32 / seconds
-    }
-}
-
-/// Counts a request on a replica (held here, or another node's it is forwarded to) while it
-/// lives.
-pub(crate) struct InFlight {
-    count: Arc<AtomicI32>,
-}
-
-impl InFlight {
-    pub(crate) fn new(count: Arc<AtomicI32>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self { count }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }

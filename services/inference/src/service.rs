@@ -9,6 +9,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use kiln_core::auth::{Principal, principal};
+use kiln_core::in_flight::InFlight;
 use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
 use kiln_proto::kiln_inference::v1::*;
 use tonic::codec::Streaming;
@@ -18,7 +19,6 @@ use tonic::{Request, Response, Status};
 use crate::embeddings;
 use crate::engine::{Engine, LoadedModel, Task};
 use crate::node::Node;
-use crate::replicas::InFlight;
 use crate::router::{Served, Target, forward, is_forwarded, peer_status};
 use crate::usage::{Usage, UsageRecorder};
 use kiln_core::Result;
@@ -35,6 +35,9 @@ pub struct Inference {
     pub(crate) limiter: Option<Arc<crate::limits::RateLimiter>>,
     /// True once the process stops taking calls (the calls in flight may finish).
     pub(crate) draining: tokio::sync::watch::Receiver<bool>,
+    /// The calls this node answers (its models' work, streams to their end; not those it
+    /// forwards): its load, which the usage relay's and settlements' waits follow.
+    pub(crate) answering: InFlight,
 }
 
 pub(crate) type Reply<T> = Result<Response<T>, Status>;
@@ -183,10 +186,11 @@ fn expect_task(model: &LoadedModel, task: Task, rpc: &str) -> Result<()> {
     ))
 }
 
-/// Keeps `guard` alive until the stream ends or its client leaves.
+/// Keeps `guard` (what counts the call in flight) alive until the stream ends or its client
+/// leaves.
 fn holding<T: Send + 'static>(
     stream: BoxStream<'static, Result<T, Status>>,
-    guard: Option<InFlight>,
+    guard: impl Send + 'static,
 ) -> BoxStream<'static, Result<T, Status>> {
     stream
         .map(move |item| {
@@ -217,9 +221,10 @@ impl Inference {
                 remote(channel, forward(request)).await.map_err(peer_status)
             }
             Target::Local(mut served) => {
-                // The replica counts the call as in flight until its answer is complete (a
-                // drain waits for it; routing sees the load), not just while it is set up.
-                let _in_flight = served.in_flight.take();
+                // The replica and the node count the call as in flight until its answer is
+                // complete (a drain waits for it; routing sees the load), not just while it
+                // is set up.
+                let _in_flight = (served.in_flight.take(), self.answering.enter());
                 Ok(Response::new(local(p, served, request.into_inner()).await?))
             }
         }
@@ -247,10 +252,10 @@ impl Inference {
                     .map_err(peer_status)?
                     .into_inner()
                     .map(|item| item.map_err(peer_status));
-                Ok(Response::new(holding(stream.boxed(), Some(guard))))
+                Ok(Response::new(holding(stream.boxed(), guard)))
             }
             Target::Local(mut served) => {
-                let guard = served.in_flight.take();
+                let guard = (served.in_flight.take(), self.answering.enter());
                 let stream = local(p, served, request.into_inner()).await?;
                 Ok(Response::new(holding(stream, guard)))
             }
@@ -300,4 +305,27 @@ forwarding_service! {
     stream_chat_completion(CreateChatCompletionRequest) -> Self::StreamChatCompletionStream =
         serve_stream;
     create_embeddings(CreateEmbeddingsRequest) -> CreateEmbeddingsResponse = serve;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_streamed_answer_counts_in_flight_until_its_client_is_done_with_it() {
+        let answering = InFlight::default();
+        let items = || futures::stream::iter([Ok::<_, Status>(1), Ok(2)]).boxed();
+        // The client leaves mid-stream.
+        let mut stream = holding(items(), answering.enter());
+        assert_eq!(stream.next().await.unwrap().unwrap(), 1);
+        assert_eq!(answering.get(), 1);
+        drop(stream);
+        assert_eq!(answering.get(), 0);
+        // The stream runs to its end.
+        let stream = holding(items(), answering.enter());
+        assert_eq!(answering.get(), 1);
+        let all: Vec<_> = stream.map(Result::unwrap).collect().await;
+        assert_eq!(all, [1, 2]);
+        assert_eq!(answering.get(), 0);
+    }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod duration;
 pub mod error;
 pub mod grpc;
+pub mod in_flight;
 pub mod listing;
 pub mod metrics;
 pub mod names;

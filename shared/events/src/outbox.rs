@@ -4,10 +4,10 @@
 
 use kiln_core::metrics;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kiln_core::backoff::Backoff;
+use kiln_core::in_flight::InFlight;
 use kiln_store::{Migration, statement, value_rows};
 use prost::Message;
 use sea_orm::{
@@ -78,34 +78,6 @@ impl Linger {
     }
 }
 
-/// Requests a service is answering, counted by whoever answers them (see
-/// [`InFlight::enter`]): how busy it is, for waits that grow with load.
-#[derive(Debug, Clone, Default)]
-pub struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    /// Counts a request until the guard is dropped.
-    pub fn enter(&self) -> InFlightGuard {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard(self.0.clone())
-    }
-
-    /// Requests in flight now.
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// One request in flight ([`InFlight::enter`]).
-#[derive(Debug)]
-pub struct InFlightGuard(Arc<AtomicUsize>);
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// A service's outbox.
 #[derive(Clone)]
 pub struct Outbox {
@@ -128,8 +100,8 @@ impl Outbox {
     /// Lets the relay wait after a wake-up before publishing, so events committed close
     /// together go out in one pass: for high-rate events (usage, one per request) where
     /// some delay costs less than a relay pass (and a burst of work downstream) per few
-    /// events. The wait is `linger.busy` while `in_flight` counts many requests, else
-    /// `linger.quiet`.
+    /// events. The wait is `linger.busy` while `in_flight` (the requests the service is
+    /// answering) counts many, else `linger.quiet`.
     pub fn with_linger(mut self, linger: Linger, in_flight: InFlight) -> Self {
         self.linger = linger;
         self.in_flight = in_flight;

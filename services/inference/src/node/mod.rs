@@ -217,7 +217,7 @@ impl Node {
                 replica: held.replica.name.clone(),
                 state: held.replica.state,
                 load: Some(ReplicaLoad {
-                    in_flight_requests: held.in_flight(),
+                    in_flight_requests: i32::try_from(held.in_flight()).unwrap_or(i32::MAX),
                     requests_per_second: held.take_rate(now),
                     ..Default::default()
                 }),

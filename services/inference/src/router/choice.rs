@@ -69,7 +69,7 @@ pub(super) fn find_route<'t>(
 pub(super) fn pick_local<'r>(
     route: &'r Route,
     node: &str,
-    ready_load: impl Fn(&str) -> Option<i32>,
+    ready_load: impl Fn(&str) -> Option<usize>,
 ) -> Option<&'r RouteReplica> {
     route
         .replicas
@@ -85,7 +85,7 @@ pub(super) fn pick_local<'r>(
 pub(super) fn pick_remote<'r>(
     route: &'r Route,
     node: &str,
-    forwarded: impl Fn(&str) -> i32,
+    forwarded: impl Fn(&str) -> usize,
 ) -> Option<&'r RouteReplica> {
     route
         .replicas
@@ -289,7 +289,7 @@ mod tests {
         // The replicas this node holds ready, with their requests in flight (b1 is not
         // held here, whatever this map says).
         let mut held = HashMap::from([("a-busy", 3), ("a-idle", 1), ("a-also-idle", 1), ("b1", 0)]);
-        let pick = |held: &HashMap<&str, i32>, node| {
+        let pick = |held: &HashMap<&str, usize>, node| {
             pick_local(&route, node, |r| held.get(r).copied()).map(|r| r.replica.clone())
         };
         // The first of the least loaded.
@@ -305,7 +305,7 @@ mod tests {
     fn the_remote_pick_is_the_ready_replica_elsewhere_this_node_forwards_least_to() {
         let route = spread();
         let mut forwarded = HashMap::from([("b1", 4), ("b2", 2)]);
-        let pick = |forwarded: &HashMap<&str, i32>, node| {
+        let pick = |forwarded: &HashMap<&str, usize>, node| {
             pick_remote(&route, node, |r| forwarded.get(r).copied().unwrap_or(0))
                 .map(|r| r.replica.clone())
         };

@@ -9,11 +9,11 @@ mod forward;
 
 use kiln_core::Error;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_core::auth::Principal;
+use kiln_core::in_flight::{InFlight, InFlightGuard};
 use kiln_proto::scheduler::v1::{DeploymentDemand, Route, RoutingTable};
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -23,7 +23,7 @@ pub(crate) use forward::{forward, is_forwarded, peer_status};
 use crate::config::InferenceConfig;
 use crate::engine::{Engine, LoadedModel};
 use crate::generation::llm::Adapter;
-use crate::replicas::{InFlight, Replicas};
+use crate::replicas::Replicas;
 use kiln_core::Result;
 
 /// How long a request waits for the node's first routing table before UNAVAILABLE.
@@ -45,14 +45,14 @@ pub(crate) struct Served {
     pub(crate) adapter: Option<Arc<Adapter>>,
     pub(crate) route: Option<RouteRef>,
     /// Held until the answer is complete (streams keep it to their end).
-    pub(crate) in_flight: Option<InFlight>,
+    pub(crate) in_flight: Option<InFlightGuard>,
 }
 
 /// Where a request goes.
 pub(crate) enum Target {
     Local(Served),
     /// Another node's gRPC server; the guard counts the forward against that replica.
-    Remote(Channel, InFlight),
+    Remote(Channel, InFlightGuard),
 }
 
 /// Tells the scheduler how many requests wait for a deployment with no ready replica.
@@ -70,7 +70,7 @@ pub(crate) struct Router {
     max_waiting: usize,
     peers: Mutex<HashMap<String, Channel>>,
     /// Requests this node forwards now, per replica (its view of remote load).
-    forwarded: Mutex<HashMap<String, Arc<AtomicI32>>>,
+    forwarded: Mutex<HashMap<String, InFlight>>,
     /// Requests waiting for a deployment with no ready replica.
     waiting: Mutex<HashMap<String, usize>>,
 }
@@ -228,17 +228,15 @@ impl Router {
     fn remote(&self, route: &Route) -> Result<Option<Target>> {
         let mut forwarded = self.forwarded.lock().expect("forwarded");
         let best = choice::pick_remote(route, &self.node, |replica| {
-            forwarded
-                .get(replica)
-                .map_or(0, |c| c.load(Ordering::Relaxed))
+            forwarded.get(replica).map_or(0, InFlight::get)
         });
         let Some(best) = best else {
             return Ok(None);
         };
-        let count = forwarded.entry(best.replica.clone()).or_default().clone();
+        let guard = forwarded.entry(best.replica.clone()).or_default().enter();
         drop(forwarded);
         let channel = self.peer(&best.address)?;
-        Ok(Some(Target::Remote(channel, InFlight::new(count))))
+        Ok(Some(Target::Remote(channel, guard)))
     }
 
     /// The channel to the node at `address`, opened at its first use.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use kiln_core::auth::Principal;
 use kiln_core::{Error, Result};
 use kiln_events::Body;
-use kiln_events::outbox::{InFlightGuard, Linger, Outbox};
+use kiln_events::outbox::{Linger, Outbox};
 use kiln_proto::common::v1::AcceleratorType;
 use kiln_proto::events::v1::Event;
 use kiln_proto::events::v1::{TrainingUsageRecorded, UsageRecorded};
@@ -103,8 +103,6 @@ pub struct UsageRecorder {
 pub struct Reservation {
     settling: Arc<Settling>,
     event: Option<Event>,
-    /// Counts the request in flight until it is answered or fails.
-    _in_flight: InFlightGuard,
 }
 
 impl Reservation {
@@ -312,7 +310,6 @@ impl UsageRecorder {
         Ok(Reservation {
             settling: self.settling.clone(),
             event: Some(event),
-            _in_flight: self.outbox.in_flight().enter(),
         })
     }
 

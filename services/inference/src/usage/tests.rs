@@ -120,16 +120,10 @@ async fn settlements_are_written_a_moment_after_the_answer_without_more_traffic(
     let db = node_db(dir.path()).await;
     let journal = dir.path().join("journal");
     let (usage_of, _writer) = start(&db, &journal, None, SETTLE);
-    let in_flight = usage_of.outbox.in_flight().clone();
-    let reservations: Vec<_> = (0..3)
-        .map(|i| usage_of.reserve(&acme(), usage(&format!("embd-{i}"), 2)))
-        .collect();
-    // Requests being answered count as load (the waits grow with it) until answered.
-    assert_eq!(in_flight.get(), 3);
-    for reservation in reservations {
+    for i in 0..3 {
+        let reservation = usage_of.reserve(&acme(), usage(&format!("embd-{i}"), 2));
         reservation.unwrap().confirm();
     }
-    assert_eq!(in_flight.get(), 0);
     // The journal's marks follow the outbox commit: wait for both.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while billed(&db).await.len() < 3 || unsettled_in(&journal).unwrap() > 0 {
