@@ -394,14 +394,14 @@ impl UsageRecorder {
 }
 
 /// How long settlements wait for others to share their commit: a tenth of a second, and
-/// half a second while 4 or more requests are in flight (under load each commit sets off a
-/// burst of database and relay work that preempts the model's threads; measured, 32
-/// embedding clients on 2 cores: the model's threads 91.7-92.6% of the cores with 500 ms
+/// half a second while the node is busy by the usage relay's rule (under load each commit
+/// sets off a burst of database and relay work that preempts the model's threads; measured,
+/// 32 embedding clients on 2 cores: the model's threads 91.7-92.6% of the cores with 500 ms
 /// against 90.4-91.3% with 100 ms, the usage relay lingering as [`crate::USAGE_LINGER`] says).
 const SETTLE: Linger = Linger {
     quiet: Duration::from_millis(100),
     busy: Duration::from_millis(500),
-    busy_from: 4,
+    busy_from: crate::USAGE_LINGER.busy_from,
 };
 /// How long refused settlements wait before they are tried again.
 const RETRY_SETTLEMENTS: Duration = Duration::from_secs(1);
