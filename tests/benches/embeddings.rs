@@ -8,6 +8,8 @@
 //!   over rounds of each round's gRPC p50 over its direct p50, so drift between rounds cancels;
 //!   and an authenticated call that does nothing, in a tight loop and right after a direct
 //!   pass (the transport's floor: every embeddings call meets parked workers and cold caches);
+//!   the forward pass's own mean time in the engine's and the gRPC blocks (does the serving
+//!   path slow the pass, or add time around it?) and the host's steal meanwhile;
 //! - embeddings/s from 32 concurrent gRPC clients, one input per request, with dynamic
 //!   batching on (32 rows) and off, and on with the threads as instances of one thread
 //!   each; and from 32 tasks calling the engine in process, taking turns with the gRPC
@@ -15,7 +17,7 @@
 //!   of the turns' ratios, with the rows per pass of each (the gRPC side's from the mesh's
 //!   `kiln_model_batch_rows` metric) and where the cores went in each side's turns: the
 //!   model's threads (its runner's and ONNX Runtime's), the async runtime's (server, clients,
-//!   usage recording, billing), other processes (PostgreSQL, NATS) and idle;
+//!   usage recording, billing), other processes (PostgreSQL, NATS), the host's steal and idle;
 //! - the `onnxruntime` Python package on the same files and thread count, batches of 32
 //!   (tests/python/ort_baseline.py).
 
@@ -110,6 +112,12 @@ fn main() {
         // Each round's gRPC p50 over its direct p50.
         let mut round_ratios = Vec::new();
         let mut after_pass = Vec::new();
+        // The forward pass alone (the mesh's `kiln_model_pass_duration`, the same code in both
+        // the engine and the server, warm-up calls included), to tell an overhead that slows
+        // the pass itself (threads preempting ONNX Runtime's) from one around it.
+        let passes = || batched_mesh.histogram_totals("kiln_model_pass_duration_seconds");
+        let (mut engine_passes, mut grpc_passes) = ((0.0, 0.0), (0.0, 0.0));
+        let latency_cpu = CpuTicks::now();
         for _round in 0..samples_per_path.div_ceil(BLOCK) {
             let (direct_from, grpc_from) = (direct_samples.len(), grpc_samples.len());
             timed_block(direct_samples, WARM, BLOCK, || {
@@ -117,15 +125,20 @@ fn main() {
                 std::future::ready(())
             })
             .await;
+            let before = passes().await;
             timed_block(engine_samples, WARM, BLOCK, || async {
                 let ids = embeddings::tokenize(&model, &texts, false).unwrap();
                 std::hint::black_box(embeddings::embed(&model, ids).await.unwrap());
             })
             .await;
+            let between = passes().await;
             timed_block(grpc_samples, WARM, BLOCK, || async {
                 embed(&ch, MINILM, &texts).await.unwrap();
             })
             .await;
+            let after = passes().await;
+            engine_passes = add_difference(engine_passes, between, before);
+            grpc_passes = add_difference(grpc_passes, after, between);
             timed_block(empty_samples, WARM, BLOCK, || async {
                 let live = kiln_proto::inference::ServerLiveRequest {};
                 oip(&ch).server_live(live).await.unwrap();
@@ -147,6 +160,7 @@ fn main() {
             let direct_p50 = median(&mut direct_samples[direct_from..]);
             round_ratios.push(grpc_p50.as_secs_f64() / direct_p50.as_secs_f64());
         }
+        let latency_cpu = CpuTicks::now() - latency_cpu;
         let [direct, in_engine, grpc, empty] = samples.map(|mut s| median(&mut s));
         let overhead = median(&mut round_ratios) - 1.0;
 
@@ -249,6 +263,16 @@ fn main() {
             ms(median(&mut after_pass))
         );
         println!("  python onnxruntime           {:>8.3} ms", python_p50);
+        let mean_pass = |(seconds, passes): (f64, f64)| seconds * 1e3 / passes.max(1.0);
+        let (engine_pass, grpc_pass) = (mean_pass(engine_passes), mean_pass(grpc_passes));
+        println!(
+            "  the forward pass alone (mean): {engine_pass:.3} ms in the engine, {grpc_pass:.3} ms under gRPC ({:+.1}%)",
+            (grpc_pass / engine_pass - 1.0) * 100.0
+        );
+        println!(
+            "  (the host stole {:.1}% of the cores during these rounds)",
+            latency_cpu.stolen()
+        );
         println!(
             "  gRPC overhead over the direct call: {:.1}% (aim < 10%; median of {} rounds' ratios, the p50s above give {:.1}%)",
             overhead * 100.0,
@@ -279,4 +303,9 @@ fn main() {
             batched / unbatched
         );
     });
+}
+
+/// `total` plus what a histogram's (sum, count) grew by from `earlier` to `later`.
+fn add_difference(total: (f64, f64), later: (f64, f64), earlier: (f64, f64)) -> (f64, f64) {
+    (total.0 + later.0 - earlier.0, total.1 + later.1 - earlier.1)
 }

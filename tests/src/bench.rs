@@ -156,6 +156,8 @@ pub struct CpuTicks {
     /// All cores, every state.
     total: u64,
     idle: u64,
+    /// Time the host gave this guest's cores to others (a VM's steal).
+    steal: u64,
     /// This process's threads, live and ended.
     process: u64,
     /// The threads outside the async runtime: the models' runners and ONNX Runtime's pools.
@@ -165,6 +167,11 @@ pub struct CpuTicks {
 impl CpuTicks {
     pub fn now() -> Self {
         Self::read().unwrap_or_default()
+    }
+
+    /// The host's steal, in percent of all cores' time.
+    pub fn stolen(&self) -> f64 {
+        100.0 * self.steal as f64 / self.total.max(1) as f64
     }
 
     fn read() -> Option<Self> {
@@ -181,6 +188,7 @@ impl CpuTicks {
         let mut ticks = Self {
             total: cpu.iter().sum(),
             idle: cpu.get(3)? + cpu.get(4)?,
+            steal: *cpu.get(7)?,
             process: thread_ticks(std::path::Path::new("/proc/self"))?,
             model: 0,
         };
@@ -212,6 +220,7 @@ impl std::ops::Sub for CpuTicks {
         Self {
             total: self.total.saturating_sub(earlier.total),
             idle: self.idle.saturating_sub(earlier.idle),
+            steal: self.steal.saturating_sub(earlier.steal),
             process: self.process.saturating_sub(earlier.process),
             model: self.model.saturating_sub(earlier.model),
         }
@@ -222,6 +231,7 @@ impl std::ops::AddAssign for CpuTicks {
     fn add_assign(&mut self, more: Self) {
         self.total += more.total;
         self.idle += more.idle;
+        self.steal += more.steal;
         self.process += more.process;
         self.model += more.model;
     }
@@ -229,19 +239,24 @@ impl std::ops::AddAssign for CpuTicks {
 
 impl std::fmt::Display for CpuTicks {
     /// Shares of all cores: the models' threads, the async runtime's (server, clients, usage
-    /// recording, billing), other processes (databases, the bus) and idle.
+    /// recording, billing), other processes (databases, the bus), the host's steal (a noisy
+    /// neighbour of a VM: figures from a run with much of it are not worth comparing) and idle.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.total == 0 {
             return write!(f, "(no /proc here)");
         }
         let share = |ticks: u64| 100.0 * ticks as f64 / self.total as f64;
-        let others = self.total.saturating_sub(self.idle + self.process);
+        let others = self
+            .total
+            .saturating_sub(self.idle + self.steal + self.process);
         write!(
             f,
-            "model threads {:.1}%, async runtime {:.1}%, other processes {:.1}%, idle {:.1}%",
+            "model threads {:.1}%, async runtime {:.1}%, other processes {:.1}%, \
+             stolen by the host {:.1}%, idle {:.1}%",
             share(self.model),
             share(self.process.saturating_sub(self.model)),
             share(others),
+            share(self.steal),
             share(self.idle)
         )
     }
