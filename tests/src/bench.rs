@@ -171,7 +171,12 @@ impl CpuTicks {
 
     /// The host's steal, in percent of all cores' time.
     pub fn stolen(&self) -> f64 {
-        100.0 * self.steal as f64 / self.total.max(1) as f64
+        self.share(self.steal)
+    }
+
+    /// `ticks` in percent of all cores' time.
+    fn share(&self, ticks: u64) -> f64 {
+        100.0 * ticks as f64 / self.total.max(1) as f64
     }
 
     fn read() -> Option<Self> {
@@ -245,7 +250,6 @@ impl std::fmt::Display for CpuTicks {
         if self.total == 0 {
             return write!(f, "(no /proc here)");
         }
-        let share = |ticks: u64| 100.0 * ticks as f64 / self.total as f64;
         let others = self
             .total
             .saturating_sub(self.idle + self.steal + self.process);
@@ -253,11 +257,11 @@ impl std::fmt::Display for CpuTicks {
             f,
             "model threads {:.1}%, async runtime {:.1}%, other processes {:.1}%, \
              stolen by the host {:.1}%, idle {:.1}%",
-            share(self.model),
-            share(self.process.saturating_sub(self.model)),
-            share(others),
-            share(self.steal),
-            share(self.idle)
+            self.share(self.model),
+            self.share(self.process.saturating_sub(self.model)),
+            self.share(others),
+            self.share(self.steal),
+            self.share(self.idle)
         )
     }
 }
