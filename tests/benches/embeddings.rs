@@ -3,9 +3,11 @@
 //!
 //! - p50 latency of one 16-token embedding (SAMPLES calls per path, default 1,000), the paths
 //!   taking turns in blocks: the backend called directly in this process (tokenize, forward,
-//!   pool), the engine (plus its batcher thread), and `CreateEmbeddings` through gRPC (plus
-//!   loopback HTTP/2, auth, routing and the usage journal's write); the overhead is the median
-//!   over rounds of each round's gRPC p50 over its direct p50, so drift between rounds cancels;
+//!   pool), the engine (plus its batcher thread), `CreateEmbeddings` called in process (the
+//!   server's layers, auth, routing and the usage journal's write, on the mesh's own session)
+//!   and the same through gRPC (plus loopback HTTP/2 and the client); the overhead is the
+//!   median over rounds of each round's gRPC p50 over its direct p50, so drift between rounds
+//!   cancels, split into the serving path's (in process over direct) and the transport's;
 //!   and an authenticated call that does nothing, in a tight loop and right after a direct
 //!   pass (the transport's floor: every embeddings call meets parked workers and cold caches);
 //!   the forward pass's own mean time in the engine's and the gRPC blocks (does the serving
@@ -28,6 +30,8 @@ use kiln_inference::config::{Batching, InferenceConfig};
 use kiln_inference::embeddings;
 use kiln_inference::engine::load_tokenizer;
 use kiln_inference::tensor::TensorData;
+use kiln_proto::kiln_inference::v1::CreateEmbeddingsRequest;
+use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
 use kiln_tests::TestMesh;
 use kiln_tests::bench::{Args, CpuTicks, block_on, measure, median, ms, percentile, timed_block};
 use kiln_tests::inference::*;
@@ -36,11 +40,13 @@ use kiln_tests::python::Script;
 /// Calls per path in the latency comparison unless the arguments say otherwise.
 const SAMPLES: usize = 1000;
 
+/// A mesh serving MiniLM with `batching`, and its bench account's key with a channel that
+/// sends it.
 async fn mesh(
     threads: usize,
     batching: Batching,
     assets: &std::path::Path,
-) -> (TestMesh, kiln_tests::AuthedChannel) {
+) -> (TestMesh, String, kiln_tests::AuthedChannel) {
     let inference = InferenceConfig {
         backend: "onnxruntime".into(),
         intra_op_threads: threads,
@@ -48,7 +54,7 @@ async fn mesh(
         ..Default::default()
     };
     let mesh = kiln_tests::library_mesh(assets, Some(inference)).await;
-    let ch = mesh.tenant_channel("bench").await;
+    let (key, ch) = mesh.tenant("bench").await;
     // The throughput turns send more than the default 6,000 requests a minute; the limiter
     // still admits each call.
     let admin = mesh.admin().await;
@@ -57,7 +63,7 @@ async fn mesh(
         .expect("raise the bench account's request quota");
     let warm_up = ["warm up".to_owned()];
     first_embeddings(&ch, MINILM, &warm_up, Duration::from_secs(120)).await;
-    (mesh, ch)
+    (mesh, key, ch)
 }
 
 fn main() {
@@ -98,7 +104,14 @@ fn main() {
         let texts = vec![sentence.clone()];
 
         let assets = minilm_asset_dir();
-        let (batched_mesh, ch) = mesh(threads, Batching::default(), assets.path()).await;
+        let (batched_mesh, key, ch) = mesh(threads, Batching::default(), assets.path()).await;
+        // The same service in process: every layer of the gRPC call but the transport.
+        let in_process = InferenceServiceClient::new(batched_mesh.in_process(&key));
+        let request = CreateEmbeddingsRequest {
+            model: MINILM.to_owned(),
+            input: texts.clone(),
+            ..Default::default()
+        };
 
         // The paths take turns in short blocks of calls, many rounds, so drift on a shared
         // machine hits all alike; each block's first calls are not counted (call-by-call
@@ -107,19 +120,29 @@ fn main() {
         // the server's layers).
         const BLOCK: usize = 20;
         const WARM: usize = 5;
-        let mut samples: [Vec<Duration>; 4] = Default::default();
-        let [direct_samples, engine_samples, grpc_samples, empty_samples] = &mut samples;
-        // Each round's gRPC p50 over its direct p50.
-        let mut round_ratios = Vec::new();
+        let mut samples: [Vec<Duration>; 5] = Default::default();
+        let [
+            direct_samples,
+            engine_samples,
+            in_process_samples,
+            grpc_samples,
+            empty_samples,
+        ] = &mut samples;
+        // Each round's gRPC p50 over its direct p50, and its p50 in process over the direct.
+        let (mut round_ratios, mut in_process_ratios) = (Vec::new(), Vec::new());
         let mut after_pass = Vec::new();
         // The forward pass alone (the mesh's `kiln_model_pass_duration`, the same code in both
         // the engine and the server, warm-up calls included), to tell an overhead that slows
         // the pass itself (threads preempting ONNX Runtime's) from one around it.
         let passes = || batched_mesh.histogram_totals("kiln_model_pass_duration_seconds");
-        let (mut engine_passes, mut grpc_passes) = ((0.0, 0.0), (0.0, 0.0));
+        let [mut engine_passes, mut in_process_passes, mut grpc_passes] = [(0.0, 0.0); 3];
         let latency_cpu = CpuTicks::now();
         for _round in 0..samples_per_path.div_ceil(BLOCK) {
-            let (direct_from, grpc_from) = (direct_samples.len(), grpc_samples.len());
+            let from = [
+                direct_samples.len(),
+                in_process_samples.len(),
+                grpc_samples.len(),
+            ];
             timed_block(direct_samples, WARM, BLOCK, || {
                 direct();
                 std::future::ready(())
@@ -132,13 +155,22 @@ fn main() {
             })
             .await;
             let between = passes().await;
+            timed_block(in_process_samples, WARM, BLOCK, || {
+                let (mut client, request) = (in_process.clone(), request.clone());
+                async move {
+                    client.create_embeddings(request).await.unwrap();
+                }
+            })
+            .await;
+            let in_process_done = passes().await;
             timed_block(grpc_samples, WARM, BLOCK, || async {
                 embed(&ch, MINILM, &texts).await.unwrap();
             })
             .await;
             let after = passes().await;
             engine_passes = add_difference(engine_passes, between, before);
-            grpc_passes = add_difference(grpc_passes, after, between);
+            in_process_passes = add_difference(in_process_passes, in_process_done, between);
+            grpc_passes = add_difference(grpc_passes, after, in_process_done);
             timed_block(empty_samples, WARM, BLOCK, || async {
                 let live = kiln_proto::inference::ServerLiveRequest {};
                 oip(&ch).server_live(live).await.unwrap();
@@ -156,13 +188,17 @@ fn main() {
                 }
             }
             // Sorting a round's samples in place leaves the pooled p50s below as they are.
-            let grpc_p50 = median(&mut grpc_samples[grpc_from..]);
-            let direct_p50 = median(&mut direct_samples[direct_from..]);
-            round_ratios.push(grpc_p50.as_secs_f64() / direct_p50.as_secs_f64());
+            let direct_p50 = median(&mut direct_samples[from[0]..]).as_secs_f64();
+            let in_process_p50 = median(&mut in_process_samples[from[1]..]).as_secs_f64();
+            let grpc_p50 = median(&mut grpc_samples[from[2]..]).as_secs_f64();
+            round_ratios.push(grpc_p50 / direct_p50);
+            in_process_ratios.push(in_process_p50 / direct_p50);
         }
         let latency_cpu = CpuTicks::now() - latency_cpu;
-        let [direct, in_engine, grpc, empty] = samples.map(|mut s| median(&mut s));
+        let [direct, in_engine, served_in_process, grpc, empty] =
+            samples.map(|mut s| median(&mut s));
         let overhead = median(&mut round_ratios) - 1.0;
+        let in_process_overhead = median(&mut in_process_ratios) - 1.0;
 
         // 32 closed-loop clients of CreateEmbeddings on `ch`.
         let calls = |ch: kiln_tests::AuthedChannel| {
@@ -213,7 +249,7 @@ fn main() {
         drop(engine);
         batched_mesh.shutdown().await;
 
-        let (unbatched_mesh, ch) = mesh(
+        let (unbatched_mesh, _, ch) = mesh(
             threads,
             Batching {
                 max_batch_size: 1,
@@ -227,7 +263,7 @@ fn main() {
         unbatched_mesh.shutdown().await;
 
         // The same threads as copies of the model, one thread each, passes side by side.
-        let (instances_mesh, ch) = mesh(
+        let (instances_mesh, _, ch) = mesh(
             1,
             Batching {
                 instances: threads,
@@ -256,6 +292,10 @@ fn main() {
         println!("p50 of one 16-token input:");
         println!("  backend called directly      {:>8.3} ms", ms(direct));
         println!("  engine (batcher) in process  {:>8.3} ms", ms(in_engine));
+        println!(
+            "  CreateEmbeddings in process  {:>8.3} ms  (every layer of the call, no transport)",
+            ms(served_in_process)
+        );
         println!("  CreateEmbeddings over gRPC   {:>8.3} ms", ms(grpc));
         println!("  (an empty authenticated call {:>8.3} ms)", ms(empty));
         println!(
@@ -264,9 +304,10 @@ fn main() {
         );
         println!("  python onnxruntime           {:>8.3} ms", python_p50);
         let mean_pass = |(seconds, passes): (f64, f64)| seconds * 1e3 / passes.max(1.0);
-        let (engine_pass, grpc_pass) = (mean_pass(engine_passes), mean_pass(grpc_passes));
+        let [engine_pass, in_process_pass, grpc_pass] =
+            [engine_passes, in_process_passes, grpc_passes].map(mean_pass);
         println!(
-            "  the forward pass alone (mean): {engine_pass:.3} ms in the engine, {grpc_pass:.3} ms under gRPC ({:+.1}%)",
+            "  the forward pass alone (mean): {engine_pass:.3} ms in the engine, {in_process_pass:.3} ms in process, {grpc_pass:.3} ms under gRPC ({:+.1}%)",
             (grpc_pass / engine_pass - 1.0) * 100.0
         );
         println!(
@@ -278,6 +319,11 @@ fn main() {
             overhead * 100.0,
             round_ratios.len(),
             (ms(grpc) / ms(direct) - 1.0) * 100.0
+        );
+        println!(
+            "    of which the serving path in process: {:.1}%, the transport (loopback HTTP/2, client included): {:.1} points",
+            in_process_overhead * 100.0,
+            (overhead - in_process_overhead) * 100.0
         );
         println!("embeddings/s, 32 concurrent clients, one 16-token input per request:");
         println!(

@@ -24,6 +24,9 @@ use tonic::transport::Channel;
 /// A channel that sends a bearer key (or none) and the trace context.
 pub type AuthedChannel = InterceptedService<Channel, OutgoingInterceptor>;
 
+/// A mesh's services in process with a key (see [`TestMesh::in_process`]).
+pub type InProcess = InterceptedService<kiln_core::server::LocalService, OutgoingInterceptor>;
+
 /// The service credential every test mesh uses.
 pub const SERVICE_TOKEN: &str = "test-service-token-0123456789";
 
@@ -272,6 +275,16 @@ impl TestMesh {
     /// A channel to the mesh that sends `key` (None: no authorization header).
     pub async fn channel(&self, key: Option<&str>) -> AuthedChannel {
         channel_to(&self.url(), key).await
+    }
+
+    /// The mesh's services called in process with `key` (every layer of a network call,
+    /// no transport): wrap it in any generated client, as a channel.
+    pub fn in_process(&self, key: &str) -> InProcess {
+        let mesh = self.mesh.as_ref().expect("a running mesh");
+        InterceptedService::new(
+            mesh.local.clone(),
+            OutgoingInterceptor::new(Some(key)).expect("key is a header value"),
+        )
     }
 
     /// A channel with the bootstrap admin key.

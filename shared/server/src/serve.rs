@@ -34,6 +34,9 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     /// Where the HTTP edge answers, when the gateway runs here.
     pub gateway_addr: Option<SocketAddr>,
+    /// The same services called in process: every layer of a network call (trace context,
+    /// metrics, auth), no transport (the HTTP edge here calls these).
+    pub local: kiln_core::server::LocalService,
     stop: watch::Sender<bool>,
     done: JoinHandle<Result<(), String>>,
 }
@@ -161,7 +164,7 @@ pub async fn serve(
     let grace = server.shutdown_grace;
     let (done, local) = serve_host(host, listener, authenticator, tls, grace).await?;
     let gateway_addr = match roles.has(Role::Gateway) {
-        true => Some(serve_gateway(config, local, stop.subscribe()).await?),
+        true => Some(serve_gateway(config, local.clone(), stop.subscribe()).await?),
         false => None,
     };
     tracing::info!(%addr, services = %roles, "Kiln serving");
@@ -172,6 +175,7 @@ pub async fn serve(
         billing,
         metrics_addr,
         gateway_addr,
+        local,
         stop,
         done,
     })
