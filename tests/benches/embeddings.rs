@@ -10,8 +10,10 @@
 //!   cancels, split into the serving path's (in process over direct) and the transport's;
 //!   and an authenticated call that does nothing, in a tight loop and right after a direct
 //!   pass (the transport's floor: every embeddings call meets parked workers and cold caches);
-//!   the forward pass's own mean time in the engine's and the gRPC blocks (does the serving
-//!   path slow the pass, or add time around it?) and the host's steal meanwhile;
+//!   the forward pass's own mean time in the engine's, the in-process and the gRPC blocks
+//!   (does the transport slow the pass, or add time around it? the last two share one
+//!   session, whose weights' placement alone moves a pass by a few percent) and the host's
+//!   steal meanwhile;
 //! - embeddings/s from 32 concurrent gRPC clients, one input per request, with dynamic
 //!   batching on (32 rows) and off, and on with the threads as instances of one thread
 //!   each; and from 32 tasks calling the engine in process, taking turns with the gRPC
@@ -307,8 +309,8 @@ fn main() {
         let [engine_pass, in_process_pass, grpc_pass] =
             [engine_passes, in_process_passes, grpc_passes].map(mean_pass);
         println!(
-            "  the forward pass alone (mean): {engine_pass:.3} ms in the engine, {in_process_pass:.3} ms in process, {grpc_pass:.3} ms under gRPC ({:+.1}%)",
-            (grpc_pass / engine_pass - 1.0) * 100.0
+            "  the forward pass alone (mean): {engine_pass:.3} ms in the engine, {in_process_pass:.3} ms in process, {grpc_pass:.3} ms under gRPC ({:+.1}% on the session in process)",
+            (grpc_pass / in_process_pass - 1.0) * 100.0
         );
         println!(
             "  (the host stole {:.1}% of the cores during these rounds)",
