@@ -281,10 +281,7 @@ impl TestMesh {
     /// no transport): wrap it in any generated client, as a channel.
     pub fn in_process(&self, key: &str) -> InProcess {
         let mesh = self.mesh.as_ref().expect("a running mesh");
-        InterceptedService::new(
-            mesh.local.clone(),
-            OutgoingInterceptor::new(Some(key)).expect("key is a header value"),
-        )
+        crate::with_key(mesh.local.clone(), Some(key))
     }
 
     /// A channel with the bootstrap admin key.

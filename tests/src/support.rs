@@ -18,8 +18,14 @@ pub async fn channel_to(url: &str, key: Option<&str>) -> AuthedChannel {
         .connect()
         .await
         .expect("connect to mesh");
+    with_key(channel, key)
+}
+
+/// `service` (a channel, or services in process) sending `key` as a bearer token (None: no
+/// authorization header) and the trace context.
+pub fn with_key<S>(service: S, key: Option<&str>) -> InterceptedService<S, OutgoingInterceptor> {
     InterceptedService::new(
-        channel,
+        service,
         OutgoingInterceptor::new(key).expect("key is a header value"),
     )
 }

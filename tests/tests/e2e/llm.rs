@@ -11,7 +11,7 @@ use kiln_tests::events::next_event;
 use kiln_tests::inference::{client, load_session};
 use kiln_tests::llm::*;
 use kiln_tests::registry::get_model;
-use kiln_tests::{TestMesh, expect_code, wait_for};
+use kiln_tests::{TestMesh, expect_code, wait_for, with_key};
 use tonic::Code;
 
 /// Teacher-forced next-token predictions of every reference prompt, all prompts in one
@@ -404,8 +404,7 @@ async fn a_client_that_stops_reading_its_stream_stalls_no_one_and_loses_nothing(
         .connect()
         .await
         .unwrap();
-    let interceptor = kiln_core::telemetry::OutgoingInterceptor::new(Some(&key)).unwrap();
-    let slow_ch = tonic::service::interceptor::InterceptedService::new(plain, interceptor);
+    let slow_ch = with_key(plain, Some(&key));
     // Counting on (greedy) is a long answer; log-probabilities make each piece a few hundred
     // bytes, so the window is full long before the end.
     let request = infv1::CreateCompletionRequest {
