@@ -1,7 +1,8 @@
 //! What the benchmarks share: their arguments, the runtime, closed-loop throughput, timed
-//! blocks of calls, medians and percentiles.
+//! blocks of calls, clients in a process of their own, medians and percentiles.
 
 use std::future::Future;
+use std::io::Write;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -130,6 +131,109 @@ pub fn median<T: PartialOrd + Copy>(samples: &mut [T]) -> T {
 /// A duration in milliseconds.
 pub fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
+}
+
+/// Set in a benchmark's own binary, run again as a [`ClientProcess`]: the mesh's URL, then a
+/// space, then the key to send.
+const CLIENT_ENV: &str = "KILN_BENCH_CLIENT";
+
+/// A gRPC client in a process of its own, as the platform's users' clients are (a client task
+/// on the server's own runtime shares its workers, wakes and cores, which no deployment does):
+/// the benchmark's binary run again with [`CLIENT_ENV`] set, taking one command a line on its
+/// stdin and answering each with one line (see [`serve_client_commands`]).
+pub struct ClientProcess {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    answers: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl ClientProcess {
+    /// Starts the client of the mesh at `url`, sending `key`.
+    pub fn spawn(url: &str, key: &str) -> Self {
+        let mut child = tokio::process::Command::new(std::env::current_exe().expect("own binary"))
+            .env(CLIENT_ENV, format!("{url} {key}"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the client process");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let answers = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        Self {
+            child,
+            stdin,
+            answers,
+        }
+    }
+
+    /// Sends `command` and waits for its answer (off the runtime's workers: the process
+    /// answers when its calls are done).
+    pub async fn ask(&mut self, command: &str) -> String {
+        use tokio::io::AsyncWriteExt;
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .expect("write to the client process");
+        match self
+            .answers
+            .next_line()
+            .await
+            .expect("read the client process")
+        {
+            Some(answer) => answer,
+            None => panic!(
+                "the client process ended without answering {command:?}: {:?}",
+                self.child.try_wait()
+            ),
+        }
+    }
+
+    /// Durations in nanoseconds, as a command's answer lists them, added to `samples`.
+    pub async fn ask_durations(&mut self, command: &str, samples: &mut Vec<Duration>) {
+        let answer = self.ask(command).await;
+        samples.extend(
+            answer.split_whitespace().map(|ns| {
+                Duration::from_nanos(ns.parse().unwrap_or_else(|_| panic!("{answer:?}")))
+            }),
+        );
+    }
+}
+
+/// Durations as [`ClientProcess::ask_durations`] reads them.
+pub fn durations_line(samples: &[Duration]) -> String {
+    let ns: Vec<String> = samples.iter().map(|d| d.as_nanos().to_string()).collect();
+    ns.join(" ")
+}
+
+/// In a benchmark's binary run as a [`ClientProcess`]: connects to the mesh, then answers each
+/// line of stdin with `answer(channel, line)` on a runtime of one thread (a plain client's),
+/// until stdin closes, and returns true. In any other process: returns false at once.
+pub fn serve_client_commands<F, Fut>(mut answer: F) -> bool
+where
+    F: FnMut(crate::AuthedChannel, String) -> Fut,
+    Fut: Future<Output = String>,
+{
+    let Ok(target) = std::env::var(CLIENT_ENV) else {
+        return false;
+    };
+    let (url, key) = target.split_once(' ').expect("URL and key");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let channel = crate::channel_to(url, Some(key)).await;
+        let mut out = std::io::stdout().lock();
+        for line in std::io::stdin().lines() {
+            let line = line.expect("read a command");
+            let reply = answer(channel.clone(), line).await;
+            writeln!(out, "{reply}")
+                .and_then(|()| out.flush())
+                .expect("answer");
+        }
+    });
+    true
 }
 
 /// The threads the benchmark's runtime started (its async workers and blocking threads), by

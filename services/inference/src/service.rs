@@ -47,6 +47,12 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
 }
 
 impl Inference {
+    /// The models this node serves, to call in process (benchmarks set the served path
+    /// against the same model's pass).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     /// The caller of a call that names a model (`field`: `name`) and where the model is
     /// served: here, or on another node.
     async fn target<T>(

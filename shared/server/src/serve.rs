@@ -30,6 +30,9 @@ pub struct Running {
     pub bus: Arc<dyn EventBus>,
     /// Billing, when it runs here (tests replay events into its ledger).
     pub billing: Option<kiln_billing::Billing>,
+    /// The inference engine, when inference runs here (benchmarks call its models in
+    /// process beside the served path).
+    pub engine: Option<Arc<kiln_inference::engine::Engine>>,
     /// Where `GET /metrics` answers, when `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
     /// Where the HTTP edge answers, when the gateway runs here.
@@ -126,6 +129,7 @@ pub async fn serve(
     } else {
         None
     };
+    let mut engine = None;
     if roles.has(Role::Inference) {
         let mut inference_config = config.inference.clone();
         if let Some(registry) = &registry {
@@ -149,6 +153,7 @@ pub async fn serve(
         let inference =
             kiln_inference::open(&inference_config, &mut host, source, scheduling, limits).await?;
         kiln_inference::preload(&inference, inference_config.preload.clone());
+        engine = Some(inference.engine().clone());
     }
     if config.import_library
         && let (Some(registry), Some(scheduler)) = (&registry, &scheduler)
@@ -173,6 +178,7 @@ pub async fn serve(
         new_admin_key,
         bus,
         billing,
+        engine,
         metrics_addr,
         gateway_addr,
         local,
