@@ -34,6 +34,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use kiln_core::auth::Principal;
+use kiln_inference::backend::LoadOptions;
 use kiln_inference::config::{Batching, InferenceConfig};
 use kiln_inference::embeddings;
 use kiln_inference::engine::load_tokenizer;
@@ -88,7 +89,14 @@ fn main() {
         let sentence = sixteen_token_sentence();
 
         // The backend alone: tokenize, forward, mean-pool, normalise.
-        let mut session = load_session("onnxruntime", &minilm_dir().join("model.onnx"), threads);
+        // Its workers spin on after a pass, as the engine's embedding models' do.
+        let options = LoadOptions {
+            intra_op_threads: threads,
+            spin_after_pass: true,
+            ..Default::default()
+        };
+        let graph = minilm_dir().join("model.onnx");
+        let mut session = load_session_with("onnxruntime", &graph, &options);
         let tokenizer = load_tokenizer(&minilm_dir().join("tokenizer.json")).unwrap();
         let mut direct = || {
             let encoding = tokenizer.encode(sentence.as_str(), true).unwrap();

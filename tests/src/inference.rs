@@ -85,15 +85,20 @@ pub fn minilm_dir() -> PathBuf {
 /// Loads `graph` on `backend` (ONNX Runtime from the asset cache) with `threads` intra-op
 /// threads (0: the backend's default).
 pub fn load_session(backend: &str, graph: &Path, threads: usize) -> Box<dyn Session> {
-    let backends = Backends::standard(Some(&ort_library()));
     let options = LoadOptions {
         intra_op_threads: threads,
         ..Default::default()
     };
+    load_session_with(backend, graph, &options)
+}
+
+/// Loads `graph` on `backend` (ONNX Runtime from the asset cache) as `options` say.
+pub fn load_session_with(backend: &str, graph: &Path, options: &LoadOptions) -> Box<dyn Session> {
+    let backends = Backends::standard(Some(&ort_library()));
     let loaded = backends
         .get(backend)
         .expect("a backend")
-        .load(graph, &options);
+        .load(graph, options);
     loaded.unwrap_or_else(|e| panic!("{backend} loads {}: {e}", graph.display()))
 }
 

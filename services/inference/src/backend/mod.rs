@@ -25,10 +25,14 @@ pub struct LoadOptions {
     pub device: Device,
     /// Threads one forward pass may use (0: the backend's default).
     pub intra_op_threads: usize,
-    /// Let idle worker threads spin between passes: lower latency for back-to-back passes,
-    /// but a spinning thread takes a core from other work (token streaming between decode
-    /// steps, on a small machine).
+    /// Let idle worker threads spin between the operators of a pass: a pass of many small
+    /// operators would otherwise wake them for each.
     pub spinning: bool,
+    /// With `spinning`, let them spin on after a pass too, ready for the next one (ONNX
+    /// Runtime's own default, for a few milliseconds): a request's pass then starts with its
+    /// workers awake, but a spinning thread takes a core from other work meanwhile (token
+    /// streaming between decode steps, on a small machine).
+    pub spin_after_pass: bool,
 }
 
 impl Default for LoadOptions {
@@ -37,6 +41,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             intra_op_threads: 0,
             spinning: true,
+            spin_after_pass: false,
         }
     }
 }

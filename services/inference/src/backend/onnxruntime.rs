@@ -106,9 +106,13 @@ impl Backend for OnnxRuntime {
             .map_err(recover)?
             .with_intra_op_spinning(options.spinning)
             .map_err(recover)?
-            // Spin only inside a run: after it, the cores go to the server's own work (the
-            // answer, the usage record) rather than to threads waiting for the next run.
-            .with_config_entry("session.force_spinning_stop", "1")
+            // Unless told to spin on, stop at the end of a run: the cores go to the server's
+            // own work (the answer, the usage record) rather than to threads waiting for the
+            // next run.
+            .with_config_entry(
+                "session.force_spinning_stop",
+                if options.spin_after_pass { "0" } else { "1" },
+            )
             .map_err(recover)?;
         if options.intra_op_threads > 0 {
             builder = builder

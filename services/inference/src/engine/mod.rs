@@ -377,14 +377,20 @@ impl Engine {
                 .await
                 .map_err(|e| Error::Internal(format!("adding LoRA slots to {name}: {e}")))??;
         }
+        let spinning = self.config.intra_op_spinning.unwrap_or(true);
         let options = LoadOptions {
             device: self.device,
             intra_op_threads: self.config.intra_op_threads,
-            // Workers spin within a pass only (the session stops them at its end), so the
-            // token streaming between decode steps keeps the cores; spinning for text
-            // generation too measured 1-stream decode 136-153 -> 182-193 tokens/s (2 cores,
-            // the fused 4-bit graph's 789 operators each waking the workers otherwise).
-            spinning: self.config.intra_op_spinning.unwrap_or(true),
+            // Workers spin within a pass (spinning for text generation too measured 1-stream
+            // decode 136-153 -> 182-193 tokens/s: 2 cores, the fused 4-bit graph's 789
+            // operators each waking the workers otherwise).
+            spinning,
+            // A text-generation model's workers stop at a pass's end, so the token streaming
+            // between decode steps keeps the cores. An embedding or tensor model's spin on,
+            // awake for the next request: a 16-token MiniLM embedding over gRPC measured p50
+            // 4.65-5.26 -> 3.71-3.84 ms (2 cores; its workers slept through every wait between
+            // requests otherwise).
+            spin_after_pass: spinning && !generation,
         };
         let tokenizer_path = bundle.tokenizer();
         let started = std::time::Instant::now();
