@@ -52,6 +52,11 @@ use kiln_tests::{AuthedChannel, TestMesh};
 /// Calls per path in the latency comparison unless the arguments say otherwise.
 const SAMPLES: usize = 1000;
 
+/// Longer than a session's workers spin on after a pass (about 30 ms of a core here, 2
+/// cores): the pause before another session's block, or the empty calls, so neither meets
+/// the previous block's spinning threads.
+const SETTLE: Duration = Duration::from_millis(60);
+
 /// A mesh serving MiniLM with `batching`, and its bench account's key with a channel that
 /// sends it.
 async fn mesh(
@@ -196,8 +201,12 @@ fn main() {
                     after_gap_samples.push(started.elapsed());
                 }
             }
+            // The direct session's workers spin on after its passes: let them stop before
+            // the mesh's session takes its turn.
+            tokio::time::sleep(SETTLE).await;
             let before = passes().await;
-            timed_block(engine_samples, WARM, BLOCK, || async {
+            // More calls to warm up after the pause: its first passes meet cold caches.
+            timed_block(engine_samples, 4 * WARM, BLOCK, || async {
                 let ids = embeddings::tokenize(&model, &texts, false).unwrap();
                 std::hint::black_box(embeddings::embed(&model, ids).await.unwrap());
             })
@@ -224,6 +233,7 @@ fn main() {
             in_process_passes = add_difference(in_process_passes, in_process_done, between);
             grpc_passes = add_difference(grpc_passes, grpc_done, in_process_done);
             process_passes = add_difference(process_passes, after, grpc_done);
+            tokio::time::sleep(SETTLE).await;
             timed_block(empty_samples, WARM, BLOCK, || async {
                 let live = kiln_proto::inference::ServerLiveRequest {};
                 oip(&ch).server_live(live).await.unwrap();
