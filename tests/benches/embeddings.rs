@@ -84,7 +84,12 @@ async fn mesh(
 }
 
 fn main() {
-    if serve_client_commands(client_command) {
+    // In the client process: the sentence is read once, not for each command.
+    let mut sentence = None;
+    if serve_client_commands(|ch, command| {
+        let texts = vec![sentence.get_or_insert_with(sixteen_token_sentence).clone()];
+        client_command(ch, texts, command)
+    }) {
         return;
     }
     let args = Args::from_env();
@@ -300,8 +305,7 @@ fn main() {
 
         // 32 closed-loop clients of CreateEmbeddings on `ch`.
         let calls = |ch: AuthedChannel| closed_loop_call(ch, texts.clone());
-        // The engine's batching alone (32 tasks in this process, no transport or platform)
-        // and the same over gRPC take turns, so drift on a shared machine hits both alike.
+        // A task calling the engine in process (no transport or platform).
         let in_process = || {
             let (model, texts) = (model.clone(), texts.clone());
             move || {
@@ -526,17 +530,16 @@ fn closed_loop_call(
     }
 }
 
-/// The client process's commands: `embed WARM COUNT` times CreateEmbeddings of the
-/// sixteen-token sentence, COUNT calls after WARM, one after another, and answers their
+/// The client process's commands: `embed WARM COUNT` times CreateEmbeddings of `texts`
+/// (the sixteen-token sentence), COUNT calls after WARM, one after another, and answers their
 /// durations; `rate SECONDS CLIENTS` answers embeddings per second from CLIENTS closed-loop
 /// tasks; `ping` answers at once.
-async fn client_command(ch: AuthedChannel, command: String) -> String {
+async fn client_command(ch: AuthedChannel, texts: Vec<String>, command: String) -> String {
     let words: Vec<&str> = command.split_whitespace().collect();
     let number = |i: usize| -> usize {
         let word = words.get(i).and_then(|w| w.parse().ok());
         word.unwrap_or_else(|| panic!("argument {i} of {command:?}"))
     };
-    let texts = vec![sixteen_token_sentence()];
     match words.first() {
         Some(&"embed") => {
             let mut samples = Vec::new();
