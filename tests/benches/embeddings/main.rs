@@ -148,16 +148,15 @@ fn main() {
         );
         let mut served = Served {
             mesh: &batched_mesh,
-            model: model.clone(),
+            model,
             texts: texts.clone(),
             in_process: InferenceServiceClient::new(batched_mesh.in_process(&key)),
-            ch: ch.clone(),
+            ch,
             client_process: ClientProcess::spawn(&batched_mesh.url(), &key),
         };
         let latency = latency_rounds(&mut served, &mut direct, samples_per_path).await;
         let throughput = throughput_turns(&mut served, seconds).await;
         drop(served);
-        drop(model);
         drop(engine);
         batched_mesh.shutdown().await;
 
