@@ -315,6 +315,37 @@ impl CpuTicks {
     }
 }
 
+/// Time on a core of this process's live threads that `counted` picks by Linux thread id
+/// (their schedstat, in nanoseconds; zero off Linux).
+fn threads_cpu(counted: impl Fn(u64) -> bool) -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let nanos: u64 = tasks
+        .flatten()
+        .filter(|task| {
+            let tid = task.file_name().to_str().and_then(|t| t.parse().ok());
+            tid.is_some_and(&counted)
+        })
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    Duration::from_nanos(nanos)
+}
+
+/// Time on a core of the async runtime's threads ([`block_on`]'s workers and blocking threads).
+pub fn runtime_cpu() -> Duration {
+    let runtime = lock(&RUNTIME_THREADS).clone();
+    threads_cpu(|tid| runtime.contains(&tid))
+}
+
+/// Time on a core of all of this process's live threads.
+pub fn process_cpu() -> Duration {
+    threads_cpu(|_| true)
+}
+
 /// The user + system ticks in `dir`/stat (of a process or a thread).
 fn thread_ticks(dir: &std::path::Path) -> Option<u64> {
     let stat = std::fs::read_to_string(dir.join("stat")).ok()?;

@@ -14,6 +14,10 @@ pub(crate) struct Latency {
     /// The mean forward pass (ms) in the engine's, in process, gRPC's and the client
     /// process's blocks.
     passes: [f64; 4],
+    /// Time on a core per call in the engine's blocks and in the client process's: the
+    /// async runtime's (the server's, with usage recording and billing) in each, and the
+    /// client process's own.
+    cpu_per_call: [Duration; 3],
     cpu: CpuTicks,
     rounds: usize,
 }
@@ -59,6 +63,9 @@ pub(crate) async fn latency_rounds(
     // the pass itself (threads preempting ONNX Runtime's) from one around it.
     let passes = || mesh.histogram_totals("kiln_model_pass_duration_seconds");
     let mut pass_totals = [(0.0, 0.0); 4];
+    // (time on a core, calls) of the runtime in the engine's and client process's blocks,
+    // and of the client process in its blocks.
+    let mut cores = [(Duration::ZERO, 0); 3];
     let cpu = CpuTicks::now();
     for _round in 0..samples_per_path.div_ceil(BLOCK) {
         let from = [
@@ -88,11 +95,13 @@ pub(crate) async fn latency_rounds(
         // mesh's session takes its turn.
         tokio::time::sleep(SETTLE).await;
         let mut at = [passes().await; 5];
+        let runtime_at = runtime_cpu();
         // More calls to warm up after the pause: its first passes meet cold caches.
         timed_block(engine_samples, 4 * WARM, BLOCK, || {
             engine_call(model, texts)
         })
         .await;
+        add_cpu(&mut cores[0], runtime_cpu() - runtime_at, 4 * WARM + BLOCK);
         at[1] = passes().await;
         timed_block(in_process_samples, WARM, BLOCK, || {
             let (mut client, request) = (in_process.clone(), request.clone());
@@ -107,9 +116,14 @@ pub(crate) async fn latency_rounds(
         })
         .await;
         at[3] = passes().await;
+        let client_at = client_cpu(client_process).await;
+        let runtime_at = runtime_cpu();
         client_process
             .ask_durations(&format!("embed {WARM} {BLOCK}"), process_samples)
             .await;
+        add_cpu(&mut cores[1], runtime_cpu() - runtime_at, WARM + BLOCK);
+        let client_used = client_cpu(client_process).await - client_at;
+        add_cpu(&mut cores[2], client_used, WARM + BLOCK);
         at[4] = passes().await;
         for (path, total) in pass_totals.iter_mut().enumerate() {
             *total = add_difference(*total, at[path + 1], at[path]);
@@ -165,8 +179,21 @@ pub(crate) async fn latency_rounds(
         empty_after_pass: median(&mut after_pass),
         overheads: ratios.map(|mut r| median(&mut r) - 1.0),
         passes: pass_totals.map(|(seconds, passes)| seconds * 1e3 / passes.max(1.0)),
+        cpu_per_call: cores.map(|(used, calls)| used / calls.max(1)),
         cpu: CpuTicks::now() - cpu,
     }
+}
+
+/// Adds `used` over `calls` to a (time on a core, calls) total.
+fn add_cpu(total: &mut (Duration, u32), used: Duration, calls: usize) {
+    total.0 += used;
+    total.1 += calls as u32;
+}
+
+/// The client process's time on a core so far.
+async fn client_cpu(client: &mut ClientProcess) -> Duration {
+    let answer = client.ask("cpu").await;
+    Duration::from_nanos(answer.parse().unwrap_or_else(|_| panic!("{answer:?}")))
 }
 
 impl Latency {
@@ -220,6 +247,12 @@ impl Latency {
         let [engine_pass, in_process_pass, grpc_pass, process_pass] = self.passes;
         println!(
             "  the forward pass alone (mean, one session): {engine_pass:.3} ms in the engine, {in_process_pass:.3} ms in process, {grpc_pass:.3} ms under gRPC, {process_pass:.3} ms from the client process"
+        );
+        let [engine_runtime, served_runtime, client] = self.cpu_per_call;
+        println!(
+            "  time on a core per call outside the model's threads, client process blocks: the server's async runtime {:.3} ms more than in the engine's (layers, transport, usage recording, billing), the client process {:.3} ms",
+            ms(served_runtime.saturating_sub(engine_runtime)),
+            ms(client)
         );
         println!(
             "  (the host stole {:.1}% of the cores during these rounds)",

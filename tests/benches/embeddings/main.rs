@@ -15,8 +15,10 @@
 //!   direct) and the transport's; and an authenticated call that does nothing, in a tight
 //!   loop and right after a direct pass (the transport's floor: every embeddings call meets
 //!   parked workers and cold caches); the forward pass's own mean time in each served path's
-//!   blocks (does the transport slow the pass, or add time around it?) and the host's steal
-//!   meanwhile;
+//!   blocks (does the transport slow the pass, or add time around it?); the time on a core
+//!   per call outside the model's threads in the client process's blocks (the server's
+//!   async runtime over the engine's blocks, and the client process's own: what of the
+//!   overhead is work, and whose); and the host's steal meanwhile;
 //! - embeddings/s from 32 concurrent gRPC clients, one input per request, with dynamic
 //!   batching on (32 rows) and off, and on with the threads as instances of one thread
 //!   each; and from 32 tasks calling the engine in process, taking turns with the gRPC
@@ -44,7 +46,7 @@ use kiln_proto::kiln_inference::v1::CreateEmbeddingsRequest;
 use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
 use kiln_tests::bench::{
     Args, ClientProcess, CpuTicks, block_on, durations_line, measure, median, ms, percentile,
-    serve_client_commands, timed_block,
+    process_cpu, runtime_cpu, serve_client_commands, timed_block,
 };
 use kiln_tests::inference::*;
 use kiln_tests::python::Script;
@@ -264,7 +266,7 @@ fn closed_loop_call(
 /// The client process's commands: `embed WARM COUNT` times CreateEmbeddings of `texts`
 /// (the sixteen-token sentence), COUNT calls after WARM, one after another, and answers their
 /// durations; `rate SECONDS CLIENTS` answers embeddings per second from CLIENTS closed-loop
-/// tasks; `ping` answers at once.
+/// tasks; `cpu` answers the process's time on a core so far (ns); `ping` answers at once.
 async fn client_command(ch: AuthedChannel, texts: Vec<String>, command: String) -> String {
     let words: Vec<&str> = command.split_whitespace().collect();
     let number = |i: usize| -> usize {
@@ -279,6 +281,7 @@ async fn client_command(ch: AuthedChannel, texts: Vec<String>, command: String) 
             durations_line(&samples)
         }
         Some(&"ping") => "pong".to_owned(),
+        Some(&"cpu") => process_cpu().as_nanos().to_string(),
         Some(&"rate") => {
             let rate = measure(number(1) as u64, number(2), closed_loop_call(ch, texts)).await;
             rate.to_string()
