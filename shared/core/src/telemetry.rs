@@ -122,11 +122,23 @@ pub fn set_parent_from(span: &tracing::Span, extractor: &dyn Extractor) {
     let _ = span.set_parent(cx);
 }
 
-/// The current W3C `traceparent`, or empty when there is no sampled span.
+/// The current W3C `traceparent`, or empty when there is no span context: what
+/// [`inject_current`] would set, written directly (every usage event asks, so no carrier map
+/// and no `tracestate`).
 pub fn current_traceparent() -> String {
-    let mut carrier = HashMap::new();
-    inject_current(&mut carrier);
-    carrier.remove("traceparent").unwrap_or_default()
+    use opentelemetry::trace::{TraceContextExt as _, TraceFlags};
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let context = span.span_context();
+    if !context.is_valid() {
+        return String::new();
+    }
+    format!(
+        "00-{}-{}-{:02x}",
+        context.trace_id(),
+        context.span_id(),
+        context.trace_flags() & TraceFlags::SAMPLED
+    )
 }
 
 /// Parents `span` on a `traceparent` string (as events carry it).
@@ -348,5 +360,29 @@ mod tests {
         assert_eq!(codes.0.lock().unwrap().len(), 1, "not before the body ends");
         drain(response.body_mut()).await;
         assert_eq!(codes.0.lock().unwrap()[1], 0);
+    }
+
+    #[test]
+    fn the_current_traceparent_is_the_one_the_propagator_injects() {
+        let tracer = SdkTracerProvider::builder().build().tracer("test");
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(tracer));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        assert_eq!(current_traceparent(), "", "outside any span");
+
+        let span = tracing::info_span!("call");
+        // A parent from another service: its trace and sampling carry over.
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        set_parent_from_traceparent(&span, parent);
+        let _entered = span.enter();
+        let mut injected = HashMap::new();
+        inject_current(&mut injected);
+        let traceparent = current_traceparent();
+        assert_eq!(Some(&traceparent), injected.get("traceparent"));
+        assert!(
+            traceparent.starts_with("00-0af7651916cd43dd8448eb211c80319c-")
+                && traceparent.ends_with("-01"),
+            "{traceparent}"
+        );
     }
 }
