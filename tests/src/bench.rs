@@ -315,35 +315,49 @@ impl CpuTicks {
     }
 }
 
-/// Time on a core of this process's live threads that `counted` picks by Linux thread id
-/// (their schedstat, in nanoseconds; zero off Linux).
-fn threads_cpu(counted: impl Fn(u64) -> bool) -> Duration {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Duration::ZERO;
-    };
-    let nanos: u64 = tasks
-        .flatten()
-        .filter(|task| {
-            let tid = task.file_name().to_str().and_then(|t| t.parse().ok());
-            tid.is_some_and(&counted)
-        })
-        .filter_map(|task| {
+/// Time on a core of each live thread of this process that it took in (Linux's schedstat, by
+/// thread id; none off Linux).
+#[derive(Debug, Clone, Default)]
+pub struct ThreadsCpu(std::collections::HashMap<u64, Duration>);
+
+impl ThreadsCpu {
+    /// The async runtime's threads ([`block_on`]'s workers and blocking threads).
+    pub fn runtime() -> Self {
+        let runtime = lock(&RUNTIME_THREADS).clone();
+        Self::of(|tid| runtime.contains(&tid))
+    }
+
+    /// Every thread of this process.
+    pub fn process() -> Self {
+        Self::of(|_| true)
+    }
+
+    fn of(counted: impl Fn(u64) -> bool) -> Self {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return Self::default();
+        };
+        let used = tasks.flatten().filter_map(|task| {
+            let tid: u64 = task.file_name().to_str()?.parse().ok()?;
             let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-            stat.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum();
-    Duration::from_nanos(nanos)
-}
+            let nanos: u64 = stat.split_whitespace().next()?.parse().ok()?;
+            counted(tid).then_some((tid, Duration::from_nanos(nanos)))
+        });
+        Self(used.collect())
+    }
 
-/// Time on a core of the async runtime's threads ([`block_on`]'s workers and blocking threads).
-pub fn runtime_cpu() -> Duration {
-    let runtime = lock(&RUNTIME_THREADS).clone();
-    threads_cpu(|tid| runtime.contains(&tid))
-}
+    /// All the threads' time.
+    pub fn total(&self) -> Duration {
+        self.0.values().sum()
+    }
 
-/// Time on a core of all of this process's live threads.
-pub fn process_cpu() -> Duration {
-    threads_cpu(|_| true)
+    /// The time these threads took since `earlier`: a thread that ended meanwhile (a blocking
+    /// thread left idle) is not counted, one that started is counted from its start.
+    pub fn since(&self, earlier: &Self) -> Duration {
+        let used = |(tid, now): (&u64, &Duration)| {
+            now.saturating_sub(earlier.0.get(tid).copied().unwrap_or_default())
+        };
+        self.0.iter().map(used).sum()
+    }
 }
 
 /// The user + system ticks in `dir`/stat (of a process or a thread).

@@ -95,13 +95,17 @@ pub(crate) async fn latency_rounds(
         // mesh's session takes its turn.
         tokio::time::sleep(SETTLE).await;
         let mut at = [passes().await; 5];
-        let runtime_at = runtime_cpu();
+        let runtime_at = ThreadsCpu::runtime();
         // More calls to warm up after the pause: its first passes meet cold caches.
         timed_block(engine_samples, 4 * WARM, BLOCK, || {
             engine_call(model, texts)
         })
         .await;
-        add_cpu(&mut cores[0], runtime_cpu() - runtime_at, 4 * WARM + BLOCK);
+        add_cpu(
+            &mut cores[0],
+            ThreadsCpu::runtime().since(&runtime_at),
+            4 * WARM + BLOCK,
+        );
         at[1] = passes().await;
         timed_block(in_process_samples, WARM, BLOCK, || {
             let (mut client, request) = (in_process.clone(), request.clone());
@@ -117,12 +121,16 @@ pub(crate) async fn latency_rounds(
         .await;
         at[3] = passes().await;
         let client_at = client_cpu(client_process).await;
-        let runtime_at = runtime_cpu();
+        let runtime_at = ThreadsCpu::runtime();
         client_process
             .ask_durations(&format!("embed {WARM} {BLOCK}"), process_samples)
             .await;
-        add_cpu(&mut cores[1], runtime_cpu() - runtime_at, WARM + BLOCK);
-        let client_used = client_cpu(client_process).await - client_at;
+        add_cpu(
+            &mut cores[1],
+            ThreadsCpu::runtime().since(&runtime_at),
+            WARM + BLOCK,
+        );
+        let client_used = client_cpu(client_process).await.saturating_sub(client_at);
         add_cpu(&mut cores[2], client_used, WARM + BLOCK);
         at[4] = passes().await;
         for (path, total) in pass_totals.iter_mut().enumerate() {
@@ -190,7 +198,7 @@ fn add_cpu(total: &mut (Duration, u32), used: Duration, calls: usize) {
     total.1 += calls as u32;
 }
 
-/// The client process's time on a core so far.
+/// The client process's time on a core so far (its live threads').
 async fn client_cpu(client: &mut ClientProcess) -> Duration {
     let answer = client.ask("cpu").await;
     Duration::from_nanos(answer.parse().unwrap_or_else(|_| panic!("{answer:?}")))

@@ -45,8 +45,8 @@ use kiln_inference::tensor::TensorData;
 use kiln_proto::kiln_inference::v1::CreateEmbeddingsRequest;
 use kiln_proto::kiln_inference::v1::inference_service_client::InferenceServiceClient;
 use kiln_tests::bench::{
-    Args, ClientProcess, CpuTicks, block_on, durations_line, measure, median, ms, percentile,
-    process_cpu, runtime_cpu, serve_client_commands, timed_block,
+    Args, ClientProcess, CpuTicks, ThreadsCpu, block_on, durations_line, measure, median, ms,
+    percentile, serve_client_commands, timed_block,
 };
 use kiln_tests::inference::*;
 use kiln_tests::python::Script;
@@ -281,7 +281,7 @@ async fn client_command(ch: AuthedChannel, texts: Vec<String>, command: String) 
             durations_line(&samples)
         }
         Some(&"ping") => "pong".to_owned(),
-        Some(&"cpu") => process_cpu().as_nanos().to_string(),
+        Some(&"cpu") => ThreadsCpu::process().total().as_nanos().to_string(),
         Some(&"rate") => {
             let rate = measure(number(1) as u64, number(2), closed_loop_call(ch, texts)).await;
             rate.to_string()
