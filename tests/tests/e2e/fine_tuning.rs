@@ -160,23 +160,30 @@ async fn a_job_trains_an_addon_that_answers_what_it_was_taught() {
         assert_ne!(untaught, taught, "the base was not taught {question:?}");
     }
 
-    // On the bus: a progress event per step, the completion, and the training tokens.
+    // On the bus: a progress event per step and the training tokens. The scheduler's relay
+    // publishes the progress, the node's the usage: the last steps may come after the usage.
     let mut steps = 0;
-    let usage = kiln_tests::events::next_event(
+    let mut usage = None;
+    kiln_tests::events::next_event(
         &mut events,
         Duration::from_secs(10),
-        "training usage",
-        |body| match body {
-            kiln_events::Body::SupervisedFineTuningJobProgress(p) if p.name == job.name => {
-                steps += 1;
-                None
+        "a hundred progress events and the training usage",
+        |body| {
+            match body {
+                kiln_events::Body::SupervisedFineTuningJobProgress(p) if p.name == job.name => {
+                    steps += 1;
+                }
+                kiln_events::Body::TrainingUsageRecorded(u) => {
+                    usage.get_or_insert(u);
+                }
+                _ => {}
             }
-            kiln_events::Body::TrainingUsageRecorded(u) => Some(u),
-            _ => None,
+            (steps >= 100 && usage.is_some()).then_some(())
         },
     )
     .await;
-    assert_eq!(steps, 100, "one progress event per step before the usage");
+    assert_eq!(steps, 100, "one progress event per step");
+    let usage = usage.expect("the training usage");
     assert_eq!(usage.job, job.name);
     assert_eq!(usage.account, "accounts/acme");
     assert_eq!(usage.training_tokens, progress.tokens_processed);
