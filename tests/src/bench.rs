@@ -338,9 +338,12 @@ impl ThreadsCpu {
         };
         let used = tasks.flatten().filter_map(|task| {
             let tid: u64 = task.file_name().to_str()?.parse().ok()?;
+            if !counted(tid) {
+                return None;
+            }
             let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
             let nanos: u64 = stat.split_whitespace().next()?.parse().ok()?;
-            counted(tid).then_some((tid, Duration::from_nanos(nanos)))
+            Some((tid, Duration::from_nanos(nanos)))
         });
         Self(used.collect())
     }
